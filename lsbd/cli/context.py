@@ -1,0 +1,39 @@
+"""Settings shared by every command: which store, which cache dir, and how
+to open a volume with them."""
+
+from __future__ import annotations
+
+import os
+
+from lsbd.store import Store, open_store
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lsbd")
+
+
+class Context:
+    def __init__(self, *, store_url: str | None, endpoint_url: str | None, cache_dir: str | None):
+        self.store_url = store_url
+        self.endpoint_url = endpoint_url
+        self.cache_dir = cache_dir or os.environ.get("LSBD_CACHE_DIR") or default_cache_dir()
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.store_url, endpoint_url=self.endpoint_url)
+        return self._store
+
+    def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
+                    flush_mode: str | None = None):
+        """Open a volume for the front ends: returns an lsbd.engine.Volume."""
+        from lsbd.engine.volume import Volume
+
+        return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
+                           break_lease=break_lease, flush_mode=flush_mode)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()

@@ -1,0 +1,77 @@
+"""`lsbd`: argument parsing and dispatch.  Each command lives in its own
+module (lsbd/cli/cmd_*.py) with `register(subparsers)` that adds its parser
+and sets `func`; the command gets (args, ctx) and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from lsbd.cli.context import Context
+from lsbd.errors import LsbdError
+
+# Listed in help order.  A module that is missing is skipped, so the CLI keeps
+# working while a front end's dependencies are absent.
+COMMANDS = [
+    "create", "list", "info", "delete", "import_export", "checkpoint", "verify",
+    "serve", "mount",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsbd", description="A transactional log-structured block store.")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="file:///path or s3://bucket/prefix (default: $LSBD_STORE, "
+                             "else a directory under ~/.local/share/lsbd)")
+    parser.add_argument("--endpoint-url", default=None, metavar="URL",
+                        help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="local map, journal and segment cache (default: $LSBD_CACHE_DIR, "
+                             "else ~/.cache/lsbd)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lsbd.cli.cmd_{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("lsbd.cli.cmd_"):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="lsbd: %(levelname)s: %(message)s")
+    ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir)
+    try:
+        return int(args.func(args, ctx) or 0)
+    except KeyboardInterrupt:
+        print("lsbd: interrupted", file=sys.stderr)
+        return 130
+    except LsbdError as e:
+        # One clear line, no traceback (-vv shows it).
+        if args.verbose >= 2:
+            raise
+        print(f"lsbd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.verbose >= 2:
+            raise
+        print(f"lsbd: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}",
+              file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

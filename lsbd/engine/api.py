@@ -1,0 +1,66 @@
+"""What a front end may call on an open volume.
+
+The FUSE and NBD front ends translate their protocol into these calls and
+nothing else: no store, no LMDB, no segment knowledge.  Offsets and lengths
+are in bytes and need not be block aligned (the engine does the
+read-modify-write of partial blocks).  Every method is safe to call from
+several threads at once.
+
+Errors a front end must map:
+  InvalidRequest (ValueError)  out of range, negative, too large
+  ReadOnlyError (PermissionError)  a write to a read-only volume
+  CorruptionError (OSError, errno EIO)  stored data failed its checksum
+  StoreError (OSError, errno EIO or other)  the store failed
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+#: The largest single request the engine accepts (an NBD WRITE maximum).
+MAX_REQUEST = 32 * 1024 * 1024
+
+
+class Allocation(NamedTuple):
+    """A run of bytes that is either backed by data or reads as zeros."""
+
+    offset: int
+    length: int
+    allocated: bool  # False: a hole (never written, trimmed or zeroed): reads as zeros
+
+
+class BlockDevice(Protocol):
+    name: str
+    block_size: int  # the volume's block size (4096 by default)
+    read_only: bool
+
+    @property
+    def size(self) -> int:
+        """Current size in bytes (a multiple of block_size)."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes; unwritten ranges read as zeros."""
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """Atomic across a crash: after a crash all of `data` or none of it is there.
+        fua=True: durable (as flush() defines it) when this returns."""
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read as zeros without storing data."""
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Discard the range; it reads as zeros afterwards (lsbd never returns stale data)."""
+
+    def flush(self) -> None:
+        """Every write that returned before this call is durable when it returns
+        (in the local journal, or in the store in flush mode 'store')."""
+
+    def allocation(self, offset: int, length: int) -> list[Allocation]:
+        """Cover [offset, offset+length) with runs of allocated / hole (for NBD
+        BLOCK_STATUS and sparse copies).  Adjacent runs of one kind are merged."""
+
+    def resize(self, new_size: int) -> None:
+        """Grow the volume (shrinking raises InvalidRequest)."""
+
+    def close(self) -> None:
+        """Flush, upload what is pending, release the writer lease."""

@@ -1,0 +1,70 @@
+"""The object store interface: the only thing the engine knows about where
+objects live.  Keys are '/'-separated strings; objects are immutable byte
+strings (the engine never rewrites one, except the small lease and config
+objects).
+
+Every method raises a StoreError subclass on failure:
+  ObjectNotFound       get/head of a key that is not there
+  ObjectExists         put(exclusive=True) of a key that is already there
+  TransientStoreError  a failure worth retrying (network, throttling, 5xx)
+  StoreError           anything else (permission, bad bucket, full disk)
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Iterator, NamedTuple
+
+
+class ObjectInfo(NamedTuple):
+    key: str
+    size: int
+
+
+class Store(abc.ABC):
+    """An object store.  Implementations must be safe to call from several threads."""
+
+    url: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Store `data` under `key` atomically (readers see all or nothing).
+
+        With exclusive=True the put is a conditional create: it fails with
+        ObjectExists if the key already exists, and of two racing creators
+        exactly one wins."""
+
+    @abc.abstractmethod
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """Read an object, or a range of it.
+
+        start >= 0: bytes [start, start+length) (to the end if length is None);
+        a range past the end is cut short, as with a file read.
+        start < 0: the last -start bytes (length must be None)."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> int:
+        """The size of an object; ObjectNotFound if it is not there."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, sorted by key."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object.  Deleting a missing key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        from lsbd.errors import ObjectNotFound
+
+        try:
+            self.head(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

@@ -1,0 +1,135 @@
+"""`file:///path`: a store in a local directory, one file per object.
+
+Puts are atomic and durable: write a temp file, fsync it, then rename (or
+link, for an exclusive create) it into place and fsync the directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import Iterator
+
+from lsbd.errors import ObjectExists, ObjectNotFound, StoreError
+from lsbd.store.base import ObjectInfo, Store
+
+_TMP_PREFIX = ".tmp-"
+
+
+class LocalStore(Store):
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = "file://" + self.root
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot use {self.root} as a store: {e.strerror}", e.errno) from e
+
+    def _path(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad object key: {key!r}")
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if exclusive:
+                    # link() fails if the target exists: an atomic conditional create.
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        raise ObjectExists(key) from None
+                else:
+                    os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            _fsync_dir(directory)
+        except ObjectExists:
+            raise
+        except OSError as e:
+            raise StoreError(f"put {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if start < 0:
+                    if length is not None:
+                        raise ValueError("a suffix read takes no length")
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(0, size + start))
+                    return f.read()
+                f.seek(start)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except IsADirectoryError:
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StoreError(f"get {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+
+    def head(self, key: str) -> int:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StoreError(f"head {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+        if not os.path.isfile(self._path(key)):
+            raise ObjectNotFound(key)
+        return st.st_size
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        found = []
+        # Walk only the directory the prefix names, not the whole store.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = os.path.join(self.root, *base.split("/")) if base else self.root
+        for dirpath, _dirs, files in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                key = rel + name
+                if key.startswith(prefix):
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
+                    found.append(ObjectInfo(key, size))
+        found.sort()
+        return iter(found)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"delete {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+        # Tidy empty directories so a deleted volume leaves nothing behind.
+        directory = os.path.dirname(path)
+        while directory != self.root:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+            directory = os.path.dirname(directory)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

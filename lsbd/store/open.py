@@ -1,0 +1,42 @@
+"""Turn a store URL into a Store, with the standard wrappers around it."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from lsbd.errors import UserError
+from lsbd.store.base import Store
+
+
+def default_store_url() -> str:
+    """The embedded default: a local directory under the user's data dir."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return "file://" + os.path.join(base, "lsbd", "store")
+
+
+def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True) -> Store:
+    """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix."""
+    url = url or os.environ.get("LSBD_STORE") or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        from lsbd.store.local import LocalStore
+
+        path = parsed.path if parsed.scheme == "file" else url
+        if parsed.scheme == "file" and parsed.netloc:
+            raise UserError(f"bad store URL {url!r}: write file:///absolute/path")
+        store: Store = LocalStore(path)
+    elif parsed.scheme == "s3":
+        from lsbd.store.s3 import S3Store
+
+        if not parsed.netloc:
+            raise UserError(f"bad store URL {url!r}: write s3://bucket[/prefix]")
+        store = S3Store(parsed.netloc, parsed.path.strip("/"),
+                        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    else:
+        raise UserError(f"unknown store kind {parsed.scheme!r} in {url!r} (use file:// or s3://)")
+    if retry:
+        from lsbd.store.retry import RetryingStore
+
+        store = RetryingStore(store)
+    return store

@@ -1,0 +1,1 @@
+"""The NBD front end (installed as lsbd_nbd)."""
