@@ -1,0 +1,181 @@
+"""FaultyStore: a wrapper that injects failures, for tests.
+
+    store = FaultyStore(LocalStore(path))
+    store.fail(op="put", key_prefix="vol/seg/", times=2)        # next 2 segment puts fail
+    store.fail(op="get", error=StoreError, after=3)             # the 4th get fails, hard
+    store.fail(op="put", lose_reply=True)                       # the put lands, the reply is lost
+    store.corrupt_next_get()                                    # one flipped bit in the next get
+    store.drop_puts_after(5)                                    # 5 more puts work, then none do
+    store.heal()                                                # back to normal
+    store.calls["put"], store.bytes_put                         # what was asked of the store
+
+A rule matches calls by operation ("put", "get", "head", "list", "delete", or
+None for any) and key prefix (for list: the listing prefix).  It lets the
+first `after` matching calls through, then fails the next `times` of them
+(times=None: for ever) by raising `error`: an exception class (built with a
+message naming the op and key) or an instance.  Rules are checked in the
+order they were added; a used-up rule is dropped.
+
+Counters (`calls`, `bytes_put`, `bytes_got`) count every call made to this
+wrapper, failed or not, so a test can measure the requests a piece of code
+makes.  Everything is thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+from lsbd.errors import ObjectExists, ObjectNotFound, StoreError, TransientStoreError
+from lsbd.store.base import ObjectInfo, Store
+
+OPS = ("put", "get", "head", "list", "delete")
+
+
+@dataclass
+class FaultRule:
+    op: str | None
+    key_prefix: str
+    times: int | None
+    error: type[BaseException] | BaseException
+    after: int
+    lose_reply: bool
+    seen: int = 0      # matching calls so far
+    fired: int = 0     # failures injected so far
+
+    def used_up(self) -> bool:
+        return self.times is not None and self.fired >= self.times
+
+
+class FaultyStore(Store):
+    def __init__(self, inner: Store):
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+        self._corrupt_gets = 0
+        self._puts_left: int | None = None
+        self.calls: Counter[str] = Counter()
+        self.bytes_put = 0
+        self.bytes_got = 0
+        self.faults_injected = 0
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        return self.inner.url
+
+    # --- configuring faults ---------------------------------------------------------
+
+    def fail(self, op: str | None = "put", key_prefix: str = "", times: int | None = 1,
+             error: type[BaseException] | BaseException = TransientStoreError, after: int = 0,
+             lose_reply: bool = False) -> FaultRule:
+        """Fail matching calls; see the module docstring.  With lose_reply=True the
+        call is carried out on the inner store first and then fails, like a
+        request that succeeded but whose reply never arrived (puts and deletes)."""
+        if op is not None and op not in OPS:
+            raise ValueError(f"unknown store op {op!r}")
+        rule = FaultRule(op, key_prefix, times, error, after, lose_reply)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def corrupt_next_get(self, count: int = 1) -> None:
+        """Flip one bit in the middle of the data the next `count` gets return."""
+        with self._lock:
+            self._corrupt_gets += count
+
+    def drop_puts_after(self, n: int | None) -> None:
+        """Let `n` more puts through, then fail every put with StoreError, as if
+        the network had gone away.  None switches it off."""
+        with self._lock:
+            self._puts_left = n
+
+    def heal(self) -> None:
+        """Remove every fault (counters are kept)."""
+        with self._lock:
+            self._rules.clear()
+            self._corrupt_gets = 0
+            self._puts_left = None
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.bytes_put = self.bytes_got = 0
+
+    # --- the machinery --------------------------------------------------------------
+
+    def _check(self, op: str, key: str) -> tuple[BaseException | None, bool]:
+        """Count the call; return (the error to raise or None, whether it is
+        raised after doing the call)."""
+        with self._lock:
+            self.calls[op] += 1
+            if op == "put" and self._puts_left is not None:
+                if self._puts_left <= 0:
+                    self.faults_injected += 1
+                    return StoreError(f"injected fault: network down (put {key})"), False
+                self._puts_left -= 1
+            for rule in self._rules:
+                if rule.op not in (None, op) or not key.startswith(rule.key_prefix):
+                    continue
+                rule.seen += 1
+                if rule.seen <= rule.after:
+                    continue
+                rule.fired += 1
+                self.faults_injected += 1
+                if rule.used_up():
+                    self._rules.remove(rule)
+                return _make_error(rule.error, op, key), rule.lose_reply
+        return None, False
+
+    def _run(self, op: str, key: str, fn):
+        error, after_call = self._check(op, key)
+        if error is not None and not after_call:
+            raise error
+        result = fn()
+        if error is not None:
+            raise error
+        return result
+
+    # --- the Store interface ---------------------------------------------------------
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        with self._lock:
+            self.bytes_put += len(data)
+        self._run("put", key, lambda: self.inner.put(key, data, exclusive=exclusive))
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        data = self._run("get", key, lambda: self.inner.get(key, start, length))
+        with self._lock:
+            self.bytes_got += len(data)
+            corrupt = self._corrupt_gets > 0 and len(data) > 0
+            if corrupt:
+                self._corrupt_gets -= 1
+        if corrupt:
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0x01
+            data = bytes(damaged)
+        return data
+
+    def head(self, key: str) -> int:
+        return self._run("head", key, lambda: self.inner.head(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return iter(self._run("list", prefix, lambda: [*self.inner.list(prefix)]))
+
+    def delete(self, key: str) -> None:
+        self._run("delete", key, lambda: self.inner.delete(key))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"<FaultyStore {self.inner!r}>"
+
+
+def _make_error(error: type[BaseException] | BaseException, op: str, key: str) -> BaseException:
+    if isinstance(error, BaseException):
+        return error
+    if issubclass(error, (ObjectNotFound, ObjectExists)):
+        return error(key)
+    return error(f"injected fault: {op} {key}")

@@ -1,0 +1,119 @@
+"""RetryingStore: retry TransientStoreError with exponential backoff and jitter.
+
+Only TransientStoreError is retried; every other error (ObjectNotFound,
+ObjectExists, permission, missing bucket, ...) goes straight to the caller.
+When the attempts run out, the last TransientStoreError is raised with
+"(gave up after N attempts)" added to its message.
+
+Exclusive puts need care.  A transient failure (a timeout, a dropped
+connection) leaves the outcome unknown: the object may have been stored even
+though no reply came back.  If a later attempt then gets ObjectExists, that
+may be our own earlier attempt.  So after an unknown outcome we read the
+object back, and identical content counts as success; anything else is a
+genuine ObjectExists.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Callable, Iterator, TypeVar
+
+from lsbd.errors import ObjectExists, ObjectNotFound, TransientStoreError
+from lsbd.store.base import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RetryingStore(Store):
+    def __init__(self, inner: Store, attempts: int = 5, base_delay: float = 0.05,
+                 max_delay: float = 2.0, *, sleep: Callable[[float], None] = time.sleep):
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.inner = inner
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._sleep = sleep
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        return self.inner.url
+
+    def __getattr__(self, name: str):
+        # Anything else (bucket, root, counters of a test wrapper...) is the inner store's.
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def delay(self, retry: int) -> float:
+        """The pause before retry number `retry` (1-based): exponential, capped,
+        with jitter in [half, full] so that many clients do not retry in step."""
+        full = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
+        return random.uniform(full / 2, full)
+
+    def _call(self, what: str, fn: Callable[[], T], on_transient: Callable[[], None] | None = None) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except TransientStoreError as e:
+                if on_transient is not None:
+                    on_transient()
+                if attempt >= self.attempts:
+                    if self.attempts > 1:
+                        e.strerror = f"{e.strerror} (gave up after {self.attempts} attempts)"
+                    raise
+                pause = self.delay(attempt)
+                log.warning("store %s: %s failed (%s); retry %d/%d in %.2fs",
+                            self.url, what, e, attempt, self.attempts - 1, pause)
+                self._sleep(pause)
+        raise AssertionError("unreachable")
+
+    # --- the Store interface ---------------------------------------------------------
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if not exclusive:
+            return self._call(f"put {key}", lambda: self.inner.put(key, data))
+        outcome_unknown = False
+
+        def unknown() -> None:
+            nonlocal outcome_unknown
+            outcome_unknown = True
+
+        try:
+            self._call(f"put {key}", lambda: self.inner.put(key, data, exclusive=True), unknown)
+        except ObjectExists:
+            if not outcome_unknown:
+                raise
+            # An earlier attempt may have stored the object before failing.
+            try:
+                stored = self.get(key)
+            except ObjectNotFound:
+                raise ObjectExists(key) from None
+            if stored != bytes(data):
+                raise
+            log.info("store %s: exclusive put %s: found our own earlier attempt's object; "
+                     "counting it as success", self.url, key)
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        return self._call(f"get {key}", lambda: self.inner.get(key, start, length))
+
+    def head(self, key: str) -> int:
+        return self._call(f"head {key}", lambda: self.inner.head(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Materialize inside the retry so an error half-way through restarts the listing.
+        return iter(self._call(f"list {prefix or '/'}", lambda: [*self.inner.list(prefix)]))
+
+    def delete(self, key: str) -> None:
+        return self._call(f"delete {key}", lambda: self.inner.delete(key))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"<RetryingStore {self.inner!r}>"

@@ -1,0 +1,503 @@
+"""The Store contract, run on every kind of store (a local directory, and S3 over
+real HTTP against a moto server), plus the retry and fault-injection wrappers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lsbd.errors import (ObjectExists, ObjectNotFound, StoreError, TransientStoreError,
+                         UserError)
+from lsbd.store import ObjectInfo, open_store
+from lsbd.store.faulty import FaultyStore
+from lsbd.store.local import LocalStore
+from lsbd.store.retry import RetryingStore
+
+# --- the contract, on both kinds of store ---------------------------------------------
+
+
+def test_put_get_roundtrip(any_store):
+    any_store.put("vol/seg/0001", b"hello world")
+    any_store.put("empty", b"")
+    assert any_store.get("vol/seg/0001") == b"hello world"
+    assert any_store.get("empty") == b""
+    assert any_store.head("vol/seg/0001") == 11
+    assert any_store.head("empty") == 0
+    assert any_store.exists("vol/seg/0001")
+    assert not any_store.exists("vol/seg/0002")
+
+
+def test_overwrite_when_not_exclusive(any_store):
+    any_store.put("lease", b"first")
+    any_store.put("lease", b"second, longer")
+    assert any_store.get("lease") == b"second, longer"
+    assert any_store.head("lease") == len(b"second, longer")
+
+
+def test_exclusive_create_fails_and_keeps_the_original(any_store):
+    any_store.put("seg/7", b"original", exclusive=True)
+    with pytest.raises(ObjectExists) as info:
+        any_store.put("seg/7", b"intruder", exclusive=True)
+    assert info.value.key == "seg/7"
+    assert isinstance(info.value, FileExistsError)
+    assert any_store.get("seg/7") == b"original"
+
+
+def test_racing_exclusive_creators_exactly_one_wins(any_store):
+    threads_per_key = 12
+    for round_no in range(4):
+        key = f"race/{round_no}"
+        barrier = threading.Barrier(threads_per_key)
+        winners, losers, other = [], [], []
+
+        def create(i):
+            data = f"writer {i}".encode() * 100
+            barrier.wait()
+            try:
+                any_store.put(key, data, exclusive=True)
+                winners.append(data)
+            except ObjectExists:
+                losers.append(i)
+            except Exception as e:  # noqa: BLE001 - reported below
+                other.append(e)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(threads_per_key)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert other == []
+        assert len(winners) == 1, f"{len(winners)} winners for {key}"
+        assert len(losers) == threads_per_key - 1
+        assert any_store.get(key) == winners[0]
+
+
+def test_ranged_reads(any_store):
+    data = bytes(range(256)) * 40  # 10240 bytes
+    any_store.put("obj", data)
+    assert any_store.get("obj", 100, 50) == data[100:150]
+    assert any_store.get("obj", 0, 1) == data[:1]
+    assert any_store.get("obj", 5) == data[5:]
+    assert any_store.get("obj", 10000, 1000) == data[10000:]      # cut short at the end
+    assert any_store.get("obj", 10239, 5) == data[-1:]
+    assert any_store.get("obj", 10240) == b""                      # starts at the end
+    assert any_store.get("obj", 20000, 10) == b""                  # starts past the end
+    assert any_store.get("obj", 0, 0) == b""
+    assert any_store.get("obj", -100) == data[-100:]               # suffix
+    assert any_store.get("obj", -20000) == data                    # suffix longer than object
+    with pytest.raises(ValueError):
+        any_store.get("obj", -5, 3)
+    with pytest.raises(ObjectNotFound):
+        any_store.get("missing", 10, 10)
+    with pytest.raises(ObjectNotFound):
+        any_store.get("missing", 0, 0)
+    with pytest.raises(ObjectNotFound):
+        any_store.get("missing", -10)
+
+
+def test_ranged_reads_of_an_empty_object(any_store):
+    any_store.put("empty", b"")
+    assert any_store.get("empty", 0, 10) == b""
+    assert any_store.get("empty", 3) == b""
+    assert any_store.get("empty", -4) == b""
+
+
+def test_missing_objects(any_store):
+    with pytest.raises(ObjectNotFound) as info:
+        any_store.get("nope/1")
+    assert info.value.key == "nope/1"
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ObjectNotFound):
+        any_store.head("nope/1")
+    # A missing key must not be mistaken for a missing bucket, or the reverse.
+    any_store.put("nope/2", b"x")
+    with pytest.raises(ObjectNotFound):
+        any_store.head("nope/1")
+
+
+def test_list_is_sorted_and_prefix_filtered(any_store):
+    objects = {"a/bc": b"12", "a/b": b"1", "a/c/x": b"123", "ab": b"1234", "b": b"",
+               "v/seg/0002": b"22", "v/seg/0001": b"1", "v/seg2/0001": b"333"}
+    for key in ["v/seg2/0001", "b", "a/c/x", "v/seg/0002", "ab", "a/bc", "v/seg/0001", "a/b"]:
+        any_store.put(key, objects[key])
+
+    everything = list(any_store.list())
+    assert everything == [ObjectInfo(k, len(objects[k])) for k in sorted(objects)]
+    assert [i.key for i in any_store.list("a/b")] == ["a/b", "a/bc"]
+    assert [i.key for i in any_store.list("a/bc")] == ["a/bc"]
+    assert [i.key for i in any_store.list("a/")] == ["a/b", "a/bc", "a/c/x"]
+    assert [i.key for i in any_store.list("a")] == ["a/b", "a/bc", "a/c/x", "ab"]
+    assert [i.key for i in any_store.list("v/seg/")] == ["v/seg/0001", "v/seg/0002"]
+    assert [i.key for i in any_store.list("v/seg")] == ["v/seg/0001", "v/seg/0002", "v/seg2/0001"]
+    assert list(any_store.list("zzz")) == []
+    assert list(any_store.list("v/seg/0003")) == []
+
+
+def test_list_of_an_empty_store(any_store):
+    assert list(any_store.list()) == []
+
+
+def test_delete_is_idempotent(any_store):
+    any_store.put("d/1", b"x")
+    any_store.put("d/2", b"y")
+    any_store.delete("d/1")
+    with pytest.raises(ObjectNotFound):
+        any_store.get("d/1")
+    any_store.delete("d/1")          # again: not an error
+    any_store.delete("never/was")    # never existed: not an error
+    assert [i.key for i in any_store.list()] == ["d/2"]
+
+
+def test_bad_keys_are_rejected(any_store):
+    for key in ["", "/abs", "a/../b", ".."]:
+        with pytest.raises(ValueError):
+            any_store.put(key, b"x")
+
+
+def test_large_object_roundtrip(any_store):
+    data = os.urandom(8 << 20)
+    any_store.put("big", data, exclusive=True)
+    assert any_store.head("big") == len(data)
+    assert any_store.get("big") == data
+    assert any_store.get("big", (8 << 20) - 4096, 8192) == data[-4096:]
+    assert any_store.get("big", 3 << 20, 1 << 20) == data[3 << 20:4 << 20]
+
+
+def test_concurrent_puts_and_gets(any_store):
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(12):
+                key = f"c/{t:02d}/{i:02d}"
+                data = os.urandom(1000 + 37 * i + t)
+                any_store.put(key, data, exclusive=(i % 2 == 0))
+                if any_store.get(key) != data:
+                    errors.append(f"{key}: read back different data")
+                if any_store.get(key, 10, 20) != data[10:30]:
+                    errors.append(f"{key}: ranged read differs")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    keys = [i.key for i in any_store.list("c/")]
+    assert len(keys) == 16 * 12
+    assert keys == sorted(keys)
+
+
+# --- S3 specifics ----------------------------------------------------------------------
+
+
+def test_s3_prefixes_do_not_leak(s3_bucket, moto_server):
+    from lsbd.store.s3 import S3Store
+
+    one = S3Store(s3_bucket, "vol", endpoint_url=moto_server)
+    other = S3Store(s3_bucket, "vol2", endpoint_url=moto_server)
+    root = S3Store(s3_bucket, "", endpoint_url=moto_server)
+    one.put("k", b"1")
+    other.put("k", b"2")
+    assert [i.key for i in one.list()] == ["k"]
+    assert one.get("k") == b"1" and other.get("k") == b"2"
+    assert [i.key for i in root.list()] == ["vol/k", "vol2/k"]
+    assert one.url == f"s3://{s3_bucket}/vol" and root.url == f"s3://{s3_bucket}"
+
+
+def test_s3_missing_bucket_is_a_clear_store_error(moto_server):
+    from lsbd.store.s3 import S3Store
+
+    store = S3Store("no-such-bucket-here", "p", endpoint_url=moto_server)
+    for call in (lambda: store.get("k"), lambda: store.head("k"), lambda: store.put("k", b"x"),
+                 lambda: list(store.list()), lambda: store.delete("k")):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert not isinstance(info.value, (ObjectNotFound, TransientStoreError))
+        assert "no-such-bucket-here" in str(info.value)
+        assert "does not exist" in str(info.value)
+
+
+def test_s3_unreachable_endpoint_fails_fast_and_clearly(monkeypatch):
+    from lsbd.store.s3 import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSHOULDNOTAPPEAR")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-should-not-appear")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = RetryingStore(S3Store("mybucket", "p", endpoint_url="http://127.0.0.1:1"),
+                          attempts=2, base_delay=0.01)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.get("k")
+    assert time.monotonic() - started < 15
+    message = str(info.value)
+    assert "cannot reach" in message and "127.0.0.1:1" in message and "mybucket" in message
+    assert "gave up after 2 attempts" in message
+    assert "AKIDSHOULDNOTAPPEAR" not in message and "secret-should-not-appear" not in message
+
+
+def test_s3_missing_credentials_is_a_clear_store_error(moto_server, s3_bucket, monkeypatch, tmp_path):
+    from lsbd.store.s3 import S3Store
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = S3Store(s3_bucket, "p", endpoint_url=moto_server)
+    with pytest.raises(StoreError) as info:
+        store.get("k")
+    assert not isinstance(info.value, (ObjectNotFound, TransientStoreError))
+    assert "credentials" in str(info.value) and s3_bucket in str(info.value)
+
+
+def test_s3_endpoint_reaches_subprocesses(s3_url):
+    # A CLI run as a subprocess inherits AWS_ENDPOINT_URL and the fake credentials.
+    code = f"from lsbd.store import open_store; open_store({s3_url!r}).put('from/child', b'hi')"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert open_store(s3_url).get("from/child") == b"hi"
+
+
+class _FakeClient:
+    """Stands in for the boto3 client: every call raises the given error."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getattr__(self, name):
+        def call(**kwargs):
+            raise self.error
+        return call
+
+
+def _client_error(code, status):
+    from lsbd.store import s3
+
+    return s3.botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": f"{code} happened"},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize("code,status,expected", [
+    ("PreconditionFailed", 412, ObjectExists),
+    ("ConditionalRequestConflict", 409, TransientStoreError),
+    ("SlowDown", 503, TransientStoreError),
+    ("InternalError", 500, TransientStoreError),
+    ("AccessDenied", 403, StoreError),
+    ("NoSuchBucket", 404, StoreError),
+])
+def test_s3_error_mapping_for_exclusive_put(code, status, expected):
+    from lsbd.store.s3 import S3Store
+
+    store = S3Store("mapbucket", "", endpoint_url="http://127.0.0.1:1")
+    store._client = _FakeClient(_client_error(code, status))
+    with pytest.raises(StoreError) as info:
+        store.put("k", b"x", exclusive=True)
+    assert type(info.value) is expected
+    if expected is StoreError:
+        assert "mapbucket" in str(info.value)
+
+
+@pytest.mark.parametrize("code,status,expected", [
+    ("NoSuchKey", 404, ObjectNotFound),
+    ("SlowDown", 503, TransientStoreError),
+    ("ServiceUnavailable", 503, TransientStoreError),
+    ("AccessDenied", 403, StoreError),
+    ("InvalidAccessKeyId", 403, StoreError),
+])
+def test_s3_error_mapping_for_get(code, status, expected):
+    from lsbd.store.s3 import S3Store
+
+    store = S3Store("mapbucket", "", endpoint_url="http://127.0.0.1:1")
+    store._client = _FakeClient(_client_error(code, status))
+    with pytest.raises(StoreError) as info:
+        store.get("k")
+    assert type(info.value) is expected
+    if code == "AccessDenied":
+        assert "access denied" in str(info.value) and "mapbucket" in str(info.value)
+
+
+# --- open_store ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "http://example.com/b", "s3://", "s3:///prefix",
+                                 "file://host/path"])
+def test_open_store_rejects_bad_urls(url):
+    with pytest.raises(UserError):
+        open_store(url)
+
+
+def test_open_store_builds_the_right_stores(tmp_path, monkeypatch):
+    from lsbd.store.s3 import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    store = open_store(f"file://{tmp_path}/st")
+    assert isinstance(store, RetryingStore) and isinstance(store.inner, LocalStore)
+    assert store.url == f"file://{tmp_path}/st"
+    plain = open_store(str(tmp_path / "plain"), retry=False)
+    assert isinstance(plain, LocalStore)
+    s3 = open_store("s3://bkt/pre/fix/", endpoint_url="http://127.0.0.1:1")
+    assert isinstance(s3.inner, S3Store)
+    assert (s3.inner.bucket, s3.inner.prefix, s3.url) == ("bkt", "pre/fix/", "s3://bkt/pre/fix")
+    assert s3.inner.endpoint_url == "http://127.0.0.1:1"
+
+
+# --- RetryingStore, driven by FaultyStore ----------------------------------------------------
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    return FaultyStore(LocalStore(str(tmp_path / "store")))
+
+
+def _retrying(inner, attempts=4):
+    sleeps = []
+    store = RetryingStore(inner, attempts=attempts, base_delay=0.01, max_delay=0.05,
+                          sleep=sleeps.append)
+    return store, sleeps
+
+
+def test_retry_recovers_from_transient_errors(faulty, caplog):
+    store, sleeps = _retrying(faulty)
+    faulty.inner.put("k", b"data")
+    faulty.fail(op="get", times=2)
+    with caplog.at_level(logging.WARNING, logger="lsbd.store.retry"):
+        assert store.get("k") == b"data"
+    assert faulty.calls["get"] == 3
+    assert len(sleeps) == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "get k" in warnings[0].getMessage()
+
+
+def test_retry_gives_up_after_n_attempts(faulty):
+    store, sleeps = _retrying(faulty, attempts=3)
+    faulty.fail(op="head", times=None)
+    with pytest.raises(TransientStoreError) as info:
+        store.head("k")
+    assert faulty.calls["head"] == 3
+    assert len(sleeps) == 2
+    assert "gave up after 3 attempts" in str(info.value)
+    assert "injected fault: head k" in str(info.value)
+
+
+def test_retry_never_retries_permanent_errors(faulty):
+    store, sleeps = _retrying(faulty)
+    faulty.fail(op="put", error=StoreError)
+    with pytest.raises(StoreError) as info:
+        store.put("k", b"x")
+    assert not isinstance(info.value, TransientStoreError)
+    assert faulty.calls["put"] == 1
+    with pytest.raises(ObjectNotFound):
+        store.get("missing")
+    assert faulty.calls["get"] == 1
+    store.put("k", b"x")
+    with pytest.raises(ObjectExists):
+        store.put("k", b"x", exclusive=True)   # no unknown outcome: not even compared
+    assert faulty.calls["get"] == 1
+    assert sleeps == []
+
+
+def test_retry_backoff_grows_and_is_capped(faulty):
+    sleeps = []
+    store = RetryingStore(faulty, attempts=8, base_delay=0.1, max_delay=0.5, sleep=sleeps.append)
+    faulty.fail(op="delete", times=7)
+    store.delete("k")
+    assert len(sleeps) == 7
+    for retry, pause in enumerate(sleeps, start=1):
+        full = min(0.5, 0.1 * 2 ** (retry - 1))
+        assert full / 2 <= pause <= full
+    assert max(sleeps) <= 0.5
+
+
+def test_retry_list_restarts_the_listing(faulty):
+    store, _ = _retrying(faulty)
+    for key in ["x/1", "x/2", "x/3"]:
+        faulty.inner.put(key, b"1")
+    faulty.fail(op="list", times=1)
+    assert [i.key for i in store.list("x/")] == ["x/1", "x/2", "x/3"]
+    assert faulty.calls["list"] == 2
+
+
+def test_exclusive_put_after_unknown_outcome_counts_our_own_object(faulty):
+    store, _ = _retrying(faulty)
+    # The first put lands in the store but its reply is lost (a transient error).
+    faulty.fail(op="put", lose_reply=True)
+    store.put("seg/1", b"segment data", exclusive=True)
+    assert faulty.calls["put"] == 2           # the retry got ObjectExists...
+    assert faulty.calls["get"] == 1           # ...so it compared the stored object
+    assert faulty.inner.get("seg/1") == b"segment data"
+
+
+def test_exclusive_put_after_unknown_outcome_still_fails_on_other_content(faulty):
+    store, _ = _retrying(faulty)
+    faulty.inner.put("seg/1", b"someone else's segment")
+    faulty.fail(op="put", times=1)            # transient, outcome unknown to the caller
+    with pytest.raises(ObjectExists):
+        store.put("seg/1", b"our segment", exclusive=True)
+    assert faulty.calls["put"] == 2 and faulty.calls["get"] == 1
+    assert faulty.inner.get("seg/1") == b"someone else's segment"
+
+
+def test_retrying_store_forwards_url_and_attributes(faulty):
+    store = RetryingStore(faulty)
+    assert store.url == faulty.inner.url
+    store.put("a", b"1")
+    assert store.calls["put"] == 1            # FaultyStore's counter, through the wrapper
+    assert "RetryingStore" in repr(store)
+
+
+# --- FaultyStore itself ------------------------------------------------------------------------
+
+
+def test_faulty_after_times_and_key_prefix(faulty):
+    faulty.fail(op="put", key_prefix="seg/", after=2, times=1, error=StoreError)
+    faulty.put("seg/1", b"1")
+    faulty.put("other/1", b"1")               # does not match the prefix
+    faulty.put("seg/2", b"2")
+    with pytest.raises(StoreError):
+        faulty.put("seg/3", b"3")             # the third matching put
+    faulty.put("seg/4", b"4")                 # the rule is used up
+    assert [i.key for i in faulty.list("seg/")] == ["seg/1", "seg/2", "seg/4"]
+    assert faulty.calls["put"] == 5 and faulty.faults_injected == 1
+    assert faulty.bytes_put == 5
+
+
+def test_faulty_corrupt_next_get(faulty):
+    data = bytes(100)
+    faulty.put("k", data)
+    faulty.corrupt_next_get()
+    bad = faulty.get("k")
+    assert len(bad) == len(data) and bad != data
+    assert sum(a != b for a, b in zip(bad, data)) == 1
+    assert faulty.get("k") == data            # only the next one
+    assert faulty.bytes_got == 200
+
+
+def test_faulty_drop_puts_after_simulates_a_dead_network(faulty):
+    store, sleeps = _retrying(faulty)
+    faulty.drop_puts_after(2)
+    store.put("a", b"1")
+    store.put("b", b"2")
+    for _ in range(2):
+        with pytest.raises(StoreError) as info:
+            store.put("c", b"3")
+        assert not isinstance(info.value, TransientStoreError)
+    assert store.get("a") == b"1"             # reads still work
+    assert sleeps == []                       # a permanent error is not retried
+    faulty.heal()
+    store.put("c", b"3")
+    assert [i.key for i in store.list()] == ["a", "b", "c"]
+
+
+def test_faulty_rejects_unknown_ops(faulty):
+    with pytest.raises(ValueError):
+        faulty.fail(op="rename")
