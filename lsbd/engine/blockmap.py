@@ -1,0 +1,253 @@
+"""The block map: for every written block, where its newest copy lives.
+
+Kept in LMDB (the only module that imports lmdb) as non-overlapping extents
+keyed by their first block, so a long sequential write costs one entry, not
+one per block.  Updated in one transaction per sealed segment.  Holes (never
+written, trimmed, zeroed) are simply absent.
+
+Databases:
+  extents   >Q first block  ->  <IQQ nblocks, seq, file offset of the first block
+  segments  >Q seq          ->  SegmentInfo (state, times, size, live blocks)
+  meta      name            ->  value (volume id, store URL, applied seq, size ...)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from collections import defaultdict
+from typing import Iterable, Iterator, NamedTuple
+
+import attrs
+import lmdb
+
+from lsbd.engine.segment import DATA, RESIZE, Record
+
+_KEY = struct.Struct(">Q")
+_EXTENT = struct.Struct("<IQQ")
+_SEGINFO = struct.Struct("<BqQQQI")
+
+PENDING = 1   # sealed locally, not yet in the store
+STORED = 2    # durable in the store
+
+
+class Extent(NamedTuple):
+    lba: int
+    nblocks: int
+    seq: int
+    offset: int  # file offset of block `lba` inside segment `seq`
+
+
+@attrs.define(kw_only=True)
+class SegmentInfo:
+    seq: int
+    state: int
+    sealed_ns: int
+    size: int          # bytes of the sealed object
+    live_blocks: int   # data blocks the map still points at
+    data_blocks: int   # data blocks written into it
+    trailer_crc: int   # fingerprint: tells our copy from another writer's
+
+    def pack(self) -> bytes:
+        return _SEGINFO.pack(self.state, self.sealed_ns, self.size, self.live_blocks,
+                             self.data_blocks, self.trailer_crc)
+
+    @classmethod
+    def unpack(cls, seq: int, raw: bytes) -> "SegmentInfo":
+        state, sealed, size, live, data, tcrc = _SEGINFO.unpack(raw)
+        return cls(seq=seq, state=state, sealed_ns=sealed, size=size, live_blocks=live,
+                   data_blocks=data, trailer_crc=tcrc)
+
+
+class BlockMap:
+    def __init__(self, path: str, block_size: int):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.block_size = block_size
+        # A large virtual map size costs nothing until used (sparse file).
+        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=True, metasync=True,
+                              readahead=False, max_readers=512)
+        self._extents = self._env.open_db(b"extents")
+        self._segments = self._env.open_db(b"segments")
+        self._meta = self._env.open_db(b"meta")
+
+    def close(self) -> None:
+        self._env.close()
+
+    @staticmethod
+    def destroy(path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    # --- meta ---------------------------------------------------------------
+
+    def get_meta(self, name: str, default: bytes | None = None) -> bytes | None:
+        with self._env.begin(db=self._meta) as txn:
+            value = txn.get(name.encode())
+        return default if value is None else bytes(value)
+
+    def set_meta(self, **values: bytes) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            for k, v in values.items():
+                txn.put(k.encode(), v)
+
+    def get_int(self, name: str, default: int = 0) -> int:
+        raw = self.get_meta(name)
+        return default if raw is None else int(raw)
+
+    # --- lookups ---------------------------------------------------------------
+
+    def lookup(self, lba: int, nblocks: int) -> list[Extent]:
+        """The mapped pieces of [lba, lba+nblocks), clipped to it, in order."""
+        end = lba + nblocks
+        out = []
+        with self._env.begin(db=self._extents) as txn:
+            cur = txn.cursor()
+            if _floor(cur, lba):
+                s, n, seq, off = _decode(cur)
+                if s < lba < s + n:
+                    take = min(s + n, end) - lba
+                    out.append(Extent(lba, take, seq, off + (lba - s) * self.block_size))
+            if cur.set_range(_KEY.pack(lba)):
+                for key, value in cur:
+                    s = _KEY.unpack(key)[0]
+                    if s >= end:
+                        break
+                    n, seq, off = _EXTENT.unpack(value)
+                    out.append(Extent(s, min(s + n, end) - s, seq, off))
+        return out
+
+    def iter_extents(self, snapshot=None) -> Iterator[Extent]:
+        """Every extent, in block order, from one consistent snapshot."""
+        if snapshot is not None:
+            yield from _extents_of(snapshot, self._extents)
+            return
+        with self._env.begin(db=self._extents) as txn:
+            yield from _extents_of(txn, self._extents)
+
+    def snapshot(self):
+        """A read transaction: a frozen view of the map for a long read (a
+        checkpoint) while writers go on.  Abort it when done."""
+        return self._env.begin()
+
+    def segments_in(self, snapshot) -> list[SegmentInfo]:
+        return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
+                for k, v in snapshot.cursor(db=self._segments)]
+
+    def extent_count(self) -> int:
+        with self._env.begin(db=self._extents) as txn:
+            return txn.stat(self._extents)["entries"]
+
+    # --- segments --------------------------------------------------------------
+
+    def segment(self, seq: int) -> SegmentInfo | None:
+        with self._env.begin(db=self._segments) as txn:
+            raw = txn.get(_KEY.pack(seq))
+        return None if raw is None else SegmentInfo.unpack(seq, raw)
+
+    def segments(self) -> list[SegmentInfo]:
+        with self._env.begin(db=self._segments) as txn:
+            return [SegmentInfo.unpack(_KEY.unpack(k)[0], v) for k, v in txn.cursor()]
+
+    def set_segment_state(self, seq: int, state: int) -> None:
+        with self._env.begin(write=True, db=self._segments) as txn:
+            raw = txn.get(_KEY.pack(seq))
+            if raw is not None:
+                info = SegmentInfo.unpack(seq, raw)
+                info.state = state
+                txn.put(_KEY.pack(seq), info.pack())
+
+    # --- updates ---------------------------------------------------------------
+
+    def apply_segment(self, info: SegmentInfo, records: Iterable[Record], **meta: bytes) -> None:
+        """Apply one sealed segment's records, in order, in one transaction,
+        and record the segment and `meta` (e.g. the new applied seq)."""
+        live_delta: dict[int, int] = defaultdict(int)
+        with self._env.begin(write=True) as txn:
+            cur = txn.cursor(db=self._extents)
+            for r in records:
+                if r.kind == RESIZE:
+                    txn.put(b"size", str(r.lba).encode(), db=self._meta)
+                    continue
+                self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
+                if r.kind == DATA:
+                    txn.put(_KEY.pack(r.lba), _EXTENT.pack(r.nblocks, info.seq, r.data_offset),
+                            db=self._extents)
+                    live_delta[info.seq] += r.nblocks
+            info.live_blocks = live_delta.pop(info.seq, 0)
+            txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
+            for seq, delta in live_delta.items():
+                raw = txn.get(_KEY.pack(seq), db=self._segments)
+                if raw is not None:
+                    old = SegmentInfo.unpack(seq, raw)
+                    old.live_blocks = max(0, old.live_blocks + delta)
+                    txn.put(_KEY.pack(seq), old.pack(), db=self._segments)
+            for k, v in meta.items():
+                txn.put(k.encode(), v, db=self._meta)
+
+    def _punch(self, txn, cur, start: int, end: int, live_delta: dict[int, int]) -> None:
+        """Remove [start, end) from the extents, keeping the parts outside it."""
+        bs = self.block_size
+        puts = []
+        if _floor(cur, start):
+            s, n, seq, off = _decode(cur)
+            if s < start < s + n:
+                cur.put(_KEY.pack(s), _EXTENT.pack(start - s, seq, off))
+                if s + n > end:
+                    puts.append((end, s + n - end, seq, off + (end - s) * bs))
+                live_delta[seq] -= min(s + n, end) - start
+        if cur.set_range(_KEY.pack(start)):
+            while cur.key():
+                s, n, seq, off = _decode(cur)
+                if s >= end:
+                    break
+                if s + n > end:
+                    puts.append((end, s + n - end, seq, off + (end - s) * bs))
+                live_delta[seq] -= min(s + n, end) - s
+                if not cur.delete():
+                    break
+        for s, n, seq, off in puts:
+            txn.put(_KEY.pack(s), _EXTENT.pack(n, seq, off), db=self._extents)
+
+    def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo], **meta: bytes) -> None:
+        """Replace the whole map (loading a checkpoint)."""
+        with self._env.begin(write=True) as txn:
+            txn.drop(self._extents, delete=False)
+            txn.drop(self._segments, delete=False)
+            live: dict[int, int] = defaultdict(int)
+            cur = txn.cursor(db=self._extents)
+            for e in extents:
+                cur.put(_KEY.pack(e.lba), _EXTENT.pack(e.nblocks, e.seq, e.offset), append=True)
+                live[e.seq] += e.nblocks
+            for info in segments:
+                info.live_blocks = live.get(info.seq, 0)
+                txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
+            for k, v in meta.items():
+                txn.put(k.encode(), v, db=self._meta)
+
+    def live_blocks_by_seq(self) -> dict[int, int]:
+        live: dict[int, int] = defaultdict(int)
+        for e in self.iter_extents():
+            live[e.seq] += e.nblocks
+        return dict(live)
+
+
+def _extents_of(txn, db) -> Iterator[Extent]:
+    for key, value in txn.cursor(db=db):
+        n, seq, off = _EXTENT.unpack(value)
+        yield Extent(_KEY.unpack(key)[0], n, seq, off)
+
+
+def _floor(cur, lba: int) -> bool:
+    """Position `cur` at the greatest key <= lba; False if there is none."""
+    key = _KEY.pack(lba)
+    if cur.set_range(key):
+        if cur.key() == key:
+            return True
+        return cur.prev()
+    return cur.last()
+
+
+def _decode(cur) -> tuple[int, int, int, int]:
+    n, seq, off = _EXTENT.unpack(cur.value())
+    return _KEY.unpack(cur.key())[0], n, seq, off

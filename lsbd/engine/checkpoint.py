@@ -1,0 +1,184 @@
+"""Checkpoints: the whole block map as of a seq, so recovery replays only
+the segments after it.
+
+A checkpoint is several immutable objects: parts of at most PART_EXTENTS
+extents each (zlib-compressed, CRC-checked), written first, then a small
+manifest that lists them.  A checkpoint exists once its manifest does; parts
+without a manifest are leftovers of an interrupted checkpoint.  Memory use
+is bounded by one part, whatever the size of the map."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+import zlib
+from typing import Iterable, Iterator
+
+import attrs
+
+from lsbd import names
+from lsbd.checksum import masked_crc
+from lsbd.engine.blockmap import STORED, Extent, SegmentInfo
+from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound, StoreError
+from lsbd.store import Store
+
+log = logging.getLogger(__name__)
+
+PART_MAGIC = b"LSBDCKP1"
+PART_HEADER = struct.Struct("<8sQBxxxII")  # magic seq kind count crc
+PART_EXTENTS_KIND = 1
+PART_SEGMENTS_KIND = 2
+EXTENT_ENTRY = struct.Struct("<QIQQ")     # lba nblocks seq offset
+SEGMENT_ENTRY = struct.Struct("<QqQQ")    # seq sealed_ns size data_blocks
+PART_EXTENTS = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class Manifest:
+    volume_id: str
+    seq: int
+    created_ns: int
+    volume_size: int
+    block_size: int
+    extents: int
+    parts: list  # [(key, kind, count, crc)]
+    format: int = 1
+
+    def to_json(self) -> bytes:
+        body = attrs.asdict(self)
+        text = json.dumps(body, sort_keys=True)
+        return json.dumps({"manifest": body, "crc": masked_crc(text.encode())}, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str) -> "Manifest":
+        try:
+            outer = json.loads(raw)
+            body = outer["manifest"]
+            if masked_crc(json.dumps(body, sort_keys=True).encode()) != outer["crc"]:
+                raise ValueError("checksum mismatch")
+            return cls(**body)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CorruptionError(f"{where}: bad checkpoint manifest ({e})", key=where) from e
+
+
+def _encode_part(seq: int, kind: int, count: int, body: bytes) -> bytes:
+    packed = zlib.compress(body, 1)
+    return PART_HEADER.pack(PART_MAGIC, seq, kind, count, masked_crc(packed)) + packed
+
+
+def _decode_part(raw: bytes, *, seq: int, kind: int, where: str) -> bytes:
+    if len(raw) < PART_HEADER.size:
+        raise CorruptionError(f"{where}: short checkpoint part", key=where)
+    magic, pseq, pkind, count, crc = PART_HEADER.unpack_from(raw)
+    packed = raw[PART_HEADER.size:]
+    if magic != PART_MAGIC or pseq != seq or pkind != kind or masked_crc(packed) != crc:
+        raise CorruptionError(f"{where}: checkpoint part fails its check", key=where)
+    return zlib.decompress(packed)
+
+
+def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
+                     block_size: int, extents: Iterable[Extent],
+                     segments: Iterable[SegmentInfo]) -> Manifest:
+    parts = []
+
+    def flush_part(kind: int, entries: list[bytes]) -> None:
+        key = names.checkpoint_part_key(volume, seq, len(parts))
+        data = _encode_part(seq, kind, len(entries), b"".join(entries))
+        try:
+            store.put(key, data, exclusive=True)
+        except ObjectExists:
+            store.put(key, data)  # a leftover of an interrupted attempt at this seq
+        parts.append((key, kind, len(entries), masked_crc(data)))
+
+    total = 0
+    batch: list[bytes] = []
+    for e in extents:
+        batch.append(EXTENT_ENTRY.pack(e.lba, e.nblocks, e.seq, e.offset))
+        total += 1
+        if len(batch) >= PART_EXTENTS:
+            flush_part(PART_EXTENTS_KIND, batch)
+            batch = []
+    if batch or not parts:
+        flush_part(PART_EXTENTS_KIND, batch)
+    seg_batch = [SEGMENT_ENTRY.pack(s.seq, s.sealed_ns, s.size, s.data_blocks) for s in segments]
+    for i in range(0, max(1, len(seg_batch)), PART_EXTENTS):
+        flush_part(PART_SEGMENTS_KIND, seg_batch[i:i + PART_EXTENTS])
+    manifest = Manifest(volume_id=volume_id, seq=seq, created_ns=time.time_ns(),
+                        volume_size=volume_size, block_size=block_size, extents=total,
+                        parts=parts)
+    try:
+        store.put(names.checkpoint_manifest_key(volume, seq), manifest.to_json(), exclusive=True)
+    except ObjectExists:
+        pass  # the same map at the same seq was checkpointed already
+    return manifest
+
+
+def list_checkpoints(store: Store, volume: str) -> list[int]:
+    seqs = []
+    for info in store.list(names.checkpoint_prefix(volume)):
+        seq = names.parse_checkpoint_seq(info.key)
+        if seq is not None:
+            seqs.append(seq)
+    return sorted(seqs)
+
+
+def read_manifest(store: Store, volume: str, seq: int) -> Manifest:
+    key = names.checkpoint_manifest_key(volume, seq)
+    return Manifest.from_json(store.get(key), where=key)
+
+
+def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
+    for key, kind, count, crc in manifest.parts:
+        if kind != PART_EXTENTS_KIND:
+            continue
+        raw = store.get(key)
+        if masked_crc(raw) != crc:
+            raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
+        body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
+        for i in range(count):
+            yield Extent(*EXTENT_ENTRY.unpack_from(body, i * EXTENT_ENTRY.size))
+
+
+def read_segments(store: Store, manifest: Manifest) -> list[SegmentInfo]:
+    out = []
+    for key, kind, count, crc in manifest.parts:
+        if kind != PART_SEGMENTS_KIND:
+            continue
+        raw = store.get(key)
+        if masked_crc(raw) != crc:
+            raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
+        body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
+        for i in range(count):
+            seq, sealed, size, data_blocks = SEGMENT_ENTRY.unpack_from(body, i * SEGMENT_ENTRY.size)
+            out.append(SegmentInfo(seq=seq, state=STORED, sealed_ns=sealed, size=size,
+                                   live_blocks=0, data_blocks=data_blocks, trailer_crc=0))
+    return out
+
+
+def newest_valid_checkpoint(store: Store, volume: str, volume_id: str, *,
+                            at_most: int | None = None) -> Manifest | None:
+    """The newest checkpoint whose manifest and parts all check out (and whose
+    seq is <= at_most), or None.  A bad one is logged and skipped."""
+    for seq in reversed(list_checkpoints(store, volume)):
+        if at_most is not None and seq > at_most:
+            continue
+        try:
+            manifest = read_manifest(store, volume, seq)
+            if manifest.volume_id != volume_id:
+                raise CorruptionError(f"checkpoint {seq:016x} belongs to another volume")
+            for key, _kind, _count, crc in manifest.parts:
+                if masked_crc(store.get(key)) != crc:
+                    raise CorruptionError(f"{key}: part does not match its manifest", key=key)
+            return manifest
+        except (CorruptionError, ObjectNotFound) as e:
+            log.warning("volume %s: skipping checkpoint %016x: %s", volume, seq, e)
+    return None
+
+
+def delete_checkpoint(store: Store, volume: str, seq: int) -> None:
+    """Manifest first, so a half-deleted checkpoint is never taken for whole."""
+    store.delete(names.checkpoint_manifest_key(volume, seq))
+    for info in store.list(f"{names.checkpoint_prefix(volume)}{seq:016x}/"):
+        store.delete(info.key)

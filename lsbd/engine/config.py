@@ -1,0 +1,109 @@
+"""A volume's settings, kept in the store as volumes/<name>/config.json."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import attrs
+
+from lsbd import names
+from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound, UserError, VolumeExists, VolumeNotFound
+from lsbd.store import Store
+
+DEFAULT_BLOCK_SIZE = 4096
+DEFAULT_SEGMENT_SIZE = 8 * 1024 * 1024
+FLUSH_MODES = ("journal", "store")
+
+
+@attrs.define(kw_only=True)
+class VolumeConfig:
+    name: str
+    volume_id: str                      # uuid4 hex: ties every object to this volume
+    size: int                           # size at creation; resizes are in the log
+    block_size: int = DEFAULT_BLOCK_SIZE
+    created: float = attrs.field(factory=time.time)
+    flush_mode: str = "journal"
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    seal_interval: float = 5.0          # seconds an open segment may wait before sealing
+    checkpoint_segments: int = 64       # checkpoint after this many new segments ...
+    checkpoint_interval: float = 600.0  # ... or this many seconds, whichever first
+    retain_seconds: float = 86400.0
+    format: int = 1
+
+    @property
+    def volume_id_bytes(self) -> bytes:
+        return uuid.UUID(hex=self.volume_id).bytes
+
+    def to_json(self) -> bytes:
+        return json.dumps(attrs.asdict(self), indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str) -> "VolumeConfig":
+        try:
+            data = json.loads(raw)
+            known = {a.name for a in attrs.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError) as e:
+            raise CorruptionError(f"{where}: unreadable volume config ({e})", key=where) from e
+
+
+def parse_size(text: str | int) -> int:
+    """'10G', '512M', '4K', '1T', '4096' -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+    mult = 1
+    if s and s[-1] in units:
+        mult = units[s[-1]]
+        s = s[:-1]
+    try:
+        value = float(s)
+    except ValueError:
+        raise UserError(f"bad size {text!r}: use a number with K, M, G or T") from None
+    if value < 0:
+        raise UserError(f"bad size {text!r}: negative")
+    return int(value * mult)
+
+
+def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                  **settings) -> VolumeConfig:
+    names.check_volume_name(name)
+    if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
+        raise UserError(f"bad block size {block_size}: a power of two from 512 to 64K")
+    if size <= 0 or size % block_size:
+        raise UserError(f"bad size {size}: a positive multiple of the block size ({block_size})")
+    if settings.get("flush_mode", "journal") not in FLUSH_MODES:
+        raise UserError(f"bad flush mode {settings['flush_mode']!r}: journal or store")
+    config = VolumeConfig(name=name, volume_id=uuid.uuid4().hex, size=size, block_size=block_size,
+                          **settings)
+    try:
+        store.put(names.config_key(name), config.to_json(), exclusive=True)
+    except ObjectExists:
+        raise VolumeExists(f"volume {name!r} already exists in {store.url}") from None
+    return config
+
+
+def load_config(store: Store, name: str) -> VolumeConfig:
+    names.check_volume_name(name)
+    key = names.config_key(name)
+    try:
+        raw = store.get(key)
+    except ObjectNotFound:
+        raise VolumeNotFound(f"no volume {name!r} in {store.url}") from None
+    return VolumeConfig.from_json(raw, where=key)
+
+
+def save_config(store: Store, config: VolumeConfig) -> None:
+    store.put(names.config_key(config.name), config.to_json())
+
+
+def list_volumes(store: Store) -> list[str]:
+    out = []
+    for info in store.list(names.VOLUMES):
+        vol = names.volume_from_key(info.key)
+        if vol is not None and "/" not in vol:
+            out.append(vol)
+    return out

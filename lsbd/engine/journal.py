@@ -1,0 +1,116 @@
+"""The open segment: a journal file in the cache dir that grows as
+transactions commit, plus the in-memory index of the blocks it holds.
+
+Sealing appends the footer and trailer, after which the file is exactly the
+segment object to upload."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from lsbd.engine.segment import (
+    DATA, FLAG_COMMIT, RESIZE, Record, Trailer, encode_footer, encode_header,
+    encode_record, encode_trailer, masked_crc,
+)
+
+HOLE = -1  # overlay value of a zeroed/trimmed block
+
+
+class OpenSegment:
+    def __init__(self, path: str, *, volume_id: bytes, seq: int, block_size: int):
+        self.path = path
+        self.seq = seq
+        self.block_size = block_size
+        self.volume_id = volume_id
+        self.created_ns = time.time_ns()
+        self.opened_at = time.monotonic()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        header = encode_header(volume_id, seq, block_size, self.created_ns)
+        os.pwrite(self.fd, header, 0)
+        self.end = len(header)
+        self.records: list[Record] = []
+        # lba -> (file offset, masked crc), or (HOLE, 0) for a zeroed/trimmed block
+        self.blocks: dict[int, tuple[int, int]] = {}
+        self.dirty = False       # written since the last fsync
+        self.data_bytes = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.records
+
+    # --- appending, with undo for a transaction that fails half way -----------
+
+    def mark(self) -> tuple[int, int, list]:
+        return (self.end, len(self.records), [])
+
+    def append(self, kind: int, lba: int, nblocks: int, *, data=None, crcs: bytes = b"",
+               undo: list | None = None, commit: bool = False) -> None:
+        head = encode_record(kind, FLAG_COMMIT if commit else 0, lba, nblocks, crcs)
+        pos = self.end
+        if data is not None:
+            written = os.pwritev(self.fd, [head, data], pos)
+            expected = len(head) + len(data)
+        else:
+            written = os.pwrite(self.fd, head, pos)
+            expected = len(head)
+        if written != expected:
+            raise OSError(28, "short write to the journal (disk full?)")
+        data_offset = pos + len(head) if kind == DATA else 0
+        self.records.append(Record(kind, FLAG_COMMIT if commit else 0, lba, nblocks,
+                                   data_offset, crcs))
+        self.end = pos + expected
+        self.dirty = True
+        if kind == RESIZE:
+            return
+        bs = self.block_size
+        blocks = self.blocks
+        for i in range(nblocks):
+            b = lba + i
+            if undo is not None:
+                undo.append((b, blocks.get(b)))
+            if kind == DATA:
+                blocks[b] = (data_offset + i * bs, int.from_bytes(crcs[4 * i:4 * i + 4], "little"))
+            else:
+                blocks[b] = (HOLE, 0)
+        if kind == DATA:
+            self.data_bytes += nblocks * bs
+
+    def rollback(self, mark: tuple[int, int, list]) -> None:
+        end, nrecords, undo = mark
+        for b, old in reversed(undo):
+            if old is None:
+                self.blocks.pop(b, None)
+            else:
+                self.blocks[b] = old
+        del self.records[nrecords:]
+        os.ftruncate(self.fd, end)
+        self.end = end
+
+    def sync(self) -> None:
+        if self.dirty:
+            os.fdatasync(self.fd)
+            self.dirty = False
+
+    def seal(self, volume_size: int) -> Trailer:
+        footer = encode_footer(self.records)
+        trailer = Trailer(volume_id=self.volume_id, seq=self.seq, footer_offset=self.end,
+                          footer_length=len(footer), record_count=len(self.records),
+                          sealed_ns=time.time_ns(), volume_size=volume_size,
+                          footer_crc=masked_crc(footer))
+        tail = footer + encode_trailer(trailer)
+        os.pwrite(self.fd, tail, self.end)
+        self.end += len(tail)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return trailer
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,186 @@
+"""Opening a volume after anything: a clean close, a crash, a lost cache dir.
+
+The planning is pure (plan_replay); the doing reads the store's segment
+indexes and the journal files in the cache dir and feeds them to the map."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable
+
+import attrs
+
+from lsbd import names
+from lsbd.engine import checkpoint as ckpt
+from lsbd.engine.blockmap import STORED, BlockMap, SegmentInfo
+from lsbd.engine.config import VolumeConfig
+from lsbd.engine.segment import (
+    FLAG_COMMIT, HEADER, RESIZE, TRAILER, Record, Trailer, decode_footer, decode_header,
+    decode_trailer, encode_footer, encode_trailer, masked_crc, read_sealed_index, scan_records,
+)
+from lsbd.errors import CorruptionError, ObjectNotFound
+from lsbd.store import Store
+
+log = logging.getLogger(__name__)
+
+#: More segments than this after a gap cannot be the tail of a crash (uploads
+#: in flight): refuse to treat them as orphans.
+MAX_ORPHANS = 64
+
+_TAIL_READ = 64 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class ReplayPlan:
+    base: int                 # the checkpoint seq the map starts from (0: empty map)
+    replay: list[int]         # segments to apply, in order
+    orphans: list[int]        # segments after the first gap: never applied
+
+    @property
+    def top(self) -> int:
+        return self.replay[-1] if self.replay else self.base
+
+
+def plan_replay(segment_seqs: Iterable[int], base: int, *, upto: int | None = None) -> ReplayPlan:
+    """Which segments to apply on top of checkpoint `base`: the unbroken run
+    base+1, base+2, ... (stopping at `upto`); anything after the first gap is
+    an orphan (DESIGN invariant 3)."""
+    seqs = sorted(s for s in set(segment_seqs) if s > base)
+    replay = []
+    expect = base + 1
+    for s in seqs:
+        if upto is not None and s > upto:
+            break
+        if s != expect:
+            break
+        replay.append(s)
+        expect += 1
+    # A reader that stops early (upto) leaves later segments alone: no orphans.
+    orphans = [] if upto is not None else [s for s in seqs if s >= expect]
+    return ReplayPlan(base=base, replay=replay, orphans=orphans)
+
+
+def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
+    """seq -> object size of every segment in the store."""
+    out = {}
+    for info in store.list(names.segment_prefix(volume)):
+        seq = names.parse_seq(info.key)
+        if seq is not None:
+            out[seq] = info.size
+    return out
+
+
+def fetch_segment_index(store: Store, volume: str, seq: int) -> tuple[Trailer, list[Record]]:
+    """A stored segment's trailer and records, read from its tail (one GET,
+    two for a large index)."""
+    key = names.segment_key(volume, seq)
+    tail = store.get(key, -_TAIL_READ)
+    trailer = decode_trailer(tail, where=key)
+    if trailer.seq != seq:
+        raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
+    need = trailer.footer_length + TRAILER.size
+    if need <= len(tail):
+        footer = tail[len(tail) - need:len(tail) - TRAILER.size]
+    else:
+        footer = store.get(key, trailer.footer_offset, trailer.footer_length)
+    return trailer, decode_footer(footer, trailer, where=key)
+
+
+def segment_info(seq: int, trailer: Trailer, records: list[Record], size: int, state: int,
+                 raw_trailer: bytes) -> SegmentInfo:
+    data_blocks = sum(r.nblocks for r in records if r.kind == 1)
+    return SegmentInfo(seq=seq, state=state, sealed_ns=trailer.sealed_ns, size=size,
+                       live_blocks=0, data_blocks=data_blocks, trailer_crc=masked_crc(raw_trailer))
+
+
+def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
+                       upto: int | None = None, progress=None) -> tuple[ReplayPlan, int]:
+    """Rebuild the map from the newest valid checkpoint (at or before `upto`)
+    and the segments after it.  Returns the plan carried out and the volume size."""
+    volume = config.name
+    stored = store_segment_seqs(store, volume)
+    manifest = None
+    for cp_seq in reversed(ckpt.list_checkpoints(store, volume)):
+        if upto is not None and cp_seq > upto:
+            continue
+        try:
+            manifest = ckpt.read_manifest(store, volume, cp_seq)
+            if manifest.volume_id != config.volume_id:
+                raise CorruptionError("checkpoint of another volume")
+            bm.load(ckpt.read_extents(store, manifest), ckpt.read_segments(store, manifest),
+                    applied_seq=str(cp_seq).encode(), size=str(manifest.volume_size).encode())
+            break
+        except (CorruptionError, ObjectNotFound) as e:
+            log.warning("volume %s: checkpoint %016x unusable (%s); trying an older one",
+                        volume, cp_seq, e)
+            manifest = None
+    if manifest is None:
+        bm.load([], [], applied_seq=b"0", size=str(config.size).encode())
+    base = manifest.seq if manifest else 0
+    plan = plan_replay(stored, base, upto=upto)
+    size = manifest.volume_size if manifest else config.size
+    for i, seq in enumerate(plan.replay):
+        trailer, records = fetch_segment_index(store, volume, seq)
+        if trailer.volume_id != config.volume_id_bytes:
+            raise CorruptionError(f"{names.segment_key(volume, seq)} belongs to another volume",
+                                  key=names.segment_key(volume, seq))
+        size = trailer.volume_size
+        info = segment_info(seq, trailer, records, stored[seq], STORED, encode_trailer(trailer))
+        bm.apply_segment(info, records, applied_seq=str(seq).encode(), size=str(size).encode())
+        if progress:
+            progress(i + 1, len(plan.replay))
+    return plan, size
+
+
+def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: int,
+                         volume_size: int) -> tuple[Trailer, list[Record]] | None:
+    """Make a journal file left by a crash into a sealed segment: keep its
+    records up to the last committed transaction, drop the torn tail, append
+    the index.  Returns None (and removes the file) if nothing was committed.
+    A file that is already sealed is only read."""
+    where = f"journal {path}"
+    try:
+        return read_sealed_index(path, where=where)
+    except CorruptionError:
+        pass
+    with open(path, "r+b") as f:
+        header = decode_header(f.read(HEADER.size), where=where)
+        if header.volume_id != volume_id or header.seq != seq or header.block_size != block_size:
+            raise CorruptionError(f"{where}: belongs to another volume or seq", key=where)
+        records: list[Record] = []
+        committed = 0
+        end = HEADER.size
+        size = volume_size
+        for record, rec_end in scan_records(f, block_size, HEADER.size, where=where):
+            records.append(record)
+            if record.flags & FLAG_COMMIT:
+                committed = len(records)
+                end = rec_end
+        records = records[:committed]
+        if not records:
+            f.close()
+            os.unlink(path)
+            return None
+        for r in records:
+            if r.kind == RESIZE:
+                size = r.lba
+        dropped = os.fstat(f.fileno()).st_size - end
+        if dropped:
+            log.warning("%s: dropped %d bytes of uncommitted tail", where, dropped)
+
+
+        footer = encode_footer(records)
+        trailer = Trailer(volume_id=volume_id, seq=seq, footer_offset=end,
+                          footer_length=len(footer), record_count=len(records),
+                          sealed_ns=time.time_ns(), volume_size=size,
+                          footer_crc=masked_crc(footer))
+        f.truncate(end)
+        f.seek(end)
+        f.write(footer + encode_trailer(trailer))
+        f.flush()
+        os.fsync(f.fileno())
+    return trailer, records
+
+

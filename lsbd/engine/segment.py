@@ -1,0 +1,217 @@
+"""The segment format: one file in the cache dir while it is being written
+(the journal), the same bytes as an immutable object once sealed.
+
+    header | record | record | ... | footer (index) | trailer
+
+Records are appended as writes commit; sealing appends the footer (a copy of
+every record header, without the data) and a fixed-size trailer that points
+at it, so a reader of the store needs only the object's tail to know what the
+segment holds.  docs/format.md has the byte tables; integers are little
+endian, every stored CRC is a masked CRC32C (lsbd.checksum).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from typing import Iterator, NamedTuple
+
+import attrs
+
+from lsbd.checksum import crc32c, mask, masked_crc
+from lsbd.errors import CorruptionError
+
+FORMAT_VERSION = 1
+
+HEADER = struct.Struct("<8sHHI16sQqQII")  # magic ver hlen bsize volid seq created_ns reserved reserved crc
+HEADER_MAGIC = b"LSBDSEG1"
+assert HEADER.size == 64
+
+RECORD = struct.Struct("<4sBBHQII")  # magic kind flags reserved lba nblocks crc
+RECORD_MAGIC = b"LREC"
+assert RECORD.size == 24
+
+INDEX_ENTRY = struct.Struct("<BBHIQQ")  # kind flags reserved nblocks lba data_offset
+assert INDEX_ENTRY.size == 24
+
+TRAILER = struct.Struct("<8s16sQQIIqQII")  # magic volid seq footer_off footer_len count sealed_ns size footer_crc crc
+TRAILER_MAGIC = b"LSBDEND1"
+assert TRAILER.size == 72
+
+# Record kinds.  Values written to disk are never reused.
+DATA = 1      # nblocks blocks of data follow
+ZERO = 2      # the range reads as zeros (WRITE_ZEROES, or all-zero data)
+TRIM = 3      # the range is discarded (reads as zeros)
+RESIZE = 4    # lba holds the volume's new size in bytes
+
+FLAG_COMMIT = 0x01  # the last record of a transaction
+
+
+class Record(NamedTuple):
+    kind: int
+    flags: int
+    lba: int
+    nblocks: int
+    data_offset: int  # file offset of the first data block (DATA), else 0
+    crcs: bytes       # 4 * nblocks masked CRCs (DATA), else b""
+
+
+def encode_header(volume_id: bytes, seq: int, block_size: int, created_ns: int) -> bytes:
+    body = HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, HEADER.size, block_size, volume_id,
+                       seq, created_ns, 0, 0, 0)
+    return body[:-4] + struct.pack("<I", masked_crc(body[:-4]))
+
+
+@attrs.frozen(kw_only=True)
+class SegmentHeader:
+    volume_id: bytes
+    seq: int
+    block_size: int
+    created_ns: int
+
+
+def decode_header(buf: bytes, *, where: str = "segment") -> SegmentHeader:
+    if len(buf) < HEADER.size:
+        raise CorruptionError(f"{where}: short header", key=where, offset=0)
+    (magic, version, hlen, bsize, volid, seq, created, _r1, _r2, crc) = HEADER.unpack_from(buf)
+    if magic != HEADER_MAGIC:
+        raise CorruptionError(f"{where}: not a segment (bad magic)", key=where, offset=0)
+    if masked_crc(buf[:HEADER.size - 4]) != crc:
+        raise CorruptionError(f"{where}: header checksum mismatch", key=where, offset=0)
+    if version != FORMAT_VERSION or hlen != HEADER.size:
+        raise CorruptionError(f"{where}: unsupported segment version {version}", key=where, offset=0)
+    return SegmentHeader(volume_id=volid, seq=seq, block_size=bsize, created_ns=created)
+
+
+def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
+    """The masked CRC of every block of `data`, packed."""
+    view = memoryview(data)
+    n = len(view) // block_size
+    return struct.pack(f"<{n}I", *(mask(crc32c(view[i * block_size:(i + 1) * block_size]))
+                                   for i in range(n)))
+
+
+def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
+    """A record's header and CRC array (the data, if any, follows it)."""
+    head = RECORD.pack(RECORD_MAGIC, kind, flags, 0, lba, nblocks, 0)
+    crc = masked_crc(head[:-4] + crcs)
+    return head[:-4] + struct.pack("<I", crc) + crcs
+
+
+@attrs.frozen(kw_only=True)
+class Trailer:
+    volume_id: bytes
+    seq: int
+    footer_offset: int
+    footer_length: int
+    record_count: int
+    sealed_ns: int
+    volume_size: int
+    footer_crc: int
+
+
+def encode_footer(records: list[Record]) -> bytes:
+    parts = []
+    for r in records:
+        parts.append(INDEX_ENTRY.pack(r.kind, r.flags, 0, r.nblocks, r.lba, r.data_offset))
+        parts.append(r.crcs)
+    return b"".join(parts)
+
+
+def encode_trailer(t: Trailer) -> bytes:
+    body = TRAILER.pack(TRAILER_MAGIC, t.volume_id, t.seq, t.footer_offset, t.footer_length,
+                        t.record_count, t.sealed_ns, t.volume_size, t.footer_crc, 0)
+    return body[:-4] + struct.pack("<I", masked_crc(body[:-4]))
+
+
+def decode_trailer(buf: bytes, *, where: str = "segment") -> Trailer:
+    if len(buf) < TRAILER.size:
+        raise CorruptionError(f"{where}: too short to be a sealed segment", key=where)
+    tail = buf[-TRAILER.size:]
+    (magic, volid, seq, foff, flen, count, sealed, size, fcrc, crc) = TRAILER.unpack(tail)
+    if magic != TRAILER_MAGIC:
+        raise CorruptionError(f"{where}: no trailer (not sealed)", key=where)
+    if masked_crc(tail[:-4]) != crc:
+        raise CorruptionError(f"{where}: trailer checksum mismatch", key=where)
+    return Trailer(volume_id=volid, seq=seq, footer_offset=foff, footer_length=flen,
+                   record_count=count, sealed_ns=sealed, volume_size=size, footer_crc=fcrc)
+
+
+def decode_footer(buf: bytes, trailer: Trailer, *, where: str = "segment") -> list[Record]:
+    if len(buf) != trailer.footer_length or masked_crc(buf) != trailer.footer_crc:
+        raise CorruptionError(f"{where}: index checksum mismatch", key=where,
+                              offset=trailer.footer_offset)
+    records = []
+    pos = 0
+    for _ in range(trailer.record_count):
+        kind, flags, _r, nblocks, lba, data_offset = INDEX_ENTRY.unpack_from(buf, pos)
+        pos += INDEX_ENTRY.size
+        ncrc = 4 * nblocks if kind == DATA else 0
+        records.append(Record(kind, flags, lba, nblocks, data_offset, buf[pos:pos + ncrc]))
+        pos += ncrc
+    if pos != len(buf):
+        raise CorruptionError(f"{where}: index length mismatch", key=where, offset=trailer.footer_offset)
+    return records
+
+
+def scan_records(f, block_size: int, start: int, *, where: str) -> Iterator[tuple[Record, int]]:
+    """Walk the records of an unsealed journal file from `start`, yielding
+    (record, end offset) for each record that is whole and whose checksums
+    hold; stops quietly at the first torn or invalid one (a crash's tail)."""
+    pos = start
+    while True:
+        f.seek(pos)
+        head = f.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return
+        magic, kind, flags, _r, lba, nblocks, crc = RECORD.unpack(head)
+        if magic != RECORD_MAGIC or kind not in (DATA, ZERO, TRIM, RESIZE):
+            return
+        ncrc = 4 * nblocks if kind == DATA else 0
+        crcs = f.read(ncrc)
+        if len(crcs) < ncrc or masked_crc(head[:-4] + crcs) != crc:
+            return
+        data_offset = 0
+        end = pos + RECORD.size + ncrc
+        if kind == DATA:
+            data_offset = end
+            data = f.read(nblocks * block_size)
+            if len(data) < nblocks * block_size or block_crcs(data, block_size) != crcs:
+                return
+            end += nblocks * block_size
+        yield Record(kind, flags, lba, nblocks, data_offset, crcs), end
+        pos = end
+
+
+class SegmentIndex:
+    """Where each data block of one segment is, and its CRC: what a reader
+    needs to check a block read from any copy of the segment."""
+
+    def __init__(self, records: list[Record], block_size: int):
+        data = sorted((r for r in records if r.kind == DATA), key=lambda r: r.data_offset)
+        self._starts = [r.data_offset for r in data]
+        self._records = data
+        self.block_size = block_size
+
+    def crc_at(self, offset: int) -> int:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            raise KeyError(offset)
+        r = self._records[i]
+        k, rem = divmod(offset - r.data_offset, self.block_size)
+        if rem or k >= r.nblocks:
+            raise KeyError(offset)
+        return struct.unpack_from("<I", r.crcs, 4 * k)[0]
+
+
+def read_sealed_index(path: str, *, where: str) -> tuple[Trailer, list[Record]]:
+    """Trailer and records of a sealed segment file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - TRAILER.size))
+        trailer = decode_trailer(f.read(), where=where)
+        if trailer.footer_offset + trailer.footer_length + TRAILER.size != size:
+            raise CorruptionError(f"{where}: trailer does not match the file size", key=where)
+        f.seek(trailer.footer_offset)
+        return trailer, decode_footer(f.read(trailer.footer_length), trailer, where=where)

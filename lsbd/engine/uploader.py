@@ -1,0 +1,121 @@
+"""Background upload of sealed segments, several in flight, tracking the
+durable prefix: the highest seq such that it and every seq before it are in
+the store.  A failed upload is retried with backoff until it succeeds (the
+data is safe in the journal meanwhile); the last error is kept so that a
+caller waiting on durability can report it."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from lsbd import names
+from lsbd.engine.segment import TRAILER
+from lsbd.errors import ObjectExists, StoreError
+from lsbd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ForeignWriter(StoreError):
+    """The store already holds a different object at our seq: someone else wrote."""
+
+
+class Uploader:
+    def __init__(self, store: Store, volume: str, path_of: Callable[[int], str],
+                 on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0):
+        self.store = store
+        self.volume = volume
+        self.path_of = path_of
+        self.on_stored = on_stored
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsbd-upload")
+        self._cond = threading.Condition()
+        self._done: set[int] = set()
+        self._inflight: set[int] = set()
+        self.durable_seq = durable_seq
+        self.last_error: BaseException | None = None
+        self.fatal: BaseException | None = None
+        self._closing = False
+        self._stop = threading.Event()
+
+    def submit(self, seq: int) -> None:
+        with self._cond:
+            self._inflight.add(seq)
+        self._pool.submit(self._upload, seq)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._inflight)
+
+    def _upload(self, seq: int) -> None:
+        key = names.segment_key(self.volume, seq)
+        delay = 0.1
+        while True:
+            try:
+                with open(self.path_of(seq), "rb") as f:
+                    data = f.read()
+                try:
+                    self.store.put(key, data, exclusive=True)
+                except ObjectExists:
+                    # Ours from before a crash, or another writer's?
+                    if self.store.get(key, -TRAILER.size) != data[-TRAILER.size:]:
+                        raise ForeignWriter(f"{key} was written by another writer: this volume "
+                                            "is no longer ours (was its lease broken?)") from None
+                self.on_stored(seq)
+                break
+            except ForeignWriter as e:
+                log.error("%s", e)
+                with self._cond:
+                    self.fatal = e
+                    self._cond.notify_all()
+                return
+            except Exception as e:  # keep trying: the data is safe locally
+                with self._cond:
+                    self.last_error = e
+                    if self._closing:
+                        self._inflight.discard(seq)
+                        self._cond.notify_all()
+                        return
+                log.warning("upload of %s failed (%s); retrying in %.1fs", key, e, delay)
+                self._stop.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
+        with self._cond:
+            self._inflight.discard(seq)
+            self._done.add(seq)
+            while self.durable_seq + 1 in self._done:
+                self.durable_seq += 1
+                self._done.discard(self.durable_seq)
+            self.last_error = None
+            self._cond.notify_all()
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until every seq <= `seq` is in the store.  False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.durable_seq < seq:
+                if self.fatal is not None:
+                    raise self.fatal
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def close(self, timeout: float | None) -> None:
+        """Stop: wait up to `timeout` for uploads in flight, then give up on them
+        (they stay in the journal for the next open)."""
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._inflight and self.fatal is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            self._closing = True
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,743 @@
+"""Volume: the engine's coordinator.  It owns the writer lease, the open
+segment, the block map, the local segment files and the uploader, and keeps
+them consistent; the work itself lives in those pieces.
+
+Concurrency: one lock guards the open segment, the map updates and the
+resolution of reads (which copy of each block to read); block data is read
+without it, from files that never change once written."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable
+
+from lsbd import names
+from lsbd.engine import checkpoint as ckpt
+from lsbd.engine.api import MAX_REQUEST, Allocation
+from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
+from lsbd.engine.config import FLUSH_MODES, VolumeConfig, load_config
+from lsbd.engine.journal import HOLE, OpenSegment
+from lsbd.engine.lease import Lease
+from lsbd.engine.recovery import (
+    MAX_ORPHANS, rebuild_from_store, recover_journal_file, segment_info,
+    store_segment_seqs,
+)
+from lsbd.engine.segfiles import SegmentFiles, check_open_blocks
+from lsbd.engine.segment import DATA, RESIZE, TRIM, ZERO, block_crcs, encode_trailer
+from lsbd.engine.uploader import Uploader
+from lsbd.errors import (
+    CacheMismatch, CorruptionError, InvalidRequest, ReadOnlyError, StoreError,
+)
+from lsbd.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_LIMIT = 1 << 30
+STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
+CLOSE_UPLOAD_TIMEOUT = 300.0
+KEEP_CHECKPOINTS = 3
+
+
+def cache_dir_for(cache_root: str, store: Store, volume: str) -> str:
+    """One folder per (store, volume): the same name in two stores never mixes."""
+    tag = hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    return os.path.join(cache_root, f"{volume}-{tag}")
+
+
+class Transaction:
+    """Writes, zeroes and trims that commit all together or not at all."""
+
+    def __init__(self, volume: "Volume"):
+        self._volume = volume
+        self.ops: list[tuple] = []
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._volume._check_range(offset, len(data))
+        if data:
+            self.ops.append((DATA, offset, bytes(data)))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._volume._check_range(offset, length)
+        if length:
+            self.ops.append((ZERO, offset, length))
+
+    def trim(self, offset: int, length: int) -> None:
+        self._volume._check_range(offset, length)
+        if length:
+            self.ops.append((TRIM, offset, length))
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._volume._commit(self.ops, fua=False)
+
+
+class Volume:
+    """An open volume; see lsbd.engine.api.BlockDevice for the contract."""
+
+    def __init__(self, *, store: Store, config: VolumeConfig, folder: str, read_only: bool,
+                 flush_mode: str, cache_limit: int, lease: Lease | None, temporary: bool):
+        self.store = store
+        self.config = config
+        self.name = config.name
+        self.block_size = config.block_size
+        self.read_only = read_only
+        self.flush_mode = flush_mode
+        self.folder = folder
+        self._lease = lease
+        self._temporary = temporary
+        self._lock = threading.RLock()
+        self._checkpoint_lock = threading.Lock()
+        self._map = BlockMap(os.path.join(folder, "map"), self.block_size)
+        self._files = SegmentFiles(os.path.join(folder, "segments"), store, self.name,
+                                   self.block_size, cache_limit=cache_limit)
+        self._open: OpenSegment | None = None
+        self._size = config.size
+        self._applied = 0             # newest seq in the map
+        self._last_checkpoint = 0
+        self._last_checkpoint_time = time.monotonic()
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._uploader: Uploader | None = None
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._zero_block = bytes(self.block_size)
+        self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
+                      "segments_sealed": 0, "checkpoints": 0}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, store: Store, name: str, *, cache_root: str, read_only: bool = False,
+             break_lease: bool = False, flush_mode: str | None = None,
+             cache_limit: int = DEFAULT_CACHE_LIMIT, at_seq: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> "Volume":
+        """Open a volume.  A writer takes the lease and recovers from the cache
+        dir and the store; a reader (read_only, or at_seq for a past state)
+        builds a private map in a temporary folder that is removed on close."""
+        config = load_config(store, name)
+        mode = flush_mode or config.flush_mode
+        if mode not in FLUSH_MODES:
+            raise InvalidRequest(f"bad flush mode {mode!r}: journal or store")
+        if read_only or at_seq is not None:
+            os.makedirs(cache_root, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix=f"{name}-ro-", dir=cache_root)
+            vol = cls(store=store, config=config, folder=folder, read_only=True, flush_mode=mode,
+                      cache_limit=cache_limit, lease=None, temporary=True)
+            try:
+                plan, size = rebuild_from_store(vol._map, store, config, upto=at_seq,
+                                                progress=progress)
+                vol._applied, vol._size = plan.top, size
+            except BaseException:
+                vol._teardown()
+                raise
+            return vol
+        lease = Lease.acquire(store, name, break_lease=break_lease)
+        folder = cache_dir_for(cache_root, store, name)
+        try:
+            vol = cls._open_writer(store, config, folder, lease, mode, cache_limit, progress)
+        except BaseException:
+            lease.release()
+            raise
+        return vol
+
+    @classmethod
+    def _open_writer(cls, store, config, folder, lease, mode, cache_limit, progress) -> "Volume":
+        os.makedirs(folder, exist_ok=True)
+        vol = cls(store=store, config=config, folder=folder, read_only=False, flush_mode=mode,
+                  cache_limit=cache_limit, lease=lease, temporary=False)
+        try:
+            stored = store_segment_seqs(store, config.name)
+            try:
+                vol._check_cache_identity(stored)
+                vol._replay_local()
+            except CacheMismatch as e:
+                (log.info if str(e) == "empty" else log.warning)("volume %s: the cache dir is not trusted (%s); rebuilding it "
+                            "from the store", config.name, e)
+                vol._reset_cache_dir()
+                vol._rebuild(stored, progress)
+            vol._remove_orphans(stored)
+            vol._start_background()
+        except BaseException:
+            vol._teardown()
+            raise
+        return vol
+
+    def _check_cache_identity(self, stored: dict[int, int]) -> None:
+        m = self._map
+        vid = m.get_meta("volume_id")
+        if vid is None:
+            raise CacheMismatch("empty")
+        if vid.decode() != self.config.volume_id:
+            raise CacheMismatch("it belongs to another volume")
+        if (m.get_meta("store_url") or b"").decode() != self.store.url:
+            raise CacheMismatch("it belongs to another store")
+        applied = m.get_int("applied_seq")
+        local = set(self._files.local_seqs())
+        foreign = [s for s in stored if s > applied and s not in local]
+        if foreign:
+            raise CacheMismatch(f"the store has segments it does not know ({min(foreign):016x}..)")
+        # Our newest stored segment must be the very object we wrote.
+        ours = [s for s in stored if s <= applied]
+        if ours:
+            top = max(ours)
+            info = m.segment(top)
+            if info is not None and info.trailer_crc:
+                from lsbd.checksum import masked_crc
+                from lsbd.engine.segment import TRAILER
+
+                tail = self.store.get(names.segment_key(self.name, top), -TRAILER.size)
+                if masked_crc(tail) != info.trailer_crc:
+                    raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
+        self._applied = applied
+        self._size = m.get_int("size", self.config.size)
+        self._last_checkpoint = m.get_int("last_checkpoint")
+
+    def _replay_local(self) -> None:
+        """Apply journal files newer than the map (a crash between sealing and
+        the map update, or an open segment cut short), then queue every
+        segment not yet in the store for upload."""
+        for seq in self._files.local_seqs():
+            if seq <= self._applied:
+                continue
+            if seq != self._applied + 1:
+                raise CacheMismatch(f"journal file {seq:016x} after a gap")
+            result = recover_journal_file(self._files.path(seq), volume_id=self.config.volume_id_bytes,
+                                          seq=seq, block_size=self.block_size,
+                                          volume_size=self._size)
+            if result is None:
+                continue
+            trailer, records = result
+            log.info("volume %s: replayed journal segment %016x (%d records)", self.name, seq,
+                     len(records))
+            self._apply_sealed(seq, trailer, records, state=PENDING)
+
+    def _rebuild(self, stored: dict[int, int], progress) -> None:
+        plan, size = rebuild_from_store(self._map, self.store, self.config, progress=progress)
+        self._applied, self._size = plan.top, size
+        self._last_checkpoint = plan.base
+        self._map.set_meta(volume_id=self.config.volume_id.encode(),
+                           store_url=self.store.url.encode(),
+                           last_checkpoint=str(plan.base).encode())
+
+    def _remove_orphans(self, stored: dict[int, int]) -> None:
+        orphans = sorted(s for s in stored if s > self._applied)
+        if len(orphans) > MAX_ORPHANS:
+            raise CorruptionError(
+                f"volume {self.name}: segment {self._applied + 1:016x} is missing but "
+                f"{len(orphans)} later segments exist; refusing to open for writing "
+                "(run lsbd verify)")
+        for seq in orphans:
+            log.warning("volume %s: removing orphan segment %016x (after a gap: never part of "
+                        "the volume)", self.name, seq)
+            self.store.delete(names.segment_key(self.name, seq))
+
+    def _reset_cache_dir(self) -> None:
+        """Move an untrusted cache dir aside if it holds data the store lacks,
+        else delete it; then start a fresh one."""
+        self._map.close()
+        pending = [s.seq for s in self._map_segments_safe() if s.state == PENDING]
+        if pending:
+            aside = f"{self.folder}.stale-{int(time.time())}"
+            log.warning("volume %s: keeping the old cache dir as %s (it holds %d segments "
+                        "never uploaded)", self.name, aside, len(pending))
+            os.rename(self.folder, aside)
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        os.makedirs(self.folder, exist_ok=True)
+        self._map = BlockMap(os.path.join(self.folder, "map"), self.block_size)
+        self._files = SegmentFiles(os.path.join(self.folder, "segments"), self.store, self.name,
+                                   self.block_size, cache_limit=self._files.cache_limit)
+
+    def _map_segments_safe(self) -> list[SegmentInfo]:
+        try:
+            m = BlockMap(os.path.join(self.folder, "map"), self.block_size)
+            try:
+                return m.segments()
+            finally:
+                m.close()
+        except Exception:
+            return []
+
+    def _start_background(self) -> None:
+        self._uploader = Uploader(self.store, self.name, self._files.path, self._on_stored,
+                                  durable_seq=0)
+        pending = [s.seq for s in self._map.segments() if s.state == PENDING]
+        stored_top = max([s.seq for s in self._map.segments() if s.state == STORED] or [0])
+        # Everything below the first pending segment is durable.
+        self._uploader.durable_seq = (min(pending) - 1) if pending else max(self._applied, stored_top)
+        for seq in sorted(pending):
+            self._uploader.submit(seq)
+        for seq in self._files.local_seqs():
+            info = self._map.segment(seq)
+            if info is not None and info.state == STORED:
+                self._files.adopt(seq)
+        self._timer = threading.Thread(target=self._background, name=f"lsbd-{self.name}",
+                                       daemon=True)
+        self._timer.start()
+
+    # ------------------------------------------------------------------ the API
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied
+
+    def transaction(self) -> Transaction:
+        self._check_writable()
+        return Transaction(self)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        bs = self.block_size
+        first = offset // bs
+        last = -(-(offset + length) // bs)
+        with self._lock:
+            self._check_open()
+            runs = self._plan(first, last - first)
+        data = self._read_runs(runs)
+        self.stats["reads"] += 1
+        self.stats["bytes_read"] += length
+        start = offset - first * bs
+        return data[start:start + length] if (start or len(data) != length) else data
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        self._check_range(offset, len(data))
+        if data:
+            self._commit([(DATA, offset, data)], fua=fua)
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_range(offset, length)
+        if length:
+            self._commit([(ZERO, offset, length)], fua=fua)
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_range(offset, length)
+        if length:
+            self._commit([(TRIM, offset, length)], fua=fua)
+
+    def flush(self) -> None:
+        self._check_writable()
+        if self.flush_mode == "store":
+            self._flush_to_store()
+            return
+        with self._lock:
+            if self._open is not None:
+                self._open.sync()
+
+    def allocation(self, offset: int, length: int) -> list[Allocation]:
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        bs = self.block_size
+        first = offset // bs
+        last = -(-(offset + length) // bs)
+        with self._lock:
+            runs = self._plan(first, last - first)
+        out: list[Allocation] = []
+        for lba, n, source, _off, _crcs in runs:
+            start = max(offset, lba * bs)
+            end = min(offset + length, (lba + n) * bs)
+            allocated = source is not None
+            if out and out[-1].allocated == allocated and out[-1].offset + out[-1].length == start:
+                prev = out.pop()
+                out.append(Allocation(prev.offset, end - prev.offset, allocated))
+            else:
+                out.append(Allocation(start, end - start, allocated))
+        return out
+
+    def resize(self, new_size: int) -> None:
+        self._check_writable()
+        if new_size % self.block_size:
+            raise InvalidRequest(f"new size must be a multiple of the block size ({self.block_size})")
+        with self._lock:
+            if new_size < self._size:
+                raise InvalidRequest(f"cannot shrink volume {self.name} from {self._size} to "
+                                     f"{new_size} bytes (only growing is supported)")
+            if new_size == self._size:
+                return
+            seg = self._open_segment()
+            seg.append(RESIZE, new_size, 0, commit=True)
+            self._size = new_size
+        self.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only and self._failed is None:
+                with self._lock:
+                    self._seal()
+                self._stop.set()
+                if self._timer is not None:
+                    self._timer.join()
+                if self._uploader is not None:
+                    self._uploader.close(CLOSE_UPLOAD_TIMEOUT)
+                    if self._uploader.fatal is None and self._uploader.durable_seq >= self._applied:
+                        if self._applied > self._last_checkpoint:
+                            try:
+                                self.checkpoint()
+                            except Exception as e:  # the segments are safe; recovery replays them
+                                log.warning("volume %s: checkpoint at close failed: %s", self.name, e)
+                    else:
+                        log.warning("volume %s: %d segments are not yet in the store; they stay "
+                                    "in %s and upload on the next open", self.name,
+                                    self._uploader.pending, self.folder)
+                        self._lease = None  # keep the lease: our journal must win
+        finally:
+            self._closed = True
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self._stop.set()
+        if self._uploader is not None:
+            self._uploader.close(0)
+        if self._open is not None and self._open.fd >= 0:
+            os.close(self._open.fd)
+            self._open.fd = -1
+        try:
+            self._map.close()
+        except Exception:
+            pass
+        if self._lease is not None:
+            try:
+                self._lease.release()
+            except StoreError as e:
+                log.warning("volume %s: could not release the lease: %s", self.name, e)
+            self._lease = None
+        if self._temporary:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidRequest(f"negative offset or length ({offset}, {length})")
+        if length > MAX_REQUEST:
+            raise InvalidRequest(f"request of {length} bytes is larger than {MAX_REQUEST}")
+        if offset + length > self._size:
+            raise InvalidRequest(f"request [{offset}, {offset + length}) is past the end of "
+                                 f"volume {self.name} ({self._size} bytes)")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidRequest(f"volume {self.name} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyError(f"volume {self.name} is open read-only")
+        if self._failed is not None:
+            raise StoreError(f"volume {self.name} stopped taking writes: {self._failed}")
+        if self._uploader is not None and self._uploader.fatal is not None:
+            raise self._uploader.fatal
+
+    # ------------------------------------------------------------------ writes
+
+    def _open_segment(self) -> OpenSegment:
+        if self._open is None:
+            seq = self._applied + 1
+            self._open = OpenSegment(self._files.path(seq), volume_id=self.config.volume_id_bytes,
+                                     seq=seq, block_size=self.block_size)
+        return self._open
+
+    def _commit(self, ops: list[tuple], *, fua: bool) -> None:
+        with self._lock:
+            self._check_writable()
+            seg = self._open_segment()
+            mark = seg.mark()
+            undo = mark[2]
+            try:
+                for i, (kind, offset, arg) in enumerate(ops):
+                    records = self._records_for(kind, offset, arg)
+                    for j, (rkind, lba, n, data, crcs) in enumerate(records):
+                        seg.append(rkind, lba, n, data=data, crcs=crcs, undo=undo,
+                                   commit=(i == len(ops) - 1 and j == len(records) - 1))
+                if fua and self.flush_mode == "journal":
+                    seg.sync()
+            except BaseException as e:
+                try:
+                    seg.rollback(mark)
+                except OSError:
+                    self._failed = e  # the journal is in an unknown state: stop writing
+                raise
+            self.stats["writes"] += 1
+            self.stats["bytes_written"] += sum(len(a) if k == DATA else a for k, _o, a in ops)
+            if seg.end >= self.config.segment_size:
+                self._seal()
+        if fua and self.flush_mode == "store":
+            self._flush_to_store()
+
+    def _records_for(self, kind: int, offset: int, arg) -> list[tuple]:
+        """The records for one operation: (kind, lba, nblocks, data, crcs)."""
+        bs = self.block_size
+        length = len(arg) if kind == DATA else arg
+        end = offset + length
+        first, last = offset // bs, -(-end // bs)
+        head, tail = offset - first * bs, last * bs - end
+        if kind != DATA:
+            # Whole blocks become one ZERO/TRIM record; partial edge blocks are
+            # rewritten with zeros in them (read-modify-write).
+            lo = first + (1 if head else 0)
+            hi = last - (1 if tail else 0)
+            out: list[tuple] = []
+            if first == last - 1 and (head or tail):
+                return self._records_for(DATA, offset, bytes(length))
+            if head:
+                out += self._records_for(DATA, offset, bytes(bs - head))
+            if hi > lo:
+                out.append((kind, lo, hi - lo, None, b""))
+            if tail:
+                out += self._records_for(DATA, hi * bs, bytes(bs - tail))
+            return out
+        data = arg
+        if head or tail:
+            buf = bytearray()
+            if head:
+                buf += self._read_locked(first, 1)[:head]
+            buf += data
+            if tail:
+                buf += self._read_locked(last - 1, 1)[bs - tail:]
+            data = bytes(buf)
+        return self._split_zero_runs(first, data)
+
+    def _split_zero_runs(self, lba: int, data: bytes) -> list[tuple]:
+        """DATA records for the non-zero runs, ZERO records for all-zero blocks."""
+        bs = self.block_size
+        n = len(data) // bs
+        if n == 1:
+            if data == self._zero_block:
+                return [(ZERO, lba, 1, None, b"")]
+            return [(DATA, lba, 1, data, block_crcs(data, bs))]
+        view = memoryview(data)
+        zero = self._zero_block
+        out = []
+        run_start, run_zero = 0, view[0:bs] == zero
+        for i in range(1, n + 1):
+            is_zero = None if i == n else (view[i * bs:(i + 1) * bs] == zero)
+            if is_zero != run_zero:
+                if run_zero:
+                    out.append((ZERO, lba + run_start, i - run_start, None, b""))
+                else:
+                    chunk = view[run_start * bs:i * bs]
+                    out.append((DATA, lba + run_start, i - run_start, chunk, block_crcs(chunk, bs)))
+                run_start, run_zero = i, is_zero
+        return out
+
+    def _seal(self) -> None:
+        """Seal the open segment (under the lock): index it, record it in the
+        map in one transaction, queue its upload."""
+        seg = self._open
+        if seg is None:
+            return
+        if seg.empty:
+            seg.discard()
+            self._open = None
+            return
+        trailer = seg.seal(self._size)
+        self._open = None
+        self._apply_sealed(seg.seq, trailer, seg.records, state=PENDING)
+        self.stats["segments_sealed"] += 1
+        if self._uploader is not None:
+            self._uploader.submit(seg.seq)
+
+    def _apply_sealed(self, seq: int, trailer, records, *, state: int) -> None:
+        size = os.path.getsize(self._files.path(seq))
+        info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
+        self._map.apply_segment(info, records, applied_seq=str(seq).encode(),
+                                size=str(trailer.volume_size).encode(),
+                                volume_id=self.config.volume_id.encode(),
+                                store_url=self.store.url.encode())
+        self._applied = seq
+        self._size = trailer.volume_size
+
+    def _on_stored(self, seq: int) -> None:
+        self._map.set_segment_state(seq, STORED)
+        self._files.adopt(seq)
+
+    def _flush_to_store(self) -> None:
+        with self._lock:
+            self._seal()
+            target = self._applied
+        if self._uploader is None:
+            return
+        if not self._uploader.wait_durable(target, STORE_FLUSH_TIMEOUT):
+            err = self._uploader.last_error
+            raise StoreError(f"volume {self.name}: flush to the store timed out"
+                             + (f" ({err})" if err else "") + "; the data is kept in the journal")
+
+    # ------------------------------------------------------------------ reads
+
+    def _plan(self, first: int, n: int) -> list[tuple]:
+        """Under the lock: which copy of each block to read, as runs of
+        (lba, nblocks, source, file offset, crcs) where source is a seq or
+        None for a hole; crcs is set for the open segment's blocks."""
+        bs = self.block_size
+        runs: list[tuple] = []
+        pos = first
+        for e in self._map.lookup(first, n):
+            if e.lba > pos:
+                runs.append((pos, e.lba - pos, None, 0, None))
+            runs.append((e.lba, e.nblocks, e.seq, e.offset, None))
+            pos = e.lba + e.nblocks
+        if pos < first + n:
+            runs.append((pos, first + n - pos, None, 0, None))
+        seg = self._open
+        if seg is None or not seg.blocks:
+            return runs
+        overlay = seg.blocks
+        if n <= len(overlay):
+            hit = any(b in overlay for b in range(first, first + n))
+        else:
+            hit = any(first <= b < first + n for b in overlay)
+        if not hit:
+            return runs
+        # Some blocks are newer in the open segment: resolve block by block.
+        out: list[tuple] = []
+        for lba, count, source, off, _ in runs:
+            for i in range(count):
+                b = lba + i
+                o = overlay.get(b)
+                if o is None:
+                    piece = (b, 1, source, off + i * bs if source is not None else 0, None)
+                elif o[0] == HOLE:
+                    piece = (b, 1, None, 0, None)
+                else:
+                    piece = (b, 1, seg.seq, o[0], [o[1]])
+                _append_run(out, piece, bs)
+        return out
+
+    def _read_runs(self, runs: list[tuple]) -> bytes:
+        bs = self.block_size
+        parts = []
+        for lba, n, source, off, crcs in runs:
+            if source is None:
+                parts.append(bytes(n * bs) if n > 1 else self._zero_block)
+            elif crcs is not None:
+                parts.append(self._read_open(source, off, n, crcs))
+            else:
+                parts.append(self._files.read_blocks(source, off, n))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_open(self, seq: int, offset: int, n: int, crcs: list[int]) -> bytes:
+        """Blocks of the open (or just sealed) segment, checked against the
+        CRCs taken from the in-memory index."""
+        try:
+            fd = os.open(self._files.path(seq), os.O_RDONLY)
+        except FileNotFoundError:  # sealed, uploaded and evicted meanwhile
+            return self._files.read_blocks(seq, offset, n)
+        try:
+            data = os.pread(fd, n * self.block_size, offset)
+        finally:
+            os.close(fd)
+        check_open_blocks(data, crcs, self.block_size, where=names.segment_key(self.name, seq),
+                          offset=offset)
+        return data
+
+    def _read_locked(self, lba: int, n: int) -> bytes:
+        return self._read_runs(self._plan(lba, n))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> int:
+        """Write a checkpoint of the map now; returns its seq.  Everything up to
+        it is uploaded first (a checkpoint never names a segment the store lacks)."""
+        self._check_writable()
+        with self._checkpoint_lock:
+            with self._lock:
+                self._seal()
+                target = self._applied
+                if target == 0 or target == self._last_checkpoint:
+                    return target
+                # Hold the lock while the last uploads finish so the map stays at
+                # `target` for the snapshot below.
+                if self._uploader is not None and not self._uploader.wait_durable(
+                        target, STORE_FLUSH_TIMEOUT):
+                    raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
+                                     f"getting through ({self._uploader.last_error})")
+                snap = self._map.snapshot()
+            try:
+                ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
+                                      volume_size=int(snap.get(b"size", db=self._map._meta) or
+                                                      self._size),
+                                      block_size=self.block_size,
+                                      extents=self._map.iter_extents(snap),
+                                      segments=self._map.segments_in(snap))
+            finally:
+                snap.abort()
+            self._last_checkpoint = target
+            self._last_checkpoint_time = time.monotonic()
+            self._map.set_meta(last_checkpoint=str(target).encode())
+            self.stats["checkpoints"] += 1
+            self._prune_checkpoints()
+            return target
+
+    def _prune_checkpoints(self) -> None:
+        seqs = ckpt.list_checkpoints(self.store, self.name)
+        for seq in seqs[:-KEEP_CHECKPOINTS]:
+            ckpt.delete_checkpoint(self.store, self.name, seq)
+
+    # ------------------------------------------------------------------ background
+
+    def _background(self) -> None:
+        """Seal an idle open segment after seal_interval; checkpoint after
+        checkpoint_segments new segments or checkpoint_interval seconds."""
+        cfg = self.config
+        while not self._stop.wait(0.25):
+            try:
+                with self._lock:
+                    seg = self._open
+                    if seg is not None and not seg.empty and \
+                            time.monotonic() - seg.opened_at >= cfg.seal_interval:
+                        self._seal()
+                    due = self._applied - self._last_checkpoint
+                if due >= cfg.checkpoint_segments or (
+                        due > 0 and time.monotonic() - self._last_checkpoint_time
+                        >= cfg.checkpoint_interval):
+                    self.checkpoint()
+            except Exception as e:  # never let the timer die; the next tick retries
+                log.warning("volume %s: background work failed: %s", self.name, e)
+
+    # ------------------------------------------------------------------ scrubbing
+
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Read every segment the map refers to from the store (not the cache)
+        and check every CRC; returns the problems found, each naming a segment
+        and offset."""
+        from lsbd.engine.scrub import verify_segments
+
+        with self._lock:
+            seqs = sorted({e.seq for e in self._map.iter_extents()})
+        return verify_segments(self.store, self.config, seqs, progress=progress)
+
+
+def _append_run(runs: list[tuple], piece: tuple, bs: int) -> None:
+    """Add a one-block piece, merging it into the previous run when contiguous."""
+    lba, n, source, off, crcs = piece
+    if runs:
+        plba, pn, psrc, poff, pcrcs = runs[-1]
+        if psrc == source and plba + pn == lba and (
+                source is None or (poff + pn * bs == off and (pcrcs is None) == (crcs is None))):
+            runs[-1] = (plba, pn + n, psrc, poff, (pcrcs + crcs) if pcrcs is not None else None)
+            return
+    runs.append(piece)
+

@@ -1,0 +1,90 @@
+"""Every object key lsbd uses is built and parsed here, and nowhere else.
+
+    volumes/<volume>/config.json                 settings (small, rewritable)
+    volumes/<volume>/lease                       the writer lease
+    volumes/<volume>/seg/<seq as 16 hex>         a sealed segment
+    volumes/<volume>/ckpt/<seq>/manifest         a checkpoint (written last)
+    volumes/<volume>/ckpt/<seq>/part-<n>         its extent parts
+    volumes/<volume>/snap/<name>                 a snapshot (a name bound to a seq)
+"""
+
+from __future__ import annotations
+
+import re
+
+VOLUMES = "volumes/"
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_volume_name(name: str) -> str:
+    from lsbd.errors import UserError
+
+    if not _VOLUME_NAME.match(name or ""):
+        raise UserError(f"bad volume name {name!r}: use letters, digits, '.', '_' and '-' "
+                        "(at most 128, not starting with a punctuation mark)")
+    return name
+
+
+def volume_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/"
+
+
+def config_key(volume: str) -> str:
+    return f"{VOLUMES}{volume}/config.json"
+
+
+def lease_key(volume: str) -> str:
+    return f"{VOLUMES}{volume}/lease"
+
+
+def segment_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/seg/"
+
+
+def segment_key(volume: str, seq: int) -> str:
+    return f"{VOLUMES}{volume}/seg/{seq:016x}"
+
+
+def checkpoint_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/ckpt/"
+
+
+def checkpoint_manifest_key(volume: str, seq: int) -> str:
+    return f"{VOLUMES}{volume}/ckpt/{seq:016x}/manifest"
+
+
+def checkpoint_part_key(volume: str, seq: int, part: int) -> str:
+    return f"{VOLUMES}{volume}/ckpt/{seq:016x}/part-{part:06d}"
+
+
+def snapshot_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/snap/"
+
+
+def snapshot_key(volume: str, name: str) -> str:
+    return f"{VOLUMES}{volume}/snap/{name}"
+
+
+def parse_seq(key: str) -> int | None:
+    """The seq in a segment key, or None if the key is not one."""
+    tail = key.rsplit("/", 1)[-1]
+    if len(tail) == 16:
+        try:
+            return int(tail, 16)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_checkpoint_seq(key: str) -> int | None:
+    """The seq of a checkpoint manifest key, or None."""
+    parts = key.split("/")
+    if len(parts) >= 2 and parts[-1] == "manifest":
+        return parse_seq(parts[-2])
+    return None
+
+
+def volume_from_key(key: str) -> str | None:
+    if key.startswith(VOLUMES) and key.endswith("/config.json"):
+        return key[len(VOLUMES):-len("/config.json")]
+    return None
