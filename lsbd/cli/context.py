@@ -27,12 +27,12 @@ class Context:
         return self._store
 
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
-                    flush_mode: str | None = None):
-        """Open a volume for the front ends: returns an lsbd.engine.Volume."""
+                    flush_mode: str | None = None, **options):
+        """Open a volume: returns an lsbd.engine.volume.Volume."""
         from lsbd.engine.volume import Volume
 
         return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
-                           break_lease=break_lease, flush_mode=flush_mode)
+                           break_lease=break_lease, flush_mode=flush_mode, **options)
 
     def close(self) -> None:
         if self._store is not None:

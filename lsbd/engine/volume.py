@@ -401,6 +401,13 @@ class Volume:
             self._closed = True
             self._teardown()
 
+    def abandon(self) -> None:
+        """Stop as a crash would: nothing sealed, flushed, uploaded or released
+        (the lease stays in the store).  For crash tests."""
+        self._lease = None
+        self._closed = True
+        self._teardown()
+
     def _teardown(self) -> None:
         self._stop.set()
         if self._uploader is not None:

@@ -1,0 +1,34 @@
+"""lsbd delete VOLUME"""
+
+import shutil
+
+from lsbd import names
+from lsbd.cli import ui
+from lsbd.engine.config import load_config
+from lsbd.engine.lease import Lease
+from lsbd.engine.volume import cache_dir_for
+
+
+def register(sub) -> None:
+    p = sub.add_parser("delete", help="delete a volume and all its objects")
+    p.add_argument("volume")
+    p.add_argument("--break-lease", action="store_true",
+                   help="delete even if a writer on another machine holds it")
+    p.set_defaults(func=run)
+
+
+def run(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    # Taking the lease refuses to delete a volume in use.
+    Lease.acquire(store, config.name, break_lease=args.break_lease)
+    keys = [info.key for info in store.list(names.volume_prefix(config.name))]
+    # The config goes last: a half-deleted volume is still listed and deletable.
+    keys.sort(key=lambda k: (k == names.config_key(config.name), k))
+    with ui.count_progress(f"deleting {config.name}") as update:
+        for i, key in enumerate(keys):
+            store.delete(key)
+            update(i + 1, len(keys))
+    shutil.rmtree(cache_dir_for(ctx.cache_dir, store, config.name), ignore_errors=True)
+    ui.err.print(f"deleted volume [bold]{config.name}[/] ({len(keys)} objects)")
+    return 0

@@ -1,0 +1,55 @@
+"""lsbd info VOLUME"""
+
+import time
+
+from lsbd import names
+from lsbd.cli import ui
+from lsbd.engine.checkpoint import list_checkpoints
+from lsbd.engine.config import load_config
+from lsbd.engine.lease import read_holder
+from lsbd.engine.recovery import fetch_segment_index, store_segment_seqs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="show a volume's settings and state")
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    segments = store_segment_seqs(store, config.name)
+    checkpoints = list_checkpoints(store, config.name)
+    holder = read_holder(store, config.name)
+    size = config.size
+    if segments:
+        trailer, _ = fetch_segment_index(store, config.name, max(segments))
+        size = trailer.volume_size
+    info = {
+        "name": config.name, "volume_id": config.volume_id, "size": size,
+        "block_size": config.block_size, "created": config.created,
+        "flush_mode": config.flush_mode, "segment_size": config.segment_size,
+        "retain_seconds": config.retain_seconds,
+        "segments": len(segments), "stored_bytes": sum(segments.values()),
+        "newest_seq": max(segments) if segments else 0,
+        "checkpoints": checkpoints,
+        "writer": None if holder is None else holder.describe(),
+        "store": store.url,
+    }
+    if args.json:
+        ui.print_json(info)
+        return 0
+    rows = [
+        ["volume", config.name], ["size", f"{ui.human_size(size)} ({size} bytes)"],
+        ["block size", config.block_size], ["flush mode", config.flush_mode],
+        ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(config.created))],
+        ["segments", f"{len(segments)} ({ui.human_size(info['stored_bytes'])} stored)"],
+        ["newest seq", f"{info['newest_seq']:016x}"],
+        ["checkpoints", ", ".join(f"{c:016x}" for c in checkpoints) or "none"],
+        ["writer", info["writer"] or "none"],
+        ["store", names.volume_prefix(config.name) + " in " + store.url],
+    ]
+    ui.table(None, ["", ""], rows)
+    return 0
