@@ -6,6 +6,7 @@
     volumes/<volume>/ckpt/<seq>/manifest         a checkpoint (written last)
     volumes/<volume>/ckpt/<seq>/part-<n>         its extent parts
     volumes/<volume>/snap/<name>                 a snapshot (a name bound to a seq)
+    volumes/<volume>/clones/<clone>              a clone of this volume exists (pins its history)
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def snapshot_prefix(volume: str) -> str:
 
 def snapshot_key(volume: str, name: str) -> str:
     return f"{VOLUMES}{volume}/snap/{name}"
+
+
+def clone_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/clones/"
+
+
+def clone_ref_key(volume: str, clone: str) -> str:
+    return f"{VOLUMES}{volume}/clones/{clone}"
 
 
 def parse_seq(key: str) -> int | None:

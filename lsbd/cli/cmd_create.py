@@ -1,6 +1,7 @@
 """lsbd create VOLUME --size SIZE"""
 
 from lsbd.cli import ui
+from lsbd.cli.cmd_history import parse_duration
 from lsbd.engine.config import DEFAULT_BLOCK_SIZE, create_volume, parse_size
 
 
@@ -13,13 +14,17 @@ def register(sub) -> None:
                    help="journal: FLUSH returns once the local journal is synced (default); "
                         "store: once the data is in the store")
     p.add_argument("--segment-size", default="8M", help="target segment object size (default 8M)")
+    p.add_argument("--retain", default="24h",
+                   help="keep every point in time of this window recoverable (default 24h; "
+                        "0: snapshots only)")
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
     config = create_volume(ctx.store, args.volume, parse_size(args.size),
                            block_size=parse_size(args.block_size), flush_mode=args.flush_mode,
-                           segment_size=parse_size(args.segment_size))
+                           segment_size=parse_size(args.segment_size),
+                           retain_seconds=parse_duration(args.retain))
     ui.err.print(f"created volume [bold]{config.name}[/] ({ui.human_size(config.size)}, "
                  f"{config.block_size}-byte blocks) in {ctx.store.url}")
     return 0

@@ -4,6 +4,7 @@ import shutil
 
 from lsbd import names
 from lsbd.cli import ui
+from lsbd.errors import UserError
 from lsbd.engine.config import load_config
 from lsbd.engine.lease import Lease
 from lsbd.engine.volume import cache_dir_for
@@ -20,6 +21,11 @@ def register(sub) -> None:
 def run(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
+    clones = [i.key.rsplit("/", 1)[-1] for i in store.list(names.clone_prefix(config.name))]
+    clones = [c for c in clones if store.exists(names.config_key(c))]
+    if clones:
+        raise UserError(f"volume {config.name!r} has clones that share its data "
+                        f"({', '.join(clones)}): delete them first")
     # Taking the lease refuses to delete a volume in use.
     Lease.acquire(store, config.name, break_lease=args.break_lease)
     keys = [info.key for info in store.list(names.volume_prefix(config.name))]
@@ -30,5 +36,7 @@ def run(args, ctx) -> int:
             store.delete(key)
             update(i + 1, len(keys))
     shutil.rmtree(cache_dir_for(ctx.cache_dir, store, config.name), ignore_errors=True)
+    if config.parent:
+        store.delete(names.clone_ref_key(config.parent["volume"], config.name))
     ui.err.print(f"deleted volume [bold]{config.name}[/] ({len(keys)} objects)")
     return 0

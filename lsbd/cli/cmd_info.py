@@ -4,6 +4,8 @@ import time
 
 from lsbd import names
 from lsbd.cli import ui
+from lsbd.cli.cmd_history import format_duration
+from lsbd.engine.history import list_snapshots
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import load_config
 from lsbd.engine.lease import read_holder
@@ -23,6 +25,7 @@ def run(args, ctx) -> int:
     segments = store_segment_seqs(store, config.name)
     checkpoints = list_checkpoints(store, config.name)
     holder = read_holder(store, config.name)
+    snaps = list_snapshots(store, config)
     size = config.size
     if segments:
         trailer, _ = fetch_segment_index(store, config.name, max(segments))
@@ -35,6 +38,8 @@ def run(args, ctx) -> int:
         "segments": len(segments), "stored_bytes": sum(segments.values()),
         "newest_seq": max(segments) if segments else 0,
         "checkpoints": checkpoints,
+        "parent": config.parent,
+        "snapshots": [{"name": s.name, "seq": s.seq} for s in snaps],
         "writer": None if holder is None else holder.describe(),
         "store": store.url,
     }
@@ -44,6 +49,10 @@ def run(args, ctx) -> int:
     rows = [
         ["volume", config.name], ["size", f"{ui.human_size(size)} ({size} bytes)"],
         ["block size", config.block_size], ["flush mode", config.flush_mode],
+        ["retain", format_duration(config.retain_seconds)],
+        ["clone of", f"{config.parent['volume']} at seq {config.parent['seq']}"
+         if config.parent else "-"],
+        ["snapshots", ", ".join(s.name for s in snaps) or "none"],
         ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(config.created))],
         ["segments", f"{len(segments)} ({ui.human_size(info['stored_bytes'])} stored)"],
         ["newest seq", f"{info['newest_seq']:016x}"],

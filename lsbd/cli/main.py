@@ -17,7 +17,7 @@ from lsbd.errors import LsbdError
 # working while a front end's dependencies are absent.
 COMMANDS = [
     "create", "list", "info", "delete", "import_export", "checkpoint", "verify",
-    "serve", "mount",
+    "snapshot", "history", "serve", "mount",
 ]
 
 
@@ -46,9 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let `--at -15m` mean `--at=-15m` (argparse takes -15m for an option)."""
+    out = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--at", "--from", "--to") and i + 1 < len(argv) \
+                and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="lsbd: %(levelname)s: %(message)s")
     ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir)

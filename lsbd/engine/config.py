@@ -30,7 +30,14 @@ class VolumeConfig:
     checkpoint_segments: int = 64       # checkpoint after this many new segments ...
     checkpoint_interval: float = 600.0  # ... or this many seconds, whichever first
     retain_seconds: float = 86400.0
+    # A clone: {"volume": name, "volume_id": id, "seq": N}.  Seqs up to N are
+    # the parent's segments (shared, never copied); the clone's own start at N+1.
+    parent: dict | None = None
     format: int = 1
+
+    @property
+    def base_seq(self) -> int:
+        return int(self.parent["seq"]) if self.parent else 0
 
     @property
     def volume_id_bytes(self) -> bytes:
@@ -47,6 +54,43 @@ class VolumeConfig:
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError) as e:
             raise CorruptionError(f"{where}: unreadable volume config ({e})", key=where) from e
+
+
+class Lineage:
+    """A volume and the volumes it was cloned from, newest first: which
+    volume owns the segment with a given seq."""
+
+    def __init__(self, chain: list[VolumeConfig]):
+        self.chain = chain
+
+    @property
+    def config(self) -> VolumeConfig:
+        return self.chain[0]
+
+    @classmethod
+    def load(cls, store: Store, config: VolumeConfig) -> "Lineage":
+        chain = [config]
+        while chain[-1].parent:
+            parent = chain[-1].parent
+            try:
+                cfg = load_config(store, parent["volume"])
+            except VolumeNotFound:
+                raise CorruptionError(f"volume {chain[-1].name} is a clone of "
+                                      f"{parent['volume']!r}, which is gone") from None
+            if cfg.volume_id != parent["volume_id"]:
+                raise CorruptionError(f"volume {chain[-1].name} is a clone of a volume "
+                                      f"{parent['volume']!r} that was deleted and recreated")
+            chain.append(cfg)
+        return cls(chain)
+
+    def owner(self, seq: int) -> VolumeConfig:
+        for cfg in self.chain:
+            if seq > cfg.base_seq:
+                return cfg
+        return self.chain[-1]
+
+    def segment_key(self, seq: int) -> str:
+        return names.segment_key(self.owner(seq).name, seq)
 
 
 def parse_size(text: str | int) -> int:

@@ -15,7 +15,7 @@ import attrs
 from lsbd import names
 from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.blockmap import STORED, BlockMap, SegmentInfo
-from lsbd.engine.config import VolumeConfig
+from lsbd.engine.config import Lineage, VolumeConfig
 from lsbd.engine.segment import (
     FLAG_COMMIT, HEADER, RESIZE, TRAILER, Record, Trailer, decode_footer, decode_header,
     decode_trailer, encode_footer, encode_trailer, masked_crc, read_sealed_index, scan_records,
@@ -103,7 +103,7 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
     stored = store_segment_seqs(store, volume)
     manifest = None
     for cp_seq in reversed(ckpt.list_checkpoints(store, volume)):
-        if upto is not None and cp_seq > upto:
+        if (upto is not None and cp_seq > upto) or cp_seq < config.base_seq:
             continue
         try:
             manifest = ckpt.read_manifest(store, volume, cp_seq)
@@ -116,11 +116,19 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
             log.warning("volume %s: checkpoint %016x unusable (%s); trying an older one",
                         volume, cp_seq, e)
             manifest = None
-    if manifest is None:
-        bm.load([], [], applied_seq=b"0", size=str(config.size).encode())
-    base = manifest.seq if manifest else 0
-    plan = plan_replay(stored, base, upto=upto)
     size = manifest.volume_size if manifest else config.size
+    if manifest is None and config.parent:
+        # A clone without a checkpoint of its own starts from its parent's state.
+        parent = Lineage.load(store, config).chain[1]
+        parent_plan, size = rebuild_from_store(bm, store, parent, upto=config.base_seq)
+        if parent_plan.top != config.base_seq:
+            raise CorruptionError(f"volume {volume} is a clone of {parent.name} at seq "
+                                  f"{config.base_seq:016x}, but that volume only reaches "
+                                  f"{parent_plan.top:016x}")
+    elif manifest is None:
+        bm.load([], [], applied_seq=b"0", size=str(config.size).encode())
+    base = manifest.seq if manifest else config.base_seq
+    plan = plan_replay(stored, base, upto=upto)
     for i, seq in enumerate(plan.replay):
         trailer, records = fetch_segment_index(store, volume, seq)
         if trailer.volume_id != config.volume_id_bytes:

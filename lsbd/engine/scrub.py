@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from lsbd import names
-from lsbd.engine.config import VolumeConfig
+from lsbd.engine.config import Lineage, VolumeConfig
 from lsbd.engine.segment import DATA, TRAILER, block_crcs, decode_header, decode_footer, decode_trailer
 from lsbd.errors import CorruptionError, ObjectNotFound
 
@@ -43,10 +43,11 @@ def verify_segment(data: bytes, config: VolumeConfig, seq: int) -> list[str]:
     return problems
 
 
-def verify_segments(store, config: VolumeConfig, seqs: list[int], *,
+def verify_segments(store, lineage: Lineage, seqs: list[int], *,
                     progress: Callable[[int, int], None] | None = None) -> list[str]:
     problems = []
     for i, seq in enumerate(seqs):
+        config = lineage.owner(seq)
         key = names.segment_key(config.name, seq)
         try:
             data = store.get(key)

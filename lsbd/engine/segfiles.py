@@ -12,8 +12,8 @@ import collections
 import logging
 import os
 import threading
+from typing import Callable
 
-from lsbd import names
 from lsbd.checksum import crc32c, mask
 from lsbd.engine.segment import SegmentIndex, read_sealed_index
 from lsbd.errors import CorruptionError, ObjectNotFound
@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class SegmentFiles:
-    def __init__(self, folder: str, store: Store, volume: str, block_size: int, *,
-                 cache_limit: int):
+    def __init__(self, folder: str, store: Store, key_of: Callable[[int], str], block_size: int,
+                 *, cache_limit: int):
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
         self.store = store
-        self.volume = volume
+        self.key_of = key_of   # seq -> object key (a clone's older seqs are its parent's)
         self.block_size = block_size
         self.cache_limit = cache_limit
         self._lock = threading.Lock()
@@ -108,8 +108,7 @@ class SegmentFiles:
             path = self.path(seq)
             if os.path.exists(path):
                 return
-            key = names.segment_key(self.volume, seq)
-            data = self.store.get(key)
+            data = self.store.get(self.key_of(seq))
             tmp = path + ".part"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -124,7 +123,7 @@ class SegmentFiles:
             if idx is not None:
                 self._indexes.move_to_end(seq)
                 return idx
-        where = names.segment_key(self.volume, seq)
+        where = self.key_of(seq)
         _trailer, records = read_sealed_index(self.path(seq), where=where)
         idx = SegmentIndex(records, self.block_size)
         with self._lock:
@@ -151,11 +150,11 @@ class SegmentFiles:
                 os.close(fd)
             self._check(seq, idx, offset, data, nblocks)
             return data
-        raise ObjectNotFound(names.segment_key(self.volume, seq))
+        raise ObjectNotFound(self.key_of(seq))
 
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:
         bs = self.block_size
-        where = names.segment_key(self.volume, seq)
+        where = self.key_of(seq)
         if len(data) != nblocks * bs:
             raise CorruptionError(f"{where}: short read at offset {offset}", key=where, offset=offset)
         view = memoryview(data)

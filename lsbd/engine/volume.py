@@ -21,7 +21,8 @@ from lsbd import names
 from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.api import MAX_REQUEST, Allocation
 from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
-from lsbd.engine.config import FLUSH_MODES, VolumeConfig, load_config
+from lsbd.engine.control import SOCKET_NAME, ControlServer
+from lsbd.engine.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
 from lsbd.engine.journal import HOLE, OpenSegment
 from lsbd.engine.lease import Lease
 from lsbd.engine.recovery import (
@@ -87,6 +88,7 @@ class Volume:
                  flush_mode: str, cache_limit: int, lease: Lease | None, temporary: bool):
         self.store = store
         self.config = config
+        self.lineage = Lineage.load(store, config)
         self.name = config.name
         self.block_size = config.block_size
         self.read_only = read_only
@@ -97,8 +99,9 @@ class Volume:
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
         self._map = BlockMap(os.path.join(folder, "map"), self.block_size)
-        self._files = SegmentFiles(os.path.join(folder, "segments"), store, self.name,
-                                   self.block_size, cache_limit=cache_limit)
+        self._files = SegmentFiles(os.path.join(folder, "segments"), store,
+                                   self.lineage.segment_key, self.block_size,
+                                   cache_limit=cache_limit)
         self._open: OpenSegment | None = None
         self._size = config.size
         self._applied = 0             # newest seq in the map
@@ -110,6 +113,7 @@ class Volume:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self._zero_block = bytes(self.block_size)
+        self._control: ControlServer | None = None
         self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                       "segments_sealed": 0, "checkpoints": 0}
 
@@ -254,8 +258,9 @@ class Volume:
             shutil.rmtree(self.folder, ignore_errors=True)
         os.makedirs(self.folder, exist_ok=True)
         self._map = BlockMap(os.path.join(self.folder, "map"), self.block_size)
-        self._files = SegmentFiles(os.path.join(self.folder, "segments"), self.store, self.name,
-                                   self.block_size, cache_limit=self._files.cache_limit)
+        self._files = SegmentFiles(os.path.join(self.folder, "segments"), self.store,
+                                   self.lineage.segment_key, self.block_size,
+                                   cache_limit=self._files.cache_limit)
 
     def _map_segments_safe(self) -> list[SegmentInfo]:
         try:
@@ -283,6 +288,9 @@ class Volume:
         self._timer = threading.Thread(target=self._background, name=f"lsbd-{self.name}",
                                        daemon=True)
         self._timer.start()
+        path = os.path.join(self.folder, SOCKET_NAME)
+        if len(path) < 100:  # AF_UNIX path limit
+            self._control = ControlServer(self, path)
 
     # ------------------------------------------------------------------ the API
 
@@ -410,6 +418,9 @@ class Volume:
 
     def _teardown(self) -> None:
         self._stop.set()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         if self._uploader is not None:
             self._uploader.close(0)
         if self._open is not None and self._open.fd >= 0:
@@ -581,16 +592,31 @@ class Volume:
         self._map.set_segment_state(seq, STORED)
         self._files.adopt(seq)
 
-    def _flush_to_store(self) -> None:
+    def flush_to_store(self) -> int:
+        """Seal and wait until everything written so far is in the store;
+        returns the seq that covers it."""
+        self._check_writable()
+        return self._flush_to_store()
+
+    def snapshot(self, name: str):
+        """Bind `name` to the current state, after making it durable in the
+        store (so the snapshot is crash-consistent and readable by anyone)."""
+        from lsbd.engine.history import write_snapshot
+
+        seq = self.flush_to_store()
+        return write_snapshot(self.store, self.config, name, seq)
+
+    def _flush_to_store(self) -> int:
         with self._lock:
             self._seal()
             target = self._applied
         if self._uploader is None:
-            return
+            return target
         if not self._uploader.wait_durable(target, STORE_FLUSH_TIMEOUT):
             err = self._uploader.last_error
             raise StoreError(f"volume {self.name}: flush to the store timed out"
                              + (f" ({err})" if err else "") + "; the data is kept in the journal")
+        return target
 
     # ------------------------------------------------------------------ reads
 
@@ -656,7 +682,7 @@ class Volume:
             data = os.pread(fd, n * self.block_size, offset)
         finally:
             os.close(fd)
-        check_open_blocks(data, crcs, self.block_size, where=names.segment_key(self.name, seq),
+        check_open_blocks(data, crcs, self.block_size, where=self.lineage.segment_key(seq),
                           offset=offset)
         return data
 
@@ -734,7 +760,7 @@ class Volume:
 
         with self._lock:
             seqs = sorted({e.seq for e in self._map.iter_extents()})
-        return verify_segments(self.store, self.config, seqs, progress=progress)
+        return verify_segments(self.store, self.lineage, seqs, progress=progress)
 
 
 def _append_run(runs: list[tuple], piece: tuple, bs: int) -> None:

@@ -1,0 +1,232 @@
+"""lsbd log / retain / restore / clone / diff: working with a volume's history."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from lsbd import names
+from lsbd.cli import ui
+from lsbd.cli.points import add_point_args, resolve_args, resolve_word
+from lsbd.engine.checkpoint import list_checkpoints
+from lsbd.engine.config import create_volume, load_config, save_config
+from lsbd.engine.history import (
+    changed_ranges, format_time, list_snapshots, plan_restore, segment_times,
+)
+from lsbd.engine.recovery import store_segment_seqs
+from lsbd.errors import UserError, VolumeExists
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+def register(sub) -> None:
+    p = sub.add_parser("log", help="list the recoverable history of a volume")
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_log)
+
+    p = sub.add_parser("retain", help="set how long every point in time stays recoverable")
+    p.add_argument("volume")
+    p.add_argument("duration", help="e.g. 24h, 7d, 90m; 0 keeps no history beyond snapshots")
+    p.set_defaults(func=run_retain)
+
+    p = sub.add_parser("restore", help="create a new volume from a past state")
+    p.add_argument("volume")
+    add_point_args(p, required=True)
+    p.add_argument("--to", required=True, metavar="NEWVOLUME", help="the volume to create")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=run_restore)
+
+    p = sub.add_parser("clone", help="a new writable volume sharing a past state (no copy)")
+    p.add_argument("volume")
+    p.add_argument("new_volume", metavar="NEWVOLUME")
+    add_point_args(p, required=False, what="start from the state")
+    p.set_defaults(func=run_clone)
+
+    p = sub.add_parser("diff", help="list the block ranges changed between two points")
+    p.add_argument("volume")
+    p.add_argument("--from", dest="from_point", required=True, metavar="POINT",
+                   help="a snapshot name, #SEQ or @TIME")
+    p.add_argument("--to", dest="to_point", default="live", metavar="POINT",
+                   help="a snapshot name, #SEQ, @TIME or live (default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_diff)
+
+
+def parse_duration(text: str) -> float:
+    t = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise UserError(f"bad duration {text!r}: use e.g. 30m, 24h, 7d or 0") from None
+
+
+def format_duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "0 (snapshots only)"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def run_retain(args, ctx) -> int:
+    config = load_config(ctx.store, args.volume)
+    seconds = parse_duration(args.duration)
+    if seconds < 0:
+        raise UserError("the retention window cannot be negative")
+    config.retain_seconds = seconds
+    save_config(ctx.store, config)
+    ui.err.print(f"volume [bold]{args.volume}[/] keeps every point of the last "
+                 f"{format_duration(seconds)}")
+    return 0
+
+
+def run_log(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    times = segment_times(store, config)
+    sizes = store_segment_seqs(store, config.name)
+    checkpoints = set(list_checkpoints(store, config.name))
+    snaps = {}
+    for s in list_snapshots(store, config):
+        snaps.setdefault(s.seq, []).append(s.name)
+    rows = []
+    run: list[int] = []
+
+    def close_run():
+        if run:
+            rows.append({"first": run[0], "last": run[-1], "segments": len(run),
+                         "bytes": sum(sizes.get(s, 0) for s in run),
+                         "from": times[run[0]] / 1e9, "to": times[run[-1]] / 1e9,
+                         "checkpoints": sorted(checkpoints & set(run)),
+                         "snapshots": sorted(n for s in run for n in snaps.get(s, []))})
+            run.clear()
+
+    for seq in sorted(times):
+        # A new line after a checkpoint, a snapshot, or a pause of 10 minutes.
+        if run and (times[seq] - times[run[-1]] > 600e9 or run[-1] in checkpoints
+                    or run[-1] in snaps):
+            close_run()
+        run.append(seq)
+    close_run()
+    if args.json:
+        ui.print_json({"volume": config.name, "created": config.created,
+                       "retain_seconds": config.retain_seconds, "ranges": rows})
+        return 0
+    if not rows:
+        ui.err.print(f"volume {config.name} has no history yet (nothing written)")
+        return 0
+    ui.table(f"{config.name}: recoverable points (retain {format_duration(config.retain_seconds)})",
+             ["seqs", "sealed", "segments", "stored", "marks"],
+             [[f"{r['first']}..{r['last']}" if r["first"] != r["last"] else str(r["first"]),
+               format_time(r["from"]) + ("" if r["first"] == r["last"]
+                                         else " .. " + format_time(r["to"])[11:]),
+               r["segments"], ui.human_size(r["bytes"]),
+               " ".join([f"checkpoint {c}" for c in r["checkpoints"]]
+                        + [f"snapshot {n}" for n in r["snapshots"]])]
+              for r in rows])
+    return 0
+
+
+def _copy(src, dst, label: str) -> int:
+    """Copy the allocated ranges of one open volume into another."""
+    copied = 0
+    with ui.byte_progress(label, src.size) as advance:
+        offset = 0
+        while offset < src.size:
+            length = min(COPY_CHUNK, src.size - offset)
+            for run in src.allocation(offset, length):
+                if run.allocated:
+                    dst.write(run.offset, src.read(run.offset, run.length))
+                    copied += run.length
+            offset += length
+            advance(length)
+    return copied
+
+
+def run_restore(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    target = resolve_args(store, config, args)
+    plan = plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
+                        target, base=config.base_seq)
+    if store.exists(names.config_key(args.to)):
+        raise VolumeExists(f"volume {args.to!r} already exists: restore never overwrites; "
+                           "choose another name")
+    if args.dry_run:
+        for line in plan.describe():
+            ui.out.print(line)
+        ui.out.print(f"metadata to read: about {ui.human_size(plan.index_bytes)}")
+        ui.out.print(f"would create volume {args.to}")
+        return 0
+    with ui.count_progress("rebuilding the map") as update:
+        src = ctx.open_volume(args.volume, at_seq=target, progress=update)
+    with src:
+        create_volume(store, args.to, src.size, block_size=src.block_size,
+                      flush_mode=config.flush_mode, segment_size=config.segment_size,
+                      retain_seconds=config.retain_seconds)
+        with ctx.open_volume(args.to) as dst:
+            copied = _copy(src, dst, f"restoring {args.volume}@{target} to {args.to}")
+            dst.flush()
+    ui.err.print(f"restored [bold]{args.volume}[/] at seq {target} to new volume "
+                 f"[bold]{args.to}[/] ({ui.human_size(copied)} of data)")
+    return 0
+
+
+def run_clone(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    target = resolve_args(store, config, args)
+    if target is None:
+        target = max(store_segment_seqs(store, config.name) or [config.base_seq])
+    # The size at that point (a read-only open rebuilds the map; metadata only).
+    with ctx.open_volume(args.volume, at_seq=target) as src:
+        size = src.size
+    parent = {"volume": config.name, "volume_id": config.volume_id, "seq": target}
+    store.put(names.clone_ref_key(config.name, args.new_volume),
+              json.dumps({"clone": args.new_volume, "seq": target,
+                          "created": time.time()}).encode())
+    create_volume(store, args.new_volume, size, block_size=config.block_size,
+                  flush_mode=config.flush_mode, segment_size=config.segment_size,
+                  retain_seconds=config.retain_seconds, parent=parent)
+    ui.err.print(f"cloned [bold]{args.volume}[/] at seq {target} as [bold]{args.new_volume}[/] "
+                 "(no data copied)")
+    return 0
+
+
+def changed_between(ctx, volume: str, old_seq: int, new_seq: int) -> tuple[list, int, int]:
+    """(ranges in blocks, block size, size at the newer point)."""
+    with ctx.open_volume(volume, at_seq=old_seq) as old, \
+            ctx.open_volume(volume, at_seq=new_seq) as new:
+        ranges = changed_ranges(old._map.iter_extents(), new._map.iter_extents(),
+                                block_size=new.block_size)
+        if new.size > old.size:  # grown: the new space reads as zeros; nothing to copy
+            pass
+        return ranges, new.block_size, new.size
+
+
+def run_diff(args, ctx) -> int:
+    store = ctx.store
+    config = load_config(store, args.volume)
+    old = resolve_word(store, config, args.from_point)
+    new = resolve_word(store, config, args.to_point)
+    if old > new:
+        raise UserError(f"--from ({args.from_point}, seq {old}) is newer than --to "
+                        f"({args.to_point}, seq {new})")
+    ranges, bs, _size = changed_between(ctx, args.volume, old, new)
+    total = sum((hi - lo) * bs for lo, hi in ranges)
+    if args.json:
+        ui.print_json({"volume": args.volume, "from_seq": old, "to_seq": new, "block_size": bs,
+                       "changed_bytes": total,
+                       "ranges": [{"offset": lo * bs, "length": (hi - lo) * bs}
+                                  for lo, hi in ranges]})
+        return 0
+    for lo, hi in ranges:
+        ui.out.print(f"{lo * bs}\t{(hi - lo) * bs}")
+    ui.err.print(f"{len(ranges)} ranges, {ui.human_size(total)} changed between seq {old} "
+                 f"and seq {new}")
+    return 0

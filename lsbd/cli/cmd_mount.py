@@ -1,0 +1,86 @@
+"""`lsbd mount VOLUME MOUNTPOINT` and `lsbd umount MOUNTPOINT`: the FUSE front end.
+
+The mount shows the volume as MOUNTPOINT/VOLUME.img.  The volume is opened in
+the process that serves it (after the fork), never before: the engine starts
+threads.  See docs/fuse.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from lsbd.errors import UserError
+
+FLUSH_MODES = ("journal", "store")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "mount", help="show a volume as an image file in a FUSE mount",
+        description="Mount VOLUME on MOUNTPOINT as MOUNTPOINT/VOLUME.img. Returns once the "
+                    "mount is ready; a background process serves it until `lsbd umount`.")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="serve in this process (Ctrl-C or umount stops it)")
+    p.add_argument("--read-only", action="store_true", help="refuse every write")
+    p.add_argument("--break-lease", action="store_true",
+                   help="take over a volume whose writer died without releasing it")
+    p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
+                   help="journal: fsync returns once the local journal is durable (default); "
+                        "store: once the data is in the store")
+    p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_mount)
+
+    u = subparsers.add_parser(
+        "umount", help="unmount an lsbd mount and wait until the volume is closed",
+        description="Unmount MOUNTPOINT, then wait until the serving process has flushed, "
+                    "uploaded and closed the volume (the data is safe when this returns).")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("-l", "--lazy", action="store_true",
+                   help="detach now even if busy (fusermount3 -u -z); still waits for "
+                        "the process")
+    u.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up waiting after this long (default: wait)")
+    u.set_defaults(func=run_umount)
+
+
+def run_mount(args: argparse.Namespace, ctx) -> int:
+    try:
+        from lsbd_fuse.daemon import run
+        from lsbd_fuse.tree import Image
+    except ModuleNotFoundError as e:
+        raise UserError(f"the FUSE front end needs {e.name}: pip install 'lsbd[fuse]'") from None
+
+    name = args.volume
+    read_only = args.read_only
+
+    def open_images():
+        # Runs in the serving process, after the fork.
+        volume = ctx.open_volume(name, read_only=read_only, break_lease=args.break_lease,
+                                 flush_mode=args.flush_mode)
+        return {f"{name}.img": Image(device=volume, read_only=read_only)}
+
+    return run(open_images, args.mountpoint, name=name, foreground=args.foreground,
+               read_only=read_only, direct_io=not args.page_cache, finalizer=ctx.close,
+               debug=args.fuse_debug)
+
+
+def run_umount(args: argparse.Namespace, ctx) -> int:
+    from lsbd_fuse.mounts import unmount
+
+    err = Console(stderr=True)
+
+    def slow(server) -> None:
+        what = server.name or "the volume"
+        err.print(f"waiting for lsbd (pid {server.pid}) to flush and close {what}...")
+
+    server = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout, on_slow=slow)
+    if server is None:
+        print(f"lsbd: unmounted {args.mountpoint}, but its serving process is unknown or "
+              "gone: cannot wait for it", file=sys.stderr)
+    return 0

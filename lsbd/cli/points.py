@@ -1,0 +1,61 @@
+"""Naming a point in a volume's history on the command line:
+--snapshot NAME, --seq N or --at TIME, and the one-word form used by diff
+and export --from: NAME (a snapshot), #N or seq:N, @TIME."""
+
+from __future__ import annotations
+
+import time
+
+from lsbd.engine.config import VolumeConfig
+from lsbd.engine.history import BadPoint, parse_time, read_snapshot, segment_times, seq_at
+from lsbd.engine.recovery import store_segment_seqs
+from lsbd.errors import UserError
+
+
+def add_point_args(parser, *, required: bool = False, what: str = "the state") -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--snapshot", metavar="NAME", help=f"{what} of a snapshot")
+    group.add_argument("--seq", metavar="N", type=_seq_arg, help=f"{what} after segment N")
+    group.add_argument("--at", metavar="TIME",
+                       help=f"{what} at a time: ISO 8601 or relative (-15m, -2h, -1d)")
+
+
+def _seq_arg(text: str) -> int:
+    try:
+        return int(text, 16) if text.startswith("0x") else int(text)
+    except ValueError:
+        raise UserError(f"bad seq {text!r}") from None
+
+
+def resolve(store, config: VolumeConfig, *, snapshot: str | None = None, seq: int | None = None,
+            at: str | None = None) -> int | None:
+    """The seq a point names, or None if none was named (the live state)."""
+    top = max(store_segment_seqs(store, config.name) or [config.base_seq])
+    if snapshot is not None:
+        return read_snapshot(store, config, snapshot).seq
+    if seq is not None:
+        if seq < 0 or seq > top:
+            raise BadPoint(f"volume {config.name} has no seq {seq} (its newest is {top})")
+        return seq
+    if at is not None:
+        when = parse_time(at)
+        return seq_at(segment_times(store, config), when, created=config.created, now=time.time())
+    return None
+
+
+def resolve_args(store, config: VolumeConfig, args) -> int | None:
+    return resolve(store, config, snapshot=getattr(args, "snapshot", None),
+                   seq=getattr(args, "seq", None), at=getattr(args, "at", None))
+
+
+def resolve_word(store, config: VolumeConfig, word: str) -> int:
+    """NAME (snapshot), #N / seq:N, @TIME, or 'live'."""
+    if word == "live":
+        return max(store_segment_seqs(store, config.name) or [config.base_seq])
+    if word.startswith("#"):
+        return resolve(store, config, seq=_seq_arg(word[1:]))
+    if word.startswith("seq:"):
+        return resolve(store, config, seq=_seq_arg(word[4:]))
+    if word.startswith("@"):
+        return resolve(store, config, at=word[1:])
+    return resolve(store, config, snapshot=word)

@@ -1,0 +1,99 @@
+"""A small control socket that a writing process serves next to its cache
+dir, so that other `lsbd` commands can ask the writer of a volume to do what
+only the writer can: flush to the store, checkpoint, take a snapshot.
+
+Protocol: one JSON object per line each way.
+  {"op": "snapshot", "name": "s1"}  ->  {"ok": true, "seq": 12}
+  {"op": "checkpoint"}              ->  {"ok": true, "seq": 12}
+  {"op": "flush"}                   ->  {"ok": true, "seq": 12}
+  anything failing                  ->  {"ok": false, "error": "one line"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+
+from lsbd.errors import LsbdError, StoreError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+
+
+class ControlServer:
+    def __init__(self, volume, path: str):
+        self.volume = volume
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)  # left by a crashed writer: we hold the lease now
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        os.chmod(path, 0o600)
+        self._sock.listen(8)
+        self._thread = threading.Thread(target=self._serve, name="lsbd-control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                try:
+                    request = json.loads(line)
+                    reply = {"ok": True, "seq": self._do(request)}
+                except (LsbdError, OSError, ValueError, KeyError) as e:
+                    reply = {"ok": False, "error": str(e)}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def _do(self, request: dict) -> int:
+        op = request["op"]
+        if op == "snapshot":
+            return self.volume.snapshot(request["name"]).seq
+        if op == "checkpoint":
+            return self.volume.checkpoint()
+        if op == "flush":
+            return self.volume.flush_to_store()
+        raise ValueError(f"unknown control operation {op!r}")
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def call(path: str, request: dict, *, timeout: float = 300.0) -> dict | None:
+    """Ask the writer behind `path`; None if no writer is listening there."""
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    with s, s.makefile("rwb") as f:
+        f.write(json.dumps(request).encode() + b"\n")
+        f.flush()
+        line = f.readline()
+    if not line:
+        raise StoreError("the volume's writer closed the control connection without answering")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise LsbdError(reply.get("error", "the writer refused"))
+    return reply
