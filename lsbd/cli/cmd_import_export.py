@@ -3,6 +3,10 @@
 import os
 
 from lsbd.cli import ui
+from lsbd.cli.cmd_history import changed_between
+from lsbd.cli.points import add_point_args, resolve_args, resolve_word
+from lsbd.engine.config import load_config
+from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError
 
 CHUNK = 4 * 1024 * 1024
@@ -14,9 +18,13 @@ def register(sub) -> None:
     p.add_argument("file")
     p.add_argument("--break-lease", action="store_true", help="take over a lease held elsewhere")
     p.set_defaults(func=run_import)
-    p = sub.add_parser("export", help="copy a volume out to a (sparse) file")
+    p = sub.add_parser("export", help="copy a volume (or a past state) out to a (sparse) file")
     p.add_argument("volume")
     p.add_argument("file")
+    add_point_args(p, what="export the state")
+    p.add_argument("--from", dest="from_point", metavar="POINT",
+                   help="incremental: FILE holds the state at POINT (a snapshot name, #SEQ or "
+                        "@TIME); write only the blocks changed since then")
     p.set_defaults(func=run_export)
 
 
@@ -46,7 +54,11 @@ def run_import(args, ctx) -> int:
 
 
 def run_export(args, ctx) -> int:
-    with ctx.open_volume(args.volume, read_only=True) as vol:
+    config = load_config(ctx.store, args.volume)
+    target = resolve_args(ctx.store, config, args)
+    if args.from_point is not None:
+        return _export_changes(args, ctx, config, target)
+    with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol:
         try:
             dst = open(args.file, "wb")
         except OSError as e:
@@ -63,4 +75,37 @@ def run_export(args, ctx) -> int:
                 advance(length)
             dst.truncate(vol.size)
     ui.err.print(f"exported [bold]{args.volume}[/] to {args.file}")
+    return 0
+
+
+def _export_changes(args, ctx, config, target: int | None) -> int:
+    """Bring FILE, an image of the state at --from, up to the target state by
+    writing only the block ranges that changed in between."""
+    store = ctx.store
+    old = resolve_word(store, config, args.from_point)
+    new = target if target is not None else max(store_segment_seqs(store, config.name)
+                                                 or [config.base_seq])
+    if old > new:
+        raise UserError(f"--from ({args.from_point}) is newer than the state to export")
+    try:
+        dst = open(args.file, "r+b")
+    except OSError as e:
+        raise UserError(f"cannot update {args.file} ({e.strerror}): --from needs an image of "
+                        f"the state at {args.from_point} to bring up to date") from None
+    ranges, bs, size = changed_between(ctx, args.volume, old, new)
+    total = sum((hi - lo) * bs for lo, hi in ranges)
+    with dst, ctx.open_volume(args.volume, read_only=True, at_seq=new) as vol, \
+            ui.byte_progress(f"exporting changes of {vol.name}", total) as advance:
+        for lo, hi in ranges:
+            offset = lo * bs
+            while offset < hi * bs:
+                length = min(CHUNK, hi * bs - offset)
+                dst.seek(offset)
+                dst.write(vol.read(offset, length))
+                offset += length
+                advance(length)
+        if os.fstat(dst.fileno()).st_size < size:
+            dst.truncate(size)
+    ui.err.print(f"wrote {len(ranges)} changed ranges ({ui.human_size(total)}) of "
+                 f"[bold]{args.volume}[/] into {args.file}")
     return 0
