@@ -1,0 +1,472 @@
+"""The transmission phase of one connection: read requests, validate each
+once, run it on the engine, send the reply.
+
+Requests run on the connection's thread or on the server's pool, as
+dispatch.OffloadPolicy decides; replies are sent as requests complete, so
+they may go out in another order than the requests came.  A request that
+overlaps a write still running on the pool waits for that write, so
+overlapping requests of one connection take effect in the order they were
+sent.  Engine exceptions become NBD errors in errors.nbd_error, nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import Executor
+
+from lsbd.engine.api import MAX_REQUEST
+from lsbd_nbd import protocol as p
+from lsbd_nbd.dispatch import K_READ, K_STATUS, K_WRITE, K_ZERO, OffloadPolicy
+from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
+from lsbd_nbd.handshake import Session
+
+log = logging.getLogger("lsbd.nbd")
+
+_KIND = {p.CMD_READ: K_READ, p.CMD_WRITE: K_WRITE, p.CMD_TRIM: K_ZERO,
+         p.CMD_WRITE_ZEROES: K_ZERO, p.CMD_BLOCK_STATUS: K_STATUS}
+_WRITES = frozenset((p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES))
+
+#: The largest range one BLOCK_STATUS asks the engine about, and the most
+#: descriptors one reply carries (the client asks again for the rest).
+MAX_STATUS_LENGTH = 1 << 30
+MAX_STATUS_DESCRIPTORS = 1 << 14
+#: A WRITE longer than MAX_BLOCK is refused; its payload is read and dropped
+#: up to this size, beyond it the connection is closed.
+MAX_SKIP = 2 * p.MAX_BLOCK
+#: One connection stops reading requests while it has this many (or this
+#: many bytes of WRITE payload) waiting on the pool.
+MAX_IN_POOL = 64
+MAX_BYTES_IN_POOL = 256 * 1024 * 1024
+#: Requests are read through a buffer of this size (a larger WRITE payload
+#: is read on its own).
+RECV_BUFFER = 256 * 1024
+#: Replies with a payload above this size go out with sendmsg (no copy).
+_GATHER_ABOVE = 64 * 1024
+#: Longest error message sent in a structured error chunk.
+_MAX_MESSAGE = 512
+
+# A reply: a header, and a payload to send after it (or None).
+Reply = tuple[bytes, "bytes | None"]
+
+
+class _Pooled:
+    """A request handed to the pool, with how many earlier requests it waits
+    for (pending) and the requests waiting for it (followers)."""
+
+    __slots__ = ("cmd", "flags", "handle", "offset", "length", "data", "end",
+                 "pending", "followers", "tracked")
+
+    def __init__(self, cmd: int, flags: int, handle: int, offset: int, length: int,
+                 data: bytes | None):
+        self.cmd = cmd
+        self.flags = flags
+        self.handle = handle
+        self.offset = offset
+        self.length = length
+        self.data = data
+        self.end = offset + length
+        self.pending = 0
+        self.followers: list[_Pooled] = []
+        self.tracked = False
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, session: Session, *,
+                 pool: Executor, policy: OffloadPolicy, peer: str = ""):
+        self.sock = sock
+        self.session = session
+        self.device = session.device
+        self.pool = pool
+        self.policy = policy
+        self.peer = peer
+        self.send_lock = threading.Lock()
+        self.state_lock = threading.Lock()
+        self.changed = threading.Condition(self.state_lock)
+        self.in_pool = 0                          # requests handed to the pool, not done
+        self.bytes_in_pool = 0                    # WRITE payload bytes those hold
+        self.writes_in_pool: list[_Pooled] = []   # of those, the writes (for ordering)
+        self.broken = False
+        self.buf = bytearray(RECV_BUFFER)
+        self.pending: list[bytes] = []
+        self._allowed = self._allowed_flags(session)
+
+    # --- validation ----------------------------------------------------------
+
+    @staticmethod
+    def _allowed_flags(session: Session) -> dict[int, int]:
+        """Command -> the command flags it may carry on this connection.
+        A command missing here is refused with EINVAL."""
+        fua = p.CMD_FLAG_FUA if session.flags & p.FLAG_SEND_FUA else 0
+        allowed = {
+            p.CMD_READ: fua | (p.CMD_FLAG_DF if session.structured else 0),
+            p.CMD_WRITE: fua,
+            p.CMD_FLUSH: fua,
+            p.CMD_TRIM: fua,
+            p.CMD_WRITE_ZEROES: fua | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
+        }
+        if session.structured and session.base_allocation:
+            allowed[p.CMD_BLOCK_STATUS] = fua | p.CMD_FLAG_REQ_ONE
+        return allowed
+
+    def validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        """(0, "") for a request that may run, else (NBD error, message).
+        Every check happens here, once, before the request is dispatched."""
+        allowed = self._allowed.get(cmd)
+        if allowed is None:
+            return p.EINVAL, f"command {p.CMD_NAMES.get(cmd, cmd)} is not supported"
+        if cmd in _WRITES and self.session.flags & p.FLAG_READ_ONLY:
+            return p.EPERM, "the export is read-only"
+        if flags & ~allowed:
+            return p.EINVAL, f"flags {flags:#x} are not valid for {p.CMD_NAMES[cmd]}"
+        if cmd == p.CMD_FLUSH:
+            if offset or length:
+                return p.EINVAL, "FLUSH needs offset and length 0"
+            return 0, ""
+        if offset + length > self.session.size:
+            err = p.ENOSPC if cmd == p.CMD_WRITE or cmd == p.CMD_WRITE_ZEROES else p.EINVAL
+            return err, (f"offset {offset} + length {length} is beyond the export's "
+                         f"{self.session.size} bytes")
+        if length > p.MAX_BLOCK and (cmd == p.CMD_READ or cmd == p.CMD_WRITE):
+            err = p.EOVERFLOW if flags & p.CMD_FLAG_DF else p.EINVAL
+            return err, f"length {length} is above the maximum {p.MAX_BLOCK}"
+        if cmd == p.CMD_BLOCK_STATUS and length == 0:
+            return p.EINVAL, "BLOCK_STATUS of length 0"
+        return 0, ""
+
+    # --- the request loop ------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve requests until DISC, EOF or a protocol error; then wait for
+        the requests still on the pool and return (the caller closes)."""
+        try:
+            self._loop()
+        finally:
+            try:
+                self.flush_pending()
+            except OSError:
+                pass
+            with self.changed:
+                while self.in_pool:
+                    self.changed.wait()
+
+    def _loop(self) -> None:
+        # The hot path: everything it touches per request is a local.
+        buf = self.buf
+        view = memoryview(buf)
+        pos = end = 0                 # unparsed input is buf[pos:end]
+        pending = self.pending        # inline replies, sent before the next blocking read
+        unpack_from = p.REQUEST.unpack_from
+        validate = self.validate
+        perform = self.perform
+        policy = self.policy
+        pool_until = policy.pool_until
+        precise = policy.precise
+        record = policy.record
+        measure = policy.measure
+        clock = time.perf_counter
+        request_magic = p.REQUEST_MAGIC
+        max_block = p.MAX_BLOCK
+        cmd_write = p.CMD_WRITE
+        cmd_disc = p.CMD_DISC
+        cmd_flush = p.CMD_FLUSH
+        fua_flag = p.CMD_FLAG_FUA
+        kinds = _KIND
+        gather_above = _GATHER_ABOVE
+        while not self.broken:
+            if self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
+                self._wait_for_pool()
+            if end - pos < 28:
+                pos, end = self._fill(view, pos, end, 28, between_requests=True)
+            magic, flags, cmd, handle, offset, length = unpack_from(buf, pos)
+            if magic != request_magic:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            pos += 28
+            data = None
+            if cmd == cmd_write:
+                if length > max_block:
+                    pos, end = self._skip(view, pos, end, length)
+                elif length > len(buf):
+                    data = self._read_large(view, pos, end, length)
+                    pos = end = 0
+                else:
+                    if end - pos < length:
+                        pos, end = self._fill(view, pos, end, length, between_requests=False)
+                    data = view[pos:pos + length].tobytes()
+                    pos += length
+            elif cmd == cmd_disc:
+                return
+            err, message = validate(cmd, flags, offset, length)
+            if err:
+                pending.append(self.error_reply(flags, handle, err, message)[0])
+                continue
+            if self.writes_in_pool and cmd != cmd_flush:
+                if self._queue_behind_overlaps(cmd, flags, handle, offset, length, data):
+                    continue
+            now = clock()
+            if cmd == cmd_flush or flags & fua_flag:
+                self._submit(_Pooled(cmd, flags, handle, offset, length, data))
+                continue
+            kind = kinds[cmd]
+            if now < pool_until[kind]:
+                self._submit(_Pooled(cmd, flags, handle, offset, length, data))
+                continue
+            if precise[kind]:
+                head, payload = measure(kind, now, perform, cmd, flags, handle, offset,
+                                        length, data)
+            else:
+                head, payload = perform(cmd, flags, handle, offset, length, data)
+                done = clock()
+                record(kind, done - now, False, done)
+            pending.append(head)
+            if payload is not None:
+                if len(payload) > gather_above:
+                    pending.pop()
+                    self.flush_pending()
+                    self.send((head, payload))
+                else:
+                    pending.append(payload)
+            if len(pending) >= 32:
+                self.flush_pending()
+
+    def _fill(self, view: memoryview, pos: int, end: int, need: int, *,
+              between_requests: bool) -> tuple[int, int]:
+        """Make buf[0:end] hold at least `need` unparsed bytes (need <= len(buf)).
+        Sends the queued replies first: this is where the thread may block."""
+        if self.pending:
+            self.flush_pending()
+        if pos:
+            self.buf[:end - pos] = self.buf[pos:end]
+            end -= pos
+        recv_into = self.sock.recv_into
+        while end < need:
+            n = recv_into(view[end:])
+            if not n:
+                if between_requests and end == 0:
+                    raise Disconnect()
+                raise ProtocolError("connection closed in the middle of a request")
+            end += n
+        return 0, end
+
+    def _read_large(self, view: memoryview, pos: int, end: int, length: int) -> bytes:
+        """A WRITE payload larger than the receive buffer."""
+        if self.pending:
+            self.flush_pending()
+        payload = bytearray(length)
+        got = end - pos
+        payload[:got] = view[pos:end]
+        target = memoryview(payload)
+        recv_into = self.sock.recv_into
+        while got < length:
+            n = recv_into(target[got:])
+            if not n:
+                raise ProtocolError("connection closed inside a WRITE payload")
+            got += n
+        return bytes(payload)
+
+    def _wait_for_pool(self) -> None:
+        # Back-pressure: stop reading new requests while the pool holds many.
+        if self.pending:
+            self.flush_pending()
+        with self.changed:
+            while self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
+                self.changed.wait()
+
+    def _skip(self, view: memoryview, pos: int, end: int, length: int) -> tuple[int, int]:
+        """Drop the payload of a WRITE that will be refused."""
+        if length > MAX_SKIP:
+            raise ProtocolError(f"WRITE of {length} bytes is too large to skip")
+        while length:
+            if end == pos:
+                pos, end = self._fill(view, pos, end, 1, between_requests=False)
+            n = min(length, end - pos)
+            pos += n
+            length -= n
+        return pos, end
+
+    # --- the pool ----------------------------------------------------------------
+
+    def _queue_behind_overlaps(self, cmd, flags, handle, offset, length, data) -> bool:
+        """If the request overlaps writes still on the pool, queue it behind
+        them and return True; else return False (dispatch it as usual)."""
+        end = offset + length
+        with self.state_lock:
+            before = [w for w in self.writes_in_pool if w.offset < end and offset < w.end]
+            if not before:
+                return False
+            req = _Pooled(cmd, flags, handle, offset, length, data)
+            req.pending = len(before)
+            for w in before:
+                w.followers.append(req)
+            self._register(req)
+        return True
+
+    def _register(self, req: _Pooled) -> None:
+        # Called with state_lock held.
+        self.in_pool += 1
+        if req.data is not None:
+            self.bytes_in_pool += req.length
+        if req.cmd in _WRITES:
+            req.tracked = True
+            self.writes_in_pool.append(req)
+
+    def _submit(self, req: _Pooled) -> None:
+        with self.state_lock:
+            self._register(req)
+        self.pool.submit(self._run_pooled, req)
+
+    def _run_pooled(self, req: _Pooled) -> None:
+        try:
+            reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
+                                 req.data)
+            req.data = None
+            try:
+                self.send(reply)
+            except OSError:
+                pass        # the client is gone; its reader thread sees EOF
+        finally:
+            ready = []
+            with self.state_lock:
+                if req.tracked:
+                    self.writes_in_pool.remove(req)
+                for follower in req.followers:
+                    follower.pending -= 1
+                    if follower.pending == 0:
+                        ready.append(follower)
+                self.in_pool -= 1
+                if req.cmd == p.CMD_WRITE:
+                    self.bytes_in_pool -= req.length
+                self.changed.notify_all()
+            for follower in ready:
+                self.pool.submit(self._run_pooled, follower)
+
+    # --- running one request ----------------------------------------------------
+
+    def perform(self, cmd: int, flags: int, handle: int, offset: int, length: int,
+                data: bytes | None) -> Reply:
+        """Run one validated request on the engine; return its reply."""
+        device = self.device
+        try:
+            if cmd == p.CMD_READ:
+                return self.read_reply(handle, offset, device.read(offset, length) if length else b"")
+            fua = bool(flags & p.CMD_FLAG_FUA)
+            if cmd == p.CMD_WRITE:
+                if length:
+                    device.write(offset, data, fua=fua)
+            elif cmd == p.CMD_FLUSH:
+                device.flush()
+            elif cmd == p.CMD_WRITE_ZEROES:
+                # lsbd stores zeroes as map entries, never as data, and a
+                # later write to a zeroed range costs the same as to any
+                # other range (every write is appended to the log): so the
+                # zeroing is fast (FAST_ZERO succeeds) and NO_HOLE needs
+                # nothing more than the same zeroing.
+                self._in_chunks(device.write_zeroes, offset, length, fua)
+            elif cmd == p.CMD_TRIM:
+                self._in_chunks(device.trim, offset, length, fua)
+            elif cmd == p.CMD_BLOCK_STATUS:
+                return self.block_status_reply(handle, flags, offset, length)
+            return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), None
+        except Exception as exc:
+            err, worth_logging = nbd_error(exc)
+            if worth_logging:
+                log.error("%s: %s offset=%d length=%d on export %r failed: %s", self.peer,
+                          p.CMD_NAMES.get(cmd, cmd), offset, length, self.session.export_name,
+                          exc, exc_info=not isinstance(exc, OSError))
+            return self.error_reply(flags, handle, err, str(exc) or type(exc).__name__)
+
+    @staticmethod
+    def _in_chunks(call, offset: int, length: int, fua: bool) -> None:
+        # TRIM and WRITE_ZEROES carry no payload and may be up to 4 GiB; the
+        # engine takes at most MAX_REQUEST bytes per call.
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, MAX_REQUEST)
+            call(offset, n, fua=fua)
+            offset += n
+
+    # --- replies --------------------------------------------------------------------
+
+    def read_reply(self, handle: int, offset: int, payload: bytes) -> Reply:
+        if not self.session.structured:
+            return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), payload
+        if not payload:
+            return p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                           p.REPLY_TYPE_NONE, handle, 0), None
+        return p.STRUCTURED_READ_REPLY.pack(
+            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle,
+            len(payload) + 8, offset), payload
+
+    def error_reply(self, flags: int, handle: int, err: int, message: str) -> Reply:
+        if not self.session.structured:
+            return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, handle), None
+        raw = message.encode("utf-8", "replace")[:_MAX_MESSAGE]
+        return p.STRUCTURED_ERROR_REPLY.pack(
+            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_ERROR, handle,
+            6 + len(raw), err, len(raw)) + raw, None
+
+    def block_status_reply(self, handle: int, flags: int, offset: int, length: int) -> Reply:
+        runs = self.device.allocation(offset, min(length, MAX_STATUS_LENGTH))
+        limit = 1 if flags & p.CMD_FLAG_REQ_ONE else MAX_STATUS_DESCRIPTORS
+        hole = p.STATE_HOLE | p.STATE_ZERO
+        words = [p.META_BASE_ALLOCATION_ID]
+        pos = offset
+        for run in runs:
+            if run.offset != pos or run.length <= 0:
+                raise RuntimeError(f"engine allocation map is not contiguous at {pos}")
+            status = 0 if run.allocated else hole
+            if len(words) > 1 and words[-1] == status:
+                words[-2] += run.length
+            elif len(words) > 2 * limit:
+                break
+            else:
+                words.append(run.length)
+                words.append(status)
+            pos += run.length
+        if len(words) == 1:
+            raise RuntimeError("engine allocation map is empty")
+        if limit == 1:
+            words[1] = min(words[1], length)
+        payload = struct.pack(f">{len(words)}I", *words)
+        return p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                       p.REPLY_TYPE_BLOCK_STATUS, handle,
+                                       len(payload)) + payload, None
+
+    def flush_pending(self) -> None:
+        """Send the replies of inline requests, queued so that one system call
+        carries all the replies to one batch of pipelined requests."""
+        pending = self.pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.send((data, None))
+
+    def send(self, reply: Reply) -> None:
+        """Send one reply whole (replies from several threads never interleave).
+        A failure means the client is gone: the connection is marked broken
+        and its socket shut down, so the reading thread stops too."""
+        head, payload = reply
+        try:
+            with self.send_lock:
+                if payload is None:
+                    self.sock.sendall(head)
+                elif len(payload) <= _GATHER_ABOVE:
+                    self.sock.sendall(head + payload)
+                else:
+                    sent = self.sock.sendmsg([head, payload])
+                    if sent < len(head):
+                        self.sock.sendall(head[sent:])
+                        sent = len(head)
+                    if sent - len(head) < len(payload):
+                        self.sock.sendall(memoryview(payload)[sent - len(head):])
+        except OSError:
+            self.broken = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise

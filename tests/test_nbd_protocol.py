@@ -1,0 +1,625 @@
+"""The NBD server spoken to over raw sockets: the handshake, every command,
+every error reply, malformed input, concurrency and ordering.  The engine is
+the in-memory FakeVolume."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from fakes import FakeVolume
+from nbd_helpers import Background, RawClient, decode_info, running_server
+
+from lsbd.errors import CorruptionError, InvalidRequest, StoreError
+from lsbd_nbd import protocol as p
+
+MiB = 1024 * 1024
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def volumes():
+    return {"vol": FakeVolume("vol", SIZE), "other": FakeVolume("other", 4 * MiB),
+            "ro": FakeVolume("ro", 4 * MiB, read_only=True)}
+
+
+@pytest.fixture
+def server(volumes):
+    with running_server(volumes, tcp=True, handshake_timeout=2.0) as srv:
+        yield srv
+
+
+def client_for(server) -> RawClient:
+    return RawClient(server.connect())
+
+
+def connected(server, export="vol", **kw) -> RawClient:
+    c = client_for(server)
+    c.connect_export(export, **kw)
+    return c
+
+
+# --- handshake ------------------------------------------------------------------
+
+
+def test_greeting_is_fixed_newstyle(server):
+    c = client_for(server)
+    flags = c.greeting()
+    assert flags == p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+    c.option(p.OPT_ABORT)
+    assert c.option_replies() == [(p.REP_ACK, b"")]
+    assert c.is_closed()
+
+
+def test_unknown_client_flags_close_only_that_connection(server):
+    with Background(server, "vol") as bg:
+        c = client_for(server)
+        c.greeting(client_flags=0x80)
+        assert c.is_closed()
+        time.sleep(0.05)
+    bg.check()
+
+
+def test_list_shows_every_export(server):
+    c = client_for(server)
+    c.greeting()
+    c.option(p.OPT_LIST)
+    replies = c.option_replies()
+    assert replies[-1] == (p.REP_ACK, b"")
+    names = []
+    for reply, data in replies[:-1]:
+        assert reply == p.REP_SERVER
+        (n,) = struct.unpack(">I", data[:4])
+        names.append(data[4:4 + n].decode())
+    assert names == ["vol", "other", "ro"]
+
+
+def test_list_with_data_is_invalid_and_negotiation_continues(server):
+    c = client_for(server)
+    c.greeting()
+    c.option(p.OPT_LIST, b"junk")
+    assert c.option_replies()[-1][0] == p.REP_ERR_INVALID
+    assert c.go("vol")["size"] == SIZE
+
+
+@pytest.mark.parametrize("option", [p.OPT_STARTTLS, p.OPT_EXTENDED_HEADERS, p.OPT_PEEK_EXPORT,
+                                    99, 0xFFFFFFFF])
+def test_unknown_options_are_unsupported_and_negotiation_continues(server, option):
+    c = client_for(server)
+    c.greeting()
+    c.option(option, b"some data the server must skip")
+    (reply, _), = c.option_replies()
+    assert reply == p.REP_ERR_UNSUP
+    info = c.go("vol")
+    assert info["size"] == SIZE
+    c.write(0, b"x" * 512)
+    c.disconnect()
+
+
+def test_info_reports_size_flags_and_block_sizes(server):
+    c = client_for(server)
+    c.greeting()
+    c.structured_replies()
+    c.option(p.OPT_INFO, c.info_data("vol", (p.INFO_BLOCK_SIZE, p.INFO_NAME, p.INFO_DESCRIPTION)))
+    replies = c.option_replies()
+    assert replies[-1][0] == p.REP_ACK
+    info = decode_info(replies[:-1])
+    assert info["size"] == SIZE
+    assert info["block_size"] == (1, 4096, 32 * MiB)
+    assert info["name"] == "vol"
+    assert "vol" in info["description"]
+    expected = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_TRIM
+                | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_FAST_ZERO | p.FLAG_SEND_DF
+                | p.FLAG_CAN_MULTI_CONN)
+    assert info["flags"] == expected
+    # INFO does not end negotiation: GO still works afterwards.
+    assert c.go("vol")["flags"] == expected
+
+
+def test_read_only_export_flags(server):
+    c = client_for(server)
+    c.greeting()
+    info = c.go("ro")
+    assert info["flags"] & p.FLAG_READ_ONLY
+    assert not info["flags"] & (p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_FUA
+                                | p.FLAG_SEND_DF)   # DF needs structured replies
+    assert info["flags"] & p.FLAG_SEND_FLUSH
+
+
+def test_info_and_go_for_an_unknown_export(server):
+    c = client_for(server)
+    c.greeting()
+    for option in (p.OPT_INFO, p.OPT_GO):
+        c.option(option, c.info_data("nope"))
+        (reply, message), = c.option_replies()
+        assert reply == p.REP_ERR_UNKNOWN
+        assert b"nope" in message
+    assert c.go("other")["size"] == 4 * MiB
+
+
+def test_default_export_is_the_first_volume(server):
+    c = client_for(server)
+    c.greeting()
+    info = c.go("", (p.INFO_NAME,))
+    assert info["size"] == SIZE and info["name"] == "vol"
+
+
+@pytest.mark.parametrize("data", [b"", b"\0\0\0", b"\0\0\0\x10vol\0\0",
+                                  b"\0\0\0\x03vol\0\x01",        # one request, none sent
+                                  b"\0\0\0\x03vol\0\0extra", b"\0\0\0\x02\xff\xfe\0\0"])
+def test_malformed_info_is_invalid(server, data):
+    c = client_for(server)
+    c.greeting()
+    c.option(p.OPT_GO, data)
+    (reply, _), = c.option_replies()
+    assert reply == p.REP_ERR_INVALID
+    assert c.go("vol")["size"] == SIZE
+
+
+def test_export_name_option(server):
+    c = client_for(server)
+    c.greeting(client_flags=p.FLAG_C_FIXED_NEWSTYLE)      # zeroes wanted
+    c.option(p.OPT_EXPORT_NAME, b"other")
+    size, flags = p.EXPORT_NAME_REPLY.unpack(c.recv_exact(10))
+    assert size == 4 * MiB and flags & p.FLAG_SEND_FLUSH
+    assert c.recv_exact(124) == bytes(124)
+    c.write(4096, b"a" * 4096)
+    assert c.read(4096, 4096) == b"a" * 4096
+
+
+def test_export_name_without_zeroes_and_non_fixed_client(server):
+    c = client_for(server)
+    c.greeting(client_flags=p.FLAG_C_NO_ZEROES)           # not even fixed newstyle
+    c.option(p.OPT_EXPORT_NAME, b"")
+    size, _ = p.EXPORT_NAME_REPLY.unpack(c.recv_exact(10))
+    assert size == SIZE
+    assert c.read(0, 512) == bytes(512)                     # no padding in the way
+
+
+def test_export_name_for_an_unknown_export_closes(server):
+    c = client_for(server)
+    c.greeting()
+    c.option(p.OPT_EXPORT_NAME, b"nope")
+    assert c.is_closed()
+
+
+def test_non_fixed_client_cannot_use_other_options(server):
+    c = client_for(server)
+    c.greeting(client_flags=0)
+    c.option(p.OPT_LIST)
+    assert c.is_closed()
+
+
+def test_structured_reply_negotiation(server):
+    c = client_for(server)
+    c.greeting()
+    c.option(p.OPT_STRUCTURED_REPLY, b"x")
+    assert c.option_replies()[-1][0] == p.REP_ERR_INVALID
+    c.structured_replies()
+    c.option(p.OPT_STRUCTURED_REPLY)
+    assert c.option_replies()[-1][0] == p.REP_ERR_INVALID   # twice
+    assert c.go("vol")["flags"] & p.FLAG_SEND_DF
+
+
+def test_meta_context_needs_structured_replies(server):
+    c = client_for(server)
+    c.greeting()
+    replies = c.set_meta_context("vol", [p.META_BASE_ALLOCATION])
+    assert replies[-1][0] == p.REP_ERR_INVALID
+
+
+def test_list_and_set_meta_context(server):
+    c = client_for(server)
+    c.greeting()
+    c.structured_replies()
+    for queries in ([], ["base:"], [p.META_BASE_ALLOCATION]):
+        c.option(p.OPT_LIST_META_CONTEXT, c.meta_data("vol", queries))
+        replies = c.option_replies()
+        assert replies[-1] == (p.REP_ACK, b"")
+        assert replies[:-1] == [(p.REP_META_CONTEXT, b"\0\0\0\0" + b"base:allocation")]
+    c.option(p.OPT_LIST_META_CONTEXT, c.meta_data("vol", ["qemu:dirty-bitmap:x"]))
+    assert c.option_replies() == [(p.REP_ACK, b"")]
+    c.option(p.OPT_LIST_META_CONTEXT, c.meta_data("vol", ["nonamespace"]))
+    assert c.option_replies()[-1][0] == p.REP_ERR_INVALID
+    replies = c.set_meta_context("vol", ["x-other:thing", p.META_BASE_ALLOCATION])
+    assert replies == [(p.REP_META_CONTEXT, struct.pack(">I", p.META_BASE_ALLOCATION_ID)
+                        + b"base:allocation"), (p.REP_ACK, b"")]
+    c.go("vol")
+    assert c.block_status(0, 4096) == [(4096, p.STATE_HOLE | p.STATE_ZERO)]
+
+
+def test_meta_context_for_another_export_does_not_carry_over(server):
+    c = client_for(server)
+    c.greeting()
+    c.structured_replies()
+    c.set_meta_context("other", [p.META_BASE_ALLOCATION])
+    c.go("vol")
+    error, _ = c.call(p.CMD_BLOCK_STATUS, 0, 4096)
+    assert error == p.EINVAL
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                      # wrong protocol
+    struct.pack(">QII", 0x1234, p.OPT_GO, 0),                  # bad option magic
+    struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, 1 << 30),        # absurd option length
+    struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, 100) + b"short",  # then EOF
+])
+def test_malformed_handshakes_lose_only_their_connection(server, garbage):
+    with Background(server, "vol") as bg:
+        c = client_for(server)
+        c.greeting()
+        c.send(garbage)
+        if garbage.endswith(b"short"):
+            c.sock.shutdown(socket.SHUT_WR)
+        assert c.is_closed()
+        time.sleep(0.05)
+    bg.check()
+    # The server still accepts new clients.
+    connected(server).disconnect()
+
+
+def test_silent_client_is_dropped_after_the_handshake_timeout(server):
+    c = client_for(server)
+    c.recv_exact(18)
+    start = time.monotonic()
+    assert c.is_closed(timeout=10)
+    assert time.monotonic() - start < 5
+
+
+def test_tcp_works_and_sets_nodelay(server):
+    sock = socket.create_connection(("127.0.0.1", server.tcp_address[1]), timeout=10)
+    c = RawClient(sock)
+    c.connect_export("vol")
+    c.write(1, b"tcp!")
+    assert c.read(0, 6) == b"\0tcp!\0"
+    c.disconnect()
+
+
+# --- transmission: data ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_write_and_read_at_odd_offsets(server, volumes, structured):
+    c = connected(server, structured=structured)
+    data = os.urandom(10000)
+    c.write(12345, data)
+    assert c.read(12345, 10000) == data
+    assert c.read(12340, 10) == bytes(5) + data[:5]
+    assert volumes["vol"].read(12345, 10000) == data
+    # A read at the very end of the export.
+    c.write(SIZE - 3, b"end")
+    assert c.read(SIZE - 3, 3) == b"end"
+    c.disconnect()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_zero_length_requests_succeed(server, volumes, structured):
+    c = connected(server, structured=structured)
+    for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+        assert c.call(cmd, 4096, 0) == (0, b"")
+    assert volumes["vol"].calls["write"] == 0
+    c.disconnect()
+
+
+def test_largest_requests_round_trip(server, volumes):
+    volumes["big"] = FakeVolume("big", 2 * p.MAX_BLOCK)
+    c = connected(server, "big")
+    data = os.urandom(p.MAX_BLOCK)
+    c.write(p.MAX_BLOCK - 1, data)
+    assert c.read(p.MAX_BLOCK - 1, p.MAX_BLOCK) == data
+    c.disconnect()
+
+
+def test_write_zeroes_and_trim_read_back_as_zeroes(server, volumes):
+    c = connected(server, meta=True)
+    c.write(0, b"\xff" * 3 * 4096)
+    for flags in (0, p.CMD_FLAG_NO_HOLE, p.CMD_FLAG_FAST_ZERO,
+                  p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO | p.CMD_FLAG_FUA):
+        c.write(0, b"\xff" * 3 * 4096)
+        assert c.call(p.CMD_WRITE_ZEROES, 100, 8000, flags=flags) == (0, b"")
+        assert c.read(0, 3 * 4096) == b"\xff" * 100 + bytes(8000) + b"\xff" * (3 * 4096 - 8100)
+    assert c.call(p.CMD_TRIM, 0, 3 * 4096) == (0, b"")
+    assert c.read(0, 3 * 4096) == bytes(3 * 4096)
+    assert c.block_status(0, 3 * 4096) == [(3 * 4096, p.STATE_HOLE | p.STATE_ZERO)]
+    c.disconnect()
+
+
+def test_write_zeroes_larger_than_the_engine_maximum(server, volumes):
+    volumes["big"] = big = FakeVolume("big", 128 * MiB)
+    c = connected(server, "big")
+    c.write(100 * MiB, b"x" * 4096)
+    assert c.call(p.CMD_WRITE_ZEROES, 0, 128 * MiB) == (0, b"")
+    assert big.calls["write_zeroes"] == 4             # in MAX_REQUEST pieces
+    assert c.read(100 * MiB, 4096) == bytes(4096)
+    c.disconnect()
+
+
+def test_flush_and_fua_reach_the_engine(server, volumes):
+    vol = volumes["vol"]
+    c = connected(server)
+    c.write(0, b"a" * 4096, flags=p.CMD_FLAG_FUA)
+    assert vol.flushed_calls == 1
+    assert c.call(p.CMD_FLUSH) == (0, b"")
+    assert vol.calls["flush"] == 1
+    assert c.call(p.CMD_TRIM, 0, 4096, flags=p.CMD_FLAG_FUA) == (0, b"")
+    assert vol.flushed_calls == 3
+    c.disconnect()
+
+
+def test_block_status_reports_holes_and_data(server, volumes):
+    c = connected(server, meta=True)
+    c.write(64 * 1024, b"d" * 8192)
+    c.write(1 * MiB, b"e" * 100)
+    hole = p.STATE_HOLE | p.STATE_ZERO
+    assert c.block_status(0, 2 * MiB) == [
+        (64 * 1024, hole), (8192, 0), (MiB - 64 * 1024 - 8192, hole), (4096, 0),
+        (MiB - 4096, hole)]
+    assert c.block_status(0, 2 * MiB, flags=p.CMD_FLAG_REQ_ONE) == [(64 * 1024, hole)]
+    assert c.block_status(70 * 1024, 100, flags=p.CMD_FLAG_REQ_ONE) == [(100, 0)]
+    c.disconnect()
+
+
+# --- transmission: errors -------------------------------------------------------------
+
+
+def test_errors_for_bad_requests(server):
+    with Background(server, "other") as bg:
+        c = connected(server, structured=False)
+        cases = [
+            ((p.CMD_READ, SIZE - 10, 20), p.EINVAL),                      # beyond the end
+            ((p.CMD_READ, 1 << 63, 512), p.EINVAL),
+            ((p.CMD_TRIM, SIZE, 1), p.EINVAL),
+            ((p.CMD_WRITE_ZEROES, SIZE - 1, 2), p.ENOSPC),                # spec: ENOSPC
+            ((p.CMD_FLUSH, 1, 0), p.EINVAL),                              # reserved fields
+            ((p.CMD_CACHE, 0, 512), p.EINVAL),                            # not advertised
+            ((p.CMD_RESIZE, 0, 0), p.EINVAL),
+            ((42, 0, 512), p.EINVAL),                                     # unknown command
+            ((0xFFFF, 0, 0), p.EINVAL),
+            ((p.CMD_BLOCK_STATUS, 0, 512), p.EINVAL),                     # not negotiated
+        ]
+        for (cmd, offset, length), expected in cases:
+            handle = c.request(cmd, offset, length)
+            assert c.reply() == (handle, expected, b""), (cmd, offset, length)
+        # A write beyond the end: the payload is consumed, the stream stays in step.
+        handle = c.request(p.CMD_WRITE, SIZE - 10, 20, data=b"z" * 20)
+        assert c.reply() == (handle, p.ENOSPC, b"")
+        # Bad flags.
+        for cmd, flags in [(p.CMD_WRITE, p.CMD_FLAG_NO_HOLE), (p.CMD_READ, p.CMD_FLAG_DF),
+                           (p.CMD_READ, p.CMD_FLAG_REQ_ONE), (p.CMD_READ, 0x100),
+                           (p.CMD_TRIM, p.CMD_FLAG_FAST_ZERO)]:
+            data = b"q" * 512 if cmd == p.CMD_WRITE else b""
+            handle = c.request(cmd, 0, 512, flags=flags, data=data)
+            assert c.reply() == (handle, p.EINVAL, b""), (cmd, flags)
+        assert c.read(0, 512) == bytes(512)                               # nothing was written
+        c.disconnect()
+    bg.check()
+
+
+def test_oversize_requests(server, volumes):
+    volumes["big"] = FakeVolume("big", 2 * p.MAX_BLOCK)
+    c = connected(server, "big")
+    big = p.MAX_BLOCK + 1
+    assert c.call(p.CMD_READ, 0, big)[0] == p.EINVAL
+    assert c.call(p.CMD_READ, 0, big, flags=p.CMD_FLAG_DF)[0] == p.EOVERFLOW
+    # An oversize WRITE: refused, its payload skipped, the connection goes on.
+    handle = c.request(p.CMD_WRITE, 0, big, data=b"\xee" * big)
+    assert c.reply()[:2] == (handle, p.EINVAL)
+    assert c.read(0, 4096) == bytes(4096)
+    # One too large to skip ends the connection.
+    c.request(p.CMD_WRITE, 0, 0xFFFFFFFF)
+    assert c.is_closed()
+
+
+def test_structured_errors_carry_a_message(server):
+    c = connected(server)
+    handle = c.request(p.CMD_READ, SIZE, 1)
+    magic, flags, rtype, got, length = p.STRUCTURED_REPLY.unpack(c.recv_exact(20))
+    assert (magic, flags, rtype, got) == (p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                          p.REPLY_TYPE_ERROR, handle)
+    payload = c.recv_exact(length)
+    error, mlen = struct.unpack(">IH", payload[:6])
+    assert error == p.EINVAL and b"beyond" in payload[6:6 + mlen]
+
+
+def test_read_only_export_refuses_writes_with_eperm(server, volumes):
+    c = connected(server, "ro")
+    assert c.call(p.CMD_WRITE, 0, 4, data=b"nope")[0] == p.EPERM
+    assert c.call(p.CMD_TRIM, 0, 4096)[0] == p.EPERM
+    assert c.call(p.CMD_WRITE_ZEROES, 0, 4096)[0] == p.EPERM
+    assert c.read(0, 4) == bytes(4)
+    assert c.call(p.CMD_FLUSH) == (0, b"")
+    assert volumes["ro"].calls["write"] == 0
+    c.disconnect()
+
+
+@pytest.mark.parametrize("exc, expected, logged", [
+    (StoreError("bucket unreachable"), p.EIO, True),
+    (StoreError("quota", errno.ENOSPC), p.ENOSPC, True),
+    (CorruptionError("crc mismatch", key="seg/1", offset=5), p.EIO, True),
+    (InvalidRequest("bad range"), p.EINVAL, False),
+    (RuntimeError("a bug"), p.EIO, True),
+])
+@pytest.mark.parametrize("structured", [False, True])
+def test_engine_failures_become_errors_for_that_request(server, volumes, caplog, exc,
+                                                        expected, logged, structured):
+    c = connected(server, structured=structured)
+    c.write(0, b"ok" * 2048)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="lsbd.nbd"):
+        volumes["vol"].fail_next(exc)
+        assert c.call(p.CMD_READ, 0, 4096)[0] == expected
+        volumes["vol"].fail_next(exc)
+        assert c.call(p.CMD_WRITE, 0, 4096, data=b"x" * 4096)[0] == expected
+    assert bool([r for r in caplog.records if r.name == "lsbd.nbd"]) == logged
+    assert c.read(0, 4096) == b"ok" * 2048          # the connection is fine
+    c.disconnect()
+
+
+# --- connections, concurrency, ordering ------------------------------------------------
+
+
+def test_disconnect_mid_request_and_without_disc(server, volumes, caplog):
+    with Background(server, "vol", offset=8 * MiB) as bg:
+        with caplog.at_level(logging.WARNING, logger="lsbd.nbd"):
+            # EOF between requests, the way fio leaves.
+            c = connected(server)
+            c.write(0, b"1" * 4096)
+            c.close()
+            # EOF in the middle of a write payload.
+            c = connected(server)
+            c.request(p.CMD_WRITE, 4096, 4096, data=b"2" * 1000)
+            c.close()
+            # EOF in the middle of a request header.
+            c = connected(server)
+            c.send(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 1, 0, 512)[:13])
+            c.close()
+            # Garbage instead of a request.
+            c = connected(server)
+            c.send(b"\xde\xad\xbe\xef" * 7)
+            assert c.is_closed()
+            time.sleep(0.2)
+    bg.check(min_rounds=5)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    c = connected(server)
+    assert c.read(0, 4096) == b"1" * 4096
+    assert c.read(4096, 4096) == bytes(4096)       # the cut write never happened
+    c.disconnect()
+
+
+def test_replies_complete_out_of_order(volumes):
+    vol = volumes["vol"]
+    vol.delay_for = lambda op, offset: 0.5 if op == "read" and offset == 0 else 0
+    with running_server(volumes, offload_after=0) as srv:   # every request on the pool
+        c = connected(srv)
+        slow = c.request(p.CMD_READ, 0, 4096)
+        fast = [c.request(p.CMD_READ, 4096 * i, 4096) for i in range(1, 6)]
+        order = [c.reply(4096)[0] for _ in range(6)]
+        assert order[-1] == slow
+        assert sorted(order[:-1]) == fast
+        c.disconnect()
+
+
+def test_slow_kinds_move_to_the_pool_by_themselves(volumes):
+    vol = volumes["vol"]
+    vol.delay_for = lambda op, offset: 0.02 if op == "read" else 0
+    with running_server(volumes) as srv:                     # default policy
+        c = connected(srv)
+        for i in range(4):                                   # learn that reads wait
+            c.read(i * 4096, 4096)
+        start = time.monotonic()
+        handles = [c.request(p.CMD_READ, i * 4096, 4096) for i in range(16)]
+        got = sorted(c.reply(4096)[0] for _ in handles)
+        elapsed = time.monotonic() - start
+        assert got == handles
+        assert elapsed < 16 * 0.02 / 2                       # they overlapped
+        c.disconnect()
+
+
+def test_overlapping_writes_keep_their_order(volumes):
+    vol = volumes["vol"]
+    vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0
+    with running_server(volumes, offload_after=0) as srv:
+        c = connected(srv)
+        first = c.request(p.CMD_WRITE, 0, 8192, data=b"A" * 8192)        # slow
+        second = c.request(p.CMD_WRITE, 4096, 4096, data=b"B" * 4096)    # overlaps
+        zero = c.request(p.CMD_WRITE_ZEROES, 6000, 100)                  # overlaps both
+        read = c.request(p.CMD_READ, 0, 8192)                            # sees all three
+        other = c.request(p.CMD_WRITE, 65536, 4096, data=b"C" * 4096)    # independent
+        replies = {}
+        for _ in range(5):
+            handle, error, data = c.reply(8192)
+            assert error == 0
+            replies[handle] = data
+            if handle == other:
+                assert first not in replies                               # did not wait
+        assert set(replies) == {first, second, zero, read, other}
+        expected = b"A" * 4096 + b"B" * (6000 - 4096) + bytes(100) + b"B" * (8192 - 6100)
+        assert replies[read] == expected
+        assert vol.read(0, 8192) == expected
+        c.disconnect()
+
+
+def test_many_clients_at_once(server, volumes):
+    errors = []
+
+    def worker(i):
+        try:
+            c = connected(server)
+            base = i * 512 * 1024
+            for n in range(50):
+                data = os.urandom(4096)
+                off = base + (n % 64) * 4096 + (n % 7)
+                c.write(off, data)
+                assert c.read(off, 4096) == data
+            c.close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+
+
+def test_pipelined_requests_on_one_connection(server, volumes):
+    c = connected(server)
+    blocks = {i: os.urandom(4096) for i in range(200)}
+    for i, data in blocks.items():
+        c.request(p.CMD_WRITE, i * 4096, 4096, data=data, handle=i)
+    assert sorted(c.reply()[0] for _ in blocks) == sorted(blocks)
+    # Send all the reads before reading any reply (from another thread: the
+    # replies would otherwise fill the socket buffers both ways).
+    sender = threading.Thread(target=lambda: [
+        c.request(p.CMD_READ, i * 4096, 4096, handle=1000 + i) for i in blocks])
+    sender.start()
+    for _ in blocks:
+        handle, error, data = c.reply(4096)
+        assert error == 0 and data == blocks[handle - 1000]
+    sender.join()
+    c.disconnect()
+
+
+def test_flush_on_one_connection_covers_writes_of_another(server, volumes):
+    vol = volumes["vol"]
+    a, b = connected(server), connected(server)
+    a.write(0, b"a" * 4096)
+    b.write(4096, b"b" * 4096)
+    before = vol.calls["flush"]
+    assert a.call(p.CMD_FLUSH) == (0, b"")
+    # One engine is shared by all connections, and its flush covers every
+    # write that returned: so b's write is covered by a's flush.
+    assert vol.calls["flush"] == before + 1
+    a.disconnect()
+    b.disconnect()
+
+
+def test_shutdown_finishes_in_flight_requests(volumes):
+    vol = volumes["vol"]
+    vol.delay_for = lambda op, offset: 0.5 if op == "write" else 0
+    srv = RunningServerFor(volumes)
+    c = connected(srv.inner)
+    handle = c.request(p.CMD_WRITE, 0, 4096, data=b"s" * 4096)
+    time.sleep(0.1)                     # the write is running
+    closer = threading.Thread(target=srv.inner.close)
+    closer.start()
+    assert c.reply() == (handle, 0, b"")   # its reply still comes
+    assert c.is_closed()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert vol.read(0, 4096) == b"s" * 4096
+    with pytest.raises(OSError):
+        srv.inner.connect()
+
+
+class RunningServerFor:
+    def __init__(self, volumes, **kw):
+        from nbd_helpers import RunningServer
+        self.inner = RunningServer(volumes, **kw)
