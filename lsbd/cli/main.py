@@ -17,7 +17,7 @@ from lsbd.errors import LsbdError
 # working while a front end's dependencies are absent.
 COMMANDS = [
     "create", "list", "info", "delete", "import_export", "checkpoint", "verify",
-    "snapshot", "history", "serve", "mount",
+    "snapshot", "history", "compact", "serve", "mount",
 ]
 
 

@@ -209,6 +209,11 @@ class BlockMap:
         for s, n, seq, off in puts:
             txn.put(_KEY.pack(s), _EXTENT.pack(n, seq, off), db=self._extents)
 
+    def drop_segments(self, seqs) -> None:
+        with self._env.begin(write=True, db=self._segments) as txn:
+            for seq in seqs:
+                txn.delete(_KEY.pack(seq))
+
     def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo], **meta: bytes) -> None:
         """Replace the whole map (loading a checkpoint)."""
         with self._env.begin(write=True) as txn:

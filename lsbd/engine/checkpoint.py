@@ -81,6 +81,10 @@ def _decode_part(raw: bytes, *, seq: int, kind: int, where: str) -> bytes:
 def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
                      block_size: int, extents: Iterable[Extent],
                      segments: Iterable[SegmentInfo]) -> Manifest:
+    try:  # the map at a seq never changes: an existing checkpoint is the same one
+        return read_manifest(store, volume, seq)
+    except (ObjectNotFound, CorruptionError):
+        pass
     parts = []
 
     def flush_part(kind: int, entries: list[bytes]) -> None:

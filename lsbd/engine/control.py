@@ -6,6 +6,7 @@ Protocol: one JSON object per line each way.
   {"op": "snapshot", "name": "s1"}  ->  {"ok": true, "seq": 12}
   {"op": "checkpoint"}              ->  {"ok": true, "seq": 12}
   {"op": "flush"}                   ->  {"ok": true, "seq": 12}
+  {"op": "compact", "threshold": 0.6, "dry_run": false}  ->  {"ok": true, "report": {...}}
   anything failing                  ->  {"ok": false, "error": "one line"}
 """
 
@@ -50,7 +51,9 @@ class ControlServer:
             for line in f:
                 try:
                     request = json.loads(line)
-                    reply = {"ok": True, "seq": self._do(request)}
+                    result = self._do(request)
+                    reply = {"ok": True, "report": result} if isinstance(result, dict) \
+                        else {"ok": True, "seq": result}
                 except (LsbdError, OSError, ValueError, KeyError) as e:
                     reply = {"ok": False, "error": str(e)}
                 f.write(json.dumps(reply).encode() + b"\n")
@@ -64,6 +67,10 @@ class ControlServer:
             return self.volume.checkpoint()
         if op == "flush":
             return self.volume.flush_to_store()
+        if op == "compact":
+            report = self.volume.compact(threshold=float(request.get("threshold", 0.6)),
+                                         dry_run=bool(request.get("dry_run")))
+            return report.as_dict()
         raise ValueError(f"unknown control operation {op!r}")
 
     def close(self) -> None:

@@ -43,6 +43,8 @@ DEFAULT_CACHE_LIMIT = 1 << 30
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
 CLOSE_UPLOAD_TIMEOUT = 300.0
 KEEP_CHECKPOINTS = 3
+AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
+AUTO_COMPACT_RATE = 16 * 1024 * 1024  # bytes/s a background compaction may rewrite
 
 
 def cache_dir_for(cache_root: str, store: Store, volume: str) -> str:
@@ -98,6 +100,10 @@ class Volume:
         self._temporary = temporary
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
+        self._compact_lock = threading.Lock()
+        self._auto_compact = False
+        self._last_compaction = time.monotonic()
+        self.cache_root = os.path.dirname(folder)
         self._map = BlockMap(os.path.join(folder, "map"), self.block_size)
         self._files = SegmentFiles(os.path.join(folder, "segments"), store,
                                    self.lineage.segment_key, self.block_size,
@@ -123,7 +129,8 @@ class Volume:
     def open(cls, store: Store, name: str, *, cache_root: str, read_only: bool = False,
              break_lease: bool = False, flush_mode: str | None = None,
              cache_limit: int = DEFAULT_CACHE_LIMIT, at_seq: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> "Volume":
+             progress: Callable[[int, int], None] | None = None,
+             auto_compact: bool = False) -> "Volume":
         """Open a volume.  A writer takes the lease and recovers from the cache
         dir and the store; a reader (read_only, or at_seq for a past state)
         builds a private map in a temporary folder that is removed on close."""
@@ -148,6 +155,7 @@ class Volume:
         folder = cache_dir_for(cache_root, store, name)
         try:
             vol = cls._open_writer(store, config, folder, lease, mode, cache_limit, progress)
+            vol._auto_compact = auto_compact
         except BaseException:
             lease.release()
             raise
@@ -600,10 +608,12 @@ class Volume:
 
     def snapshot(self, name: str):
         """Bind `name` to the current state, after making it durable in the
-        store (so the snapshot is crash-consistent and readable by anyone)."""
-        from lsbd.engine.history import write_snapshot
+        store (so the snapshot is crash-consistent and readable by anyone).  A
+        checkpoint at its seq keeps it readable whatever compaction deletes."""
+        from lsbd.engine.history import check_snapshot_name, write_snapshot
 
-        seq = self.flush_to_store()
+        check_snapshot_name(name)
+        seq = self.checkpoint(force=True)
         return write_snapshot(self.store, self.config, name, seq)
 
     def _flush_to_store(self) -> int:
@@ -691,15 +701,16 @@ class Volume:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, force: bool = False) -> int:
         """Write a checkpoint of the map now; returns its seq.  Everything up to
-        it is uploaded first (a checkpoint never names a segment the store lacks)."""
+        it is uploaded first (a checkpoint never names a segment the store lacks).
+        force: write it even if one exists at this seq (it may have been pruned)."""
         self._check_writable()
         with self._checkpoint_lock:
             with self._lock:
                 self._seal()
                 target = self._applied
-                if target == 0 or target == self._last_checkpoint:
+                if target == 0 or (target == self._last_checkpoint and not force):
                     return target
                 # Hold the lock while the last uploads finish so the map stays at
                 # `target` for the snapshot below.
@@ -725,9 +736,89 @@ class Volume:
             return target
 
     def _prune_checkpoints(self) -> None:
-        seqs = ckpt.list_checkpoints(self.store, self.name)
-        for seq in seqs[:-KEEP_CHECKPOINTS]:
+        """Delete checkpoints no kept point needs (see lsbd.engine.retention)."""
+        from lsbd.engine.compact import pinned_points
+        from lsbd.engine.retention import deletable_checkpoints, window_start
+
+        window = window_start({s.seq: s.sealed_ns for s in self.segment_infos()},
+                              now_ns=time.time_ns(), retain_seconds=self.config.retain_seconds,
+                              top=self._last_checkpoint)
+        for seq in deletable_checkpoints(ckpt.list_checkpoints(self.store, self.name),
+                                         pinned=pinned_points(self), window=window,
+                                         live_checkpoint=self._last_checkpoint,
+                                         keep_recent=KEEP_CHECKPOINTS):
             ckpt.delete_checkpoint(self.store, self.name, seq)
+
+    def write_checkpoint_here(self) -> int:
+        """Write a checkpoint of this (read-only, past) state at its own seq, so
+        that the point stays readable after compaction.  Returns the seq."""
+        if self._applied > 0:
+            snap = self._map.snapshot()
+            try:
+                ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, self._applied,
+                                      volume_size=self._size, block_size=self.block_size,
+                                      extents=self._map.iter_extents(snap),
+                                      segments=self._map.segments_in(snap))
+            finally:
+                snap.abort()
+        return self._applied
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self, *, threshold: float = 0.6, dry_run: bool = False,
+                rate: float | None = None, progress=None):
+        """Reclaim space; see lsbd.engine.compact."""
+        from lsbd.engine.compact import compact
+
+        self._check_writable()
+        with self._compact_lock:
+            return compact(self, threshold=threshold, dry_run=dry_run, rate=rate,
+                           progress=progress)
+
+    def segment_infos(self) -> list[SegmentInfo]:
+        return self._map.segments()
+
+    def extents_in(self, seqs: set[int]):
+        """The live extents stored in the given segments (one scan of the map)."""
+        return [e for e in self._map.iter_extents() if e.seq in seqs]
+
+    def relocate(self, extents) -> int:
+        """Copy extents to the open segment, each block only if the map still
+        points where the extent says (a newer write wins).  Returns bytes moved."""
+        bs = self.block_size
+        loaded = [(e, self._files.read_blocks(e.seq, e.offset, e.nblocks)) for e in extents]
+        moved = 0
+        with self._lock:
+            self._check_writable()
+            seg = self._open_segment()
+            mark = seg.mark()
+            records = []
+            for e, data in loaded:
+                for lba, n, source, off, crcs in self._plan(e.lba, e.nblocks):
+                    if source != e.seq or crcs is not None:
+                        continue  # rewritten since: nothing to move
+                    start = lba - e.lba
+                    if off != e.offset + start * bs:
+                        continue
+                    chunk = data[start * bs:(start + n) * bs]
+                    records.extend(self._split_zero_runs(lba, chunk))
+                    moved += n * bs
+            try:
+                for j, (rkind, lba, n, data, crcs) in enumerate(records):
+                    seg.append(rkind, lba, n, data=data, crcs=crcs, undo=mark[2],
+                               commit=(j == len(records) - 1))
+            except BaseException:
+                seg.rollback(mark)
+                raise
+            if seg.end >= self.config.segment_size:
+                self._seal()
+        return moved
+
+    def forget_segments(self, seqs) -> None:
+        """Segments deleted from the store: drop them from the map's table and the cache."""
+        self._map.drop_segments(seqs)
+        for seq in seqs:
+            self._files.forget(seq)
 
     # ------------------------------------------------------------------ background
 
@@ -747,6 +838,11 @@ class Volume:
                         due > 0 and time.monotonic() - self._last_checkpoint_time
                         >= cfg.checkpoint_interval):
                     self.checkpoint()
+                if self._auto_compact and \
+                        time.monotonic() - self._last_compaction >= AUTO_COMPACT_INTERVAL:
+                    self._last_compaction = time.monotonic()
+                    # Rate-limited so foreground I/O keeps most of its throughput.
+                    self.compact(rate=AUTO_COMPACT_RATE)
             except Exception as e:  # never let the timer die; the next tick retries
                 log.warning("volume %s: background work failed: %s", self.name, e)
 

@@ -1,0 +1,197 @@
+"""Compaction: move the live data out of sparse segments, checkpoint, then
+delete what no point needs (DESIGN invariant 6).
+
+Order, and why each step is safe to interrupt:
+  1. pin: make sure every kept point has a checkpoint at exactly its seq;
+  2. rewrite: copy the live blocks of each victim into the open segment, each
+     block only if the map still points at the victim (a foreground write
+     wins; the check and the append happen under the volume lock, so a
+     replay of the log gives the same map);
+  3. seal, wait until everything is in the store, write a live checkpoint;
+  4. delete the segments and checkpoints nothing needs, now that nothing
+     durable refers to them.
+A kill before 4 leaves extra copies (the next run deletes them); a kill
+during 4 leaves some garbage (the next run finishes the job)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import attrs
+
+from lsbd import names
+from lsbd.engine import checkpoint as ckpt
+from lsbd.engine.history import list_snapshots
+from lsbd.engine.recovery import store_segment_seqs
+from lsbd.engine.retention import (
+    deletable_checkpoints, deletable_segments, plan_compaction, window_start,
+)
+from lsbd.errors import ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+@attrs.define(kw_only=True)
+class CompactionReport:
+    dry_run: bool = False
+    window: int = 0
+    segments_read: int = 0
+    segments_written: int = 0
+    segments_deleted: int = 0
+    checkpoints_deleted: int = 0
+    bytes_rewritten: int = 0
+    bytes_reclaimed: int = 0
+    stored_bytes_before: int = 0
+    stored_bytes_after: int = 0
+    skipped_pinned: int = 0
+    seconds: float = 0.0
+
+    @property
+    def write_amplification(self) -> float:
+        """Bytes compaction wrote per byte it reclaimed."""
+        return self.bytes_rewritten / self.bytes_reclaimed if self.bytes_reclaimed else 0.0
+
+    def as_dict(self) -> dict:
+        d = attrs.asdict(self)
+        d["write_amplification"] = round(self.write_amplification, 3)
+        return d
+
+
+def pinned_points(volume) -> set[int]:
+    """Seqs of the snapshots and clone bases of a volume."""
+    store, config = volume.store, volume.config
+    points = {s.seq for s in list_snapshots(store, config)}
+    for info in store.list(names.clone_prefix(config.name)):
+        try:
+            ref = json.loads(store.get(info.key))
+        except (ObjectNotFound, ValueError):
+            continue
+        if store.exists(names.config_key(ref.get("clone", ""))):
+            points.add(int(ref["seq"]))
+    return {p for p in points if p > 0}
+
+
+def checkpoint_refs(volume, seq: int) -> set[int]:
+    """The segments the checkpoint at `seq` refers to (streamed: bounded memory)."""
+    manifest = ckpt.read_manifest(volume.store, volume.name, seq)
+    return {e.seq for e in ckpt.read_extents(volume.store, manifest)}
+
+
+def ensure_checkpoint_at(volume, seq: int) -> None:
+    """A kept point needs a checkpoint at exactly its seq: build one from
+    the history if it is missing (it is rebuilt while its segments exist)."""
+    if seq <= 0 or seq in ckpt.list_checkpoints(volume.store, volume.name):
+        return
+    from lsbd.engine.volume import Volume
+
+    with Volume.open(volume.store, volume.name, cache_root=volume.cache_root, at_seq=seq) as past:
+        past.write_checkpoint_here()
+
+
+def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: float | None = None,
+            progress: Callable[[int, int], None] | None = None) -> CompactionReport:
+    """Run one compaction on an open writable volume."""
+    started = time.monotonic()
+    store = volume.store
+    report = CompactionReport(dry_run=dry_run)
+    volume.flush_to_store()
+    top = volume.applied_seq
+    infos = {s.seq: s for s in volume.segment_infos()}
+    stored = store_segment_seqs(store, volume.name)
+    report.stored_bytes_before = sum(stored.values())
+    window = window_start({s: i.sealed_ns for s, i in infos.items()}, now_ns=time.time_ns(),
+                          retain_seconds=volume.config.retain_seconds, top=top)
+    report.window = window
+    points = pinned_points(volume)
+
+    # 1. Pin.  Snapshots and clones wrote their checkpoint when taken; W may be new.
+    kept = {p for p in points if p <= window}
+    if window < top:
+        kept.add(window)
+    pinned_refs: set[int] = set()
+    for p in sorted(kept):
+        if not dry_run:
+            ensure_checkpoint_at(volume, p)
+        if p in ckpt.list_checkpoints(store, volume.name):
+            pinned_refs |= checkpoint_refs(volume, p)
+
+    plan = plan_compaction(
+        segments={s: (stored.get(s, 0), i.live_blocks) for s, i in infos.items() if s in stored},
+        block_size=volume.block_size, window=window, top=top, base_seq=volume.config.base_seq,
+        pinned_refs=pinned_refs, threshold=threshold)
+    report.segments_read = len(plan.victims)
+    report.skipped_pinned = plan.skipped_pinned
+    if dry_run:
+        report.bytes_rewritten = plan.rewrite_bytes
+        report.bytes_reclaimed = sum(stored[s] for s in plan.victims)
+        report.seconds = time.monotonic() - started
+        return report
+
+    # 2. Rewrite.
+    sealed_before = volume.stats["segments_sealed"]
+    if plan.victims:
+        report.bytes_rewritten = _rewrite(volume, set(plan.victims), plan.rewrite_bytes,
+                                          rate=rate, progress=progress)
+
+    # 3. Make it durable and checkpoint the live map.
+    live_checkpoint = volume.checkpoint()
+    report.segments_written = volume.stats["segments_sealed"] - sealed_before
+
+    # 4. Delete what nothing needs, judged again now (with retain 0, W moved).
+    infos = {s.seq: s for s in volume.segment_infos()}
+    top = volume.applied_seq
+    window = window_start({s: i.sealed_ns for s, i in infos.items()}, now_ns=time.time_ns(),
+                          retain_seconds=volume.config.retain_seconds, top=min(top, live_checkpoint))
+    points = pinned_points(volume)
+    kept = {p for p in points if p <= window} | ({window} if window else set())
+    needed = {s for s, i in infos.items() if i.live_blocks > 0} | {s for s in stored if s > window}
+    for p in sorted(kept):
+        ensure_checkpoint_at(volume, p)
+        needed |= checkpoint_refs(volume, p)
+    stored = store_segment_seqs(store, volume.name)
+    doomed = deletable_segments(
+        [s for s in stored if s > volume.config.base_seq], window=window,
+        live_checkpoint=live_checkpoint, needed=needed)
+    for i, seq in enumerate(doomed):
+        store.delete(names.segment_key(volume.name, seq))
+        report.bytes_reclaimed += stored[seq]
+        if progress:
+            progress(i + 1, len(doomed))
+    volume.forget_segments(doomed)
+    report.segments_deleted = len(doomed)
+    for seq in deletable_checkpoints(ckpt.list_checkpoints(store, volume.name), pinned=points,
+                                     window=window, live_checkpoint=live_checkpoint):
+        ckpt.delete_checkpoint(store, volume.name, seq)
+        report.checkpoints_deleted += 1
+    report.stored_bytes_after = sum(store_segment_seqs(store, volume.name).values())
+    report.seconds = time.monotonic() - started
+    log.info("volume %s: compaction %s", volume.name, report.as_dict())
+    return report
+
+
+def _rewrite(volume, victims: set[int], total: int, *, rate: float | None,
+             progress: Callable[[int, int], None] | None) -> int:
+    """Copy the live extents of the victims forward, in batches."""
+    moved = 0
+    batch: list = []
+    batch_bytes = 0
+    for extent in volume.extents_in(victims):
+        batch.append(extent)
+        batch_bytes += extent.nblocks * volume.block_size
+        if batch_bytes >= BATCH_BYTES:
+            moved += volume.relocate(batch)
+            batch, batch_bytes = [], 0
+            if progress:
+                progress(moved, total)
+            if rate:
+                time.sleep(BATCH_BYTES / rate)
+    if batch:
+        moved += volume.relocate(batch)
+        if progress:
+            progress(moved, total)
+    return moved
