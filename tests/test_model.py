@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lsbd.engine.config import create_volume
+from lsbd.engine.history import create_clone
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
 
@@ -64,7 +65,8 @@ class VolumeModel(RuleBasedStateMachine):
         self.cache = f"{self.tmp}/cache"
         # Tiny segments so that sealing, uploads and checkpoints happen often.
         create_volume(self.store, "m", SIZE, segment_size=16 * 1024, seal_interval=3600,
-                      checkpoint_segments=5)
+                      checkpoint_segments=5, retain_seconds=0)
+        self.clone_states: dict[str, bytes] = {}
         self.vol = Volume.open(self.store, "m", cache_root=self.cache)
         self.model = bytearray(SIZE)
         self.history = [bytes(self.model)]   # the state after each acknowledged transaction
@@ -169,8 +171,7 @@ class VolumeModel(RuleBasedStateMachine):
         seq, state = self.snapshots[name]
         clone = f"c{self.clones}"
         self.clones += 1
-        create_volume(self.store, clone, SIZE, segment_size=16 * 1024, seal_interval=3600,
-                      parent={"volume": "m", "volume_id": self.vol.config.volume_id, "seq": seq})
+        create_clone(self.store, self.vol.config, clone, seq, size=SIZE, cache_root=self.cache)
         expected = bytearray(state)
         kind, offset, arg = op
         with Volume.open(self.store, clone, cache_root=self.cache) as c:
@@ -187,6 +188,16 @@ class VolumeModel(RuleBasedStateMachine):
                       ignore_errors=True)
         with Volume.open(self.store, clone, cache_root=self.cache) as c:
             assert c.read(0, SIZE) == bytes(expected)
+        self.clone_states[clone] = bytes(expected)
+
+    @rule(threshold=st.sampled_from([0.3, 0.6, 1.0]))
+    def compact(self, threshold):
+        self.vol.compact(threshold=threshold)
+        self.flushed = self.in_store = len(self.history) - 1
+        # Compaction of the source never breaks a clone.
+        for clone, state in self.clone_states.items():
+            with Volume.open(self.store, clone, cache_root=self.cache, read_only=True) as c:
+                assert c.read(0, SIZE) == state, f"clone {clone} changed after compaction"
 
     @precondition(lambda self: hasattr(self, "vol"))
     @rule(r=ranges(max_len=SIZE))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 
 from lsbd import names
 from lsbd.cli import ui
@@ -11,7 +9,7 @@ from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import create_volume, load_config, save_config
 from lsbd.engine.history import (
-    changed_ranges, format_time, list_snapshots, plan_restore, segment_times,
+    changed_ranges, create_clone, format_time, list_snapshots, plan_restore, segment_times,
 )
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError, VolumeExists
@@ -186,13 +184,7 @@ def run_clone(args, ctx) -> int:
     # The size at that point (a read-only open rebuilds the map; metadata only).
     with ctx.open_volume(args.volume, at_seq=target) as src:
         size = src.size
-    parent = {"volume": config.name, "volume_id": config.volume_id, "seq": target}
-    store.put(names.clone_ref_key(config.name, args.new_volume),
-              json.dumps({"clone": args.new_volume, "seq": target,
-                          "created": time.time()}).encode())
-    create_volume(store, args.new_volume, size, block_size=config.block_size,
-                  flush_mode=config.flush_mode, segment_size=config.segment_size,
-                  retain_seconds=config.retain_seconds, parent=parent)
+    create_clone(store, config, args.new_volume, target, size=size, cache_root=ctx.cache_dir)
     ui.err.print(f"cloned [bold]{args.volume}[/] at seq {target} as [bold]{args.new_volume}[/] "
                  "(no data copied)")
     return 0

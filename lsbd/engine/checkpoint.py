@@ -21,7 +21,7 @@ import attrs
 from lsbd import names
 from lsbd.checksum import masked_crc
 from lsbd.engine.blockmap import STORED, Extent, SegmentInfo
-from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound, StoreError
+from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)

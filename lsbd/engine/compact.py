@@ -82,14 +82,14 @@ def checkpoint_refs(volume, seq: int) -> set[int]:
     return {e.seq for e in ckpt.read_extents(volume.store, manifest)}
 
 
-def ensure_checkpoint_at(volume, seq: int) -> None:
+def ensure_checkpoint_at(store, volume: str, seq: int, *, cache_root: str) -> None:
     """A kept point needs a checkpoint at exactly its seq: build one from
-    the history if it is missing (it is rebuilt while its segments exist)."""
-    if seq <= 0 or seq in ckpt.list_checkpoints(volume.store, volume.name):
+    the history if it is missing (it can be rebuilt while its segments exist)."""
+    if seq <= 0 or seq in ckpt.list_checkpoints(store, volume):
         return
     from lsbd.engine.volume import Volume
 
-    with Volume.open(volume.store, volume.name, cache_root=volume.cache_root, at_seq=seq) as past:
+    with Volume.open(store, volume, cache_root=cache_root, at_seq=seq) as past:
         past.write_checkpoint_here()
 
 
@@ -116,7 +116,7 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     pinned_refs: set[int] = set()
     for p in sorted(kept):
         if not dry_run:
-            ensure_checkpoint_at(volume, p)
+            ensure_checkpoint_at(store, volume.name, p, cache_root=volume.cache_root)
         if p in ckpt.list_checkpoints(store, volume.name):
             pinned_refs |= checkpoint_refs(volume, p)
 
@@ -151,7 +151,7 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     kept = {p for p in points if p <= window} | ({window} if window else set())
     needed = {s for s, i in infos.items() if i.live_blocks > 0} | {s for s in stored if s > window}
     for p in sorted(kept):
-        ensure_checkpoint_at(volume, p)
+        ensure_checkpoint_at(store, volume.name, p, cache_root=volume.cache_root)
         needed |= checkpoint_refs(volume, p)
     stored = store_segment_seqs(store, volume.name)
     doomed = deletable_segments(

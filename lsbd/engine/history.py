@@ -91,6 +91,29 @@ def delete_snapshot(store: Store, config: VolumeConfig, name: str) -> None:
     store.delete(names.snapshot_key(config.name, name))
 
 
+def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, size: int,
+                 cache_root: str) -> VolumeConfig:
+    """A new writable volume whose first state is `source` at `seq`.  No data
+    is copied: a checkpoint at `seq` pins the segments it uses, and a
+    reference object tells the source's compaction that a clone needs them."""
+    from lsbd.engine.compact import ensure_checkpoint_at
+    from lsbd.engine.config import create_volume
+
+    names.check_volume_name(name)
+    if store.exists(names.config_key(name)):
+        from lsbd.errors import VolumeExists
+
+        raise VolumeExists(f"volume {name!r} already exists in {store.url}")
+    ensure_checkpoint_at(store, source.name, seq, cache_root=cache_root)
+    store.put(names.clone_ref_key(source.name, name),
+              json.dumps({"clone": name, "seq": seq, "created": time.time()}).encode())
+    parent = {"volume": source.name, "volume_id": source.volume_id, "seq": seq}
+    return create_volume(store, name, size, block_size=source.block_size,
+                         flush_mode=source.flush_mode, segment_size=source.segment_size,
+                         seal_interval=source.seal_interval,
+                         retain_seconds=source.retain_seconds, parent=parent)
+
+
 # --- points in time -----------------------------------------------------------
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhdw])$")

@@ -1,0 +1,122 @@
+"""`lsbd serve VOLUME [VOLUME...]`: the NBD front end.
+
+Each volume is an export named after it; the default export (an empty name)
+is the first volume.  One line on stderr says where it is served once the
+server accepts connections.  SIGINT or SIGTERM stops accepting, finishes the
+requests in flight, flushes and closes every volume, and exits 0.
+See docs/nbd.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from urllib.parse import quote
+
+from lsbd.errors import UserError
+
+FLUSH_MODES = ("journal", "store")
+DEFAULT_HOST = "127.0.0.1"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve volumes over NBD",
+        description="Serve each VOLUME as an NBD export of the same name (the first one is "
+                    "also the default export) until interrupted. Default: TCP "
+                    f"{DEFAULT_HOST}:10809.")
+    p.add_argument("volumes", nargs="+", metavar="VOLUME")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
+    where.add_argument("--host", default=None,
+                       help=f"TCP address to listen on (default {DEFAULT_HOST}; "
+                            "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=None,
+                   help="TCP port (default 10809; 0 picks a free one)")
+    p.add_argument("--read-only", action="store_true", help="export read-only")
+    p.add_argument("--break-lease", action="store_true",
+                   help="take over volumes whose writer died without releasing them")
+    p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
+                   help="journal: FLUSH returns once the local journal is durable (default); "
+                        "store: once the data is in the store")
+    p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def nbd_uri(export: str, *, socket_path: str | None = None, host: str = DEFAULT_HOST,
+            port: int = 10809) -> str:
+    """The NBD URI of `export` (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md)."""
+    name = quote(export, safe="")
+    if socket_path is not None:
+        return f"nbd+unix:///{name}?socket={quote(socket_path, safe='/')}"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/{name}"
+
+
+def open_exports(args: argparse.Namespace, ctx) -> dict:
+    """Export name -> open volume.  (Read-only points in time or snapshots
+    would be added here as more BlockDevices.)"""
+    if len(set(args.volumes)) != len(args.volumes):
+        raise UserError("a volume is named twice")
+    exports: dict = {}
+    try:
+        for name in args.volumes:
+            exports[name] = ctx.open_volume(name, read_only=args.read_only,
+                                            break_lease=args.break_lease,
+                                            flush_mode=args.flush_mode)
+    except BaseException:
+        close_exports(exports)
+        raise
+    return exports
+
+
+def close_exports(exports: dict) -> int:
+    """Flush and close every volume; returns how many failed."""
+    failed = 0
+    for name, volume in exports.items():
+        try:
+            if not volume.read_only:
+                volume.flush()
+            volume.close()
+        except Exception as e:
+            print(f"lsbd: closing {name} failed: {e}", file=sys.stderr)
+            failed += 1
+    return failed
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    from lsbd_nbd import DEFAULT_PORT, NBDServer
+
+    if args.socket is not None and args.port is not None:
+        raise UserError("--port goes with TCP, not with --socket")
+    exports = open_exports(args, ctx)
+    server = None
+    try:
+        server = NBDServer(exports, default_export=args.volumes[0], workers=args.workers)
+        if args.socket is not None:
+            path = server.listen_unix(args.socket)
+            uris = [nbd_uri(name, socket_path=path) for name in exports]
+        else:
+            host, port = server.listen_tcp(args.host or DEFAULT_HOST,
+                                           DEFAULT_PORT if args.port is None else args.port)
+            uris = [nbd_uri(name, host=host, port=port) for name in exports]
+
+        def stop(signum, frame) -> None:
+            server.stop()
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        where = ", ".join(f"{name} on {uri}" for name, uri in zip(exports, uris))
+        print(f"lsbd: serving {where}", file=sys.stderr, flush=True)
+        server.serve_forever()
+        print("lsbd: stopping: finishing requests in flight", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            server.close()
+        failed = close_exports(exports)
+    if failed:
+        return 1
+    print("lsbd: volumes flushed and closed", file=sys.stderr, flush=True)
+    return 0
