@@ -9,7 +9,7 @@ from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import create_volume, load_config, save_config
 from lsbd.engine.history import (
-    changed_ranges, create_clone, format_time, list_snapshots, plan_restore, segment_times,
+    changed_ranges, create_clone, format_time, recoverable, list_snapshots, plan_restore, segment_times,
 )
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError, VolumeExists
@@ -104,7 +104,14 @@ def run_log(args, ctx) -> int:
                          "snapshots": sorted(n for s in run for n in snaps.get(s, []))})
             run.clear()
 
-    for seq in sorted(times):
+    isolated, window, _top = recoverable(checkpoints, sizes, base=config.base_seq)
+    snap_times = {s.seq: s.created * 1e9 for s in list_snapshots(store, config)}
+    for seq in isolated:
+        # Kept only as a checkpoint (a snapshot or clone base outside the window).
+        t = times.get(seq) or snap_times.get(seq) or 0
+        rows.append({"first": seq, "last": seq, "segments": 0, "bytes": 0, "from": t / 1e9,
+                     "to": t / 1e9, "checkpoints": [seq], "snapshots": snaps.get(seq, [])})
+    for seq in sorted(s for s in times if s >= window):
         # A new line after a checkpoint, a snapshot, or a pause of 10 minutes.
         if run and (times[seq] - times[run[-1]] > 600e9 or run[-1] in checkpoints
                     or run[-1] in snaps):

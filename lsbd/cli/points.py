@@ -7,7 +7,10 @@ from __future__ import annotations
 import time
 
 from lsbd.engine.config import VolumeConfig
-from lsbd.engine.history import BadPoint, parse_time, read_snapshot, segment_times, seq_at
+from lsbd.engine.checkpoint import list_checkpoints
+from lsbd.engine.history import (
+    BadPoint, parse_time, plan_restore, read_snapshot, segment_times, seq_at,
+)
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError
 
@@ -36,11 +39,21 @@ def resolve(store, config: VolumeConfig, *, snapshot: str | None = None, seq: in
     if seq is not None:
         if seq < 0 or seq > top:
             raise BadPoint(f"volume {config.name} has no seq {seq} (its newest is {top})")
-        return seq
+        return _recoverable(store, config, seq)
     if at is not None:
         when = parse_time(at)
-        return seq_at(segment_times(store, config), when, created=config.created, now=time.time())
+        found = seq_at(segment_times(store, config), when, created=config.created, now=time.time())
+        return _recoverable(store, config, found)
     return None
+
+
+def _recoverable(store, config: VolumeConfig, seq: int) -> int:
+    """`seq`, if its state can still be rebuilt (compaction may have removed it)."""
+    if seq <= config.base_seq:
+        return seq
+    plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
+                 seq, base=config.base_seq)
+    return seq
 
 
 def resolve_args(store, config: VolumeConfig, args) -> int | None:

@@ -212,12 +212,35 @@ def plan_restore(checkpoints: Iterable[int], segments: dict[int, int], target: i
     needed = list(range(start + 1, target + 1))
     missing = [s for s in needed if s not in segments]
     if missing:
-        raise BadPoint(f"seq {target:016x} cannot be rebuilt: segment {missing[0]:016x} is no "
-                       "longer in the store")
+        raise BadPoint(f"seq {target} can no longer be rebuilt: segment {missing[0]:016x} was "
+                       "reclaimed (outside the retention window, and no snapshot keeps it)")
     # An index is at most a few per cent of its segment; reading the tail costs one GET.
     index_bytes = sum(min(segments[s], 64 * 1024) for s in needed)
     return RestorePlan(target=target, checkpoint=start if usable else None, segments=needed,
                        index_bytes=index_bytes)
+
+
+def recoverable(checkpoints: Iterable[int], segments: Iterable[int], *, base: int = 0
+                ) -> tuple[list[int], int, int]:
+    """What history can still be rebuilt.  Pure.
+
+    Returns (isolated points, window start, top): every seq in [window start,
+    top] is recoverable (a checkpoint at or before it and every segment after
+    it exist), and so is every isolated point (a checkpoint of its own, kept
+    for a snapshot or a clone after compaction removed its neighbours)."""
+    segs = set(segments)
+    cps = sorted(c for c in checkpoints if c >= base)
+    top = max(segs | set(cps) | {base})
+    # Walk down from the top while segments are unbroken.
+    start = top
+    while start > base and start in segs:
+        start -= 1
+    # `start` is the first seq whose segment is missing (or base): the window
+    # begins there if a checkpoint (or the empty/base state) is there.
+    while start < top and start not in cps and start != base:
+        start += 1
+    isolated = [c for c in cps if c < start]
+    return isolated, start, top
 
 
 def changed_ranges(old: Iterable[tuple], new: Iterable[tuple], *,
