@@ -16,7 +16,7 @@ from lsbd.errors import LsbdError
 # working while a front end's dependencies are absent.
 COMMANDS = [
     "create", "list", "info", "delete", "import_export", "checkpoint", "verify",
-    "snapshot", "history", "compact", "serve", "mount",
+    "snapshot", "history", "compact", "resize_stats", "serve", "mount",
 ]
 
 

@@ -6,6 +6,8 @@ Protocol: one JSON object per line each way.
   {"op": "snapshot", "name": "s1"}  ->  {"ok": true, "seq": 12}
   {"op": "checkpoint"}              ->  {"ok": true, "seq": 12}
   {"op": "flush"}                   ->  {"ok": true, "seq": 12}
+  {"op": "resize", "size": 1073741824} ->  {"ok": true, "seq": 12}
+  {"op": "stats"}                   ->  {"ok": true, "report": {...}}
   {"op": "compact", "threshold": 0.6, "dry_run": false}  ->  {"ok": true, "report": {...}}
   anything failing                  ->  {"ok": false, "error": "one line"}
 """
@@ -67,6 +69,11 @@ class ControlServer:
             return self.volume.checkpoint()
         if op == "flush":
             return self.volume.flush_to_store()
+        if op == "resize":
+            self.volume.resize(int(request["size"]))
+            return self.volume.applied_seq
+        if op == "stats":
+            return self.volume.usage()
         if op == "compact":
             report = self.volume.compact(threshold=float(request.get("threshold", 0.6)),
                                          dry_run=bool(request.get("dry_run")))

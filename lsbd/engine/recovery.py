@@ -109,7 +109,10 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
             manifest = ckpt.read_manifest(store, volume, cp_seq)
             if manifest.volume_id != config.volume_id:
                 raise CorruptionError("checkpoint of another volume")
-            bm.load(ckpt.read_extents(store, manifest), ckpt.read_segments(store, manifest),
+            # Its segment table may name segments compaction deleted since.
+            segments = [s for s in ckpt.read_segments(store, manifest)
+                        if s.seq in stored or s.seq <= config.base_seq]
+            bm.load(ckpt.read_extents(store, manifest), segments,
                     applied_seq=str(cp_seq).encode(), size=str(manifest.volume_size).encode())
             break
         except (CorruptionError, ObjectNotFound) as e:

@@ -775,6 +775,21 @@ class Volume:
             return compact(self, threshold=threshold, dry_run=dry_run, rate=rate,
                            progress=progress)
 
+    def usage(self) -> dict:
+        """Counters and space accounting, for `lsbd stats`."""
+        infos = self._map.segments()
+        data = {
+            "volume": self.name, "size": self._size, "applied_seq": self._applied,
+            "durable_seq": self._uploader.durable_seq if self._uploader else self._applied,
+            "uploads_pending": self._uploader.pending if self._uploader else 0,
+            "segments": len(infos), "segment_bytes": sum(i.size for i in infos),
+            "live_bytes": sum(i.live_blocks for i in infos) * self.block_size,
+            "extents": self._map.extent_count(), "last_checkpoint": self._last_checkpoint,
+            "flush_mode": self.flush_mode,
+        }
+        data.update(self.stats)
+        return data
+
     def segment_infos(self) -> list[SegmentInfo]:
         return self._map.segments()
 
