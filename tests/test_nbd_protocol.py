@@ -524,9 +524,10 @@ def test_slow_kinds_move_to_the_pool_by_themselves(volumes):
 def test_overlapping_writes_keep_their_order(volumes):
     vol = volumes["vol"]
     vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0
-    with running_server(volumes, offload_after=0) as srv:
+    with running_server(volumes) as srv:
         c = connected(srv)
-        first = c.request(p.CMD_WRITE, 0, 8192, data=b"A" * 8192)        # slow
+        # FUA sends the first write to the pool, where it takes a while.
+        first = c.request(p.CMD_WRITE, 0, 8192, data=b"A" * 8192, flags=p.CMD_FLAG_FUA)
         second = c.request(p.CMD_WRITE, 4096, 4096, data=b"B" * 4096)    # overlaps
         zero = c.request(p.CMD_WRITE_ZEROES, 6000, 100)                  # overlaps both
         read = c.request(p.CMD_READ, 0, 8192)                            # sees all three

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from lsbd.engine.api import BlockDevice
 from lsbd_nbd.errors import Disconnect, ProtocolError
 from lsbd_nbd.handshake import Handshake
-from lsbd_nbd.dispatch import OffloadPolicy
+from lsbd_nbd.dispatch import ReadPolicy
 from lsbd_nbd.transmission import Connection
 
 log = logging.getLogger("lsbd.nbd")
@@ -58,23 +58,22 @@ class SocketStream:
 class NBDServer:
     """Serve `exports` over NBD.
 
-    offload_after: an engine call that waits (for the store, a disk, a lock)
-    longer than this many seconds is slow; kinds of request that are often
-    slow run on the worker pool, several in flight per connection, the
-    others on the connection's own thread (see dispatch.py).  0 sends every
-    request to the pool.
+    offload_after: a READ that blocks (on the store, a disk) longer than this
+    many seconds is slow; while reads are often slow they run on the worker
+    pool, several in flight per connection, otherwise on the connection's
+    own thread (see dispatch.py).  0 runs every read on the pool.
     """
 
     def __init__(self, exports: MutableMapping[str, BlockDevice] | None = None, *,
                  default_export: str | None = None, workers: int = 32,
-                 offload_after: float = 0.001, handshake_timeout: float = 30.0):
+                 offload_after: float = 0.002, handshake_timeout: float = 30.0):
         # Not copied: the caller may add and remove exports in it too.
         self.exports: MutableMapping[str, BlockDevice] = exports if exports is not None else {}
         self._default = default_export
         self.offload_after = offload_after
         self.handshake_timeout = handshake_timeout
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
-        self._policies: dict[str, OffloadPolicy] = {}   # per export name
+        self._policies: dict[str, ReadPolicy] = {}     # per export name
         self._listeners: list[tuple[socket.socket, str | None]] = []   # (socket, unix path)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -100,11 +99,11 @@ class NBDServer:
             return self._default
         return next(iter(self.exports), None)
 
-    def _policy_for(self, export_name: str) -> OffloadPolicy:
+    def _policy_for(self, export_name: str) -> ReadPolicy:
         with self._lock:
             policy = self._policies.get(export_name)
             if policy is None:
-                policy = self._policies[export_name] = OffloadPolicy(self.offload_after)
+                policy = self._policies[export_name] = ReadPolicy(self.offload_after)
             return policy
 
     # --- listening -------------------------------------------------------------

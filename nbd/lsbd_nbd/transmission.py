@@ -1,8 +1,8 @@
 """The transmission phase of one connection: read requests, validate each
 once, run it on the engine, send the reply.
 
-Requests run on the connection's thread or on the server's pool, as
-dispatch.OffloadPolicy decides; replies are sent as requests complete, so
+Requests run on the connection's thread or on the server's pool (see
+dispatch.py); replies are sent as requests complete, so
 they may go out in another order than the requests came.  A request that
 overlaps a write still running on the pool waits for that write, so
 overlapping requests of one connection take effect in the order they were
@@ -20,18 +20,17 @@ from concurrent.futures import Executor
 
 from lsbd.engine.api import MAX_REQUEST
 from lsbd_nbd import protocol as p
-from lsbd_nbd.dispatch import K_READ, K_STATUS, K_WRITE, K_ZERO, OffloadPolicy
+from lsbd_nbd.dispatch import ReadPolicy
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
 
 log = logging.getLogger("lsbd.nbd")
 
-_KIND = {p.CMD_READ: K_READ, p.CMD_WRITE: K_WRITE, p.CMD_TRIM: K_ZERO,
-         p.CMD_WRITE_ZEROES: K_ZERO, p.CMD_BLOCK_STATUS: K_STATUS}
 _WRITES = frozenset((p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES))
 
-#: The largest range one BLOCK_STATUS asks the engine about, and the most
-#: descriptors one reply carries (the client asks again for the rest).
+#: The largest range one BLOCK_STATUS reply covers (asked of the engine in
+#: MAX_REQUEST pieces), and the most descriptors one reply carries (the
+#: client asks again for the rest).
 MAX_STATUS_LENGTH = 1 << 30
 MAX_STATUS_DESCRIPTORS = 1 << 14
 #: A WRITE longer than MAX_BLOCK is refused; its payload is read and dropped
@@ -76,10 +75,11 @@ class _Pooled:
 
 class Connection:
     def __init__(self, sock: socket.socket, session: Session, *,
-                 pool: Executor, policy: OffloadPolicy, peer: str = ""):
+                 pool: Executor, policy: ReadPolicy, peer: str = ""):
         self.sock = sock
         self.session = session
         self.device = session.device
+        self.read_only = bool(session.flags & p.FLAG_READ_ONLY)
         self.pool = pool
         self.policy = policy
         self.peer = peer
@@ -163,18 +163,16 @@ class Connection:
         validate = self.validate
         perform = self.perform
         policy = self.policy
-        pool_until = policy.pool_until
-        precise = policy.precise
         record = policy.record
         measure = policy.measure
         clock = time.perf_counter
         request_magic = p.REQUEST_MAGIC
         max_block = p.MAX_BLOCK
+        cmd_read = p.CMD_READ
         cmd_write = p.CMD_WRITE
         cmd_disc = p.CMD_DISC
         cmd_flush = p.CMD_FLUSH
         fua_flag = p.CMD_FLAG_FUA
-        kinds = _KIND
         gather_above = _GATHER_ABOVE
         while not self.broken:
             if self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
@@ -206,21 +204,23 @@ class Connection:
             if self.writes_in_pool and cmd != cmd_flush:
                 if self._queue_behind_overlaps(cmd, flags, handle, offset, length, data):
                     continue
-            now = clock()
-            if cmd == cmd_flush or flags & fua_flag:
+            if cmd == cmd_read:
+                now = clock()
+                if now < policy.pool_until:
+                    self._submit(_Pooled(cmd, flags, handle, offset, length, data))
+                    continue
+                if policy.precise:
+                    head, payload = measure(now, perform, cmd, flags, handle, offset, length,
+                                            data)
+                else:
+                    head, payload = perform(cmd, flags, handle, offset, length, data)
+                    done = clock()
+                    record(done - now, False, done)
+            elif cmd == cmd_flush or flags & fua_flag:
                 self._submit(_Pooled(cmd, flags, handle, offset, length, data))
                 continue
-            kind = kinds[cmd]
-            if now < pool_until[kind]:
-                self._submit(_Pooled(cmd, flags, handle, offset, length, data))
-                continue
-            if precise[kind]:
-                head, payload = measure(kind, now, perform, cmd, flags, handle, offset,
-                                        length, data)
             else:
                 head, payload = perform(cmd, flags, handle, offset, length, data)
-                done = clock()
-                record(kind, done - now, False, done)
             pending.append(head)
             if payload is not None:
                 if len(payload) > gather_above:
@@ -322,7 +322,6 @@ class Connection:
         try:
             reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
                                  req.data)
-            req.data = None
             try:
                 self.send(reply)
             except OSError:
@@ -357,7 +356,8 @@ class Connection:
                 if length:
                     device.write(offset, data, fua=fua)
             elif cmd == p.CMD_FLUSH:
-                device.flush()
+                if not self.read_only:       # nothing to make durable otherwise
+                    device.flush()
             elif cmd == p.CMD_WRITE_ZEROES:
                 # lsbd stores zeroes as map entries, never as data, and a
                 # later write to a zeroed range costs the same as to any
@@ -409,23 +409,27 @@ class Connection:
             6 + len(raw), err, len(raw)) + raw, None
 
     def block_status_reply(self, handle: int, flags: int, offset: int, length: int) -> Reply:
-        runs = self.device.allocation(offset, min(length, MAX_STATUS_LENGTH))
         limit = 1 if flags & p.CMD_FLAG_REQ_ONE else MAX_STATUS_DESCRIPTORS
         hole = p.STATE_HOLE | p.STATE_ZERO
         words = [p.META_BASE_ALLOCATION_ID]
         pos = offset
-        for run in runs:
-            if run.offset != pos or run.length <= 0:
-                raise RuntimeError(f"engine allocation map is not contiguous at {pos}")
-            status = 0 if run.allocated else hole
-            if len(words) > 1 and words[-1] == status:
-                words[-2] += run.length
-            elif len(words) > 2 * limit:
+        end = offset + min(length, MAX_STATUS_LENGTH)
+        while pos < end and len(words) <= 2 * limit:
+            # The engine answers for at most MAX_REQUEST bytes per call.
+            for run in self.device.allocation(pos, min(end - pos, MAX_REQUEST)):
+                if run.offset != pos or run.length <= 0:
+                    raise RuntimeError(f"engine allocation map is not contiguous at {pos}")
+                status = 0 if run.allocated else hole
+                if len(words) > 1 and words[-1] == status:
+                    words[-2] += run.length
+                elif len(words) > 2 * limit:
+                    break
+                else:
+                    words.append(run.length)
+                    words.append(status)
+                pos += run.length
+            if limit == 1:
                 break
-            else:
-                words.append(run.length)
-                words.append(status)
-            pos += run.length
         if len(words) == 1:
             raise RuntimeError("engine allocation map is empty")
         if limit == 1:
