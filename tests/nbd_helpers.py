@@ -304,3 +304,124 @@ class Background:
         if self.error:
             raise AssertionError(f"background client failed: {self.error!r}")
         assert self.rounds >= min_rounds, "background client made no progress"
+
+
+# --- `lsbd serve` as a subprocess, over a local store -------------------------------
+
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+READY = re.compile(r"^lsbd: serving (.*)$")
+
+
+class LsbdStore:
+    """A file:// store and a cache dir, driven through the `lsbd` command."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.store = os.path.join(root, "store")
+        self.cache = os.path.join(root, "cache")
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store}",
+                "--cache-dir", self.cache, *args]
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, check=check,
+                              timeout=120)
+
+    def create(self, name: str, size: str) -> None:
+        self.run("create", name, "--size", size)
+
+    def serve(self, *volumes: str, options: tuple[str, ...] = ()) -> LsbdServe:
+        return LsbdServe(self, volumes, options)
+
+
+class LsbdServe:
+    """`lsbd serve VOLUMES --socket PATH` (or with the TCP options given)."""
+
+    def __init__(self, env: LsbdStore, volumes: tuple[str, ...], options: tuple[str, ...]):
+        self.env = env
+        self.dir = short_tempdir()
+        self.socket_path = os.path.join(self.dir, "nbd.sock")
+        tcp = "--port" in options or "--host" in options
+        argv = env.argv("serve", *volumes, *options,
+                        *(() if tcp else ("--socket", self.socket_path)))
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                                     stdout=subprocess.DEVNULL)
+        self.lines: list[str] = []
+        self.ready_line: str | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(60):
+            self.proc.kill()
+            raise AssertionError(f"lsbd serve did not get ready: {self.stderr()}")
+        if self.ready_line is None:
+            raise AssertionError(f"lsbd serve failed: {self.stderr()}")
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if self.ready_line is None and READY.match(line):
+                self.ready_line = line.rstrip("\n")
+                self._ready.set()
+        self._ready.set()
+
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd+unix:///{export}?socket={self.socket_path}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the server and wait; returns its exit code."""
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LsbdServe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def run_tool(*argv: str, timeout: float = 120, cwd: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run a client tool; on failure the assertion shows its output."""
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def libnbd_python(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a script with Debian's python3 and its libnbd binding (it cannot be
+    imported into the test's own interpreter), from outside the repository so
+    that nothing there shadows the binding's `nbd` module."""
+    return run_tool("/usr/bin/python3", "-c", script, *args, timeout=timeout, cwd="/")
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
