@@ -1,0 +1,171 @@
+"""`lsbd mount`: start serving, in the foreground or as a background process.
+
+In the background the command forks a child that opens the volume (the
+engine starts threads, which must not be forked) and mounts; the parent waits
+on a pipe for one line: ``ok`` once the mount is up, or ``error: MESSAGE``.
+So the command returns only when the mount is usable, and a failure (lease
+held, busy mount point, no /dev/fuse, ...) is one line and a non-zero exit.
+The child's log goes to a file next to its pid file (see `mounts`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+from lsbd.errors import LsbdError
+from lsbd_fuse.mounts import MountError, check_can_mount, log_path
+from lsbd_fuse.options import DIRECT_IO
+from lsbd_fuse.serve import serve
+from lsbd_fuse.tree import Image
+
+log = logging.getLogger("lsbd.fuse")
+
+Opener = Callable[[], Mapping[str, Image]]
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the user."""
+    if isinstance(exc, LsbdError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
+        read_only: bool = False, direct_io: bool = DIRECT_IO,
+        finalizer: Callable[[], None] | None = None, debug: bool = False) -> int:
+    """Open the images with `opener` and serve them on `mountpoint`.
+
+    Foreground: serve in this process until unmounted; returns its exit code.
+    Background: return 0 once the mount is ready (the serving process goes on),
+    or raise MountError with the reason it could not start.
+    """
+    mnt = check_can_mount(mountpoint)
+    if foreground:
+        try:
+            images = opener()
+            return serve(images, mnt, name=name, read_only=read_only, direct_io=direct_io,
+                         debug=debug, on_ready=lambda: log.info(
+                             "mounted %s on %s; stop with `lsbd umount %s`", name, mnt, mnt))
+        finally:
+            if finalizer is not None:
+                finalizer()
+    return _start_background(opener, mnt, name=name, read_only=read_only,
+                             direct_io=direct_io, finalizer=finalizer, debug=debug)
+
+
+def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
+                      direct_io: bool, finalizer: Callable[[], None] | None,
+                      debug: bool) -> int:
+    logfile = log_path(mnt)
+    os.makedirs(os.path.dirname(logfile), mode=0o700, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the serving process
+        code = 1
+        try:
+            os.close(r)
+            code = _child(w, opener, mnt, name=name, read_only=read_only, direct_io=direct_io,
+                          logfile=logfile, finalizer=finalizer, debug=debug)
+        except BaseException:  # noqa: BLE001 - never return into the parent's code
+            try:
+                log.exception("the mount process failed")
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "ok":
+        return 0
+    if line.startswith("error: "):
+        _reap(pid)
+        raise MountError(line[len("error: "):])
+    status = _reap(pid)
+    raise MountError(f"the mount process died before the mount was ready ({status}); "
+                     f"see {logfile}")
+
+
+def _reap(pid: int) -> str:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _detach(logfile: str) -> None:
+    """Leave the terminal and the caller's pipes: stdin from /dev/null,
+    stdout and stderr (ours and libfuse's) to the log file."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
+    os.close(out)
+    os.chdir("/")
+    root = logging.getLogger()
+    fmt = logging.Formatter(f"%(asctime)s lsbd[{os.getpid()}]: %(levelname)s: %(message)s")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        # Mount, unmount and close are worth a line in the log whatever -v says.
+        logging.getLogger("lsbd.fuse").setLevel(logging.INFO)
+
+
+def _child(w: int, opener: Opener, mnt: str, *, name: str, read_only: bool, direct_io: bool,
+           logfile: str, finalizer: Callable[[], None] | None, debug: bool) -> int:
+    _detach(logfile)
+    told = False
+
+    def tell(line: str) -> None:
+        nonlocal told
+        if told:
+            return
+        told = True
+        try:
+            os.write(w, (line.replace("\n", " ") + "\n").encode())
+            os.close(w)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+
+    try:
+        try:
+            images = opener()
+        except Exception as e:  # noqa: BLE001 - report it to the waiting parent
+            log.error("cannot open %s: %s", name, describe(e), exc_info=debug)
+            tell(f"error: {describe(e)}")
+            return 1
+        try:
+            return serve(images, mnt, name=name, read_only=read_only, direct_io=direct_io,
+                         log_file=logfile, debug=debug, on_ready=lambda: tell("ok"))
+        except Exception as e:  # noqa: BLE001
+            log.error("%s", describe(e))
+            tell(f"error: {describe(e)}")
+            return 1
+    finally:
+        tell("error: the mount process stopped before the mount was ready")
+        if finalizer is not None:
+            try:
+                finalizer()
+            except Exception:  # noqa: BLE001
+                log.exception("cleanup failed")

@@ -1,0 +1,39 @@
+"""Engine errors to errno values, in one place.
+
+Every FUSE handler runs its engine call through `errno_for`, so no request
+can end with an exception escaping into pyfuse3's main loop (which would take
+the whole mount down)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError
+
+log = logging.getLogger("lsbd.fuse")
+
+
+def errno_for(exc: BaseException, what: str) -> int:
+    """The errno to answer the kernel with for `exc`, logging it once.
+
+    `what` names the request ("write VOL.img at 4096+512") for the log line.
+    """
+    if isinstance(exc, InvalidRequest):
+        log.warning("%s: refused: %s", what, exc)
+        return errno.EINVAL
+    if isinstance(exc, ReadOnlyError):
+        return errno.EROFS
+    if isinstance(exc, CorruptionError):
+        # The engine names the segment and offset; say which request hit it.
+        where = f" (object {exc.key}, offset {exc.offset})" if exc.key else ""
+        log.error("%s: stored data failed its checksum%s: %s", what, where, exc)
+        return errno.EIO
+    if isinstance(exc, StoreError):
+        log.error("%s: store error: %s", what, exc)
+        return exc.errno or errno.EIO
+    if isinstance(exc, OSError) and exc.errno:
+        log.error("%s: %s", what, exc)
+        return exc.errno
+    log.error("%s: unexpected error", what, exc_info=exc)
+    return errno.EIO

@@ -1,0 +1,282 @@
+"""Where lsbd mounts are, which process serves each, and how to end one.
+
+A serving process records itself in a pid file named after its mount point,
+in a runtime directory that does not depend on the store or cache dir
+(/run/lsbd for root, else $XDG_RUNTIME_DIR/lsbd or /tmp/lsbd-UID; $LSBD_RUN_DIR
+overrides), so `lsbd umount MOUNTPOINT` needs no other flags.  The record
+holds the pid and the process start time (a recycled pid is not mistaken for
+ours) and, if closing the volume failed, the error.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+
+import attrs
+
+from lsbd.errors import UserError
+
+FSTYPE = "fuse.lsbd"
+
+
+class MountError(UserError):
+    """A mount or unmount could not be done; the message is one line for the user."""
+
+
+# --- paths ---------------------------------------------------------------------
+
+def run_dir() -> str:
+    override = os.environ.get("LSBD_RUN_DIR")
+    if override:
+        return override
+    if os.geteuid() == 0:
+        return "/run/lsbd"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "lsbd") if xdg else f"/tmp/lsbd-{os.getuid()}"
+
+
+def canonical(mountpoint: str) -> str:
+    """The absolute path of a mount point without touching it: a dead FUSE
+    mount answers every stat with ENOTCONN, so only its parent is resolved."""
+    path = os.path.abspath(mountpoint)
+    parent, leaf = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), leaf) if leaf else path
+
+
+def _key(mnt: str) -> str:
+    return hashlib.sha256(mnt.encode()).hexdigest()[:16]
+
+
+def pid_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), _key(canonical(mountpoint)) + ".pid")
+
+
+def log_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), _key(canonical(mountpoint)) + ".log")
+
+
+# --- the mount table -----------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    major_minor: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            a, b = left.split(), right.split()
+            if len(a) < 5 or len(b) < 2:
+                continue
+            entries.append(MountEntry(mountpoint=_unescape(a[4]), fstype=b[0],
+                                      source=_unescape(b[1]), major_minor=a[2]))
+    return entries
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    mnt = canonical(mountpoint)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == mnt:
+            found = entry  # the last one is on top
+    return found
+
+
+# --- pid files -----------------------------------------------------------------
+
+def _start_time(pid: int) -> int | None:
+    """The process start time (clock ticks since boot), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None  # exited, not yet reaped: its work is done
+    return int(fields[19])
+
+
+@attrs.frozen(kw_only=True)
+class Server:
+    pid: int
+    start: int
+    mountpoint: str
+    name: str = ""
+    log: str = ""
+    error: str | None = None
+
+    def alive(self) -> bool:
+        return _start_time(self.pid) == self.start
+
+
+def write_pid_file(mountpoint: str, *, name: str, log: str = "") -> str:
+    path = pid_path(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    me = os.getpid()
+    record = {"pid": me, "start": _start_time(me), "mountpoint": canonical(mountpoint),
+              "name": name, "log": log}
+    tmp = f"{path}.{me}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    return path
+
+
+def record_close_error(mountpoint: str, message: str) -> None:
+    """Leave the error in the pid file for `lsbd umount` to report."""
+    path = pid_path(mountpoint)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        record["error"] = message
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except (OSError, ValueError):
+        pass
+
+
+def remove_pid_file(mountpoint: str) -> None:
+    try:
+        os.unlink(pid_path(mountpoint))
+    except FileNotFoundError:
+        pass
+
+
+def read_pid_file(mountpoint: str) -> Server | None:
+    try:
+        with open(pid_path(mountpoint)) as f:
+            record = json.load(f)
+        return Server(pid=int(record["pid"]), start=int(record["start"] or 0),
+                      mountpoint=record.get("mountpoint", ""), name=record.get("name", ""),
+                      log=record.get("log", ""), error=record.get("error"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- checks before mounting -----------------------------------------------------
+
+def check_can_mount(mountpoint: str) -> str:
+    """Everything that can be checked before opening a volume; returns the
+    canonical mount point or raises MountError with one clear line."""
+    mnt = canonical(mountpoint)
+    try:
+        st = os.stat(mnt)
+    except FileNotFoundError:
+        raise MountError(f"mount point {mnt} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{mnt} is a dead FUSE mount (its server is gone): clean it up "
+                             f"with `fusermount3 -u -z {mnt}` (and detach any loop device "
+                             "on it first)") from None
+        raise MountError(f"mount point {mnt}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {mnt} is not a directory")
+    entry = find_mount(mnt)
+    if entry is not None and entry.mountpoint == mnt:
+        what = "an lsbd mount" if entry.fstype == FSTYPE else f"a {entry.fstype} mount"
+        raise MountError(f"{mnt} is busy: it is already {what}")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except FileNotFoundError:
+        raise MountError("no /dev/fuse: load the fuse module (modprobe fuse) or give the "
+                         "container the device") from None
+    except OSError as e:
+        raise MountError(f"cannot open /dev/fuse: {e.strerror}") from None
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        raise MountError("fusermount3 is missing (install fuse3): it is needed to mount "
+                         "without root")
+    return mnt
+
+
+# --- unmounting -------------------------------------------------------------------
+
+def wait_for_exit(server: Server, timeout: float | None = None,
+                  on_slow: Callable[[Server], None] | None = None) -> bool:
+    """Wait until the serving process is gone; False on timeout."""
+    start = time.monotonic()
+    told = False
+    while server.alive():
+        waited = time.monotonic() - start
+        if timeout is not None and waited > timeout:
+            return False
+        if on_slow is not None and not told and waited > 2.0:
+            on_slow(server)
+            told = True
+        time.sleep(0.05)
+    return True
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True,
+            timeout: float | None = None,
+            on_slow: Callable[[Server], None] | None = None) -> Server | None:
+    """Unmount an lsbd mount and wait until its process has closed the volume.
+
+    Returns the server that was waited for (None if its pid was unknown).
+    """
+    mnt = canonical(mountpoint)
+    entry = find_mount(mnt)
+    if entry is None:
+        raise MountError(f"{mnt} is not mounted")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"{mnt} is not an lsbd mount (it is {entry.fstype})")
+    server = read_pid_file(mnt)
+    if server is not None and not server.alive():
+        server = None
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        cmd = [tool, "-u", *(["-z"] if lazy else []), mnt]
+    else:
+        cmd = ["umount", *(["-l"] if lazy else []), mnt]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        text = msg[-1] if msg else f"{cmd[0]} failed"
+        if "busy" in text.lower():
+            raise MountError(f"{mnt} is busy: the image is still in use (a loop device or an "
+                             "open file); unmount that first, or use --lazy")
+        raise MountError(f"cannot unmount {mnt}: {text}")
+    if server is None or not wait:
+        return server
+    if not wait_for_exit(server, timeout, on_slow):
+        raise MountError(f"unmounted {mnt}, but lsbd (pid {server.pid}) is still closing "
+                         f"the volume after {timeout:g} s")
+    final = _leftover(mnt, server)
+    if final is not None and final.error:
+        remove_pid_file(mnt)
+        raise MountError(f"unmounted {mnt}, but closing the volume failed: {final.error} "
+                         "(the journal in the cache dir still holds the data: mount again "
+                         "to finish the upload)")
+    return server
+
+
+def _leftover(mnt: str, server: Server) -> Server | None:
+    record = read_pid_file(mnt)
+    if record is not None and record.pid == server.pid:
+        return record
+    return None
