@@ -106,6 +106,16 @@ def main() -> int:
         print(f"wrote {len(before)} files in {time.monotonic() - t0:.1f}s")
         sh("df", "-h", EXT4_MNT)
 
+        step("take a snapshot while mounted (free: no data is copied), then change files")
+        lsbd("snapshot", "create", VOLUME, "first")
+        shutil.rmtree(os.path.join(EXT4_MNT, "docs"))
+        with open(os.path.join(EXT4_MNT, "big.bin"), "r+b") as f:
+            f.write(os.urandom(1 << 20))
+        sh("sync")
+        sh("ls", EXT4_MNT)
+        changed = tree_digests(EXT4_MNT)
+        lsbd("snapshot", "list", VOLUME)
+
         step("unmount everything; lsbd uploads what is left and checkpoints the map")
         sh("umount", EXT4_MNT)
         lsbd("umount", FUSE_MNT)
@@ -116,7 +126,7 @@ def main() -> int:
         lsbd("mount", VOLUME, FUSE_MNT)
         sh("mount", "-o", "loop,ro", image, EXT4_MNT)
         after = tree_digests(EXT4_MNT)
-        same = before == after
+        same = changed == after
         print(f"{len(after)} files read back: "
               + ("\033[1;32mall byte-identical\033[0m" if same else "\033[1;31mDIFFERENT\033[0m"))
         sh("umount", EXT4_MNT)
@@ -124,6 +134,20 @@ def main() -> int:
         print("e2fsck -fn: clean")
         lsbd("umount", FUSE_MNT)
         if not same:
+            return 1
+
+        step("the snapshot still holds the files as they were: export it and look inside")
+        snap_image = os.path.join(DATA, "first.img")
+        lsbd("diff", VOLUME, "--from", "first", quiet=True)
+        lsbd("export", VOLUME, snap_image, "--snapshot", "first")
+        sh("mount", "-o", "loop,ro,noload", snap_image, EXT4_MNT)
+        old = tree_digests(EXT4_MNT)
+        sh("umount", EXT4_MNT)
+        print(f"snapshot 'first': {len(old)} files, "
+              + ("\033[1;32mexactly as they were\033[0m" if old == before
+                 else "\033[1;31mDIFFERENT\033[0m"))
+        os.unlink(snap_image)
+        if old != before:
             return 1
 
         step("serve the same volume over NBD and ask an NBD client for its allocation map")
