@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def open_images():
         vol = FakeVolume(args.name, parse_size(args.size), read_only=args.read_only)
-        vol.delay = args.delay
+        if args.delay:
+            vol.delay_for = lambda op, offset: args.delay
         images = {f"{args.name}.img": Image(device=vol, read_only=args.read_only)}
         for snap in args.snapshot:
             images[f"snapshots/{snap}.img"] = Image(

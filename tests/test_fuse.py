@@ -1,0 +1,482 @@
+"""The FUSE front end.
+
+Two tiers: the operations class driven directly (no kernel, no root), then
+real mounts: mkfs.ext4 on the image, loop mounts, files copied, unmounted,
+remounted from an empty cache dir, e2fsck clean; a server killed with
+SIGKILL under load; online growth with resize2fs; fio with verification.
+The real-mount tests need root and /dev/fuse; they skip without them, except
+in CI (CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+pyfuse3 = pytest.importorskip("pyfuse3")
+trio = pytest.importorskip("trio")
+
+from fakes import FakeVolume  # noqa: E402
+from fuse_helpers import (  # noqa: E402
+    WRITER, FuseEnv, alive, content, is_mounted, make_tree, read_writer_log, require_fuse,
+    run, tree_digest,
+)
+
+from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError  # noqa: E402
+from lsbd_fuse.fs import ImageFS  # noqa: E402
+from lsbd_fuse.tree import ROOT_INODE, Image  # noqa: E402
+
+MiB = 1 << 20
+
+
+# --- tier 1: the operations, no kernel -----------------------------------------------
+
+def _fields(**set_) -> types.SimpleNamespace:
+    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
+             "update_gid", "update_size")
+    return types.SimpleNamespace(**{n: set_.get(n, False) for n in names})
+
+
+def _size_attr(size: int) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_size = size
+    return a
+
+
+def _fs(**extra: Image) -> tuple[ImageFS, FakeVolume]:
+    vol = FakeVolume("vol", 8 * MiB)
+    return ImageFS({"vol.img": Image(device=vol), **extra}), vol
+
+
+def _errno(exc_info) -> int:
+    return exc_info.value.errno
+
+
+async def _open(fs: ImageFS, path: bytes, flags: int = os.O_RDWR) -> int:
+    inode = ROOT_INODE
+    for part in path.split(b"/"):
+        inode = (await fs.lookup(inode, part, None)).st_ino
+    return (await fs.open(inode, flags, None)).fh
+
+
+def test_ops_read_write_any_offset_and_the_end():
+    fs, vol = _fs()
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+        assert await fs.write(fh, 4093, b"abcdefgh") == 8           # across a block edge
+        assert await fs.read(fh, 4090, 16) == b"\0\0\0abcdefgh\0\0\0\0\0"
+        assert await fs.read(fh, 8 * MiB - 3, 100) == b"\0\0\0"     # short read at the end
+        assert await fs.read(fh, 8 * MiB, 100) == b""               # EOF
+        assert await fs.write(fh, 8 * MiB - 2, b"xyz") == 2         # short write at the end
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.write(fh, 8 * MiB, b"x")                       # a disk does not grow
+        assert _errno(e) == errno.ENOSPC
+        await fs.release(fh)
+
+    trio.run(main)
+    assert vol.read(8 * MiB - 2, 2) == b"xy"
+
+
+def test_ops_only_grow_and_no_o_trunc():
+    fs, vol = _fs()
+
+    async def main():
+        inode = (await fs.lookup(ROOT_INODE, b"vol.img", None)).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.open(inode, os.O_WRONLY | os.O_TRUNC, None)    # dd without conv=notrunc
+        assert _errno(e) == errno.EINVAL
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.setattr(inode, _size_attr(0), _fields(update_size=True), None, None)
+        assert _errno(e) == errno.EINVAL
+        same = await fs.setattr(inode, _size_attr(8 * MiB), _fields(update_size=True), None, None)
+        assert same.st_size == 8 * MiB
+        grown = await fs.setattr(inode, _size_attr(16 * MiB), _fields(update_size=True),
+                                 None, None)
+        assert grown.st_size == 16 * MiB
+        assert (await fs.getattr(inode, None)).st_size == 16 * MiB
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.setattr(inode, _size_attr(0), _fields(update_mode=True), None, None)
+        assert _errno(e) == errno.EPERM
+
+    trio.run(main)
+    assert vol.size == 16 * MiB
+
+
+@pytest.mark.parametrize("exc, code", [
+    (CorruptionError("bad crc", key="segments/x", offset=4096), errno.EIO),
+    (StoreError("connection reset"), errno.EIO),
+    (StoreError("no space", errno.ENOSPC), errno.ENOSPC),
+    (InvalidRequest("out of range"), errno.EINVAL),
+    (ReadOnlyError("read-only"), errno.EROFS),
+    (RuntimeError("a bug"), errno.EIO),
+])
+def test_ops_engine_errors_become_errno(exc, code):
+    fs, vol = _fs()
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+        vol.fail_next(exc)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.read(fh, 0, 4096)
+        assert _errno(e) == code
+        assert await fs.read(fh, 0, 4096) == bytes(4096)  # and the next request works
+
+    trio.run(main)
+
+
+def test_ops_read_only_images_and_directories():
+    snap = FakeVolume("snap", 4 * MiB, read_only=True)
+    fs, _vol = _fs(**{"snapshots/monday.img": Image(device=snap, read_only=True)})
+
+    async def main():
+        snaps = await fs.lookup(ROOT_INODE, b"snapshots", None)
+        assert snaps.st_mode & 0o170000 == 0o040000
+        entry = await fs.lookup(snaps.st_ino, b"monday.img", None)
+        assert entry.st_size == 4 * MiB and entry.st_mode & 0o777 == 0o444
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.open(entry.st_ino, os.O_RDWR, None)
+        assert _errno(e) == errno.EROFS
+        fh = (await fs.open(entry.st_ino, os.O_RDONLY, None)).fh
+        assert await fs.read(fh, 0, 10) == bytes(10)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.create(ROOT_INODE, b"new", 0o644, os.O_RDWR, None)
+        assert _errno(e) == errno.EPERM
+
+    trio.run(main)
+
+
+def test_ops_flush_and_fsync():
+    fs, vol = _fs()
+
+    async def main():
+        reader = await _open(fs, b"vol.img", os.O_RDONLY)
+        await fs.flush(reader)                   # close(2) of a reader: nothing to make durable
+        assert vol.calls["flush"] == 0
+        writer = await _open(fs, b"vol.img", os.O_WRONLY)
+        await fs.flush(writer)
+        assert vol.calls["flush"] == 1
+        await fs.fsync(reader, True)             # fsync is asked for: always a FLUSH
+        assert vol.calls["flush"] == 2
+
+    trio.run(main)
+
+
+def test_ops_a_slow_engine_call_does_not_stall_the_others():
+    slow = FakeVolume("slow", 4 * MiB)
+    slow.delay_for = lambda op, offset: 1.0
+    fs, _vol = _fs(**{"slow.img": Image(device=slow)})
+    finished = []
+
+    async def main():
+        fast_fh = await _open(fs, b"vol.img")
+        slow_fh = await _open(fs, b"slow.img")
+
+        async def read(name, fh):
+            await fs.read(fh, 0, 4096)
+            finished.append(name)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read, "slow", slow_fh)
+            await trio.sleep(0.05)
+            for _ in range(20):
+                n.start_soon(read, "fast", fast_fh)
+        fs.stop_workers()
+
+    trio.run(main)
+    assert finished[-1] == "slow" and finished.count("fast") == 20
+
+
+# --- tier 2: real mounts ---------------------------------------------------------------
+
+@pytest.fixture
+def fenv(tmp_path, monkeypatch):
+    """A FuseEnv on a file:// store."""
+    require_fuse()
+    # Pid files and logs of these mounts go to the test's own directory.
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    env = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture
+def store_env(tmp_path, monkeypatch, store_url):
+    """A FuseEnv on each store kind (file://, s3:// on the moto server)."""
+    require_fuse()
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    env = FuseEnv(tmp_path, store_url)
+    yield env
+    env.cleanup()
+
+
+@pytest.mark.fuse
+def test_mounted_fake_behaves_like_a_disk_image(fenv):
+    mnt = fenv.tmp / "mnt"
+    fenv.fake(mnt, "--size", "64M", "--snapshot", "old")
+    image = mnt / "vol.img"
+    assert sorted(os.listdir(mnt)) == ["snapshots", "vol.img"]
+    assert image.stat().st_size == 64 * MiB
+    assert os.listdir(mnt / "snapshots") == ["old.img"]
+    assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 128 * MiB
+
+    fd = os.open(image, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"hello", 1000) == 5
+        assert os.pread(fd, 7, 999) == b"\0hello\0"
+        os.fsync(fd)
+        os.fdatasync(fd)
+        assert os.pread(fd, 10, 64 * MiB) == b""
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", 64 * MiB)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+    # The gotchas: O_TRUNC (dd without conv=notrunc, `>`) and shrinking are refused.
+    r = run("dd", "if=/dev/zero", f"of={image}", "bs=4k", "count=1", check=False)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr
+    r = run("dd", "if=/dev/zero", f"of={image}", "bs=4k", "count=1", "seek=1",
+            "conv=notrunc", check=False)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(OSError) as e:
+        os.truncate(image, MiB)
+    assert e.value.errno == errno.EINVAL
+    os.truncate(image, 96 * MiB)
+    assert image.stat().st_size == 96 * MiB
+    with open(image, "rb") as f:
+        f.seek(1000)
+        assert f.read(5) == b"hello"                 # growing kept the data
+
+    with pytest.raises(OSError) as e:
+        (mnt / "other").write_bytes(b"x")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        open(mnt / "snapshots" / "old.img", "r+b")
+    assert e.value.errno == errno.EROFS
+    os.utime(image)                                  # touch works
+
+    pid = fenv.server_pid(mnt)
+    fenv.umount(mnt)
+    assert not alive(pid)
+
+
+@pytest.mark.fuse
+def test_mount_errors_are_one_clear_line(fenv):
+    mnt = fenv.tmp / "mnt"
+    fenv.lsbd("create", "vol", "--size", "64M")
+
+    r = fenv.lsbd("mount", "vol", fenv.tmp / "missing", check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"lsbd: mount point {fenv.tmp / 'missing'} "
+                                             "does not exist"]
+    r = fenv.lsbd("mount", "nosuch", mnt.parent, check=False)   # unknown volume
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+
+    fenv.mount("vol", mnt)
+    r = fenv.lsbd("mount", "vol", mnt, check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"lsbd: {mnt} is busy: it is already an lsbd mount"]
+
+    other = fenv.tmp / "other"
+    other.mkdir()
+    r = fenv.lsbd("mount", "vol", other, check=False)           # the lease is held
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by" in lines[0], r.stderr
+    assert not is_mounted(other)
+
+    r = fenv.lsbd("umount", other, check=False)
+    assert r.returncode != 0 and "not mounted" in r.stderr
+
+    loop = run("losetup", "-f", "--show", mnt / "vol.img").stdout.strip()
+    fenv.loops.append(loop)
+    r = fenv.lsbd("umount", mnt, check=False)                  # a loop device holds the image
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"lsbd: {mnt} is busy: the image is still in use (a loop device or an open file); "
+        "unmount that first, or use --lazy"]
+    assert is_mounted(mnt)
+    run("losetup", "-d", loop)
+    fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_foreground_mount_and_stop_by_signal(fenv):
+    fenv.lsbd("create", "vol", "--size", "64M")
+    mnt = fenv.tmp / "mnt"
+    mnt.mkdir()
+    fenv.fuse_mounts.append(mnt)
+    proc = subprocess.Popen([sys.executable, "-m", "lsbd.cli.main", "--store", fenv.store,
+                             "--cache-dir", str(fenv.cache), "mount", "--foreground", "vol",
+                             str(mnt)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mnt / "vol.img").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the foreground mount never came up"
+            time.sleep(0.05)
+        with open(mnt / "vol.img", "r+b") as f:
+            f.write(b"written in the foreground")
+        proc.send_signal(signal.SIGTERM)                 # stop: detach, flush, close
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not is_mounted(mnt)
+    # The volume was closed cleanly: mounting again needs no takeover, and the data is there.
+    fenv.mount("vol", mnt)
+    with open(mnt / "vol.img", "rb") as f:
+        assert f.read(25) == b"written in the foreground"
+    fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_seed_workflow_survives_an_empty_cache_dir(store_env):
+    """The issue's workflow: create, mount, mkfs.ext4, mount -o loop, copy a
+    tree, unmount both, delete the cache dir, mount again: byte-identical,
+    e2fsck clean."""
+    env = store_env
+    src, mnt, ext = env.tmp / "src", env.tmp / "mnt", env.tmp / "ext"
+    make_tree(src, seed=1)
+    want = tree_digest(src)
+
+    env.lsbd("create", "vol", "--size", "1G")
+    env.mount("vol", mnt)
+    image = mnt / "vol.img"
+    assert image.stat().st_size == 1 << 30
+    env.mkfs(image)
+    env.loop_mount(image, ext)
+    run("cp", "-a", f"{src}/.", ext, timeout=300)
+    env.loop_umount(ext)
+    env.umount(mnt)
+
+    shutil.rmtree(env.cache)
+    env.mount("vol", mnt)
+    run("e2fsck", "-fn", image, timeout=300)          # exit 0: clean
+    env.loop_mount(image, ext, "ro")
+    assert tree_digest(ext) == want
+    env.loop_umount(ext)
+    env.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_sigkill_under_load_keeps_every_synced_file(fenv):
+    mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
+    fenv.lsbd("create", "vol", "--size", "1G")
+    fenv.mount("vol", mnt)
+    image = mnt / "vol.img"
+    fenv.mkfs(image)
+    loop = fenv.loop_mount(image, ext)
+    (ext / "w").mkdir()
+    log = fenv.tmp / "written.log"
+    log.touch()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ext / "w"), str(log)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(read_writer_log(log)) < 20:
+            assert writer.poll() is None, "the writer died"
+            assert time.monotonic() < deadline, "the writer is too slow"
+            time.sleep(0.05)
+        synced = read_writer_log(log)                 # closed before sync started ...
+        run("sync", timeout=120)                      # ... so durable once it returns
+        time.sleep(0.3)                               # still writing
+        assert writer.poll() is None
+        server = fenv.server_pid(mnt)
+        os.kill(server, signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait(60)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+        time.sleep(0.05)                              # gone, and reaped
+
+    fenv.dead_mount_cleanup(ext, loop, mnt)
+    fenv.mount("vol", mnt)                           # replays the journal; takes the lease over
+    # Replay the ext4 journal the way a user would (mount, unmount), then check.
+    fenv.loop_mount(image, ext)
+    fenv.loop_umount(ext)
+    run("e2fsck", "-fn", image, timeout=300)
+    fenv.loop_mount(image, ext, "ro")
+    for index, size in synced:
+        data = (ext / "w" / f"f{index}").read_bytes()
+        assert data == content(index, size), f"synced file f{index} is damaged"
+    fenv.loop_umount(ext)
+    fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_truncate_grows_and_resize2fs_online(fenv):
+    require_fuse("resize2fs")
+    mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
+    fenv.lsbd("create", "vol", "--size", "256M")
+    fenv.mount("vol", mnt)
+    image = mnt / "vol.img"
+    fenv.mkfs(image)
+    loop = fenv.loop_mount(image, ext)
+    (ext / "before").write_bytes(os.urandom(MiB))
+    before = os.statvfs(ext).f_blocks
+
+    run("truncate", "-s", "768M", image)
+    assert image.stat().st_size == 768 * MiB
+    if _has_cap_sys_resource():
+        run("losetup", "-c", loop)                     # the loop device learns the new size
+        run("resize2fs", loop, timeout=300)            # online: ext4 stays mounted
+    else:
+        # ext4's online resize needs CAP_SYS_RESOURCE, which some containers
+        # drop even for root: grow it offline instead (through the image).
+        fenv.loop_umount(ext)
+        run("e2fsck", "-fp", image, timeout=300)
+        run("resize2fs", image, timeout=300)
+        fenv.loop_mount(image, ext)
+    after = os.statvfs(ext).f_blocks
+    assert after > 2.5 * before
+    payload = os.urandom(300 * MiB // 64) * 64         # more than the old size had free
+    (ext / "after").write_bytes(payload)
+    fenv.loop_umount(ext)
+    fenv.umount(mnt)
+
+    fenv.mount("vol", mnt)
+    assert image.stat().st_size == 768 * MiB
+    run("e2fsck", "-fn", image, timeout=300)
+    fenv.loop_mount(image, ext, "ro")
+    assert (ext / "after").read_bytes() == payload
+    fenv.loop_umount(ext)
+    fenv.umount(mnt)
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 24))  # CAP_SYS_RESOURCE
+    return False
+
+
+@pytest.mark.fuse
+def test_fio_verify_on_the_image(fenv):
+    require_fuse("fio")
+    mnt = fenv.tmp / "mnt"
+    fenv.lsbd("create", "vol", "--size", "512M")
+    fenv.mount("vol", mnt)
+    job = ["fio", "--name=verify", f"--filename={mnt / 'vol.img'}", "--direct=1",
+           "--ioengine=libaio", "--iodepth=16", "--rw=randwrite", "--bsrange=4k-256k",
+           "--size=192M", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
+           "--output-format=terse"]
+    run(*job, timeout=300)                             # fio exits non-zero on a mismatch
+    fenv.umount(mnt)
+    # Again after a remount: the same job, only verifying what is stored.
+    fenv.mount("vol", mnt)
+    run(*job, "--verify_only", timeout=300)
+    fenv.umount(mnt)
