@@ -81,12 +81,16 @@ class FakeVolume:
             if length > MAX_REQUEST:
                 raise InvalidRequest("read too large")
             first, last = offset // bs, (offset + length - 1) // bs
-            if length == bs and offset % bs == 0:
-                block = self._blocks.get(first)
-                return block if block is not None else bytes(bs)
+            blocks = self._blocks
+            if offset % bs == 0 and length % bs == 0:
+                if first == last:
+                    block = blocks.get(first)
+                    return block if block is not None else bytes(bs)
+                zero = bytes(bs)
+                return b"".join([blocks.get(i, zero) for i in range(first, last + 1)])
             out = bytearray(length)
             for index in range(first, last + 1):
-                block = self._blocks.get(index)
+                block = blocks.get(index)
                 if block is None:
                     continue
                 start = max(offset, index * bs)
@@ -103,6 +107,14 @@ class FakeVolume:
             self._check(offset, length, write=True)
             if length > MAX_REQUEST:
                 raise InvalidRequest("write too large")
+            if offset % bs == 0 and length % bs == 0:
+                data = bytes(data)
+                first = offset // bs
+                for i in range(length // bs):
+                    self._blocks[first + i] = data[i * bs:(i + 1) * bs]
+                if fua:
+                    self.flushed_calls += 1
+                return
             view = memoryview(data)
             pos = 0
             while pos < length:

@@ -624,3 +624,16 @@ class RunningServerFor:
     def __init__(self, volumes, **kw):
         from nbd_helpers import RunningServer
         self.inner = RunningServer(volumes, **kw)
+
+
+def test_close_cuts_off_a_client_that_does_not_read_its_replies(volumes):
+    srv = RunningServerFor(volumes).inner
+    c = connected(srv)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # Ask for far more reply data than the socket buffers hold, read none.
+    for i in range(64):
+        c.request(p.CMD_READ, 0, 4 * MiB)
+    time.sleep(0.3)
+    start = time.monotonic()
+    srv.server.close(timeout=1)
+    assert time.monotonic() - start < 8

@@ -16,13 +16,14 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 
 from lsbd.engine.api import BlockDevice
+from lsbd_nbd.dispatch import ReadPolicy
 from lsbd_nbd.errors import Disconnect, ProtocolError
 from lsbd_nbd.handshake import Handshake
-from lsbd_nbd.dispatch import ReadPolicy
 from lsbd_nbd.transmission import Connection
 
 log = logging.getLogger("lsbd.nbd")
@@ -209,8 +210,17 @@ class NBDServer:
                 sock.shutdown(socket.SHUT_RD)   # the reader sees EOF; replies still go out
             except OSError:
                 pass
-        for _sock, thread in clients:
-            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for sock, thread in clients:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                # Still stuck, sending to a client that does not read: cut it off.
+                log.warning("a client did not finish within %.0f s; disconnecting it", timeout)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                thread.join(5)
         self.pool.shutdown(wait=True)
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):

@@ -252,20 +252,20 @@ class Connection:
         return 0, end
 
     def _read_large(self, view: memoryview, pos: int, end: int, length: int) -> bytes:
-        """A WRITE payload larger than the receive buffer."""
+        """A WRITE payload larger than the receive buffer: the part already
+        buffered, then the rest straight from the socket."""
         if self.pending:
             self.flush_pending()
-        payload = bytearray(length)
-        got = end - pos
-        payload[:got] = view[pos:end]
-        target = memoryview(payload)
-        recv_into = self.sock.recv_into
-        while got < length:
-            n = recv_into(target[got:])
-            if not n:
+        parts = [view[pos:end].tobytes()] if end > pos else []
+        missing = length - (end - pos)
+        recv = self.sock.recv
+        while missing:
+            chunk = recv(missing, socket.MSG_WAITALL)
+            if not chunk:
                 raise ProtocolError("connection closed inside a WRITE payload")
-            got += n
-        return bytes(payload)
+            parts.append(chunk)
+            missing -= len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _wait_for_pool(self) -> None:
         # Back-pressure: stop reading new requests while the pool holds many.

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""NBD front end benchmark: `lsbd serve` vs nbdkit's file plugin, one run.
+
+    .venv/bin/python bench/nbd_bench.py [--runtime 10] [--size 1G]
+        [--flush-mode journal|store] [--memory] [--json FILE] [--keep]
+
+Every subject gets the same fio jobs through fio's nbd engine (libnbd) at
+iodepth 16 over a Unix socket: sequential 1 MiB writes and reads, random
+4 KiB writes and reads, over the same region, which is first filled with an
+untimed sequential write (a read of a never-written block is answered from
+nothing, which would flatter reads).
+
+Subjects:
+  nbdkit   nbdkit's file plugin on a file in the temporary directory: the C
+           reference server over the same disk, the ceiling for any NBD server.
+  lsbd     `lsbd serve` of a volume in a file:// store in the same directory.
+  memory   (--memory) the lsbd NBD server over an in-memory volume (the test
+           suite's FakeVolume): the protocol layer alone, without the engine.
+
+It prints MiB/s and IOPS per job and the ratios to nbdkit, with the targets
+(random writes >= 1x nbdkit, random reads and sequential >= 0.5x).  Not a
+test: figures are noisy, compare within one run.  Needs fio and nbdkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+JOBS = [
+    # name, fio rw, block size, target ratio to nbdkit
+    ("seq write 1M", "write", "1M", 0.5),
+    ("rand write 4k", "randwrite", "4k", 1.0),
+    ("seq read 1M", "read", "1M", 0.5),
+    ("rand read 4k", "randread", "4k", 0.5),
+]
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, **kw)
+
+
+def fio(uri: str, rw: str, bs: str, *, size: str, runtime: int | None) -> dict:
+    timing = [f"--runtime={runtime}", "--time_based"] if runtime else []
+    r = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--iodepth=16",
+           f"--rw={rw}", f"--bs={bs}", f"--size={size}", *timing, "--randrepeat=0",
+           "--norandommap", "--output-format=json")
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
+    side = job["write" if "write" in rw else "read"]
+    return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} did not appear")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def nbdkit(workdir: str, size: int):
+    image = os.path.join(workdir, "nbdkit.img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    sock = os.path.join(workdir, "nbdkit.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def lsbd(workdir: str, size: int, flush_mode: str):
+    base = [sys.executable, "-m", "lsbd.cli.main", "--store",
+            f"file://{os.path.join(workdir, 'store')}", "--cache-dir",
+            os.path.join(workdir, "cache")]
+    sh(*base, "create", "bench", "--size", str(size), "--flush-mode", flush_mode)
+    sock = os.path.join(workdir, "lsbd.sock")
+    log = open(os.path.join(workdir, "lsbd.log"), "w")
+    proc = subprocess.Popen([*base, "serve", "bench", "--socket", sock],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///bench?socket={sock}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def memory(workdir: str, size: int):
+    sock = os.path.join(workdir, "memory.sock")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-memory", sock,
+                             str(size)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///memory?socket={sock}"
+    finally:
+        stop(proc)
+
+
+def serve_memory(sock: str, size: int) -> None:
+    """The lsbd NBD server over an in-memory volume, until SIGTERM."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from fakes import FakeVolume
+
+    from lsbd_nbd import NBDServer
+
+    server = NBDServer({"memory": FakeVolume("memory", size)})
+    server.listen_unix(sock)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    server.serve_forever()
+    server.close()
+
+
+def run_subject(name: str, uri: str, *, size: str, runtime: int) -> dict[str, dict]:
+    print(f"  {name}", flush=True)
+    out = {"fill": fio(uri, "write", "1M", size=size, runtime=None)}
+    print(f"    {'fill 1M':14} {out['fill']['mib_s']:9.1f} MiB/s (untimed, whole region)",
+          flush=True)
+    for job, rw, bs, _target in JOBS:
+        out[job] = r = fio(uri, rw, bs, size=size, runtime=runtime)
+        print(f"    {job:14} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS", flush=True)
+    return out
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per timed job (default 10)")
+    ap.add_argument("--size", default="1G", help="region fio works on (default 1G)")
+    ap.add_argument("--flush-mode", choices=["journal", "store"], default="journal")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure the NBD server over an in-memory volume")
+    ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--serve-memory", nargs=2, metavar=("SOCKET", "SIZE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_memory:
+        serve_memory(args.serve_memory[0], int(args.serve_memory[1]))
+        return 0
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"nbd_bench: {tool} is needed", file=sys.stderr)
+            return 2
+
+    size = parse_size(args.size)
+    workdir = tempfile.mkdtemp(prefix="lsbd-nbd-bench-", dir="/var/tmp")
+    results: dict[str, dict] = {}
+    try:
+        print(f"fio nbd engine, iodepth 16, {args.size} region, {args.runtime}s per job; "
+              f"work dir {workdir}")
+        subjects = [("nbdkit", lambda: nbdkit(workdir, size)),
+                    ("lsbd", lambda: lsbd(workdir, size, args.flush_mode))]
+        if args.memory:
+            subjects.append(("memory", lambda: memory(workdir, size)))
+        for name, start in subjects:
+            with start() as uri:
+                results[name] = run_subject(name, uri, size=args.size, runtime=args.runtime)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    others = [n for n in results if n != "nbdkit"]
+    print()
+    header = f"{'job':14} {'nbdkit':>14}" + "".join(f" {n:>14} {'ratio':>6}" for n in others)
+    print(header + f" {'target':>7}")
+    for job, rw, _bs, target in JOBS:
+        unit = "iops" if job.startswith("rand") else "mib_s"
+        fmt = (lambda v: f"{v:9.0f} IOPS") if unit == "iops" else (lambda v: f"{v:8.0f} MiB/s")
+        base = results["nbdkit"][job][unit]
+        row = f"{job:14} {fmt(base):>14}"
+        for n in others:
+            value = results[n][job][unit]
+            row += f" {fmt(value):>14} {value / base:6.2f}"
+        print(row + f" {'>= ' + format(target, 'g'):>7}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runtime": args.runtime, "size": args.size, "results": results}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
