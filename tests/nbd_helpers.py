@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,26 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         message = f"missing NBD client tools: {', '.join(missing)}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def require_libnbd_python() -> None:
+    """Debian's python3 with the libnbd binding (python3-libnbd)."""
+    ok = os.path.exists("/usr/bin/python3") and subprocess.run(
+        ["/usr/bin/python3", "-c", "import nbd"], cwd="/", capture_output=True).returncode == 0
+    if not ok:
+        message = "python3-libnbd is missing (/usr/bin/python3 cannot import nbd)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def require_root() -> None:
+    """Loop mounts need root (and /dev/fuse for nbdfuse)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        message = "needs root and /dev/fuse"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -310,7 +331,6 @@ class Background:
 
 import re  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 

@@ -14,8 +14,8 @@ import subprocess
 import time
 
 import pytest
-from nbd_helpers import (LsbdStore, libnbd_python, require_tools, run_tool, short_tempdir,
-                         wait_for)
+from nbd_helpers import (LsbdStore, libnbd_python, require_libnbd_python, require_root,
+                         require_tools, run_tool, short_tempdir, wait_for)
 
 pytestmark = pytest.mark.nbd
 
@@ -219,7 +219,7 @@ print(bad)
 
 
 def test_flush_on_one_connection_survives_sigkill(env):
-    require_tools("nbdinfo")
+    require_libnbd_python()
     env.create("multi", "128M")
     # Flush mode "store": a FLUSH returns once the data is in the store, so
     # the store alone must hold both connections' writes after the crash.
@@ -285,6 +285,7 @@ def _check_tree(root: str, digests: dict[str, str]) -> None:
 
 def test_ext4_on_nbdfuse_is_clean_after_a_restart(env):
     require_tools("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "mount", "umount")
+    require_root()
     env.create("fs", "256M")
     mountpoint = short_tempdir()
     try:

@@ -85,6 +85,7 @@ class NBDServer:
         self._lock = threading.Lock()
         self._clients: dict[socket.socket, threading.Thread] = {}
         self._thread: threading.Thread | None = None
+        self._accepted = 0
 
     # --- exports ---------------------------------------------------------------
 
@@ -244,13 +245,15 @@ class NBDServer:
             return
         except OSError as e:
             log.warning("accept failed: %s", e)
+            time.sleep(0.1)          # out of file descriptors: do not spin
             return
         sock.setblocking(True)
+        self._accepted += 1
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{addr[0]}:{addr[1]}"
         else:
-            peer = "unix"
+            peer = f"unix#{self._accepted}"
         thread = threading.Thread(target=self._client, args=(sock, peer),
                                   name=f"nbd-{peer}", daemon=True)
         with self._lock:
