@@ -620,8 +620,6 @@ def test_compaction_keeps_snapshots_and_clone_bases(fenv):
     assert fenv.export("vol") == model.bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="`--at` a time whose segments compaction reclaimed "
-                   "exports an all-zero image (exit 0) instead of refusing the point")
 def test_at_a_reclaimed_time_is_refused_not_zeros(fenv):
     fenv.ok("create", "vol", "--size", "16M", "--retain", "0")
     model = Model(SIZE)
@@ -660,18 +658,12 @@ def test_export_of_a_clone_before_its_first_write(clone_with_a_quiet_start):
     assert fenv.export("c", "--at", when) == s1.bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="`lsbd restore CLONE --at T`, T before the clone's first "
-                   "own segment, fails: 'seq 0000000000000000 is before this volume's history "
-                   "starts' (seq_at gives 0, not the clone's base seq)")
 def test_restore_of_a_clone_before_its_first_write(clone_with_a_quiet_start):
     fenv, s1, when = clone_with_a_quiet_start
     fenv.ok("restore", "c", "--at", when, "--to", "r")
     assert fenv.export("r") == s1.bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="`lsbd clone CLONE NEW --at T`, T before CLONE's first "
-                   "own segment, records parent seq 0 and NEW can never be opened: 'volume NEW is "
-                   "a clone of CLONE at seq 0, but that volume only reaches <base>'")
 def test_clone_of_a_clone_before_its_first_write(clone_with_a_quiet_start):
     fenv, s1, when = clone_with_a_quiet_start
     proc = fenv.lsbd("clone", "c", "cc", "--at", when)

@@ -4,10 +4,10 @@ import shutil
 
 from lsbd import names
 from lsbd.cli import ui
-from lsbd.errors import UserError
 from lsbd.engine.config import load_config
 from lsbd.engine.lease import Lease
 from lsbd.engine.volume import cache_dir_for
+from lsbd.errors import UserError
 
 
 def register(sub) -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
+from lsbd.engine import control
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import create_volume, load_config, save_config
 from lsbd.engine.history import (
-    changed_ranges, create_clone, format_time, recoverable, list_snapshots, plan_restore, segment_times,
+    changed_ranges,
+    create_clone,
+    format_time,
+    list_snapshots,
+    plan_restore,
+    recoverable,
+    segment_times,
 )
 from lsbd.engine.recovery import store_segment_seqs
+from lsbd.engine.volume import cache_dir_for
 from lsbd.errors import UserError, VolumeExists
 
 COPY_CHUNK = 4 * 1024 * 1024
@@ -187,7 +196,11 @@ def run_clone(args, ctx) -> int:
     config = load_config(store, args.volume)
     target = resolve_args(store, config, args)
     if target is None:
-        target = max(store_segment_seqs(store, config.name) or [config.base_seq])
+        # The live state: a running writer flushes to the store first.
+        sock = os.path.join(cache_dir_for(ctx.cache_dir, store, config.name), control.SOCKET_NAME)
+        reply = control.call(sock, {"op": "flush"})
+        target = reply["seq"] if reply else max(store_segment_seqs(store, config.name)
+                                                 or [config.base_seq])
     # The size at that point (a read-only open rebuilds the map; metadata only).
     with ctx.open_volume(args.volume, at_seq=target) as src:
         size = src.size

@@ -5,9 +5,9 @@ import time
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import format_duration
-from lsbd.engine.history import list_snapshots
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import load_config
+from lsbd.engine.history import list_snapshots
 from lsbd.engine.lease import read_holder
 from lsbd.engine.recovery import fetch_segment_index, store_segment_seqs
 

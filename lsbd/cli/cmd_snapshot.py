@@ -5,7 +5,12 @@ import os
 from lsbd.cli import ui
 from lsbd.engine import control
 from lsbd.engine.config import load_config
-from lsbd.engine.history import check_snapshot_name, delete_snapshot, format_time, list_snapshots
+from lsbd.engine.history import (
+    check_snapshot_name,
+    delete_snapshot,
+    format_time,
+    list_snapshots,
+)
 from lsbd.engine.lease import read_holder
 from lsbd.engine.volume import cache_dir_for
 from lsbd.errors import LeaseHeld

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import time
 
-from lsbd.engine.config import VolumeConfig
 from lsbd.engine.checkpoint import list_checkpoints
+from lsbd.engine.config import VolumeConfig
 from lsbd.engine.history import (
-    BadPoint, parse_time, plan_restore, read_snapshot, segment_times, seq_at,
+    BadPoint,
+    parse_time,
+    plan_restore,
+    read_snapshot,
+    segment_times,
+    seq_at,
 )
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError
@@ -42,7 +47,13 @@ def resolve(store, config: VolumeConfig, *, snapshot: str | None = None, seq: in
         return _recoverable(store, config, seq)
     if at is not None:
         when = parse_time(at)
-        found = seq_at(segment_times(store, config), when, created=config.created, now=time.time())
+        times = segment_times(store, config)
+        found = seq_at(times, when, created=config.created, now=time.time(),
+                       floor=config.base_seq)
+        if found == config.base_seq and times and config.base_seq + 1 not in times:
+            # The segments sealed before `when` are gone: which state it was is unknown.
+            raise BadPoint(f"{at}: that state can no longer be rebuilt: its history was "
+                           "reclaimed (outside the retention window, and no snapshot keeps it)")
         return _recoverable(store, config, found)
     return None
 

@@ -27,7 +27,10 @@ from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.history import list_snapshots
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.engine.retention import (
-    deletable_checkpoints, deletable_segments, plan_compaction, window_start,
+    deletable_checkpoints,
+    deletable_segments,
+    plan_compaction,
+    window_start,
 )
 from lsbd.errors import ObjectNotFound
 

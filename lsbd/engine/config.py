@@ -9,7 +9,14 @@ import uuid
 import attrs
 
 from lsbd import names
-from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound, UserError, VolumeExists, VolumeNotFound
+from lsbd.errors import (
+    CorruptionError,
+    ObjectExists,
+    ObjectNotFound,
+    UserError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from lsbd.store import Store
 
 DEFAULT_BLOCK_SIZE = 4096

@@ -164,8 +164,10 @@ def segment_times(store: Store, config: VolumeConfig) -> dict[int, int]:
     return times
 
 
-def seq_at(times: dict[int, int], when: float, *, created: float, now: float | None = None) -> int:
-    """The last seq sealed at or before `when` (seconds).  Pure."""
+def seq_at(times: dict[int, int], when: float, *, created: float, now: float | None = None,
+           floor: int = 0) -> int:
+    """The last seq sealed at or before `when` (seconds); `floor` (a clone's
+    base seq, else 0: the empty volume) when none was.  Pure."""
     now = time.time() if now is None else now
     if when < created:
         raise BadPoint(f"{format_time(when)} is before the volume was created "
@@ -173,7 +175,7 @@ def seq_at(times: dict[int, int], when: float, *, created: float, now: float | N
     if when > now + 1:
         raise BadPoint(f"{format_time(when)} is in the future")
     when_ns = int(when * 1e9)
-    best = 0
+    best = floor
     for seq, sealed in times.items():
         if sealed <= when_ns and seq > best:
             best = seq

@@ -10,8 +10,16 @@ import os
 import time
 
 from lsbd.engine.segment import (
-    DATA, FLAG_COMMIT, RESIZE, Record, Trailer, encode_footer, encode_header,
-    encode_record, encode_trailer, masked_crc,
+    DATA,
+    FLAG_COMMIT,
+    RESIZE,
+    Record,
+    Trailer,
+    encode_footer,
+    encode_header,
+    encode_record,
+    encode_trailer,
+    masked_crc,
 )
 
 HOLE = -1  # overlay value of a zeroed/trimmed block

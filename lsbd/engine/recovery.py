@@ -17,8 +17,20 @@ from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.blockmap import STORED, BlockMap, SegmentInfo
 from lsbd.engine.config import Lineage, VolumeConfig
 from lsbd.engine.segment import (
-    FLAG_COMMIT, HEADER, RESIZE, TRAILER, Record, Trailer, decode_footer, decode_header,
-    decode_trailer, encode_footer, encode_trailer, masked_crc, read_sealed_index, scan_records,
+    FLAG_COMMIT,
+    HEADER,
+    RESIZE,
+    TRAILER,
+    Record,
+    Trailer,
+    decode_footer,
+    decode_header,
+    decode_trailer,
+    encode_footer,
+    encode_trailer,
+    masked_crc,
+    read_sealed_index,
+    scan_records,
 )
 from lsbd.errors import CorruptionError, ObjectNotFound
 from lsbd.store import Store

@@ -7,7 +7,14 @@ from typing import Callable
 
 from lsbd import names
 from lsbd.engine.config import Lineage, VolumeConfig
-from lsbd.engine.segment import DATA, TRAILER, block_crcs, decode_header, decode_footer, decode_trailer
+from lsbd.engine.segment import (
+    DATA,
+    TRAILER,
+    block_crcs,
+    decode_footer,
+    decode_header,
+    decode_trailer,
+)
 from lsbd.errors import CorruptionError, ObjectNotFound
 
 

@@ -21,19 +21,26 @@ from lsbd import names
 from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.api import MAX_REQUEST, Allocation
 from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
-from lsbd.engine.control import SOCKET_NAME, ControlServer
 from lsbd.engine.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
+from lsbd.engine.control import SOCKET_NAME, ControlServer
 from lsbd.engine.journal import HOLE, OpenSegment
 from lsbd.engine.lease import Lease
 from lsbd.engine.recovery import (
-    MAX_ORPHANS, rebuild_from_store, recover_journal_file, segment_info,
+    MAX_ORPHANS,
+    rebuild_from_store,
+    recover_journal_file,
+    segment_info,
     store_segment_seqs,
 )
 from lsbd.engine.segfiles import SegmentFiles, check_open_blocks
 from lsbd.engine.segment import DATA, RESIZE, TRIM, ZERO, block_crcs, encode_trailer
 from lsbd.engine.uploader import Uploader
 from lsbd.errors import (
-    CacheMismatch, CorruptionError, InvalidRequest, ReadOnlyError, StoreError,
+    CacheMismatch,
+    CorruptionError,
+    InvalidRequest,
+    ReadOnlyError,
+    StoreError,
 )
 from lsbd.store import Store
 
