@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--flush-mode", choices=["journal", "store"], default="journal")
     ap.add_argument("--memory", action="store_true",
                     help="also measure the NBD server over an in-memory volume")
+    ap.add_argument("--subjects", default=None, metavar="LIST",
+                    help="comma-separated subset of nbdkit,lsbd,memory (nbdkit is always run)")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--serve-memory", nargs=2, metavar=("SOCKET", "SIZE"), help=argparse.SUPPRESS)
@@ -185,11 +187,15 @@ def main() -> int:
     try:
         print(f"fio nbd engine, iodepth 16, {args.size} region, {args.runtime}s per job; "
               f"work dir {workdir}")
-        subjects = [("nbdkit", lambda: nbdkit(workdir, size)),
-                    ("lsbd", lambda: lsbd(workdir, size, args.flush_mode))]
+        wanted = set((args.subjects or "nbdkit,lsbd").split(",")) | {"nbdkit"}
         if args.memory:
-            subjects.append(("memory", lambda: memory(workdir, size)))
+            wanted.add("memory")
+        subjects = [("nbdkit", lambda: nbdkit(workdir, size)),
+                    ("lsbd", lambda: lsbd(workdir, size, args.flush_mode)),
+                    ("memory", lambda: memory(workdir, size))]
         for name, start in subjects:
+            if name not in wanted:
+                continue
             with start() as uri:
                 results[name] = run_subject(name, uri, size=args.size, runtime=args.runtime)
     finally:

@@ -92,6 +92,7 @@ class Connection:
         self.broken = False
         self.buf = bytearray(RECV_BUFFER)
         self.pending: list[bytes] = []
+        self.large_writes = False     # the last WRITE was larger than buf
         self._allowed = self._allowed_flags(session)
 
     # --- validation ----------------------------------------------------------
@@ -190,6 +191,7 @@ class Connection:
                 elif length > len(buf):
                     data = self._read_large(view, pos, end, length)
                     pos = end = 0
+                    self.large_writes = True
                 else:
                     if end - pos < length:
                         pos, end = self._fill(view, pos, end, length, between_requests=False)
@@ -197,6 +199,8 @@ class Connection:
                     pos += length
             elif cmd == cmd_disc:
                 return
+            if self.large_writes and data is not None and length <= len(buf):
+                self.large_writes = False
             err, message = validate(cmd, flags, offset, length)
             if err:
                 pending.append(self.error_reply(flags, handle, err, message)[0])
@@ -242,8 +246,11 @@ class Connection:
             self.buf[:end - pos] = self.buf[pos:end]
             end -= pos
         recv_into = self.sock.recv_into
+        # While the client sends large WRITEs, read just the next header, so
+        # that its payload comes straight from the socket in one piece.
+        limit = need - end if self.large_writes and between_requests else 0
         while end < need:
-            n = recv_into(view[end:])
+            n = recv_into(view[end:], limit)
             if not n:
                 if between_requests and end == 0:
                     raise Disconnect()
