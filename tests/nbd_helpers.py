@@ -81,8 +81,8 @@ class RunningServer:
         sock.connect(self.socket_path)
         return sock
 
-    def close(self) -> None:
-        self.server.close(timeout=10)
+    def close(self, timeout: float = 10) -> None:
+        self.server.close(timeout=timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -635,5 +635,5 @@ def test_close_cuts_off_a_client_that_does_not_read_its_replies(volumes):
         c.request(p.CMD_READ, 0, 4 * MiB)
     time.sleep(0.3)
     start = time.monotonic()
-    srv.server.close(timeout=1)
+    srv.close(timeout=1)
     assert time.monotonic() - start < 8
