@@ -1,0 +1,145 @@
+"""Helpers shared by the engine, recovery, crash, corruption, lease and CLI tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from lsbd import names
+from lsbd.store import Store, open_store
+from lsbd.store.base import ObjectInfo
+
+MiB = 1024 * 1024
+BS = 4096
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+LSBD = str(VENV_BIN / "lsbd")
+
+
+def open_test_store(url: str) -> Store:
+    """open_store as the CLI does it (the endpoint of an s3:// URL from the environment)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
+    return open_store(url, endpoint_url=endpoint)
+
+
+def block(tag: int, lba: int, bs: int = BS) -> bytes:
+    """A block whose every 16 bytes name (tag, lba): cheap to make, and a block
+    from the wrong write or the wrong place is recognizable."""
+    return (tag.to_bytes(8, "little") + lba.to_bytes(8, "little")) * (bs // 16)
+
+
+def blocks(tag: int, lba: int, n: int, bs: int = BS) -> bytes:
+    return b"".join(block(tag, lba + i, bs) for i in range(n))
+
+
+def read_all(vol, chunk: int = 8 * MiB) -> bytes:
+    parts = []
+    for off in range(0, vol.size, chunk):
+        parts.append(vol.read(off, min(chunk, vol.size - off)))
+    return b"".join(parts)
+
+
+def wipe(path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def segment_seqs(store: Store, volume: str) -> list[int]:
+    return sorted(s for s in (names.parse_seq(i.key) for i in store.list(names.segment_prefix(volume)))
+                  if s is not None)
+
+
+def keys(store: Store, prefix: str = "") -> list[str]:
+    return [i.key for i in store.list(prefix)]
+
+
+class RecordingStore(Store):
+    """Passes every call through and records (op, key, start) for each one."""
+
+    def __init__(self, inner: Store):
+        self.inner = inner
+        self.log: list[tuple[str, str, int | None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        return self.inner.url
+
+    def _note(self, op: str, key: str, start: int | None = None) -> None:
+        with self._lock:
+            self.log.append((op, key, start))
+
+    def put(self, key, data, *, exclusive=False):
+        self._note("put", key)
+        return self.inner.put(key, data, exclusive=exclusive)
+
+    def get(self, key, start=0, length=None):
+        self._note("get", key, start)
+        return self.inner.get(key, start, length)
+
+    def head(self, key):
+        self._note("head", key)
+        return self.inner.head(key)
+
+    def list(self, prefix=""):
+        self._note("list", prefix)
+        return iter([*self.inner.list(prefix)])
+
+    def delete(self, key):
+        self._note("delete", key)
+        return self.inner.delete(key)
+
+    def close(self):
+        self.inner.close()
+
+    def gets(self, prefix: str) -> list[tuple[str, int | None]]:
+        return [(k, s) for op, k, s in self.log if op == "get" and k.startswith(prefix)]
+
+
+def run_cli(*args: str, store: str | None = None, cache: str | None = None, env=None,
+            timeout: float = 120, check: bool | None = None) -> subprocess.CompletedProcess:
+    """Run the `lsbd` command; returns the CompletedProcess (text mode)."""
+    cmd = [LSBD]
+    if store is not None:
+        cmd += ["--store", store]
+    if cache is not None:
+        cmd += ["--cache-dir", str(cache)]
+    cmd += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.setdefault("COLUMNS", "200")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          check=False)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def object_path(store_url: str, key: str) -> Path:
+    """The file of an object in a file:// store."""
+    assert store_url.startswith("file://")
+    return Path(store_url[len("file://"):]) / key
+
+
+__all__ = [
+    "BS",
+    "LSBD",
+    "PYTHON",
+    "MiB",
+    "ObjectInfo",
+    "RecordingStore",
+    "block",
+    "blocks",
+    "keys",
+    "object_path",
+    "open_test_store",
+    "read_all",
+    "run_cli",
+    "segment_seqs",
+    "wipe",
+]

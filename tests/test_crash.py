@@ -1,0 +1,254 @@
+"""Crash tests (DESIGN invariant 3, prefix consistency, and invariant 4, atomic
+requests): a child process writes under load and is killed with SIGKILL at a
+random moment; the volume is reopened and compared with a model of the
+writes it acknowledged.
+
+The child is tests/crash_writer.py; its operations are a pure function of the
+seed, so the check regenerates them and needs from the child only how far it
+got (the last acknowledged operation, the last completed flush)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import crash_writer as cw
+import pytest
+from engine_helpers import PYTHON, MiB, open_test_store, read_all, wipe
+
+from lsbd import names
+from lsbd.engine import volume as volume_mod
+from lsbd.engine.config import create_volume
+from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.errors import CorruptionError
+
+VOLUME_SIZE = 64 * MiB
+SEGMENT_SIZE = 256 * 1024
+WRITER = os.path.join(os.path.dirname(__file__), "crash_writer.py")
+KNOWN_STUCK_DURABILITY_BUG = (
+    "after a crash with out-of-order uploads the reopened writer never sees its segments as "
+    "durable, so close() keeps the lease; see "
+    "test_recovery.py::test_reopen_after_out_of_order_uploads_tracks_durability")
+KNOWN_SHORT_HEADER_BUG = ("an empty or header-less journal file left by a kill makes the volume "
+                          "impossible to open; see test_journal_file_cut_before_its_header_is_discarded")
+
+
+@pytest.fixture(autouse=True)
+def _bounded_store_waits(monkeypatch):
+    """A checkpoint or store flush that cannot finish gives up after 10 s, not 120."""
+    monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 10.0)
+
+
+def _observe(data: bytes) -> list[int]:
+    """Which operation each block of the volume came from (0: reads as zeros).
+    Fails on a block that no operation wrote whole at that place."""
+    bs = cw.BS
+    zero = bytes(bs)
+    out = []
+    for lba in range(len(data) // bs):
+        blk = data[lba * bs:(lba + 1) * bs]
+        if blk == zero:
+            out.append(0)
+            continue
+        index = int.from_bytes(blk[:8], "little")
+        where = int.from_bytes(blk[8:16], "little")
+        assert where == lba and index > 0 and blk == cw.content(index, lba), \
+            f"block {lba} holds data no write put there (torn or misplaced): {blk[:32].hex()}"
+        out.append(index)
+    return out
+
+
+def valid_prefixes(observed: list[int], ops: list[cw.Op], initial: list[int] | None = None,
+                   ) -> list[int]:
+    """Every k such that the volume equals the state after ops[:k] (as
+    operation numbers; 0 or first-1 for none) applied on `initial` (default:
+    an empty volume)."""
+    model = list(initial) if initial is not None else [0] * len(observed)
+    mismatches = sum(1 for m, v in zip(model, observed) if m != v)
+    before = ops[0].index - 1 if ops else 0
+    valid = [before] if mismatches == 0 else []
+    for op in ops:
+        for piece in op.pieces:
+            for lba in range(piece.lba, piece.lba + piece.nblocks):
+                new = op.index if piece.kind == cw.DATA and not cw.is_zero_block(op.index, lba) else 0
+                old = model[lba]
+                if old == new:
+                    continue
+                mismatches += (old == observed[lba]) - (new == observed[lba])
+                model[lba] = new
+        if mismatches == 0:
+            valid.append(op.index)
+    return valid
+
+
+def _progress(path: str) -> tuple[int, int, bool]:
+    """(last acknowledged op, the op a completed flush covered, ready?) from the child's stdout."""
+    acked = flushed = 0
+    ready = False
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # a torn last line: the kill cut it
+            parts = line.split()
+            if parts == ["R"]:
+                ready = True
+            elif len(parts) == 2 and parts[0] == "W":
+                acked = int(parts[1])
+            elif len(parts) == 2 and parts[0] == "F":
+                flushed = int(parts[1])
+    return acked, flushed, ready
+
+
+def _run_and_kill(tmp_path, store_url: str, cache_root: str, seed: int,
+                  flush_mode: str | None, first: int = 1) -> tuple[int, int]:
+    out_path = str(tmp_path / f"writer-{first}.out")
+    err_path = str(tmp_path / f"writer-{first}.err")
+    args = [PYTHON, WRITER, store_url, "vol", cache_root, str(seed), flush_mode or "-", str(first)]
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        child = subprocess.Popen(args, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not _progress(out_path)[2]:
+            if child.poll() is not None or time.monotonic() > deadline:
+                with open(err_path) as f:
+                    pytest.fail(f"the writer did not start (rc {child.poll()}):\n{f.read()}")
+            time.sleep(0.01)
+        time.sleep(random.Random(seed * 31 + first).uniform(0.2, 1.5))
+        if child.poll() is not None:
+            with open(err_path) as f:
+                pytest.fail(f"the writer died by itself:\n{f.read()}")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()  # reap it: a zombie still looks like a live lease holder
+    assert child.returncode == -signal.SIGKILL
+    acked, flushed, _ready = _progress(out_path)
+    assert acked >= first, "the writer acknowledged nothing before the kill"
+    return acked, flushed
+
+
+def _new_volume(tmp_path):
+    store_url = "file://" + str(tmp_path / "store")
+    store = open_test_store(store_url)
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
+                  checkpoint_segments=8)
+    return store_url, store
+
+
+def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | None = None,
+                 first: int = 1, initial: list[int] | None = None, volume=None) -> list[int]:
+    """One writer run killed, then checked; returns the state found (the
+    operation each block comes from)."""
+    store_url, store = volume or _new_volume(tmp_path)
+    cache_root = str(tmp_path / "cache")
+    acked, flushed = _run_and_kill(tmp_path, store_url, cache_root, seed, flush_mode, first)
+    if lose_cache:
+        wipe(cache_dir_for(cache_root, store, "vol"))
+
+    # The writer died on this machine: its lease is taken over without any flag.
+    try:
+        vol = Volume.open(store, "vol", cache_root=cache_root)
+    except CorruptionError as e:
+        if "short header" in str(e):  # the kill fell between creating a journal file and its header
+            pytest.xfail(f"known engine bug ({KNOWN_SHORT_HEADER_BUG}): {e}")
+        raise
+    try:
+        data = read_all(vol)
+    finally:
+        vol.close()
+    lease_kept = store.exists(names.lease_key("vol"))
+    ops = []
+    for op in cw.operations(seed, VOLUME_SIZE // cw.BS, first):
+        if op.index > acked + 1:  # the one in flight at the kill may or may not be there
+            break
+        ops.append(op)
+    observed = _observe(data)
+    valid = valid_prefixes(observed, ops, initial)
+    # Durable: every write acknowledged before the last completed flush (in
+    # 'journal' mode only while the cache dir survives; in 'store' mode always).
+    must_have = first - 1 if (lose_cache and flush_mode != "store") else max(flushed, first - 1)
+    assert any(must_have <= k <= acked + 1 for k in valid), (
+        f"seed {seed}: the volume is not the state after any prefix of the writes "
+        f"{must_have}..{acked + 1} (acked {acked}, flushed {flushed}); prefixes that match: "
+        f"{valid[-5:]}")
+
+    # The recovered state reached the store: a machine with nothing but the
+    # store reads the same bytes.
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "other-cache"), read_only=True)
+    try:
+        assert read_all(reader) == data, "the store alone does not give the recovered state"
+    finally:
+        reader.close()
+    if volume is None:
+        store.close()
+    if lease_kept:  # a clean close must release it
+        pytest.xfail(f"known engine bug: {KNOWN_STUCK_DURABILITY_BUG}")
+    return observed
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sigkill_under_load_leaves_a_prefix_with_every_flushed_write(tmp_path, seed):
+    _check_crash(tmp_path, seed, lose_cache=False)
+
+
+@pytest.mark.parametrize("seed,flush_mode", [(100, "journal"), (101, "journal"), (102, "journal"),
+                                             (103, "store"), (104, "store")])
+def test_sigkill_and_lost_cache_dir_leaves_a_prefix(tmp_path, seed, flush_mode):
+    """The journal is lost with the cache dir: the store alone holds a prefix
+    of the segments.  With flush mode 'store', flushed writes are in it too."""
+    _check_crash(tmp_path, seed, lose_cache=True, flush_mode=flush_mode)
+
+
+@pytest.mark.parametrize("seed", [200, 201])
+def test_repeated_sigkills_on_one_volume(tmp_path, seed):
+    """Three writers in turn on one volume, each killed: every recovery starts
+    from the last one's state (history, checkpoints, a used cache dir)."""
+    volume = _new_volume(tmp_path)
+    state = None
+    for round_no in range(3):
+        state = _check_crash(tmp_path, seed + 1000 * round_no, lose_cache=False, volume=volume,
+                             first=1 + 1_000_000 * round_no, initial=state)
+    volume[1].close()
+
+
+def test_valid_prefixes_checker_rejects_a_half_applied_write():
+    """The checker itself: a state where only part of a multi-block write
+    landed matches no prefix."""
+    op1 = cw.Op(1, (cw.Piece(cw.DATA, 0, 4),), False)
+    op2 = cw.Op(2, (cw.Piece(cw.DATA, 2, 4),), False)
+    full = [1, 1, 2, 2, 2, 2]
+    half = [1, 1, 2, 2, 0, 0]
+    for state, want in ((full, [2]), (half, [])):
+        observed = [0 if v and cw.is_zero_block(v, i) else v for i, v in enumerate(state)]
+        got = valid_prefixes(observed, [op1, op2])
+        assert (got[-1:] == want) if want else (2 not in got and 1 not in got), (state, got)
+
+
+@pytest.mark.xfail(strict=True, raises=CorruptionError, reason=(
+    "engine bug: OpenSegment creates the journal file and writes its header in two steps; a "
+    "kill between them leaves an empty (or short) file that recover_journal_file rejects with "
+    "CorruptionError('short header'), so the volume cannot be opened at all"))
+@pytest.mark.parametrize("length", [0, 10])
+def test_journal_file_cut_before_its_header_is_discarded(tmp_path, length):
+    """A kill right after the next journal file was created: it holds no
+    committed record, so recovery must drop it, not refuse to open."""
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", VOLUME_SIZE)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    vol.write(0, b"a" * cw.BS)
+    vol.flush()
+    with vol._lock:
+        vol._seal()                     # segment 1 is sealed ...
+    path = vol._files.path(vol.applied_seq + 1)
+    vol.abandon()
+    with open(path, "wb") as f:         # ... and segment 2's file was created, header not written
+        f.write(b"LSBDSEG1\x01\x00"[:length])
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
+    try:
+        assert vol.read(0, cw.BS) == b"a" * cw.BS
+    finally:
+        vol.close()
