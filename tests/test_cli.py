@@ -1,0 +1,319 @@
+"""The `lsbd` command, run as a subprocess: import/export round trips on both
+kinds of store, sparse exports, JSON output, delete/checkpoint/verify, and
+user errors (one line, no traceback, exit 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+from engine_helpers import BS, MiB, block, keys, open_test_store, run_cli
+
+from lsbd import names
+from lsbd.engine import checkpoint as ckpt
+from lsbd.engine.config import create_volume
+from lsbd.engine.volume import Volume
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _random_file(path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.writelines(os.urandom(16 * MiB) for _ in range(size // (16 * MiB)))
+        f.write(os.urandom(size % (16 * MiB)))
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
+    assert lines[0].startswith("lsbd: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def cli(store_url, tmp_path):
+    """run_cli bound to this test's store and cache dir."""
+    cache = tmp_path / "cache"
+
+    def run(*args, **kw):
+        return run_cli(*args, store=store_url, cache=kw.pop("cache", cache), **kw)
+
+    return run
+
+
+@pytest.fixture
+def file_cli(tmp_path):
+    """run_cli on a file:// store, for errors where the kind of store does not matter."""
+    store_url = "file://" + str(tmp_path / "store")
+
+    def run(*args, **kw):
+        return run_cli(*args, store=store_url, cache=kw.pop("cache", tmp_path / "cache"), **kw)
+
+    return run
+
+
+def test_import_export_256mib_round_trip(cli, store_url, tmp_path):
+    size = 256 * MiB
+    src = tmp_path / "src.img"
+    _random_file(src, size)
+    _ok(cli("create", "big", "--size", "256M"))
+    t0 = time.monotonic()
+    _ok(cli("import", "big", src, timeout=300))
+    t1 = time.monotonic()
+    # Export through an empty cache dir: everything comes from the store.
+    dst = tmp_path / "dst.img"
+    _ok(cli("export", "big", dst, cache=tmp_path / "other-cache", timeout=300))
+    t2 = time.monotonic()
+    assert os.path.getsize(dst) == size
+    assert _sha(dst) == _sha(src)
+    print(f"{store_url.split(':')[0]}: import {t1 - t0:.1f}s, export {t2 - t1:.1f}s")
+    _ok(cli("verify", "big", timeout=300))
+
+
+def test_export_of_a_sparse_volume_is_a_sparse_file(cli, store_url, tmp_path):
+    _ok(cli("create", "sp", "--size", "64M"))
+    # Import a sparse file: its holes (zero blocks) must not become data.
+    src = tmp_path / "sparse.img"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(10 * MiB)
+        f.write(block(1, 2560))
+        f.seek(40 * MiB + 512)
+        f.write(b"tail data not block aligned")
+    _ok(cli("import", "sp", src))
+    info = json.loads(_ok(cli("info", "sp", "--json")).stdout)
+    assert info["stored_bytes"] < 1 * MiB, info
+
+    dst = tmp_path / "dst.img"
+    _ok(cli("export", "sp", dst, cache=tmp_path / "c2"))
+    st = os.stat(dst)
+    assert st.st_size == 64 * MiB
+    assert st.st_blocks * 512 <= 256 * 1024, f"export is not sparse: {st.st_blocks * 512} bytes"
+    assert _sha(dst) == _sha(src)
+
+
+def test_export_of_an_empty_volume_is_all_hole(cli, tmp_path):
+    _ok(cli("create", "empty", "--size", "32M"))
+    dst = tmp_path / "dst.img"
+    _ok(cli("export", "empty", dst))
+    st = os.stat(dst)
+    assert st.st_size == 32 * MiB and st.st_blocks == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "nosuch"],
+    ["export", "nosuch", "OUT"],
+    ["import", "nosuch", "IN"],
+    ["delete", "nosuch"],
+    ["checkpoint", "nosuch"],
+    ["verify", "nosuch"],
+])
+def test_missing_volume_is_one_line(file_cli, tmp_path, argv):
+    src = tmp_path / "in"
+    src.write_bytes(b"x" * BS)
+    argv = [str(tmp_path / "out") if a == "OUT" else str(src) if a == "IN" else a for a in argv]
+    line = _one_line_error(file_cli(*argv))
+    assert "nosuch" in line and "no volume" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_volume_on_s3_is_one_line(s3_url, tmp_path):
+    line = _one_line_error(run_cli("info", "nosuch", store=s3_url, cache=tmp_path / "c"))
+    assert "nosuch" in line and "no volume" in line and s3_url in line, line
+
+
+def test_create_existing_volume_is_one_line(cli):
+    _ok(cli("create", "v", "--size", "16M"))
+    line = _one_line_error(cli("create", "v", "--size", "16M"))
+    assert "already exists" in line
+
+
+def test_bad_size_is_one_line(file_cli):
+    for size in ["abc", "0", "1000", "--size=-5", "12X", "1.5K"]:
+        args = ["create", "v", size] if size.startswith("--") else ["create", "v", "--size", size]
+        line = _one_line_error(file_cli(*args))
+        assert "size" in line, line
+    line = _one_line_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"))
+    assert "block size" in line
+    assert _ok(file_cli("list", "--json")).stdout.strip() == "[]", "a bad create left a volume"
+
+
+def test_bad_volume_name_is_one_line(file_cli):
+    line = _one_line_error(file_cli("create", "bad/name", "--size", "16M"))
+    assert "volume name" in line
+
+
+def test_import_of_a_file_larger_than_the_volume(cli, store_url, tmp_path):
+    _ok(cli("create", "small", "--size", "1M"))
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(1 * MiB + BS))
+    line = _one_line_error(cli("import", "small", src))
+    assert "larger than" in line
+    info = json.loads(_ok(cli("info", "small", "--json")).stdout)
+    assert info["segments"] == 0, "a refused import wrote data"
+    assert info["writer"] is None, "a refused import kept the lease"
+
+
+def test_import_of_a_missing_file_is_one_line(file_cli, tmp_path):
+    _ok(file_cli("create", "v", "--size", "1M"))
+    line = _one_line_error(file_cli("import", "v", tmp_path / "no-such-file"))
+    assert "no-such-file" in line
+
+
+def _unreachable(tmp_path):
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    t0 = time.monotonic()
+    proc = run_cli("--endpoint-url", "http://127.0.0.1:1", "list", store="s3://bucket/prefix",
+                   cache=tmp_path / "cache", env=env, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def test_unreachable_s3_endpoint_fails_fast_with_a_clear_message(tmp_path):
+    proc, took = _unreachable(tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lsbd: ") and "127.0.0.1:1" in last, proc.stderr
+    assert took < 10, f"took {took:.1f}s to give up"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "CLI bug: every retry of an unreachable endpoint logs a WARNING line to stderr "
+    "(4 lines before the error), so the user error is not one line"))
+def test_unreachable_s3_endpoint_is_one_line(tmp_path):
+    proc, _took = _unreachable(tmp_path)
+    _one_line_error(proc)
+
+
+def test_missing_bucket_is_one_line(moto_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    line = _one_line_error(run_cli("list", store="s3://no-such-bucket-lsbd/x",
+                                   cache=tmp_path / "cache"))
+    assert "no-such-bucket-lsbd" in line
+
+
+def test_list_and_info_json(cli, store_url, tmp_path):
+    assert json.loads(_ok(cli("list", "--json")).stdout) == []
+    _ok(cli("create", "a", "--size", "16M"))
+    _ok(cli("create", "b", "--size", "32M", "--block-size", "8K"))
+    listing = json.loads(_ok(cli("list", "--json")).stdout)
+    assert [v["name"] for v in listing] == ["a", "b"]
+    by_name = {v["name"]: v for v in listing}
+    assert by_name["a"]["size"] == 16 * MiB and by_name["a"]["block_size"] == 4096
+    assert by_name["b"]["size"] == 32 * MiB and by_name["b"]["block_size"] == 8192
+    assert all(len(v["volume_id"]) == 32 and v["created"] > 0 for v in listing)
+
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(3 * MiB))
+    _ok(cli("import", "a", src))
+    info = json.loads(_ok(cli("info", "a", "--json")).stdout)
+    assert info["name"] == "a" and info["size"] == 16 * MiB and info["block_size"] == 4096
+    assert info["volume_id"] == by_name["a"]["volume_id"]
+    assert info["segments"] >= 1 and info["newest_seq"] >= 1
+    assert info["stored_bytes"] >= 3 * MiB
+    assert info["checkpoints"] and max(info["checkpoints"]) == info["newest_seq"]
+    assert info["writer"] is None
+    assert info["flush_mode"] == "journal"
+    assert info["store"] == store_url
+
+
+def test_delete_removes_every_object(cli, store_url, tmp_path):
+    store = open_test_store(store_url)
+    try:
+        _ok(cli("create", "gone", "--size", "16M"))
+        _ok(cli("create", "kept", "--size", "16M"))
+        src = tmp_path / "in"
+        src.write_bytes(os.urandom(2 * MiB))
+        _ok(cli("import", "gone", src))
+        _ok(cli("checkpoint", "gone"))
+        assert len(keys(store, names.volume_prefix("gone"))) > 3
+        _ok(cli("delete", "gone"))
+        assert keys(store, names.volume_prefix("gone")) == []
+        assert [v["name"] for v in json.loads(_ok(cli("list", "--json")).stdout)] == ["kept"]
+        assert keys(store, names.volume_prefix("kept")) == [names.config_key("kept")]
+        cache = tmp_path / "cache"
+        assert not any(p.name.startswith("gone-") for p in cache.iterdir()), \
+            "delete left the volume's cache dir"
+        # The name can be used again, for a new, empty volume.
+        _ok(cli("create", "gone", "--size", "16M"))
+        dst = tmp_path / "out"
+        _ok(cli("export", "gone", dst))
+        assert os.stat(dst).st_blocks == 0
+    finally:
+        store.close()
+
+
+def test_delete_refuses_a_volume_in_use(cli, store_url, tmp_path):
+    store = open_test_store(store_url)
+    try:
+        create_volume(store, "busy", 16 * MiB)
+        vol = Volume.open(store, "busy", cache_root=str(tmp_path / "c"))
+        try:
+            line = _one_line_error(cli("delete", "busy"))
+            assert f"pid {os.getpid()}" in line
+            assert store.exists(names.config_key("busy"))
+        finally:
+            vol.close()
+    finally:
+        store.close()
+
+
+def test_checkpoint_command_writes_a_checkpoint(cli, store_url, tmp_path):
+    store = open_test_store(store_url)
+    try:
+        create_volume(store, "v", 16 * MiB, flush_mode="store")
+        vol = Volume.open(store, "v", cache_root=str(tmp_path / "cache"))
+        for i in range(3):
+            vol.write(i * 64 * BS, block(i + 1, i * 64))
+            vol.flush()
+        top = vol.applied_seq
+        vol.abandon()  # a crash: no checkpoint at close
+        assert ckpt.list_checkpoints(store, "v") == []
+        line = _one_line_error(cli("checkpoint", "v"))  # our own live pid holds it
+        assert "in use" in line
+        _ok(cli("checkpoint", "--break-lease", "v"))
+        assert ckpt.list_checkpoints(store, "v") == [top]
+        assert store.exists(names.checkpoint_manifest_key("v", top))
+        manifest = ckpt.read_manifest(store, "v", top)
+        assert manifest.extents == 3
+        _ok(cli("verify", "v"))
+    finally:
+        store.close()
+
+
+def test_verify_good_volume_exits_zero(cli, tmp_path):
+    _ok(cli("create", "v", "--size", "16M"))
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(5 * MiB))
+    _ok(cli("import", "v", src))
+    proc = _ok(cli("verify", "v", "--json"))
+    assert json.loads(proc.stdout) == {"volume": "v", "ok": True, "problems": []}
+    _ok(cli("verify", "v"))
+
+
+def test_environment_names_the_store_and_cache(store_url, tmp_path):
+    env = {"LSBD_STORE": store_url, "LSBD_CACHE_DIR": str(tmp_path / "envcache")}
+    _ok(run_cli("create", "e", "--size", "8M", env=env))
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(256 * 1024))
+    _ok(run_cli("import", "e", src, env=env))
+    assert (tmp_path / "envcache").is_dir()
+    listing = json.loads(_ok(run_cli("list", "--json", env=env)).stdout)
+    assert [v["name"] for v in listing] == ["e"]
