@@ -1,0 +1,858 @@
+"""Unit tests of the engine API (lsbd.engine.volume.Volume) and of its pure
+pieces: recovery planning, checksums and the segment format."""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import random
+import struct
+import threading
+import uuid
+
+import pytest
+from engine_helpers import (
+    BS,
+    MiB,
+    block,
+    blocks,
+    open_test_store,
+    segment_seqs,
+    wipe,
+)
+
+from lsbd import names
+from lsbd.checksum import crc32c, crc32c_reference, mask, masked_crc, unmask
+from lsbd.engine import volume as volume_mod
+from lsbd.engine.api import MAX_REQUEST, Allocation
+from lsbd.engine.config import create_volume
+from lsbd.engine.journal import OpenSegment
+from lsbd.engine.recovery import ReplayPlan, plan_replay, recover_journal_file
+from lsbd.engine.segment import (
+    DATA,
+    FLAG_COMMIT,
+    HEADER,
+    RECORD,
+    TRAILER,
+    TRIM,
+    ZERO,
+    Record,
+    SegmentIndex,
+    Trailer,
+    block_crcs,
+    decode_footer,
+    decode_header,
+    decode_trailer,
+    encode_footer,
+    encode_header,
+    encode_record,
+    encode_trailer,
+    read_sealed_index,
+    scan_records,
+)
+from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError
+from lsbd.store.faulty import FaultyStore
+
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return "file://" + str(tmp_path / "store")
+
+
+@pytest.fixture
+def store(store_path):
+    s = open_test_store(store_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def make_volume(store, tmp_path):
+    """make_volume(**settings) -> an open writer on a new 64 MiB volume "vol"."""
+    opened = []
+
+    def make(size=SIZE, *, store_=None, open_kw=None, **settings):
+        s = store_ or store
+        create_volume(s, "vol", size, **settings)
+        vol = Volume.open(s, "vol", cache_root=str(tmp_path / "cache"), **(open_kw or {}))
+        opened.append(vol)
+        return vol
+
+    yield make
+    for vol in opened:
+        try:
+            vol.close()
+        except Exception as e:  # noqa: BLE001 - cleanup; the test already reported
+            print(f"closing the volume after the test failed: {e}")
+
+
+def _reopen(vol, tmp_path, *, lose_cache=False, **kw) -> Volume:
+    store = vol.store
+    vol.close()
+    if lose_cache:
+        wipe(cache_dir_for(str(tmp_path / "cache"), store, "vol"))
+    return Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), **kw)
+
+
+# --- reads and writes ------------------------------------------------------------------
+
+
+def test_unaligned_io_matches_a_byte_model(make_volume, tmp_path):
+    """Random unaligned writes, zeroes, trims and reads against a bytearray."""
+    vol = make_volume(segment_size=256 * 1024)
+    span = 3 * MiB
+    model = bytearray(span)
+    rng = random.Random(5)
+    for step in range(400):
+        off = rng.randrange(0, span - 1)
+        length = min(span - off, rng.choice([1, 7, 100, 4095, 4096, 4097, 9000, 70000]))
+        r = rng.random()
+        if r < 0.6:
+            data = rng.randbytes(length)
+            vol.write(off, data)
+            model[off:off + length] = data
+        elif r < 0.7:
+            vol.write_zeroes(off, length)
+            model[off:off + length] = bytes(length)
+        elif r < 0.8:
+            vol.trim(off, length)
+            model[off:off + length] = bytes(length)
+        else:
+            assert vol.read(off, length) == model[off:off + length], f"step {step}"
+        if step % 50 == 0:
+            vol.flush()
+    assert vol.read(0, span) == model
+    vol = _reopen(vol, tmp_path)
+    assert vol.read(0, span) == model
+    vol = _reopen(vol, tmp_path, lose_cache=True)
+    try:
+        assert vol.read(0, span) == model
+        assert vol.read(span, 1 * MiB) == bytes(1 * MiB)
+    finally:
+        vol.close()
+
+
+def test_partial_block_write_is_a_read_modify_write(make_volume, tmp_path):
+    vol = make_volume()
+    vol.write(0, block(1, 0) + block(1, 1))
+    vol.flush()
+    vol = _reopen(vol, tmp_path, lose_cache=True)  # the old blocks come from the store
+    try:
+        vol.write(BS - 3, b"abcdef")
+        expect = bytearray(block(1, 0) + block(1, 1))
+        expect[BS - 3:BS + 3] = b"abcdef"
+        assert vol.read(0, 2 * BS) == expect
+        assert vol.read(BS - 5, 10) == expect[BS - 5:BS + 5]
+        vol.write(2 * BS + 1, b"x")  # inside a hole
+        assert vol.read(2 * BS, BS) == b"\0x" + bytes(BS - 2)
+        assert vol.allocation(2 * BS, BS) == [Allocation(2 * BS, BS, True)]
+    finally:
+        vol.close()
+
+
+def test_all_zero_writes_become_holes(make_volume):
+    vol = make_volume()
+    vol.write(0, bytes(3 * BS))
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, 4 * BS, False)]
+    vol.write(0, block(1, 0) + bytes(BS) + block(1, 2))
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, BS, True), Allocation(BS, BS, False),
+                                         Allocation(2 * BS, BS, True),
+                                         Allocation(3 * BS, BS, False)]
+    assert vol.read(BS, BS) == bytes(BS)
+    vol.write(2 * BS, bytes(BS))  # data overwritten by zeros: a hole again
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, BS, True), Allocation(BS, 3 * BS, False)]
+    # A partial write that leaves a block all zero makes it a hole too.
+    vol.write(10 * BS + 5, b"hello")
+    vol.write(10 * BS + 5, bytes(5))
+    assert vol.allocation(10 * BS, BS) == [Allocation(10 * BS, BS, False)]
+    vol.close()
+    # ... and no data was stored for the zeros.
+    stored = sum(vol.store.head(names.segment_key("vol", s)) for s in segment_seqs(vol.store, "vol"))
+    assert stored < 8 * BS
+
+
+def test_trim_and_write_zeroes_on_partial_blocks(make_volume):
+    vol = make_volume()
+    data = blocks(1, 0, 4)
+    vol.write(0, data)
+    vol.trim(100, 2 * BS)                      # block 1 whole, blocks 0 and 2 in part
+    model = bytearray(data)
+    model[100:100 + 2 * BS] = bytes(2 * BS)
+    assert vol.read(0, 4 * BS) == model
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, BS, True), Allocation(BS, BS, False),
+                                         Allocation(2 * BS, 2 * BS, True)]
+    vol.write_zeroes(3 * BS + 10, 20)          # inside one block
+    model[3 * BS + 10:3 * BS + 30] = bytes(20)
+    vol.write_zeroes(2 * BS, BS)               # exactly one block
+    model[2 * BS:3 * BS] = bytes(BS)
+    assert vol.read(0, 4 * BS) == model
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, BS, True), Allocation(BS, 2 * BS, False),
+                                         Allocation(3 * BS, BS, True)]
+    # An unaligned allocation query covers exactly the bytes asked for.
+    assert vol.allocation(100, 5000) == [Allocation(100, BS - 100, True),
+                                         Allocation(BS, 5100 - BS, False)]
+    vol.trim(0, SIZE // 2)
+    assert vol.allocation(0, 4 * BS) == [Allocation(0, 4 * BS, False)]
+
+
+def test_out_of_range_requests_are_invalid(make_volume):
+    vol = make_volume()
+    bad = [
+        lambda: vol.read(SIZE - 1, 2), lambda: vol.read(SIZE, 1), lambda: vol.read(-1, 1),
+        lambda: vol.read(0, -1), lambda: vol.read(0, MAX_REQUEST + BS),
+        lambda: vol.write(SIZE - 2, b"abc"), lambda: vol.write(-BS, b"x"),
+        lambda: vol.write_zeroes(SIZE - BS, 2 * BS), lambda: vol.trim(SIZE, BS),
+        lambda: vol.trim(0, -BS), lambda: vol.allocation(SIZE - BS, 2 * BS),
+    ]
+    for call in bad:
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(InvalidRequest), vol.transaction() as txn:
+        txn.write(0, b"ok")
+        txn.write(SIZE, b"x")
+    assert vol.read(0, 2) == b"\0\0", "a refused transaction wrote something"
+    # The edges themselves are fine.
+    assert vol.read(SIZE, 0) == b""
+    vol.write(SIZE - 3, b"end")
+    assert vol.read(SIZE - 3, 3) == b"end"
+    vol.write(0, b"x" * MAX_REQUEST)  # the largest request
+    assert vol.read(MAX_REQUEST - 1, 2) == b"x\0"
+
+
+def test_read_only_volume_refuses_writes(make_volume, store, tmp_path):
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    vol.close()
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
+    try:
+        assert ro.read_only
+        for call in (lambda: ro.write(0, b"x"), lambda: ro.write_zeroes(0, BS),
+                     lambda: ro.trim(0, BS), lambda: ro.flush(), lambda: ro.resize(2 * SIZE),
+                     lambda: ro.transaction(), lambda: ro.checkpoint()):
+            with pytest.raises(ReadOnlyError) as info:
+                call()
+            assert isinstance(info.value, PermissionError)
+        assert ro.read(0, BS) == block(1, 0)
+    finally:
+        ro.close()
+
+
+def test_resize_grows_and_never_shrinks(make_volume, store, tmp_path):
+    vol = make_volume(flush_mode="store")
+    vol.write(SIZE - BS, block(1, SIZE // BS - 1))
+    with pytest.raises(InvalidRequest):
+        vol.write(SIZE, b"x")
+    vol.resize(SIZE + 16 * MiB)
+    assert vol.size == SIZE + 16 * MiB
+    vol.write(SIZE, block(2, SIZE // BS))
+    assert vol.read(SIZE - BS, 2 * BS) == block(1, SIZE // BS - 1) + block(2, SIZE // BS)
+    with pytest.raises(InvalidRequest):
+        vol.resize(SIZE)                       # shrinking
+    with pytest.raises(InvalidRequest):
+        vol.resize(SIZE + 16 * MiB + 100)      # not a multiple of the block size
+    assert vol.size == SIZE + 16 * MiB
+    # resize() flushed: a reader of the store sees the new size (a RESIZE record in the log).
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
+    try:
+        assert ro.size == SIZE + 16 * MiB
+    finally:
+        ro.close()
+    vol = _reopen(vol, tmp_path)
+    assert vol.size == SIZE + 16 * MiB
+    vol.resize(SIZE + 32 * MiB)
+    vol = _reopen(vol, tmp_path, lose_cache=True)  # from the checkpoint written at close
+    try:
+        assert vol.size == SIZE + 32 * MiB
+        assert vol.read(SIZE, BS) == block(2, SIZE // BS)
+        assert vol.read(SIZE + 16 * MiB, BS) == bytes(BS)
+    finally:
+        vol.close()
+
+
+def test_resize_survives_a_crash(make_volume, store, tmp_path):
+    vol = make_volume()
+    vol.resize(SIZE * 2)                       # resize() flushes
+    vol.write(SIZE + BS, block(3, SIZE // BS + 1))
+    vol.flush()
+    vol.abandon()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
+    try:
+        assert vol.size == SIZE * 2
+        assert vol.read(SIZE + BS, BS) == block(3, SIZE // BS + 1)
+    finally:
+        vol.close()
+
+
+# --- transactions ----------------------------------------------------------------------
+
+
+def test_transaction_commits_together(make_volume, tmp_path):
+    vol = make_volume()
+    with vol.transaction() as txn:
+        txn.write(0, block(1, 0))
+        txn.write_zeroes(BS, BS)
+        txn.trim(2 * BS, BS)
+        txn.write(10 * BS, block(1, 10))
+        assert vol.read(0, BS) == bytes(BS), "a transaction is visible before it commits"
+    assert vol.read(0, BS) == block(1, 0) and vol.read(10 * BS, BS) == block(1, 10)
+
+
+def test_transaction_abandoned_by_an_exception_leaves_nothing(make_volume, tmp_path):
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    with pytest.raises(RuntimeError), vol.transaction() as txn:
+        txn.write(0, block(2, 0))
+        txn.write(BS, block(2, 1))
+        raise RuntimeError("changed my mind")
+    assert vol.read(0, 2 * BS) == block(1, 0) + bytes(BS)
+    vol = _reopen(vol, tmp_path)
+    try:
+        assert vol.read(0, 2 * BS) == block(1, 0) + bytes(BS)
+    finally:
+        vol.close()
+
+
+def _fail_nth_append(monkeypatch, n: int, error: BaseException, *, keep_tail: bool = False):
+    """Make the n-th OpenSegment.append from now raise `error` (after it wrote
+    nothing).  keep_tail: also turn rollback into a no-op, so what was
+    appended stays in the journal, as after a crash in the middle."""
+    real = OpenSegment.append
+    calls = {"n": 0}
+
+    def append(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(OpenSegment, "append", append)
+    if keep_tail:
+        monkeypatch.setattr(OpenSegment, "rollback", lambda self, mark: None)
+    return calls
+
+
+def test_transaction_failing_half_way_leaves_nothing_visible(make_volume, tmp_path, monkeypatch):
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    vol.write(8 * BS, block(1, 8))
+    _fail_nth_append(monkeypatch, 2, OSError(errno.ENOSPC, "injected: disk full"))
+    with pytest.raises(OSError), vol.transaction() as txn:
+        txn.write(0, block(2, 0))
+        txn.write(8 * BS, block(2, 8))
+        txn.write(16 * BS, block(2, 16))
+    monkeypatch.undo()
+    assert vol.read(0, BS) == block(1, 0)
+    assert vol.read(8 * BS, BS) == block(1, 8)
+    assert vol.read(16 * BS, BS) == bytes(BS)
+    # The volume goes on working, and the failed transaction never comes back.
+    vol.write(24 * BS, block(3, 24))
+    vol = _reopen(vol, tmp_path)
+    try:
+        assert vol.read(0, BS) == block(1, 0) and vol.read(8 * BS, BS) == block(1, 8)
+        assert vol.read(16 * BS, BS) == bytes(BS) and vol.read(24 * BS, BS) == block(3, 24)
+    finally:
+        vol.close()
+
+
+def test_multi_record_write_failing_half_way_leaves_nothing(make_volume, tmp_path, monkeypatch):
+    """One write whose data has a zero block in the middle is three records
+    (DATA, ZERO, DATA): all or nothing too."""
+    vol = make_volume()
+    _fail_nth_append(monkeypatch, 3, OSError(errno.EIO, "injected"))
+    with pytest.raises(OSError):
+        vol.write(0, block(1, 0) + bytes(BS) + block(1, 2))
+    monkeypatch.undo()
+    assert vol.read(0, 3 * BS) == bytes(3 * BS)
+    assert vol.allocation(0, 3 * BS) == [Allocation(0, 3 * BS, False)]
+
+
+def test_crash_in_the_middle_of_a_transaction_drops_it(make_volume, store, tmp_path, monkeypatch):
+    """The first records of a transaction reached the journal, then the process
+    died: recovery keeps only transactions whose commit record is there."""
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    vol.flush()
+    _fail_nth_append(monkeypatch, 3, KeyboardInterrupt(), keep_tail=True)
+    with pytest.raises(KeyboardInterrupt), vol.transaction() as txn:
+        txn.write(BS, block(2, 1))
+        txn.write(2 * BS, block(2, 2))
+        txn.write(3 * BS, block(2, 3))
+    journal = vol._open.path
+    with open(journal, "rb") as f:
+        f.seek(HEADER.size)
+        found = list(scan_records(f, BS, HEADER.size, where="journal"))
+    assert [r.flags & FLAG_COMMIT for r, _end in found] == [FLAG_COMMIT, 0, 0], \
+        "the test needs two uncommitted records in the journal"
+    vol.abandon()
+    monkeypatch.undo()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
+    try:
+        assert vol.read(0, 4 * BS) == block(1, 0) + bytes(3 * BS)
+    finally:
+        vol.close()
+
+
+# --- durability ----------------------------------------------------------------------
+
+
+def test_flush_mode_store_puts_the_data_in_the_store(make_volume, store, tmp_path):
+    vol = make_volume(flush_mode="store")
+    vol.write(0, block(1, 0))
+    vol.flush()
+    assert segment_seqs(store, "vol") == [1]
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro1"), read_only=True)
+    try:
+        assert ro.read(0, BS) == block(1, 0)
+    finally:
+        ro.close()
+    vol.write(BS, block(2, 1), fua=True)  # FUA: durable in the store on return
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro2"), read_only=True)
+    try:
+        assert ro.read(0, 2 * BS) == block(1, 0) + block(2, 1)
+    finally:
+        ro.close()
+
+
+def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatch):
+    faulty = FaultyStore(store)
+    create_volume(faulty, "vol", SIZE, flush_mode="store")
+    vol = Volume.open(faulty, "vol", cache_root=str(tmp_path / "cache"))
+    try:
+        monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 1.0)
+        faulty.fail(op="put", key_prefix=names.segment_prefix("vol"), times=None,
+                    error=StoreError)
+        vol.write(0, block(1, 0))
+        with pytest.raises(StoreError):
+            vol.flush()
+        assert segment_seqs(store, "vol") == []
+        assert vol.read(0, BS) == block(1, 0)  # kept locally meanwhile
+        faulty.heal()
+        vol.flush()                             # the upload is retried
+        assert segment_seqs(store, "vol") == [1]
+    finally:
+        vol.close()
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
+    try:
+        assert ro.read(0, BS) == block(1, 0)
+    finally:
+        ro.close()
+
+
+def test_journal_mode_flush_survives_a_crash(make_volume, store, tmp_path):
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    vol.write(5 * BS, block(1, 5), fua=True)
+    vol.flush()
+    vol.abandon()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
+    try:
+        assert vol.read(0, BS) == block(1, 0) and vol.read(5 * BS, BS) == block(1, 5)
+    finally:
+        vol.close()
+    # The replayed journal was uploaded: the store alone has it now.
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
+    try:
+        assert ro.read(5 * BS, BS) == block(1, 5)
+    finally:
+        ro.close()
+
+
+# --- concurrency, the map --------------------------------------------------------------
+
+
+def test_threads_writing_disjoint_ranges_and_reading(make_volume, tmp_path):
+    vol = make_volume(segment_size=256 * 1024)
+    region = 2 * MiB
+    errors: list[BaseException] = []
+    finals: dict[int, bytearray] = {}
+
+    def worker(t: int) -> None:
+        try:
+            rng = random.Random(t)
+            base = t * region
+            model = bytearray(region)
+            for i in range(120):
+                off = rng.randrange(0, region - 1)
+                length = min(region - off, rng.choice([1, 512, BS, 3 * BS + 7, 64 * 1024]))
+                data = rng.randbytes(length)
+                vol.write(base + off, data)
+                model[off:off + length] = data
+                probe = rng.randrange(0, region - BS)
+                got = vol.read(base + probe, BS)
+                assert got == model[probe:probe + BS], f"thread {t} step {i}"
+                if i % 40 == 0:
+                    vol.flush()
+            finals[t] = model
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    stop = threading.Event()
+
+    def scanner() -> None:
+        try:
+            while not stop.is_set():
+                vol.read(0, 8 * region)
+                vol.allocation(0, 8 * region)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    scan = threading.Thread(target=scanner)
+    scan.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    scan.join(30)
+    assert not errors, errors[0]
+    expected = b"".join(bytes(finals[t]) for t in range(8))
+    assert vol.read(0, 8 * region) == expected
+    assert vol.stats["segments_sealed"] > 3, "the test should seal segments while writing"
+    vol = _reopen(vol, tmp_path, lose_cache=True)
+    try:
+        assert vol.read(0, 8 * region) == expected
+    finally:
+        vol.close()
+
+
+def test_the_map_is_extent_based(make_volume, tmp_path):
+    vol = make_volume(size=128 * MiB)
+    data = os.urandom(64 * MiB)
+    vol.write(0, data[:32 * MiB])
+    vol.write(32 * MiB, data[32 * MiB:])
+    vol.flush()
+    with vol._lock:
+        vol._seal()
+    assert vol._map.extent_count() <= 2
+    vol.write(10 * MiB, block(9, 2560))          # splits one extent in three
+    with vol._lock:
+        vol._seal()
+    assert vol._map.extent_count() == 4
+    # A sequential write in 1 MiB requests: one extent per request, not per block.
+    for off in range(64 * MiB, 128 * MiB, MiB):
+        vol.write(off, data[off - 64 * MiB:off - 63 * MiB])
+    with vol._lock:
+        vol._seal()
+    assert vol._map.extent_count() <= 4 + 64
+    vol = _reopen(vol, tmp_path, lose_cache=True)   # loaded from the checkpoint
+    try:
+        assert vol._map.extent_count() <= 4 + 64
+        expect = bytearray(data)
+        expect[10 * MiB:10 * MiB + BS] = block(9, 2560)
+        assert vol.read(0, 32 * MiB) == expect[:32 * MiB]
+        assert vol.read(96 * MiB, 32 * MiB) == data[32 * MiB:]
+    finally:
+        vol.close()
+
+
+# --- recovery planning (pure) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("seqs,base,upto,replay,orphans", [
+    ([], 0, None, [], []),
+    ([1, 2, 3], 0, None, [1, 2, 3], []),
+    ([3, 1, 2, 2], 0, None, [1, 2, 3], []),             # any order, duplicates
+    ([1, 2, 4, 5], 0, None, [1, 2], [4, 5]),            # a gap: what follows is orphaned
+    ([2, 3], 0, None, [], [2, 3]),                      # the very first one missing
+    ([1, 2, 3, 4, 5], 3, None, [4, 5], []),             # from a checkpoint
+    ([1, 2, 3, 5], 3, None, [], [5]),
+    ([1, 2], 5, None, [], []),                          # all covered by the checkpoint
+    ([1, 2, 3, 4, 5, 6], 0, 4, [1, 2, 3, 4], []),       # a reader of the past: no orphans
+    ([1, 2, 4, 5], 0, 4, [1, 2], []),
+    ([5, 6, 7], 4, 5, [5], []),
+])
+def test_plan_replay(seqs, base, upto, replay, orphans):
+    plan = plan_replay(iter(seqs), base, upto=upto)
+    assert plan == ReplayPlan(base=base, replay=replay, orphans=orphans)
+    assert plan.top == (replay[-1] if replay else base)
+
+
+def test_plan_replay_random_against_a_simple_definition():
+    rng = random.Random(9)
+    for _ in range(300):
+        seqs = sorted(rng.sample(range(1, 40), rng.randint(0, 30)))
+        base = rng.choice([0, 0, rng.randint(0, 40)])
+        plan = plan_replay(seqs, base)
+        k = base
+        while k + 1 in seqs:
+            k += 1
+        assert plan.replay == list(range(base + 1, k + 1))
+        assert plan.orphans == [s for s in seqs if s > k]
+        assert plan.top == k
+
+
+# --- checksums ---------------------------------------------------------------------------
+
+
+def test_crc32c_known_vectors():
+    assert crc32c(b"") == 0
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA          # RFC 3720 B.4
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+
+
+def test_fast_crc32c_equals_the_reference():
+    rng = random.Random(1)
+    for _ in range(300):
+        data = rng.randbytes(rng.choice([0, 1, 3, 4, 7, 8, 15, 63, 64, 65, 511, 4096, 10007]))
+        assert crc32c(data) == crc32c_reference(data)
+        assert crc32c(memoryview(data)) == crc32c_reference(data)
+        start = rng.getrandbits(32)
+        assert crc32c(data, start) == crc32c_reference(data, start)
+        cut = rng.randint(0, len(data))
+        assert crc32c(data[cut:], crc32c(data[:cut])) == crc32c(data)  # streaming
+    big = rng.randbytes(1 << 20)
+    assert crc32c(big) == crc32c_reference(big)
+
+
+def test_mask_and_unmask():
+    assert mask(0) == 0xA282EAD8
+    assert mask(0xE3069283) == 0xC78AB0E5
+    rng = random.Random(2)
+    for crc in [0, 1, 0xFFFFFFFF, 0x80000000, *(rng.getrandbits(32) for _ in range(1000))]:
+        m = mask(crc)
+        assert 0 <= m <= 0xFFFFFFFF
+        assert unmask(m) == crc
+        assert m != crc
+    assert masked_crc(b"123456789") == mask(0xE3069283)
+    assert masked_crc(bytes(BS)) != 0  # a zero block does not check against a zero field
+
+
+# --- the segment format ------------------------------------------------------------------
+
+VOLID = bytes(range(16))
+#: The header of segment 0x0102030405060708 of volume 00010203-...-0e0f, 4 KiB
+#: blocks, created at 1700000000.123456789 s.  Changing it breaks every stored volume.
+GOLDEN_HEADER = bytes.fromhex(
+    "4c53424453454731"                      # magic "LSBDSEG1"
+    "0100" "4000" "00100000"                # version 1, header length 64, block size 4096
+    "000102030405060708090a0b0c0d0e0f"      # volume id
+    "0807060504030201"                      # seq
+    "15cd853dfe9c9717"                      # created, ns
+    "0000000000000000" "00000000"           # reserved
+    "02faa13d")                             # masked CRC32C of the above
+GOLDEN_RECORD = bytes.fromhex(
+    "4c524543" "01" "01" "0000"             # "LREC", DATA, COMMIT, reserved
+    "0700000000000000" "02000000"           # lba 7, 2 blocks
+    "c28459fd" "1111111111111111")          # masked CRC of header + CRC array; the array
+
+
+def test_golden_header_bytes():
+    assert HEADER.size == 64 and RECORD.size == 24
+    header = encode_header(VOLID, 0x0102030405060708, 4096, 1_700_000_000_123_456_789)
+    assert header == GOLDEN_HEADER
+    assert struct.unpack("<I", GOLDEN_HEADER[-4:])[0] == mask(crc32c_reference(GOLDEN_HEADER[:-4]))
+    h = decode_header(GOLDEN_HEADER)
+    assert (h.volume_id, h.seq, h.block_size, h.created_ns) == (
+        VOLID, 0x0102030405060708, 4096, 1_700_000_000_123_456_789)
+
+
+def test_golden_record_bytes():
+    assert encode_record(DATA, FLAG_COMMIT, 7, 2, b"\x11" * 8) == GOLDEN_RECORD
+
+
+def _trailer() -> Trailer:
+    return Trailer(volume_id=VOLID, seq=5, footer_offset=4096, footer_length=48, record_count=2,
+                   sealed_ns=1_700_000_001_000_000_000, volume_size=64 * MiB,
+                   footer_crc=0xDEADBEEF)
+
+
+def test_trailer_round_trip():
+    raw = encode_trailer(_trailer())
+    assert len(raw) == TRAILER.size
+    assert raw[:8] == b"LSBDEND1"
+    assert struct.unpack("<I", raw[-4:])[0] == mask(crc32c_reference(raw[:-4]))
+    assert decode_trailer(b"anything before it" + raw) == _trailer()
+
+
+@pytest.mark.parametrize("where", [0, 9, 30, 63])
+def test_damaged_header_is_rejected(where):
+    bad = bytearray(GOLDEN_HEADER)
+    bad[where] ^= 0x01
+    with pytest.raises(CorruptionError):
+        decode_header(bytes(bad))
+    with pytest.raises(CorruptionError):
+        decode_header(GOLDEN_HEADER[:40])
+
+
+@pytest.mark.parametrize("where", [0, 20, 50, -1])
+def test_damaged_trailer_is_rejected(where):
+    good = encode_trailer(_trailer())
+    bad = bytearray(good)
+    bad[where] ^= 0x80
+    with pytest.raises(CorruptionError):
+        decode_trailer(bytes(bad))
+    with pytest.raises(CorruptionError):
+        decode_trailer(good[:-1])
+
+
+def test_footer_round_trip_and_damage():
+    records = [Record(DATA, 0, 10, 2, 88, b"\x01\x02\x03\x04" * 2),
+               Record(ZERO, 0, 50, 7, 0, b""),
+               Record(TRIM, FLAG_COMMIT, 0, 100, 0, b""),
+               Record(DATA, FLAG_COMMIT, 3, 1, 9000, b"\xaa\xbb\xcc\xdd")]
+    footer = encode_footer(records)
+    t = Trailer(volume_id=VOLID, seq=1, footer_offset=100, footer_length=len(footer),
+                record_count=len(records), sealed_ns=1, volume_size=SIZE,
+                footer_crc=masked_crc(footer))
+    assert decode_footer(footer, t) == records
+    bad = bytearray(footer)
+    bad[5] ^= 1
+    with pytest.raises(CorruptionError):
+        decode_footer(bytes(bad), t)
+    with pytest.raises(CorruptionError):
+        decode_footer(footer[:-1], t)
+    idx = SegmentIndex(records, BS)
+    assert idx.crc_at(88 + BS) == 0x04030201
+    assert idx.crc_at(9000) == 0xDDCCBBAA
+    for off in (87, 89, 88 + 2 * BS, 0):
+        with pytest.raises(KeyError):
+            idx.crc_at(off)
+
+
+def _seal(seg: OpenSegment, volume_size: int) -> Trailer:
+    """OpenSegment.seal, giving a previous-segment link if this version takes one."""
+    if "prev_crc" in inspect.signature(seg.seal).parameters:
+        return seg.seal(volume_size, prev_crc=0)
+    return seg.seal(volume_size)
+
+
+def test_sealed_segment_round_trip(tmp_path):
+    path = str(tmp_path / "seg")
+    seg = OpenSegment(path, volume_id=VOLID, seq=7, block_size=BS)
+    data = blocks(1, 10, 3)
+    seg.append(DATA, 10, 3, data=data, crcs=block_crcs(data, BS), commit=False)
+    seg.append(ZERO, 40, 5)
+    seg.append(DATA, 2, 1, data=block(2, 2), crcs=block_crcs(block(2, 2), BS), commit=True)
+    trailer = _seal(seg, SIZE)
+    got_trailer, got = read_sealed_index(path, where="seg")
+    assert got_trailer == trailer and got == seg.records
+    assert [(r.kind, r.lba, r.nblocks, r.flags) for r in got] == [
+        (DATA, 10, 3, 0), (ZERO, 40, 5, 0), (DATA, 2, 1, FLAG_COMMIT)]
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:8] == b"LSBDSEG1" and raw[-TRAILER.size:-TRAILER.size + 8] == b"LSBDEND1"
+    assert decode_header(raw).seq == 7
+    assert raw[got[0].data_offset:got[0].data_offset + 3 * BS] == data
+    assert raw[got[2].data_offset:got[2].data_offset + BS] == block(2, 2)
+    # The same bytes pass the scrubber's checks.
+    from lsbd.engine.config import VolumeConfig
+    from lsbd.engine.scrub import verify_segment
+    cfg = VolumeConfig(name="vol", volume_id=uuid.UUID(bytes=VOLID).hex, size=SIZE)
+    assert verify_segment(raw, cfg, 7) == []
+    assert verify_segment(raw, cfg, 8)  # wrong seq: reported
+
+
+def _recover(path: str, **kw):
+    """recover_journal_file, giving a previous-segment link if this version takes one."""
+    if "prev_crc" in inspect.signature(recover_journal_file).parameters:
+        kw.setdefault("prev_crc", 0)
+    return recover_journal_file(path, **kw)
+
+
+def test_journal_recovery_keeps_committed_records_only(tmp_path):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)
+    a, b, c = block(1, 0), block(2, 1), block(3, 2)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    seg.append(DATA, 1, 1, data=b, crcs=block_crcs(b, BS), commit=False)
+    seg.append(DATA, 2, 1, data=c, crcs=block_crcs(c, BS), commit=True)
+    committed_end = seg.end
+    seg.append(DATA, 5, 1, data=c, crcs=block_crcs(c, BS), commit=False)  # never committed
+    seg.sync()
+    os.close(seg.fd)
+    # A torn last record too: cut the file in the middle of its data.
+    os.truncate(path, seg.end - 100)
+    trailer, records = _recover(path, volume_id=VOLID, seq=3, block_size=BS,
+                                            volume_size=SIZE)
+    assert [(r.lba, r.flags) for r in records] == [(0, FLAG_COMMIT), (1, 0), (2, FLAG_COMMIT)]
+    assert trailer.footer_offset == committed_end
+    # The file is a sealed segment now, and reading it again changes nothing.
+    assert read_sealed_index(path, where="j") == (trailer, records)
+    assert _recover(path, volume_id=VOLID, seq=3, block_size=BS,
+                                volume_size=SIZE) == (trailer, records)
+
+
+def test_journal_with_nothing_committed_is_dropped(tmp_path):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)
+    a = block(1, 0)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=False)
+    os.close(seg.fd)
+    assert _recover(path, volume_id=VOLID, seq=3, block_size=BS,
+                                volume_size=SIZE) is None
+    assert not os.path.exists(path)
+
+
+def test_journal_of_another_volume_is_refused(tmp_path):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)
+    a = block(1, 0)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    os.close(seg.fd)
+    with pytest.raises(CorruptionError):
+        _recover(path, volume_id=bytes(16), seq=3, block_size=BS, volume_size=SIZE)
+    with pytest.raises(CorruptionError):
+        _recover(path, volume_id=VOLID, seq=4, block_size=BS, volume_size=SIZE)
+
+
+def test_scan_records_stops_at_a_damaged_record(tmp_path):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=1, block_size=BS)
+    for i in range(4):
+        d = block(i, i)
+        seg.append(DATA, i, 1, data=d, crcs=block_crcs(d, BS), commit=True)
+    os.close(seg.fd)
+    second = seg.records[1].data_offset
+    with open(path, "r+b") as f:
+        f.seek(second + 10)
+        f.write(b"\xff")       # data of record 2 no longer matches its CRC
+    with open(path, "rb") as f:
+        found = [r.lba for r, _end in scan_records(f, BS, HEADER.size, where="j")]
+    assert found == [0]
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for name in os.listdir(path):
+        try:
+            total += os.path.getsize(os.path.join(path, name))
+        except FileNotFoundError:  # evicted while we looked
+            pass
+    return total
+
+
+@pytest.mark.parametrize("flush_mode", ["journal", "store"])
+def test_tiny_segment_cache_evicts_and_refetches(make_volume, store, tmp_path, flush_mode):
+    """With a segment cache far smaller than the data, blocks are read back
+    from the store; segments not yet uploaded are never evicted."""
+    vol = make_volume(segment_size=128 * 1024, flush_mode=flush_mode,
+                      open_kw={"cache_limit": 256 * 1024})
+    rng = random.Random(11)
+    model = bytearray(4 * MiB)
+    for i in range(150):
+        n = rng.randint(1, 16)
+        lba = rng.randrange(0, len(model) // BS - n)
+        data = blocks(i + 1, lba, n)
+        vol.write(lba * BS, data)
+        model[lba * BS:(lba + n) * BS] = data
+        if i % 10 == 0:
+            vol.flush()
+    assert vol.read(0, len(model)) == model
+    cached = _folder_bytes(os.path.join(vol.folder, "segments"))
+    vol = _reopen(vol, tmp_path, cache_limit=256 * 1024)
+    try:
+        assert vol.read(0, len(model)) == model
+        for _ in range(50):
+            off = rng.randrange(0, len(model) - 3 * BS)
+            assert vol.read(off, 3 * BS) == model[off:off + 3 * BS]
+        assert cached < 2 * MiB, f"the cache holds {cached} bytes with a 256 KiB limit"
+    finally:
+        vol.close()
