@@ -62,6 +62,11 @@ class InvalidRequest(UserError, ValueError):
     """A read/write/trim with bad arguments (out of range, negative, ...)."""
 
 
+class PointUnavailable(UserError, ValueError):
+    """A point in a volume's history that does not exist or can no longer be
+    rebuilt (before creation, in the future, reclaimed by compaction)."""
+
+
 class ReadOnlyError(UserError, PermissionError):
     """A write to a read-only volume (a snapshot, a point in time)."""
 

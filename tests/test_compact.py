@@ -645,8 +645,6 @@ def _reclaimed_point(tmp_path):
     return store, cache, a
 
 
-@pytest.mark.xfail(strict=True, reason="Volume.open(at_seq=N) of a point compaction reclaimed "
-                   "opens silently at another seq (here the empty volume) instead of failing")
 def test_opening_a_reclaimed_point_fails(tmp_path):
     store, cache, a = _reclaimed_point(tmp_path)
     try:
@@ -659,8 +657,6 @@ def test_opening_a_reclaimed_point_fails(tmp_path):
             f"{past.read(0, 4)!r}")
 
 
-@pytest.mark.xfail(strict=True, reason="create_clone() of a point compaction reclaimed creates a "
-                   "clone that can never be opened (CorruptionError) instead of refusing")
 def test_clone_of_a_reclaimed_point_is_refused(tmp_path):
     store, cache, a = _reclaimed_point(tmp_path)
     try:

@@ -298,9 +298,6 @@ def test_census_sees_every_stage(lab):
         assert lab.counts("snap", 1.0)["counts"].get("ckptdelete", 0) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint whose manifest never landed (kill while its "
-                   "parts upload) or whose manifest was deleted first (kill while deleting it) "
-                   "leaves part objects that no later compaction or checkpoint prune removes")
 @pytest.mark.parametrize("stage", ["ckptpart", "ckptdelete"])
 def test_no_checkpoint_parts_left_after_a_kill(lab, stage):
     lab.reset("plain")

@@ -318,9 +318,6 @@ def test_recoverable_agrees_with_plan_restore():
         assert top in ok
 
 
-@pytest.mark.xfail(strict=True, reason="recoverable() reports an orphan segment after a gap "
-                   "(e.g. left by a crash with uploads in flight) as recoverable, and drops the "
-                   "real history below the gap from the window")
 def test_recoverable_orphan_after_a_gap_is_not_a_point():
     # Segment 4 never reached the store; 5 did (uploads run in parallel), then a crash.
     # Recovery stops at 3 (DESIGN invariant 3: objects after a gap are orphans).

@@ -130,6 +130,10 @@ class BlockMap:
         checkpoint) while writers go on.  Abort it when done."""
         return self._env.begin()
 
+    def meta_in(self, snapshot, name: str, default: int = 0) -> int:
+        raw = snapshot.get(name.encode(), db=self._meta)
+        return default if raw is None else int(bytes(raw))
+
     def segments_in(self, snapshot) -> list[SegmentInfo]:
         return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
                 for k, v in snapshot.cursor(db=self._segments)]

@@ -44,6 +44,7 @@ class Manifest:
     block_size: int
     extents: int
     parts: list  # [(key, kind, count, crc)]
+    top_crc: int | None = None  # trailer fingerprint of segment `seq`: the chain goes on from it
     format: int = 1
 
     def to_json(self) -> bytes:
@@ -80,7 +81,7 @@ def _decode_part(raw: bytes, *, seq: int, kind: int, where: str) -> bytes:
 
 def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
                      block_size: int, extents: Iterable[Extent],
-                     segments: Iterable[SegmentInfo]) -> Manifest:
+                     segments: Iterable[SegmentInfo], top_crc: int | None = None) -> Manifest:
     try:  # the map at a seq never changes: an existing checkpoint is the same one
         return read_manifest(store, volume, seq)
     except (ObjectNotFound, CorruptionError):
@@ -111,7 +112,7 @@ def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, vol
         flush_part(PART_SEGMENTS_KIND, seg_batch[i:i + PART_EXTENTS])
     manifest = Manifest(volume_id=volume_id, seq=seq, created_ns=time.time_ns(),
                         volume_size=volume_size, block_size=block_size, extents=total,
-                        parts=parts)
+                        parts=parts, top_crc=top_crc)
     try:
         store.put(names.checkpoint_manifest_key(volume, seq), manifest.to_json(), exclusive=True)
     except ObjectExists:
@@ -126,6 +127,18 @@ def list_checkpoints(store: Store, volume: str) -> list[int]:
         if seq is not None:
             seqs.append(seq)
     return sorted(seqs)
+
+
+def list_incomplete_checkpoints(store: Store, volume: str) -> list[int]:
+    """Seqs with checkpoint parts but no manifest: an interrupted write, or a
+    delete that removed the manifest first.  Never read; safe to delete."""
+    parts, manifests = set(), set()
+    for info in store.list(names.checkpoint_prefix(volume)):
+        seq = names.parse_seq(info.key.rsplit("/", 2)[-2]) if info.key.count("/") >= 2 else None
+        if seq is None:
+            continue
+        (manifests if info.key.endswith("/manifest") else parts).add(seq)
+    return sorted(parts - manifests)
 
 
 def read_manifest(store: Store, volume: str, seq: int) -> Manifest:

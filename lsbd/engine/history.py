@@ -20,7 +20,7 @@ from lsbd import names
 from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.config import VolumeConfig
 from lsbd.engine.recovery import fetch_segment_index, store_segment_seqs
-from lsbd.errors import ObjectExists, ObjectNotFound, UserError
+from lsbd.errors import ObjectExists, ObjectNotFound, PointUnavailable, UserError
 from lsbd.store import Store
 
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -34,9 +34,7 @@ class SnapshotNotFound(UserError, FileNotFoundError):
     pass
 
 
-class BadPoint(UserError, ValueError):
-    """A point in time that does not exist (before creation, in the future,
-    reclaimed, an unknown seq)."""
+BadPoint = PointUnavailable
 
 
 @attrs.frozen(kw_only=True)
@@ -231,17 +229,20 @@ def recoverable(checkpoints: Iterable[int], segments: Iterable[int], *, base: in
     it exist), and so is every isolated point (a checkpoint of its own, kept
     for a snapshot or a clone after compaction removed its neighbours)."""
     segs = set(segments)
-    cps = sorted(c for c in checkpoints if c >= base)
-    top = max(segs | set(cps) | {base})
-    # Walk down from the top while segments are unbroken.
-    start = top
-    while start > base and start in segs:
-        start -= 1
-    # `start` is the first seq whose segment is missing (or base): the window
-    # begins there if a checkpoint (or the empty/base state) is there.
-    while start < top and start not in cps and start != base:
-        start += 1
-    isolated = [c for c in cps if c < start]
+    anchors = sorted({base} | {c for c in checkpoints if c >= base})
+    # Each anchor (a checkpoint, or the base state) reaches forward as long as
+    # the segments after it are unbroken.
+    runs: list[tuple[int, int]] = []
+    for a in anchors:
+        end = a
+        while end + 1 in segs:
+            end += 1
+        if runs and a <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((a, end))
+    start, top = runs[-1]
+    isolated = [s for lo, hi in runs[:-1] for s in range(lo, hi + 1) if s > base or lo > base]
     return isolated, start, top
 
 

@@ -100,12 +100,12 @@ class OpenSegment:
             os.fdatasync(self.fd)
             self.dirty = False
 
-    def seal(self, volume_size: int) -> Trailer:
+    def seal(self, volume_size: int, prev_crc: int) -> Trailer:
         footer = encode_footer(self.records)
         trailer = Trailer(volume_id=self.volume_id, seq=self.seq, footer_offset=self.end,
                           footer_length=len(footer), record_count=len(self.records),
                           sealed_ns=time.time_ns(), volume_size=volume_size,
-                          footer_crc=masked_crc(footer))
+                          footer_crc=masked_crc(footer), prev_crc=prev_crc)
         tail = footer + encode_trailer(trailer)
         os.pwrite(self.fd, tail, self.end)
         self.end += len(tail)

@@ -32,7 +32,7 @@ from lsbd.engine.segment import (
     read_sealed_index,
     scan_records,
 )
-from lsbd.errors import CorruptionError, ObjectNotFound
+from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,10 @@ def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
 def fetch_segment_index(store: Store, volume: str, seq: int) -> tuple[Trailer, list[Record]]:
     """A stored segment's trailer and records, read from its tail (one GET,
     two for a large index)."""
-    key = names.segment_key(volume, seq)
+    return fetch_index_by_key(store, names.segment_key(volume, seq), seq)
+
+
+def fetch_index_by_key(store: Store, key: str, seq: int) -> tuple[Trailer, list[Record]]:
     tail = store.get(key, -_TAIL_READ)
     trailer = decode_trailer(tail, where=key)
     if trailer.seq != seq:
@@ -125,7 +128,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
             segments = [s for s in ckpt.read_segments(store, manifest)
                         if s.seq in stored or s.seq <= config.base_seq]
             bm.load(ckpt.read_extents(store, manifest), segments,
-                    applied_seq=str(cp_seq).encode(), size=str(manifest.volume_size).encode())
+                    applied_seq=str(cp_seq).encode(), size=str(manifest.volume_size).encode(),
+                    top_crc=str(manifest.top_crc or 0).encode())
             break
         except (CorruptionError, ObjectNotFound) as e:
             log.warning("volume %s: checkpoint %016x unusable (%s); trying an older one",
@@ -141,24 +145,45 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
                                   f"{config.base_seq:016x}, but that volume only reaches "
                                   f"{parent_plan.top:016x}")
     elif manifest is None:
-        bm.load([], [], applied_seq=b"0", size=str(config.size).encode())
+        bm.load([], [], applied_seq=b"0", size=str(config.size).encode(), top_crc=b"0")
     base = manifest.seq if manifest else config.base_seq
     plan = plan_replay(stored, base, upto=upto)
+    # The chain: each segment names its predecessor's trailer.  Unknown (0) only
+    # after a checkpoint that did not record it.
+    prev: int | None = bm.get_int("top_crc", 0)
+    if manifest is not None and not manifest.top_crc:
+        prev = None
+    applied: list[int] = []
     for i, seq in enumerate(plan.replay):
         trailer, records = fetch_segment_index(store, volume, seq)
+        key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
-            raise CorruptionError(f"{names.segment_key(volume, seq)} belongs to another volume",
-                                  key=names.segment_key(volume, seq))
+            raise CorruptionError(f"{key} belongs to another volume", key=key)
+        if prev is not None and trailer.prev_crc != prev:
+            log.warning("volume %s: %s does not continue the history (written by a writer "
+                        "that had lost the lease?); stopping before it", volume, key)
+            break
         size = trailer.volume_size
         info = segment_info(seq, trailer, records, stored[seq], STORED, encode_trailer(trailer))
-        bm.apply_segment(info, records, applied_seq=str(seq).encode(), size=str(size).encode())
+        bm.apply_segment(info, records, applied_seq=str(seq).encode(), size=str(size).encode(),
+                         top_crc=str(info.trailer_crc).encode())
+        prev = info.trailer_crc
+        applied.append(seq)
         if progress:
             progress(i + 1, len(plan.replay))
+    if len(applied) < len(plan.replay):
+        rest = plan.replay[len(applied):]
+        plan = ReplayPlan(base=plan.base, replay=applied,
+                          orphans=sorted(set(rest) | set(plan.orphans)) if upto is None else [])
+    if upto is not None and plan.top != upto:
+        raise PointUnavailable(f"volume {volume}: seq {upto} can no longer be rebuilt (the "
+                               f"history reaches {plan.top}; later or reclaimed segments are "
+                               "missing)")
     return plan, size
 
 
 def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: int,
-                         volume_size: int) -> tuple[Trailer, list[Record]] | None:
+                         volume_size: int, prev_crc: int) -> tuple[Trailer, list[Record]] | None:
     """Make a journal file left by a crash into a sealed segment: keep its
     records up to the last committed transaction, drop the torn tail, append
     the index.  Returns None (and removes the file) if nothing was committed.
@@ -198,7 +223,7 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         trailer = Trailer(volume_id=volume_id, seq=seq, footer_offset=end,
                           footer_length=len(footer), record_count=len(records),
                           sealed_ns=time.time_ns(), volume_size=size,
-                          footer_crc=masked_crc(footer))
+                          footer_crc=masked_crc(footer), prev_crc=prev_crc)
         f.truncate(end)
         f.seek(end)
         f.write(footer + encode_trailer(trailer))

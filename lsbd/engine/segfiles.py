@@ -1,10 +1,14 @@
-"""Local copies of sealed segments: the ones waiting to upload and a
-bounded LRU cache of the ones read back from the store.  Every block read
-from a sealed segment is checked against its CRC (DESIGN invariant 5).
+"""Local copies of sealed segments (the ones waiting to upload, and a
+bounded LRU of the ones already uploaded) and reads of segments from the
+store.  Every block read from a sealed segment, local or remote, is checked
+against its CRC (DESIGN invariant 5).
 
-All copies live in one folder, <cache>/segments/<seq>.seg, from the moment a
-segment opens until the cache evicts it (only segments already in the store
-are evicted), so a reader never races a rename."""
+All local copies live in one folder, <cache>/segments/<seq>.seg, from the
+moment a segment opens until the cache evicts it (only segments already in
+the store are evicted), so a reader never races a rename.  A segment that is
+not local is read with ranged GETs of just the blocks asked for, checked
+against its index (fetched once from the object's tail and kept in a bounded
+LRU): a random read costs one small GET, not a whole segment."""
 
 from __future__ import annotations
 
@@ -12,14 +16,19 @@ import collections
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from lsbd.checksum import crc32c, mask
-from lsbd.engine.segment import SegmentIndex, read_sealed_index
-from lsbd.errors import CorruptionError, ObjectNotFound
+from lsbd.engine.recovery import fetch_index_by_key
+from lsbd.engine.segment import SegmentIndex, read_sealed_index_fd
+from lsbd.errors import CorruptionError
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
+
+INDEX_CACHE_ENTRIES = 1024  # parsed segment indexes kept in memory (tens of KiB each)
+HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
 
 
 class SegmentFiles:
@@ -32,10 +41,11 @@ class SegmentFiles:
         self.block_size = block_size
         self.cache_limit = cache_limit
         self._lock = threading.Lock()
-        self._fetching: dict[int, threading.Lock] = {}
         self._cached: collections.OrderedDict[int, int] = collections.OrderedDict()  # evictable
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
+        self._remote_hits: dict[int, int] = {}
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-fetch")
 
     def path(self, seq: int) -> str:
         return os.path.join(self.folder, f"{seq:016x}.seg")
@@ -99,58 +109,87 @@ class SegmentFiles:
         with self._lock:
             self._indexes.pop(seq, None)
 
-    def _fetch(self, seq: int) -> None:
-        """Download a whole segment into the cache (one GET; later reads of
-        its neighbours are local)."""
+    def _note_remote_read(self, seq: int) -> None:
+        """A segment read remotely again and again is worth a local copy:
+        fetch it whole in the background (scattered one-off reads never do,
+        so they cannot flush the cache)."""
         with self._lock:
-            gate = self._fetching.setdefault(seq, threading.Lock())
-        with gate:
-            path = self.path(seq)
-            if os.path.exists(path):
+            hits = self._remote_hits.pop(seq, 0) + 1
+            self._remote_hits[seq] = hits
+            while len(self._remote_hits) > INDEX_CACHE_ENTRIES:
+                self._remote_hits.pop(next(iter(self._remote_hits)))
+            if hits != HOT_AFTER_READS:
                 return
+        self._fetcher.submit(self._fetch_whole, seq)
+
+    def _fetch_whole(self, seq: int) -> None:
+        path = self.path(seq)
+        if os.path.exists(path):
+            return
+        try:
             data = self.store.get(self.key_of(seq))
             tmp = path + ".part"
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        with self._lock:
-            self._fetching.pop(seq, None)
+        except OSError as e:  # only a cache fill: reads go on remotely
+            log.info("could not cache segment %s: %s", self.key_of(seq), e)
+            return
         self.adopt(seq)
 
-    def index(self, seq: int) -> SegmentIndex:
+    def close(self) -> None:
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+
+    def _cached_index(self, seq: int) -> SegmentIndex | None:
         with self._lock:
             idx = self._indexes.get(seq)
             if idx is not None:
                 self._indexes.move_to_end(seq)
-                return idx
-        where = self.key_of(seq)
-        _trailer, records = read_sealed_index(self.path(seq), where=where)
-        idx = SegmentIndex(records, self.block_size)
+            return idx
+
+    def _keep_index(self, seq: int, idx: SegmentIndex) -> SegmentIndex:
         with self._lock:
             self._indexes[seq] = idx
-            while len(self._indexes) > 256:
+            while len(self._indexes) > INDEX_CACHE_ENTRIES:
                 self._indexes.popitem(last=False)
+        return idx
+
+    def _local_index(self, seq: int, fd: int) -> SegmentIndex:
+        idx = self._cached_index(seq)
+        if idx is None:
+            _trailer, records = read_sealed_index_fd(fd, where=self.key_of(seq))
+            idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
+        return idx
+
+    def _remote_index(self, seq: int) -> SegmentIndex:
+        idx = self._cached_index(seq)
+        if idx is None:
+            _trailer, records = fetch_index_by_key(self.store, self.key_of(seq), seq)
+            idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
         return idx
 
     # --- reads -------------------------------------------------------------------
 
     def read_blocks(self, seq: int, offset: int, nblocks: int) -> bytes:
         """nblocks blocks at file offset `offset` of sealed segment `seq`, checked."""
-        for attempt in range(3):
-            try:
-                fd = os.open(self.path(seq), os.O_RDONLY)
-            except FileNotFoundError:
-                self._fetch(seq)
-                continue
-            try:
-                self._touch(seq)
-                idx = self.index(seq)
-                data = os.pread(fd, nblocks * self.block_size, offset)
-            finally:
-                os.close(fd)
+        length = nblocks * self.block_size
+        try:
+            fd = os.open(self.path(seq), os.O_RDONLY)
+        except FileNotFoundError:
+            # Not here (evicted, or written elsewhere): a ranged GET of just these blocks.
+            idx = self._remote_index(seq)
+            data = self.store.get(self.key_of(seq), offset, length)
             self._check(seq, idx, offset, data, nblocks)
+            self._note_remote_read(seq)
             return data
-        raise ObjectNotFound(self.key_of(seq))
+        try:
+            self._touch(seq)
+            idx = self._local_index(seq, fd)
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        self._check(seq, idx, offset, data, nblocks)
+        return data
 
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:
         bs = self.block_size

@@ -12,6 +12,7 @@ endian, every stored CRC is a masked CRC32C (lsbd.checksum).
 
 from __future__ import annotations
 
+import array
 import bisect
 import os
 import struct
@@ -35,9 +36,10 @@ assert RECORD.size == 24
 INDEX_ENTRY = struct.Struct("<BBHIQQ")  # kind flags reserved nblocks lba data_offset
 assert INDEX_ENTRY.size == 24
 
-TRAILER = struct.Struct("<8s16sQQIIqQII")  # magic volid seq footer_off footer_len count sealed_ns size footer_crc crc
+# magic volid seq footer_off footer_len count sealed_ns size prev_crc reserved footer_crc crc
+TRAILER = struct.Struct("<8s16sQQIIqQIIII")
 TRAILER_MAGIC = b"LSBDEND1"
-assert TRAILER.size == 72
+assert TRAILER.size == 80
 
 # Record kinds.  Values written to disk are never reused.
 DATA = 1      # nblocks blocks of data follow
@@ -109,6 +111,9 @@ class Trailer:
     sealed_ns: int
     volume_size: int
     footer_crc: int
+    # The masked CRC of the previous segment's trailer: segments form a chain,
+    # so one written by a writer that lost its lease cannot pass for history.
+    prev_crc: int = 0
 
 
 def encode_footer(records: list[Record]) -> bytes:
@@ -121,7 +126,7 @@ def encode_footer(records: list[Record]) -> bytes:
 
 def encode_trailer(t: Trailer) -> bytes:
     body = TRAILER.pack(TRAILER_MAGIC, t.volume_id, t.seq, t.footer_offset, t.footer_length,
-                        t.record_count, t.sealed_ns, t.volume_size, t.footer_crc, 0)
+                        t.record_count, t.sealed_ns, t.volume_size, t.prev_crc, 0, t.footer_crc, 0)
     return body[:-4] + struct.pack("<I", masked_crc(body[:-4]))
 
 
@@ -129,13 +134,14 @@ def decode_trailer(buf: bytes, *, where: str = "segment") -> Trailer:
     if len(buf) < TRAILER.size:
         raise CorruptionError(f"{where}: too short to be a sealed segment", key=where)
     tail = buf[-TRAILER.size:]
-    (magic, volid, seq, foff, flen, count, sealed, size, fcrc, crc) = TRAILER.unpack(tail)
+    (magic, volid, seq, foff, flen, count, sealed, size, prev, _r, fcrc, crc) = TRAILER.unpack(tail)
     if magic != TRAILER_MAGIC:
         raise CorruptionError(f"{where}: no trailer (not sealed)", key=where)
     if masked_crc(tail[:-4]) != crc:
         raise CorruptionError(f"{where}: trailer checksum mismatch", key=where)
     return Trailer(volume_id=volid, seq=seq, footer_offset=foff, footer_length=flen,
-                   record_count=count, sealed_ns=sealed, volume_size=size, footer_crc=fcrc)
+                   record_count=count, sealed_ns=sealed, volume_size=size, footer_crc=fcrc,
+                   prev_crc=prev)
 
 
 def decode_footer(buf: bytes, trailer: Trailer, *, where: str = "segment") -> list[Record]:
@@ -190,28 +196,41 @@ class SegmentIndex:
 
     def __init__(self, records: list[Record], block_size: int):
         data = sorted((r for r in records if r.kind == DATA), key=lambda r: r.data_offset)
-        self._starts = [r.data_offset for r in data]
-        self._records = data
+        # Compact arrays, not objects: many indexes stay cached at once.
+        self._starts = array.array("q", (r.data_offset for r in data))
+        self._nblocks = array.array("q", (r.nblocks for r in data))
+        crc_starts = array.array("q")
+        pos = 0
+        for r in data:
+            crc_starts.append(pos)
+            pos += 4 * r.nblocks
+        self._crc_starts = crc_starts
+        self._crcs = b"".join(r.crcs for r in data)
         self.block_size = block_size
 
     def crc_at(self, offset: int) -> int:
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
             raise KeyError(offset)
-        r = self._records[i]
-        k, rem = divmod(offset - r.data_offset, self.block_size)
-        if rem or k >= r.nblocks:
+        k, rem = divmod(offset - self._starts[i], self.block_size)
+        if rem or k >= self._nblocks[i]:
             raise KeyError(offset)
-        return struct.unpack_from("<I", r.crcs, 4 * k)[0]
+        return struct.unpack_from("<I", self._crcs, self._crc_starts[i] + 4 * k)[0]
 
 
 def read_sealed_index(path: str, *, where: str) -> tuple[Trailer, list[Record]]:
     """Trailer and records of a sealed segment file."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(max(0, size - TRAILER.size))
-        trailer = decode_trailer(f.read(), where=where)
-        if trailer.footer_offset + trailer.footer_length + TRAILER.size != size:
-            raise CorruptionError(f"{where}: trailer does not match the file size", key=where)
-        f.seek(trailer.footer_offset)
-        return trailer, decode_footer(f.read(trailer.footer_length), trailer, where=where)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_sealed_index_fd(fd, where=where)
+    finally:
+        os.close(fd)
+
+
+def read_sealed_index_fd(fd: int, *, where: str) -> tuple[Trailer, list[Record]]:
+    size = os.fstat(fd).st_size
+    trailer = decode_trailer(os.pread(fd, TRAILER.size, max(0, size - TRAILER.size)), where=where)
+    if trailer.footer_offset + trailer.footer_length + TRAILER.size != size:
+        raise CorruptionError(f"{where}: trailer does not match the file size", key=where)
+    footer = os.pread(fd, trailer.footer_length, trailer.footer_offset)
+    return trailer, decode_footer(footer, trailer, where=where)

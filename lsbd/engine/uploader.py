@@ -27,16 +27,19 @@ class ForeignWriter(StoreError):
 
 class Uploader:
     def __init__(self, store: Store, volume: str, path_of: Callable[[int], str],
-                 on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0):
+                 on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0,
+                 already_stored: set[int] = frozenset()):
         self.store = store
         self.volume = volume
         self.path_of = path_of
         self.on_stored = on_stored
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsbd-upload")
         self._cond = threading.Condition()
-        self._done: set[int] = set()
+        # Stored segments above the durable prefix (uploads finish out of order).
+        self._done: set[int] = {s for s in already_stored if s > durable_seq}
         self._inflight: set[int] = set()
         self.durable_seq = durable_seq
+        self._advance()
         self.last_error: BaseException | None = None
         self.fatal: BaseException | None = None
         self._closing = False
@@ -57,13 +60,15 @@ class Uploader:
         delay = 0.1
         while True:
             try:
-                with open(self.path_of(seq), "rb") as f:
-                    data = f.read()
+                path = self.path_of(seq)
                 try:
-                    self.store.put(key, data, exclusive=True)
+                    self.store.put_file(key, path, exclusive=True)
                 except ObjectExists:
                     # Ours from before a crash, or another writer's?
-                    if self.store.get(key, -TRAILER.size) != data[-TRAILER.size:]:
+                    with open(path, "rb") as f:
+                        f.seek(-TRAILER.size, 2)
+                        ours = f.read()
+                    if self.store.get(key, -TRAILER.size) != ours:
                         raise ForeignWriter(f"{key} was written by another writer: this volume "
                                             "is no longer ours (was its lease broken?)") from None
                 self.on_stored(seq)
@@ -87,11 +92,14 @@ class Uploader:
         with self._cond:
             self._inflight.discard(seq)
             self._done.add(seq)
-            while self.durable_seq + 1 in self._done:
-                self.durable_seq += 1
-                self._done.discard(self.durable_seq)
+            self._advance()
             self.last_error = None
             self._cond.notify_all()
+
+    def _advance(self) -> None:
+        while self.durable_seq + 1 in self._done:
+            self.durable_seq += 1
+            self._done.discard(self.durable_seq)
 
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
         """Wait until every seq <= `seq` is in the store.  False on timeout."""

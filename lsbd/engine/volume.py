@@ -27,6 +27,7 @@ from lsbd.engine.journal import HOLE, OpenSegment
 from lsbd.engine.lease import Lease
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
+    fetch_segment_index,
     rebuild_from_store,
     recover_journal_file,
     segment_info,
@@ -116,6 +117,7 @@ class Volume:
                                    self.lineage.segment_key, self.block_size,
                                    cache_limit=cache_limit)
         self._open: OpenSegment | None = None
+        self._prev_crc = 0            # trailer fingerprint of segment _applied (the chain)
         self._size = config.size
         self._applied = 0             # newest seq in the map
         self._last_checkpoint = 0
@@ -202,8 +204,14 @@ class Volume:
         applied = m.get_int("applied_seq")
         local = set(self._files.local_seqs())
         foreign = [s for s in stored if s > applied and s not in local]
-        if foreign:
-            raise CacheMismatch(f"the store has segments it does not know ({min(foreign):016x}..)")
+        if foreign and min(foreign) == applied + 1:
+            # Another writer went on from our history (it broke our lease)?  Or
+            # leftovers of a writer that had lost the lease (not chained to us:
+            # orphans, removed below)?
+            trailer, _ = fetch_segment_index(self.store, self.name, applied + 1)
+            if trailer.prev_crc == m.get_int("top_crc"):
+                raise CacheMismatch(f"the store has segments it does not know "
+                                    f"({applied + 1:016x}..)")
         # Our newest stored segment must be the very object we wrote.
         ours = [s for s in stored if s <= applied]
         if ours:
@@ -217,6 +225,7 @@ class Volume:
                 if masked_crc(tail) != info.trailer_crc:
                     raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
         self._applied = applied
+        self._prev_crc = m.get_int("top_crc")
         self._size = m.get_int("size", self.config.size)
         self._last_checkpoint = m.get_int("last_checkpoint")
 
@@ -229,9 +238,10 @@ class Volume:
                 continue
             if seq != self._applied + 1:
                 raise CacheMismatch(f"journal file {seq:016x} after a gap")
-            result = recover_journal_file(self._files.path(seq), volume_id=self.config.volume_id_bytes,
+            result = recover_journal_file(self._files.path(seq),
+                                          volume_id=self.config.volume_id_bytes,
                                           seq=seq, block_size=self.block_size,
-                                          volume_size=self._size)
+                                          volume_size=self._size, prev_crc=self._prev_crc)
             if result is None:
                 continue
             trailer, records = result
@@ -242,6 +252,7 @@ class Volume:
     def _rebuild(self, stored: dict[int, int], progress) -> None:
         plan, size = rebuild_from_store(self._map, self.store, self.config, progress=progress)
         self._applied, self._size = plan.top, size
+        self._prev_crc = self._map.get_int("top_crc")
         self._last_checkpoint = plan.base
         self._map.set_meta(volume_id=self.config.volume_id.encode(),
                            store_url=self.store.url.encode(),
@@ -273,6 +284,7 @@ class Volume:
             shutil.rmtree(self.folder, ignore_errors=True)
         os.makedirs(self.folder, exist_ok=True)
         self._map = BlockMap(os.path.join(self.folder, "map"), self.block_size)
+        self._files.close()
         self._files = SegmentFiles(os.path.join(self.folder, "segments"), self.store,
                                    self.lineage.segment_key, self.block_size,
                                    cache_limit=self._files.cache_limit)
@@ -288,12 +300,14 @@ class Volume:
             return []
 
     def _start_background(self) -> None:
+        infos = self._map.segments()
+        pending = [s.seq for s in infos if s.state == PENDING]
+        stored = {s.seq for s in infos if s.state == STORED}
+        # Everything below the first pending segment is durable; above it, the
+        # segments already stored count as soon as the gaps below them fill.
+        durable = (min(pending) - 1) if pending else max([self._applied, *stored])
         self._uploader = Uploader(self.store, self.name, self._files.path, self._on_stored,
-                                  durable_seq=0)
-        pending = [s.seq for s in self._map.segments() if s.state == PENDING]
-        stored_top = max([s.seq for s in self._map.segments() if s.state == STORED] or [0])
-        # Everything below the first pending segment is durable.
-        self._uploader.durable_seq = (min(pending) - 1) if pending else max(self._applied, stored_top)
+                                  durable_seq=durable, already_stored=stored)
         for seq in sorted(pending):
             self._uploader.submit(seq)
         for seq in self._files.local_seqs():
@@ -441,6 +455,7 @@ class Volume:
         if self._open is not None and self._open.fd >= 0:
             os.close(self._open.fd)
             self._open.fd = -1
+        self._files.close()
         try:
             self._map.close()
         except Exception:
@@ -586,7 +601,7 @@ class Volume:
             seg.discard()
             self._open = None
             return
-        trailer = seg.seal(self._size)
+        trailer = seg.seal(self._size, self._prev_crc)
         self._open = None
         self._apply_sealed(seg.seq, trailer, seg.records, state=PENDING)
         self.stats["segments_sealed"] += 1
@@ -598,10 +613,12 @@ class Volume:
         info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
         self._map.apply_segment(info, records, applied_seq=str(seq).encode(),
                                 size=str(trailer.volume_size).encode(),
+                                top_crc=str(info.trailer_crc).encode(),
                                 volume_id=self.config.volume_id.encode(),
                                 store_url=self.store.url.encode())
         self._applied = seq
         self._size = trailer.volume_size
+        self._prev_crc = info.trailer_crc
 
     def _on_stored(self, seq: int) -> None:
         self._map.set_segment_state(seq, STORED)
@@ -728,11 +745,11 @@ class Volume:
                 snap = self._map.snapshot()
             try:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
-                                      volume_size=int(snap.get(b"size", db=self._map._meta) or
-                                                      self._size),
+                                      volume_size=self._map.meta_in(snap, "size", self._size),
                                       block_size=self.block_size,
                                       extents=self._map.iter_extents(snap),
-                                      segments=self._map.segments_in(snap))
+                                      segments=self._map.segments_in(snap),
+                                      top_crc=self._map.meta_in(snap, "top_crc"))
             finally:
                 snap.abort()
             self._last_checkpoint = target
@@ -755,6 +772,10 @@ class Volume:
                                          live_checkpoint=self._last_checkpoint,
                                          keep_recent=KEEP_CHECKPOINTS):
             ckpt.delete_checkpoint(self.store, self.name, seq)
+        # Parts left by an interrupted checkpoint or delete (we hold the
+        # checkpoint lock: none is being written now).
+        for seq in ckpt.list_incomplete_checkpoints(self.store, self.name):
+            ckpt.delete_checkpoint(self.store, self.name, seq)
 
     def write_checkpoint_here(self) -> int:
         """Write a checkpoint of this (read-only, past) state at its own seq, so
@@ -765,7 +786,8 @@ class Volume:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, self._applied,
                                       volume_size=self._size, block_size=self.block_size,
                                       extents=self._map.iter_extents(snap),
-                                      segments=self._map.segments_in(snap))
+                                      segments=self._map.segments_in(snap),
+                                      top_crc=self._map.get_int("top_crc") or None)
             finally:
                 snap.abort()
         return self._applied

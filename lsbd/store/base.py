@@ -34,6 +34,13 @@ class Store(abc.ABC):
         ObjectExists if the key already exists, and of two racing creators
         exactly one wins."""
 
+    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+        """Store the content of a local file that will never change again (a
+        sealed segment).  A store may take it without copying (a hard link)."""
+        with open(path, "rb") as f:
+            data = f.read()
+        self.put(key, data, exclusive=exclusive)
+
     @abc.abstractmethod
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         """Read an object, or a range of it.

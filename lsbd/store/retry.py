@@ -76,8 +76,19 @@ class RetryingStore(Store):
     # --- the Store interface ---------------------------------------------------------
 
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        self._put(key, lambda **kw: self.inner.put(key, data, **kw), exclusive, lambda: data)
+
+    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+        def content() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        self._put(key, lambda **kw: self.inner.put_file(key, path, **kw), exclusive, content)
+
+    def _put(self, key: str, put: Callable[..., None], exclusive: bool,
+             content: Callable[[], bytes]) -> None:
         if not exclusive:
-            return self._call(f"put {key}", lambda: self.inner.put(key, data))
+            return self._call(f"put {key}", put)
         outcome_unknown = False
 
         def unknown() -> None:
@@ -85,7 +96,7 @@ class RetryingStore(Store):
             outcome_unknown = True
 
         try:
-            self._call(f"put {key}", lambda: self.inner.put(key, data, exclusive=True), unknown)
+            self._call(f"put {key}", lambda: put(exclusive=True), unknown)
         except ObjectExists:
             if not outcome_unknown:
                 raise
@@ -94,7 +105,7 @@ class RetryingStore(Store):
                 stored = self.get(key)
             except ObjectNotFound:
                 raise ObjectExists(key) from None
-            if stored != bytes(data):
+            if stored != bytes(content()):
                 raise
             log.info("store %s: exclusive put %s: found our own earlier attempt's object; "
                      "counting it as success", self.url, key)
