@@ -14,6 +14,9 @@ import signal
 import sys
 from urllib.parse import quote
 
+from lsbd.cli.points import add_point_args, resolve_args
+from lsbd.engine.config import load_config
+from lsbd.engine.history import list_snapshots
 from lsbd.errors import UserError
 
 FLUSH_MODES = ("journal", "store")
@@ -40,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
                    help="journal: FLUSH returns once the local journal is durable (default); "
                         "store: once the data is in the store")
+    add_point_args(p, what="export, read-only, the state")
+    p.add_argument("--with-snapshots", action="store_true",
+                   help="also export every snapshot read-only, as VOLUME@SNAPSHOT")
+    p.add_argument("--auto-compact", action="store_true",
+                   help="compact in the background while serving (rate-limited)")
     p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -56,16 +64,25 @@ def nbd_uri(export: str, *, socket_path: str | None = None, host: str = DEFAULT_
 
 
 def open_exports(args: argparse.Namespace, ctx) -> dict:
-    """Export name -> open volume.  (Read-only points in time or snapshots
-    would be added here as more BlockDevices.)"""
+    """Export name -> open volume: each volume (or its state at the point
+    named), and with --with-snapshots each snapshot as VOLUME@NAME."""
     if len(set(args.volumes)) != len(args.volumes):
         raise UserError("a volume is named twice")
     exports: dict = {}
     try:
         for name in args.volumes:
-            exports[name] = ctx.open_volume(name, read_only=args.read_only,
-                                            break_lease=args.break_lease,
-                                            flush_mode=args.flush_mode)
+            config = load_config(ctx.store, name)
+            seq = resolve_args(ctx.store, config, args)
+            if seq is not None:
+                exports[name] = ctx.open_volume(name, at_seq=seq)
+            else:
+                exports[name] = ctx.open_volume(name, read_only=args.read_only,
+                                                break_lease=args.break_lease,
+                                                flush_mode=args.flush_mode,
+                                                auto_compact=args.auto_compact)
+            if args.with_snapshots:
+                for snap in list_snapshots(ctx.store, config):
+                    exports[f"{name}@{snap.name}"] = ctx.open_volume(name, at_seq=snap.seq)
     except BaseException:
         close_exports(exports)
         raise
