@@ -116,6 +116,8 @@ def test_ops_only_grow_and_no_o_trunc():
     (CorruptionError("bad crc", key="segments/x", offset=4096), errno.EIO),
     (StoreError("connection reset"), errno.EIO),
     (StoreError("no space", errno.ENOSPC), errno.ENOSPC),
+    (StoreError("reset", errno.ECONNRESET), errno.EIO),
+    (FileNotFoundError(errno.ENOENT, "a cache file vanished"), errno.EIO),
     (InvalidRequest("out of range"), errno.EINVAL),
     (ReadOnlyError("read-only"), errno.EROFS),
     (RuntimeError("a bug"), errno.EIO),
@@ -338,6 +340,44 @@ def test_foreground_mount_and_stop_by_signal(fenv):
     fenv.mount("vol", mnt)
     with open(mnt / "vol.img", "rb") as f:
         assert f.read(25) == b"written in the foreground"
+    fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_plain_umount_ends_the_server_cleanly(fenv):
+    mnt = fenv.tmp / "mnt"
+    fenv.fake(mnt, "--size", "16M")
+    pid = fenv.server_pid(mnt)
+    run("umount", mnt)                                 # not lsbd umount: the kernel's
+    deadline = time.monotonic() + 30
+    while alive(pid):
+        assert time.monotonic() < deadline, "the server did not exit after umount"
+        time.sleep(0.05)
+    assert not is_mounted(mnt)
+
+
+@pytest.mark.fuse
+def test_read_only_mount(fenv):
+    mnt = fenv.tmp / "mnt"
+    fenv.lsbd("create", "vol", "--size", "64M")
+    fenv.mount("vol", mnt)
+    with open(mnt / "vol.img", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"kept")
+    fenv.umount(mnt)
+
+    fenv.mount("vol", mnt, "--read-only")
+    image = mnt / "vol.img"
+    assert image.stat().st_mode & 0o777 == 0o444
+    with open(image, "rb") as f:
+        f.seek(MiB)
+        assert f.read(4) == b"kept"
+    with pytest.raises(OSError) as e:
+        open(image, "r+b")
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.truncate(image, 128 * MiB)
+    assert e.value.errno == errno.EROFS
     fenv.umount(mnt)
 
 

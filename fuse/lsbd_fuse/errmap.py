@@ -13,6 +13,11 @@ from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreErr
 
 log = logging.getLogger("lsbd.fuse")
 
+#: errno values that mean the same to a program doing I/O on a file as they
+#: do to the engine; anything else (ENOENT from a cache file, ECONNRESET
+#: from the store, ...) is an I/O error as far as the image file is concerned.
+PASSED_THROUGH = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM})
+
 
 def errno_for(exc: BaseException, what: str) -> int:
     """The errno to answer the kernel with for `exc`, logging it once.
@@ -31,9 +36,9 @@ def errno_for(exc: BaseException, what: str) -> int:
         return errno.EIO
     if isinstance(exc, StoreError):
         log.error("%s: store error: %s", what, exc)
-        return exc.errno or errno.EIO
-    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno if exc.errno in PASSED_THROUGH else errno.EIO
+    if isinstance(exc, OSError):
         log.error("%s: %s", what, exc)
-        return exc.errno
+        return exc.errno if exc.errno in PASSED_THROUGH else errno.EIO
     log.error("%s: unexpected error", what, exc_info=exc)
     return errno.EIO

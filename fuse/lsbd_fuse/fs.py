@@ -14,7 +14,6 @@ thread, not the whole mount.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
@@ -91,14 +90,18 @@ class ImageFS(pyfuse3.Operations):
     def init(self) -> None:
         self._mounted = True
 
-    async def _engine(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """Run a blocking engine call in a worker thread; errors become FUSEError."""
+    async def _engine(self, op: str, node: File, fn: Callable[..., T], *args: Any,
+                      span: tuple[int, int] | None = None) -> T:
+        """Run a blocking engine call in a worker thread; errors become FUSEError.
+
+        `op`, `node` and `span` (offset, length) only name the request in the
+        log if it fails: nothing is formatted on the fast path."""
         if self._pool is None:
             self._pool = WorkerPool(self._threads)
-        call = functools.partial(fn, *args, **kw) if kw else fn
         try:
-            return await self._pool.run(call, *(() if kw else args))
+            return await self._pool.run(fn, *args)
         except Exception as e:  # noqa: BLE001 - every error must become an errno
+            what = f"{op} {node.name}" + (f" at {span[0]}+{span[1]}" if span else "")
             raise pyfuse3.FUSEError(errno_for(e, what)) from None
 
     def stop_workers(self) -> None:
@@ -187,8 +190,8 @@ class ImageFS(pyfuse3.Operations):
         if node.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         dev = node.image.device
-        await self._engine(f"resize {node.name} to {new_size}", dev.resize, new_size)
-        node.size = await self._engine(f"size of {node.name}", lambda: dev.size)
+        await self._engine("resize", node, dev.resize, new_size)
+        node.size = await self._engine("size", node, lambda: dev.size)
         node.mtime_ns = time.time_ns()
         log.info("grew %s to %d bytes", node.name, node.size)
 
@@ -252,8 +255,8 @@ class ImageFS(pyfuse3.Operations):
         length = min(size, node.size - off, MAX_REQUEST)
         if length <= 0:
             return b""  # at or past the end: EOF, as for any file
-        return await self._engine(f"read {node.name} at {off}+{length}",
-                                  node.image.device.read, off, length)
+        return await self._engine("read", node, node.image.device.read, off, length,
+                                  span=(off, length))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node, _ = self._file(fh)
@@ -264,8 +267,8 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow by writing past its end
         if len(buf) > room:
             buf = buf[:room]  # a short write, then ENOSPC on the next one
-        await self._engine(f"write {node.name} at {off}+{len(buf)}",
-                           node.image.device.write, off, buf)
+        await self._engine("write", node, node.image.device.write, off, buf,
+                           span=(off, len(buf)))
         node.mtime_ns = time.time_ns()
         return len(buf)
 
@@ -274,11 +277,11 @@ class ImageFS(pyfuse3.Operations):
         # a `cp`/`dd` without fsync does not lose it.  Readers skip the cost.
         node, writable = self._file(fh)
         if writable:
-            await self._engine(f"flush {node.name}", node.image.device.flush)
+            await self._engine("flush", node, node.image.device.flush)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         node, _ = self._file(fh)
-        await self._engine(f"fsync {node.name}", node.image.device.flush)
+        await self._engine("fsync", node, node.image.device.flush)
 
     # --- what an image file system does not do -----------------------------------
 

@@ -19,7 +19,12 @@ import trio
 
 from lsbd.engine.api import BlockDevice
 from lsbd_fuse.fs import ImageFS
-from lsbd_fuse.mounts import MountError, record_close_error, remove_pid_file, write_pid_file
+from lsbd_fuse.mounts import (
+    MountError,
+    record_close_error,
+    remove_pid_file,
+    write_pid_file,
+)
 from lsbd_fuse.options import DIRECT_IO, mount_options
 from lsbd_fuse.tree import Image
 
