@@ -382,6 +382,44 @@ def test_read_only_mount(fenv):
 
 
 @pytest.mark.fuse
+def test_snapshots_and_past_states_mount_read_only(fenv):
+    mnt = fenv.tmp / "mnt"
+    fenv.lsbd("create", "vol", "--size", "64M")
+    fenv.mount("vol", mnt)
+    image = mnt / "vol.img"
+
+    def put(text: bytes) -> None:
+        with open(image, "r+b") as f:
+            f.write(text)
+
+    def get(path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read(6)
+
+    put(b"first!")
+    fenv.lsbd("snapshot", "create", "vol", "one")     # while mounted
+    put(b"second")
+    fenv.umount(mnt)
+
+    fenv.mount("vol", mnt, "--with-snapshots")
+    snap = mnt / "snapshots" / "one.img"
+    assert get(image) == b"second" and get(snap) == b"first!"
+    assert snap.stat().st_mode & 0o777 == 0o444
+    with pytest.raises(OSError) as e:
+        open(snap, "r+b")
+    assert e.value.errno == errno.EROFS
+    put(b"third!")                                     # the live image stays writable
+    fenv.umount(mnt)
+
+    fenv.mount("vol", mnt, "--snapshot", "one")
+    assert os.listdir(mnt) == ["vol.img"] and get(image) == b"first!"
+    with pytest.raises(OSError) as e:
+        open(image, "r+b")
+    assert e.value.errno == errno.EROFS
+    fenv.umount(mnt)
+
+
+@pytest.mark.fuse
 def test_seed_workflow_survives_an_empty_cache_dir(store_env):
     """The issue's workflow: create, mount, mkfs.ext4, mount -o loop, copy a
     tree, unmount both, delete the cache dir, mount again: byte-identical,

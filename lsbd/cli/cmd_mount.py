@@ -12,6 +12,7 @@ import sys
 
 from rich.console import Console
 
+from lsbd.cli.points import add_point_args
 from lsbd.errors import UserError
 
 FLUSH_MODES = ("journal", "store")
@@ -32,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
                    help="journal: fsync returns once the local journal is durable (default); "
                         "store: once the data is in the store")
+    add_point_args(p, what="mount, read-only, the state")
+    p.add_argument("--with-snapshots", action="store_true",
+                   help="also show every snapshot, read-only, as snapshots/NAME.img")
+    p.add_argument("--auto-compact", action="store_true",
+                   help="compact in the background while mounted (rate-limited)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
@@ -52,22 +58,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_mount(args: argparse.Namespace, ctx) -> int:
     try:
         from lsbd_fuse.daemon import run
-        from lsbd_fuse.tree import Image
     except ModuleNotFoundError as e:
         raise UserError(f"the FUSE front end needs {e.name}: pip install 'lsbd[fuse]'") from None
 
     name = args.volume
-    read_only = args.read_only
+    read_only = args.read_only or any(
+        getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
     def open_images():
-        # Runs in the serving process, after the fork.
-        volume = ctx.open_volume(name, read_only=read_only, break_lease=args.break_lease,
-                                 flush_mode=args.flush_mode)
-        return {f"{name}.img": Image(device=volume, read_only=read_only)}
+        # Runs in the serving process, after the fork: the engine starts threads.
+        return _open_images(args, ctx, name)
 
     return run(open_images, args.mountpoint, name=name, foreground=args.foreground,
                read_only=read_only, direct_io=not args.page_cache, finalizer=ctx.close,
                debug=args.fuse_debug)
+
+
+def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
+    """VOLUME.img (the live volume, or its state at the point named) and,
+    with --with-snapshots, snapshots/NAME.img for each snapshot."""
+    from lsbd.cli.points import resolve_args
+    from lsbd.engine.config import load_config
+    from lsbd.engine.history import list_snapshots
+    from lsbd_fuse.tree import Image
+
+    config = load_config(ctx.store, name)
+    seq = resolve_args(ctx.store, config, args)
+    images: dict = {}
+    try:
+        if seq is not None:
+            images[f"{name}.img"] = Image(device=ctx.open_volume(name, at_seq=seq),
+                                          read_only=True)
+        else:
+            options = {"auto_compact": True} if args.auto_compact else {}
+            volume = ctx.open_volume(name, read_only=args.read_only,
+                                     break_lease=args.break_lease,
+                                     flush_mode=args.flush_mode, **options)
+            images[f"{name}.img"] = Image(device=volume, read_only=args.read_only)
+        if args.with_snapshots:
+            for snap in list_snapshots(ctx.store, config):
+                images[f"snapshots/{snap.name}.img"] = Image(
+                    device=ctx.open_volume(name, at_seq=snap.seq), read_only=True)
+    except BaseException:
+        for image in images.values():
+            try:
+                image.device.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        raise
+    return images
 
 
 def run_umount(args: argparse.Namespace, ctx) -> int:
