@@ -227,3 +227,31 @@ VolumeModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModel = VolumeModel.TestCase
+
+
+class VolumeModelRanges(VolumeModel):
+    """The same model with every zero/trim longer than two blocks kept as a
+    range in the open segment (the path a whole-disk discard takes)."""
+
+    @initialize()
+    def setup(self):
+        from lsbd.engine import journal
+
+        self._big_range = journal.BIG_RANGE
+        journal.BIG_RANGE = 2
+        super().setup()
+
+    def teardown(self):
+        from lsbd.engine import journal
+
+        try:
+            super().teardown()
+        finally:
+            journal.BIG_RANGE = getattr(self, "_big_range", journal.BIG_RANGE)
+
+
+VolumeModelRanges.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TestVolumeModelRanges = VolumeModelRanges.TestCase

@@ -23,6 +23,8 @@ from lsbd.engine.segment import (
 )
 
 HOLE = -1  # overlay value of a zeroed/trimmed block
+BIG_RANGE = 256  # zero/trim records longer than this (blocks) are kept as ranges
+_HOLE_ADDED = object()  # undo marker
 
 
 class OpenSegment:
@@ -40,12 +42,20 @@ class OpenSegment:
         self.records: list[Record] = []
         # lba -> (file offset, masked crc), or (HOLE, 0) for a zeroed/trimmed block
         self.blocks: dict[int, tuple[int, int]] = {}
+        # Large zeroed/trimmed ranges [start, end), older than any entry in
+        # `blocks` that they contain.
+        self.holes: list[tuple[int, int]] = []
         self.dirty = False       # written since the last fsync
+        self._dir_synced = False  # the file's directory entry is durable
         self.data_bytes = 0
 
     @property
     def empty(self) -> bool:
         return not self.records
+
+    @property
+    def has_overlay(self) -> bool:
+        return bool(self.blocks or self.holes)
 
     # --- appending, with undo for a transaction that fails half way -----------
 
@@ -73,6 +83,20 @@ class OpenSegment:
             return
         bs = self.block_size
         blocks = self.blocks
+        if kind != DATA and nblocks > BIG_RANGE:
+            # A large zero/trim (mkfs discards a whole disk) is kept as one range,
+            # not a dict entry per block; it hides the older entries it covers.
+            end = lba + nblocks
+            covered = [b for b in blocks if lba <= b < end] if len(blocks) < nblocks else \
+                [b for b in range(lba, end) if b in blocks]
+            for b in covered:
+                if undo is not None:
+                    undo.append((b, blocks[b]))
+                del blocks[b]
+            self.holes.append((lba, end))
+            if undo is not None:
+                undo.append((None, _HOLE_ADDED))
+            return
         for i in range(nblocks):
             b = lba + i
             if undo is not None:
@@ -87,7 +111,9 @@ class OpenSegment:
     def rollback(self, mark: tuple[int, int, list]) -> None:
         end, nrecords, undo = mark
         for b, old in reversed(undo):
-            if old is None:
+            if old is _HOLE_ADDED:
+                self.holes.pop()
+            elif old is None:
                 self.blocks.pop(b, None)
             else:
                 self.blocks[b] = old
@@ -99,6 +125,14 @@ class OpenSegment:
         if self.dirty:
             os.fdatasync(self.fd)
             self.dirty = False
+        if not self._dir_synced:
+            # A new file's name is durable only once its directory is synced.
+            fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._dir_synced = True
 
     def seal(self, volume_size: int, prev_crc: int) -> Trailer:
         footer = encode_footer(self.records)

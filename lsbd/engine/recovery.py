@@ -193,6 +193,10 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         return read_sealed_index(path, where=where)
     except CorruptionError:
         pass
+    if os.path.getsize(path) < HEADER.size:
+        # Cut before its header was whole: it never held a record.
+        os.unlink(path)
+        return None
     with open(path, "r+b") as f:
         header = decode_header(f.read(HEADER.size), where=where)
         if header.volume_id != volume_id or header.seq != seq or header.block_size != block_size:

@@ -22,7 +22,7 @@ from typing import Callable
 from lsbd.checksum import crc32c, mask
 from lsbd.engine.recovery import fetch_index_by_key
 from lsbd.engine.segment import SegmentIndex, read_sealed_index_fd
-from lsbd.errors import CorruptionError
+from lsbd.errors import CorruptionError, ObjectNotFound
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,31 @@ class SegmentFiles:
             self._touch(seq)
             idx = self._local_index(seq, fd)
             data = os.pread(fd, length, offset)
+            self._check(seq, idx, offset, data, nblocks)
+            return data
+        except CorruptionError as local_error:
+            # A damaged local copy: the store's may be good (if it is there yet).
+            return self._read_after_bad_local_copy(seq, offset, nblocks, local_error)
         finally:
             os.close(fd)
-        self._check(seq, idx, offset, data, nblocks)
+
+    def _read_after_bad_local_copy(self, seq: int, offset: int, nblocks: int,
+                                   local_error: CorruptionError) -> bytes:
+        with self._lock:
+            uploaded = seq in self._cached  # only uploaded segments are in the LRU
+        if not uploaded:
+            raise local_error
+        try:
+            _trailer, records = fetch_index_by_key(self.store, self.key_of(seq), seq)
+            idx = SegmentIndex(records, self.block_size)
+            data = self.store.get(self.key_of(seq), offset, nblocks * self.block_size)
+            self._check(seq, idx, offset, data, nblocks)
+        except (CorruptionError, ObjectNotFound):
+            raise local_error from None
+        log.warning("segment %s: the local copy is damaged, the store's is good: dropping "
+                    "the local copy", self.key_of(seq))
+        self.forget(seq)
+        self._keep_index(seq, idx)
         return data
 
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:

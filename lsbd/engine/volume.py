@@ -74,12 +74,12 @@ class Transaction:
             self.ops.append((DATA, offset, bytes(data)))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._volume._check_range(offset, length)
+        self._volume._check_range(offset, length, data=False)
         if length:
             self.ops.append((ZERO, offset, length))
 
     def trim(self, offset: int, length: int) -> None:
-        self._volume._check_range(offset, length)
+        self._volume._check_range(offset, length, data=False)
         if length:
             self.ops.append((TRIM, offset, length))
 
@@ -357,12 +357,12 @@ class Volume:
             self._commit([(DATA, offset, data)], fua=fua)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._check_range(offset, length)
+        self._check_range(offset, length, data=False)
         if length:
             self._commit([(ZERO, offset, length)], fua=fua)
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._check_range(offset, length)
+        self._check_range(offset, length, data=False)
         if length:
             self._commit([(TRIM, offset, length)], fua=fua)
 
@@ -376,14 +376,17 @@ class Volume:
                 self._open.sync()
 
     def allocation(self, offset: int, length: int) -> list[Allocation]:
-        self._check_range(offset, length)
+        self._check_range(offset, length, data=False)
         if length == 0:
             return []
         bs = self.block_size
         first = offset // bs
         last = -(-(offset + length) // bs)
-        with self._lock:
-            runs = self._plan(first, last - first)
+        step = MAX_REQUEST // bs  # bounded work per lock hold, whatever the length
+        runs: list[tuple] = []
+        for start in range(first, last, step):
+            with self._lock:
+                runs.extend(self._plan(start, min(step, last - start)))
         out: list[Allocation] = []
         for lba, n, source, _off, _crcs in runs:
             start = max(offset, lba * bs)
@@ -477,10 +480,12 @@ class Volume:
 
     # ------------------------------------------------------------------ checks
 
-    def _check_range(self, offset: int, length: int) -> None:
+    def _check_range(self, offset: int, length: int, *, data: bool = True) -> None:
+        """data=False: zeroes, trims and allocation queries, which move no data,
+        may cover any length."""
         if offset < 0 or length < 0:
             raise InvalidRequest(f"negative offset or length ({offset}, {length})")
-        if length > MAX_REQUEST:
+        if data and length > MAX_REQUEST:
             raise InvalidRequest(f"request of {length} bytes is larger than {MAX_REQUEST}")
         if offset + length > self._size:
             raise InvalidRequest(f"request [{offset}, {offset + length}) is past the end of "
@@ -669,9 +674,13 @@ class Volume:
         if pos < first + n:
             runs.append((pos, first + n - pos, None, 0, None))
         seg = self._open
-        if seg is None or not seg.blocks:
+        if seg is None or not seg.has_overlay:
             return runs
+        if seg.holes:
+            runs = _cut_holes(runs, seg.holes, bs)
         overlay = seg.blocks
+        if not overlay:
+            return runs
         if n <= len(overlay):
             hit = any(b in overlay for b in range(first, first + n))
         else:
@@ -901,6 +910,35 @@ class Volume:
         with self._lock:
             seqs = sorted({e.seq for e in self._map.iter_extents()})
         return verify_segments(self.store, self.lineage, seqs, progress=progress)
+
+
+def _cut_holes(runs: list[tuple], holes: list[tuple[int, int]], bs: int) -> list[tuple]:
+    """Runs with the block ranges of `holes` turned into holes."""
+    out: list[tuple] = []
+    for lba, n, source, off, crcs in runs:
+        pieces = [(lba, lba + n)]
+        if source is not None:
+            for h0, h1 in holes:
+                next_pieces = []
+                for p0, p1 in pieces:
+                    if h1 <= p0 or h0 >= p1:
+                        next_pieces.append((p0, p1))
+                        continue
+                    if p0 < h0:
+                        next_pieces.append((p0, h0))
+                    if h1 < p1:
+                        next_pieces.append((h1, p1))
+                pieces = next_pieces
+        pos = lba
+        for p0, p1 in pieces:
+            if p0 > pos:
+                out.append((pos, p0 - pos, None, 0, None))
+            out.append((p0, p1 - p0, source, off + (p0 - lba) * bs if source is not None else 0,
+                        None))
+            pos = p1
+        if pos < lba + n:
+            out.append((pos, lba + n - pos, None, 0, None))
+    return out
 
 
 def _append_run(runs: list[tuple], piece: tuple, bs: int) -> None:

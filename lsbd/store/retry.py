@@ -68,7 +68,9 @@ class RetryingStore(Store):
                         e.strerror = f"{e.strerror} (gave up after {self.attempts} attempts)"
                     raise
                 pause = self.delay(attempt)
-                log.warning("store %s: %s failed (%s); retry %d/%d in %.2fs",
+                # INFO: a retry that then succeeds is not the user's business, and
+                # one that fails ends in the error itself (shown with -v).
+                log.info("store %s: %s failed (%s); retry %d/%d in %.2fs",
                             self.url, what, e, attempt, self.attempts - 1, pause)
                 self._sleep(pause)
         raise AssertionError("unreachable")
