@@ -66,7 +66,9 @@ class BlockMap:
         self.path = path
         self.block_size = block_size
         # A large virtual map size costs nothing until used (sparse file).
-        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=True, metasync=True,
+        # metasync=False: a crash may undo the last commit (replay redoes it from
+        # the journal files); data pages are still synced, so the map is never torn.
+        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=True, metasync=False,
                               readahead=False, max_readers=512)
         self._extents = self._env.open_db(b"extents")
         self._segments = self._env.open_db(b"segments")

@@ -21,7 +21,7 @@ from typing import Callable
 
 from lsbd.checksum import crc32c, mask
 from lsbd.engine.recovery import fetch_index_by_key
-from lsbd.engine.segment import SegmentIndex, read_sealed_index_fd
+from lsbd.engine.segment import SegmentIndex, block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound
 from lsbd.store import Store
 
@@ -36,6 +36,7 @@ class SegmentFiles:
                  *, cache_limit: int):
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
+        self._prefix = os.path.join(folder, "")
         self.store = store
         self.key_of = key_of   # seq -> object key (a clone's older seqs are its parent's)
         self.block_size = block_size
@@ -48,7 +49,7 @@ class SegmentFiles:
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-fetch")
 
     def path(self, seq: int) -> str:
-        return os.path.join(self.folder, f"{seq:016x}.seg")
+        return f"{self._prefix}{seq:016x}.seg"
 
     def local_seqs(self) -> list[int]:
         out = []
@@ -215,11 +216,15 @@ class SegmentFiles:
 
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:
         bs = self.block_size
+        if len(data) == nblocks * bs:
+            expected = idx.crcs_for(offset, nblocks)
+            if expected is not None and block_crcs(data, bs) == expected:
+                return  # the common case: one comparison for the whole run
         where = self.key_of(seq)
         if len(data) != nblocks * bs:
             raise CorruptionError(f"{where}: short read at offset {offset}", key=where, offset=offset)
         view = memoryview(data)
-        for i in range(nblocks):
+        for i in range(nblocks):  # find and name the bad block
             try:
                 expected = idx.crc_at(offset + i * bs)
             except KeyError:

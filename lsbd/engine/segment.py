@@ -208,6 +208,18 @@ class SegmentIndex:
         self._crcs = b"".join(r.crcs for r in data)
         self.block_size = block_size
 
+    def crcs_for(self, offset: int, nblocks: int) -> bytes | None:
+        """The packed CRCs of nblocks blocks from `offset` when they lie in one
+        record (the usual case), else None."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return None
+        k, rem = divmod(offset - self._starts[i], self.block_size)
+        if rem or k + nblocks > self._nblocks[i]:
+            return None
+        start = self._crc_starts[i] + 4 * k
+        return self._crcs[start:start + 4 * nblocks]
+
     def crc_at(self, offset: int) -> int:
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
