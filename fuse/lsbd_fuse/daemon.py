@@ -26,6 +26,10 @@ log = logging.getLogger("lsbd.fuse")
 
 Opener = Callable[[], Mapping[str, Image]]
 
+#: A mount point's log is rotated (once, to .log.1) when a mount starts and
+#: it has grown past this.
+LOG_LIMIT = 1 << 20
+
 
 def describe(exc: BaseException) -> str:
     """One line for the user."""
@@ -89,6 +93,11 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
                       debug: bool) -> int:
     logfile = log_path(mnt)
     os.makedirs(os.path.dirname(logfile), mode=0o700, exist_ok=True)
+    try:
+        if os.path.getsize(logfile) > LOG_LIMIT:
+            os.replace(logfile, logfile + ".1")  # keep the previous mount's tail
+    except FileNotFoundError:
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()

@@ -1,8 +1,8 @@
 """The FUSE operations: translate kernel requests into BlockDevice calls.
 
-The file system is a root directory holding image files (``VOLUME.img``, later
-``snapshots/NAME.img``), each a regular file exactly as large as its device.
-Nothing here stores data or decides anything about it: reads, writes and
+The file system is a root directory holding image files (``VOLUME.img`` and,
+read-only, ``snapshots/NAME.img``), each a regular file exactly as large as its
+device.  Nothing here stores data or decides anything about it: reads, writes and
 flushes go straight to the engine, and engine errors become errno values in
 `errmap`.
 
