@@ -18,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fakes import FakeVolume  # noqa: E402
+from fakes import FakeVolume
 
-from lsbd.engine.config import parse_size  # noqa: E402
-from lsbd.errors import LsbdError  # noqa: E402
+from lsbd.engine.config import parse_size
+from lsbd.errors import LsbdError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lsbd_fuse.mounts import find_mount, read_pid_file
 
 TOOLS = ("fusermount3", "mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "findmnt")
@@ -43,7 +42,7 @@ def require_fuse(*tools: str) -> None:
 def run(*cmd: str | os.PathLike, check: bool = True, timeout: float = 120,
         **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                       **kw)
+                       check=False, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {r.returncode}\n"
                              f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-2000:]}")
@@ -136,16 +135,15 @@ class FuseEnv:
     def cleanup(self) -> None:
         """Undo everything, most dependent first; never raises."""
         for mnt in reversed(self.ext_mounts):
-            if is_mounted(mnt):
-                if run("umount", mnt, check=False, timeout=60).returncode:
-                    run("umount", "-l", mnt, check=False, timeout=60)
+            if is_mounted(mnt) and run("umount", mnt, check=False, timeout=60).returncode:
+                run("umount", "-l", mnt, check=False, timeout=60)
         for dev in self.loops:
             if os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
                 run("losetup", "-d", dev, check=False, timeout=60)
         for mnt in reversed(self.fuse_mounts):
-            if is_mounted(mnt):
-                if run("fusermount3", "-u", mnt, check=False, timeout=60).returncode:
-                    run("fusermount3", "-u", "-z", mnt, check=False, timeout=60)
+            if is_mounted(mnt) and run("fusermount3", "-u", mnt, check=False,
+                                       timeout=60).returncode:
+                run("fusermount3", "-u", "-z", mnt, check=False, timeout=60)
         deadline = time.monotonic() + 60
         for pid in self.pids:
             while alive(pid) and time.monotonic() < deadline:

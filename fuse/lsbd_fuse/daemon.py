@@ -10,6 +10,7 @@ The child's log goes to a file next to its pid file (see `mounts`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -108,11 +109,9 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
             os.close(r)
             code = _child(w, opener, mnt, name=name, read_only=read_only, direct_io=direct_io,
                           logfile=logfile, finalizer=finalizer, debug=debug)
-        except BaseException:  # noqa: BLE001 - never return into the parent's code
-            try:
+        except BaseException:  # never return into the parent's code
+            with contextlib.suppress(BaseException):
                 log.exception("the mount process failed")
-            except BaseException:  # noqa: BLE001
-                pass
         finally:
             logging.shutdown()
             os._exit(code)
@@ -185,7 +184,7 @@ def _child(w: int, opener: Opener, mnt: str, *, name: str, read_only: bool, dire
     try:
         try:
             images = opener()
-        except Exception as e:  # noqa: BLE001 - report it to the waiting parent
+        except Exception as e:
             log.error("cannot open %s: %s", name, describe(e), exc_info=debug)
             tell(f"error: {describe(e)}")
             return 1
@@ -201,5 +200,5 @@ def _child(w: int, opener: Opener, mnt: str, *, name: str, read_only: bool, dire
         if finalizer is not None:
             try:
                 finalizer()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("cleanup failed")

@@ -253,7 +253,7 @@ def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True,
         cmd = [tool, "-u", *(["-z"] if lazy else []), mnt]
     else:
         cmd = ["umount", *(["-l"] if lazy else []), mnt]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip().splitlines()
         text = msg[-1] if msg else f"{cmd[0]} failed"

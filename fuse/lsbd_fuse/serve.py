@@ -43,7 +43,7 @@ def close_devices(images: Mapping[str, Image]) -> str | None:
         name = getattr(dev, "name", "?")
         try:
             dev.close()
-        except Exception as e:  # noqa: BLE001 - report and keep closing the others
+        except Exception as e:
             log.error("closing %s failed: %s", name, e, exc_info=log.isEnabledFor(logging.DEBUG))
             first = first or f"{name}: {e}"
         else:
@@ -84,7 +84,7 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
         opts.add("debug")
     try:
         pyfuse3.init(fs, mountpoint, opts)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - pyfuse3 raises RuntimeError, OSError, ...
         close_devices(images)
         raise MountError(f"could not mount on {mountpoint}: {e}") from None
     write_pid_file(mountpoint, name=name, log=log_file)

@@ -8,6 +8,7 @@ threads.  See docs/fuse.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from rich.console import Console
@@ -77,10 +78,11 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
     """VOLUME.img (the live volume, or its state at the point named) and,
     with --with-snapshots, snapshots/NAME.img for each snapshot."""
+    from lsbd_fuse.tree import Image
+
     from lsbd.cli.points import resolve_args
     from lsbd.engine.config import load_config
     from lsbd.engine.history import list_snapshots
-    from lsbd_fuse.tree import Image
 
     config = load_config(ctx.store, name)
     seq = resolve_args(ctx.store, config, args)
@@ -101,10 +103,9 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
                     device=ctx.open_volume(name, at_seq=snap.seq), read_only=True)
     except BaseException:
         for image in images.values():
-            try:
+            # The first error is the one to report.
+            with contextlib.suppress(Exception):
                 image.device.close()
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                pass
         raise
     return images
 
