@@ -462,7 +462,8 @@ def test_seed_workflow_survives_an_empty_cache_dir(store_env):
 
 
 @pytest.mark.fuse
-def test_sigkill_under_load_keeps_every_synced_file(fenv):
+def test_sigkill_under_load_keeps_every_synced_file(store_env):
+    fenv = store_env
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
     fenv.lsbd("create", "vol", "--size", "1G")
     fenv.mount("vol", mnt)
