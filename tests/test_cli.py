@@ -194,9 +194,6 @@ def test_unreachable_s3_endpoint_fails_fast_with_a_clear_message(tmp_path):
     assert took < 10, f"took {took:.1f}s to give up"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CLI bug: every retry of an unreachable endpoint logs a WARNING line to stderr "
-    "(4 lines before the error), so the user error is not one line"))
 def test_unreachable_s3_endpoint_is_one_line(tmp_path):
     proc, _took = _unreachable(tmp_path)
     _one_line_error(proc)

@@ -23,17 +23,10 @@ from lsbd import names
 from lsbd.engine import volume as volume_mod
 from lsbd.engine.config import create_volume
 from lsbd.engine.volume import Volume, cache_dir_for
-from lsbd.errors import CorruptionError
 
 VOLUME_SIZE = 64 * MiB
 SEGMENT_SIZE = 256 * 1024
 WRITER = os.path.join(os.path.dirname(__file__), "crash_writer.py")
-KNOWN_STUCK_DURABILITY_BUG = (
-    "after a crash with out-of-order uploads the reopened writer never sees its segments as "
-    "durable, so close() keeps the lease; see "
-    "test_recovery.py::test_reopen_after_out_of_order_uploads_tracks_durability")
-KNOWN_SHORT_HEADER_BUG = ("an empty or header-less journal file left by a kill makes the volume "
-                          "impossible to open; see test_journal_file_cut_before_its_header_is_discarded")
 
 
 @pytest.fixture(autouse=True)
@@ -150,12 +143,7 @@ def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | Non
         wipe(cache_dir_for(cache_root, store, "vol"))
 
     # The writer died on this machine: its lease is taken over without any flag.
-    try:
-        vol = Volume.open(store, "vol", cache_root=cache_root)
-    except CorruptionError as e:
-        if "short header" in str(e):  # the kill fell between creating a journal file and its header
-            pytest.xfail(f"known engine bug ({KNOWN_SHORT_HEADER_BUG}): {e}")
-        raise
+    vol = Volume.open(store, "vol", cache_root=cache_root)
     try:
         data = read_all(vol)
     finally:
@@ -185,8 +173,7 @@ def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | Non
         reader.close()
     if volume is None:
         store.close()
-    if lease_kept:  # a clean close must release it
-        pytest.xfail(f"known engine bug: {KNOWN_STUCK_DURABILITY_BUG}")
+    assert not lease_kept, "a clean close must release the lease"
     return observed
 
 
@@ -228,10 +215,6 @@ def test_valid_prefixes_checker_rejects_a_half_applied_write():
         assert (got[-1:] == want) if want else (2 not in got and 1 not in got), (state, got)
 
 
-@pytest.mark.xfail(strict=True, raises=CorruptionError, reason=(
-    "engine bug: OpenSegment creates the journal file and writes its header in two steps; a "
-    "kill between them leaves an empty (or short) file that recover_journal_file rejects with "
-    "CorruptionError('short header'), so the volume cannot be opened at all"))
 @pytest.mark.parametrize("length", [0, 10])
 def test_journal_file_cut_before_its_header_is_discarded(tmp_path, length):
     """A kill right after the next journal file was created: it holds no
