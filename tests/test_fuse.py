@@ -300,7 +300,8 @@ def test_mount_errors_are_one_clear_line(fenv):
     fenv.mount("vol", mnt)
     r = fenv.lsbd("mount", "vol", mnt, check=False)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"lsbd: {mnt} is busy: it is already an lsbd mount"]
+    assert r.stderr.strip().splitlines() == [
+        f"lsbd: {mnt} is busy: it is already an lsbd mount (pid {fenv.server_pid(mnt)})"]
 
     other = fenv.tmp / "other"
     other.mkdir()
@@ -494,6 +495,8 @@ def test_sigkill_under_load_keeps_every_synced_file(store_env):
     while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
         time.sleep(0.05)                              # gone, and reaped
 
+    r = fenv.lsbd("mount", "vol", mnt, check=False)   # says what to do with the dead mount
+    assert r.returncode != 0 and f"fusermount3 -u -z {mnt}" in r.stderr, r.stderr
     fenv.dead_mount_cleanup(ext, loop, mnt)
     fenv.mount("vol", mnt)                           # replays the journal; takes the lease over
     # Replay the ext4 journal the way a user would (mount, unmount), then check.

@@ -181,6 +181,11 @@ def read_pid_file(mountpoint: str) -> Server | None:
 
 # --- checks before mounting -----------------------------------------------------
 
+def _dead_mount_message(mnt: str) -> str:
+    return (f"{mnt} is a dead FUSE mount (its server is gone): clean it up with "
+            f"`fusermount3 -u -z {mnt}` (unmount what is on its loop device first)")
+
+
 def check_can_mount(mountpoint: str) -> str:
     """Everything that can be checked before opening a volume; returns the
     canonical mount point or raises MountError with one clear line."""
@@ -191,16 +196,19 @@ def check_can_mount(mountpoint: str) -> str:
         raise MountError(f"mount point {mnt} does not exist") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(f"{mnt} is a dead FUSE mount (its server is gone): clean it up "
-                             f"with `fusermount3 -u -z {mnt}` (and detach any loop device "
-                             "on it first)") from None
+            raise MountError(_dead_mount_message(mnt)) from None
         raise MountError(f"mount point {mnt}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {mnt} is not a directory")
     entry = find_mount(mnt)
-    if entry is not None and entry.mountpoint == mnt:
-        what = "an lsbd mount" if entry.fstype == FSTYPE else f"a {entry.fstype} mount"
-        raise MountError(f"{mnt} is busy: it is already {what}")
+    if entry is not None and entry.fstype == FSTYPE:
+        server = read_pid_file(mnt)
+        if server is None or not server.alive():
+            # The kernel may still answer stat from its cache: ask our pid file.
+            raise MountError(_dead_mount_message(mnt))
+        raise MountError(f"{mnt} is busy: it is already an lsbd mount (pid {server.pid})")
+    if entry is not None:
+        raise MountError(f"{mnt} is busy: it is already a {entry.fstype} mount")
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except FileNotFoundError:
