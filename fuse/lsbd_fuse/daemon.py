@@ -1,11 +1,12 @@
 """`lsbd mount`: start serving, in the foreground or as a background process.
 
-In the background the command forks a child that opens the volume (the
-engine starts threads, which must not be forked) and mounts; the parent waits
-on a pipe for one line: ``ok`` once the mount is up, or ``error: MESSAGE``.
-So the command returns only when the mount is usable, and a failure (lease
-held, busy mount point, no /dev/fuse, ...) is one line and a non-zero exit.
-The child's log goes to a file next to its pid file (see `mounts`).
+In the background the command forks (twice: the server is nobody's child) a
+process that opens the volume (the engine starts threads, which must not be
+forked) and mounts; the command waits on a pipe for one line: ``ok`` once the
+mount is up, or ``error: MESSAGE``.  So the command returns only when the
+mount is usable, and a failure (lease held, busy mount point, no /dev/fuse,
+...) is one line and a non-zero exit.  The server's log goes to a file next
+to its pid file (see `mounts`).
 """
 
 from __future__ import annotations
@@ -103,10 +104,16 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
     sys.stderr.flush()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the serving process
+    if pid == 0:  # the serving process, after a second fork (see below)
         code = 1
         try:
             os.close(r)
+            # A new session, then fork again and let the middle process exit:
+            # the server is nobody's child (init reaps it, our caller never
+            # has to) and, not being a session leader, never gets a terminal.
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
             code = _child(w, opener, mnt, name=name, read_only=read_only, direct_io=direct_io,
                           logfile=logfile, finalizer=finalizer, debug=debug)
         except BaseException:  # never return into the parent's code
@@ -117,32 +124,19 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
             os._exit(code)
 
     os.close(w)
+    os.waitpid(pid, 0)  # the middle process, gone at once
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "ok":
         return 0
     if line.startswith("error: "):
-        _reap(pid)
         raise MountError(line[len("error: "):])
-    status = _reap(pid)
-    raise MountError(f"the mount process died before the mount was ready ({status}); "
-                     f"see {logfile}")
-
-
-def _reap(pid: int) -> str:
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return "unknown status"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
+    raise MountError(f"the mount process died before the mount was ready; see {logfile}")
 
 
 def _detach(logfile: str) -> None:
-    """Leave the terminal and the caller's pipes: stdin from /dev/null,
-    stdout and stderr (ours and libfuse's) to the log file."""
-    os.setsid()
+    """Leave the caller's terminal and pipes: stdin from /dev/null, stdout and
+    stderr (ours and libfuse's) to the log file."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
