@@ -78,21 +78,36 @@ class LocalStore(Store):
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                if start < 0:
-                    if length is not None:
-                        raise ValueError("a suffix read takes no length")
-                    size = os.fstat(f.fileno()).st_size
-                    f.seek(max(0, size + start))
-                    return f.read()
-                f.seek(start)
-                return f.read() if length is None else f.read(length)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StoreError(f"get {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+        try:
+            if start < 0:
+                if length is not None:
+                    raise ValueError("a suffix read takes no length")
+                size = os.fstat(fd).st_size
+                start, length = max(0, size + start), size
+            elif length is None:
+                length = os.fstat(fd).st_size - start
+            if length <= 0:
+                return b""
+            chunks = []
+            while length > 0:  # pread may return less than asked for very large reads
+                chunk = os.pread(fd, length, start)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                start += len(chunk)
+                length -= len(chunk)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except IsADirectoryError:
             raise ObjectNotFound(key) from None
         except OSError as e:
             raise StoreError(f"get {key}: {e.strerror or e}", e.errno or errno.EIO) from e
+        finally:
+            os.close(fd)
 
     def head(self, key: str) -> int:
         try:
