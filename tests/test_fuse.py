@@ -575,3 +575,52 @@ def test_fio_verify_on_the_image(fenv):
     fenv.mount("vol", mnt)
     run(*job, "--verify_only", timeout=300)
     fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_ext4_on_a_snapshot_image_shows_the_past_while_the_live_volume_changes(fenv):
+    """Snapshot an ext4 volume while it is mounted and busy; a read-only mount
+    of the snapshot (mount -o ro,noload) shows the files as they were, while
+    files keep changing on the live volume; a later read-write mount shows the
+    snapshot as snapshots/NAME.img."""
+    live_mnt, live_ext = fenv.tmp / "mnt", fenv.tmp / "ext"
+    snap_mnt, snap_ext = fenv.tmp / "snap", fenv.tmp / "snapext"
+    src = fenv.tmp / "src"
+    make_tree(src, seed=7, large=1, large_size=4 << 20)
+    before = tree_digest(src)
+
+    fenv.lsbd("create", "vol", "--size", "256M")
+    fenv.mount("vol", live_mnt)
+    image = live_mnt / "vol.img"
+    fenv.mkfs(image)
+    fenv.loop_mount(image, live_ext)
+    run("cp", "-a", f"{src}/.", live_ext)
+    run("sync")
+    fenv.lsbd("snapshot", "create", "vol", "s1")             # through the running writer
+
+    # The live volume changes: files removed, rewritten, added.
+    shutil.rmtree(live_ext / next(p.name for p in src.iterdir() if p.is_dir()))
+    (live_ext / "new-after-snapshot.txt").write_text("only in the live volume\n")
+    run("sync")
+
+    fenv.mount("vol", snap_mnt, "--snapshot", "s1")          # no lease needed: read-only
+    fenv.loop_mount(snap_mnt / "vol.img", snap_ext, "ro,noload")
+    assert tree_digest(snap_ext) == before
+    assert not (snap_ext / "new-after-snapshot.txt").exists()
+    (live_ext / "more.txt").write_text("the live volume keeps changing\n")
+    run("sync")
+    assert tree_digest(snap_ext) == before
+    fenv.loop_umount(snap_ext)
+    fenv.umount(snap_mnt)
+
+    assert (live_ext / "new-after-snapshot.txt").exists()
+    fenv.loop_umount(live_ext)
+    fenv.umount(live_mnt)
+
+    # A read-write mount shows the snapshot next to the live image.
+    fenv.mount("vol", live_mnt)
+    assert os.listdir(live_mnt / "snapshots") == ["s1.img"]
+    fenv.loop_mount(live_mnt / "snapshots" / "s1.img", snap_ext, "ro,noload")
+    assert tree_digest(snap_ext) == before
+    fenv.loop_umount(snap_ext)
+    fenv.umount(live_mnt)

@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "store: once the data is in the store")
     add_point_args(p, what="mount, read-only, the state")
     p.add_argument("--with-snapshots", action="store_true",
-                   help="also show every snapshot, read-only, as snapshots/NAME.img")
+                   help="show the snapshots (snapshots/NAME.img) also on a read-only mount")
+    p.add_argument("--no-snapshots", action="store_true",
+                   help="do not show the snapshots (a read-write mount shows each one, "
+                        "read-only, as snapshots/NAME.img)")
     p.add_argument("--auto-compact", action="store_true",
                    help="compact in the background while mounted (rate-limited)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
@@ -97,7 +100,9 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
                                      break_lease=args.break_lease,
                                      flush_mode=args.flush_mode, **options)
             images[f"{name}.img"] = Image(device=volume, read_only=args.read_only)
-        if args.with_snapshots:
+        # A read-write mount of the live volume shows its snapshots by default.
+        show = args.with_snapshots or (seq is None and not args.read_only)
+        if show and not args.no_snapshots:
             for snap in list_snapshots(ctx.store, config):
                 images[f"snapshots/{snap.name}.img"] = Image(
                     device=ctx.open_volume(name, at_seq=snap.seq), read_only=True)

@@ -35,9 +35,12 @@ def _process_start(pid: int) -> str:
     With the boot id it tells a live holder from a reused pid."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return ""
+    if fields[0] in ("Z", "X"):  # dead, not yet reaped: it holds nothing
+        return ""
+    return fields[19]
 
 
 @attrs.frozen(kw_only=True)

@@ -737,21 +737,31 @@ class Volume:
     def checkpoint(self, force: bool = False) -> int:
         """Write a checkpoint of the map now; returns its seq.  Everything up to
         it is uploaded first (a checkpoint never names a segment the store lacks).
-        force: write it even if one exists at this seq (it may have been pruned)."""
+        force: write it even if one exists at this seq (it may have been pruned).
+        Reads and writes go on meanwhile: the map is read from an LMDB snapshot."""
         self._check_writable()
         with self._checkpoint_lock:
             with self._lock:
                 self._seal()
                 target = self._applied
-                if target == 0 or (target == self._last_checkpoint and not force):
-                    return target
-                # Hold the lock while the last uploads finish so the map stays at
-                # `target` for the snapshot below.
+            if target == 0 or (target == self._last_checkpoint and not force):
+                return target
+            snap = None
+            for _attempt in range(100):
                 if self._uploader is not None and not self._uploader.wait_durable(
                         target, STORE_FLUSH_TIMEOUT):
                     raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({self._uploader.last_error})")
                 snap = self._map.snapshot()
+                # Segments sealed while we waited may be in this snapshot: checkpoint
+                # only a map whose every segment is already in the store.
+                target = self._map.meta_in(snap, "applied_seq")
+                if self._uploader is None or self._uploader.durable_seq >= target:
+                    break
+                snap.abort()
+                snap = None
+            if snap is None:
+                raise StoreError(f"volume {self.name}: cannot checkpoint: writes outpace uploads")
             try:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
                                       volume_size=self._map.meta_in(snap, "size", self._size),
