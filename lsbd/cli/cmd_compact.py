@@ -1,11 +1,9 @@
 """lsbd compact VOLUME"""
 
-import os
 
 from lsbd.cli import ui
 from lsbd.engine import control
 from lsbd.engine.config import load_config
-from lsbd.engine.volume import cache_dir_for
 from lsbd.errors import UserError
 
 
@@ -25,7 +23,7 @@ def run(args, ctx) -> int:
         raise UserError("--threshold is a fraction between 0 and 1")
     store = ctx.store
     config = load_config(store, args.volume)
-    sock = os.path.join(cache_dir_for(ctx.cache_dir, store, config.name), control.SOCKET_NAME)
+    sock = ctx.control_path(config.name)
     reply = control.call(sock, {"op": "compact", "threshold": args.threshold,
                                 "dry_run": args.dry_run}, timeout=3600)
     if reply is not None:  # the volume is mounted or served: its writer compacts

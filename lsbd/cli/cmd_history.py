@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
@@ -20,7 +18,6 @@ from lsbd.engine.history import (
     segment_times,
 )
 from lsbd.engine.recovery import store_segment_seqs
-from lsbd.engine.volume import cache_dir_for
 from lsbd.errors import UserError, VolumeExists
 
 COPY_CHUNK = 4 * 1024 * 1024
@@ -197,7 +194,7 @@ def run_clone(args, ctx) -> int:
     target = resolve_args(store, config, args)
     if target is None:
         # The live state: a running writer flushes to the store first.
-        sock = os.path.join(cache_dir_for(ctx.cache_dir, store, config.name), control.SOCKET_NAME)
+        sock = ctx.control_path(config.name)
         reply = control.call(sock, {"op": "flush"})
         target = reply["seq"] if reply else max(store_segment_seqs(store, config.name)
                                                  or [config.base_seq])

@@ -13,10 +13,9 @@ import sys
 
 from rich.console import Console
 
-from lsbd.cli.points import add_point_args
+from lsbd.cli.points import add_point_args, add_writer_args
 from lsbd.errors import UserError
 
-FLUSH_MODES = ("journal", "store")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,19 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process (Ctrl-C or umount stops it)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
-    p.add_argument("--break-lease", action="store_true",
-                   help="take over a volume whose writer died without releasing it")
-    p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
-                   help="journal: fsync returns once the local journal is durable (default); "
-                        "store: once the data is in the store")
+    add_writer_args(p)
     add_point_args(p, what="mount, read-only, the state")
     p.add_argument("--with-snapshots", action="store_true",
                    help="show the snapshots (snapshots/NAME.img) also on a read-only mount")
     p.add_argument("--no-snapshots", action="store_true",
                    help="do not show the snapshots (a read-write mount shows each one, "
                         "read-only, as snapshots/NAME.img)")
-    p.add_argument("--auto-compact", action="store_true",
-                   help="compact in the background while mounted (rate-limited)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)

@@ -1,11 +1,9 @@
 """lsbd resize VOLUME SIZE / lsbd stats VOLUME"""
 
-import os
 
 from lsbd.cli import ui
 from lsbd.engine import control
 from lsbd.engine.config import load_config, parse_size
-from lsbd.engine.volume import cache_dir_for
 
 
 def register(sub) -> None:
@@ -19,14 +17,10 @@ def register(sub) -> None:
     p.set_defaults(func=run_stats)
 
 
-def _control_path(ctx, name: str) -> str:
-    return os.path.join(cache_dir_for(ctx.cache_dir, ctx.store, name), control.SOCKET_NAME)
-
-
 def run_resize(args, ctx) -> int:
     config = load_config(ctx.store, args.volume)
     size = parse_size(args.size)
-    if control.call(_control_path(ctx, config.name), {"op": "resize", "size": size}) is None:
+    if control.call(ctx.control_path(config.name), {"op": "resize", "size": size}) is None:
         with ctx.open_volume(args.volume) as vol:
             vol.resize(size)
     ui.err.print(f"volume [bold]{args.volume}[/] is now {ui.human_size(size)}")
@@ -35,7 +29,7 @@ def run_resize(args, ctx) -> int:
 
 def run_stats(args, ctx) -> int:
     config = load_config(ctx.store, args.volume)
-    reply = control.call(_control_path(ctx, config.name), {"op": "stats"})
+    reply = control.call(ctx.control_path(config.name), {"op": "stats"})
     if reply is not None:
         data = reply["report"]
         data["source"] = "the running writer"

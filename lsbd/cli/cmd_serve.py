@@ -14,12 +14,11 @@ import signal
 import sys
 from urllib.parse import quote
 
-from lsbd.cli.points import add_point_args, resolve_args
+from lsbd.cli.points import add_point_args, add_writer_args, resolve_args
 from lsbd.engine.config import load_config
 from lsbd.engine.history import list_snapshots
 from lsbd.errors import UserError
 
-FLUSH_MODES = ("journal", "store")
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -38,16 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None,
                    help="TCP port (default 10809; 0 picks a free one)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
-    p.add_argument("--break-lease", action="store_true",
-                   help="take over volumes whose writer died without releasing them")
-    p.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
-                   help="journal: FLUSH returns once the local journal is durable (default); "
-                        "store: once the data is in the store")
+    add_writer_args(p)
     add_point_args(p, what="export, read-only, the state")
     p.add_argument("--with-snapshots", action="store_true",
                    help="also export every snapshot read-only, as VOLUME@SNAPSHOT")
-    p.add_argument("--auto-compact", action="store_true",
-                   help="compact in the background while serving (rate-limited)")
     p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 

@@ -1,6 +1,5 @@
 """lsbd snapshot create|list|delete"""
 
-import os
 
 from lsbd.cli import ui
 from lsbd.engine import control
@@ -12,7 +11,6 @@ from lsbd.engine.history import (
     list_snapshots,
 )
 from lsbd.engine.lease import read_holder
-from lsbd.engine.volume import cache_dir_for
 from lsbd.errors import LeaseHeld
 
 
@@ -39,7 +37,7 @@ def run_create(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
     # A volume in use: ask its writer, which flushes to the store first.
-    sock = os.path.join(cache_dir_for(ctx.cache_dir, store, config.name), control.SOCKET_NAME)
+    sock = ctx.control_path(config.name)
     reply = control.call(sock, {"op": "snapshot", "name": args.name})
     if reply is not None:
         seq = reply["seq"]

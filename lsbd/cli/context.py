@@ -34,6 +34,13 @@ class Context:
         return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
                            break_lease=break_lease, flush_mode=flush_mode, **options)
 
+    def control_path(self, volume: str) -> str:
+        """Where the writer of `volume` (a mount or a server) listens for requests."""
+        from lsbd.engine.control import SOCKET_NAME
+        from lsbd.engine.volume import cache_dir_for
+
+        return os.path.join(cache_dir_for(self.cache_dir, self.store, volume), SOCKET_NAME)
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from lsbd.engine.checkpoint import list_checkpoints
-from lsbd.engine.config import VolumeConfig
+from lsbd.engine.config import FLUSH_MODES, VolumeConfig
 from lsbd.engine.history import (
     BadPoint,
     parse_time,
@@ -26,6 +26,18 @@ def add_point_args(parser, *, required: bool = False, what: str = "the state") -
     group.add_argument("--seq", metavar="N", type=_seq_arg, help=f"{what} after segment N")
     group.add_argument("--at", metavar="TIME",
                        help=f"{what} at a time: ISO 8601 or relative (-15m, -2h, -1d)")
+
+
+def add_writer_args(parser) -> None:
+    """The options of a command that opens a volume for writing and keeps it
+    open (mount, serve)."""
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over a volume whose writer is gone without releasing it")
+    parser.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
+                        help="journal: a flush returns once the local journal is durable "
+                             "(the volume's default); store: once the data is in the store")
+    parser.add_argument("--auto-compact", action="store_true",
+                        help="compact in the background while open (rate-limited)")
 
 
 def _seq_arg(text: str) -> int:

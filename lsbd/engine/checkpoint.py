@@ -146,32 +146,29 @@ def read_manifest(store: Store, volume: str, seq: int) -> Manifest:
     return Manifest.from_json(store.get(key), where=key)
 
 
-def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
-    for key, kind, count, crc in manifest.parts:
-        if kind != PART_EXTENTS_KIND:
+def _entries(store: Store, manifest: Manifest, kind: int, entry: struct.Struct) -> Iterator[tuple]:
+    """The entries of every part of one kind, checked, one part in memory at a time."""
+    for key, part_kind, count, crc in manifest.parts:
+        if part_kind != kind:
             continue
         raw = store.get(key)
         if masked_crc(raw) != crc:
             raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
         body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
         for i in range(count):
-            yield Extent(*EXTENT_ENTRY.unpack_from(body, i * EXTENT_ENTRY.size))
+            yield entry.unpack_from(body, i * entry.size)
+
+
+def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
+    for fields in _entries(store, manifest, PART_EXTENTS_KIND, EXTENT_ENTRY):
+        yield Extent(*fields)
 
 
 def read_segments(store: Store, manifest: Manifest) -> list[SegmentInfo]:
-    out = []
-    for key, kind, count, crc in manifest.parts:
-        if kind != PART_SEGMENTS_KIND:
-            continue
-        raw = store.get(key)
-        if masked_crc(raw) != crc:
-            raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
-        body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
-        for i in range(count):
-            seq, sealed, size, data_blocks = SEGMENT_ENTRY.unpack_from(body, i * SEGMENT_ENTRY.size)
-            out.append(SegmentInfo(seq=seq, state=STORED, sealed_ns=sealed, size=size,
-                                   live_blocks=0, data_blocks=data_blocks, trailer_crc=0))
-    return out
+    return [SegmentInfo(seq=seq, state=STORED, sealed_ns=sealed, size=size, live_blocks=0,
+                        data_blocks=data_blocks, trailer_crc=0)
+            for seq, sealed, size, data_blocks
+            in _entries(store, manifest, PART_SEGMENTS_KIND, SEGMENT_ENTRY)]
 
 
 def newest_valid_checkpoint(store: Store, volume: str, volume_id: str, *,
