@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lsbd.engine.config import create_volume
-from lsbd.engine.history import create_clone
+from lsbd.engine.history import create_clone, restore_volume
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
 
@@ -189,6 +189,19 @@ class VolumeModel(RuleBasedStateMachine):
         with Volume.open(self.store, clone, cache_root=self.cache) as c:
             assert c.read(0, SIZE) == bytes(expected)
         self.clone_states[clone] = bytes(expected)
+
+    @precondition(lambda self: getattr(self, "snapshots", None))
+    @rule(data=st.data())
+    def restore(self, data):
+        """A restore of a snapshot is an independent volume with its state."""
+        name = data.draw(st.sampled_from(sorted(self.snapshots)))
+        seq, state = self.snapshots[name]
+        target = f"r{self.clones}"
+        self.clones += 1
+        restore_volume(self.store, self.vol.config, seq, target, cache_root=self.cache)
+        with Volume.open(self.store, target, cache_root=self.cache, read_only=True) as r:
+            assert r.read(0, SIZE) == state, f"restore of {name} differs"
+        self.clone_states[target] = state
 
     @rule(threshold=st.sampled_from([0.3, 0.6, 1.0]))
     def compact(self, threshold):

@@ -7,7 +7,7 @@ from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine import control
 from lsbd.engine.checkpoint import list_checkpoints
-from lsbd.engine.config import create_volume, load_config, save_config
+from lsbd.engine.config import load_config, save_config
 from lsbd.engine.history import (
     changed_ranges,
     create_clone,
@@ -15,12 +15,11 @@ from lsbd.engine.history import (
     list_snapshots,
     plan_restore,
     recoverable,
+    restore_volume,
     segment_times,
 )
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError, VolumeExists
-
-COPY_CHUNK = 4 * 1024 * 1024
 
 
 def register(sub) -> None:
@@ -143,22 +142,6 @@ def run_log(args, ctx) -> int:
     return 0
 
 
-def _copy(src, dst, label: str) -> int:
-    """Copy the allocated ranges of one open volume into another."""
-    copied = 0
-    with ui.byte_progress(label, src.size) as advance:
-        offset = 0
-        while offset < src.size:
-            length = min(COPY_CHUNK, src.size - offset)
-            for run in src.allocation(offset, length):
-                if run.allocated:
-                    dst.write(run.offset, src.read(run.offset, run.length))
-                    copied += run.length
-            offset += length
-            advance(length)
-    return copied
-
-
 def run_restore(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
@@ -174,15 +157,9 @@ def run_restore(args, ctx) -> int:
         ui.out.print(f"metadata to read: about {ui.human_size(plan.index_bytes)}")
         ui.out.print(f"would create volume {args.to}")
         return 0
-    with ui.count_progress("rebuilding the map") as update:
-        src = ctx.open_volume(args.volume, at_seq=target, progress=update)
-    with src:
-        create_volume(store, args.to, src.size, block_size=src.block_size,
-                      flush_mode=config.flush_mode, segment_size=config.segment_size,
-                      retain_seconds=config.retain_seconds)
-        with ctx.open_volume(args.to) as dst:
-            copied = _copy(src, dst, f"restoring {args.volume}@{target} to {args.to}")
-            dst.flush()
+    with ui.count_progress(f"restoring {args.volume}@{target} to {args.to}") as update:
+        copied = restore_volume(store, config, target, args.to, cache_root=ctx.cache_dir,
+                                progress=update)
     ui.err.print(f"restored [bold]{args.volume}[/] at seq {target} to new volume "
                  f"[bold]{args.to}[/] ({ui.human_size(copied)} of data)")
     return 0

@@ -17,7 +17,6 @@ from lsbd.cli.points import add_point_args, add_writer_args
 from lsbd.errors import UserError
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "mount", help="show a volume as an image file in a FUSE mount",

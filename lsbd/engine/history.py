@@ -12,7 +12,7 @@ import json
 import re
 import time
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Callable, Iterable
 
 import attrs
 
@@ -23,6 +23,7 @@ from lsbd.engine.recovery import fetch_segment_index, store_segment_seqs
 from lsbd.errors import ObjectExists, ObjectNotFound, PointUnavailable, UserError
 from lsbd.store import Store
 
+COPY_CHUNK = 4 * 1024 * 1024
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -110,6 +111,40 @@ def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, siz
                          flush_mode=source.flush_mode, segment_size=source.segment_size,
                          seal_interval=source.seal_interval,
                          retain_seconds=source.retain_seconds, parent=parent)
+
+
+def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, cache_root: str,
+                   progress: Callable[[int, int], None] | None = None) -> int:
+    """Create volume `name` holding `source`'s state at `seq`, as an independent
+    copy (no shared segments).  Never overwrites: an existing `name` is refused
+    before anything is written.  Returns the bytes of data copied."""
+    from lsbd.engine.config import create_volume
+    from lsbd.engine.volume import Volume
+
+    names.check_volume_name(name)
+    if store.exists(names.config_key(name)):
+        from lsbd.errors import VolumeExists
+
+        raise VolumeExists(f"volume {name!r} already exists: restore never overwrites; "
+                           "choose another name")
+    copied = 0
+    with Volume.open(store, source.name, cache_root=cache_root, at_seq=seq) as src:
+        create_volume(store, name, src.size, block_size=src.block_size,
+                      flush_mode=source.flush_mode, segment_size=source.segment_size,
+                      retain_seconds=source.retain_seconds)
+        with Volume.open(store, name, cache_root=cache_root) as dst:
+            offset = 0
+            while offset < src.size:
+                length = min(COPY_CHUNK, src.size - offset)
+                for run in src.allocation(offset, length):
+                    if run.allocated:
+                        dst.write(run.offset, src.read(run.offset, run.length))
+                        copied += run.length
+                offset += length
+                if progress:
+                    progress(offset, src.size)
+            dst.flush_to_store()
+    return copied
 
 
 # --- points in time -----------------------------------------------------------
