@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs libnbd-bin python3-libnbd \
                 nbdkit qemu-utils fio s3backer util-linux
 
-.PHONY: all demo test test-slow bench sysdeps venv clean lint
+.PHONY: all demo test test-slow bench sysdeps venv clean
 
 all: venv
 
@@ -44,8 +44,10 @@ test: sysdeps venv
 test-slow: sysdeps venv
 	$(VENV)/bin/pytest -q -m slow --timeout=3600 tests
 
+# Speed against the peers on this machine, in one run (minutes; not a test).
 bench: sysdeps venv
-	$(PY) bench/run.py
+	$(PY) bench/nbd_bench.py --runtime 10 --size 1G
+	$(PY) bench/fuse_bench.py --runtime 10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,34 @@
+"""Long soak runs, excluded from `make test`; run them with `make test-slow`.
+
+The same model and crash checks as the main suite, many times longer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from test_crash import _check_crash
+from test_model import VolumeModel, VolumeModelRanges
+
+pytestmark = pytest.mark.slow
+
+_LONG = settings(max_examples=1000, stateful_step_count=80, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class SoakModel(VolumeModel):
+    pass
+
+
+class SoakModelRanges(VolumeModelRanges):
+    pass
+
+
+SoakModel.TestCase.settings = _LONG
+SoakModelRanges.TestCase.settings = _LONG
+TestSoakModel = SoakModel.TestCase
+TestSoakModelRanges = SoakModelRanges.TestCase
+
+
+@pytest.mark.parametrize("seed", range(1000, 1200))
+def test_sigkill_soak(tmp_path, seed):
+    _check_crash(tmp_path, seed, lose_cache=seed % 4 == 0)
