@@ -36,10 +36,10 @@ class Context:
 
     def control_path(self, volume: str) -> str:
         """Where the writer of `volume` (a mount or a server) listens for requests."""
-        from lsbd.engine.control import SOCKET_NAME
+        from lsbd.engine.control import socket_path
         from lsbd.engine.volume import cache_dir_for
 
-        return os.path.join(cache_dir_for(self.cache_dir, self.store, volume), SOCKET_NAME)
+        return socket_path(cache_dir_for(self.cache_dir, self.store, volume))
 
     def close(self) -> None:
         if self._store is not None:

@@ -14,10 +14,12 @@ Protocol: one JSON object per line each way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 
 from lsbd.errors import LsbdError, StoreError
@@ -25,6 +27,18 @@ from lsbd.errors import LsbdError, StoreError
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
+_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
+
+
+def socket_path(cache_folder: str) -> str:
+    """Where the writer whose cache dir is `cache_folder` listens: inside it,
+    or (when that path is too long for a Unix socket) at a name derived from it
+    in the temporary directory."""
+    path = os.path.join(cache_folder, SOCKET_NAME)
+    if len(path.encode()) < _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.path.abspath(cache_folder).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"lsbd-{digest}.sock")
 
 
 class ControlServer:

@@ -22,7 +22,8 @@ from lsbd.engine import checkpoint as ckpt
 from lsbd.engine.api import MAX_REQUEST, Allocation
 from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
 from lsbd.engine.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
-from lsbd.engine.control import SOCKET_NAME, ControlServer
+from lsbd.engine.control import ControlServer
+from lsbd.engine.control import socket_path as control_socket_path
 from lsbd.engine.journal import HOLE, OpenSegment
 from lsbd.engine.lease import Lease
 from lsbd.engine.recovery import (
@@ -317,9 +318,7 @@ class Volume:
         self._timer = threading.Thread(target=self._background, name=f"lsbd-{self.name}",
                                        daemon=True)
         self._timer.start()
-        path = os.path.join(self.folder, SOCKET_NAME)
-        if len(path) < 100:  # AF_UNIX path limit
-            self._control = ControlServer(self, path)
+        self._control = ControlServer(self, control_socket_path(self.folder))
 
     # ------------------------------------------------------------------ the API
 
