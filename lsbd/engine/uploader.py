@@ -108,6 +108,8 @@ class Uploader:
             while self.durable_seq < seq:
                 if self.fatal is not None:
                     raise self.fatal
+                if self._closing:
+                    return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -125,5 +127,6 @@ class Uploader:
                     break
                 self._cond.wait(remaining if remaining is not None else 1.0)
             self._closing = True
+            self._cond.notify_all()  # waiters give up: nothing more will be stored
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

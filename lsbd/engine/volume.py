@@ -454,6 +454,10 @@ class Volume:
             self._control = None
         if self._uploader is not None:
             self._uploader.close(0)
+        # The background thread may be inside a map transaction (a checkpoint):
+        # the map must not close under it.
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join(timeout=120)
         if self._open is not None and self._open.fd >= 0:
             os.close(self._open.fd)
             self._open.fd = -1
