@@ -96,7 +96,12 @@ class ControlServer:
 
     def close(self) -> None:
         try:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
             self._sock.close()
+            self._thread.join(timeout=5)
         finally:
             try:
                 os.unlink(self.path)

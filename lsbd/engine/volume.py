@@ -110,6 +110,8 @@ class Volume:
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
         self._compact_lock = threading.Lock()
+        self._map_guard = threading.Lock()   # closing the map vs upload callbacks
+        self._map_closed = False
         self._auto_compact = False
         self._last_compaction = time.monotonic()
         self.cache_root = os.path.dirname(folder)
@@ -462,10 +464,12 @@ class Volume:
             os.close(self._open.fd)
             self._open.fd = -1
         self._files.close()
-        try:
-            self._map.close()
-        except Exception:
-            pass
+        with self._map_guard:
+            self._map_closed = True
+            try:
+                self._map.close()
+            except Exception:
+                pass
         if self._lease is not None:
             try:
                 self._lease.release()
@@ -629,7 +633,12 @@ class Volume:
         self._prev_crc = info.trailer_crc
 
     def _on_stored(self, seq: int) -> None:
-        self._map.set_segment_state(seq, STORED)
+        # Called from upload threads, which may outlive a close: never touch a
+        # closed map (the next open re-checks the segment and finds it stored).
+        with self._map_guard:
+            if self._map_closed:
+                return
+            self._map.set_segment_state(seq, STORED)
         self._files.adopt(seq)
 
     def flush_to_store(self) -> int:
