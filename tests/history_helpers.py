@@ -9,25 +9,14 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime, timezone
 from pathlib import Path
 
+from engine_helpers import BS, LSBD, PYTHON, REPO, VENV_BIN, MiB  # noqa: F401
+from engine_helpers import open_test_store as open_url  # noqa: F401
+
 from lsbd.engine.volume import Volume
-from lsbd.store import Store, open_store
-
-MiB = 1024 * 1024
-BS = 4096
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = REPO / ".venv" / "bin"
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-LSBD = str(VENV_BIN / "lsbd")
-
-
-def open_url(url: str) -> Store:
-    """open_store as the CLI does it (an s3:// URL takes its endpoint from the environment)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
-    return open_store(url, endpoint_url=endpoint)
+from lsbd.store import Store
 
 
 def pattern(tag: int, lba: int, n: int = 1, bs: int = BS) -> bytes:

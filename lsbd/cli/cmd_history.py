@@ -9,7 +9,7 @@ from lsbd.engine import control
 from lsbd.engine.checkpoint import list_checkpoints
 from lsbd.engine.config import load_config, save_config
 from lsbd.engine.history import (
-    changed_ranges,
+    changed_between,
     create_clone,
     format_time,
     list_snapshots,
@@ -184,17 +184,6 @@ def run_clone(args, ctx) -> int:
     return 0
 
 
-def changed_between(ctx, volume: str, old_seq: int, new_seq: int) -> tuple[list, int, int]:
-    """(ranges in blocks, block size, size at the newer point)."""
-    with ctx.open_volume(volume, at_seq=old_seq) as old, \
-            ctx.open_volume(volume, at_seq=new_seq) as new:
-        ranges = changed_ranges(old._map.iter_extents(), new._map.iter_extents(),
-                                block_size=new.block_size)
-        if new.size > old.size:  # grown: the new space reads as zeros; nothing to copy
-            pass
-        return ranges, new.block_size, new.size
-
-
 def run_diff(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
@@ -203,7 +192,7 @@ def run_diff(args, ctx) -> int:
     if old > new:
         raise UserError(f"--from ({args.from_point}, seq {old}) is newer than --to "
                         f"({args.to_point}, seq {new})")
-    ranges, bs, _size = changed_between(ctx, args.volume, old, new)
+    ranges, bs, _size = changed_between(store, args.volume, old, new, cache_root=ctx.cache_dir)
     total = sum((hi - lo) * bs for lo, hi in ranges)
     if args.json:
         ui.print_json({"volume": args.volume, "from_seq": old, "to_seq": new, "block_size": bs,

@@ -3,9 +3,9 @@
 import os
 
 from lsbd.cli import ui
-from lsbd.cli.cmd_history import changed_between
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine.config import load_config
+from lsbd.engine.history import changed_between
 from lsbd.engine.recovery import store_segment_seqs
 from lsbd.errors import UserError
 
@@ -92,7 +92,7 @@ def _export_changes(args, ctx, config, target: int | None) -> int:
     except OSError as e:
         raise UserError(f"cannot update {args.file} ({e.strerror}): --from needs an image of "
                         f"the state at {args.from_point} to bring up to date") from None
-    ranges, bs, size = changed_between(ctx, args.volume, old, new)
+    ranges, bs, size = changed_between(store, args.volume, old, new, cache_root=ctx.cache_dir)
     total = sum((hi - lo) * bs for lo, hi in ranges)
     with dst, ctx.open_volume(args.volume, read_only=True, at_seq=new) as vol, \
             ui.byte_progress(f"exporting changes of {vol.name}", total) as advance:

@@ -11,8 +11,7 @@ import argparse
 import contextlib
 import sys
 
-from rich.console import Console
-
+from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, add_writer_args
 from lsbd.errors import UserError
 
@@ -110,7 +109,7 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
 def run_umount(args: argparse.Namespace, ctx) -> int:
     from lsbd_fuse.mounts import unmount
 
-    err = Console(stderr=True)
+    err = ui.err
 
     def slow(server) -> None:
         what = server.name or "the volume"

@@ -147,6 +147,18 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
     return copied
 
 
+def changed_between(store: Store, volume: str, old_seq: int, new_seq: int, *, cache_root: str
+                    ) -> tuple[list[tuple[int, int]], int, int]:
+    """Block ranges that differ between two points of a volume, with the block
+    size and the size at the newer point."""
+    from lsbd.engine.volume import Volume
+
+    with Volume.open(store, volume, cache_root=cache_root, at_seq=old_seq) as old, \
+            Volume.open(store, volume, cache_root=cache_root, at_seq=new_seq) as new:
+        ranges = changed_ranges(old.extents(), new.extents(), block_size=new.block_size)
+        return ranges, new.block_size, new.size
+
+
 # --- points in time -----------------------------------------------------------
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhdw])$")

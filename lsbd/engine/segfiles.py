@@ -155,19 +155,19 @@ class SegmentFiles:
                 self._indexes.popitem(last=False)
         return idx
 
-    def _local_index(self, seq: int, fd: int) -> SegmentIndex:
+    def _index(self, seq: int, load) -> SegmentIndex:
+        """The cached index of `seq`, or load() -> (trailer, records) it once."""
         idx = self._cached_index(seq)
         if idx is None:
-            _trailer, records = read_sealed_index_fd(fd, where=self.key_of(seq))
+            _trailer, records = load()
             idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
         return idx
 
+    def _local_index(self, seq: int, fd: int) -> SegmentIndex:
+        return self._index(seq, lambda: read_sealed_index_fd(fd, where=self.key_of(seq)))
+
     def _remote_index(self, seq: int) -> SegmentIndex:
-        idx = self._cached_index(seq)
-        if idx is None:
-            _trailer, records = fetch_index_by_key(self.store, self.key_of(seq), seq)
-            idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
-        return idx
+        return self._index(seq, lambda: fetch_index_by_key(self.store, self.key_of(seq), seq))
 
     # --- reads -------------------------------------------------------------------
 

@@ -850,12 +850,17 @@ class Volume:
         data.update(self.stats)
         return data
 
+    def extents(self):
+        """The block map's extents (lba, nblocks, seq, offset), in block order,
+        as of the last sealed segment."""
+        return self._map.iter_extents()
+
     def segment_infos(self) -> list[SegmentInfo]:
         return self._map.segments()
 
     def extents_in(self, seqs: set[int]):
         """The live extents stored in the given segments (one scan of the map)."""
-        return [e for e in self._map.iter_extents() if e.seq in seqs]
+        return [e for e in self.extents() if e.seq in seqs]
 
     def relocate(self, extents) -> int:
         """Copy extents to the open segment, each block only if the map still
