@@ -85,5 +85,10 @@ class CorruptionError(LsbdError, OSError):
         return self.strerror
 
 
+class WouldBlock(LsbdError, BlockingIOError):
+    """A call made with nowait=True would have to wait for the store or an
+    fsync; nothing was done.  The caller retries it where blocking is fine."""
+
+
 class CacheMismatch(LsbdError):
     """The cache dir belongs to another volume, store or history."""

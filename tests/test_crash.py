@@ -22,6 +22,7 @@ from engine_helpers import PYTHON, MiB, open_test_store, read_all, wipe
 from lsbd import names
 from lsbd.engine import volume as volume_mod
 from lsbd.engine.config import create_volume
+from lsbd.engine.segment import RECORD
 from lsbd.engine.volume import Volume, cache_dir_for
 
 VOLUME_SIZE = 64 * MiB
@@ -224,8 +225,7 @@ def test_journal_file_cut_before_its_header_is_discarded(tmp_path, length):
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
     vol.write(0, b"a" * cw.BS)
     vol.flush()
-    with vol._lock:
-        vol._seal()                     # segment 1 is sealed ...
+    vol._seal_and_wait()            # segment 1 is sealed ...
     path = vol._files.path(vol.applied_seq + 1)
     vol.abandon()
     with open(path, "wb") as f:         # ... and segment 2's file was created, header not written
@@ -233,5 +233,53 @@ def test_journal_file_cut_before_its_header_is_discarded(tmp_path, length):
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
     try:
         assert vol.read(0, cw.BS) == b"a" * cw.BS
+    finally:
+        vol.close()
+
+
+@pytest.mark.parametrize("newer_sealed", [True, False], ids=["newer-sealed", "newer-open"])
+def test_a_journal_after_one_cut_short_is_not_replayed(tmp_path, newer_sealed):
+    """A power loss while two journal files wait for the sealer: the older
+    lost its tail, the newer survived whole.  Replaying the newer would give
+    a state that is no prefix of the writes (its write without the older
+    one's last), so recovery stops where the older one was cut."""
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", VOLUME_SIZE)
+    cache = str(tmp_path / "cache")
+    vol = Volume.open(store, "vol", cache_root=cache)
+    with vol._lock:                     # the sealer stops: nothing gets synced or mapped
+        vol._sealing_abandoned = True
+        vol._sealing_changed.notify_all()
+    vol._sealer.join(5)
+    a, b, c = (bytes([x]) * cw.BS for x in b"abc")
+    vol.write(0, a)
+    vol.write(cw.BS, b)
+    with vol._lock:
+        vol._seal()
+        older = vol._sealing[0]
+    vol.write(2 * cw.BS, c)
+    if newer_sealed:
+        with vol._lock:
+            vol._seal()
+    newer_path = vol._files.path(older.seq + 1)
+    second = older.records[1]
+    cut = second.data_offset - RECORD.size - 4 * second.nblocks
+    vol.abandon()
+    with open(older.path, "r+b") as f:  # the older journal's tail never reached the disk
+        f.truncate(cut)
+    assert os.path.exists(newer_path)
+
+    vol = Volume.open(store, "vol", cache_root=cache, break_lease=True)
+    try:
+        assert vol.read(0, cw.BS) == a
+        assert vol.read(cw.BS, cw.BS) == bytes(cw.BS), "the older journal's cut write is lost"
+        assert vol.read(2 * cw.BS, cw.BS) == bytes(cw.BS), "the newer journal must not replay"
+        vol.write(3 * cw.BS, c)         # the history goes on from the cut
+        vol.flush()
+    finally:
+        vol.close()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache2"))  # from the store alone
+    try:
+        assert vol.read(0, 4 * cw.BS) == a + bytes(2 * cw.BS) + c
     finally:
         vol.close()

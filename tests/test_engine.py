@@ -52,7 +52,7 @@ from lsbd.engine.segment import (
     scan_records,
 )
 from lsbd.engine.volume import Volume, cache_dir_for
-from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError
+from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError, WouldBlock
 from lsbd.store.faulty import FaultyStore
 
 SIZE = 64 * MiB
@@ -99,6 +99,61 @@ def _reopen(vol, tmp_path, *, lose_cache=False, **kw) -> Volume:
 
 
 # --- reads and writes ------------------------------------------------------------------
+
+
+def test_nowait_calls_never_wait_for_the_store(make_volume, tmp_path):
+    """nowait=True: done from local files, or WouldBlock having done nothing."""
+    vol = make_volume()
+    vol.write(0, blocks(1, 0, 4))
+    vol = _reopen(vol, tmp_path, lose_cache=True)   # every segment is in the store only
+    with pytest.raises(WouldBlock):
+        vol.read(0, BS, nowait=True)
+    with pytest.raises(WouldBlock):                 # its edge block would come from the store
+        vol.write(100, b"x" * 10, nowait=True)
+    with pytest.raises(WouldBlock):
+        vol.write_zeroes(BS + 1, 10, nowait=True)
+    with pytest.raises(WouldBlock):                 # FUA waits for an fsync
+        vol.write(8 * BS, blocks(2, 8, 1), fua=True, nowait=True)
+    assert vol.read(0, 4 * BS) == blocks(1, 0, 4), "a refused call changed nothing"
+    assert vol.read(8 * BS, BS) == bytes(BS)
+    # Whole blocks need nothing from the store; the journal and local copies
+    # (the blocks just fetched stay remote: a ranged GET caches nothing) are local.
+    vol.write(8 * BS, blocks(3, 8, 2), nowait=True)
+    assert vol.read(8 * BS, 2 * BS, nowait=True) == blocks(3, 8, 2)
+    vol.write(8 * BS + 5, b"y" * 10, nowait=True)   # edge block in the journal
+    assert vol.read(8 * BS, 2, nowait=True) == blocks(3, 8, 1)[:2]
+    assert vol.read(20 * BS, BS, nowait=True) == bytes(BS)  # a hole is local too
+    vol.flush()
+    vol._seal_and_wait()                            # sealed: a local copy, read through the map
+    assert vol.read(8 * BS + 5, 10, nowait=True) == b"y" * 10
+    with pytest.raises(WouldBlock):
+        vol.read(0, 9 * BS, nowait=True)            # partly remote is remote
+    assert vol.read(0, BS) == blocks(1, 0, 1)       # without nowait: fetched
+
+
+def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
+    """Between sealing and the map update, a segment's blocks are read
+    through its in-memory index, newest copy first, holes included."""
+    vol = make_volume(segment_size=256 * 1024)
+    with vol._lock:                     # stop the sealer: sealed segments stay queued
+        vol._sealing_abandoned = True
+        vol._sealing_changed.notify_all()
+    vol._sealer.join(5)
+    vol.write(0, blocks(1, 0, 8))
+    with vol._lock:
+        vol._seal()
+    vol.write(2 * BS, blocks(2, 2, 2))
+    vol.trim(4 * BS, BS)
+    with vol._lock:
+        vol._seal()
+    vol.write(3 * BS, blocks(3, 3, 1))     # the open segment
+    assert len(vol._sealing) == 2 and vol._map.extent_count() == 0
+    expect = blocks(1, 0, 2) + blocks(2, 2, 1) + blocks(3, 3, 1) + bytes(BS) + blocks(1, 5, 3)
+    assert vol.read(0, 8 * BS) == expect
+    assert vol.read(0, 8 * BS, nowait=True) == expect
+    vol.flush()                            # syncs the queued journals itself
+    assert all(not seg.dirty for seg in vol._sealing)
+    vol.abandon()
 
 
 def test_unaligned_io_matches_a_byte_model(make_volume, tmp_path):
@@ -527,18 +582,15 @@ def test_the_map_is_extent_based(make_volume, tmp_path):
     vol.write(0, data[:32 * MiB])
     vol.write(32 * MiB, data[32 * MiB:])
     vol.flush()
-    with vol._lock:
-        vol._seal()
+    vol._seal_and_wait()
     assert vol._map.extent_count() <= 2
     vol.write(10 * MiB, block(9, 2560))          # splits one extent in three
-    with vol._lock:
-        vol._seal()
+    vol._seal_and_wait()
     assert vol._map.extent_count() == 4
     # A sequential write in 1 MiB requests: one extent per request, not per block.
     for off in range(64 * MiB, 128 * MiB, MiB):
         vol.write(off, data[off - 64 * MiB:off - 63 * MiB])
-    with vol._lock:
-        vol._seal()
+    vol._seal_and_wait()
     assert vol._map.extent_count() <= 4 + 64
     vol = _reopen(vol, tmp_path, lose_cache=True)   # loaded from the checkpoint
     try:

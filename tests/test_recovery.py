@@ -334,8 +334,7 @@ def test_reopen_after_out_of_order_uploads_tracks_durability(tmp_path, monkeypat
                    error=StoreError)
     for i in range(3):
         vol.write(i * BS, block(i + 1, i))
-        with vol._lock:
-            vol._seal()
+        vol._seal_and_wait()
     deadline = time.monotonic() + 10
     while vol._map.segment(2).state != STORED and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -11,6 +11,15 @@ Errors a front end must map:
   ReadOnlyError (PermissionError)  a write to a read-only volume
   CorruptionError (OSError, errno EIO)  stored data failed its checksum
   StoreError (OSError, errno EIO or other)  the store failed
+
+Non-blocking calls: a device with `supports_nowait = True` takes nowait=True
+on read, write, write_zeroes and trim.  Such a call either completes using
+only local files (a short hold of the volume lock, a pread or pwrite of the
+local journal or segment cache) or raises WouldBlock having done nothing,
+when it would wait for the object store (blocks not cached locally, also
+the edge blocks of a partial-block write) or for an fsync (fua=True).  A
+front end with an event loop runs calls inline with nowait=True and hands
+only the WouldBlock ones to worker threads.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class Allocation(NamedTuple):
 
 
 class BlockDevice(Protocol):
+    supports_nowait: bool  # optional; see "Non-blocking calls" above
     name: str
     block_size: int  # the volume's block size (4096 by default)
     read_only: bool

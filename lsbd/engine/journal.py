@@ -2,11 +2,14 @@
 transactions commit, plus the in-memory index of the blocks it holds.
 
 Sealing appends the footer and trailer, after which the file is exactly the
-segment object to upload."""
+segment object to upload.  Sealing does not fsync: the volume's sealer thread
+does that (finish()) so that writers never wait for the disk; a flush syncs
+every journal file not yet finished, in order."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from lsbd.engine.segment import (
@@ -47,6 +50,9 @@ class OpenSegment:
         self.holes: list[tuple[int, int]] = []
         self.dirty = False       # written since the last fsync
         self._dir_synced = False  # the file's directory entry is durable
+        self._sync_lock = threading.Lock()  # sync() vs finish() closing the fd
+        self.trailer: Trailer | None = None  # set by seal()
+        self.trailer_crc = 0     # the sealed trailer's fingerprint (the next one's prev_crc)
         self.data_bytes = 0
 
     @property
@@ -122,36 +128,62 @@ class OpenSegment:
         self.end = end
 
     def sync(self) -> None:
-        if self.dirty:
-            os.fdatasync(self.fd)
-            self.dirty = False
-        if not self._dir_synced:
-            # A new file's name is durable only once its directory is synced.
-            fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._dir_synced = True
+        """Make everything appended so far durable (safe from any thread; a
+        no-op once finish() has synced and closed the file)."""
+        with self._sync_lock:
+            if self.fd < 0:
+                return
+            if self.dirty:
+                self.dirty = False   # before the sync: an append meanwhile stays dirty
+                try:
+                    os.fdatasync(self.fd)
+                except BaseException:
+                    self.dirty = True
+                    raise
+            if not self._dir_synced:
+                # A new file's name is durable only once its directory is synced.
+                fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._dir_synced = True
 
     def seal(self, volume_size: int, prev_crc: int) -> Trailer:
+        """Append the index and trailer: the file is now the segment object.
+        Not synced yet: see finish()."""
         footer = encode_footer(self.records)
         trailer = Trailer(volume_id=self.volume_id, seq=self.seq, footer_offset=self.end,
                           footer_length=len(footer), record_count=len(self.records),
                           sealed_ns=time.time_ns(), volume_size=volume_size,
                           footer_crc=masked_crc(footer), prev_crc=prev_crc)
-        tail = footer + encode_trailer(trailer)
-        os.pwrite(self.fd, tail, self.end)
+        raw = encode_trailer(trailer)
+        tail = footer + raw
+        if os.pwrite(self.fd, tail, self.end) != len(tail):
+            raise OSError(28, "short write to the journal (disk full?)")
         self.end += len(tail)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        self.dirty = True
+        self.trailer = trailer
+        self.trailer_crc = masked_crc(raw)
         return trailer
 
+    def finish(self) -> None:
+        """Sync the sealed file and close it."""
+        self.sync()
+        with self._sync_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def close_fd(self) -> None:
+        """Close without syncing (a crash-like stop)."""
+        with self._sync_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close_fd()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -182,6 +182,15 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
     return plan, size
 
 
+def journal_is_sealed(path: str) -> bool:
+    """Whether a journal file is a whole sealed segment (index and trailer valid)."""
+    try:
+        read_sealed_index(path, where=f"journal {path}")
+        return True
+    except CorruptionError:
+        return False
+
+
 def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: int,
                          volume_size: int, prev_crc: int) -> tuple[Trailer, list[Record]] | None:
     """Make a journal file left by a crash into a sealed segment: keep its

@@ -2,9 +2,12 @@
 segment, the block map, the local segment files and the uploader, and keeps
 them consistent; the work itself lives in those pieces.
 
-Concurrency: one lock guards the open segment, the map updates and the
-resolution of reads (which copy of each block to read); block data is read
-without it, from files that never change once written."""
+Concurrency: one lock guards the open segment, the segments being sealed,
+the map updates and the resolution of reads (which copy of each block to
+read); block data is read without it, from files that never change once
+written.  The lock is never held across an fsync or a store call: a sealed
+segment is synced and recorded in the map by the sealer thread, while its
+blocks stay readable from its in-memory index until the map has them."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from lsbd.engine.lease import Lease
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
     fetch_segment_index,
+    journal_is_sealed,
     rebuild_from_store,
     recover_journal_file,
     segment_info,
@@ -43,6 +47,7 @@ from lsbd.errors import (
     InvalidRequest,
     ReadOnlyError,
     StoreError,
+    WouldBlock,
 )
 from lsbd.store import Store
 
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_LIMIT = 1 << 30
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
+MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 CLOSE_UPLOAD_TIMEOUT = 300.0
 KEEP_CHECKPOINTS = 3
 AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
@@ -95,6 +101,8 @@ class Transaction:
 class Volume:
     """An open volume; see lsbd.engine.api.BlockDevice for the contract."""
 
+    supports_nowait = True
+
     def __init__(self, *, store: Store, config: VolumeConfig, folder: str, read_only: bool,
                  flush_mode: str, cache_limit: int, lease: Lease | None, temporary: bool):
         self.store = store
@@ -120,7 +128,13 @@ class Volume:
                                    self.lineage.segment_key, self.block_size,
                                    cache_limit=cache_limit)
         self._open: OpenSegment | None = None
-        self._prev_crc = 0            # trailer fingerprint of segment _applied (the chain)
+        # Sealed, oldest first, not yet synced and in the map (the sealer's queue).
+        self._sealing: list[OpenSegment] = []
+        self._sealing_changed = threading.Condition(self._lock)
+        self._sealer: threading.Thread | None = None
+        self._stop_sealing = False
+        self._sealing_abandoned = False   # stop without handling the rest (a crash)
+        self._prev_crc = 0            # trailer fingerprint of the newest sealed segment (the chain)
         self._size = config.size
         self._applied = 0             # newest seq in the map
         self._last_checkpoint = 0
@@ -236,21 +250,39 @@ class Volume:
         """Apply journal files newer than the map (a crash between sealing and
         the map update, or an open segment cut short), then queue every
         segment not yet in the store for upload."""
+        history_ends = False   # a journal cut short is the newest write that survived
         for seq in self._files.local_seqs():
             if seq <= self._applied:
                 continue
+            path = self._files.path(seq)
+            if history_ends:
+                # Written after a journal that lost its tail (a power loss
+                # before any flush covered it): not part of the prefix.
+                log.warning("volume %s: discarding journal file %016x: it follows one cut "
+                            "short, and no flush covered either", self.name, seq)
+                os.unlink(path)
+                continue
             if seq != self._applied + 1:
                 raise CacheMismatch(f"journal file {seq:016x} after a gap")
-            result = recover_journal_file(self._files.path(seq),
-                                          volume_id=self.config.volume_id_bytes,
+            was_sealed = journal_is_sealed(path)
+            result = recover_journal_file(path, volume_id=self.config.volume_id_bytes,
                                           seq=seq, block_size=self.block_size,
                                           volume_size=self._size, prev_crc=self._prev_crc)
             if result is None:
+                history_ends = True
                 continue
             trailer, records = result
+            if trailer.prev_crc != self._prev_crc:
+                # Sealed after a predecessor that lost its tail since.
+                log.warning("volume %s: discarding journal file %016x: it does not continue "
+                            "the history", self.name, seq)
+                os.unlink(path)
+                history_ends = True
+                continue
             log.info("volume %s: replayed journal segment %016x (%d records)", self.name, seq,
                      len(records))
             self._apply_sealed(seq, trailer, records, state=PENDING)
+            history_ends = not was_sealed
 
     def _rebuild(self, stored: dict[int, int], progress) -> None:
         plan, size = rebuild_from_store(self._map, self.store, self.config, progress=progress)
@@ -320,6 +352,9 @@ class Volume:
         self._timer = threading.Thread(target=self._background, name=f"lsbd-{self.name}",
                                        daemon=True)
         self._timer.start()
+        self._sealer = threading.Thread(target=self._seal_loop, name=f"lsbd-{self.name}-sealer",
+                                        daemon=True)
+        self._sealer.start()
         self._control = ControlServer(self, control_socket_path(self.folder))
 
     # ------------------------------------------------------------------ the API
@@ -336,7 +371,7 @@ class Volume:
         self._check_writable()
         return Transaction(self)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
         self._check_range(offset, length)
         if length == 0:
             return b""
@@ -346,26 +381,27 @@ class Volume:
         with self._lock:
             self._check_open()
             runs = self._plan(first, last - first)
-        data = self._read_runs(runs)
+        data = self._read_runs(runs, nowait)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += length
         start = offset - first * bs
         return data[start:start + length] if (start or len(data) != length) else data
 
-    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+    def write(self, offset: int, data: bytes, *, fua: bool = False, nowait: bool = False) -> None:
         self._check_range(offset, len(data))
         if data:
-            self._commit([(DATA, offset, data)], fua=fua)
+            self._commit([(DATA, offset, data)], fua=fua, nowait=nowait)
 
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> None:
         self._check_range(offset, length, data=False)
         if length:
-            self._commit([(ZERO, offset, length)], fua=fua)
+            self._commit([(ZERO, offset, length)], fua=fua, nowait=nowait)
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def trim(self, offset: int, length: int, *, fua: bool = False, nowait: bool = False) -> None:
         self._check_range(offset, length, data=False)
         if length:
-            self._commit([(TRIM, offset, length)], fua=fua)
+            self._commit([(TRIM, offset, length)], fua=fua, nowait=nowait)
 
     def flush(self) -> None:
         self._check_writable()
@@ -373,8 +409,16 @@ class Volume:
             self._flush_to_store()
             return
         with self._lock:
-            if self._open is not None:
-                self._open.sync()
+            journals = [*self._sealing, *([self._open] if self._open is not None else [])]
+        self._sync_journals(journals)
+
+    def _sync_journals(self, journals: list[OpenSegment]) -> None:
+        """Sync journal files in seq order, outside the lock (the sealer may be
+        finishing some of them meanwhile: each sync is safe against that)."""
+        for seg in journals:
+            seg.sync()
+        if self._failed is not None:
+            raise StoreError(f"volume {self.name} stopped taking writes: {self._failed}")
 
     def allocation(self, offset: int, length: int) -> list[Allocation]:
         self._check_range(offset, length, data=False)
@@ -425,7 +469,13 @@ class Volume:
                 self._stop.set()
                 if self._timer is not None:
                     self._timer.join()
-                if self._uploader is not None:
+                self._stop_sealer()
+                if self._sealing:
+                    log.warning("volume %s: %d sealed segments could not be recorded (%s); they "
+                                "stay in %s and are replayed on the next open", self.name,
+                                len(self._sealing), self._failed, self.folder)
+                    self._lease = None  # keep the lease: our journal must win
+                elif self._uploader is not None:
                     self._uploader.close(CLOSE_UPLOAD_TIMEOUT)
                     if self._uploader.fatal is None and self._uploader.durable_seq >= self._applied:
                         if self._applied > self._last_checkpoint:
@@ -454,15 +504,18 @@ class Volume:
         if self._control is not None:
             self._control.close()
             self._control = None
+        # The sealer (which queues uploads) stops before the uploader.  It and
+        # the background thread may be inside a map transaction (a sealed
+        # segment, a checkpoint): the map must not close under them.
+        self._stop_sealer(drain=False)
         if self._uploader is not None:
             self._uploader.close(0)
-        # The background thread may be inside a map transaction (a checkpoint):
-        # the map must not close under it.
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=120)
-        if self._open is not None and self._open.fd >= 0:
-            os.close(self._open.fd)
-            self._open.fd = -1
+        if self._open is not None:
+            self._open.close_fd()
+        for seg in self._sealing:
+            seg.close_fd()
         self._files.close()
         with self._map_guard:
             self._map_closed = True
@@ -515,25 +568,30 @@ class Volume:
 
     def _open_segment(self) -> OpenSegment:
         if self._open is None:
-            seq = self._applied + 1
+            seq = (self._sealing[-1].seq if self._sealing else self._applied) + 1
             self._open = OpenSegment(self._files.path(seq), volume_id=self.config.volume_id_bytes,
                                      seq=seq, block_size=self.block_size)
         return self._open
 
-    def _commit(self, ops: list[tuple], *, fua: bool) -> None:
+    def _commit(self, ops: list[tuple], *, fua: bool, nowait: bool = False) -> None:
+        if nowait and fua:
+            raise WouldBlock("a FUA write waits for an fsync")
         with self._lock:
             self._check_writable()
+            if nowait and len(self._sealing) >= MAX_SEALING:
+                raise WouldBlock("the sealer is behind")
             seg = self._open_segment()
             mark = seg.mark()
             undo = mark[2]
             try:
                 for i, (kind, offset, arg) in enumerate(ops):
-                    records = self._records_for(kind, offset, arg)
+                    records = self._records_for(kind, offset, arg, nowait)
                     for j, (rkind, lba, n, data, crcs) in enumerate(records):
                         seg.append(rkind, lba, n, data=data, crcs=crcs, undo=undo,
                                    commit=(i == len(ops) - 1 and j == len(records) - 1))
-                if fua and self.flush_mode == "journal":
-                    seg.sync()
+            except WouldBlock:
+                seg.rollback(mark)   # nothing was appended: an edge block is not local
+                raise
             except BaseException as e:
                 try:
                     seg.rollback(mark)
@@ -542,12 +600,19 @@ class Volume:
                 raise
             self.stats["writes"] += 1
             self.stats["bytes_written"] += sum(len(a) if k == DATA else a for k, _o, a in ops)
+            journals = [*self._sealing, seg] if fua else None
             if seg.end >= self.config.segment_size:
                 self._seal()
-        if fua and self.flush_mode == "store":
-            self._flush_to_store()
+                # Back-pressure: writers wait while the sealer is far behind.
+                while len(self._sealing) > MAX_SEALING and self._failed is None:
+                    self._sealing_changed.wait()
+        if fua:
+            if self.flush_mode == "store":
+                self._flush_to_store()
+            else:
+                self._sync_journals(journals)
 
-    def _records_for(self, kind: int, offset: int, arg) -> list[tuple]:
+    def _records_for(self, kind: int, offset: int, arg, nowait: bool = False) -> list[tuple]:
         """The records for one operation: (kind, lba, nblocks, data, crcs)."""
         bs = self.block_size
         length = len(arg) if kind == DATA else arg
@@ -561,22 +626,22 @@ class Volume:
             hi = last - (1 if tail else 0)
             out: list[tuple] = []
             if first == last - 1 and (head or tail):
-                return self._records_for(DATA, offset, bytes(length))
+                return self._records_for(DATA, offset, bytes(length), nowait)
             if head:
-                out += self._records_for(DATA, offset, bytes(bs - head))
+                out += self._records_for(DATA, offset, bytes(bs - head), nowait)
             if hi > lo:
                 out.append((kind, lo, hi - lo, None, b""))
             if tail:
-                out += self._records_for(DATA, hi * bs, bytes(bs - tail))
+                out += self._records_for(DATA, hi * bs, bytes(bs - tail), nowait)
             return out
         data = arg
         if head or tail:
             buf = bytearray()
             if head:
-                buf += self._read_locked(first, 1)[:head]
+                buf += self._read_locked(first, 1, nowait)[:head]
             buf += data
             if tail:
-                buf += self._read_locked(last - 1, 1)[bs - tail:]
+                buf += self._read_locked(last - 1, 1, nowait)[bs - tail:]
             data = bytes(buf)
         return self._split_zero_runs(first, data)
 
@@ -604,23 +669,90 @@ class Volume:
         return out
 
     def _seal(self) -> None:
-        """Seal the open segment (under the lock): index it, record it in the
-        map in one transaction, queue its upload."""
+        """Seal the open segment (under the lock): write its index and hand it
+        to the sealer, which syncs it, records it in the map in one
+        transaction and queues its upload.  Until then reads find its blocks
+        through its in-memory index."""
         seg = self._open
         if seg is None:
             return
         if seg.empty:
+            self._files.drop_file(seg.seq)   # the next segment reuses its name
             seg.discard()
             self._open = None
             return
-        trailer = seg.seal(self._size, self._prev_crc)
+        seg.seal(self._size, self._prev_crc)
         self._open = None
-        self._apply_sealed(seg.seq, trailer, seg.records, state=PENDING)
+        self._prev_crc = seg.trailer_crc
         self.stats["segments_sealed"] += 1
-        if self._uploader is not None:
-            self._uploader.submit(seg.seq)
+        if self._sealer is None:      # opening (journal replay): no sealer yet
+            seg.finish()
+            self._apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING)
+            return
+        self._sealing.append(seg)
+        self._sealing_changed.notify_all()
 
-    def _apply_sealed(self, seq: int, trailer, records, *, state: int) -> None:
+    def _seal_and_wait(self) -> int:
+        """Seal the open segment and wait until the map has it; returns the
+        newest seq (the one every write so far is in)."""
+        with self._lock:
+            self._seal()
+            target = self._sealing[-1].seq if self._sealing else self._applied
+            while self._applied < target and self._failed is None:
+                self._sealing_changed.wait()
+        if self._failed is not None:
+            raise StoreError(f"volume {self.name} stopped taking writes: {self._failed}")
+        return target
+
+    def _seal_loop(self) -> None:
+        """The sealer: sync each sealed segment, record it in the map, queue
+        its upload; in seq order."""
+        while True:
+            with self._lock:
+                while not self._sealing and not self._sealer_done():
+                    self._sealing_changed.wait()
+                if not self._sealing or self._failed is not None or self._sealing_abandoned:
+                    return
+                seg = self._sealing[0]
+            try:
+                seg.finish()
+                with self._map_guard:
+                    if self._map_closed:
+                        return
+                    self._apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
+                                       advance=False)
+            except BaseException as e:  # a failing disk: stop taking writes
+                log.error("volume %s: sealing segment %016x failed: %s", self.name, seg.seq, e)
+                with self._lock:
+                    self._failed = e
+                    self._sealing_changed.notify_all()
+                return
+            with self._lock:
+                self._sealing.pop(0)
+                self._applied = seg.seq
+                self._sealing_changed.notify_all()
+            if self._uploader is not None:
+                self._uploader.submit(seg.seq)
+
+    def _sealer_done(self) -> bool:
+        return self._stop_sealing or self._failed is not None
+
+    def _stop_sealer(self, drain: bool = True) -> None:
+        """Stop the sealer; drain: after it has handled every sealed segment."""
+        if self._sealer is None:
+            return
+        with self._lock:
+            if not drain:
+                self._sealing_abandoned = True
+            self._stop_sealing = True
+            self._sealing_changed.notify_all()
+        if self._sealer is not threading.current_thread():
+            self._sealer.join(timeout=300)
+
+    def _apply_sealed(self, seq: int, trailer, records, *, state: int,
+                      advance: bool = True) -> None:
+        """Record a sealed segment in the map.  advance: also make it the
+        newest segment (when replaying; the sealer's caller does that)."""
         size = os.path.getsize(self._files.path(seq))
         info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
         self._map.apply_segment(info, records, applied_seq=str(seq).encode(),
@@ -628,9 +760,10 @@ class Volume:
                                 top_crc=str(info.trailer_crc).encode(),
                                 volume_id=self.config.volume_id.encode(),
                                 store_url=self.store.url.encode())
-        self._applied = seq
-        self._size = trailer.volume_size
-        self._prev_crc = info.trailer_crc
+        if advance:
+            self._applied = seq
+            self._size = trailer.volume_size
+            self._prev_crc = info.trailer_crc
 
     def _on_stored(self, seq: int) -> None:
         # Called from upload threads, which may outlive a close: never touch a
@@ -658,9 +791,7 @@ class Volume:
         return write_snapshot(self.store, self.config, name, seq)
 
     def _flush_to_store(self) -> int:
-        with self._lock:
-            self._seal()
-            target = self._applied
+        target = self._seal_and_wait()
         if self._uploader is None:
             return target
         if not self._uploader.wait_durable(target, STORE_FLUSH_TIMEOUT):
@@ -674,8 +805,8 @@ class Volume:
     def _plan(self, first: int, n: int) -> list[tuple]:
         """Under the lock: which copy of each block to read, as runs of
         (lba, nblocks, source, file offset, crcs) where source is a seq or
-        None for a hole; crcs is set for the open segment's blocks."""
-        bs = self.block_size
+        None for a hole; crcs (a list) is set for blocks of a journal (the
+        open segment or one being sealed), which the map does not have yet."""
         runs: list[tuple] = []
         pos = first
         for e in self._map.lookup(first, n):
@@ -685,9 +816,17 @@ class Volume:
             pos = e.lba + e.nblocks
         if pos < first + n:
             runs.append((pos, first + n - pos, None, 0, None))
+        if self._sealing:
+            for seg in self._sealing:      # oldest first: newer copies win
+                runs = self._overlay(runs, seg, first, n)
         seg = self._open
-        if seg is None or not seg.has_overlay:
-            return runs
+        if seg is not None and seg.has_overlay:
+            runs = self._overlay(runs, seg, first, n)
+        return runs
+
+    def _overlay(self, runs: list[tuple], seg: OpenSegment, first: int, n: int) -> list[tuple]:
+        """`runs` with the blocks that `seg` (a journal) holds for [first, first+n)."""
+        bs = self.block_size
         if seg.holes:
             runs = _cut_holes(runs, seg.holes, bs)
         overlay = seg.blocks
@@ -699,14 +838,15 @@ class Volume:
             hit = any(first <= b < first + n for b in overlay)
         if not hit:
             return runs
-        # Some blocks are newer in the open segment: resolve block by block.
+        # Some blocks are newer in this journal: resolve block by block.
         out: list[tuple] = []
-        for lba, count, source, off, _ in runs:
+        for lba, count, source, off, crcs in runs:
             for i in range(count):
                 b = lba + i
                 o = overlay.get(b)
                 if o is None:
-                    piece = (b, 1, source, off + i * bs if source is not None else 0, None)
+                    piece = (b, 1, source, off + i * bs if source is not None else 0,
+                             None if crcs is None else [crcs[i]])
                 elif o[0] == HOLE:
                     piece = (b, 1, None, 0, None)
                 else:
@@ -714,35 +854,31 @@ class Volume:
                 _append_run(out, piece, bs)
         return out
 
-    def _read_runs(self, runs: list[tuple]) -> bytes:
+    def _read_runs(self, runs: list[tuple], nowait: bool = False) -> bytes:
         bs = self.block_size
         parts = []
         for lba, n, source, off, crcs in runs:
             if source is None:
                 parts.append(bytes(n * bs) if n > 1 else self._zero_block)
             elif crcs is not None:
-                parts.append(self._read_open(source, off, n, crcs))
+                parts.append(self._read_journal(source, off, n, crcs, nowait))
             else:
-                parts.append(self._files.read_blocks(source, off, n))
+                parts.append(self._files.read_blocks(source, off, n, nowait=nowait))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _read_open(self, seq: int, offset: int, n: int, crcs: list[int]) -> bytes:
-        """Blocks of the open (or just sealed) segment, checked against the
-        CRCs taken from the in-memory index."""
-        try:
-            fd = os.open(self._files.path(seq), os.O_RDONLY)
-        except FileNotFoundError:  # sealed, uploaded and evicted meanwhile
-            return self._files.read_blocks(seq, offset, n)
-        try:
-            data = os.pread(fd, n * self.block_size, offset)
-        finally:
-            os.close(fd)
+    def _read_journal(self, seq: int, offset: int, n: int, crcs: list[int],
+                      nowait: bool) -> bytes:
+        """Blocks of a journal (the open segment, or one sealed but not yet in
+        the map), checked against the CRCs of its in-memory index."""
+        data = self._files.read_journal(seq, offset, n * self.block_size)
+        if data is None:  # sealed, uploaded and evicted meanwhile
+            return self._files.read_blocks(seq, offset, n, nowait=nowait)
         check_open_blocks(data, crcs, self.block_size, where=self.lineage.segment_key(seq),
                           offset=offset)
         return data
 
-    def _read_locked(self, lba: int, n: int) -> bytes:
-        return self._read_runs(self._plan(lba, n))
+    def _read_locked(self, lba: int, n: int, nowait: bool = False) -> bytes:
+        return self._read_runs(self._plan(lba, n), nowait)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -753,27 +889,23 @@ class Volume:
         Reads and writes go on meanwhile: the map is read from an LMDB snapshot."""
         self._check_writable()
         with self._checkpoint_lock:
-            with self._lock:
-                self._seal()
-                target = self._applied
+            target = self._seal_and_wait()
             if target == 0 or (target == self._last_checkpoint and not force):
                 return target
-            snap = None
-            for _attempt in range(100):
+            # The map is read from a snapshot, which may hold segments sealed
+            # after `target`: the checkpoint is of the snapshot's seq, once
+            # every segment up to it is in the store (a checkpoint never names
+            # a segment the store lacks).  Writes go on meanwhile.
+            snap = self._map.snapshot()
+            try:
+                target = self._map.meta_in(snap, "applied_seq")
                 if self._uploader is not None and not self._uploader.wait_durable(
                         target, STORE_FLUSH_TIMEOUT):
                     raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({self._uploader.last_error})")
-                snap = self._map.snapshot()
-                # Segments sealed while we waited may be in this snapshot: checkpoint
-                # only a map whose every segment is already in the store.
-                target = self._map.meta_in(snap, "applied_seq")
-                if self._uploader is None or self._uploader.durable_seq >= target:
-                    break
+            except BaseException:
                 snap.abort()
-                snap = None
-            if snap is None:
-                raise StoreError(f"volume {self.name}: cannot checkpoint: writes outpace uploads")
+                raise
             try:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
                                       volume_size=self._map.meta_in(snap, "size", self._size),
@@ -960,8 +1092,11 @@ def _cut_holes(runs: list[tuple], holes: list[tuple[int, int]], bs: int) -> list
         for p0, p1 in pieces:
             if p0 > pos:
                 out.append((pos, p0 - pos, None, 0, None))
-            out.append((p0, p1 - p0, source, off + (p0 - lba) * bs if source is not None else 0,
-                        None))
+            if source is None:
+                out.append((p0, p1 - p0, None, 0, None))
+            else:
+                out.append((p0, p1 - p0, source, off + (p0 - lba) * bs,
+                            None if crcs is None else crcs[p0 - lba:p1 - lba]))
             pos = p1
         if pos < lba + n:
             out.append((pos, lba + n - pos, None, 0, None))
