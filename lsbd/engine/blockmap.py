@@ -100,24 +100,40 @@ class BlockMap:
     # --- lookups ---------------------------------------------------------------
 
     def lookup(self, lba: int, nblocks: int) -> list[Extent]:
-        """The mapped pieces of [lba, lba+nblocks), clipped to it, in order."""
+        """The mapped pieces of [lba, lba+nblocks), clipped to it, in order.
+        One cursor pass: the extent at or before lba, then those after it."""
         end = lba + nblocks
         out = []
+        key = _KEY.pack(lba)
         with self._env.begin(db=self._extents) as txn:
             cur = txn.cursor()
-            if _floor(cur, lba):
-                s, n, seq, off = _decode(cur)
-                if s < lba < s + n:
-                    take = min(s + n, end) - lba
-                    out.append(Extent(lba, take, seq, off + (lba - s) * self.block_size))
-            if cur.set_range(_KEY.pack(lba)):
-                for key, value in cur:
-                    s = _KEY.unpack(key)[0]
-                    if s >= end:
-                        break
-                    n, seq, off = _EXTENT.unpack(value)
-                    out.append(Extent(s, min(s + n, end) - s, seq, off))
+            if cur.set_range(key):
+                if cur.key() != key:
+                    if cur.prev():
+                        self._clip_first(cur, lba, end, out)
+                        cur.next()
+                    else:
+                        cur.set_range(key)   # nothing before lba: back where we were
+            else:
+                # Every extent starts before lba: only the last may reach it.
+                if cur.last():
+                    self._clip_first(cur, lba, end, out)
+                return out
+            unpack_key, unpack_value = _KEY.unpack, _EXTENT.unpack
+            for k, value in cur:
+                s = unpack_key(k)[0]
+                if s >= end:
+                    break
+                n, seq, off = unpack_value(value)
+                out.append(Extent(s, min(s + n, end) - s, seq, off))
         return out
+
+    def _clip_first(self, cur, lba: int, end: int, out: list) -> None:
+        """The extent under `cur` starts before lba: its part from lba on, if any."""
+        s = _KEY.unpack(cur.key())[0]
+        n, seq, off = _EXTENT.unpack(cur.value())
+        if s + n > lba:
+            out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * self.block_size))
 
     def iter_extents(self, snapshot=None) -> Iterator[Extent]:
         """Every extent, in block order, from one consistent snapshot."""

@@ -8,7 +8,12 @@ moment a segment opens until the cache evicts it (only segments already in
 the store are evicted), so a reader never races a rename.  A segment that is
 not local is read with ranged GETs of just the blocks asked for, checked
 against its index (fetched once from the object's tail and kept in a bounded
-LRU): a random read costs one small GET, not a whole segment."""
+LRU): a random read costs one small GET, not a whole segment.
+
+Local files are read through a small cache of open file descriptors (an
+open/close pair costs as much as the read of a block).  A descriptor is
+reference-counted while a read uses it, so evicting or forgetting a file
+never closes a descriptor under a reader (it is closed by the last one)."""
 
 from __future__ import annotations
 
@@ -22,13 +27,26 @@ from typing import Callable
 from lsbd.checksum import crc32c, mask
 from lsbd.engine.recovery import fetch_index_by_key
 from lsbd.engine.segment import SegmentIndex, block_crcs, read_sealed_index_fd
-from lsbd.errors import CorruptionError, ObjectNotFound
+from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
 
 INDEX_CACHE_ENTRIES = 1024  # parsed segment indexes kept in memory (tens of KiB each)
 HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
+OPEN_FILES = 64             # local segment files kept open for reads
+
+
+class _OpenFile:
+    """A cached descriptor; `users` reads hold it, `retired`: close it when
+    the last one lets go (the file was evicted or forgotten meanwhile)."""
+
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0
+        self.retired = False
 
 
 class SegmentFiles:
@@ -46,6 +64,7 @@ class SegmentFiles:
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._remote_hits: dict[int, int] = {}
+        self._files: collections.OrderedDict[int, _OpenFile] = collections.OrderedDict()
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-fetch")
 
     def path(self, seq: int) -> str:
@@ -76,11 +95,6 @@ class SegmentFiles:
             self._cached.move_to_end(seq)
         self._evict()
 
-    def _touch(self, seq: int) -> None:
-        with self._lock:
-            if seq in self._cached:
-                self._cached.move_to_end(seq)
-
     def _evict(self) -> None:
         while True:
             with self._lock:
@@ -89,6 +103,7 @@ class SegmentFiles:
                 seq, size = self._cached.popitem(last=False)
                 self._cached_bytes -= size
                 self._indexes.pop(seq, None)
+                self._retire_locked(seq)
             try:
                 os.unlink(self.path(seq))
             except FileNotFoundError:
@@ -101,10 +116,71 @@ class SegmentFiles:
             if size is not None:
                 self._cached_bytes -= size
             self._indexes.pop(seq, None)
+            self._retire_locked(seq)
         try:
             os.unlink(self.path(seq))
         except FileNotFoundError:
             pass
+
+    def drop_file(self, seq: int) -> None:
+        """The local file of `seq` is about to be removed or replaced by a new
+        file of the same name (an empty journal discarded): stop using it."""
+        with self._lock:
+            self._retire_locked(seq)
+
+    def _retire_locked(self, seq: int) -> None:
+        f = self._files.pop(seq, None)
+        if f is not None:
+            if f.users:
+                f.retired = True
+            else:
+                os.close(f.fd)
+
+    def _acquire(self, seq: int) -> _OpenFile | None:
+        """A held descriptor of the local file of `seq`, or None if there is none."""
+        with self._lock:
+            f = self._files.get(seq)
+            if f is not None:
+                f.users += 1
+                self._files.move_to_end(seq)
+                if seq in self._cached:
+                    self._cached.move_to_end(seq)
+                return f
+        try:
+            fd = os.open(self.path(seq), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            f = self._files.get(seq)
+            if f is None:
+                f = self._files[seq] = _OpenFile(fd)
+                while len(self._files) > OPEN_FILES:
+                    old, _ = next(iter(self._files.items()))
+                    self._retire_locked(old)
+            else:  # another reader opened it first
+                os.close(fd)
+            f.users += 1
+            if seq in self._cached:
+                self._cached.move_to_end(seq)
+            return f
+
+    def _release(self, f: _OpenFile) -> None:
+        with self._lock:
+            f.users -= 1
+            if f.retired and not f.users:
+                os.close(f.fd)
+
+    def read_journal(self, seq: int, offset: int, length: int) -> bytes | None:
+        """Bytes of a local journal file (the open or a sealing segment; the
+        caller checks them), or None if the file is gone (it was sealed,
+        uploaded and evicted meanwhile)."""
+        f = self._acquire(seq)
+        if f is None:
+            return None
+        try:
+            return os.pread(f.fd, length, offset)
+        finally:
+            self._release(f)
 
     def drop_index(self, seq: int) -> None:
         with self._lock:
@@ -140,6 +216,9 @@ class SegmentFiles:
 
     def close(self) -> None:
         self._fetcher.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for seq in list(self._files):
+                self._retire_locked(seq)
 
     def _cached_index(self, seq: int) -> SegmentIndex | None:
         with self._lock:
@@ -171,12 +250,14 @@ class SegmentFiles:
 
     # --- reads -------------------------------------------------------------------
 
-    def read_blocks(self, seq: int, offset: int, nblocks: int) -> bytes:
-        """nblocks blocks at file offset `offset` of sealed segment `seq`, checked."""
+    def read_blocks(self, seq: int, offset: int, nblocks: int, *, nowait: bool = False) -> bytes:
+        """nblocks blocks at file offset `offset` of sealed segment `seq`, checked.
+        nowait: raise WouldBlock rather than read from the store."""
         length = nblocks * self.block_size
-        try:
-            fd = os.open(self.path(seq), os.O_RDONLY)
-        except FileNotFoundError:
+        f = self._acquire(seq)
+        if f is None:
+            if nowait:
+                raise WouldBlock(f"segment {seq:016x} is not cached locally")
             # Not here (evicted, or written elsewhere): a ranged GET of just these blocks.
             idx = self._remote_index(seq)
             data = self.store.get(self.key_of(seq), offset, length)
@@ -184,16 +265,19 @@ class SegmentFiles:
             self._note_remote_read(seq)
             return data
         try:
-            self._touch(seq)
-            idx = self._local_index(seq, fd)
-            data = os.pread(fd, length, offset)
+            idx = self._cached_index(seq)
+            if idx is None:
+                idx = self._local_index(seq, f.fd)
+            data = os.pread(f.fd, length, offset)
             self._check(seq, idx, offset, data, nblocks)
             return data
         except CorruptionError as local_error:
             # A damaged local copy: the store's may be good (if it is there yet).
+            if nowait:
+                raise WouldBlock(f"segment {seq:016x}: the local copy is damaged") from None
             return self._read_after_bad_local_copy(seq, offset, nblocks, local_error)
         finally:
-            os.close(fd)
+            self._release(f)
 
     def _read_after_bad_local_copy(self, seq: int, offset: int, nblocks: int,
                                    local_error: CorruptionError) -> bytes:

@@ -38,6 +38,7 @@ assert INDEX_ENTRY.size == 24
 
 # magic volid seq footer_off footer_len count sealed_ns size prev_crc reserved footer_crc crc
 TRAILER = struct.Struct("<8s16sQQIIqQIIII")
+_CRC = struct.Struct("<I")
 TRAILER_MAGIC = b"LSBDEND1"
 assert TRAILER.size == 80
 
@@ -88,6 +89,8 @@ def decode_header(buf: bytes, *, where: str = "segment") -> SegmentHeader:
 
 def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
     """The masked CRC of every block of `data`, packed."""
+    if len(data) == block_size:  # the common case of random I/O, without the loop
+        return _CRC.pack(mask(crc32c(data)))
     view = memoryview(data)
     n = len(view) // block_size
     return struct.pack(f"<{n}I", *(mask(crc32c(view[i * block_size:(i + 1) * block_size]))
