@@ -4,6 +4,10 @@ FakeVolume implements the BlockDevice protocol of lsbd/engine/api.py over a
 sparse dict of blocks: unwritten, trimmed and zeroed blocks are absent and
 read as zeros.  It is thread-safe (one lock) and counts its calls, and a test
 can make the next calls fail (`fail_next`) to check error paths.
+
+It takes nowait=True as the engine does (`supports_nowait`): a call that
+`delay_for` would make sleep (a slow store) or that asks for fua raises
+WouldBlock instead, having done nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import time
 from collections import Counter
 
 from lsbd.engine.api import MAX_REQUEST, Allocation
-from lsbd.errors import InvalidRequest, ReadOnlyError
+from lsbd.errors import InvalidRequest, ReadOnlyError, WouldBlock
 
 
 class FakeVolume:
+    supports_nowait = True
+
     def __init__(self, name: str = "vol", size: int = 64 * 1024 * 1024, *,
                  block_size: int = 4096, read_only: bool = False):
         if size % block_size:
@@ -60,10 +66,14 @@ class FakeVolume:
         if offset < 0 or length < 0 or offset + length > self._size:
             raise InvalidRequest(f"range {offset}+{length} outside volume of {self._size} bytes")
 
-    def _sleep(self, op: str, offset: int) -> None:
+    def _sleep(self, op: str, offset: int, nowait: bool = False, fua: bool = False) -> None:
+        if nowait and fua:
+            raise WouldBlock(f"{op} with fua waits for an fsync")
         if self.delay_for is not None:
             seconds = self.delay_for(op, offset)
             if seconds:
+                if nowait:
+                    raise WouldBlock(f"{op} at {offset} waits for the store")
                 time.sleep(seconds)
 
     # --- BlockDevice ------------------------------------------------------------
@@ -72,8 +82,8 @@ class FakeVolume:
     def size(self) -> int:
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
-        self._sleep("read", offset)
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
+        self._sleep("read", offset, nowait)
         bs = self.block_size
         with self._lock:
             self._enter("read")
@@ -98,8 +108,9 @@ class FakeVolume:
                 out[start - offset:end - offset] = block[start - index * bs:end - index * bs]
             return bytes(out)
 
-    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        self._sleep("write", offset)
+    def write(self, offset: int, data: bytes, *, fua: bool = False,
+              nowait: bool = False) -> None:
+        self._sleep("write", offset, nowait, fua)
         bs = self.block_size
         length = len(data)
         with self._lock:
@@ -150,10 +161,14 @@ class FakeVolume:
             if fua:
                 self.flushed_calls += 1
 
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> None:
+        self._sleep("write_zeroes", offset, nowait, fua)
         self._zero("write_zeroes", offset, length, fua)
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def trim(self, offset: int, length: int, *, fua: bool = False,
+             nowait: bool = False) -> None:
+        self._sleep("trim", offset, nowait, fua)
         self._zero("trim", offset, length, fua)
 
     def flush(self) -> None:

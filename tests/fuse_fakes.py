@@ -2,7 +2,8 @@
 end, to test and measure the front end without the engine.
 
     python tests/fuse_fakes.py MOUNTPOINT [--size 1G] [--name vol] [--foreground]
-        [--read-only] [--page-cache] [--delay SECONDS] [--snapshot NAME ...]
+        [--read-only] [--page-cache] [--delay SECONDS] [--delay-from OFFSET]
+        [--blocking] [--snapshot NAME ...]
 
 It goes through lsbd_fuse.daemon.run exactly as `lsbd mount` does (background
 process, readiness pipe, pid file, `lsbd umount`).  Data lives in memory and
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page-cache", action="store_true")
     p.add_argument("--delay", type=float, default=0.0,
                    help="seconds every read/write sleeps (a slow store)")
+    p.add_argument("--delay-from", type=parse_size, default=0,
+                   help="only requests at or after this offset are slow")
+    p.add_argument("--blocking", action="store_true",
+                   help="the volume does not take nowait: every call goes to a worker thread")
     p.add_argument("--snapshot", action="append", default=[],
                    help="also show snapshots/NAME.img, read-only")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -46,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def open_images():
         vol = FakeVolume(args.name, parse_size(args.size), read_only=args.read_only)
+        if args.blocking:
+            vol.supports_nowait = False
         if args.delay:
-            vol.delay_for = lambda op, offset: args.delay
+            vol.delay_for = lambda op, offset: args.delay if offset >= args.delay_from else 0
         images = {f"{args.name}.img": Image(device=vol, read_only=args.read_only)}
         for snap in args.snapshot:
             images[f"snapshots/{snap}.img"] = Image(

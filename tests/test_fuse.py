@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -68,6 +69,32 @@ def _size_attr(size: int) -> pyfuse3.EntryAttributes:
 def _fs(**extra: Image) -> tuple[ImageFS, FakeVolume]:
     vol = FakeVolume("vol", 8 * MiB)
     return ImageFS({"vol.img": Image(device=vol), **extra}), vol
+
+
+class BlockingVolume(FakeVolume):
+    """A device that makes no promise not to block: its calls take no nowait."""
+
+    supports_nowait = False
+
+    def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return super().read(offset, length)
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:  # type: ignore[override]
+        super().write(offset, data, fua=fua)
+
+
+def _where_calls_run(vol: FakeVolume, slow_from: int | None = None) -> list[tuple[str, bool]]:
+    """Record (op, on the loop's thread) for every data call that gets as far
+    as running; offsets from `slow_from` on are slow (a store fetch)."""
+    seen: list[tuple[str, bool]] = []
+    main = threading.get_ident()
+
+    def delay_for(op, offset):
+        slow = slow_from is not None and offset >= slow_from
+        seen.append((op, threading.get_ident() == main))
+        return 0.01 if slow else 0
+    vol.delay_for = delay_for
+    return seen
 
 
 def _errno(exc_info) -> int:
@@ -135,8 +162,10 @@ def test_ops_only_grow_and_no_o_trunc():
     (ReadOnlyError("read-only"), errno.EROFS),
     (RuntimeError("a bug"), errno.EIO),
 ])
-def test_ops_engine_errors_become_errno(exc, code):
-    fs, vol = _fs()
+@pytest.mark.parametrize("device", [FakeVolume, BlockingVolume], ids=["inline", "worker"])
+def test_ops_engine_errors_become_errno(exc, code, device):
+    vol = device("vol", 8 * MiB)
+    fs = ImageFS({"vol.img": Image(device=vol)})
 
     async def main():
         fh = await _open(fs, b"vol.img")
@@ -211,6 +240,87 @@ def test_ops_a_slow_engine_call_does_not_stall_the_others():
     assert finished[-1] == "slow" and finished.count("fast") == 20
 
 
+
+def test_ops_inline_when_the_device_promises_not_to_block():
+    fs, vol = _fs()
+    seen = _where_calls_run(vol)
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+        assert await fs.write(fh, 4093, b"abcdefgh") == 8
+        assert await fs.read(fh, 4090, 16) == b"\0\0\0abcdefgh\0\0\0\0\0"
+        await fs.flush(fh)                        # a flush may wait: always a worker
+        fs.stop_workers()
+
+    trio.run(main)
+    assert seen == [("write", True), ("read", True)]
+    assert vol.calls["write"] == vol.calls["read"] == vol.calls["flush"] == 1
+
+
+def test_ops_would_block_goes_to_a_worker():
+    fs, vol = _fs()
+    seen = _where_calls_run(vol, slow_from=4 * MiB)
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+        assert await fs.write(fh, 4 * MiB + 10, b"slow") == 4
+        assert await fs.write(fh, 10, b"fast") == 4
+        assert await fs.read(fh, 4 * MiB + 8, 8) == b"\0\0slow\0\0"
+        assert await fs.read(fh, 8, 8) == b"\0\0fast\0\0"
+        fs.stop_workers()
+
+    trio.run(main)
+    # The first try on the loop does nothing; the worker does the call.
+    assert seen == [("write", True), ("write", False), ("write", True),
+                    ("read", True), ("read", False), ("read", True)]
+    assert vol.calls["write"] == vol.calls["read"] == 2
+
+
+def test_ops_devices_without_nowait_use_the_workers():
+    vol = BlockingVolume("vol", 8 * MiB)
+    fs = ImageFS({"vol.img": Image(device=vol)})
+    seen = _where_calls_run(vol)
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+        assert await fs.write(fh, 0, b"data") == 4
+        assert await fs.read(fh, 0, 4) == b"data"
+        fs.stop_workers()
+
+    trio.run(main)
+    assert seen == [("write", False), ("read", False)]
+
+
+def test_ops_a_slow_store_fetch_does_not_stall_the_same_image():
+    fs, vol = _fs()
+    vol.delay_for = lambda op, offset: 1.0 if offset >= 4 * MiB else 0
+    finished = []
+
+    async def main():
+        fh = await _open(fs, b"vol.img")
+
+        async def io(name, off):
+            if name.endswith("write"):
+                await fs.write(fh, off, b"x" * 4096)
+            else:
+                await fs.read(fh, off, 4096)
+            finished.append(name)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(io, "slow read", 4 * MiB)
+            n.start_soon(io, "slow write", 5 * MiB)
+            await trio.sleep(0.05)
+            for i in range(20):
+                n.start_soon(io, "fast read", i * 4096)
+                n.start_soon(io, "fast write", (100 + i) * 4096)
+        fs.stop_workers()
+
+    start = time.monotonic()
+    trio.run(main)
+    assert time.monotonic() - start < 1.8             # the slow calls ran side by side
+    assert sorted(finished[-2:]) == ["slow read", "slow write"]
+    assert finished.count("fast read") == finished.count("fast write") == 20
+
 # --- tier 2: real mounts ---------------------------------------------------------------
 
 @pytest.fixture
@@ -284,6 +394,29 @@ def test_mounted_fake_behaves_like_a_disk_image(fenv):
     fenv.umount(mnt)
     assert not alive(pid)
 
+
+@pytest.mark.fuse
+def test_mounted_slow_fetch_does_not_stall_other_requests(fenv):
+    """Requests the volume serves locally are answered while another one
+    waits for the store (here: the fake's reads from 32 MiB on take 2 s)."""
+    mnt = fenv.tmp / "mnt"
+    fenv.fake(mnt, "--size", "64M", "--delay", "2", "--delay-from", "32M")
+    fd = os.open(mnt / "vol.img", os.O_RDWR)
+    try:
+        slow = threading.Thread(target=os.pread, args=(fd, 4096, 32 * MiB))
+        slow.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        for i in range(200):
+            assert os.pwrite(fd, b"%8d" % i, i * 4096) == 8
+            assert os.pread(fd, 8, i * 4096) == b"%8d" % i
+        assert time.monotonic() - start < 1.5
+        assert slow.is_alive()                       # still waiting for its "store"
+        slow.join(10)
+        assert not slow.is_alive()
+    finally:
+        os.close(fd)
+    fenv.umount(mnt)
 
 @pytest.mark.fuse
 def test_mount_errors_are_one_clear_line(fenv):

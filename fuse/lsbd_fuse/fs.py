@@ -6,9 +6,14 @@ device.  Nothing here stores data or decides anything about it: reads, writes an
 flushes go straight to the engine, and engine errors become errno values in
 `errmap`.
 
-Engine calls block (a read may wait for a ranged GET from the store), so they
-run in a fixed pool of worker threads (`workers`): a slow fetch holds one
-thread, not the whole mount.
+Engine calls may block (a read may wait for a ranged GET from the store).
+Reads and writes of a device that can say so (`supports_nowait`) are first
+made right on the trio loop with nowait=True: most only touch local files,
+and handing them to a thread and back costs more than the call itself.  A
+call that would block (WouldBlock: nothing was done) goes to a fixed pool of
+worker threads (`workers`), as does every call of a device without that
+promise, every flush and every resize: a slow fetch holds one thread, not
+the whole mount.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from lsbd.engine.api import MAX_REQUEST
+from lsbd.errors import WouldBlock
 from lsbd_fuse.errmap import errno_for
 from lsbd_fuse.tree import Dir, File, Image, Tree
 from lsbd_fuse.workers import WorkerPool
@@ -101,8 +107,7 @@ class ImageFS(pyfuse3.Operations):
         try:
             return await self._pool.run(fn, *args)
         except Exception as e:  # noqa: BLE001 - every error must become an errno
-            what = f"{op} {node.name}" + (f" at {span[0]}+{span[1]}" if span else "")
-            raise pyfuse3.FUSEError(errno_for(e, what)) from None
+            raise _fuse_error(e, op, node, span) from None
 
     def stop_workers(self) -> None:
         """After the FUSE loop has ended: stop the worker threads."""
@@ -255,8 +260,12 @@ class ImageFS(pyfuse3.Operations):
         length = min(size, node.size - off, MAX_REQUEST)
         if length <= 0:
             return b""  # at or past the end: EOF, as for any file
-        return await self._engine("read", node, node.image.device.read, off, length,
-                                  span=(off, length))
+        dev = node.image.device
+        if node.nowait:
+            data = _nowait("read", node, (off, length), dev.read, off, length)
+            if data is not _BLOCKED:
+                return data
+        return await self._engine("read", node, dev.read, off, length, span=(off, length))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node, _ = self._file(fh)
@@ -267,8 +276,10 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow by writing past its end
         if len(buf) > room:
             buf = buf[:room]  # a short write, then ENOSPC on the next one
-        await self._engine("write", node, node.image.device.write, off, buf,
-                           span=(off, len(buf)))
+        dev = node.image.device
+        if (not node.nowait
+                or _nowait("write", node, (off, len(buf)), dev.write, off, buf) is _BLOCKED):
+            await self._engine("write", node, dev.write, off, buf, span=(off, len(buf)))
         node.mtime_ns = time.time_ns()
         return len(buf)
 
@@ -295,3 +306,26 @@ class ImageFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Any) -> None:
         pass
+
+
+#: What _nowait returns when the call would block (no engine call returns it).
+_BLOCKED = object()
+
+
+def _nowait(op: str, node: File, span: tuple[int, int], fn: Callable[..., T],
+            *args: Any) -> T | object:
+    """fn(*args, nowait=True), right here on the loop; _BLOCKED if the engine
+    says it would have to wait (it then did nothing: retry it in a worker)."""
+    try:
+        return fn(*args, nowait=True)
+    except WouldBlock:
+        return _BLOCKED
+    except Exception as e:  # noqa: BLE001 - every error must become an errno
+        raise _fuse_error(e, op, node, span) from None
+
+
+def _fuse_error(e: Exception, op: str, node: File, span: tuple[int, int] | None) -> pyfuse3.FUSEError:
+    """The errno for an engine error; `op`, `node` and `span` name the request
+    in the log, formatted only here, off the fast path."""
+    what = f"{op} {node.name}" + (f" at {span[0]}+{span[1]}" if span else "")
+    return pyfuse3.FUSEError(errno_for(e, what))

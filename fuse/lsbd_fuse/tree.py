@@ -40,6 +40,8 @@ class File:
     image: Image
     size: int  # cached: only a resize through this mount changes it
     mtime_ns: int = attrs.field(factory=time.time_ns)
+    #: The device takes nowait=True (BlockDevice.supports_nowait).
+    nowait: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -91,7 +93,8 @@ class Tree:
         if key in parent.children:
             raise ValueError(f"{path!r} already exists")
         node = File(inode=self._new_inode(), parent=parent.inode, name=path, image=image,
-                    size=image.device.size)
+                    size=image.device.size,
+                    nowait=getattr(image.device, "supports_nowait", False) is True)
         self.nodes[node.inode] = node
         parent.children[key] = node.inode
         parent.mtime_ns = time.time_ns()
