@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 
 INDEX_CACHE_ENTRIES = 1024  # parsed segment indexes kept in memory (tens of KiB each)
 HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
-OPEN_FILES = 64             # local segment files kept open for reads
+# Local segment files kept open for reads: 512 covers a 4 GiB working set of
+# 8 MiB segments, within a quarter of the process's descriptor limit.
+OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
 class _OpenFile:
