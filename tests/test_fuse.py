@@ -45,6 +45,8 @@ from fuse_helpers import (
     tree_digest,
 )
 from lsbd_fuse.fs import ImageFS
+from lsbd_fuse.mounts import find_mount, mount_table
+from lsbd_fuse.options import MAX_BACKGROUND
 from lsbd_fuse.tree import ROOT_INODE, Image
 
 from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError
@@ -416,6 +418,30 @@ def test_mounted_slow_fetch_does_not_stall_other_requests(fenv):
         assert not slow.is_alive()
     finally:
         os.close(fd)
+    fenv.umount(mnt)
+
+@pytest.fixture
+def fusectl():
+    """The fusectl file system, mounted for the test if it is not already."""
+    path = Path("/sys/fs/fuse/connections")
+    mounted_here = False
+    if not any(e.fstype == "fusectl" for e in mount_table()):
+        if run("mount", "-t", "fusectl", "fusectl", path, check=False).returncode:
+            pytest.skip("cannot mount fusectl")
+        mounted_here = True
+    yield path
+    if mounted_here:
+        run("umount", path, check=False)
+
+
+@pytest.mark.fuse
+def test_mount_raises_the_kernels_limit_on_requests_in_flight(fenv, fusectl):
+    mnt = fenv.tmp / "mnt"
+    fenv.fake(mnt, "--size", "16M")
+    major, minor = (int(x) for x in find_mount(str(mnt)).major_minor.split(":"))
+    conn = fusectl / str((major << 20) | minor)
+    assert int((conn / "max_background").read_text()) == MAX_BACKGROUND > 16
+    assert int((conn / "congestion_threshold").read_text()) == MAX_BACKGROUND * 3 // 4
     fenv.umount(mnt)
 
 @pytest.mark.fuse

@@ -21,11 +21,12 @@ from lsbd.engine.api import BlockDevice
 from lsbd_fuse.fs import ImageFS
 from lsbd_fuse.mounts import (
     MountError,
+    find_mount,
     record_close_error,
     remove_pid_file,
     write_pid_file,
 )
-from lsbd_fuse.options import DIRECT_IO, mount_options
+from lsbd_fuse.options import DIRECT_IO, mount_options, raise_max_background
 from lsbd_fuse.tree import Image
 
 log = logging.getLogger("lsbd.fuse")
@@ -87,6 +88,9 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
     except Exception as e:  # noqa: BLE001 - pyfuse3 raises RuntimeError, OSError, ...
         close_devices(images)
         raise MountError(f"could not mount on {mountpoint}: {e}") from None
+    entry = find_mount(mountpoint)
+    if entry is not None:
+        raise_max_background(entry.major_minor)
     write_pid_file(mountpoint, name=name, log=log_file)
     log.info("serving %s on %s", ", ".join(images), mountpoint)
     try:
