@@ -380,7 +380,7 @@ def _fio_run(short: Path, tmp_path: Path) -> None:
         fio = subprocess.Popen(
             ["fio", "--name=compact", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
              "--bsrange=4k-64k", "--size=16m", "--numjobs=2", "--offset_increment=16m",
-             "--loops=8", "--iodepth=4", "--verify=crc32c", "--verify_backlog=128",
+             "--loops=32", "--iodepth=4", "--verify=crc32c", "--verify_backlog=128",
              "--verify_fatal=1", "--do_verify=1", "--group_reporting",
              "--output-format=json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

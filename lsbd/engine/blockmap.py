@@ -135,26 +135,15 @@ class BlockMap:
         if s + n > lba:
             out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * self.block_size))
 
-    def iter_extents(self, snapshot=None) -> Iterator[Extent]:
-        """Every extent, in block order, from one consistent snapshot."""
-        if snapshot is not None:
-            yield from _extents_of(snapshot, self._extents)
-            return
+    def iter_extents(self) -> Iterator[Extent]:
+        """Every extent, in block order, from one consistent view."""
         with self._env.begin(db=self._extents) as txn:
             yield from _extents_of(txn, self._extents)
 
-    def snapshot(self):
-        """A read transaction: a frozen view of the map for a long read (a
-        checkpoint) while writers go on.  Abort it when done."""
-        return self._env.begin()
-
-    def meta_in(self, snapshot, name: str, default: int = 0) -> int:
-        raw = snapshot.get(name.encode(), db=self._meta)
-        return default if raw is None else int(bytes(raw))
-
-    def segments_in(self, snapshot) -> list[SegmentInfo]:
-        return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
-                for k, v in snapshot.cursor(db=self._segments)]
+    def snapshot(self) -> "MapSnapshot":
+        """A frozen view of the map for a long read (a checkpoint) while
+        writers go on.  Use it as a context manager (or close() it)."""
+        return MapSnapshot(self, self._env.begin())
 
     def extent_count(self) -> int:
         with self._env.begin(db=self._extents) as txn:
@@ -257,6 +246,35 @@ class BlockMap:
         for e in self.iter_extents():
             live[e.seq] += e.nblocks
         return dict(live)
+
+
+class MapSnapshot:
+    """The map as of one moment (an LMDB read transaction, kept inside this
+    module)."""
+
+    def __init__(self, bm: BlockMap, txn):
+        self._bm = bm
+        self._txn = txn
+
+    def meta(self, name: str, default: int = 0) -> int:
+        raw = self._txn.get(name.encode(), db=self._bm._meta)
+        return default if raw is None else int(bytes(raw))
+
+    def extents(self) -> Iterator[Extent]:
+        return _extents_of(self._txn, self._bm._extents)
+
+    def segments(self) -> list[SegmentInfo]:
+        return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
+                for k, v in self._txn.cursor(db=self._bm._segments)]
+
+    def close(self) -> None:
+        self._txn.abort()
+
+    def __enter__(self) -> "MapSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _extents_of(txn, db) -> Iterator[Extent]:

@@ -27,8 +27,9 @@ from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
 from lsbd.engine.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
 from lsbd.engine.control import ControlServer
 from lsbd.engine.control import socket_path as control_socket_path
-from lsbd.engine.journal import HOLE, OpenSegment
+from lsbd.engine.journal import OpenSegment
 from lsbd.engine.lease import Lease
+from lsbd.engine.readplan import plan_reads
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
     fetch_segment_index,
@@ -803,56 +804,11 @@ class Volume:
     # ------------------------------------------------------------------ reads
 
     def _plan(self, first: int, n: int) -> list[tuple]:
-        """Under the lock: which copy of each block to read, as runs of
-        (lba, nblocks, source, file offset, crcs) where source is a seq or
-        None for a hole; crcs (a list) is set for blocks of a journal (the
-        open segment or one being sealed), which the map does not have yet."""
-        runs: list[tuple] = []
-        pos = first
-        for e in self._map.lookup(first, n):
-            if e.lba > pos:
-                runs.append((pos, e.lba - pos, None, 0, None))
-            runs.append((e.lba, e.nblocks, e.seq, e.offset, None))
-            pos = e.lba + e.nblocks
-        if pos < first + n:
-            runs.append((pos, first + n - pos, None, 0, None))
-        if self._sealing:
-            for seg in self._sealing:      # oldest first: newer copies win
-                runs = self._overlay(runs, seg, first, n)
+        """Under the lock: where to read blocks [first, first+n) from (see
+        lsbd.engine.readplan): the map, then the journals it lacks yet."""
         seg = self._open
-        if seg is not None and seg.has_overlay:
-            runs = self._overlay(runs, seg, first, n)
-        return runs
-
-    def _overlay(self, runs: list[tuple], seg: OpenSegment, first: int, n: int) -> list[tuple]:
-        """`runs` with the blocks that `seg` (a journal) holds for [first, first+n)."""
-        bs = self.block_size
-        if seg.holes:
-            runs = _cut_holes(runs, seg.holes, bs)
-        overlay = seg.blocks
-        if not overlay:
-            return runs
-        if n <= len(overlay):
-            hit = any(b in overlay for b in range(first, first + n))
-        else:
-            hit = any(first <= b < first + n for b in overlay)
-        if not hit:
-            return runs
-        # Some blocks are newer in this journal: resolve block by block.
-        out: list[tuple] = []
-        for lba, count, source, off, crcs in runs:
-            for i in range(count):
-                b = lba + i
-                o = overlay.get(b)
-                if o is None:
-                    piece = (b, 1, source, off + i * bs if source is not None else 0,
-                             None if crcs is None else [crcs[i]])
-                elif o[0] == HOLE:
-                    piece = (b, 1, None, 0, None)
-                else:
-                    piece = (b, 1, seg.seq, o[0], [o[1]])
-                _append_run(out, piece, bs)
-        return out
+        return plan_reads(self._map.lookup(first, n), first, n, self._sealing,
+                          seg if seg is not None and seg.has_overlay else None, self.block_size)
 
     def _read_runs(self, runs: list[tuple], nowait: bool = False) -> bytes:
         bs = self.block_size
@@ -896,25 +852,16 @@ class Volume:
             # after `target`: the checkpoint is of the snapshot's seq, once
             # every segment up to it is in the store (a checkpoint never names
             # a segment the store lacks).  Writes go on meanwhile.
-            snap = self._map.snapshot()
-            try:
-                target = self._map.meta_in(snap, "applied_seq")
+            with self._map.snapshot() as snap:
+                target = snap.meta("applied_seq")
                 if self._uploader is not None and not self._uploader.wait_durable(
                         target, STORE_FLUSH_TIMEOUT):
                     raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({self._uploader.last_error})")
-            except BaseException:
-                snap.abort()
-                raise
-            try:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
-                                      volume_size=self._map.meta_in(snap, "size", self._size),
-                                      block_size=self.block_size,
-                                      extents=self._map.iter_extents(snap),
-                                      segments=self._map.segments_in(snap),
-                                      top_crc=self._map.meta_in(snap, "top_crc"))
-            finally:
-                snap.abort()
+                                      volume_size=snap.meta("size", self._size),
+                                      block_size=self.block_size, extents=snap.extents(),
+                                      segments=snap.segments(), top_crc=snap.meta("top_crc"))
             self._last_checkpoint = target
             self._last_checkpoint_time = time.monotonic()
             self._map.set_meta(last_checkpoint=str(target).encode())
@@ -944,15 +891,11 @@ class Volume:
         """Write a checkpoint of this (read-only, past) state at its own seq, so
         that the point stays readable after compaction.  Returns the seq."""
         if self._applied > 0:
-            snap = self._map.snapshot()
-            try:
+            with self._map.snapshot() as snap:
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, self._applied,
                                       volume_size=self._size, block_size=self.block_size,
-                                      extents=self._map.iter_extents(snap),
-                                      segments=self._map.segments_in(snap),
+                                      extents=snap.extents(), segments=snap.segments(),
                                       top_crc=self._map.get_int("top_crc") or None)
-            finally:
-                snap.abort()
         return self._applied
 
     # ------------------------------------------------------------------ compaction
@@ -1069,48 +1012,3 @@ class Volume:
         with self._lock:
             seqs = sorted({e.seq for e in self._map.iter_extents()})
         return verify_segments(self.store, self.lineage, seqs, progress=progress)
-
-
-def _cut_holes(runs: list[tuple], holes: list[tuple[int, int]], bs: int) -> list[tuple]:
-    """Runs with the block ranges of `holes` turned into holes."""
-    out: list[tuple] = []
-    for lba, n, source, off, crcs in runs:
-        pieces = [(lba, lba + n)]
-        if source is not None:
-            for h0, h1 in holes:
-                next_pieces = []
-                for p0, p1 in pieces:
-                    if h1 <= p0 or h0 >= p1:
-                        next_pieces.append((p0, p1))
-                        continue
-                    if p0 < h0:
-                        next_pieces.append((p0, h0))
-                    if h1 < p1:
-                        next_pieces.append((h1, p1))
-                pieces = next_pieces
-        pos = lba
-        for p0, p1 in pieces:
-            if p0 > pos:
-                out.append((pos, p0 - pos, None, 0, None))
-            if source is None:
-                out.append((p0, p1 - p0, None, 0, None))
-            else:
-                out.append((p0, p1 - p0, source, off + (p0 - lba) * bs,
-                            None if crcs is None else crcs[p0 - lba:p1 - lba]))
-            pos = p1
-        if pos < lba + n:
-            out.append((pos, lba + n - pos, None, 0, None))
-    return out
-
-
-def _append_run(runs: list[tuple], piece: tuple, bs: int) -> None:
-    """Add a one-block piece, merging it into the previous run when contiguous."""
-    lba, n, source, off, crcs = piece
-    if runs:
-        plba, pn, psrc, poff, pcrcs = runs[-1]
-        if psrc == source and plba + pn == lba and (
-                source is None or (poff + pn * bs == off and (pcrcs is None) == (crcs is None))):
-            runs[-1] = (plba, pn + n, psrc, poff, (pcrcs + crcs) if pcrcs is not None else None)
-            return
-    runs.append(piece)
-
