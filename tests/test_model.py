@@ -11,12 +11,14 @@ the store (when it does not)."""
 from __future__ import annotations
 
 import shutil
+from unittest.mock import patch
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lsbd.engine.config import create_volume
+from lsbd.engine import compact as compact_mod
 from lsbd.engine.history import create_clone, restore_volume
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
@@ -203,9 +205,11 @@ class VolumeModel(RuleBasedStateMachine):
             assert r.read(0, SIZE) == state, f"restore of {name} differs"
         self.clone_states[target] = state
 
-    @rule(threshold=st.sampled_from([0.3, 0.6, 1.0]))
-    def compact(self, threshold):
-        self.vol.compact(threshold=threshold)
+    @rule(threshold=st.sampled_from([0.3, 0.6, 1.0]), defrag=st.booleans())
+    def compact(self, threshold, defrag):
+        # Windows of 8 blocks, defragmented from 3 pieces: the tiny volume has many.
+        with patch.multiple(compact_mod, DEFRAG_WINDOW=8 * BS, DEFRAG_MIN_EXTENTS=3):
+            self.vol.compact(threshold=threshold, defrag=defrag)
         self.flushed = self.in_store = len(self.history) - 1
         # Compaction of the source never breaks a clone.
         for clone, state in self.clone_states.items():

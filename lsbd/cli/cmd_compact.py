@@ -12,6 +12,9 @@ def register(sub) -> None:
     p.add_argument("volume")
     p.add_argument("--threshold", type=float, default=0.6,
                    help="rewrite segments whose live fraction is below this (default 0.6)")
+    p.add_argument("--defrag", action="store_true",
+                   help="also rewrite ranges scattered in many small pieces (random writes) "
+                        "in block order, so that reading them in order is fast again")
     p.add_argument("--dry-run", action="store_true", help="show what would happen")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--break-lease", action="store_true", help="take over a lease held elsewhere")
@@ -25,14 +28,14 @@ def run(args, ctx) -> int:
     config = load_config(store, args.volume)
     sock = ctx.control_path(config.name)
     reply = control.call(sock, {"op": "compact", "threshold": args.threshold,
-                                "dry_run": args.dry_run}, timeout=3600)
+                                "dry_run": args.dry_run, "defrag": args.defrag}, timeout=3600)
     if reply is not None:  # the volume is mounted or served: its writer compacts
         report = reply["report"]
     else:
         with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol:
             with ui.count_progress("compacting") as update:
                 report = vol.compact(threshold=args.threshold, dry_run=args.dry_run,
-                                     progress=update).as_dict()
+                                     progress=update, defrag=args.defrag).as_dict()
     if args.json:
         ui.print_json(report)
         return 0
@@ -41,6 +44,9 @@ def run(args, ctx) -> int:
     rows = [["segments rewritten (read)", report["segments_read"]],
             ["segments kept whole for snapshots/clones", report["skipped_pinned"]],
             ["bytes rewritten", h(report["bytes_rewritten"])]]
+    if args.defrag:
+        rows += [["1 MiB ranges defragmented", report["windows_defragmented"]],
+                 ["of which bytes rewritten in order", h(report["bytes_defragmented"])]]
     if not args.dry_run:
         rows += [["segments written", report["segments_written"]],
                  ["segments deleted", report["segments_deleted"]],

@@ -111,9 +111,14 @@ class BlockMap:
                 if cur.key() != key:
                     if cur.prev():
                         self._clip_first(cur, lba, end, out)
+                        if nblocks == 1:     # a single block: nothing more can start in it
+                            return out
                         cur.next()
                     else:
                         cur.set_range(key)   # nothing before lba: back where we were
+                elif nblocks == 1:
+                    n, seq, off = _EXTENT.unpack(cur.value())
+                    return [Extent(lba, 1, seq, off)]
             else:
                 # Every extent starts before lba: only the last may reach it.
                 if cur.last():

@@ -11,7 +11,15 @@ Order, and why each step is safe to interrupt:
   4. delete the segments and checkpoints nothing needs, now that nothing
      durable refers to them.
 A kill before 4 leaves extra copies (the next run deletes them); a kill
-during 4 leaves some garbage (the next run finishes the job)."""
+during 4 leaves some garbage (the next run finishes the job).
+
+Defragmentation (defrag=True) is part of step 2: a log scatters a range
+that was written in small random pieces over many segments, so reading it
+in order costs one small read per piece.  Every window of DEFRAG_WINDOW
+bytes whose blocks lie in DEFRAG_MIN_EXTENTS or more extents is copied
+forward whole (the same per-block check as above), as one record per run
+of consecutive blocks; its old copies die and step 4 reclaims the segments
+left empty (the next compaction, those left sparse)."""
 
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ from lsbd.errors import ObjectNotFound
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 * 1024 * 1024
+DEFRAG_WINDOW = 1024 * 1024     # bytes laid out in order together
+DEFRAG_MIN_EXTENTS = 32         # a window in this many pieces or more is rewritten
 
 
 @attrs.define(kw_only=True)
@@ -52,6 +62,8 @@ class CompactionReport:
     stored_bytes_before: int = 0
     stored_bytes_after: int = 0
     skipped_pinned: int = 0
+    windows_defragmented: int = 0
+    bytes_defragmented: int = 0
     seconds: float = 0.0
 
     @property
@@ -97,7 +109,8 @@ def ensure_checkpoint_at(store, volume: str, seq: int, *, cache_root: str) -> No
 
 
 def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: float | None = None,
-            progress: Callable[[int, int], None] | None = None) -> CompactionReport:
+            progress: Callable[[int, int], None] | None = None,
+            defrag: bool = False) -> CompactionReport:
     """Run one compaction on an open writable volume."""
     started = time.monotonic()
     store = volume.store
@@ -123,6 +136,18 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
         if p in ckpt.list_checkpoints(store, volume.name):
             pinned_refs |= checkpoint_refs(volume, p)
 
+    # 2a. Defragment first: the segments it empties need no rewrite after it.
+    windows = fragmented_windows(volume) if defrag else []
+    report.windows_defragmented = len(windows)
+    sealed_before = volume.stats["segments_sealed"]
+    if windows and dry_run:
+        report.bytes_defragmented = len(windows) * DEFRAG_WINDOW   # at most
+    elif windows:
+        report.bytes_defragmented = _defragment(volume, windows, rate=rate, progress=progress)
+        volume.flush_to_store()
+        infos = {s.seq: s for s in volume.segment_infos()}
+        stored = store_segment_seqs(store, volume.name)
+
     plan = plan_compaction(
         segments={s: (stored.get(s, 0), i.live_blocks) for s, i in infos.items() if s in stored},
         block_size=volume.block_size, window=window, top=top, base_seq=volume.config.base_seq,
@@ -130,16 +155,16 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     report.segments_read = len(plan.victims)
     report.skipped_pinned = plan.skipped_pinned
     if dry_run:
-        report.bytes_rewritten = plan.rewrite_bytes
+        report.bytes_rewritten = plan.rewrite_bytes + report.bytes_defragmented
         report.bytes_reclaimed = sum(stored[s] for s in plan.victims)
         report.seconds = time.monotonic() - started
         return report
 
-    # 2. Rewrite.
-    sealed_before = volume.stats["segments_sealed"]
+    # 2b. Rewrite the sparse segments.
     if plan.victims:
         report.bytes_rewritten = _rewrite(volume, set(plan.victims), plan.rewrite_bytes,
                                           rate=rate, progress=progress)
+    report.bytes_rewritten += report.bytes_defragmented
 
     # 3. Make it durable and checkpoint the live map.
     live_checkpoint = volume.checkpoint()
@@ -197,4 +222,37 @@ def _rewrite(volume, victims: set[int], total: int, *, rate: float | None,
         moved += volume.relocate(batch)
         if progress:
             progress(moved, total)
+    return moved
+
+
+def fragmented_windows(volume) -> list[int]:
+    """Indexes of the DEFRAG_WINDOW-sized windows of the volume whose blocks
+    lie in DEFRAG_MIN_EXTENTS or more extents (one streaming pass over the
+    map; an extent counts in every window it touches)."""
+    per = DEFRAG_WINDOW // volume.block_size
+    out: list[int] = []
+    current, count = -1, 0
+    for e in volume.extents():
+        for w in range(e.lba // per, (e.lba + e.nblocks - 1) // per + 1):
+            if w != current:
+                if count >= DEFRAG_MIN_EXTENTS:
+                    out.append(current)
+                current, count = w, 0
+            count += 1
+    if count >= DEFRAG_MIN_EXTENTS:
+        out.append(current)
+    return out
+
+
+def _defragment(volume, windows: list[int], *, rate: float | None,
+                progress: Callable[[int, int], None] | None) -> int:
+    """Copy every block of each window forward, in block order."""
+    per = DEFRAG_WINDOW // volume.block_size
+    moved = 0
+    for i, w in enumerate(windows):
+        moved += volume.relocate(volume.map_extents(w * per, per))
+        if progress:
+            progress(i + 1, len(windows))
+        if rate:
+            time.sleep(DEFRAG_WINDOW / rate)
     return moved

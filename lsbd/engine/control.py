@@ -8,7 +8,7 @@ Protocol: one JSON object per line each way.
   {"op": "flush"}                   ->  {"ok": true, "seq": 12}
   {"op": "resize", "size": 1073741824} ->  {"ok": true, "seq": 12}
   {"op": "stats"}                   ->  {"ok": true, "report": {...}}
-  {"op": "compact", "threshold": 0.6, "dry_run": false}  ->  {"ok": true, "report": {...}}
+  {"op": "compact", "threshold": 0.6, "dry_run": false, "defrag": false}  ->  {"ok": true, "report": {...}}
   anything failing                  ->  {"ok": false, "error": "one line"}
 """
 
@@ -90,7 +90,8 @@ class ControlServer:
             return self.volume.usage()
         if op == "compact":
             report = self.volume.compact(threshold=float(request.get("threshold", 0.6)),
-                                         dry_run=bool(request.get("dry_run")))
+                                         dry_run=bool(request.get("dry_run")),
+                                         defrag=bool(request.get("defrag")))
             return report.as_dict()
         raise ValueError(f"unknown control operation {op!r}")
 

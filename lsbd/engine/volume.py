@@ -605,7 +605,8 @@ class Volume:
             if seg.end >= self.config.segment_size:
                 self._seal()
                 # Back-pressure: writers wait while the sealer is far behind.
-                while len(self._sealing) > MAX_SEALING and self._failed is None:
+                while len(self._sealing) > MAX_SEALING and self._failed is None \
+                        and not self._stop_sealing:
                     self._sealing_changed.wait()
         if fua:
             if self.flush_mode == "store":
@@ -699,10 +700,12 @@ class Volume:
         with self._lock:
             self._seal()
             target = self._sealing[-1].seq if self._sealing else self._applied
-            while self._applied < target and self._failed is None:
+            while self._applied < target and self._failed is None and not self._stop_sealing:
                 self._sealing_changed.wait()
         if self._failed is not None:
             raise StoreError(f"volume {self.name} stopped taking writes: {self._failed}")
+        if self._applied < target:
+            raise StoreError(f"volume {self.name} is closing")
         return target
 
     def _seal_loop(self) -> None:
@@ -901,14 +904,15 @@ class Volume:
     # ------------------------------------------------------------------ compaction
 
     def compact(self, *, threshold: float = 0.6, dry_run: bool = False,
-                rate: float | None = None, progress=None):
-        """Reclaim space; see lsbd.engine.compact."""
+                rate: float | None = None, progress=None, defrag: bool = False):
+        """Reclaim space (and with defrag, lay scattered ranges out in
+        order); see lsbd.engine.compact."""
         from lsbd.engine.compact import compact
 
         self._check_writable()
         with self._compact_lock:
             return compact(self, threshold=threshold, dry_run=dry_run, rate=rate,
-                           progress=progress)
+                           progress=progress, defrag=defrag)
 
     def usage(self) -> dict:
         """Counters and space accounting, for `lsbd stats`."""
@@ -933,13 +937,19 @@ class Volume:
     def segment_infos(self) -> list[SegmentInfo]:
         return self._map.segments()
 
+    def map_extents(self, offset_blocks: int, nblocks: int):
+        """The map's extents over [offset_blocks, offset_blocks+nblocks), clipped."""
+        return self._map.lookup(offset_blocks, nblocks)
+
     def extents_in(self, seqs: set[int]):
         """The live extents stored in the given segments (one scan of the map)."""
         return [e for e in self.extents() if e.seq in seqs]
 
     def relocate(self, extents) -> int:
-        """Copy extents to the open segment, each block only if the map still
-        points where the extent says (a newer write wins).  Returns bytes moved."""
+        """Copy extents (in block order) to the open segment, each block only
+        if the map still points where the extent says (a newer write wins).
+        Blocks that follow each other become one record, so scattered small
+        extents come out as one extent.  Returns bytes moved."""
         bs = self.block_size
         loaded = [(e, self._files.read_blocks(e.seq, e.offset, e.nblocks)) for e in extents]
         moved = 0
@@ -947,7 +957,7 @@ class Volume:
             self._check_writable()
             seg = self._open_segment()
             mark = seg.mark()
-            records = []
+            runs: list[list] = []   # [first block, end block, chunks] of consecutive blocks
             for e, data in loaded:
                 for lba, n, source, off, crcs in self._plan(e.lba, e.nblocks):
                     if source != e.seq or crcs is not None:
@@ -956,8 +966,15 @@ class Volume:
                     if off != e.offset + start * bs:
                         continue
                     chunk = data[start * bs:(start + n) * bs]
-                    records.extend(self._split_zero_runs(lba, chunk))
+                    if runs and runs[-1][1] == lba:
+                        runs[-1][1] = lba + n
+                        runs[-1][2].append(chunk)
+                    else:
+                        runs.append([lba, lba + n, [chunk]])
                     moved += n * bs
+            records = []
+            for lba, _end, chunks in runs:
+                records.extend(self._split_zero_runs(lba, b"".join(chunks)))
             try:
                 for j, (rkind, lba, n, data, crcs) in enumerate(records):
                     seg.append(rkind, lba, n, data=data, crcs=crcs, undo=mark[2],
