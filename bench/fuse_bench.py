@@ -52,6 +52,17 @@ def sh(*cmd: str, check: bool = True, quiet: bool = True, **kw) -> subprocess.Co
                           stderr=subprocess.PIPE if quiet else None, **kw)
 
 
+def ensure_fusectl() -> None:
+    """lsbd raises its FUSE connection's max_background through fusectl,
+    which systemd mounts at boot; a bare container may lack it."""
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[2] == "fusectl" for line in f):
+            return
+    if sh("mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections",
+          check=False).returncode == 0:
+        print("mounted fusectl on /sys/fs/fuse/connections (as systemd does)", flush=True)
+
+
 def drop_caches() -> None:
     sh("sync")
     with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
@@ -244,6 +255,7 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"fuse_bench: {tool} is missing", file=sys.stderr)
             return 2
+    ensure_fusectl()
     region = _parse_size(args.size)
     vol_size = 2 * region
     work = args.workdir or tempfile.mkdtemp(prefix="lsbd-fuse-bench-")
