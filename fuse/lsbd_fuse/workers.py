@@ -1,7 +1,8 @@
 """Worker threads for blocking engine calls, handed off cheaply from trio.
 
-Engine calls block (a read may wait for a ranged GET from the store), so they
-must not run on the trio loop: one slow fetch would stall every request.
+The engine calls that may block (a read that waits for a ranged GET from the
+store, a flush; see `fs` for the ones made on the loop) must not run on the
+trio loop: one slow fetch would stall every request.
 `trio.to_thread.run_sync` does that job, but costs about 80 us per call here
 (thread cache, context copy, limiter, one loop wakeup per call): measured
 with no-op calls at 16 in flight on 2 cores, it manages 12k-25k calls/s,
