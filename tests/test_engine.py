@@ -53,7 +53,9 @@ from lsbd.engine.segment import (
 )
 from lsbd.engine.volume import Volume, cache_dir_for
 from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError, WouldBlock
+from lsbd.store import Store
 from lsbd.store.faulty import FaultyStore
+from lsbd.store.local import LocalStore
 
 SIZE = 64 * MiB
 
@@ -881,10 +883,29 @@ def _folder_bytes(path: str) -> int:
     return total
 
 
+def test_segments_linked_into_a_local_store_are_never_evicted(make_volume, tmp_path):
+    """A file:// store on the same file system links each segment in: the
+    cache's file is the store's, so evicting it would free nothing and turn
+    local reads into store reads."""
+    vol = make_volume(segment_size=128 * 1024, open_kw={"cache_limit": 256 * 1024})
+    data = os.urandom(4 * MiB)
+    for off in range(0, 4 * MiB, 64 * 1024):
+        vol.write(off, data[off:off + 64 * 1024])
+    vol.flush_to_store()
+    folder = os.path.join(vol.folder, "segments")
+    names_ = [n for n in os.listdir(folder) if n.endswith(".seg")]
+    assert len(names_) >= 30, "every segment is still here, though far over the limit"
+    assert all(os.stat(os.path.join(folder, n)).st_nlink == 2 for n in names_)
+    assert vol.read(0, 4 * MiB, nowait=True) == data, "all of it is local"
+
+
 @pytest.mark.parametrize("flush_mode", ["journal", "store"])
-def test_tiny_segment_cache_evicts_and_refetches(make_volume, store, tmp_path, flush_mode):
+def test_tiny_segment_cache_evicts_and_refetches(make_volume, store, tmp_path, flush_mode,
+                                                 monkeypatch):
     """With a segment cache far smaller than the data, blocks are read back
     from the store; segments not yet uploaded are never evicted."""
+    # A store that copies (as any remote store does): the cache holds its own copies.
+    monkeypatch.setattr(LocalStore, "put_file", Store.put_file)
     vol = make_volume(segment_size=128 * 1024, flush_mode=flush_mode,
                       open_kw={"cache_limit": 256 * 1024})
     rng = random.Random(11)

@@ -86,17 +86,29 @@ class SegmentFiles:
     # --- the cache ------------------------------------------------------------
 
     def adopt(self, seq: int) -> None:
-        """A local segment is now in the store: it may be evicted from here on."""
+        """A local segment is now in the store: it may be evicted from here on,
+        unless it is the store's own file (a file:// store on the same file
+        system links the segment in): evicting that would free no space and
+        only turn local reads into store reads."""
         try:
-            size = os.path.getsize(self.path(seq))
+            st = os.stat(self.path(seq))
         except FileNotFoundError:
+            return
+        if st.st_nlink > 1:
             return
         with self._lock:
             if seq not in self._cached:
-                self._cached[seq] = size
-                self._cached_bytes += size
+                self._cached[seq] = st.st_size
+                self._cached_bytes += st.st_size
             self._cached.move_to_end(seq)
         self._evict()
+
+    def is_local(self, seq: int) -> bool:
+        """Whether reads of `seq` are served from a local file."""
+        with self._lock:
+            if seq in self._files:
+                return True
+        return os.path.exists(self.path(seq))
 
     def _evict(self) -> None:
         while True:

@@ -815,6 +815,12 @@ class Volume:
 
     def _read_runs(self, runs: list[tuple], nowait: bool = False) -> bytes:
         bs = self.block_size
+        if nowait and len(runs) > 1:
+            # Refuse before reading anything, not after reading the local part.
+            is_local = self._files.is_local
+            for _lba, _n, source, _off, crcs in runs:
+                if source is not None and crcs is None and not is_local(source):
+                    raise WouldBlock(f"segment {source:016x} is not cached locally")
         parts = []
         for lba, n, source, off, crcs in runs:
             if source is None:
