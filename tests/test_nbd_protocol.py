@@ -494,8 +494,9 @@ def test_disconnect_mid_request_and_without_disc(server, volumes, caplog):
 
 def test_replies_complete_out_of_order(volumes):
     vol = volumes["vol"]
+    # With nowait=True this read would block: it goes to the pool.
     vol.delay_for = lambda op, offset: 0.5 if op == "read" and offset == 0 else 0
-    with running_server(volumes, offload_after=0) as srv:   # every request on the pool
+    with running_server(volumes) as srv:
         c = connected(srv)
         slow = c.request(p.CMD_READ, 0, 4096)
         fast = [c.request(p.CMD_READ, 4096 * i, 4096) for i in range(1, 6)]
@@ -505,19 +506,113 @@ def test_replies_complete_out_of_order(volumes):
         c.disconnect()
 
 
-def test_slow_kinds_move_to_the_pool_by_themselves(volumes):
+def test_reads_that_would_block_overlap_on_the_pool(volumes):
     vol = volumes["vol"]
-    vol.delay_for = lambda op, offset: 0.02 if op == "read" else 0
-    with running_server(volumes) as srv:                     # default policy
+    vol.delay_for = lambda op, offset: 0.05 if op == "read" else 0
+    with running_server(volumes) as srv:
         c = connected(srv)
-        for i in range(4):                                   # learn that reads wait
-            c.read(i * 4096, 4096)
         start = time.monotonic()
         handles = [c.request(p.CMD_READ, i * 4096, 4096) for i in range(16)]
         got = sorted(c.reply(4096)[0] for _ in handles)
         elapsed = time.monotonic() - start
         assert got == handles
-        assert elapsed < 16 * 0.02 / 2                       # they overlapped
+        assert elapsed < 16 * 0.05 / 2                       # they overlapped
+        # Reads that do not block run inline: none of these reaches the pool.
+        vol.delay_for = None
+        submitted = srv.server.pool.submit
+        calls = []
+        srv.server.pool.submit = lambda *a: calls.append(a) or submitted(*a)
+        handles = [c.request(p.CMD_READ, i * 4096, 4096) for i in range(16)]
+        assert sorted(c.reply(4096)[0] for _ in handles) == handles
+        assert calls == []
+        srv.server.pool.submit = submitted
+        c.disconnect()
+
+
+class NoNowaitVolume(FakeVolume):
+    """A device whose calls do not take nowait (as BlockDevice allows)."""
+
+    supports_nowait = False
+
+    def read(self, offset, length):
+        return super().read(offset, length)
+
+    def write(self, offset, data, *, fua=False):
+        return super().write(offset, data, fua=fua)
+
+    def write_zeroes(self, offset, length, *, fua=False):
+        return super().write_zeroes(offset, length, fua=fua)
+
+    def trim(self, offset, length, *, fua=False):
+        return super().trim(offset, length, fua=fua)
+
+
+def test_devices_without_nowait_run_requests_inline():
+    vol = NoNowaitVolume("vol", SIZE)
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        big = os.urandom(MiB)
+        c.write(0, big)                                       # on the pool
+        c.write(MiB + 1, b"x" * 5000)                         # inline
+        assert c.call(p.CMD_WRITE_ZEROES, 100, 50) == (0, b"")
+        assert c.call(p.CMD_TRIM, 2 * MiB, 8192) == (0, b"")
+        assert c.read(0, MiB) == big[:100] + bytes(50) + big[150:]
+        assert c.read(MiB, 5002) == b"\0" + b"x" * 5000 + b"\0"
+        # A slow read holds up the connection (it cannot tell that it blocks).
+        vol.delay_for = lambda op, offset: 0.3 if op == "read" and offset == 0 else 0
+        slow = c.request(p.CMD_READ, 0, 4096)
+        fast = c.request(p.CMD_READ, 4096, 4096)
+        assert [c.reply(4096)[0] for _ in range(2)] == [slow, fast]
+        c.disconnect()
+
+
+def test_large_writes_run_on_the_pool_in_order_with_overlapping_requests():
+    # Without nowait, only its size can send the slow write to the pool.
+    vol = NoNowaitVolume("vol", SIZE)
+    big = 256 * 1024
+    vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        first = c.request(p.CMD_WRITE, 0, big, data=b"A" * big)        # slow, on the pool
+        second = c.request(p.CMD_WRITE, 4096, 4096, data=b"B" * 4096)  # overlaps: waits
+        read = c.request(p.CMD_READ, 0, 3 * 4096)                       # sees both
+        third = c.request(p.CMD_WRITE, big - 4096, big, data=b"C" * big)   # overlaps first
+        other = c.request(p.CMD_READ, 4 * MiB, 4096)                    # independent
+        replies = []
+        for _ in range(5):
+            handle, error, data = c.reply(3 * 4096)
+            assert error == 0
+            replies.append((handle, data))
+        order = [h for h, _ in replies]
+        # The connection went on while the large write ran: the independent
+        # read was answered first.
+        assert order[0] == other
+        assert order.index(first) < order.index(second) < order.index(read)
+        assert order.index(first) < order.index(third)
+        assert dict(replies)[read] == b"A" * 4096 + b"B" * 4096 + b"A" * 4096
+        expected = b"A" * 4096 + b"B" * 4096 + b"A" * (big - 3 * 4096) + b"C" * big
+        assert vol.read(0, 2 * big - 4096) == expected
+        c.disconnect()
+
+
+def test_small_writes_that_would_block_go_to_the_pool(volumes):
+    vol = volumes["vol"]
+    vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0
+    with running_server(volumes) as srv:
+        c = connected(srv)
+        slow = c.request(p.CMD_WRITE, 0, 4096, data=b"S" * 4096)
+        read = c.request(p.CMD_READ, 0, 4096)                           # waits for it
+        other = c.request(p.CMD_WRITE, 8192, 4096, data=b"O" * 4096)    # does not
+        replies = {}
+        order = []
+        for _ in range(3):
+            handle, error, data = c.reply(4096)
+            assert error == 0
+            replies[handle] = data
+            order.append(handle)
+        assert order[0] == other
+        assert order.index(slow) < order.index(read)
+        assert replies[read] == b"S" * 4096
         c.disconnect()
 
 

@@ -21,7 +21,6 @@ from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 
 from lsbd.engine.api import BlockDevice
-from lsbd_nbd.dispatch import ReadPolicy
 from lsbd_nbd.errors import Disconnect, ProtocolError
 from lsbd_nbd.handshake import Handshake
 from lsbd_nbd.transmission import Connection
@@ -59,22 +58,18 @@ class SocketStream:
 class NBDServer:
     """Serve `exports` over NBD.
 
-    offload_after: a READ that blocks (on the store, a disk) longer than this
-    many seconds is slow; while reads are often slow they run on the worker
-    pool, several in flight per connection, otherwise on the connection's
-    own thread (see dispatch.py).  0 runs every read on the pool.
+    workers: threads of the pool shared by every connection, for the
+    requests that block (see dispatch.py).
     """
 
     def __init__(self, exports: MutableMapping[str, BlockDevice] | None = None, *,
                  default_export: str | None = None, workers: int = 32,
-                 offload_after: float = 0.002, handshake_timeout: float = 30.0):
+                 handshake_timeout: float = 30.0):
         # Not copied: the caller may add and remove exports in it too.
         self.exports: MutableMapping[str, BlockDevice] = exports if exports is not None else {}
         self._default = default_export
-        self.offload_after = offload_after
         self.handshake_timeout = handshake_timeout
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
-        self._policies: dict[str, ReadPolicy] = {}     # per export name
         self._listeners: list[tuple[socket.socket, str | None]] = []   # (socket, unix path)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -100,13 +95,6 @@ class NBDServer:
         if self._default is not None:
             return self._default
         return next(iter(self.exports), None)
-
-    def _policy_for(self, export_name: str) -> ReadPolicy:
-        with self._lock:
-            policy = self._policies.get(export_name)
-            if policy is None:
-                policy = self._policies[export_name] = ReadPolicy(self.offload_after)
-            return policy
 
     # --- listening -------------------------------------------------------------
 
@@ -270,8 +258,7 @@ class NBDServer:
                 return
             sock.settimeout(None)
             log.debug("%s: connected to export %r", peer, session.export_name)
-            Connection(sock, session, pool=self.pool,
-                       policy=self._policy_for(session.export_name), peer=peer).serve()
+            Connection(sock, session, pool=self.pool, peer=peer).serve()
         except Disconnect:
             pass
         except ProtocolError as e:

@@ -2,11 +2,11 @@
 once, run it on the engine, send the reply.
 
 Requests run on the connection's thread or on the server's pool (see
-dispatch.py); replies are sent as requests complete, so
-they may go out in another order than the requests came.  A request that
-overlaps a write still running on the pool waits for that write, so
-overlapping requests of one connection take effect in the order they were
-sent.  Engine exceptions become NBD errors in errors.nbd_error, nowhere else.
+dispatch.py); replies are sent as requests complete, so they may go out in
+another order than the requests came.  A request that overlaps a write
+still running on the pool waits for that write, so overlapping requests of
+one connection take effect in the order they were sent.  Engine exceptions
+become NBD errors in errors.nbd_error, nowhere else.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import logging
 import socket
 import struct
 import threading
-import time
 from concurrent.futures import Executor
 
 from lsbd.engine.api import MAX_REQUEST
+from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
-from lsbd_nbd.dispatch import ReadPolicy
+from lsbd_nbd.dispatch import POOL_WRITE_FROM, takes_nowait
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
 
@@ -75,13 +75,13 @@ class _Pooled:
 
 class Connection:
     def __init__(self, sock: socket.socket, session: Session, *,
-                 pool: Executor, policy: ReadPolicy, peer: str = ""):
+                 pool: Executor, peer: str = ""):
         self.sock = sock
         self.session = session
         self.device = session.device
+        self.nowait = takes_nowait(session.device)
         self.read_only = bool(session.flags & p.FLAG_READ_ONLY)
         self.pool = pool
-        self.policy = policy
         self.peer = peer
         self.send_lock = threading.Lock()
         self.state_lock = threading.Lock()
@@ -155,25 +155,43 @@ class Connection:
                     self.changed.wait()
 
     def _loop(self) -> None:
-        # The hot path: everything it touches per request is a local.
+        # The hot path.  Everything it touches per request is a local; READ
+        # and WRITE that pass a few cheap checks take a short path, anything
+        # else (including every request that is refused) goes through
+        # validate() and perform().
         buf = self.buf
         view = memoryview(buf)
         pos = end = 0                 # unparsed input is buf[pos:end]
         pending = self.pending        # inline replies, sent before the next blocking read
+        writes_in_pool = self.writes_in_pool   # changed in place, never rebound
         unpack_from = p.REQUEST.unpack_from
+        pack_simple = p.SIMPLE_REPLY.pack
+        pack_read = p.STRUCTURED_READ_REPLY.pack
+        read = self.device.read
+        write = self.device.write
+        nowait = self.nowait
+        structured = self.session.structured
+        size = self.session.size
+        # The flags READ and WRITE may not carry here (refused in validate).
+        read_refused = ~self._allowed[p.CMD_READ]
+        write_refused = ~self._allowed[p.CMD_WRITE]
+        writable = not self.read_only
         validate = self.validate
         perform = self.perform
-        policy = self.policy
-        record = policy.record
-        measure = policy.measure
-        clock = time.perf_counter
+        submit = self._submit
+        queue_behind = self._queue_behind_overlaps
         request_magic = p.REQUEST_MAGIC
+        simple_magic = p.SIMPLE_REPLY_MAGIC
+        structured_magic = p.STRUCTURED_REPLY_MAGIC
+        done_flag = p.REPLY_FLAG_DONE
+        offset_data = p.REPLY_TYPE_OFFSET_DATA
         max_block = p.MAX_BLOCK
         cmd_read = p.CMD_READ
         cmd_write = p.CMD_WRITE
         cmd_disc = p.CMD_DISC
         cmd_flush = p.CMD_FLUSH
         fua_flag = p.CMD_FLAG_FUA
+        pool_write_from = POOL_WRITE_FROM
         gather_above = _GATHER_ABOVE
         while not self.broken:
             if self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
@@ -184,6 +202,35 @@ class Connection:
             if magic != request_magic:
                 raise ProtocolError(f"bad request magic {magic:#x}")
             pos += 28
+
+            if (cmd == cmd_read and not flags & read_refused and 0 < length <= max_block
+                    and offset + length <= size):
+                if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, None):
+                    continue
+                try:
+                    payload = read(offset, length, nowait=True) if nowait else read(offset, length)
+                except WouldBlock:
+                    submit(_Pooled(cmd, flags, handle, offset, length, None))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - every error becomes a reply
+                    pending.append(self._failure(exc, cmd, flags, handle, offset, length)[0])
+                    continue
+                if structured:
+                    head = pack_read(structured_magic, done_flag, offset_data, handle,
+                                     len(payload) + 8, offset)
+                else:
+                    head = pack_simple(simple_magic, 0, handle)
+                if length > gather_above:
+                    if pending:
+                        self.flush_pending()
+                    self.send((head, payload))
+                    continue
+                pending.append(head)
+                pending.append(payload)
+                if len(pending) >= 64:
+                    self.flush_pending()
+                continue
+
             data = None
             if cmd == cmd_write:
                 if length > max_block:
@@ -197,43 +244,52 @@ class Connection:
                         pos, end = self._fill(view, pos, end, length, between_requests=False)
                     data = view[pos:pos + length].tobytes()
                     pos += length
+                    self.large_writes = False
+                if (data is not None and writable and not flags & write_refused and length
+                        and offset + length <= size):
+                    if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, data):
+                        continue
+                    if length >= pool_write_from or flags & fua_flag:
+                        submit(_Pooled(cmd, flags, handle, offset, length, data))
+                        continue
+                    try:
+                        if nowait:
+                            write(offset, data, nowait=True)
+                        else:
+                            write(offset, data)
+                    except WouldBlock:
+                        submit(_Pooled(cmd, flags, handle, offset, length, data))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - every error becomes a reply
+                        pending.append(self._failure(exc, cmd, flags, handle, offset, length)[0])
+                        continue
+                    pending.append(pack_simple(simple_magic, 0, handle))
+                    if len(pending) >= 64:
+                        self.flush_pending()
+                    continue
             elif cmd == cmd_disc:
                 return
-            if self.large_writes and data is not None and length <= len(buf):
-                self.large_writes = False
+
+            # Everything else, and every request that is refused.
             err, message = validate(cmd, flags, offset, length)
             if err:
                 pending.append(self.error_reply(flags, handle, err, message)[0])
                 continue
-            if self.writes_in_pool and cmd != cmd_flush:
-                if self._queue_behind_overlaps(cmd, flags, handle, offset, length, data):
-                    continue
-            if cmd == cmd_read:
-                now = clock()
-                if now < policy.pool_until:
-                    self._submit(_Pooled(cmd, flags, handle, offset, length, data))
-                    continue
-                if policy.precise:
-                    head, payload = measure(now, perform, cmd, flags, handle, offset, length,
-                                            data)
-                else:
-                    head, payload = perform(cmd, flags, handle, offset, length, data)
-                    done = clock()
-                    record(done - now, False, done)
-            elif cmd == cmd_flush or flags & fua_flag:
-                self._submit(_Pooled(cmd, flags, handle, offset, length, data))
+            if (writes_in_pool and cmd != cmd_flush
+                    and queue_behind(cmd, flags, handle, offset, length, data)):
                 continue
-            else:
-                head, payload = perform(cmd, flags, handle, offset, length, data)
+            if cmd == cmd_flush or flags & fua_flag:
+                submit(_Pooled(cmd, flags, handle, offset, length, data))
+                continue
+            try:
+                head, payload = perform(cmd, flags, handle, offset, length, data, nowait=nowait)
+            except WouldBlock:
+                submit(_Pooled(cmd, flags, handle, offset, length, data))
+                continue
             pending.append(head)
             if payload is not None:
-                if len(payload) > gather_above:
-                    pending.pop()
-                    self.flush_pending()
-                    self.send((head, payload))
-                else:
-                    pending.append(payload)
-            if len(pending) >= 32:
+                pending.append(payload)
+            if len(pending) >= 64:
                 self.flush_pending()
 
     def _fill(self, view: memoryview, pos: int, end: int, need: int, *,
@@ -352,16 +408,19 @@ class Connection:
     # --- running one request ----------------------------------------------------
 
     def perform(self, cmd: int, flags: int, handle: int, offset: int, length: int,
-                data: bytes | None) -> Reply:
-        """Run one validated request on the engine; return its reply."""
+                data: bytes | None, *, nowait: bool = False) -> Reply:
+        """Run one validated request on the engine; return its reply.
+        nowait=True (only for a device that takes it): WouldBlock comes out
+        as is, for the caller to run the request again on the pool."""
         device = self.device
         try:
             if cmd == p.CMD_READ:
                 return self.read_reply(handle, offset, device.read(offset, length) if length else b"")
             fua = bool(flags & p.CMD_FLAG_FUA)
+            extra = {"nowait": True} if nowait else {}
             if cmd == p.CMD_WRITE:
                 if length:
-                    device.write(offset, data, fua=fua)
+                    device.write(offset, data, fua=fua, **extra)
             elif cmd == p.CMD_FLUSH:
                 if not self.read_only:       # nothing to make durable otherwise
                     device.flush()
@@ -371,28 +430,37 @@ class Connection:
                 # other range (every write is appended to the log): so the
                 # zeroing is fast (FAST_ZERO succeeds) and NO_HOLE needs
                 # nothing more than the same zeroing.
-                self._in_chunks(device.write_zeroes, offset, length, fua)
+                self._in_chunks(device.write_zeroes, offset, length, fua, extra)
             elif cmd == p.CMD_TRIM:
-                self._in_chunks(device.trim, offset, length, fua)
+                self._in_chunks(device.trim, offset, length, fua, extra)
             elif cmd == p.CMD_BLOCK_STATUS:
                 return self.block_status_reply(handle, flags, offset, length)
             return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), None
         except Exception as exc:
-            err, worth_logging = nbd_error(exc)
-            if worth_logging:
-                log.error("%s: %s offset=%d length=%d on export %r failed: %s", self.peer,
-                          p.CMD_NAMES.get(cmd, cmd), offset, length, self.session.export_name,
-                          exc, exc_info=not isinstance(exc, OSError))
-            return self.error_reply(flags, handle, err, str(exc) or type(exc).__name__)
+            if nowait and isinstance(exc, WouldBlock):
+                raise
+            return self._failure(exc, cmd, flags, handle, offset, length)
+
+    def _failure(self, exc: Exception, cmd: int, flags: int, handle: int, offset: int,
+                 length: int) -> Reply:
+        """The error reply for an engine exception, logged if it is worth it."""
+        err, worth_logging = nbd_error(exc)
+        if worth_logging:
+            log.error("%s: %s offset=%d length=%d on export %r failed: %s", self.peer,
+                      p.CMD_NAMES.get(cmd, cmd), offset, length, self.session.export_name,
+                      exc, exc_info=not isinstance(exc, OSError))
+        return self.error_reply(flags, handle, err, str(exc) or type(exc).__name__)
 
     @staticmethod
-    def _in_chunks(call, offset: int, length: int, fua: bool) -> None:
+    def _in_chunks(call, offset: int, length: int, fua: bool, extra: dict) -> None:
         # TRIM and WRITE_ZEROES carry no payload and may be up to 4 GiB; the
-        # engine takes at most MAX_REQUEST bytes per call.
+        # engine takes at most MAX_REQUEST bytes per call.  If a later piece
+        # would block, the whole request runs again on the pool: zeroing a
+        # range twice is harmless.
         end = offset + length
         while offset < end:
             n = min(end - offset, MAX_REQUEST)
-            call(offset, n, fua=fua)
+            call(offset, n, fua=fua, **extra)
             offset += n
 
     # --- replies --------------------------------------------------------------------
