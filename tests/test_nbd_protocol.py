@@ -595,6 +595,37 @@ def test_large_writes_run_on_the_pool_in_order_with_overlapping_requests():
         c.disconnect()
 
 
+def test_large_writes_of_a_connection_run_one_at_a_time():
+    class Counting(NoNowaitVolume):
+        running = most = 0
+
+        def write(self, offset, data, *, fua=False):
+            with lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(0.05)
+                return super().write(offset, data, fua=fua)
+            finally:
+                with lock:
+                    self.running -= 1
+
+    lock = threading.Lock()
+    vol = Counting("vol", SIZE)
+    big = 256 * 1024
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        handles = [c.request(p.CMD_WRITE, i * big, big, data=bytes([i]) * big)
+                   for i in range(6)]
+        other = c.request(p.CMD_READ, 4 * MiB, 4096)
+        order = [c.reply(4096)[0] for _ in range(7)]
+        assert order[0] == other                # the connection did not wait for them
+        assert order[1:] == handles             # in turn, in the order sent
+        assert vol.most == 1
+        assert vol.read(0, 6 * big) == b"".join(bytes([i]) * big for i in range(6))
+        c.disconnect()
+
+
 def test_small_writes_that_would_block_go_to_the_pool(volumes):
     vol = volumes["vol"]
     vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0

@@ -14,10 +14,12 @@ dominate).  So:
     or any write while the engine is behind sealing segments), and only then
     does the request go to the pool, where it blocks as long as it needs and
     cache misses overlap.  A device without nowait runs them inline.
-  * WRITE of POOL_WRITE_FROM bytes or more runs on the pool: the engine's
-    journal write takes about 1 ms per MiB with the GIL released, so the
-    connection's thread receives the next payload meanwhile.  A 4 KiB
-    write is not worth the hand-off.
+  * WRITE of POOL_WRITE_FROM bytes or more runs on the pool, so that the
+    connection's thread receives the next payload while the engine writes
+    (about 1 ms per MiB, much of it with the GIL released).  A connection's
+    large writes run one after another on one pool thread: the engine
+    writes one at a time under its lock, and more threads would only wait
+    for it.  A 4 KiB write is not worth the hand-off.
   * FLUSH and anything with FUA run on the pool: they wait for an fsync or
     the store by definition, and the connection keeps reading meanwhile.
   * BLOCK_STATUS runs inline (the engine answers from its map).
