@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the package
     _fast = None
 
-_MASK_DELTA = 0xA282EAD8
+MASK_DELTA = _MASK_DELTA = 0xA282EAD8
 
 
 def crc32c_reference(data: bytes, crc: int = 0) -> int:
@@ -30,6 +30,10 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     if _fast is not None:
         return _fast(data, crc)
     return _reference(bytes(data), crc)
+
+
+#: crc32c(data) of one buffer, without the wrapper's call (for hot loops).
+crc32c_of = _fast if _fast is not None else (lambda data: _reference(bytes(data)))
 
 
 def mask(crc: int) -> int:

@@ -489,7 +489,9 @@ def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatc
         assert segment_seqs(store, "vol") == []
         assert vol.read(0, BS) == block(1, 0)  # kept locally meanwhile
         faulty.heal()
-        vol.flush()                             # the upload is retried
+        # The upload is retried at its next backoff step (up to seconds away).
+        monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 30.0)
+        vol.flush()
         assert segment_seqs(store, "vol") == [1]
     finally:
         vol.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 import time
 
@@ -27,6 +28,7 @@ from lsbd.engine.segment import (
 )
 
 HOLE = -1  # overlay value of a zeroed/trimmed block
+_CRC = struct.Struct("<I")
 WRITEBACK_EVERY = 1 << 20  # start writing the journal to disk every this many bytes
 BIG_RANGE = 256  # zero/trim records longer than this (blocks) are kept as ranges
 _HOLE_ADDED = object()  # undo marker
@@ -131,16 +133,26 @@ class OpenSegment:
             if undo is not None:
                 undo.append((None, _HOLE_ADDED))
             return
-        for i in range(nblocks):
-            b = lba + i
+        if nblocks == 1:   # random I/O
             if undo is not None:
-                undo.append((b, blocks.get(b)))
+                undo.append((lba, blocks.get(lba)))
             if kind == DATA:
-                blocks[b] = (data_offset + i * bs, int.from_bytes(crcs[4 * i:4 * i + 4], "little"))
+                blocks[lba] = (data_offset, _CRC.unpack(crcs)[0])
+                self.data_bytes += bs
             else:
-                blocks[b] = (HOLE, 0)
+                blocks[lba] = (HOLE, 0)
+            return
+        # Bulk operations rather than a loop per block: this runs for every
+        # block written.
+        lbas = range(lba, lba + nblocks)
+        if undo is not None:
+            undo.extend(zip(lbas, map(blocks.get, lbas)))
         if kind == DATA:
+            blocks.update(zip(lbas, zip(range(data_offset, data_offset + nblocks * bs, bs),
+                                        struct.unpack(f"<{nblocks}I", crcs))))
             self.data_bytes += nblocks * bs
+        else:
+            blocks.update(dict.fromkeys(lbas, (HOLE, 0)))
 
     def rollback(self, mark: tuple[int, int, list]) -> None:
         end, nrecords, undo = mark

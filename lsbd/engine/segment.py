@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 
 import attrs
 
-from lsbd.checksum import crc32c, mask, masked_crc
+from lsbd.checksum import MASK_DELTA, crc32c, crc32c_of, mask, masked_crc
 from lsbd.errors import CorruptionError
 
 FORMAT_VERSION = 1
@@ -93,8 +93,12 @@ def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
         return _CRC.pack(mask(crc32c(data)))
     view = memoryview(data)
     n = len(view) // block_size
-    return struct.pack(f"<{n}I", *(mask(crc32c(view[i * block_size:(i + 1) * block_size]))
-                                   for i in range(n)))
+    # One comprehension, the mask inlined: this runs for every block written.
+    m, delta = 0xFFFFFFFF, MASK_DELTA
+    crcs = [((((c >> 15) | (c << 17)) & m) + delta) & m
+            for c in map(crc32c_of, [view[i:i + block_size]
+                                  for i in range(0, n * block_size, block_size)])]
+    return struct.pack(f"<{n}I", *crcs)
 
 
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
