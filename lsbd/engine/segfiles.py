@@ -44,12 +44,13 @@ class _OpenFile:
     """A cached descriptor; `users` reads hold it, `retired`: close it when
     the last one lets go (the file was evicted or forgotten meanwhile)."""
 
-    __slots__ = ("fd", "users", "retired")
+    __slots__ = ("fd", "users", "retired", "index")
 
     def __init__(self, fd: int):
         self.fd = fd
         self.users = 0
         self.retired = False
+        self.index: SegmentIndex | None = None   # loaded on the first checked read
 
 
 class SegmentFiles:
@@ -197,10 +198,6 @@ class SegmentFiles:
         finally:
             self._release(f)
 
-    def drop_index(self, seq: int) -> None:
-        with self._lock:
-            self._indexes.pop(seq, None)
-
     def _note_remote_read(self, seq: int) -> None:
         """A segment read remotely again and again is worth a local copy:
         fetch it whole in the background (scattered one-off reads never do,
@@ -280,9 +277,9 @@ class SegmentFiles:
             self._note_remote_read(seq)
             return data
         try:
-            idx = self._cached_index(seq)
+            idx = f.index
             if idx is None:
-                idx = self._local_index(seq, f.fd)
+                idx = f.index = self._local_index(seq, f.fd)
             data = os.pread(f.fd, length, offset)
             self._check(seq, idx, offset, data, nblocks)
             return data

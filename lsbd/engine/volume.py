@@ -381,8 +381,18 @@ class Volume:
         last = -(-(offset + length) // bs)
         with self._lock:
             self._check_open()
-            runs = self._plan(first, last - first)
-        data = self._read_runs(runs, nowait)
+            seg = self._open
+            if last - first == 1 and not self._sealing and (seg is None or not seg.has_overlay):
+                # One block and no journal to look at (random reads): the map alone.
+                runs = None
+                found = self._map.lookup(first, 1)
+            else:
+                runs = self._plan(first, last - first)
+        if runs is None:
+            data = self._files.read_blocks(found[0].seq, found[0].offset, 1, nowait=nowait) \
+                if found else self._zero_block
+        else:
+            data = self._read_runs(runs, nowait)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += length
         start = offset - first * bs
