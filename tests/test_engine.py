@@ -9,6 +9,7 @@ import os
 import random
 import struct
 import threading
+import time
 import uuid
 
 import pytest
@@ -412,6 +413,46 @@ def test_transaction_failing_half_way_leaves_nothing_visible(make_volume, tmp_pa
     try:
         assert vol.read(0, BS) == block(1, 0) and vol.read(8 * BS, BS) == block(1, 8)
         assert vol.read(16 * BS, BS) == bytes(BS) and vol.read(24 * BS, BS) == block(3, 24)
+    finally:
+        vol.close()
+
+
+def test_a_failing_sync_stops_writes_and_loses_nothing(make_volume, store, tmp_path,
+                                                       monkeypatch):
+    """The sealer's fsync fails (a dying disk): the volume stops taking
+    writes with a clear error, keeps serving reads, keeps its lease and its
+    journals on close, and the next open replays them."""
+    vol = make_volume(segment_size=64 * 1024)
+    vol.write(0, block(1, 0))
+    vol.flush()
+
+    def failing_finish(self):
+        raise OSError(errno.EIO, "injected: fsync failed")
+
+    monkeypatch.setattr(OpenSegment, "finish", failing_finish)
+    data = blocks(2, 16, 32)                       # 128 KiB: seals a 64 KiB segment
+    for i in range(0, len(data), 16 * BS):
+        try:
+            vol.write(16 * BS + i, data[i:i + 16 * BS])
+        except StoreError:
+            break
+    deadline = time.monotonic() + 10
+    while vol._failed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(StoreError, match="stopped taking writes"):
+        vol.write(100 * BS, block(3, 100))
+    with pytest.raises(StoreError, match="stopped taking writes"):
+        vol.flush()
+    acknowledged = vol.read(16 * BS, len(data))   # reads go on
+    assert vol.read(0, BS) == block(1, 0)
+    vol.close()
+    assert store.exists(names.lease_key("vol")), "the lease stays: the journals must win"
+    monkeypatch.undo()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), break_lease=True)
+    try:
+        assert vol.read(0, BS) == block(1, 0)
+        assert vol.read(16 * BS, len(data)) == acknowledged, "nothing written was lost"
+        assert vol.read(100 * BS, BS) == bytes(BS), "the refused write never happened"
     finally:
         vol.close()
 

@@ -499,6 +499,12 @@ class Volume:
                                     "in %s and upload on the next open", self.name,
                                     self._uploader.pending, self.folder)
                         self._lease = None  # keep the lease: our journal must win
+            elif not self.read_only:
+                # Writing stopped on an error: the journals may hold what the
+                # store lacks; they are replayed on the next open.
+                log.warning("volume %s: closing after a failure (%s); the journals stay in %s "
+                            "and the lease is kept", self.name, self._failed, self.folder)
+                self._lease = None
         finally:
             self._closed = True
             self._teardown()
