@@ -593,6 +593,12 @@ class Volume:
     def _commit(self, ops: list[tuple], *, fua: bool, nowait: bool = False) -> None:
         if nowait and fua:
             raise WouldBlock("a FUA write waits for an fsync")
+        bs = self.block_size
+        # Block-aligned data needs nothing from the volume: its checksums are
+        # computed before taking the lock, which is then held only to append.
+        ready = [self._split_zero_runs(offset // bs, arg)
+                 if kind == DATA and not offset % bs and not len(arg) % bs else None
+                 for kind, offset, arg in ops]
         with self._lock:
             self._check_writable()
             if nowait and len(self._sealing) >= MAX_SEALING:
@@ -602,7 +608,9 @@ class Volume:
             undo = mark[2]
             try:
                 for i, (kind, offset, arg) in enumerate(ops):
-                    records = self._records_for(kind, offset, arg, nowait)
+                    records = ready[i]
+                    if records is None:
+                        records = self._records_for(kind, offset, arg, nowait)
                     for j, (rkind, lba, n, data, crcs) in enumerate(records):
                         seg.append(rkind, lba, n, data=data, crcs=crcs, undo=undo,
                                    commit=(i == len(ops) - 1 and j == len(records) - 1))
