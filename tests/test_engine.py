@@ -134,6 +134,32 @@ def test_nowait_calls_never_wait_for_the_store(make_volume, tmp_path):
     assert vol.read(0, BS) == blocks(1, 0, 1)       # without nowait: fetched
 
 
+def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch):
+    """A local block that is not in the page cache would wait for the disk:
+    nowait reads ask the kernel for cached data only (RWF_NOWAIT) and pass
+    the read on as WouldBlock when it has none."""
+    from lsbd.engine import segfiles
+
+    vol = make_volume()
+    vol.write(0, blocks(1, 0, 4))
+    vol._seal_and_wait()
+    assert vol.read(0, 4 * BS, nowait=True) == blocks(1, 0, 4)   # cached: done here
+    cold_seen = []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            cold_seen.append(offset)
+            raise BlockingIOError(errno.EAGAIN, "would block")   # as for a cold page
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(segfiles.os, "preadv", preadv)
+    with pytest.raises(WouldBlock):
+        vol.read(0, BS, nowait=True)
+    assert cold_seen, "the nowait read asked the kernel for cached data only"
+    assert vol.read(0, 4 * BS) == blocks(1, 0, 4)             # without nowait: read from disk
+
+
 def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
     """Between sealing and the map update, a segment's blocks are read
     through its in-memory index, newest copy first, holes included."""

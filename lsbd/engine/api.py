@@ -17,7 +17,8 @@ on read, write, write_zeroes and trim.  Such a call either completes using
 only local files (a short hold of the volume lock, a pread or pwrite of the
 local journal or segment cache) or raises WouldBlock having done nothing,
 when it would wait for the object store (blocks not cached locally, also
-the edge blocks of a partial-block write) or for an fsync (fua=True).  A
+the edge blocks of a partial-block write), for the disk (local blocks not in
+the page cache: reads use RWF_NOWAIT) or for an fsync (fua=True).  A
 front end with an event loop runs calls inline with nowait=True and hands
 only the WouldBlock ones to worker threads.
 """

@@ -18,6 +18,7 @@ never closes a descriptor under a reader (it is closed by the last one)."""
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import resource
@@ -38,6 +39,31 @@ HOT_AFTER_READS = 4         # remote reads of one segment before it is cached wh
 # Local segment files kept open for reads: 512 covers a 4 GiB working set of
 # 8 MiB segments, within a quarter of the process's descriptor limit.
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
+def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
+    """pread; with nowait, only from the page cache (RWF_NOWAIT): a read that
+    would wait for the disk raises WouldBlock, so that an event loop never
+    stalls on a cold block either."""
+    global _RWF_NOWAIT
+    if not nowait or _RWF_NOWAIT is None:
+        return os.pread(fd, length, offset)
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except BlockingIOError:
+        raise WouldBlock("the blocks are not in the page cache") from None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _RWF_NOWAIT = None    # this kernel or file system cannot: plain reads
+        return os.pread(fd, length, offset)
+    if n < length:   # partly cached (or cut short: the blocking retry tells)
+        raise WouldBlock("the blocks are not all in the page cache")
+    return bytes(buf)
 
 
 class _OpenFile:
@@ -186,7 +212,8 @@ class SegmentFiles:
             if f.retired and not f.users:
                 os.close(f.fd)
 
-    def read_journal(self, seq: int, offset: int, length: int) -> bytes | None:
+    def read_journal(self, seq: int, offset: int, length: int, *,
+                     nowait: bool = False) -> bytes | None:
         """Bytes of a local journal file (the open or a sealing segment; the
         caller checks them), or None if the file is gone (it was sealed,
         uploaded and evicted meanwhile)."""
@@ -194,7 +221,7 @@ class SegmentFiles:
         if f is None:
             return None
         try:
-            return os.pread(f.fd, length, offset)
+            return _pread(f.fd, length, offset, nowait)
         finally:
             self._release(f)
 
@@ -280,7 +307,7 @@ class SegmentFiles:
             idx = f.index
             if idx is None:
                 idx = f.index = self._local_index(seq, f.fd)
-            data = os.pread(f.fd, length, offset)
+            data = _pread(f.fd, length, offset, nowait)
             self._check(seq, idx, offset, data, nblocks)
             return data
         except CorruptionError as local_error:

@@ -859,7 +859,7 @@ class Volume:
                       nowait: bool) -> bytes:
         """Blocks of a journal (the open segment, or one sealed but not yet in
         the map), checked against the CRCs of its in-memory index."""
-        data = self._files.read_journal(seq, offset, n * self.block_size)
+        data = self._files.read_journal(seq, offset, n * self.block_size, nowait=nowait)
         if data is None:  # sealed, uploaded and evicted meanwhile
             return self._files.read_blocks(seq, offset, n, nowait=nowait)
         check_open_blocks(data, crcs, self.block_size, where=self.lineage.segment_key(seq),
