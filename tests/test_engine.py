@@ -952,6 +952,22 @@ def _folder_bytes(path: str) -> int:
     return total
 
 
+def test_a_fetch_that_ends_after_close_leaves_the_cache_dir_alone(make_volume, tmp_path):
+    """A whole-segment fetch may still be running when the volume closes
+    (or crashes); the next writer may own the cache dir by then, so the
+    fetch drops what it got instead of writing it there."""
+    vol = make_volume()
+    vol.write(0, blocks(1, 0, 4))
+    vol = _reopen(vol, tmp_path, lose_cache=True)       # the segment is remote only
+    seq = vol.applied_seq
+    files = vol._files
+    files.close()                                        # as at a close or a crash
+    files._fetch_whole(seq)                              # the fetch ends after it
+    assert not os.path.exists(files.path(seq))
+    assert not [n for n in os.listdir(files.folder) if n.endswith(".part")]
+    vol.close()
+
+
 def test_segments_linked_into_a_local_store_are_never_evicted(make_volume, tmp_path):
     """A file:// store on the same file system links each segment in: the
     cache's file is the store's, so evicting it would free nothing and turn

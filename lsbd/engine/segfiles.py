@@ -95,6 +95,11 @@ class SegmentFiles:
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._remote_hits: dict[int, int] = {}
         self._files: collections.OrderedDict[int, _OpenFile] = collections.OrderedDict()
+        # Background threads (a whole-segment fetch, an upload finishing) may
+        # outlive close(): they change the folder only under this lock, and
+        # not at all once it is closed (a new writer may own it by then).
+        self._folder_lock = threading.Lock()
+        self._closed = False
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-fetch")
 
     def path(self, seq: int) -> str:
@@ -117,6 +122,11 @@ class SegmentFiles:
         unless it is the store's own file (a file:// store on the same file
         system links the segment in): evicting that would free no space and
         only turn local reads into store reads."""
+        with self._folder_lock:
+            if not self._closed:
+                self._adopt_locked(seq)
+
+    def _adopt_locked(self, seq: int) -> None:
         try:
             st = os.stat(self.path(seq))
         except FileNotFoundError:
@@ -244,17 +254,23 @@ class SegmentFiles:
             return
         try:
             data = self.store.get(self.key_of(seq))
-            tmp = path + ".part"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with self._folder_lock:
+                if self._closed:
+                    return
+                tmp = path + ".part"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+                self._adopt_locked(seq)
         except OSError as e:  # only a cache fill: reads go on remotely
             log.info("could not cache segment %s: %s", self.key_of(seq), e)
-            return
-        self.adopt(seq)
 
     def close(self) -> None:
+        """Stop using the folder.  A fetch still running finds it closed and
+        drops what it fetched."""
         self._fetcher.shutdown(wait=False, cancel_futures=True)
+        with self._folder_lock:
+            self._closed = True
         with self._lock:
             for seq in list(self._files):
                 self._retire_locked(seq)
