@@ -160,6 +160,43 @@ def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch)
     assert vol.read(0, 4 * BS) == blocks(1, 0, 4)             # without nowait: read from disk
 
 
+def _cached_fraction(path: str) -> float:
+    """How much of a file a page-cache-only read (RWF_NOWAIT) gets."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(size)
+        try:
+            return os.preadv(fd, [buf], 0, os.RWF_NOWAIT) / size
+        except BlockingIOError:
+            return 0.0
+    finally:
+        os.close(fd)
+
+
+def test_segments_left_without_live_blocks_leave_the_page_cache(make_volume):
+    """Once every block of a segment is overwritten, nothing reads it (short
+    of a restore of the past): the sealer lets the kernel drop its pages, so
+    that new writes reuse them.  A segment still holding live blocks keeps
+    its pages; the dropped one is still whole on disk."""
+    vol = make_volume()
+    vol.write(0, blocks(1, 0, 40))
+    first = vol._seal_and_wait()
+    vol.write(40 * BS, blocks(2, 40, 40))
+    second = vol._seal_and_wait()
+    old = {1: vol._files.path(first), 2: vol._files.path(second)}
+    assert all(_cached_fraction(p) == 1.0 for p in old.values())
+    vol.write(0, blocks(3, 0, 70))          # all of segment 1, part of segment 2
+    vol._seal_and_wait()
+    infos = {i.seq: i for i in vol.segment_infos()}
+    assert infos[first].live_blocks == 0 and infos[second].live_blocks == 10
+    assert _cached_fraction(old[1]) < 0.5, "the empty segment's pages were dropped"
+    assert _cached_fraction(old[2]) == 1.0, "a segment with live blocks keeps its pages"
+    assert vol.read(0, 80 * BS) == blocks(3, 0, 70) + blocks(2, 70, 10)
+    vol.flush_to_store()
+    assert vol.verify() == []               # every segment, the dropped one included, reads back
+
+
 def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
     """Between sealing and the map update, a segment's blocks are read
     through its in-memory index, newest copy first, holes included."""

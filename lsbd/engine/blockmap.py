@@ -175,10 +175,13 @@ class BlockMap:
 
     # --- updates ---------------------------------------------------------------
 
-    def apply_segment(self, info: SegmentInfo, records: Iterable[Record], **meta: bytes) -> None:
+    def apply_segment(self, info: SegmentInfo, records: Iterable[Record],
+                      **meta: bytes) -> list[int]:
         """Apply one sealed segment's records, in order, in one transaction,
-        and record the segment and `meta` (e.g. the new applied seq)."""
+        and record the segment and `meta` (e.g. the new applied seq).
+        Returns the older segments it left without a live block."""
         live_delta: dict[int, int] = defaultdict(int)
+        emptied = []
         with self._env.begin(write=True) as txn:
             cur = txn.cursor(db=self._extents)
             for r in records:
@@ -197,9 +200,12 @@ class BlockMap:
                 if raw is not None:
                     old = SegmentInfo.unpack(seq, raw)
                     old.live_blocks = max(0, old.live_blocks + delta)
+                    if old.live_blocks == 0:
+                        emptied.append(seq)
                     txn.put(_KEY.pack(seq), old.pack(), db=self._segments)
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
+        return emptied
 
     def _punch(self, txn, cur, start: int, end: int, live_delta: dict[int, int]) -> None:
         """Remove [start, end) from the extents, keeping the parts outside it."""

@@ -30,6 +30,7 @@ from lsbd.engine.segment import (
 HOLE = -1  # overlay value of a zeroed/trimmed block
 _CRC = struct.Struct("<I")
 WRITEBACK_EVERY = 1 << 20  # start writing the journal to disk every this many bytes
+_PAGE_MASK = 4095
 BIG_RANGE = 256  # zero/trim records longer than this (blocks) are kept as ranges
 _HOLE_ADDED = object()  # undo marker
 
@@ -112,9 +113,11 @@ class OpenSegment:
         self.dirty = True
         if self.end - self._writeback_from >= WRITEBACK_EVERY:
             # Start the disk on what is written so far (without waiting), so
-            # that the fsync at the seal finds little left to do.
-            start_writeback(self.fd, self._writeback_from, self.end - self._writeback_from)
-            self._writeback_from = self.end
+            # that the fsync at the seal finds little left to do.  Whole pages
+            # only: the next append writes into the partial last one.
+            upto = self.end & ~_PAGE_MASK
+            start_writeback(self.fd, self._writeback_from, upto - self._writeback_from)
+            self._writeback_from = upto
         if kind == RESIZE:
             return
         bs = self.block_size

@@ -174,6 +174,35 @@ class SegmentFiles:
         except FileNotFoundError:
             pass
 
+    def drop_page_cache(self, seqs: list[int]) -> None:
+        """Let the kernel drop the cached pages of these local segment files
+        (synced, so the pages are clean).  A log writes into new pages all
+        the time: pages freed here are the ones it gets next, and reusing
+        pages is far cheaper than getting fresh ones (measured on a VM:
+        0.2 ms per MiB against 2.3 ms).  Reads of these files still work,
+        from the disk."""
+        for seq in seqs:
+            with self._lock:
+                if self._closed:
+                    return
+                f = self._files.get(seq)
+                if f is not None:
+                    f.users += 1
+            try:
+                if f is not None:
+                    os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                else:
+                    fd = os.open(self.path(seq), os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+            except OSError:
+                pass    # not local, or no fadvise here: only a missed saving
+            finally:
+                if f is not None:
+                    self._release(f)
+
     def drop_file(self, seq: int) -> None:
         """The local file of `seq` is about to be removed or replaced by a new
         file of the same name (an empty journal discarded): stop using it."""

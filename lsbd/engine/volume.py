@@ -783,11 +783,14 @@ class Volume:
         newest segment (when replaying; the sealer's caller does that)."""
         size = os.path.getsize(self._files.path(seq))
         info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
-        self._map.apply_segment(info, records, applied_seq=str(seq).encode(),
-                                size=str(trailer.volume_size).encode(),
-                                top_crc=str(info.trailer_crc).encode(),
-                                volume_id=self.config.volume_id.encode(),
-                                store_url=self.store.url.encode())
+        emptied = self._map.apply_segment(info, records, applied_seq=str(seq).encode(),
+                                          size=str(trailer.volume_size).encode(),
+                                          top_crc=str(info.trailer_crc).encode(),
+                                          volume_id=self.config.volume_id.encode(),
+                                          store_url=self.store.url.encode())
+        # Nothing reads a segment without live blocks (short of a restore of
+        # the past): its cached pages are better spent on new writes.
+        self._files.drop_page_cache(emptied)
         if advance:
             self._applied = seq
             self._size = trailer.volume_size
