@@ -20,7 +20,8 @@ when it would wait for the object store (blocks not cached locally, also
 the edge blocks of a partial-block write), for the disk (local blocks not in
 the page cache: reads use RWF_NOWAIT) or for an fsync (fua=True).  A
 front end with an event loop runs calls inline with nowait=True and hands
-only the WouldBlock ones to worker threads.
+only the WouldBlock ones to worker threads.  A nowait read may return a
+bytearray rather than bytes (the buffer the kernel filled, not a copy).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class BlockDevice(Protocol):
         """Current size in bytes (a multiple of block_size)."""
 
     def read(self, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes; unwritten ranges read as zeros."""
+        """Exactly `length` bytes (bytes, or a bytearray from a nowait read);
+        unwritten ranges read as zeros."""
 
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         """Atomic across a crash: after a crash all of `data` or none of it is there.

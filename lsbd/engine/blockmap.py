@@ -13,9 +13,11 @@ Databases:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
+import threading
 from collections import defaultdict
 from typing import Iterable, Iterator, NamedTuple
 
@@ -73,9 +75,29 @@ class BlockMap:
         self._extents = self._env.open_db(b"extents")
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
+        # lookup_block's read transaction, kept between lookups (beginning one
+        # costs about as much as the lookup) and dropped at every write.
+        self._reader_lock = threading.Lock()
+        self._reader = None
 
     def close(self) -> None:
+        self._drop_reader()
         self._env.close()
+
+    @contextlib.contextmanager
+    def _writing(self, db=None):
+        """A write transaction; once it ends, lookups see what it did."""
+        try:
+            with self._env.begin(write=True, db=db) as txn:
+                yield txn
+        finally:
+            self._drop_reader()
+
+    def _drop_reader(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader[0].abort()
+                self._reader = None
 
     @staticmethod
     def destroy(path: str) -> None:
@@ -89,7 +111,7 @@ class BlockMap:
         return default if value is None else bytes(value)
 
     def set_meta(self, **values: bytes) -> None:
-        with self._env.begin(write=True, db=self._meta) as txn:
+        with self._writing(self._meta) as txn:
             for k, v in values.items():
                 txn.put(k.encode(), v)
 
@@ -133,6 +155,29 @@ class BlockMap:
                 out.append(Extent(s, min(s + n, end) - s, seq, off))
         return out
 
+    def lookup_block(self, lba: int) -> tuple[int, int] | None:
+        """(seq, file offset) of one block, or None for a hole: lookup() for
+        random reads, without building a list."""
+        key = _KEY.pack(lba)
+        with self._reader_lock:
+            if self._reader is None:
+                txn = self._env.begin(db=self._extents)
+                self._reader = (txn, txn.cursor())
+            cur = self._reader[1]
+            if cur.set_range(key):
+                if cur.key() == key:
+                    _n, seq, off = _EXTENT.unpack(cur.value())
+                    return seq, off
+                if not cur.prev():
+                    return None
+            elif not cur.last():
+                return None
+            start = _KEY.unpack(cur.key())[0]
+            n, seq, off = _EXTENT.unpack(cur.value())
+        if start + n > lba:
+            return seq, off + (lba - start) * self.block_size
+        return None
+
     def _clip_first(self, cur, lba: int, end: int, out: list) -> None:
         """The extent under `cur` starts before lba: its part from lba on, if any."""
         s = _KEY.unpack(cur.key())[0]
@@ -166,7 +211,7 @@ class BlockMap:
             return [SegmentInfo.unpack(_KEY.unpack(k)[0], v) for k, v in txn.cursor()]
 
     def set_segment_state(self, seq: int, state: int) -> None:
-        with self._env.begin(write=True, db=self._segments) as txn:
+        with self._writing(self._segments) as txn:
             raw = txn.get(_KEY.pack(seq))
             if raw is not None:
                 info = SegmentInfo.unpack(seq, raw)
@@ -182,7 +227,7 @@ class BlockMap:
         Returns the older segments it left without a live block."""
         live_delta: dict[int, int] = defaultdict(int)
         emptied = []
-        with self._env.begin(write=True) as txn:
+        with self._writing() as txn:
             cur = txn.cursor(db=self._extents)
             for r in records:
                 if r.kind == RESIZE:
@@ -232,13 +277,13 @@ class BlockMap:
             txn.put(_KEY.pack(s), _EXTENT.pack(n, seq, off), db=self._extents)
 
     def drop_segments(self, seqs) -> None:
-        with self._env.begin(write=True, db=self._segments) as txn:
+        with self._writing(self._segments) as txn:
             for seq in seqs:
                 txn.delete(_KEY.pack(seq))
 
     def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo], **meta: bytes) -> None:
         """Replace the whole map (loading a checkpoint)."""
-        with self._env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.drop(self._extents, delete=False)
             txn.drop(self._segments, delete=False)
             live: dict[int, int] = defaultdict(int)

@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from lsbd.checksum import crc32c, mask
+from lsbd.checksum import crc32c, crc32c_of, mask
 from lsbd.engine.recovery import fetch_index_by_key
 from lsbd.engine.segment import SegmentIndex, block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
@@ -44,10 +44,11 @@ OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
-def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
+def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
     """pread; with nowait, only from the page cache (RWF_NOWAIT): a read that
     would wait for the disk raises WouldBlock, so that an event loop never
-    stalls on a cold block either."""
+    stalls on a cold block either.  That read returns the bytearray it read
+    into: copying it to bytes cost a quarter of the speed of 1 MiB reads."""
     global _RWF_NOWAIT
     if not nowait or _RWF_NOWAIT is None:
         return os.pread(fd, length, offset)
@@ -63,7 +64,7 @@ def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
         return os.pread(fd, length, offset)
     if n < length:   # partly cached (or cut short: the blocking retry tells)
         raise WouldBlock("the blocks are not all in the page cache")
-    return bytes(buf)
+    return buf
 
 
 class _OpenFile:
@@ -385,9 +386,16 @@ class SegmentFiles:
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:
         bs = self.block_size
         if len(data) == nblocks * bs:
-            expected = idx.crcs_for(offset, nblocks)
-            if expected is not None and block_crcs(data, bs) == expected:
-                return  # the common case: one comparison for the whole run
+            if nblocks == 1:   # random reads: compare one number
+                try:
+                    if idx.crc_at(offset) == mask(crc32c_of(data)):
+                        return
+                except KeyError:
+                    pass      # named below
+            else:
+                expected = idx.crcs_for(offset, nblocks)
+                if expected is not None and block_crcs(data, bs) == expected:
+                    return  # the common case: one comparison for the whole run
         where = self.key_of(seq)
         if len(data) != nblocks * bs:
             raise CorruptionError(f"{where}: short read at offset {offset}", key=where, offset=offset)
