@@ -233,6 +233,18 @@ class BlockMap:
                 if r.kind == RESIZE:
                     txn.put(b"size", str(r.lba).encode(), db=self._meta)
                     continue
+                if r.kind == DATA:
+                    # The usual rewrite: the record covers exactly one extent
+                    # (random 4 KiB writes, or a disk rewritten in the same
+                    # pieces): replace it where it is.
+                    key = _KEY.pack(r.lba)
+                    if cur.set_key(key):
+                        n, seq, _off = _EXTENT.unpack(cur.value())
+                        if n == r.nblocks:
+                            cur.put(key, _EXTENT.pack(n, info.seq, r.data_offset))
+                            live_delta[seq] -= n
+                            live_delta[info.seq] += n
+                            continue
                 self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
                 if r.kind == DATA:
                     txn.put(_KEY.pack(r.lba), _EXTENT.pack(r.nblocks, info.seq, r.data_offset),
