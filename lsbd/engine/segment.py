@@ -31,6 +31,8 @@ assert HEADER.size == 64
 
 RECORD = struct.Struct("<4sBBHQII")  # magic kind flags reserved lba nblocks crc
 RECORD_MAGIC = b"LREC"
+_RECORD_HEAD = struct.Struct("<4sBBHQI")  # RECORD without its crc field
+_U32 = struct.Struct("<I")
 assert RECORD.size == 24
 
 INDEX_ENTRY = struct.Struct("<BBHIQQ")  # kind flags reserved nblocks lba data_offset
@@ -103,9 +105,10 @@ def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
 
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
     """A record's header and CRC array (the data, if any, follows it)."""
-    head = RECORD.pack(RECORD_MAGIC, kind, flags, 0, lba, nblocks, 0)
-    crc = masked_crc(head[:-4] + crcs)
-    return head[:-4] + struct.pack("<I", crc) + crcs
+    head = _RECORD_HEAD.pack(RECORD_MAGIC, kind, flags, 0, lba, nblocks)
+    if crcs:
+        return head + _U32.pack(masked_crc(head + crcs)) + crcs
+    return head + _U32.pack(masked_crc(head))
 
 
 @attrs.frozen(kw_only=True)

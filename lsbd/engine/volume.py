@@ -408,9 +408,33 @@ class Volume:
         return data
 
     def write(self, offset: int, data: bytes, *, fua: bool = False, nowait: bool = False) -> None:
+        bs = self.block_size
+        if len(data) == bs and not offset % bs and not fua and 0 <= offset <= self._size - bs:
+            self._write_one_block(offset // bs, data, nowait)
+            return
         self._check_range(offset, len(data))
         if data:
             self._commit([(DATA, offset, data)], fua=fua, nowait=nowait)
+
+    def _write_one_block(self, lba: int, data: bytes, nowait: bool) -> None:
+        """Random writes' short path: _commit of one whole block, not FUA."""
+        ((kind, _lba, _n, data, crcs),) = self._split_zero_runs(lba, data)
+        with self._lock:
+            self._check_writable()
+            if nowait and len(self._sealing) >= MAX_SEALING:
+                raise WouldBlock("the sealer is behind")
+            seg = self._open_segment()
+            mark = seg.mark()
+            try:
+                seg.append(kind, lba, 1, data=data, crcs=crcs, undo=mark[2], commit=True)
+            except BaseException as e:
+                self._roll_back(seg, mark, e)
+                raise
+            stats = self.stats
+            stats["writes"] += 1
+            stats["bytes_written"] += self.block_size
+            if seg.end >= self.config.segment_size:
+                self._seal_full()
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                      nowait: bool = False) -> None:
@@ -627,25 +651,33 @@ class Volume:
                 seg.rollback(mark)   # nothing was appended: an edge block is not local
                 raise
             except BaseException as e:
-                try:
-                    seg.rollback(mark)
-                except OSError:
-                    self._failed = e  # the journal is in an unknown state: stop writing
+                self._roll_back(seg, mark, e)
                 raise
             self.stats["writes"] += 1
             self.stats["bytes_written"] += sum(len(a) if k == DATA else a for k, _o, a in ops)
             journals = [*self._sealing, seg] if fua else None
             if seg.end >= self.config.segment_size:
-                self._seal()
-                # Back-pressure: writers wait while the sealer is far behind.
-                while len(self._sealing) > MAX_SEALING and self._failed is None \
-                        and not self._stop_sealing:
-                    self._sealing_changed.wait()
+                self._seal_full()
         if fua:
             if self.flush_mode == "store":
                 self._flush_to_store()
             else:
                 self._sync_journals(journals)
+
+    def _roll_back(self, seg: OpenSegment, mark, error: BaseException) -> None:
+        """Undo a transaction's appends after `error` (under the lock)."""
+        try:
+            seg.rollback(mark)
+        except OSError:
+            self._failed = error  # the journal is in an unknown state: stop writing
+
+    def _seal_full(self) -> None:
+        """Seal the open segment, which is full (under the lock)."""
+        self._seal()
+        # Back-pressure: writers wait while the sealer is far behind.
+        while len(self._sealing) > MAX_SEALING and self._failed is None \
+                and not self._stop_sealing:
+            self._sealing_changed.wait()
 
     def _records_for(self, kind: int, offset: int, arg, nowait: bool = False) -> list[tuple]:
         """The records for one operation: (kind, lba, nblocks, data, crcs)."""
