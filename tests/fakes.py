@@ -108,6 +108,29 @@ class FakeVolume:
                 out[start - offset:end - offset] = block[start - index * bs:end - index * bs]
             return bytes(out)
 
+    def write_many(self, writes: list[tuple[int, bytes]], *, nowait: bool = False) -> None:
+        """Block-aligned writes in order, all or none (as Volume.write_many).
+        A pending fail_next failure fails the whole batch without being used
+        up, so each write then meets it on its own, as on a failing engine."""
+        for offset, _data in writes:
+            self._sleep("write", offset, nowait)
+        bs = self.block_size
+        with self._lock:
+            self.calls["write_many"] += 1
+            if self.closed:
+                raise ValueError("volume is closed")
+            if self._failures:
+                raise self._failures[0]
+            for offset, data in writes:
+                self._check(offset, len(data), write=True)
+                if offset % bs or len(data) % bs or not data:
+                    raise InvalidRequest("write_many takes whole blocks")
+            for offset, data in writes:
+                self.calls["write"] += 1
+                first = offset // bs
+                for i in range(len(data) // bs):
+                    self._blocks[first + i] = bytes(data[i * bs:(i + 1) * bs])
+
     def write(self, offset: int, data: bytes, *, fua: bool = False,
               nowait: bool = False) -> None:
         self._sleep("write", offset, nowait, fua)

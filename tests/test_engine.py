@@ -940,6 +940,88 @@ def test_journal_recovery_keeps_committed_records_only(tmp_path):
                                 volume_size=SIZE) == (trailer, records)
 
 
+def test_append_many_is_one_system_call_with_each_record_its_own(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)
+    a, b, c = block(1, 0), block(2, 1), blocks(3, 4, 3)
+    calls = []
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda *args: calls.append(args) or real(*args))
+    seg.append_many([(DATA, 0, 1, a, block_crcs(a, BS), True),
+                     (ZERO, 2, 2, None, b"", True),
+                     (DATA, 1, 1, b, block_crcs(b, BS), False),
+                     (DATA, 4, 3, c, block_crcs(c, BS), True)])
+    assert len(calls) == 1
+    assert [(r.kind, r.lba, r.flags) for r in seg.records] == [
+        (DATA, 0, FLAG_COMMIT), (ZERO, 2, FLAG_COMMIT), (DATA, 1, 0), (DATA, 4, FLAG_COMMIT)]
+    assert seg.blocks[2][0] == seg.blocks[3][0] < 0           # zeroed: holes in the index
+    with open(path, "rb") as f:
+        for r, data in zip([seg.records[0], seg.records[3]], [a, c]):
+            f.seek(r.data_offset)
+            assert f.read(len(data)) == data
+    # Cut inside the last record: the transactions before it survive a crash,
+    # the one it ends (with the uncommitted record of block 1) does not.
+    seg.sync()
+    os.close(seg.fd)
+    os.truncate(path, seg.end - 100)
+    _trailer, records = _recover(path, volume_id=VOLID, seq=3, block_size=BS, volume_size=SIZE)
+    assert [r.lba for r in records] == [0, 2]
+
+
+def test_write_many_is_a_series_of_writes(make_volume, tmp_path):
+    vol = make_volume()
+    a, b, c = block(1, 0), block(2, 1), block(3, 0)
+    vol.write(5 * BS, blocks(9, 5, 2))
+    vol.write_many([(0, a), (BS, b), (0, c),                 # a later write wins
+                    (5 * BS, bytes(BS)),                      # zeros: stored as a hole
+                    (8 * BS, blocks(4, 8, 3))], nowait=True)
+    expected = c + b + bytes(3 * BS) + bytes(BS) + blocks(9, 6, 1) + bytes(BS) + blocks(4, 8, 3)
+    assert vol.read(0, 11 * BS) == expected
+    assert vol.stats["writes"] == 6
+    assert vol.allocation(5 * BS, BS) == [Allocation(5 * BS, BS, False)]
+    vol = _reopen(vol, tmp_path)
+    assert vol.read(0, 11 * BS) == expected
+    vol = _reopen(vol, tmp_path, lose_cache=True)           # from the store alone
+    assert vol.read(0, 11 * BS) == expected
+
+
+def test_write_many_does_all_or_nothing(make_volume):
+    vol = make_volume()
+    for bad in [(100, block(1, 0)), (0, b"x" * 100), (SIZE, block(1, 0)), (0, b"")]:
+        with pytest.raises(InvalidRequest):
+            vol.write_many([(BS, block(2, 1)), bad])
+    assert vol.read(BS, BS) == bytes(BS), "a refused batch wrote nothing"
+    # The sealer far behind: nowait refuses the whole batch, having done nothing.
+    vol._sealing.extend([vol._open_segment()] * volume_mod.MAX_SEALING)
+    try:
+        with pytest.raises(WouldBlock):
+            vol.write_many([(BS, block(2, 1))], nowait=True)
+    finally:
+        del vol._sealing[:]
+    assert vol.read(BS, BS) == bytes(BS)
+    vol.flush_to_store()
+    reader = Volume.open(vol.store, "vol", cache_root=vol.cache_root, read_only=True)
+    try:
+        with pytest.raises(ReadOnlyError):
+            reader.write_many([(0, block(1, 0))])
+    finally:
+        reader.close()
+
+
+def test_masked_crcs_in_bulk_match_one_at_a_time():
+    from lsbd.engine.segment import pack_masked, raw_block_crcs
+    rng = random.Random(7)
+    for n in (1, 2, 7, 8, 9, 64, 256, 300):
+        data = bytes(rng.getrandbits(8) for _ in range(64)) * (n * BS // 64)
+        data = os.urandom(n * BS) if n % 2 else data
+        expected = b"".join(struct.pack("<I", mask(crc32c_reference(data[i * BS:(i + 1) * BS])))
+                            for i in range(n))
+        assert block_crcs(data, BS) == expected
+        assert pack_masked(raw_block_crcs(data, BS)) == expected
+    edge = [0, 1, 0x7FFF, 0x8000, 0xFFFFFFFF, 0x5D7D1527, 0xA282EAD8, 1 << 31] * 2
+    assert pack_masked(edge) == struct.pack(f"<{len(edge)}I", *map(mask, edge))
+
+
 def test_journal_with_nothing_committed_is_dropped(tmp_path):
     path = str(tmp_path / "journal")
     seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)

@@ -672,6 +672,71 @@ def test_overlapping_writes_keep_their_order(volumes):
         c.disconnect()
 
 
+def _burst(requests) -> bytes:
+    """Several requests as one byte string, for one send: the server then
+    finds them all in one receive, as with a pipelining client."""
+    return b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, len(data) or length)
+                    + data for cmd, flags, handle, offset, length, data in requests)
+
+
+def test_a_burst_of_small_writes_reaches_the_engine_as_one_call(server, volumes):
+    vol = volumes["vol"]
+    c = connected(server)
+    blocks = [os.urandom(4096) for _ in range(20)]
+    burst = [(p.CMD_WRITE, 0, i, (i % 8) * 4096, 0, data) for i, data in enumerate(blocks)]
+    # A later write to a block wins over an earlier one in the same burst, and
+    # a read in the burst sees every write before it.
+    burst.append((p.CMD_READ, 0, 100, 0, 8 * 4096, b""))
+    c.send(_burst(burst))
+    replies = {}
+    for _ in burst:
+        handle, error, data = c.reply(8 * 4096)
+        assert error == 0
+        replies[handle] = data
+    newest = {i % 8: data for i, data in enumerate(blocks)}
+    expected = b"".join(newest[i] for i in range(8))
+    assert replies[100] == expected
+    assert vol.read(0, 8 * 4096) == expected
+    assert vol.calls["write_many"] >= 1
+    assert vol.calls["write_many"] < len(blocks)      # batched, not one call each
+    c.disconnect()
+
+
+def test_a_burst_whose_batch_would_block_still_completes_in_order(volumes):
+    vol = volumes["vol"]
+    # The write at 0 waits for "the store": the batch holding it is refused
+    # with WouldBlock, its writes go one by one, that one to the pool.
+    vol.delay_for = lambda op, offset: 0.3 if op == "write" and offset == 0 else 0
+    with running_server(volumes) as srv:
+        c = connected(srv)
+        burst = [(p.CMD_WRITE, 0, 1, 0, 0, b"A" * 4096),
+                 (p.CMD_WRITE, 0, 2, 4096, 0, b"B" * 4096),
+                 (p.CMD_WRITE, 0, 3, 0, 0, b"C" * 4096),          # overlaps the slow one
+                 (p.CMD_READ, 0, 4, 0, 8192, b"")]
+        c.send(_burst(burst))
+        replies = {}
+        for _ in burst:
+            handle, error, data = c.reply(8192)
+            assert error == 0
+            replies[handle] = data
+        assert replies[4] == b"C" * 4096 + b"B" * 4096
+        assert vol.read(0, 8192) == b"C" * 4096 + b"B" * 4096
+        c.disconnect()
+
+
+def test_a_failing_batch_gives_each_write_its_own_outcome(server, volumes):
+    vol = volumes["vol"]
+    c = connected(server)
+    vol.fail_next(StoreError("the store is unreachable"))
+    burst = [(p.CMD_WRITE, 0, 1, 0, 0, b"A" * 4096),
+             (p.CMD_WRITE, 0, 2, 4096, 0, b"B" * 4096)]
+    c.send(_burst(burst))
+    errors = dict(c.reply()[:2] for _ in burst)
+    assert errors == {1: errno.EIO, 2: 0}        # only the first write met the failure
+    assert vol.read(0, 8192) == bytes(4096) + b"B" * 4096
+    c.disconnect()
+
+
 def test_many_clients_at_once(server, volumes):
     errors = []
 

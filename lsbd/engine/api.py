@@ -22,6 +22,13 @@ the page cache: reads use RWF_NOWAIT) or for an fsync (fua=True).  A
 front end with an event loop runs calls inline with nowait=True and hands
 only the WouldBlock ones to worker threads.  A nowait read may return a
 bytearray rather than bytes (the buffer the kernel filled, not a copy).
+
+Batched writes: a device may also have write_many(writes, nowait=False),
+which takes a list of (offset, data) whole-block writes inside the volume
+and does them in order, each its own transaction, as a series of write()
+calls would, but with one hold of the volume lock and one system call.  All
+of them are done or (an error, WouldBlock) none.  A front end that reads a
+burst of pipelined small writes hands them over together.
 """
 
 from __future__ import annotations

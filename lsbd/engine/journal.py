@@ -106,18 +106,54 @@ class OpenSegment:
             expected = len(head)
         if written != expected:
             raise OSError(28, "short write to the journal (disk full?)")
-        data_offset = pos + len(head) if kind == DATA else 0
-        self.records.append(Record(kind, FLAG_COMMIT if commit else 0, lba, nblocks,
-                                   data_offset, crcs))
-        self.end = pos + expected
+        self._appended(pos + expected)
+        self._index(kind, FLAG_COMMIT if commit else 0, lba, nblocks,
+                    pos + len(head) if kind == DATA else 0, crcs, undo)
+
+    def append_many(self, records: list[tuple], undo: list | None = None) -> None:
+        """Append several records with one system call: (kind, lba, nblocks,
+        data, crcs, commit) each, in order.  All or nothing, as append."""
+        iov = []
+        placed = []
+        pos = self.end
+        for kind, lba, nblocks, data, crcs, commit in records:
+            flags = FLAG_COMMIT if commit else 0
+            head = encode_record(kind, flags, lba, nblocks, crcs)
+            iov.append(head)
+            pos += len(head)
+            placed.append((kind, flags, lba, nblocks, pos if kind == DATA else 0, crcs))
+            if data is not None:
+                iov.append(data)
+                pos += len(data)
+        expected = pos - self.end
+        written = 0
+        while iov and written < expected:
+            # pwritev takes at most IOV_MAX buffers: a long batch goes in pieces.
+            chunk = iov[:1024]
+            n = os.pwritev(self.fd, chunk, self.end + written)
+            if n != sum(map(len, chunk)):
+                raise OSError(28, "short write to the journal (disk full?)")
+            written += n
+            del iov[:1024]
+        self._appended(pos)
+        for kind, flags, lba, nblocks, data_offset, crcs in placed:
+            self._index(kind, flags, lba, nblocks, data_offset, crcs, undo)
+
+    def _appended(self, end: int) -> None:
+        self.end = end
         self.dirty = True
-        if self.end - self._writeback_from >= WRITEBACK_EVERY:
+        if end - self._writeback_from >= WRITEBACK_EVERY:
             # Start the disk on what is written so far (without waiting), so
             # that the fsync at the seal finds little left to do.  Whole pages
             # only: the next append writes into the partial last one.
-            upto = self.end & ~_PAGE_MASK
+            upto = end & ~_PAGE_MASK
             start_writeback(self.fd, self._writeback_from, upto - self._writeback_from)
             self._writeback_from = upto
+
+    def _index(self, kind: int, flags: int, lba: int, nblocks: int, data_offset: int,
+               crcs: bytes, undo: list | None) -> None:
+        """Record an appended record in the in-memory index."""
+        self.records.append(Record(kind, flags, lba, nblocks, data_offset, crcs))
         if kind == RESIZE:
             return
         bs = self.block_size

@@ -41,6 +41,7 @@ assert INDEX_ENTRY.size == 24
 # magic volid seq footer_off footer_len count sealed_ns size prev_crc reserved footer_crc crc
 TRAILER = struct.Struct("<8s16sQQIIqQIIII")
 _CRC = struct.Struct("<I")
+_LANE = struct.Struct("<Q")
 TRAILER_MAGIC = b"LSBDEND1"
 assert TRAILER.size == 80
 
@@ -93,14 +94,40 @@ def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
     """The masked CRC of every block of `data`, packed."""
     if len(data) == block_size:  # the common case of random I/O, without the loop
         return _CRC.pack(mask(crc32c(data)))
+    return pack_masked(raw_block_crcs(data, block_size))
+
+
+def raw_block_crcs(data: bytes | memoryview, block_size: int) -> list[int]:
+    """The plain (unmasked) CRC32C of every block of `data`."""
     view = memoryview(data)
-    n = len(view) // block_size
-    # One comprehension, the mask inlined: this runs for every block written.
-    m, delta = 0xFFFFFFFF, MASK_DELTA
-    crcs = [((((c >> 15) | (c << 17)) & m) + delta) & m
-            for c in map(crc32c_of, [view[i:i + block_size]
-                                  for i in range(0, n * block_size, block_size)])]
-    return struct.pack(f"<{n}I", *crcs)
+    return list(map(crc32c_of, [view[i:i + block_size]
+                                for i in range(0, len(view) - block_size + 1, block_size)]))
+
+
+# pack_masked's constants for n CRCs: n 64-bit lanes of 0xFFFFFFFF, of MASK_DELTA.
+_LANES: dict[int, tuple[int, int]] = {}
+
+
+def pack_masked(crcs: list[int]) -> bytes:
+    """Mask plain CRCs (checksum.mask) and pack them as "<nI".
+
+    This runs for every block written, so the mask is applied to all of them
+    at once: the CRCs are laid out as 64-bit lanes of one big integer, where
+    a rotation and an addition of every lane is three shifts, an add and two
+    ANDs (a lane's 32 spare bits catch what would cross into the next one)."""
+    n = len(crcs)
+    if n < 8:
+        return struct.pack(f"<{n}I", *map(mask, crcs))
+    lanes = _LANES.get(n)
+    if lanes is None:
+        lanes = _LANES[n] = (int.from_bytes(_LANE.pack(0xFFFFFFFF) * n, "little"),
+                             int.from_bytes(_LANE.pack(MASK_DELTA) * n, "little"))
+    low32, delta = lanes
+    x = int.from_bytes(array.array("Q", crcs).tobytes(), "little")
+    x = ((((x >> 15) | (x << 17)) & low32) + delta) & low32
+    wide = array.array("Q")
+    wide.frombytes(x.to_bytes(8 * n, "little"))
+    return array.array("I", wide).tobytes()
 
 
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:

@@ -44,6 +44,11 @@ MAX_BYTES_IN_POOL = 256 * 1024 * 1024
 #: Requests are read through a buffer of this size (a larger WRITE payload
 #: is read on its own).
 RECV_BUFFER = 256 * 1024
+#: Small block-aligned WRITEs that arrive together are given to the engine
+#: together (Volume.write_many: one lock, one system call), up to this many
+#: or this many bytes at a time.
+MAX_BATCH = 64
+MAX_BATCH_BYTES = 1 << 20
 #: Replies with a payload above this size go out with sendmsg (no copy).
 _GATHER_ABOVE = 64 * 1024
 #: Longest error message sent in a structured error chunk.
@@ -98,6 +103,13 @@ class Connection:
         self.buf = bytearray(RECV_BUFFER)
         self.pending: list[bytes] = []
         self.large_writes = False     # the last WRITE was larger than buf
+        # Inline WRITEs read but not yet given to the engine: (handle, offset,
+        # data).  They run before anything else runs or blocks (_run_batch),
+        # so requests still take effect in the order they came.
+        self.batch: list[tuple[int, int, bytes]] = []
+        self.batch_bytes = 0
+        self.write_many = getattr(self.device, "write_many", None) if self.nowait else None
+        self.block_size = getattr(self.device, "block_size", 0) or 4096
         self._allowed = self._allowed_flags(session)
 
     # --- validation ----------------------------------------------------------
@@ -152,6 +164,7 @@ class Connection:
             self._loop()
         finally:
             try:
+                self._run_batch()
                 self.flush_pending()
             except OSError:
                 pass
@@ -199,6 +212,11 @@ class Connection:
         fua_flag = p.CMD_FLAG_FUA
         pool_write_from = POOL_WRITE_FROM
         gather_above = _GATHER_ABOVE
+        batch = self.batch            # changed in place, never rebound
+        run_batch = self._run_batch
+        write_inline = self._write_inline
+        batching = self.write_many is not None
+        block_mask = self.block_size - 1
         while not self.broken:
             if self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
                 self._wait_for_pool()
@@ -211,6 +229,8 @@ class Connection:
 
             if (cmd == cmd_read and not flags & read_refused and 0 < length <= max_block
                     and offset + length <= size):
+                if batch:
+                    run_batch()
                 if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, None):
                     continue
                 try:
@@ -253,6 +273,15 @@ class Connection:
                     self.large_writes = False
                 if (data is not None and writable and not flags & write_refused and length
                         and offset + length <= size):
+                    if (batching and length < pool_write_from and not flags & fua_flag
+                            and not writes_in_pool and not (offset | length) & block_mask):
+                        batch.append((handle, offset, data))
+                        self.batch_bytes += length
+                        if len(batch) >= MAX_BATCH or self.batch_bytes >= MAX_BATCH_BYTES:
+                            run_batch()
+                        continue
+                    if batch:
+                        run_batch()
                     if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, data):
                         continue
                     if flags & fua_flag:
@@ -261,25 +290,14 @@ class Connection:
                     if length >= pool_write_from:
                         to_lane(_Pooled(cmd, flags, handle, offset, length, data))
                         continue
-                    try:
-                        if nowait:
-                            write(offset, data, nowait=True)
-                        else:
-                            write(offset, data)
-                    except WouldBlock:
-                        submit(_Pooled(cmd, flags, handle, offset, length, data))
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - every error becomes a reply
-                        pending.append(self._failure(exc, cmd, flags, handle, offset, length)[0])
-                        continue
-                    pending.append(pack_simple(simple_magic, 0, handle))
-                    if len(pending) >= 64:
-                        self.flush_pending()
+                    write_inline(handle, offset, data)
                     continue
             elif cmd == cmd_disc:
                 return
 
             # Everything else, and every request that is refused.
+            if batch:
+                run_batch()
             err, message = validate(cmd, flags, offset, length)
             if err:
                 pending.append(self.error_reply(flags, handle, err, message)[0])
@@ -304,7 +322,10 @@ class Connection:
     def _fill(self, view: memoryview, pos: int, end: int, need: int, *,
               between_requests: bool) -> tuple[int, int]:
         """Make buf[0:end] hold at least `need` unparsed bytes (need <= len(buf)).
-        Sends the queued replies first: this is where the thread may block."""
+        Runs the batched writes and sends the queued replies first: this is
+        where the thread may block."""
+        if self.batch:
+            self._run_batch()
         if self.pending:
             self.flush_pending()
         if pos:
@@ -326,6 +347,8 @@ class Connection:
     def _read_large(self, view: memoryview, pos: int, end: int, length: int) -> bytes:
         """A WRITE payload larger than the receive buffer: the part already
         buffered, then the rest straight from the socket."""
+        if self.batch:
+            self._run_batch()
         if self.pending:
             self.flush_pending()
         parts = [view[pos:end].tobytes()] if end > pos else []
@@ -341,6 +364,8 @@ class Connection:
 
     def _wait_for_pool(self) -> None:
         # Back-pressure: stop reading new requests while the pool holds many.
+        if self.batch:
+            self._run_batch()
         if self.pending:
             self.flush_pending()
         with self.changed:
@@ -358,6 +383,52 @@ class Connection:
             pos += n
             length -= n
         return pos, end
+
+    # --- inline writes ------------------------------------------------------------
+
+    def _write_inline(self, handle: int, offset: int, data: bytes) -> None:
+        """A validated small WRITE without FUA, on this thread; to the pool if
+        the engine would block.  Its reply joins the pending ones."""
+        try:
+            if self.nowait:
+                self.device.write(offset, data, nowait=True)
+            else:
+                self.device.write(offset, data)
+        except WouldBlock:
+            self._submit(_Pooled(p.CMD_WRITE, 0, handle, offset, len(data), data))
+            return
+        except Exception as exc:  # noqa: BLE001 - every error becomes a reply
+            self.pending.append(self._failure(exc, p.CMD_WRITE, 0, handle, offset,
+                                              len(data))[0])
+            return
+        self.pending.append(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle))
+        if len(self.pending) >= 64:
+            self.flush_pending()
+
+    def _run_batch(self) -> None:
+        """Give the batched WRITEs to the engine in one call.  If it would
+        block or fails, it did none of them: they run one at a time, each
+        with its own outcome (the pool for the ones that would block)."""
+        batch = self.batch
+        if not batch:
+            return
+        writes = [(offset, data) for _handle, offset, data in batch]
+        handles = [handle for handle, _offset, _data in batch]
+        batch.clear()
+        self.batch_bytes = 0
+        try:
+            self.write_many(writes, nowait=True)
+        except Exception:  # noqa: BLE001 - WouldBlock, or errors each write reports itself
+            for handle, (offset, data) in zip(handles, writes):
+                if self.writes_in_pool and self._queue_behind_overlaps(
+                        p.CMD_WRITE, 0, handle, offset, len(data), data):
+                    continue
+                self._write_inline(handle, offset, data)
+            return
+        pack, magic = p.SIMPLE_REPLY.pack, p.SIMPLE_REPLY_MAGIC
+        self.pending.extend([pack(magic, 0, handle) for handle in handles])
+        if len(self.pending) >= 64:
+            self.flush_pending()
 
     # --- the pool ----------------------------------------------------------------
 
