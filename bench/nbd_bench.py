@@ -173,12 +173,13 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_subject(name: str, uri: str, *, size: str, runtime: int) -> dict[str, dict]:
+def run_subject(name: str, uri: str, *, size: str, runtime: int,
+                jobs: list | None = None) -> dict[str, dict]:
     print(f"  {name}", flush=True)
     out = {"fill": fio(uri, "write", "1M", size=size, runtime=None)}
     print(f"    {'fill 1M':14} {out['fill']['mib_s']:9.1f} MiB/s (untimed, whole region)",
           flush=True)
-    for job, rw, bs, _target in JOBS:
+    for job, rw, bs, _target in jobs or JOBS:
         if job == "seq read 1M defrag" and uri in DEFRAG:
             started = time.monotonic()
             DEFRAG[uri]()
@@ -204,6 +205,8 @@ def main() -> int:
                     help="also measure the NBD server over an in-memory volume")
     ap.add_argument("--subjects", default=None, metavar="LIST",
                     help="comma-separated subset of nbdkit,lsbd,memory (nbdkit is always run)")
+    ap.add_argument("--jobs", default=None, metavar="LIST",
+                    help="comma-separated subset of the jobs, by name (default: all)")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--serve-memory", nargs=2, metavar=("SOCKET", "SIZE"), help=argparse.SUPPRESS)
@@ -216,6 +219,15 @@ def main() -> int:
             print(f"nbd_bench: {tool} is needed", file=sys.stderr)
             return 2
 
+    jobs = JOBS
+    if args.jobs:
+        wanted_jobs = [j.strip() for j in args.jobs.split(",")]
+        unknown = set(wanted_jobs) - {j[0] for j in JOBS}
+        if unknown:
+            print(f"nbd_bench: unknown jobs {sorted(unknown)}; jobs are: "
+                  + ", ".join(j[0] for j in JOBS), file=sys.stderr)
+            return 2
+        jobs = [j for j in JOBS if j[0] in wanted_jobs]
     size = parse_size(args.size)
     workdir = tempfile.mkdtemp(prefix="lsbd-nbd-bench-", dir="/var/tmp")
     results: dict[str, dict] = {}
@@ -234,7 +246,8 @@ def main() -> int:
             if not drop_page_cache():
                 print("  (not root: the page cache is not dropped between subjects)")
             with start() as uri:
-                results[name] = run_subject(name, uri, size=args.size, runtime=args.runtime)
+                results[name] = run_subject(name, uri, size=args.size, runtime=args.runtime,
+                                            jobs=jobs)
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -245,7 +258,7 @@ def main() -> int:
     print()
     header = f"{'job':18} {'nbdkit':>14}" + "".join(f" {n:>14} {'ratio':>6}" for n in others)
     print(header + f" {'target':>7}")
-    for job, rw, _bs, target in JOBS:
+    for job, rw, _bs, target in jobs:
         unit = "iops" if job.startswith("rand") else "mib_s"
         fmt = (lambda v: f"{v:9.0f} IOPS") if unit == "iops" else (lambda v: f"{v:8.0f} MiB/s")
         base = results["nbdkit"][job][unit]
