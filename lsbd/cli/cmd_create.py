@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",
                    help="journal: FLUSH returns once the local journal is synced (default); "
                         "store: once the data is in the store")
-    p.add_argument("--segment-size", default="8M", help="target segment object size (default 8M)")
+    p.add_argument("--segment-size", default="32M", help="target segment object size (default 32M)")
     p.add_argument("--retain", default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
                         "0: snapshots only)")

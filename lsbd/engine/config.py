@@ -20,7 +20,7 @@ from lsbd.errors import (
 from lsbd.store import Store
 
 DEFAULT_BLOCK_SIZE = 4096
-DEFAULT_SEGMENT_SIZE = 8 * 1024 * 1024
+DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 FLUSH_MODES = ("journal", "store")
 
 

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 INDEX_CACHE_ENTRIES = 1024  # parsed segment indexes kept in memory (tens of KiB each)
 HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
-# Local segment files kept open for reads: 512 covers a 4 GiB working set of
-# 8 MiB segments, within a quarter of the process's descriptor limit.
+# Local segment files kept open for reads: 512 covers a 16 GiB working set of
+# 32 MiB segments, within a quarter of the process's descriptor limit.
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
