@@ -453,7 +453,7 @@ def _fail_nth_append(monkeypatch, n: int, error: BaseException, *, keep_tail: bo
 
     monkeypatch.setattr(OpenSegment, "append", append)
     if keep_tail:
-        monkeypatch.setattr(OpenSegment, "rollback", lambda self, mark: None)
+        monkeypatch.setattr(OpenSegment, "rollback", lambda self, mark, **kw: None)
     return calls
 
 
@@ -882,6 +882,37 @@ def _seal(seg: OpenSegment, volume_size: int) -> Trailer:
     if "prev_crc" in inspect.signature(seg.seal).parameters:
         return seg.seal(volume_size, prev_crc=0)
     return seg.seal(volume_size)
+
+
+def _can_preallocate(folder) -> bool:
+    from lsbd.engine.journal import preallocate
+    path = os.path.join(folder, "probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        preallocate(fd, 1 << 20)
+        return os.fstat(fd).st_blocks * 512 >= 1 << 20
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_a_journal_reserves_its_blocks_and_its_segment_gives_back_the_rest(make_volume):
+    vol = make_volume(segment_size=4 * MiB)
+    vol.write(0, blocks(1, 0, 2))
+    journal = vol._open.path
+    if _can_preallocate(os.path.dirname(journal)):
+        assert os.stat(journal).st_blocks * 512 >= 4 * MiB, "the journal's blocks are reserved"
+    assert os.path.getsize(journal) < 64 * 1024, "without changing its size"
+    seq = vol._seal_and_wait()
+    sealed = vol._files.path(seq)
+    st = os.stat(sealed)
+    assert st.st_blocks * 512 <= st.st_size + 64 * 1024, "the unused reservation is given back"
+    assert vol.read(0, 2 * BS) == blocks(1, 0, 2)
+    # A refused write (its edge block would wait) keeps the reservation.
+    vol.write(8 * BS, blocks(2, 8, 1))
+    vol._open.rollback(vol._open.mark())
+    if _can_preallocate(os.path.dirname(journal)):
+        assert os.stat(vol._open.path).st_blocks * 512 >= 4 * MiB
 
 
 def test_sealed_segment_round_trip(tmp_path):

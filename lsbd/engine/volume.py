@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_LIMIT = 1 << 30
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
+#: Reserved past a new journal's target size: its last write overshoots it.
+SEGMENT_SLACK = 1024 * 1024
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 CLOSE_UPLOAD_TIMEOUT = 300.0
 KEEP_CHECKPOINTS = 3
@@ -665,7 +667,8 @@ class Volume:
         if self._open is None:
             seq = (self._sealing[-1].seq if self._sealing else self._applied) + 1
             self._open = OpenSegment(self._files.path(seq), volume_id=self.config.volume_id_bytes,
-                                     seq=seq, block_size=self.block_size)
+                                     seq=seq, block_size=self.block_size,
+                                     expected_size=self.config.segment_size + SEGMENT_SLACK)
         return self._open
 
     def _commit(self, ops: list[tuple], *, fua: bool, nowait: bool = False) -> None:
@@ -712,7 +715,7 @@ class Volume:
     def _roll_back(self, seg: OpenSegment, mark, error: BaseException) -> None:
         """Undo a transaction's appends after `error` (under the lock)."""
         try:
-            seg.rollback(mark)
+            seg.rollback(mark, failed=True)
         except OSError:
             self._failed = error  # the journal is in an unknown state: stop writing
 
@@ -1106,7 +1109,7 @@ class Volume:
                     seg.append(rkind, lba, n, data=data, crcs=crcs, undo=mark[2],
                                commit=(j == len(records) - 1))
             except BaseException:
-                seg.rollback(mark)
+                seg.rollback(mark, failed=True)
                 raise
             if seg.end >= self.config.segment_size:
                 self._seal()
