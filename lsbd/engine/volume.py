@@ -439,7 +439,7 @@ class Volume:
             seg = self._open_segment()
             mark = seg.mark()
             try:
-                seg.append(kind, lba, 1, data=data, crcs=crcs, undo=mark[2], commit=True)
+                seg.append(kind, lba, 1, data=data, crcs=crcs, undo=None, commit=True)
             except BaseException as e:
                 self._roll_back(seg, mark, e)
                 raise
@@ -693,8 +693,13 @@ class Volume:
                     if records is None:
                         records = self._records_for(kind, offset, arg, nowait)
                     for j, (rkind, lba, n, data, crcs) in enumerate(records):
-                        seg.append(rkind, lba, n, data=data, crcs=crcs, undo=undo,
-                                   commit=(i == len(ops) - 1 and j == len(records) - 1))
+                        last = i == len(ops) - 1 and j == len(records) - 1
+                        # Once the last record is appended nothing is rolled
+                        # back, and a failing append changes no index: the
+                        # last record needs no undo entries (a large write's
+                        # are one per block).
+                        seg.append(rkind, lba, n, data=data, crcs=crcs,
+                                   undo=None if last else undo, commit=last)
             except WouldBlock:
                 seg.rollback(mark)   # nothing was appended: an edge block is not local
                 raise
