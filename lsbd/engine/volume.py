@@ -432,22 +432,10 @@ class Volume:
     def _write_one_block(self, lba: int, data: bytes, nowait: bool) -> None:
         """Random writes' short path: _commit of one whole block, not FUA."""
         ((kind, _lba, _n, data, crcs),) = self._split_zero_runs(lba, data)
-        with self._lock:
-            self._check_writable()
-            if nowait and len(self._sealing) >= MAX_SEALING:
-                raise WouldBlock("the sealer is behind")
-            seg = self._open_segment()
-            mark = seg.mark()
-            try:
-                seg.append(kind, lba, 1, data=data, crcs=crcs, undo=None, commit=True)
-            except BaseException as e:
-                self._roll_back(seg, mark, e)
-                raise
-            stats = self.stats
-            stats["writes"] += 1
-            stats["bytes_written"] += self.block_size
-            if seg.end >= self.config.segment_size:
-                self._seal_full()
+        self._append_locked(
+            lambda seg, mark: seg.append(kind, lba, 1, data=data, crcs=crcs, undo=None,
+                                         commit=True),
+            writes=1, nbytes=self.block_size, nowait=nowait)
 
     def write_many(self, writes: list[tuple[int, bytes]], *, nowait: bool = False) -> None:
         """Several block-aligned writes, in order, each its own transaction (as
@@ -466,6 +454,14 @@ class Volume:
             last = len(runs) - 1
             records += [(kind, lba, n, d, crcs, i == last)
                         for i, (kind, lba, n, d, crcs) in enumerate(runs)]
+        self._append_locked(lambda seg, mark: seg.append_many(records, undo=mark[2]),
+                            writes=len(writes), nbytes=sum(len(d) for _o, d in writes),
+                            nowait=nowait)
+
+    def _append_locked(self, append, *, writes: int, nbytes: int, nowait: bool) -> None:
+        """Run append(open segment, mark) under the lock, with what every
+        append of whole blocks needs around it: the checks, the roll-back of
+        a failure, the counters, sealing a full segment."""
         with self._lock:
             self._check_writable()
             if nowait and len(self._sealing) >= MAX_SEALING:
@@ -473,13 +469,13 @@ class Volume:
             seg = self._open_segment()
             mark = seg.mark()
             try:
-                seg.append_many(records, undo=mark[2])
+                append(seg, mark)
             except BaseException as e:
                 self._roll_back(seg, mark, e)
                 raise
             stats = self.stats
-            stats["writes"] += len(writes)
-            stats["bytes_written"] += sum(len(d) for _o, d in writes)
+            stats["writes"] += writes
+            stats["bytes_written"] += nbytes
             if seg.end >= self.config.segment_size:
                 self._seal_full()
 
