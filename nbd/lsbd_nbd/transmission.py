@@ -164,8 +164,7 @@ class Connection:
             self._loop()
         finally:
             try:
-                self._run_batch()
-                self.flush_pending()
+                self._settle()
             except OSError:
                 pass
             with self.changed:
@@ -186,7 +185,6 @@ class Connection:
         pack_simple = p.SIMPLE_REPLY.pack
         pack_read = p.STRUCTURED_READ_REPLY.pack
         read = self.device.read
-        write = self.device.write
         nowait = self.nowait
         structured = self.session.structured
         size = self.session.size
@@ -322,12 +320,8 @@ class Connection:
     def _fill(self, view: memoryview, pos: int, end: int, need: int, *,
               between_requests: bool) -> tuple[int, int]:
         """Make buf[0:end] hold at least `need` unparsed bytes (need <= len(buf)).
-        Runs the batched writes and sends the queued replies first: this is
-        where the thread may block."""
-        if self.batch:
-            self._run_batch()
-        if self.pending:
-            self.flush_pending()
+        Settles what this thread holds first: this is where it may block."""
+        self._settle()
         if pos:
             self.buf[:end - pos] = self.buf[pos:end]
             end -= pos
@@ -347,10 +341,7 @@ class Connection:
     def _read_large(self, view: memoryview, pos: int, end: int, length: int) -> bytes:
         """A WRITE payload larger than the receive buffer: the part already
         buffered, then the rest straight from the socket."""
-        if self.batch:
-            self._run_batch()
-        if self.pending:
-            self.flush_pending()
+        self._settle()
         parts = [view[pos:end].tobytes()] if end > pos else []
         missing = length - (end - pos)
         recv = self.sock.recv
@@ -364,10 +355,7 @@ class Connection:
 
     def _wait_for_pool(self) -> None:
         # Back-pressure: stop reading new requests while the pool holds many.
-        if self.batch:
-            self._run_batch()
-        if self.pending:
-            self.flush_pending()
+        self._settle()
         with self.changed:
             while self.in_pool >= MAX_IN_POOL or self.bytes_in_pool >= MAX_BYTES_IN_POOL:
                 self.changed.wait()
@@ -385,6 +373,14 @@ class Connection:
         return pos, end
 
     # --- inline writes ------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Before this thread blocks: run the batched WRITEs, then send the
+        replies of everything run inline."""
+        if self.batch:
+            self._run_batch()
+        if self.pending:
+            self.flush_pending()
 
     def _write_inline(self, handle: int, offset: int, data: bytes) -> None:
         """A validated small WRITE without FUA, on this thread; to the pool if
