@@ -1164,3 +1164,64 @@ def test_tiny_segment_cache_evicts_and_refetches(make_volume, store, tmp_path, f
         assert cached < 2 * MiB, f"the cache holds {cached} bytes with a 256 KiB limit"
     finally:
         vol.close()
+
+
+@pytest.mark.parametrize("big_range", [16, 2])
+def test_open_segment_index_finds_the_newest_copy_of_every_block(tmp_path, monkeypatch, big_range):
+    """The open segment keeps small records per block and large ones as
+    ranges that newer writes cut back.  Random overlapping writes and zeroes,
+    then a roll-back: the read plan must name, for every block, the newest
+    copy (its file offset and CRC) or a hole, as a per-block reference does."""
+    from lsbd.engine import journal
+    from lsbd.engine.readplan import overlay
+
+    monkeypatch.setattr(journal, "BIG_RANGE", big_range)
+    rng = random.Random(7)
+    n = 64
+    for trial in range(60):
+        seg = OpenSegment(str(tmp_path / f"j{trial}"), volume_id=VOLID, seq=5, block_size=BS)
+        ref: dict[int, object] = {}
+
+        def apply(undo, seg=seg, ref=ref):
+            lba = rng.randrange(n)
+            count = rng.randrange(1, min(40, n - lba) + 1)
+            if rng.random() < 0.7:
+                data = os.urandom(count * BS)
+                crcs = block_crcs(data, BS)
+                seg.append(DATA, lba, count, data=data, crcs=crcs, undo=undo)
+                first = seg.records[-1].data_offset
+                for i in range(count):
+                    ref[lba + i] = (first + i * BS, struct.unpack_from("<I", crcs, 4 * i)[0])
+            else:
+                seg.append(ZERO, lba, count, undo=undo)
+                ref.update(dict.fromkeys(range(lba, lba + count), "hole"))
+
+        def plan(seg=seg):
+            lo = rng.randrange(n)
+            hi = rng.randrange(lo + 1, n + 1)
+            got, pos = {}, lo
+            for lba, count, source, off, crcs in overlay([(lo, hi - lo, None, 0, None)],
+                                                         seg, lo, hi - lo, BS):
+                assert lba == pos
+                pos += count
+                for i in range(count):
+                    got[lba + i] = "hole" if source is None else (off + i * BS, crcs[i])
+            assert pos == hi
+            return {b: got[b] for b in range(lo, hi)}, {b: ref.get(b, "hole")
+                                                        for b in range(lo, hi)}
+
+        for _ in range(rng.randrange(1, 30)):
+            apply(None)
+        got, want = plan()
+        assert got == want
+        before = dict(ref)
+        mark = seg.mark()
+        for _ in range(rng.randrange(1, 10)):
+            apply(mark[2])
+        seg.rollback(mark)
+        ref.clear()
+        ref.update(before)
+        for _ in range(3):
+            got, want = plan()
+            assert got == want
+        seg.discard()

@@ -247,8 +247,9 @@ TestVolumeModel = VolumeModel.TestCase
 
 
 class VolumeModelRanges(VolumeModel):
-    """The same model with every zero/trim longer than two blocks kept as a
-    range in the open segment (the path a whole-disk discard takes)."""
+    """The same model with every record longer than two blocks kept as a
+    range in the open segment's index (the path sequential writes and a
+    whole-disk discard take)."""
 
     @initialize()
     def setup(self):

@@ -8,6 +8,7 @@ every journal file not yet finished, in order."""
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import struct
@@ -31,8 +32,20 @@ HOLE = -1  # overlay value of a zeroed/trimmed block
 _CRC = struct.Struct("<I")
 WRITEBACK_EVERY = 1 << 20  # start writing the journal to disk every this many bytes
 _PAGE_MASK = 4095
-BIG_RANGE = 256  # zero/trim records longer than this (blocks) are kept as ranges
-_HOLE_ADDED = object()  # undo marker
+BIG_RANGE = 16  # records longer than this (blocks) are indexed as ranges
+
+
+def range_start(r: tuple) -> int:
+    return r[0]
+
+
+def _clip(r: tuple, start: int, end: int, bs: int) -> tuple:
+    """The part [start, end) of range r."""
+    r0, _r1, offset, crcs = r
+    k = start - r0
+    if offset == HOLE:
+        return (start, end, HOLE, b"")
+    return (start, end, offset + k * bs, crcs[4 * k:4 * (end - r0)])
 
 
 def _writeback_starter():
@@ -100,16 +113,16 @@ class OpenSegment:
         self.records: list[Record] = []
         # lba -> (file offset, masked crc), or (HOLE, 0) for a zeroed/trimmed block
         self.blocks: dict[int, tuple[int, int]] = {}
-        # Large zeroed/trimmed ranges [start, end), older than any entry in
-        # `blocks` that they contain.
-        self.holes: list[tuple[int, int]] = []
+        # The blocks of large records, as ranges (start, end, file offset of
+        # the first block or HOLE, packed masked CRCs): sorted, not
+        # overlapping, and older than any entry in `blocks` they contain.
+        self.ranges: list[tuple[int, int, int, bytes]] = []
         self.dirty = False       # written since the last fsync
         self._dir_synced = False  # the file's directory entry is durable
         self._sync_lock = threading.Lock()  # sync() vs finish() closing the fd
         self.trailer: Trailer | None = None  # set by seal()
         self.trailer_crc = 0     # the sealed trailer's fingerprint (the next one's prev_crc)
         self._writeback_from = 0  # bytes before this were handed to start_writeback
-        self.data_bytes = 0
 
     @property
     def empty(self) -> bool:
@@ -117,7 +130,7 @@ class OpenSegment:
 
     @property
     def has_overlay(self) -> bool:
-        return bool(self.blocks or self.holes)
+        return bool(self.blocks or self.ranges)
 
     # --- appending, with undo for a transaction that fails half way -----------
 
@@ -188,40 +201,59 @@ class OpenSegment:
             return
         bs = self.block_size
         blocks = self.blocks
-        if kind != DATA and nblocks > BIG_RANGE:
-            # A large zero/trim (mkfs discards a whole disk) is kept as one range,
-            # not a dict entry per block; it hides the older entries it covers.
+        if nblocks > BIG_RANGE:
+            # A large record (a sequential write, a whole-disk discard) is
+            # kept as one range, not a dict entry per block; it hides the
+            # older entries it covers.
             end = lba + nblocks
-            covered = [b for b in blocks if lba <= b < end] if len(blocks) < nblocks else \
-                [b for b in range(lba, end) if b in blocks]
-            for b in covered:
-                if undo is not None:
-                    undo.append((b, blocks[b]))
-                del blocks[b]
-            self.holes.append((lba, end))
-            if undo is not None:
-                undo.append((None, _HOLE_ADDED))
+            if blocks:
+                covered = [b for b in blocks if lba <= b < end] if len(blocks) < nblocks \
+                    else [b for b in range(lba, end) if b in blocks]
+                for b in covered:
+                    if undo is not None:
+                        undo.append((b, blocks[b]))
+                    del blocks[b]
+            self._add_range(lba, end, data_offset if kind == DATA else HOLE, crcs, undo)
             return
         if nblocks == 1:   # random I/O
             if undo is not None:
                 undo.append((lba, blocks.get(lba)))
             if kind == DATA:
                 blocks[lba] = (data_offset, _CRC.unpack(crcs)[0])
-                self.data_bytes += bs
             else:
                 blocks[lba] = (HOLE, 0)
             return
-        # Bulk operations rather than a loop per block: this runs for every
-        # block written.
+        # Bulk operations rather than a loop per block.
         lbas = range(lba, lba + nblocks)
         if undo is not None:
             undo.extend(zip(lbas, map(blocks.get, lbas)))
         if kind == DATA:
             blocks.update(zip(lbas, zip(range(data_offset, data_offset + nblocks * bs, bs),
                                         struct.unpack(f"<{nblocks}I", crcs))))
-            self.data_bytes += nblocks * bs
         else:
             blocks.update(dict.fromkeys(lbas, (HOLE, 0)))
+
+    def _add_range(self, start: int, end: int, offset: int, crcs: bytes,
+                   undo: list | None) -> None:
+        """Put [start, end) into `ranges` as its newest content: the older
+        ranges it overlaps are cut back to what lies outside it."""
+        ranges = self.ranges
+        i = bisect.bisect_right(ranges, start, key=range_start)
+        if i and ranges[i - 1][1] > start:
+            i -= 1                      # the range before reaches into this one
+        j = i
+        while j < len(ranges) and ranges[j][0] < end:
+            j += 1
+        new = [(start, end, offset, crcs)]
+        if j > i:
+            first, last = ranges[i], ranges[j - 1]
+            if first[0] < start:
+                new.insert(0, _clip(first, first[0], start, self.block_size))
+            if last[1] > end:
+                new.append(_clip(last, end, last[1], self.block_size))
+        if undo is not None:
+            undo.append((None, (i, ranges[i:j], len(new))))
+        ranges[i:j] = new
 
     def rollback(self, mark: tuple[int, int, list], *, failed: bool = False) -> None:
         """Undo the appends since `mark`.  failed: after a failed write, whose
@@ -229,8 +261,9 @@ class OpenSegment:
         if something was appended, keeping the blocks reserved past it)."""
         end, nrecords, undo = mark
         for b, old in reversed(undo):
-            if old is _HOLE_ADDED:
-                self.holes.pop()
+            if b is None:               # a change to `ranges`
+                i, removed, added = old
+                self.ranges[i:i + added] = removed
             elif old is None:
                 self.blocks.pop(b, None)
             else:

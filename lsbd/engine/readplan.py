@@ -13,7 +13,10 @@ holds the volume lock while planning, and reads the data after."""
 
 from __future__ import annotations
 
-from lsbd.engine.journal import HOLE, OpenSegment
+import bisect
+import struct
+
+from lsbd.engine.journal import HOLE, OpenSegment, range_start
 
 
 def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
@@ -38,8 +41,8 @@ def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
 
 def overlay(runs: list[tuple], seg: OpenSegment, first: int, n: int, bs: int) -> list[tuple]:
     """`runs` with the blocks that journal `seg` holds for [first, first+n)."""
-    if seg.holes:   # older than any block entry they contain: applied first
-        runs = cut_holes(runs, seg.holes, bs)
+    if seg.ranges:   # older than any block entry they contain: applied first
+        runs = lay_ranges(runs, ranges_in(seg.ranges, first, first + n), seg.seq, bs)
     blocks = seg.blocks
     if not blocks:
         return runs
@@ -66,40 +69,52 @@ def overlay(runs: list[tuple], seg: OpenSegment, first: int, n: int, bs: int) ->
     return out
 
 
-def cut_holes(runs: list[tuple], holes: list[tuple[int, int]], bs: int) -> list[tuple]:
-    """Runs with the block ranges of `holes` turned into holes."""
+def ranges_in(ranges: list[tuple], lo: int, hi: int) -> list[tuple]:
+    """The ranges of a journal's index (sorted, not overlapping) that meet
+    [lo, hi)."""
+    i = bisect.bisect_right(ranges, lo, key=range_start)
+    if i and ranges[i - 1][1] > lo:
+        i -= 1
+    j = i
+    while j < len(ranges) and ranges[j][0] < hi:
+        j += 1
+    return ranges[i:j]
+
+
+def lay_ranges(runs: list[tuple], ranges: list[tuple], seq: int, bs: int) -> list[tuple]:
+    """Runs with the blocks of `ranges` (sorted, not overlapping; from
+    journal `seq`) laid over them."""
+    if not ranges:
+        return runs
     out: list[tuple] = []
+    k = 0
     for lba, n, source, off, crcs in runs:
-        pieces = [(lba, lba + n)]
-        if source is not None:
-            for h0, h1 in holes:
-                next_pieces = []
-                for p0, p1 in pieces:
-                    if h1 <= p0 or h0 >= p1:
-                        next_pieces.append((p0, p1))
-                        continue
-                    if p0 < h0:
-                        next_pieces.append((p0, h0))
-                    if h1 < p1:
-                        next_pieces.append((h1, p1))
-                pieces = next_pieces
-        pos = lba
-        for p0, p1 in pieces:
-            if p0 > pos:
-                out.append((pos, p0 - pos, None, 0, None))
-            if source is None:
-                out.append((p0, p1 - p0, None, 0, None))
+        pos, end = lba, lba + n
+        while pos < end:
+            while k < len(ranges) and ranges[k][1] <= pos:
+                k += 1
+            r = ranges[k] if k < len(ranges) and ranges[k][0] < end else None
+            upto = end if r is None else max(pos, r[0])
+            if upto > pos:              # the run's own blocks before the next range
+                i = pos - lba
+                out.append((pos, upto - pos, source, off + i * bs if source is not None else 0,
+                            None if crcs is None else crcs[i:i + upto - pos]))
+                pos = upto
+                continue
+            stop = min(end, r[1])
+            if r[2] == HOLE:
+                piece = (pos, stop - pos, None, 0, None)
             else:
-                out.append((p0, p1 - p0, source, off + (p0 - lba) * bs,
-                            None if crcs is None else crcs[p0 - lba:p1 - lba]))
-            pos = p1
-        if pos < lba + n:
-            out.append((pos, lba + n - pos, None, 0, None))
+                k0 = pos - r[0]
+                piece = (pos, stop - pos, seq, r[2] + k0 * bs,
+                         list(struct.unpack_from(f"<{stop - pos}I", r[3], 4 * k0)))
+            append_run(out, piece, bs)   # one run, though the runs under it were cut
+            pos = stop
     return out
 
 
 def append_run(runs: list[tuple], piece: tuple, bs: int) -> None:
-    """Add a one-block piece, merging it into the previous run when contiguous."""
+    """Add a piece, merging it into the previous run when contiguous."""
     lba, n, source, off, crcs = piece
     if runs:
         plba, pn, psrc, poff, pcrcs = runs[-1]
