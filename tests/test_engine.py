@@ -1225,3 +1225,25 @@ def test_open_segment_index_finds_the_newest_copy_of_every_block(tmp_path, monke
             got, want = plan()
             assert got == want
         seg.discard()
+
+
+def test_a_damaged_block_in_the_open_journal_is_named_not_returned(make_volume):
+    """Reads of blocks not yet sealed come from the journal file, checked
+    against the CRCs kept in memory: a run of them at once, and one alone."""
+    vol = make_volume()
+    data = blocks(1, 0, 64)
+    vol.write(0, data)                       # a large record: a range in the index
+    vol.write(100 * BS, block(2, 100))        # a small one: a block entry
+    rec_big, rec_small = vol._open.records
+    with open(vol._open.path, "r+b") as f:
+        for bad in (rec_big.data_offset + 5 * BS + 17, rec_small.data_offset + 3):
+            f.seek(bad)
+            byte = f.read(1)
+            f.seek(bad)
+            f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(CorruptionError) as err:
+        vol.read(0, 64 * BS)
+    assert err.value.offset == rec_big.data_offset + 5 * BS
+    assert vol.read(0, 5 * BS) == data[:5 * BS]        # the blocks before it are good
+    with pytest.raises(CorruptionError):
+        vol.read(100 * BS, BS)
