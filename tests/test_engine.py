@@ -870,8 +870,10 @@ def test_footer_round_trip_and_damage():
     with pytest.raises(CorruptionError):
         decode_footer(footer[:-1], t)
     idx = SegmentIndex(records, BS)
-    assert idx.crc_at(88 + BS) == 0x04030201
-    assert idx.crc_at(9000) == 0xDDCCBBAA
+    assert idx.crc_at(88 + BS) == unmask(0x04030201)       # plain, as a read computes it
+    assert idx.crc_at(9000) == unmask(0xDDCCBBAA)
+    assert list(idx.crcs_for(88, 2)) == [unmask(0x04030201)] * 2
+    assert idx.crcs_for(88 + BS, 2) is None                 # runs past its record
     for off in (87, 89, 88 + 2 * BS, 0):
         with pytest.raises(KeyError):
             idx.crc_at(off)
@@ -1247,3 +1249,16 @@ def test_a_damaged_block_in_the_open_journal_is_named_not_returned(make_volume):
     assert vol.read(0, 5 * BS) == data[:5 * BS]        # the blocks before it are good
     with pytest.raises(CorruptionError):
         vol.read(100 * BS, BS)
+
+
+def test_bulk_unmasking_matches_one_at_a_time():
+    from lsbd.engine.segment import pack_masked, unmask_packed
+
+    rng = random.Random(3)
+    for n in (0, 1, 7, 8, 9, 256, 8192):
+        raw = [rng.getrandbits(32) for _ in range(n)]
+        raw[:2] = [0, 0xFFFFFFFF][:n]               # the edge values, where there is room
+        masked = pack_masked(raw)
+        assert masked == struct.pack(f"<{n}I", *map(mask, raw))
+        assert list(unmask_packed(masked)) == [unmask(m) for m in struct.unpack(f"<{n}I", masked)]
+        assert list(unmask_packed(masked)) == raw

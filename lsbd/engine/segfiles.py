@@ -17,6 +17,7 @@ never closes a descriptor under a reader (it is closed by the last one)."""
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import logging
@@ -29,7 +30,7 @@ from typing import Callable
 
 from lsbd.checksum import crc32c, crc32c_of, mask
 from lsbd.engine.recovery import fetch_index_by_key
-from lsbd.engine.segment import SegmentIndex, block_crcs, read_sealed_index_fd
+from lsbd.engine.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 from lsbd.store import Store
 
@@ -389,13 +390,13 @@ class SegmentFiles:
         if len(data) == nblocks * bs:
             if nblocks == 1:   # random reads: compare one number
                 try:
-                    if idx.crc_at(offset) == mask(crc32c_of(data)):
+                    if idx.crc_at(offset) == crc32c_of(data):
                         return
                 except KeyError:
                     pass      # named below
             else:
                 expected = idx.crcs_for(offset, nblocks)
-                if expected is not None and block_crcs(data, bs) == expected:
+                if expected is not None and array.array("I", raw_block_crcs(data, bs)) == expected:
                     return  # the common case: one comparison for the whole run
         where = self.key_of(seq)
         if len(data) != nblocks * bs:
@@ -407,7 +408,7 @@ class SegmentFiles:
             except KeyError:
                 raise CorruptionError(f"{where}: no block at offset {offset + i * bs}",
                                       key=where, offset=offset + i * bs) from None
-            if mask(crc32c(view[i * bs:(i + 1) * bs])) != expected:
+            if crc32c(view[i * bs:(i + 1) * bs]) != expected:
                 log.error("checksum mismatch in segment %s at offset %d", where, offset + i * bs)
                 raise CorruptionError(f"{where}: checksum mismatch at offset {offset + i * bs}",
                                       key=where, offset=offset + i * bs)

@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 
 import attrs
 
-from lsbd.checksum import MASK_DELTA, crc32c, crc32c_of, mask, masked_crc
+from lsbd.checksum import MASK_DELTA, crc32c, crc32c_of, mask, masked_crc, unmask
 from lsbd.errors import CorruptionError
 
 FORMAT_VERSION = 1
@@ -97,15 +97,46 @@ def block_crcs(data: bytes | memoryview, block_size: int) -> bytes:
     return pack_masked(raw_block_crcs(data, block_size))
 
 
+# Per block size, the slices of the first blocks of a buffer, made once:
+# slicing with them costs half as much as computing each block's bounds.
+_BLOCK_SLICES: dict[int, tuple[slice, ...]] = {}
+
+
 def raw_block_crcs(data: bytes | memoryview, block_size: int) -> list[int]:
     """The plain (unmasked) CRC32C of every block of `data`."""
     view = memoryview(data)
+    n = len(view) // block_size
+    slices = _BLOCK_SLICES.get(block_size)
+    if slices is None:
+        slices = _BLOCK_SLICES[block_size] = tuple(
+            slice(i * block_size, (i + 1) * block_size) for i in range(256))
+    if n <= len(slices):
+        return list(map(crc32c_of, map(view.__getitem__, slices[:n])))
     return list(map(crc32c_of, [view[i:i + block_size]
-                                for i in range(0, len(view) - block_size + 1, block_size)]))
+                                for i in range(0, n * block_size, block_size)]))
 
 
-# pack_masked's constants for n CRCs: n 64-bit lanes of 0xFFFFFFFF, of MASK_DELTA.
-_LANES: dict[int, tuple[int, int]] = {}
+# For n CRCs laid out as 64-bit lanes of one integer: n lanes of 0xFFFFFFFF,
+# of MASK_DELTA, and of 2**32.
+_LANES: dict[int, tuple[int, int, int]] = {}
+
+
+def _lanes(n: int) -> tuple[int, int, int]:
+    lanes = _LANES.get(n)
+    if lanes is None:
+        lanes = _LANES[n] = tuple(int.from_bytes(_LANE.pack(v) * n, "little")
+                                  for v in (0xFFFFFFFF, MASK_DELTA, 1 << 32))
+    return lanes
+
+
+def _to_lanes(crcs) -> int:
+    return int.from_bytes(array.array("Q", crcs).tobytes(), "little")
+
+
+def _from_lanes(x: int, n: int) -> array.array:
+    wide = array.array("Q")
+    wide.frombytes(x.to_bytes(8 * n, "little"))
+    return array.array("I", wide)
 
 
 def pack_masked(crcs: list[int]) -> bytes:
@@ -118,16 +149,25 @@ def pack_masked(crcs: list[int]) -> bytes:
     n = len(crcs)
     if n < 8:
         return struct.pack(f"<{n}I", *map(mask, crcs))
-    lanes = _LANES.get(n)
-    if lanes is None:
-        lanes = _LANES[n] = (int.from_bytes(_LANE.pack(0xFFFFFFFF) * n, "little"),
-                             int.from_bytes(_LANE.pack(MASK_DELTA) * n, "little"))
-    low32, delta = lanes
-    x = int.from_bytes(array.array("Q", crcs).tobytes(), "little")
+    low32, delta, _ = _lanes(n)
+    x = _to_lanes(crcs)
     x = ((((x >> 15) | (x << 17)) & low32) + delta) & low32
-    wide = array.array("Q")
-    wide.frombytes(x.to_bytes(8 * n, "little"))
-    return array.array("I", wide).tobytes()
+    return _from_lanes(x, n).tobytes()
+
+
+def unmask_packed(packed: bytes) -> array.array:
+    """The plain CRCs of packed masked ones (checksum.unmask of each), as an
+    array("I"): pack_masked's reverse, all at once the same way."""
+    masked = array.array("I")
+    masked.frombytes(packed)
+    n = len(masked)
+    if n < 8:
+        return array.array("I", map(unmask, masked))
+    low32, delta, guard = _lanes(n)
+    # Subtract MASK_DELTA from every lane (adding 2**32 first, so that no
+    # lane borrows from the next), then rotate each right by 17.
+    x = (_to_lanes(masked) + guard - delta) & low32
+    return _from_lanes(((x >> 17) | (x << 15)) & low32, n)
 
 
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
@@ -229,7 +269,9 @@ def scan_records(f, block_size: int, start: int, *, where: str) -> Iterator[tupl
 
 class SegmentIndex:
     """Where each data block of one segment is, and its CRC: what a reader
-    needs to check a block read from any copy of the segment."""
+    needs to check a block read from any copy of the segment.  The CRCs are
+    kept unmasked, as a read computes them: checking a run of blocks is then
+    one comparison, with no masking per block."""
 
     def __init__(self, records: list[Record], block_size: int):
         data = sorted((r for r in records if r.kind == DATA), key=lambda r: r.data_offset)
@@ -240,13 +282,13 @@ class SegmentIndex:
         pos = 0
         for r in data:
             crc_starts.append(pos)
-            pos += 4 * r.nblocks
+            pos += r.nblocks
         self._crc_starts = crc_starts
-        self._crcs = b"".join(r.crcs for r in data)
+        self._crcs = unmask_packed(b"".join(r.crcs for r in data))
         self.block_size = block_size
 
-    def crcs_for(self, offset: int, nblocks: int) -> bytes | None:
-        """The packed CRCs of nblocks blocks from `offset` when they lie in one
+    def crcs_for(self, offset: int, nblocks: int) -> array.array | None:
+        """The plain CRCs of nblocks blocks from `offset` when they lie in one
         record (the usual case), else None."""
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
@@ -254,17 +296,18 @@ class SegmentIndex:
         k, rem = divmod(offset - self._starts[i], self.block_size)
         if rem or k + nblocks > self._nblocks[i]:
             return None
-        start = self._crc_starts[i] + 4 * k
-        return self._crcs[start:start + 4 * nblocks]
+        start = self._crc_starts[i] + k
+        return self._crcs[start:start + nblocks]
 
     def crc_at(self, offset: int) -> int:
+        """The plain CRC of the block at `offset` (KeyError: no block starts there)."""
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
             raise KeyError(offset)
         k, rem = divmod(offset - self._starts[i], self.block_size)
         if rem or k >= self._nblocks[i]:
             raise KeyError(offset)
-        return struct.unpack_from("<I", self._crcs, self._crc_starts[i] + 4 * k)[0]
+        return self._crcs[self._crc_starts[i] + k]
 
 
 def read_sealed_index(path: str, *, where: str) -> tuple[Trailer, list[Record]]:
