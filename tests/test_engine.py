@@ -1262,3 +1262,20 @@ def test_bulk_unmasking_matches_one_at_a_time():
         assert masked == struct.pack(f"<{n}I", *map(mask, raw))
         assert list(unmask_packed(masked)) == [unmask(m) for m in struct.unpack(f"<{n}I", masked)]
         assert list(unmask_packed(masked)) == raw
+
+
+def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
+    from lsbd.engine import segfiles
+
+    for n in (4096, 1 << 20):
+        buf = segfiles._unfilled_bytearray(n)
+        assert type(buf) is bytearray and len(buf) == n
+        buf[-1] = 7
+    path = tmp_path / "f"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert segfiles._pread(fd, 1 << 20, 0, nowait=True) == data
+    finally:
+        os.close(fd)
