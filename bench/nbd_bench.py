@@ -16,6 +16,10 @@ Subjects:
   lsbd     `lsbd serve` of a volume in a file:// store in the same directory.
   memory   (--memory) the lsbd NBD server over an in-memory volume (the test
            suite's FakeVolume): the protocol layer alone, without the engine.
+  disk     with the sequential write job: fio writing a new file with O_DIRECT
+           in the same directory, the disk's own speed for what a log does.
+           lsbd puts every byte it takes on this disk; nbdkit's file plugin
+           rewrites cached pages, so its figure can be well above the disk's.
 
 It prints MiB/s and IOPS per job and the ratios to nbdkit, with the targets
 (random writes >= 1x nbdkit, random reads and sequential >= 0.5x).  Each
@@ -71,6 +75,29 @@ def fio(uri: str, rw: str, bs: str, *, size: str, runtime: int | None) -> dict:
     if job["error"]:
         raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
     side = job["write" if "write" in rw else "read"]
+    return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
+
+
+def disk_write(workdir: str, *, runtime: int) -> dict | None:
+    """The disk's own speed for the sequential write job: fio with O_DIRECT
+    (no page cache) writing a new file in the same directory, never the same
+    place twice, as a log does.  Every byte lsbd takes must reach this disk
+    (a log keeps every write, and each segment is synced before it joins
+    the map), so this is lsbd's ceiling; nbdkit's file plugin rewrites the
+    same cached pages of its image and never waits for the disk.  None if
+    there is no room for the file."""
+    path = os.path.join(workdir, "disk.img")
+    size = 16 << 30   # more than the disk takes in `runtime` seconds here
+    if shutil.disk_usage(workdir).free < size + (4 << 30):
+        return None
+    try:
+        r = sh("fio", "--name=disk", "--ioengine=libaio", "--direct=1", f"--filename={path}",
+               "--iodepth=16", "--rw=write", "--bs=1M", f"--size={size}",
+               f"--runtime={runtime}", "--output-format=json")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    side = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
     return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
 
 
@@ -231,6 +258,7 @@ def main() -> int:
     size = parse_size(args.size)
     workdir = tempfile.mkdtemp(prefix="lsbd-nbd-bench-", dir="/var/tmp")
     results: dict[str, dict] = {}
+    disk = None
     try:
         print(f"fio nbd engine, iodepth 16, {args.size} region, {args.runtime}s per job; "
               f"work dir {workdir}")
@@ -248,6 +276,11 @@ def main() -> int:
             with start() as uri:
                 results[name] = run_subject(name, uri, size=args.size, runtime=args.runtime,
                                             jobs=jobs)
+        if any(job[0] == "seq write 1M" for job in jobs):
+            disk = disk_write(workdir, runtime=args.runtime)
+            print("  disk (fio, O_DIRECT, a new file on the same file system)\n    "
+                  + (f"{'seq write 1M':18} {disk['mib_s']:9.1f} MiB/s" if disk else
+                     "not measured: no room for its file"), flush=True)
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -267,10 +300,15 @@ def main() -> int:
             value = results[n][job][unit]
             row += f" {fmt(value):>14} {value / base:6.2f}"
         print(row + f" {'>= ' + format(target, 'g'):>7}")
+    if disk is not None and "lsbd" in results:
+        lsbd_mib_s = results["lsbd"]["seq write 1M"]["mib_s"]
+        print(f"\nseq write 1M: the disk takes {disk['mib_s']:.0f} MiB/s with O_DIRECT; lsbd "
+              f"{lsbd_mib_s:.0f} MiB/s is {lsbd_mib_s / disk['mib_s']:.2f} of that ceiling, "
+              f"nbdkit (page cache) {results['nbdkit']['seq write 1M']['mib_s'] / disk['mib_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runtime": args.runtime, "size": args.size, "results": results}, f,
-                      indent=2)
+            json.dump({"runtime": args.runtime, "size": args.size, "results": results,
+                       "disk": disk}, f, indent=2)
     return 0
 
 
