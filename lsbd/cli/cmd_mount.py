@@ -12,7 +12,7 @@ import contextlib
 import sys
 
 from lsbd.cli import ui
-from lsbd.cli.context import prefer_request_threads
+from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args
 from lsbd.errors import UserError
 
@@ -63,7 +63,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 
     def open_images():
         # Runs in the serving process, after the fork: the engine starts threads.
-        prefer_request_threads()
+        tune_serving_process()
         return _open_images(args, ctx, name)
 
     return run(open_images, args.mountpoint, name=name, foreground=args.foreground,

@@ -14,7 +14,7 @@ import signal
 import sys
 from urllib.parse import quote
 
-from lsbd.cli.context import prefer_request_threads
+from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, resolve_args
 from lsbd.engine.config import load_config
 from lsbd.engine.history import list_snapshots
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     if args.socket is not None and args.port is not None:
         raise UserError("--port goes with TCP, not with --socket")
-    prefer_request_threads()
+    tune_serving_process()
     exports = open_exports(args, ctx)
     server = None
     try:

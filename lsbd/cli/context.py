@@ -3,6 +3,7 @@ to open a volume with them."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -50,12 +51,41 @@ class Context:
 #: How long a thread that wants the GIL waits before the running one must
 #: let go (Python's default is 5 ms).
 SERVING_SWITCH_INTERVAL = 0.0005
+#: glibc malloc settings of a serving process: freed memory below this much
+#: stays in the process, and requests' buffers (up to 32 MiB) come from the
+#: heap rather than a fresh mapping each.
+SERVING_TRIM_THRESHOLD = 256 << 20
+SERVING_MMAP_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD = -1   # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 
 
-def prefer_request_threads() -> None:
-    """Tune the interpreter of a serving process (`serve`, `mount`).  Request
-    threads let go of the GIL at every system call; with the default 5 ms
-    interval the sealer, busy applying a segment to the map, then keeps it
-    for up to 5 ms each time, and requests crawl while it works.  At 0.5 ms
-    fio's 4 KiB random writes over NBD went from 27k to 38-40k IOPS."""
+def tune_serving_process() -> None:
+    """Tune a serving process (`serve`, `mount`).
+
+    The GIL: request threads let go of it at every system call; with the
+    default 5 ms interval the sealer, busy applying a segment to the map,
+    then keeps it for up to 5 ms each time, and requests crawl while it
+    works.  At 0.5 ms fio's 4 KiB random writes over NBD went from 27k to
+    38-40k IOPS.
+
+    Memory: every request allocates its payload (1 MiB for fio's sequential
+    jobs), and by default glibc gives freed heap memory back to the kernel
+    as soon as 2 MiB sit unused at a heap's top, so the next payload
+    page-faults fresh zeroed pages in again.  Keeping up to 256 MiB
+    (the NBD server's own limit of payload in flight) measured, over NBD
+    with fio, alternating runs: 5-10% less server CPU per request;
+    sequential writes 1262-1342 -> 1295-1463 MiB/s, sequential reads
+    1714-1977 -> 1867-2134 MiB/s, 4 KiB random writes 41-44k -> 46-53k IOPS."""
     sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return    # not glibc: its defaults stand
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
+    mallopt(_M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
