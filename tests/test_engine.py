@@ -1279,3 +1279,20 @@ def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
         assert segfiles._pread(fd, 1 << 20, 0, nowait=True) == data
     finally:
         os.close(fd)
+
+
+def test_recovery_gives_back_the_reservation_of_a_segment_sealed_before_a_crash(tmp_path):
+    path = str(tmp_path / "journal")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS, expected_size=4 * MiB)
+    seg.append(DATA, 0, 2, data=blocks(1, 0, 2), crcs=block_crcs(blocks(1, 0, 2), BS),
+               commit=True)
+    trailer = seg.seal(SIZE, 0)
+    seg.close_fd()                   # the crash: sealed, never synced and finished
+    before = os.stat(path)
+    if _can_preallocate(str(tmp_path)):
+        assert before.st_blocks * 512 >= 4 * MiB
+    got, records = _recover(path, volume_id=VOLID, seq=3, block_size=BS, volume_size=SIZE)
+    assert got == trailer and [r.lba for r in records] == [0]
+    after = os.stat(path)
+    assert after.st_size == before.st_size
+    assert after.st_blocks * 512 <= after.st_size + 64 * 1024

@@ -199,9 +199,15 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
     A file that is already sealed is only read."""
     where = f"journal {path}"
     try:
-        return read_sealed_index(path, where=where)
+        sealed = read_sealed_index(path, where=where)
     except CorruptionError:
         pass
+    else:
+        # Sealed but not synced and finished before the crash: it may still
+        # hold the blocks its journal reserved past its end (journal.py).
+        # Cutting it at its own size gives them back and changes no byte.
+        os.truncate(path, os.path.getsize(path))
+        return sealed
     if os.path.getsize(path) < HEADER.size:
         # Cut before its header was whole: it never held a record.
         os.unlink(path)
@@ -230,8 +236,6 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         dropped = os.fstat(f.fileno()).st_size - end
         if dropped:
             log.warning("%s: dropped %d bytes of uncommitted tail", where, dropped)
-
-
         footer = encode_footer(records)
         trailer = Trailer(volume_id=volume_id, seq=seq, footer_offset=end,
                           footer_length=len(footer), record_count=len(records),
