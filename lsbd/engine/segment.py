@@ -117,7 +117,9 @@ def raw_block_crcs(data: bytes | memoryview, block_size: int) -> list[int]:
 
 
 # For n CRCs laid out as 64-bit lanes of one integer: n lanes of 0xFFFFFFFF,
-# of MASK_DELTA, and of 2**32.
+# of MASK_DELTA, and of 2**32.  Longer arrays go _CHUNK CRCs at a time, which
+# keeps this cache small whatever lengths come by.
+_CHUNK = 256
 _LANES: dict[int, tuple[int, int, int]] = {}
 
 
@@ -129,14 +131,31 @@ def _lanes(n: int) -> tuple[int, int, int]:
     return lanes
 
 
-def _to_lanes(crcs) -> int:
-    return int.from_bytes(array.array("Q", crcs).tobytes(), "little")
+def _lanewise(crcs, op) -> array.array:
+    """op(x, n, lanes) applied to every chunk of `crcs` laid out as lanes;
+    the results, as an array("I")."""
+    out = array.array("I")
+    for i in range(0, len(crcs), _CHUNK):
+        chunk = crcs[i:i + _CHUNK]
+        n = len(chunk)
+        x = op(int.from_bytes(array.array("Q", chunk).tobytes(), "little"), _lanes(n))
+        wide = array.array("Q")
+        wide.frombytes(x.to_bytes(8 * n, "little"))
+        out.extend(array.array("I", wide))
+    return out
 
 
-def _from_lanes(x: int, n: int) -> array.array:
-    wide = array.array("Q")
-    wide.frombytes(x.to_bytes(8 * n, "little"))
-    return array.array("I", wide)
+def _mask_lanes(x: int, lanes: tuple[int, int, int]) -> int:
+    low32, delta, _ = lanes
+    return ((((x >> 15) | (x << 17)) & low32) + delta) & low32
+
+
+def _unmask_lanes(x: int, lanes: tuple[int, int, int]) -> int:
+    low32, delta, guard = lanes
+    # Subtract MASK_DELTA from every lane (adding 2**32 first, so that no
+    # lane borrows from the next), then rotate each right by 17.
+    x = (x + guard - delta) & low32
+    return ((x >> 17) | (x << 15)) & low32
 
 
 def pack_masked(crcs: list[int]) -> bytes:
@@ -149,10 +168,7 @@ def pack_masked(crcs: list[int]) -> bytes:
     n = len(crcs)
     if n < 8:
         return struct.pack(f"<{n}I", *map(mask, crcs))
-    low32, delta, _ = _lanes(n)
-    x = _to_lanes(crcs)
-    x = ((((x >> 15) | (x << 17)) & low32) + delta) & low32
-    return _from_lanes(x, n).tobytes()
+    return _lanewise(crcs, _mask_lanes).tobytes()
 
 
 def unmask_packed(packed: bytes) -> array.array:
@@ -160,14 +176,9 @@ def unmask_packed(packed: bytes) -> array.array:
     array("I"): pack_masked's reverse, all at once the same way."""
     masked = array.array("I")
     masked.frombytes(packed)
-    n = len(masked)
-    if n < 8:
+    if len(masked) < 8:
         return array.array("I", map(unmask, masked))
-    low32, delta, guard = _lanes(n)
-    # Subtract MASK_DELTA from every lane (adding 2**32 first, so that no
-    # lane borrows from the next), then rotate each right by 17.
-    x = (_to_lanes(masked) + guard - delta) & low32
-    return _from_lanes(((x >> 17) | (x << 15)) & low32, n)
+    return _lanewise(masked, _unmask_lanes)
 
 
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
