@@ -93,12 +93,29 @@ def make_volume(store, tmp_path):
             print(f"closing the volume after the test failed: {e}")
 
 
+_REOPENED: list[Volume] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_reopened():
+    """Close what _reopen opened, as make_volume does for its volumes: a
+    volume left open keeps its threads (and the store's) busy after the test."""
+    yield
+    while _REOPENED:
+        try:
+            _REOPENED.pop().close()
+        except Exception as e:  # noqa: BLE001 - cleanup; the test already reported
+            print(f"closing a reopened volume after the test failed: {e}")
+
+
 def _reopen(vol, tmp_path, *, lose_cache=False, **kw) -> Volume:
     store = vol.store
     vol.close()
     if lose_cache:
         wipe(cache_dir_for(str(tmp_path / "cache"), store, "vol"))
-    return Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), **kw)
+    reopened = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"), **kw)
+    _REOPENED.append(reopened)
+    return reopened
 
 
 # --- reads and writes ------------------------------------------------------------------
@@ -1298,3 +1315,42 @@ def test_recovery_gives_back_the_reservation_of_a_segment_sealed_before_a_crash(
     after = os.stat(path)
     assert after.st_size == before.st_size
     assert after.st_blocks * 512 <= after.st_size + 64 * 1024
+
+
+_EXIT_WITHOUT_CLOSE = """
+import sys, time
+from lsbd.engine.config import create_volume
+from lsbd.engine.volume import Volume
+from lsbd.store.faulty import FaultyStore
+from lsbd.store.local import LocalStore
+
+root = sys.argv[1]
+store = FaultyStore(LocalStore(root + "/store"))
+create_volume(store, "vol", 1 << 24)
+store.fail(op="put", key_prefix="volumes/vol/seg/", times=None)   # the store is down
+vol = Volume.open(store, "vol", cache_root=root + "/cache")
+vol.write(0, b"x" * 8192)
+vol._seal_and_wait()
+deadline = time.monotonic() + 20
+while vol._uploader.last_error is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert vol._uploader.last_error is not None, "the upload never failed"
+print("exiting", flush=True)
+# No close(): the process just ends.
+"""
+
+
+def test_a_process_ends_with_a_volume_left_open_while_the_store_is_down(tmp_path):
+    """The uploader retries a failing store for ever while its volume is
+    open; a process that ends without closing the volume must still end
+    (the segment stays in the cache dir for the next open)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "exiting" in proc.stdout
+    cached = [f for _root, _dirs, files in os.walk(tmp_path / "cache") for f in files
+              if f.endswith(".seg")]
+    assert cached, "the segment that was not uploaded is kept"

@@ -10,6 +10,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -19,6 +20,19 @@ from lsbd.errors import ObjectExists, StoreError
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def _at_thread_shutdown(call: Callable[[], object]) -> None:
+    """Run `call` when the interpreter shuts down, before it joins the
+    threads left running (atexit handlers run only after that join).
+    concurrent.futures uses the same hook to stop its workers."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:   # pragma: no cover - other Pythons: threads are joined as they are
+        return
+    try:
+        register(call)
+    except RuntimeError:   # already shutting down
+        pass
 
 
 class ForeignWriter(StoreError):
@@ -44,6 +58,12 @@ class Uploader:
         self.fatal: BaseException | None = None
         self._closing = False
         self._stop = threading.Event()
+        # A volume never closed must not keep its process from exiting while
+        # a failing store is retried: Python joins these threads at exit.
+        # Just before that, stop retrying (the segments stay in the cache
+        # dir, and the next open uploads them).
+        me = weakref.ref(self)
+        _at_thread_shutdown(lambda: (u := me()) is not None and u._give_up())
 
     def submit(self, seq: int) -> None:
         with self._cond:
@@ -95,6 +115,13 @@ class Uploader:
             self._advance()
             self.last_error = None
             self._cond.notify_all()
+
+    def _give_up(self) -> None:
+        """Stop retrying failed uploads (the ones running finish)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._stop.set()
 
     def _advance(self) -> None:
         while self.durable_seq + 1 in self._done:
