@@ -35,8 +35,20 @@ _PAGE_MASK = 4095
 BIG_RANGE = 16  # records longer than this (blocks) are indexed as ranges
 
 
-def range_start(r: tuple) -> int:
+def _range_start(r: tuple) -> int:
     return r[0]
+
+
+def ranges_meeting(ranges: list[tuple], lo: int, hi: int) -> tuple[int, int]:
+    """(i, j): ranges[i:j] are the ranges of an index (sorted, not
+    overlapping) that meet blocks [lo, hi)."""
+    i = bisect.bisect_right(ranges, lo, key=_range_start)
+    if i and ranges[i - 1][1] > lo:
+        i -= 1                      # the range before reaches into [lo, hi)
+    j = i
+    while j < len(ranges) and ranges[j][0] < hi:
+        j += 1
+    return i, j
 
 
 def _clip(r: tuple, start: int, end: int, bs: int) -> tuple:
@@ -238,12 +250,7 @@ class OpenSegment:
         """Put [start, end) into `ranges` as its newest content: the older
         ranges it overlaps are cut back to what lies outside it."""
         ranges = self.ranges
-        i = bisect.bisect_right(ranges, start, key=range_start)
-        if i and ranges[i - 1][1] > start:
-            i -= 1                      # the range before reaches into this one
-        j = i
-        while j < len(ranges) and ranges[j][0] < end:
-            j += 1
+        i, j = ranges_meeting(ranges, start, end)
         new = [(start, end, offset, crcs)]
         if j > i:
             first, last = ranges[i], ranges[j - 1]

@@ -13,10 +13,9 @@ holds the volume lock while planning, and reads the data after."""
 
 from __future__ import annotations
 
-import bisect
 import struct
 
-from lsbd.engine.journal import HOLE, OpenSegment, range_start
+from lsbd.engine.journal import HOLE, OpenSegment, ranges_meeting
 
 
 def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
@@ -42,7 +41,8 @@ def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
 def overlay(runs: list[tuple], seg: OpenSegment, first: int, n: int, bs: int) -> list[tuple]:
     """`runs` with the blocks that journal `seg` holds for [first, first+n)."""
     if seg.ranges:   # older than any block entry they contain: applied first
-        runs = lay_ranges(runs, ranges_in(seg.ranges, first, first + n), seg.seq, bs)
+        i, j = ranges_meeting(seg.ranges, first, first + n)
+        runs = lay_ranges(runs, seg.ranges[i:j], seg.seq, bs)
     blocks = seg.blocks
     if not blocks:
         return runs
@@ -67,18 +67,6 @@ def overlay(runs: list[tuple], seg: OpenSegment, first: int, n: int, bs: int) ->
                 piece = (b, 1, seg.seq, o[0], [o[1]])
             append_run(out, piece, bs)
     return out
-
-
-def ranges_in(ranges: list[tuple], lo: int, hi: int) -> list[tuple]:
-    """The ranges of a journal's index (sorted, not overlapping) that meet
-    [lo, hi)."""
-    i = bisect.bisect_right(ranges, lo, key=range_start)
-    if i and ranges[i - 1][1] > lo:
-        i -= 1
-    j = i
-    while j < len(ranges) and ranges[j][0] < hi:
-        j += 1
-    return ranges[i:j]
 
 
 def lay_ranges(runs: list[tuple], ranges: list[tuple], seq: int, bs: int) -> list[tuple]:
