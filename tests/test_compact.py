@@ -353,9 +353,10 @@ def test_compaction_while_writing(store_url, tmp_path):
 # --- 4b. NBD: fio verifies its writes while `lsbd compact` runs ---------------------------
 
 @pytest.mark.nbd
-@pytest.mark.skipif(not shutil.which("fio") or not shutil.which("nbdcopy"),
-                    reason="needs fio (nbd engine) and nbdcopy")
 def test_compaction_under_fio_over_nbd(tmp_path):
+    from nbd_helpers import require_tools
+
+    require_tools("fio", "nbdcopy")   # a failure, not a skip, in CI
     # Short paths: the control socket lives in the cache dir (AF_UNIX limit).
     short = Path(tempfile.mkdtemp(prefix="lc", dir="/tmp"))
     try:
