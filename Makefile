@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs libnbd-bin python3-libnbd \
                 nbdkit qemu-utils fio s3backer util-linux
 
-.PHONY: all demo test test-slow bench sysdeps venv clean
+.PHONY: all demo test test-slow lint bench sysdeps venv clean
 
 all: venv
 
@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml
 demo: sysdeps venv
 	$(VENV)/bin/python scripts/demo.py
 
+# Static checks: ruff (likely bugs) on the product's code.
+lint: venv
+	$(VENV)/bin/ruff check lsbd nbd fuse
+
 # The whole suite; any non-zero pytest exit fails (including 5: no tests ran).
-test: sysdeps venv
+test: sysdeps venv lint
 	$(VENV)/bin/pytest -q -m "not slow" --timeout=600 tests
 
 test-slow: sysdeps venv

@@ -91,7 +91,7 @@ def close_exports(exports: dict) -> int:
             if not volume.read_only:
                 volume.flush()
             volume.close()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - report it and close the others
             print(f"lsbd: closing {name} failed: {e}", file=sys.stderr)
             failed += 1
     return failed

@@ -99,7 +99,7 @@ class Uploader:
                     self.fatal = e
                     self._cond.notify_all()
                 return
-            except Exception as e:  # keep trying: the data is safe locally
+            except Exception as e:  # noqa: BLE001 - keep trying: the data is safe locally
                 with self._cond:
                     self.last_error = e
                     if self._closing:

@@ -212,8 +212,9 @@ class Volume:
                 vol._check_cache_identity(stored)
                 vol._replay_local()
             except CacheMismatch as e:
-                (log.info if str(e) == "empty" else log.warning)("volume %s: the cache dir is not trusted (%s); rebuilding it "
-                            "from the store", config.name, e)
+                report = log.info if str(e) == "empty" else log.warning
+                report("volume %s: the cache dir is not trusted (%s); rebuilding it from the store",
+                       config.name, e)
                 vol._reset_cache_dir()
                 vol._rebuild(stored, progress)
             vol._remove_orphans(stored)
@@ -345,7 +346,7 @@ class Volume:
                 return m.segments()
             finally:
                 m.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unreadable map is an untrusted one
             return []
 
     def _start_background(self) -> None:
@@ -568,7 +569,7 @@ class Volume:
                         if self._applied > self._last_checkpoint:
                             try:
                                 self.checkpoint()
-                            except Exception as e:  # the segments are safe; recovery replays them
+                            except Exception as e:  # noqa: BLE001 - the segments are safe; recovery replays them
                                 log.warning("volume %s: checkpoint at close failed: %s", self.name, e)
                     else:
                         log.warning("volume %s: %d segments are not yet in the store; they stay "
@@ -614,7 +615,7 @@ class Volume:
             self._map_closed = True
             try:
                 self._map.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing after a failure; the first error is reported
                 pass
         if self._lease is not None:
             try:
@@ -846,7 +847,7 @@ class Volume:
                         return
                     self._apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
                                        advance=False)
-            except BaseException as e:  # a failing disk: stop taking writes
+            except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
                 log.error("volume %s: sealing segment %016x failed: %s", self.name, seg.seq, e)
                 with self._lock:
                     self._failed = e
@@ -946,7 +947,7 @@ class Volume:
                 if source is not None and crcs is None and not is_local(source):
                     raise WouldBlock(f"segment {source:016x} is not cached locally")
         parts = []
-        for lba, n, source, off, crcs in runs:
+        for _lba, n, source, off, crcs in runs:
             if source is None:
                 parts.append(bytes(n * bs) if n > 1 else self._zero_block)
             elif crcs is not None:
@@ -1145,7 +1146,7 @@ class Volume:
                     self._last_compaction = time.monotonic()
                     # Rate-limited so foreground I/O keeps most of its throughput.
                     self.compact(rate=AUTO_COMPACT_RATE)
-            except Exception as e:  # never let the timer die; the next tick retries
+            except Exception as e:  # noqa: BLE001 - never let the timer die; the next tick retries
                 log.warning("volume %s: background work failed: %s", self.name, e)
 
     # ------------------------------------------------------------------ scrubbing

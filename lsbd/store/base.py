@@ -70,7 +70,7 @@ class Store(abc.ABC):
         except ObjectNotFound:
             return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
         """Release connections; the store is not used afterwards."""
 
     def __repr__(self) -> str:

@@ -156,7 +156,7 @@ class S3Store(Store):
             kwargs["IfNoneMatch"] = "*"
         try:
             self._client.put_object(**kwargs)
-        except Exception as e:  # noqa: BLE001 - translated below
+        except Exception as e:
             if exclusive and isinstance(e, botocore.exceptions.ClientError):
                 err = e.response.get("Error", {}) or {}
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -195,7 +195,7 @@ class S3Store(Store):
                 # like a file read, that is no bytes, not an error.
                 return b""
             raise self._error(e, "get", key) from e
-        except Exception as e:  # noqa: BLE001 - translated
+        except Exception as e:
             raise self._error(e, "get", key) from e
         if byte_range and not response.get("ContentRange"):
             # The server ignored the Range header and sent the whole object.
@@ -224,7 +224,7 @@ class S3Store(Store):
             if status == 404:
                 raise StoreError(f"S3 {self._where()} does not exist", errno.ENOENT) from None
             raise self._error(e, "head-bucket", None) from e
-        except Exception as e:  # noqa: BLE001 - translated
+        except Exception as e:
             raise self._error(e, "head-bucket", None) from e
         with self._lock:
             self._bucket_ok = True
@@ -237,7 +237,7 @@ class S3Store(Store):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
                     found.append(ObjectInfo(item["Key"][strip:], int(item["Size"])))
-        except Exception as e:  # noqa: BLE001 - translated
+        except Exception as e:
             raise self._error(e, "list", prefix or "/") from e
         found.sort()
         return iter(found)
@@ -245,7 +245,7 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:  # noqa: BLE001 - translated
+        except Exception as e:
             error = self._error(e, "delete", key)
             if isinstance(error, ObjectNotFound):
                 return  # already gone
