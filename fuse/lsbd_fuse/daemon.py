@@ -54,16 +54,13 @@ def mark_io_flusher() -> bool:
     the workers'), so it is set before the volume opens.  It needs
     CAP_SYS_RESOURCE; without it we go on as before.
     """
+    from lsbd.linux import set_io_flusher
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_IO_FLUSHER = 57
-        if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
-            return True
-        log.debug("PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
+        set_io_flusher()
     except (OSError, AttributeError) as e:
         log.debug("PR_SET_IO_FLUSHER: %s", e)
-    return False
+        return False
+    return True
 
 
 def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
