@@ -904,7 +904,7 @@ def _seal(seg: OpenSegment, volume_size: int) -> Trailer:
 
 
 def _can_preallocate(folder) -> bool:
-    from lsbd.engine.journal import preallocate
+    from lsbd.linux import preallocate
     path = os.path.join(folder, "probe")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -1285,9 +1285,10 @@ def test_bulk_unmasking_matches_one_at_a_time():
 
 def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
     from lsbd.engine import segfiles
+    from lsbd.linux import unfilled_bytearray
 
     for n in (4096, 1 << 20):
-        buf = segfiles._unfilled_bytearray(n)
+        buf = unfilled_bytearray(n)
         assert type(buf) is bytearray and len(buf) == n
         buf[-1] = 7
     path = tmp_path / "f"

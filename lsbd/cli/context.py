@@ -3,10 +3,10 @@ to open a volume with them."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
+from lsbd import linux
 from lsbd.store import Store, open_store
 
 
@@ -56,8 +56,6 @@ SERVING_SWITCH_INTERVAL = 0.0005
 #: heap rather than a fresh mapping each.
 SERVING_TRIM_THRESHOLD = 256 << 20
 SERVING_MMAP_THRESHOLD = 64 << 20
-_M_TRIM_THRESHOLD = -1   # mallopt parameters, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
 
 
 def tune_serving_process() -> None:
@@ -82,10 +80,5 @@ def tune_serving_process() -> None:
 
 
 def _keep_freed_memory() -> None:
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return    # not glibc: its defaults stand
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(_M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
-    mallopt(_M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
+    linux.mallopt(linux.M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
+    linux.mallopt(linux.M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)

@@ -9,7 +9,6 @@ every journal file not yet finished, in order."""
 from __future__ import annotations
 
 import bisect
-import ctypes
 import os
 import struct
 import threading
@@ -27,6 +26,7 @@ from lsbd.engine.segment import (
     encode_trailer,
     masked_crc,
 )
+from lsbd.linux import preallocate, start_writeback
 
 HOLE = -1  # overlay value of a zeroed/trimmed block
 _CRC = struct.Struct("<I")
@@ -60,46 +60,6 @@ def _clip(r: tuple, start: int, end: int, bs: int) -> tuple:
     return (start, end, offset + k * bs, crcs[4 * k:4 * (end - r0)])
 
 
-def _writeback_starter():
-    """sync_file_range(SYNC_FILE_RANGE_WRITE) where Linux has it: starts
-    writeback of a range and returns without waiting for it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, offset, length: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, length: int) -> None:
-        fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
-
-    return start
-
-
-start_writeback = _writeback_starter()
-
-
-def _preallocator():
-    """fallocate(FALLOC_FL_KEEP_SIZE) where Linux has it: reserves disk
-    blocks past the end of a file without changing its size."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return lambda fd, length: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-
-    def preallocate(fd: int, length: int) -> None:
-        # FALLOC_FL_KEEP_SIZE.  A failure (no support, a full disk) only
-        # loses the speed-up: the writes then allocate as they go.
-        fn(fd, 1, 0, length)
-
-    return preallocate
-
-
-preallocate = _preallocator()
 
 
 class OpenSegment:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import array
 import collections
-import ctypes
 import errno
 import logging
 import os
@@ -33,6 +32,7 @@ from lsbd.checksum import crc32c, crc32c_of, mask
 from lsbd.engine.recovery import fetch_index_by_key
 from lsbd.engine.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
+from lsbd.linux import unfilled_bytearray
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,6 @@ OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
-def _unfilled_bytearray_maker():
-    """bytearray(n) without zeroing it first, for a buffer read() fills
-    whole (zeroing 1 MiB cost 12 us, a quarter of reading it from the
-    page cache).  CPython's own constructor, with no source to copy."""
-    try:
-        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    except AttributeError:   # pragma: no cover - not CPython
-        return bytearray
-    make.restype = ctypes.py_object
-    make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    return lambda n: make(None, n) if n >= 65536 else bytearray(n)
-
-
-_unfilled_bytearray = _unfilled_bytearray_maker()
 
 
 def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
@@ -71,7 +57,7 @@ def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray
     global _RWF_NOWAIT
     if not nowait or _RWF_NOWAIT is None:
         return os.pread(fd, length, offset)
-    buf = _unfilled_bytearray(length)
+    buf = unfilled_bytearray(length)
     try:
         n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
     except BlockingIOError:
