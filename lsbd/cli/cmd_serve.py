@@ -10,7 +10,9 @@ See docs/nbd.md.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
+import socket
 import sys
 from urllib.parse import quote
 
@@ -42,19 +44,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_point_args(p, what="export, read-only, the state")
     p.add_argument("--with-snapshots", action="store_true",
                    help="also export every snapshot read-only, as VOLUME@SNAPSHOT")
+    tls = p.add_argument_group("TLS (NBD_OPT_STARTTLS; URIs nbds:// and nbds+unix://)")
+    tls.add_argument("--tls", choices=("off", "on", "require"), default=None,
+                     help="off: no TLS; on: offered; require: nothing but STARTTLS "
+                          "before it (default: require with credentials, else off)")
+    tls.add_argument("--tls-certificates", metavar="DIR",
+                     help="X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem "
+                          "(and DIR/ca-cert.pem)")
+    tls.add_argument("--tls-psk", metavar="FILE",
+                     help="pre-shared keys, one username:hexkey a line (as psktool writes)")
+    tls.add_argument("--tls-verify-peer", action="store_true",
+                     help="clients must show a certificate signed by DIR/ca-cert.pem")
+    p.add_argument("--allow-unencrypted", action="store_true",
+                   help="serve a non-loopback address without TLS (anyone who reaches "
+                        "it reads and writes the volume)")
     p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def nbd_uri(export: str, *, socket_path: str | None = None, host: str = DEFAULT_HOST,
-            port: int = 10809) -> str:
+            port: int = 10809, tls: bool = False) -> str:
     """The NBD URI of `export` (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md)."""
     name = quote(export, safe="")
+    scheme = "nbds" if tls else "nbd"
     if socket_path is not None:
-        return f"nbd+unix:///{name}?socket={quote(socket_path, safe='/')}"
+        return f"{scheme}+unix:///{name}?socket={quote(socket_path, safe='/')}"
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{name}"
 
 
 def open_exports(args: argparse.Namespace, ctx) -> dict:
@@ -97,23 +114,59 @@ def close_exports(exports: dict) -> int:
     return failed
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def server_tls(args: argparse.Namespace):
+    """The TLS settings the options ask for (a user error if unusable)."""
+    from lsbd_nbd.tls import ServerTLS, TLSConfigError
+
+    credentials = args.tls_certificates or args.tls_psk
+    mode = args.tls or ("require" if credentials else "off")
+    if args.tls_certificates and args.tls_psk:
+        raise UserError("give --tls-certificates or --tls-psk, not both")
+    try:
+        return ServerTLS(mode, certificates=args.tls_certificates, psk_file=args.tls_psk,
+                         verify_peer=args.tls_verify_peer)
+    except TLSConfigError as e:
+        raise UserError(str(e)) from None
+
+
 def run(args: argparse.Namespace, ctx) -> int:
     from lsbd_nbd import DEFAULT_PORT, NBDServer
 
     if args.socket is not None and args.port is not None:
         raise UserError("--port goes with TCP, not with --socket")
+    tls = server_tls(args)
+    host = args.host or DEFAULT_HOST
+    if args.socket is None and not tls.required and not is_loopback(host):
+        if not args.allow_unencrypted:
+            raise UserError(f"{host} is not a loopback address: serve it with --tls=require "
+                            "and credentials, or say --allow-unencrypted")
+        print(f"lsbd: warning: serving {host} without TLS required: anyone who reaches it "
+              "can read and write the volumes", file=sys.stderr, flush=True)
     tune_serving_process()
     exports = open_exports(args, ctx)
     server = None
     try:
-        server = NBDServer(exports, default_export=args.volumes[0], workers=args.workers)
+        server = NBDServer(exports, default_export=args.volumes[0], workers=args.workers,
+                           tls=tls)
         if args.socket is not None:
             path = server.listen_unix(args.socket)
-            uris = [nbd_uri(name, socket_path=path) for name in exports]
+            uris = [nbd_uri(name, socket_path=path, tls=tls.required) for name in exports]
         else:
-            host, port = server.listen_tcp(args.host or DEFAULT_HOST,
-                                           DEFAULT_PORT if args.port is None else args.port)
-            uris = [nbd_uri(name, host=host, port=port) for name in exports]
+            host, port = server.listen_tcp(host, DEFAULT_PORT if args.port is None else args.port)
+            uris = [nbd_uri(name, host=host, port=port, tls=tls.required) for name in exports]
 
         def stop(signum, frame) -> None:
             server.stop()

@@ -5,9 +5,12 @@ the client ended the session with NBD_OPT_ABORT.
 
 Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO (with NBD_INFO_EXPORT,
 NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE),
-STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`).
-Every other option, STARTTLS and EXTENDED_HEADERS included, is answered with
-NBD_REP_ERR_UNSUP and negotiation continues.
+STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`),
+and STARTTLS when the server has TLS credentials (after which the stream is
+the TLS session).  When TLS is required, every option before STARTTLS other
+than ABORT is answered with NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot
+carry an error, ends the session).  Every other option, EXTENDED_HEADERS
+included, is answered with NBD_REP_ERR_UNSUP and negotiation continues.
 """
 
 from __future__ import annotations
@@ -116,12 +119,22 @@ class _Reader:
 
 class Handshake:
     """One client's option haggling.  `exports` is read at every lookup, so
-    exports added to the mapping later are visible to new options."""
+    exports added to the mapping later are visible to new options.
+
+    `starttls`, when given, runs the TLS handshake after NBD_OPT_STARTTLS was
+    acknowledged and returns the stream to go on with; `tls_required` makes
+    every other option before it fail with NBD_REP_ERR_TLS_REQD."""
 
     def __init__(self, stream: Stream, exports: Mapping[str, BlockDevice],
                  default_export: Callable[[], str | None],
-                 shutting_down: Callable[[], bool] = lambda: False):
+                 shutting_down: Callable[[], bool] = lambda: False, *,
+                 starttls: Callable[[], Stream] | None = None,
+                 tls_required: bool = False):
+        assert starttls is not None or not tls_required
         self.stream = stream
+        self.starttls = starttls
+        self.tls_required = tls_required
+        self.in_tls = False
         self.exports = exports
         self.default_export = default_export
         self.shutting_down = shutting_down
@@ -155,6 +168,7 @@ class Handshake:
         no_zeroes = bool(client_flags & p.FLAG_C_NO_ZEROES)
 
         for _ in range(MAX_OPTIONS):
+            stream = self.stream            # the TLS session after STARTTLS
             magic, option, length = p.OPTION_HEADER.unpack(stream.recv_exact(16))
             if magic != p.IHAVEOPT:
                 raise ProtocolError(f"bad option magic {magic:#x}")
@@ -163,6 +177,8 @@ class Handshake:
             data = stream.recv_exact(length) if length else b""
 
             if option == p.OPT_EXPORT_NAME:
+                if self.tls_required and not self.in_tls:
+                    raise ProtocolError("NBD_OPT_EXPORT_NAME before TLS, which is required")
                 return self._export_name(data, no_zeroes)
             if not fixed:
                 # Old (non-fixed) newstyle clients cannot parse option replies.
@@ -173,6 +189,11 @@ class Handshake:
             try:
                 if self.shutting_down():
                     raise _OptionError(p.REP_ERR_SHUTDOWN, "server is shutting down")
+                if option == p.OPT_STARTTLS and self.starttls is not None:
+                    self._starttls(data)
+                    continue
+                if self.tls_required and not self.in_tls:
+                    raise _OptionError(p.REP_ERR_TLS_REQD, "TLS is required: use NBD_OPT_STARTTLS")
                 session = self._option(option, data)
             except _OptionError as e:
                 self._reply(option, e.reply, e.message.encode())
@@ -180,6 +201,19 @@ class Handshake:
             if session is not None:
                 return session
         raise ProtocolError("too many options")
+
+    def _starttls(self, data: bytes) -> None:
+        if data:
+            raise _OptionError(p.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self.in_tls:
+            raise _OptionError(p.REP_ERR_INVALID, "TLS is already on")
+        assert self.starttls is not None
+        self._reply(p.OPT_STARTTLS, p.REP_ACK)
+        self.stream = self.starttls()       # a failed TLS handshake ends the session
+        self.in_tls = True
+        # Whatever was negotiated in the clear does not carry over (the spec).
+        self.structured = False
+        self.meta_export = None
 
     def _option(self, option: int, data: bytes) -> Session | None:
         if option in (p.OPT_INFO, p.OPT_GO):

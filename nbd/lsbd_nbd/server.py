@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from lsbd.engine.api import BlockDevice
 from lsbd_nbd.errors import Disconnect, ProtocolError
 from lsbd_nbd.handshake import Handshake
+from lsbd_nbd.tls import ServerTLS, TLSSocket
 from lsbd_nbd.transmission import Connection
 
 log = logging.getLogger("lsbd.nbd")
@@ -33,9 +34,11 @@ DEFAULT_PORT = 10809
 class SocketStream:
     """Exact reads and plain sends for the handshake.  It reads nothing
     ahead, so whatever a client pipelines right after NBD_OPT_GO is still in
-    the socket for the transmission phase."""
+    the socket for the transmission phase (and nothing sent after
+    NBD_OPT_STARTTLS is read as plain text).  `sock` is a TLSSocket once TLS
+    is on."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket | TLSSocket):
         self.sock = sock
 
     def recv_exact(self, n: int) -> bytes:
@@ -60,11 +63,14 @@ class NBDServer:
 
     workers: threads of the pool shared by every connection, for the
     requests that block (see dispatch.py).
+    tls: credentials and mode (tls.ServerTLS); None or mode "off" answers
+    NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP.
     """
 
     def __init__(self, exports: MutableMapping[str, BlockDevice] | None = None, *,
                  default_export: str | None = None, workers: int = 32,
-                 handshake_timeout: float = 30.0):
+                 handshake_timeout: float = 30.0, tls: ServerTLS | None = None):
+        self.tls = tls if tls is not None and tls.offered else None
         # Not copied: the caller may add and remove exports in it too.
         self.exports: MutableMapping[str, BlockDevice] = exports if exports is not None else {}
         self._default = default_export
@@ -250,15 +256,29 @@ class NBDServer:
 
     def _client(self, sock: socket.socket, peer: str) -> None:
         stream = SocketStream(sock)
+        tls = self.tls
+        secure: list[TLSSocket] = []
+
+        def starttls() -> SocketStream:
+            assert tls is not None
+            secure.append(TLSSocket(sock, tls))
+            secure[0].handshake()
+            return SocketStream(secure[0])
+
         try:
             sock.settimeout(self.handshake_timeout)
-            session = Handshake(stream, self.exports, self.default_export,
-                                lambda: self._stopping).run()
+            handshake = Handshake(stream, self.exports, self.default_export,
+                                  lambda: self._stopping,
+                                  starttls=starttls if tls is not None else None,
+                                  tls_required=tls is not None and tls.required)
+            session = handshake.run()
             if session is None:
                 return
             sock.settimeout(None)
-            log.debug("%s: connected to export %r", peer, session.export_name)
-            Connection(sock, session, pool=self.pool, peer=peer).serve()
+            log.debug("%s: connected to export %r%s", peer, session.export_name,
+                      " over TLS" if handshake.in_tls else "")
+            channel: socket.socket | TLSSocket = secure[0] if secure else sock
+            Connection(channel, session, pool=self.pool, peer=peer).serve()
         except Disconnect:
             pass
         except ProtocolError as e:
