@@ -8,11 +8,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-# Debian packages: FUSE (and headers to build pyfuse3), ext4 tools, the NBD
-# clients and servers the tests and benchmarks talk to, and the tools that make
-# TLS credentials for the NBD TLS tests (openssl, GnuTLS's psktool).
-DEB_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs libnbd-bin python3-libnbd \
-                nbdkit qemu-utils fio s3backer util-linux openssl gnutls-bin
+# Debian packages: FUSE (fusermount3), ext4 tools, the NBD clients and servers
+# the tests and benchmarks talk to, the FUSE peers of the benchmark (s3backer,
+# bindfs), and the tools that make TLS credentials for the NBD TLS tests
+# (openssl, GnuTLS's psktool).
+DEB_PACKAGES := fuse3 e2fsprogs libnbd-bin python3-libnbd \
+                nbdkit qemu-utils fio s3backer bindfs util-linux openssl gnutls-bin
 
 .PHONY: all demo test test-slow lint bench sysdeps venv clean
 

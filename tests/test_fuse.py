@@ -1,9 +1,9 @@
 """The FUSE front end.
 
-Two tiers: the operations class driven directly (no kernel, no root), then
-real mounts: mkfs.ext4 on the image, loop mounts, files copied, unmounted,
-remounted from an empty cache dir, e2fsck clean; a server killed with
-SIGKILL under load; online growth with resize2fs; fio with verification.
+Real mounts (the server without a kernel: test_fuse_protocol.py): mkfs.ext4
+on the image, loop mounts, files copied, unmounted, remounted from an empty
+cache dir, e2fsck clean; a server killed with SIGKILL under load; online
+growth with resize2fs; fio with verification; TRIM end to end.
 The real-mount tests need root and /dev/fuse; they skip without them, except
 in CI (CI=true), where they fail.
 """
@@ -18,20 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
-
-try:
-    import pyfuse3
-    import trio
-except ImportError as e:  # the FUSE extra is not installed
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(f"the FUSE front end needs {e.name}", allow_module_level=True)
-
-from fakes import FakeVolume
 from fuse_helpers import (
     WRITER,
     FuseEnv,
@@ -44,286 +33,13 @@ from fuse_helpers import (
     run,
     tree_digest,
 )
-from lsbd_fuse.fs import ImageFS
 from lsbd_fuse.mounts import find_mount, mount_table
 from lsbd_fuse.options import MAX_BACKGROUND
-from lsbd_fuse.tree import ROOT_INODE, Image
-
-from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError
 
 MiB = 1 << 20
 
 
-# --- tier 1: the operations, no kernel -----------------------------------------------
-
-def _fields(**set_) -> types.SimpleNamespace:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return types.SimpleNamespace(**{n: set_.get(n, False) for n in names})
-
-
-def _size_attr(size: int) -> pyfuse3.EntryAttributes:
-    a = pyfuse3.EntryAttributes()
-    a.st_size = size
-    return a
-
-
-def _fs(**extra: Image) -> tuple[ImageFS, FakeVolume]:
-    vol = FakeVolume("vol", 8 * MiB)
-    return ImageFS({"vol.img": Image(device=vol), **extra}), vol
-
-
-class BlockingVolume(FakeVolume):
-    """A device that makes no promise not to block: its calls take no nowait."""
-
-    supports_nowait = False
-
-    def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
-        return super().read(offset, length)
-
-    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:  # type: ignore[override]
-        super().write(offset, data, fua=fua)
-
-
-def _where_calls_run(vol: FakeVolume, slow_from: int | None = None) -> list[tuple[str, bool]]:
-    """Record (op, on the loop's thread) for every data call that gets as far
-    as running; offsets from `slow_from` on are slow (a store fetch)."""
-    seen: list[tuple[str, bool]] = []
-    main = threading.get_ident()
-
-    def delay_for(op, offset):
-        slow = slow_from is not None and offset >= slow_from
-        seen.append((op, threading.get_ident() == main))
-        return 0.01 if slow else 0
-    vol.delay_for = delay_for
-    return seen
-
-
-def _errno(exc_info) -> int:
-    return exc_info.value.errno
-
-
-async def _open(fs: ImageFS, path: bytes, flags: int = os.O_RDWR) -> int:
-    inode = ROOT_INODE
-    for part in path.split(b"/"):
-        inode = (await fs.lookup(inode, part, None)).st_ino
-    return (await fs.open(inode, flags, None)).fh
-
-
-def test_ops_read_write_any_offset_and_the_end():
-    fs, vol = _fs()
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-        assert await fs.write(fh, 4093, b"abcdefgh") == 8           # across a block edge
-        assert await fs.read(fh, 4090, 16) == b"\0\0\0abcdefgh\0\0\0\0\0"
-        assert await fs.read(fh, 8 * MiB - 3, 100) == b"\0\0\0"     # short read at the end
-        assert await fs.read(fh, 8 * MiB, 100) == b""               # EOF
-        assert await fs.write(fh, 8 * MiB - 2, b"xyz") == 2         # short write at the end
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.write(fh, 8 * MiB, b"x")                       # a disk does not grow
-        assert _errno(e) == errno.ENOSPC
-        await fs.release(fh)
-
-    trio.run(main)
-    assert vol.read(8 * MiB - 2, 2) == b"xy"
-
-
-def test_ops_only_grow_and_no_o_trunc():
-    fs, vol = _fs()
-
-    async def main():
-        inode = (await fs.lookup(ROOT_INODE, b"vol.img", None)).st_ino
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.open(inode, os.O_WRONLY | os.O_TRUNC, None)    # dd without conv=notrunc
-        assert _errno(e) == errno.EINVAL
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.setattr(inode, _size_attr(0), _fields(update_size=True), None, None)
-        assert _errno(e) == errno.EINVAL
-        same = await fs.setattr(inode, _size_attr(8 * MiB), _fields(update_size=True), None, None)
-        assert same.st_size == 8 * MiB
-        grown = await fs.setattr(inode, _size_attr(16 * MiB), _fields(update_size=True),
-                                 None, None)
-        assert grown.st_size == 16 * MiB
-        assert (await fs.getattr(inode, None)).st_size == 16 * MiB
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.setattr(inode, _size_attr(0), _fields(update_mode=True), None, None)
-        assert _errno(e) == errno.EPERM
-
-    trio.run(main)
-    assert vol.size == 16 * MiB
-
-
-@pytest.mark.parametrize("exc, code", [
-    (CorruptionError("bad crc", key="segments/x", offset=4096), errno.EIO),
-    (StoreError("connection reset"), errno.EIO),
-    (StoreError("no space", errno.ENOSPC), errno.ENOSPC),
-    (StoreError("reset", errno.ECONNRESET), errno.EIO),
-    (FileNotFoundError(errno.ENOENT, "a cache file vanished"), errno.EIO),
-    (InvalidRequest("out of range"), errno.EINVAL),
-    (ReadOnlyError("read-only"), errno.EROFS),
-    (RuntimeError("a bug"), errno.EIO),
-])
-@pytest.mark.parametrize("device", [FakeVolume, BlockingVolume], ids=["inline", "worker"])
-def test_ops_engine_errors_become_errno(exc, code, device):
-    vol = device("vol", 8 * MiB)
-    fs = ImageFS({"vol.img": Image(device=vol)})
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-        vol.fail_next(exc)
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.read(fh, 0, 4096)
-        assert _errno(e) == code
-        assert await fs.read(fh, 0, 4096) == bytes(4096)  # and the next request works
-
-    trio.run(main)
-
-
-def test_ops_read_only_images_and_directories():
-    snap = FakeVolume("snap", 4 * MiB, read_only=True)
-    fs, _vol = _fs(**{"snapshots/monday.img": Image(device=snap, read_only=True)})
-
-    async def main():
-        snaps = await fs.lookup(ROOT_INODE, b"snapshots", None)
-        assert snaps.st_mode & 0o170000 == 0o040000
-        entry = await fs.lookup(snaps.st_ino, b"monday.img", None)
-        assert entry.st_size == 4 * MiB and entry.st_mode & 0o777 == 0o444
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.open(entry.st_ino, os.O_RDWR, None)
-        assert _errno(e) == errno.EROFS
-        fh = (await fs.open(entry.st_ino, os.O_RDONLY, None)).fh
-        assert await fs.read(fh, 0, 10) == bytes(10)
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await fs.create(ROOT_INODE, b"new", 0o644, os.O_RDWR, None)
-        assert _errno(e) == errno.EPERM
-
-    trio.run(main)
-
-
-def test_ops_flush_and_fsync():
-    fs, vol = _fs()
-
-    async def main():
-        reader = await _open(fs, b"vol.img", os.O_RDONLY)
-        await fs.flush(reader)                   # close(2) of a reader: nothing to make durable
-        assert vol.calls["flush"] == 0
-        writer = await _open(fs, b"vol.img", os.O_WRONLY)
-        await fs.flush(writer)
-        assert vol.calls["flush"] == 1
-        await fs.fsync(reader, True)             # fsync is asked for: always a FLUSH
-        assert vol.calls["flush"] == 2
-
-    trio.run(main)
-
-
-def test_ops_a_slow_engine_call_does_not_stall_the_others():
-    slow = FakeVolume("slow", 4 * MiB)
-    slow.delay_for = lambda op, offset: 1.0
-    fs, _vol = _fs(**{"slow.img": Image(device=slow)})
-    finished = []
-
-    async def main():
-        fast_fh = await _open(fs, b"vol.img")
-        slow_fh = await _open(fs, b"slow.img")
-
-        async def read(name, fh):
-            await fs.read(fh, 0, 4096)
-            finished.append(name)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(read, "slow", slow_fh)
-            await trio.sleep(0.05)
-            for _ in range(20):
-                n.start_soon(read, "fast", fast_fh)
-        fs.stop_workers()
-
-    trio.run(main)
-    assert finished[-1] == "slow" and finished.count("fast") == 20
-
-
-
-def test_ops_inline_when_the_device_promises_not_to_block():
-    fs, vol = _fs()
-    seen = _where_calls_run(vol)
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-        assert await fs.write(fh, 4093, b"abcdefgh") == 8
-        assert await fs.read(fh, 4090, 16) == b"\0\0\0abcdefgh\0\0\0\0\0"
-        await fs.flush(fh)                        # a flush may wait: always a worker
-        fs.stop_workers()
-
-    trio.run(main)
-    assert seen == [("write", True), ("read", True)]
-    assert vol.calls["write"] == vol.calls["read"] == vol.calls["flush"] == 1
-
-
-def test_ops_would_block_goes_to_a_worker():
-    fs, vol = _fs()
-    seen = _where_calls_run(vol, slow_from=4 * MiB)
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-        assert await fs.write(fh, 4 * MiB + 10, b"slow") == 4
-        assert await fs.write(fh, 10, b"fast") == 4
-        assert await fs.read(fh, 4 * MiB + 8, 8) == b"\0\0slow\0\0"
-        assert await fs.read(fh, 8, 8) == b"\0\0fast\0\0"
-        fs.stop_workers()
-
-    trio.run(main)
-    # The first try on the loop does nothing; the worker does the call.
-    assert seen == [("write", True), ("write", False), ("write", True),
-                    ("read", True), ("read", False), ("read", True)]
-    assert vol.calls["write"] == vol.calls["read"] == 2
-
-
-def test_ops_devices_without_nowait_use_the_workers():
-    vol = BlockingVolume("vol", 8 * MiB)
-    fs = ImageFS({"vol.img": Image(device=vol)})
-    seen = _where_calls_run(vol)
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-        assert await fs.write(fh, 0, b"data") == 4
-        assert await fs.read(fh, 0, 4) == b"data"
-        fs.stop_workers()
-
-    trio.run(main)
-    assert seen == [("write", False), ("read", False)]
-
-
-def test_ops_a_slow_store_fetch_does_not_stall_the_same_image():
-    fs, vol = _fs()
-    vol.delay_for = lambda op, offset: 1.0 if offset >= 4 * MiB else 0
-    finished = []
-
-    async def main():
-        fh = await _open(fs, b"vol.img")
-
-        async def io(name, off):
-            if name.endswith("write"):
-                await fs.write(fh, off, b"x" * 4096)
-            else:
-                await fs.read(fh, off, 4096)
-            finished.append(name)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(io, "slow read", 4 * MiB)
-            n.start_soon(io, "slow write", 5 * MiB)
-            await trio.sleep(0.05)
-            for i in range(20):
-                n.start_soon(io, "fast read", i * 4096)
-                n.start_soon(io, "fast write", (100 + i) * 4096)
-        fs.stop_workers()
-
-    start = time.monotonic()
-    trio.run(main)
-    assert time.monotonic() - start < 1.8             # the slow calls ran side by side
-    assert sorted(finished[-2:]) == ["slow read", "slow write"]
-    assert finished.count("fast read") == finished.count("fast write") == 20
-
-# --- tier 2: real mounts ---------------------------------------------------------------
+# --- real mounts -----------------------------------------------------------------------
 
 @pytest.fixture
 def fenv(tmp_path, monkeypatch):

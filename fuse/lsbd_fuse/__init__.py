@@ -1,19 +1,21 @@
 """The FUSE front end (installed as lsbd_fuse; never as a top-level `fuse`).
 
-A mount shows block devices as image files (``VOLUME.img``; later
-``snapshots/NAME.img`` read-only) and translates file operations into
-BlockDevice calls.  Modules:
+A mount shows block devices as image files (``VOLUME.img``, and read-only
+``snapshots/NAME.img``) and translates file operations into BlockDevice
+calls.  It speaks the kernel's FUSE protocol on /dev/fuse itself, with no
+library.  Modules:
 
-  tree     the paths, directories and inodes of the mount (no FUSE)
-  fs       ImageFS: the pyfuse3 operations, translation only
-  errmap   engine errors to errno values
-  options  the mount options and the cache mode, with the reasons
-  serve    mount, serve until unmounted, close the devices
-  daemon   `lsbd mount`: foreground or a background process with a readiness pipe
-  mounts   pid files, the mount table, unmount-and-wait (no pyfuse3 needed)
-
-pyfuse3 is imported only by the modules that need it, so `lsbd umount`
-works without it.
+  protocol  the kernel protocol's opcodes and structures (linux/fuse.h)
+  tree      the paths, directories and inodes of the mount (no FUSE)
+  fs        ImageFS: the file system's operations, translation only
+  errmap    engine errors to errno values
+  session   read, check and answer requests; worker threads for calls that wait
+  workers   the worker threads
+  channel   mount(2) or fusermount3, cloned queues, lazy detach
+  options   the mount's choices (cache mode, queues), with the reasons
+  serve     mount, serve until unmounted, close the devices
+  daemon    `lsbd mount`: foreground or a background process with a readiness pipe
+  mounts    pid files, the mount table, unmount-and-wait
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
 
 def _detach(logfile: str) -> None:
     """Leave the caller's terminal and pipes: stdin from /dev/null, stdout and
-    stderr (ours and libfuse's) to the log file."""
+    stderr to the log file."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)

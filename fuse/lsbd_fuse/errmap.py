@@ -1,8 +1,7 @@
 """Engine errors to errno values, in one place.
 
-Every FUSE handler runs its engine call through `errno_for`, so no request
-can end with an exception escaping into pyfuse3's main loop (which would take
-the whole mount down)."""
+Every engine call of the file system goes through `errno_for`, so every
+request is answered with an errno the program doing I/O understands."""
 
 from __future__ import annotations
 

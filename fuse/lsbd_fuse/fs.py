@@ -1,19 +1,18 @@
-"""The FUSE operations: translate kernel requests into BlockDevice calls.
+"""The file system's operations: image files over block devices.
 
 The file system is a root directory holding image files (``VOLUME.img`` and,
 read-only, ``snapshots/NAME.img``), each a regular file exactly as large as its
-device.  Nothing here stores data or decides anything about it: reads, writes and
-flushes go straight to the engine, and engine errors become errno values in
-`errmap`.
+device.  Nothing here stores data or decides anything about it: reads, writes,
+zeroing, discards and flushes go straight to the engine, and engine errors
+become errno values in `errmap`.  Each method takes decoded arguments and
+returns the reply's body (see `protocol`), or raises FuseError.
 
-Engine calls may block (a read may wait for a ranged GET from the store).
-Reads and writes of a device that can say so (`supports_nowait`) are first
-made right on the trio loop with nowait=True: most only touch local files,
-and handing them to a thread and back costs more than the call itself.  A
-call that would block (WouldBlock: nothing was done) goes to a fixed pool of
-worker threads (`workers`), as does every call of a device without that
-promise, every flush and every resize: a slow fetch holds one thread, not
-the whole mount.
+Data calls (read, write, fallocate) take `nowait`: with nowait=True they
+either complete without waiting (the engine's promise, for a device with
+`supports_nowait`) or raise WouldBlock having done nothing, and the caller
+repeats them where blocking is fine.  Every other call that may wait
+(flush, fsync, a resize) is listed in BLOCKING for the caller to run off
+the request loop.
 """
 
 from __future__ import annotations
@@ -22,168 +21,165 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
-
-import pyfuse3
+from collections.abc import Mapping
 
 from lsbd.engine.api import MAX_REQUEST
 from lsbd.errors import WouldBlock
+from lsbd_fuse import protocol as p
 from lsbd_fuse.errmap import errno_for
-from lsbd_fuse.tree import Dir, File, Image, Tree
-from lsbd_fuse.workers import WorkerPool
+from lsbd_fuse.tree import ROOT_INODE, Dir, File, Image, Tree
 
 log = logging.getLogger("lsbd.fuse")
 
-T = TypeVar("T")
+#: The kernel may cache names and attributes this long.  A size changed by
+#: another path (`lsbd resize` through the running writer) is also pushed to
+#: the kernel at once (FUSE_NOTIFY_INVAL_INODE, see `session`); the short
+#: timeout is the fallback where a notification cannot be sent.
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 60.0
 
-#: Engine calls in flight at once (the worker threads).  Enough for a loop
-#: device or fio at iodepth 16 to keep the store busy; more only adds threads.
-DEFAULT_THREADS = 16
-
-#: The kernel may cache names and attributes this long.  Only this process
-#: changes an image's size (through setattr, whose reply updates the kernel at
-#: once), so a long timeout costs nothing and saves a GETATTR per request.
-ATTR_TIMEOUT = 60.0
-
-#: st_blksize: tools that size their I/O by it (cp, stdio) then issue requests
-#: that each fill one FUSE request (the kernel's max_write, 1 MiB here).
+#: st_blksize of the images: tools that size their I/O by it (cp, stdio) then
+#: fill one FUSE request each (max_write, 1 MiB).
 PREFERRED_IO = 1024 * 1024
+#: f_bsize of statfs: a loop device over an image takes it as its discard
+#: granularity, so it is the engine's block size, not PREFERRED_IO.
+FS_BLOCK = 4096
+
+_WHOLE = ATTR_TIMEOUT.__trunc__()
+_FRAC = int((ATTR_TIMEOUT - _WHOLE) * 1e9)
+_ENTRY = int(ENTRY_TIMEOUT)
 
 
-class ImageFS(pyfuse3.Operations):
-    """A read/write view of one or more block devices as image files.
+class FuseError(Exception):
+    """Answer the request with this errno."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.errno = code
+
+
+class ImageFS:
+    """A read/write view of block devices as image files.
 
     `images` maps a path inside the mount ("VOL.img", "snapshots/a.img") to an
     `Image` (the device and a read-only flag).  `direct_io` selects the cache
     mode; see `lsbd_fuse.options` for why it is on by default.
     """
 
-    def __init__(self, images: Mapping[str, Image], *, direct_io: bool = True,
-                 threads: int = DEFAULT_THREADS) -> None:
-        super().__init__()
+    def __init__(self, images: Mapping[str, Image], *, direct_io: bool = True) -> None:
         self.tree = Tree()
         for path, image in images.items():
             self.tree.add(path, image)
-        self.direct_io = direct_io
-        self._threads = threads
-        self._pool: WorkerPool | None = None
+        self.open_flags = (p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES if direct_io
+                           else p.FOPEN_KEEP_CACHE)
         self._handles: dict[int, tuple[File, bool]] = {}
         self._next_fh = 1
+        self._lock = threading.Lock()  # handles and sizes change from several threads
         self._uid = os.getuid()
         self._gid = os.getgid()
-        self._mounted = False
 
-    # --- the hook for more images (snapshots) --------------------------------
+    # --- the set of images -----------------------------------------------------
 
     def add_image(self, path: str, image: Image) -> None:
-        """Show another image (e.g. a snapshot) in the mounted tree."""
-        # Nothing to invalidate: failed lookups are not cached (no negative
-        # entries are ever returned) and readdir is not cached.
+        """Show another image (e.g. a snapshot) in the mounted tree.  No
+        kernel cache to clear: failed lookups are never cached."""
         self.tree.add(path, image)
 
     def remove_image(self, path: str) -> Image:
         """Hide an image; open handles keep working until they are closed."""
-        node = self.tree.remove(path)
-        if self._mounted:
-            name = path.rstrip("/").rsplit("/", 1)[-1].encode()
-            pyfuse3.invalidate_entry_async(node.parent, name, ignore_enoent=True)
-        return node.image
+        return self.tree.remove(path).image
+
+    def changed_sizes(self) -> list[File]:
+        """Images whose device grew by another path (a resize through the
+        running writer) since the last call; their cached size is updated."""
+        changed = []
+        for node in self.tree.files():
+            try:
+                size = node.image.device.size
+            except Exception:  # noqa: BLE001 - a closed device keeps its last size
+                continue
+            if size != node.size:
+                node.size = size
+                node.mtime_ns = time.time_ns()
+                changed.append(node)
+        return changed
 
     # --- helpers ---------------------------------------------------------------
 
-    def init(self) -> None:
-        self._mounted = True
-
-    async def _engine(self, op: str, node: File, fn: Callable[..., T], *args: Any,
-                      span: tuple[int, int] | None = None) -> T:
-        """Run a blocking engine call in a worker thread; errors become FUSEError.
-
-        `op`, `node` and `span` (offset, length) only name the request in the
-        log if it fails: nothing is formatted on the fast path."""
-        if self._pool is None:
-            self._pool = WorkerPool(self._threads)
-        try:
-            return await self._pool.run(fn, *args)
-        except Exception as e:  # noqa: BLE001 - every error must become an errno
-            raise _fuse_error(e, op, node, span) from None
-
-    def stop_workers(self) -> None:
-        """After the FUSE loop has ended: stop the worker threads."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
     def _node(self, inode: int) -> Dir | File:
-        try:
-            return self.tree.nodes[inode]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise FuseError(errno.ENOENT)
+        return node
 
     def _file(self, fh: int) -> tuple[File, bool]:
-        try:
-            return self._handles[fh]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FuseError(errno.EBADF)
+        return handle
 
-    def _attrs(self, node: Dir | File) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.inode
-        a.generation = 0
-        a.entry_timeout = ATTR_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
-        a.st_uid = self._uid
-        a.st_gid = self._gid
-        a.st_rdev = 0
-        a.st_blksize = PREFERRED_IO
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+    def _attr(self, node: Dir | File) -> tuple:
+        """The fields of a fuse_attr, in order."""
+        sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
         if isinstance(node, Dir):
-            a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2 + sum(isinstance(self.tree.nodes[i], Dir)
-                                 for i in node.children.values())
-            a.st_size = 0
-            a.st_blocks = 0
+            mode = stat.S_IFDIR | 0o755
+            nlink = 2 + sum(isinstance(self.tree.nodes.get(i), Dir)
+                            for i in node.children.values())
+            size = 0
         else:
-            a.st_mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
-            a.st_nlink = 1
-            a.st_size = node.size
-            a.st_blocks = node.size // 512
-        return a
+            mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
+            nlink = 1
+            size = node.size
+        return (node.inode, size, size // 512, sec, sec, sec, nsec, nsec, nsec, mode, nlink,
+                self._uid, self._gid, 0, PREFERRED_IO, 0)
+
+    def _entry(self, node: Dir | File) -> bytes:
+        return p.ENTRY_OUT.pack(node.inode, 0, _ENTRY, _WHOLE, 0, _FRAC, *self._attr(node))
+
+    def attr_out(self, node: Dir | File) -> bytes:
+        return p.ATTR_OUT.pack(_WHOLE, _FRAC, 0, *self._attr(node))
 
     # --- names and attributes --------------------------------------------------
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes) -> bytes:
         parent = self._node(parent_inode)
         if not isinstance(parent, Dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
         if name == b".":
-            return self._attrs(parent)
+            return self._entry(parent)
         if name == b"..":
-            return self._attrs(self._node(parent.parent))
+            return self._entry(self._node(parent.parent))
         inode = parent.children.get(name)
         if inode is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(self._node(inode))
+            raise FuseError(errno.ENOENT)
+        return self._entry(self._node(inode))
 
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._attrs(self._node(inode))
+    def getattr(self, inode: int) -> bytes:
+        return self.attr_out(self._node(inode))
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
-                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+    def setattr(self, inode: int, valid: int, size: int, mtime_ns: int | None) -> bytes:
+        """Mode and owner: EPERM (they come from the mount); size: grow the
+        volume (may wait: call off the loop when `resizes`); times: kept in
+        memory."""
         node = self._node(inode)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            # Mode and owner come from the mount; there is nowhere to keep them.
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if fields.update_size:
+        if valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID):
+            raise FuseError(errno.EPERM)
+        if valid & p.FATTR_SIZE:
             if not isinstance(node, File):
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            await self._resize(node, attr.st_size)
-        if fields.update_mtime:
-            node.mtime_ns = attr.st_mtime_ns
-        return self._attrs(node)
+                raise FuseError(errno.EISDIR)
+            self._resize(node, size)
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+        return self.attr_out(node)
 
-    async def _resize(self, node: File, new_size: int) -> None:
+    def resizes(self, inode: int, valid: int, size: int) -> bool:
+        """Whether a setattr would call the engine (and so may wait)."""
+        node = self.tree.nodes.get(inode)
+        return bool(valid & p.FATTR_SIZE) and isinstance(node, File) and size > node.size
+
+    def _resize(self, node: File, new_size: int) -> None:
         if new_size == node.size:
             return
         if new_size < node.size:
@@ -191,141 +187,163 @@ class ImageFS(pyfuse3.Operations):
             # wipe or cut the disk: an image only grows.
             log.warning("refusing to shrink %s from %d to %d bytes (volumes only grow; "
                         "use conv=notrunc with dd)", node.name, node.size, new_size)
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         if node.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
         dev = node.image.device
-        await self._engine("resize", node, dev.resize, new_size)
-        node.size = await self._engine("size", node, lambda: dev.size)
+        try:
+            dev.resize(new_size)
+            size = dev.size
+        except Exception as e:  # noqa: BLE001 - every error must become an errno
+            raise FuseError(errno_for(e, f"resize {node.name} to {new_size}")) from None
+        node.size = size
         node.mtime_ns = time.time_ns()
-        log.info("grew %s to %d bytes", node.name, node.size)
+        log.info("grew %s to %d bytes", node.name, size)
 
-    # --- directories -------------------------------------------------------------
-
-    async def opendir(self, inode: int, ctx: Any) -> int:
-        if not isinstance(self._node(inode), Dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        node = self._node(fh)
-        assert isinstance(node, Dir)
-        entries = sorted(node.children.items())
-        for i, (name, inode) in enumerate(entries[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, name, self._attrs(self._node(inode)), i):
-                break
-
-    async def releasedir(self, fh: int) -> None:
-        pass
-
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
+    def statfs(self) -> bytes:
         files = self.tree.files()
-        s.f_bsize = PREFERRED_IO
-        s.f_frsize = 4096
-        s.f_blocks = sum(f.size for f in files) // s.f_frsize
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self.tree.nodes)
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+        blocks = sum(f.size for f in files) // FS_BLOCK
+        return p.STATFS_OUT.pack(blocks, 0, 0, len(self.tree.nodes), 0, FS_BLOCK, 255, FS_BLOCK, 0)
 
-    # --- opening -------------------------------------------------------------------
+    # --- directories -----------------------------------------------------------
 
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    def opendir(self, inode: int) -> bytes:
+        if not isinstance(self._node(inode), Dir):
+            raise FuseError(errno.ENOTDIR)
+        return p.OPEN_OUT.pack(inode, 0, 0)
+
+    def readdir(self, inode: int, offset: int, size: int) -> bytes:
+        node = self._node(inode)
+        if not isinstance(node, Dir):
+            raise FuseError(errno.ENOTDIR)
+        out = bytearray()
+        for i, (name, child) in enumerate(sorted(node.children.items())[offset:], offset + 1):
+            kind = stat.S_IFDIR if isinstance(self.tree.nodes.get(child), Dir) else stat.S_IFREG
+            record = p.dirent(child, i, name, kind >> 12)
+            if len(out) + len(record) > size:
+                break
+            out += record
+        return bytes(out)
+
+    # --- opening ---------------------------------------------------------------
+
+    def open(self, inode: int, flags: int) -> bytes:
         node = self._node(inode)
         if isinstance(node, Dir):
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise FuseError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and node.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
         if flags & os.O_TRUNC:
-            # The kernel hands O_TRUNC to open (atomic_o_trunc): honouring it
+            # The kernel hands O_TRUNC to open (ATOMIC_O_TRUNC): honouring it
             # would erase the whole disk.  dd needs conv=notrunc.
             log.warning("refusing to open %s with O_TRUNC: it would erase the volume "
                         "(use dd conv=notrunc)", node.name)
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = (node, writable)
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=not self.direct_io)
+            raise FuseError(errno.EINVAL)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = (node, writable)
+        return p.OPEN_OUT.pack(fh, self.open_flags, 0)
 
-    async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+    def release(self, fh: int) -> None:
+        with self._lock:
+            self._handles.pop(fh, None)
 
-    # --- data ------------------------------------------------------------------------
+    # --- data --------------------------------------------------------------------
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        node, _ = self._file(fh)
+    def read(self, fh: int, off: int, size: int, nowait: bool = False) -> bytes:
+        node = self._file(fh)[0]
         length = min(size, node.size - off, MAX_REQUEST)
         if length <= 0:
             return b""  # at or past the end: EOF, as for any file
-        dev = node.image.device
-        if node.nowait:
-            data = _nowait("read", node, (off, length), dev.read, off, length)
-            if data is not _BLOCKED:
-                return data
-        return await self._engine("read", node, dev.read, off, length, span=(off, length))
+        if nowait and not node.nowait:
+            raise WouldBlock("this device makes no promise not to block")
+        try:
+            return node.image.device.read(off, length, nowait=True) if nowait else \
+                node.image.device.read(off, length)
+        except WouldBlock:
+            raise
+        except Exception as e:  # noqa: BLE001 - every error must become an errno
+            raise FuseError(errno_for(e, f"read {node.name} at {off}+{length}")) from None
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node, _ = self._file(fh)
-        if node.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+    def write(self, fh: int, off: int, data: bytes | memoryview, nowait: bool = False) -> bytes:
+        node, writable = self._file(fh)
+        if node.read_only or not writable:
+            raise FuseError(errno.EROFS if node.read_only else errno.EBADF)
         room = node.size - off
         if room <= 0:
-            raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow by writing past its end
-        if len(buf) > room:
-            buf = buf[:room]  # a short write, then ENOSPC on the next one
-        dev = node.image.device
-        if (not node.nowait
-                or _nowait("write", node, (off, len(buf)), dev.write, off, buf) is _BLOCKED):
-            await self._engine("write", node, dev.write, off, buf, span=(off, len(buf)))
-        node.mtime_ns = time.time_ns()
-        return len(buf)
+            raise FuseError(errno.ENOSPC)  # a disk does not grow by writing past its end
+        if len(data) > room:
+            data = data[:room]  # a short write, then ENOSPC on the next one
+        if nowait and not node.nowait:
+            raise WouldBlock("this device makes no promise not to block")
+        try:
+            if nowait:
+                node.image.device.write(off, data, nowait=True)
+            else:
+                node.image.device.write(off, data)
+        except WouldBlock:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise FuseError(errno_for(e, f"write {node.name} at {off}+{len(data)}")) from None
+        return p.WRITE_OUT.pack(len(data), 0)
 
-    async def flush(self, fh: int) -> None:
-        # close(2): make what this handle wrote durable, so a crash right after
-        # a `cp`/`dd` without fsync does not lose it.  Readers skip the cost.
+    def fallocate(self, fh: int, off: int, length: int, mode: int, nowait: bool = False) -> None:
+        """PUNCH_HOLE|KEEP_SIZE (discard, fstrim): engine trim.  ZERO_RANGE,
+        with or without KEEP_SIZE (a loop device's WRITE_ZEROES): engine
+        write_zeroes.  Plain allocation inside the image: nothing to do (a
+        volume has no space to reserve).  Anything that would change the size
+        or move data: EOPNOTSUPP."""
+        node, writable = self._file(fh)
+        if node.read_only or not writable:
+            raise FuseError(errno.EROFS if node.read_only else errno.EBADF)
+        if off < 0 or length <= 0:
+            raise FuseError(errno.EINVAL)
+        end = off + length
+        keep = mode & p.FALLOC_FL_KEEP_SIZE
+        if end > node.size and not keep:
+            raise FuseError(errno.ENOSPC)  # the image would have to grow
+        end = min(end, node.size)
+        what = mode & ~p.FALLOC_FL_KEEP_SIZE
+        if what == p.FALLOC_FL_PUNCH_HOLE and keep:
+            call = node.image.device.trim
+        elif what == p.FALLOC_FL_ZERO_RANGE:
+            call = node.image.device.write_zeroes
+        elif what == 0:
+            return
+        else:
+            raise FuseError(errno.EOPNOTSUPP)
+        if end <= off:
+            return  # entirely past the end
+        if nowait and not node.nowait:
+            raise WouldBlock("this device makes no promise not to block")
+        try:
+            if nowait:
+                call(off, end - off, nowait=True)
+            else:
+                call(off, end - off)
+        except WouldBlock:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise FuseError(errno_for(e, f"fallocate {node.name} mode {mode:#x} at "
+                                         f"{off}+{end - off}")) from None
+
+    def flush(self, fh: int) -> None:
+        """close(2): make what this handle wrote durable, so a crash right
+        after a `cp`/`dd` without fsync does not lose it.  Readers skip it."""
         node, writable = self._file(fh)
         if writable:
-            await self._engine("flush", node, node.image.device.flush)
+            self._flush(node, "flush")
 
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        node, _ = self._file(fh)
-        await self._engine("fsync", node, node.image.device.flush)
+    def fsync(self, fh: int) -> None:
+        self._flush(self._file(fh)[0], "fsync")
 
-    # --- what an image file system does not do -----------------------------------
-
-    async def _no(self, *args: Any, **kw: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    create = mkdir = mknod = unlink = rmdir = rename = symlink = link = _no  # type: ignore[assignment]
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass
-
-    async def forget(self, inode_list: Any) -> None:
-        pass
+    def _flush(self, node: File, op: str) -> None:
+        try:
+            node.image.device.flush()
+        except Exception as e:  # noqa: BLE001
+            raise FuseError(errno_for(e, f"{op} {node.name}")) from None
 
 
-#: What _nowait returns when the call would block (no engine call returns it).
-_BLOCKED = object()
-
-
-def _nowait(op: str, node: File, span: tuple[int, int], fn: Callable[..., T],
-            *args: Any) -> T | object:
-    """fn(*args, nowait=True), right here on the loop; _BLOCKED if the engine
-    says it would have to wait (it then did nothing: retry it in a worker)."""
-    try:
-        return fn(*args, nowait=True)
-    except WouldBlock:
-        return _BLOCKED
-    except Exception as e:  # noqa: BLE001 - every error must become an errno
-        raise _fuse_error(e, op, node, span) from None
-
-
-def _fuse_error(e: Exception, op: str, node: File, span: tuple[int, int] | None) -> pyfuse3.FUSEError:
-    """The errno for an engine error; `op`, `node` and `span` name the request
-    in the log, formatted only here, off the fast path."""
-    what = f"{op} {node.name}" + (f" at {span[0]}+{span[1]}" if span else "")
-    return pyfuse3.FUSEError(errno_for(e, what))
+__all__ = ["ImageFS", "FuseError", "ROOT_INODE", "Image"]

@@ -1,46 +1,52 @@
 """Serve a set of images on a mount point until it is unmounted.
 
-The life of a mount: pyfuse3.init mounts; the trio loop serves until the
-kernel ends the session (umount / fusermount3 -u) or a signal asks us to
-stop; then the mount is detached (if it is not gone already) and every
-device is closed, which flushes and uploads what is pending and releases the
-writer lease.  Only after that does the process exit, so "the process is
-gone" means "the data is safe".
+The life of a mount: `channel.mount` mounts and gives the /dev/fuse fd; one
+thread per queue serves requests until the kernel ends the session
+(umount / fusermount3 -u: reads get ENODEV) or a signal asks us to stop
+(then the mount is detached lazily and data requests still arriving get
+EIO); the engine calls in flight finish; then every device is closed, which
+flushes and uploads what is pending and releases the writer lease.  Only
+after that does the process exit, so "the process is gone" means "the data
+is safe".  Nothing waits for DESTROY: the kernel does not send it here.
+
+Meanwhile the main thread watches the images' sizes: a volume grown by
+another path (`lsbd resize`, through the running writer) is announced to the
+kernel (FUSE_NOTIFY_INVAL_INODE), so the image shows its new size at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 from collections.abc import Callable, Mapping
 
-import pyfuse3
-import trio
-
 from lsbd.engine.api import BlockDevice
+from lsbd_fuse import channel
 from lsbd_fuse.fs import ImageFS
-from lsbd_fuse.mounts import (
-    MountError,
-    find_mount,
-    record_close_error,
-    remove_pid_file,
-    write_pid_file,
-)
-from lsbd_fuse.options import DIRECT_IO, mount_options, raise_max_background
+from lsbd_fuse.mounts import MountError, record_close_error, remove_pid_file, write_pid_file
+from lsbd_fuse.options import DIRECT_IO, QUEUES, allow_other_default
+from lsbd_fuse.session import Session
 from lsbd_fuse.tree import Image
 
 log = logging.getLogger("lsbd.fuse")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
+#: How often the main thread looks for sizes changed elsewhere.
+SIZE_POLL = 0.25
+
 
 def close_devices(images: Mapping[str, Image]) -> str | None:
-    """Close every distinct device; returns the first error message, if any."""
+    """Close every distinct device, the read-only ones first (they only
+    remove their temporary folders; a writer may wait for the store);
+    returns the first error message, if any."""
     seen: dict[int, BlockDevice] = {}
     for image in images.values():
         seen.setdefault(id(image.device), image.device)
     first: str | None = None
-    for dev in seen.values():
+    for dev in sorted(seen.values(), key=lambda d: not getattr(d, "read_only", False)):
         name = getattr(dev, "name", "?")
         try:
             dev.close()
@@ -52,26 +58,12 @@ def close_devices(images: Mapping[str, Image]) -> str | None:
     return first
 
 
-async def _main(on_ready: Callable[[], None] | None) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
-        if on_ready is not None:
-            on_ready()
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-
-
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async for signum in signals:
-            log.warning("got %s: stopping (the mount is detached lazily)",
-                        signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+class _StopNow(BaseException):
+    """A stop signal while closing: give up waiting (for the store)."""
 
 
 def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
-          read_only: bool = False, direct_io: bool = DIRECT_IO,
+          read_only: bool = False, direct_io: bool = DIRECT_IO, queues: int = QUEUES,
           on_ready: Callable[[], None] | None = None, log_file: str = "",
           debug: bool = False) -> int:
     """Mount `images` on `mountpoint` and serve until unmounted; closes the
@@ -79,35 +71,82 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
 
     Raises MountError if the mount itself fails (the devices are closed).
     """
-    fs = ImageFS(images, direct_io=direct_io)
-    opts = mount_options(read_only=read_only or all(i.read_only for i in images.values()))
     if debug:
-        opts.add("debug")
+        logging.getLogger("lsbd.fuse").setLevel(logging.DEBUG)
+    fs = ImageFS(images, direct_io=direct_io)
+    ro = read_only or all(i.read_only for i in images.values())
     try:
-        pyfuse3.init(fs, mountpoint, opts)
-    except Exception as e:  # noqa: BLE001 - pyfuse3 raises RuntimeError, OSError, ...
+        fd = channel.mount(mountpoint, read_only=ro, allow_other=allow_other_default())
+    except OSError as e:
         close_devices(images)
-        raise MountError(f"could not mount on {mountpoint}: {e}") from None
-    entry = find_mount(mountpoint)
-    if entry is not None:
-        raise_max_background(entry.major_minor)
-    write_pid_file(mountpoint, name=name, log=log_file)
-    log.info("serving %s on %s", ", ".join(images), mountpoint)
+        raise MountError(f"could not mount on {mountpoint}: {e.strerror or e}") from None
+    session = Session(fs)
+    fds = [fd]
     try:
-        trio.run(_main, on_ready)
-    except BaseException:
-        log.exception("the FUSE loop failed")
-        raise
+        for _ in range(queues - 1):
+            fds.append(channel.clone(fd))
+    except OSError as e:
+        log.warning("serving one queue only: cloning /dev/fuse failed: %s", e)
+    session.fds = fds
+    stop: list[str] = []
+    closing = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if closing:
+            # The close waits for something (the store, most likely): stop
+            # now.  The journal in the cache dir keeps what is not uploaded.
+            log.warning("got %s while closing: stopping now; what is not uploaded stays in "
+                        "the cache dir and the next mount uploads it", name)
+            raise _StopNow
+        stop.append(name)
+        session.ended.set()
+
+    old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    readers = [threading.Thread(target=session.serve_fd, args=(f,), name=f"lsbd-fuse-q{i}",
+                                daemon=True) for i, f in enumerate(fds)]
+    for t in readers:
+        t.start()
+    write_pid_file(mountpoint, name=name, log=log_file)
+    log.info("serving %s on %s (%d queue%s)", ", ".join(images), mountpoint, len(fds),
+             "s" if len(fds) > 1 else "")
+    if on_ready is not None:
+        on_ready()
+    error: str | None = None
+    try:
+        try:
+            while not session.ended.wait(SIZE_POLL):
+                for node in fs.changed_sizes():
+                    log.info("%s is now %d bytes", node.name, node.size)
+                    session.notify_inval_inode(node.inode)
+            if stop:
+                log.warning("got %s: stopping (the mount is detached lazily; a loop device "
+                            "still on the image gets I/O errors)", stop[0])
+                session.stopping = True
+                try:
+                    channel.detach(mountpoint)
+                except OSError as e:
+                    log.error("detaching %s: %s", mountpoint, e)
+        finally:
+            closing = True
+            log.info("unmounted %s; closing", mountpoint)
+            try:
+                session.close()  # the engine calls in flight finish first
+                error = close_devices(images)
+                if error:
+                    record_close_error(mountpoint, error)
+                else:
+                    remove_pid_file(mountpoint)
+            except _StopNow:
+                error = "stopped while closing"
+                remove_pid_file(mountpoint)
     finally:
-        # After a normal umount the session is gone and this is a no-op; after
-        # a signal it detaches the mount so new requests fail fast instead of
-        # hanging while we close.
-        pyfuse3.close(unmount=True)
-        fs.stop_workers()
-        log.info("unmounted %s; closing", mountpoint)
-        error = close_devices(images)
-        if error:
-            record_close_error(mountpoint, error)
-        else:
-            remove_pid_file(mountpoint)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    # A queue still in read(2) (after a signal) keeps its fd; the process's
+    # exit closes it.
+    for t, f in zip(readers, fds):
+        t.join(0 if stop else 1)
+        if not t.is_alive():
+            os.close(f)
     return 1 if error else 0

@@ -1,94 +1,56 @@
-"""Worker threads for blocking engine calls, handed off cheaply from trio.
+"""Worker threads for the engine calls that may wait.
 
-The engine calls that may block (a read that waits for a ranged GET from the
-store, a flush; see `fs` for the ones made on the loop) must not run on the
-trio loop: one slow fetch would stall every request.
-`trio.to_thread.run_sync` does that job, but costs about 80 us per call here
-(thread cache, context copy, limiter, one loop wakeup per call): measured
-with no-op calls at 16 in flight on 2 cores, it manages 12k-25k calls/s,
-while this fixed pool (one queue in, results batched out: one wakeup of the
-loop delivers every result finished by then) manages about 200k.  At 4 KiB
-random I/O that difference is most of the budget: fio through the mount went
-from 4.7k to 7-9k IOPS on the same engine.
-
-The pool size bounds the engine calls in flight, as a CapacityLimiter would.
+A fixed set of threads takes jobs from one queue, so the number of engine
+calls waiting at once (for the store, an fsync) is bounded by the pool's
+size, and a slow one holds one thread, not the mount.  Each job answers its
+request itself; the pool only runs it.
 """
 
 from __future__ import annotations
 
-import collections
+import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import outcome
-import trio
-
-T = TypeVar("T")
+log = logging.getLogger("lsbd.fuse")
 
 _STOP = object()
 
 
 class WorkerPool:
-    """`await pool.run(fn, *args)` runs fn(*args) in one of `size` threads.
-
-    Create it inside trio.run (it keeps the loop's token); `close()` stops the
-    threads once the loop is done with them.  A call cannot be cancelled once
-    handed over: the engine call finishes and its result is delivered.
-    """
+    """`submit(fn, *args)` runs fn(*args) in one of `size` threads."""
 
     def __init__(self, size: int, *, name: str = "lsbd-fuse") -> None:
         if size < 1:
             raise ValueError("a pool needs at least one thread")
-        self._token = trio.lowlevel.current_trio_token()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # Finished calls wait here for the loop; one wakeup of the loop
-        # delivers every result that finished before it ran.
-        self._done: collections.deque[tuple[Any, outcome.Outcome]] = collections.deque()
-        self._done_lock = threading.Lock()
-        self._wakeup_pending = False
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(size)]
         for t in self._threads:
             t.start()
 
     def _work(self) -> None:
-        get, token = self._queue.get, self._token
+        get = self._queue.get
         while True:
             job = get()
             if job is _STOP:
                 return
-            fn, args, task = job
-            result = outcome.capture(fn, *args)
-            del fn, args, job  # no references to request data kept while idle
-            with self._done_lock:
-                self._done.append((task, result))
-                if self._wakeup_pending:
-                    continue
-                self._wakeup_pending = True
+            fn, args = job
+            del job
             try:
-                token.run_sync_soon(self._deliver)
-            except trio.RunFinishedError:
-                return
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - the thread must live on
+                log.exception("a worker's job failed")
+            del fn, args  # no references to request data kept while idle
 
-    def _deliver(self) -> None:
-        """In the loop: hand every finished result to its waiting task."""
-        with self._done_lock:
-            self._wakeup_pending = False
-            done = list(self._done)
-            self._done.clear()
-        for task, result in done:
-            trio.lowlevel.reschedule(task, result)
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._queue.put((fn, args))
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._queue.put((fn, args, trio.lowlevel.current_task()))
-        return await trio.lowlevel.wait_task_rescheduled(
-            lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
-
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Let the jobs already submitted finish, then stop the threads."""
         for _ in self._threads:
             self._queue.put(_STOP)
         for t in self._threads:
-            t.join(5)
+            t.join(timeout)

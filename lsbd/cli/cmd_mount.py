@@ -14,7 +14,6 @@ import sys
 from lsbd.cli import ui
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args
-from lsbd.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,10 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_mount(args: argparse.Namespace, ctx) -> int:
-    try:
-        from lsbd_fuse.daemon import run
-    except ModuleNotFoundError as e:
-        raise UserError(f"the FUSE front end needs {e.name}: pip install 'lsbd[fuse]'") from None
+    from lsbd_fuse.daemon import run
 
     name = args.volume
     read_only = args.read_only or any(
