@@ -159,7 +159,7 @@ class Session:
                 handler(fd, unique, nodeid, view[_HEADER:n])
             except FuseError as e:
                 self._error(fd, unique, e.errno)
-            except Exception:  # noqa: BLE001 - a bug must not end the mount
+            except Exception:
                 log.exception("request %d (opcode %d) failed", unique, opcode)
                 self._error(fd, unique, errno.EIO)
         self.ended.set()
@@ -206,7 +206,7 @@ class Session:
             result = fn(*args)
         except FuseError as e:
             self._error(fd, unique, e.errno)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("request %d failed", unique)
             self._error(fd, unique, errno.EIO)
         else:

@@ -41,7 +41,7 @@ class WorkerPool:
             del job
             try:
                 fn(*args)
-            except BaseException:  # noqa: BLE001 - the thread must live on
+            except BaseException:
                 log.exception("a worker's job failed")
             del fn, args  # no references to request data kept while idle
 
