@@ -7,6 +7,7 @@
     volumes/<volume>/ckpt/<seq>/part-<n>         its extent parts
     volumes/<volume>/snap/<name>                 a snapshot (a name bound to a seq)
     volumes/<volume>/clones/<clone>              a clone of this volume exists (pins its history)
+    volumes/<volume>/keys/<generation as 16 hex> the keys of an encrypted volume (newest wins)
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def segment_prefix(volume: str) -> str:
 
 def segment_key(volume: str, seq: int) -> str:
     return f"{VOLUMES}{volume}/seg/{seq:016x}"
+
+
+def keys_prefix(volume: str) -> str:
+    return f"{VOLUMES}{volume}/keys/"
+
+
+def keys_key(volume: str, generation: int) -> str:
+    return f"{VOLUMES}{volume}/keys/{generation:016x}"
+
+
+def parse_keys_key(key: str) -> int | None:
+    """The generation of a keys object's key, or None for anything else."""
+    tail = key.rsplit("/", 1)[-1]
+    return int(tail, 16) if re.fullmatch(r"[0-9a-f]{16}", tail) else None
 
 
 def checkpoint_prefix(volume: str) -> str:

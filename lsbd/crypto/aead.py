@@ -1,0 +1,74 @@
+"""The cryptographic primitives lsbd uses, and the only module that imports
+`cryptography`.
+
+AES-256-GCM is the AEAD: with AES-NI it seals a 4 KiB frame in about 1.5 us
+and opens it in 1 us here, against 5 us for ChaCha20-Poly1305 (the figures
+come from bench/crypto_bench.py).  Every object (segment, checkpoint part)
+gets its own key, derived with HKDF-SHA256 from the volume's data key and a
+random 16-byte object id, and every frame a random 12-byte nonce, so a key
+and nonce pair never repeats, even when a crash makes a seq be written twice,
+and no key ever comes near GCM's limit of 2^32 random nonces.  Passphrases
+go through Argon2id (RFC 9106's second recommended setting: 64 MiB, 3
+passes, 4 lanes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+CIPHER_NAME = "aes-256-gcm"
+
+
+class AuthenticationFailed(Exception):
+    """A ciphertext, its tag or its associated data was changed (or the key is wrong)."""
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+class Cipher:
+    """AES-256-GCM under one key."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes):
+        if len(key) != KEY_SIZE:
+            raise ValueError("an AES-256-GCM key is 32 bytes")
+        self._aead = AESGCM(key)
+
+    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """Ciphertext followed by the 16-byte tag."""
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise AuthenticationFailed() from None
+
+
+def hkdf(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+@attrs.frozen(kw_only=True)
+class Argon2Params:
+    memory_kib: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+
+
+def argon2id(secret: bytes, salt: bytes, params: Argon2Params) -> bytes:
+    return Argon2id(salt=salt, length=KEY_SIZE, iterations=params.iterations,
+                    lanes=params.lanes, memory_cost=params.memory_kib).derive(secret)

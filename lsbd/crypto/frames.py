@@ -1,0 +1,156 @@
+"""The frame: one piece of an object (segment data, a checkpoint part),
+compressed and then, on an encrypted volume, sealed with AES-256-GCM.
+
+    header (24 bytes) | body
+
+| offset | size | field |
+|---|---|---|
+| 0 | 1 | codec: 0 raw, 1 zstd (lsbd.crypto.compress) |
+| 1 | 1 | flags: bit 0 ENCRYPTED |
+| 2 | 2 | reserved (0) |
+| 4 | 4 | plain length: bytes after decompression |
+| 8 | 4 | body length |
+| 12 | 12 | nonce (random; zero when not encrypted) |
+
+Encrypted, the body is the AES-256-GCM ciphertext of the stored bytes and
+its 16-byte tag; the associated data is the header followed by the frame's
+Place (below), so neither the codec, the lengths nor the frame's place can
+change unnoticed.  Not encrypted, the body is the stored bytes and the
+masked CRC32C of header, Place and stored bytes.
+
+A Place says where a frame belongs: volume id, object kind and seq, the
+object's random id, the frame's position in the object, and a value the
+caller binds in (for example a frame count, so an object cut short fails).
+
+    | 0 | 8 | "LSBDFRM1" | 8 | 16 | volume id | 24 | 1 | kind | 25 | 7 | 0 |
+    | 32 | 8 | seq | 40 | 16 | object id | 56 | 8 | position | 64 | 8 | extra |
+
+The key of each object is HKDF-SHA256(data key, salt = object id,
+info = "lsbd object key" | volume id | kind | seq): a seq written again after
+a crash gets a new object id, hence a new key.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import attrs
+
+from lsbd.checksum import masked_crc
+from lsbd.crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Cipher, hkdf,
+                              random_bytes)
+from lsbd.crypto.compress import RAW, Compressor, DecompressionFailed, decompress
+from lsbd.errors import CorruptionError
+
+HEADER = struct.Struct("<BBHII12s")
+assert HEADER.size == 24
+PLACE = struct.Struct("<8s16sB7xQ16sQQ")
+assert PLACE.size == 72
+PLACE_MAGIC = b"LSBDFRM1"
+_CRC = struct.Struct("<I")
+
+FLAG_ENCRYPTED = 0x01
+OBJECT_ID_SIZE = 16
+#: The largest frame's plain length (a bound for readers of untrusted headers).
+MAX_PLAIN = 1 << 24
+
+# Object kinds bound into a Place; never reused.
+KIND_SEGMENT = 1
+KIND_CHECKPOINT = 2
+
+
+class FrameError(CorruptionError):
+    """A frame that does not authenticate, decompress or parse."""
+
+
+@attrs.frozen(kw_only=True)
+class Place:
+    volume_id: bytes
+    kind: int
+    seq: int
+    object_id: bytes
+    position: int
+    extra: int = 0
+
+    def pack(self) -> bytes:
+        return PLACE.pack(PLACE_MAGIC, self.volume_id, self.kind, self.seq, self.object_id,
+                          self.position, self.extra)
+
+
+def object_cipher(data_key: bytes, *, volume_id: bytes, kind: int, seq: int,
+                  object_id: bytes) -> Cipher:
+    info = b"lsbd object key" + volume_id + bytes([kind]) + seq.to_bytes(8, "little")
+    return Cipher(hkdf(data_key, salt=object_id, info=info))
+
+
+def new_object_id() -> bytes:
+    return random_bytes(OBJECT_ID_SIZE)
+
+
+def frame_length(header: bytes) -> int:
+    """The whole frame's length from its first 24 bytes."""
+    _codec, _flags, _r, _plain, body, _nonce = HEADER.unpack_from(header)
+    return HEADER.size + body
+
+
+class Framer:
+    """Seals and opens frames of one object: its cipher (None: not encrypted)
+    and the compressor for new frames (None: stored raw)."""
+
+    def __init__(self, cipher: Cipher | None, compressor: Compressor | None = None, *,
+                 nonce: Callable[[int], bytes] = random_bytes):
+        self.cipher = cipher
+        self.compressor = compressor
+        self._nonce = nonce           # tests pass a fixed one for golden bytes
+
+    @property
+    def overhead(self) -> int:
+        return HEADER.size + (TAG_SIZE if self.cipher is not None else _CRC.size)
+
+    def seal(self, plain: bytes, place: Place) -> bytes:
+        if len(plain) > MAX_PLAIN:
+            raise ValueError("frame too large")
+        codec, stored = (self.compressor.compress(plain) if self.compressor is not None
+                         else (RAW, bytes(plain)))
+        if self.cipher is None:
+            header = HEADER.pack(codec, 0, 0, len(plain), len(stored) + _CRC.size,
+                                 bytes(NONCE_SIZE))
+            crc = masked_crc(header + place.pack() + stored)
+            return header + stored + _CRC.pack(crc)
+        nonce = self._nonce(NONCE_SIZE)
+        header = HEADER.pack(codec, FLAG_ENCRYPTED, 0, len(plain), len(stored) + TAG_SIZE,
+                             nonce)
+        return header + self.cipher.seal(nonce, stored, header + place.pack())
+
+    def open(self, frame: bytes, place: Place, *, where: str = "frame") -> bytes:
+        """The plain bytes of a whole frame; FrameError if anything is off."""
+        if len(frame) < HEADER.size:
+            raise FrameError(f"{where}: frame cut short", offset=place.position)
+        codec, flags, _r, plain_length, body_length, nonce = HEADER.unpack_from(frame)
+        if len(frame) != HEADER.size + body_length or plain_length > MAX_PLAIN:
+            raise FrameError(f"{where}: frame length does not match its header",
+                             offset=place.position)
+        header = frame[:HEADER.size]
+        encrypted = bool(flags & FLAG_ENCRYPTED)
+        if encrypted != (self.cipher is not None) or flags & ~FLAG_ENCRYPTED:
+            raise FrameError(f"{where}: frame is "
+                             f"{'encrypted' if encrypted else 'not encrypted'}, "
+                             "unlike its volume", offset=place.position)
+        if self.cipher is not None:
+            try:
+                stored = self.cipher.open(nonce, frame[HEADER.size:], header + place.pack())
+            except AuthenticationFailed:
+                raise FrameError(f"{where}: frame at offset {place.position} fails "
+                                 "authentication", offset=place.position) from None
+        else:
+            stored = frame[HEADER.size:-_CRC.size]
+            (crc,) = _CRC.unpack_from(frame, len(frame) - _CRC.size)
+            if body_length < _CRC.size or masked_crc(header + place.pack() + stored) != crc:
+                raise FrameError(f"{where}: frame at offset {place.position} fails its "
+                                 "checksum", offset=place.position)
+        try:
+            return decompress(codec, stored, plain_length)
+        except DecompressionFailed as e:
+            raise FrameError(f"{where}: frame at offset {place.position}: {e}",
+                             offset=place.position) from None

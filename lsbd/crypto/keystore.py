@@ -1,0 +1,58 @@
+"""Keys objects in the store: `volumes/<vol>/keys/<generation>`.
+
+Each change writes the next generation with a conditional create (two
+concurrent changes: one fails and nothing is lost), then deletes the older
+ones, so an old passphrase stops working as soon as the change is made (a
+copy of an older keys object kept elsewhere still opens with it: see
+docs/security.md).  Readers take the newest generation.
+"""
+
+from __future__ import annotations
+
+from lsbd import names
+from lsbd.crypto import keyring as kr
+from lsbd.errors import ObjectExists, ObjectNotFound, UserError
+from lsbd.store.base import Store
+
+
+class KeysMissing(UserError, FileNotFoundError):
+    """An encrypted volume whose keys object is gone."""
+
+
+def generations(store: Store, volume: str) -> list[int]:
+    found = (names.parse_keys_key(info.key) for info in store.list(names.keys_prefix(volume)))
+    return sorted(g for g in found if g is not None)
+
+
+def load(store: Store, volume: str) -> kr.Locked:
+    """The newest keys object of `volume`, parsed but not unlocked."""
+    for generation in reversed(generations(store, volume)):
+        key = names.keys_key(volume, generation)
+        try:
+            data = store.get(key)
+        except ObjectNotFound:
+            continue              # deleted by a change running now: take the next
+        locked = kr.decode(data, where=key)
+        if locked.generation != generation:
+            raise kr.KeysDamaged(f"{key}: holds generation {locked.generation}")
+        return locked
+    raise KeysMissing(f"volume {volume} is encrypted but its keys object "
+                      f"({names.keys_prefix(volume)}...) is missing: it cannot be opened")
+
+
+def unlock(store: Store, volume: str, secret: kr.Secret) -> kr.Keyring:
+    locked = load(store, volume)
+    return kr.unlock(locked, secret, where=names.keys_key(volume, locked.generation))
+
+
+def save(store: Store, volume: str, ring: kr.Keyring) -> None:
+    """Write `ring` as the next generation, then delete the older ones."""
+    key = names.keys_key(volume, ring.generation)
+    try:
+        store.put(key, kr.encode(ring), exclusive=True)
+    except ObjectExists:
+        raise UserError(f"the keys of {volume} were changed at the same time elsewhere; "
+                        "nothing was changed here, try again") from None
+    for generation in generations(store, volume):
+        if generation < ring.generation:
+            store.delete(names.keys_key(volume, generation))

@@ -1,0 +1,308 @@
+"""The compression, encryption and key modules (lsbd/crypto) on bytes alone:
+golden bytes of every layout, one case per kind of tampering, and the key
+slots' life (add, change, remove, rotate, retire)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from lsbd.crypto import compress, keyring as kr, keystore
+from lsbd.crypto.aead import Argon2Params, AuthenticationFailed, Cipher
+from lsbd.crypto.frames import (KIND_CHECKPOINT, KIND_SEGMENT, Framer, FrameError, Place,
+                                frame_length, object_cipher)
+from lsbd.errors import UserError
+from lsbd.store.local import LocalStore
+
+VOLUME_ID = bytes(range(16))
+OBJECT_ID = bytes(range(100, 116))
+KEY = bytes(range(32))
+#: Argon2id at its smallest, so the tests run fast; the format is the same.
+CHEAP = Argon2Params(memory_kib=64, iterations=1, lanes=1)
+TEXT = b"lsbd keeps every write in a log; " * 128       # 4224 bytes, compresses well
+
+
+def place(position: int = 4096, **changes) -> Place:
+    fields = dict(volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7, object_id=OBJECT_ID,
+                  position=position, extra=0)
+    fields.update(changes)
+    return Place(**fields)
+
+
+def counter_rand():
+    """Deterministic 'random' bytes: 0, 1, 2, ... for golden outputs."""
+    numbers = itertools.count()
+
+    def rand(n: int) -> bytes:
+        return bytes(next(numbers) % 256 for _ in range(n))
+    return rand
+
+
+# --- AEAD and compression -----------------------------------------------------------
+
+
+def test_cipher_round_trip_and_tampering():
+    c = Cipher(KEY)
+    sealed = c.seal(bytes(12), b"secret", b"aad")
+    assert c.open(bytes(12), sealed, b"aad") == b"secret"
+    for bad in (sealed[:-1] + bytes([sealed[-1] ^ 1]), sealed[:-1]):
+        with pytest.raises(AuthenticationFailed):
+            c.open(bytes(12), bad, b"aad")
+    with pytest.raises(AuthenticationFailed):
+        c.open(bytes(12), sealed, b"aae")
+    with pytest.raises(AuthenticationFailed):
+        Cipher(bytes(32)).open(bytes(12), sealed, b"aad")
+
+
+def test_compression_stores_raw_unless_it_saves_an_eighth():
+    z = compress.Compressor(3)
+    codec, stored = z.compress(TEXT)
+    assert codec == compress.ZSTD and len(stored) < len(TEXT) // 4
+    assert compress.decompress(codec, stored, len(TEXT)) == TEXT
+    noise = os.urandom(4096)
+    assert z.compress(noise) == (compress.RAW, noise)
+    # Half noise, half zeros saves about half: compressed.  7/8 noise: not enough.
+    assert z.compress(os.urandom(2048) + bytes(2048))[0] == compress.ZSTD
+    assert z.compress(os.urandom(3700) + bytes(396))[0] == compress.RAW
+    with pytest.raises(compress.DecompressionFailed):
+        compress.decompress(compress.ZSTD, stored, len(TEXT) - 1)
+    with pytest.raises(compress.DecompressionFailed):
+        compress.decompress(9, stored, len(TEXT))
+
+
+def test_compression_setting_parsing():
+    assert compress.parse_setting("zstd") == ("zstd", 1)
+    assert compress.parse_setting("zstd:19") == ("zstd", 19)
+    assert compress.parse_setting("none") == ("none", 0)
+    for bad in ("zstd:0", "zstd:20", "zstd:x", "gzip", "none:1", ""):
+        with pytest.raises(ValueError):
+            compress.parse_setting(bad)
+
+
+# --- frames -------------------------------------------------------------------------
+
+
+def test_frame_golden_bytes_plain():
+    frame = Framer(None).seal(b"hello", place())
+    assert frame.hex() == ("00000000" "05000000" "09000000" + "00" * 12
+                           + b"hello".hex() + "7fa5840a")
+    assert Framer(None).open(frame, place()) == b"hello"
+    assert frame_length(frame[:24]) == len(frame)
+
+
+def test_frame_golden_bytes_encrypted():
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                           object_id=OBJECT_ID)
+    framer = Framer(cipher, nonce=lambda n: bytes(range(0xa0, 0xa0 + n)))
+    frame = framer.seal(b"hello", place())
+    assert frame.hex() == ("00010000" "05000000" "15000000"
+                           "a0a1a2a3a4a5a6a7a8a9aaab"
+                           "14cb0fb403" "0b67e742a1078531355137f308d04bc2")
+    assert framer.open(frame, place()) == b"hello"
+
+
+# A zstd-compressed, encrypted frame of TEXT made once: whatever zstandard's
+# version compresses to later, this one must keep opening.
+GOLDEN_ZSTD_FRAME = bytes.fromhex(
+    "01010000" "80100000" "43000000" "a0a1a2a3a4a5a6a7a8a9aaab"
+    "541b4c256c5edfd5f116c23703b5147565128f2314a3b0774473c739ad73c1cbe4c2b3bef81ef9"
+    "f2fe894a33624905020464939697350410e2d07b8f044e3b6f1515f0")
+
+GOLDEN_DATA_KEY = "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+GOLDEN_KEYS = b"""{
+ "cipher": "aes-256-gcm",
+ "format": 1,
+ "generation": 1,
+ "keyring": {
+  "nonce": "c0c1c2c3c4c5c6c7c8c9cacb",
+  "sealed": "7b6a4412050af330ecfbc7820380c87427169a4c1ed83fe151e12878521c0bd3d8c9f9d450e16532ff7d6429c9f455b9bd55ef4ae2fd9029b41502f0c08e5f3f370cba11c9e417c91bb7223cd6652fb47474989df53f11bf961c8221817e2bf0f9b31195243ea89a6539f73d3ee126faeb64b74444d2878c2618664f9d08df2502476a703bb079f0144150540a3d8637d2cdf277499a69fb87403a8ee063a07571"
+ },
+ "slots": [
+  {
+   "created_ns": 1700000000000000000,
+   "kdf": {
+    "iterations": 1,
+    "lanes": 1,
+    "memory_kib": 64,
+    "name": "argon2id",
+    "salt": "404142434445464748494a4b4c4d4e4f"
+   },
+   "kind": "passphrase",
+   "nonce": "505152535455565758595a5b",
+   "slot": 1,
+   "wrapped": "c7229b270ae6b5064ce977f2356eeb68d2c995848c08a5b9dfa032297e42fa620948bc504f95b41c6611d9459c50168d"
+  }
+ ],
+ "volume_id": "000102030405060708090a0b0c0d0e0f"
+}
+"""  # noqa: E501
+
+
+def test_object_key_is_the_documented_hkdf():
+    # HKDF-SHA256 (RFC 5869) written out with hmac, as docs/format.md gives it.
+    import hashlib
+    import hmac
+    info = b"lsbd object key" + VOLUME_ID + bytes([KIND_SEGMENT]) + (7).to_bytes(8, "little")
+    prk = hmac.new(OBJECT_ID, KEY, hashlib.sha256).digest()
+    okm = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+    frame = Framer(Cipher(okm), nonce=lambda n: bytes(n)).seal(b"x", place())
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                           object_id=OBJECT_ID)
+    assert Framer(cipher).open(frame, place()) == b"x"
+
+
+def test_frame_with_zstd_opens_and_records_codec():
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                           object_id=OBJECT_ID)
+    framer = Framer(cipher, compress.Compressor(3))
+    frame = framer.seal(TEXT, place())
+    assert frame[0] == compress.ZSTD and len(frame) < len(TEXT) // 4
+    assert framer.open(frame, place()) == TEXT
+    assert framer.open(GOLDEN_ZSTD_FRAME, place()) == TEXT
+    # The codec is per frame: a reader with another compressor (or none) opens it.
+    assert Framer(cipher).open(frame, place()) == TEXT
+    noise = os.urandom(4096)
+    assert framer.open(framer.seal(noise, place()), place()) == noise
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+def test_frame_tampering(encrypted):
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                           object_id=OBJECT_ID) if encrypted else None
+    framer = Framer(cipher, compress.Compressor(3))
+    frame = framer.seal(TEXT, place())
+    # A flipped bit anywhere, header included.
+    for i in range(len(frame)):
+        bad = bytearray(frame)
+        bad[i] ^= 0x10
+        with pytest.raises(FrameError):
+            framer.open(bytes(bad), place())
+    # Cut short, or with a byte more.
+    with pytest.raises(FrameError):
+        framer.open(frame[:-1], place())
+    with pytest.raises(FrameError):
+        framer.open(frame + b"\0", place())
+    # Moved: another position, object, seq, kind, volume, or a different bound value.
+    for moved in (place(8192), place(object_id=bytes(16)), place(seq=8),
+                  place(kind=KIND_CHECKPOINT), place(volume_id=bytes(16)), place(extra=3)):
+        with pytest.raises(FrameError):
+            framer.open(frame, moved)
+
+
+def test_frames_of_one_object_swapped():
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                           object_id=OBJECT_ID)
+    framer = Framer(cipher)
+    a, b = framer.seal(b"a" * 100, place(0)), framer.seal(b"b" * 100, place(124))
+    with pytest.raises(FrameError):
+        framer.open(b, place(0))
+    with pytest.raises(FrameError):
+        framer.open(a, place(124))
+
+
+def test_object_keys_differ_by_object_id_seq_and_data_key():
+    sealed = Framer(object_cipher(KEY, volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                                  object_id=OBJECT_ID)).seal(b"x" * 64, place())
+    for other in (dict(object_id=bytes(16)), dict(seq=8), dict(kind=KIND_CHECKPOINT)):
+        args = dict(volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7, object_id=OBJECT_ID)
+        args.update(other)
+        with pytest.raises(FrameError):
+            Framer(object_cipher(KEY, **args)).open(sealed, place())
+    with pytest.raises(FrameError):
+        Framer(object_cipher(bytes(32), volume_id=VOLUME_ID, kind=KIND_SEGMENT, seq=7,
+                             object_id=OBJECT_ID)).open(sealed, place())
+    # An encrypted frame is never read as a plain one, nor the other way round.
+    with pytest.raises(FrameError):
+        Framer(None).open(sealed, place())
+
+
+# --- key slots ----------------------------------------------------------------------
+
+
+PASS = kr.Secret(kr.PASSPHRASE, b"correct horse battery staple")
+
+
+def test_keyring_golden_object():
+    ring = kr.new_keyring(VOLUME_ID, PASS, params=CHEAP, rand=counter_rand(),
+                          now=lambda: 1_700_000_000_000_000_000)
+    data = kr.encode(ring, rand=lambda n: bytes(range(0xc0, 0xc0 + n)))
+    assert data == GOLDEN_KEYS
+    opened = kr.unlock(kr.decode(GOLDEN_KEYS), PASS)
+    assert opened.current == 1
+    assert opened.data_key(1).hex() == GOLDEN_DATA_KEY
+    assert opened.opened_with == 1
+
+
+def test_keyring_slots_life():
+    ring = kr.new_keyring(VOLUME_ID, PASS, params=CHEAP)
+    data_key = ring.current_key().key
+    other = kr.Secret(kr.PASSPHRASE, b"another one")
+    keyfile = kr.Secret(kr.KEYFILE, os.urandom(32))
+    with pytest.raises(kr.WrongSecret) as e:
+        kr.unlock(kr.decode(kr.encode(ring)), other)
+    assert "another one" not in str(e.value)
+
+    ring = kr.add_slot(ring, other, params=CHEAP)
+    ring = kr.add_slot(ring, keyfile)
+    for secret in (PASS, other, keyfile):
+        opened = kr.unlock(kr.decode(kr.encode(ring)), secret)
+        assert opened.current_key().key == data_key
+
+    # change: slot 1 opens with a new passphrase and not with the old one
+    new = kr.Secret(kr.PASSPHRASE, b"new passphrase")
+    ring = kr.change_slot(ring, 1, new, params=CHEAP)
+    locked = kr.decode(kr.encode(ring))
+    assert kr.unlock(locked, new).opened_with == 1
+    assert kr.unlock(locked, other).opened_with == 2
+    with pytest.raises(kr.WrongSecret):
+        kr.unlock(locked, PASS)
+
+    ring = kr.remove_slot(ring, 2)
+    with pytest.raises(kr.WrongSecret):
+        kr.unlock(kr.decode(kr.encode(ring)), other)
+    ring = kr.remove_slot(ring, 3)
+    with pytest.raises(UserError):
+        kr.remove_slot(ring, 1)                    # the last one
+
+    # rotate: a new current key, the old one kept until retired
+    ring = kr.rotate(ring)
+    assert ring.current == 2 and ring.current_key().key != data_key
+    assert kr.unlock(kr.decode(kr.encode(ring)), new).data_key(1) == data_key
+    with pytest.raises(UserError):
+        kr.retire(ring, 2)                         # the current one
+    ring = kr.retire(ring, 1)
+    with pytest.raises(kr.KeysDamaged):
+        kr.unlock(kr.decode(kr.encode(ring)), new).data_key(1)
+
+
+def test_keyring_tampering_and_secrets_never_shown():
+    ring = kr.new_keyring(VOLUME_ID, PASS, params=CHEAP)
+    data = kr.encode(ring)
+    assert PASS.value not in data and ring.current_key().key.hex().encode() not in data
+    assert "correct" not in repr(PASS) and ring.ring_key.hex() not in repr(ring)
+    # Another generation number: the key list no longer authenticates.
+    bumped = data.replace(b'"generation": 1', b'"generation": 2')
+    with pytest.raises(kr.KeysDamaged):
+        kr.unlock(kr.decode(bumped), PASS)
+    with pytest.raises(kr.KeysDamaged):
+        kr.decode(b"{not json")
+    with pytest.raises(UserError):
+        kr.Secret(kr.KEYFILE, b"short")
+
+
+def test_keystore_generations(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with pytest.raises(keystore.KeysMissing):
+        keystore.load(store, "vol")
+    ring = kr.new_keyring(VOLUME_ID, PASS, params=CHEAP)
+    keystore.save(store, "vol", ring)
+    changed = kr.rotate(keystore.unlock(store, "vol", PASS))
+    keystore.save(store, "vol", changed)
+    assert keystore.generations(store, "vol") == [2]
+    assert keystore.unlock(store, "vol", PASS).current == 2
+    # A change made from the same older state elsewhere loses, changing nothing.
+    with pytest.raises(UserError, match="same time"):
+        keystore.save(store, "vol", kr.rotate(ring))
+    assert keystore.unlock(store, "vol", PASS).current == 2
