@@ -199,6 +199,21 @@ class BlockMap:
         with self._env.begin(db=self._extents) as txn:
             return txn.stat(self._extents)["entries"]
 
+    def map_stats(self) -> dict:
+        """What the map costs on the cache disk: its file, the pages in use
+        (LMDB's last page number) and the extents database's pages."""
+        with self._env.begin(db=self._extents) as txn:
+            st = txn.stat(self._extents)
+        info = self._env.info()
+        try:
+            file_bytes = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            file_bytes = 0
+        return {"file_bytes": file_bytes, "page_size": st["psize"],
+                "pages_used": info["last_pgno"] + 1, "extents": st["entries"],
+                "depth": st["depth"], "branch_pages": st["branch_pages"],
+                "leaf_pages": st["leaf_pages"], "overflow_pages": st["overflow_pages"]}
+
     # --- segments --------------------------------------------------------------
 
     def segment(self, seq: int) -> SegmentInfo | None:

@@ -1054,7 +1054,8 @@ class Volume:
             "uploads_pending": self._uploader.pending if self._uploader else 0,
             "segments": len(infos), "segment_bytes": sum(i.size for i in infos),
             "live_bytes": sum(i.live_blocks for i in infos) * self.block_size,
-            "extents": self._map.extent_count(), "last_checkpoint": self._last_checkpoint,
+            "extents": self._map.extent_count(), "map": self._map.map_stats(),
+            "last_checkpoint": self._last_checkpoint,
             "flush_mode": self.flush_mode,
         }
         data.update(self.stats)

@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Scale benchmark: a large sparse volume written at random, as databases
+and VMs write real disks.
+
+    .venv/bin/python bench/scale_bench.py [--volume-size 1T] [--writes 4G]
+        [--round 1G] [--region 1G] [--runtime 10] [--json FILE] [--keep]
+
+One `lsbd serve` of a volume of --volume-size in a file:// store, driven by
+fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
+
+  1. fill:    --region bytes at the start of the volume, sequential 1 MiB
+              writes (the region the read jobs use);
+  2. writes:  --writes bytes of random 4 KiB writes over the whole volume,
+              in rounds of --round bytes: write IOPS per round, and after
+              each round the map's extents, its LMDB file size and bytes
+              per extent, and the server's anonymous and file-backed RSS;
+  3. frag:    --region bytes of random 4 KiB writes inside the region, then
+              sequential 1 MiB reads of it (what a log-structured store
+              finds hardest: every 4 KiB piece lives somewhere else);
+  4. checkpoint: one through the running server, timed; its bytes, and the
+              bytes of every checkpoint written during the run;
+  5. open:    the server stopped, its cache dir deleted, the page cache
+              dropped: the time until a new server over the store alone
+              serves its socket;
+  6. cold random reads of the region (4 KiB) from that fresh cache.
+
+nbdkit's file plugin gets the same fill, frag writes and sequential reads
+on a sparse file of the same size, for the ratio.  Peak RssAnon and RssFile
+come from /proc/PID/status, sampled every 0.2 s.  Not a test: figures are
+noisy, compare within one run.  Needs fio and nbdkit; root to drop caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nbd_bench import drop_page_cache, sh, stop, wait_for_socket  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def fio(uri: str, rw: str, bs: str, *, size: int, io_size: int | None = None,
+        offset: int = 0, runtime: int | None = None) -> dict:
+    extra = [f"--io_size={io_size}"] if io_size else []
+    if runtime:
+        extra += [f"--runtime={runtime}", "--time_based"]
+    r = sh("fio", "--name=scale", "--ioengine=nbd", f"--uri={uri}", "--iodepth=16",
+           f"--rw={rw}", f"--bs={bs}", f"--size={size}", f"--offset={offset}", *extra,
+           "--randrepeat=0", "--norandommap", "--output-format=json")
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
+    side = job["write" if "write" in rw else "read"]
+    return {"mib_s": side["bw"] / 1024, "iops": side["iops"],
+            "seconds": side["runtime"] / 1000}
+
+
+class RssSampler:
+    """Peak RssAnon / RssFile (KiB) of one process, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid = pid
+        self.peak_anon = self.peak_file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def now(self) -> tuple[int, int]:
+        anon = file = 0
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        anon = int(line.split()[1])
+                    elif line.startswith("RssFile:"):
+                        file = int(line.split()[1])
+        except OSError:
+            pass
+        return anon, file
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            anon, file = self.now()
+            self.peak_anon = max(self.peak_anon, anon)
+            self.peak_file = max(self.peak_file, file)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class CheckpointSampler:
+    """Every checkpoint object that appears in the store during the run, with
+    its largest size seen (checkpoints older ones may be pruned meanwhile)."""
+
+    def __init__(self, store_dir: str, volume: str, interval: float = 0.5):
+        self.root = os.path.join(store_dir, "volumes", volume, "ckpt")
+        self.seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def scan(self) -> None:
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    size = os.path.getsize(path)
+                    with self._lock:
+                        self.seen[path] = max(size, self.seen.get(path, 0))
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.scan()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.seen.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.scan()
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, name))
+    return total
+
+
+class Lsbd:
+    """One `lsbd serve` of the bench volume; restartable with a new cache dir."""
+
+    def __init__(self, workdir: str, volume_size: int):
+        self.workdir = workdir
+        self.store_dir = os.path.join(workdir, "store")
+        self.cache = os.path.join(workdir, "cache")
+        self.sock = os.path.join(workdir, "lsbd.sock")
+        self.proc: subprocess.Popen | None = None
+        self.log = open(os.path.join(workdir, "lsbd.log"), "a")
+        sh(*self.base(), "create", "bench", "--size", str(volume_size))
+
+    def base(self) -> list[str]:
+        return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store_dir}",
+                "--cache-dir", self.cache]
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///bench?socket={self.sock}"
+
+    def start(self) -> float:
+        """Start serving; the seconds until the socket is there (the volume open)."""
+        started = time.monotonic()
+        self.proc = subprocess.Popen([*self.base(), "serve", "bench", "--socket", self.sock],
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        wait_for_socket(self.sock, self.proc, timeout=3600)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def stats(self) -> dict:
+        return json.loads(sh(*self.base(), "stats", "bench", "--json").stdout)
+
+    def checkpoint(self) -> None:
+        """Through the running server, as `lsbd checkpoint` does with a writer."""
+        code = ("import sys; from lsbd.engine import control; "
+                "r = control.call(sys.argv[1], {'op': 'checkpoint'}, timeout=3600); "
+                "sys.exit(0 if r else 1)")
+        sh(sys.executable, "-c", code, self.control_path())
+
+    def control_path(self) -> str:
+        for dirpath, _dirs, files in os.walk(self.cache):
+            for name in files:
+                if name.endswith(".sock") or name == "control":
+                    return os.path.join(dirpath, name)
+        raise RuntimeError("no control socket in the cache dir")
+
+    def map_file(self) -> int:
+        for dirpath, _dirs, files in os.walk(self.cache):
+            if "data.mdb" in files:
+                return os.path.getsize(os.path.join(dirpath, "data.mdb"))
+        return 0
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def nbdkit(workdir: str, size: int):
+    image = os.path.join(workdir, "nbdkit.img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    sock = os.path.join(workdir, "nbdkit.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop(proc)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def frag_and_read(uri: str, region: int, runtime: int) -> dict:
+    """Random 4 KiB writes over the region (as many bytes as it holds), then
+    sequential 1 MiB reads of it, timed."""
+    w = fio(uri, "randwrite", "4k", size=region, io_size=region)
+    drop_page_cache()
+    r = fio(uri, "read", "1M", size=region, runtime=runtime)
+    return {"frag_write": w, "seq_read": r}
+
+
+def run(args) -> dict:
+    volume_size = parse_size(args.volume_size)
+    writes = parse_size(args.writes)
+    round_size = min(parse_size(args.round), writes)
+    region = parse_size(args.region)
+    out: dict = {"volume_size": volume_size, "writes": writes, "round": round_size,
+                 "region": region, "loadavg_start": os.getloadavg()}
+    workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
+    print(f"volume {human(volume_size)}, {human(writes)} of random 4 KiB writes in rounds of "
+          f"{human(round_size)}, region {human(region)}; work dir {workdir}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    lsbd = Lsbd(workdir, volume_size)
+    try:
+        drop_page_cache()
+        lsbd.start()
+        rss = RssSampler(lsbd.proc.pid)
+        ckpts = CheckpointSampler(lsbd.store_dir, "bench")
+        try:
+            fill = fio(lsbd.uri, "write", "1M", size=region)
+            print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
+            rounds = []
+            written = 0
+            print(f"  {'written':>10} {'IOPS':>8} {'extents':>10} {'map file':>10} "
+                  f"{'B/extent':>8} {'anon':>9} {'file':>9}", flush=True)
+            while written < writes:
+                n = min(round_size, writes - written)
+                r = fio(lsbd.uri, "randwrite", "4k", size=volume_size, io_size=n)
+                written += n
+                st = lsbd.stats()
+                anon, file = rss.now()
+                mapf = lsbd.map_file()
+                row = {"written": written, "iops": r["iops"], "extents": st["extents"],
+                       "map_file": mapf, "bytes_per_extent": mapf / max(1, st["extents"]),
+                       "rss_anon_kib": anon, "rss_file_kib": file, "map": st.get("map")}
+                rounds.append(row)
+                print(f"  {human(written):>10} {r['iops']:8.0f} {st['extents']:10d} "
+                      f"{human(mapf):>10} {row['bytes_per_extent']:8.0f} "
+                      f"{human(anon * 1024):>9} {human(file * 1024):>9}", flush=True)
+            out["rounds"] = rounds
+            eighth = max(1, len(rounds) // 8)
+            first = sum(x["iops"] for x in rounds[:eighth]) / eighth
+            last = sum(x["iops"] for x in rounds[-eighth:]) / eighth
+            out["iops_first"], out["iops_last"] = first, last
+            frag = frag_and_read(lsbd.uri, region, args.runtime)
+            out["lsbd_frag"] = frag
+            print(f"  frag writes in the region: {frag['frag_write']['iops']:.0f} IOPS; "
+                  f"then seq read 1M: {frag['seq_read']['mib_s']:.0f} MiB/s", flush=True)
+            started = time.monotonic()
+            lsbd.checkpoint()
+            out["checkpoint_seconds"] = time.monotonic() - started
+            st = lsbd.stats()
+            out["final_stats"] = st
+            out["map_file"] = lsbd.map_file()
+        finally:
+            ckpts.close()
+            rss.close()
+        out["rss_peak_anon_kib"], out["rss_peak_file_kib"] = rss.peak_anon, rss.peak_file
+        newest = max((os.path.dirname(p) for p in ckpts.seen), default=None)
+        out["checkpoint_newest_bytes"] = dir_bytes(newest) if newest else 0
+        out["checkpoint_total_bytes"] = ckpts.total
+        total_written = writes + 2 * region
+        out["checkpoint_fraction"] = ckpts.total / total_written
+        ext = max(1, out["final_stats"]["extents"])
+        print(f"  map: {out['final_stats']['extents']} extents, LMDB file "
+              f"{human(out['map_file'])} = {out['map_file'] / ext:.0f} B/extent; "
+              f"{json.dumps(out['final_stats'].get('map'))}", flush=True)
+        print(f"  checkpoint: {out['checkpoint_seconds']:.1f} s, newest "
+              f"{human(out['checkpoint_newest_bytes'])} "
+              f"({out['checkpoint_newest_bytes'] / ext:.1f} B/extent); all written in the run "
+              f"{human(ckpts.total)} = {100 * out['checkpoint_fraction']:.2f}% of "
+              f"{human(total_written)} written", flush=True)
+        print(f"  server peak RSS: {human(rss.peak_anon * 1024)} anonymous, "
+              f"{human(rss.peak_file * 1024)} file", flush=True)
+        lsbd.stop()
+        shutil.rmtree(lsbd.cache)
+        drop_page_cache()
+        out["open_seconds"] = lsbd.start()
+        rss = RssSampler(lsbd.proc.pid)
+        try:
+            print(f"  open from the store alone: {out['open_seconds']:.1f} s", flush=True)
+            drop_page_cache()
+            cold = fio(lsbd.uri, "randread", "4k", size=region, runtime=args.runtime)
+            out["cold_randread"] = cold
+            print(f"  cold random reads 4k: {cold['iops']:.0f} IOPS", flush=True)
+        finally:
+            rss.close()
+        out["reopen_rss_peak_anon_kib"] = rss.peak_anon
+        lsbd.stop()
+        if not args.skip_nbdkit:
+            drop_page_cache()
+            with nbdkit(workdir, volume_size) as uri:
+                fio(uri, "write", "1M", size=region)
+                out["nbdkit_frag"] = frag = frag_and_read(uri, region, args.runtime)
+            print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
+                  f"{frag['seq_read']['mib_s']:.0f} MiB/s", flush=True)
+    finally:
+        lsbd.close()
+        out["store_bytes"] = dir_bytes(lsbd.store_dir)
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def report(out: dict) -> None:
+    print()
+    print(f"write IOPS first eighth {out['iops_first']:.0f}, last eighth {out['iops_last']:.0f}: "
+          f"ratio {out['iops_last'] / out['iops_first']:.2f} (target >= 0.9)")
+    ext = max(1, out["final_stats"]["extents"])
+    print(f"map bytes per extent {out['map_file'] / ext:.0f} (target <= 64)")
+    print(f"checkpoints {100 * out['checkpoint_fraction']:.2f}% of bytes written (target <= 2%)")
+    print(f"open from the store {out['open_seconds']:.1f} s (target <= 10)")
+    print(f"peak anonymous RSS {out['rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256)")
+    if "nbdkit_frag" in out:
+        a = out["lsbd_frag"]["seq_read"]["mib_s"]
+        b = out["nbdkit_frag"]["seq_read"]["mib_s"]
+        print(f"seq read 1M after random writes {a:.0f} vs nbdkit {b:.0f} MiB/s: ratio "
+              f"{a / b:.2f} (target >= 0.5)")
+    print(f"load average at start {out['loadavg_start'][0]:.1f}, at end "
+          f"{out['loadavg_end'][0]:.1f} (2 cores, shared)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--volume-size", default="1T", help="volume size (default 1T)")
+    ap.add_argument("--writes", default="4G", help="bytes of random 4 KiB writes (default 4G)")
+    ap.add_argument("--round", default="1G", help="bytes per IOPS round (default 1G)")
+    ap.add_argument("--region", default="1G",
+                    help="region filled, fragmented and read sequentially (default 1G)")
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per read job (default 10)")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the temporary directory goes")
+    ap.add_argument("--skip-nbdkit", action="store_true", help="no nbdkit comparison")
+    ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"scale_bench: {tool} is needed", file=sys.stderr)
+            return 2
+    out = run(args)
+    report(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
