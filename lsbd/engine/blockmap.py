@@ -5,10 +5,15 @@ keyed by their first block, so a long sequential write costs one entry, not
 one per block.  Updated in one transaction per sealed segment.  Holes (never
 written, trimmed, zeroed) are simply absent.
 
-Databases:
-  extents   >Q first block  ->  <IQQ nblocks, seq, file offset of the first block
+Databases (map format 2; docs/format.md "Cache dir"):
+  blocks    6-byte BE first block  ->  10 bytes <HII nblocks, seq, file offset
+                                       (20 bytes <IQQ when one does not fit)
   segments  >Q seq          ->  SegmentInfo (state, times, size, live blocks)
   meta      name            ->  value (volume id, store URL, applied seq, size ...)
+
+A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
+10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
+is converted in place when it is opened (_migrate).
 """
 
 from __future__ import annotations
@@ -26,12 +31,36 @@ import lmdb
 
 from lsbd.engine.segment import DATA, RESIZE, Record
 
-_KEY = struct.Struct(">Q")
-_EXTENT = struct.Struct("<IQQ")
+_KEY = struct.Struct(">Q")           # segments database; format 1 extents
+_EXTENT = struct.Struct("<IQQ")      # format 1 extent values; format 2 wide values
+_SHORT = struct.Struct("<HII")       # format 2 values when all three fit
+_SHORT_MAX_N = 1 << 16
+_U32 = 1 << 32
+_KEY_BYTES = 6
+MAP_FORMAT = 2
+_MIGRATE_BATCH = 1 << 16
 _SEGINFO = struct.Struct("<BqQQQI")
 
 PENDING = 1   # sealed locally, not yet in the store
 STORED = 2    # durable in the store
+
+
+def _k(lba: int) -> bytes:
+    return lba.to_bytes(_KEY_BYTES, "big")
+
+
+def _lba(key) -> int:
+    return int.from_bytes(key, "big")
+
+
+def _v(nblocks: int, seq: int, offset: int) -> bytes:
+    if nblocks < _SHORT_MAX_N and seq < _U32 and offset < _U32:
+        return _SHORT.pack(nblocks, seq, offset)
+    return _EXTENT.pack(nblocks, seq, offset)
+
+
+def _unv(value) -> tuple[int, int, int]:
+    return _SHORT.unpack(value) if len(value) == _SHORT.size else _EXTENT.unpack(value)
 
 
 class Extent(NamedTuple):
@@ -72,13 +101,48 @@ class BlockMap:
         # the journal files); data pages are still synced, so the map is never torn.
         self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=True, metasync=False,
                               readahead=False, max_readers=512)
-        self._extents = self._env.open_db(b"extents")
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
+        self._extents = self._env.open_db(b"blocks")
+        self._migrate()
         # lookup_block's read transaction, kept between lookups (beginning one
         # costs about as much as the lookup) and dropped at every write.
         self._reader_lock = threading.Lock()
         self._reader = None
+
+    def _migrate(self) -> None:
+        """Convert a map of format 1 (its `extents` database) into this
+        format, in batches of bounded memory.  A crash half way leaves the
+        format mark unset: the next open starts the copy again."""
+        with self._env.begin(db=self._meta) as txn:
+            fmt = txn.get(b"map_format")
+        if fmt is not None and int(bytes(fmt)) == MAP_FORMAT:
+            return
+        with self._env.begin() as txn:
+            had_old = txn.get(b"extents") is not None
+        if had_old:
+            old = self._env.open_db(b"extents")
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._extents, delete=False)
+            start = b""
+            while True:
+                with self._env.begin(write=True) as txn:
+                    cur = txn.cursor(db=old)
+                    new = txn.cursor(db=self._extents)
+                    found = cur.set_range(start) if start else cur.first()
+                    count = 0
+                    while found and count < _MIGRATE_BATCH:
+                        lba = _KEY.unpack(cur.key())[0]
+                        new.put(_k(lba), _v(*_EXTENT.unpack(cur.value())), append=True)
+                        count += 1
+                        found = cur.next()
+                    start = cur.key() if found else b""
+                if not found:
+                    break
+            with self._env.begin(write=True) as txn:
+                txn.drop(old, delete=True)
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(b"map_format", str(MAP_FORMAT).encode())
 
     def close(self) -> None:
         self._drop_reader()
@@ -126,7 +190,7 @@ class BlockMap:
         One cursor pass: the extent at or before lba, then those after it."""
         end = lba + nblocks
         out = []
-        key = _KEY.pack(lba)
+        key = _k(lba)
         with self._env.begin(db=self._extents) as txn:
             cur = txn.cursor()
             if cur.set_range(key):
@@ -139,16 +203,16 @@ class BlockMap:
                     else:
                         cur.set_range(key)   # nothing before lba: back where we were
                 elif nblocks == 1:
-                    n, seq, off = _EXTENT.unpack(cur.value())
+                    n, seq, off = _unv(cur.value())
                     return [Extent(lba, 1, seq, off)]
             else:
                 # Every extent starts before lba: only the last may reach it.
                 if cur.last():
                     self._clip_first(cur, lba, end, out)
                 return out
-            unpack_key, unpack_value = _KEY.unpack, _EXTENT.unpack
+            unpack_value = _unv
             for k, value in cur:
-                s = unpack_key(k)[0]
+                s = _lba(k)
                 if s >= end:
                     break
                 n, seq, off = unpack_value(value)
@@ -158,7 +222,7 @@ class BlockMap:
     def lookup_block(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of one block, or None for a hole: lookup() for
         random reads, without building a list."""
-        key = _KEY.pack(lba)
+        key = _k(lba)
         with self._reader_lock:
             if self._reader is None:
                 txn = self._env.begin(db=self._extents)
@@ -166,22 +230,22 @@ class BlockMap:
             cur = self._reader[1]
             if cur.set_range(key):
                 if cur.key() == key:
-                    _n, seq, off = _EXTENT.unpack(cur.value())
+                    _n, seq, off = _unv(cur.value())
                     return seq, off
                 if not cur.prev():
                     return None
             elif not cur.last():
                 return None
-            start = _KEY.unpack(cur.key())[0]
-            n, seq, off = _EXTENT.unpack(cur.value())
+            start = _lba(cur.key())
+            n, seq, off = _unv(cur.value())
         if start + n > lba:
             return seq, off + (lba - start) * self.block_size
         return None
 
     def _clip_first(self, cur, lba: int, end: int, out: list) -> None:
         """The extent under `cur` starts before lba: its part from lba on, if any."""
-        s = _KEY.unpack(cur.key())[0]
-        n, seq, off = _EXTENT.unpack(cur.value())
+        s = _lba(cur.key())
+        n, seq, off = _unv(cur.value())
         if s + n > lba:
             out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * self.block_size))
 
@@ -252,17 +316,17 @@ class BlockMap:
                     # The usual rewrite: the record covers exactly one extent
                     # (random 4 KiB writes, or a disk rewritten in the same
                     # pieces): replace it where it is.
-                    key = _KEY.pack(r.lba)
+                    key = _k(r.lba)
                     if cur.set_key(key):
-                        n, seq, _off = _EXTENT.unpack(cur.value())
+                        n, seq, _off = _unv(cur.value())
                         if n == r.nblocks:
-                            cur.put(key, _EXTENT.pack(n, info.seq, r.data_offset))
+                            cur.put(key, _v(n, info.seq, r.data_offset))
                             live_delta[seq] -= n
                             live_delta[info.seq] += n
                             continue
                 self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
                 if r.kind == DATA:
-                    txn.put(_KEY.pack(r.lba), _EXTENT.pack(r.nblocks, info.seq, r.data_offset),
+                    txn.put(_k(r.lba), _v(r.nblocks, info.seq, r.data_offset),
                             db=self._extents)
                     live_delta[info.seq] += r.nblocks
             info.live_blocks = live_delta.pop(info.seq, 0)
@@ -286,11 +350,11 @@ class BlockMap:
         if _floor(cur, start):
             s, n, seq, off = _decode(cur)
             if s < start < s + n:
-                cur.put(_KEY.pack(s), _EXTENT.pack(start - s, seq, off))
+                cur.put(_k(s), _v(start - s, seq, off))
                 if s + n > end:
                     puts.append((end, s + n - end, seq, off + (end - s) * bs))
                 live_delta[seq] -= min(s + n, end) - start
-        if cur.set_range(_KEY.pack(start)):
+        if cur.set_range(_k(start)):
             while cur.key():
                 s, n, seq, off = _decode(cur)
                 if s >= end:
@@ -301,7 +365,7 @@ class BlockMap:
                 if not cur.delete():
                     break
         for s, n, seq, off in puts:
-            txn.put(_KEY.pack(s), _EXTENT.pack(n, seq, off), db=self._extents)
+            txn.put(_k(s), _v(n, seq, off), db=self._extents)
 
     def drop_segments(self, seqs) -> None:
         with self._writing(self._segments) as txn:
@@ -316,7 +380,7 @@ class BlockMap:
             live: dict[int, int] = defaultdict(int)
             cur = txn.cursor(db=self._extents)
             for e in extents:
-                cur.put(_KEY.pack(e.lba), _EXTENT.pack(e.nblocks, e.seq, e.offset), append=True)
+                cur.put(_k(e.lba), _v(e.nblocks, e.seq, e.offset), append=True)
                 live[e.seq] += e.nblocks
             for info in segments:
                 info.live_blocks = live.get(info.seq, 0)
@@ -362,13 +426,13 @@ class MapSnapshot:
 
 def _extents_of(txn, db) -> Iterator[Extent]:
     for key, value in txn.cursor(db=db):
-        n, seq, off = _EXTENT.unpack(value)
-        yield Extent(_KEY.unpack(key)[0], n, seq, off)
+        n, seq, off = _unv(value)
+        yield Extent(_lba(key), n, seq, off)
 
 
 def _floor(cur, lba: int) -> bool:
     """Position `cur` at the greatest key <= lba; False if there is none."""
-    key = _KEY.pack(lba)
+    key = _k(lba)
     if cur.set_range(key):
         if cur.key() == key:
             return True
@@ -377,5 +441,5 @@ def _floor(cur, lba: int) -> bool:
 
 
 def _decode(cur) -> tuple[int, int, int, int]:
-    n, seq, off = _EXTENT.unpack(cur.value())
-    return _KEY.unpack(cur.key())[0], n, seq, off
+    n, seq, off = _unv(cur.value())
+    return _lba(cur.key()), n, seq, off

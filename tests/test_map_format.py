@@ -1,0 +1,128 @@
+"""The block map's encoding on the cache disk (docs/format.md "Cache dir"):
+golden bytes, values too wide for the short form, and a cache dir written
+by map format 1 that must keep working, journals not yet uploaded included."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import lmdb
+import pytest
+from engine_helpers import BS, MiB, blocks, open_test_store, read_all
+
+from lsbd.engine import blockmap
+from lsbd.engine.blockmap import BlockMap, Extent, SegmentInfo
+from lsbd.engine.config import create_volume
+from lsbd.engine.segment import DATA, TRIM, Record
+from lsbd.engine.volume import Volume, cache_dir_for
+
+
+def test_golden_extent_bytes():
+    assert blockmap._k(0x0102030405) == bytes.fromhex("000102030405")
+    # 3 blocks of segment 7 at byte 0x1234: nblocks u16, seq u32, offset u32.
+    assert blockmap._v(3, 7, 0x1234) == bytes.fromhex("0300" "07000000" "34120000")
+    # Too wide for the short form: the 20-byte form of map format 1.
+    assert blockmap._v(1, 1 << 32, 5) == struct.pack("<IQQ", 1, 1 << 32, 5)
+    assert blockmap._unv(blockmap._v(1 << 16, 9, 1 << 33)) == (1 << 16, 9, 1 << 33)
+
+
+def _info(seq: int) -> SegmentInfo:
+    return SegmentInfo(seq=seq, state=blockmap.STORED, sealed_ns=0, size=1, live_blocks=0,
+                       data_blocks=0, trailer_crc=0)
+
+
+def test_wide_values_and_short_ones_mix_in_one_map(tmp_path):
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    try:
+        big = 1 << 33
+        bm.load([Extent(10, 70000, 3, big), Extent(70010, 2, (1 << 32) + 1, 24)],
+                [_info(3), _info((1 << 32) + 1)])
+        assert bm.lookup(10, 1) == [Extent(10, 1, 3, big)]
+        assert bm.lookup_block(10 + 69999) == (3, big + 69999 * BS)
+        bm.apply_segment(_info(4), [Record(DATA, 0, 20, 1, 100, b"\0" * 4),
+                                    Record(TRIM, 0, 70010, 1, 0, b"")])
+        assert list(bm.iter_extents()) == [
+            Extent(10, 10, 3, big), Extent(20, 1, 4, 100), Extent(21, 69989, 3, big + 11 * BS),
+            Extent(70011, 1, (1 << 32) + 1, 24 + BS)]
+        stats = bm.map_stats()
+        assert stats["extents"] == 4 and stats["leaf_pages"] >= 1
+    finally:
+        bm.close()
+
+
+def _to_format_1(map_dir: str) -> int:
+    """Rewrite a map as map format 1 wrote it: an `extents` database of
+    >Q keys and <IQQ values, no `blocks` database, no format mark."""
+    env = lmdb.open(map_dir, map_size=1 << 30, max_dbs=4)
+    try:
+        new = env.open_db(b"blocks")
+        old = env.open_db(b"extents")
+        meta = env.open_db(b"meta")
+        with env.begin(write=True) as txn:
+            count = 0
+            for k, v in list(txn.cursor(db=new)):
+                lba = int.from_bytes(k, "big")
+                txn.put(struct.pack(">Q", lba), struct.pack("<IQQ", *blockmap._unv(v)), db=old)
+                count += 1
+            txn.drop(new, delete=True)
+            txn.delete(b"map_format", db=meta)
+        return count
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_test_store("file://" + str(tmp_path / "store"))
+    yield s
+    s.close()
+
+
+def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch):
+    """Segments in the store, a sealed segment never uploaded and an open
+    journal, all under a map of format 1: the map is converted on open and
+    every byte reads back, also from the store alone afterwards."""
+    monkeypatch.setattr(blockmap, "_MIGRATE_BATCH", 7)   # several batches
+    create_volume(store, "vol", 64 * MiB, segment_size=256 * 1024, flush_mode="journal")
+    cache = str(tmp_path / "cache")
+    vol = Volume.open(store, "vol", cache_root=cache)
+    rng = random.Random(5)
+    for tag in range(1, 80):
+        n = rng.randint(1, 40)
+        lba = rng.randrange(0, vol.size // BS - n)
+        vol.write(lba * BS, blocks(tag, lba, n))
+    vol.flush()
+    vol._seal_and_wait()
+    # What follows stays local: the store refuses it (a sealed segment
+    # pending upload), then more writes sit in the open journal.
+    real_put = store.put
+    monkeypatch.setattr(store, "put", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
+    vol.write(0, blocks(500, 0, 70))
+    vol._seal()
+    vol.write(3 * MiB, blocks(501, 768, 3))
+    vol.flush()
+    expected = read_all(vol)
+    vol.abandon()
+    monkeypatch.setattr(store, "put", real_put)
+    map_dir = os.path.join(cache_dir_for(cache, store, "vol"), "map")
+    assert _to_format_1(map_dir) > 20
+
+    vol = Volume.open(store, "vol", cache_root=cache, break_lease=True)
+    try:
+        assert vol._map.get_meta("map_format") == b"2"
+        assert read_all(vol) == expected
+    finally:
+        vol.close()
+    env = lmdb.open(map_dir, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            assert txn.get(b"extents") is None and txn.get(b"blocks") is not None
+    finally:
+        env.close()
+    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
+    try:
+        assert read_all(ro) == expected
+    finally:
+        ro.close()
