@@ -44,7 +44,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nbd_bench import drop_page_cache, sh, stop, wait_for_socket  # noqa: E402
+from nbd_bench import drop_page_cache, sh, stop, wait_for_socket
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
