@@ -17,14 +17,15 @@ from lsbd_fuse.session import Session
 
 
 class Wire:
-    def __init__(self, session: Session, *, init: bool = True) -> None:
+    def __init__(self, session: Session, *, init: bool = True, start: bool = True) -> None:
         self.session = session
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.theirs = theirs
         session.fds = [theirs.fileno()]
         self.thread = threading.Thread(target=session.serve_fd, args=(theirs.fileno(),),
                                        name="queue", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
         self.unique = 0
         self.replies: dict[int, tuple[int, bytes]] = {}
         self.extra: list[bytes] = []  # replies to no request we sent (notifications)

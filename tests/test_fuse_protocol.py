@@ -206,6 +206,38 @@ def test_fallocate_modes_that_are_not_a_disk_s(wire):
     assert vol.calls["trim"] == vol.calls["write_zeroes"] == 0
 
 
+def test_small_writes_waiting_together_go_to_the_engine_as_one_batch():
+    vol = FakeVolume("vol", 8 * MiB)
+    w = Wire(Session(ImageFS({"vol.img": Image(device=vol)}), threads=2), init=False,
+             start=False)
+    try:
+        w.send(p.INIT, 0, p.INIT_IN.pack(7, 45, 0, 0))
+        w.send(p.LOOKUP, p.ROOT_ID, b"vol.img\0")
+        w.send(p.OPEN, 2, p.OPEN_IN.pack(os.O_RDWR, 0))
+        fh = 1                                          # the first handle
+        blocks = [os.urandom(4096 * (1 + i % 3)) for i in range(10)]
+        sent = [w.send_write(fh, i * 16384, b) for i, b in enumerate(blocks)]
+        sent.append(w.send_write(fh, 5, b"unaligned"))  # not batched: ends the batch
+        sent.append(w.send_write(fh, 8 * MiB - 4096, blocks[1]))  # past the end: on its own
+        last = w.send_read(fh, 0, 16384 * 10)
+        w.thread.start()                                # everything is waiting at once
+        for u in range(2, 7, 2):
+            assert w.wait(u)[0] == 0
+        for u, b in zip(sent, blocks):
+            err, body = w.wait(u)
+            assert err == 0 and p.WRITE_OUT.unpack(body)[0] == len(b)
+        assert w.wait(sent[10]) == (0, p.WRITE_OUT.pack(9, 0))
+        assert w.wait(sent[11]) == (0, p.WRITE_OUT.pack(4096, 0))   # a short write
+        err, data = w.wait(last)
+        assert err == 0
+        for i, b in enumerate(blocks):
+            want = b if i else b[:5] + b"unaligned" + b[14:]
+            assert data[i * 16384:i * 16384 + len(b)] == want
+        assert vol.calls["write_many"] == 1 and vol.calls["write"] == 12
+    finally:
+        w.close()
+
+
 # --- inline or in a worker -----------------------------------------------------------
 
 def test_inline_when_the_device_promises_not_to_block(wire):

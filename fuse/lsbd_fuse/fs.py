@@ -271,6 +271,10 @@ class ImageFS:
         node, writable = self._file(fh)
         if node.read_only or not writable:
             raise FuseError(errno.EROFS if node.read_only else errno.EBADF)
+        return self.write_to(node, off, data, nowait)
+
+    def write_to(self, node: File, off: int, data: bytes | memoryview,
+                 nowait: bool = False) -> bytes:
         room = node.size - off
         if room <= 0:
             raise FuseError(errno.ENOSPC)  # a disk does not grow by writing past its end
@@ -288,6 +292,31 @@ class ImageFS:
         except Exception as e:  # noqa: BLE001
             raise FuseError(errno_for(e, f"write {node.name} at {off}+{len(data)}")) from None
         return p.WRITE_OUT.pack(len(data), 0)
+
+    def batch_node(self, fh: int, off: int, size: int) -> File | None:
+        """The image a WRITE may join a batch for (`write_many`): whole
+        blocks inside the image, writable, on a device that batches; else
+        None (write it on its own)."""
+        handle = self._handles.get(fh)
+        if handle is None or not handle[1]:
+            return None
+        node = handle[0]
+        bs = node.block_size
+        if (node.write_many is None or node.read_only or off % bs or size % bs or not size
+                or off + size > node.size):
+            return None
+        return node
+
+    def write_many(self, node: File, writes: list[tuple[int, bytes]],
+                   nowait: bool = False) -> None:
+        """Whole-block writes in order, all or none (the engine's write_many)."""
+        try:
+            node.write_many(writes, nowait=nowait)  # type: ignore[misc]
+        except WouldBlock:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise FuseError(errno_for(e, f"write {node.name}: {len(writes)} writes from "
+                                         f"{writes[0][0]}")) from None
 
     def fallocate(self, fh: int, off: int, length: int, mode: int, nowait: bool = False) -> None:
         """PUNCH_HOLE|KEEP_SIZE (discard, fstrim): engine trim.  ZERO_RANGE,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -51,6 +52,13 @@ DEFAULT_THREADS = 16
 #: PARALLEL_DIROPS        lookups need no lock of ours.
 WANTED = (p.ASYNC_READ | p.ASYNC_DIO | p.BIG_WRITES | p.MAX_PAGES | p.ATOMIC_O_TRUNC
           | p.PARALLEL_DIROPS)
+
+#: WRITEs of this size range (whole blocks) are gathered into batches of up
+#: to MAX_BATCH while more requests are waiting: small ones are where a call
+#: per request costs most.
+BATCH_MIN = 4096
+BATCH_MAX = 64 * 1024
+MAX_BATCH = 64
 
 _HEADER = p.IN_HEADER.size
 _READ = struct.Struct("<QQI")         # the part of fuse_read_in we use
@@ -115,18 +123,37 @@ class Session:
     # --- the loop of one queue ---------------------------------------------------
 
     def serve_fd(self, fd: int) -> None:
-        """Answer requests read from `fd` until the session ends."""
+        """Answer requests read from `fd` until the session ends.
+
+        The fd is read without blocking: while requests are waiting, small
+        whole-block WRITEs to one image are gathered and handed to the
+        engine together (write_many: one hold of its lock, one system call
+        for all), and the batch runs before any other request and whenever
+        nothing more is waiting, so requests still take effect in order."""
         buf = bytearray(self.max_write + p.REQUEST_OVERHEAD + _HEADER)
         view = memoryview(buf)
         readv, unpack_header = os.readv, p.IN_HEADER.unpack_from
         handlers, min_body = self._handlers, p.MIN_BODY
+        batch_node, unpack_write = self.fs.batch_node, _WRITE.unpack_from
+        write_in = _HEADER + p.WRITE_IN.size
+        os.set_blocking(fd, False)
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        batch: list[tuple[int, int, bytes]] = []
+        node = None
         while True:
             try:
                 n = readv(fd, [buf])
+            except BlockingIOError:
+                if batch:
+                    self._run_batch(fd, node, batch)
+                    batch = []
+                waiter.poll()
+                continue
             except OSError as e:
                 if e.errno == errno.ENODEV:  # unmounted: the kernel ended the session
                     break
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                if e.errno in (errno.EINTR, errno.ENOENT):
                     continue  # ENOENT: a request interrupted before we read it
                 log.error("reading /dev/fuse: %s", e)
                 break
@@ -138,6 +165,22 @@ class Session:
                     self._error(fd, _Q.unpack_from(buf, 8)[0], errno.EINVAL)
                 continue
             length, opcode, unique, nodeid = unpack_header(buf)[:4]
+            if opcode == p.WRITE and length == n and BATCH_MIN <= n - write_in <= BATCH_MAX:
+                fh, off, size = unpack_write(buf, _HEADER)
+                target = batch_node(fh, off, size) if size == n - write_in else None
+                if target is not None and not self.stopping:
+                    if batch and target is not node:
+                        self._run_batch(fd, node, batch)
+                        batch = []
+                    node = target
+                    batch.append((unique, off, bytes(view[write_in:n])))
+                    if len(batch) >= MAX_BATCH:
+                        self._run_batch(fd, node, batch)
+                        batch = []
+                    continue
+            if batch:
+                self._run_batch(fd, node, batch)
+                batch = []
             if length != n:
                 log.warning("request %d (opcode %d) says %d bytes, %d arrived", unique, opcode,
                             length, n)
@@ -159,10 +202,42 @@ class Session:
                 handler(fd, unique, nodeid, view[_HEADER:n])
             except FuseError as e:
                 self._error(fd, unique, e.errno)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a bug must not end the mount
                 log.exception("request %d (opcode %d) failed", unique, opcode)
                 self._error(fd, unique, errno.EIO)
         self.ended.set()
+
+    def _run_batch(self, fd: int, node: Any, batch: list[tuple[int, int, bytes]]) -> None:
+        """Hand gathered WRITEs to the engine together and answer each; if
+        the engine would block or fails, do them one by one instead (each
+        inline or in a worker, each with its own answer)."""
+        if len(batch) > 1:
+            try:
+                self.fs.write_many(node, [(off, data) for _u, off, data in batch], True)
+            except (WouldBlock, FuseError):
+                pass  # nothing was done
+            except Exception:  # noqa: BLE001
+                log.exception("a batch of %d writes failed", len(batch))
+            else:
+                writev, pack = os.writev, _ERROR.pack
+                for unique, _off, data in batch:
+                    try:
+                        writev(fd, [pack(24, 0, unique), p.WRITE_OUT.pack(len(data), 0)])
+                    except OSError as e:
+                        self._reply_failed(e, unique)
+                return
+        for unique, off, data in batch:
+            try:
+                out = self.fs.write_to(node, off, data, True)
+            except WouldBlock:
+                self._defer(fd, unique, self.fs.write_to, node, off, data)
+            except FuseError as e:
+                self._error(fd, unique, e.errno)
+            except Exception:  # noqa: BLE001
+                log.exception("request %d (write) failed", unique)
+                self._error(fd, unique, errno.EIO)
+            else:
+                self._reply(fd, unique, out)
 
     # --- replies ---------------------------------------------------------------------
 

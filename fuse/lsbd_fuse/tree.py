@@ -8,6 +8,7 @@ Directories are implied by the paths of the images they contain.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -42,6 +43,9 @@ class File:
     mtime_ns: int = attrs.field(factory=time.time_ns)
     #: The device takes nowait=True (BlockDevice.supports_nowait).
     nowait: bool = False
+    #: The device's write_many, if it has one and takes nowait (else None).
+    write_many: Callable[..., None] | None = None
+    block_size: int = 4096
 
     @property
     def read_only(self) -> bool:
@@ -92,9 +96,11 @@ class Tree:
         key = parts[-1].encode()
         if key in parent.children:
             raise ValueError(f"{path!r} already exists")
+        nowait = getattr(image.device, "supports_nowait", False) is True
         node = File(inode=self._new_inode(), parent=parent.inode, name=path, image=image,
-                    size=image.device.size,
-                    nowait=getattr(image.device, "supports_nowait", False) is True)
+                    size=image.device.size, nowait=nowait,
+                    write_many=getattr(image.device, "write_many", None) if nowait else None,
+                    block_size=getattr(image.device, "block_size", 0) or 4096)
         self.nodes[node.inode] = node
         parent.children[key] = node.inode
         parent.mtime_ns = time.time_ns()
