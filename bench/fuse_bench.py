@@ -275,8 +275,8 @@ def report(all_results: dict, labels: list[str]) -> None:
                     want = TARGETS[name][index]
                     if not ratios:
                         continue
-                    verdict = "" if want is None else (" ok" if max(ratios) >= want
-                                                       else f" BELOW {want:g}x")
+                    verdict = "" if want is None else (" ok" if min(ratios) >= want
+                                                       else f" BELOW {want:g}x in a round")
                     line.append(f"{name} {min(ratios):.2f}-{max(ratios):.2f}x{verdict}")
                 print(f"  {lb} / {ref}: " + "; ".join(line))
 

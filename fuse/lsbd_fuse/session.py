@@ -202,7 +202,7 @@ class Session:
                 handler(fd, unique, nodeid, view[_HEADER:n])
             except FuseError as e:
                 self._error(fd, unique, e.errno)
-            except Exception:  # noqa: BLE001 - a bug must not end the mount
+            except Exception:
                 log.exception("request %d (opcode %d) failed", unique, opcode)
                 self._error(fd, unique, errno.EIO)
         self.ended.set()
@@ -216,7 +216,7 @@ class Session:
                 self.fs.write_many(node, [(off, data) for _u, off, data in batch], True)
             except (WouldBlock, FuseError):
                 pass  # nothing was done
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("a batch of %d writes failed", len(batch))
             else:
                 writev, pack = os.writev, _ERROR.pack
@@ -233,7 +233,7 @@ class Session:
                 self._defer(fd, unique, self.fs.write_to, node, off, data)
             except FuseError as e:
                 self._error(fd, unique, e.errno)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("request %d (write) failed", unique)
                 self._error(fd, unique, errno.EIO)
             else:
