@@ -3,7 +3,7 @@ end, to test and measure the front end without the engine.
 
     python tests/fuse_fakes.py MOUNTPOINT [--size 1G] [--name vol] [--foreground]
         [--read-only] [--page-cache] [--delay SECONDS] [--delay-from OFFSET]
-        [--blocking] [--snapshot NAME ...]
+        [--blocking] [--close-delay SECONDS] [--snapshot NAME ...]
 
 It goes through lsbd_fuse.daemon.run exactly as `lsbd mount` does (background
 process, readiness pipe, pid file, `lsbd umount`).  Data lives in memory and
@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only requests at or after this offset are slow")
     p.add_argument("--blocking", action="store_true",
                    help="the volume does not take nowait: every call goes to a worker thread")
+    p.add_argument("--close-delay", type=float, default=0.0,
+                   help="seconds closing the volume takes (a store that does not answer)")
     p.add_argument("--snapshot", action="append", default=[],
                    help="also show snapshots/NAME.img, read-only")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             vol.supports_nowait = False
         if args.delay:
             vol.delay_for = lambda op, offset: args.delay if offset >= args.delay_from else 0
+        if args.close_delay:
+            close = vol.close
+            vol.close = lambda: (time.sleep(args.close_delay), close())
         images = {f"{args.name}.img": Image(device=vol, read_only=args.read_only)}
         for snap in args.snapshot:
             images[f"snapshots/{snap}.img"] = Image(

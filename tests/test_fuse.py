@@ -33,7 +33,7 @@ from fuse_helpers import (
     run,
     tree_digest,
 )
-from lsbd_fuse.mounts import find_mount, mount_table
+from lsbd_fuse.mounts import find_mount, mount_table, read_pid_file
 from lsbd_fuse.options import MAX_BACKGROUND
 
 MiB = 1 << 20
@@ -243,6 +243,33 @@ def test_plain_umount_ends_the_server_cleanly(fenv):
         assert time.monotonic() < deadline, "the server did not exit after umount"
         time.sleep(0.05)
     assert not is_mounted(mnt)
+
+
+@pytest.mark.fuse
+def test_umount_timeout_and_a_signal_while_closing(fenv):
+    """A close that waits (for a store that does not answer): `lsbd umount
+    --timeout` returns in time with what to do; SIGTERM then stops the
+    process at once with a line in its log, and leaves no pid file."""
+    mnt = fenv.tmp / "mnt"
+    fenv.fake(mnt, "--size", "16M", "--close-delay", "600", "--snapshot", "old")
+    server = read_pid_file(str(mnt))
+    start = time.monotonic()
+    r = fenv.lsbd("umount", mnt, "--timeout", "2", check=False)
+    assert time.monotonic() - start < 10
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "still closing" in lines[0] and "next mount uploads" in lines[0]
+    assert f"kill {server.pid}" in lines[0]
+    assert not is_mounted(mnt)
+    os.kill(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive(server.pid):
+        assert time.monotonic() < deadline, "SIGTERM did not stop the closing server"
+        time.sleep(0.05)
+    log = Path(server.log).read_text()
+    assert "closed old" in log                          # read-only images close first
+    assert "got SIGTERM while closing" in log
+    assert read_pid_file(str(mnt)) is None
 
 
 @pytest.mark.fuse

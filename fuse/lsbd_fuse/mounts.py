@@ -273,7 +273,10 @@ def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True,
         return server
     if not wait_for_exit(server, timeout, on_slow):
         raise MountError(f"unmounted {mnt}, but lsbd (pid {server.pid}) is still closing "
-                         f"the volume after {timeout:g} s")
+                         f"the volume after {timeout:g} s (is the store reachable? its log: "
+                         f"{server.log or log_path(mnt)}); what is not uploaded yet is safe "
+                         f"in the cache dir and the next mount uploads it; `kill {server.pid}` "
+                         "stops it now")
     final = _leftover(mnt, server)
     if final is not None and final.error:
         remove_pid_file(mnt)
