@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 VOLUMES = "volumes/"
@@ -112,3 +114,9 @@ def volume_from_key(key: str) -> str | None:
     if key.startswith(VOLUMES) and key.endswith("/config.json"):
         return key[len(VOLUMES):-len("/config.json")]
     return None
+
+
+def cache_dir_for(cache_root: str, store, volume: str) -> str:
+    """One folder per (store, volume): the same name in two stores never mixes."""
+    tag = hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    return os.path.join(cache_root, f"{volume}-{tag}")

@@ -13,8 +13,8 @@ import pytest
 from engine_helpers import BS, MiB, block, keys, open_test_store, run_cli
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.config import create_volume
+from lsbd.segments import checkpoints as ckpt
+from lsbd.meta.config import create_volume
 from lsbd.engine.volume import Volume
 
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.config import create_volume
-from lsbd.engine.history import create_clone, delete_snapshot, list_snapshots
-from lsbd.engine.recovery import store_segment_seqs
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.segments import checkpoints as ckpt
+from lsbd.meta.config import create_volume
+from lsbd.history.restore import create_clone
+from lsbd.meta.snapshots import delete_snapshot, list_snapshots
+from lsbd.segments.remote import store_segment_seqs
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 from lsbd.errors import LsbdError
 from lsbd.store import open_store
 
@@ -230,7 +232,7 @@ def test_snapshots_survive_compaction_then_reclaimed(store_url, tmp_path):
 
 
 def open_cfg(store, volume):
-    from lsbd.engine.config import load_config
+    from lsbd.meta.config import load_config
 
     return load_config(store, volume)
 
@@ -623,7 +625,7 @@ def test_compaction_keeps_the_retention_window(tmp_path):
             assert past.applied_seq == seq
             assert read_all(past) == state, f"point {seq} inside the window changed"
     # Every seq of the window, not only the ones recorded, can still be rebuilt.
-    from lsbd.engine.history import plan_restore
+    from lsbd.plans.restore import plan_restore
 
     for seq in range(report.window, top + 1):
         plan_restore(ckpt.list_checkpoints(store, "v"), store_segment_seqs(store, "v"), seq)

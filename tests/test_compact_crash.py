@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.config import create_volume, load_config
-from lsbd.engine.history import delete_snapshot, list_snapshots
-from lsbd.engine.lease import read_holder
-from lsbd.engine.recovery import store_segment_seqs
+from lsbd.segments import checkpoints as ckpt
+from lsbd.meta.config import create_volume, load_config
+from lsbd.meta.snapshots import delete_snapshot, list_snapshots
+from lsbd.meta.lease import read_holder
+from lsbd.segments.remote import store_segment_seqs
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
 

@@ -22,10 +22,11 @@ from engine_helpers import (
 )
 
 from lsbd import names
-from lsbd.engine.config import create_volume
-from lsbd.engine.recovery import fetch_segment_index
-from lsbd.engine.segment import DATA, HEADER, TRAILER
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.meta.config import create_volume
+from lsbd.segments.remote import fetch_segment_index
+from lsbd.format.segment import DATA, HEADER, TRAILER
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 from lsbd.errors import CorruptionError
 
 SEG1 = names.segment_key("vol", 1)

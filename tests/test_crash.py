@@ -21,9 +21,10 @@ from engine_helpers import PYTHON, MiB, open_test_store, read_all, wipe
 
 from lsbd import names
 from lsbd.engine import volume as volume_mod
-from lsbd.engine.config import create_volume
-from lsbd.engine.segment import RECORD
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.meta.config import create_volume
+from lsbd.format.segment import RECORD
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 
 VOLUME_SIZE = 64 * MiB
 SEGMENT_SIZE = 256 * 1024

@@ -27,10 +27,11 @@ from lsbd import names
 from lsbd.checksum import crc32c, crc32c_reference, mask, masked_crc, unmask
 from lsbd.engine import volume as volume_mod
 from lsbd.engine.api import MAX_REQUEST, Allocation
-from lsbd.engine.config import create_volume
-from lsbd.engine.journal import OpenSegment
-from lsbd.engine.recovery import ReplayPlan, plan_replay, recover_journal_file
-from lsbd.engine.segment import (
+from lsbd.meta.config import create_volume
+from lsbd.segments.journal import OpenSegment
+from lsbd.plans.replay import ReplayPlan, plan_replay
+from lsbd.engine.recovery import recover_journal_file
+from lsbd.format.segment import (
     DATA,
     FLAG_COMMIT,
     HEADER,
@@ -52,7 +53,8 @@ from lsbd.engine.segment import (
     read_sealed_index,
     scan_records,
 )
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError, WouldBlock
 from lsbd.store import Store
 from lsbd.store.faulty import FaultyStore
@@ -155,7 +157,7 @@ def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch)
     """A local block that is not in the page cache would wait for the disk:
     nowait reads ask the kernel for cached data only (RWF_NOWAIT) and pass
     the read on as WouldBlock when it has none."""
-    from lsbd.engine import segfiles
+    from lsbd.segments import local as segfiles
 
     vol = make_volume()
     vol.write(0, blocks(1, 0, 4))
@@ -953,8 +955,8 @@ def test_sealed_segment_round_trip(tmp_path):
     assert raw[got[0].data_offset:got[0].data_offset + 3 * BS] == data
     assert raw[got[2].data_offset:got[2].data_offset + BS] == block(2, 2)
     # The same bytes pass the scrubber's checks.
-    from lsbd.engine.config import VolumeConfig
-    from lsbd.engine.scrub import verify_segment
+    from lsbd.meta.config import VolumeConfig
+    from lsbd.segments.scrub import verify_segment
     cfg = VolumeConfig(name="vol", volume_id=uuid.UUID(bytes=VOLID).hex, size=SIZE)
     assert verify_segment(raw, cfg, 7) == []
     assert verify_segment(raw, cfg, 8)  # wrong seq: reported
@@ -1059,7 +1061,7 @@ def test_write_many_does_all_or_nothing(make_volume):
 
 
 def test_masked_crcs_in_bulk_match_one_at_a_time():
-    from lsbd.engine.segment import pack_masked, raw_block_crcs
+    from lsbd.format.segment import pack_masked, raw_block_crcs
     rng = random.Random(7)
     for n in (1, 2, 7, 8, 9, 64, 256, 300):
         data = bytes(rng.getrandbits(8) for _ in range(64)) * (n * BS // 64)
@@ -1191,8 +1193,8 @@ def test_open_segment_index_finds_the_newest_copy_of_every_block(tmp_path, monke
     ranges that newer writes cut back.  Random overlapping writes and zeroes,
     then a roll-back: the read plan must name, for every block, the newest
     copy (its file offset and CRC) or a hole, as a per-block reference does."""
-    from lsbd.engine import journal
-    from lsbd.engine.readplan import overlay
+    from lsbd.segments import journal
+    from lsbd.plans.reads import overlay
 
     monkeypatch.setattr(journal, "BIG_RANGE", big_range)
     rng = random.Random(7)
@@ -1269,8 +1271,8 @@ def test_a_damaged_block_in_the_open_journal_is_named_not_returned(make_volume):
 
 
 def test_bulk_unmasking_matches_one_at_a_time():
-    from lsbd.engine import segment
-    from lsbd.engine.segment import pack_masked, unmask_packed
+    from lsbd.format import segment
+    from lsbd.format.segment import pack_masked, unmask_packed
 
     rng = random.Random(3)
     for n in (0, 1, 7, 8, 9, 256, 257, 8192, 8191 + 3000):
@@ -1284,7 +1286,7 @@ def test_bulk_unmasking_matches_one_at_a_time():
 
 
 def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
-    from lsbd.engine import segfiles
+    from lsbd.segments import local as segfiles
     from lsbd.linux import unfilled_bytearray
 
     for n in (4096, 1 << 20):
@@ -1320,7 +1322,7 @@ def test_recovery_gives_back_the_reservation_of_a_segment_sealed_before_a_crash(
 
 _EXIT_WITHOUT_CLOSE = """
 import sys, time
-from lsbd.engine.config import create_volume
+from lsbd.meta.config import create_volume
 from lsbd.engine.volume import Volume
 from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore

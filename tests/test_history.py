@@ -24,24 +24,20 @@ from history_helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.config import create_volume, load_config
-from lsbd.engine.history import (
-    BadPoint,
+from lsbd.segments import checkpoints as ckpt
+from lsbd.meta.config import create_volume, load_config
+from lsbd.plans.restore import BadPoint, changed_ranges, parse_time, plan_restore, seq_at
+from lsbd.meta.snapshots import (
     SnapshotExists,
     SnapshotNotFound,
-    changed_ranges,
     check_snapshot_name,
     delete_snapshot,
     list_snapshots,
-    parse_time,
-    plan_restore,
     read_snapshot,
-    segment_times,
-    seq_at,
     write_snapshot,
 )
-from lsbd.engine.recovery import store_segment_seqs
+from lsbd.segments.remote import segment_times
+from lsbd.segments.remote import store_segment_seqs
 from lsbd.engine.volume import Volume
 from lsbd.errors import UserError
 

@@ -231,9 +231,9 @@ def test_restore_dry_run_prints_the_plan_and_creates_nothing(fenv):
     assert f"target seq {snaps['s2']:016x}" in out
     assert "checkpoint" in out or "empty volume" in out
     assert "replay" in out and "would create volume new" in out
-    from lsbd.engine.checkpoint import list_checkpoints
-    from lsbd.engine.history import plan_restore
-    from lsbd.engine.recovery import store_segment_seqs
+    from lsbd.segments.checkpoints import list_checkpoints
+    from lsbd.plans.restore import plan_restore
+    from lsbd.segments.remote import store_segment_seqs
 
     plan = plan_restore(list_checkpoints(fenv.store, "vol"),
                         store_segment_seqs(fenv.store, "vol"), snaps["s2"])

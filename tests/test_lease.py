@@ -16,7 +16,7 @@ import pytest
 from engine_helpers import BS, PYTHON, MiB, block, open_test_store, run_cli
 
 from lsbd import names
-from lsbd.engine.config import create_volume
+from lsbd.meta.config import create_volume
 from lsbd.engine.volume import Volume
 from lsbd.errors import LeaseHeld, StoreError
 

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lsbd.engine.config import create_volume
-from lsbd.engine import compact as compact_mod
-from lsbd.engine.history import create_clone, restore_volume
+from lsbd.meta.config import create_volume
+from lsbd.history import compactor as compact_mod
+from lsbd.history.restore import create_clone, restore_volume
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
 
@@ -253,14 +253,14 @@ class VolumeModelRanges(VolumeModel):
 
     @initialize()
     def setup(self):
-        from lsbd.engine import journal
+        from lsbd.segments import journal
 
         self._big_range = journal.BIG_RANGE
         journal.BIG_RANGE = 2
         super().setup()
 
     def teardown(self):
-        from lsbd.engine import journal
+        from lsbd.segments import journal
 
         try:
             super().teardown()

@@ -22,11 +22,12 @@ from engine_helpers import (
 )
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
+from lsbd.segments import checkpoints as ckpt
 from lsbd.engine import volume as volume_mod
-from lsbd.engine.blockmap import STORED
-from lsbd.engine.config import create_volume
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.map.blockmap import STORED
+from lsbd.meta.config import create_volume
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 from lsbd.errors import StoreError
 from lsbd.store.faulty import FaultyStore
 

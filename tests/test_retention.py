@@ -1,6 +1,6 @@
 """The pure planning functions behind compaction and history: the retention
 window, which segments to rewrite, which segments and checkpoints may be
-deleted (lsbd.engine.retention), and which points can still be rebuilt
+deleted (lsbd.plans.retention), and which points can still be rebuilt
 (lsbd.engine.history.recoverable)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from lsbd.engine.history import BadPoint, plan_restore, recoverable
-from lsbd.engine.retention import (
+from lsbd.plans.restore import BadPoint, plan_restore, recoverable
+from lsbd.plans.retention import (
     CompactionPlan,
     deletable_checkpoints,
     deletable_segments,

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from lsbd.errors import (ObjectExists, ObjectNotFound, StoreError, TransientStoreError,
-                         UserError)
+from lsbd.errors import ObjectExists, ObjectNotFound, StoreError, TransientStoreError, UserError
 from lsbd.store import ObjectInfo, open_store
 from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore

@@ -3,7 +3,7 @@
 
 from lsbd.cli import ui
 from lsbd.engine import control
-from lsbd.engine.config import load_config
+from lsbd.meta.config import load_config
 from lsbd.errors import UserError
 
 

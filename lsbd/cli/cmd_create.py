@@ -2,7 +2,7 @@
 
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import parse_duration
-from lsbd.engine.config import DEFAULT_BLOCK_SIZE, create_volume, parse_size
+from lsbd.meta.config import DEFAULT_BLOCK_SIZE, create_volume, parse_size
 
 
 def register(sub) -> None:

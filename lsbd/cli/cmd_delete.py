@@ -4,9 +4,9 @@ import shutil
 
 from lsbd import names
 from lsbd.cli import ui
-from lsbd.engine.config import load_config
-from lsbd.engine.lease import Lease
-from lsbd.engine.volume import cache_dir_for
+from lsbd.meta.config import load_config
+from lsbd.meta.lease import Lease
+from lsbd.names import cache_dir_for
 from lsbd.errors import UserError
 
 

@@ -6,19 +6,13 @@ from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine import control
-from lsbd.engine.checkpoint import list_checkpoints
-from lsbd.engine.config import load_config, save_config
-from lsbd.engine.history import (
-    changed_between,
-    create_clone,
-    format_time,
-    list_snapshots,
-    plan_restore,
-    recoverable,
-    restore_volume,
-    segment_times,
-)
-from lsbd.engine.recovery import store_segment_seqs
+from lsbd.segments.checkpoints import list_checkpoints
+from lsbd.meta.config import load_config, save_config
+from lsbd.history.restore import changed_between, create_clone, restore_volume
+from lsbd.plans.restore import format_time, plan_restore, recoverable
+from lsbd.meta.snapshots import list_snapshots
+from lsbd.segments.remote import segment_times
+from lsbd.segments.remote import store_segment_seqs
 from lsbd.errors import UserError, VolumeExists
 
 

@@ -4,9 +4,9 @@ import os
 
 from lsbd.cli import ui
 from lsbd.cli.points import add_point_args, resolve_args, resolve_word
-from lsbd.engine.config import load_config
-from lsbd.engine.history import changed_between
-from lsbd.engine.recovery import store_segment_seqs
+from lsbd.meta.config import load_config
+from lsbd.history.restore import changed_between
+from lsbd.segments.remote import store_segment_seqs
 from lsbd.errors import UserError
 
 CHUNK = 4 * 1024 * 1024

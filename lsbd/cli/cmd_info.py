@@ -5,11 +5,11 @@ import time
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import format_duration
-from lsbd.engine.checkpoint import list_checkpoints
-from lsbd.engine.config import load_config
-from lsbd.engine.history import list_snapshots
-from lsbd.engine.lease import read_holder
-from lsbd.engine.recovery import fetch_segment_index, store_segment_seqs
+from lsbd.segments.checkpoints import list_checkpoints
+from lsbd.meta.config import load_config
+from lsbd.meta.snapshots import list_snapshots
+from lsbd.meta.lease import read_holder
+from lsbd.segments.remote import fetch_segment_index, store_segment_seqs
 
 
 def register(sub) -> None:

@@ -3,7 +3,7 @@
 import time
 
 from lsbd.cli import ui
-from lsbd.engine.config import list_volumes, load_config
+from lsbd.meta.config import list_volumes, load_config
 
 
 def register(sub) -> None:

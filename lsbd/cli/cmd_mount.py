@@ -73,8 +73,8 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
     from lsbd_fuse.tree import Image
 
     from lsbd.cli.points import resolve_args
-    from lsbd.engine.config import load_config
-    from lsbd.engine.history import list_snapshots
+    from lsbd.meta.config import load_config
+    from lsbd.meta.snapshots import list_snapshots
 
     config = load_config(ctx.store, name)
     seq = resolve_args(ctx.store, config, args)

@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, resolve_args
-from lsbd.engine.config import load_config
-from lsbd.engine.history import list_snapshots
+from lsbd.meta.config import load_config
+from lsbd.meta.snapshots import list_snapshots
 from lsbd.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"

@@ -3,14 +3,10 @@
 
 from lsbd.cli import ui
 from lsbd.engine import control
-from lsbd.engine.config import load_config
-from lsbd.engine.history import (
-    check_snapshot_name,
-    delete_snapshot,
-    format_time,
-    list_snapshots,
-)
-from lsbd.engine.lease import read_holder
+from lsbd.meta.config import load_config
+from lsbd.meta.snapshots import check_snapshot_name, delete_snapshot, list_snapshots
+from lsbd.plans.restore import format_time
+from lsbd.meta.lease import read_holder
 from lsbd.errors import LeaseHeld
 
 

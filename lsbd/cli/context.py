@@ -39,7 +39,7 @@ class Context:
     def control_path(self, volume: str) -> str:
         """Where the writer of `volume` (a mount or a server) listens for requests."""
         from lsbd.engine.control import socket_path
-        from lsbd.engine.volume import cache_dir_for
+        from lsbd.names import cache_dir_for
 
         return socket_path(cache_dir_for(self.cache_dir, self.store, volume))
 

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import time
 
-from lsbd.engine.checkpoint import list_checkpoints
-from lsbd.engine.config import FLUSH_MODES, VolumeConfig
-from lsbd.engine.history import (
-    BadPoint,
-    parse_time,
-    plan_restore,
-    read_snapshot,
-    segment_times,
-    seq_at,
-)
-from lsbd.engine.recovery import store_segment_seqs
+from lsbd.segments.checkpoints import list_checkpoints
+from lsbd.meta.config import FLUSH_MODES, VolumeConfig
+from lsbd.plans.restore import BadPoint, parse_time, plan_restore, seq_at
+from lsbd.meta.snapshots import read_snapshot
+from lsbd.segments.remote import segment_times
+from lsbd.segments.remote import store_segment_seqs
 from lsbd.errors import UserError
 
 

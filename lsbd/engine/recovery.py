@@ -13,10 +13,10 @@ from typing import Iterable
 import attrs
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.blockmap import STORED, BlockMap, SegmentInfo
-from lsbd.engine.config import Lineage, VolumeConfig
-from lsbd.engine.segment import (
+from lsbd.segments import checkpoints as ckpt
+from lsbd.map.blockmap import STORED, BlockMap, SegmentInfo
+from lsbd.meta.config import Lineage, VolumeConfig
+from lsbd.format.segment import (
     FLAG_COMMIT,
     HEADER,
     RESIZE,

@@ -11,7 +11,6 @@ blocks stay readable from its in-memory index until the map has them."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,27 +20,26 @@ import time
 from typing import Callable
 
 from lsbd import names
+from lsbd.names import cache_dir_for
 from lsbd.checksum import crc32c_of
-from lsbd.engine import checkpoint as ckpt
+from lsbd.segments import checkpoints as ckpt
 from lsbd.engine.api import MAX_REQUEST, Allocation
-from lsbd.engine.blockmap import PENDING, STORED, BlockMap, SegmentInfo
-from lsbd.engine.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
+from lsbd.map.blockmap import PENDING, STORED, BlockMap, SegmentInfo
+from lsbd.meta.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
 from lsbd.engine.control import ControlServer
 from lsbd.engine.control import socket_path as control_socket_path
-from lsbd.engine.journal import OpenSegment
-from lsbd.engine.lease import Lease
-from lsbd.engine.readplan import plan_reads
+from lsbd.segments.journal import OpenSegment
+from lsbd.meta.lease import Lease
+from lsbd.plans.reads import plan_reads
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
-    fetch_segment_index,
     journal_is_sealed,
     rebuild_from_store,
     recover_journal_file,
-    segment_info,
-    store_segment_seqs,
 )
-from lsbd.engine.segfiles import SegmentFiles, check_open_blocks
-from lsbd.engine.segment import (
+from lsbd.segments.remote import fetch_segment_index, segment_info, store_segment_seqs
+from lsbd.segments.local import SegmentFiles, check_open_blocks
+from lsbd.format.segment import (
     DATA,
     RESIZE,
     TRIM,
@@ -51,7 +49,7 @@ from lsbd.engine.segment import (
     pack_masked,
     raw_block_crcs,
 )
-from lsbd.engine.uploader import Uploader
+from lsbd.segments.uploader import Uploader
 from lsbd.errors import (
     CacheMismatch,
     CorruptionError,
@@ -73,12 +71,6 @@ CLOSE_UPLOAD_TIMEOUT = 300.0
 KEEP_CHECKPOINTS = 3
 AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
 AUTO_COMPACT_RATE = 16 * 1024 * 1024  # bytes/s a background compaction may rewrite
-
-
-def cache_dir_for(cache_root: str, store: Store, volume: str) -> str:
-    """One folder per (store, volume): the same name in two stores never mixes."""
-    tag = hashlib.sha256(store.url.encode()).hexdigest()[:12]
-    return os.path.join(cache_root, f"{volume}-{tag}")
 
 
 class Transaction:
@@ -251,7 +243,7 @@ class Volume:
             info = m.segment(top)
             if info is not None and info.trailer_crc:
                 from lsbd.checksum import masked_crc
-                from lsbd.engine.segment import TRAILER
+                from lsbd.format.segment import TRAILER
 
                 tail = self.store.get(names.segment_key(self.name, top), -TRAILER.size)
                 if masked_crc(tail) != info.trailer_crc:
@@ -913,7 +905,7 @@ class Volume:
         """Bind `name` to the current state, after making it durable in the
         store (so the snapshot is crash-consistent and readable by anyone).  A
         checkpoint at its seq keeps it readable whatever compaction deletes."""
-        from lsbd.engine.history import check_snapshot_name, write_snapshot
+        from lsbd.meta.snapshots import check_snapshot_name, write_snapshot
 
         check_snapshot_name(name)
         seq = self.checkpoint(force=True)
@@ -933,7 +925,7 @@ class Volume:
 
     def _plan(self, first: int, n: int) -> list[tuple]:
         """Under the lock: where to read blocks [first, first+n) from (see
-        lsbd.engine.readplan): the map, then the journals it lacks yet."""
+        lsbd.plans.reads): the map, then the journals it lacks yet."""
         seg = self._open
         return plan_reads(self._map.lookup(first, n), first, n, self._sealing,
                           seg if seg is not None and seg.has_overlay else None, self.block_size)
@@ -1004,15 +996,15 @@ class Volume:
             return target
 
     def _prune_checkpoints(self) -> None:
-        """Delete checkpoints no kept point needs (see lsbd.engine.retention)."""
-        from lsbd.engine.compact import pinned_points
-        from lsbd.engine.retention import deletable_checkpoints, window_start
+        """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""
+        from lsbd.meta.pins import pinned_points
+        from lsbd.plans.retention import deletable_checkpoints, window_start
 
         window = window_start({s.seq: s.sealed_ns for s in self.segment_infos()},
                               now_ns=time.time_ns(), retain_seconds=self.config.retain_seconds,
                               top=self._last_checkpoint)
         for seq in deletable_checkpoints(ckpt.list_checkpoints(self.store, self.name),
-                                         pinned=pinned_points(self), window=window,
+                                         pinned=pinned_points(self.store, self.config), window=window,
                                          live_checkpoint=self._last_checkpoint,
                                          keep_recent=KEEP_CHECKPOINTS):
             ckpt.delete_checkpoint(self.store, self.name, seq)
@@ -1038,7 +1030,7 @@ class Volume:
                 rate: float | None = None, progress=None, defrag: bool = False):
         """Reclaim space (and with defrag, lay scattered ranges out in
         order); see lsbd.engine.compact."""
-        from lsbd.engine.compact import compact
+        from lsbd.history.compactor import compact
 
         self._check_writable()
         with self._compact_lock:
@@ -1156,7 +1148,7 @@ class Volume:
         """Read every segment the map refers to from the store (not the cache)
         and check every CRC; returns the problems found, each naming a segment
         and offset."""
-        from lsbd.engine.scrub import verify_segments
+        from lsbd.segments.scrub import verify_segments
 
         with self._lock:
             seqs = sorted({e.seq for e in self._map.iter_extents()})

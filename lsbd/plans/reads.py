@@ -13,13 +13,38 @@ holds the volume lock while planning, and reads the data after."""
 
 from __future__ import annotations
 
+import bisect
 import struct
+from typing import Protocol
 
-from lsbd.engine.journal import HOLE, OpenSegment, ranges_meeting
+HOLE = -1  # overlay value of a zeroed/trimmed block
 
 
-def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
-               open_segment: OpenSegment | None, bs: int) -> list[tuple]:
+def _range_start(r: tuple) -> int:
+    return r[0]
+
+
+def ranges_meeting(ranges: list[tuple], lo: int, hi: int) -> tuple[int, int]:
+    """(i, j): ranges[i:j] are the ranges of an index (sorted, not
+    overlapping) that meet blocks [lo, hi)."""
+    i = bisect.bisect_right(ranges, lo, key=_range_start)
+    if i and ranges[i - 1][1] > lo:
+        i -= 1                      # the range before reaches into [lo, hi)
+    j = i
+    while j < len(ranges) and ranges[j][0] < hi:
+        j += 1
+    return i, j
+
+
+class JournalIndex(Protocol):
+    """What planning needs of a journal (segments.journal.OpenSegment)."""
+    seq: int
+    blocks: dict[int, tuple[int, int]]        # lba -> (file offset or HOLE, masked crc)
+    ranges: list[tuple[int, int, int, bytes]]  # (start, end, file offset or HOLE, packed crcs)
+
+
+def plan_reads(extents, first: int, n: int, sealing: list[JournalIndex],
+               open_segment: JournalIndex | None, bs: int) -> list[tuple]:
     """The runs covering [first, first+n): the map's extents (clipped to the
     range, in order), with the journals' newer blocks laid over them."""
     runs: list[tuple] = []
@@ -38,7 +63,7 @@ def plan_reads(extents, first: int, n: int, sealing: list[OpenSegment],
     return runs
 
 
-def overlay(runs: list[tuple], seg: OpenSegment, first: int, n: int, bs: int) -> list[tuple]:
+def overlay(runs: list[tuple], seg: JournalIndex, first: int, n: int, bs: int) -> list[tuple]:
     """`runs` with the blocks that journal `seg` holds for [first, first+n)."""
     if seg.ranges:   # older than any block entry they contain: applied first
         i, j = ranges_meeting(seg.ranges, first, first + n)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 from lsbd import names
-from lsbd.engine.config import Lineage, VolumeConfig
-from lsbd.engine.segment import (
+from lsbd.meta.config import Lineage, VolumeConfig
+from lsbd.format.segment import (
     DATA,
     TRAILER,
     block_crcs,

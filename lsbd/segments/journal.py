@@ -8,13 +8,12 @@ every journal file not yet finished, in order."""
 
 from __future__ import annotations
 
-import bisect
 import os
 import struct
 import threading
 import time
 
-from lsbd.engine.segment import (
+from lsbd.format.segment import (
     DATA,
     FLAG_COMMIT,
     RESIZE,
@@ -27,28 +26,12 @@ from lsbd.engine.segment import (
     masked_crc,
 )
 from lsbd.linux import preallocate, start_writeback
+from lsbd.plans.reads import HOLE, ranges_meeting
 
-HOLE = -1  # overlay value of a zeroed/trimmed block
 _CRC = struct.Struct("<I")
 WRITEBACK_EVERY = 1 << 20  # start writing the journal to disk every this many bytes
 _PAGE_MASK = 4095
 BIG_RANGE = 16  # records longer than this (blocks) are indexed as ranges
-
-
-def _range_start(r: tuple) -> int:
-    return r[0]
-
-
-def ranges_meeting(ranges: list[tuple], lo: int, hi: int) -> tuple[int, int]:
-    """(i, j): ranges[i:j] are the ranges of an index (sorted, not
-    overlapping) that meet blocks [lo, hi)."""
-    i = bisect.bisect_right(ranges, lo, key=_range_start)
-    if i and ranges[i - 1][1] > lo:
-        i -= 1                      # the range before reaches into [lo, hi)
-    j = i
-    while j < len(ranges) and ranges[j][0] < hi:
-        j += 1
-    return i, j
 
 
 def _clip(r: tuple, start: int, end: int, bs: int) -> tuple:

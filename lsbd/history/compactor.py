@@ -23,7 +23,6 @@ left empty (the next compaction, those left sparse)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Callable
@@ -31,16 +30,15 @@ from typing import Callable
 import attrs
 
 from lsbd import names
-from lsbd.engine import checkpoint as ckpt
-from lsbd.engine.history import list_snapshots
-from lsbd.engine.recovery import store_segment_seqs
-from lsbd.engine.retention import (
+from lsbd.meta.pins import pinned_points
+from lsbd.segments import checkpoints as ckpt
+from lsbd.segments.remote import store_segment_seqs
+from lsbd.plans.retention import (
     deletable_checkpoints,
     deletable_segments,
     plan_compaction,
     window_start,
 )
-from lsbd.errors import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +75,6 @@ class CompactionReport:
         return d
 
 
-def pinned_points(volume) -> set[int]:
-    """Seqs of the snapshots and clone bases of a volume."""
-    store, config = volume.store, volume.config
-    points = {s.seq for s in list_snapshots(store, config)}
-    for info in store.list(names.clone_prefix(config.name)):
-        try:
-            ref = json.loads(store.get(info.key))
-        except (ObjectNotFound, ValueError):
-            continue
-        if store.exists(names.config_key(ref.get("clone", ""))):
-            points.add(int(ref["seq"]))
-    return {p for p in points if p > 0}
-
-
 def checkpoint_refs(volume, seq: int) -> set[int]:
     """The segments the checkpoint at `seq` refers to (streamed: bounded memory)."""
     manifest = ckpt.read_manifest(volume.store, volume.name, seq)
@@ -123,7 +107,7 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     window = window_start({s: i.sealed_ns for s, i in infos.items()}, now_ns=time.time_ns(),
                           retain_seconds=volume.config.retain_seconds, top=top)
     report.window = window
-    points = pinned_points(volume)
+    points = pinned_points(volume.store, volume.config)
 
     # 1. Pin.  Snapshots and clones wrote their checkpoint when taken; W may be new.
     kept = {p for p in points if p <= window}
@@ -175,7 +159,7 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     top = volume.applied_seq
     window = window_start({s: i.sealed_ns for s, i in infos.items()}, now_ns=time.time_ns(),
                           retain_seconds=volume.config.retain_seconds, top=min(top, live_checkpoint))
-    points = pinned_points(volume)
+    points = pinned_points(volume.store, volume.config)
     kept = {p for p in points if p <= window} | ({window} if window else set())
     needed = {s for s, i in infos.items() if i.live_blocks > 0} | {s for s in stored if s > window}
     for p in sorted(kept):

@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from lsbd.checksum import crc32c, crc32c_of, mask
-from lsbd.engine.recovery import fetch_index_by_key
-from lsbd.engine.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
+from lsbd.segments.remote import fetch_index_by_key
+from lsbd.format.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 from lsbd.linux import unfilled_bytearray
 from lsbd.store import Store

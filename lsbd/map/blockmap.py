@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import attrs
 import lmdb
 
-from lsbd.engine.segment import DATA, RESIZE, Record
+from lsbd.format.segment import DATA, RESIZE, Record
 
 _KEY = struct.Struct(">Q")           # segments database; format 1 extents
 _EXTENT = struct.Struct("<IQQ")      # format 1 extent values; format 2 wide values

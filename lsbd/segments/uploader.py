@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from lsbd import names
-from lsbd.engine.segment import TRAILER
+from lsbd.format.segment import TRAILER
 from lsbd.errors import ObjectExists, StoreError
 from lsbd.store import Store
 

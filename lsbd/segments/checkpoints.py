@@ -20,7 +20,7 @@ import attrs
 
 from lsbd import names
 from lsbd.checksum import masked_crc
-from lsbd.engine.blockmap import STORED, Extent, SegmentInfo
+from lsbd.map.blockmap import STORED, Extent, SegmentInfo
 from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound
 from lsbd.store import Store
 

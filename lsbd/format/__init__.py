@@ -1,0 +1,1 @@
+"""Byte layouts of what lsbd stores: segments (docs/format.md)."""

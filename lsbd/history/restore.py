@@ -1,0 +1,90 @@
+"""A volume's history: snapshots, points in time, and the plans to restore,
+clone or diff them.
+
+A *point* is a seq: the state after segment `seq` was applied.  A snapshot
+is a name bound to a seq (a small object, no data); `--at TIME` is the last
+seq sealed at or before TIME.  The planning functions here are pure; the
+doing (building a map at a point, copying data) is in the engine and CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+
+from lsbd import names
+from lsbd.plans.restore import changed_ranges
+from lsbd.meta.config import VolumeConfig
+from lsbd.store import Store
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, size: int,
+                 cache_root: str) -> VolumeConfig:
+    """A new writable volume whose first state is `source` at `seq`.  No data
+    is copied: a checkpoint at `seq` pins the segments it uses, and a
+    reference object tells the source's compaction that a clone needs them."""
+    from lsbd.history.compactor import ensure_checkpoint_at
+    from lsbd.meta.config import create_volume
+
+    names.check_volume_name(name)
+    if store.exists(names.config_key(name)):
+        from lsbd.errors import VolumeExists
+
+        raise VolumeExists(f"volume {name!r} already exists in {store.url}")
+    ensure_checkpoint_at(store, source.name, seq, cache_root=cache_root)
+    store.put(names.clone_ref_key(source.name, name),
+              json.dumps({"clone": name, "seq": seq, "created": time.time()}).encode())
+    parent = {"volume": source.name, "volume_id": source.volume_id, "seq": seq}
+    return create_volume(store, name, size, block_size=source.block_size,
+                         flush_mode=source.flush_mode, segment_size=source.segment_size,
+                         seal_interval=source.seal_interval,
+                         retain_seconds=source.retain_seconds, parent=parent)
+
+
+def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, cache_root: str,
+                   progress: Callable[[int, int], None] | None = None) -> int:
+    """Create volume `name` holding `source`'s state at `seq`, as an independent
+    copy (no shared segments).  Never overwrites: an existing `name` is refused
+    before anything is written.  Returns the bytes of data copied."""
+    from lsbd.meta.config import create_volume
+    from lsbd.engine.volume import Volume
+
+    names.check_volume_name(name)
+    if store.exists(names.config_key(name)):
+        from lsbd.errors import VolumeExists
+
+        raise VolumeExists(f"volume {name!r} already exists: restore never overwrites; "
+                           "choose another name")
+    copied = 0
+    with Volume.open(store, source.name, cache_root=cache_root, at_seq=seq) as src:
+        create_volume(store, name, src.size, block_size=src.block_size,
+                      flush_mode=source.flush_mode, segment_size=source.segment_size,
+                      retain_seconds=source.retain_seconds)
+        with Volume.open(store, name, cache_root=cache_root) as dst:
+            offset = 0
+            while offset < src.size:
+                length = min(COPY_CHUNK, src.size - offset)
+                for run in src.allocation(offset, length):
+                    if run.allocated:
+                        dst.write(run.offset, src.read(run.offset, run.length))
+                        copied += run.length
+                offset += length
+                if progress:
+                    progress(offset, src.size)
+            dst.flush_to_store()
+    return copied
+
+
+def changed_between(store: Store, volume: str, old_seq: int, new_seq: int, *, cache_root: str
+                    ) -> tuple[list[tuple[int, int]], int, int]:
+    """Block ranges that differ between two points of a volume, with the block
+    size and the size at the newer point."""
+    from lsbd.engine.volume import Volume
+
+    with Volume.open(store, volume, cache_root=cache_root, at_seq=old_seq) as old, \
+            Volume.open(store, volume, cache_root=cache_root, at_seq=new_seq) as new:
+        ranges = changed_ranges(old.extents(), new.extents(), block_size=new.block_size)
+        return ranges, new.block_size, new.size

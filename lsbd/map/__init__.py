@@ -1,0 +1,1 @@
+"""The block map (the only user of LMDB)."""

@@ -1,0 +1,69 @@
+"""Reading the store's copies of sealed segments: which exist, and a
+segment's index from its tail.  The read paths (a cold read, a seal) use
+these, so they live apart from crash recovery."""
+
+from __future__ import annotations
+
+from lsbd import names
+from lsbd.format.segment import TRAILER, Record, Trailer, decode_footer, decode_trailer, masked_crc
+from lsbd.map.blockmap import SegmentInfo
+from lsbd.segments import checkpoints as ckpt
+from lsbd.errors import CorruptionError
+from lsbd.store import Store
+from lsbd.meta.config import VolumeConfig
+
+_TAIL_READ = 64 * 1024
+
+
+def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
+    """seq -> object size of every segment in the store."""
+    out = {}
+    for info in store.list(names.segment_prefix(volume)):
+        seq = names.parse_seq(info.key)
+        if seq is not None:
+            out[seq] = info.size
+    return out
+
+
+def fetch_segment_index(store: Store, volume: str, seq: int) -> tuple[Trailer, list[Record]]:
+    """A stored segment's trailer and records, read from its tail (one GET,
+    two for a large index)."""
+    return fetch_index_by_key(store, names.segment_key(volume, seq), seq)
+
+
+def fetch_index_by_key(store: Store, key: str, seq: int) -> tuple[Trailer, list[Record]]:
+    tail = store.get(key, -_TAIL_READ)
+    trailer = decode_trailer(tail, where=key)
+    if trailer.seq != seq:
+        raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
+    need = trailer.footer_length + TRAILER.size
+    if need <= len(tail):
+        footer = tail[len(tail) - need:len(tail) - TRAILER.size]
+    else:
+        footer = store.get(key, trailer.footer_offset, trailer.footer_length)
+    return trailer, decode_footer(footer, trailer, where=key)
+
+
+def segment_info(seq: int, trailer: Trailer, records: list[Record], size: int, state: int,
+                 raw_trailer: bytes) -> SegmentInfo:
+    data_blocks = sum(r.nblocks for r in records if r.kind == 1)
+    return SegmentInfo(seq=seq, state=state, sealed_ns=trailer.sealed_ns, size=size,
+                       live_blocks=0, data_blocks=data_blocks, trailer_crc=masked_crc(raw_trailer))
+
+
+def segment_times(store: Store, config: VolumeConfig) -> dict[int, int]:
+    """seq -> sealed time (ns) of every segment of this volume still in the
+    store: from the newest checkpoint's segment table, and from the trailers
+    of the segments after it."""
+    stored = store_segment_seqs(store, config.name)
+    times: dict[int, int] = {}
+    manifest = ckpt.newest_valid_checkpoint(store, config.name, config.volume_id)
+    if manifest is not None:
+        for info in ckpt.read_segments(store, manifest):
+            if info.seq in stored:
+                times[info.seq] = info.sealed_ns
+    for seq in sorted(stored):
+        if seq not in times:
+            trailer, _records = fetch_segment_index(store, config.name, seq)
+            times[seq] = trailer.sealed_ns
+    return times
