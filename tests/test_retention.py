@@ -1,7 +1,7 @@
 """The pure planning functions behind compaction and history: the retention
 window, which segments to rewrite, which segments and checkpoints may be
 deleted (lsbd.plans.retention), and which points can still be rebuilt
-(lsbd.engine.history.recoverable)."""
+(lsbd.plans.restore.recoverable)."""
 
 from __future__ import annotations
 

@@ -1029,7 +1029,7 @@ class Volume:
     def compact(self, *, threshold: float = 0.6, dry_run: bool = False,
                 rate: float | None = None, progress=None, defrag: bool = False):
         """Reclaim space (and with defrag, lay scattered ranges out in
-        order); see lsbd.engine.compact."""
+        order); see lsbd.history.compactor."""
         from lsbd.history.compactor import compact
 
         self._check_writable()
