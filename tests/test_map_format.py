@@ -12,11 +12,12 @@ import lmdb
 import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all
 
-from lsbd.engine import blockmap
-from lsbd.engine.blockmap import BlockMap, Extent, SegmentInfo
-from lsbd.engine.config import create_volume
-from lsbd.engine.segment import DATA, TRIM, Record
-from lsbd.engine.volume import Volume, cache_dir_for
+from lsbd.map import blockmap
+from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
+from lsbd.meta.config import create_volume
+from lsbd.format.segment import DATA, TRIM, Record
+from lsbd.engine.volume import Volume
+from lsbd.names import cache_dir_for
 
 
 def test_golden_extent_bytes():
