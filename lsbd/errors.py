@@ -58,6 +58,11 @@ class LeaseHeld(UserError, PermissionError):
     """Another writer holds the volume."""
 
 
+class LeaseLost(StoreError):
+    """This writer's lease was broken (--break-lease elsewhere): it stops
+    taking writes and never uploads again."""
+
+
 class InvalidRequest(UserError, ValueError):
     """A read/write/trim with bad arguments (out of range, negative, ...)."""
 

@@ -272,19 +272,22 @@ def test_delete_refuses_a_volume_in_use(cli, store_url, tmp_path):
         store.close()
 
 
-def test_checkpoint_command_writes_a_checkpoint(cli, store_url, tmp_path):
+def test_checkpoint_command_writes_a_checkpoint(cli, store_url, tmp_path, monkeypatch):
     store = open_test_store(store_url)
     try:
         create_volume(store, "v", 16 * MiB, flush_mode="store")
+        # Another machine (a live process of this one is never broken).
+        monkeypatch.setenv("LSBD_HOST", "crashed.example")
         vol = Volume.open(store, "v", cache_root=str(tmp_path / "cache"))
+        monkeypatch.delenv("LSBD_HOST")
         for i in range(3):
             vol.write(i * 64 * BS, block(i + 1, i * 64))
             vol.flush()
         top = vol.applied_seq
         vol.abandon()  # a crash: no checkpoint at close
         assert ckpt.list_checkpoints(store, "v") == []
-        line = _one_line_error(cli("checkpoint", "v"))  # our own live pid holds it
-        assert "in use" in line
+        line = _one_line_error(cli("checkpoint", "v"))
+        assert "in use" in line and "--break-lease" in line
         _ok(cli("checkpoint", "--break-lease", "v"))
         assert ckpt.list_checkpoints(store, "v") == [top]
         assert store.exists(names.checkpoint_manifest_key("v", top))

@@ -14,7 +14,7 @@ def register(sub) -> None:
     p = sub.add_parser("delete", help="delete a volume and all its objects")
     p.add_argument("volume")
     p.add_argument("--break-lease", action="store_true",
-                   help="delete even if a writer on another machine holds it")
+                   help="delete even if a writer on another machine (that is gone) holds it")
     p.set_defaults(func=run)
 
 
@@ -26,7 +26,8 @@ def run(args, ctx) -> int:
     if clones:
         raise UserError(f"volume {config.name!r} has clones that share its data "
                         f"({', '.join(clones)}): delete them first")
-    # Taking the lease refuses to delete a volume in use.
+    # Taking the lease refuses to delete a volume in use (on this machine
+    # even with --break-lease).
     Lease.acquire(store, config.name, break_lease=args.break_lease)
     keys = [info.key for info in store.list(names.volume_prefix(config.name))]
     # The config goes last: a half-deleted volume is still listed and deletable.

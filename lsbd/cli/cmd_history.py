@@ -8,6 +8,7 @@ from lsbd.cli.points import add_point_args, resolve_args, resolve_word
 from lsbd.engine import control
 from lsbd.segments.checkpoints import list_checkpoints
 from lsbd.meta.config import load_config, save_config
+from lsbd.meta.lease import Lease
 from lsbd.history.restore import changed_between, create_clone, restore_volume
 from lsbd.plans.restore import format_time, plan_restore, recoverable
 from lsbd.meta.snapshots import list_snapshots
@@ -75,8 +76,14 @@ def run_retain(args, ctx) -> int:
     seconds = parse_duration(args.duration)
     if seconds < 0:
         raise UserError("the retention window cannot be negative")
-    config.retain_seconds = seconds
-    save_config(ctx.store, config)
+    # The writer of a volume in use prunes by this window: it makes the
+    # change; otherwise the lease keeps a writer from opening meanwhile.
+    reply = control.call(ctx.control_path(config.name), {"op": "retain", "seconds": seconds})
+    if reply is None:
+        with Lease.held(ctx.store, config.name, doing="lsbd retain"):
+            config = load_config(ctx.store, args.volume)
+            config.retain_seconds = seconds
+            save_config(ctx.store, config)
     ui.err.print(f"volume [bold]{args.volume}[/] keeps every point of the last "
                  f"{format_duration(seconds)}")
     return 0

@@ -6,7 +6,7 @@ from lsbd.engine import control
 from lsbd.meta.config import load_config
 from lsbd.meta.snapshots import check_snapshot_name, delete_snapshot, list_snapshots
 from lsbd.plans.restore import format_time
-from lsbd.meta.lease import read_holder
+from lsbd.meta.lease import Lease, read_holder
 from lsbd.errors import LeaseHeld
 
 
@@ -68,6 +68,12 @@ def run_list(args, ctx) -> int:
 
 def run_delete(args, ctx) -> int:
     config = load_config(ctx.store, args.volume)
-    delete_snapshot(ctx.store, config, args.name)
+    # Through the writer of a volume in use (it may be compacting by the
+    # snapshots it knows), else holding the lease.
+    reply = control.call(ctx.control_path(config.name),
+                         {"op": "delete_snapshot", "name": args.name})
+    if reply is None:
+        with Lease.held(ctx.store, config.name, doing="lsbd snapshot delete"):
+            delete_snapshot(ctx.store, config, args.name)
     ui.err.print(f"deleted snapshot [bold]{args.name}[/] of {args.volume}")
     return 0

@@ -9,6 +9,8 @@ Protocol: one JSON object per line each way.
   {"op": "resize", "size": 1073741824} ->  {"ok": true, "seq": 12}
   {"op": "stats"}                   ->  {"ok": true, "report": {...}}
   {"op": "compact", "threshold": 0.6, "dry_run": false, "defrag": false}  ->  {"ok": true, "report": {...}}
+  {"op": "retain", "seconds": 86400} ->  {"ok": true, "seq": 12}
+  {"op": "delete_snapshot", "name": "s1"} ->  {"ok": true, "seq": 12}
   anything failing                  ->  {"ok": false, "error": "one line"}
 """
 
@@ -93,6 +95,20 @@ class ControlServer:
                                          dry_run=bool(request.get("dry_run")),
                                          defrag=bool(request.get("defrag")))
             return report.as_dict()
+        if op == "retain":
+            from lsbd.meta.config import save_config
+
+            # The writer prunes by this window: it changes it itself.
+            self.volume.check_lease()
+            self.volume.config.retain_seconds = float(request["seconds"])
+            save_config(self.volume.store, self.volume.config)
+            return self.volume.applied_seq
+        if op == "delete_snapshot":
+            from lsbd.meta.snapshots import delete_snapshot
+
+            self.volume.check_lease()
+            delete_snapshot(self.volume.store, self.volume.config, request["name"])
+            return self.volume.applied_seq
         raise ValueError(f"unknown control operation {op!r}")
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ from lsbd.errors import (
     CacheMismatch,
     CorruptionError,
     InvalidRequest,
+    LeaseLost,
     ReadOnlyError,
     StoreError,
     WouldBlock,
@@ -71,6 +72,7 @@ CLOSE_UPLOAD_TIMEOUT = 300.0
 KEEP_CHECKPOINTS = 3
 AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
 AUTO_COMPACT_RATE = 16 * 1024 * 1024  # bytes/s a background compaction may rewrite
+LEASE_CHECK_INTERVAL = 10.0   # seconds between checks that the lease is still ours
 
 
 class Transaction:
@@ -349,7 +351,8 @@ class Volume:
         # segments already stored count as soon as the gaps below them fill.
         durable = (min(pending) - 1) if pending else max([self._applied, *stored])
         self._uploader = Uploader(self.store, self.name, self._files.path, self._on_stored,
-                                  durable_seq=durable, already_stored=stored)
+                                  durable_seq=durable, already_stored=stored,
+                                  fence=self._lease.check if self._lease is not None else None)
         for seq in sorted(pending):
             self._uploader.submit(seq)
         for seq in self._files.local_seqs():
@@ -554,7 +557,7 @@ class Volume:
                     log.warning("volume %s: %d sealed segments could not be recorded (%s); they "
                                 "stay in %s and are replayed on the next open", self.name,
                                 len(self._sealing), self._failed, self.folder)
-                    self._lease = None  # keep the lease: our journal must win
+                    self._keep_lease()  # keep the lease: our journal must win
                 elif self._uploader is not None:
                     self._uploader.close(CLOSE_UPLOAD_TIMEOUT)
                     if self._uploader.fatal is None and self._uploader.durable_seq >= self._applied:
@@ -567,13 +570,13 @@ class Volume:
                         log.warning("volume %s: %d segments are not yet in the store; they stay "
                                     "in %s and upload on the next open", self.name,
                                     self._uploader.pending, self.folder)
-                        self._lease = None  # keep the lease: our journal must win
+                        self._keep_lease()  # keep the lease: our journal must win
             elif not self.read_only:
                 # Writing stopped on an error: the journals may hold what the
                 # store lacks; they are replayed on the next open.
                 log.warning("volume %s: closing after a failure (%s); the journals stay in %s "
                             "and the lease is kept", self.name, self._failed, self.folder)
-                self._lease = None
+                self._keep_lease()
         finally:
             self._closed = True
             self._teardown()
@@ -581,9 +584,16 @@ class Volume:
     def abandon(self) -> None:
         """Stop as a crash would: nothing sealed, flushed, uploaded or released
         (the lease stays in the store).  For crash tests."""
-        self._lease = None
+        self._keep_lease()
         self._closed = True
         self._teardown()
+
+    def _keep_lease(self) -> None:
+        """Leave the lease in the store (our journal must win), no longer
+        held by this volume."""
+        if self._lease is not None:
+            self._lease.abandon()
+            self._lease = None
 
     def _teardown(self) -> None:
         self._stop.set()
@@ -984,6 +994,7 @@ class Volume:
                         target, STORE_FLUSH_TIMEOUT):
                     raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({self._uploader.last_error})")
+                self.check_lease()
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
                                       volume_size=snap.meta("size", self._size),
                                       block_size=self.block_size, extents=snap.extents(),
@@ -994,6 +1005,18 @@ class Volume:
             self.stats["checkpoints"] += 1
             self._prune_checkpoints()
             return target
+
+    def check_lease(self) -> None:
+        """Raise LeaseLost (and stop taking writes) if another writer took
+        the lease: asked before every change to the store."""
+        if self._lease is None:
+            return
+        try:
+            self._lease.check()
+        except LeaseLost as e:
+            if self._uploader is not None:
+                self._uploader.stop_for(e)
+            raise
 
     def _prune_checkpoints(self) -> None:
         """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""
@@ -1122,8 +1145,17 @@ class Volume:
         """Seal an idle open segment after seal_interval; checkpoint after
         checkpoint_segments new segments or checkpoint_interval seconds."""
         cfg = self.config
+        next_lease_check = time.monotonic() + LEASE_CHECK_INTERVAL
         while not self._stop.wait(0.25):
             try:
+                if time.monotonic() >= next_lease_check:
+                    next_lease_check = time.monotonic() + LEASE_CHECK_INTERVAL
+                    try:
+                        self.check_lease()
+                    except LeaseLost:
+                        return    # logged once; every write now fails with it
+                    except StoreError:
+                        pass      # the store is down: that says nothing of the lease
                 with self._lock:
                     seg = self._open
                     if seg is not None and not seg.empty and \

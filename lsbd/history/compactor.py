@@ -169,6 +169,7 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     doomed = deletable_segments(
         [s for s in stored if s > volume.config.base_seq], window=window,
         live_checkpoint=live_checkpoint, needed=needed)
+    volume.check_lease()   # a writer fenced off meanwhile must delete nothing
     for i, seq in enumerate(doomed):
         store.delete(names.segment_key(volume.name, seq))
         report.bytes_reclaimed += stored[seq]

@@ -16,7 +16,7 @@ from typing import Callable
 
 from lsbd import names
 from lsbd.format.segment import TRAILER
-from lsbd.errors import ObjectExists, StoreError
+from lsbd.errors import LeaseLost, ObjectExists, StoreError
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,14 @@ class ForeignWriter(StoreError):
 class Uploader:
     def __init__(self, store: Store, volume: str, path_of: Callable[[int], str],
                  on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0,
-                 already_stored: set[int] = frozenset()):
+                 already_stored: set[int] = frozenset(),
+                 fence: Callable[[], None] | None = None):
         self.store = store
+        # Called before every upload: raises LeaseLost once another writer
+        # took the lease, so that a fenced writer never adds a segment to the
+        # new writer's history (the conditional create guards the seqs the
+        # new writer has already written).
+        self.fence = fence
         self.volume = volume
         self.path_of = path_of
         self.on_stored = on_stored
@@ -78,9 +84,11 @@ class Uploader:
     def _upload(self, seq: int) -> None:
         key = names.segment_key(self.volume, seq)
         delay = 0.1
-        while True:
+        while self.fatal is None:
             try:
                 path = self.path_of(seq)
+                if self.fence is not None:
+                    self.fence()
                 try:
                     self.store.put_file(key, path, exclusive=True)
                 except ObjectExists:
@@ -93,11 +101,8 @@ class Uploader:
                                             "is no longer ours (was its lease broken?)") from None
                 self.on_stored(seq)
                 break
-            except ForeignWriter as e:
-                log.error("%s", e)
-                with self._cond:
-                    self.fatal = e
-                    self._cond.notify_all()
+            except (ForeignWriter, LeaseLost) as e:
+                self.stop_for(e)
                 return
             except Exception as e:  # noqa: BLE001 - keep trying: the data is safe locally
                 with self._cond:
@@ -109,12 +114,23 @@ class Uploader:
                 log.warning("upload of %s failed (%s); retrying in %.1fs", key, e, delay)
                 self._stop.wait(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
+        else:
+            return
         with self._cond:
             self._inflight.discard(seq)
             self._done.add(seq)
             self._advance()
             self.last_error = None
             self._cond.notify_all()
+
+    def stop_for(self, error: BaseException) -> None:
+        """Another writer owns the volume now: upload nothing more."""
+        with self._cond:
+            if self.fatal is None:
+                log.error("%s", error)
+                self.fatal = error
+            self._cond.notify_all()
+        self._stop.set()
 
     def _give_up(self) -> None:
         """Stop retrying failed uploads (the ones running finish)."""

@@ -1,0 +1,112 @@
+"""Helpers of the fault tests: machines stood for by a cache dir and a host
+name (LSBD_HOST), `lsbd serve` run as one of them, an NBD client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+from engine_helpers import LSBD, run_cli
+from nbd_helpers import RawClient, short_tempdir
+
+from lsbd_nbd import protocol as p
+
+
+class Machine:
+    """`lsbd` as run on one machine: its own host name and cache dir."""
+
+    def __init__(self, name: str, cache: str, store_url: str, env: dict | None = None):
+        self.name = name
+        self.cache = str(cache)
+        self.store_url = store_url
+        self.env = {"LSBD_HOST": name, **(env or {})}
+
+    def run(self, *args, timeout: float = 120, check: bool | None = None):
+        return run_cli(*args, store=self.store_url, cache=self.cache, env=self.env,
+                       timeout=timeout, check=check)
+
+    def serve(self, volume: str, *options: str) -> "Served":
+        return Served(self, volume, options)
+
+
+class Served:
+    """`lsbd serve VOLUME --socket S` on a machine, until stopped."""
+
+    def __init__(self, machine: Machine, volume: str, options):
+        self.dir = short_tempdir()
+        self.socket_path = os.path.join(self.dir, "nbd.sock")
+        argv = [LSBD, "--store", machine.store_url, "--cache-dir", machine.cache, "serve",
+                volume, "--socket", self.socket_path, *options]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     text=True, env={**os.environ, **machine.env})
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(60) or not any("serving" in x for x in self.lines):
+            self.kill()
+            raise AssertionError("lsbd serve did not start:\n" + self.stderr())
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if "serving" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def client(self, export: str = "") -> "Client":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.socket_path)
+        c = Client(s)
+        c.connect_export(export)
+        return c
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self._cleanup()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._reader.join(5)
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Client(RawClient):
+    """An NBD client that reports errors instead of asserting."""
+
+    def try_write(self, offset: int, data: bytes) -> int:
+        return self.call(p.CMD_WRITE, offset, len(data), data=data)[0]
+
+    def try_flush(self) -> int:
+        return self.call(p.CMD_FLUSH)[0]
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
