@@ -110,3 +110,83 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class CuttableProxy:
+    """A TCP proxy in front of a server (the moto S3 server) that a test can
+    cut: while cut, every connection is reset at once, as a store that is
+    down.  `url` is the endpoint to give lsbd."""
+
+    def __init__(self, target_url: str):
+        host, port = target_url.rsplit("//", 1)[1].rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.url = "http://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.cut:
+                _reset(conn)
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                _reset(conn)
+                continue
+            with self._lock:
+                self._conns.update((conn, upstream))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def set_cut(self, cut: bool) -> None:
+        """Cut (True) or restore (False) the store."""
+        self.cut = cut
+        if cut:
+            with self._lock:
+                conns, self._conns = list(self._conns), set()
+            for s in conns:
+                _reset(s)
+
+    def close(self) -> None:
+        self.set_cut(True)
+        self._listener.close()
+
+
+def _reset(s: socket.socket) -> None:
+    import struct
+
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass

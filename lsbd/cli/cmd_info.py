@@ -5,11 +5,13 @@ import time
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import format_duration
+from lsbd.engine import control
 from lsbd.segments.checkpoints import list_checkpoints
 from lsbd.meta.config import load_config
 from lsbd.meta.snapshots import list_snapshots
 from lsbd.meta.lease import read_holder
 from lsbd.segments.remote import fetch_segment_index, store_segment_seqs
+from lsbd.errors import StoreError
 
 
 def register(sub) -> None:
@@ -20,8 +22,52 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
-    store = ctx.store
-    config = load_config(store, args.volume)
+    # A running writer answers first, without the store; the store adds the
+    # rest (snapshots, checkpoints, stored segments) when it is reachable.
+    reply = control.call(ctx.control_path(args.volume), {"op": "info"}, timeout=30)
+    live = reply["report"] if reply is not None else None
+    try:
+        info = _from_store(ctx.store, args.volume)
+    except StoreError as e:
+        if live is None:
+            raise
+        info = {**live, "segments": None, "stored_bytes": None, "checkpoints": None,
+                "snapshots": None, "store_error": str(e)}
+    if live is not None:
+        info["size"] = live["size"]
+        info["newest_seq"] = live["newest_seq"]
+        info["durable_seq"] = live["durable_seq"]
+        info["writer"] = live["writer"]
+    if args.json:
+        ui.print_json(info)
+        return 0
+    size, parent, unknown = info["size"], info["parent"], "? (the store is unreachable)"
+    rows = [
+        ["volume", info["name"]], ["size", f"{ui.human_size(size)} ({size} bytes)"],
+        ["block size", info["block_size"]], ["flush mode", info["flush_mode"]],
+        ["retain", format_duration(info["retain_seconds"])],
+        ["clone of", f"{parent['volume']} at seq {parent['seq']}" if parent else "-"],
+        ["snapshots", unknown if info["snapshots"] is None
+         else ", ".join(s["name"] for s in info["snapshots"]) or "none"],
+        ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"]))],
+        ["segments", unknown if info["segments"] is None
+         else f"{info['segments']} ({ui.human_size(info['stored_bytes'])} stored)"],
+        ["newest seq", f"{info['newest_seq']:016x}"],
+        ["checkpoints", unknown if info["checkpoints"] is None
+         else ", ".join(f"{c:016x}" for c in info["checkpoints"]) or "none"],
+        ["writer", info["writer"] or "none"],
+        ["store", names.volume_prefix(info["name"]) + " in " + info["store"]],
+    ]
+    if "durable_seq" in info:
+        rows.insert(10, ["in the store up to", f"{info['durable_seq']:016x}"])
+    if info.get("store_error"):
+        rows.append(["store error", info["store_error"]])
+    ui.table(None, ["", ""], rows)
+    return 0
+
+
+def _from_store(store, volume: str) -> dict:
+    config = load_config(store, volume)
     segments = store_segment_seqs(store, config.name)
     checkpoints = list_checkpoints(store, config.name)
     holder = read_holder(store, config.name)
@@ -30,7 +76,7 @@ def run(args, ctx) -> int:
     if segments:
         trailer, _ = fetch_segment_index(store, config.name, max(segments))
         size = trailer.volume_size
-    info = {
+    return {
         "name": config.name, "volume_id": config.volume_id, "size": size,
         "block_size": config.block_size, "created": config.created,
         "flush_mode": config.flush_mode, "segment_size": config.segment_size,
@@ -43,22 +89,3 @@ def run(args, ctx) -> int:
         "writer": None if holder is None else holder.describe(),
         "store": store.url,
     }
-    if args.json:
-        ui.print_json(info)
-        return 0
-    rows = [
-        ["volume", config.name], ["size", f"{ui.human_size(size)} ({size} bytes)"],
-        ["block size", config.block_size], ["flush mode", config.flush_mode],
-        ["retain", format_duration(config.retain_seconds)],
-        ["clone of", f"{config.parent['volume']} at seq {config.parent['seq']}"
-         if config.parent else "-"],
-        ["snapshots", ", ".join(s.name for s in snaps) or "none"],
-        ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(config.created))],
-        ["segments", f"{len(segments)} ({ui.human_size(info['stored_bytes'])} stored)"],
-        ["newest seq", f"{info['newest_seq']:016x}"],
-        ["checkpoints", ", ".join(f"{c:016x}" for c in checkpoints) or "none"],
-        ["writer", info["writer"] or "none"],
-        ["store", names.volume_prefix(config.name) + " in " + store.url],
-    ]
-    ui.table(None, ["", ""], rows)
-    return 0

@@ -28,12 +28,13 @@ def run_resize(args, ctx) -> int:
 
 
 def run_stats(args, ctx) -> int:
-    config = load_config(ctx.store, args.volume)
-    reply = control.call(ctx.control_path(config.name), {"op": "stats"})
+    # The running writer first: it answers without the store.
+    reply = control.call(ctx.control_path(args.volume), {"op": "stats"}, timeout=30)
     if reply is not None:
         data = reply["report"]
         data["source"] = "the running writer"
     else:
+        load_config(ctx.store, args.volume)
         with ctx.open_volume(args.volume, read_only=True) as vol:
             data = vol.usage()
         data["source"] = "the store (no writer running)"
@@ -46,9 +47,14 @@ def run_stats(args, ctx) -> int:
             ["space amplification", f"{data['segment_bytes'] / data['live_bytes']:.2f}"
              if data["live_bytes"] else "-"],
             ["map extents", data["extents"]], ["newest seq", data["applied_seq"]],
-            ["in the store up to", data["durable_seq"]], ["uploads pending", data["uploads_pending"]],
+            ["in the store up to", data["durable_seq"]],
+            ["waiting for upload", f"{data['uploads_pending']} segments "
+                                   f"({h(data.get('pending_bytes', 0))})"],
             ["reads / writes", f"{data['reads']} / {data['writes']}"],
             ["bytes read / written", f"{h(data['bytes_read'])} / {h(data['bytes_written'])}"],
             ["source", data["source"]]]
+    if data.get("upload_error"):
+        rows.append(["uploads failing", f"for {data['uploads_failing_for']:.0f}s: "
+                                        f"{data['upload_error']}"])
     ui.table(f"{args.volume}", ["", ""], rows)
     return 0

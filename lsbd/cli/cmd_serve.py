@@ -3,7 +3,10 @@
 Each volume is an export named after it; the default export (an empty name)
 is the first volume.  One line on stderr says where it is served once the
 server accepts connections.  SIGINT or SIGTERM stops accepting, finishes the
-requests in flight, flushes and closes every volume, and exits 0.
+requests in flight, flushes and closes every volume, and exits 0.  While the
+store is unreachable, closing waits for uploads only until they have failed
+for 10 s in a row (a second signal: not at all); what is not uploaded stays
+in the cache dir for the next open, and the last line says so.
 See docs/nbd.md.
 """
 
@@ -168,8 +171,18 @@ def run(args: argparse.Namespace, ctx) -> int:
             host, port = server.listen_tcp(host, DEFAULT_PORT if args.port is None else args.port)
             uris = [nbd_uri(name, host=host, port=port, tls=tls.required) for name in exports]
 
+        stops = []
+
         def stop(signum, frame) -> None:
-            server.stop()
+            stops.append(signum)
+            if len(stops) == 1:
+                server.stop()
+                return
+            # A second signal while closing: stop waiting for the store.
+            print("lsbd: stopping now: segments not yet uploaded stay in the cache dir",
+                  file=sys.stderr, flush=True)
+            for volume in exports.values():
+                volume.give_up_uploads()
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
@@ -183,5 +196,11 @@ def run(args: argparse.Namespace, ctx) -> int:
         failed = close_exports(exports)
     if failed:
         return 1
-    print("lsbd: volumes flushed and closed", file=sys.stderr, flush=True)
+    waiting = [f"{name}: {v.left_waiting}" for name, v in exports.items()
+               if getattr(v, "left_waiting", None)]
+    if waiting:
+        print(f"lsbd: volumes flushed and closed; the next open uploads what waits in the "
+              f"cache dir ({'; '.join(waiting)})", file=sys.stderr, flush=True)
+    else:
+        print("lsbd: volumes flushed and closed", file=sys.stderr, flush=True)
     return 0

@@ -1,6 +1,7 @@
 """A small control socket that a writing process serves next to its cache
 dir, so that other `lsbd` commands can ask the writer of a volume to do what
-only the writer can: flush to the store, checkpoint, take a snapshot.
+only the writer can: flush to the store, checkpoint, take a snapshot; and
+answer `stats` and `info` without the store (which may be down).
 
 Protocol: one JSON object per line each way.
   {"op": "snapshot", "name": "s1"}  ->  {"ok": true, "seq": 12}
@@ -8,6 +9,7 @@ Protocol: one JSON object per line each way.
   {"op": "flush"}                   ->  {"ok": true, "seq": 12}
   {"op": "resize", "size": 1073741824} ->  {"ok": true, "seq": 12}
   {"op": "stats"}                   ->  {"ok": true, "report": {...}}
+  {"op": "info"}                    ->  {"ok": true, "report": {...}}
   {"op": "compact", "threshold": 0.6, "dry_run": false, "defrag": false}  ->  {"ok": true, "report": {...}}
   {"op": "retain", "seconds": 86400} ->  {"ok": true, "seq": 12}
   {"op": "delete_snapshot", "name": "s1"} ->  {"ok": true, "seq": 12}
@@ -90,6 +92,8 @@ class ControlServer:
             return self.volume.applied_seq
         if op == "stats":
             return self.volume.usage()
+        if op == "info":
+            return self.volume.describe()
         if op == "compact":
             report = self.volume.compact(threshold=float(request.get("threshold", 0.6)),
                                          dry_run=bool(request.get("dry_run")),

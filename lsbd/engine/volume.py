@@ -69,6 +69,7 @@ STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after thi
 SEGMENT_SLACK = 1024 * 1024
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 CLOSE_UPLOAD_TIMEOUT = 300.0
+CLOSE_STALL = 10.0            # close stops waiting once uploads have failed this long in a row
 KEEP_CHECKPOINTS = 3
 AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
 AUTO_COMPACT_RATE = 16 * 1024 * 1024  # bytes/s a background compaction may rewrite
@@ -154,6 +155,7 @@ class Volume:
         self._zero_block = bytes(self.block_size)
         self._zero_crc = crc32c_of(self._zero_block)
         self._control: ControlServer | None = None
+        self.left_waiting: str | None = None   # set by close() when uploads are left over
         self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                       "segments_sealed": 0, "checkpoints": 0}
 
@@ -559,7 +561,7 @@ class Volume:
                                 len(self._sealing), self._failed, self.folder)
                     self._keep_lease()  # keep the lease: our journal must win
                 elif self._uploader is not None:
-                    self._uploader.close(CLOSE_UPLOAD_TIMEOUT)
+                    self._uploader.close(CLOSE_UPLOAD_TIMEOUT, stall=CLOSE_STALL)
                     if self._uploader.fatal is None and self._uploader.durable_seq >= self._applied:
                         if self._applied > self._last_checkpoint:
                             try:
@@ -567,9 +569,9 @@ class Volume:
                             except Exception as e:  # noqa: BLE001 - the segments are safe; recovery replays them
                                 log.warning("volume %s: checkpoint at close failed: %s", self.name, e)
                     else:
-                        log.warning("volume %s: %d segments are not yet in the store; they stay "
-                                    "in %s and upload on the next open", self.name,
-                                    self._uploader.pending, self.folder)
+                        self.left_waiting = self.waiting_uploads()
+                        log.warning("volume %s: %s; they stay in %s and upload on the next "
+                                    "open", self.name, self.left_waiting, self.folder)
                         self._keep_lease()  # keep the lease: our journal must win
             elif not self.read_only:
                 # Writing stopped on an error: the journals may hold what the
@@ -580,6 +582,20 @@ class Volume:
         finally:
             self._closed = True
             self._teardown()
+
+    def waiting_uploads(self) -> str:
+        """What is not in the store yet, in words (for log lines)."""
+        infos = [i for i in self._map.segments() if i.state == PENDING] if not self._map_closed \
+            else []
+        err = self._uploader.last_error if self._uploader is not None else None
+        return (f"{len(infos)} segments ({sum(i.size for i in infos)} bytes) are not in the "
+                f"store yet" + (f" (last upload error: {err})" if err else ""))
+
+    def give_up_uploads(self) -> None:
+        """Stop retrying uploads now (a second stop signal): a close waiting
+        for them goes on; the segments stay for the next open."""
+        if self._uploader is not None:
+            self._uploader.give_up()
 
     def abandon(self) -> None:
         """Stop as a crash would: nothing sealed, flushed, uploaded or released
@@ -1073,8 +1089,27 @@ class Volume:
             "last_checkpoint": self._last_checkpoint,
             "flush_mode": self.flush_mode,
         }
+        pending = [i for i in infos if i.state == PENDING]
+        data["pending_bytes"] = sum(i.size for i in pending)
+        err = self._uploader.last_error if self._uploader else None
+        data["upload_error"] = str(err) if err else None
+        data["uploads_failing_for"] = round(self._uploader.failing_for(), 1) \
+            if self._uploader else 0.0
+        data["cache_dir"] = self.folder
         data.update(self.stats)
         return data
+
+    def describe(self) -> dict:
+        """What `lsbd info` shows, as this writer knows it (no store call)."""
+        c = self.config
+        holder = self._lease.holder.describe() if self._lease is not None else None
+        return {"name": c.name, "volume_id": c.volume_id, "size": self._size,
+                "block_size": c.block_size, "created": c.created, "flush_mode": self.flush_mode,
+                "segment_size": c.segment_size, "retain_seconds": c.retain_seconds,
+                "parent": c.parent, "newest_seq": self._applied,
+                "durable_seq": self._uploader.durable_seq if self._uploader else self._applied,
+                "last_checkpoint": self._last_checkpoint, "writer": holder,
+                "store": self.store.url}
 
     def extents(self):
         """The block map's extents (lba, nblocks, seq, offset), in block order,

@@ -61,6 +61,7 @@ class Uploader:
         self.durable_seq = durable_seq
         self._advance()
         self.last_error: BaseException | None = None
+        self._failing_since: float | None = None   # uploads failing since (none stored)
         self.fatal: BaseException | None = None
         self._closing = False
         self._stop = threading.Event()
@@ -69,7 +70,7 @@ class Uploader:
         # Just before that, stop retrying (the segments stay in the cache
         # dir, and the next open uploads them).
         me = weakref.ref(self)
-        _at_thread_shutdown(lambda: (u := me()) is not None and u._give_up())
+        _at_thread_shutdown(lambda: (u := me()) is not None and u.give_up())
 
     def submit(self, seq: int) -> None:
         with self._cond:
@@ -107,6 +108,8 @@ class Uploader:
             except Exception as e:  # noqa: BLE001 - keep trying: the data is safe locally
                 with self._cond:
                     self.last_error = e
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
                     if self._closing:
                         self._inflight.discard(seq)
                         self._cond.notify_all()
@@ -121,6 +124,7 @@ class Uploader:
             self._done.add(seq)
             self._advance()
             self.last_error = None
+            self._failing_since = None
             self._cond.notify_all()
 
     def stop_for(self, error: BaseException) -> None:
@@ -132,8 +136,9 @@ class Uploader:
             self._cond.notify_all()
         self._stop.set()
 
-    def _give_up(self) -> None:
-        """Stop retrying failed uploads (the ones running finish)."""
+    def give_up(self) -> None:
+        """Stop retrying failed uploads (the ones running finish); a close
+        waiting for them returns."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -159,16 +164,25 @@ class Uploader:
                 self._cond.wait(remaining if remaining is not None else 1.0)
         return True
 
-    def close(self, timeout: float | None) -> None:
+    def failing_for(self) -> float:
+        """Seconds since uploads started failing with none stored since (0: not failing)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self, timeout: float | None, *, stall: float | None = None) -> None:
         """Stop: wait up to `timeout` for uploads in flight, then give up on them
-        (they stay in the journal for the next open)."""
+        (they stay in the journal for the next open).  stall: give up sooner,
+        once uploads have failed for this long with none getting through
+        (the store is down: waiting longer only delays the stop)."""
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._inflight and self.fatal is None:
+            while self._inflight and self.fatal is None and not self._closing:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                if stall is not None and self.failing_for() >= stall:
+                    break
+                self._cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
             self._closing = True
             self._cond.notify_all()  # waiters give up: nothing more will be stored
         self._stop.set()

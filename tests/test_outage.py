@@ -1,0 +1,100 @@
+"""A store outage (issue #16): the running writer answers `stats` and `info`
+without the store, SIGTERM stops it cleanly and soon, leaving no temporary
+files, and after the store returns the next open uploads the rest and
+everything reads back.  The store is S3 (moto over HTTP) behind a proxy the
+test cuts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from engine_helpers import MiB
+from fault_helpers import CuttableProxy, Machine, wait_until
+
+
+@pytest.fixture
+def cut_store(moto_server, s3_bucket):
+    proxy = CuttableProxy(moto_server)
+    yield f"s3://{s3_bucket}/outage", proxy
+    proxy.close()
+
+
+def _leftovers(cache: str) -> list[str]:
+    """Files a clean stop must not leave: temporary read-only cache dirs,
+    control sockets, pid files."""
+    out = []
+    for root, dirs, files in os.walk(cache):
+        out += [os.path.join(root, d) for d in dirs if "-ro-" in d]
+        out += [os.path.join(root, f) for f in files if f.endswith((".sock", ".pid"))]
+    return out
+
+
+def test_outage_stats_info_sigterm_and_recovery(tmp_path, cut_store):
+    store_url, proxy = cut_store
+    a = Machine("machine-a", tmp_path / "cache", store_url, env={"AWS_ENDPOINT_URL": proxy.url})
+    a.run("create", "vol", "--size", "64M", "--segment-size", "1M", check=True)
+    served = a.serve("vol", "--with-snapshots")
+    written = {}
+    try:
+        client = served.client("vol")
+        for i in range(4):                        # uploaded while the store is up
+            data = os.urandom(MiB)
+            client.write(i * MiB, data)
+            written[i] = data
+        assert client.try_flush() == 0
+        a.run("checkpoint", "vol", check=True)
+
+        proxy.set_cut(True)
+        for i in range(4, 8):                     # journal only: the store is down
+            data = os.urandom(MiB)
+            client.write(i * MiB, data)
+            written[i] = data
+        assert client.try_flush() == 0
+        assert client.read(5 * MiB, MiB) == written[5]
+
+        started = time.monotonic()
+        stats = a.run("stats", "vol", "--json", timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        report = json.loads(stats.stdout)
+        assert report["source"] == "the running writer"
+        assert wait_until(lambda: json.loads(a.run("stats", "vol", "--json").stdout)
+                          ["uploads_pending"] > 0, timeout=30)
+        info = a.run("info", "vol", "--json", timeout=60)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["store_error"]
+        assert time.monotonic() - started < 60
+        client.close()
+
+        started = time.monotonic()
+        code = served.stop(timeout=90)
+        took = time.monotonic() - started
+    finally:
+        if served.proc.poll() is None:
+            served.kill()
+    assert code == 0, served.stderr()
+    assert took < 45, f"SIGTERM during an outage took {took:.0f}s"
+    assert "stopping" in served.stderr()
+    assert "the next open uploads" in served.lines[-1], served.stderr()
+    assert _leftovers(a.cache) == []
+
+    # The store is back: the next open uploads the rest.
+    proxy.set_cut(False)
+    served = a.serve("vol")
+    try:
+        assert wait_until(lambda: json.loads(a.run("stats", "vol", "--json").stdout)
+                          ["uploads_pending"] == 0, timeout=60)
+    finally:
+        assert served.stop() == 0, served.stderr()
+    assert "the next open" not in served.lines[-1]
+    b = Machine("machine-b", tmp_path / "other-cache", store_url,
+                env={"AWS_ENDPOINT_URL": proxy.url})
+    out = tmp_path / "out"
+    b.run("export", "vol", out, check=True)
+    with open(out, "rb") as f:
+        for i, data in written.items():
+            f.seek(i * MiB)
+            assert f.read(MiB) == data, f"MiB {i} did not read back"
+    assert b.run("verify", "vol").returncode == 0
