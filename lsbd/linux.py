@@ -11,6 +11,7 @@ missing: they never change what lsbd stores.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Callable
 
@@ -96,6 +97,22 @@ def preallocate(fd: int, length: int) -> None:
     they go.  Without fallocate, does nothing."""
     if _fallocate is not None:
         _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, length)
+
+
+def reserve(fd: int, length: int) -> None:
+    """preallocate(), but a full disk raises OSError(ENOSPC): a new journal
+    takes its whole segment's space up front, so that a full disk shows at
+    the one place that can wait or evict for it.  No support: nothing."""
+    if _fallocate is not None and _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, length) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:
+            raise OSError(err, "no space left on the cache dir's disk")
+
+
+def disk_free(path: str) -> int:
+    """Bytes an unprivileged process may still write on the file system of `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 # -- sync_file_range(2) -------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 from lsbd.cli import ui
 from lsbd.cli.context import tune_serving_process
-from lsbd.cli.points import add_point_args, add_writer_args
+from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
             images[f"{name}.img"] = Image(device=ctx.open_volume(name, at_seq=seq),
                                           read_only=True)
         else:
-            options = {"auto_compact": True} if args.auto_compact else {}
+            options = writer_options(args)
             volume = ctx.open_volume(name, read_only=args.read_only,
                                      break_lease=args.break_lease,
                                      flush_mode=args.flush_mode, **options)

@@ -53,6 +53,10 @@ def run_stats(args, ctx) -> int:
             ["reads / writes", f"{data['reads']} / {data['writes']}"],
             ["bytes read / written", f"{h(data['bytes_read'])} / {h(data['bytes_written'])}"],
             ["source", data["source"]]]
+    if "cache_bytes" in data:
+        rows.append(["cache (in the store too)",
+                     f"{data['cache_segments']} segments, {h(data['cache_bytes'])} of "
+                     f"{h(data['cache_limit'])}; {h(data['cache_disk_free'])} free on its disk"])
     if data.get("upload_error"):
         rows.append(["uploads failing", f"for {data['uploads_failing_for']:.0f}s: "
                                         f"{data['upload_error']}"])

@@ -20,7 +20,7 @@ import sys
 from urllib.parse import quote
 
 from lsbd.cli.context import tune_serving_process
-from lsbd.cli.points import add_point_args, add_writer_args, resolve_args
+from lsbd.cli.points import add_point_args, add_writer_args, resolve_args, writer_options
 from lsbd.meta.config import load_config
 from lsbd.meta.snapshots import list_snapshots
 from lsbd.errors import UserError
@@ -93,7 +93,7 @@ def open_exports(args: argparse.Namespace, ctx) -> dict:
                 exports[name] = ctx.open_volume(name, read_only=args.read_only,
                                                 break_lease=args.break_lease,
                                                 flush_mode=args.flush_mode,
-                                                auto_compact=args.auto_compact)
+                                                **writer_options(args))
             if args.with_snapshots:
                 for snap in list_snapshots(ctx.store, config):
                     exports[f"{name}@{snap.name}"] = ctx.open_volume(name, at_seq=snap.seq)

@@ -33,6 +33,19 @@ def add_writer_args(parser) -> None:
                              "(the volume's default); store: once the data is in the store")
     parser.add_argument("--auto-compact", action="store_true",
                         help="compact in the background while open (rate-limited)")
+    parser.add_argument("--cache-limit", metavar="SIZE", default=None,
+                        help="keep at most this much of the segments already in the store in "
+                             "the cache dir (default 1G; less when the disk has less room)")
+
+
+def writer_options(args) -> dict:
+    """Volume.open options from add_writer_args' flags."""
+    from lsbd.meta.config import parse_size
+
+    options = {"auto_compact": True} if args.auto_compact else {}
+    if args.cache_limit is not None:
+        options["cache_limit"] = parse_size(args.cache_limit)
+    return options
 
 
 def _seq_arg(text: str) -> int:

@@ -11,6 +11,7 @@ blocks stay readable from its in-memory index until the map has them."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -69,6 +70,10 @@ STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after thi
 SEGMENT_SLACK = 1024 * 1024
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 CLOSE_UPLOAD_TIMEOUT = 300.0
+#: A write that needs a new journal on a full disk waits this long for
+#: uploads to make segments evictable, then fails with ENOSPC.
+FULL_DISK_WAIT = 30.0
+MAP_ROOM = 8 * 1024 * 1024    # kept free beyond a journal's reservation, for the map
 CLOSE_STALL = 10.0            # close stops waiting once uploads have failed this long in a row
 KEEP_CHECKPOINTS = 3
 AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
@@ -134,7 +139,7 @@ class Volume:
         self._map = BlockMap(os.path.join(folder, "map"), self.block_size)
         self._files = SegmentFiles(os.path.join(folder, "segments"), store,
                                    self.lineage.segment_key, self.block_size,
-                                   cache_limit=cache_limit)
+                                   cache_limit=cache_limit, keep_free=self._room_needed())
         self._open: OpenSegment | None = None
         # Sealed, oldest first, not yet synced and in the map (the sealer's queue).
         self._sealing: list[OpenSegment] = []
@@ -333,7 +338,8 @@ class Volume:
         self._files.close()
         self._files = SegmentFiles(os.path.join(self.folder, "segments"), self.store,
                                    self.lineage.segment_key, self.block_size,
-                                   cache_limit=self._files.cache_limit)
+                                   cache_limit=self._files.cache_limit,
+                                   keep_free=self._room_needed())
 
     def _map_segments_safe(self) -> list[SegmentInfo]:
         try:
@@ -464,7 +470,7 @@ class Volume:
             self._check_writable()
             if nowait and len(self._sealing) >= MAX_SEALING:
                 raise WouldBlock("the sealer is behind")
-            seg = self._open_segment()
+            seg = self._open_segment(nowait)
             mark = seg.mark()
             try:
                 append(seg, mark)
@@ -678,12 +684,41 @@ class Volume:
 
     # ------------------------------------------------------------------ writes
 
-    def _open_segment(self) -> OpenSegment:
-        if self._open is None:
+    def _room_needed(self) -> int:
+        """Free disk the cache dir keeps for the next journal and the map."""
+        return 0 if self.read_only else self.config.segment_size + SEGMENT_SLACK + MAP_ROOM
+
+    def _open_segment(self, nowait: bool = False) -> OpenSegment:
+        """The open segment; a new journal takes its segment's space on the
+        disk up front.  A full disk: evict segments already in the store; if
+        that is not enough, wait (the lock let go) for uploads to make more
+        evictable, up to FULL_DISK_WAIT, then fail with ENOSPC."""
+        deadline = None
+        while self._open is None:
             seq = (self._sealing[-1].seq if self._sealing else self._applied) + 1
-            self._open = OpenSegment(self._files.path(seq), volume_id=self.config.volume_id_bytes,
-                                     seq=seq, block_size=self.block_size,
-                                     expected_size=self.config.segment_size + SEGMENT_SLACK)
+            need = self.config.segment_size + SEGMENT_SLACK
+            try:
+                self._open = OpenSegment(self._files.path(seq),
+                                         volume_id=self.config.volume_id_bytes, seq=seq,
+                                         block_size=self.block_size, expected_size=need)
+                break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+            if self._files.make_room(need + MAP_ROOM):
+                continue
+            if nowait:
+                raise WouldBlock("the cache dir's disk is full")
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + FULL_DISK_WAIT
+            elif now >= deadline or self._failed is not None or self._closed:
+                message = (f"volume {self.name}: the cache dir's disk is full and nothing "
+                           f"more can be evicted: {self.waiting_uploads()}; write refused "
+                           f"after {FULL_DISK_WAIT:g}s")
+                log.error("%s", message)
+                raise OSError(errno.ENOSPC, message)
+            self._sealing_changed.wait(0.25)   # uploads finishing make room
         return self._open
 
     def _commit(self, ops: list[tuple], *, fua: bool, nowait: bool = False) -> None:
@@ -699,7 +734,7 @@ class Volume:
             self._check_writable()
             if nowait and len(self._sealing) >= MAX_SEALING:
                 raise WouldBlock("the sealer is behind")
-            seg = self._open_segment()
+            seg = self._open_segment(nowait)
             mark = seg.mark()
             undo = mark[2]
             try:
@@ -1096,6 +1131,7 @@ class Volume:
         data["uploads_failing_for"] = round(self._uploader.failing_for(), 1) \
             if self._uploader else 0.0
         data["cache_dir"] = self.folder
+        data.update(self._files.cache_state())
         data.update(self.stats)
         return data
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -32,7 +33,7 @@ from lsbd.checksum import crc32c, crc32c_of, mask
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.format.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
-from lsbd.linux import unfilled_bytearray
+from lsbd.linux import disk_free, unfilled_bytearray
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,12 @@ class _OpenFile:
 
 class SegmentFiles:
     def __init__(self, folder: str, store: Store, key_of: Callable[[int], str], block_size: int,
-                 *, cache_limit: int):
+                 *, cache_limit: int, keep_free: int = 0):
         os.makedirs(folder, exist_ok=True)
+        # The cache also gives way to the disk: segments already in the
+        # store are evicted while the disk has less than this free (room for
+        # the next journal and the map), whatever cache_limit says.
+        self.keep_free = keep_free
         self.folder = folder
         self._prefix = os.path.join(folder, "")
         self.store = store
@@ -156,8 +161,11 @@ class SegmentFiles:
     def _evict(self) -> None:
         while True:
             with self._lock:
-                if self._cached_bytes <= self.cache_limit or len(self._cached) <= 1:
+                if not self._cached:
                     return
+                if self._cached_bytes <= self.cache_limit or len(self._cached) <= 1:
+                    if not self.keep_free or disk_free(self.folder) >= self.keep_free:
+                        return
                 seq, size = self._cached.popitem(last=False)
                 self._cached_bytes -= size
                 self._indexes.pop(seq, None)
@@ -166,6 +174,31 @@ class SegmentFiles:
                 os.unlink(self.path(seq))
             except FileNotFoundError:
                 pass
+
+    def make_room(self, need: int) -> bool:
+        """Evict segments already in the store, least recently used first,
+        until `need` bytes are free on the disk.  False if that was not
+        enough (what remains waits for upload, or is not ours)."""
+        while disk_free(self.folder) < need:
+            with self._lock:
+                if not self._cached:
+                    return False
+                seq, size = self._cached.popitem(last=False)
+                self._cached_bytes -= size
+                self._indexes.pop(seq, None)
+                self._retire_locked(seq)
+            try:
+                os.unlink(self.path(seq))
+            except FileNotFoundError:
+                pass
+        return True
+
+    def cache_state(self) -> dict:
+        """For `lsbd stats`: the evictable cache and the disk under it."""
+        with self._lock:
+            cached, count = self._cached_bytes, len(self._cached)
+        return {"cache_bytes": cached, "cache_segments": count, "cache_limit": self.cache_limit,
+                "cache_disk_free": disk_free(self.folder)}
 
     def forget(self, seq: int) -> None:
         """Drop a local copy (the segment was deleted from the store)."""
@@ -290,12 +323,17 @@ class SegmentFiles:
         try:
             data = self.store.get(self.key_of(seq))
             with self._folder_lock:
-                if self._closed:
-                    return
+                if self._closed or disk_free(self.folder) < len(data) + self.keep_free:
+                    return    # a read cache never takes the room writes need
                 tmp = path + ".part"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
                 self._adopt_locked(seq)
         except OSError as e:  # only a cache fill: reads go on remotely
             log.info("could not cache segment %s: %s", self.key_of(seq), e)

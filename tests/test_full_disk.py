@@ -1,0 +1,117 @@
+"""A full cache disk (issue #16).  The cache dir is on a small tmpfs the test
+mounts.  With the store up, writing three times the disk's size through NBD
+(flushing as it goes) succeeds: uploaded segments are evicted to make room.
+With the store down, writes fail cleanly with ENOSPC once the disk is full
+and the wait bound passes, and everything acknowledged reads back once the
+store returns."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+
+import pytest
+from engine_helpers import MiB
+from fault_helpers import Client, CuttableProxy, wait_until
+from nbd_helpers import running_server
+
+from lsbd.engine import volume as volume_module
+from lsbd.engine.volume import Volume
+from lsbd.meta.config import create_volume
+from lsbd.store import open_store
+from lsbd_nbd import protocol as p
+
+DISK = 48 * MiB
+SEGMENT = 2 * MiB
+
+
+def _chunk(tag: int, i: int) -> bytes:
+    return random.Random(tag * 100003 + i).randbytes(MiB)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    path = tmp_path / "disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(path)],
+                   check=True)
+    yield str(path)
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def s3(moto_server, s3_bucket):
+    proxy = CuttableProxy(moto_server)
+    store = open_store(f"s3://{s3_bucket}/disk", endpoint_url=proxy.url)
+    yield store, proxy
+    proxy.set_cut(False)
+    store.close()
+    proxy.close()
+
+
+def test_three_times_the_disk_through_nbd(small_disk, s3, monkeypatch):
+    store, proxy = s3
+    monkeypatch.setattr(volume_module, "FULL_DISK_WAIT", 3.0)
+    create_volume(store, "vol", 512 * MiB, segment_size=SEGMENT)
+    vol = Volume.open(store, "vol", cache_root=small_disk)
+    acked: dict[int, bytes] = {}
+    try:
+        with running_server({"vol": vol}) as server:
+            c = Client(server.connect())
+            c.sock.settimeout(60)
+            c.connect_export("vol")
+            total = 3 * DISK // MiB
+            for i in range(total):                      # the store is up
+                data = _chunk(1, i)
+                c.write(i * MiB, data)
+                acked[i] = data
+                if i % 4 == 3:
+                    assert c.try_flush() == 0
+            assert c.try_flush() == 0
+            stats = vol.usage()
+            assert stats["cache_disk_free"] > 0
+            assert stats["cache_bytes"] <= DISK
+
+            proxy.set_cut(True)                         # the store is down
+            failed_at = None
+            started = time.monotonic()
+            for i in range(total, 2 * total):
+                data = _chunk(2, i - total)
+                error = c.try_write(i * MiB, data)
+                if error:
+                    assert error == p.ENOSPC, error
+                    failed_at = i
+                    break
+                acked[i] = data
+                assert c.try_flush() == 0
+            assert failed_at is not None, "the disk never filled"
+            assert time.monotonic() - started < 120
+            # Still refused while the store is down, within the bound each time.
+            t = time.monotonic()
+            assert c.try_write(failed_at * MiB, _chunk(3, 0)) == p.ENOSPC
+            assert time.monotonic() - t < 20
+            for i in sorted(acked)[-5:]:                # what was acknowledged reads back
+                assert c.read(i * MiB, MiB) == acked[i]
+
+            proxy.set_cut(False)                        # the store is back
+            assert wait_until(lambda: vol.usage()["uploads_pending"] == 0, timeout=120)
+            c.write(failed_at * MiB, _chunk(4, 0))
+            acked[failed_at] = _chunk(4, 0)
+            assert c.try_flush() == 0
+            for i, data in sorted(acked.items()):
+                assert c.read(i * MiB, MiB) == data, f"MiB {i}"
+            c.disconnect()
+    finally:
+        vol.close()
+    assert not [n for n in os.listdir(small_disk) if "-ro-" in n]
+    # And from the store alone.
+    reader = Volume.open(store, "vol", cache_root=small_disk, read_only=True)
+    try:
+        for i, data in sorted(acked.items()):
+            assert reader.read(i * MiB, MiB) == data, f"MiB {i} from the store"
+    finally:
+        reader.close()
