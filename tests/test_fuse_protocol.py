@@ -367,3 +367,13 @@ def test_end_of_the_session():
     assert not w.thread.is_alive()
     w.theirs.close()
     w.session.close()
+
+
+def test_no_dev_fuse_is_one_clear_line(tmp_path, monkeypatch):
+    from lsbd_fuse import mounts
+
+    real = os.path.exists
+    monkeypatch.setattr(mounts.os.path, "exists", lambda p: p != "/dev/fuse" and real(p))
+    with pytest.raises(mounts.MountError) as e:
+        mounts.check_can_mount(str(tmp_path))
+    assert str(e.value).startswith("no /dev/fuse: load the fuse module")

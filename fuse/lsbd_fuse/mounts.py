@@ -209,16 +209,19 @@ def check_can_mount(mountpoint: str) -> str:
         raise MountError(f"{mnt} is busy: it is already an lsbd mount (pid {server.pid})")
     if entry is not None:
         raise MountError(f"{mnt} is busy: it is already a {entry.fstype} mount")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("no /dev/fuse: load the fuse module (modprobe fuse) or give the "
+                         "container the device")
+    if os.geteuid() != 0:
+        # fusermount3 (set-uid root) opens /dev/fuse for us.
+        if not shutil.which("fusermount3"):
+            raise MountError("fusermount3 is missing (install fuse3): it is needed to mount "
+                             "without root")
+        return mnt
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
-    except FileNotFoundError:
-        raise MountError("no /dev/fuse: load the fuse module (modprobe fuse) or give the "
-                         "container the device") from None
     except OSError as e:
         raise MountError(f"cannot open /dev/fuse: {e.strerror}") from None
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):
-        raise MountError("fusermount3 is missing (install fuse3): it is needed to mount "
-                         "without root")
     return mnt
 
 
