@@ -257,6 +257,8 @@ def report(all_results: dict, labels: list[str]) -> None:
         print(f"\n{target}: best round, MiB/s (IOPS); ratios are per round, min-max")
         print(f"  {'job':14} " + "  ".join(f"{lb:>20}" for lb in here))
         for name, _rw, _bs in JOBS:
+            if not results[here[0]][name]:
+                continue
             cells = []
             for lb in here:
                 best = max(results[lb][name], key=lambda r: r["iops"])
@@ -292,6 +294,7 @@ def main() -> int:
                    help="a directory holding the lsbd_fuse package of an earlier front end")
     p.add_argument("--subjects", default="old,nbd,bindfs,s3backer",
                    help="which peers to run (of old, nbd, bindfs, s3backer)")
+    p.add_argument("--jobs", help="only these jobs (comma-separated, e.g. 'seq read 1M')")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument("--workdir", help="where to put stores and mounts (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -304,6 +307,8 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"fuse_bench: {tool} is missing", file=sys.stderr)
             return 2
+    if args.jobs:
+        JOBS[:] = [j for j in JOBS if j[0] in args.jobs.split(",")]
     region = _parse_size(args.size)
     vol_size = 2 * region
     work = args.workdir or tempfile.mkdtemp(prefix="lsbd-fuse-bench-")

@@ -248,8 +248,10 @@ def test_inline_when_the_device_promises_not_to_block(wire):
     assert w.read(fh, 4090, 16) == (0, b"\0\0\0abcdefgh\0\0\0\0\0")
     assert w.fallocate(fh, 0, 4096, 0x03) == 0
     assert w.flush(fh) == 0                   # a flush may wait: always a worker
-    assert seen == [("write", True), ("read", True), ("trim", True)]
-    assert vol.calls["write"] == vol.calls["read"] == vol.calls["flush"] == 1
+    err, data = w.read(fh, 0, 192 * 1024)     # a large read: a worker
+    assert err == 0 and len(data) == 192 * 1024 and data[4093:4101] == bytes(3) + b"defgh"
+    assert seen == [("write", True), ("read", True), ("trim", True), ("read", False)]
+    assert vol.calls["write"] == vol.calls["flush"] == 1
 
 
 def test_would_block_goes_to_a_worker(wire):

@@ -35,7 +35,7 @@ DIRECT_IO = True
 
 #: /dev/fuse fds (threads reading requests) per mount.  See docs/fuse.md for
 #: the measurement behind the default; LSBD_FUSE_QUEUES overrides it.
-QUEUES = int(os.environ.get("LSBD_FUSE_QUEUES", "1") or 1)
+QUEUES = int(os.environ.get("LSBD_FUSE_QUEUES", "2") or 2)
 
 #: Requests the kernel lets us have in flight at once (max_background, set
 #: in INIT; the kernel's default is 12).  Asynchronous direct I/O (fio with
