@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
 
 from lsbd.crypto.compress import Compressor  # noqa: E402
-from lsbd.crypto.frames import KIND_SEGMENT, Framer, Place, object_cipher  # noqa: E402
+from lsbd.crypto.frames import Framer, Place, object_cipher  # noqa: E402
 
 MiB = 1 << 20
 
@@ -60,8 +60,8 @@ def sample(trees: list[str], mib: int) -> bytes:
 
 def frame_table(data: bytes) -> None:
     volume_id, object_id = os.urandom(16), os.urandom(16)
-    cipher = object_cipher(os.urandom(32), volume_id=volume_id, kind=KIND_SEGMENT, seq=1,
-                           object_id=object_id)
+    name = "volumes/bench/seg/0000000000000001"
+    cipher = object_cipher(os.urandom(32), volume_id=volume_id, name=name, object_id=object_id)
     print(f"\nframes of {len(data) // MiB} MiB (half real files, half random), zstd 3, "
           "encrypted")
     print("  frame   ratio  compressed frames  seal MiB/s  random 4 KiB read (open one frame)")
@@ -70,8 +70,7 @@ def frame_table(data: bytes) -> None:
         frames = []
         t = time.perf_counter()
         for pos in range(0, len(data), size):
-            place = Place(volume_id=volume_id, kind=KIND_SEGMENT, seq=1, object_id=object_id,
-                          position=pos)
+            place = Place(volume_id=volume_id, name=name, object_id=object_id, position=pos)
             frames.append((framer.seal(data[pos:pos + size], place), place))
         seal = time.perf_counter() - t
         stored = sum(len(f) for f, _ in frames)

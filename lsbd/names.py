@@ -120,3 +120,13 @@ def cache_dir_for(cache_root: str, store, volume: str) -> str:
     """One folder per (store, volume): the same name in two stores never mixes."""
     tag = hashlib.sha256(store.url.encode()).hexdigest()[:12]
     return os.path.join(cache_root, f"{volume}-{tag}")
+
+
+_SEALED = re.compile(r"^volumes/([^/]+)/(?:seg/[0-9a-f]{16}|ckpt/[0-9a-f]{16}/(?:part-\d+|manifest))$")
+
+
+def sealed_volume(key: str) -> str | None:
+    """The volume of a segment or checkpoint object (what a compressed or
+    encrypted volume stores sealed), or None for every other key."""
+    m = _SEALED.match(key)
+    return m.group(1) if m else None

@@ -18,20 +18,23 @@ Place (below), so neither the codec, the lengths nor the frame's place can
 change unnoticed.  Not encrypted, the body is the stored bytes and the
 masked CRC32C of header, Place and stored bytes.
 
-A Place says where a frame belongs: volume id, object kind and seq, the
-object's random id, the frame's position in the object, and a value the
-caller binds in (for example a frame count, so an object cut short fails).
+A Place says where a frame belongs: the volume id, the SHA-256 of the
+object's name in the store, the object's random id, the frame's position
+(its index) in the object, and a value the caller binds in (the object's
+plain length, so that a cut-off object fails).
 
-    | 0 | 8 | "LSBDFRM1" | 8 | 16 | volume id | 24 | 1 | kind | 25 | 7 | 0 |
-    | 32 | 8 | seq | 40 | 16 | object id | 56 | 8 | position | 64 | 8 | extra |
+    | 0 | 8 | "LSBDFRM1" | 8 | 16 | volume id | 24 | 32 | SHA-256 of the name |
+    | 56 | 16 | object id | 72 | 8 | position | 80 | 8 | extra |
 
 The key of each object is HKDF-SHA256(data key, salt = object id,
-info = "lsbd object key" | volume id | kind | seq): a seq written again after
-a crash gets a new object id, hence a new key.
+info = "lsbd object key" | volume id | name): an object written again under
+the same name (a seq used again after a crash) gets a new object id, hence
+a new key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable
 
@@ -45,8 +48,8 @@ from lsbd.errors import CorruptionError
 
 HEADER = struct.Struct("<BBHII12s")
 assert HEADER.size == 24
-PLACE = struct.Struct("<8s16sB7xQ16sQQ")
-assert PLACE.size == 72
+PLACE = struct.Struct("<8s16s32s16sQQ")
+assert PLACE.size == 88
 PLACE_MAGIC = b"LSBDFRM1"
 _CRC = struct.Struct("<I")
 
@@ -54,10 +57,6 @@ FLAG_ENCRYPTED = 0x01
 OBJECT_ID_SIZE = 16
 #: The largest frame's plain length (a bound for readers of untrusted headers).
 MAX_PLAIN = 1 << 24
-
-# Object kinds bound into a Place; never reused.
-KIND_SEGMENT = 1
-KIND_CHECKPOINT = 2
 
 
 class FrameError(CorruptionError):
@@ -67,20 +66,18 @@ class FrameError(CorruptionError):
 @attrs.frozen(kw_only=True)
 class Place:
     volume_id: bytes
-    kind: int
-    seq: int
+    name: str                 # the object's key in the store
     object_id: bytes
     position: int
     extra: int = 0
 
     def pack(self) -> bytes:
-        return PLACE.pack(PLACE_MAGIC, self.volume_id, self.kind, self.seq, self.object_id,
-                          self.position, self.extra)
+        return PLACE.pack(PLACE_MAGIC, self.volume_id, hashlib.sha256(self.name.encode()).digest(),
+                          self.object_id, self.position, self.extra)
 
 
-def object_cipher(data_key: bytes, *, volume_id: bytes, kind: int, seq: int,
-                  object_id: bytes) -> Cipher:
-    info = b"lsbd object key" + volume_id + bytes([kind]) + seq.to_bytes(8, "little")
+def object_cipher(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> Cipher:
+    info = b"lsbd object key" + volume_id + name.encode()
     return Cipher(hkdf(data_key, salt=object_id, info=info))
 
 

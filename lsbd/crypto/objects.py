@@ -1,0 +1,192 @@
+"""A sealed object: what a compressed or encrypted volume stores in place
+of a plain segment or checkpoint object.
+
+    frame 0 | frame 1 | ... | index (a frame) | tail (64 bytes)
+
+The object's plain bytes are cut into frames of `frame_size` (the last one
+shorter), each sealed by frames.Framer with its index as position and the
+plain length as the bound value.  The index lists every frame's stored
+length, so the frames that hold any plain byte range are found without
+reading the others: a random 4 KiB read opens one frame.
+
+Tail (all integers little endian):
+
+| offset | size | field |
+|---|---|---|
+| 0 | 8 | magic `LSBDOBJ1` |
+| 8 | 2 | version (1) |
+| 10 | 1 | flags: bit 0 ENCRYPTED |
+| 11 | 1 | reserved (0) |
+| 12 | 4 | data key id (0 when not encrypted) |
+| 16 | 16 | object id (random) |
+| 32 | 4 | frame size |
+| 36 | 4 | frame count |
+| 40 | 8 | plain length |
+| 48 | 4 | index length (the sealed index frame) |
+| 52 | 8 | reserved (0) |
+| 60 | 4 | masked CRC32C of bytes 0..59 |
+
+The index frame's plain bytes are the tail's bytes 0..47 followed by one u32
+per frame; it is sealed at position 2^64-1.  Opening it authenticates the
+tail's fields; opening a frame authenticates its place, so frames swapped,
+moved, cut off, or taken from another object fail.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+from collections.abc import Callable
+
+import attrs
+
+from lsbd.checksum import masked_crc
+from lsbd.crypto.frames import FrameError, Framer, Place
+
+TAIL = struct.Struct("<8sHBBI16sIIQI8xI")
+assert TAIL.size == 64
+MAGIC = b"LSBDOBJ1"
+VERSION = 1
+FLAG_ENCRYPTED = 0x01
+INDEX_POSITION = (1 << 64) - 1
+_BOUND = 48                  # tail bytes repeated (and so authenticated) in the index
+
+
+@attrs.frozen(kw_only=True)
+class Tail:
+    encrypted: bool
+    key_id: int
+    object_id: bytes
+    frame_size: int
+    frame_count: int
+    plain_length: int
+    index_length: int
+
+    def pack(self) -> bytes:
+        body = TAIL.pack(MAGIC, VERSION, FLAG_ENCRYPTED if self.encrypted else 0, 0,
+                         self.key_id, self.object_id, self.frame_size, self.frame_count,
+                         self.plain_length, self.index_length, 0)
+        return body[:-4] + struct.pack("<I", masked_crc(body[:-4]))
+
+
+def is_sealed(tail: bytes) -> bool:
+    return len(tail) >= TAIL.size and tail[-TAIL.size:-TAIL.size + 8] == MAGIC
+
+
+def decode_tail(buf: bytes, *, where: str) -> Tail:
+    if not is_sealed(buf):
+        raise FrameError(f"{where}: not a sealed object (its volume is compressed or "
+                         "encrypted)", key=where)
+    raw = buf[-TAIL.size:]
+    (_m, version, flags, _r, key_id, object_id, frame_size, count, plain, index_length,
+     crc) = TAIL.unpack(raw)
+    if masked_crc(raw[:-4]) != crc:
+        raise FrameError(f"{where}: object tail checksum mismatch", key=where)
+    if version != VERSION or flags & ~FLAG_ENCRYPTED or not frame_size:
+        raise FrameError(f"{where}: unsupported object version {version}", key=where)
+    if count != -(-plain // frame_size):
+        raise FrameError(f"{where}: frame count does not match the length", key=where)
+    return Tail(encrypted=bool(flags & FLAG_ENCRYPTED), key_id=key_id, object_id=object_id,
+                frame_size=frame_size, frame_count=count, plain_length=plain,
+                index_length=index_length)
+
+
+def seal(plain: bytes | memoryview, *, name: str, volume_id: bytes, framer: Framer,
+         key_id: int, object_id: bytes, frame_size: int) -> bytes:
+    """The sealed object of `plain`, stored under `name`."""
+    view = memoryview(plain)
+    count = -(-len(view) // frame_size)
+    parts = []
+    lengths = array.array("I")
+    for i in range(count):
+        place = Place(volume_id=volume_id, name=name, object_id=object_id, position=i,
+                      extra=len(view))
+        frame = framer.seal(view[i * frame_size:(i + 1) * frame_size], place)
+        parts.append(frame)
+        lengths.append(len(frame))
+    tail = Tail(encrypted=framer.cipher is not None, key_id=key_id, object_id=object_id,
+                frame_size=frame_size, frame_count=count, plain_length=len(view),
+                index_length=0)
+    index_place = Place(volume_id=volume_id, name=name, object_id=object_id,
+                        position=INDEX_POSITION, extra=len(view))
+    index = framer.seal(tail.pack()[:_BOUND] + lengths.tobytes(), index_place)
+    tail = attrs.evolve(tail, index_length=len(index))
+    parts.append(index)
+    parts.append(tail.pack())
+    return b"".join(parts)
+
+
+class Layout:
+    """Where each frame of a sealed object lies: what ranged reads need."""
+
+    def __init__(self, name: str, volume_id: bytes, tail: Tail, framer: Framer,
+                 index_frame: bytes):
+        self.name = name
+        self.volume_id = volume_id
+        self.tail = tail
+        self.framer = framer
+        index_place = Place(volume_id=volume_id, name=name, object_id=tail.object_id,
+                            position=INDEX_POSITION, extra=tail.plain_length)
+        plain = framer.open(index_frame, index_place, where=name)
+        expected = attrs.evolve(tail, index_length=0).pack()[:_BOUND]
+        if plain[:_BOUND] != expected or len(plain) != _BOUND + 4 * tail.frame_count:
+            raise FrameError(f"{name}: object tail does not match its index", key=name)
+        lengths = array.array("I")
+        lengths.frombytes(plain[_BOUND:])
+        starts = array.array("q", [0])
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        self.starts = starts          # stored offset of frame i; starts[-1]: the index
+
+    @property
+    def stored_length(self) -> int:
+        return self.starts[-1] + self.tail.index_length + TAIL.size
+
+    def frames_for(self, start: int, end: int) -> tuple[int, int]:
+        """Frames [i, j) that hold plain bytes [start, end)."""
+        fs = self.tail.frame_size
+        return start // fs, min(self.tail.frame_count, -(-end // fs))
+
+    def open_frames(self, i: int, j: int, stored: bytes, *, where: str) -> bytes:
+        """Plain bytes of frames i..j-1 from their stored bytes (contiguous,
+        starting at frame i)."""
+        base = self.starts[i]
+        out = []
+        fs = self.tail.frame_size
+        for k in range(i, j):
+            frame = stored[self.starts[k] - base:self.starts[k + 1] - base]
+            place = Place(volume_id=self.volume_id, name=self.name,
+                          object_id=self.tail.object_id, position=k,
+                          extra=self.tail.plain_length)
+            plain = self.framer.open(frame, place, where=where)
+            if len(plain) != min(fs, self.tail.plain_length - k * fs):
+                raise FrameError(f"{where}: frame {k} has the wrong length", key=where,
+                                 offset=self.starts[k])
+            out.append(plain)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+def layout_from_tail(buf: bytes, *, name: str, volume_id: bytes,
+                     framer_for: Callable[[Tail], Framer],
+                     fetch_suffix: Callable[[int], bytes]) -> Layout:
+    """The Layout of an object from a read of its last bytes (`buf`), reading
+    its last n bytes again with `fetch_suffix(n)` if `buf` misses part of
+    the index.  An object cut short or grown at either end fails: its tail,
+    index or frames then do not open."""
+    tail = decode_tail(buf, where=name)
+    have = len(buf) - TAIL.size
+    if tail.index_length <= have:
+        index = buf[have - tail.index_length:have]
+    else:
+        index = fetch_suffix(tail.index_length + TAIL.size)[:tail.index_length]
+    return Layout(name, volume_id, tail, framer_for(tail), index)
+
+
+def open_whole(data: bytes, *, name: str, volume_id: bytes,
+               framer_for: Callable[[Tail], Framer]) -> bytes:
+    """The plain bytes of a whole sealed object."""
+    layout = layout_from_tail(data, name=name, volume_id=volume_id, framer_for=framer_for,
+                              fetch_suffix=lambda n: data[-n:])
+    if layout.stored_length != len(data):
+        raise FrameError(f"{name}: object length does not match its index", key=name)
+    return layout.open_frames(0, layout.tail.frame_count, data, where=name)

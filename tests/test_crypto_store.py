@@ -1,0 +1,155 @@
+"""The sealing store wrapper: segments and checkpoints of a compressed or
+encrypted volume are sealed objects in the store, read back as plain bytes
+(ranges included), and every kind of tampering is an error naming the
+object."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lsbd import names
+from lsbd.crypto import keyring as kr
+from lsbd.crypto import objects
+from lsbd.crypto.aead import Argon2Params
+from lsbd.crypto.compress import Compressor
+from lsbd.crypto.frames import FrameError
+from lsbd.crypto.store import SealingStore, VolumeSealing
+from lsbd.store.local import LocalStore
+
+CHEAP = Argon2Params(memory_kib=64, iterations=1, lanes=1)
+PASS = kr.Secret(kr.PASSPHRASE, b"pw")
+
+
+def plain_data(n: int) -> bytes:
+    words = b"the quick brown fox jumps over the lazy dog %d "
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += words % i
+        i += 1
+    out[n // 2:n // 2 + 4096] = os.urandom(4096)
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def stores(tmp_path):
+    inner = LocalStore(str(tmp_path / "store"))
+    rings = {name: kr.new_keyring(os.urandom(16), PASS, params=CHEAP) for name in ("a", "b")}
+    settings = {name: VolumeSealing(volume_id=ring.volume_id, keyring=ring,
+                                    compressor=Compressor(1), frame_size=16384)
+                for name, ring in rings.items()}
+    settings["z"] = VolumeSealing(volume_id=os.urandom(16), compressor=Compressor(1))
+    return inner, SealingStore(inner, settings.get)
+
+
+def seg(volume: str, seq: int) -> str:
+    return names.segment_key(volume, seq)
+
+
+@pytest.mark.parametrize("volume", ["a", "z"])
+def test_round_trip_whole_and_ranges(stores, volume):
+    inner, store = stores
+    data = plain_data(200_000)
+    store.put(seg(volume, 1), data, exclusive=True)
+    assert store.get(seg(volume, 1)) == data
+    assert store.head(seg(volume, 1)) == len(data)
+    raw = inner.get(seg(volume, 1))
+    assert objects.is_sealed(raw) and len(raw) < len(data) // 2      # compressed
+    assert b"quick brown fox" not in raw or volume == "z"
+    for start, length in ((0, 1), (16383, 2), (100_000, 4096), (0, None), (150_000, None),
+                          (199_999, 10), (250_000, 5)):
+        end = None if length is None else start + length
+        assert store.get(seg(volume, 1), start, length) == data[start:end]
+    assert store.get(seg(volume, 1), -80) == data[-80:]
+    assert store.get(seg(volume, 1), -300_000) == data
+    # Other keys pass through untouched.
+    store.put(names.config_key(volume), b"{}")
+    assert inner.get(names.config_key(volume)) == b"{}"
+
+
+def test_empty_object(stores):
+    _inner, store = stores
+    store.put(seg("a", 1), b"")
+    assert store.get(seg("a", 1)) == b"" and store.get(seg("a", 1), -10) == b""
+
+
+def expect_failure(store, key: str) -> None:
+    fresh = SealingStore(store.inner, store._resolve)        # no layouts kept
+    with pytest.raises(FrameError) as e:
+        fresh.get(key)
+    assert key in str(e.value)
+    with pytest.raises(FrameError):          # the ranged path reads every frame too
+        fresh.get(key, 1, 1 << 30)
+
+
+def test_tampering(stores):
+    inner, store = stores
+    data = plain_data(100_000)
+    for seq in (1, 2):
+        store.put(seg("a", seq), data[::-1] if seq == 2 else data)
+    store.put(seg("b", 1), data)
+    raw = inner.get(seg("a", 1))
+    layout = SealingStore(inner, store._resolve)._layout(seg("a", 1), store.sealing(seg("a", 1)))
+    starts = layout.starts
+
+    def replace(key: str, content: bytes) -> None:
+        inner.delete(key)
+        inner.put(key, content)
+
+    # a flipped byte, in a frame and in the tail
+    for pos in (10, starts[1] + 30, len(raw) - 70, len(raw) - 5):
+        bad = bytearray(raw)
+        bad[pos] ^= 1
+        replace(seg("a", 1), bytes(bad))
+        expect_failure(store, seg("a", 1))
+    # two frames swapped (the index still gives each frame's length: swap equal ones)
+    f0, f1 = raw[starts[0]:starts[1]], raw[starts[1]:starts[2]]
+    replace(seg("a", 1), raw[:starts[0]] + f1 + f0 + raw[starts[2]:])
+    expect_failure(store, seg("a", 1))
+    # cut short
+    replace(seg("a", 1), raw[:-1])
+    expect_failure(store, seg("a", 1))
+    replace(seg("a", 1), raw[:starts[3]])
+    expect_failure(store, seg("a", 1))
+    # another segment of the same volume (an older one replayed as a newer seq)
+    replace(seg("a", 1), inner.get(seg("a", 2)))
+    expect_failure(store, seg("a", 1))
+    # a segment of another volume opened with the same passphrase
+    replace(seg("a", 1), inner.get(seg("b", 1)))
+    expect_failure(store, seg("a", 1))
+    # a checkpoint part swapped with another part
+    store.put(names.checkpoint_part_key("a", 5, 0), b"part zero" * 100)
+    store.put(names.checkpoint_part_key("a", 5, 1), b"part one" * 100)
+    replace(names.checkpoint_part_key("a", 5, 0), inner.get(names.checkpoint_part_key("a", 5, 1)))
+    expect_failure(store, names.checkpoint_part_key("a", 5, 0))
+    # a plain object where a sealed one belongs
+    replace(seg("a", 1), data)
+    expect_failure(store, seg("a", 1))
+    # ... and the untouched ones still read back
+    assert store.get(seg("a", 2)) == data[::-1]
+
+
+def test_rewritten_object_is_read_afresh(stores):
+    _inner, store = stores
+    store.put(seg("a", 1), b"x" * 50_000)
+    assert store.get(seg("a", 1), 100, 10) == b"x" * 10
+    store.inner.delete(seg("a", 1))            # behind the wrapper's back
+    other = SealingStore(store.inner, store._resolve)
+    other.put(seg("a", 1), b"y" * 50_000)
+    assert store.get(seg("a", 1), 100, 10) == b"y" * 10
+
+
+def test_rotated_key_reads_old_objects(stores):
+    inner, store = stores
+    store.put(seg("a", 1), b"old" * 10_000)
+    sealing = store.sealing(seg("a", 1))
+    ring = kr.rotate(sealing.keyring)
+    rotated = SealingStore(inner, lambda v: VolumeSealing(volume_id=ring.volume_id,
+                                                          keyring=ring, compressor=None))
+    rotated.put(seg("a", 2), b"new" * 10_000)
+    assert objects.decode_tail(inner.get(seg("a", 2)), where="").key_id == 2
+    assert objects.decode_tail(inner.get(seg("a", 1)), where="").key_id == 1
+    assert rotated.get(seg("a", 1)) == b"old" * 10_000
+    assert rotated.get(seg("a", 2), 3, 3) == b"new"
