@@ -15,6 +15,10 @@ def register(sub) -> None:
     p.add_argument("--defrag", action="store_true",
                    help="also rewrite ranges scattered in many small pieces (random writes) "
                         "in block order, so that reading them in order is fast again")
+    p.add_argument("--rekey", action="store_true",
+                   help="also rewrite every segment sealed with a data key other than the "
+                        "current one (after `lsbd key rotate`), except those snapshots, clones "
+                        "or the retention window still need as they are")
     p.add_argument("--dry-run", action="store_true", help="show what would happen")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--break-lease", action="store_true", help="take over a lease held elsewhere")
@@ -27,15 +31,31 @@ def run(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
     sock = ctx.control_path(config.name)
-    reply = control.call(sock, {"op": "compact", "threshold": args.threshold,
-                                "dry_run": args.dry_run, "defrag": args.defrag}, timeout=3600)
+    if args.rekey:
+        if not config.encryption:
+            raise UserError(f"volume {args.volume} is not encrypted: --rekey has nothing to do")
+        reply = None
+        if control.call(sock, {"op": "stats"}, timeout=10) is not None:
+            raise UserError(f"{args.volume} is mounted or served, and its writer seals with the "
+                            "data key it was opened with: stop it, then compact --rekey")
+    else:
+        reply = control.call(sock, {"op": "compact", "threshold": args.threshold,
+                                    "dry_run": args.dry_run, "defrag": args.defrag},
+                             timeout=3600)
     if reply is not None:  # the volume is mounted or served: its writer compacts
         report = reply["report"]
     else:
+        force: frozenset[int] = frozenset()
+        if args.rekey:
+            from lsbd.crypto.keystore import stale_segments
+
+            force = stale_segments(ctx.plain_store, args.volume,
+                                   ctx.keyring(args.volume).current)
         with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol:
             with ui.count_progress("compacting") as update:
                 report = vol.compact(threshold=args.threshold, dry_run=args.dry_run,
-                                     progress=update, defrag=args.defrag).as_dict()
+                                     progress=update, defrag=args.defrag,
+                                     force=force).as_dict()
     if args.json:
         ui.print_json(report)
         return 0

@@ -1,8 +1,15 @@
-"""lsbd create VOLUME --size SIZE"""
+"""lsbd create VOLUME --size SIZE [--compress zstd[:LEVEL]|none] [--encrypt]"""
 
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import parse_duration
+from lsbd.cli.secrets import new_secret
+from lsbd.crypto import keyring as kr
+from lsbd.crypto import keystore
+from lsbd.crypto.aead import CIPHER_NAME, random_bytes
+from lsbd.crypto.compress import parse_setting
 from lsbd.meta.config import DEFAULT_BLOCK_SIZE, create_volume, parse_size
+from lsbd.errors import UserError, VolumeExists
+from lsbd.names import check_volume_name, config_key, keys_key
 
 
 def register(sub) -> None:
@@ -17,14 +24,43 @@ def register(sub) -> None:
     p.add_argument("--retain", default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
                         "0: snapshots only)")
+    p.add_argument("--compress", default="zstd", metavar="zstd[:LEVEL]|none",
+                   help="compress segments and checkpoints, frame by frame, where it pays "
+                        "(default zstd, level 1)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt segments and checkpoints (AES-256-GCM); the passphrase comes "
+                        "from --passphrase-file, --key-file, $LSBD_PASSPHRASE or a prompt")
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
-    config = create_volume(ctx.store, args.volume, parse_size(args.size),
-                           block_size=parse_size(args.block_size), flush_mode=args.flush_mode,
-                           segment_size=parse_size(args.segment_size),
-                           retain_seconds=parse_duration(args.retain))
+    try:
+        codec, level = parse_setting(args.compress)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    compression = f"zstd:{level}" if codec == "zstd" else "none"
+    size, block_size = parse_size(args.size), parse_size(args.block_size)
+    check_volume_name(args.volume)
+    if ctx.plain_store.exists(config_key(args.volume)):
+        raise VolumeExists(f"volume {args.volume!r} already exists in {ctx.store.url}")
+    if args.encrypt:
+        secret = new_secret(key_file=ctx.key_file, passphrase_file=ctx.passphrase_file,
+                            env="LSBD_PASSPHRASE")
+        keystore.save(ctx.plain_store, args.volume,
+                      kr.new_keyring(random_bytes(16), secret))
+    try:
+        config = create_volume(ctx.store, args.volume, size, block_size=block_size,
+                               flush_mode=args.flush_mode,
+                               segment_size=parse_size(args.segment_size),
+                               retain_seconds=parse_duration(args.retain),
+                               compression=compression,
+                               encryption=CIPHER_NAME if args.encrypt else None)
+    except BaseException:
+        if args.encrypt:
+            ctx.plain_store.delete(keys_key(args.volume, 1))
+        raise
+    how = ", ".join(x for x in ("encrypted" if args.encrypt else "",
+                                f"{compression} compressed" if codec == "zstd" else "") if x)
     ui.err.print(f"created volume [bold]{config.name}[/] ({ui.human_size(config.size)}, "
-                 f"{config.block_size}-byte blocks) in {ctx.store.url}")
+                 f"{config.block_size}-byte blocks{', ' + how if how else ''}) in {ctx.store.url}")
     return 0

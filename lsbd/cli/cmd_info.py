@@ -5,6 +5,7 @@ import time
 from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.cmd_history import format_duration
+from lsbd.crypto import keystore
 from lsbd.engine import control
 from lsbd.segments.checkpoints import list_checkpoints
 from lsbd.meta.config import load_config
@@ -56,6 +57,10 @@ def run(args, ctx) -> int:
         ["checkpoints", unknown if info["checkpoints"] is None
          else ", ".join(f"{c:016x}" for c in info["checkpoints"]) or "none"],
         ["writer", info["writer"] or "none"],
+        ["compression", info.get("compression", "?")],
+        ["encryption", info.get("encryption") or "none"],
+        ["data keys in use", ", ".join(f"key {k}: {n} objects" for k, n in
+                                       (info.get("data_keys_in_use") or {}).items()) or "-"],
         ["store", names.volume_prefix(info["name"]) + " in " + info["store"]],
     ]
     if "durable_seq" in info:
@@ -88,4 +93,11 @@ def _from_store(store, volume: str) -> dict:
         "snapshots": [{"name": s.name, "seq": s.seq} for s in snaps],
         "writer": None if holder is None else holder.describe(),
         "store": store.url,
+        "compression": config.compression,
+        "encryption": config.encryption,
+        # Which data key seals how many stored objects (read from each
+        # object's tail: no passphrase needed); `lsbd key list` shows more.
+        "data_keys_in_use": ({str(k): n for k, n in sorted(
+            keystore.keys_in_use(getattr(store, "inner", store), config.name).items())}
+            if config.encryption else {}),
     }

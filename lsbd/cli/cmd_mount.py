@@ -57,6 +57,8 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
+    ctx.ask_secret_if_encrypted(name)   # before the fork: the child has no terminal
+
     def open_images():
         # Runs in the serving process, after the fork: the engine starts threads.
         tune_serving_process()

@@ -16,23 +16,74 @@ def default_cache_dir() -> str:
 
 
 class Context:
-    def __init__(self, *, store_url: str | None, endpoint_url: str | None, cache_dir: str | None):
+    def __init__(self, *, store_url: str | None, endpoint_url: str | None, cache_dir: str | None,
+                 key_file: str | None = None, passphrase_file: str | None = None):
         self.store_url = store_url
         self.endpoint_url = endpoint_url
         self.cache_dir = cache_dir or os.environ.get("LSBD_CACHE_DIR") or default_cache_dir()
+        self.key_file = key_file
+        self.passphrase_file = passphrase_file
         self._store: Store | None = None
+        self._secret = None
 
     @property
     def store(self) -> Store:
+        """The store, with the wrapper that seals the segments and checkpoints
+        of compressed or encrypted volumes (lsbd/crypto/store.py)."""
         if self._store is None:
-            self._store = open_store(self.store_url, endpoint_url=self.endpoint_url)
+            self._store = open_store(self.store_url, endpoint_url=self.endpoint_url,
+                                     secret=self.secret)
         return self._store
+
+    @property
+    def plain_store(self) -> Store:
+        """The store without the sealing wrapper (keys objects, raw bytes)."""
+        return getattr(self.store, "inner", self.store)
+
+    def secret(self, volume: str):
+        """The passphrase or key file given for this run (asked for once)."""
+        if self._secret is None:
+            from lsbd.cli.secrets import current_secret
+
+            self._secret = current_secret(key_file=self.key_file,
+                                          passphrase_file=self.passphrase_file, volume=volume)
+        return self._secret
+
+    def ask_secret_if_encrypted(self, volume: str) -> None:
+        """Get the passphrase of an encrypted volume now, with a store opened
+        and closed just for that (a process about to fork keeps no store)."""
+        from lsbd.meta.config import load_config
+
+        probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False)
+        try:
+            encrypted = load_config(probe, volume).encryption
+        finally:
+            probe.close()
+        if encrypted:
+            self.secret(volume)
+
+    def keyring(self, volume: str):
+        """The unlocked keys of an encrypted volume."""
+        from lsbd.crypto import keystore
+
+        return keystore.unlock(self.plain_store, volume, self.secret(volume))
+
+    def unlock(self, volume: str) -> None:
+        """Open the keys of `volume` and of the volumes it was cloned from
+        now, before anything is written: a wrong passphrase is one clear
+        error that changes nothing."""
+        from lsbd import names
+        from lsbd.meta.config import Lineage, load_config
+
+        for config in Lineage.load(self.plain_store, load_config(self.plain_store, volume)).chain:
+            self.store.sealing(names.segment_key(config.name, 1))
 
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):
         """Open a volume: returns an lsbd.engine.volume.Volume."""
         from lsbd.engine.volume import Volume
 
+        self.unlock(name)
         return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
                            break_lease=break_lease, flush_mode=flush_mode, **options)
 

@@ -16,7 +16,7 @@ from lsbd.errors import LsbdError
 # working while a front end's dependencies are absent.
 COMMANDS = [
     "create", "list", "info", "delete", "import_export", "checkpoint", "verify",
-    "snapshot", "history", "compact", "resize_stats", "serve", "mount",
+    "snapshot", "history", "compact", "resize_stats", "serve", "mount", "key",
 ]
 
 
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="local map, journal and segment cache (default: $LSBD_CACHE_DIR, "
                              "else ~/.cache/lsbd)")
+    parser.add_argument("--passphrase-file", default=None, metavar="FILE",
+                        help="the passphrase of an encrypted volume, on the file's first line "
+                             "(default: $LSBD_PASSPHRASE, else a prompt)")
+    parser.add_argument("--key-file", default=None, metavar="FILE",
+                        help="a key file that opens an encrypted volume")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="lsbd: %(levelname)s: %(message)s")
-    ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir)
+    ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir,
+                  key_file=args.key_file, passphrase_file=args.passphrase_file)
     try:
         return int(args.func(args, ctx) or 0)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lsbd import names
 from lsbd.crypto import keyring as kr
-from lsbd.errors import ObjectExists, ObjectNotFound, UserError
+from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound, UserError
 from lsbd.store.base import Store
 
 
@@ -56,3 +56,48 @@ def save(store: Store, volume: str, ring: kr.Keyring) -> None:
     for generation in generations(store, volume):
         if generation < ring.generation:
             store.delete(names.keys_key(volume, generation))
+
+
+def copy(store: Store, source: str, target: str) -> None:
+    """Give volume `target` the keys of `source` (a clone or a restored copy
+    opens with the same passphrases, and reads `source`'s objects)."""
+    locked = load(store, source)
+    store.put(names.keys_key(target, locked.generation),
+              store.get(names.keys_key(source, locked.generation)), exclusive=True)
+
+
+def keys_in_use(store: Store, volume: str) -> dict[int, int]:
+    """Data key id -> how many of the volume's stored objects were sealed
+    with it (read from each object's tail: no passphrase needed)."""
+    from lsbd.crypto.objects import TAIL, decode_tail
+
+    counts: dict[int, int] = {}
+    for prefix in (names.segment_prefix(volume), names.checkpoint_prefix(volume)):
+        for info in store.list(prefix):
+            if names.sealed_volume(info.key) is None:
+                continue
+            try:
+                tail = decode_tail(store.get(info.key, -TAIL.size), where=info.key)
+            except (ObjectNotFound, CorruptionError):
+                continue
+            if tail.encrypted:
+                counts[tail.key_id] = counts.get(tail.key_id, 0) + 1
+    return counts
+
+
+def stale_segments(store: Store, volume: str, current: int) -> frozenset[int]:
+    """Seqs of the volume's own segments sealed with a data key other than `current`."""
+    from lsbd.crypto.objects import TAIL, decode_tail
+
+    stale = set()
+    for info in store.list(names.segment_prefix(volume)):
+        seq = names.parse_seq(info.key)
+        if seq is None:
+            continue
+        try:
+            tail = decode_tail(store.get(info.key, -TAIL.size), where=info.key)
+        except (ObjectNotFound, CorruptionError):
+            continue
+        if tail.encrypted and tail.key_id != current:
+            stale.add(seq)
+    return frozenset(stale)

@@ -14,17 +14,21 @@ objects) and then only the frames that hold the range.
 
 from __future__ import annotations
 
+import json
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import attrs
 
 from lsbd import names
-from lsbd.crypto import objects
+from lsbd.crypto import keystore, objects
+from lsbd.crypto.aead import CIPHER_NAME
 from lsbd.crypto.compress import FRAME_SIZE, Compressor
 from lsbd.crypto.frames import FrameError, Framer, new_object_id, object_cipher
-from lsbd.crypto.keyring import Keyring
+from lsbd.crypto.keyring import Keyring, Secret
+from lsbd.errors import CorruptionError, ObjectNotFound, UserError
 from lsbd.store.base import ObjectInfo, Store
 
 #: Bytes read from an object's end to find its tail and index (one GET for
@@ -70,7 +74,49 @@ class VolumeSealing:
 Resolver = Callable[[str], "VolumeSealing | None"]
 
 
+def volume_resolver(inner: Store, secret: Callable[[str], Secret] | None) -> Resolver:
+    """How each volume is sealed, from its config.json (read here rather than
+    through lsbd.meta.config: the store layer sits below the engine), and
+    for an encrypted one its keys, opened with `secret(volume)`."""
+
+    def resolve(volume: str) -> VolumeSealing | None:
+        try:
+            doc = json.loads(inner.get(names.config_key(volume)))
+        except ObjectNotFound:
+            raise _NoConfig() from None
+        except ValueError:
+            raise CorruptionError(f"{names.config_key(volume)}: unreadable volume config") \
+                from None
+        compression = doc.get("compression") or "none"
+        encryption = doc.get("encryption")
+        if compression == "none" and not encryption:
+            return None
+        keyring = None
+        if encryption:
+            if encryption != CIPHER_NAME:
+                raise UserError(f"volume {volume} is encrypted with {encryption!r}, "
+                                "which this lsbd does not know")
+            if secret is None:
+                raise UserError(f"volume {volume} is encrypted: a passphrase is needed")
+            keyring = keystore.unlock(inner, volume, secret(volume))
+        codec, _, level = compression.partition(":")
+        if codec not in ("zstd", "none"):
+            raise UserError(f"volume {volume} is compressed with {codec!r}, "
+                            "which this lsbd does not know")
+        return VolumeSealing(volume_id=uuid.UUID(hex=doc["volume_id"]).bytes, keyring=keyring,
+                             compressor=Compressor(int(level or 1)) if codec == "zstd" else None)
+
+    return resolve
+
+
+class _NoConfig(Exception):
+    """The volume has no config (yet, or any more): ask again next time."""
+
+
 class SealingStore(Store):
+    #: Volume.open refuses a compressed or encrypted volume on any other store.
+    seals_objects = True
+
     def __init__(self, inner: Store, resolve: Resolver):
         self.inner = inner
         self.url = inner.url
@@ -91,7 +137,12 @@ class SealingStore(Store):
         with self._lock:
             if volume in self._volumes:
                 return self._volumes[volume]
-        found = self._resolve(volume)
+        try:
+            found = self._resolve(volume)
+        except _NoConfig:
+            # Being created or deleted: nothing to seal now, and nothing
+            # remembered, so that its objects are sealed once it exists.
+            return None
         with self._lock:
             self._volumes[volume] = found
         return found

@@ -58,6 +58,7 @@ from lsbd.errors import (
     LeaseLost,
     ReadOnlyError,
     StoreError,
+    UserError,
     WouldBlock,
 )
 from lsbd.store import Store
@@ -176,6 +177,10 @@ class Volume:
         dir and the store; a reader (read_only, or at_seq for a past state)
         builds a private map in a temporary folder that is removed on close."""
         config = load_config(store, name)
+        if config.sealed and not getattr(store, "seals_objects", False):
+            # Plain objects must never enter a compressed or encrypted volume.
+            raise UserError(f"volume {name} is compressed or encrypted: open it through "
+                            "lsbd.crypto.store.SealingStore")
         mode = flush_mode or config.flush_mode
         if mode not in FLUSH_MODES:
             raise InvalidRequest(f"bad flush mode {mode!r}: journal or store")
@@ -1101,14 +1106,15 @@ class Volume:
     # ------------------------------------------------------------------ compaction
 
     def compact(self, *, threshold: float = 0.6, dry_run: bool = False,
-                rate: float | None = None, progress=None, defrag: bool = False):
+                rate: float | None = None, progress=None, defrag: bool = False,
+                force: frozenset[int] = frozenset()):
         """Reclaim space (and with defrag, lay scattered ranges out in
         order); see lsbd.history.compactor."""
         from lsbd.history.compactor import compact
 
         self._check_writable()
         with self._compact_lock:
-            return compact(self, threshold=threshold, dry_run=dry_run, rate=rate,
+            return compact(self, threshold=threshold, dry_run=dry_run, rate=rate, force=force,
                            progress=progress, defrag=defrag)
 
     def usage(self) -> dict:

@@ -94,8 +94,9 @@ def ensure_checkpoint_at(store, volume: str, seq: int, *, cache_root: str) -> No
 
 def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: float | None = None,
             progress: Callable[[int, int], None] | None = None,
-            defrag: bool = False) -> CompactionReport:
-    """Run one compaction on an open writable volume."""
+            defrag: bool = False, force: frozenset[int] = frozenset()) -> CompactionReport:
+    """Run one compaction on an open writable volume.  `force`: segments to
+    rewrite whatever their live fraction (those sealed with a retired key)."""
     started = time.monotonic()
     store = volume.store
     report = CompactionReport(dry_run=dry_run)
@@ -132,10 +133,14 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
         infos = {s.seq: s for s in volume.segment_infos()}
         stored = store_segment_seqs(store, volume.name)
 
+    # A sealed volume's stored sizes are compressed: its live fraction is
+    # taken against the plain data the segment holds.
+    plain = volume.config.sealed
     plan = plan_compaction(
-        segments={s: (stored.get(s, 0), i.live_blocks) for s, i in infos.items() if s in stored},
+        segments={s: (i.data_blocks * volume.block_size if plain else stored.get(s, 0),
+                      i.live_blocks) for s, i in infos.items() if s in stored},
         block_size=volume.block_size, window=window, top=top, base_seq=volume.config.base_seq,
-        pinned_refs=pinned_refs, threshold=threshold)
+        pinned_refs=pinned_refs, threshold=threshold, force=force)
     report.segments_read = len(plan.victims)
     report.skipped_pinned = plan.skipped_pinned
     if dry_run:

@@ -38,10 +38,21 @@ def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, siz
     store.put(names.clone_ref_key(source.name, name),
               json.dumps({"clone": name, "seq": seq, "created": time.time()}).encode())
     parent = {"volume": source.name, "volume_id": source.volume_id, "seq": seq}
+    copy_sealing(store, source, name)
     return create_volume(store, name, size, block_size=source.block_size,
                          flush_mode=source.flush_mode, segment_size=source.segment_size,
                          seal_interval=source.seal_interval,
-                         retain_seconds=source.retain_seconds, parent=parent)
+                         retain_seconds=source.retain_seconds, parent=parent,
+                         compression=source.compression, encryption=source.encryption)
+
+
+def copy_sealing(store: Store, source: VolumeConfig, name: str) -> None:
+    """An encrypted volume's clone or copy gets a copy of its keys: the same
+    passphrases open it, and it reads the source's segments."""
+    if source.encryption:
+        from lsbd.crypto import keystore
+
+        keystore.copy(getattr(store, "inner", store), source.name, name)
 
 
 def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, cache_root: str,
@@ -60,9 +71,11 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
                            "choose another name")
     copied = 0
     with Volume.open(store, source.name, cache_root=cache_root, at_seq=seq) as src:
+        copy_sealing(store, source, name)
         create_volume(store, name, src.size, block_size=src.block_size,
                       flush_mode=source.flush_mode, segment_size=source.segment_size,
-                      retain_seconds=source.retain_seconds)
+                      retain_seconds=source.retain_seconds, compression=source.compression,
+                      encryption=source.encryption)
         with Volume.open(store, name, cache_root=cache_root) as dst:
             offset = 0
             while offset < src.size:

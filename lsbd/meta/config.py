@@ -41,6 +41,15 @@ class VolumeConfig:
     # the parent's segments (shared, never copied); the clone's own start at N+1.
     parent: dict | None = None
     format: int = 1
+    # Segments and checkpoints stored sealed (lsbd/crypto): "zstd:LEVEL" or
+    # "none", and "aes-256-gcm" or None.  Volumes made before these settings
+    # existed have neither and are stored plain.
+    compression: str = "none"
+    encryption: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        return self.compression != "none" or self.encryption is not None
 
     @property
     def base_seq(self) -> int:

@@ -41,8 +41,8 @@ class CompactionPlan:
 
 
 def plan_compaction(*, segments: dict[int, tuple[int, int]], block_size: int, window: int,
-                    top: int, base_seq: int, pinned_refs: set[int], threshold: float
-                    ) -> CompactionPlan:
+                    top: int, base_seq: int, pinned_refs: set[int], threshold: float,
+                    force: frozenset[int] = frozenset()) -> CompactionPlan:
     """Choose the segments to rewrite.  Pure.
 
     segments: seq -> (object size, blocks the live map still uses in it).
@@ -51,7 +51,8 @@ def plan_compaction(*, segments: dict[int, tuple[int, int]], block_size: int, wi
     whole, so rewriting them would reclaim nothing.
     A segment is a victim when it is at or before W, is this volume's own
     (after base_seq: a clone's older segments belong to its parent), is used
-    by the live map, and its live fraction is below `threshold`."""
+    by the live map, and its live fraction is below `threshold` (or it is
+    in `force`: sealed with a data key being retired)."""
     victims = []
     live = {}
     skipped = 0
@@ -60,7 +61,7 @@ def plan_compaction(*, segments: dict[int, tuple[int, int]], block_size: int, wi
         if seq > window or seq > top or seq <= base_seq or live_blocks == 0 or size <= 0:
             continue
         live_bytes = live_blocks * block_size
-        if live_bytes / size >= threshold:
+        if live_bytes / size >= threshold and seq not in force:
             continue
         if seq in pinned_refs:
             skipped += 1

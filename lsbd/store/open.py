@@ -15,8 +15,14 @@ def default_store_url() -> str:
     return "file://" + os.path.join(base, "lsbd", "store")
 
 
-def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True) -> Store:
-    """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix."""
+def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True,
+               seal: bool = True, secret=None) -> Store:
+    """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix.
+
+    seal: wrap it in lsbd.crypto.store.SealingStore, which compresses and
+    encrypts the segments and checkpoints of the volumes whose settings ask
+    for it; `secret(volume)` gives the passphrase or key file of an
+    encrypted volume (without it, opening one is an error)."""
     url = url or os.environ.get("LSBD_STORE") or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -39,4 +45,8 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
         from lsbd.store.retry import RetryingStore
 
         store = RetryingStore(store)
+    if seal:
+        from lsbd.crypto.store import SealingStore, volume_resolver
+
+        store = SealingStore(store, volume_resolver(store, secret))
     return store

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""What compression and encryption cost a served volume, and what they save.
+
+    .venv/bin/python bench/crypto_nbd_bench.py [--runtime 8] [--size 512M] [--tree DIR ...]
+
+1. fio through NBD (the jobs of bench/nbd_bench.py: iodepth 16, Unix socket)
+   against `lsbd serve` of three volumes in one run: plain (--compress
+   none), compressed (the default), and compressed and encrypted; the
+   ratios to plain.  Then the bytes each store holds.
+2. An ext4 image holding real files (default /usr/share/doc, /usr/share/man
+   and this virtualenv's packages, via mkfs.ext4 -d) plus as much random
+   data, imported into a plain and into a compressed, encrypted volume: the
+   bytes uploaded and the compression ratio.
+
+Not a test: figures are noisy, compare within one run.  Needs fio and
+e2fsprogs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nbd_bench import drop_page_cache, fio, parse_size, sh, stop, wait_for_socket  # noqa: E402
+
+PASSPHRASE = "bench passphrase"
+SUBJECTS = [("plain", ["--compress", "none"]), ("zstd", []),
+            ("zstd+aes", ["--encrypt"])]
+JOBS = [("seq write 1M", "write", "1M"), ("seq read 1M", "read", "1M"),
+        ("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k")]
+
+
+def base(workdir: str, name: str) -> list[str]:
+    return [sys.executable, "-m", "lsbd.cli.main", "--store",
+            f"file://{os.path.join(workdir, name, 'store')}", "--cache-dir",
+            os.path.join(workdir, name, "cache")]
+
+
+def env() -> dict:
+    return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE}
+
+
+def stored_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+@contextlib.contextmanager
+def serve(workdir: str, name: str, options: list[str], size: int):
+    cmd = base(workdir, name)
+    sh(*cmd, "create", "bench", "--size", str(size), *options, env=env())
+    sock = os.path.join(workdir, name, "lsbd.sock")
+    proc = subprocess.Popen([*cmd, "serve", "bench", "--socket", sock], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///bench?socket={sock}"
+    finally:
+        stop(proc)
+
+
+def nbd_table(workdir: str, size: str, runtime: int) -> None:
+    results: dict[str, dict] = {}
+    for name, options in SUBJECTS:
+        drop_page_cache()
+        print(f"  {name}", flush=True)
+        with serve(workdir, name, options, parse_size(size)) as uri:
+            fio(uri, "write", "1M", size=size, runtime=None)          # the untimed fill
+            results[name] = {}
+            for job, rw, bs in JOBS:
+                r = results[name][job] = fio(uri, rw, bs, size=size, runtime=runtime)
+                print(f"    {job:14} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS", flush=True)
+        results[name]["stored"] = stored_bytes(os.path.join(workdir, name, "store"))
+    print("\n  job            " + "".join(f"{n:>12}" for n, _ in SUBJECTS) + "   (ratio to plain)")
+    for job, _rw, bs in JOBS:
+        key = "iops" if bs == "4k" else "mib_s"
+        plain = results["plain"][job][key]
+        print(f"  {job:14} " + "".join(f"{results[n][job][key] / plain:12.2f}"
+                                       for n, _ in SUBJECTS))
+    print("  stored MiB     " + "".join(f"{results[n]['stored'] / 2**20:12.0f}"
+                                        for n, _ in SUBJECTS))
+
+
+def ext4_table(workdir: str, trees: list[str]) -> None:
+    staging = os.path.join(workdir, "tree")
+    os.makedirs(staging)
+    for tree in trees:
+        subprocess.run(["cp", "-a", tree, os.path.join(staging, os.path.basename(tree))],
+                       check=False, stderr=subprocess.DEVNULL)
+    files = stored_bytes(staging)
+    with open(os.path.join(staging, "random.bin"), "wb") as f:
+        for _ in range(-(-files // (8 << 20))):
+            f.write(os.urandom(8 << 20))
+    image = os.path.join(workdir, "ext4.img")
+    size = (2 * files + (256 << 20)) // (1 << 20) * (1 << 20)
+    sh("mkfs.ext4", "-q", "-F", "-d", staging, image, f"{size // 1024}k")
+    shutil.rmtree(staging)
+    print(f"\n  ext4 image of {size >> 20} MiB: {files >> 20} MiB of files, as much random")
+    for name, options in (("plain", ["--compress", "none"]), ("zstd+aes", ["--encrypt"])):
+        cmd = base(workdir, f"ext4-{name}")
+        sh(*cmd, "create", "img", "--size", str(size), *options, env=env())
+        sh(*cmd, "import", "img", image, env=env())
+        stored = stored_bytes(os.path.join(workdir, f"ext4-{name}", "store"))
+        print(f"    {name:9} uploaded {stored / 2**20:8.1f} MiB")
+    plain = stored_bytes(os.path.join(workdir, "ext4-plain", "store"))
+    sealed = stored_bytes(os.path.join(workdir, "ext4-zstd+aes", "store"))
+    print(f"    compression ratio (plain / compressed and encrypted): {plain / sealed:.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--size", default="512M", help="region fio works on (default 512M)")
+    ap.add_argument("--tree", action="append", help="directories to put in the ext4 image")
+    ap.add_argument("--skip-nbd", action="store_true")
+    ap.add_argument("--skip-ext4", action="store_true")
+    args = ap.parse_args()
+    trees = args.tree or ["/usr/share/doc", "/usr/share/man",
+                          os.path.join(sys.prefix, "lib")]
+    workdir = tempfile.mkdtemp(prefix="lsbd-crypto-bench-", dir="/var/tmp")
+    try:
+        if not args.skip_nbd:
+            nbd_table(workdir, args.size, args.runtime)
+        if not args.skip_ext4:
+            ext4_table(workdir, trees)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Passphrases and key files: where they come from, never where they go.
+
+An existing volume's passphrase comes from --key-file, --passphrase-file,
+$LSBD_PASSPHRASE, or a prompt (only when stdin is a terminal), in that
+order.  A new one (create --encrypt, key add, key change) from
+--new-key-file, --new-passphrase-file, $LSBD_NEW_PASSPHRASE, or a prompt
+asked twice.  A secret is never echoed, logged, put in an error message or
+passed on a command line.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+
+from lsbd.crypto.keyring import KEYFILE, PASSPHRASE, Secret
+from lsbd.errors import UserError
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def _passphrase_from_file(path: str) -> bytes:
+    # A passphrase file holds one line; its line end is not part of it.
+    return _read_file(path, "passphrase file").rstrip(b"\r\n")
+
+
+def _prompt(text: str) -> bytes:
+    if not sys.stdin.isatty():
+        raise UserError("a passphrase is needed: give --passphrase-file FILE, --key-file FILE "
+                        "or set LSBD_PASSPHRASE")
+    return getpass.getpass(text).encode()
+
+
+def current_secret(*, key_file: str | None, passphrase_file: str | None,
+                   volume: str) -> Secret:
+    """The secret that opens an existing encrypted volume."""
+    if key_file:
+        return Secret(KEYFILE, _read_file(key_file, "key file"))
+    if passphrase_file:
+        return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file))
+    env = os.environ.get("LSBD_PASSPHRASE")
+    if env:
+        return Secret(PASSPHRASE, env.encode())
+    return Secret(PASSPHRASE, _prompt(f"passphrase of {volume}: "))
+
+
+def new_secret(*, key_file: str | None, passphrase_file: str | None,
+               env: str = "LSBD_NEW_PASSPHRASE", fallback_env: str | None = None) -> Secret:
+    """A new passphrase or key file for a key slot."""
+    if key_file:
+        return Secret(KEYFILE, _read_file(key_file, "key file"))
+    if passphrase_file:
+        return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file))
+    for name in (env, fallback_env):
+        value = os.environ.get(name) if name else None
+        if value:
+            return Secret(PASSPHRASE, value.encode())
+    first = _prompt("new passphrase: ")
+    if _prompt("the same again: ") != first:
+        raise UserError("the two passphrases differ; nothing was changed")
+    return Secret(PASSPHRASE, first)

@@ -1,0 +1,272 @@
+"""Encrypted and compressed volumes through the `lsbd` command: round trips,
+no plaintext in the store, a wrong or missing key, key slots and rotation,
+snapshots and clones, tampering seen by reads and by `lsbd verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lsbd import names
+from lsbd.crypto import objects
+
+MiB = 1 << 20
+MARK = b"PLAINTEXT-MARKER-"
+
+
+class Env:
+    def __init__(self, root):
+        self.root = root
+        self.store = root / "store"
+        self.cache = root / "cache"
+
+    def run(self, *args: str, passphrase: str | None = "hunter2 is long",
+            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("LSBD_")}
+        if passphrase is not None:
+            environ["LSBD_PASSPHRASE"] = passphrase
+        environ.update(env or {})
+        result = subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--store",
+                                 f"file://{self.store}", "--cache-dir", str(self.cache), *args],
+                                capture_output=True, text=True, timeout=180, env=environ,
+                                stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"lsbd {' '.join(args)}: {result.stderr}")
+        return result
+
+    def objects(self) -> dict[str, bytes]:
+        out = {}
+        for dirpath, _dirs, files in os.walk(self.store):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, self.store)] = fh.read()
+        return out
+
+
+@pytest.fixture
+def env(tmp_path):
+    return Env(tmp_path)
+
+
+def image(path, size: int, seed: int = 0) -> bytes:
+    """Text that compresses, with a marker on every block, and random blocks."""
+    blocks = []
+    for i in range(size // 4096):
+        if i % 5 == 4:
+            blocks.append(os.urandom(4096))
+        else:
+            line = MARK + b"%d-%d " % (seed, i)
+            blocks.append((line * (4096 // len(line) + 1))[:4096])
+    data = b"".join(blocks)
+    path.write_bytes(data)
+    return data
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_round_trip_no_plaintext_in_store_and_compressed(env, tmp_path):
+    data = image(tmp_path / "in.img", 4 * MiB)
+    env.run("create", "v", "--size", "8M", "--encrypt", "--segment-size", "1M")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    env.run("checkpoint", "v")
+    env.run("export", "v", str(tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes()[:len(data)] == data
+    stored = env.objects()
+    assert any("/seg/" in k for k in stored) and any("/ckpt/" in k for k in stored)
+    for key, content in stored.items():
+        assert MARK not in content, key
+        assert b"hunter2" not in content, key
+        if names.sealed_volume(key):
+            tail = objects.decode_tail(content, where=key)
+            assert tail.encrypted and tail.key_id == 1
+    seg_bytes = sum(len(c) for k, c in stored.items() if "/seg/" in k)
+    assert seg_bytes < len(data) * 0.5          # four blocks in five compress well
+    # A new cache dir: everything from the store alone.
+    (tmp_path / "out.img").unlink()
+    env.run("--cache-dir", str(tmp_path / "cache2"), "export", "v", str(tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes()[:len(data)] == data
+    assert "every checksum is good" in env.run("verify", "v").stderr
+    info = json.loads(env.run("info", "v", "--json").stdout)
+    assert info["encryption"] == "aes-256-gcm" and info["compression"] == "zstd:1"
+    assert list(info["data_keys_in_use"]) == ["1"]
+
+
+def test_compression_by_default_and_none_stays_plain(env, tmp_path):
+    data = image(tmp_path / "in.img", 2 * MiB)
+    env.run("create", "c", "--size", "4M", passphrase=None)
+    env.run("create", "p", "--size", "4M", "--compress", "none", passphrase=None)
+    for v in ("c", "p"):
+        env.run("import", v, str(tmp_path / "in.img"), passphrase=None)
+        env.run("export", v, str(tmp_path / f"{v}.img"), passphrase=None)
+        assert (tmp_path / f"{v}.img").read_bytes()[:len(data)] == data
+    stored = env.objects()
+    seg_c = [c for k, c in stored.items() if k.startswith("volumes/c/seg/")]
+    seg_p = [c for k, c in stored.items() if k.startswith("volumes/p/seg/")]
+    assert all(objects.is_sealed(c) and not objects.decode_tail(c, where="").encrypted
+               for c in seg_c)
+    assert all(c.startswith(b"LSBDSEG1") for c in seg_p)        # the first format, as ever
+    assert sum(map(len, seg_c)) < sum(map(len, seg_p)) * 0.5
+    bad = env.run("create", "x", "--size", "4M", "--compress", "gzip", check=False)
+    one_line_error(bad, "zstd")
+
+
+def test_wrong_or_missing_key_is_one_line_and_changes_nothing(env, tmp_path):
+    image(tmp_path / "in.img", 1 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    before = env.objects()
+    for args in (("export", "v", str(tmp_path / "o.img")), ("import", "v", str(tmp_path / "in.img")),
+                 ("verify", "v"), ("checkpoint", "v"), ("snapshot", "create", "v", "s1")):
+        result = env.run(*args, passphrase="not it", check=False)
+        one_line_error(result, "wrong passphrase")
+        assert "not it" not in result.stderr
+        assert env.objects() == before, args
+    # No passphrase at all, and no terminal to ask on.
+    one_line_error(env.run("export", "v", str(tmp_path / "o.img"), passphrase=None, check=False),
+                   "passphrase")
+    # The keys object gone.
+    keys = [k for k in before if "/keys/" in k]
+    os.rename(env.store / keys[0], tmp_path / "keys.bak")
+    one_line_error(env.run("export", "v", str(tmp_path / "o.img"), check=False), "keys")
+    os.rename(tmp_path / "keys.bak", env.store / keys[0])
+    env.run("export", "v", str(tmp_path / "o.img"))
+
+
+def test_key_slots_change_add_remove(env, tmp_path):
+    data = image(tmp_path / "in.img", 1 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    keyfile = tmp_path / "vol.key"
+    keyfile.write_bytes(os.urandom(64))
+    env.run("key", "add", "v", "--new-key-file", str(keyfile))
+    env.run("--key-file", str(keyfile), "export", "v", str(tmp_path / "a.img"), passphrase=None)
+    assert (tmp_path / "a.img").read_bytes()[:len(data)] == data
+
+    newpass = tmp_path / "new.pass"
+    newpass.write_text("a new passphrase\n")
+    env.run("key", "change", "v", "--new-passphrase-file", str(newpass))
+    one_line_error(env.run("export", "v", str(tmp_path / "b.img"), check=False),
+                   "wrong passphrase")
+    env.run("--passphrase-file", str(newpass), "export", "v", str(tmp_path / "b.img"),
+            passphrase=None)
+    assert (tmp_path / "b.img").read_bytes()[:len(data)] == data
+
+    listing = json.loads(env.run("--passphrase-file", str(newpass), "key", "list", "v",
+                                 "--json", passphrase=None).stdout)
+    assert [s["kind"] for s in listing["slots"]] == ["passphrase", "keyfile"]
+    env.run("--passphrase-file", str(newpass), "key", "remove", "v", "2", passphrase=None)
+    one_line_error(env.run("--key-file", str(keyfile), "export", "v", str(tmp_path / "c.img"),
+                           passphrase=None, check=False), "wrong key file")
+    one_line_error(env.run("--passphrase-file", str(newpass), "key", "remove", "v", "1",
+                           passphrase=None, check=False), "last key slot")
+    # Only one keys object generation is left.
+    assert len([k for k in env.objects() if "/keys/" in k]) == 1
+
+
+def test_rotate_then_new_objects_use_the_new_key(env, tmp_path):
+    data = image(tmp_path / "in.img", 1 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    env.run("snapshot", "create", "v", "before")
+    env.run("key", "rotate", "v")
+    data2 = image(tmp_path / "in2.img", 1 * MiB, seed=1)
+    env.run("import", "v", str(tmp_path / "in2.img"))
+    used = {k["id"]: k["objects"] for k in
+            json.loads(env.run("key", "list", "v", "--json").stdout)["data_keys"]}
+    assert used[1] > 0 and used[2] > 0
+    one_line_error(env.run("key", "retire", "v", "1", check=False), "still seals")
+    one_line_error(env.run("key", "retire", "v", "2", check=False), "current")
+    env.run("export", "v", str(tmp_path / "now.img"))
+    env.run("export", "v", "--snapshot", "before", str(tmp_path / "then.img"))
+    assert (tmp_path / "now.img").read_bytes()[:len(data2)] == data2
+    assert (tmp_path / "then.img").read_bytes()[:len(data)] == data
+
+
+def test_snapshot_clone_and_restore_of_an_encrypted_volume(env, tmp_path):
+    data = image(tmp_path / "in.img", 1 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    env.run("snapshot", "create", "v", "s")
+    image(tmp_path / "in2.img", 1 * MiB, seed=2)
+    env.run("import", "v", str(tmp_path / "in2.img"))
+    env.run("clone", "--snapshot", "s", "v", "kid")
+    env.run("restore", "v", "--snapshot", "s", "--to", "copy")
+    for name in ("kid", "copy"):
+        env.run("export", name, str(tmp_path / f"{name}.img"))
+        assert (tmp_path / f"{name}.img").read_bytes()[:len(data)] == data
+        one_line_error(env.run("export", name, str(tmp_path / "x.img"), passphrase="no",
+                               check=False), "wrong passphrase")
+    for key, content in env.objects().items():
+        assert MARK not in content, key
+
+
+def test_tampering_is_an_io_error_and_a_verify_failure_naming_the_object(env, tmp_path):
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    for seed in range(3):              # each import ends with its own segment
+        image(tmp_path / "in.img", 1 * MiB, seed=seed)
+        env.run("import", "v", str(tmp_path / "in.img"))
+    segs = sorted(k for k in env.objects() if "/seg/" in k)
+    assert len(segs) >= 3
+    victim = env.store / segs[-1]          # the live one: each import rewrote the same range
+    original = victim.read_bytes()
+
+    def check_bad(what: str) -> None:
+        verify = env.run("--cache-dir", str(tmp_path / f"c-{what}"), "verify", "v", check=False)
+        assert verify.returncode != 0, what
+        assert segs[-1] in verify.stderr, (what, verify.stderr)
+        export = env.run("--cache-dir", str(tmp_path / f"e-{what}"), "export", "v",
+                         str(tmp_path / "x.img"), check=False)
+        assert export.returncode != 0, what
+        assert "Traceback" not in export.stderr
+
+    def put(content: bytes) -> None:
+        victim.write_bytes(content)
+
+    bad = bytearray(original)
+    bad[len(bad) // 3] ^= 0x01
+    put(bytes(bad))
+    check_bad("flip")
+    put((env.store / segs[0]).read_bytes())     # an older segment replayed as the newest seq
+    check_bad("replayed")
+    put(original[:-100])
+    check_bad("truncated")
+    put(original)
+    assert env.run("--cache-dir", str(tmp_path / "c-ok"), "verify", "v").returncode == 0
+
+
+def test_rotate_compact_rekey_then_retire_the_old_key(env, tmp_path):
+    data = image(tmp_path / "in.img", 1 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt", "--retain", "0")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    env.run("snapshot", "create", "v", "s")
+    env.run("clone", "--snapshot", "s", "v", "kid")
+    env.run("key", "rotate", "v")
+    env.run("compact", "v", "--rekey")
+    # The snapshot (and the clone) still need the old segments as they are.
+    one_line_error(env.run("key", "retire", "v", "1", check=False), "still seals")
+    env.run("export", "v", "--snapshot", "s", str(tmp_path / "s.img"))
+    assert (tmp_path / "s.img").read_bytes()[:len(data)] == data
+    env.run("delete", "kid")
+    env.run("snapshot", "delete", "v", "s")
+    env.run("compact", "v", "--rekey")
+    listing = json.loads(env.run("key", "list", "v", "--json").stdout)["data_keys"]
+    assert {k["id"]: k["objects"] for k in listing}[1] == 0, listing
+    env.run("key", "retire", "v", "1")
+    assert [k["id"] for k in json.loads(env.run("key", "list", "v", "--json").stdout)
+            ["data_keys"]] == [2]
+    (tmp_path / "now.img").unlink(missing_ok=True)
+    env.run("--cache-dir", str(tmp_path / "fresh"), "export", "v", str(tmp_path / "now.img"))
+    assert (tmp_path / "now.img").read_bytes()[:len(data)] == data
+    assert env.run("--cache-dir", str(tmp_path / "fresh2"), "verify", "v").returncode == 0
