@@ -353,8 +353,8 @@ class LsbdStore:
         return subprocess.run(self.argv(*args), capture_output=True, text=True, check=check,
                               timeout=120)
 
-    def create(self, name: str, size: str) -> None:
-        self.run("create", name, "--size", size)
+    def create(self, name: str, size: str, *options: str) -> None:
+        self.run("create", name, "--size", size, *options)
 
     def serve(self, *volumes: str, options: tuple[str, ...] = ()) -> LsbdServe:
         return LsbdServe(self, volumes, options)

@@ -8,6 +8,13 @@
     keyring.py   the keys object: data keys wrapped by passphrases and key files
     keystore.py  keys objects in the store (numbered generations)
 
-Nothing here knows segments or checkpoints; docs/format.md has the byte
+    objects.py   the sealed object: frames, an index frame and a tail
+    store.py     a store wrapper that seals the segments and checkpoints of
+                 the volumes whose settings ask for it
+
+This package sits with the store layer: it imports only lsbd.store.base,
+lsbd.names, lsbd.checksum and lsbd.errors, and lsbd.store.open puts its
+wrapper around every store it opens, as it does the retry wrapper.  Nothing
+here knows the segment or checkpoint formats; docs/format.md has the byte
 tables and docs/security.md the threat model.
 """
