@@ -25,6 +25,7 @@ from lsbd.meta.config import create_volume
 from lsbd.format.segment import RECORD
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
+from lsbd.segments import checkpoints as ckpt
 
 VOLUME_SIZE = 64 * MiB
 SEGMENT_SIZE = 256 * 1024
@@ -190,6 +191,22 @@ def test_sigkill_and_lost_cache_dir_leaves_a_prefix(tmp_path, seed, flush_mode):
     """The journal is lost with the cache dir: the store alone holds a prefix
     of the segments.  With flush mode 'store', flushed writes are in it too."""
     _check_crash(tmp_path, seed, lose_cache=True, flush_mode=flush_mode)
+
+
+@pytest.mark.parametrize("seed,lose_cache", [(300, True), (301, True), (302, False)])
+def test_sigkill_while_delta_checkpoints_are_written(tmp_path, seed, lose_cache):
+    """A checkpoint after every segment: the writer is nearly always writing
+    a delta checkpoint when it is killed, and the store holds long chains."""
+    store_url = "file://" + str(tmp_path / "store")
+    store = open_test_store(store_url)
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
+                  checkpoint_segments=1)
+    try:
+        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store))
+        assert any(ckpt.read_manifest(store, "vol", s).is_delta
+                   for s in ckpt.list_checkpoints(store, "vol"))
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("seed", [200, 201])

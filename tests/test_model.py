@@ -120,6 +120,25 @@ class VolumeModel(RuleBasedStateMachine):
         self.flushed = self.in_store = len(self.history) - 1
 
     @rule()
+    def checkpoint_cut_short(self):
+        """A checkpoint (often a delta) whose parts are written but whose
+        manifest never is, as when the writer dies while writing it."""
+        real_put = self.store.put
+
+        def put(key, data, **kw):
+            if key.endswith("/manifest"):
+                raise OSError("cut short")
+            return real_put(key, data, **kw)
+
+        with patch.object(self.store, "put", put):
+            try:
+                self.vol.checkpoint()
+            except OSError:
+                pass
+        # It uploaded everything before its manifest.
+        self.flushed = self.in_store = len(self.history) - 1
+
+    @rule()
     def close_and_reopen(self):
         self.vol.close()
         self.vol = Volume.open(self.store, "m", cache_root=self.cache)

@@ -110,6 +110,25 @@ def segment_info(seq: int, trailer: Trailer, records: list[Record], size: int, s
                        live_blocks=0, data_blocks=data_blocks, trailer_crc=masked_crc(raw_trailer))
 
 
+def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Manifest, *,
+                    keep=lambda seq: True) -> None:
+    """Make `bm` the map at a checkpoint: its base, then each delta of its
+    chain laid over it.  The segment table is the checkpoint's own, less the
+    segments `keep` rejects (compaction may have deleted them since)."""
+    chain = ckpt.read_chain(store, volume, manifest)
+    segments = [s for s in ckpt.read_segments(store, manifest) if keep(s.seq)]
+    meta = dict(applied_seq=str(manifest.seq).encode(),
+                size=str(manifest.volume_size).encode(),
+                top_crc=str(manifest.top_crc or 0).encode())
+    if len(chain) == 1:
+        bm.load(ckpt.read_extents(store, manifest), segments, **meta)
+        return
+    bm.load(ckpt.read_extents(store, chain[0]), segments)
+    for delta in chain[1:]:
+        bm.apply_delta(ckpt.read_extents(store, delta))
+    bm.set_meta(**meta)
+
+
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
                        upto: int | None = None, progress=None) -> tuple[ReplayPlan, int]:
     """Rebuild the map from the newest valid checkpoint (at or before `upto`)
@@ -124,12 +143,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
             manifest = ckpt.read_manifest(store, volume, cp_seq)
             if manifest.volume_id != config.volume_id:
                 raise CorruptionError("checkpoint of another volume")
-            # Its segment table may name segments compaction deleted since.
-            segments = [s for s in ckpt.read_segments(store, manifest)
-                        if s.seq in stored or s.seq <= config.base_seq]
-            bm.load(ckpt.read_extents(store, manifest), segments,
-                    applied_seq=str(cp_seq).encode(), size=str(manifest.volume_size).encode(),
-                    top_crc=str(manifest.top_crc or 0).encode())
+            load_checkpoint(bm, store, volume, manifest,
+                            keep=lambda s: s in stored or s <= config.base_seq)
             break
         except (CorruptionError, ObjectNotFound) as e:
             log.warning("volume %s: checkpoint %016x unusable (%s); trying an older one",

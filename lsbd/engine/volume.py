@@ -29,6 +29,7 @@ from lsbd.map.blockmap import PENDING, STORED, BlockMap, SegmentInfo
 from lsbd.meta.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
 from lsbd.engine.control import ControlServer
 from lsbd.engine.control import socket_path as control_socket_path
+from lsbd.engine.deltas import delta_base, delta_entries, segment_records
 from lsbd.segments.journal import OpenSegment
 from lsbd.meta.lease import Lease
 from lsbd.plans.reads import plan_reads
@@ -1030,10 +1031,11 @@ class Volume:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, force: bool = False) -> int:
+    def checkpoint(self, force: bool = False, *, base: bool = False) -> int:
         """Write a checkpoint of the map now; returns its seq.  Everything up to
         it is uploaded first (a checkpoint never names a segment the store lacks).
         force: write it even if one exists at this seq (it may have been pruned).
+        base: a full one, never a delta (compaction: older chains can go).
         Reads and writes go on meanwhile: the map is read from an LMDB snapshot."""
         self._check_writable()
         with self._checkpoint_lock:
@@ -1051,10 +1053,18 @@ class Volume:
                     raise StoreError(f"volume {self.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({self._uploader.last_error})")
                 self.check_lease()
+                prev = None if base else delta_base(self.store, self.name,
+                                                    self.config.volume_id,
+                                                    self._last_checkpoint, target)
+                entries = snap.extents() if prev is None else delta_entries(
+                    snap, lambda seq: segment_records(self.store, self.lineage.segment_key,
+                                                      self._files.path(seq), seq),
+                    prev.seq + 1, target)
                 ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
                                       volume_size=snap.meta("size", self._size),
-                                      block_size=self.block_size, extents=snap.extents(),
-                                      segments=snap.segments(), top_crc=snap.meta("top_crc"))
+                                      block_size=self.block_size, extents=entries,
+                                      segments=snap.segments(), top_crc=snap.meta("top_crc"),
+                                      delta_of=prev)
             self._last_checkpoint = target
             self._last_checkpoint_time = time.monotonic()
             self._map.set_meta(last_checkpoint=str(target).encode())
@@ -1082,10 +1092,12 @@ class Volume:
         window = window_start({s.seq: s.sealed_ns for s in self.segment_infos()},
                               now_ns=time.time_ns(), retain_seconds=self.config.retain_seconds,
                               top=self._last_checkpoint)
-        for seq in deletable_checkpoints(ckpt.list_checkpoints(self.store, self.name),
-                                         pinned=pinned_points(self.store, self.config), window=window,
+        cps = ckpt.list_checkpoints(self.store, self.name)
+        for seq in deletable_checkpoints(cps, pinned=pinned_points(self.store, self.config),
+                                         window=window,
                                          live_checkpoint=self._last_checkpoint,
-                                         keep_recent=KEEP_CHECKPOINTS):
+                                         keep_recent=KEEP_CHECKPOINTS,
+                                         parents=ckpt.chain_parents(self.store, self.name, cps)):
             ckpt.delete_checkpoint(self.store, self.name, seq)
         # Parts left by an interrupted checkpoint or delete (we hold the
         # checkpoint lock: none is being written now).

@@ -24,12 +24,15 @@ left empty (the next compaction, those left sparse)."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from typing import Callable
 
 import attrs
 
 from lsbd import names
+from lsbd.engine.recovery import load_checkpoint
+from lsbd.map.blockmap import BlockMap
 from lsbd.meta.pins import pinned_points
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import store_segment_seqs
@@ -76,9 +79,20 @@ class CompactionReport:
 
 
 def checkpoint_refs(volume, seq: int) -> set[int]:
-    """The segments the checkpoint at `seq` refers to (streamed: bounded memory)."""
+    """The segments the map at checkpoint `seq` refers to.  A base is
+    streamed; a delta's map is built in a scratch map in the cache dir (the
+    delta alone does not say which of its base's extents it covers)."""
     manifest = ckpt.read_manifest(volume.store, volume.name, seq)
-    return {e.seq for e in ckpt.read_extents(volume.store, manifest)}
+    if not manifest.is_delta:
+        return {e.seq for e in ckpt.read_extents(volume.store, manifest)}
+    scratch = tempfile.mkdtemp(prefix="refs-", dir=volume.cache_root)
+    bm = BlockMap(scratch, volume.block_size)
+    try:
+        load_checkpoint(bm, volume.store, volume.name, manifest)
+        return {e.seq for e in bm.iter_extents()}
+    finally:
+        bm.close()
+        BlockMap.destroy(scratch)
 
 
 def ensure_checkpoint_at(store, volume: str, seq: int, *, cache_root: str) -> None:
@@ -156,7 +170,8 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
     report.bytes_rewritten += report.bytes_defragmented
 
     # 3. Make it durable and checkpoint the live map.
-    live_checkpoint = volume.checkpoint()
+    # A base: the chains of the points deleted here need not outlive them.
+    live_checkpoint = volume.checkpoint(base=True)
     report.segments_written = volume.stats["segments_sealed"] - sealed_before
 
     # 4. Delete what nothing needs, judged again now (with retain 0, W moved).
@@ -182,8 +197,10 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
             progress(i + 1, len(doomed))
     volume.forget_segments(doomed)
     report.segments_deleted = len(doomed)
-    for seq in deletable_checkpoints(ckpt.list_checkpoints(store, volume.name), pinned=points,
-                                     window=window, live_checkpoint=live_checkpoint):
+    cps = ckpt.list_checkpoints(store, volume.name)
+    for seq in deletable_checkpoints(cps, pinned=points, window=window,
+                                     live_checkpoint=live_checkpoint,
+                                     parents=ckpt.chain_parents(store, volume.name, cps)):
         ckpt.delete_checkpoint(store, volume.name, seq)
         report.checkpoints_deleted += 1
     report.stored_bytes_after = sum(store_segment_seqs(store, volume.name).values())

@@ -186,38 +186,9 @@ class BlockMap:
     # --- lookups ---------------------------------------------------------------
 
     def lookup(self, lba: int, nblocks: int) -> list[Extent]:
-        """The mapped pieces of [lba, lba+nblocks), clipped to it, in order.
-        One cursor pass: the extent at or before lba, then those after it."""
-        end = lba + nblocks
-        out = []
-        key = _k(lba)
+        """The mapped pieces of [lba, lba+nblocks), clipped to it, in order."""
         with self._env.begin(db=self._extents) as txn:
-            cur = txn.cursor()
-            if cur.set_range(key):
-                if cur.key() != key:
-                    if cur.prev():
-                        self._clip_first(cur, lba, end, out)
-                        if nblocks == 1:     # a single block: nothing more can start in it
-                            return out
-                        cur.next()
-                    else:
-                        cur.set_range(key)   # nothing before lba: back where we were
-                elif nblocks == 1:
-                    n, seq, off = _unv(cur.value())
-                    return [Extent(lba, 1, seq, off)]
-            else:
-                # Every extent starts before lba: only the last may reach it.
-                if cur.last():
-                    self._clip_first(cur, lba, end, out)
-                return out
-            unpack_value = _unv
-            for k, value in cur:
-                s = _lba(k)
-                if s >= end:
-                    break
-                n, seq, off = unpack_value(value)
-                out.append(Extent(s, min(s + n, end) - s, seq, off))
-        return out
+            return _lookup(txn.cursor(), lba, nblocks, self.block_size)
 
     def lookup_block(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of one block, or None for a hole: lookup() for
@@ -241,13 +212,6 @@ class BlockMap:
         if start + n > lba:
             return seq, off + (lba - start) * self.block_size
         return None
-
-    def _clip_first(self, cur, lba: int, end: int, out: list) -> None:
-        """The extent under `cur` starts before lba: its part from lba on, if any."""
-        s = _lba(cur.key())
-        n, seq, off = _unv(cur.value())
-        if s + n > lba:
-            out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * self.block_size))
 
     def iter_extents(self) -> Iterator[Extent]:
         """Every extent, in block order, from one consistent view."""
@@ -388,6 +352,35 @@ class BlockMap:
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
 
+    def apply_delta(self, entries: Iterable[Extent], batch: int = 1 << 18) -> None:
+        """Lay a checkpoint delta over the map: each entry replaces what the
+        map holds over its blocks (seq 0: a hole).  Live counts follow, for
+        the segments the map has rows for.  In transactions of `batch`
+        entries, so memory stays bounded: a crash half way leaves a map that
+        recovery does not trust (its volume id is written last)."""
+        it = iter(entries)
+        while True:
+            live_delta: dict[int, int] = defaultdict(int)
+            done = 0
+            with self._writing() as txn:
+                cur = txn.cursor(db=self._extents)
+                for e in it:
+                    self._punch(txn, cur, e.lba, e.lba + e.nblocks, live_delta)
+                    if e.seq:
+                        txn.put(_k(e.lba), _v(e.nblocks, e.seq, e.offset), db=self._extents)
+                        live_delta[e.seq] += e.nblocks
+                    done += 1
+                    if done >= batch:
+                        break
+                for seq, delta in live_delta.items():
+                    raw = txn.get(_KEY.pack(seq), db=self._segments)
+                    if raw is not None:
+                        info = SegmentInfo.unpack(seq, raw)
+                        info.live_blocks = max(0, info.live_blocks + delta)
+                        txn.put(_KEY.pack(seq), info.pack(), db=self._segments)
+            if done < batch:
+                return
+
     def live_blocks_by_seq(self) -> dict[int, int]:
         live: dict[int, int] = defaultdict(int)
         for e in self.iter_extents():
@@ -410,6 +403,22 @@ class MapSnapshot:
     def extents(self) -> Iterator[Extent]:
         return _extents_of(self._txn, self._bm._extents)
 
+    def lookup(self, lba: int, nblocks: int) -> list[Extent]:
+        return _lookup(self._txn.cursor(db=self._bm._extents), lba, nblocks,
+                       self._bm.block_size)
+
+    def tile(self, lba: int, nblocks: int) -> Iterator[Extent]:
+        """[lba, lba+nblocks) as the map has it, every block covered: its
+        extents, and the holes between them as extents of seq 0."""
+        at = lba
+        for e in self.lookup(lba, nblocks):
+            if e.lba > at:
+                yield Extent(at, e.lba - at, 0, 0)
+            yield e
+            at = e.lba + e.nblocks
+        if at < lba + nblocks:
+            yield Extent(at, lba + nblocks - at, 0, 0)
+
     def segments(self) -> list[SegmentInfo]:
         return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
                 for k, v in self._txn.cursor(db=self._bm._segments)]
@@ -422,6 +431,45 @@ class MapSnapshot:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _lookup(cur, lba: int, nblocks: int, bs: int) -> list[Extent]:
+    """One cursor pass: the extent at or before lba, then those after it."""
+    end = lba + nblocks
+    out: list[Extent] = []
+    key = _k(lba)
+    if cur.set_range(key):
+        if cur.key() != key:
+            if cur.prev():
+                _clip_first(cur, lba, end, out, bs)
+                if nblocks == 1:     # a single block: nothing more can start in it
+                    return out
+                cur.next()
+            else:
+                cur.set_range(key)   # nothing before lba: back where we were
+        elif nblocks == 1:
+            n, seq, off = _unv(cur.value())
+            return [Extent(lba, 1, seq, off)]
+    else:
+        # Every extent starts before lba: only the last may reach it.
+        if cur.last():
+            _clip_first(cur, lba, end, out, bs)
+        return out
+    for k, value in cur:
+        s = _lba(k)
+        if s >= end:
+            break
+        n, seq, off = _unv(value)
+        out.append(Extent(s, min(s + n, end) - s, seq, off))
+    return out
+
+
+def _clip_first(cur, lba: int, end: int, out: list, bs: int) -> None:
+    """The extent under `cur` starts before lba: its part from lba on, if any."""
+    s = _lba(cur.key())
+    n, seq, off = _unv(cur.value())
+    if s + n > lba:
+        out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * bs))
 
 
 def _extents_of(txn, db) -> Iterator[Extent]:

@@ -81,13 +81,21 @@ def deletable_segments(stored: Iterable[int], *, window: int, live_checkpoint: i
 
 
 def deletable_checkpoints(checkpoints: Iterable[int], *, pinned: set[int], window: int,
-                          live_checkpoint: int, keep_recent: int = 2) -> list[int]:
+                          live_checkpoint: int, keep_recent: int = 2,
+                          parents: dict[int, int] | None = None) -> list[int]:
     """Checkpoints nothing needs: not a pinned point, not W, not the newest
-    live one, and not among the newest `keep_recent` inside the window (they
-    shorten replays).  Pure."""
+    live one, not among the newest `keep_recent` inside the window (they
+    shorten replays), and not in the chain (base and earlier deltas) of a
+    checkpoint that is kept.  parents: delta seq -> the checkpoint it lies
+    over.  Pure."""
     cps = sorted(checkpoints)
     recent = set([c for c in cps if c > window][-keep_recent:])
     # The window's base: W itself, or the newest checkpoint before it.
     base = max([c for c in cps if c <= window] or [0])
     keep = set(pinned) | {window, base, live_checkpoint} | recent
+    parents = parents or {}
+    for c in list(keep):
+        while c in parents:
+            c = parents[c]
+            keep.add(c)
     return [c for c in cps if c not in keep and c < live_checkpoint]

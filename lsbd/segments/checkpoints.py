@@ -1,11 +1,19 @@
-"""Checkpoints: the whole block map as of a seq, so recovery replays only
-the segments after it.
+"""Checkpoints: the block map as of a seq, so recovery replays only the
+segments after it.
 
 A checkpoint is several immutable objects: parts of at most PART_EXTENTS
-extents each (zlib-compressed, CRC-checked), written first, then a small
+entries each (zlib-compressed, CRC-checked), written first, then a small
 manifest that lists them.  A checkpoint exists once its manifest does; parts
 without a manifest are leftovers of an interrupted checkpoint.  Memory use
-is bounded by one part, whatever the size of the map."""
+is bounded by one part, whatever the size of the map.
+
+A checkpoint is a *base* (every extent of the map) or a *delta*: the map's
+extents over every block range that the segments since the previous
+checkpoint (`prev`) touched, holes included, so that the map at `prev` with
+the delta laid over it is the map at this seq.  A chain is a base and the
+deltas after it; a new base is written when the chain is MAX_CHAIN long or
+its deltas hold as many entries as the base (choose_kind), so checkpoint
+bytes stay a flat fraction of the bytes written."""
 
 from __future__ import annotations
 
@@ -32,7 +40,10 @@ PART_EXTENTS_KIND = 1
 PART_SEGMENTS_KIND = 2
 EXTENT_ENTRY = struct.Struct("<QIQQ")     # lba nblocks seq offset
 SEGMENT_ENTRY = struct.Struct("<QqQQ")    # seq sealed_ns size data_blocks
+PART_DELTA_KIND = 3                       # entries as extents; seq 0: a hole
 PART_EXTENTS = 1 << 20
+#: Deltas after a base before the next base: bounds what opening applies.
+MAX_CHAIN = 8
 
 
 @attrs.frozen(kw_only=True)
@@ -46,9 +57,23 @@ class Manifest:
     parts: list  # [(key, kind, count, crc)]
     top_crc: int | None = None  # trailer fingerprint of segment `seq`: the chain goes on from it
     format: int = 1
+    # A delta (format 2): the checkpoint it lies over, its base, its place in
+    # the chain (1 for the first delta) and the entries of the chain's deltas
+    # up to it.  A base leaves them out: its manifest is format 1's.
+    prev: int | None = None
+    base: int | None = None
+    chain: int = 0
+    delta_entries: int = 0
+
+    @property
+    def is_delta(self) -> bool:
+        return self.prev is not None
 
     def to_json(self) -> bytes:
         body = attrs.asdict(self)
+        if not self.is_delta:
+            for name in ("prev", "base", "chain", "delta_entries"):
+                del body[name]
         text = json.dumps(body, sort_keys=True)
         return json.dumps({"manifest": body, "crc": masked_crc(text.encode())}, indent=1).encode()
 
@@ -79,9 +104,21 @@ def _decode_part(raw: bytes, *, seq: int, kind: int, where: str) -> bytes:
     return zlib.decompress(packed)
 
 
+def choose_kind(prev: Manifest | None, base: Manifest | None) -> bool:
+    """Whether the next checkpoint may be a delta over `prev` (whose chain
+    starts at `base`).  Pure."""
+    if prev is None or base is None:
+        return False
+    return prev.chain < MAX_CHAIN and prev.delta_entries < max(base.extents, 1 << 16)
+
+
 def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
                      block_size: int, extents: Iterable[Extent],
-                     segments: Iterable[SegmentInfo], top_crc: int | None = None) -> Manifest:
+                     segments: Iterable[SegmentInfo], top_crc: int | None = None,
+                     delta_of: Manifest | None = None) -> Manifest:
+    """Write a base of `extents`; or, with delta_of (the previous checkpoint),
+    a delta whose entries are `extents`: the map over the ranges changed
+    since, a hole as an entry of seq 0."""
     try:  # the map at a seq never changes: an existing checkpoint is the same one
         return read_manifest(store, volume, seq)
     except (ObjectNotFound, CorruptionError):
@@ -99,20 +136,26 @@ def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, vol
 
     total = 0
     batch: list[bytes] = []
+    kind = PART_EXTENTS_KIND if delta_of is None else PART_DELTA_KIND
     for e in extents:
         batch.append(EXTENT_ENTRY.pack(e.lba, e.nblocks, e.seq, e.offset))
         total += 1
         if len(batch) >= PART_EXTENTS:
-            flush_part(PART_EXTENTS_KIND, batch)
+            flush_part(kind, batch)
             batch = []
     if batch or not parts:
-        flush_part(PART_EXTENTS_KIND, batch)
+        flush_part(kind, batch)
     seg_batch = [SEGMENT_ENTRY.pack(s.seq, s.sealed_ns, s.size, s.data_blocks) for s in segments]
     for i in range(0, max(1, len(seg_batch)), PART_EXTENTS):
         flush_part(PART_SEGMENTS_KIND, seg_batch[i:i + PART_EXTENTS])
+    chain: dict = {}
+    if delta_of is not None:
+        chain = {"format": 2, "prev": delta_of.seq,
+                 "base": delta_of.base if delta_of.is_delta else delta_of.seq,
+                 "chain": delta_of.chain + 1, "delta_entries": delta_of.delta_entries + total}
     manifest = Manifest(volume_id=volume_id, seq=seq, created_ns=time.time_ns(),
                         volume_size=volume_size, block_size=block_size, extents=total,
-                        parts=parts, top_crc=top_crc)
+                        parts=parts, top_crc=top_crc, **chain)
     try:
         store.put(names.checkpoint_manifest_key(volume, seq), manifest.to_json(), exclusive=True)
     except ObjectExists:
@@ -160,8 +203,43 @@ def _entries(store: Store, manifest: Manifest, kind: int, entry: struct.Struct) 
 
 
 def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
-    for fields in _entries(store, manifest, PART_EXTENTS_KIND, EXTENT_ENTRY):
+    """A base's extents, or a delta's entries (seq 0: a hole), in order."""
+    kind = PART_DELTA_KIND if manifest.is_delta else PART_EXTENTS_KIND
+    for fields in _entries(store, manifest, kind, EXTENT_ENTRY):
         yield Extent(*fields)
+
+
+def read_chain(store: Store, volume: str, manifest: Manifest) -> list[Manifest]:
+    """The base and deltas that make up the map at `manifest`, base first.
+    Raises CorruptionError or ObjectNotFound if one is missing or wrong."""
+    chain = [manifest]
+    while chain[-1].is_delta:
+        prev = chain[-1].prev
+        assert prev is not None
+        m = read_manifest(store, volume, prev)
+        if m.volume_id != manifest.volume_id or m.seq >= chain[-1].seq or \
+                len(chain) > MAX_CHAIN + 1:
+            raise CorruptionError(f"checkpoint {manifest.seq:016x}: its chain is broken at "
+                                  f"{prev:016x}")
+        chain.append(m)
+    if chain[-1].seq != (manifest.base if manifest.is_delta else manifest.seq):
+        raise CorruptionError(f"checkpoint {manifest.seq:016x}: its chain does not start at "
+                              "its base")
+    return chain[::-1]
+
+
+def chain_parents(store: Store, volume: str, seqs: Iterable[int]) -> dict[int, int]:
+    """delta seq -> the checkpoint it lies over, for the deltas among `seqs`
+    (one small GET each).  An unreadable manifest counts as a base."""
+    out = {}
+    for seq in seqs:
+        try:
+            m = read_manifest(store, volume, seq)
+        except (CorruptionError, ObjectNotFound):
+            continue
+        if m.prev is not None:
+            out[seq] = m.prev
+    return out
 
 
 def read_segments(store: Store, manifest: Manifest) -> list[SegmentInfo]:

@@ -1,0 +1,249 @@
+"""Incremental checkpoints (docs/format.md "Checkpoint"): bases and deltas,
+opening from a chain, points in the past, snapshots and clones after many
+deltas, what compaction keeps, a checkpoint cut short, and volumes whose
+checkpoints were all written as format 1 bases."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from engine_helpers import BS, MiB, blocks, open_test_store, read_all, wipe
+
+from lsbd import names
+from lsbd.engine.volume import Volume
+from lsbd.history.restore import create_clone
+from lsbd.meta.config import create_volume, load_config
+from lsbd.names import cache_dir_for
+from lsbd.plans.retention import deletable_checkpoints
+from lsbd.segments import checkpoints as ckpt
+
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_test_store("file://" + str(tmp_path / "store"))
+    yield s
+    s.close()
+
+
+def _writes(vol, rng: random.Random, tag: int, count: int) -> None:
+    for i in range(count):
+        kind = rng.random()
+        n = rng.randint(1, 12)
+        lba = rng.randrange(0, SIZE // BS - n)
+        if kind < 0.8:
+            vol.write(lba * BS, blocks(tag * 1000 + i, lba, n))
+        elif kind < 0.9:
+            vol.trim(lba * BS, n * BS)
+        else:
+            vol.write_zeroes(lba * BS, n * BS)
+
+
+def _manifests(store) -> dict[int, ckpt.Manifest]:
+    return {s: ckpt.read_manifest(store, "vol", s) for s in ckpt.list_checkpoints(store, "vol")}
+
+
+def test_pure_chain_rules():
+    base = ckpt.Manifest(volume_id="v", seq=10, created_ns=0, volume_size=1, block_size=BS,
+                         extents=1 << 20, parts=[])
+    assert ckpt.choose_kind(base, base)
+    assert not ckpt.choose_kind(None, None)
+    long = ckpt.Manifest(volume_id="v", seq=20, created_ns=0, volume_size=1, block_size=BS,
+                         extents=5, parts=[], prev=19, base=10, chain=ckpt.MAX_CHAIN)
+    assert not ckpt.choose_kind(long, base)           # the chain is long enough
+    heavy = ckpt.Manifest(volume_id="v", seq=20, created_ns=0, volume_size=1, block_size=BS,
+                          extents=5, parts=[], prev=19, base=10, chain=1,
+                          delta_entries=1 << 20)
+    assert not ckpt.choose_kind(heavy, base)          # the deltas weigh as much as the base
+    # Compaction keeps exactly the chains of the checkpoints it keeps.
+    parents = {12: 11, 11: 10, 14: 13, 13: 10, 16: 15}
+    cps = [5, 10, 11, 12, 13, 14, 15, 16, 17]
+    gone = deletable_checkpoints(cps, pinned={12}, window=17, live_checkpoint=17,
+                                 keep_recent=0, parents=parents)
+    assert gone == [5, 13, 14, 15, 16]
+    gone = deletable_checkpoints(cps, pinned=set(), window=17, live_checkpoint=16,
+                                 keep_recent=0, parents=parents)
+    assert gone == [5, 10, 11, 12, 13, 14]   # 17 is after the live one: never deleted here
+
+
+def test_many_deltas_read_back_exactly(store, tmp_path):
+    """Checkpoint after every round: deltas with a base now and then.  The
+    store alone, each past point, snapshots and a clone read back exactly."""
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    vol = Volume.open(store, "vol", cache_root=cache)
+    rng = random.Random(7)
+    states: dict[int, bytes] = {}
+    snaps: dict[str, tuple[int, bytes]] = {}
+    kinds = []
+    for r in range(1, 25):
+        _writes(vol, rng, r, 30)
+        seq = vol.checkpoint()
+        states[seq] = read_all(vol)
+        kinds.append(ckpt.read_manifest(store, "vol", seq).is_delta)
+        if r % 6 == 0:
+            snap = vol.snapshot(f"s{r}")
+            snaps[snap.name] = (snap.seq, states[seq])
+    expected = read_all(vol)
+    vol.close()
+    # Both kinds were written, and a base at least every MAX_CHAIN + 1.
+    assert kinds.count(True) >= 12 and kinds.count(False) >= 2
+    run = 0
+    for is_delta in kinds:
+        run = run + 1 if is_delta else 0
+        assert run <= ckpt.MAX_CHAIN
+    # Every kept checkpoint's chain is whole.
+    for m in _manifests(store).values():
+        chain = ckpt.read_chain(store, "vol", m)
+        assert not chain[0].is_delta and chain[-1].seq == m.seq
+
+    wipe(cache_dir_for(cache, store, "vol"))
+    vol = Volume.open(store, "vol", cache_root=cache)
+    try:
+        assert read_all(vol) == expected
+        # A delta over the chain this open loaded goes on from it.
+        _writes(vol, rng, 99, 20)
+        seq = vol.checkpoint()
+        states[seq] = expected = read_all(vol)
+    finally:
+        vol.close()
+    for seq, state in states.items():
+        with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+            assert read_all(past) == state, f"the point at seq {seq} differs"
+    for name, (seq, state) in snaps.items():
+        with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+            assert read_all(past) == state, f"snapshot {name} differs"
+    seq, state = snaps["s18"]
+    create_clone(store, load_config(store, "vol"), "cl", seq, size=SIZE, cache_root=cache)
+    with Volume.open(store, "cl", cache_root=cache) as clone:
+        assert read_all(clone) == state
+        clone.write(0, blocks(5, 0, 3))
+        clone_state = read_all(clone)
+        clone.checkpoint()
+    with Volume.open(store, "cl", cache_root=str(tmp_path / "fresh"), read_only=True) as c:
+        assert read_all(c) == clone_state
+
+
+def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600, retain_seconds=0)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(11)
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        snaps = {}
+        for r in range(1, 15):
+            _writes(vol, rng, r, 25)
+            vol.checkpoint()
+            if r in (4, 9):
+                snaps[vol.snapshot(f"s{r}").seq] = read_all(vol)
+        expected = read_all(vol)
+        vol.compact(threshold=1.0)
+        live = vol.checkpoint()
+    manifests = _manifests(store)
+    needed: set[int] = set()
+    for point in (*snaps, live):
+        needed |= {m.seq for m in ckpt.read_chain(store, "vol", manifests[point])}
+    assert set(manifests) == needed
+    assert any(m.is_delta for m in manifests.values())
+    for seq, state in snaps.items():
+        with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+            assert read_all(past) == state
+    with Volume.open(store, "vol", cache_root=str(tmp_path / "fresh"), read_only=True) as v:
+        assert read_all(v) == expected
+
+
+def test_a_delta_cut_short_is_never_read(store, tmp_path, monkeypatch):
+    """The parts of a delta are in the store but its manifest never made it:
+    opening from the store alone uses the checkpoint before it and replays."""
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(3)
+    vol = Volume.open(store, "vol", cache_root=cache)
+    _writes(vol, rng, 1, 40)
+    first = vol.checkpoint()
+    _writes(vol, rng, 2, 40)
+    real_put = store.put
+
+    def put(key, data, **kw):
+        if key.endswith("/manifest"):
+            raise OSError("cut")
+        return real_put(key, data, **kw)
+
+    monkeypatch.setattr(store, "put", put)
+    with pytest.raises(OSError):
+        vol.checkpoint()
+    monkeypatch.setattr(store, "put", real_put)
+    assert ckpt.list_incomplete_checkpoints(store, "vol")
+    assert ckpt.list_checkpoints(store, "vol") == [first]
+    expected = read_all(vol)
+    vol.abandon()
+    wipe(cache_dir_for(cache, store, "vol"))
+    vol = Volume.open(store, "vol", cache_root=cache, break_lease=True)
+    try:
+        assert read_all(vol) == expected
+        _writes(vol, rng, 3, 10)
+        seq = vol.checkpoint()     # a delta over `first` again; the leftovers go
+        assert ckpt.read_manifest(store, "vol", seq).prev == first
+        assert not ckpt.list_incomplete_checkpoints(store, "vol")
+        expected = read_all(vol)
+    finally:
+        vol.close()
+    with Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as v:
+        assert read_all(v) == expected
+
+
+def test_a_volume_with_format_1_checkpoints_only_still_opens(store, tmp_path, monkeypatch):
+    """Checkpoints written before deltas existed are bases with a format 1
+    manifest; a base written now is byte for byte the same kind of object."""
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(5)
+    monkeypatch.setattr(ckpt, "MAX_CHAIN", 0)          # the previous format: bases only
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        for r in range(4):
+            _writes(vol, rng, r, 30)
+            vol.checkpoint()
+        expected = read_all(vol)
+    for seq in ckpt.list_checkpoints(store, "vol"):
+        body = json.loads(store.get(names.checkpoint_manifest_key("vol", seq)))["manifest"]
+        assert sorted(body) == ["block_size", "created_ns", "extents", "format", "parts",
+                                "seq", "top_crc", "volume_id", "volume_size"]
+        assert body["format"] == 1
+    monkeypatch.setattr(ckpt, "MAX_CHAIN", 8)
+    wipe(cache_dir_for(cache, store, "vol"))
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        assert read_all(vol) == expected
+        _writes(vol, rng, 9, 30)
+        seq = vol.checkpoint()
+        assert ckpt.read_manifest(store, "vol", seq).is_delta
+        expected = read_all(vol)
+    with Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as v:
+        assert read_all(v) == expected
+
+
+def test_golden_delta_bytes(store):
+    """docs/format.md's example delta: one block written, four trimmed."""
+    from lsbd.map.blockmap import Extent
+
+    base = ckpt.write_checkpoint(store, "vol", "v" * 32, 8, volume_size=SIZE, block_size=BS,
+                                 extents=[], segments=[])
+    m = ckpt.write_checkpoint(store, "vol", "v" * 32, 9, volume_size=SIZE, block_size=BS,
+                              extents=[Extent(0x2a, 1, 9, 0x58), Extent(0x30, 4, 0, 0)],
+                              segments=[], delta_of=base)
+    key, kind, count, _crc = m.parts[0]
+    body = ckpt._decode_part(store.get(key), seq=9, kind=ckpt.PART_DELTA_KIND, where=key)
+    assert (kind, count) == (3, 2)
+    assert body == bytes.fromhex("2a00000000000000" "01000000" "0900000000000000"
+                                 "5800000000000000" "3000000000000000" "04000000"
+                                 "0000000000000000" "0000000000000000")
+    outer = json.loads(store.get(names.checkpoint_manifest_key("vol", 9)))
+    assert {k: outer["manifest"][k] for k in ("format", "prev", "base", "chain",
+                                             "delta_entries", "extents")} == {
+        "format": 2, "prev": 8, "base": 8, "chain": 1, "delta_entries": 2, "extents": 2}
+    assert list(ckpt.read_extents(store, m)) == [Extent(0x2a, 1, 9, 0x58), Extent(0x30, 4, 0, 0)]
