@@ -127,3 +127,29 @@ def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch)
         assert read_all(ro) == expected
     finally:
         ro.close()
+
+
+def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatch):
+    """Reads that touch many segments of random writes keep only
+    INDEX_CACHE_BYTES of their indexes in memory (issue #15: the process's
+    memory must not grow with the volume)."""
+    from lsbd.engine import segfiles
+
+    create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        rng = random.Random(9)
+        written = {}
+        for i in range(600):                 # about 19 segments of one-block records
+            lba = rng.randrange(0, vol.size // BS)
+            vol.write(lba * BS, blocks(i, lba, 1))
+            written[lba] = i
+        vol._seal_and_wait()
+        files = vol._files
+        one = max(idx.nbytes for idx in files._indexes.values()) if files._indexes else 1024
+        monkeypatch.setattr(segfiles, "INDEX_CACHE_BYTES", 3 * one)
+        for lba, tag in sorted(written.items()):
+            assert vol.read(lba * BS, BS) == blocks(tag, lba, 1)
+        assert files._index_bytes <= 3 * one
+        assert files._index_bytes == sum(i.nbytes for i in files._indexes.values())
+        assert 1 <= len(files._indexes) <= 3

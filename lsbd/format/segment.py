@@ -288,8 +288,8 @@ class SegmentIndex:
         data = sorted((r for r in records if r.kind == DATA), key=lambda r: r.data_offset)
         # Compact arrays, not objects: many indexes stay cached at once.
         self._starts = array.array("q", (r.data_offset for r in data))
-        self._nblocks = array.array("q", (r.nblocks for r in data))
-        crc_starts = array.array("q")
+        self._nblocks = array.array("I", (r.nblocks for r in data))
+        crc_starts = array.array("I")
         pos = 0
         for r in data:
             crc_starts.append(pos)
@@ -297,6 +297,12 @@ class SegmentIndex:
         self._crc_starts = crc_starts
         self._crcs = unmask_packed(b"".join(r.crcs for r in data))
         self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds (what a cache of indexes counts)."""
+        return sum(a.itemsize * len(a) for a in (self._starts, self._nblocks,
+                                                 self._crc_starts, self._crcs)) + 256
 
     def crcs_for(self, offset: int, nblocks: int) -> array.array | None:
         """The plain CRCs of nblocks blocks from `offset` when they lie in one

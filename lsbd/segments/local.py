@@ -38,7 +38,11 @@ from lsbd.store import Store
 
 log = logging.getLogger(__name__)
 
-INDEX_CACHE_ENTRIES = 1024  # parsed segment indexes kept in memory (tens of KiB each)
+INDEX_CACHE_ENTRIES = 1024  # segments whose remote reads are counted
+# Parsed segment indexes kept in memory, by their size: a segment of random
+# 4 KiB writes has an index of about 160 KiB, and the process's memory must
+# not grow with the number of segments a read touches.
+INDEX_CACHE_BYTES = 48 << 20
 HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
 # Local segment files kept open for reads: 512 covers a 16 GiB working set of
 # 32 MiB segments, within a quarter of the process's descriptor limit.
@@ -77,13 +81,12 @@ class _OpenFile:
     """A cached descriptor; `users` reads hold it, `retired`: close it when
     the last one lets go (the file was evicted or forgotten meanwhile)."""
 
-    __slots__ = ("fd", "users", "retired", "index")
+    __slots__ = ("fd", "users", "retired")
 
     def __init__(self, fd: int):
         self.fd = fd
         self.users = 0
         self.retired = False
-        self.index: SegmentIndex | None = None   # loaded on the first checked read
 
 
 class SegmentFiles:
@@ -97,6 +100,7 @@ class SegmentFiles:
         self.folder = folder
         self._prefix = os.path.join(folder, "")
         self.store = store
+        self._store_is_local = store.url.startswith("file://")
         self.key_of = key_of   # seq -> object key (a clone's older seqs are its parent's)
         self.block_size = block_size
         self.cache_limit = cache_limit
@@ -104,6 +108,7 @@ class SegmentFiles:
         self._cached: collections.OrderedDict[int, int] = collections.OrderedDict()  # evictable
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
+        self._index_bytes = 0
         self._remote_hits: dict[int, int] = {}
         self._files: collections.OrderedDict[int, _OpenFile] = collections.OrderedDict()
         # Background threads (a whole-segment fetch, an upload finishing) may
@@ -168,7 +173,7 @@ class SegmentFiles:
                         return
                 seq, size = self._cached.popitem(last=False)
                 self._cached_bytes -= size
-                self._indexes.pop(seq, None)
+                self._drop_index_locked(seq)
                 self._retire_locked(seq)
             try:
                 os.unlink(self.path(seq))
@@ -206,7 +211,7 @@ class SegmentFiles:
             size = self._cached.pop(seq, None)
             if size is not None:
                 self._cached_bytes -= size
-            self._indexes.pop(seq, None)
+            self._drop_index_locked(seq)
             self._retire_locked(seq)
         try:
             os.unlink(self.path(seq))
@@ -306,7 +311,13 @@ class SegmentFiles:
     def _note_remote_read(self, seq: int) -> None:
         """A segment read remotely again and again is worth a local copy:
         fetch it whole in the background (scattered one-off reads never do,
-        so they cannot flush the cache)."""
+        so they cannot flush the cache).  Not from a store in a local
+        directory: a ranged read there costs what a read of a copy would, and
+        copying whole segments for reads scattered over more of them than the
+        cache holds only churns it (measured: 1 MiB reads after random writes
+        ran 5x slower)."""
+        if self._store_is_local:
+            return
         with self._lock:
             hits = self._remote_hits.pop(seq, 0) + 1
             self._remote_hits[seq] = hits
@@ -355,11 +366,20 @@ class SegmentFiles:
                 self._indexes.move_to_end(seq)
             return idx
 
+    def _drop_index_locked(self, seq: int) -> None:
+        idx = self._indexes.pop(seq, None)
+        if idx is not None:
+            self._index_bytes -= idx.nbytes
+
     def _keep_index(self, seq: int, idx: SegmentIndex) -> SegmentIndex:
         with self._lock:
+            old = self._indexes.pop(seq, None)
+            if old is not None:
+                self._index_bytes -= old.nbytes
             self._indexes[seq] = idx
-            while len(self._indexes) > INDEX_CACHE_ENTRIES:
-                self._indexes.popitem(last=False)
+            self._index_bytes += idx.nbytes
+            while self._index_bytes > INDEX_CACHE_BYTES and len(self._indexes) > 1:
+                self._index_bytes -= self._indexes.popitem(last=False)[1].nbytes
         return idx
 
     def _index(self, seq: int, load) -> SegmentIndex:
@@ -393,9 +413,7 @@ class SegmentFiles:
             self._note_remote_read(seq)
             return data
         try:
-            idx = f.index
-            if idx is None:
-                idx = f.index = self._local_index(seq, f.fd)
+            idx = self._local_index(seq, f.fd)   # from the bounded cache, not the descriptor
             data = _pread(f.fd, length, offset, nowait)
             self._check(seq, idx, offset, data, nblocks)
             return data
