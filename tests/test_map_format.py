@@ -133,7 +133,7 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
     """Reads that touch many segments of random writes keep only
     INDEX_CACHE_BYTES of their indexes in memory (issue #15: the process's
     memory must not grow with the volume)."""
-    from lsbd.engine import segfiles
+    from lsbd.segments import local as segfiles
 
     create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
     cache = str(tmp_path / "cache")
