@@ -19,6 +19,7 @@ is converted in place when it is opened (_migrate).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import struct
@@ -336,16 +337,34 @@ class BlockMap:
             for seq in seqs:
                 txn.delete(_KEY.pack(seq))
 
-    def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo], **meta: bytes) -> None:
-        """Replace the whole map (loading a checkpoint)."""
+    def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo],
+             batch: int = 1 << 18, **meta: bytes) -> None:
+        """Replace the whole map (loading a checkpoint), extents sorted by
+        lba.  In transactions of `batch` extents, so the pages a transaction
+        holds stay few whatever the map's size: a crash half way leaves a map
+        without the volume id, which recovery does not trust."""
+        live: dict[int, int] = defaultdict(int)
+        it = iter(extents)
+        first = True
+        while True:
+            count = 0
+
+            def pairs():
+                nonlocal count
+                for lba, n, seq, off in itertools.islice(it, batch):
+                    count += 1
+                    live[seq] += n
+                    yield _k(lba), _v(n, seq, off)
+
+            with self._writing() as txn:
+                if first:
+                    txn.drop(self._extents, delete=False)
+                    txn.drop(self._segments, delete=False)
+                    first = False
+                txn.cursor(db=self._extents).putmulti(pairs(), append=True)
+            if count < batch:
+                break
         with self._writing() as txn:
-            txn.drop(self._extents, delete=False)
-            txn.drop(self._segments, delete=False)
-            live: dict[int, int] = defaultdict(int)
-            cur = txn.cursor(db=self._extents)
-            for e in extents:
-                cur.put(_k(e.lba), _v(e.nblocks, e.seq, e.offset), append=True)
-                live[e.seq] += e.nblocks
             for info in segments:
                 info.live_blocks = live.get(info.seq, 0)
                 txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)

@@ -198,15 +198,16 @@ def _entries(store: Store, manifest: Manifest, kind: int, entry: struct.Struct) 
         if masked_crc(raw) != crc:
             raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
         body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
-        for i in range(count):
-            yield entry.unpack_from(body, i * entry.size)
+        if len(body) != count * entry.size:
+            raise CorruptionError(f"{key}: checkpoint part holds {len(body)} bytes for "
+                                  f"{count} entries", key=key)
+        yield from entry.iter_unpack(body)
 
 
 def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
     """A base's extents, or a delta's entries (seq 0: a hole), in order."""
     kind = PART_DELTA_KIND if manifest.is_delta else PART_EXTENTS_KIND
-    for fields in _entries(store, manifest, kind, EXTENT_ENTRY):
-        yield Extent(*fields)
+    return map(Extent._make, _entries(store, manifest, kind, EXTENT_ENTRY))
 
 
 def read_chain(store: Store, volume: str, manifest: Manifest) -> list[Manifest]:
