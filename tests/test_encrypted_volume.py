@@ -270,3 +270,39 @@ def test_rotate_compact_rekey_then_retire_the_old_key(env, tmp_path):
     env.run("--cache-dir", str(tmp_path / "fresh"), "export", "v", str(tmp_path / "now.img"))
     assert (tmp_path / "now.img").read_bytes()[:len(data)] == data
     assert env.run("--cache-dir", str(tmp_path / "fresh2"), "verify", "v").returncode == 0
+
+
+def test_fuse_mount_of_an_encrypted_volume(tmp_path, monkeypatch):
+    from fuse_helpers import FuseEnv, require_fuse
+
+    require_fuse()
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("LSBD_PASSPHRASE", "fuse passphrase")
+    fenv = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
+    try:
+        fenv.lsbd("create", "v", "--size", "16M", "--encrypt")
+        mnt = tmp_path / "mnt"
+        fenv.mount("v", mnt)
+        block = (MARK + b"fuse ") * 200
+        fd = os.open(mnt / "v.img", os.O_RDWR)
+        try:
+            os.pwrite(fd, block, 1 << 20)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fenv.umount(mnt)
+        monkeypatch.setenv("LSBD_PASSPHRASE", "wrong")
+        (tmp_path / "mnt2").mkdir()
+        bad = fenv.lsbd("mount", "v", tmp_path / "mnt2", check=False)
+        assert bad.returncode != 0 and "wrong passphrase" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        monkeypatch.setenv("LSBD_PASSPHRASE", "fuse passphrase")
+        out = tmp_path / "out.img"
+        fenv.lsbd("--cache-dir", tmp_path / "cache2", "export", "v", out)
+        assert out.read_bytes()[1 << 20:(1 << 20) + len(block)] == block
+        for dirpath, _dirs, files in os.walk(tmp_path / "store"):
+            for f in files:
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    assert MARK not in fh.read(), f
+    finally:
+        fenv.cleanup()
