@@ -242,8 +242,12 @@ def test_tampering_is_an_io_error_and_a_verify_failure_naming_the_object(env, tm
     check_bad("replayed")
     put(original[:-100])
     check_bad("truncated")
+    # Without the passphrase, the structure is still checked.
+    structure = env.run("verify", "v", "--structure-only", passphrase=None, check=False)
+    assert structure.returncode != 0 and segs[-1] in structure.stderr, structure.stderr
     put(original)
     assert env.run("--cache-dir", str(tmp_path / "c-ok"), "verify", "v").returncode == 0
+    assert env.run("verify", "v", "--structure-only", passphrase=None).returncode == 0
 
 
 def test_rotate_compact_rekey_then_retire_the_old_key(env, tmp_path):

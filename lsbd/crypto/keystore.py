@@ -101,3 +101,28 @@ def stale_segments(store: Store, volume: str, current: int) -> frozenset[int]:
         if tail.encrypted and tail.key_id != current:
             stale.add(seq)
     return frozenset(stale)
+
+
+def check_structure(store: Store, volume: str) -> tuple[int, list[str]]:
+    """Without any key: every sealed object of the volume has a whole tail
+    whose checksum holds and whose lengths fit the object.  Returns (objects
+    checked, problems, each naming the object)."""
+    from lsbd.crypto.objects import TAIL, decode_tail
+
+    checked, problems = 0, []
+    for prefix in (names.segment_prefix(volume), names.checkpoint_prefix(volume)):
+        for info in store.list(prefix):
+            if names.sealed_volume(info.key) is None:
+                continue
+            checked += 1
+            try:
+                tail = decode_tail(store.get(info.key, -TAIL.size), where=info.key)
+            except CorruptionError as e:
+                problems.append(str(e))
+                continue
+            # Every frame has a 24-byte header and a tag or CRC of 4 bytes at least.
+            least = TAIL.size + tail.index_length + 28 * tail.frame_count
+            if info.size < least:
+                problems.append(f"{info.key}: {info.size} bytes, too short for its "
+                                f"{tail.frame_count} frames")
+    return checked, problems
