@@ -368,7 +368,8 @@ def test_seed_workflow_survives_an_empty_cache_dir(store_env):
 def test_sigkill_under_load_keeps_every_synced_file(store_env):
     fenv = store_env
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
-    fenv.lsbd("create", "vol", "--size", "1G")
+    # Room for the writer while a slow sync runs (a loaded machine, the s3 store).
+    fenv.lsbd("create", "vol", "--size", "2G")
     fenv.mount("vol", mnt)
     image = mnt / "vol.img"
     fenv.mkfs(image)
@@ -376,18 +377,24 @@ def test_sigkill_under_load_keeps_every_synced_file(store_env):
     (ext / "w").mkdir()
     log = fenv.tmp / "written.log"
     log.touch()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ext / "w"), str(log)],
-                              stderr=subprocess.DEVNULL)
+    errors = fenv.tmp / "writer.err"
+    with open(errors, "w") as err:
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ext / "w"), str(log)],
+                                  stderr=err)
+
+    def died() -> str:
+        return f"the writer died: {errors.read_text()[-500:]}"
+
     try:
         deadline = time.monotonic() + 60
         while len(read_writer_log(log)) < 20:
-            assert writer.poll() is None, "the writer died"
+            assert writer.poll() is None, died()
             assert time.monotonic() < deadline, "the writer is too slow"
             time.sleep(0.05)
         synced = read_writer_log(log)                 # closed before sync started ...
         run("sync", timeout=120)                      # ... so durable once it returns
         time.sleep(0.3)                               # still writing
-        assert writer.poll() is None
+        assert writer.poll() is None, died()
         server = fenv.server_pid(mnt)
         os.kill(server, signal.SIGKILL)
     finally:

@@ -10,9 +10,9 @@ returns the reply's body (see `protocol`), or raises FuseError.
 Data calls (read, write, fallocate) take `nowait`: with nowait=True they
 either complete without waiting (the engine's promise, for a device with
 `supports_nowait`) or raise WouldBlock having done nothing, and the caller
-repeats them where blocking is fine.  Every other call that may wait
-(flush, fsync, a resize) is listed in BLOCKING for the caller to run off
-the request loop.
+repeats them where blocking is fine.  The calls that may always wait
+(flush, fsync, a growing setattr: see `resizes`) are for the caller to run
+off the queue's thread.
 """
 
 from __future__ import annotations
