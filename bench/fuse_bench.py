@@ -25,6 +25,9 @@ Subjects:
             the work directory
   old       (--old-frontend DIR) the same, with the lsbd_fuse package found
             first in DIR: the pyfuse3 front end of before #14, copied there
+            with `git archive eefef39^ fuse/lsbd_fuse | tar -x -C DIR
+            --strip-components=1` (it needs `pip install pyfuse3 trio` in
+            the venv, which builds against libfuse3-dev)
   nbd       `lsbd serve` of the same kind of volume, fio's nbd engine (libnbd)
             over a Unix socket; image path only (this kernel has no nbd
             module for a block device to loop-mount)
