@@ -15,7 +15,12 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := fuse3 e2fsprogs libnbd-bin python3-libnbd \
                 nbdkit qemu-utils fio s3backer bindfs util-linux openssl gnutls-bin
 
-.PHONY: all demo test test-slow lint bench sysdeps venv clean
+# s3rver, a second S3 implementation the store tests run against (npm, into
+# a folder of the project; Node.js and npm come from Debian).
+NODE_DIR := .node
+S3RVER   := $(NODE_DIR)/node_modules/.bin/s3rver
+
+.PHONY: all demo test test-slow lint bench sysdeps nodedeps venv clean
 
 all: venv
 
@@ -27,6 +32,16 @@ sysdeps:
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@if ! command -v npm >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "please install: nodejs npm (as root)"; exit 1; fi; \
+	    echo "installing Debian packages: nodejs npm"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	fi
+
+nodedeps: $(S3RVER)
+
+$(S3RVER):
+	npm install --prefix $(NODE_DIR) --no-save --no-audit --no-fund --loglevel=error s3rver@3
 
 venv: $(STAMP)
 
@@ -44,10 +59,10 @@ lint: venv
 	$(VENV)/bin/ruff check lsbd nbd fuse
 
 # The whole suite; any non-zero pytest exit fails (including 5: no tests ran).
-test: sysdeps venv lint
+test: sysdeps venv nodedeps lint
 	$(VENV)/bin/pytest -q -m "not slow" --timeout=600 tests
 
-test-slow: sysdeps venv
+test-slow: sysdeps venv nodedeps
 	$(VENV)/bin/pytest -q -m slow --timeout=3600 tests
 
 # Speed against the peers on this machine, in one run (minutes; not a test).
@@ -56,4 +71,4 @@ bench: sysdeps venv
 	$(PY) bench/fuse_bench.py --runtime 10
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(NODE_DIR) build *.egg-info .pytest_cache .hypothesis

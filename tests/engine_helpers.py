@@ -77,9 +77,16 @@ class RecordingStore(Store):
         self._note("put", key)
         return self.inner.put(key, data, exclusive=exclusive)
 
+    @property
+    def conditional_writes(self) -> bool:
+        return self.inner.conditional_writes
+
     def get(self, key, start=0, length=None):
+        data = self.inner.get(key, start, length)
+        if start < 0 or (length is not None and start + length >= self.inner.head(key)):
+            self._note("tail", key, start)   # the tail of the object: its index
         self._note("get", key, start)
-        return self.inner.get(key, start, length)
+        return data
 
     def head(self, key):
         self._note("head", key)
@@ -98,6 +105,10 @@ class RecordingStore(Store):
 
     def gets(self, prefix: str) -> list[tuple[str, int | None]]:
         return [(k, s) for op, k, s in self.log if op == "get" and k.startswith(prefix)]
+
+    def tail_keys(self, prefix: str) -> set[str]:
+        """Keys whose tail (a segment's index) was read."""
+        return {k for op, k, _s in self.log if op == "tail" and k.startswith(prefix)}
 
 
 def run_cli(*args: str, store: str | None = None, cache: str | None = None, env=None,

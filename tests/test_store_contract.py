@@ -72,6 +72,13 @@ def test_racing_exclusive_creators_exactly_one_wins(any_store):
         for t in threads:
             t.join()
         assert other == []
+        if not any_store.conditional_writes:
+            # A server that ignores If-None-Match may let several through
+            # (the engine guards against that: test_lease.py).  s3rver even
+            # interleaves the bytes of concurrent puts of one key, so nothing
+            # can be said of the object.
+            assert winners
+            continue
         assert len(winners) == 1, f"{len(winners)} winners for {key}"
         assert len(losers) == threads_per_key - 1
         assert any_store.get(key) == winners[0]

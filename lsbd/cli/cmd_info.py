@@ -79,7 +79,8 @@ def _from_store(store, volume: str) -> dict:
     snaps = list_snapshots(store, config)
     size = config.size
     if segments:
-        trailer, _ = fetch_segment_index(store, config.name, max(segments))
+        top = max(segments)
+        trailer, _ = fetch_segment_index(store, config.name, top, segments[top])
         size = trailer.volume_size
     return {
         "name": config.name, "volume_id": config.volume_id, "size": size,

@@ -14,18 +14,15 @@ import attrs
 
 from lsbd import names
 from lsbd.segments import checkpoints as ckpt
-from lsbd.map.blockmap import STORED, BlockMap, SegmentInfo
+from lsbd.map.blockmap import STORED, BlockMap
 from lsbd.meta.config import Lineage, VolumeConfig
 from lsbd.format.segment import (
     FLAG_COMMIT,
     HEADER,
     RESIZE,
-    TRAILER,
     Record,
     Trailer,
-    decode_footer,
     decode_header,
-    decode_trailer,
     encode_footer,
     encode_trailer,
     masked_crc,
@@ -33,6 +30,7 @@ from lsbd.format.segment import (
     scan_records,
 )
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
+from lsbd.segments.remote import fetch_segment_index, segment_info, store_segment_seqs
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 #: in flight): refuse to treat them as orphans.
 MAX_ORPHANS = 64
 
-_TAIL_READ = 64 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -72,42 +69,6 @@ def plan_replay(segment_seqs: Iterable[int], base: int, *, upto: int | None = No
     # A reader that stops early (upto) leaves later segments alone: no orphans.
     orphans = [] if upto is not None else [s for s in seqs if s >= expect]
     return ReplayPlan(base=base, replay=replay, orphans=orphans)
-
-
-def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
-    """seq -> object size of every segment in the store."""
-    out = {}
-    for info in store.list(names.segment_prefix(volume)):
-        seq = names.parse_seq(info.key)
-        if seq is not None:
-            out[seq] = info.size
-    return out
-
-
-def fetch_segment_index(store: Store, volume: str, seq: int) -> tuple[Trailer, list[Record]]:
-    """A stored segment's trailer and records, read from its tail (one GET,
-    two for a large index)."""
-    return fetch_index_by_key(store, names.segment_key(volume, seq), seq)
-
-
-def fetch_index_by_key(store: Store, key: str, seq: int) -> tuple[Trailer, list[Record]]:
-    tail = store.get(key, -_TAIL_READ)
-    trailer = decode_trailer(tail, where=key)
-    if trailer.seq != seq:
-        raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
-    need = trailer.footer_length + TRAILER.size
-    if need <= len(tail):
-        footer = tail[len(tail) - need:len(tail) - TRAILER.size]
-    else:
-        footer = store.get(key, trailer.footer_offset, trailer.footer_length)
-    return trailer, decode_footer(footer, trailer, where=key)
-
-
-def segment_info(seq: int, trailer: Trailer, records: list[Record], size: int, state: int,
-                 raw_trailer: bytes) -> SegmentInfo:
-    data_blocks = sum(r.nblocks for r in records if r.kind == 1)
-    return SegmentInfo(seq=seq, state=state, sealed_ns=trailer.sealed_ns, size=size,
-                       live_blocks=0, data_blocks=data_blocks, trailer_crc=masked_crc(raw_trailer))
 
 
 def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Manifest, *,
@@ -170,7 +131,7 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
         prev = None
     applied: list[int] = []
     for i, seq in enumerate(plan.replay):
-        trailer, records = fetch_segment_index(store, volume, seq)
+        trailer, records = fetch_segment_index(store, volume, seq, stored[seq])
         key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
             raise CorruptionError(f"{key} belongs to another volume", key=key)

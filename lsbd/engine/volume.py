@@ -247,7 +247,8 @@ class Volume:
             # Another writer went on from our history (it broke our lease)?  Or
             # leftovers of a writer that had lost the lease (not chained to us:
             # orphans, removed below)?
-            trailer, _ = fetch_segment_index(self.store, self.name, applied + 1)
+            trailer, _ = fetch_segment_index(self.store, self.name, applied + 1,
+                                             stored[applied + 1])
             if trailer.prev_crc == m.get_int("top_crc"):
                 raise CacheMismatch(f"the store has segments it does not know "
                                     f"({applied + 1:016x}..)")
@@ -260,7 +261,8 @@ class Volume:
                 from lsbd.checksum import masked_crc
                 from lsbd.format.segment import TRAILER
 
-                tail = self.store.get(names.segment_key(self.name, top), -TRAILER.size)
+                tail = self.store.get(names.segment_key(self.name, top),
+                                      max(0, stored[top] - TRAILER.size), TRAILER.size)
                 if masked_crc(tail) != info.trailer_crc:
                     raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
         self._applied = applied

@@ -7,6 +7,11 @@ lease whose holder is a live process on this machine is never broken: that
 process must be stopped instead (breaking it would leave two writers on one
 cache dir).
 
+On a store that ignores conditional creates (Store.conditional_writes is
+False) the lease is read before it is put and read back after, so a second
+writer is refused; the writer's uploads are fenced by the lease as
+everywhere (lsbd.segments.uploader), and read their trailer back.
+
 The machine is named by its host name, or by LSBD_HOST when that is set (so
 that tests can stand for two machines on one)."""
 
@@ -27,6 +32,10 @@ from lsbd.errors import LeaseHeld, LeaseLost, ObjectExists, ObjectNotFound
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
+
+#: On a store without conditional creates: how long a new lease waits before
+#: it reads itself back (longer than a small put can take to land).
+SETTLE_SECONDS = 1.0
 
 
 def host_name() -> str:
@@ -141,15 +150,21 @@ class Lease:
                          token=uuid.uuid4().hex, boot_id=_boot_id(),
                          process_start=_process_start(pid))
         key = names.lease_key(volume)
+        conditional = store.conditional_writes
         for _attempt in range(3):
-            try:
-                store.put(key, json.dumps(attrs.asdict(me)).encode(), exclusive=True)
-                return cls(store, volume, me)
-            except ObjectExists:
-                pass
-            current = read_holder(store, volume)
+            # A store that ignores conditional creates would let our put
+            # replace a live holder's lease: look first there.
+            current = None if conditional else read_holder(store, volume)
             if current is None:
-                continue  # released while we looked: try again
+                try:
+                    store.put(key, json.dumps(attrs.asdict(me)).encode(), exclusive=True)
+                    if conditional or cls._won(store, volume, me):
+                        return cls(store, volume, me)
+                except ObjectExists:
+                    pass
+                current = read_holder(store, volume)
+                if current is None:
+                    continue  # released while we looked: try again
             if current.is_live_local_process():
                 raise LeaseHeld(current.live_local_advice(volume))
             if break_lease:
@@ -163,6 +178,15 @@ class Lease:
             store.delete(key)
         raise LeaseHeld(f"volume {volume!r}: could not take the writer lease (another writer "
                         "is racing for it)")
+
+    @staticmethod
+    def _won(store: Store, volume: str, me: LeaseHolder) -> bool:
+        """Without conditional creates, two writers that both found no lease
+        both put theirs, and the later put wins.  Read it back once a racing
+        put has had time to land: only the winner finds its own token."""
+        time.sleep(SETTLE_SECONDS)
+        holder = read_holder(store, volume)
+        return holder is not None and holder.token == me.token
 
     def still_ours(self) -> bool:
         current = read_holder(self.store, self.volume)

@@ -25,14 +25,24 @@ def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
     return out
 
 
-def fetch_segment_index(store: Store, volume: str, seq: int) -> tuple[Trailer, list[Record]]:
+def fetch_segment_index(store: Store, volume: str, seq: int,
+                        size: int | None = None) -> tuple[Trailer, list[Record]]:
     """A stored segment's trailer and records, read from its tail (one GET,
     two for a large index)."""
-    return fetch_index_by_key(store, names.segment_key(volume, seq), seq)
+    return fetch_index_by_key(store, names.segment_key(volume, seq), seq, size)
 
 
-def fetch_index_by_key(store: Store, key: str, seq: int) -> tuple[Trailer, list[Record]]:
-    tail = store.get(key, -_TAIL_READ)
+def fetch_index_by_key(store: Store, key: str, seq: int,
+                       size: int | None = None) -> tuple[Trailer, list[Record]]:
+    """The trailer and index of the segment object `key`.  With its size
+    known (from a listing or the map) the tail is an explicit range, which
+    every S3 server honours; without it, a suffix range, which the store
+    checks (lsbd.store.s3)."""
+    if size is not None:
+        start = max(0, size - _TAIL_READ)
+        tail = store.get(key, start, size - start)
+    else:
+        tail = store.get(key, -_TAIL_READ)
     trailer = decode_trailer(tail, where=key)
     if trailer.seq != seq:
         raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
@@ -64,6 +74,6 @@ def segment_times(store: Store, config: VolumeConfig) -> dict[int, int]:
                 times[info.seq] = info.sealed_ns
     for seq in sorted(stored):
         if seq not in times:
-            trailer, _records = fetch_segment_index(store, config.name, seq)
+            trailer, _records = fetch_segment_index(store, config.name, seq, stored[seq])
             times[seq] = trailer.sealed_ns
     return times

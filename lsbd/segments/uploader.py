@@ -50,6 +50,9 @@ class Uploader:
         # new writer's history (the conditional create guards the seqs the
         # new writer has already written).
         self.fence = fence
+        # A store without conditional creates cannot refuse our put of a seq
+        # another writer took: read the trailer back after each upload too.
+        self._guarded = not store.conditional_writes
         self.volume = volume
         self.path_of = path_of
         self.on_stored = on_stored
@@ -92,14 +95,11 @@ class Uploader:
                     self.fence()
                 try:
                     self.store.put_file(key, path, exclusive=True)
+                    if self._guarded:
+                        self._check_ours(key, path)
                 except ObjectExists:
                     # Ours from before a crash, or another writer's?
-                    with open(path, "rb") as f:
-                        f.seek(-TRAILER.size, 2)
-                        ours = f.read()
-                    if self.store.get(key, -TRAILER.size) != ours:
-                        raise ForeignWriter(f"{key} was written by another writer: this volume "
-                                            "is no longer ours (was its lease broken?)") from None
+                    self._check_ours(key, path)
                 self.on_stored(seq)
                 break
             except (ForeignWriter, LeaseLost) as e:
@@ -126,6 +126,17 @@ class Uploader:
             self.last_error = None
             self._failing_since = None
             self._cond.notify_all()
+
+    def _check_ours(self, key: str, path: str) -> None:
+        """The object at `key` ends with our segment's trailer (an explicit
+        range: the object is ours only if its size is our file's)."""
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(size - TRAILER.size)
+            ours = f.read()
+        if self.store.get(key, size - TRAILER.size, TRAILER.size) != ours:
+            raise ForeignWriter(f"{key} was written by another writer: this volume "
+                                "is no longer ours (was its lease broken?)") from None
 
     def stop_for(self, error: BaseException) -> None:
         """Another writer owns the volume now: upload nothing more."""

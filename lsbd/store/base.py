@@ -61,6 +61,14 @@ class Store(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove an object.  Deleting a missing key is not an error."""
 
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether put(exclusive=True) is an atomic conditional create.  Some
+        S3-compatible servers ignore the condition: the store then checks
+        for the key before the put, which two racing creators can both pass
+        (the engine guards its lease and segments against that itself)."""
+        return True
+
     def exists(self, key: str) -> bool:
         from lsbd.errors import ObjectNotFound
 

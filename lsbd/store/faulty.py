@@ -6,6 +6,7 @@
     store.fail(op="put", lose_reply=True)                       # the put lands, the reply is lost
     store.corrupt_next_get()                                    # one flipped bit in the next get
     store.drop_puts_after(5)                                    # 5 more puts work, then none do
+    store.ignore_conditions()                                   # exclusive puts overwrite
     store.heal()                                                # back to normal
     store.calls["put"], store.bytes_put                         # what was asked of the store
 
@@ -56,6 +57,7 @@ class FaultyStore(Store):
         self._rules: list[FaultRule] = []
         self._corrupt_gets = 0
         self._puts_left: int | None = None
+        self._blind_puts = False
         self.calls: Counter[str] = Counter()
         self.bytes_put = 0
         self.bytes_got = 0
@@ -90,6 +92,12 @@ class FaultyStore(Store):
         the network had gone away.  None switches it off."""
         with self._lock:
             self._puts_left = n
+
+    def ignore_conditions(self) -> None:
+        """Behave like a server that ignores If-None-Match and says so
+        (conditional_writes is False): an exclusive put overwrites."""
+        with self._lock:
+            self._blind_puts = True
 
     def heal(self) -> None:
         """Remove every fault (counters are kept)."""
@@ -142,6 +150,7 @@ class FaultyStore(Store):
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         with self._lock:
             self.bytes_put += len(data)
+            exclusive = exclusive and not self._blind_puts
         self._run("put", key, lambda: self.inner.put(key, data, exclusive=exclusive))
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
@@ -165,6 +174,10 @@ class FaultyStore(Store):
 
     def delete(self, key: str) -> None:
         self._run("delete", key, lambda: self.inner.delete(key))
+
+    @property
+    def conditional_writes(self) -> bool:
+        return self.inner.conditional_writes and not self._blind_puts
 
     def close(self) -> None:
         self.inner.close()

@@ -125,6 +125,10 @@ class RetryingStore(Store):
     def delete(self, key: str) -> None:
         return self._call(f"delete {key}", lambda: self.inner.delete(key))
 
+    @property
+    def conditional_writes(self) -> bool:
+        return self.inner.conditional_writes
+
     def close(self) -> None:
         self.inner.close()
 

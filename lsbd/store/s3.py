@@ -11,7 +11,14 @@ or returns is relative to that prefix.
 Conditional create (put(exclusive=True)) sends `If-None-Match: *`: S3 answers
 412 PreconditionFailed when the key exists (-> ObjectExists), or 409
 ConditionalRequestConflict while a concurrent write to the same key is in
-progress (-> TransientStoreError: a retry gets a definite answer).
+progress (-> TransientStoreError: a retry gets a definite answer).  Servers
+that ignore the header (found by a probe before the first exclusive put)
+get a HEAD before the put instead; see Store.conditional_writes.
+
+Only what every S3 server does is relied on: ranged answers are checked
+against their Content-Range (or taken as the whole object without one) and
+what they lack is asked for again; PUT bodies carry checksums only where an
+operation requires them when the endpoint is not AWS (_default_checksums).
 
 Error mapping:
   NoSuchKey / 404 on a key            ObjectNotFound
@@ -30,13 +37,17 @@ AWS chain (environment, profile, instance role); they never appear in messages.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
+import uuid
 from typing import Iterator
+from urllib.parse import urlparse
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from lsbd.errors import ObjectExists, ObjectNotFound, StoreError, TransientStoreError
 from lsbd.store.base import ObjectInfo, Store
@@ -58,6 +69,8 @@ _ACCESS_CODES = frozenset({
     "AccountProblem", "InvalidSecurity",
 })
 
+log = logging.getLogger(__name__)
+
 # Connection pool: enough for the engine's parallel uploads and readers.
 MAX_POOL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 5.0
@@ -67,7 +80,8 @@ READ_TIMEOUT = 60.0
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, *,
                  region: str | None = None, max_pool_connections: int = MAX_POOL_CONNECTIONS,
-                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT):
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 checksums: str | None = None, conditional_writes: bool | None = None):
         if not bucket or "/" in bucket:
             raise StoreError(f"bad S3 bucket name {bucket!r}", errno.EINVAL)
         self.bucket = bucket
@@ -76,7 +90,9 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                              or os.environ.get("AWS_ENDPOINT_URL") or None)
+        self.checksums = checksums or _default_checksums(self.endpoint_url)
         config = botocore.config.Config(
+            request_checksum_calculation=self.checksums,
             max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -96,6 +112,37 @@ class S3Store(Store):
         # key can then only mean "no such key".
         self._bucket_ok = False
         self._lock = threading.Lock()
+        if checksums not in (None, "when_required", "when_supported"):
+            raise StoreError(f"bad S3 checksum setting {checksums!r}: when_required or "
+                             "when_supported", errno.EINVAL)
+        # None: not known yet; found out by a probe before the first exclusive put.
+        self._conditional: bool | None = conditional_writes
+        self._probe_lock = threading.Lock()
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether the server honours If-None-Match: * on PUT (AWS, MinIO and
+        moto do; s3rver and many gateways ignore it and overwrite).  Probed
+        once: two conditional creates of one scratch key."""
+        with self._probe_lock:
+            if self._conditional is None:
+                self._conditional = self._probe_conditional_writes()
+            return self._conditional
+
+    def _probe_conditional_writes(self) -> bool:
+        key = f".lsbd-probe/{uuid.uuid4().hex}"
+        self._put(key, b"1", conditional=True)
+        try:
+            self._put(key, b"2", conditional=True)
+            honoured = False
+        except ObjectExists:
+            honoured = True
+        finally:
+            self.delete(key)
+        if not honoured:
+            log.info("S3 %s ignores conditional writes (If-None-Match); lsbd checks for "
+                        "existing objects and its lease by reading instead", self._where())
+        return honoured
 
     # --- helpers ---------------------------------------------------------------
 
@@ -151,13 +198,30 @@ class S3Store(Store):
     # --- the Store interface ---------------------------------------------------------
 
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if exclusive and not self.conditional_writes:
+            # The server would overwrite: look first.  Two creators racing
+            # inside one round trip can both pass; the engine's lease and its
+            # segment chain keep a second writer out of the volume anyway.
+            if self._exists(key):
+                raise ObjectExists(key)
+            exclusive = False
+        self._put(key, data, conditional=exclusive)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def _put(self, key: str, data: bytes, *, conditional: bool) -> None:
         kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
-        if exclusive:
+        if conditional:
             kwargs["IfNoneMatch"] = "*"
         try:
             self._client.put_object(**kwargs)
         except Exception as e:
-            if exclusive and isinstance(e, botocore.exceptions.ClientError):
+            if conditional and isinstance(e, botocore.exceptions.ClientError):
                 err = e.response.get("Error", {}) or {}
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 if err.get("Code") == "PreconditionFailed" or status == 412:
@@ -165,45 +229,90 @@ class S3Store(Store):
             raise self._error(e, "put", key) from e
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        full_key = self._key(key)
+        """See Store.get.  Every ranged answer is checked against what was
+        asked: S3-compatible servers differ (s3rver answers a suffix range
+        with the object's head, and `bytes=0-0` with the whole object; a
+        plain web server or proxy may ignore Range altogether), so the bytes
+        returned are located by the answer's Content-Range, and whatever it
+        lacks is asked for again with an explicit range."""
+        if start < 0 and length is not None:
+            raise ValueError("a suffix read takes no length")
+        if length is not None and length < 0:
+            raise ValueError(f"negative length {length}")
+        if length == 0:
+            self.head(key)  # still report a missing object
+            return b""
+        if start == 0 and length is None:
+            return self._get_range(key, None)[0]
         if start < 0:
-            if length is not None:
-                raise ValueError("a suffix read takes no length")
-            byte_range = f"bytes={start}"  # bytes=-N: the last N bytes
-        elif length is not None:
-            if length < 0:
-                raise ValueError(f"negative length {length}")
-            if length == 0:
-                self.head(key)  # still report a missing object
-                return b""
-            byte_range = f"bytes={start}-{start + length - 1}"
-        elif start > 0:
-            byte_range = f"bytes={start}-"
+            first = f"bytes={start}"  # bytes=-N: the last N bytes
+        elif length is None:
+            first = f"bytes={start}-"
         else:
-            byte_range = None
-        kwargs = {"Bucket": self.bucket, "Key": full_key}
+            first = f"bytes={start}-{start + length - 1}"
+        data, at, total = self._get_range(key, first)
+        if total is None:
+            return b""        # the range starts at or past the end: no bytes
+        if start < 0:
+            want_start, want_end = max(0, total + start), total
+        else:
+            want_start = start
+            want_end = total if length is None else min(total, start + length)
+        if want_start >= want_end:
+            return b""
+        parts = []
+        pos = want_start
+        for _attempt in range(3):
+            if at <= pos < at + len(data):
+                piece = data[pos - at:want_end - at]
+                parts.append(piece)
+                pos += len(piece)
+            if pos >= want_end:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            # Short, or not the bytes asked for: ask for the rest explicitly.
+            data, at, total2 = self._get_range(key, f"bytes={pos}-{want_end - 1}")
+            if total2 != total:
+                raise TransientStoreError(f"S3 get {key} in {self._where()}: the object "
+                                          "changed size while it was read")
+        # A server that will not give the range at all: the whole object.
+        data, _at, _total = self._get_range(key, None)
+        return data[want_start:want_end]
+
+    def _get_range(self, key: str, byte_range: str | None) -> tuple[bytes, int, int | None]:
+        """One GET: (the bytes, the object offset they start at, the object's
+        size), the size None when the range is not satisfiable."""
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key)}
         if byte_range:
             kwargs["Range"] = byte_range
         try:
             response = self._client.get_object(**kwargs)
-            data = response["Body"].read()
         except botocore.exceptions.ClientError as e:
             code = (e.response.get("Error", {}) or {}).get("Code")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code == "InvalidRange" or status == 416:
+            if byte_range and (code == "InvalidRange" or status == 416):
                 # The range starts at or past the end (or the object is empty):
                 # like a file read, that is no bytes, not an error.
-                return b""
+                return b"", 0, None
             raise self._error(e, "get", key) from e
         except Exception as e:
             raise self._error(e, "get", key) from e
-        if byte_range and not response.get("ContentRange"):
-            # The server ignored the Range header and sent the whole object.
-            if start < 0:
-                data = data[start:]
-            else:
-                data = data[start:] if length is None else data[start:start + length]
-        return data
+        content_range = _parse_content_range(response.get("ContentRange"))
+        body = response["Body"]
+        if content_range is not None and content_range[2] == 0:
+            # An empty object: some servers announce a byte they never send.
+            body.close()
+            return b"", 0, None
+        try:
+            data = body.read()
+        except Exception as e:
+            raise self._error(e, "get", key) from e
+        if content_range is None:     # 200: the whole object, whatever the Range said
+            return data, 0, len(data)
+        first, last, total = content_range
+        if len(data) != last - first + 1:
+            raise TransientStoreError(f"S3 get {key} in {self._where()}: {len(data)} bytes for "
+                                      f"range {first}-{last}")
+        return data, first, (total if total is not None else first + len(data))
 
     def head(self, key: str) -> int:
         try:
@@ -255,3 +364,44 @@ class S3Store(Store):
         close = getattr(self._client, "close", None)
         if close is not None:
             close()
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """`bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) -> (first, last, total)."""
+    if not value:
+        return None
+    try:
+        unit, _, spec = value.strip().partition(" ")
+        span, _, total = spec.partition("/")
+        first, _, last = span.partition("-")
+        if unit.lower() != "bytes":
+            raise ValueError(value)
+        return int(first), int(last), (None if total.strip() == "*" else int(total))
+    except ValueError:
+        raise TransientStoreError(f"S3 sent a Content-Range it cannot mean: {value!r}") from None
+
+
+def _default_checksums(endpoint_url: str | None) -> str:
+    """boto3 1.36+ sends PUT bodies as aws-chunked with a trailing checksum;
+    S3-compatible servers often refuse that (411 MissingContentLength over
+    HTTPS).  So against any endpoint that is not AWS, checksums are sent
+    only where an operation requires them, unless the AWS setting
+    (AWS_REQUEST_CHECKSUM_CALCULATION, or the profile's
+    request_checksum_calculation) says otherwise."""
+    configured = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
+    if not configured:
+        try:
+            configured = botocore.session.Session().get_scoped_config().get(
+                "request_checksum_calculation")
+        except botocore.exceptions.BotoCoreError:
+            configured = None
+    if configured:
+        return str(configured).lower()
+    if endpoint_url is None or _is_aws(endpoint_url):
+        return "when_supported"
+    return "when_required"
+
+
+def _is_aws(endpoint_url: str) -> bool:
+    host = (urlparse(endpoint_url).hostname or "").lower()
+    return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")

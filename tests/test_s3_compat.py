@@ -1,0 +1,244 @@
+"""S3-compatible servers that are not AWS: ranges ignored or cut short,
+conditional creates ignored, PUT bodies over HTTPS.  lsbd must read and
+write correctly on all of them (issue #17)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+
+import pytest
+from conftest import S3RVER_KEY, create_bucket, start_s3rver, stop
+from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all, wipe
+from s3_quirks import NO_CONDITIONAL, NO_RANGE, SHORT_RANGE
+
+from lsbd.meta import lease as lease_mod
+from lsbd.meta.config import create_volume
+from lsbd.engine.volume import Volume
+from lsbd.errors import LeaseHeld, StoreError
+from lsbd.store.faulty import FaultyStore
+from lsbd.store.local import LocalStore
+from lsbd.store.s3 import S3Store
+
+QUIRKY_RANGES = pytest.mark.parametrize("quirky_s3_url", [NO_RANGE, SHORT_RANGE], indirect=True)
+
+
+@QUIRKY_RANGES
+def test_ranged_reads_when_the_server_ignores_or_cuts_the_range(quirky_s3_url):
+    store = open_test_store(quirky_s3_url)
+    data = bytes(range(256)) * 40  # 10240 bytes
+    store.put("obj", data)
+    assert store.get("obj", 100, 50) == data[100:150]
+    assert store.get("obj", 0, 1) == data[:1]
+    assert store.get("obj", 5) == data[5:]
+    assert store.get("obj", 10000, 1000) == data[10000:]
+    assert store.get("obj", 10240) == b""
+    assert store.get("obj", 20000, 10) == b""
+    assert store.get("obj", -100) == data[-100:]
+    assert store.get("obj", -20000) == data
+    big = random.Random(3).randbytes(3 * MiB + 17)
+    store.put("big", big)
+    assert store.get("big", 1 * MiB + 5, 1 * MiB) == big[1 * MiB + 5:2 * MiB + 5]
+    assert store.get("big", -80) == big[-80:]
+    store.put("empty", b"")
+    assert store.get("empty", 0, 10) == b"" and store.get("empty", -4) == b""
+    store.close()
+
+
+@QUIRKY_RANGES
+def test_cache_loss_round_trip_when_the_server_ignores_or_cuts_ranges(quirky_s3_url, tmp_path):
+    store = open_test_store(quirky_s3_url)
+    create_volume(store, "vol", 16 * MiB, segment_size=1 * MiB)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w"))
+    rng = random.Random(7)
+    for tag in range(40):
+        n = rng.randint(1, 40)
+        lba = rng.randrange(0, 16 * MiB // BS - n)
+        vol.write(lba * BS, blocks(tag, lba, n))
+    expected = read_all(vol)
+    vol.close()
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
+    try:
+        assert read_all(reader) == expected
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_s3rver_suffix_ranges_are_not_trusted(s3rver_url):
+    """s3rver answers `bytes=-N` with the object's first N+1 bytes; the store
+    notices from Content-Range and reads the tail explicitly."""
+    store = open_test_store(s3rver_url)
+    data = random.Random(5).randbytes(200_000)
+    store.put("obj", data)
+    assert store.get("obj", -80) == data[-80:]
+    assert store.get("obj", 0, 1) == data[:1]     # s3rver sends it all for bytes=0-0
+    store.close()
+
+
+# --- checksums of PUT bodies ------------------------------------------------------------
+
+
+def test_checksums_only_when_required_for_endpoints_that_are_not_aws(monkeypatch):
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+    def setting(**kw) -> str:
+        store = S3Store("bucket", "p", **kw)
+        try:
+            return store._client.meta.config.request_checksum_calculation
+        finally:
+            store.close()
+
+    assert setting(endpoint_url="http://127.0.0.1:9000") == "when_required"
+    assert setting(endpoint_url="https://minio.example.net") == "when_required"
+    assert setting() == "when_supported"                      # AWS itself
+    assert setting(endpoint_url="https://s3.eu-west-1.amazonaws.com") == "when_supported"
+    assert setting(endpoint_url="http://127.0.0.1:9000", checksums="when_supported") \
+        == "when_supported"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert setting(endpoint_url="http://127.0.0.1:9000") == "when_supported"  # the user's word
+    with pytest.raises(StoreError):
+        S3Store("bucket", "p", endpoint_url="http://127.0.0.1:9000", checksums="always")
+
+
+@pytest.fixture(scope="module")
+def s3rver_tls(tmp_path_factory):
+    """s3rver over HTTPS, with a certificate made for 127.0.0.1: (endpoint, CA file)."""
+    folder = tmp_path_factory.mktemp("s3rver-tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    proc, port = start_s3rver(folder / "data", "--key", str(key), "--cert", str(cert))
+    try:
+        yield f"https://127.0.0.1:{port}", str(cert)
+    finally:
+        stop(proc)
+
+
+def test_puts_over_https_store_the_bytes_not_a_chunked_body(s3rver_tls, monkeypatch, tmp_path):
+    """boto3 sends PUT bodies over HTTPS as aws-chunked with a trailing
+    checksum by default; s3rver stores that framing as the object (other
+    servers refuse it with 411).  lsbd's client must send plain bodies."""
+    endpoint, ca = s3rver_tls
+    monkeypatch.setenv("AWS_CA_BUNDLE", ca)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3RVER_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3RVER_KEY)
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    create_bucket(endpoint, "lsbd-tls", ca=ca)
+    store = open_test_store("s3://lsbd-tls/p")
+    store.put("hello", b"hello world")
+    assert store.get("hello") == b"hello world"
+    create_volume(store, "vol", 4 * MiB, segment_size=1 * MiB)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w"))
+    vol.write(0, block(1, 0))
+    vol.close()
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
+    try:
+        assert reader.read(0, BS) == block(1, 0)
+    finally:
+        reader.close()
+        store.close()
+
+
+# --- stores that ignore conditional creates -----------------------------------------------
+
+
+@pytest.fixture
+def blind_store(tmp_path, monkeypatch):
+    """A store whose exclusive puts overwrite, and that says so."""
+    monkeypatch.setattr(lease_mod, "SETTLE_SECONDS", 0.05)
+    store = FaultyStore(LocalStore(str(tmp_path / "store")))
+    store.ignore_conditions()
+    assert not store.conditional_writes
+    return store
+
+
+@pytest.mark.parametrize("quirky_s3_url", [NO_CONDITIONAL], indirect=True)
+def test_servers_that_ignore_conditional_creates_are_detected(quirky_s3_url, s3_url):
+    plain = open_test_store(quirky_s3_url)
+    assert not plain.conditional_writes
+    plain.put("x", b"1", exclusive=True)
+    with pytest.raises(FileExistsError):   # looked for first
+        plain.put("x", b"2", exclusive=True)
+    assert plain.get("x") == b"1"
+    plain.close()
+    honest = open_test_store(s3_url)
+    assert honest.conditional_writes
+    honest.close()
+
+
+def test_a_second_writer_is_refused_without_conditional_creates(blind_store, tmp_path):
+    create_volume(blind_store, "vol", 4 * MiB)
+    first = Volume.open(blind_store, "vol", cache_root=str(tmp_path / "a"))
+    try:
+        with pytest.raises(LeaseHeld):
+            Volume.open(blind_store, "vol", cache_root=str(tmp_path / "b"))
+        first.write(0, block(1, 0))
+        first.flush_to_store()   # the refused writer did not take the lease from it
+    finally:
+        first.close()
+
+
+def test_racing_writers_without_conditional_creates_one_wins(blind_store, tmp_path):
+    """Two writers that both find no lease both put theirs: the read-back
+    lets exactly one through."""
+    create_volume(blind_store, "vol", 4 * MiB)
+    results: list = []
+
+    def open_one(i):
+        try:
+            results.append(Volume.open(blind_store, "vol", cache_root=str(tmp_path / f"w{i}")))
+        except LeaseHeld as e:
+            results.append(e)
+
+    import threading
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    opened = [r for r in results if isinstance(r, Volume)]
+    try:
+        assert len(opened) == 1, results
+    finally:
+        for v in opened:
+            v.close()
+
+
+def test_a_fenced_writer_cannot_get_segments_into_the_volume_without_conditional_creates(
+        blind_store, tmp_path):
+    """The old writer's lease is broken; the store would let its uploads
+    overwrite the new writer's segments.  It checks its lease first and stops."""
+    store = blind_store
+    create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, flush_mode="store")
+    old = Volume.open(store, "vol", cache_root=str(tmp_path / "old"))
+    try:
+        old.write(0, block(1, 0))
+        old.flush()                                            # segment 1
+        new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"), break_lease=True)
+        new.write(0, block(2, 0))
+        new.close()                                            # segment 2, the new writer's
+        new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"))  # holds the lease
+        with pytest.raises(StoreError):
+            old.write(BS, block(3, 1))
+            old.flush()                                        # would be segment 2 again
+    finally:
+        old.abandon()
+    time.sleep(0.3)
+    try:
+        assert new.read(0, 2 * BS) == block(2, 0) + bytes(BS)
+    finally:
+        new.close()
+    wipe(tmp_path / "r")
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
+    try:
+        assert reader.read(0, 2 * BS) == block(2, 0) + bytes(BS), \
+            "the fenced writer's segment replaced the new writer's"
+    finally:
+        reader.close()
