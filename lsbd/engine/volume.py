@@ -32,6 +32,7 @@ from lsbd.engine.control import socket_path as control_socket_path
 from lsbd.engine.deltas import delta_base, delta_entries, segment_records
 from lsbd.segments.journal import OpenSegment
 from lsbd.meta.lease import Lease
+from lsbd.engine.readahead import ReadAhead
 from lsbd.plans.reads import plan_reads
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
@@ -163,6 +164,7 @@ class Volume:
         self._zero_crc = crc32c_of(self._zero_block)
         self._control: ControlServer | None = None
         self.left_waiting: str | None = None   # set by close() when uploads are left over
+        self._readahead = ReadAhead()
         self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                       "segments_sealed": 0, "checkpoints": 0}
 
@@ -399,8 +401,11 @@ class Volume:
 
     def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
         bs = self.block_size
+        sequential, ahead = self._readahead.note(offset, length)
+        if ahead is not None:
+            self.prefetch(*ahead, wait=False)
         if length == bs and not offset % bs and 0 <= offset <= self._size - bs:
-            data = self._read_one_block(offset // bs, nowait)
+            data = self._read_one_block(offset // bs, nowait, sequential)
             if data is not None:
                 return data
         self._check_range(offset, length)
@@ -411,13 +416,30 @@ class Volume:
         with self._lock:
             self._check_open()
             runs = self._plan(first, last - first)
-        data = self._read_runs(runs, nowait)
+        data = self._read_runs(runs, nowait, sequential)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += length
         start = offset - first * bs
         return data[start:start + length] if (start or len(data) != length) else data
 
-    def _read_one_block(self, lba: int, nowait: bool) -> bytes | None:
+    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """Bring the segments holding [offset, offset+length) into the local
+        cache (NBD_CMD_CACHE, read-ahead); wait: until they are there."""
+        bs = self.block_size
+        first = max(0, offset) // bs
+        last = min(-(-(offset + length) // bs), self._size // bs)
+        if last <= first:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            seqs = {e.seq for e in self._map.lookup(first, last - first)}
+        futures = [f for f in map(self._files.prefetch, sorted(seqs)) if f is not None]
+        if wait:
+            for f in futures:
+                f.result()
+
+    def _read_one_block(self, lba: int, nowait: bool, sequential: bool = False) -> bytes | None:
         """Random reads' short path: one whole block with no journal to look
         at is found through the map alone.  None: take the general path."""
         with self._lock:
@@ -426,7 +448,7 @@ class Volume:
                 return None
             where = self._map.lookup_block(lba)
         data = self._zero_block if where is None else \
-            self._files.read_blocks(where[0], where[1], 1, nowait=nowait)
+            self._files.read_blocks(where[0], where[1], 1, nowait=nowait, sequential=sequential)
         stats = self.stats
         stats["reads"] += 1
         stats["bytes_read"] += len(data)
@@ -999,23 +1021,28 @@ class Volume:
         return plan_reads(self._map.lookup(first, n), first, n, self._sealing,
                           seg if seg is not None and seg.has_overlay else None, self.block_size)
 
-    def _read_runs(self, runs: list[tuple], nowait: bool = False) -> bytes:
-        bs = self.block_size
-        if nowait and len(runs) > 1:
-            # Refuse before reading anything, not after reading the local part.
+    def _read_runs(self, runs: list[tuple], nowait: bool = False,
+                   sequential: bool = False) -> bytes:
+        if len(runs) > 1:
             is_local = self._files.is_local
-            for _lba, _n, source, _off, crcs in runs:
-                if source is not None and crcs is None and not is_local(source):
-                    raise WouldBlock(f"segment {source:016x} is not cached locally")
-        parts = []
-        for _lba, n, source, off, crcs in runs:
-            if source is None:
-                parts.append(bytes(n * bs) if n > 1 else self._zero_block)
-            elif crcs is not None:
-                parts.append(self._read_journal(source, off, n, crcs, nowait))
-            else:
-                parts.append(self._files.read_blocks(source, off, n, nowait=nowait))
+            remote = sum(1 for _lba, _n, source, _off, crcs in runs
+                         if source is not None and crcs is None and not is_local(source))
+            if nowait and remote:
+                # Refuse before reading anything, not after reading the local part.
+                raise WouldBlock("some blocks are not cached locally")
+            if remote > 1:   # several segments from the store: in parallel
+                return b"".join(self._files.fetcher.map_reads(
+                    [lambda r=r: self._read_run(r, False, sequential) for r in runs]))
+        parts = [self._read_run(r, nowait, sequential) for r in runs]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:
+        _lba, n, source, off, crcs = run
+        if source is None:
+            return bytes(n * self.block_size) if n > 1 else self._zero_block
+        if crcs is not None:
+            return self._read_journal(source, off, n, crcs, nowait)
+        return self._files.read_blocks(source, off, n, nowait=nowait, sequential=sequential)
 
     def _read_journal(self, seq: int, offset: int, n: int, crcs: list[int],
                       nowait: bool) -> bytes:

@@ -7,8 +7,10 @@ All local copies live in one folder, <cache>/segments/<seq>.seg, from the
 moment a segment opens until the cache evicts it (only segments already in
 the store are evicted), so a reader never races a rename.  A segment that is
 not local is read with ranged GETs of just the blocks asked for, checked
-against its index (fetched once from the object's tail and kept in a bounded
-LRU): a random read costs one small GET, not a whole segment.
+against its index (fetched once from the object's tail, in parallel with the
+first data, and kept in a bounded LRU): a random read costs one small GET,
+not a whole segment.  When the read pattern says more of a segment will be
+read, it is fetched whole in the background (lsbd.segments.fetch).
 
 Local files are read through a small cache of open file descriptors (an
 open/close pair costs as much as the read of a block).  A descriptor is
@@ -26,12 +28,12 @@ import os
 import resource
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from lsbd.checksum import crc32c, crc32c_of, mask
-from lsbd.segments.remote import fetch_index_by_key
 from lsbd.format.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
+from lsbd.segments.fetch import Fetcher
+from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 from lsbd.linux import disk_free, unfilled_bytearray
 from lsbd.store import Store
@@ -43,7 +45,6 @@ INDEX_CACHE_ENTRIES = 1024  # segments whose remote reads are counted
 # 4 KiB writes has an index of about 160 KiB, and the process's memory must
 # not grow with the number of segments a read touches.
 INDEX_CACHE_BYTES = 48 << 20
-HOT_AFTER_READS = 4         # remote reads of one segment before it is cached whole
 # Local segment files kept open for reads: 512 covers a 16 GiB working set of
 # 32 MiB segments, within a quarter of the process's descriptor limit.
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
@@ -109,14 +110,13 @@ class SegmentFiles:
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._index_bytes = 0
-        self._remote_hits: dict[int, int] = {}
         self._files: collections.OrderedDict[int, _OpenFile] = collections.OrderedDict()
         # Background threads (a whole-segment fetch, an upload finishing) may
         # outlive close(): they change the folder only under this lock, and
         # not at all once it is closed (a new writer may own it by then).
         self._folder_lock = threading.Lock()
         self._closed = False
-        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-fetch")
+        self.fetcher = Fetcher(self._fetch_whole, enabled=not self._store_is_local)
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
@@ -308,24 +308,12 @@ class SegmentFiles:
         finally:
             self._release(f)
 
-    def _note_remote_read(self, seq: int) -> None:
-        """A segment read remotely again and again is worth a local copy:
-        fetch it whole in the background (scattered one-off reads never do,
-        so they cannot flush the cache).  Not from a store in a local
-        directory: a ranged read there costs what a read of a copy would, and
-        copying whole segments for reads scattered over more of them than the
-        cache holds only churns it (measured: 1 MiB reads after random writes
-        ran 5x slower)."""
-        if self._store_is_local:
-            return
-        with self._lock:
-            hits = self._remote_hits.pop(seq, 0) + 1
-            self._remote_hits[seq] = hits
-            while len(self._remote_hits) > INDEX_CACHE_ENTRIES:
-                self._remote_hits.pop(next(iter(self._remote_hits)))
-            if hits != HOT_AFTER_READS:
-                return
-        self._fetcher.submit(self._fetch_whole, seq)
+    def prefetch(self, seq: int):
+        """Fetch segment `seq` whole into the cache in the background, unless
+        it is local; returns the fetch's future, or None."""
+        if self.is_local(seq):
+            return None
+        return self.fetcher.prefetch(seq)
 
     def _fetch_whole(self, seq: int) -> None:
         path = self.path(seq)
@@ -352,7 +340,7 @@ class SegmentFiles:
     def close(self) -> None:
         """Stop using the folder.  A fetch still running finds it closed and
         drops what it fetched."""
-        self._fetcher.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
         with self._folder_lock:
             self._closed = True
         with self._lock:
@@ -398,19 +386,29 @@ class SegmentFiles:
 
     # --- reads -------------------------------------------------------------------
 
-    def read_blocks(self, seq: int, offset: int, nblocks: int, *, nowait: bool = False) -> bytes:
+    def read_blocks(self, seq: int, offset: int, nblocks: int, *, nowait: bool = False,
+                    sequential: bool = False) -> bytes:
         """nblocks blocks at file offset `offset` of sealed segment `seq`, checked.
-        nowait: raise WouldBlock rather than read from the store."""
+        nowait: raise WouldBlock rather than read from the store.  sequential:
+        the read continues the previous one (lsbd.segments.fetch)."""
         length = nblocks * self.block_size
         f = self._acquire(seq)
+        if f is None and not nowait and self.fetcher.wait_if_fetching(seq):
+            f = self._acquire(seq)     # fetched whole meanwhile
         if f is None:
             if nowait:
                 raise WouldBlock(f"segment {seq:016x} is not cached locally")
-            # Not here (evicted, or written elsewhere): a ranged GET of just these blocks.
-            idx = self._remote_index(seq)
-            data = self.store.get(self.key_of(seq), offset, length)
+            # Not here (evicted, or written elsewhere): a ranged GET of just
+            # these blocks, and of the index at the same time if need be.
+            key = self.key_of(seq)
+            idx = self._cached_index(seq)
+            if idx is None:
+                data, idx = self.fetcher.map_reads([lambda: self.store.get(key, offset, length),
+                                                    lambda: self._remote_index(seq)])
+            else:
+                data = self.store.get(key, offset, length)
             self._check(seq, idx, offset, data, nblocks)
-            self._note_remote_read(seq)
+            self.fetcher.note_remote_read(seq, length, sequential)
             return data
         try:
             idx = self._local_index(seq, f.fd)   # from the bounded cache, not the descriptor

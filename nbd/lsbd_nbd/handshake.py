@@ -65,6 +65,8 @@ def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
                   | p.FLAG_SEND_FAST_ZERO)
     if structured:
         flags |= p.FLAG_SEND_DF
+    if callable(getattr(device, "prefetch", None)):
+        flags |= p.FLAG_SEND_CACHE     # a real prefetch into the local cache
     return flags
 
 

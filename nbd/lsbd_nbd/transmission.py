@@ -126,6 +126,8 @@ class Connection:
             p.CMD_TRIM: fua,
             p.CMD_WRITE_ZEROES: fua | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
         }
+        if session.flags & p.FLAG_SEND_CACHE:
+            allowed[p.CMD_CACHE] = 0
         if session.structured and session.base_allocation:
             allowed[p.CMD_BLOCK_STATUS] = fua | p.CMD_FLAG_REQ_ONE
         return allowed
@@ -534,6 +536,11 @@ class Connection:
                 self._in_chunks(device.trim, offset, length, fua, extra)
             elif cmd == p.CMD_BLOCK_STATUS:
                 return self.block_status_reply(handle, flags, offset, length)
+            elif cmd == p.CMD_CACHE:
+                if nowait:      # it fetches from the store: on the pool
+                    raise WouldBlock("CACHE waits for the store")
+                # Replies once the blocks are in the local cache.
+                device.prefetch(offset, length)
             return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), None
         except Exception as exc:
             if nowait and isinstance(exc, WouldBlock):

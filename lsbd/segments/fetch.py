@@ -1,0 +1,125 @@
+"""Hiding the store's latency on reads: which segments to fetch whole, and
+a bounded number of requests in flight.
+
+A store 10-100 ms away costs a round trip per request, whatever its size:
+reading a segment's blocks one ranged GET at a time, in order, runs at a
+few MiB/s, while one GET of the whole segment (32 MiB) costs one round trip
+plus the transfer.  So a segment is fetched whole, in the background, as
+soon as a read pattern says more of it will be read:
+
+- a read that continues where the previous one ended (sequential), or a
+  large read;
+- a second remote read of the same segment;
+- read-ahead: a sequential reader's next segments (the volume asks);
+- an explicit prefetch (NBD_CMD_CACHE).
+
+Scattered one-off reads of a segment are a ranged GET of just their blocks,
+so random reads never flood the cache.  Nothing is fetched whole from a
+store in a local directory: a ranged read there costs what a read of a copy
+would, and copying whole segments for reads scattered over more of them than
+the cache holds only churns it (measured: 1 MiB reads after random writes
+ran 5x slower).  While a segment's fetch is in flight,
+reads of it wait for the fetch instead of asking the store again.  The
+blocks a read needs from several segments are fetched in parallel.  At most
+FETCH_WORKERS whole-segment GETs and READ_WORKERS ranged GETs are in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+FETCH_WORKERS = 4        # whole-segment GETs in flight
+READ_WORKERS = 8         # ranged GETs in flight for reads of several runs
+HOT_AFTER_READS = 2      # remote reads of one segment before it is fetched whole
+LARGE_READ = 1 << 20     # a read this large fetches its segment whole
+WAIT_FOR_FETCH = 120.0   # seconds a read waits for a fetch in flight
+_REMEMBERED = 4096       # segments whose remote reads are counted
+
+
+class Fetcher:
+    def __init__(self, fetch_whole: Callable[[int], None], *, enabled: bool = True):
+        self._fetch_whole = fetch_whole      # seq -> None; installs the local copy
+        self.enabled = enabled               # False: never fetch whole (a local store)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future] = {}
+        self._hits: dict[int, int] = {}
+        self._closed = False
+        self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
+                                         thread_name_prefix="lsbd-fetch")
+        self._reads = ThreadPoolExecutor(max_workers=READ_WORKERS,
+                                         thread_name_prefix="lsbd-read")
+        self.stats = {"whole_fetches": 0, "waited": 0}
+
+    def prefetch(self, seq: int) -> Future | None:
+        """Start fetching `seq` whole unless that is under way; its future."""
+        with self._lock:
+            if self._closed or not self.enabled:
+                return None
+            fut = self._inflight.get(seq)
+            if fut is not None:
+                return fut
+            self.stats["whole_fetches"] += 1
+            fut = self._inflight[seq] = self._whole.submit(self._run, seq)
+            return fut
+
+    def _run(self, seq: int) -> None:
+        try:
+            self._fetch_whole(seq)
+        finally:
+            with self._lock:
+                self._inflight.pop(seq, None)
+
+    def wait_if_fetching(self, seq: int) -> bool:
+        """If a whole fetch of `seq` is in flight, wait for it; True if one was."""
+        with self._lock:
+            fut = self._inflight.get(seq)
+        if fut is None:
+            return False
+        self.stats["waited"] += 1
+        try:
+            fut.result(WAIT_FOR_FETCH)
+        except Exception:  # noqa: BLE001 - the fetch logged it; the read goes on remotely
+            pass
+        return True
+
+    def note_remote_read(self, seq: int, length: int, sequential: bool) -> None:
+        """A read of `seq` went to the store: fetch it whole if the pattern says so."""
+        if not self.enabled:
+            return
+        with self._lock:
+            hits = self._hits.pop(seq, 0) + 1
+            self._hits[seq] = hits
+            while len(self._hits) > _REMEMBERED:
+                self._hits.pop(next(iter(self._hits)))
+        if sequential or length >= LARGE_READ or hits >= HOT_AFTER_READS:
+            self.prefetch(seq)
+
+    def map_reads(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """Run reads in parallel (bounded), results in order; the first error
+        is raised.  Called from one of its own threads (a read of several
+        runs, each reading data and index), it runs them in that thread:
+        waiting there for the pool could wait for ever."""
+        if len(calls) == 1 or getattr(_pool_thread, "active", False):
+            return [c() for c in calls]
+        futures = [self._reads.submit(_in_pool, c) for c in calls[1:]]
+        first = calls[0]()            # this thread does one of them itself
+        return [first, *(f.result() for f in futures)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._whole.shutdown(wait=False, cancel_futures=True)
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+
+_pool_thread = threading.local()
+
+
+def _in_pool(call: Callable[[], Any]) -> Any:
+    _pool_thread.active = True
+    return call()

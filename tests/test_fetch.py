@@ -1,0 +1,149 @@
+"""Hiding the store's latency on reads (lsbd.segments.fetch, lsbd.engine.readahead): a
+reader going in order fetches whole segments and reads ahead; scattered
+reads stay small ranged GETs; prefetch and NBD_CMD_CACHE fill the cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_helpers import BS, MiB, blocks, open_test_store, read_all
+from nbd_helpers import RawClient, running_server
+
+from lsbd.meta.config import create_volume
+from lsbd.engine.readahead import ReadAhead
+from lsbd.engine.volume import Volume
+from lsbd.store.faulty import FaultyStore
+from lsbd.store.local import LocalStore
+from lsbd_nbd import protocol as p
+
+SIZE = 32 * MiB
+SEGMENT = 1 * MiB
+
+
+@pytest.fixture
+def written(tmp_path, s3_url):
+    """A volume written in order, 1 MiB segments, in S3 (moto over HTTP)
+    through a wrapper that counts requests; (store, the volume's bytes)."""
+    store = FaultyStore(open_test_store(s3_url))
+    create_volume(store, "vol", SIZE, segment_size=SEGMENT)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w"))
+    for lba in range(0, SIZE // BS, 64):
+        vol.write(lba * BS, blocks(lba, lba, 64))
+    expected = read_all(vol)
+    vol.close()
+    return store, expected
+
+
+def _reader(store, tmp_path, name="r") -> Volume:
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / name), read_only=True)
+    store.reset_counts()
+    return vol
+
+
+def test_reading_in_order_fetches_whole_segments_not_each_read(written, tmp_path):
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    try:
+        got = b"".join(vol.read(off, 128 * 1024) for off in range(0, SIZE, 128 * 1024))
+        assert got == expected
+        reads = SIZE // (128 * 1024)
+        segments = SIZE // SEGMENT
+        # Without whole fetches and read-ahead: one GET per read (256), plus indexes.
+        assert store.calls["get"] <= 2 * segments + 8, store.calls
+        assert store.calls["get"] < reads / 2
+        assert vol._files.fetcher.stats["whole_fetches"] >= segments - 2
+    finally:
+        vol.close()
+
+
+def test_scattered_reads_are_small_ranged_gets(written, tmp_path):
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    try:
+        rng = random.Random(4)
+        # One block from each of a few segments, never twice from one.
+        for seg in rng.sample(range(SIZE // SEGMENT), 6):
+            off = seg * SEGMENT + rng.randrange(SEGMENT // BS // 2) * BS * 2 + BS
+            assert vol.read(off, BS) == expected[off:off + BS]
+        assert vol._files.fetcher.stats["whole_fetches"] == 0
+        assert store.bytes_got < 6 * (BS + 64 * 1024) + 64 * 1024, store.bytes_got
+    finally:
+        vol.close()
+
+
+def test_prefetch_fills_the_cache_and_reads_then_stay_local(written, tmp_path):
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    try:
+        vol.prefetch(4 * MiB, 8 * MiB)
+        store.reset_counts()
+        assert vol.read(4 * MiB, 8 * MiB) == expected[4 * MiB:12 * MiB]
+        assert store.calls["get"] == 0, store.calls
+    finally:
+        vol.close()
+
+
+def test_a_read_of_several_segments_reads_them_in_parallel(written, tmp_path, monkeypatch):
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    seen = set()
+    inner_get = store.inner.get
+
+    def get(key, start=0, length=None):
+        import threading
+
+        seen.add(threading.current_thread().name)
+        return inner_get(key, start, length)
+
+    monkeypatch.setattr(store.inner, "get", get)
+    try:
+        assert vol.read(3 * MiB + 512 * 1024, 3 * MiB) == expected[3 * MiB + 512 * 1024:
+                                                                    6 * MiB + 512 * 1024]
+        assert any(name.startswith("lsbd-read") for name in seen), seen
+    finally:
+        vol.close()
+
+
+def test_read_ahead_bookkeeping():
+    ra = ReadAhead(window=1000)
+    assert ra.note(0, 100) == (False, None)
+    assert ra.note(100, 100) == (True, (200, 1200))
+    assert ra.note(100, 100) == (True, None)          # the same read again (a retry)
+    assert ra.note(200, 100) == (True, None)          # well inside the window
+    assert ra.note(300, 400) == (True, (1200, 1700))  # within half a window of its end
+    assert ra.note(5000, 10) == (False, None)         # a jump starts over
+
+
+def test_nbd_cache_is_advertised_and_prefetches(written, tmp_path):
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    try:
+        with running_server({"vol": vol}, tcp=True) as server:
+            c = RawClient(server.connect())
+            info = c.connect_export("vol", structured=False)
+            assert info["flags"] & p.FLAG_SEND_CACHE
+            assert c.call(p.CMD_CACHE, 8 * MiB, 4 * MiB) == (0, b"")
+            segments = {e.seq for e in vol._map.lookup(8 * MiB // BS, 4 * MiB // BS)}
+            assert segments and all(vol._files.is_local(s) for s in segments)
+            store.reset_counts()
+            assert c.call(p.CMD_READ, 8 * MiB, 1 * MiB) == (0, expected[8 * MiB:9 * MiB])
+            assert store.calls["get"] == 0
+            c.disconnect()
+    finally:
+        vol.close()
+
+
+def test_nothing_is_fetched_whole_from_a_local_store(tmp_path):
+    store = FaultyStore(LocalStore(str(tmp_path / "store")))
+    create_volume(store, "vol", 8 * MiB, segment_size=SEGMENT)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w"))
+    vol.write(0, blocks(1, 0, 8 * MiB // BS))
+    expected = read_all(vol)
+    vol.close()
+    vol = _reader(store, tmp_path)
+    try:
+        assert read_all(vol) == expected
+        assert vol._files.fetcher.stats["whole_fetches"] == 0
+    finally:
+        vol.close()
