@@ -212,15 +212,17 @@ def test_racing_writers_without_conditional_creates_one_wins(blind_store, tmp_pa
 
 
 def test_a_fenced_writer_cannot_get_segments_into_the_volume_without_conditional_creates(
-        blind_store, tmp_path):
+        blind_store, tmp_path, monkeypatch):
     """The old writer's lease is broken; the store would let its uploads
     overwrite the new writer's segments.  It checks its lease first and stops."""
     store = blind_store
     create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, flush_mode="store")
+    monkeypatch.setenv("LSBD_HOST", "old.example")   # two machines
     old = Volume.open(store, "vol", cache_root=str(tmp_path / "old"))
     try:
         old.write(0, block(1, 0))
         old.flush()                                            # segment 1
+        monkeypatch.setenv("LSBD_HOST", "new.example")
         new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"), break_lease=True)
         new.write(0, block(2, 0))
         new.close()                                            # segment 2, the new writer's

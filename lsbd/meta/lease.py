@@ -151,33 +151,40 @@ class Lease:
                          process_start=_process_start(pid))
         key = names.lease_key(volume)
         conditional = store.conditional_writes
-        for _attempt in range(3):
-            # A store that ignores conditional creates would let our put
-            # replace a live holder's lease: look first there.
-            current = None if conditional else read_holder(store, volume)
-            if current is None:
-                try:
-                    store.put(key, json.dumps(attrs.asdict(me)).encode(), exclusive=True)
-                    if conditional or cls._won(store, volume, me):
-                        return cls(store, volume, me)
-                except ObjectExists:
-                    pass
-                current = read_holder(store, volume)
+        # A lease this process is still taking is live, not left over:
+        # another thread racing for it must not take it over.
+        _held_here.add(me.token)
+        try:
+            for _attempt in range(3):
+                # A store that ignores conditional creates would let our put
+                # replace a live holder's lease: look first there.
+                current = None if conditional else read_holder(store, volume)
                 if current is None:
-                    continue  # released while we looked: try again
-            if current.is_live_local_process():
-                raise LeaseHeld(current.live_local_advice(volume))
-            if break_lease:
-                log.warning("breaking the lease of volume %s held by %s", volume, current.describe())
-            elif current.is_dead_local_process():
-                log.warning("taking over the lease of volume %s left by %s, which has exited",
-                            volume, current.describe())
-            else:
-                raise LeaseHeld(f"volume {volume!r} is in use by {current.describe()}; "
-                                "if that process or machine is gone, add --break-lease")
-            store.delete(key)
-        raise LeaseHeld(f"volume {volume!r}: could not take the writer lease (another writer "
-                        "is racing for it)")
+                    try:
+                        store.put(key, json.dumps(attrs.asdict(me)).encode(), exclusive=True)
+                        if conditional or cls._won(store, volume, me):
+                            return cls(store, volume, me)
+                    except ObjectExists:
+                        pass
+                    current = read_holder(store, volume)
+                    if current is None:
+                        continue  # released while we looked: try again
+                if current.is_live_local_process():
+                    raise LeaseHeld(current.live_local_advice(volume))
+                if break_lease:
+                    log.warning("breaking the lease of volume %s held by %s", volume, current.describe())
+                elif current.is_dead_local_process():
+                    log.warning("taking over the lease of volume %s left by %s, which has exited",
+                                volume, current.describe())
+                else:
+                    raise LeaseHeld(f"volume {volume!r} is in use by {current.describe()}; "
+                                    "if that process or machine is gone, add --break-lease")
+                store.delete(key)
+            raise LeaseHeld(f"volume {volume!r}: could not take the writer lease (another writer "
+                            "is racing for it)")
+        except BaseException:
+            _held_here.discard(me.token)
+            raise
 
     @staticmethod
     def _won(store: Store, volume: str, me: LeaseHolder) -> bool:
