@@ -80,7 +80,7 @@ def _from_store(store, volume: str) -> dict:
     size = config.size
     if segments:
         top = max(segments)
-        trailer, _ = fetch_segment_index(store, config.name, top, segments[top])
+        trailer, _ = fetch_segment_index(store, config.name, top)
         size = trailer.volume_size
     return {
         "name": config.name, "volume_id": config.volume_id, "size": size,

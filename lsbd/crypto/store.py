@@ -219,6 +219,10 @@ class SealingStore(Store):
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
+    @property
+    def conditional_writes(self) -> bool:
+        return self.inner.conditional_writes
+
     def close(self) -> None:
         self.inner.close()
 

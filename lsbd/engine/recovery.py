@@ -131,7 +131,7 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
         prev = None
     applied: list[int] = []
     for i, seq in enumerate(plan.replay):
-        trailer, records = fetch_segment_index(store, volume, seq, stored[seq])
+        trailer, records = fetch_segment_index(store, volume, seq)
         key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
             raise CorruptionError(f"{key} belongs to another volume", key=key)

@@ -45,6 +45,7 @@ from lsbd.segments.local import SegmentFiles, check_open_blocks
 from lsbd.format.segment import (
     DATA,
     RESIZE,
+    TRAILER,
     TRIM,
     ZERO,
     block_crcs,
@@ -249,8 +250,7 @@ class Volume:
             # Another writer went on from our history (it broke our lease)?  Or
             # leftovers of a writer that had lost the lease (not chained to us:
             # orphans, removed below)?
-            trailer, _ = fetch_segment_index(self.store, self.name, applied + 1,
-                                             stored[applied + 1])
+            trailer, _ = fetch_segment_index(self.store, self.name, applied + 1)
             if trailer.prev_crc == m.get_int("top_crc"):
                 raise CacheMismatch(f"the store has segments it does not know "
                                     f"({applied + 1:016x}..)")
@@ -259,12 +259,13 @@ class Volume:
         if ours:
             top = max(ours)
             info = m.segment(top)
-            if info is not None and info.trailer_crc:
+            if info is not None and info.trailer_crc and info.size >= TRAILER.size:
                 from lsbd.checksum import masked_crc
-                from lsbd.format.segment import TRAILER
 
+                # The map's size is the segment's own (a listing's is what
+                # the store holds): an explicit range, which every S3 honours.
                 tail = self.store.get(names.segment_key(self.name, top),
-                                      max(0, stored[top] - TRAILER.size), TRAILER.size)
+                                      info.size - TRAILER.size, TRAILER.size)
                 if masked_crc(tail) != info.trailer_crc:
                     raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
         self._applied = applied

@@ -34,10 +34,12 @@ def fetch_segment_index(store: Store, volume: str, seq: int,
 
 def fetch_index_by_key(store: Store, key: str, seq: int,
                        size: int | None = None) -> tuple[Trailer, list[Record]]:
-    """The trailer and index of the segment object `key`.  With its size
-    known (from a listing or the map) the tail is an explicit range, which
-    every S3 server honours; without it, a suffix range, which the store
-    checks (lsbd.store.s3)."""
+    """The trailer and index of the segment object `key`.  `size`: the
+    segment's own size (its local file's, or the map's), when known: the tail
+    is then an explicit range, which every S3 server honours.  Without it, a
+    suffix range, which the store checks (lsbd.store.s3).  A listing's size
+    will not do: it is what the store holds, which is not the segment's size
+    once a wrapper compresses or encrypts it (lsbd.crypto.store)."""
     if size is not None:
         start = max(0, size - _TAIL_READ)
         tail = store.get(key, start, size - start)
@@ -74,6 +76,6 @@ def segment_times(store: Store, config: VolumeConfig) -> dict[int, int]:
                 times[info.seq] = info.sealed_ns
     for seq in sorted(stored):
         if seq not in times:
-            trailer, _records = fetch_segment_index(store, config.name, seq, stored[seq])
+            trailer, _records = fetch_segment_index(store, config.name, seq)
             times[seq] = trailer.sealed_ns
     return times
