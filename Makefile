@@ -20,7 +20,7 @@ DEB_PACKAGES := fuse3 e2fsprogs libnbd-bin python3-libnbd \
 NODE_DIR := .node
 S3RVER   := $(NODE_DIR)/node_modules/.bin/s3rver
 
-.PHONY: all demo test test-slow lint bench sysdeps nodedeps venv clean
+.PHONY: all demo test test-slow lint bench bench-distant sysdeps nodedeps venv clean
 
 all: venv
 
@@ -69,6 +69,11 @@ test-slow: sysdeps venv nodedeps
 bench: sysdeps venv
 	$(PY) bench/nbd_bench.py --runtime 10 --size 1G
 	$(PY) bench/fuse_bench.py --runtime 10
+
+# lsbd and s3backer against a store 10 and 40 ms away (moto behind a delaying
+# proxy): the workflow of #17, about 15 minutes.
+bench-distant: sysdeps venv
+	$(PY) bench/distant_bench.py --delays 10,40
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR) build *.egg-info .pytest_cache .hypothesis

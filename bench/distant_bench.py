@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""lsbd and s3backer against a distant store, in one run (#17).
+
+    sudo .venv/bin/python bench/distant_bench.py [--delays 10,40] [--fio-runtime 10]
+        [--small-mib 130] [--big-mib 256] [--skip-fio] [--json FILE]
+
+A moto S3 server runs in a child process; a TCP proxy (bench/delay_proxy.py)
+in front of it forwards every chunk `delay` ms late in each direction.  For
+each delay, lsbd (`lsbd mount`, its FUSE image) and s3backer (1 MiB blocks,
+otherwise its defaults) go through the same workflow, each in its own bucket:
+
+  mkfs        mkfs.ext4 on the 4 GiB image
+  copy+sync   mount -o loop, copy a tree of small files (--small-mib) and one
+              large file (--big-mib), sync
+  unmount     umount, then unmount the image until everything is in the store
+              (`lsbd umount` returns then; s3backer when its process exits)
+  cold read   a new cache (lsbd: a new cache dir; s3backer: a new process),
+              page cache dropped, every file read back and compared
+  fio         4 KiB random writes and reads, 1 MiB writes and reads, on the
+              image (libaio, O_DIRECT, iodepth 16), and for lsbd over NBD
+              (`lsbd serve`, fio's nbd engine)
+
+It reports the times, the store requests by kind, and bytes up and down per
+GiB written (GiB of files copied), and the targets against s3backer from the
+same run: cold read >= 2x faster, copy+sync+unmount >= 3x faster, <= 40 PUTs
+and <= 1.1 GiB uploaded per GiB written.  Needs root, /dev/fuse, loop
+devices, e2fsprogs, fio and s3backer.  Not a test: compare within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from delay_proxy import DelayProxy  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LSBD = os.path.join(REPO, ".venv", "bin", "lsbd")
+MiB = 1 << 20
+GiB = 1 << 30
+
+# --- moto in a child process, counting requests by kind ---------------------------------
+
+MOTO_CHILD = r"""
+import json, sys, threading, logging
+from collections import Counter
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from moto.moto_server.werkzeug_app import MotoRequestHandler
+from werkzeug.serving import make_server
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+counts, lock = Counter(), threading.Lock()
+def kind(env):
+    method, path, query = env["REQUEST_METHOD"], env.get("PATH_INFO", ""), env.get("QUERY_STRING", "")
+    key = "/" in path.strip("/")
+    if method == "GET":
+        if not key:
+            return "LIST"
+        return "GET range" if env.get("HTTP_RANGE") else "GET"
+    if method == "PUT" and key:
+        return "PUT part" if "partNumber" in query else "PUT"
+    return method
+app = DomainDispatcherApplication(create_backend_app)
+def counting(env, start_response):
+    if env.get("PATH_INFO") == "/__counts":
+        with lock:
+            body = json.dumps(counts).encode()
+            if env["REQUEST_METHOD"] == "POST":
+                counts.clear()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+    with lock:
+        counts[kind(env)] += 1
+    return app(env, start_response)
+server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+class Moto:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], stdout=subprocess.PIPE,
+                                     text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def counts(self, reset: bool = False) -> dict:
+        req = urllib.request.Request(self.url + "/__counts", method="POST" if reset else "GET")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def bucket(self, name: str) -> None:
+        req = urllib.request.Request(f"{self.url}/{name}", method="PUT")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def sh(*cmd: str, check: bool = True, env=None, timeout: float | None = None):
+    return subprocess.run(cmd, check=check, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, timeout=timeout)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def make_tree(root: str, small_mib: int, big_mib: int) -> int:
+    """Small files (4-64 KiB, in folders of 200) and one large file of
+    random bytes; returns the bytes written."""
+    rng = random.Random(17)
+    total = 0
+    i = 0
+    while total < small_mib * MiB:
+        folder = os.path.join(root, "small", f"d{i // 200:03d}")
+        os.makedirs(folder, exist_ok=True)
+        size = rng.randint(4, 64) * 1024
+        with open(os.path.join(folder, f"f{i:05d}"), "wb") as f:
+            f.write(os.urandom(size))
+        total += size
+        i += 1
+    with open(os.path.join(root, "large.bin"), "wb") as f:
+        for _ in range(big_mib):
+            f.write(os.urandom(MiB))
+    return total + big_mib * MiB
+
+
+def timed(fn, *args) -> float:
+    t0 = time.monotonic()
+    fn(*args)
+    return time.monotonic() - t0
+
+
+def fio(target: str, rw: str, bs: str, runtime: int, size: str) -> dict:
+    if target.startswith("nbd"):
+        where = ["--ioengine=nbd", f"--uri={target}"]
+    else:
+        where = ["--ioengine=libaio", "--direct=1", f"--filename={target}"]
+    out = sh("fio", "--name=j", *where, f"--rw={rw}", f"--bs={bs}", "--iodepth=16",
+             f"--size={size}", f"--runtime={runtime}", "--time_based", "--output-format=json",
+             check=False, timeout=runtime * 6 + 120)
+    try:
+        job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return {"error": (out.stderr or out.stdout)[-300:]}
+    part = job["write"] if "write" in rw else job["read"]
+    return {"iops": round(part["iops"], 1), "MiB/s": round(part["bw_bytes"] / MiB, 1)}
+
+
+FIO_JOBS = [("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k"),
+            ("write 1M", "write", "1M"), ("read 1M", "read", "1M")]
+
+
+def fio_all(target: str, runtime: int) -> dict:
+    return {name: fio(target, rw, bs, runtime, "1G") for name, rw, bs in FIO_JOBS}
+
+
+# --- the two subjects ------------------------------------------------------------------
+
+
+class LsbdSubject:
+    name = "lsbd"
+
+    def __init__(self, work: str, endpoint: str):
+        self.work = work
+        self.env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
+                        AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        self.store = "s3://lsbd-bench/d"
+        self.mnt = os.path.join(work, "lsbd-mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+        self.cache = 0
+
+    def lsbd(self, *args: str) -> None:
+        sh(LSBD, "--store", self.store, "--cache-dir", os.path.join(self.work, f"cache{self.cache}"),
+           *args, env=self.env)
+
+    def create(self) -> None:
+        self.lsbd("create", "vol", "--size", "4G")
+
+    def attach(self, new_cache: bool = False) -> str:
+        if new_cache:
+            self.cache += 1
+        self.lsbd("mount", "vol", self.mnt)
+        return os.path.join(self.mnt, "vol.img")
+
+    def detach(self) -> None:
+        self.lsbd("umount", self.mnt)
+
+    def fio_nbd(self, runtime: int) -> dict:
+        sock = os.path.join(self.work, "nbd.sock")
+        proc = subprocess.Popen([LSBD, "--store", self.store, "--cache-dir",
+                                 os.path.join(self.work, f"cache{self.cache}"), "serve", "vol",
+                                 "--socket", sock], env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(sock) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return fio_all(f"nbd+unix:///vol?socket={sock}", runtime)
+        finally:
+            proc.send_signal(2)
+            proc.wait(600)
+
+
+class S3backerSubject:
+    name = "s3backer"
+
+    def __init__(self, work: str, endpoint: str):
+        self.work = work
+        self.endpoint = endpoint
+        self.mnt = os.path.join(work, "s3b-mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def create(self) -> None:
+        pass
+
+    def attach(self, new_cache: bool = False) -> str:
+        self.proc = subprocess.Popen(
+            ["s3backer", "-f", f"--baseURL={self.endpoint}/", "--accessId=test", "--accessKey=test",
+             "--blockSize=1M", "--size=4G", "s3b-bench", self.mnt],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        path = os.path.join(self.mnt, "file")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"s3backer did not start: {self.proc.stderr.read()}")
+            time.sleep(0.1)
+        return path
+
+    def detach(self) -> None:
+        sh("fusermount", "-u", self.mnt)
+        self.proc.wait()       # its dirty blocks are written when it exits
+
+    def fio_nbd(self, runtime: int) -> dict:
+        return {}
+
+
+# --- the workflow ----------------------------------------------------------------------
+
+
+def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, written: int,
+             fio_runtime: int) -> dict:
+    out: dict = {}
+    fsdir = os.path.join(work, f"{subject.name}-fs")
+    os.makedirs(fsdir, exist_ok=True)
+    subject.create()
+    image = subject.attach()
+    out["mkfs s"] = timed(sh, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", image)
+    sh("mount", "-o", "loop", image, fsdir)
+    moto.counts(reset=True)
+    proxy.reset_counts()
+    t0 = time.monotonic()
+    sh("cp", "-a", src + "/.", fsdir)
+    os.sync()
+    out["copy+sync s"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    sh("umount", fsdir)
+    subject.detach()
+    out["unmount s"] = time.monotonic() - t1
+    out["copy+sync+unmount s"] = time.monotonic() - t0
+    counts = moto.counts(reset=True)
+    out["requests (copy)"] = counts
+    out["PUTs per GiB"] = (counts.get("PUT", 0) + counts.get("PUT part", 0)) * GiB / written
+    out["GiB up per GiB"] = proxy.bytes_up / written
+    out["GiB down per GiB"] = proxy.bytes_down / written
+    # Cold read on a new cache: attaching (lsbd rebuilds its map from the
+    # store), mounting and reading every file.
+    drop_caches()
+    proxy.reset_counts()
+    moto.counts(reset=True)
+    t0 = time.monotonic()
+    image = subject.attach(new_cache=True)
+    sh("mount", "-o", "loop,ro", image, fsdir)
+    same = sh("diff", "-r", "-q", "-x", "lost+found", src, fsdir, check=False).returncode == 0
+    out["cold read s"] = time.monotonic() - t0
+    out["cold read matches"] = same
+    out["requests (cold read)"] = moto.counts(reset=True)
+    out["MiB down (cold read)"] = proxy.bytes_down / MiB
+    sh("umount", fsdir)
+    if fio_runtime:
+        out["fio image"] = fio_all(image, fio_runtime)
+    subject.detach()
+    if fio_runtime:
+        nbd = subject.fio_nbd(fio_runtime)
+        if nbd:
+            out["fio nbd"] = nbd
+    return out
+
+
+def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
+    moto = Moto()
+    proxy = DelayProxy(("127.0.0.1", moto.port), delay_ms / 1000).start()
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    results = {}
+    try:
+        moto.bucket("lsbd-bench")
+        moto.bucket("s3b-bench")
+        for cls in (LsbdSubject, S3backerSubject):
+            work = tempfile.mkdtemp(prefix=f"distant-{cls.name}-", dir=args.workdir)
+            try:
+                subject = cls(work, endpoint)
+                results[cls.name] = workflow(subject, src, work, moto, proxy, written,
+                                             0 if args.skip_fio else args.fio_runtime)
+            finally:
+                for d in (os.path.join(work, f"{cls.name}-fs"), getattr(subject, "mnt", "")):
+                    if d and os.path.ismount(d):
+                        sh("umount", "-l", d, check=False)
+                shutil.rmtree(work, ignore_errors=True)
+            print(f"  {cls.name} at {delay_ms:g} ms: {json.dumps(results[cls.name])}", flush=True)
+    finally:
+        proxy.stop()
+        moto.stop()
+    return results
+
+
+def report(delay: float, r: dict) -> list[str]:
+    a, b = r["lsbd"], r["s3backer"]
+    lines = [f"## one-way delay {delay:g} ms", "",
+             "| step | lsbd | s3backer | ratio |", "|---|---|---|---|"]
+    for key in ("mkfs s", "copy+sync s", "unmount s", "copy+sync+unmount s", "cold read s"):
+        lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
+    for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)"):
+        lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
+    for key in ("requests (copy)", "requests (cold read)"):
+        lines.append(f"| {key} | {fmt(a[key])} | {fmt(b[key])} | |")
+    for where in ("fio image", "fio nbd"):
+        for job, _rw, _bs in FIO_JOBS:
+            if where in a or where in b:
+                x, y = a.get(where, {}).get(job, {}), b.get(where, {}).get(job, {})
+                lines.append(f"| {where} {job} | {fio_fmt(x)} | {fio_fmt(y)} | |")
+    checks = [
+        ("cold read >= 2x faster", b["cold read s"] / a["cold read s"] >= 2),
+        ("copy+sync+unmount >= 3x faster", b["copy+sync+unmount s"] / a["copy+sync+unmount s"] >= 3),
+        ("<= 40 PUTs per GiB written", a["PUTs per GiB"] <= 40),
+        ("<= 1.1 GiB uploaded per GiB written", a["GiB up per GiB"] <= 1.1),
+        ("cold read returns the files", a["cold read matches"] and b["cold read matches"]),
+    ]
+    lines += [""] + [f"- {'MET' if ok else 'MISSED'}: {name}" for name, ok in checks] + [""]
+    return lines
+
+
+def fmt(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def fio_fmt(x: dict) -> str:
+    if not x:
+        return "-"
+    if "error" in x:
+        return "error"
+    return f"{x['iops']:.0f} IOPS, {x['MiB/s']:.1f} MiB/s"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--delays", default="10,40", help="one-way delays in ms (comma-separated)")
+    ap.add_argument("--fio-runtime", type=int, default=10)
+    ap.add_argument("--skip-fio", action="store_true")
+    ap.add_argument("--small-mib", type=int, default=130)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("distant_bench needs root (FUSE, loop devices)", file=sys.stderr)
+        return 1
+    src = tempfile.mkdtemp(prefix="distant-src-", dir=args.workdir)
+    try:
+        written = make_tree(src, args.small_mib, args.big_mib)
+        print(f"tree: {written / MiB:.0f} MiB", flush=True)
+        results, lines = {}, []
+        for delay in (float(d) for d in args.delays.split(",")):
+            results[delay] = run_delay(delay, src, written, args)
+            lines += report(delay, results[delay])
+        print("\n".join(lines))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({str(k): v for k, v in results.items()}, f, indent=1)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    threading.stack_size(1 << 20)
+    sys.exit(main())
