@@ -50,7 +50,7 @@ def stored_bytes(path: str) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
-            total += os.path.getsize(os.path.join(dirpath, f))
+            total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
 
 

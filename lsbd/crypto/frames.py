@@ -105,11 +105,18 @@ class Framer:
     def overhead(self) -> int:
         return HEADER.size + (TAG_SIZE if self.cipher is not None else _CRC.size)
 
-    def seal(self, plain: bytes, place: Place) -> bytes:
+    def seal(self, plain: bytes, place: Place, *,
+             compressed: tuple[int, bytes] | None = None) -> bytes:
+        """`compressed`: (codec, stored bytes) of `plain` made beforehand
+        (Compressor.compress_many), instead of compressing here."""
         if len(plain) > MAX_PLAIN:
             raise ValueError("frame too large")
-        codec, stored = (self.compressor.compress(plain) if self.compressor is not None
-                         else (RAW, bytes(plain)))
+        if compressed is not None:
+            codec, stored = compressed
+        elif self.compressor is not None:
+            codec, stored = self.compressor.compress(plain)
+        else:
+            codec, stored = RAW, bytes(plain)
         if self.cipher is None:
             header = HEADER.pack(codec, 0, 0, len(plain), len(stored) + _CRC.size,
                                  bytes(NONCE_SIZE))

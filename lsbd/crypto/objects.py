@@ -96,12 +96,15 @@ def seal(plain: bytes | memoryview, *, name: str, volume_id: bytes, framer: Fram
     """The sealed object of `plain`, stored under `name`."""
     view = memoryview(plain)
     count = -(-len(view) // frame_size)
+    chunks = [bytes(view[i * frame_size:(i + 1) * frame_size]) for i in range(count)]
+    packed = (framer.compressor.compress_many(chunks) if framer.compressor is not None
+              else [None] * count)
     parts = []
     lengths = array.array("I")
     for i in range(count):
         place = Place(volume_id=volume_id, name=name, object_id=object_id, position=i,
                       extra=len(view))
-        frame = framer.seal(view[i * frame_size:(i + 1) * frame_size], place)
+        frame = framer.seal(chunks[i], place, compressed=packed[i])
         parts.append(frame)
         lengths.append(len(frame))
     tail = Tail(encrypted=framer.cipher is not None, key_id=key_id, object_id=object_id,
