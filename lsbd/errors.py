@@ -26,6 +26,10 @@ class StoreError(LsbdError, OSError):
         return self.strerror
 
 
+class StoreNotFound(UserError, FileNotFoundError):
+    """The store a URL names does not exist (a local directory never created)."""
+
+
 class TransientStoreError(StoreError):
     """A failure that may go away if the same call is tried again."""
 

@@ -61,6 +61,7 @@ def cli(store_url, tmp_path):
 @pytest.fixture
 def file_cli(tmp_path):
     """run_cli on a file:// store, for errors where the kind of store does not matter."""
+    (tmp_path / "store").mkdir()
     store_url = "file://" + str(tmp_path / "store")
 
     def run(*args, **kw):

@@ -1,28 +1,27 @@
 """lsbd checkpoint VOLUME"""
 
 from lsbd.cli import ui
-from lsbd.engine import control
-from lsbd.meta.config import load_config
+from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.service.writer import run_on_writer
 
 
 def register(sub) -> None:
-    p = sub.add_parser("checkpoint", help="write a checkpoint of the block map now")
-    p.add_argument("volume")
-    p.add_argument("--break-lease", action="store_true",
-                   help="take over the lease of a writer on a machine that is gone")
+    p = command(sub, "checkpoint", help="write a checkpoint of the block map now",
+                description="Write a checkpoint of the block map now (also while the volume is "
+                            "mounted or served: its writer does it). Opening the volume from "
+                            "the store alone then starts from this checkpoint.",
+                examples=["vm1", "vm1 --json"])
+    add_volume(p)
+    add_break_lease(p)
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
-    config = load_config(ctx.store, args.volume)
-    # A volume in use: its writer checkpoints (the lease keeps any other
-    # process from opening it, --break-lease included).
-    reply = control.call(ctx.control_path(config.name), {"op": "checkpoint"})
-    if reply is not None:
-        seq = reply["seq"]
-    else:
-        with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol:
-            seq = vol.checkpoint()
-    ui.err.print(f"checkpoint of [bold]{args.volume}[/] at seq {seq:016x}" if seq
-                 else f"volume {args.volume} is empty: nothing to checkpoint")
+    outcome = run_on_writer(ctx.store, args.volume, {"op": "checkpoint"},
+                            cache_root=ctx.cache_dir, break_lease=args.break_lease,
+                            prepare=ctx.unlock)
+    seq = outcome.value
+    ui.done({"volume": args.volume, "seq": seq or None, "by_writer": outcome.by_writer},
+            f"checkpoint of {ui.bold(args.volume)} at seq {seq}" if seq
+            else f"volume {args.volume} is empty: nothing to checkpoint")
     return 0

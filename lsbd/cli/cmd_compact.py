@@ -1,16 +1,32 @@
 """lsbd compact VOLUME"""
 
-
 from lsbd.cli import ui
-from lsbd.engine import control
+from lsbd.cli.args import add_break_lease, add_volume, command
 from lsbd.meta.config import load_config
 from lsbd.errors import UserError
+from lsbd.service.writer import ask_writer, run_on_writer
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"bad threshold {text!r}: a fraction between 0 and 1, e.g. 0.6") from None
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"bad threshold {text!r}: a fraction between 0 and 1, e.g. 0.6")
+    return value
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compact", help="reclaim space: rewrite sparse segments, delete dead ones")
-    p.add_argument("volume")
-    p.add_argument("--threshold", type=float, default=0.6,
+    p = command(sub, "compact", help="reclaim space: rewrite sparse segments, delete dead ones",
+                description="Reclaim space: rewrite the live data of sparse segments, then "
+                            "delete the segments and checkpoints no kept point needs (the "
+                            "retention window, snapshots and clones keep theirs). Works while "
+                            "the volume is mounted or served (its writer compacts).",
+                examples=["vm1", "vm1 --dry-run", "vm1 --defrag --threshold 0.8 --json",
+                          "secret --rekey"])
+    add_volume(p)
+    p.add_argument("--threshold", type=_fraction, default=0.6,
                    help="rewrite segments whose live fraction is below this (default 0.6)")
     p.add_argument("--defrag", action="store_true",
                    help="also rewrite ranges scattered in many small pieces (random writes) "
@@ -20,42 +36,29 @@ def register(sub) -> None:
                         "current one (after `lsbd key rotate`), except those snapshots, clones "
                         "or the retention window still need as they are")
     p.add_argument("--dry-run", action="store_true", help="show what would happen")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--break-lease", action="store_true", help="take over a lease held elsewhere")
+    add_break_lease(p)
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
-    if not 0.0 < args.threshold <= 1.0:
-        raise UserError("--threshold is a fraction between 0 and 1")
-    store = ctx.store
-    config = load_config(store, args.volume)
-    sock = ctx.control_path(config.name)
+    config = load_config(ctx.store, args.volume)
+    request = {"op": "compact", "threshold": args.threshold, "dry_run": args.dry_run,
+               "defrag": args.defrag}
     if args.rekey:
         if not config.encryption:
             raise UserError(f"volume {args.volume} is not encrypted: --rekey has nothing to do")
-        reply = None
-        if control.call(sock, {"op": "stats"}, timeout=10) is not None:
+        if ask_writer(ctx.store, args.volume, {"op": "stats"}, cache_root=ctx.cache_dir,
+                      timeout=10) is not None:
             raise UserError(f"{args.volume} is mounted or served, and its writer seals with the "
                             "data key it was opened with: stop it, then compact --rekey")
-    else:
-        reply = control.call(sock, {"op": "compact", "threshold": args.threshold,
-                                    "dry_run": args.dry_run, "defrag": args.defrag},
-                             timeout=3600)
-    if reply is not None:  # the volume is mounted or served: its writer compacts
-        report = reply["report"]
-    else:
-        force: frozenset[int] = frozenset()
-        if args.rekey:
-            from lsbd.crypto.keystore import stale_segments
+        from lsbd.crypto.keystore import stale_segments
 
-            force = stale_segments(ctx.plain_store, args.volume,
-                                   ctx.keyring(args.volume).current)
-        with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol:
-            with ui.count_progress("compacting") as update:
-                report = vol.compact(threshold=args.threshold, dry_run=args.dry_run,
-                                     progress=update, defrag=args.defrag,
-                                     force=force).as_dict()
+        request["force"] = sorted(stale_segments(ctx.plain_store, args.volume,
+                                                 ctx.keyring(args.volume).current))
+    with ui.count_progress("compacting") as update:
+        report = run_on_writer(ctx.store, args.volume, request, cache_root=ctx.cache_dir,
+                               break_lease=args.break_lease, progress=update, timeout=3600,
+                               prepare=ctx.unlock).value
     if args.json:
         ui.print_json(report)
         return 0

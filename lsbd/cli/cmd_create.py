@@ -1,7 +1,8 @@
 """lsbd create VOLUME --size SIZE [--compress zstd[:LEVEL]|none] [--encrypt]"""
 
 from lsbd.cli import ui
-from lsbd.cli.cmd_history import parse_duration
+from lsbd.cli.args import add_volume, command
+from lsbd.cli.cmd_history import format_duration, parse_duration
 from lsbd.cli.secrets import new_secret
 from lsbd.crypto import keyring as kr
 from lsbd.crypto import keystore
@@ -13,8 +14,10 @@ from lsbd.names import check_volume_name, config_key, keys_key
 
 
 def register(sub) -> None:
-    p = sub.add_parser("create", help="create a volume")
-    p.add_argument("volume")
+    p = command(sub, "create", help="create a volume",
+                examples=["vm1 --size 20G", "db --size 100G --flush-mode store --retain 7d",
+                          "secret --size 20G --encrypt --passphrase-file ~/.lsbd-pass"])
+    add_volume(p, "the new volume's name (letters, digits, '.', '_', '-')")
     p.add_argument("--size", required=True, help="size, e.g. 10G (binary units)")
     p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 4K)")
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",
@@ -30,10 +33,18 @@ def register(sub) -> None:
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt segments and checkpoints (AES-256-GCM); the passphrase comes "
                         "from --passphrase-file, --key-file, $LSBD_PASSPHRASE or a prompt")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, creates_store=True)
+
+
+MIN_SEGMENT_SIZE = 64 << 10
+MAX_SEGMENT_SIZE = 4 << 30
 
 
 def run(args, ctx) -> int:
+    segment_size = parse_size(args.segment_size)
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        raise UserError(f"bad segment size {args.segment_size!r}: from 64K to 4G")
+    retain = parse_duration(args.retain)
     try:
         codec, level = parse_setting(args.compress)
     except ValueError as e:
@@ -51,8 +62,7 @@ def run(args, ctx) -> int:
     try:
         config = create_volume(ctx.store, args.volume, size, block_size=block_size,
                                flush_mode=args.flush_mode,
-                               segment_size=parse_size(args.segment_size),
-                               retain_seconds=parse_duration(args.retain),
+                               segment_size=segment_size, retain_seconds=retain,
                                compression=compression,
                                encryption=CIPHER_NAME if args.encrypt else None)
     except BaseException:
@@ -61,6 +71,12 @@ def run(args, ctx) -> int:
         raise
     how = ", ".join(x for x in ("encrypted" if args.encrypt else "",
                                 f"{compression} compressed" if codec == "zstd" else "") if x)
-    ui.err.print(f"created volume [bold]{config.name}[/] ({ui.human_size(config.size)}, "
-                 f"{config.block_size}-byte blocks{', ' + how if how else ''}) in {ctx.store.url}")
+    ui.done({"name": config.name, "size": config.size, "block_size": config.block_size,
+             "flush_mode": config.flush_mode, "segment_size": config.segment_size,
+             "retain_seconds": config.retain_seconds, "volume_id": config.volume_id,
+             "compression": compression, "encrypted": bool(args.encrypt),
+             "store": ctx.store.url},
+            f"created volume {ui.bold(config.name)} ({ui.human_size(config.size)}, "
+            f"{config.block_size}-byte blocks, retain {format_duration(config.retain_seconds)}"
+            f"{', ' + how if how else ''}) in {ctx.store.url}")
     return 0

@@ -1,26 +1,41 @@
 """lsbd import VOLUME FILE / lsbd export VOLUME FILE: whole-volume copies."""
 
-import os
-
 from lsbd.cli import ui
-from lsbd.cli.points import add_point_args, resolve_args, resolve_word
+from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.cli.points import add_point_args, resolve_args
 from lsbd.meta.config import load_config
 from lsbd.history.restore import changed_between
-from lsbd.segments.remote import store_segment_seqs
 from lsbd.errors import UserError
-
-CHUNK = 4 * 1024 * 1024
+from lsbd.history.points import resolve_word
+from lsbd.history.report import newest_seq
+from lsbd.service.images import export_changes, export_image, import_image
 
 
 def register(sub) -> None:
-    p = sub.add_parser("import", help="copy a file or disk image into a volume")
-    p.add_argument("volume")
-    p.add_argument("file")
-    p.add_argument("--break-lease", action="store_true", help="take over a lease held elsewhere")
+    p = command(sub, "import", help="copy a raw disk image or a block device into a volume",
+                description="Copy a raw disk image (a file) or a block device into VOLUME from "
+                            "offset 0; blocks of zeros stay holes. qcow2, VMDK, VHD, VHDX and "
+                            "VDI images are refused: convert them with `qemu-img convert -O raw` "
+                            "first.",
+                examples=["vm2 disk.raw", "vm2 /dev/sdb", "vm2 odd.bin --raw"])
+    add_volume(p, "the volume to copy into (at least as large as FILE)")
+    p.add_argument("file", metavar="FILE", help="a raw image file or a block device")
+    p.add_argument("--raw", action="store_true",
+                   help="import the bytes as they are, even if they look like a qcow2, VMDK, "
+                        "VHD, VHDX or VDI image")
+    add_break_lease(p)
     p.set_defaults(func=run_import)
-    p = sub.add_parser("export", help="copy a volume (or a past state) out to a (sparse) file")
-    p.add_argument("volume")
-    p.add_argument("file")
+
+    p = command(sub, "export", help="copy a volume (or a past state) out to a file or device",
+                description="Copy a volume, or a past state of it, out to FILE: a regular file "
+                            "is created or replaced and comes out sparse (holes stay holes); a "
+                            "block device gets every block (holes as zeros) and is never "
+                            "truncated. With --from, FILE already holds an older state and only "
+                            "the changed blocks are written.",
+                examples=["vm2 copy.raw", "vm1 old.raw --at -2h", "vm1 /dev/sdc --snapshot s1",
+                          "vm1 backup.raw --from s1 --snapshot s2"])
+    add_volume(p)
+    p.add_argument("file", metavar="FILE", help="the file or block device to write")
     add_point_args(p, what="export the state")
     p.add_argument("--from", dest="from_point", metavar="POINT",
                    help="incremental: FILE holds the state at POINT (a snapshot name, #SEQ or "
@@ -29,27 +44,13 @@ def register(sub) -> None:
 
 
 def run_import(args, ctx) -> int:
-    try:
-        src = open(args.file, "rb")
-    except OSError as e:
-        raise UserError(f"cannot read {args.file}: {e.strerror}") from None
-    with src, ctx.open_volume(args.volume, break_lease=args.break_lease) as vol:
-        size = os.fstat(src.fileno()).st_size
-        if size > vol.size:
-            raise UserError(f"{args.file} ({size} bytes) is larger than volume {vol.name} "
-                            f"({vol.size} bytes)")
-        with ui.byte_progress(f"importing into {vol.name}", size) as advance:
-            offset = 0
-            while offset < size:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                vol.write(offset, chunk)
-                offset += len(chunk)
-                advance(len(chunk))
-        vol.flush()
-        ui.err.print("uploading ...")
-    ui.err.print(f"imported {ui.human_size(size)} into [bold]{args.volume}[/]")
+    load_config(ctx.store, args.volume)
+    with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol, \
+            ui.byte_steps(f"importing into {vol.name}") as update:
+        size = import_image(vol, args.file, raw=args.raw, progress=update)
+        ui.note("uploading ...")
+    ui.done({"volume": args.volume, "file": args.file, "bytes": size},
+            f"imported {ui.human_size(size)} into {ui.bold(args.volume)}")
     return 0
 
 
@@ -58,23 +59,11 @@ def run_export(args, ctx) -> int:
     target = resolve_args(ctx.store, config, args)
     if args.from_point is not None:
         return _export_changes(args, ctx, config, target)
-    with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol:
-        try:
-            dst = open(args.file, "wb")
-        except OSError as e:
-            raise UserError(f"cannot write {args.file}: {e.strerror}") from None
-        with dst, ui.byte_progress(f"exporting {vol.name}", vol.size) as advance:
-            offset = 0
-            while offset < vol.size:
-                length = min(CHUNK, vol.size - offset)
-                for run in vol.allocation(offset, length):
-                    if run.allocated:  # holes stay holes: the file is sparse
-                        dst.seek(run.offset)
-                        dst.write(vol.read(run.offset, run.length))
-                offset += length
-                advance(length)
-            dst.truncate(vol.size)
-    ui.err.print(f"exported [bold]{args.volume}[/] to {args.file}")
+    with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol, \
+            ui.byte_progress(f"exporting {vol.name}", vol.size) as advance:
+        size = export_image(vol, args.file, progress=advance)
+    ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
+            f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0
 
 
@@ -83,29 +72,16 @@ def _export_changes(args, ctx, config, target: int | None) -> int:
     writing only the block ranges that changed in between."""
     store = ctx.store
     old = resolve_word(store, config, args.from_point)
-    new = target if target is not None else max(store_segment_seqs(store, config.name)
-                                                 or [config.base_seq])
+    new = target if target is not None else newest_seq(store, config)
     if old > new:
         raise UserError(f"--from ({args.from_point}) is newer than the state to export")
-    try:
-        dst = open(args.file, "r+b")
-    except OSError as e:
-        raise UserError(f"cannot update {args.file} ({e.strerror}): --from needs an image of "
-                        f"the state at {args.from_point} to bring up to date") from None
-    ranges, bs, size = changed_between(store, args.volume, old, new, cache_root=ctx.cache_dir)
-    total = sum((hi - lo) * bs for lo, hi in ranges)
-    with dst, ctx.open_volume(args.volume, read_only=True, at_seq=new) as vol, \
-            ui.byte_progress(f"exporting changes of {vol.name}", total) as advance:
-        for lo, hi in ranges:
-            offset = lo * bs
-            while offset < hi * bs:
-                length = min(CHUNK, hi * bs - offset)
-                dst.seek(offset)
-                dst.write(vol.read(offset, length))
-                offset += length
-                advance(length)
-        if os.fstat(dst.fileno()).st_size < size:
-            dst.truncate(size)
-    ui.err.print(f"wrote {len(ranges)} changed ranges ({ui.human_size(total)}) of "
-                 f"[bold]{args.volume}[/] into {args.file}")
+    with changed_between(store, args.volume, old, new, cache_root=ctx.cache_dir) as (ranges, _bs,
+                                                                                    _size), \
+            ctx.open_volume(args.volume, read_only=True, at_seq=new) as vol, \
+            ui.byte_steps(f"exporting changes of {vol.name}") as update:
+        count, total = export_changes(vol, args.file, ranges, progress=update)
+    ui.done({"volume": args.volume, "file": args.file, "from_seq": old, "to_seq": new,
+             "ranges": count, "bytes": total},
+            f"wrote {count} changed ranges ({ui.human_size(total)}) of "
+            f"{ui.bold(args.volume)} into {args.file}")
     return 0

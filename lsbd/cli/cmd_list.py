@@ -3,25 +3,32 @@
 import time
 
 from lsbd.cli import ui
-from lsbd.meta.config import list_volumes, load_config
+from lsbd.cli.args import command
+from lsbd.errors import StoreNotFound
+from lsbd.service.volumes import list_volumes_now
 
 
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list the volumes in the store")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command(sub, "list", help="list the volumes in the store",
+                examples=["", "--json", "--store s3://bucket/prefix"])
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
-    configs = [load_config(ctx.store, name) for name in list_volumes(ctx.store)]
+    try:
+        rows = list_volumes_now(ctx.store, cache_root=ctx.cache_dir)
+    except StoreNotFound as e:
+        # Nothing to list, and nothing is created: say so, in case the path is mistyped.
+        ui.note(f"{e}")
+        rows = []
     if args.json:
-        ui.print_json([{"name": c.name, "size": c.size, "block_size": c.block_size,
-                        "created": c.created, "volume_id": c.volume_id} for c in configs])
+        ui.print_json(rows)
         return 0
-    if not configs:
-        ui.err.print(f"no volumes in {ctx.store.url}")
+    if not rows:
+        if ctx.has_store:
+            ui.note(f"no volumes in {ctx.store.url}")
         return 0
     ui.table(None, ["volume", "size", "block size", "created"],
-             [[c.name, ui.human_size(c.size), c.block_size,
-               time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))] for c in configs])
+             [[r["name"], ui.human_size(r["size"]), r["block_size"],
+               time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))] for r in rows])
     return 0

@@ -8,21 +8,28 @@ threads.  See docs/fuse.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
+import os
 import sys
 
 from lsbd.cli import ui
+from lsbd.cli.args import add_volume, command
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
+from lsbd.errors import UserError
+from lsbd.service.serving import Point, open_devices
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "mount", help="show a volume as an image file in a FUSE mount",
-        description="Mount VOLUME on MOUNTPOINT as MOUNTPOINT/VOLUME.img. Returns once the "
-                    "mount is ready; a background process serves it until `lsbd umount`.")
-    p.add_argument("volume", metavar="VOLUME")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = command(
+        subparsers, "mount", help="show a volume as an image file in a FUSE mount",
+        description="Mount VOLUME on MOUNTPOINT (an existing directory) as "
+                    "MOUNTPOINT/VOLUME.img. Returns once the mount is ready; a background "
+                    "process serves it until `lsbd umount`.",
+        examples=["vm1 /mnt/lsbd", "vm1 /mnt/lsbd --read-only",
+                  "vm1 /mnt/old --at -2h", "vm1 /mnt/lsbd --no-snapshots"])
+    add_volume(p, "the volume to show")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process (Ctrl-C or umount stops it)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
@@ -37,17 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
 
-    u = subparsers.add_parser(
-        "umount", help="unmount an lsbd mount and wait until the volume is closed",
+    u = command(
+        subparsers, "umount", help="unmount an lsbd mount and wait until the volume is closed",
         description="Unmount MOUNTPOINT, then wait until the serving process has flushed, "
-                    "uploaded and closed the volume (the data is safe when this returns).")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+                    "uploaded and closed the volume (the data is safe when this returns).",
+        examples=["/mnt/lsbd", "/mnt/lsbd --lazy --timeout 60"])
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the volume is mounted")
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if busy (fusermount3 -u -z); still waits for "
                         "the process")
-    u.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    u.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="give up waiting after this long (default: wait)")
     u.set_defaults(func=run_umount)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"bad timeout {text!r}: a number of seconds, 0 or more")
+    return value
 
 
 def run_mount(args: argparse.Namespace, ctx) -> int:
@@ -64,9 +82,15 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
         tune_serving_process()
         return _open_images(args, ctx, name)
 
-    return run(open_images, args.mountpoint, name=name, foreground=args.foreground,
+    code = run(open_images, args.mountpoint, name=name, foreground=args.foreground,
                read_only=read_only, direct_io=not args.page_cache, finalizer=ctx.close,
                debug=args.fuse_debug)
+    if not args.foreground:
+        ui.done({"volume": name, "mountpoint": args.mountpoint,
+                 "image": os.path.join(args.mountpoint, f"{name}.img"), "read_only": read_only},
+                f"mounted {ui.bold(name)} on {args.mountpoint} as "
+                f"{os.path.join(args.mountpoint, name + '.img')}")
+    return code
 
 
 def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
@@ -74,49 +98,30 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
     with --with-snapshots, snapshots/NAME.img for each snapshot."""
     from lsbd_fuse.tree import Image
 
-    from lsbd.cli.points import resolve_args
-    from lsbd.meta.config import load_config
-    from lsbd.meta.snapshots import list_snapshots
-
-    config = load_config(ctx.store, name)
-    seq = resolve_args(ctx.store, config, args)
-    images: dict = {}
-    try:
-        if seq is not None:
-            images[f"{name}.img"] = Image(device=ctx.open_volume(name, at_seq=seq),
-                                          read_only=True)
-        else:
-            options = writer_options(args)
-            volume = ctx.open_volume(name, read_only=args.read_only,
-                                     break_lease=args.break_lease,
-                                     flush_mode=args.flush_mode, **options)
-            images[f"{name}.img"] = Image(device=volume, read_only=args.read_only)
-        # A read-write mount of the live volume shows its snapshots by default.
-        show = args.with_snapshots or (seq is None and not args.read_only)
-        if show and not args.no_snapshots:
-            for snap in list_snapshots(ctx.store, config):
-                images[f"snapshots/{snap.name}.img"] = Image(
-                    device=ctx.open_volume(name, at_seq=snap.seq), read_only=True)
-    except BaseException:
-        for image in images.values():
-            # The first error is the one to report.
-            with contextlib.suppress(Exception):
-                image.device.close()
-        raise
-    return images
+    point = Point(snapshot=args.snapshot, seq=args.seq, at=args.at)
+    live = point == Point()
+    # A read-write mount of the live volume shows its snapshots by default.
+    show = (args.with_snapshots or (live and not args.read_only)) and not args.no_snapshots
+    devices = open_devices(ctx.store, [name], cache_root=ctx.cache_dir, point=point,
+                           read_only=args.read_only, break_lease=args.break_lease,
+                           flush_mode=args.flush_mode, options=writer_options(args),
+                           snapshots=show, prepare=ctx.unlock)
+    return {f"{name}.img" if d.snapshot is None else f"snapshots/{d.snapshot}.img":
+            Image(device=d.device, read_only=d.read_only) for d in devices}
 
 
 def run_umount(args: argparse.Namespace, ctx) -> int:
     from lsbd_fuse.mounts import unmount
 
-    err = ui.err
-
     def slow(server) -> None:
         what = server.name or "the volume"
-        err.print(f"waiting for lsbd (pid {server.pid}) to flush and close {what}...")
+        ui.note(f"waiting for lsbd (pid {server.pid}) to flush and close {what}...")
 
     server = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout, on_slow=slow)
     if server is None:
         print(f"lsbd: unmounted {args.mountpoint}, but its serving process is unknown or "
               "gone: cannot wait for it", file=sys.stderr)
+    if args.json:
+        ui.print_json({"mountpoint": args.mountpoint, "unmounted": True,
+                       "waited_for_pid": None if server is None else server.pid})
     return 0

@@ -1,43 +1,44 @@
 """lsbd resize VOLUME SIZE / lsbd stats VOLUME"""
 
-
 from lsbd.cli import ui
-from lsbd.engine import control
-from lsbd.meta.config import load_config, parse_size
+from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.meta.config import parse_size
+from lsbd.service.writer import run_on_writer
 
 
 def register(sub) -> None:
-    p = sub.add_parser("resize", help="grow a volume (also while it is mounted or served)")
-    p.add_argument("volume")
-    p.add_argument("size", help="the new size, e.g. 20G (shrinking is refused)")
+    p = command(sub, "resize", help="grow a volume (also while it is mounted or served)",
+                examples=["vm1 40G"])
+    add_volume(p)
+    p.add_argument("size", metavar="SIZE", help="the new size, e.g. 20G (shrinking is refused)")
+    add_break_lease(p)
     p.set_defaults(func=run_resize)
-    p = sub.add_parser("stats", help="space and I/O counters of a volume")
-    p.add_argument("volume")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command(sub, "stats", help="space and I/O counters of a volume",
+                description="Space and I/O counters of a volume: from its running writer when "
+                            "it is mounted or served, else from the store.",
+                examples=["vm1", "vm1 --json"])
+    add_volume(p)
     p.set_defaults(func=run_stats)
 
 
 def run_resize(args, ctx) -> int:
-    config = load_config(ctx.store, args.volume)
     size = parse_size(args.size)
-    if control.call(ctx.control_path(config.name), {"op": "resize", "size": size}) is None:
-        with ctx.open_volume(args.volume) as vol:
-            vol.resize(size)
-    ui.err.print(f"volume [bold]{args.volume}[/] is now {ui.human_size(size)}")
+    outcome = run_on_writer(ctx.store, args.volume, {"op": "resize", "size": size},
+                            cache_root=ctx.cache_dir, break_lease=args.break_lease,
+                            prepare=ctx.unlock)
+    ui.done({"volume": args.volume, "size": size, "seq": outcome.value,
+             "by_writer": outcome.by_writer},
+            f"volume {ui.bold(args.volume)} is now {ui.human_size(size)}")
     return 0
 
 
 def run_stats(args, ctx) -> int:
     # The running writer first: it answers without the store.
-    reply = control.call(ctx.control_path(args.volume), {"op": "stats"}, timeout=30)
-    if reply is not None:
-        data = reply["report"]
-        data["source"] = "the running writer"
-    else:
-        load_config(ctx.store, args.volume)
-        with ctx.open_volume(args.volume, read_only=True) as vol:
-            data = vol.usage()
-        data["source"] = "the store (no writer running)"
+    outcome = run_on_writer(ctx.store, args.volume, {"op": "stats"}, cache_root=ctx.cache_dir,
+                            read_only=True, timeout=30,
+                            prepare=ctx.unlock)
+    data = dict(outcome.value)
+    data["source"] = "the running writer" if outcome.by_writer else "the store (no writer running)"
     if args.json:
         ui.print_json(data)
         return 0

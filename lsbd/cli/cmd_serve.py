@@ -19,28 +19,54 @@ import socket
 import sys
 from urllib.parse import quote
 
+from lsbd.cli import ui
+from lsbd.cli.args import command
 from lsbd.cli.context import tune_serving_process
-from lsbd.cli.points import add_point_args, add_writer_args, resolve_args, writer_options
-from lsbd.meta.config import load_config
-from lsbd.meta.snapshots import list_snapshots
+from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
+from lsbd.service.serving import Point, open_devices
 
 DEFAULT_HOST = "127.0.0.1"
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UserError(f"bad port {text!r}: a number from 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"bad port {text!r}: a number from 0 to 65535")
+    return port
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise UserError(f"bad number of workers {text!r}: from 1 to 1024")
+    return n
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve", help="serve volumes over NBD",
+    p = command(
+        subparsers, "serve", help="serve volumes over NBD",
         description="Serve each VOLUME as an NBD export of the same name (the first one is "
-                    "also the default export) until interrupted. Default: TCP "
-                    f"{DEFAULT_HOST}:10809.")
-    p.add_argument("volumes", nargs="+", metavar="VOLUME")
+                    "also the default export) until interrupted (Ctrl-C or SIGTERM). Default: "
+                    f"TCP {DEFAULT_HOST}:10809. It runs in the foreground: use another "
+                    "terminal, or `&`, for the clients. With --json, one JSON document "
+                    "naming the exports and their URIs is printed on stdout once they are "
+                    "served.",
+        examples=["vm1", "vm1 --socket /tmp/vm1.sock", "vm1 vm2 --port 10810 --read-only",
+                  "vm1 --snapshot before-upgrade", "vm1 --with-snapshots"])
+    p.add_argument("volumes", nargs="+", metavar="VOLUME", help="the volumes to export")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
     where.add_argument("--host", default=None,
                        help=f"TCP address to listen on (default {DEFAULT_HOST}; "
                             "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=_port, default=None,
                    help="TCP port (default 10809; 0 picks a free one)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
     add_writer_args(p)
@@ -61,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-unencrypted", action="store_true",
                    help="serve a non-loopback address without TLS (anyone who reaches "
                         "it reads and writes the volume)")
-    p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=_workers, default=32, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -80,27 +106,13 @@ def nbd_uri(export: str, *, socket_path: str | None = None, host: str = DEFAULT_
 def open_exports(args: argparse.Namespace, ctx) -> dict:
     """Export name -> open volume: each volume (or its state at the point
     named), and with --with-snapshots each snapshot as VOLUME@NAME."""
-    if len(set(args.volumes)) != len(args.volumes):
-        raise UserError("a volume is named twice")
-    exports: dict = {}
-    try:
-        for name in args.volumes:
-            config = load_config(ctx.store, name)
-            seq = resolve_args(ctx.store, config, args)
-            if seq is not None:
-                exports[name] = ctx.open_volume(name, at_seq=seq)
-            else:
-                exports[name] = ctx.open_volume(name, read_only=args.read_only,
-                                                break_lease=args.break_lease,
-                                                flush_mode=args.flush_mode,
-                                                **writer_options(args))
-            if args.with_snapshots:
-                for snap in list_snapshots(ctx.store, config):
-                    exports[f"{name}@{snap.name}"] = ctx.open_volume(name, at_seq=snap.seq)
-    except BaseException:
-        close_exports(exports)
-        raise
-    return exports
+    devices = open_devices(ctx.store, args.volumes, cache_root=ctx.cache_dir,
+                           point=Point(snapshot=args.snapshot, seq=args.seq, at=args.at),
+                           read_only=args.read_only, break_lease=args.break_lease,
+                           flush_mode=args.flush_mode, options=writer_options(args),
+                           snapshots=args.with_snapshots, prepare=ctx.unlock)
+    return {d.volume if d.snapshot is None else f"{d.volume}@{d.snapshot}": d.device
+            for d in devices}
 
 
 def close_exports(exports: dict) -> int:
@@ -165,10 +177,18 @@ def run(args: argparse.Namespace, ctx) -> int:
         server = NBDServer(exports, default_export=args.volumes[0], workers=args.workers,
                            tls=tls)
         if args.socket is not None:
-            path = server.listen_unix(args.socket)
+            try:
+                path = server.listen_unix(args.socket)
+            except OSError as e:
+                raise UserError(f"cannot listen on {args.socket}: {e.strerror or e}") from None
             uris = [nbd_uri(name, socket_path=path, tls=tls.required) for name in exports]
         else:
-            host, port = server.listen_tcp(host, DEFAULT_PORT if args.port is None else args.port)
+            port = DEFAULT_PORT if args.port is None else args.port
+            try:
+                host, port = server.listen_tcp(host, port)
+            except OSError as e:
+                raise UserError(f"cannot listen on {host} port {port}: "
+                                f"{e.strerror or e}") from None
             uris = [nbd_uri(name, host=host, port=port, tls=tls.required) for name in exports]
 
         stops = []
@@ -188,6 +208,11 @@ def run(args: argparse.Namespace, ctx) -> int:
         signal.signal(signal.SIGTERM, stop)
         where = ", ".join(f"{name} on {uri}" for name, uri in zip(exports, uris))
         print(f"lsbd: serving {where}", file=sys.stderr, flush=True)
+        if args.json:
+            ui.print_json({"exports": [{"name": name, "uri": uri}
+                                       for name, uri in zip(exports, uris)],
+                           "default_export": args.volumes[0]})
+            sys.stdout.flush()
         server.serve_forever()
         print("lsbd: stopping: finishing requests in flight", file=sys.stderr, flush=True)
     finally:

@@ -1,13 +1,16 @@
 """lsbd verify VOLUME"""
 
 from lsbd.cli import ui
+from lsbd.cli.args import add_volume, command
 from lsbd.errors import CorruptionError, UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("verify", help="read every live segment from the store and check every CRC")
-    p.add_argument("volume")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command(sub, "verify", help="read every live segment from the store and check every CRC",
+                description="Read every live segment from the store and check every CRC. "
+                            "Exit status 1 when a problem is found (each one on stderr).",
+                examples=["vm1", "vm1 --json", "secret --structure-only"])
+    add_volume(p)
     p.add_argument("--structure-only", action="store_true",
                    help="without the passphrase of an encrypted volume: check that every "
                         "stored object is whole and well formed (not its content)")
@@ -30,10 +33,10 @@ def run(args, ctx) -> int:
         ui.print_json({"volume": args.volume, "ok": not problems, "problems": problems})
     elif problems:
         for p in problems:
-            ui.err.print(f"[red]bad[/]: {p}")
+            ui.problem(p)
         ui.err.print(f"volume {args.volume}: {len(problems)} problem(s) found")
     else:
-        ui.err.print(f"volume [bold]{args.volume}[/]: every checksum is good")
+        ui.err.print(f"volume {ui.bold(args.volume)}: every checksum is good")
     return 1 if problems else 0
 
 
@@ -51,7 +54,7 @@ def run_structure(args, ctx) -> int:
                        "problems": problems})
     else:
         for p in problems:
-            ui.err.print(f"[red]bad[/]: {p}")
+            ui.problem(p)
         ui.err.print(f"volume {args.volume}: {checked} objects, "
                      + (f"{len(problems)} problem(s) found" if problems
                         else "every one whole and well formed (content not checked)"))

@@ -17,8 +17,10 @@ def default_cache_dir() -> str:
 
 class Context:
     def __init__(self, *, store_url: str | None, endpoint_url: str | None, cache_dir: str | None,
-                 key_file: str | None = None, passphrase_file: str | None = None):
+                 key_file: str | None = None, passphrase_file: str | None = None,
+                 create_store: bool = False):
         self.store_url = store_url
+        self.create_store = create_store
         self.endpoint_url = endpoint_url
         self.cache_dir = cache_dir or os.environ.get("LSBD_CACHE_DIR") or default_cache_dir()
         self.key_file = key_file
@@ -32,7 +34,7 @@ class Context:
         of compressed or encrypted volumes (lsbd/crypto/store.py)."""
         if self._store is None:
             self._store = open_store(self.store_url, endpoint_url=self.endpoint_url,
-                                     secret=self.secret)
+                                     secret=self.secret, create=self.create_store)
         return self._store
 
     @property
@@ -54,7 +56,8 @@ class Context:
         and closed just for that (a process about to fork keeps no store)."""
         from lsbd.meta.config import load_config
 
-        probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False)
+        probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False,
+                           create=self.create_store)
         try:
             encrypted = load_config(probe, volume).encryption
         finally:
@@ -78,6 +81,11 @@ class Context:
         for config in Lineage.load(self.plain_store, load_config(self.plain_store, volume)).chain:
             self.store.sealing(names.segment_key(config.name, 1))
 
+    @property
+    def has_store(self) -> bool:
+        """True once the store is open."""
+        return self._store is not None
+
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):
         """Open a volume: returns an lsbd.engine.volume.Volume."""
@@ -86,13 +94,6 @@ class Context:
         self.unlock(name)
         return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
                            break_lease=break_lease, flush_mode=flush_mode, **options)
-
-    def control_path(self, volume: str) -> str:
-        """Where the writer of `volume` (a mount or a server) listens for requests."""
-        from lsbd.engine.control import socket_path
-        from lsbd.names import cache_dir_for
-
-        return socket_path(cache_dir_for(self.cache_dir, self.store, volume))
 
     def close(self) -> None:
         if self._store is not None:

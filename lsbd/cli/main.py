@@ -1,6 +1,10 @@
 """`lsbd`: argument parsing and dispatch.  Each command lives in its own
 module (lsbd/cli/cmd_*.py) with `register(subparsers)` that adds its parser
-and sets `func`; the command gets (args, ctx) and returns an exit code."""
+and sets `func`; the command gets (args, ctx) and returns an exit code.
+
+Output: what a command is asked for (a table, a listing, diff ranges, a
+plan; with --json, one JSON document) goes to stdout.  Progress bars, notes
+on what was done, warnings and errors go to stderr."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib import metadata
 
+from lsbd.cli import ui
+from lsbd.cli.args import USAGE_ERROR, Parser, add_global_options, all_parsers
 from lsbd.cli.context import Context
 from lsbd.errors import LsbdError
 
@@ -20,23 +27,20 @@ COMMANDS = [
 ]
 
 
+def version() -> str:
+    try:
+        return metadata.version("lsbd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lsbd", description="A transactional log-structured block store.")
-    parser.add_argument("--store", default=None, metavar="URL",
-                        help="file:///path or s3://bucket/prefix (default: $LSBD_STORE, "
-                             "else a directory under ~/.local/share/lsbd)")
-    parser.add_argument("--endpoint-url", default=None, metavar="URL",
-                        help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                        help="local map, journal and segment cache (default: $LSBD_CACHE_DIR, "
-                             "else ~/.cache/lsbd)")
-    parser.add_argument("--passphrase-file", default=None, metavar="FILE",
-                        help="the passphrase of an encrypted volume, on the file's first line "
-                             "(default: $LSBD_PASSPHRASE, else a prompt)")
-    parser.add_argument("--key-file", default=None, metavar="FILE",
-                        help="a key file that opens an encrypted volume")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser = Parser(
+        prog="lsbd", description="A transactional log-structured block store.",
+        epilog="Global options are accepted before or after the command. "
+               "`lsbd COMMAND --help` shows a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"lsbd {version()}")
+    add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -47,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for p in all_parsers(parser):
+        if p is not parser and not any(isinstance(a, argparse._SubParsersAction)
+                                       for a in p._actions):
+            add_global_options(p, suppress=True)
     return parser
 
 
@@ -67,11 +75,17 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    except LsbdError as e:
+        print(f"lsbd: {e}", file=sys.stderr)
+        return USAGE_ERROR
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="lsbd: %(levelname)s: %(message)s")
+    ui.configure(json=getattr(args, "json", False))
     ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir,
-                  key_file=args.key_file, passphrase_file=args.passphrase_file)
+                  key_file=args.key_file, passphrase_file=args.passphrase_file,
+                  create_store=getattr(args, "creates_store", False))
     try:
         return int(args.func(args, ctx) or 0)
     except KeyboardInterrupt:
@@ -86,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.verbose >= 2:
             raise
-        print(f"lsbd: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}",
-              file=sys.stderr)
+        print(f"lsbd: {describe_os_error(e)}", file=sys.stderr)
         return 1
     finally:
         ctx.close()
+
+
+def describe_os_error(e: OSError) -> str:
+    what = e.strerror or str(e)
+    filename = getattr(e, "filename", None)
+    return f"{filename}: {what}" if filename else what
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Output helpers for the commands: the only place rich is used."""
+"""Output helpers for the commands: the only place rich is used.
+
+stdout carries what a command is asked for (tables, listings, plans, and
+with --json one JSON document); stderr carries progress, notes on what was
+done, and errors.  Progress bars are drawn only on a terminal."""
 
 from __future__ import annotations
 
@@ -8,18 +12,26 @@ import sys
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 out = Console()
 err = Console(stderr=True)
+_json = False
+
+
+def configure(*, json: bool) -> None:
+    """With --json, stdout holds one JSON document and stderr no notes."""
+    global _json
+    _json = json
 
 
 def human_size(n: float) -> str:
@@ -34,21 +46,96 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+class JsonArrayWriter:
+    """One JSON object on stdout whose list member `key` is written item by
+    item (a listing that is never held whole in memory)."""
+
+    def __init__(self, head: dict, key: str):
+        self._head = head
+        self._key = key
+        self._first = True
+        sys.stdout.write("{" + "".join(f"{json.dumps(k)}: {json.dumps(v, default=str)}, "
+                                       for k, v in head.items()) + f"{json.dumps(key)}: [")
+
+    def item(self, value) -> None:
+        sys.stdout.write(("\n  " if self._first else ",\n  ") + json.dumps(value, default=str))
+        self._first = False
+
+    def close(self, tail: dict) -> None:
+        sys.stdout.write("]" + "".join(f", {json.dumps(k)}: {json.dumps(v, default=str)}"
+                                       for k, v in tail.items()) + "}\n")
+        sys.stdout.flush()
+
+
+def done(data: dict, message: str) -> None:
+    """The result of a command that changes something: `data` as JSON on
+    stdout with --json, else `message` (rich markup) on stderr."""
+    if _json:
+        print_json(data)
+    else:
+        err.print(message)
+
+
+def note(message: str) -> None:
+    """A note for people on stderr (not with --json)."""
+    if not _json:
+        err.print(message)
+
+
+def bold(text: str) -> str:
+    return f"[bold]{escape(text)}[/]"
+
+
+def line(text: str) -> None:
+    """One line of plain text on stdout (no markup)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def problem(text: str) -> None:
+    err.print(f"[red]bad[/]: {escape(text)}")
+
+
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[escape(str(x)) for x in r])
     out.print(t)
+
+
+class _Bytes(ProgressColumn):
+    """done / total in binary units."""
+
+    def render(self, task) -> Text:
+        total = "?" if task.total is None else human_size(task.total)
+        return Text(f"{human_size(task.completed)} / {total}")
+
+
+class _Speed(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{human_size(speed)}/s")
+
+
+class _Count(ProgressColumn):
+    """done / total, or nothing while the total is unknown."""
+
+    def render(self, task) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed)}/{int(task.total)}")
+
+
+def _progress(*columns) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=err,
+                    transient=True, disable=_json or not err.is_terminal)
 
 
 @contextlib.contextmanager
 def byte_progress(description: str, total: int) -> Iterator:
     """A progress bar on stderr counting bytes; yields advance(nbytes)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                  transient=False) as progress:
+    with _progress(_Bytes(), _Speed(), TimeRemainingColumn()) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
 
@@ -56,8 +143,15 @@ def byte_progress(description: str, total: int) -> Iterator:
 @contextlib.contextmanager
 def count_progress(description: str) -> Iterator:
     """A progress bar whose total is learnt on the way; yields update(done, total)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), console=err,
-                  transient=True) as progress:
+    with _progress(_Count()) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def byte_steps(description: str) -> Iterator:
+    """A progress bar counting bytes whose total is learnt on the way;
+    yields update(done, total)."""
+    with _progress(_Bytes(), _Speed(), TimeRemainingColumn()) as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)

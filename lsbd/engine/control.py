@@ -79,41 +79,8 @@ class ControlServer:
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
 
-    def _do(self, request: dict) -> int:
-        op = request["op"]
-        if op == "snapshot":
-            return self.volume.snapshot(request["name"]).seq
-        if op == "checkpoint":
-            return self.volume.checkpoint()
-        if op == "flush":
-            return self.volume.flush_to_store()
-        if op == "resize":
-            self.volume.resize(int(request["size"]))
-            return self.volume.applied_seq
-        if op == "stats":
-            return self.volume.usage()
-        if op == "info":
-            return self.volume.describe()
-        if op == "compact":
-            report = self.volume.compact(threshold=float(request.get("threshold", 0.6)),
-                                         dry_run=bool(request.get("dry_run")),
-                                         defrag=bool(request.get("defrag")))
-            return report.as_dict()
-        if op == "retain":
-            from lsbd.meta.config import save_config
-
-            # The writer prunes by this window: it changes it itself.
-            self.volume.check_lease()
-            self.volume.config.retain_seconds = float(request["seconds"])
-            save_config(self.volume.store, self.volume.config)
-            return self.volume.applied_seq
-        if op == "delete_snapshot":
-            from lsbd.meta.snapshots import delete_snapshot
-
-            self.volume.check_lease()
-            delete_snapshot(self.volume.store, self.volume.config, request["name"])
-            return self.volume.applied_seq
-        raise ValueError(f"unknown control operation {op!r}")
+    def _do(self, request: dict) -> int | dict:
+        return perform(self.volume, request)
 
     def close(self) -> None:
         try:
@@ -128,6 +95,47 @@ class ControlServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+def perform(volume, request: dict, *, progress=None) -> int | dict:
+    """Do one control operation on an open volume: what the writer does for a
+    request on its socket, and what a command does itself when no writer
+    runs.  Returns a seq, or a report (a dict)."""
+    op = request["op"]
+    if op == "snapshot":
+        return volume.snapshot(request["name"]).seq
+    if op == "checkpoint":
+        return volume.checkpoint()
+    if op == "flush":
+        return volume.flush_to_store()
+    if op == "resize":
+        volume.resize(int(request["size"]))
+        return volume.applied_seq
+    if op == "stats":
+        return volume.usage()
+    if op == "info":
+        return volume.describe()
+    if op == "compact":
+        report = volume.compact(threshold=float(request.get("threshold", 0.6)),
+                                dry_run=bool(request.get("dry_run")),
+                                defrag=bool(request.get("defrag")), progress=progress,
+                                force=frozenset(request.get("force", ())))
+        return report.as_dict()
+    if op == "retain":
+        from lsbd.meta.config import save_config
+
+        # The writer prunes by this window: it changes it itself.
+        volume.check_lease()
+        volume.config.retain_seconds = float(request["seconds"])
+        save_config(volume.store, volume.config)
+        return volume.applied_seq
+    if op == "delete_snapshot":
+        from lsbd.meta.snapshots import delete_snapshot
+
+        volume.check_lease()
+        delete_snapshot(volume.store, volume.config, request["name"])
+        return volume.applied_seq
+    raise ValueError(f"unknown control operation {op!r}")
 
 
 def call(path: str, request: dict, *, timeout: float = 300.0) -> dict | None:

@@ -8,9 +8,10 @@ doing (building a map at a point, copying data) is in the engine and CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 
 from lsbd import names
@@ -91,13 +92,16 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
     return copied
 
 
+@contextlib.contextmanager
 def changed_between(store: Store, volume: str, old_seq: int, new_seq: int, *, cache_root: str
-                    ) -> tuple[list[tuple[int, int]], int, int]:
+                    ) -> Iterator[tuple[Iterator[tuple[int, int]], int, int]]:
     """Block ranges that differ between two points of a volume, with the block
-    size and the size at the newer point."""
+    size and the size at the newer point.  A context manager: the ranges are
+    read lazily from the two maps while it is open (memory does not grow
+    with the maps)."""
     from lsbd.engine.volume import Volume
 
     with Volume.open(store, volume, cache_root=cache_root, at_seq=old_seq) as old, \
             Volume.open(store, volume, cache_root=cache_root, at_seq=new_seq) as new:
-        ranges = changed_ranges(old.extents(), new.extents(), block_size=new.block_size)
-        return ranges, new.block_size, new.size
+        yield (changed_ranges(old.extents(), new.extents(), block_size=new.block_size),
+               new.block_size, new.size)

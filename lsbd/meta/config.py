@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 
@@ -20,6 +21,7 @@ from lsbd.errors import (
 from lsbd.store import Store
 
 DEFAULT_BLOCK_SIZE = 4096
+MAX_SIZE = 1 << 60          # bytes: beyond any device, and far inside the formats' 64 bits
 DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 FLUSH_MODES = ("journal", "store")
 
@@ -125,6 +127,8 @@ def parse_size(text: str | int) -> int:
         raise UserError(f"bad size {text!r}: use a number with K, M, G or T") from None
     if value < 0:
         raise UserError(f"bad size {text!r}: negative")
+    if not math.isfinite(value * mult) or value * mult > MAX_SIZE:
+        raise UserError(f"bad size {text!r}: larger than {MAX_SIZE >> 50}P")
     return int(value * mult)
 
 

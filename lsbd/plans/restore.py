@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import attrs
 
@@ -75,12 +75,12 @@ class RestorePlan:
     index_bytes: int            # about how much metadata the plan reads
 
     def describe(self) -> list[str]:
-        lines = [f"target seq {self.target:016x}"]
-        lines.append(f"start from checkpoint {self.checkpoint:016x}" if self.checkpoint
+        lines = [f"target seq {self.target}"]
+        lines.append(f"start from checkpoint {self.checkpoint}" if self.checkpoint
                      else "start from the empty volume (no usable checkpoint)")
         if self.segments:
-            lines.append(f"replay {len(self.segments)} segments {self.segments[0]:016x}.."
-                         f"{self.segments[-1]:016x}")
+            lines.append(f"replay {len(self.segments)} segments {self.segments[0]}.."
+                         f"{self.segments[-1]}")
         else:
             lines.append("replay no segments")
         return lines
@@ -93,13 +93,13 @@ def plan_restore(checkpoints: Iterable[int], segments: dict[int, int], target: i
     `segments` maps seq -> object size; `base` is the first seq a clone owns
     minus one (a clone's earlier history is its parent's)."""
     if target < base:
-        raise BadPoint(f"seq {target:016x} is before this volume's history starts")
+        raise BadPoint(f"seq {target} is before this volume's history starts")
     usable = [c for c in checkpoints if base <= c <= target]
     start = max(usable) if usable else base
     needed = list(range(start + 1, target + 1))
     missing = [s for s in needed if s not in segments]
     if missing:
-        raise BadPoint(f"seq {target} can no longer be rebuilt: segment {missing[0]:016x} was "
+        raise BadPoint(f"seq {target} can no longer be rebuilt: segment {missing[0]} was "
                        "reclaimed (outside the retention window, and no snapshot keeps it)")
     # An index is at most a few per cent of its segment; reading the tail costs one GET.
     index_bytes = sum(min(segments[s], 64 * 1024) for s in needed)
@@ -134,32 +134,45 @@ def recoverable(checkpoints: Iterable[int], segments: Iterable[int], *, base: in
 
 
 def changed_ranges(old: Iterable[tuple], new: Iterable[tuple], *,
-                   block_size: int) -> list[tuple[int, int]]:
+                   block_size: int) -> Iterator[tuple[int, int]]:
     """Block ranges [start, end) whose content may differ between two maps,
     each given as sorted, non-overlapping (lba, nblocks, seq, offset)
-    extents.  Pure.
+    extents, yielded in block order.  Pure, and lazy: it walks both maps
+    once, side by side, holding one extent of each (memory does not grow
+    with the maps).
 
     A block differs when it is mapped in one and not the other, or mapped to
     a different place: a write after the older point always lands in a newer
     segment, so "same place" means "same data"."""
-    a = [(lba, lba + n, seq, off) for lba, n, seq, off in old]
-    b = [(lba, lba + n, seq, off) for lba, n, seq, off in new]
-    cuts = sorted({x for r in a for x in r[:2]} | {x for r in b for x in r[:2]})
-    out: list[tuple[int, int]] = []
-    i = j = 0
-    for lo, hi in zip(cuts, cuts[1:]):
-        while i < len(a) and a[i][1] <= lo:
-            i += 1
-        while j < len(b) and b[j][1] <= lo:
-            j += 1
-        pa = _place(a[i] if i < len(a) else None, lo, block_size)
-        pb = _place(b[j] if j < len(b) else None, lo, block_size)
-        if pa != pb:
-            if out and out[-1][1] == lo:
-                out[-1] = (out[-1][0], hi)
+    runs_a = ((lba, lba + n, seq, off) for lba, n, seq, off in old)
+    runs_b = ((lba, lba + n, seq, off) for lba, n, seq, off in new)
+    a = next(runs_a, None)
+    b = next(runs_b, None)
+    pos = 0
+    pending: tuple[int, int] | None = None
+    while True:
+        while a is not None and a[1] <= pos:
+            a = next(runs_a, None)
+        while b is not None and b[1] <= pos:
+            b = next(runs_b, None)
+        if a is None and b is None:
+            break
+        # The next place where either map starts or ends a run.
+        bounds = [x for r in (a, b) if r is not None for x in r[:2] if x > pos]
+        if all(r is None or r[0] > pos for r in (a, b)):
+            pos = min(bounds)   # a hole in both
+            continue
+        end = min(bounds)
+        if _place(a, pos, block_size) != _place(b, pos, block_size):
+            if pending is not None and pending[1] == pos:
+                pending = (pending[0], end)
             else:
-                out.append((lo, hi))
-    return out
+                if pending is not None:
+                    yield pending
+                pending = (pos, end)
+        pos = end
+    if pending is not None:
+        yield pending
 
 
 def _place(run: tuple | None, block: int, block_size: int) -> tuple[int, int] | None:

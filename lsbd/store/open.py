@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from lsbd.errors import UserError
+from lsbd.errors import StoreNotFound, UserError
 from lsbd.store.base import Store
 
 
@@ -16,13 +16,15 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True,
-               seal: bool = True, secret=None) -> Store:
+               seal: bool = True, secret=None, create: bool = True) -> Store:
     """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix.
 
     seal: wrap it in lsbd.crypto.store.SealingStore, which compresses and
     encrypts the segments and checkpoints of the volumes whose settings ask
     for it; `secret(volume)` gives the passphrase or key file of an
-    encrypted volume (without it, opening one is an error)."""
+    encrypted volume (without it, opening one is an error).
+    create=False: a local directory that does not exist is an error (a
+    mistyped path), not a new, empty store."""
     url = url or os.environ.get("LSBD_STORE") or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -31,6 +33,9 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
         path = parsed.path if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc:
             raise UserError(f"bad store URL {url!r}: write file:///absolute/path")
+        if not create and not os.path.isdir(path):
+            raise StoreNotFound(f"no store at {os.path.abspath(path)}: check --store or $LSBD_STORE "
+                            "(`lsbd create` makes a new one)")
         store: Store = LocalStore(path)
     elif parsed.scheme == "s3":
         from lsbd.store.s3 import S3Store

@@ -1,0 +1,85 @@
+"""Argument parsing shared by every command: the parser class (one-line
+errors), the global options (accepted before or after the command), and a
+helper that adds a command with its examples."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lsbd.errors import LsbdError
+
+#: Exit status of a command line that does not parse (argparse's convention).
+USAGE_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr, like every
+    other error of lsbd."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"lsbd: {message} (see `{self.prog} --help`)\n")
+        sys.exit(USAGE_ERROR)
+
+    def _get_value(self, action, arg_string):
+        # A type= function may raise one of lsbd's own errors (a bad size, a bad
+        # seq): make it an argument error rather than a traceback.
+        try:
+            return super()._get_value(action, arg_string)
+        except LsbdError as e:
+            raise argparse.ArgumentError(action, str(e)) from None
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--store, --endpoint-url, --cache-dir, --passphrase-file, --key-file, -v.  On a command's own parser
+    (suppress=True) an option left out does not hide the one given before
+    the command."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--store", default=default, metavar="URL",
+                        help="file:///path or s3://bucket/prefix (default: $LSBD_STORE, "
+                             "else a directory under ~/.local/share/lsbd)")
+    parser.add_argument("--endpoint-url", default=default, metavar="URL",
+                        help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--cache-dir", default=default, metavar="DIR",
+                        help="local map, journal and segment cache (default: $LSBD_CACHE_DIR, "
+                             "else ~/.cache/lsbd)")
+    parser.add_argument("--passphrase-file", default=default, metavar="FILE",
+                        help="the passphrase of an encrypted volume, on the file's first line "
+                             "(default: $LSBD_PASSPHRASE, else a prompt)")
+    parser.add_argument("--key-file", default=default, metavar="FILE",
+                        help="a key file that opens an encrypted volume")
+    parser.add_argument("-v", "--verbose", action="count",
+                        default=argparse.SUPPRESS if suppress else 0,
+                        help="more log output (-vv: tracebacks too)")
+
+
+def command(sub, name: str, *, help: str, examples: list[str], description: str | None = None,
+            json: bool = True) -> argparse.ArgumentParser:
+    """Add command `name`, with its examples at the end of its help and,
+    unless json=False, a --json option."""
+    prog = sub._prog_prefix if hasattr(sub, "_prog_prefix") else "lsbd"
+    epilog = "examples:\n" + "\n".join(f"  {prog} {name} {e}".rstrip() for e in examples)
+    p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if json:
+        p.add_argument("--json", action="store_true",
+                       help="print the result as one JSON document on stdout")
+    return p
+
+
+def add_volume(parser: argparse.ArgumentParser, what: str = "the volume's name") -> None:
+    parser.add_argument("volume", metavar="VOLUME", help=what)
+
+
+def add_break_lease(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over a volume whose writer is gone without releasing it")
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    """`parser` and every command parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from all_parsers(child)

@@ -1,0 +1,82 @@
+"""Naming a point in a volume's history: a snapshot, a seq, a time, and the
+one-word form used by diff and export --from: NAME (a snapshot), #N or
+seq:N, @TIME, or live.  A seq is written in decimal (20) or in hex marked
+0x (0x14): lsbd prints seqs in decimal everywhere."""
+
+from __future__ import annotations
+
+import time
+
+from lsbd.segments.checkpoints import list_checkpoints
+from lsbd.meta.config import VolumeConfig
+from lsbd.plans.restore import BadPoint, parse_time, plan_restore, seq_at
+from lsbd.meta.snapshots import read_snapshot
+from lsbd.segments.remote import segment_times
+from lsbd.segments.remote import store_segment_seqs
+from lsbd.errors import UserError
+from lsbd.history.report import newest_seq
+from lsbd.store import Store
+
+
+def parse_seq(text: str) -> int:
+    """A seq as lsbd prints it: decimal (20), or hex marked 0x (0x14).
+    Anything that could be read two ways is refused, never guessed."""
+    t = text.strip()
+    if t[:2].lower() == "0x":
+        try:
+            return int(t[2:], 16)
+        except ValueError:
+            raise UserError(f"bad seq {text!r}: 0x must be followed by hex digits") from None
+    if t.isdecimal() and t.isascii():
+        if len(t) > 1 and t.startswith("0"):
+            raise UserError(f"ambiguous seq {text!r}: seqs are decimal; write {int(t)} for "
+                            f"decimal, or 0x{t.lstrip('0') or '0'} for hex")
+        return int(t)
+    if t and all(c in "0123456789abcdefABCDEF" for c in t):
+        raise UserError(f"bad seq {text!r}: seqs are decimal; a hex seq needs 0x (0x{t})")
+    raise UserError(f"bad seq {text!r}: a decimal number, e.g. 20 (or hex with 0x)")
+
+
+def resolve(store: Store, config: VolumeConfig, *, snapshot: str | None = None,
+            seq: int | None = None, at: str | None = None) -> int | None:
+    """The seq a point names, or None if none was named (the live state)."""
+    if snapshot is not None:
+        return read_snapshot(store, config, snapshot).seq
+    if seq is not None:
+        top = newest_seq(store, config)
+        if seq < 0 or seq > top:
+            raise BadPoint(f"volume {config.name} has no seq {seq} (its newest is {top})")
+        return _recoverable(store, config, seq)
+    if at is not None:
+        when = parse_time(at)
+        times = segment_times(store, config)
+        found = seq_at(times, when, created=config.created, now=time.time(),
+                       floor=config.base_seq)
+        if found == config.base_seq and times and config.base_seq + 1 not in times:
+            # The segments sealed before `when` are gone: which state it was is unknown.
+            raise BadPoint(f"{at}: that state can no longer be rebuilt: its history was "
+                           "reclaimed (outside the retention window, and no snapshot keeps it)")
+        return _recoverable(store, config, found)
+    return None
+
+
+def _recoverable(store: Store, config: VolumeConfig, seq: int) -> int:
+    """`seq`, if its state can still be rebuilt (compaction may have removed it)."""
+    if seq <= config.base_seq:
+        return seq
+    plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
+                 seq, base=config.base_seq)
+    return seq
+
+
+def resolve_word(store: Store, config: VolumeConfig, word: str) -> int:
+    """NAME (snapshot), #N / seq:N, @TIME, or 'live'."""
+    if word == "live":
+        return newest_seq(store, config)
+    if word.startswith("#"):
+        return resolve(store, config, seq=parse_seq(word[1:]))
+    if word.startswith("seq:"):
+        return resolve(store, config, seq=parse_seq(word[4:]))
+    if word.startswith("@"):
+        return resolve(store, config, at=word[1:])
+    return resolve(store, config, snapshot=word)

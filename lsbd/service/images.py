@@ -1,0 +1,222 @@
+"""Copying a whole volume in from, and out to, a raw image: a regular file
+(sparse: holes stay holes) or a block device (its size comes from the
+device; holes are written as zeros, and the device is never truncated).
+
+Known image formats are recognised on import, so that a qcow2 or VMDK file
+is not taken for a raw disk."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable, Iterable
+
+from lsbd.errors import UserError
+
+CHUNK = 4 * 1024 * 1024
+_ZEROS = bytes(CHUNK)
+
+Progress = Callable[[int], None]
+
+
+def _fail(path: str, doing: str, e: OSError, offset: int | None = None) -> UserError:
+    where = f" at byte {offset}" if offset is not None else ""
+    return UserError(f"{doing} {path}{where} failed: {e.strerror or e}")
+
+
+# --- what a file is ------------------------------------------------------------
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def size_of(fd: int) -> int:
+    """The size of a regular file, or of a block device (seeking to its end:
+    st_size is 0 for a device)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise UserError("not a regular file or a block device")
+
+
+def image_format(fd: int, size: int) -> str | None:
+    """The name of a known non-raw disk image format the file holds, or None."""
+    head = os.pread(fd, 512, 0)
+    if head[:4] == b"QFI\xfb":
+        return "qcow2" if head[4:8] in (b"\0\0\0\2", b"\0\0\0\3") else "qcow"
+    if head[:4] == b"KDMV" or head[:4] == b"COWD" or head.startswith(b"# Disk DescriptorFile"):
+        return "vmdk"
+    if head[:8] == b"vhdxfile":
+        return "vhdx"
+    if head[:8] == b"conectix":
+        return "vpc"    # a dynamic VHD (a copy of its footer comes first)
+    if head.startswith(b"<<< ") and head[0x40:0x44] == b"\x7f\x10\xda\xbe":
+        return "vdi"
+    if size >= 512 and size % 512 == 0 and os.pread(fd, 8, size - 512) == b"conectix":
+        return "vpc"    # a fixed VHD: raw data and a 512-byte footer
+    return None
+
+
+# --- in ----------------------------------------------------------------------------
+
+def import_image(volume, path: str, *, raw: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> int:
+    """Copy the raw image at `path` (a file or a block device) into `volume`
+    from offset 0; blocks of zeros stay holes.  Returns its size."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        try:
+            size = size_of(fd)
+        except UserError:
+            raise UserError(f"cannot import {path}: not a regular file or a block device") from None
+        if not raw:
+            kind = image_format(fd, size)
+            if kind is not None:
+                raise UserError(f"{path} is a {kind} image, not a raw disk: convert it first "
+                                f"(qemu-img convert -f {kind} -O raw {path} disk.raw), or give "
+                                "--raw to import its bytes as they are")
+        if size > volume.size:
+            raise UserError(f"{path} ({size} bytes) is larger than volume {volume.name} "
+                            f"({volume.size} bytes)")
+        offset = 0
+        while offset < size:
+            try:
+                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+            except OSError as e:
+                raise _fail(path, "reading", e, offset) from None
+            if not chunk:
+                raise UserError(f"{path} ended at byte {offset}, before its size ({size})")
+            volume.write(offset, chunk)
+            offset += len(chunk)
+            if progress:
+                progress(offset, size)
+        volume.flush()
+        return size
+    finally:
+        os.close(fd)
+
+
+# --- out -----------------------------------------------------------------------------
+
+class _Target:
+    """Where an export writes: a sparse regular file, a block device, or a
+    stream (a character device or a pipe: every byte in order)."""
+
+    def __init__(self, path: str, *, update: bool):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise _fail(path, "opening", e) from None
+        if update and st is None:
+            raise UserError(f"cannot update {path} (no such file): --from needs an image of "
+                            "the older state to bring up to date")
+        self.device = st is not None and stat.S_ISBLK(st.st_mode)
+        self.regular = st is None or stat.S_ISREG(st.st_mode)
+        if st is None or (self.regular and not update):
+            flags |= os.O_CREAT | (0 if update else os.O_TRUNC)
+        try:
+            self.fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise _fail(path, "opening", e) from None
+
+    def check_room(self, size: int) -> None:
+        if self.device:
+            room = os.lseek(self.fd, 0, os.SEEK_END)
+            if room < size:
+                raise UserError(f"{self.path} holds {room} bytes: too small for {size} bytes")
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            done = 0
+            while done < len(data):
+                if self.regular or self.device:
+                    n = os.pwrite(self.fd, data[done:], offset + done)
+                else:
+                    n = os.write(self.fd, data[done:])
+                if n == 0:
+                    raise OSError(28, os.strerror(28))
+                done += n
+        except OSError as e:
+            raise _fail(self.path, "writing", e, offset + done) from None
+
+    def hole(self, offset: int, length: int) -> None:
+        """Bytes that read as zeros: left as a hole in a file, written on a
+        device or a stream (which cannot have holes)."""
+        if self.regular:
+            return
+        while length > 0:
+            n = min(length, CHUNK)
+            self.write(offset, _ZEROS[:n])
+            offset += n
+            length -= n
+
+    def finish(self, size: int) -> None:
+        try:
+            if self.regular and os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+            if self.regular or self.device:
+                os.fsync(self.fd)
+        except OSError as e:
+            raise _fail(self.path, "finishing", e) from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def export_image(volume, path: str, *, progress: Progress | None = None) -> int:
+    """Write the whole of `volume` (a Volume or a past state) to `path`; a
+    regular file is created or replaced and comes out sparse.  Returns the
+    size written."""
+    target = _Target(path, update=False)
+    try:
+        target.check_room(volume.size)
+        offset = 0
+        while offset < volume.size:
+            length = min(CHUNK, volume.size - offset)
+            for run in volume.allocation(offset, length):
+                if run.allocated:
+                    target.write(run.offset, volume.read(run.offset, run.length))
+                else:
+                    target.hole(run.offset, run.length)
+            offset += length
+            if progress:
+                progress(length)
+        target.finish(volume.size)
+        return volume.size
+    finally:
+        target.close()
+
+
+def export_changes(volume, path: str, ranges: Iterable[tuple[int, int]], *,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Bring the image at `path` (a file or a device holding an older state)
+    up to `volume`'s state by writing only the block ranges given (streamed,
+    in order).  Returns (ranges, bytes) written."""
+    bs = volume.block_size
+    target = _Target(path, update=True)
+    count = total = 0
+    try:
+        target.check_room(volume.size)
+        for lo, hi in ranges:
+            count += 1
+            offset = lo * bs
+            while offset < hi * bs:
+                length = min(CHUNK, hi * bs - offset)
+                target.write(offset, volume.read(offset, length))
+                offset += length
+                total += length
+            if progress:
+                progress(hi * bs, volume.size)
+        target.finish(volume.size)
+        return count, total
+    finally:
+        target.close()

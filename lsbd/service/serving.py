@@ -1,0 +1,77 @@
+"""Opening the devices a server shows (NBD exports, FUSE image files): each
+volume, live or at a past point, and optionally each of its snapshots,
+read-only.  One job for `lsbd serve` and `lsbd mount`."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import attrs
+
+from lsbd.meta.config import load_config
+from lsbd.meta.snapshots import list_snapshots
+from lsbd.engine.volume import Volume
+from lsbd.errors import UserError
+from lsbd.history.points import resolve
+from lsbd.store import Store
+
+
+@attrs.frozen(kw_only=True)
+class Device:
+    volume: str                 # the volume's name
+    snapshot: str | None        # the snapshot shown, or None for the volume itself
+    device: Volume
+    read_only: bool
+
+
+@attrs.frozen(kw_only=True)
+class Point:
+    snapshot: str | None = None
+    seq: int | None = None
+    at: str | None = None
+
+
+def open_devices(store: Store, volumes: list[str], *, cache_root: str, point: Point = Point(),
+                 read_only: bool = False, break_lease: bool = False,
+                 flush_mode: str | None = None, options: dict | None = None,
+                 snapshots: bool = False,
+                 prepare: Callable[[str], None] | None = None) -> list[Device]:
+    """Open each volume (for writing unless read_only, or read-only at the
+    point named) and, with snapshots=True, each of its snapshots read-only.
+    options: more Volume.open options for a writer (auto_compact,
+    cache_limit).  prepare(name) runs before a volume is opened (the
+    caller's checks, such as unlocking an encrypted volume's keys).  On
+    failure, whatever was opened is closed again."""
+    if len(set(volumes)) != len(volumes):
+        raise UserError("a volume is named twice")
+    devices: list[Device] = []
+    try:
+        for name in volumes:
+            config = load_config(store, name)
+            if prepare is not None:
+                prepare(name)
+            seq = resolve(store, config, snapshot=point.snapshot, seq=point.seq, at=point.at)
+            if seq is not None:
+                devices.append(Device(volume=name, snapshot=None, read_only=True,
+                                      device=Volume.open(store, name, cache_root=cache_root,
+                                                         at_seq=seq)))
+            else:
+                devices.append(Device(volume=name, snapshot=None, read_only=read_only,
+                                      device=Volume.open(store, name, cache_root=cache_root,
+                                                         read_only=read_only,
+                                                         break_lease=break_lease,
+                                                         flush_mode=flush_mode,
+                                                         **(options or {}))))
+            if snapshots:
+                for snap in list_snapshots(store, config):
+                    devices.append(Device(volume=name, snapshot=snap.name, read_only=True,
+                                          device=Volume.open(store, name, cache_root=cache_root,
+                                                             at_seq=snap.seq)))
+    except BaseException:
+        for d in devices:
+            # The first error is the one to report.
+            with contextlib.suppress(Exception):
+                d.device.close()
+        raise
+    return devices
