@@ -536,8 +536,8 @@ def test_compact_dry_run_and_json_report(store_url, tmp_path):
     assert listing(store, "v") == before, "a dry run changed the store"
     assert dry["dry_run"] is True
     assert dry["segments_read"] > 0 and dry["bytes_rewritten"] > 0
-    assert dry["bytes_reclaimed"] > 0
-    assert dry["segments_written"] == dry["segments_deleted"] == dry["checkpoints_deleted"] == 0
+    assert dry["bytes_reclaimed"] > 0 and dry["segments_deleted"] > 0
+    assert dry["segments_written"] == 0
     text = lsbd(store_url, cache, "compact", "v", "--dry-run")
     assert listing(store, "v") == before
     shown = text.stdout + text.stderr
@@ -555,7 +555,10 @@ def test_compact_dry_run_and_json_report(store_url, tmp_path):
     # The plan did not change between the dry run and the real one.
     assert report["segments_read"] == dry["segments_read"]
     assert report["bytes_rewritten"] == dry["bytes_rewritten"]
-    assert report["bytes_reclaimed"] >= dry["bytes_reclaimed"] > 0
+    # ... and the dry run predicted what it deleted (nothing wrote in between).
+    assert report["bytes_reclaimed"] == dry["bytes_reclaimed"] > 0
+    assert report["segments_deleted"] == dry["segments_deleted"]
+    assert report["stored_bytes_before"] - report["bytes_reclaimed"] == dry["stored_bytes_after"]
     # Everything it says matches the store.
     deleted = set(seg_before) - set(seg_after)
     written = set(seg_after) - set(seg_before)
@@ -583,6 +586,44 @@ def test_compact_dry_run_and_json_report(store_url, tmp_path):
 
     with Volume.open(store, "v", cache_root=str(cache)) as vol:
         assert read_all(vol) == model
+
+
+def test_dry_run_predicts_dead_segments_and_says_why_nothing_is_reclaimed(tmp_path):
+    """A dry run counts what the run deletes, also segments left with no live
+    block at all (not only the sparse ones it rewrites); a run that reclaims
+    nothing says why: here the retention window, then a snapshot."""
+    url = "file://" + str(tmp_path / "store")
+    cache = tmp_path / "cache"
+    store = open_url(url)
+    create_volume(store, "v", 8 * MiB, segment_size=MiB, retain_seconds=86400)
+    with Volume.open(store, "v", cache_root=str(cache)) as vol:
+        for tag in (1, 2):               # the second pass leaves the first one's segments dead
+            for off in range(0, 4 * MiB, MiB):
+                vol.write(off, bytes([tag]) * MiB)
+            vol.flush_to_store()
+    dry = lsbd_json(url, cache, "compact", "v", "--dry-run")
+    assert dry["bytes_reclaimed"] == 0 and dry["held_by_window_segments"] >= 4
+    assert any("retention window" in w for w in dry["why"]), dry["why"]
+    text = lsbd(url, cache, "compact", "v").stdout
+    assert "retention window (retain 1d)" in text, text
+
+    lsbd(url, cache, "snapshot", "create", "v", "s")
+    lsbd(url, cache, "retain", "v", "0")
+    with Volume.open(store, "v", cache_root=str(cache)) as vol:
+        for off in range(0, 4 * MiB, MiB):
+            vol.write(off, b"\3" * MiB)
+    dry = lsbd_json(url, cache, "compact", "v", "--dry-run")
+    assert dry["segments_read"] == 0, "nothing sparse: every segment is all live or all dead"
+    assert dry["segments_deleted"] >= 4 and dry["bytes_reclaimed"] >= 4 * MiB
+    before = store_segment_seqs(store, "v")
+    report = lsbd_json(url, cache, "compact", "v")
+    deleted = set(before) - set(store_segment_seqs(store, "v"))
+    assert report["segments_deleted"] == dry["segments_deleted"] == len(deleted)
+    assert report["bytes_reclaimed"] == dry["bytes_reclaimed"]
+    # What is left dead is the snapshot's.
+    assert report["held_by_points_segments"] >= 4
+    assert any("snapshots" in w for w in report["why"]), report["why"]
+    store.close()
 
 
 # --- the retention window ---------------------------------------------------------------

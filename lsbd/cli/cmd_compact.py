@@ -2,6 +2,7 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.cli.cmd_history import format_duration
 from lsbd.meta.config import load_config
 from lsbd.errors import UserError
 from lsbd.service.writer import ask_writer, run_on_writer
@@ -59,11 +60,13 @@ def run(args, ctx) -> int:
         report = run_on_writer(ctx.store, args.volume, request, cache_root=ctx.cache_dir,
                                break_lease=args.break_lease, progress=update, timeout=3600,
                                prepare=ctx.unlock).value
+    report["why"] = why(report)
     if args.json:
         ui.print_json(report)
         return 0
     h = ui.human_size
     title = "compaction plan (dry run)" if args.dry_run else f"compaction of {args.volume}"
+    would = "it would " if args.dry_run else ""
     rows = [["segments rewritten (read)", report["segments_read"]],
             ["segments kept whole for snapshots/clones", report["skipped_pinned"]],
             ["bytes rewritten", h(report["bytes_rewritten"])]]
@@ -71,16 +74,41 @@ def run(args, ctx) -> int:
         rows += [["1 MiB ranges defragmented", report["windows_defragmented"]],
                  ["of which bytes rewritten in order", h(report["bytes_defragmented"])]]
     if not args.dry_run:
-        rows += [["segments written", report["segments_written"]],
-                 ["segments deleted", report["segments_deleted"]],
-                 ["checkpoints deleted", report["checkpoints_deleted"]],
-                 ["bytes reclaimed", h(report["bytes_reclaimed"])],
-                 ["stored before / after", f"{h(report['stored_bytes_before'])} / "
-                                           f"{h(report['stored_bytes_after'])}"],
-                 ["write amplification (written / reclaimed)",
+        rows += [["segments written", report["segments_written"]]]
+    rows += [[f"segments {would}delete", report["segments_deleted"]],
+             [f"checkpoints {would}delete", report["checkpoints_deleted"]],
+             [f"bytes {would}reclaim", h(report["bytes_reclaimed"])],
+             ["stored before / after", f"{h(report['stored_bytes_before'])} / "
+                                       f"{h(report['stored_bytes_after'])}"]]
+    if not args.dry_run:
+        rows += [["write amplification (written / reclaimed)",
                   f"{report['write_amplification']:.2f}"],
                  ["time", f"{report['seconds']:.1f}s"]]
-    else:
-        rows += [["bytes it would reclaim (at least)", h(report["bytes_reclaimed"])]]
     ui.table(title, ["", ""], rows)
+    for text in report["why"]:
+        ui.line(text)
     return 0
+
+
+def why(report: dict) -> list[str]:
+    """Why dead data stays in the store after this compaction (or would)."""
+    h = ui.human_size
+    out = []
+    n, size = report["held_by_window_segments"], report["held_by_window_bytes"]
+    if n:
+        out.append(f"{n} segments with {h(size)} of old data are inside the retention window "
+                   f"(retain {format_duration(report['retain_seconds'])}): they become "
+                   "reclaimable once older than that (`lsbd retain` shortens it)")
+    n, size = report["held_by_points_segments"], report["held_by_points_bytes"]
+    if n:
+        out.append(f"{n} segments with {h(size)} of old data are kept for snapshots, clones or "
+                   "the start of the retention window (`lsbd snapshot delete` releases a "
+                   "snapshot's)")
+    n, size = report["held_by_threshold_segments"], report["held_by_threshold_bytes"]
+    if n:
+        out.append(f"{n} segments with {h(size)} of old data are more than "
+                   f"{report['threshold']:.0%} live, so not rewritten (a higher --threshold "
+                   "rewrites them)")
+    if not report["bytes_reclaimed"] and not out:
+        out.append("nothing to reclaim: the store holds only live data")
+    return out

@@ -38,8 +38,9 @@ from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import store_segment_seqs
 from lsbd.plans.retention import (
     deletable_checkpoints,
-    deletable_segments,
+    held_back,
     plan_compaction,
+    plan_deletions,
     window_start,
 )
 
@@ -54,6 +55,8 @@ DEFRAG_MIN_EXTENTS = 32         # a window in this many pieces or more is rewrit
 class CompactionReport:
     dry_run: bool = False
     window: int = 0
+    threshold: float = 0.6
+    retain_seconds: float = 0.0
     segments_read: int = 0
     segments_written: int = 0
     segments_deleted: int = 0
@@ -65,6 +68,13 @@ class CompactionReport:
     skipped_pinned: int = 0
     windows_defragmented: int = 0
     bytes_defragmented: int = 0
+    # Dead data left in place, and why (see retention.held_back).
+    held_by_window_segments: int = 0
+    held_by_window_bytes: int = 0
+    held_by_points_segments: int = 0
+    held_by_points_bytes: int = 0
+    held_by_threshold_segments: int = 0
+    held_by_threshold_bytes: int = 0
     seconds: float = 0.0
 
     @property
@@ -110,10 +120,14 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
             progress: Callable[[int, int], None] | None = None,
             defrag: bool = False, force: frozenset[int] = frozenset()) -> CompactionReport:
     """Run one compaction on an open writable volume.  `force`: segments to
-    rewrite whatever their live fraction (those sealed with a retired key)."""
+    rewrite whatever their live fraction (those sealed with a retired key).
+    A dry run makes the same plan and predicts what the run would delete,
+    changing nothing."""
     started = time.monotonic()
     store = volume.store
-    report = CompactionReport(dry_run=dry_run)
+    bs = volume.block_size
+    report = CompactionReport(dry_run=dry_run, threshold=threshold,
+                              retain_seconds=volume.config.retain_seconds)
     volume.flush_to_store()
     top = volume.applied_seq
     infos = {s.seq: s for s in volume.segment_infos()}
@@ -130,36 +144,48 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
         kept.add(window)
     pinned_refs: set[int] = set()
     for p in sorted(kept):
-        if not dry_run:
-            ensure_checkpoint_at(store, volume.name, p, cache_root=volume.cache_root)
-        if p in ckpt.list_checkpoints(store, volume.name):
-            pinned_refs |= checkpoint_refs(volume, p)
+        pinned_refs |= _refs_at(volume, p, build=not dry_run)
 
     # 2a. Defragment first: the segments it empties need no rewrite after it.
     windows = fragmented_windows(volume) if defrag else []
     report.windows_defragmented = len(windows)
     sealed_before = volume.stats["segments_sealed"]
+    live = {s: i.live_blocks for s, i in infos.items()}
     if windows and dry_run:
-        report.bytes_defragmented = len(windows) * DEFRAG_WINDOW   # at most
+        for seq, n in _blocks_in_windows(volume, windows).items():
+            live[seq] = live.get(seq, 0) - n
+            report.bytes_defragmented += n * bs
     elif windows:
         report.bytes_defragmented = _defragment(volume, windows, rate=rate, progress=progress)
         volume.flush_to_store()
         infos = {s.seq: s for s in volume.segment_infos()}
+        live = {s: i.live_blocks for s, i in infos.items()}
         stored = store_segment_seqs(store, volume.name)
 
     # A sealed volume's stored sizes are compressed: its live fraction is
     # taken against the plain data the segment holds.
-    plain = volume.config.sealed
+    sizes = _sizes(volume, infos, stored)
     plan = plan_compaction(
-        segments={s: (i.data_blocks * volume.block_size if plain else stored.get(s, 0),
-                      i.live_blocks) for s, i in infos.items() if s in stored},
-        block_size=volume.block_size, window=window, top=top, base_seq=volume.config.base_seq,
+        segments={s: (sizes[s], n) for s, n in live.items() if s in sizes},
+        block_size=bs, window=window, top=top, base_seq=volume.config.base_seq,
         pinned_refs=pinned_refs, threshold=threshold, force=force)
     report.segments_read = len(plan.victims)
     report.skipped_pinned = plan.skipped_pinned
     if dry_run:
+        # What the run would leave, and so delete: the victims' live blocks move out.
+        for seq in plan.victims:
+            live[seq] = 0
+        doomed = plan_deletions(stored=stored, live_blocks=live, window=window,
+                                live_checkpoint=top, base_seq=volume.config.base_seq,
+                                kept_refs=pinned_refs)
         report.bytes_rewritten = plan.rewrite_bytes + report.bytes_defragmented
-        report.bytes_reclaimed = sum(stored[s] for s in plan.victims)
+        report.segments_deleted = len(doomed)
+        report.bytes_reclaimed = sum(stored[s] for s in doomed)
+        report.checkpoints_deleted = len(deletable_checkpoints(
+            ckpt.list_checkpoints(store, volume.name), pinned=points, window=window,
+            live_checkpoint=top))
+        report.stored_bytes_after = report.stored_bytes_before - report.bytes_reclaimed
+        _explain(report, sizes, live, bs, window, pinned_refs, doomed)
         report.seconds = time.monotonic() - started
         return report
 
@@ -181,14 +207,14 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
                           retain_seconds=volume.config.retain_seconds, top=min(top, live_checkpoint))
     points = pinned_points(volume.store, volume.config)
     kept = {p for p in points if p <= window} | ({window} if window else set())
-    needed = {s for s, i in infos.items() if i.live_blocks > 0} | {s for s in stored if s > window}
+    kept_refs: set[int] = set()
     for p in sorted(kept):
-        ensure_checkpoint_at(store, volume.name, p, cache_root=volume.cache_root)
-        needed |= checkpoint_refs(volume, p)
+        kept_refs |= _refs_at(volume, p, build=True)
     stored = store_segment_seqs(store, volume.name)
-    doomed = deletable_segments(
-        [s for s in stored if s > volume.config.base_seq], window=window,
-        live_checkpoint=live_checkpoint, needed=needed)
+    live = {s: i.live_blocks for s, i in infos.items()}
+    doomed = plan_deletions(stored=stored, live_blocks=live, window=window,
+                            live_checkpoint=live_checkpoint, base_seq=volume.config.base_seq,
+                            kept_refs=kept_refs)
     volume.check_lease()   # a writer fenced off meanwhile must delete nothing
     for i, seq in enumerate(doomed):
         store.delete(names.segment_key(volume.name, seq))
@@ -204,9 +230,51 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
         ckpt.delete_checkpoint(store, volume.name, seq)
         report.checkpoints_deleted += 1
     report.stored_bytes_after = sum(store_segment_seqs(store, volume.name).values())
+    _explain(report, _sizes(volume, infos, stored), live, bs, window, kept_refs, doomed)
     report.seconds = time.monotonic() - started
     log.info("volume %s: compaction %s", volume.name, report.as_dict())
     return report
+
+
+def _refs_at(volume, seq: int, *, build: bool) -> set[int]:
+    """The segments the map at kept point `seq` uses: from its checkpoint,
+    written first when missing (build=True), else read from the map rebuilt
+    at that point (a dry run writes nothing)."""
+    if seq <= 0:
+        return set()
+    if build:
+        ensure_checkpoint_at(volume.store, volume.name, seq, cache_root=volume.cache_root)
+    if seq in ckpt.list_checkpoints(volume.store, volume.name):
+        return checkpoint_refs(volume, seq)
+    from lsbd.engine.volume import Volume
+
+    with Volume.open(volume.store, volume.name, cache_root=volume.cache_root, at_seq=seq) as past:
+        return {e.seq for e in past.extents()}
+
+
+def _blocks_in_windows(volume, windows: list[int]) -> dict[int, int]:
+    """seq -> blocks of it that defragmenting `windows` would move."""
+    per = DEFRAG_WINDOW // volume.block_size
+    out: dict[int, int] = {}
+    for w in windows:
+        for e in volume.map_extents(w * per, per):
+            out[e.seq] = out.get(e.seq, 0) + e.nblocks
+    return out
+
+
+def _sizes(volume, infos: dict, stored: dict[int, int]) -> dict[int, int]:
+    """seq -> the size a segment's live fraction is taken against: its object
+    size, or for a sealed (compressed) volume the plain data it holds."""
+    if volume.config.sealed:
+        return {s: infos[s].data_blocks * volume.block_size for s in stored if s in infos}
+    return {s: n for s, n in stored.items() if s in infos}
+
+
+def _explain(report: CompactionReport, stored: dict[int, int], live: dict[int, int],
+             block_size: int, window: int, kept_refs: set[int], doomed: list[int]) -> None:
+    for key, value in held_back(stored=stored, live_blocks=live, block_size=block_size,
+                                window=window, kept_refs=kept_refs, deleted=doomed).items():
+        setattr(report, key, value)
 
 
 def _rewrite(volume, victims: set[int], total: int, *, rate: float | None,

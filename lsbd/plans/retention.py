@@ -80,6 +80,20 @@ def deletable_segments(stored: Iterable[int], *, window: int, live_checkpoint: i
     return sorted(s for s in stored if s <= limit and s not in needed)
 
 
+def plan_deletions(*, stored: Iterable[int], live_blocks: dict[int, int], window: int,
+                   live_checkpoint: int, base_seq: int, kept_refs: set[int]) -> list[int]:
+    """The segments a compaction deletes: this volume's own (after base_seq),
+    at or before W and the live checkpoint, used by no block of the live map
+    (live_blocks: seq -> blocks it still holds) and by no kept point's map
+    (kept_refs).  Pure: a dry run calls it with the live blocks the rewrite
+    will leave, the real run with those it did leave."""
+    stored = list(stored)
+    needed = ({s for s, n in live_blocks.items() if n > 0} | {s for s in stored if s > window}
+              | kept_refs)
+    return deletable_segments([s for s in stored if s > base_seq], window=window,
+                              live_checkpoint=live_checkpoint, needed=needed)
+
+
 def deletable_checkpoints(checkpoints: Iterable[int], *, pinned: set[int], window: int,
                           live_checkpoint: int, keep_recent: int = 2,
                           parents: dict[int, int] | None = None) -> list[int]:
@@ -99,3 +113,29 @@ def deletable_checkpoints(checkpoints: Iterable[int], *, pinned: set[int], windo
             c = parents[c]
             keep.add(c)
     return [c for c in cps if c not in keep and c < live_checkpoint]
+
+
+#: A segment counts as holding dead data when less than this fraction of it is live
+#: (the rest of a full segment is its index and headers).
+MOSTLY_LIVE = 0.95
+
+
+def held_back(*, stored: dict[int, int], live_blocks: dict[int, int], block_size: int,
+              window: int, kept_refs: set[int], deleted: Iterable[int]) -> dict[str, int]:
+    """Why the dead data that stays after a compaction stays, in segments and
+    bytes: inside the retention window (after W), kept for a snapshot, a
+    clone or the window's start (their maps use the segment), or live enough
+    to be above the rewrite threshold.  Pure."""
+    gone = set(deleted)
+    out = {f"held_by_{why}_{unit}": 0 for why in ("window", "points", "threshold")
+           for unit in ("segments", "bytes")}
+    for seq, size in stored.items():
+        if seq in gone or size <= 0:
+            continue
+        live = live_blocks.get(seq, 0) * block_size
+        if live >= size * MOSTLY_LIVE:
+            continue
+        why = "window" if seq > window else "points" if seq in kept_refs else "threshold"
+        out[f"held_by_{why}_segments"] += 1
+        out[f"held_by_{why}_bytes"] += max(0, size - live)
+    return out
