@@ -358,3 +358,46 @@ def test_a_serving_process_keeps_freed_request_buffers(tmp_path):
 
     assert released("default") > 32 * MiB     # the probe sees memory given back
     assert released("tuned") < 8 * MiB
+
+
+def test_commands_go_through_the_writer_of_a_served_volume(file_cli, tmp_path):
+    """checkpoint (which failed with "in use"), snapshot, resize, stats and
+    compact on a volume `lsbd serve` holds: its writer does them."""
+    import signal
+    import subprocess
+
+    from engine_helpers import LSBD
+
+    _ok(file_cli("create", "v", "--size", "16M", "--retain", "0"))
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(2 * MiB))
+    _ok(file_cli("import", "v", src))
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen([LSBD, "--store", "file://" + str(tmp_path / "store"),
+                               "--cache-dir", str(tmp_path / "cache"), "serve", "v",
+                               "--socket", str(sock)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stderr.readline()
+        done = json.loads(_ok(file_cli("checkpoint", "v", "--json")).stdout)
+        assert done["by_writer"] is True and done["seq"] >= 1
+        info = json.loads(_ok(file_cli("info", "v", "--json")).stdout)
+        assert done["seq"] in info["checkpoints"] and info["writer"]
+        snap = json.loads(_ok(file_cli("snapshot", "create", "v", "s1", "--json")).stdout)
+        assert snap["seq"] >= done["seq"]
+        grown = json.loads(_ok(file_cli("resize", "v", "32M", "--json")).stdout)
+        assert grown["by_writer"] is True
+        listed = json.loads(_ok(file_cli("list", "--json")).stdout)
+        info = json.loads(_ok(file_cli("info", "v", "--json")).stdout)
+        assert listed[0]["size"] == info["size"] == 32 * MiB, "list and info disagree"
+        stats = json.loads(_ok(file_cli("stats", "v", "--json")).stdout)
+        assert stats["source"] == "the running writer" and stats["size"] == 32 * MiB
+        report = json.loads(_ok(file_cli("compact", "v", "--json")).stdout)
+        assert report["dry_run"] is False and isinstance(report["why"], list)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    # Closed: list and info still agree on the new size, now from the store.
+    listed = json.loads(_ok(file_cli("list", "--json")).stdout)
+    assert listed[0]["size"] == json.loads(_ok(file_cli("info", "v", "--json")).stdout)["size"]
+    assert listed[0]["size"] == 32 * MiB

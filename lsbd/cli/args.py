@@ -30,6 +30,14 @@ class Parser(argparse.ArgumentParser):
             raise argparse.ArgumentError(action, str(e)) from None
 
 
+def path_arg(text: str) -> str:
+    """A path given on the command line: never empty (which would mean the
+    current directory to some system calls)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """--store, --endpoint-url, --cache-dir, --passphrase-file, --key-file, -v.  On a command's own parser
     (suppress=True) an option left out does not hide the one given before

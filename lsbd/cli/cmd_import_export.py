@@ -1,7 +1,7 @@
 """lsbd import VOLUME FILE / lsbd export VOLUME FILE: whole-volume copies."""
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.cli.args import add_break_lease, add_volume, command, path_arg
 from lsbd.cli.points import add_point_args, resolve_args
 from lsbd.meta.config import load_config
 from lsbd.history.restore import changed_between
@@ -19,7 +19,8 @@ def register(sub) -> None:
                             "first.",
                 examples=["vm2 disk.raw", "vm2 /dev/sdb", "vm2 odd.bin --raw"])
     add_volume(p, "the volume to copy into (at least as large as FILE)")
-    p.add_argument("file", metavar="FILE", help="a raw image file or a block device")
+    p.add_argument("file", metavar="FILE", type=path_arg,
+                   help="a raw image file or a block device")
     p.add_argument("--raw", action="store_true",
                    help="import the bytes as they are, even if they look like a qcow2, VMDK, "
                         "VHD, VHDX or VDI image")
@@ -35,7 +36,8 @@ def register(sub) -> None:
                 examples=["vm2 copy.raw", "vm1 old.raw --at -2h", "vm1 /dev/sdc --snapshot s1",
                           "vm1 backup.raw --from s1 --snapshot s2"])
     add_volume(p)
-    p.add_argument("file", metavar="FILE", help="the file or block device to write")
+    p.add_argument("file", metavar="FILE", type=path_arg,
+                   help="the file or block device to write")
     add_point_args(p, what="export the state")
     p.add_argument("--from", dest="from_point", metavar="POINT",
                    help="incremental: FILE holds the state at POINT (a snapshot name, #SEQ or "

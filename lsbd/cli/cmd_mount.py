@@ -13,7 +13,7 @@ import os
 import sys
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command
+from lsbd.cli.args import add_volume, command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         examples=["vm1 /mnt/lsbd", "vm1 /mnt/lsbd --read-only",
                   "vm1 /mnt/old --at -2h", "vm1 /mnt/lsbd --no-snapshots"])
     add_volume(p, "the volume to show")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_arg,
+                   help="an existing, empty directory")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process (Ctrl-C or umount stops it)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Unmount MOUNTPOINT, then wait until the serving process has flushed, "
                     "uploaded and closed the volume (the data is safe when this returns).",
         examples=["/mnt/lsbd", "/mnt/lsbd --lazy --timeout 60"])
-    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the volume is mounted")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_arg,
+                   help="where the volume is mounted")
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if busy (fusermount3 -u -z); still waits for "
                         "the process")
@@ -72,6 +74,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
     from lsbd_fuse.daemon import run
 
     name = args.volume
+    writer_options(args)    # a bad value is an error here, before the serving process starts
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 

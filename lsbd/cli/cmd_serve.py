@@ -20,7 +20,7 @@ import sys
 from urllib.parse import quote
 
 from lsbd.cli import ui
-from lsbd.cli.args import command
+from lsbd.cli.args import command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "vm1 --snapshot before-upgrade", "vm1 --with-snapshots"])
     p.add_argument("volumes", nargs="+", metavar="VOLUME", help="the volumes to export")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
+    where.add_argument("--socket", metavar="PATH", type=path_arg,
+                       help="listen on a Unix socket instead of TCP")
     where.add_argument("--host", default=None,
                        help=f"TCP address to listen on (default {DEFAULT_HOST}; "
                             "0.0.0.0 for every interface)")

@@ -4,38 +4,49 @@ opened."""
 
 from __future__ import annotations
 
-from lsbd.segments.checkpoints import list_checkpoints
 from lsbd.crypto import keystore
-from lsbd.meta.config import list_volumes, load_config, VolumeConfig
+from lsbd.meta.config import VolumeConfig, list_volumes, load_config
+from lsbd.meta.lease import read_holder
 from lsbd.meta.snapshots import list_snapshots
 from lsbd.plans.restore import recoverable
-from lsbd.segments.remote import segment_times
-from lsbd.meta.lease import read_holder
-from lsbd.segments.remote import fetch_segment_index, store_segment_seqs
+from lsbd.segments.checkpoints import list_checkpoints, read_manifest
+from lsbd.segments.remote import fetch_segment_index, segment_times, store_segment_seqs
 from lsbd.store import Store
 
 #: A new line of `lsbd log` after a pause this long between two segments.
 LOG_PAUSE_NS = 600 * 10**9
 
 
-def newest_seq(store: Store, config: VolumeConfig, segments: dict[int, int] | None = None) -> int:
-    """The seq of the newest state in the store (a clone's base before its
-    first segment)."""
+def newest_seq(store: Store, config: VolumeConfig, segments: dict[int, int] | None = None,
+               checkpoints: list[int] | None = None) -> int:
+    """The seq of the newest state in the store: its newest segment, or a
+    newer checkpoint (compaction deletes a newest segment that holds no live
+    block, such as one with only a resize), or a clone's base before its
+    first segment."""
     if segments is None:
         segments = store_segment_seqs(store, config.name)
-    return max(segments or [config.base_seq])
+    if checkpoints is None:
+        checkpoints = list_checkpoints(store, config.name)
+    return max([*segments, *checkpoints, config.base_seq])
 
 
-def current_size(store: Store, config: VolumeConfig, segments: dict[int, int] | None = None
-                 ) -> int:
-    """The volume's size as of its newest segment in the store (a resize is
-    a record in the log; the config keeps the size at creation)."""
+def current_size(store: Store, config: VolumeConfig, segments: dict[int, int] | None = None,
+                 checkpoints: list[int] | None = None) -> int:
+    """The volume's size in its newest state in the store (a resize is a
+    record in the log, kept in the segment trailers and the checkpoints; the
+    config keeps the size at creation)."""
     if segments is None:
         segments = store_segment_seqs(store, config.name)
-    if not segments:
-        return config.size
-    trailer, _records = fetch_segment_index(store, config.name, max(segments))
-    return trailer.volume_size
+    if checkpoints is None:
+        checkpoints = list_checkpoints(store, config.name)
+    top_segment = max(segments, default=0)
+    top_checkpoint = max(checkpoints, default=0)
+    if top_checkpoint > top_segment:
+        return read_manifest(store, config.name, top_checkpoint).volume_size
+    if top_segment:
+        trailer, _records = fetch_segment_index(store, config.name, top_segment)
+        return trailer.volume_size
+    return config.size
 
 
 def volume_rows(store: Store) -> list[dict]:
@@ -53,16 +64,17 @@ def volume_info(store: Store, name: str) -> dict:
     """Settings and state of one volume, for `lsbd info`."""
     config = load_config(store, name)
     segments = store_segment_seqs(store, config.name)
+    checkpoints = list_checkpoints(store, config.name)
     holder = read_holder(store, config.name)
     return {
         "name": config.name, "volume_id": config.volume_id,
-        "size": current_size(store, config, segments),
+        "size": current_size(store, config, segments, checkpoints),
         "block_size": config.block_size, "created": config.created,
         "flush_mode": config.flush_mode, "segment_size": config.segment_size,
         "retain_seconds": config.retain_seconds,
         "segments": len(segments), "stored_bytes": sum(segments.values()),
-        "newest_seq": max(segments) if segments else 0,
-        "checkpoints": list_checkpoints(store, config.name),
+        "newest_seq": newest_seq(store, config, segments, checkpoints),
+        "checkpoints": checkpoints,
         "parent": config.parent,
         "snapshots": [{"name": s.name, "seq": s.seq} for s in list_snapshots(store, config)],
         "writer": None if holder is None else holder.describe(),

@@ -7,9 +7,10 @@ is not taken for a raw disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from lsbd.errors import UserError
 
@@ -61,6 +62,25 @@ def image_format(fd: int, size: int) -> str | None:
 
 # --- in ----------------------------------------------------------------------------
 
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges [start, end) of a file that may hold data: a sparse file's
+    holes are skipped (SEEK_DATA / SEEK_HOLE), a device is read whole."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return                  # only a hole is left
+            yield offset, size          # no SEEK_DATA here: read it all
+            return
+        if start >= size:
+            return
+        yield start, end
+        offset = end
+
+
 def import_image(volume, path: str, *, raw: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> int:
     """Copy the raw image at `path` (a file or a block device) into `volume`
@@ -83,18 +103,19 @@ def import_image(volume, path: str, *, raw: bool = False,
         if size > volume.size:
             raise UserError(f"{path} ({size} bytes) is larger than volume {volume.name} "
                             f"({volume.size} bytes)")
-        offset = 0
-        while offset < size:
-            try:
-                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
-            except OSError as e:
-                raise _fail(path, "reading", e, offset) from None
-            if not chunk:
-                raise UserError(f"{path} ended at byte {offset}, before its size ({size})")
-            volume.write(offset, chunk)
-            offset += len(chunk)
-            if progress:
-                progress(offset, size)
+        for start, end in _data_ranges(fd, size):
+            offset = start
+            while offset < end:
+                try:
+                    chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+                except OSError as e:
+                    raise _fail(path, "reading", e, offset) from None
+                if not chunk:
+                    raise UserError(f"{path} ended at byte {offset}, before its size ({size})")
+                volume.write(offset, chunk)
+                offset += len(chunk)
+                if progress:
+                    progress(offset, size)
         volume.flush()
         return size
     finally:

@@ -1,0 +1,165 @@
+"""No input makes `lsbd` print a traceback: every command gets bad values for
+each of its arguments and options, and answers with an exit status and, when
+it refuses, one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from engine_helpers import MiB, run_cli
+
+NOWHERE = "/proc/nonexistent/x"         # a path that cannot be created, even by root
+BAD_VALUES = ["", "-5", "abc", "1e999", "nan", "99999999999999999999999", NOWHERE, "0x",
+              "../x", "a/b", "\u00e9\u00e9", "0000000000000014"]
+
+DRIVER = r'''
+import contextlib, io, json, signal, sys, traceback
+from lsbd.cli import main as cli
+
+cases = json.loads(sys.stdin.read())
+results = []
+
+def timeout(signum, frame):
+    raise TimeoutError("the command did not finish")
+
+signal.signal(signal.SIGALRM, timeout)
+for argv in cases:
+    out, err = io.StringIO(), io.StringIO()
+    rc, exc = None, None
+    signal.alarm(30)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    except BaseException:
+        exc = traceback.format_exc()
+    finally:
+        signal.alarm(0)
+    results.append({"argv": argv, "rc": rc, "stderr": err.getvalue(), "exc": exc})
+print(json.dumps(results))
+'''
+
+
+def _commands():
+    """(command words, parser) for every command."""
+    from lsbd.cli.args import all_parsers
+    from lsbd.cli.main import build_parser
+
+    root = build_parser()
+    for p in all_parsers(root):
+        if p is root or any(a.__class__.__name__ == "_SubParsersAction" for a in p._actions):
+            continue
+        yield p.prog.split()[1:], p
+
+
+def _cases(tmp_path) -> list[list[str]]:
+    raw = tmp_path / "disk.raw"
+    good = {"volume": "v", "new_volume": "w", "name": "s2", "duration": "1h", "size": "32M",
+            "volumes": "v", "mountpoint": NOWHERE + "/mnt", "file": str(raw)}
+    cases = []
+    for words, parser in _commands():
+        positionals = [a for a in parser._actions if not a.option_strings]
+        options = [a for a in parser._actions
+                   if a.option_strings and a.nargs != 0 and a.dest != "help"]
+        base = [good[a.dest] for a in positionals]
+        extra = []
+        if words == ["serve"]:
+            extra = ["--read-only", "--socket", NOWHERE + ".sock"]   # never starts serving
+        if words == ["export"]:
+            base = ["v", str(tmp_path / "out.raw")]
+        for i, action in enumerate(positionals):
+            for value in BAD_VALUES:
+                cases.append([*words, *base[:i], value, *base[i + 1:], *extra])
+        if words == ["delete"]:
+            continue        # with good arguments it would delete the volume the others use
+        for action in options:
+            for value in BAD_VALUES:
+                flag = action.option_strings[-1]
+                rest = [x for x in extra if not (action.dest == "socket" and x.startswith(
+                    ("--socket", NOWHERE)))]
+                cases.append([*words, *base, *rest, f"{flag}={value}"])
+    return cases
+
+
+def test_no_input_ends_in_a_traceback(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    url = f"file://{store}"
+    (tmp_path / "disk.raw").write_bytes(os.urandom(MiB))
+    for argv in (["create", "v", "--size", "32M"], ["import", "v", tmp_path / "disk.raw"],
+                 ["snapshot", "create", "v", "s1"]):
+        assert run_cli(*argv, store=url, cache=tmp_path / "cache").returncode == 0
+    cases = _cases(tmp_path)
+    assert len(cases) > 1000
+    argvs = [["--store", url, "--cache-dir", str(tmp_path / "cache"), *c] for c in cases]
+    proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(argvs), text=True,
+                          capture_output=True, timeout=1800, env={**os.environ, "COLUMNS": "200"},
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    bad = []
+    for r in results:
+        lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
+        if r["exc"] or "Traceback" in r["stderr"]:
+            bad.append(f"{r['argv'][4:]}: {r['exc'] or r['stderr']}")
+        elif r["rc"] not in (0, None) and not (lines and lines[-1].startswith("lsbd: ")):
+            bad.append(f"{r['argv'][4:]}: exit {r['rc']} without a line: {r['stderr']!r}")
+    assert not bad, f"{len(bad)} of {len(results)} cases:\n" + "\n".join(bad[:20])
+    if os.environ.get("LSBD_DUMP_ACCEPTED"):
+        with open(os.environ["LSBD_DUMP_ACCEPTED"], "w") as f:
+            f.writelines(" ".join(r["argv"][4:]) + "\n" for r in results if r["rc"] in (0, None))
+    # Most are refused; some values are good for the option they meet (any
+    # string is a cache dir, and a clone may be called "abc").
+    refused = sum(1 for r in results if r["rc"] not in (0, None))
+    assert refused > 0.75 * len(results)
+    accepted = {tuple(r["argv"][4:]) for r in results if r["rc"] in (0, None)}
+    for argv in [("mount", "v", ""), ("umount", ""), ("retain", "v", "nan"),
+                 ("compact", "v", "--threshold=nan"), ("export", "v", ""),
+                 ("resize", "v", "1e999")]:
+        assert argv not in accepted
+    assert not os.path.exists(NOWHERE)
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["serve", "v", "--port", "99999"], ["--port", "99999"]),
+    (["serve", "v", "--socket", NOWHERE + ".sock"], [NOWHERE + ".sock"]),
+    (["export", "v", "/dev/full"], ["/dev/full", "No space left"]),
+    (["export", "v", NOWHERE], [NOWHERE]),
+    (["import", "v", "/dev/zero"], ["/dev/zero", "not a regular file or a block device"]),
+    (["resize", "v", "1e999"], ["1e999"]),
+    (["create", "x", "--size", "inf"], ["inf"]),
+    (["retain", "v", "nan"], ["nan"]),
+    (["compact", "v", "--threshold", "2"], ["threshold"]),
+])
+def test_bad_values_are_named(tmp_path, argv, needles):
+    store = tmp_path / "store"
+    store.mkdir()
+    url = f"file://{store}"
+    assert run_cli("create", "v", "--size", "1M", store=url, cache=tmp_path / "c").returncode == 0
+    proc = run_cli(*argv, store=url, cache=tmp_path / "c")
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lsbd: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_mistyped_store_path_is_not_created(tmp_path):
+    """Only `create` makes a new local store; the others say there is none."""
+    url = f"file://{tmp_path}/stroe"
+    for argv in (["info", "v"], ["log", "v"], ["export", "v", tmp_path / "o"], ["delete", "v"],
+                 ["snapshot", "list", "v"]):
+        proc = run_cli(*argv, store=url, cache=tmp_path / "c")
+        assert proc.returncode == 1 and f"no store at {tmp_path}/stroe" in proc.stderr
+    proc = run_cli("list", "--json", store=url, cache=tmp_path / "c")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+    proc = run_cli("list", store=url, cache=tmp_path / "c")
+    assert proc.returncode == 0 and "no store at" in proc.stderr
+    assert not (tmp_path / "stroe").exists()
+    assert run_cli("create", "v", "--size", "1M", store=url, cache=tmp_path / "c").returncode == 0
+    assert (tmp_path / "stroe").is_dir()
