@@ -29,6 +29,7 @@ def run(args, ctx) -> int:
             ui.note(f"no volumes in {ctx.store.url}")
         return 0
     ui.table(None, ["volume", "size", "block size", "created"],
-             [[r["name"], ui.human_size(r["size"]), r["block_size"],
+             [[r["name"], ("at least " if r["size_at_least"] else "") + ui.human_size(r["size"]),
+               r["block_size"],
                time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))] for r in rows])
     return 0

@@ -50,11 +50,17 @@ def current_size(store: Store, config: VolumeConfig, segments: dict[int, int] | 
 
 
 def volume_rows(store: Store) -> list[dict]:
-    """One row per volume of the store, for `lsbd list`."""
+    """One row per volume of the store, for `lsbd list`.  The size of an
+    encrypted volume is known only with its passphrase (resizes are in its
+    sealed log): without it, the row gives the size at creation, which the
+    volume has at least (volumes only grow), and says so."""
     rows = []
     for name in list_volumes(store):
         config = load_config(store, name)
-        rows.append({"name": config.name, "size": current_size(store, config),
+        encrypted = bool(config.encryption)
+        rows.append({"name": config.name,
+                     "size": config.size if encrypted else current_size(store, config),
+                     "size_at_least": encrypted,
                      "block_size": config.block_size, "created": config.created,
                      "volume_id": config.volume_id})
     return rows

@@ -72,5 +72,5 @@ def list_volumes_now(store: Store, *, cache_root: str) -> list[dict]:
     for row in rows:
         live = ask_writer(store, row["name"], {"op": "info"}, cache_root=cache_root, timeout=30)
         if live is not None:
-            row["size"] = live["size"]
+            row["size"], row["size_at_least"] = live["size"], False
     return rows
