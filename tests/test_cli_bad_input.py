@@ -60,7 +60,8 @@ def _commands():
 def _cases(tmp_path) -> list[list[str]]:
     raw = tmp_path / "disk.raw"
     good = {"volume": "v", "new_volume": "w", "name": "s2", "duration": "1h", "size": "32M",
-            "volumes": "v", "mountpoint": NOWHERE + "/mnt", "file": str(raw)}
+            "volumes": "v", "mountpoint": NOWHERE + "/mnt", "file": str(raw), "slot": "2",
+            "key_id": "1"}
     cases = []
     for words, parser in _commands():
         positionals = [a for a in parser._actions if not a.option_strings]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from lsbd.cli import ui
+from lsbd.cli.args import add_volume, command
 from lsbd.cli.secrets import new_secret
 from lsbd.crypto import keyring as kr
 from lsbd.crypto import keystore
@@ -14,13 +15,19 @@ from lsbd.errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("key", help="passphrases, key files and data keys of an encrypted volume")
+    p = sub.add_parser("key", help="passphrases, key files and data keys of an encrypted volume",
+                       description="Passphrases, key files and data keys of an encrypted "
+                                   "volume (docs/security.md).")
     keys = p.add_subparsers(dest="key_command", metavar="ACTION")
     keys.required = True
+    examples = {"list": ["secret", "secret --json"],
+                "add": ["secret --new-key-file /etc/lsbd/secret.key"],
+                "change": ["secret --passphrase-file old.txt --new-passphrase-file new.txt"],
+                "remove": ["secret 2"], "rotate": ["secret"], "retire": ["secret 1"]}
 
     def action(name: str, help: str, func, *, new: bool = False):
-        q = keys.add_parser(name, help=help, description=help)
-        q.add_argument("volume")
+        q = command(keys, name, help=help, examples=examples[name])
+        add_volume(q, "an encrypted volume")
         if new:
             q.add_argument("--new-passphrase-file", metavar="FILE",
                            help="the new passphrase, on the file's first line "
@@ -30,17 +37,17 @@ def register(sub) -> None:
         q.set_defaults(func=func)
         return q
 
-    q = action("list", "show key slots, data keys and what still needs each", run_list)
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    action("list", "show key slots, data keys and what still needs each", run_list)
     action("add", "add a passphrase or key file", run_add, new=True)
     action("change", "replace the passphrase or key file given with a new one "
                      "(only the key slot is rewrapped)", run_change, new=True)
     q = action("remove", "remove a key slot", run_remove)
-    q.add_argument("slot", type=int)
+    q.add_argument("slot", type=int, metavar="SLOT", help="the key slot's number (key list)")
     action("rotate", "start a new data key for everything written from now on "
                      "(compact then rewrites older segments under it)", run_rotate)
     q = action("retire", "drop a data key that no stored object needs any more", run_retire)
-    q.add_argument("key_id", type=int)
+    q.add_argument("key_id", type=int, metavar="KEY",
+                   help="the data key's number (key list)")
 
 
 def _encrypted(ctx, volume: str) -> None:
@@ -66,7 +73,8 @@ def _new(args) -> kr.Secret:
 
 def _save(ctx, volume: str, ring: kr.Keyring, message: str) -> int:
     keystore.save(ctx.plain_store, volume, ring)
-    ui.err.print(message)
+    ui.done({"volume": volume, "slots": [s.number for s in ring.slots],
+             "data_keys": [k.id for k in ring.keys], "current_key": ring.current}, message)
     return 0
 
 
