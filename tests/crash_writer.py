@@ -18,6 +18,7 @@ On stdout (line-buffered) it reports:
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -108,7 +109,13 @@ def main(argv: list[str]) -> int:
     from lsbd.engine.volume import Volume
     from lsbd.store import open_store
 
-    store = open_store(store_url)
+    secret = None
+    if os.environ.get("LSBD_TEST_PASSPHRASE"):      # an encrypted volume
+        from lsbd.crypto.keyring import PASSPHRASE, Secret
+
+        key = Secret(PASSPHRASE, os.environ["LSBD_TEST_PASSPHRASE"].encode())
+        secret = lambda _volume: key   # noqa: E731
+    store = open_store(store_url, secret=secret)
     vol = Volume.open(store, volume, cache_root=cache_root, flush_mode=flush_mode)
     assert vol.block_size == BS
     print("R")

@@ -209,6 +209,31 @@ def test_sigkill_while_delta_checkpoints_are_written(tmp_path, seed, lose_cache)
         store.close()
 
 
+@pytest.mark.parametrize("seed,lose_cache", [(400, False), (401, True), (402, False)])
+def test_sigkill_on_a_compressed_encrypted_volume(tmp_path, monkeypatch, seed, lose_cache):
+    """The same checks on a volume whose segments and checkpoints are sealed
+    (lsbd/crypto): recovery from the journal and from the store alone."""
+    from lsbd.crypto import keyring as kr
+    from lsbd.crypto import keystore
+    from lsbd.crypto.aead import Argon2Params, random_bytes
+    from lsbd.store import open_store
+
+    secret = kr.Secret(kr.PASSPHRASE, b"crash test passphrase")
+    monkeypatch.setenv("LSBD_TEST_PASSPHRASE", "crash test passphrase")
+    store_url = "file://" + str(tmp_path / "store")
+    store = open_store(store_url, secret=lambda _volume: secret)
+    keystore.save(store.inner, "vol", kr.new_keyring(
+        random_bytes(16), secret, params=Argon2Params(memory_kib=64, iterations=1, lanes=1)))
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
+                  checkpoint_segments=4, compression="zstd:1", encryption="aes-256-gcm")
+    try:
+        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store))
+        sealed = [info.key for info in store.inner.list("volumes/vol/seg/")]
+        assert sealed and all(store.inner.get(k, -64)[:8] == b"LSBDOBJ1" for k in sealed)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("seed", [200, 201])
 def test_repeated_sigkills_on_one_volume(tmp_path, seed):
     """Three writers in turn on one volume, each killed: every recovery starts

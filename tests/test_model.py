@@ -57,17 +57,24 @@ class VolumeModel(RuleBasedStateMachine):
     """Runs against a local store; one volume per example."""
 
     root: str = ""
+    #: Settings of the volume (VolumeModelSealed: compressed and encrypted).
+    volume_options: dict = {}
+    secret = None
+
+    def before_create(self) -> None:
+        pass
 
     @initialize()
     def setup(self):
         import tempfile
 
         self.tmp = tempfile.mkdtemp(prefix="lsbd-model-")
-        self.store = open_store(f"file://{self.tmp}/store")
+        self.store = open_store(f"file://{self.tmp}/store", secret=self.secret)
         self.cache = f"{self.tmp}/cache"
+        self.before_create()
         # Tiny segments so that sealing, uploads and checkpoints happen often.
         create_volume(self.store, "m", SIZE, segment_size=16 * 1024, seal_interval=3600,
-                      checkpoint_segments=5, retain_seconds=0)
+                      checkpoint_segments=5, retain_seconds=0, **self.volume_options)
         self.clone_states: dict[str, bytes] = {}
         self.vol = Volume.open(self.store, "m", cache_root=self.cache)
         self.model = bytearray(SIZE)
@@ -292,3 +299,32 @@ VolumeModelRanges.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelRanges = VolumeModelRanges.TestCase
+
+
+class VolumeModelSealed(VolumeModel):
+    """The same model on a compressed, encrypted volume: every segment and
+    checkpoint goes through lsbd/crypto's sealing."""
+
+    volume_options = {"compression": "zstd:1", "encryption": "aes-256-gcm"}
+
+    @staticmethod
+    def secret(_volume: str):
+        from lsbd.crypto.keyring import PASSPHRASE, Secret
+
+        return Secret(PASSPHRASE, b"model passphrase")
+
+    def before_create(self) -> None:
+        from lsbd.crypto import keyring as kr
+        from lsbd.crypto import keystore
+        from lsbd.crypto.aead import Argon2Params, random_bytes
+
+        keystore.save(self.store.inner, "m", kr.new_keyring(
+            random_bytes(16), self.secret("m"),
+            params=Argon2Params(memory_kib=64, iterations=1, lanes=1)))
+
+
+VolumeModelSealed.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TestVolumeModelSealed = VolumeModelSealed.TestCase
