@@ -19,10 +19,11 @@ MARK = b"PLAINTEXT-MARKER-"
 
 
 class Env:
-    def __init__(self, root):
+    def __init__(self, root, url: str | None = None):
         self.root = root
         self.store = root / "store"
         self.cache = root / "cache"
+        self.url = url or f"file://{self.store}"
 
     def run(self, *args: str, passphrase: str | None = "hunter2 is long",
             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -31,7 +32,7 @@ class Env:
             environ["LSBD_PASSPHRASE"] = passphrase
         environ.update(env or {})
         result = subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--store",
-                                 f"file://{self.store}", "--cache-dir", str(self.cache), *args],
+                                 self.url, "--cache-dir", str(self.cache), *args],
                                 capture_output=True, text=True, timeout=180, env=environ,
                                 stdin=subprocess.DEVNULL)
         if check and result.returncode != 0:
@@ -310,3 +311,26 @@ def test_fuse_mount_of_an_encrypted_volume(tmp_path, monkeypatch):
                     assert MARK not in fh.read(), f
     finally:
         fenv.cleanup()
+
+
+def test_round_trip_on_s3(tmp_path, s3_bucket):
+    from lsbd.store import open_store
+
+    env = Env(tmp_path, f"s3://{s3_bucket}/lsbd-test")
+    data = image(tmp_path / "in.img", 2 * MiB)
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    env.run("import", "v", str(tmp_path / "in.img"))
+    env.run("snapshot", "create", "v", "s")
+    env.run("--cache-dir", str(tmp_path / "fresh"), "export", "v", str(tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes()[:len(data)] == data
+    assert env.run("--cache-dir", str(tmp_path / "fresh2"), "verify", "v").returncode == 0
+    one_line_error(env.run("export", "v", str(tmp_path / "x.img"), passphrase="nope",
+                           check=False), "wrong passphrase")
+    raw = open_store(env.url, endpoint_url=os.environ["AWS_ENDPOINT_URL"], seal=False)
+    try:
+        keys = [info.key for info in raw.list("")]
+        assert any("/seg/" in k for k in keys)
+        for key in keys:
+            assert MARK not in raw.get(key), key
+    finally:
+        raw.close()
