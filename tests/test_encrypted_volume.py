@@ -334,3 +334,26 @@ def test_round_trip_on_s3(tmp_path, s3_bucket):
             assert MARK not in raw.get(key), key
     finally:
         raw.close()
+
+
+def test_compaction_defrag_and_points_in_time_on_an_encrypted_volume(env, tmp_path):
+    env.run("create", "v", "--size", "4M", "--encrypt", "--retain", "0")
+    states = []
+    for seed in range(3):
+        states.append(image(tmp_path / f"in{seed}.img", 1 * MiB, seed=seed))
+        env.run("import", "v", str(tmp_path / f"in{seed}.img"))
+        if seed == 1:
+            env.run("snapshot", "create", "v", "mid")
+    before = sum(len(c) for k, c in env.objects().items() if "/seg/" in k)
+    report = json.loads(env.run("compact", "v", "--json").stdout)
+    assert report["segments_deleted"] >= 1
+    after = sum(len(c) for k, c in env.objects().items() if "/seg/" in k)
+    assert after < before
+    env.run("compact", "v", "--defrag")
+    env.run("--cache-dir", str(tmp_path / "fresh"), "export", "v", str(tmp_path / "now.img"))
+    assert (tmp_path / "now.img").read_bytes()[:1 * MiB] == states[2]
+    env.run("export", "v", "--snapshot", "mid", str(tmp_path / "mid.img"))
+    assert (tmp_path / "mid.img").read_bytes()[:1 * MiB] == states[1]
+    assert env.run("--cache-dir", str(tmp_path / "fresh2"), "verify", "v").returncode == 0
+    for key, content in env.objects().items():
+        assert MARK not in content, key
