@@ -259,13 +259,13 @@ class Volume:
         if ours:
             top = max(ours)
             info = m.segment(top)
-            if info is not None and info.trailer_crc and info.size >= TRAILER.size:
+            if info is not None and info.trailer_crc:
                 from lsbd.checksum import masked_crc
 
-                # The map's size is the segment's own (a listing's is what
-                # the store holds): an explicit range, which every S3 honours.
-                tail = self.store.get(names.segment_key(self.name, top),
-                                      info.size - TRAILER.size, TRAILER.size)
+                # A suffix range, checked by the store (lsbd.store.s3): the
+                # map's size of a segment rebuilt from a listing is what the
+                # store holds, not the segment's own once a wrapper seals it.
+                tail = self.store.get(names.segment_key(self.name, top), -TRAILER.size)
                 if masked_crc(tail) != info.trailer_crc:
                     raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
         self._applied = applied
