@@ -346,12 +346,16 @@ def test_open_store_builds_the_right_stores(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    from lsbd.crypto.store import SealingStore
+
+    # The chain: sealing (compression, encryption) over retries over the backend.
     store = open_store(f"file://{tmp_path}/st")
-    assert isinstance(store, RetryingStore) and isinstance(store.inner, LocalStore)
+    assert isinstance(store, SealingStore) and isinstance(store.inner, RetryingStore)
+    assert isinstance(store.inner.inner, LocalStore)
     assert store.url == f"file://{tmp_path}/st"
-    plain = open_store(str(tmp_path / "plain"), retry=False)
+    plain = open_store(str(tmp_path / "plain"), retry=False, seal=False)
     assert isinstance(plain, LocalStore)
-    s3 = open_store("s3://bkt/pre/fix/", endpoint_url="http://127.0.0.1:1")
+    s3 = open_store("s3://bkt/pre/fix/", endpoint_url="http://127.0.0.1:1", seal=False)
     assert isinstance(s3.inner, S3Store)
     assert (s3.inner.bucket, s3.inner.prefix, s3.url) == ("bkt", "pre/fix/", "s3://bkt/pre/fix")
     assert s3.inner.endpoint_url == "http://127.0.0.1:1"
