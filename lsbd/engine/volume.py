@@ -25,11 +25,12 @@ from lsbd.names import cache_dir_for
 from lsbd.checksum import crc32c_of
 from lsbd.segments import checkpoints as ckpt
 from lsbd.engine.api import MAX_REQUEST, Allocation
-from lsbd.map.blockmap import PENDING, STORED, BlockMap, SegmentInfo
+from lsbd.map.blockmap import PENDING, STORED, BlockMap, Extent, SegmentInfo
 from lsbd.meta.config import FLUSH_MODES, Lineage, VolumeConfig, load_config
 from lsbd.engine.control import ControlServer
 from lsbd.engine.control import socket_path as control_socket_path
 from lsbd.engine.deltas import delta_base, delta_entries, segment_records
+from lsbd.engine.readdefrag import ReadDefrag, scattered
 from lsbd.segments.journal import OpenSegment
 from lsbd.meta.lease import Lease
 from lsbd.engine.readahead import ReadAhead
@@ -160,6 +161,7 @@ class Volume:
         self._closed = False
         self._uploader: Uploader | None = None
         self._stop = threading.Event()
+        self._read_defrag: ReadDefrag | None = None   # writers only
         self._timer: threading.Thread | None = None
         self._zero_block = bytes(self.block_size)
         self._zero_crc = crc32c_of(self._zero_block)
@@ -384,6 +386,7 @@ class Volume:
         self._sealer = threading.Thread(target=self._seal_loop, name=f"lsbd-{self.name}-sealer",
                                         daemon=True)
         self._sealer.start()
+        self._read_defrag = ReadDefrag(self.relocate_loaded, name=self.name)
         self._control = ControlServer(self, control_socket_path(self.folder))
 
     # ------------------------------------------------------------------ the API
@@ -418,10 +421,25 @@ class Volume:
             self._check_open()
             runs = self._plan(first, last - first)
         data = self._read_runs(runs, nowait, sequential)
+        if self._read_defrag is not None and scattered(runs, bs):
+            self._offer_defrag(runs, data)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += length
         start = offset - first * bs
         return data[start:start + length] if (start or len(data) != length) else data
+
+    def _offer_defrag(self, runs: list[tuple], data: bytes) -> None:
+        """Hand the sealed pieces of a scattered read to the read-directed
+        defragmenter (lsbd.engine.readdefrag), with the bytes just read."""
+        bs = self.block_size
+        view = memoryview(data)
+        loaded = []
+        pos = 0
+        for lba, n, source, off, crcs in runs:
+            if source is not None and crcs is None:
+                loaded.append((Extent(lba, n, source, off), view[pos:pos + n * bs]))
+            pos += n * bs
+        self._read_defrag.offer(loaded, len(data))
 
     def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
         """Bring the segments holding [offset, offset+length) into the local
@@ -585,6 +603,9 @@ class Volume:
         if self._closed:
             return
         try:
+            if self._read_defrag is not None:
+                self._read_defrag.close()   # before the last seal: it appends to the open segment
+                self._read_defrag = None
             if not self.read_only and self._failed is None:
                 with self._lock:
                     self._seal()
@@ -650,6 +671,9 @@ class Volume:
 
     def _teardown(self) -> None:
         self._stop.set()
+        if self._read_defrag is not None:
+            self._read_defrag.close()
+            self._read_defrag = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -1169,6 +1193,7 @@ class Volume:
             "segments": len(infos), "segment_bytes": sum(i.size for i in infos),
             "live_bytes": sum(i.live_blocks for i in infos) * self.block_size,
             "extents": self._map.extent_count(), "map": self._map.map_stats(),
+            "read_defrag_bytes": self._read_defrag.moved if self._read_defrag else 0,
             "last_checkpoint": self._last_checkpoint,
             "flush_mode": self.flush_mode,
         }
@@ -1216,8 +1241,12 @@ class Volume:
         if the map still points where the extent says (a newer write wins).
         Blocks that follow each other become one record, so scattered small
         extents come out as one extent.  Returns bytes moved."""
-        bs = self.block_size
         loaded = [(e, self._files.read_blocks(e.seq, e.offset, e.nblocks)) for e in extents]
+        return self.relocate_loaded(loaded)
+
+    def relocate_loaded(self, loaded: list[tuple]) -> int:
+        """relocate() of extents whose bytes were read already: [(extent, bytes)]."""
+        bs = self.block_size
         moved = 0
         with self._lock:
             self._check_writable()

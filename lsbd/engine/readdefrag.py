@@ -1,0 +1,111 @@
+"""Read-directed defragmentation: ranges that reads find scattered over many
+small pieces are written again, in block order, in the background.
+
+After random writes a sequential read of 1 MiB stitches up to 256 pieces
+from as many places, one read and one check each; the same read of blocks
+laid out in order is one read.  A read that found its blocks scattered
+hands the bytes it read to this worker, which appends them to the open
+segment as one record per run of blocks, each block only if the map still
+points where the read found it (Volume.relocate_loaded: a newer write
+wins).  Nothing is deleted here: the old copies stay until compaction
+finds them dead and the retention rules let it reclaim them, so the cost
+is space, bounded by what compaction reclaims, and the bytes written,
+bounded by RATE."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+#: A read qualifies when it is at least MIN_BYTES long and its blocks come
+#: from sealed segments in at least one piece per MAX_PIECE_BYTES on average.
+MIN_BYTES = 128 * 1024
+MAX_PIECE_BYTES = 16 * 1024
+#: Bytes of reads waiting to be written again; more are dropped (a later
+#: read of the same range asks again).
+QUEUE_BYTES = 64 << 20
+#: Bytes written again per second at most.
+RATE = 64 << 20
+
+
+def scattered(runs: list[tuple], block_size: int) -> bool:
+    """Whether a read plan (lba, n, source, offset, crcs) is worth laying
+    out again: long enough, and in many small pieces of sealed segments."""
+    blocks = sum(r[1] for r in runs)
+    if blocks * block_size < MIN_BYTES:
+        return False
+    pieces = sum(1 for r in runs if r[2] is not None and r[4] is None)
+    return pieces * MAX_PIECE_BYTES >= blocks * block_size
+
+
+class ReadDefrag:
+    """One background thread; `offer` is cheap and never blocks a read."""
+
+    def __init__(self, relocate, *, name: str):
+        self._relocate = relocate          # [(Extent-like, bytes)] -> bytes moved
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0
+        self._busy = False
+        self._cond = threading.Condition()
+        self._stop = False
+        self.moved = 0
+        self._thread = threading.Thread(target=self._run, name=f"lsbd-{name}-read-defrag",
+                                        daemon=True)
+        self._thread.start()
+
+    def offer(self, loaded: list[tuple], nbytes: int) -> bool:
+        """Queue pieces a read found scattered: [(extent, its bytes)]."""
+        with self._cond:
+            if self._stop or self._queued + nbytes > QUEUE_BYTES:
+                return False
+            self._queue.append((loaded, nbytes))
+            self._queued += nbytes
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                loaded, nbytes = self._queue.popleft()
+                self._queued -= nbytes
+                self._busy = True
+            started = time.monotonic()
+            try:
+                self.moved += self._relocate(loaded)
+            except Exception as e:  # noqa: BLE001 - an optimisation: never fail the volume
+                log.info("read-directed defragmentation skipped a range: %s", e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+            pause = nbytes / RATE - (time.monotonic() - started)
+            if pause > 0:
+                time.sleep(pause)
+
+    def drain(self, timeout: float = 60) -> bool:
+        """Wait until everything queued has been handled (tests)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._queued = 0
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)

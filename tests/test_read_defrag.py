@@ -1,0 +1,88 @@
+"""Read-directed defragmentation (lsbd/engine/readdefrag.py): a read that
+finds its blocks scattered gets them laid out in order in the background,
+without ever undoing a newer write."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all
+
+from lsbd.engine import readdefrag
+from lsbd.engine.volume import Volume
+from lsbd.map.blockmap import Extent
+from lsbd.meta.config import create_volume
+
+
+def test_which_reads_are_scattered():
+    sealed = [(i, 1, 7, i * BS, None) for i in range(64)]          # 64 pieces of 4 KiB
+    assert readdefrag.scattered(sealed, BS)
+    assert not readdefrag.scattered(sealed[:16], BS)               # 64 KiB: too short
+    assert not readdefrag.scattered([(0, 64, 7, 0, None)], BS)     # one piece
+    journal = [(i, 1, 7, i * BS, [0]) for i in range(64)]          # the open journal's
+    assert not readdefrag.scattered(journal, BS)
+    holes = [(i, 1, None, 0, None) for i in range(64)]
+    assert not readdefrag.scattered(holes, BS)
+
+
+@pytest.fixture
+def vol(tmp_path):
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, seal_interval=3600)
+    v = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    yield v
+    v.close()
+    store.close()
+
+
+def _scatter(vol, n: int = 256) -> bytes:
+    order = list(range(n))
+    random.Random(4).shuffle(order)
+    for tag, lba in enumerate(order):
+        vol.write(lba * BS, block(tag, lba))
+    vol._seal_and_wait()
+    # In reads too short to count as scattered.
+    return b"".join(vol.read(off, 16 * BS) for off in range(0, n * BS, 16 * BS))
+
+
+def test_a_scattered_read_is_laid_out_in_order(vol):
+    expected = _scatter(vol)
+    assert len(vol.map_extents(0, 256)) == 256
+    assert vol.read(0, 1 * MiB) == expected          # scattered: queued
+    assert vol._read_defrag.drain()
+    vol._seal_and_wait()
+    assert len(vol.map_extents(0, 256)) == 1         # one run, one extent
+    assert vol.read(0, 1 * MiB) == expected
+    assert vol.usage()["read_defrag_bytes"] == 1 * MiB
+    vol.close()
+    reopened = Volume.open(vol.store, "vol", cache_root=vol.cache_root)
+    try:
+        assert reopened.read(0, 1 * MiB) == expected
+    finally:
+        reopened.close()
+
+
+def test_a_newer_write_wins_over_a_late_relocation(vol):
+    vol._read_defrag.close()       # relocations by hand only
+    vol._read_defrag = None
+    _scatter(vol)
+    runs = vol.map_extents(0, 256)
+    loaded = [(Extent(e.lba, e.nblocks, e.seq, e.offset), vol.read(e.lba * BS, e.nblocks * BS))
+              for e in runs]
+    vol.write(5 * BS, blocks(999, 5, 3))             # after the read, before the relocation
+    vol._seal_and_wait()
+    expected = vol.read(0, 1 * MiB)
+    moved = vol.relocate_loaded(loaded)
+    assert moved == (256 - 3) * BS
+    vol._seal_and_wait()
+    assert vol.read(0, 1 * MiB) == expected
+    assert vol.read(5 * BS, 3 * BS) == blocks(999, 5, 3)
+
+
+def test_read_only_volumes_do_not_defragment(vol, tmp_path):
+    expected = _scatter(vol)
+    vol.flush_to_store()
+    with Volume.open(vol.store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as ro:
+        assert ro._read_defrag is None
+        assert read_all(ro)[:1 * MiB] == expected
