@@ -2,19 +2,22 @@
 
 The map changes only through segment records, so the map at seq S differs
 from the map at the previous checkpoint P only over the blocks that the
-records of segments P+1..S touched.  A delta is the map at S over exactly
-those ranges, holes included: laid over the map at P it gives the map at S
-(DESIGN: checkpoints are incremental).  It is built from the segments'
-indexes, one segment at a time, so memory is bounded by one index."""
+records of segments P+1..S touched, and over those blocks it is what the
+last record to touch each block says.  A delta is exactly that, holes
+included: laid over the map at P it gives the map at S (DESIGN: checkpoints
+are incremental).  It is built from the segments' indexes, one segment at
+a time, in a scratch map on the cache disk, so memory is bounded by one
+index."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Iterator
 
-from lsbd.format.segment import RESIZE, Record, read_sealed_index
-from lsbd.map.blockmap import Extent, MapSnapshot
+from lsbd.format.segment import Record, read_sealed_index
+from lsbd.map.blockmap import BlockMap, Extent
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound
@@ -23,15 +26,25 @@ from lsbd.store import Store
 log = logging.getLogger(__name__)
 
 
-def delta_entries(snap: MapSnapshot, records_of: Callable[[int], list[Record]], first: int,
-                  last: int) -> Iterator[Extent]:
-    """The map in `snap` (at seq `last`) over every range the records of
-    segments first..last touched, in the order of the records; holes are
-    entries of seq 0."""
-    for seq in range(first, last + 1):
-        for r in records_of(seq):
-            if r.kind != RESIZE and r.nblocks:
-                yield from snap.tile(r.lba, r.nblocks)
+@contextlib.contextmanager
+def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list[Record]],
+                  first: int, last: int) -> Iterator[Iterator[Extent]]:
+    """The entries of a delta over segments first..last: their records laid
+    one after the other over an empty scratch map in `folder` (holes as
+    extents of seq 0), then read back in block order.  Built from the
+    segments alone, so no snapshot of the live map is held meanwhile (a
+    long one keeps LMDB from reusing the pages the writer frees, and the map
+    file grows)."""
+    scratch = os.path.join(folder, "delta-scratch")   # one at a time: under the checkpoint lock
+    BlockMap.destroy(scratch)                          # what a crash left, if anything
+    bm = BlockMap(scratch, block_size, scratch=True)
+    try:
+        for seq in range(first, last + 1):
+            bm.overlay(seq, records_of(seq))
+        yield (e if e.seq else Extent(e.lba, e.nblocks, 0, 0) for e in bm.iter_extents())
+    finally:
+        bm.close()
+        BlockMap.destroy(scratch)
 
 
 def segment_records(store: Store, segment_key: Callable[[int], str], local_path: str,

@@ -1110,15 +1110,21 @@ class Volume:
                 prev = None if base else delta_base(self.store, self.name,
                                                     self.config.volume_id,
                                                     self._last_checkpoint, target)
-                entries = snap.extents() if prev is None else delta_entries(
-                    snap, lambda seq: segment_records(self.store, self.lineage.segment_key,
-                                                      self._files.path(seq), seq),
-                    prev.seq + 1, target)
-                ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
-                                      volume_size=snap.meta("size", self._size),
-                                      block_size=self.block_size, extents=entries,
-                                      segments=snap.segments(), top_crc=snap.meta("top_crc"),
-                                      delta_of=prev)
+                shape = dict(volume_size=snap.meta("size", self._size),
+                             block_size=self.block_size, top_crc=snap.meta("top_crc"))
+                if prev is None:
+                    ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
+                                          extents=snap.extents(), segments=snap.segments(),
+                                          **shape)
+                else:
+                    segments = snap.segments()
+            if prev is not None:
+                # A delta comes from the segments alone, with no snapshot held.
+                with delta_entries(self.folder, self.block_size, self._segment_records,
+                                   prev.seq + 1, target) as entries:
+                    ckpt.write_checkpoint(self.store, self.name, self.config.volume_id, target,
+                                          extents=entries, segments=segments, delta_of=prev,
+                                          **shape)
             self._last_checkpoint = target
             self._last_checkpoint_time = time.monotonic()
             self._map.set_meta(last_checkpoint=str(target).encode())
@@ -1137,6 +1143,9 @@ class Volume:
             if self._uploader is not None:
                 self._uploader.stop_for(e)
             raise
+
+    def _segment_records(self, seq: int):
+        return segment_records(self.store, self.lineage.segment_key, self._files.path(seq), seq)
 
     def _prune_checkpoints(self) -> None:
         """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""

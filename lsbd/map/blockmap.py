@@ -93,15 +93,16 @@ class SegmentInfo:
 
 
 class BlockMap:
-    def __init__(self, path: str, block_size: int):
+    def __init__(self, path: str, block_size: int, *, scratch: bool = False):
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.block_size = block_size
         # A large virtual map size costs nothing until used (sparse file).
         # metasync=False: a crash may undo the last commit (replay redoes it from
         # the journal files); data pages are still synced, so the map is never torn.
-        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=True, metasync=False,
-                              readahead=False, max_readers=512)
+        # scratch: a throwaway map (a delta being built), never synced.
+        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=not scratch,
+                              metasync=False, readahead=False, max_readers=512)
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")
@@ -371,6 +372,24 @@ class BlockMap:
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
 
+    def overlay(self, seq: int, records: Iterable[Record]) -> None:
+        """Lay one segment's records over the map, holes included: DATA as
+        extents of `seq`, ZERO and TRIM as extents of seq 0.  Used on a
+        scratch map that starts empty, it ends up holding exactly the
+        ranges the segments touched, as the live map has them (a delta
+        checkpoint).  Segment rows and live counts are left alone."""
+        ignored: dict[int, int] = defaultdict(int)
+        with self._writing() as txn:
+            cur = txn.cursor(db=self._extents)
+            for r in records:
+                if r.kind == RESIZE or not r.nblocks:
+                    continue
+                self._punch(txn, cur, r.lba, r.lba + r.nblocks, ignored)
+                if r.kind == DATA:
+                    txn.put(_k(r.lba), _v(r.nblocks, seq, r.data_offset), db=self._extents)
+                else:
+                    txn.put(_k(r.lba), _v(r.nblocks, 0, 0), db=self._extents)
+
     def apply_delta(self, entries: Iterable[Extent], batch: int = 1 << 18) -> None:
         """Lay a checkpoint delta over the map: each entry replaces what the
         map holds over its blocks (seq 0: a hole).  Live counts follow, for
@@ -421,22 +440,6 @@ class MapSnapshot:
 
     def extents(self) -> Iterator[Extent]:
         return _extents_of(self._txn, self._bm._extents)
-
-    def lookup(self, lba: int, nblocks: int) -> list[Extent]:
-        return _lookup(self._txn.cursor(db=self._bm._extents), lba, nblocks,
-                       self._bm.block_size)
-
-    def tile(self, lba: int, nblocks: int) -> Iterator[Extent]:
-        """[lba, lba+nblocks) as the map has it, every block covered: its
-        extents, and the holes between them as extents of seq 0."""
-        at = lba
-        for e in self.lookup(lba, nblocks):
-            if e.lba > at:
-                yield Extent(at, e.lba - at, 0, 0)
-            yield e
-            at = e.lba + e.nblocks
-        if at < lba + nblocks:
-            yield Extent(at, lba + nblocks - at, 0, 0)
 
     def segments(self) -> list[SegmentInfo]:
         return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
