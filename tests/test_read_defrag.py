@@ -86,3 +86,17 @@ def test_read_only_volumes_do_not_defragment(vol, tmp_path):
     with Volume.open(vol.store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as ro:
         assert ro._read_defrag is None
         assert read_all(ro)[:1 * MiB] == expected
+
+
+def test_a_volume_can_turn_it_off(tmp_path):
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "off", 16 * MiB, segment_size=256 * 1024, seal_interval=3600,
+                  read_defrag=False)
+    with Volume.open(store, "off", cache_root=str(tmp_path / "cache")) as v:
+        assert v._read_defrag is None
+        expected = _scatter(v)
+        assert v.read(0, 1 * MiB) == expected
+        v._seal_and_wait()
+        assert len(v.map_extents(0, 256)) == 256
+        assert v.usage()["read_defrag_bytes"] == 0
+    store.close()

@@ -386,7 +386,8 @@ class Volume:
         self._sealer = threading.Thread(target=self._seal_loop, name=f"lsbd-{self.name}-sealer",
                                         daemon=True)
         self._sealer.start()
-        self._read_defrag = ReadDefrag(self.relocate_loaded, name=self.name)
+        if self.config.read_defrag:
+            self._read_defrag = ReadDefrag(self.relocate_loaded, name=self.name)
         self._control = ControlServer(self, control_socket_path(self.folder))
 
     # ------------------------------------------------------------------ the API

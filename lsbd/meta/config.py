@@ -39,6 +39,10 @@ class VolumeConfig:
     checkpoint_segments: int = 64       # checkpoint after this many new segments ...
     checkpoint_interval: float = 600.0  # ... or this many seconds, whichever first
     retain_seconds: float = 86400.0
+    # Ranges that reads find scattered are written again in order, in the
+    # background (lsbd/engine/readdefrag.py); the old copies cost space
+    # until compaction may reclaim them.
+    read_defrag: bool = True
     # A clone: {"volume": name, "volume_id": id, "seq": N}.  Seqs up to N are
     # the parent's segments (shared, never copied); the clone's own start at N+1.
     parent: dict | None = None
