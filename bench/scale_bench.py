@@ -155,14 +155,14 @@ def dir_bytes(path: str) -> int:
 class Lsbd:
     """One `lsbd serve` of the bench volume; restartable with a new cache dir."""
 
-    def __init__(self, workdir: str, volume_size: int):
+    def __init__(self, workdir: str, volume_size: int, create_args: list[str]):
         self.workdir = workdir
         self.store_dir = os.path.join(workdir, "store")
         self.cache = os.path.join(workdir, "cache")
         self.sock = os.path.join(workdir, "lsbd.sock")
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(workdir, "lsbd.log"), "a")
-        sh(*self.base(), "create", "bench", "--size", str(volume_size))
+        sh(*self.base(), "create", "bench", "--size", str(volume_size), *create_args)
 
     def base(self) -> list[str]:
         return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store_dir}",
@@ -203,8 +203,10 @@ class Lsbd:
         raise RuntimeError("no control socket in the cache dir")
 
     def map_file(self) -> int:
+        """The block map's LMDB file (map/data.mdb; not a scratch map of a
+        delta being built)."""
         for dirpath, _dirs, files in os.walk(self.cache):
-            if "data.mdb" in files:
+            if os.path.basename(dirpath) == "map" and "data.mdb" in files:
                 return os.path.getsize(os.path.join(dirpath, "data.mdb"))
         return 0
 
@@ -257,12 +259,14 @@ def run(args) -> dict:
     round_size = min(parse_size(args.round), writes)
     region = parse_size(args.region)
     out: dict = {"volume_size": volume_size, "writes": writes, "round": round_size,
+                 "create": args.create,
                  "region": region, "loadavg_start": os.getloadavg()}
     workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
-    print(f"volume {human(volume_size)}, {human(writes)} of random 4 KiB writes in rounds of "
+    print(f"volume {human(volume_size)} (lsbd create {args.create or 'defaults'}), "
+          f"{human(writes)} of random 4 KiB writes in rounds of "
           f"{human(round_size)}, region {human(region)}; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    lsbd = Lsbd(workdir, volume_size)
+    lsbd = Lsbd(workdir, volume_size, args.create.split())
     try:
         drop_page_cache()
         lsbd.start()
@@ -388,6 +392,8 @@ def main() -> int:
                     help="region filled, fragmented and read sequentially (default 1G)")
     ap.add_argument("--runtime", type=int, default=10, help="seconds per read job (default 10)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the temporary directory goes")
+    ap.add_argument("--create", default="", metavar="ARGS",
+                    help="more arguments for lsbd create, e.g. '--compress none'")
     ap.add_argument("--skip-nbdkit", action="store_true", help="no nbdkit comparison")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
