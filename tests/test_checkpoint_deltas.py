@@ -247,3 +247,41 @@ def test_golden_delta_bytes(store):
                                              "delta_entries", "extents")} == {
         "format": 2, "prev": 8, "base": 8, "chain": 1, "delta_entries": 2, "extents": 2}
     assert list(ckpt.read_extents(store, m)) == [Extent(0x2a, 1, 9, 0x58), Extent(0x30, 4, 0, 0)]
+
+
+def test_overlay_matches_a_block_model():
+    """The one-pass merge that opens a chain, against block-by-block
+    application of random layers (holes included)."""
+    from lsbd.engine.deltas import overlay
+
+    rng = random.Random(21)
+    for _ in range(300):
+        n_blocks = rng.randint(1, 60)
+        layers = []
+        for layer in range(rng.randint(1, 4)):
+            entries, at = [], 0
+            while at < n_blocks:
+                at += rng.randint(0, 5)
+                if at >= n_blocks:
+                    break
+                n = rng.randint(1, min(8, n_blocks - at))
+                seq = 0 if rng.random() < 0.3 else layer * 100 + at + 1
+                entries.append((at, n, seq, 1000 * seq if seq else 0))
+                at += n
+            layers.append(entries)
+        model: dict[int, tuple[int, int]] = {}
+        for entries in layers:
+            for lba, n, seq, off in entries:
+                for i in range(n):
+                    model[lba + i] = (seq, off + i * BS)
+        merged = layers[0]
+        for entries in layers[1:]:
+            merged = list(overlay(merged, entries, BS))
+        got: dict[int, tuple[int, int]] = {}
+        last_end = -1
+        for lba, n, seq, off in merged:
+            assert lba >= last_end and n > 0
+            last_end = lba + n
+            for i in range(n):
+                got[lba + i] = (seq, off + i * BS)
+        assert {k: v for k, v in got.items() if v[0]} == {k: v for k, v in model.items() if v[0]}

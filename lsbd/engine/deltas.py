@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from lsbd.format.segment import Record, read_sealed_index
 from lsbd.map.blockmap import BlockMap, Extent
@@ -75,3 +75,34 @@ def delta_base(store: Store, volume: str, volume_id: str, prev: int,
         log.info("volume %s: writing a base checkpoint (%s)", volume, e)
         return None
     return manifest if ckpt.choose_kind(manifest, chain[0]) else None
+
+
+def overlay(under: Iterable[tuple], over: Iterable[tuple], block_size: int) -> Iterator[tuple]:
+    """Lay `over` on `under`: both (lba, nblocks, seq, offset) sorted by lba
+    and not overlapping; the result is too, with every entry of `over` and
+    the parts of `under` it does not cover.  Holes (seq 0) pass through as
+    entries, so overlays chain (a base, then each delta); drop them at the
+    end.  Pure and streaming: how a chain is opened in one pass."""
+    under_it, over_it = iter(under), iter(over)
+    u = next(under_it, None)
+    o = next(over_it, None)
+    while u is not None or o is not None:
+        if o is None or (u is not None and u[0] < o[0]):
+            ul, un, us, uoff = u
+            limit = ul + un if o is None else o[0]
+            if ul + un <= limit:
+                yield u
+                u = next(under_it, None)
+            else:          # the part before `o`; `o` cuts the rest below
+                yield (ul, limit - ul, us, uoff)
+                u = (limit, ul + un - limit, us, uoff + (limit - ul) * block_size)
+        else:
+            end = o[0] + o[1]
+            yield o
+            while u is not None and u[0] < end:
+                ul, un, us, uoff = u
+                if ul + un <= end:
+                    u = next(under_it, None)
+                else:
+                    u = (end, ul + un - end, us, uoff + (end - ul) * block_size)
+            o = next(over_it, None)

@@ -13,6 +13,7 @@ from typing import Iterable
 import attrs
 
 from lsbd import names
+from lsbd.engine.deltas import overlay
 from lsbd.segments import checkpoints as ckpt
 from lsbd.map.blockmap import STORED, BlockMap
 from lsbd.meta.config import Lineage, VolumeConfig
@@ -84,10 +85,11 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
     if len(chain) == 1:
         bm.load(ckpt.read_extents(store, manifest), segments, **meta)
         return
-    bm.load(ckpt.read_extents(store, chain[0]), segments)
+    # One pass: the base with each delta laid over it as they stream.
+    merged: Iterable[tuple] = ckpt.read_extents(store, chain[0])
     for delta in chain[1:]:
-        bm.apply_delta(ckpt.read_extents(store, delta))
-    bm.set_meta(**meta)
+        merged = overlay(merged, ckpt.read_extents(store, delta), bm.block_size)
+    bm.load((e for e in merged if e[2]), segments, **meta)
 
 
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
@@ -155,6 +157,14 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
         raise PointUnavailable(f"volume {volume}: seq {upto} can no longer be rebuilt (the "
                                f"history reaches {plan.top}; later or reclaimed segments are "
                                "missing)")
+    if upto is not None and manifest is not None:
+        # A checkpoint kept only because a later delta lies over it is no
+        # kept point: compaction may have deleted segments its map uses.
+        gone = {seq for seq in bm.referenced_seqs()
+                if seq not in stored and seq > config.base_seq}
+        if gone:
+            raise PointUnavailable(f"volume {volume}: seq {upto} can no longer be rebuilt "
+                                   f"(compaction reclaimed {len(gone)} of the segments it uses)")
     return plan, size
 
 

@@ -390,34 +390,13 @@ class BlockMap:
                 else:
                     txn.put(_k(r.lba), _v(r.nblocks, 0, 0), db=self._extents)
 
-    def apply_delta(self, entries: Iterable[Extent], batch: int = 1 << 18) -> None:
-        """Lay a checkpoint delta over the map: each entry replaces what the
-        map holds over its blocks (seq 0: a hole).  Live counts follow, for
-        the segments the map has rows for.  In transactions of `batch`
-        entries, so memory stays bounded: a crash half way leaves a map that
-        recovery does not trust (its volume id is written last)."""
-        it = iter(entries)
-        while True:
-            live_delta: dict[int, int] = defaultdict(int)
-            done = 0
-            with self._writing() as txn:
-                cur = txn.cursor(db=self._extents)
-                for e in it:
-                    self._punch(txn, cur, e.lba, e.lba + e.nblocks, live_delta)
-                    if e.seq:
-                        txn.put(_k(e.lba), _v(e.nblocks, e.seq, e.offset), db=self._extents)
-                        live_delta[e.seq] += e.nblocks
-                    done += 1
-                    if done >= batch:
-                        break
-                for seq, delta in live_delta.items():
-                    raw = txn.get(_KEY.pack(seq), db=self._segments)
-                    if raw is not None:
-                        info = SegmentInfo.unpack(seq, raw)
-                        info.live_blocks = max(0, info.live_blocks + delta)
-                        txn.put(_KEY.pack(seq), info.pack(), db=self._segments)
-            if done < batch:
-                return
+    def referenced_seqs(self) -> set[int]:
+        """Every seq the map's extents point into (one pass over the map)."""
+        seqs: set[int] = set()
+        with self._env.begin(db=self._extents) as txn:
+            for value in txn.cursor().iternext(keys=False, values=True):
+                seqs.add(_unv(value)[1])
+        return seqs
 
     def live_blocks_by_seq(self) -> dict[int, int]:
         live: dict[int, int] = defaultdict(int)
