@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import math
 
-from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
 from lsbd.cli.points import add_point_args, resolve_args
-from lsbd.segments.checkpoints import list_checkpoints
-from lsbd.meta.config import load_config, save_config
-from lsbd.history.restore import changed_between, create_clone, restore_volume
-from lsbd.plans.restore import format_time, plan_restore
-from lsbd.segments.remote import store_segment_seqs
-from lsbd.errors import UserError, VolumeExists
-from lsbd.history.points import resolve_word
+from lsbd.errors import UserError
+from lsbd.history.points import plan_restore_to, resolve_word
 from lsbd.history.report import log_rows, newest_seq
+from lsbd.history.restore import changed_between, create_clone, restore_volume
+from lsbd.meta.config import load_config, save_config
+from lsbd.plans.restore import format_time
 from lsbd.service.writer import ask_writer, run_on_writer_or_lease
 
 
@@ -130,12 +127,7 @@ def run_restore(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
     target = resolve_args(store, config, args)
-    plan = plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
-                        target, base=config.base_seq)
-    names.check_volume_name(args.to)
-    if store.exists(names.config_key(args.to)):
-        raise VolumeExists(f"volume {args.to!r} already exists: restore never overwrites; "
-                           "choose another name")
+    plan = plan_restore_to(store, config, target, args.to)
     if args.dry_run:
         if args.json:
             ui.print_json({"volume": args.volume, "to": args.to, "dry_run": True,

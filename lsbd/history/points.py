@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 
-from lsbd.segments.checkpoints import list_checkpoints
-from lsbd.meta.config import VolumeConfig
-from lsbd.plans.restore import BadPoint, parse_time, plan_restore, seq_at
-from lsbd.meta.snapshots import read_snapshot
-from lsbd.segments.remote import segment_times
-from lsbd.segments.remote import store_segment_seqs
-from lsbd.errors import UserError
+from lsbd.errors import UserError, VolumeExists
 from lsbd.history.report import newest_seq
+from lsbd.meta.config import VolumeConfig
+from lsbd.meta.snapshots import read_snapshot
+from lsbd.names import check_volume_name, config_key
+from lsbd.plans.restore import BadPoint, RestorePlan, parse_time, plan_restore, seq_at
+from lsbd.segments.checkpoints import list_checkpoints
+from lsbd.segments.remote import segment_times, store_segment_seqs
 from lsbd.store import Store
 
 
@@ -80,3 +80,17 @@ def resolve_word(store: Store, config: VolumeConfig, word: str) -> int:
     if word.startswith("@"):
         return resolve(store, config, at=word[1:])
     return resolve(store, config, snapshot=word)
+
+
+def plan_restore_to(store: Store, config: VolumeConfig, target: int, new_name: str
+                    ) -> RestorePlan:
+    """The plan to restore `config`'s state at `target` as volume `new_name`
+    (which checkpoint, which segments); refused when `new_name` exists:
+    restore never overwrites."""
+    check_volume_name(new_name)
+    plan = plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
+                        target, base=config.base_seq)
+    if store.exists(config_key(new_name)):
+        raise VolumeExists(f"volume {new_name!r} already exists: restore never overwrites; "
+                           "choose another name")
+    return plan
