@@ -181,9 +181,10 @@ def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: floa
         report.bytes_rewritten = plan.rewrite_bytes + report.bytes_defragmented
         report.segments_deleted = len(doomed)
         report.bytes_reclaimed = sum(stored[s] for s in doomed)
+        cps = ckpt.list_checkpoints(store, volume.name)
         report.checkpoints_deleted = len(deletable_checkpoints(
-            ckpt.list_checkpoints(store, volume.name), pinned=points, window=window,
-            live_checkpoint=top))
+            cps, pinned=points, window=window, live_checkpoint=top,
+            parents=ckpt.chain_parents(store, volume.name, cps)))
         report.stored_bytes_after = report.stored_bytes_before - report.bytes_reclaimed
         _explain(report, sizes, live, bs, window, pinned_refs, doomed)
         report.seconds = time.monotonic() - started
