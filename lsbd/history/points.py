@@ -5,7 +5,6 @@ seq:N, @TIME, or live.  A seq is written in decimal (20) or in hex marked
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 from lsbd.errors import UserError, VolumeExists
@@ -63,34 +62,14 @@ def resolve(store: Store, config: VolumeConfig, *, snapshot: str | None = None,
 
 def _recoverable(store: Store, config: VolumeConfig, seq: int) -> int:
     """`seq`, if its state can still be rebuilt (compaction may have removed
-    it): a checkpoint at or before it, every segment after that checkpoint,
-    and every segment that checkpoint's map uses.  A checkpoint can outlive
-    the segments its map uses (one kept as the base of a newer incremental
-    checkpoint), so the last is checked on the map itself."""
+    it): a checkpoint at or before it and every segment after that.  (A
+    checkpoint kept only under a newer incremental one may have lost the
+    segments its map uses: opening the point refuses that.)"""
     if seq <= config.base_seq:
         return seq
-    stored = store_segment_seqs(store, config.name)
-    plan = plan_restore(list_checkpoints(store, config.name), stored, seq, base=config.base_seq)
-    if plan.checkpoint is not None:
-        missing = _missing_segments(store, config, plan.checkpoint, stored)
-        if missing is not None:
-            raise BadPoint(f"seq {seq} can no longer be rebuilt: segment {missing} was "
-                           "reclaimed (outside the retention window, and no snapshot keeps it)")
+    plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
+                 seq, base=config.base_seq)
     return seq
-
-
-def _missing_segments(store: Store, config: VolumeConfig, checkpoint: int,
-                      stored: dict[int, int]) -> int | None:
-    """A segment of this volume that the map at `checkpoint` uses and the
-    store no longer has, or None (the map is read as the engine opens it)."""
-    from lsbd.engine.volume import Volume
-
-    with tempfile.TemporaryDirectory(prefix="lsbd-point-") as scratch, \
-            Volume.open(store, config.name, cache_root=scratch, at_seq=checkpoint) as past:
-        for extent in past.extents():
-            if extent.seq > config.base_seq and extent.seq not in stored:
-                return extent.seq
-    return None
 
 
 def resolve_word(store: Store, config: VolumeConfig, word: str) -> int:
