@@ -152,4 +152,5 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
             assert vol.read(lba * BS, BS) == blocks(tag, lba, 1)
         assert files._index_bytes <= 3 * one
         assert files._index_bytes == sum(i.nbytes for i in files._indexes.values())
-        assert 1 <= len(files._indexes) <= 3
+        # Something was let go: not every segment's index is still there.
+        assert 1 <= len(files._indexes) < len({seq for seq in range(1, vol.applied_seq + 1)})
