@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from powercut import PowerCut
+
 from lsbd.meta.config import create_volume
 from lsbd.history import compactor as compact_mod
 from lsbd.history.restore import create_clone, restore_volume
@@ -76,6 +78,8 @@ class VolumeModel(RuleBasedStateMachine):
         create_volume(self.store, "m", SIZE, segment_size=16 * 1024, seal_interval=3600,
                       checkpoint_segments=5, retain_seconds=0, **self.volume_options)
         self.clone_states: dict[str, bytes] = {}
+        # Syncs are seen by a double that drops everything else at a power cut.
+        self.power = PowerCut(self.cache).install()
         self.vol = Volume.open(self.store, "m", cache_root=self.cache)
         self.model = bytearray(SIZE)
         self.history = [bytes(self.model)]   # the state after each acknowledged transaction
@@ -85,8 +89,12 @@ class VolumeModel(RuleBasedStateMachine):
         self.clones = 0
 
     def teardown(self):
-        if getattr(self, "vol", None) is not None:
-            self.vol.close()
+        try:
+            if getattr(self, "vol", None) is not None:
+                self.vol.close()
+        finally:
+            if getattr(self, "power", None) is not None:
+                self.power.uninstall()
         shutil.rmtree(getattr(self, "tmp", "/nonexistent"), ignore_errors=True)
 
     def _apply(self, ops):
@@ -173,6 +181,23 @@ class VolumeModel(RuleBasedStateMachine):
         # Recovery sealed what it found: durable locally, in the store only if read from there.
         self.flushed = top
         self.in_store = top if lose_journal else min(self.in_store, top)
+
+    @rule()
+    def power_cut_and_reopen(self):
+        """The machine loses power: only what was synced stays in the cache
+        dir.  Every flushed transaction survives, the rest is a prefix."""
+        self.power.cut(self.vol.abandon)
+        self.vol = Volume.open(self.store, "m", cache_root=self.cache)
+        state = self.vol.read(0, SIZE)
+        matches = [i for i in range(self.flushed, len(self.history)) if self.history[i] == state]
+        assert matches, (f"after a power cut the volume is not the state after any prefix "
+                         f">= {self.flushed} (the last flush) of {len(self.history) - 1} "
+                         "transactions")
+        self.model = bytearray(state)
+        top = matches[-1]
+        self.history = self.history[:top + 1]
+        self.flushed = top       # recovery synced what it kept
+        self.in_store = min(self.in_store, top)
 
     @rule()
     def snapshot(self):

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import attrs
 
-from lsbd import names
+from lsbd import fileio, names
 from lsbd.engine.deltas import overlay
 from lsbd.segments import checkpoints as ckpt
 from lsbd.map.blockmap import STORED, BlockMap
@@ -193,6 +193,13 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         # hold the blocks its journal reserved past its end (journal.py).
         # Cutting it at its own size gives them back and changes no byte.
         os.truncate(path, os.path.getsize(path))
+        # Sealed by a process that crashed before syncing it: the map must
+        # not name it before it is durable.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fileio.fsync(fd)
+        finally:
+            os.close(fd)
         return sealed
     if os.path.getsize(path) < HEADER.size:
         # Cut before its header was whole: it never held a record.
@@ -231,7 +238,7 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         f.seek(end)
         f.write(footer + encode_trailer(trailer))
         f.flush()
-        os.fsync(f.fileno())
+        fileio.fsync(f.fileno())
     return trailer, records
 
 

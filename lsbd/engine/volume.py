@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from lsbd import names
+from lsbd import fileio, names
 from lsbd.names import cache_dir_for
 from lsbd.checksum import crc32c_of
 from lsbd.segments import checkpoints as ckpt
@@ -310,6 +310,10 @@ class Volume:
                 continue
             log.info("volume %s: replayed journal segment %016x (%d records)", self.name, seq,
                      len(records))
+            # A journal left by a crashed process may never have been synced,
+            # name included: recovery synced its data, the map must not
+            # name it before its name is durable too.
+            fileio.fsync_dir(os.path.dirname(path))
             self._apply_sealed(seq, trailer, records, state=PENDING)
             history_ends = not was_sealed
 

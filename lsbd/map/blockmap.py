@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, NamedTuple
 import attrs
 import lmdb
 
+from lsbd import fileio
 from lsbd.format.segment import DATA, RESIZE, Record
 
 _KEY = struct.Struct(">Q")           # segments database; format 1 extents
@@ -156,6 +157,7 @@ class BlockMap:
         try:
             with self._env.begin(write=True, db=db) as txn:
                 yield txn
+            fileio.map_committed(self.path, self._env)
         finally:
             self._drop_reader()
 

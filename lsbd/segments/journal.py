@@ -25,6 +25,7 @@ from lsbd.format.segment import (
     encode_trailer,
     masked_crc,
 )
+from lsbd import fileio
 from lsbd.linux import reserve, start_writeback
 from lsbd.plans.reads import HOLE, ranges_meeting
 
@@ -239,17 +240,13 @@ class OpenSegment:
             if self.dirty:
                 self.dirty = False   # before the sync: an append meanwhile stays dirty
                 try:
-                    os.fdatasync(self.fd)
+                    fileio.fdatasync(self.fd)
                 except BaseException:
                     self.dirty = True
                     raise
             if not self._dir_synced:
                 # A new file's name is durable only once its directory is synced.
-                fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fileio.fsync_dir(os.path.dirname(self.path))
                 self._dir_synced = True
 
     def seal(self, volume_size: int, prev_crc: int) -> Trailer:

@@ -7,6 +7,7 @@ caller waiting on durability can report it."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -94,9 +95,14 @@ class Uploader:
                 if self.fence is not None:
                     self.fence()
                 try:
-                    self.store.put_file(key, path, exclusive=True)
-                    if self._guarded:
-                        self._check_ours(key, path)
+                    if not os.path.exists(path) and self.store.exists(key):
+                        # Stored and evicted, but a power cut undid the map's
+                        # last commit (which said so): it is in the store.
+                        pass
+                    else:
+                        self.store.put_file(key, path, exclusive=True)
+                        if self._guarded:
+                            self._check_ours(key, path)
                 except ObjectExists:
                     # Ours from before a crash, or another writer's?
                     self._check_ours(key, path)
