@@ -14,8 +14,10 @@ The map is LMDB, opened with sync=True and metasync=False: a commit's
 data pages are synced before the commit returns, its meta page only at the
 next commit.  So a power cut may undo the last commit, never more, and
 never leaves the map torn (LMDB's copy-on-write keeps the previous tree
-intact).  map_committed() tells the double which state a cut may go back
-to."""
+intact).  Where the last commit must not be undone (the cache dir's
+identity after a rebuild: without it the next open distrusts the cache dir,
+journals included), the map is synced whole.  map_committed() tells the
+double which state a cut may go back to."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def map_committed(path: str, env) -> None:
+def map_committed(path: str, env, synced: bool = False) -> None:
     """The block map in folder `path` (an LMDB environment) committed a
-    write transaction.  Nothing to do here: LMDB syncs by its own flags."""
+    write transaction (synced: and then synced itself whole, env.sync).
+    Nothing to do here: LMDB syncs by its own flags."""

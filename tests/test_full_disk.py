@@ -115,3 +115,40 @@ def test_three_times_the_disk_through_nbd(small_disk, s3, monkeypatch):
             assert reader.read(i * MiB, MiB) == data, f"MiB {i} from the store"
     finally:
         reader.close()
+
+
+def test_three_times_the_disk_through_fuse(small_disk, tmp_path, monkeypatch):
+    """The same through a FUSE mount of the image file, fsyncing as it goes:
+    the store (file://, on another file system) takes what the disk cannot."""
+    from fuse_helpers import FuseEnv, require_fuse
+
+    require_fuse()
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    env = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
+    env.cache = small_disk
+    try:
+        env.lsbd("create", "vol", "--size", "256M", "--segment-size", "2M")
+        mnt = tmp_path / "mnt"
+        env.mount("vol", mnt)
+        image = mnt / "vol.img"
+        total = 3 * DISK // MiB
+        fd = os.open(image, os.O_RDWR)
+        try:
+            for i in range(total):
+                assert os.pwrite(fd, _chunk(5, i), i * MiB) == MiB
+                if i % 4 == 3:
+                    os.fsync(fd)
+            os.fsync(fd)
+            for i in range(total):
+                assert os.pread(fd, MiB, i * MiB) == _chunk(5, i), f"MiB {i}"
+        finally:
+            os.close(fd)
+        env.umount(mnt)
+    finally:
+        env.cleanup()
+    out = tmp_path / "out"
+    env.cache = str(tmp_path / "other-cache")
+    env.lsbd("export", "vol", out)
+    with open(out, "rb") as f:
+        for i in range(total):
+            assert f.read(MiB) == _chunk(5, i), f"MiB {i} from the store"

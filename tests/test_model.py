@@ -165,6 +165,7 @@ class VolumeModel(RuleBasedStateMachine):
         self.vol.abandon()
         if lose_journal:
             shutil.rmtree(self.cache)
+            self.power.settle()   # the disk is gone: nothing of it comes back
         self.vol = Volume.open(self.store, "m", cache_root=self.cache, break_lease=True)
         state = self.vol.read(0, SIZE)
         floor = self.in_store if lose_journal else self.flushed
@@ -244,6 +245,7 @@ class VolumeModel(RuleBasedStateMachine):
         # Reopened from the store alone, the clone is still its own.
         shutil.rmtree(f"{self.cache}/{clone}-" + self.vol.folder.rsplit("-", 1)[-1],
                       ignore_errors=True)
+        self.power.settle()
         with Volume.open(self.store, clone, cache_root=self.cache) as c:
             assert c.read(0, SIZE) == bytes(expected)
         self.clone_states[clone] = bytes(expected)

@@ -325,6 +325,9 @@ class Volume:
         self._map.set_meta(volume_id=self.config.volume_id.encode(),
                            store_url=self.store.url.encode(),
                            last_checkpoint=str(plan.base).encode())
+        # Durable before any journal is written: a map whose last commit (this
+        # identity) a power cut undid would be distrusted, journals and all.
+        self._map.sync()
 
     def _remove_orphans(self, stored: dict[int, int]) -> None:
         orphans = sorted(s for s in stored if s > self._applied)
