@@ -17,7 +17,7 @@ _reference = crcmod.predefined.mkCrcFun("crc-32c")
 try:
     from crc32c import crc32c as _fast
 except ImportError:  # pragma: no cover - exercised only without the package
-    _fast = None
+    _fast = None  # type: ignore[assignment]
 
 MASK_DELTA = _MASK_DELTA = 0xA282EAD8
 

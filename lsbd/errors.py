@@ -23,7 +23,7 @@ class StoreError(LsbdError, OSError):
         self.strerror = message
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class StoreNotFound(UserError, FileNotFoundError):
@@ -91,7 +91,7 @@ class CorruptionError(LsbdError, OSError):
         self.offset = offset
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class WouldBlock(LsbdError, BlockingIOError):

@@ -113,7 +113,7 @@ class Tree:
         key = parts[-1].encode()
         inode = parent.children.get(key)
         node = self.nodes.get(inode) if inode is not None else None
-        if not isinstance(node, File):
+        if inode is None or not isinstance(node, File):
             raise KeyError(path)
         del parent.children[key]
         del self.nodes[inode]

@@ -127,6 +127,7 @@ def run_restore(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
     target = resolve_args(store, config, args)
+    assert target is not None  # restore's parser requires a point
     plan = plan_restore_to(store, config, target, args.to)
     if args.dry_run:
         if args.json:

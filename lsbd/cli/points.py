@@ -36,7 +36,7 @@ def writer_options(args) -> dict:
     """Volume.open options from add_writer_args' flags."""
     from lsbd.meta.config import parse_size
 
-    options = {"auto_compact": True} if args.auto_compact else {}
+    options: dict[str, object] = {"auto_compact": True} if args.auto_compact else {}
     if args.cache_limit is not None:
         options["cache_limit"] = parse_size(args.cache_limit)
     return options

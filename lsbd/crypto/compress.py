@@ -56,7 +56,7 @@ class Compressor:
         """(codec, stored bytes): ZSTD when it saves at least 1/8, else RAW."""
         return _choose(data, self._ctx().compress(data))
 
-    def compress_many(self, chunks: list[bytes]) -> list[tuple[int, bytes]]:
+    def compress_many(self, chunks: list[bytes | bytearray | memoryview]) -> list[tuple[int, bytes]]:
         """compress() of each chunk, the chunks compressed in parallel."""
         if len(chunks) < 4 or THREADS == 1:
             return [self.compress(c) for c in chunks]

@@ -126,8 +126,9 @@ _LANES: dict[int, tuple[int, int, int]] = {}
 def _lanes(n: int) -> tuple[int, int, int]:
     lanes = _LANES.get(n)
     if lanes is None:
-        lanes = _LANES[n] = tuple(int.from_bytes(_LANE.pack(v) * n, "little")
-                                  for v in (0xFFFFFFFF, MASK_DELTA, 1 << 32))
+        ones, mask, carry = (int.from_bytes(_LANE.pack(v) * n, "little")
+                             for v in (0xFFFFFFFF, MASK_DELTA, 1 << 32))
+        lanes = _LANES[n] = (ones, mask, carry)
     return lanes
 
 

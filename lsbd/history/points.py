@@ -77,12 +77,15 @@ def resolve_word(store: Store, config: VolumeConfig, word: str) -> int:
     if word == "live":
         return newest_seq(store, config)
     if word.startswith("#"):
-        return resolve(store, config, seq=parse_seq(word[1:]))
-    if word.startswith("seq:"):
-        return resolve(store, config, seq=parse_seq(word[4:]))
-    if word.startswith("@"):
-        return resolve(store, config, at=word[1:])
-    return resolve(store, config, snapshot=word)
+        seq = resolve(store, config, seq=parse_seq(word[1:]))
+    elif word.startswith("seq:"):
+        seq = resolve(store, config, seq=parse_seq(word[4:]))
+    elif word.startswith("@"):
+        seq = resolve(store, config, at=word[1:])
+    else:
+        seq = resolve(store, config, snapshot=word)
+    assert seq is not None  # a point was named
+    return seq
 
 
 def plan_restore_to(store: Store, config: VolumeConfig, target: int, new_name: str

@@ -111,7 +111,7 @@ class BlockMap:
         # lookup_block's read transaction, kept between lookups (beginning one
         # costs about as much as the lookup) and dropped at every write.
         self._reader_lock = threading.Lock()
-        self._reader = None
+        self._reader: tuple | None = None  # a read transaction and its cursor, kept between lookups
 
     def _migrate(self) -> None:
         """Convert a map of format 1 (its `extents` database) into this

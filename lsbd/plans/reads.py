@@ -108,13 +108,14 @@ def lay_ranges(runs: list[tuple], ranges: list[tuple], seq: int, bs: int) -> lis
                 k += 1
             r = ranges[k] if k < len(ranges) and ranges[k][0] < end else None
             upto = end if r is None else max(pos, r[0])
-            if upto > pos:              # the run's own blocks before the next range
+            if r is None or upto > pos:              # the run's own blocks before the next range
                 i = pos - lba
                 out.append((pos, upto - pos, source, off + i * bs if source is not None else 0,
                             None if crcs is None else crcs[i:i + upto - pos]))
                 pos = upto
                 continue
             stop = min(end, r[1])
+            piece: tuple
             if r[2] == HOLE:
                 piece = (pos, stop - pos, None, 0, None)
             else:

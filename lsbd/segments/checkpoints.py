@@ -123,7 +123,7 @@ def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, vol
         return read_manifest(store, volume, seq)
     except (ObjectNotFound, CorruptionError):
         pass
-    parts = []
+    parts: list[tuple[str, int, int, int]] = []
 
     def flush_part(kind: int, entries: list[bytes]) -> None:
         key = names.checkpoint_part_key(volume, seq, len(parts))
@@ -175,7 +175,8 @@ def list_checkpoints(store: Store, volume: str) -> list[int]:
 def list_incomplete_checkpoints(store: Store, volume: str) -> list[int]:
     """Seqs with checkpoint parts but no manifest: an interrupted write, or a
     delete that removed the manifest first.  Never read; safe to delete."""
-    parts, manifests = set(), set()
+    parts: set[int] = set()
+    manifests: set[int] = set()
     for info in store.list(names.checkpoint_prefix(volume)):
         seq = names.parse_seq(info.key.rsplit("/", 2)[-2]) if info.key.count("/") >= 2 else None
         if seq is None:

@@ -452,8 +452,8 @@ class SegmentFiles:
                 except KeyError:
                     pass      # named below
             else:
-                expected = idx.crcs_for(offset, nblocks)
-                if expected is not None and array.array("I", raw_block_crcs(data, bs)) == expected:
+                run_crcs = idx.crcs_for(offset, nblocks)
+                if run_crcs is not None and array.array("I", raw_block_crcs(data, bs)) == run_crcs:
                     return  # the common case: one comparison for the whole run
         where = self.key_of(seq)
         if len(data) != nblocks * bs:

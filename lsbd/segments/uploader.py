@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection
 from typing import Callable
 
 from lsbd import names
@@ -36,6 +37,12 @@ def _at_thread_shutdown(call: Callable[[], object]) -> None:
         pass
 
 
+def _give_up_if_alive(ref: weakref.ReferenceType[Uploader]) -> None:
+    uploader = ref()
+    if uploader is not None:
+        uploader.give_up()
+
+
 class ForeignWriter(StoreError):
     """The store already holds a different object at our seq: someone else wrote."""
 
@@ -43,7 +50,7 @@ class ForeignWriter(StoreError):
 class Uploader:
     def __init__(self, store: Store, volume: str, path_of: Callable[[int], str],
                  on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0,
-                 already_stored: set[int] = frozenset(),
+                 already_stored: Collection[int] = frozenset(),
                  fence: Callable[[], None] | None = None):
         self.store = store
         # Called before every upload: raises LeaseLost once another writer
@@ -74,7 +81,7 @@ class Uploader:
         # Just before that, stop retrying (the segments stay in the cache
         # dir, and the next open uploads them).
         me = weakref.ref(self)
-        _at_thread_shutdown(lambda: (u := me()) is not None and u.give_up())
+        _at_thread_shutdown(lambda: _give_up_if_alive(me))
 
     def submit(self, seq: int) -> None:
         with self._cond:

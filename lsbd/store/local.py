@@ -23,7 +23,7 @@ class LocalStore(Store):
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot use {self.root} as a store: {e.strerror}", e.errno) from e
+            raise StoreError(f"cannot use {self.root} as a store: {e.strerror}", e.errno or errno.EIO) from e
 
     def _path(self, key: str) -> str:
         if not key or key.startswith("/") or ".." in key.split("/"):

@@ -92,7 +92,7 @@ class S3Store(Store):
                              or os.environ.get("AWS_ENDPOINT_URL") or None)
         self.checksums = checksums or _default_checksums(self.endpoint_url)
         config = botocore.config.Config(
-            request_checksum_calculation=self.checksums,
+            request_checksum_calculation=self.checksums,  # type: ignore[arg-type]
             max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,

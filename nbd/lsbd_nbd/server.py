@@ -161,7 +161,7 @@ class NBDServer:
                         except BlockingIOError:
                             pass
                         continue
-                    self._accept(key.fileobj)
+                    self._accept(key.fileobj)  # type: ignore[arg-type]  # only listeners are registered
         finally:
             self._serving.clear()
 
