@@ -25,6 +25,7 @@ from lsbd.meta.config import create_volume
 from lsbd.history.restore import create_clone
 from lsbd.meta.snapshots import delete_snapshot, list_snapshots
 from lsbd.segments.remote import store_segment_seqs
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 from lsbd.errors import LsbdError
@@ -740,15 +741,15 @@ def test_defrag_lays_scattered_ranges_out_in_order(tmp_path):
     store, vol, model = _scattered_volume(tmp_path, rng)
     try:
         vol.flush_to_store()
-        before = vol._map.extent_count()
+        before = testing.extent_count(vol)
         plan = vol.compact(dry_run=True, defrag=True)
         assert plan.windows_defragmented == 4 and segment_bytes(store, "v") > 0
-        assert vol._map.extent_count() == before, "a dry run changes nothing"
+        assert testing.extent_count(vol) == before, "a dry run changes nothing"
         report = vol.compact(threshold=0.6, defrag=True)
         assert report.windows_defragmented == 4
         assert report.bytes_defragmented == 4 * MiB - 16 * BS   # every block but the zeroed run
         assert report.bytes_rewritten >= report.bytes_defragmented
-        after = vol._map.extent_count()
+        after = testing.extent_count(vol)
         print(f"\n[defrag] extents {before} -> {after}")
         assert before > 400 and after <= 8, (before, after)
         assert vol.compact(defrag=True).windows_defragmented == 0, "nothing left to do"
@@ -798,5 +799,5 @@ def test_compact_defrag_from_the_cli(tmp_path):
     text = lsbd(url, tmp_path / "cache", "compact", "v", "--defrag").stdout
     assert "1 MiB ranges defragmented" in text
     with Volume.open(store, "v", cache_root=str(tmp_path / "cache")) as vol:
-        assert vol._map.extent_count() <= 8
+        assert testing.extent_count(vol) <= 8
         assert_reads(vol, bytes(model))

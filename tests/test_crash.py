@@ -23,6 +23,7 @@ from lsbd import names
 from lsbd.engine import volume as volume_mod
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import RECORD
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 from lsbd.segments import checkpoints as ckpt
@@ -268,8 +269,8 @@ def test_journal_file_cut_before_its_header_is_discarded(tmp_path, length):
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
     vol.write(0, b"a" * cw.BS)
     vol.flush()
-    vol._seal_and_wait()            # segment 1 is sealed ...
-    path = vol._files.path(vol.applied_seq + 1)
+    testing.seal_now(vol)            # segment 1 is sealed ...
+    path = testing.local_path(vol, vol.applied_seq + 1)
     vol.abandon()
     with open(path, "wb") as f:         # ... and segment 2's file was created, header not written
         f.write(b"LSBDSEG1\x01\x00"[:length])
@@ -290,21 +291,15 @@ def test_a_journal_after_one_cut_short_is_not_replayed(tmp_path, newer_sealed):
     create_volume(store, "vol", VOLUME_SIZE)
     cache = str(tmp_path / "cache")
     vol = Volume.open(store, "vol", cache_root=cache)
-    with vol._lock:                     # the sealer stops: nothing gets synced or mapped
-        vol._sealing_abandoned = True
-        vol._sealing_changed.notify_all()
-    vol._sealer.join(5)
+    testing.pause_sealer(vol)   # sealed segments stay queued: never synced or mapped
     a, b, c = (bytes([x]) * cw.BS for x in b"abc")
     vol.write(0, a)
     vol.write(cw.BS, b)
-    with vol._lock:
-        vol._seal()
-        older = vol._sealing[0]
+    older = testing.seal_queued(vol)
     vol.write(2 * cw.BS, c)
     if newer_sealed:
-        with vol._lock:
-            vol._seal()
-    newer_path = vol._files.path(older.seq + 1)
+        testing.seal_queued(vol)
+    newer_path = testing.local_path(vol, older.seq + 1)
     second = older.records[1]
     cut = second.data_offset - RECORD.size - 4 * second.nblocks
     vol.abandon()

@@ -9,7 +9,6 @@ import os
 import random
 import struct
 import threading
-import time
 import uuid
 
 import pytest
@@ -53,6 +52,7 @@ from lsbd.format.segment import (
     read_sealed_index,
     scan_records,
 )
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 from lsbd.errors import CorruptionError, InvalidRequest, ReadOnlyError, StoreError, WouldBlock
@@ -146,7 +146,7 @@ def test_nowait_calls_never_wait_for_the_store(make_volume, tmp_path):
     assert vol.read(8 * BS, 2, nowait=True) == blocks(3, 8, 1)[:2]
     assert vol.read(20 * BS, BS, nowait=True) == bytes(BS)  # a hole is local too
     vol.flush()
-    vol._seal_and_wait()                            # sealed: a local copy, read through the map
+    testing.seal_now(vol)                            # sealed: a local copy, read through the map
     assert vol.read(8 * BS + 5, 10, nowait=True) == b"y" * 10
     with pytest.raises(WouldBlock):
         vol.read(0, 9 * BS, nowait=True)            # partly remote is remote
@@ -161,7 +161,7 @@ def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch)
 
     vol = make_volume()
     vol.write(0, blocks(1, 0, 4))
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     assert vol.read(0, 4 * BS, nowait=True) == blocks(1, 0, 4)   # cached: done here
     cold_seen = []
     real_preadv = os.preadv
@@ -200,13 +200,13 @@ def test_segments_left_without_live_blocks_leave_the_page_cache(make_volume):
     its pages; the dropped one is still whole on disk."""
     vol = make_volume()
     vol.write(0, blocks(1, 0, 40))
-    first = vol._seal_and_wait()
+    first = testing.seal_now(vol)
     vol.write(40 * BS, blocks(2, 40, 40))
-    second = vol._seal_and_wait()
-    old = {1: vol._files.path(first), 2: vol._files.path(second)}
+    second = testing.seal_now(vol)
+    old = {1: testing.local_path(vol, first), 2: testing.local_path(vol, second)}
     assert all(_cached_fraction(p) == 1.0 for p in old.values())
     vol.write(0, blocks(3, 0, 70))          # all of segment 1, part of segment 2
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     infos = {i.seq: i for i in vol.segment_infos()}
     assert infos[first].live_blocks == 0 and infos[second].live_blocks == 10
     assert _cached_fraction(old[1]) < 0.5, "the empty segment's pages were dropped"
@@ -220,24 +220,19 @@ def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
     """Between sealing and the map update, a segment's blocks are read
     through its in-memory index, newest copy first, holes included."""
     vol = make_volume(segment_size=256 * 1024)
-    with vol._lock:                     # stop the sealer: sealed segments stay queued
-        vol._sealing_abandoned = True
-        vol._sealing_changed.notify_all()
-    vol._sealer.join(5)
+    testing.pause_sealer(vol)   # sealed segments stay queued: never synced or mapped
     vol.write(0, blocks(1, 0, 8))
-    with vol._lock:
-        vol._seal()
+    testing.seal_queued(vol)
     vol.write(2 * BS, blocks(2, 2, 2))
     vol.trim(4 * BS, BS)
-    with vol._lock:
-        vol._seal()
+    testing.seal_queued(vol)
     vol.write(3 * BS, blocks(3, 3, 1))     # the open segment
-    assert len(vol._sealing) == 2 and vol._map.extent_count() == 0
+    assert len(testing.sealing(vol)) == 2 and testing.extent_count(vol) == 0
     expect = blocks(1, 0, 2) + blocks(2, 2, 1) + blocks(3, 3, 1) + bytes(BS) + blocks(1, 5, 3)
     assert vol.read(0, 8 * BS) == expect
     assert vol.read(0, 8 * BS, nowait=True) == expect
     vol.flush()                            # syncs the queued journals itself
-    assert all(not seg.dirty for seg in vol._sealing)
+    assert all(not seg.dirty for seg in testing.sealing(vol))
     vol.abandon()
 
 
@@ -518,9 +513,7 @@ def test_a_failing_sync_stops_writes_and_loses_nothing(make_volume, store, tmp_p
             vol.write(16 * BS + i, data[i:i + 16 * BS])
         except StoreError:
             break
-    deadline = time.monotonic() + 10
-    while vol._failed is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert testing.wait_failed(vol)
     with pytest.raises(StoreError, match="stopped taking writes"):
         vol.write(100 * BS, block(3, 100))
     with pytest.raises(StoreError, match="stopped taking writes"):
@@ -562,7 +555,7 @@ def test_crash_in_the_middle_of_a_transaction_drops_it(make_volume, store, tmp_p
         txn.write(BS, block(2, 1))
         txn.write(2 * BS, block(2, 2))
         txn.write(3 * BS, block(2, 3))
-    journal = vol._open.path
+    journal = testing.journal(vol).path
     with open(journal, "rb") as f:
         f.seek(HEADER.size)
         found = list(scan_records(f, BS, HEADER.size, where="journal"))
@@ -709,19 +702,19 @@ def test_the_map_is_extent_based(make_volume, tmp_path):
     vol.write(0, data[:32 * MiB])
     vol.write(32 * MiB, data[32 * MiB:])
     vol.flush()
-    vol._seal_and_wait()
-    assert vol._map.extent_count() <= 2
+    testing.seal_now(vol)
+    assert testing.extent_count(vol) <= 2
     vol.write(10 * MiB, block(9, 2560))          # splits one extent in three
-    vol._seal_and_wait()
-    assert vol._map.extent_count() == 4
+    testing.seal_now(vol)
+    assert testing.extent_count(vol) == 4
     # A sequential write in 1 MiB requests: one extent per request, not per block.
     for off in range(64 * MiB, 128 * MiB, MiB):
         vol.write(off, data[off - 64 * MiB:off - 63 * MiB])
-    vol._seal_and_wait()
-    assert vol._map.extent_count() <= 4 + 64
+    testing.seal_now(vol)
+    assert testing.extent_count(vol) <= 4 + 64
     vol = _reopen(vol, tmp_path, lose_cache=True)   # loaded from the checkpoint
     try:
-        assert vol._map.extent_count() <= 4 + 64
+        assert testing.extent_count(vol) <= 4 + 64
         expect = bytearray(data)
         expect[10 * MiB:10 * MiB + BS] = block(9, 2560)
         assert vol.read(0, 32 * MiB) == expect[:32 * MiB]
@@ -920,20 +913,21 @@ def _can_preallocate(folder) -> bool:
 def test_a_journal_reserves_its_blocks_and_its_segment_gives_back_the_rest(make_volume):
     vol = make_volume(segment_size=4 * MiB)
     vol.write(0, blocks(1, 0, 2))
-    journal = vol._open.path
+    journal = testing.journal(vol).path
     if _can_preallocate(os.path.dirname(journal)):
         assert os.stat(journal).st_blocks * 512 >= 4 * MiB, "the journal's blocks are reserved"
     assert os.path.getsize(journal) < 64 * 1024, "without changing its size"
-    seq = vol._seal_and_wait()
-    sealed = vol._files.path(seq)
+    seq = testing.seal_now(vol)
+    sealed = testing.local_path(vol, seq)
     st = os.stat(sealed)
     assert st.st_blocks * 512 <= st.st_size + 64 * 1024, "the unused reservation is given back"
     assert vol.read(0, 2 * BS) == blocks(1, 0, 2)
     # A refused write (its edge block would wait) keeps the reservation.
     vol.write(8 * BS, blocks(2, 8, 1))
-    vol._open.rollback(vol._open.mark())
+    j = testing.journal(vol)
+    j.rollback(j.mark())
     if _can_preallocate(os.path.dirname(journal)):
-        assert os.stat(vol._open.path).st_blocks * 512 >= 4 * MiB
+        assert os.stat(testing.journal(vol).path).st_blocks * 512 >= 4 * MiB
 
 
 def test_sealed_segment_round_trip(tmp_path):
@@ -1044,12 +1038,9 @@ def test_write_many_does_all_or_nothing(make_volume):
             vol.write_many([(BS, block(2, 1)), bad])
     assert vol.read(BS, BS) == bytes(BS), "a refused batch wrote nothing"
     # The sealer far behind: nowait refuses the whole batch, having done nothing.
-    vol._sealing.extend([vol._open_segment()] * volume_mod.MAX_SEALING)
-    try:
+    with testing.sealer_far_behind(vol):
         with pytest.raises(WouldBlock):
             vol.write_many([(BS, block(2, 1))], nowait=True)
-    finally:
-        del vol._sealing[:]
     assert vol.read(BS, BS) == bytes(BS)
     vol.flush_to_store()
     reader = Volume.open(vol.store, "vol", cache_root=vol.cache_root, read_only=True)
@@ -1131,7 +1122,7 @@ def test_a_fetch_that_ends_after_close_leaves_the_cache_dir_alone(make_volume, t
     vol.write(0, blocks(1, 0, 4))
     vol = _reopen(vol, tmp_path, lose_cache=True)       # the segment is remote only
     seq = vol.applied_seq
-    files = vol._files
+    files = testing.local_files(vol)
     files.close()                                        # as at a close or a crash
     files._fetch_whole(seq)                              # the fetch ends after it
     assert not os.path.exists(files.path(seq))
@@ -1255,8 +1246,8 @@ def test_a_damaged_block_in_the_open_journal_is_named_not_returned(make_volume):
     data = blocks(1, 0, 64)
     vol.write(0, data)                       # a large record: a range in the index
     vol.write(100 * BS, block(2, 100))        # a small one: a block entry
-    rec_big, rec_small = vol._open.records
-    with open(vol._open.path, "r+b") as f:
+    rec_big, rec_small = testing.journal(vol).records
+    with open(testing.journal(vol).path, "r+b") as f:
         for bad in (rec_big.data_offset + 5 * BS + 17, rec_small.data_offset + 3):
             f.seek(bad)
             byte = f.read(1)
@@ -1323,6 +1314,7 @@ def test_recovery_gives_back_the_reservation_of_a_segment_sealed_before_a_crash(
 _EXIT_WITHOUT_CLOSE = """
 import sys, time
 from lsbd.meta.config import create_volume
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore
@@ -1333,11 +1325,11 @@ create_volume(store, "vol", 1 << 24)
 store.fail(op="put", key_prefix="volumes/vol/seg/", times=None)   # the store is down
 vol = Volume.open(store, "vol", cache_root=root + "/cache")
 vol.write(0, b"x" * 8192)
-vol._seal_and_wait()
+testing.seal_now(vol)
 deadline = time.monotonic() + 20
-while vol._uploader.last_error is None and time.monotonic() < deadline:
+while testing.upload_error(vol) is None and time.monotonic() < deadline:
     time.sleep(0.05)
-assert vol._uploader.last_error is not None, "the upload never failed"
+assert testing.upload_error(vol) is not None, "the upload never failed"
 print("exiting", flush=True)
 # No close(): the process just ends.
 """

@@ -469,7 +469,7 @@ def test_changed_ranges_on_real_maps(tmp_path):
     a = Volume.open(store, "vol", cache_root=str(tmp_path / "ra"), at_seq=old)
     b = Volume.open(store, "vol", cache_root=str(tmp_path / "rb"), at_seq=new)
     try:
-        out = list(changed_ranges(a._map.iter_extents(), b._map.iter_extents(), block_size=BS))
+        out = list(changed_ranges(a.extents(), b.extents(), block_size=BS))
     finally:
         a.close()
         b.close()

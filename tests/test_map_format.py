@@ -16,6 +16,7 @@ from lsbd.map import blockmap
 from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import DATA, TRIM, Record
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 
@@ -95,13 +96,13 @@ def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch)
         lba = rng.randrange(0, vol.size // BS - n)
         vol.write(lba * BS, blocks(tag, lba, n))
     vol.flush()
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     # What follows stays local: the store refuses it (a sealed segment
     # pending upload), then more writes sit in the open journal.
     real_put = store.put
     monkeypatch.setattr(store, "put", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
     vol.write(0, blocks(500, 0, 70))
-    vol._seal()
+    testing.seal_queued(vol)
     vol.write(3 * MiB, blocks(501, 768, 3))
     vol.flush()
     expected = read_all(vol)
@@ -112,7 +113,7 @@ def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch)
 
     vol = Volume.open(store, "vol", cache_root=cache, break_lease=True)
     try:
-        assert vol._map.get_meta("map_format") == b"2"
+        assert testing.map_meta(vol, "map_format") == b"2"
         assert read_all(vol) == expected
     finally:
         vol.close()

@@ -24,8 +24,8 @@ from engine_helpers import (
 from lsbd import names
 from lsbd.segments import checkpoints as ckpt
 from lsbd.engine import volume as volume_mod
-from lsbd.map.blockmap import STORED
 from lsbd.meta.config import create_volume
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 from lsbd.errors import StoreError
@@ -103,8 +103,7 @@ def test_recovery_from_checkpoint_plus_later_segments(store, tmp_path):
         time.sleep(0.05)
     cps = ckpt.list_checkpoints(store, "vol")
     assert cps, "no automatic checkpoint after many segments with checkpoint_segments=2"
-    vol._stop.set()  # no more automatic checkpoints: later segments must stay after it
-    vol._timer.join()
+    testing.stop_background(vol)  # no more automatic checkpoints: later segments stay after it
     _write_pattern(vol, rng, 1000, 10)
     vol.flush()           # flush mode 'store': the segments are in the store now
     expected = read_all(vol)
@@ -332,11 +331,8 @@ def test_reopen_after_out_of_order_uploads_tracks_durability(tmp_path, monkeypat
                    error=StoreError)
     for i in range(3):
         vol.write(i * BS, block(i + 1, i))
-        vol._seal_and_wait()
-    deadline = time.monotonic() + 10
-    while vol._map.segment(2).state != STORED and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert vol._map.segment(2).state == STORED
+        testing.seal_now(vol)
+    assert testing.wait_stored(vol, 2)
     vol.abandon()  # the crash
     store.heal()
 
