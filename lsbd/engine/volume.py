@@ -1291,8 +1291,8 @@ class Volume:
                 for j, (rkind, lba, n, data, crcs) in enumerate(records):
                     seg.append(rkind, lba, n, data=data, crcs=crcs, undo=mark[2],
                                commit=(j == len(records) - 1))
-            except BaseException:
-                seg.rollback(mark, failed=True)
+            except BaseException as e:
+                self._roll_back(seg, mark, e)
                 raise
             if seg.end >= self.config.segment_size:
                 self._seal()
