@@ -1295,7 +1295,7 @@ class Volume:
                 self._roll_back(seg, mark, e)
                 raise
             if seg.end >= self.config.segment_size:
-                self._seal()
+                self._seal_full()
         return moved
 
     def forget_segments(self, seqs) -> None:
