@@ -31,6 +31,7 @@ import time
 from collections import Counter
 
 from lsbd import names
+from lsbd.history.compactor import compact
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
 from lsbd.store.base import Store
@@ -112,7 +113,7 @@ def main() -> int:
     plan = json.loads(plan_text)
     endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
     store = KillingStore(open_store(url, endpoint_url=endpoint), volume, plan)
-    vol = Volume.open(store, volume, cache_root=cache_root, auto_compact=False)
+    vol = Volume.open(store, volume, cache_root=cache_root)
     print("R", flush=True)
     store.armed = True
     if plan["stage"] == "delay":
@@ -120,7 +121,7 @@ def main() -> int:
         timer.daemon = True
         timer.start()
     started = time.monotonic()
-    report = vol.compact(threshold=plan.get("threshold", 0.6))
+    report = compact(vol, threshold=plan.get("threshold", 0.6))
     seconds = time.monotonic() - started
     store.armed = False
     if plan["stage"] == "delay":

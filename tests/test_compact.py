@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lsbd import names
+from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
 from lsbd.meta.config import create_volume
 from lsbd.history.restore import create_clone
@@ -189,7 +190,7 @@ def test_snapshots_survive_compaction_then_reclaimed(store_url, tmp_path):
             if i < ROUNDS - 1:
                 snap = vol.snapshot(f"s{i}")
                 states[snap.name] = (snap.seq, bytes(model))
-        report = vol.compact(threshold=0.6)
+        report = compact(vol, threshold=0.6)
         assert report.bytes_reclaimed > 0  # the garbage of the last round goes
         assert read_all(vol) == model
     model = bytes(model)
@@ -212,7 +213,7 @@ def test_snapshots_survive_compaction_then_reclaimed(store_url, tmp_path):
 
     # Compacting again (nothing changed) keeps them too.
     with Volume.open(store, "v", cache_root=str(cache)) as vol:
-        vol.compact(threshold=1.0)
+        compact(vol, threshold=1.0)
     for name, (seq, state) in states.items():
         with Volume.open(store, "v", cache_root=str(cache), at_seq=seq) as past:
             assert read_all(past) == state, f"snapshot {name} changed after a second compaction"
@@ -307,7 +308,7 @@ def test_compaction_while_writing(store_url, tmp_path):
     @guard
     def compactor() -> None:
         while not stop.is_set():
-            r = vol.compact(threshold=1.0)
+            r = compact(vol, threshold=1.0)
             counts["compactions"] += 1
             counts["reclaimed"] += r.bytes_reclaimed
             counts["rewritten"] += r.bytes_rewritten
@@ -338,7 +339,7 @@ def test_compaction_while_writing(store_url, tmp_path):
         assert counts["compactions"] >= 3 and counts["writes"] > 100
         assert counts["reclaimed"] > 0
         assert read_all(vol) == model
-        final = vol.compact(threshold=1.0)
+        final = compact(vol, threshold=1.0)
         assert read_all(vol) == model
         report_figures("concurrent, final compaction", store, "v", max(live_bytes(model), 1))
         assert final.stored_bytes_after <= 1.5 * live_bytes(model) + 64 * 1024
@@ -480,7 +481,7 @@ def test_clone_survives_compaction_of_its_source(store_url, tmp_path):
     src_segments = set(store_segment_seqs(store, "src"))
     with Volume.open(store, "c", cache_root=str(cache)) as c:
         overwrite(c, clone_model, random.Random(11), span=size, amount=size // 4)
-        c.compact(threshold=1.0)
+        compact(c, threshold=1.0)
         assert read_all(c) == clone_model
     assert set(store_segment_seqs(store, "src")) == src_segments
     report_figures("clone's own segments after compaction", store, "c", live_bytes(clone_model))
@@ -504,7 +505,7 @@ def test_clone_of_a_compacted_volume(tmp_path):
     with Volume.open(store, "src", cache_root=str(cache)) as vol:
         for _ in range(3):
             overwrite(vol, model, rng, span=size, amount=size)
-        vol.compact(threshold=1.0)
+        compact(vol, threshold=1.0)
         snap = vol.snapshot("b")
     state = bytes(model)
     create_clone(store, open_cfg(store, "src"), "c", snap.seq, size=size,
@@ -512,7 +513,7 @@ def test_clone_of_a_compacted_volume(tmp_path):
     delete_snapshot(store, open_cfg(store, "src"), "b")
     with Volume.open(store, "src", cache_root=str(cache)) as vol:
         overwrite(vol, model, rng, span=size, amount=size)
-        vol.compact(threshold=1.0)
+        compact(vol, threshold=1.0)
         assert read_all(vol) == model
     wipe_cache(cache, store, "c")
     with Volume.open(store, "c", cache_root=str(cache), read_only=True) as c:
@@ -654,7 +655,7 @@ def test_compaction_keeps_the_retention_window(tmp_path):
             batch()
         top = vol.applied_seq
         before = segment_bytes(store, "v")
-        report = vol.compact(threshold=1.0)
+        report = compact(vol, threshold=1.0)
         assert read_all(vol) == model
     print(f"\n[window] W={report.window} (old history ends at {old_top}, top {top}); "
           f"{before / MiB:.1f} -> {segment_bytes(store, 'v') / MiB:.1f} MiB")
@@ -686,7 +687,7 @@ def _reclaimed_point(tmp_path):
         a = vol.flush_to_store()
         vol.write(0, b"B" * BS)
         vol.flush_to_store()
-        vol.compact(threshold=1.0)
+        compact(vol, threshold=1.0)
     return store, cache, a
 
 
@@ -742,17 +743,17 @@ def test_defrag_lays_scattered_ranges_out_in_order(tmp_path):
     try:
         vol.flush_to_store()
         before = testing.extent_count(vol)
-        plan = vol.compact(dry_run=True, defrag=True)
+        plan = compact(vol, dry_run=True, defrag=True)
         assert plan.windows_defragmented == 4 and segment_bytes(store, "v") > 0
         assert testing.extent_count(vol) == before, "a dry run changes nothing"
-        report = vol.compact(threshold=0.6, defrag=True)
+        report = compact(vol, threshold=0.6, defrag=True)
         assert report.windows_defragmented == 4
         assert report.bytes_defragmented == 4 * MiB - 16 * BS   # every block but the zeroed run
         assert report.bytes_rewritten >= report.bytes_defragmented
         after = testing.extent_count(vol)
         print(f"\n[defrag] extents {before} -> {after}")
         assert before > 400 and after <= 8, (before, after)
-        assert vol.compact(defrag=True).windows_defragmented == 0, "nothing left to do"
+        assert compact(vol, defrag=True).windows_defragmented == 0, "nothing left to do"
         assert_reads(vol, bytes(model), rng)
         assert vol.allocation(MiB + 8 * BS, 16 * BS)[0].allocated is False, "the hole stays a hole"
     finally:
@@ -778,7 +779,7 @@ def test_defrag_never_overwrites_a_newer_write(tmp_path):
 
     vol.map_extents = extents_then_a_write
     try:
-        report = vol.compact(defrag=True)
+        report = compact(vol, defrag=True)
         assert report.windows_defragmented == 4
         assert_reads(vol, bytes(model), rng)
     finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from lsbd import names
+from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
 from lsbd.meta.config import create_volume, load_config
 from lsbd.meta.snapshots import delete_snapshot, list_snapshots
@@ -259,13 +260,13 @@ def _check_after(store, lab: Lab, model: bytes, snaps: dict, *, wipe: bool,
     # The writer comes back without --break-lease: the holder is a dead local process.
     with Volume.open(store, "v", cache_root=cache) as vol:
         assert read_all(vol) == model, "the reopened writer lost data"
-        vol.compact(threshold=1.0)  # the second compaction finishes the job
+        compact(vol, threshold=1.0)  # the second compaction finishes the job
         assert read_all(vol) == model
         _check_snapshots(store, cache, snaps)
         if snaps:
             for name in snaps:
                 delete_snapshot(store, load_config(store, "v"), name)
-            vol.compact(threshold=1.0)
+            compact(vol, threshold=1.0)
             assert read_all(vol) == model
         stored = store_segment_seqs(store, "v")
         live = live_bytes(model)
@@ -306,8 +307,8 @@ def test_no_checkpoint_parts_left_after_a_kill(lab, stage):
     store = lab.open()
     try:
         with Volume.open(store, "v", cache_root=lab.cache) as vol:
-            vol.compact(threshold=1.0)
-            vol.compact(threshold=1.0)
+            compact(vol, threshold=1.0)
+            compact(vol, threshold=1.0)
             assert read_all(vol) == lab.models["plain"]
         manifests = set(ckpt.list_checkpoints(store, "v"))
         leftovers = [i.key for i in store.list(names.checkpoint_prefix("v"))

@@ -20,7 +20,7 @@ import pytest
 from engine_helpers import PYTHON, MiB, open_test_store, read_all, wipe
 
 from lsbd import names
-from lsbd.engine import volume as volume_mod
+from lsbd.engine import sealer as sealer_mod
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import RECORD
 from lsbd.engine import testing
@@ -36,7 +36,7 @@ WRITER = os.path.join(os.path.dirname(__file__), "crash_writer.py")
 @pytest.fixture(autouse=True)
 def _bounded_store_waits(monkeypatch):
     """A checkpoint or store flush that cannot finish gives up after 10 s, not 120."""
-    monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 10.0)
+    monkeypatch.setattr(sealer_mod, "STORE_FLUSH_TIMEOUT", 10.0)
 
 
 def _observe(data: bytes) -> list[int]:

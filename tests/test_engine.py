@@ -24,7 +24,7 @@ from engine_helpers import (
 
 from lsbd import names
 from lsbd.checksum import crc32c, crc32c_reference, mask, masked_crc, unmask
-from lsbd.engine import volume as volume_mod
+from lsbd.engine import sealer as sealer_mod
 from lsbd.engine.api import MAX_REQUEST, Allocation
 from lsbd.meta.config import create_volume
 from lsbd.segments.journal import OpenSegment
@@ -596,7 +596,7 @@ def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatc
     create_volume(faulty, "vol", SIZE, flush_mode="store")
     vol = Volume.open(faulty, "vol", cache_root=str(tmp_path / "cache"))
     try:
-        monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 1.0)
+        monkeypatch.setattr(sealer_mod, "STORE_FLUSH_TIMEOUT", 1.0)
         faulty.fail(op="put", key_prefix=names.segment_prefix("vol"), times=None,
                     error=StoreError)
         vol.write(0, block(1, 0))
@@ -606,7 +606,7 @@ def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatc
         assert vol.read(0, BS) == block(1, 0)  # kept locally meanwhile
         faulty.heal()
         # The upload is retried at its next backoff step (up to seconds away).
-        monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 30.0)
+        monkeypatch.setattr(sealer_mod, "STORE_FLUSH_TIMEOUT", 30.0)
         vol.flush()
         assert segment_seqs(store, "vol") == [1]
     finally:

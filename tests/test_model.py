@@ -21,6 +21,7 @@ from powercut import PowerCut
 
 from lsbd.meta.config import create_volume
 from lsbd.history import compactor as compact_mod
+from lsbd.history.compactor import compact
 from lsbd.history.restore import create_clone, restore_volume
 from lsbd.engine.volume import Volume
 from lsbd.store import open_store
@@ -267,7 +268,7 @@ class VolumeModel(RuleBasedStateMachine):
     def compact(self, threshold, defrag):
         # Windows of 8 blocks, defragmented from 3 pieces: the tiny volume has many.
         with patch.multiple(compact_mod, DEFRAG_WINDOW=8 * BS, DEFRAG_MIN_EXTENTS=3):
-            self.vol.compact(threshold=threshold, defrag=defrag)
+            compact(self.vol, threshold=threshold, defrag=defrag)
         self.flushed = self.in_store = len(self.history) - 1
         # Compaction of the source never breaks a clone.
         for clone, state in self.clone_states.items():

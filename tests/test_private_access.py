@@ -39,7 +39,7 @@ def private_uses(source: str, filename: str, privates: set[str]) -> list[str]:
 
 def test_no_test_touches_the_engines_private_state():
     privates = engine_privates()
-    assert {"_map", "_seal_and_wait", "_files", "_lock"} <= privates, "the scan finds the engine's privates"
+    assert {"_st", "_sealer", "_writer", "_reader"} <= privates, "the scan finds the engine's privates"
     found = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         found += private_uses(path.read_text(), str(path.relative_to(ROOT)), privates)
@@ -48,5 +48,5 @@ def test_no_test_touches_the_engines_private_state():
 
 def test_the_check_sees_a_private_access():
     privates = engine_privates()
-    bad = "def test(vol):\n    vol._seal_and_wait()\n    assert vol._map.extent_count() == 0\n"
+    bad = "def test(vol):\n    vol._sealer.seal()\n    assert vol._st.map.extent_count() == 0\n"
     assert len(private_uses(bad, "t.py", privates)) == 2

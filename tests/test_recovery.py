@@ -23,7 +23,7 @@ from engine_helpers import (
 
 from lsbd import names
 from lsbd.segments import checkpoints as ckpt
-from lsbd.engine import volume as volume_mod
+from lsbd.engine import sealer as sealer_mod
 from lsbd.meta.config import create_volume
 from lsbd.engine import testing
 from lsbd.engine.volume import Volume
@@ -336,7 +336,7 @@ def test_reopen_after_out_of_order_uploads_tracks_durability(tmp_path, monkeypat
     vol.abandon()  # the crash
     store.heal()
 
-    monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 3.0)
+    monkeypatch.setattr(sealer_mod, "STORE_FLUSH_TIMEOUT", 3.0)
     vol = Volume.open(store, "vol", cache_root=cache, break_lease=True, flush_mode="store")
     try:
         vol.flush()  # every earlier write is in the store: returns at once

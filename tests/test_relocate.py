@@ -8,7 +8,8 @@ import pytest
 
 from engine_helpers import BS, MiB, blocks, open_test_store
 from lsbd.engine import testing
-from lsbd.engine.volume import MAX_SEALING, Volume
+from lsbd.engine.sealer import MAX_SEALING
+from lsbd.engine.volume import Volume
 from lsbd.errors import StoreError
 from lsbd.meta.config import create_volume
 

@@ -88,12 +88,18 @@ class Context:
 
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):
-        """Open a volume: returns an lsbd.engine.volume.Volume."""
+        """Open a volume: a writer (lsbd.engine.volume.Volume) that serves
+        compaction (auto_compact: also in the background), or a PastVolume."""
         from lsbd.engine.volume import Volume
+        from lsbd.history import compactor
 
         self.unlock(name)
-        return Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
-                           break_lease=break_lease, flush_mode=flush_mode, **options)
+        auto = options.pop("auto_compact", False)
+        vol = Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
+                          break_lease=break_lease, flush_mode=flush_mode, **options)
+        if not vol.read_only:
+            compactor.attach(vol, auto=auto)
+        return vol
 
     def close(self) -> None:
         if self._store is not None:

@@ -115,12 +115,6 @@ def perform(volume, request: dict, *, progress=None) -> int | dict:
         return volume.usage()
     if op == "info":
         return volume.describe()
-    if op == "compact":
-        report = volume.compact(threshold=float(request.get("threshold", 0.6)),
-                                dry_run=bool(request.get("dry_run")),
-                                defrag=bool(request.get("defrag")), progress=progress,
-                                force=frozenset(request.get("force", ())))
-        return report.as_dict()
     if op == "retain":
         from lsbd.meta.config import save_config
 
@@ -135,6 +129,9 @@ def perform(volume, request: dict, *, progress=None) -> int | dict:
         volume.check_lease()
         delete_snapshot(volume.store, volume.config, request["name"])
         return volume.applied_seq
+    extra = getattr(volume, "control_ops", {}).get(op)
+    if extra is not None:     # added from above the engine (compaction)
+        return extra(request, progress=progress)
     raise ValueError(f"unknown control operation {op!r}")
 
 

@@ -11,117 +11,120 @@ import contextlib
 import time
 from typing import Iterator
 
-from lsbd.engine.volume import MAX_SEALING, Volume
-from lsbd.map.blockmap import SegmentInfo
+from lsbd.engine.sealer import MAX_SEALING
+from lsbd.engine.volume import Volume
+from lsbd.map.blockmap import STORED, SegmentInfo
 from lsbd.segments.journal import OpenSegment
 from lsbd.segments.local import SegmentFiles
 
 
 def seal_now(vol: Volume) -> int:
     """Seal the open segment and wait until the map has it; the newest seq."""
-    return vol._seal_and_wait()
+    return vol._sealer.seal_and_wait()
 
 
 def seal_queued(vol: Volume) -> OpenSegment | None:
     """Seal the open segment and queue it for the sealer without waiting;
     the segment queued (None when there was nothing to seal)."""
-    with vol._lock:
-        before = len(vol._sealing)
-        vol._seal()
-        return vol._sealing[-1] if len(vol._sealing) > before else None
+    st = vol._st
+    with st.lock:
+        before = len(st.sealing)
+        vol._sealer.seal()
+        return st.sealing[-1] if len(st.sealing) > before else None
 
 
 def pause_sealer(vol: Volume) -> None:
     """Stop the sealer thread for good: sealed segments stay queued, never
     synced, mapped or uploaded (as in a crash before the sealer ran)."""
-    with vol._lock:
-        vol._sealing_abandoned = True
-        vol._sealing_changed.notify_all()
-    vol._sealer.join(5)
+    sealer = vol._sealer
+    with vol._st.lock:
+        sealer.abandoned = True
+        vol._st.sealing_changed.notify_all()
+    assert sealer.thread is not None
+    sealer.thread.join(5)
 
 
 def sealing(vol: Volume) -> list[OpenSegment]:
     """The sealed segments waiting for the sealer, oldest first (a copy)."""
-    with vol._lock:
-        return list(vol._sealing)
+    with vol._st.lock:
+        return list(vol._st.sealing)
 
 
 @contextlib.contextmanager
 def sealer_far_behind(vol: Volume) -> Iterator[None]:
     """Within: the sealing queue looks full, so writes meet back-pressure
     (nowait writes refuse with WouldBlock)."""
-    with vol._lock:
-        filler = vol._open_segment()
-        vol._sealing.extend([filler] * MAX_SEALING)
+    st = vol._st
+    with st.lock:
+        filler = vol._writer.open_segment()
+        st.sealing.extend([filler] * MAX_SEALING)
     try:
         yield
     finally:
-        with vol._lock:
-            vol._sealing[:] = [s for s in vol._sealing if s is not filler]
-            vol._sealing_changed.notify_all()
+        with st.lock:
+            st.sealing[:] = [s for s in st.sealing if s is not filler]
+            st.sealing_changed.notify_all()
 
 
 def journal(vol: Volume) -> OpenSegment | None:
     """The open segment (the journal being written), or None."""
-    return vol._open
+    return vol._st.open
 
 
 def local_path(vol: Volume, seq: int) -> str:
     """Where segment `seq`'s file lives (or would live) in the cache dir."""
-    return vol._files.path(seq)
+    return vol._st.files.path(seq)
 
 
 def local_files(vol: Volume) -> SegmentFiles:
     """The volume's local segment files (its cache dir)."""
-    return vol._files
+    return vol._st.files
 
 
-def extent_count(vol: Volume) -> int:
-    """How many extents the block map holds."""
-    return vol._map.extent_count()
+def extent_count(vol) -> int:
+    """How many extents the block map holds (a Volume or a PastVolume)."""
+    return vol._st.map.extent_count()
 
 
 def segment(vol: Volume, seq: int) -> SegmentInfo | None:
     """The map's record of segment `seq` (its state, sizes), or None."""
-    return vol._map.segment(seq)
+    return vol._st.map.segment(seq)
 
 
 def map_meta(vol: Volume, key: str) -> bytes | None:
     """A value from the block map's own metadata."""
-    return vol._map.get_meta(key)
+    return vol._st.map.get_meta(key)
 
 
-def failure(vol: Volume) -> BaseException | str | None:
+def failure(vol: Volume) -> BaseException | None:
     """Why the volume stopped taking writes, or None while it takes them."""
-    return vol._failed
+    return vol._st.failed
 
 
 def wait_failed(vol: Volume, timeout: float = 10.0) -> bool:
     """Wait until the volume stops taking writes; whether it did."""
     deadline = time.monotonic() + timeout
-    while vol._failed is None and time.monotonic() < deadline:
+    while vol._st.failed is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    return vol._failed is not None
+    return vol._st.failed is not None
 
 
 def upload_error(vol: Volume) -> BaseException | None:
     """The last error of the uploader (None if no upload failed)."""
-    return vol._uploader.last_error
+    up = vol._st.uploader
+    return None if up is None else up.last_error
 
 
 def stop_background(vol: Volume) -> None:
     """Stop the timer thread: no more idle seals or automatic checkpoints."""
-    vol._stop.set()
     vol._timer.join()
 
 
 def wait_stored(vol: Volume, seq: int, timeout: float = 10.0) -> bool:
     """Wait until the map records segment `seq` as stored; whether it did."""
-    from lsbd.map.blockmap import STORED
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = vol._map.segment(seq)
+        info = vol._st.map.segment(seq)
         if info is not None and info.state == STORED:
             return True
         time.sleep(0.02)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
+import weakref
 from typing import Callable
 
 import attrs
@@ -33,6 +35,8 @@ import attrs
 from lsbd import names
 from lsbd.engine.recovery import load_checkpoint
 from lsbd.map.blockmap import BlockMap
+from lsbd.engine.volume import Volume
+from lsbd.errors import ReadOnlyError
 from lsbd.meta.pins import pinned_points
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import store_segment_seqs
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 4 * 1024 * 1024
 DEFRAG_WINDOW = 1024 * 1024     # bytes laid out in order together
 DEFRAG_MIN_EXTENTS = 32         # a window in this many pieces or more is rewritten
+AUTO_COMPACT_INTERVAL = 300.0         # seconds between background compactions
+AUTO_COMPACT_RATE = 16 * 1024 * 1024  # bytes/s a background compaction may rewrite
 
 
 @attrs.define(kw_only=True)
@@ -110,19 +116,53 @@ def ensure_checkpoint_at(store, volume: str, seq: int, *, cache_root: str) -> No
     the history if it is missing (it can be rebuilt while its segments exist)."""
     if seq <= 0 or seq in ckpt.list_checkpoints(store, volume):
         return
-    from lsbd.engine.volume import Volume
-
     with Volume.open(store, volume, cache_root=cache_root, at_seq=seq) as past:
         past.write_checkpoint_here()
+
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _lock_of(volume) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(volume, threading.Lock())
 
 
 def compact(volume, *, threshold: float = 0.6, dry_run: bool = False, rate: float | None = None,
             progress: Callable[[int, int], None] | None = None,
             defrag: bool = False, force: frozenset[int] = frozenset()) -> CompactionReport:
-    """Run one compaction on an open writable volume.  `force`: segments to
-    rewrite whatever their live fraction (those sealed with a retired key).
-    A dry run makes the same plan and predicts what the run would delete,
-    changing nothing."""
+    """Reclaim space on an open writable volume (and with defrag, lay
+    scattered ranges out in order).  One compaction of a volume at a time.
+    `force`: segments to rewrite whatever their live fraction (those sealed
+    with a retired key).  A dry run makes the same plan and predicts what the
+    run would delete, changing nothing."""
+    if volume.read_only:
+        raise ReadOnlyError(f"volume {volume.name} is open read-only")
+    with _lock_of(volume):
+        return _compact(volume, threshold=threshold, dry_run=dry_run, rate=rate,
+                        progress=progress, defrag=defrag, force=force)
+
+
+def attach(volume, *, auto: bool = False) -> None:
+    """Serve compaction on a writer: the control socket's "compact" request,
+    and with auto, a rate-limited compaction every AUTO_COMPACT_INTERVAL on
+    the volume's background thread (so foreground I/O keeps most of its
+    throughput)."""
+    def serve(request: dict, progress: Callable[[int, int], None] | None = None) -> dict:
+        return compact(volume, threshold=float(request.get("threshold", 0.6)),
+                       dry_run=bool(request.get("dry_run")),
+                       defrag=bool(request.get("defrag")), progress=progress,
+                       force=frozenset(request.get("force", ()))).as_dict()
+
+    volume.control_ops["compact"] = serve
+    if auto:
+        volume.every(AUTO_COMPACT_INTERVAL, lambda: compact(volume, rate=AUTO_COMPACT_RATE))
+
+
+def _compact(volume, *, threshold: float, dry_run: bool, rate: float | None,
+             progress: Callable[[int, int], None] | None, defrag: bool,
+             force: frozenset[int]) -> CompactionReport:
     started = time.monotonic()
     store = volume.store
     bs = volume.block_size

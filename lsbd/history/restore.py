@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 
 from lsbd import names
+from lsbd.engine.volume import Volume
+from lsbd.history.compactor import ensure_checkpoint_at
 from lsbd.plans.restore import changed_ranges
 from lsbd.meta.config import VolumeConfig
 from lsbd.store import Store
@@ -27,7 +29,6 @@ def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, siz
     """A new writable volume whose first state is `source` at `seq`.  No data
     is copied: a checkpoint at `seq` pins the segments it uses, and a
     reference object tells the source's compaction that a clone needs them."""
-    from lsbd.history.compactor import ensure_checkpoint_at
     from lsbd.meta.config import create_volume
 
     names.check_volume_name(name)
@@ -62,7 +63,6 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
     copy (no shared segments).  Never overwrites: an existing `name` is refused
     before anything is written.  Returns the bytes of data copied."""
     from lsbd.meta.config import create_volume
-    from lsbd.engine.volume import Volume
 
     names.check_volume_name(name)
     if store.exists(names.config_key(name)):
@@ -99,7 +99,6 @@ def changed_between(store: Store, volume: str, old_seq: int, new_seq: int, *, ca
     size and the size at the newer point.  A context manager: the ranges are
     read lazily from the two maps while it is open (memory does not grow
     with the maps)."""
-    from lsbd.engine.volume import Volume
 
     with Volume.open(store, volume, cache_root=cache_root, at_seq=old_seq) as old, \
             Volume.open(store, volume, cache_root=cache_root, at_seq=new_seq) as new:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import attrs
 
+from lsbd.history import compactor
 from lsbd.meta.config import load_config
 from lsbd.meta.snapshots import list_snapshots
 from lsbd.engine.volume import Volume
@@ -57,12 +58,14 @@ def open_devices(store: Store, volumes: list[str], *, cache_root: str, point: Po
                                       device=Volume.open(store, name, cache_root=cache_root,
                                                          at_seq=seq)))
             else:
+                opts = dict(options or {})
+                auto = opts.pop("auto_compact", False)
+                device = Volume.open(store, name, cache_root=cache_root, read_only=read_only,
+                                     break_lease=break_lease, flush_mode=flush_mode, **opts)
+                if not device.read_only:
+                    compactor.attach(device, auto=auto)   # the control socket, and auto
                 devices.append(Device(volume=name, snapshot=None, read_only=read_only,
-                                      device=Volume.open(store, name, cache_root=cache_root,
-                                                         read_only=read_only,
-                                                         break_lease=break_lease,
-                                                         flush_mode=flush_mode,
-                                                         **(options or {}))))
+                                      device=device))
             if snapshots:
                 for snap in list_snapshots(store, config):
                     devices.append(Device(volume=name, snapshot=snap.name, read_only=True,

@@ -14,6 +14,7 @@ from typing import Callable
 import attrs
 
 from lsbd.engine import control
+from lsbd.history import compactor
 from lsbd.meta.lease import Lease, read_holder
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
@@ -66,6 +67,8 @@ def run_on_writer(store: Store, name: str, request: dict, *, cache_root: str,
                         f"{holder.describe() if holder else 'another writer'}, which cannot be "
                         f"asked from here: run the command on that machine (or --break-lease "
                         "if that writer is gone)") from None
+    if not volume.read_only:
+        compactor.attach(volume)
     with volume:
         return Outcome(control.perform(volume, request, progress=progress), False)
 

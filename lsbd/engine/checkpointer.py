@@ -1,0 +1,161 @@
+"""Checkpoints of a writer's map: write one now, prune the ones no kept
+point needs, and the timer that seals idle segments and checkpoints on
+schedule (and runs the periodic work registered from above the engine)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from lsbd.engine import sealer as sealing
+from lsbd.engine.deltas import delta_base, delta_entries, segment_records
+from lsbd.engine.sealer import Sealer
+from lsbd.engine.state import VolumeState
+from lsbd.errors import LeaseLost, StoreError
+from lsbd.meta.pins import pinned_points
+from lsbd.plans.retention import deletable_checkpoints, window_start
+from lsbd.segments import checkpoints as ckpt
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 3
+LEASE_CHECK_INTERVAL = 10.0   # seconds between checks that the lease is still ours
+
+
+class Checkpointer:
+    def __init__(self, st: VolumeState, sealer: Sealer):
+        self.st = st
+        self.sealer = sealer
+        self.lock = threading.Lock()
+
+    def checkpoint(self, force: bool = False, *, base: bool = False) -> int:
+        """Write a checkpoint of the map now; returns its seq.  Everything up to
+        it is uploaded first (a checkpoint never names a segment the store lacks).
+        force: write it even if one exists at this seq (it may have been pruned).
+        base: a full one, never a delta (compaction: older chains can go).
+        Reads and writes go on meanwhile: the map is read from an LMDB snapshot."""
+        st = self.st
+        st.check_writable()
+        with self.lock:
+            target = self.sealer.seal_and_wait()
+            if target == 0 or (target == st.last_checkpoint and not force):
+                return target
+            # The map is read from a snapshot, which may hold segments sealed
+            # after `target`: the checkpoint is of the snapshot's seq, once
+            # every segment up to it is in the store.  Writes go on meanwhile.
+            with st.map.snapshot() as snap:
+                target = snap.meta("applied_seq")
+                if st.uploader is not None and not st.uploader.wait_durable(
+                        target, sealing.STORE_FLUSH_TIMEOUT):
+                    raise StoreError(f"volume {st.name}: cannot checkpoint: uploads are not "
+                                     f"getting through ({st.uploader.last_error})")
+                st.check_lease()
+                prev = None if base else delta_base(st.store, st.name, st.config.volume_id,
+                                                    st.last_checkpoint, target)
+                shape = dict(volume_size=snap.meta("size", st.size),
+                             block_size=st.block_size, top_crc=snap.meta("top_crc"))
+                if prev is None:
+                    ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
+                                          extents=snap.extents(), segments=snap.segments(),
+                                          **shape)
+                else:
+                    segments = snap.segments()
+            if prev is not None:
+                # A delta comes from the segments alone, with no snapshot held.
+                with delta_entries(st.folder, st.block_size, self._segment_records,
+                                   prev.seq + 1, target) as entries:
+                    ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
+                                          extents=entries, segments=segments, delta_of=prev,
+                                          **shape)
+            st.last_checkpoint = target
+            st.last_checkpoint_time = time.monotonic()
+            st.map.set_meta(last_checkpoint=str(target).encode())
+            st.stats["checkpoints"] += 1
+            self._prune()
+            return target
+
+    def _segment_records(self, seq: int):
+        st = self.st
+        return segment_records(st.store, st.lineage.segment_key, st.files.path(seq), seq)
+
+    def _prune(self) -> None:
+        """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""
+        st = self.st
+        window = window_start({s.seq: s.sealed_ns for s in st.map.segments()},
+                              now_ns=time.time_ns(), retain_seconds=st.config.retain_seconds,
+                              top=st.last_checkpoint)
+        cps = ckpt.list_checkpoints(st.store, st.name)
+        for seq in deletable_checkpoints(cps, pinned=pinned_points(st.store, st.config),
+                                         window=window, live_checkpoint=st.last_checkpoint,
+                                         keep_recent=KEEP_CHECKPOINTS,
+                                         parents=ckpt.chain_parents(st.store, st.name, cps)):
+            ckpt.delete_checkpoint(st.store, st.name, seq)
+        # Parts left by an interrupted checkpoint or delete (we hold the
+        # checkpoint lock: none is being written now).
+        for seq in ckpt.list_incomplete_checkpoints(st.store, st.name):
+            ckpt.delete_checkpoint(st.store, st.name, seq)
+
+
+class Timer:
+    """The background thread: seal an idle open segment after seal_interval;
+    checkpoint after checkpoint_segments new segments or checkpoint_interval
+    seconds; run the periodic jobs registered with every()."""
+
+    TICK = 0.25
+
+    def __init__(self, st: VolumeState, sealer: Sealer, checkpointer: Checkpointer):
+        self.st = st
+        self.sealer = sealer
+        self.checkpointer = checkpointer
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._jobs: list[list] = []   # [interval, last run (monotonic), job]
+
+    def every(self, interval: float, job: Callable[[], object]) -> None:
+        """Run job() on the timer's thread every `interval` seconds (the first
+        time `interval` seconds from now).  Its errors are logged."""
+        self._jobs.append([interval, time.monotonic(), job])
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"lsbd-{self.st.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        st, cfg = self.st, self.st.config
+        next_lease_check = time.monotonic() + LEASE_CHECK_INTERVAL
+        while not self.stop.wait(self.TICK):
+            try:
+                # Now and then, that the lease is still ours.
+                if time.monotonic() >= next_lease_check:
+                    next_lease_check = time.monotonic() + LEASE_CHECK_INTERVAL
+                    try:
+                        st.check_lease()
+                    except LeaseLost:
+                        return    # logged once; every write now fails with it
+                    except StoreError:
+                        pass      # the store is down: that says nothing of the lease
+                with st.lock:
+                    seg = st.open
+                    if seg is not None and not seg.empty and \
+                            time.monotonic() - seg.opened_at >= cfg.seal_interval:
+                        self.sealer.seal()
+                    due = st.applied - st.last_checkpoint
+                if due >= cfg.checkpoint_segments or (
+                        due > 0 and time.monotonic() - st.last_checkpoint_time
+                        >= cfg.checkpoint_interval):
+                    self.checkpointer.checkpoint()
+                for entry in self._jobs:
+                    interval, last, job = entry
+                    if time.monotonic() - last >= interval:
+                        entry[1] = time.monotonic()
+                        job()
+            except Exception as e:  # noqa: BLE001 - never let the timer die; the next tick retries
+                log.warning("volume %s: background work failed: %s", st.name, e)

@@ -1,0 +1,234 @@
+"""Reads and allocation queries: plan under the lock (the map, then the
+journals it lacks yet), then read the blocks without it, from the open and
+sealing journals, the local copies, or the store."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lsbd.engine.api import MAX_REQUEST, Allocation
+from lsbd.engine.readahead import ReadAhead
+from lsbd.engine.readdefrag import ReadDefrag, scattered
+from lsbd.engine.state import VolumeState
+from lsbd.errors import WouldBlock
+from lsbd.plans.reads import plan_reads
+from lsbd.map.blockmap import Extent, SegmentInfo
+from lsbd.segments.local import check_open_blocks
+from lsbd.segments.scrub import verify_segments
+
+
+class Reader:
+    def __init__(self, st: VolumeState):
+        self.st = st
+        self._readahead = ReadAhead()
+        #: a writer's read-directed defragmenter (lsbd.engine.readdefrag), or None
+        self.read_defrag: ReadDefrag | None = None
+
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
+        st = self.st
+        bs = st.block_size
+        sequential, ahead = self._readahead.note(offset, length)
+        if ahead is not None:
+            self.prefetch(*ahead, wait=False)
+        if length == bs and not offset % bs and 0 <= offset <= st.size - bs:
+            data = self._read_one_block(offset // bs, nowait, sequential)
+            if data is not None:
+                return data
+        st.check_range(offset, length)
+        if length == 0:
+            return b""
+        first = offset // bs
+        last = -(-(offset + length) // bs)
+        with st.lock:
+            st.check_open()
+            runs = self.plan(first, last - first)
+        data = self.read_runs(runs, nowait, sequential)
+        if self.read_defrag is not None and scattered(runs, bs):
+            self._offer_defrag(runs, data)
+        st.stats["reads"] += 1
+        st.stats["bytes_read"] += length
+        start = offset - first * bs
+        return data[start:start + length] if (start or len(data) != length) else data
+
+    def _offer_defrag(self, runs: list[tuple], data: bytes) -> None:
+        """Hand the sealed pieces of a scattered read to the read-directed
+        defragmenter, with the bytes just read."""
+        bs = self.st.block_size
+        view = memoryview(data)
+        loaded = []
+        pos = 0
+        for lba, n, source, off, crcs in runs:
+            if source is not None and crcs is None:
+                loaded.append((Extent(lba, n, source, off), view[pos:pos + n * bs]))
+            pos += n * bs
+        assert self.read_defrag is not None
+        self.read_defrag.offer(loaded, len(data))
+
+    def close_defrag(self) -> None:
+        """Stop read-directed defragmentation (before the last seal: it
+        appends to the open segment)."""
+        if self.read_defrag is not None:
+            self.read_defrag.close()
+            self.read_defrag = None
+
+    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """Bring the segments holding [offset, offset+length) into the local
+        cache (NBD_CMD_CACHE, read-ahead); wait: until they are there."""
+        st = self.st
+        bs = st.block_size
+        first = max(0, offset) // bs
+        last = min(-(-(offset + length) // bs), st.size // bs)
+        if last <= first:
+            return
+        with st.lock:
+            if st.closed:
+                return
+            seqs = {e.seq for e in st.map.lookup(first, last - first)}
+        futures = [f for f in map(st.files.prefetch, sorted(seqs)) if f is not None]
+        if wait:
+            for f in futures:
+                f.result()
+
+    def _read_one_block(self, lba: int, nowait: bool, sequential: bool = False) -> bytes | None:
+        """Random reads' short path: one whole block with no journal to look
+        at is found through the map alone.  None: take the general path."""
+        st = self.st
+        with st.lock:
+            seg = st.open
+            if st.sealing or st.closed or (seg is not None and seg.has_overlay):
+                return None
+            where = st.map.lookup_block(lba)
+        data = st.zero_block if where is None else \
+            st.files.read_blocks(where[0], where[1], 1, nowait=nowait, sequential=sequential)
+        stats = st.stats
+        stats["reads"] += 1
+        stats["bytes_read"] += len(data)
+        return data
+
+    def allocation(self, offset: int, length: int) -> list[Allocation]:
+        st = self.st
+        st.check_range(offset, length, data=False)
+        if length == 0:
+            return []
+        bs = st.block_size
+        first = offset // bs
+        last = -(-(offset + length) // bs)
+        step = MAX_REQUEST // bs  # bounded work per lock hold, whatever the length
+        runs: list[tuple] = []
+        for start in range(first, last, step):
+            with st.lock:
+                runs.extend(self.plan(start, min(step, last - start)))
+        out: list[Allocation] = []
+        for lba, n, source, _off, _crcs in runs:
+            start = max(offset, lba * bs)
+            end = min(offset + length, (lba + n) * bs)
+            allocated = source is not None
+            if out and out[-1].allocated == allocated and out[-1].offset + out[-1].length == start:
+                prev = out.pop()
+                out.append(Allocation(prev.offset, end - prev.offset, allocated))
+            else:
+                out.append(Allocation(start, end - start, allocated))
+        return out
+
+    def plan(self, first: int, n: int) -> list[tuple]:
+        """Under the lock: where to read blocks [first, first+n) from (see
+        lsbd.plans.reads): the map, then the journals it lacks yet."""
+        st = self.st
+        seg = st.open
+        return plan_reads(st.map.lookup(first, n), first, n, st.sealing,
+                          seg if seg is not None and seg.has_overlay else None, st.block_size)
+
+    def read_runs(self, runs: list[tuple], nowait: bool = False,
+                  sequential: bool = False) -> bytes:
+        files = self.st.files
+        if len(runs) > 1:
+            is_local = files.is_local
+            remote = sum(1 for _lba, _n, source, _off, crcs in runs
+                         if source is not None and crcs is None and not is_local(source))
+            if nowait and remote:
+                # Refuse before reading anything, not after reading the local part.
+                raise WouldBlock("some blocks are not cached locally")
+            if remote > 1:   # several segments from the store: in parallel
+                return b"".join(files.fetcher.map_reads(
+                    [lambda r=r: self._read_run(r, False, sequential) for r in runs]))
+        parts = [self._read_run(r, nowait, sequential) for r in runs]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:
+        st = self.st
+        _lba, n, source, off, crcs = run
+        if source is None:
+            return bytes(n * st.block_size) if n > 1 else st.zero_block
+        if crcs is not None:
+            return self._read_journal(source, off, n, crcs, nowait)
+        return st.files.read_blocks(source, off, n, nowait=nowait, sequential=sequential)
+
+    def _read_journal(self, seq: int, offset: int, n: int, crcs: list[int],
+                      nowait: bool) -> bytes:
+        """Blocks of a journal (the open segment, or one sealed but not yet in
+        the map), checked against the CRCs of its in-memory index."""
+        st = self.st
+        data = st.files.read_journal(seq, offset, n * st.block_size, nowait=nowait)
+        if data is None:  # sealed, uploaded and evicted meanwhile
+            return st.files.read_blocks(seq, offset, n, nowait=nowait)
+        check_open_blocks(data, crcs, st.block_size, where=st.lineage.segment_key(seq),
+                          offset=offset)
+        return data
+
+    def read_locked(self, lba: int, n: int, nowait: bool = False) -> bytes:
+        """Whole blocks, under the lock (a read-modify-write's edge blocks)."""
+        return self.read_runs(self.plan(lba, n), nowait)
+
+    def extents_in_use(self) -> list[int]:
+        """The seqs the map refers to, in order."""
+        with self.st.lock:
+            return sorted({e.seq for e in self.st.map.iter_extents()})
+
+
+class ReadFace:
+    """The read side of the BlockDevice API and the map's views, shared by
+    Volume and PastVolume (each has `_st` and `_reader`)."""
+
+    _st: VolumeState
+    _reader: Reader
+
+    @property
+    def size(self) -> int:
+        return self._st.size
+
+    @property
+    def applied_seq(self) -> int:
+        return self._st.applied
+
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
+        return self._reader.read(offset, length, nowait=nowait)
+
+    def allocation(self, offset: int, length: int) -> list[Allocation]:
+        return self._reader.allocation(offset, length)
+
+    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """Bring the segments holding a range into the local cache."""
+        self._reader.prefetch(offset, length, wait=wait)
+
+    def extents(self):
+        """The block map's extents (lba, nblocks, seq, offset), in block order,
+        as of the last sealed segment."""
+        return self._st.map.iter_extents()
+
+    def segment_infos(self) -> list[SegmentInfo]:
+        return self._st.map.segments()
+
+    def map_extents(self, offset_blocks: int, nblocks: int):
+        """The map's extents over [offset_blocks, offset_blocks+nblocks), clipped."""
+        return self._st.map.lookup(offset_blocks, nblocks)
+
+    def extents_in(self, seqs: set[int]):
+        """The live extents stored in the given segments (one scan of the map)."""
+        return [e for e in self.extents() if e.seq in seqs]
+
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Read every segment the map refers to from the store (not the cache)
+        and check every CRC; returns the problems found."""
+        st = self._st
+        return verify_segments(st.store, st.lineage, self._reader.extents_in_use(),
+                               progress=progress)

@@ -1,0 +1,193 @@
+"""Sealing: close the open segment, then, on the sealer's thread, sync it,
+record it in the map in one transaction and hand it to the uploader, in seq
+order.  Until the map has a sealed segment, reads find its blocks through
+its in-memory index.  Flushes live here too: they sync the journals, or
+wait for the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from lsbd.engine.state import VolumeState
+from lsbd.errors import StoreError
+from lsbd.format.segment import encode_trailer
+from lsbd.map.blockmap import PENDING, STORED
+from lsbd.segments.journal import OpenSegment
+from lsbd.segments.remote import segment_info
+
+log = logging.getLogger(__name__)
+
+MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
+STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
+
+
+class Sealer:
+    def __init__(self, st: VolumeState):
+        self.st = st
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.abandoned = False   # stop without handling the rest (a crash)
+
+    # -- on the writers' side, under the lock ---------------------------------
+
+    def seal(self) -> None:
+        """Seal the open segment (under the lock): write its index and queue
+        it for the sealer thread."""
+        st = self.st
+        seg = st.open
+        if seg is None:
+            return
+        if seg.empty:
+            st.files.drop_file(seg.seq)   # the next segment reuses its name
+            seg.discard()
+            st.open = None
+            return
+        seg.seal(st.size, st.prev_crc)
+        st.open = None
+        st.prev_crc = seg.trailer_crc
+        st.stats["segments_sealed"] += 1
+        if self.thread is None:      # opening (journal replay): no sealer yet
+            seg.finish()
+            self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING)
+            return
+        st.sealing.append(seg)
+        st.sealing_changed.notify_all()
+
+    def seal_full(self) -> None:
+        """Seal the open segment, which is full (under the lock), then wait
+        while the sealer is far behind (back-pressure)."""
+        st = self.st
+        self.seal()
+        while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping:
+            st.sealing_changed.wait()
+
+    def behind(self) -> bool:
+        """Whether a write that must not wait would meet back-pressure."""
+        return len(self.st.sealing) >= MAX_SEALING
+
+    def seal_and_wait(self) -> int:
+        """Seal the open segment and wait until the map has it; returns the
+        newest seq (the one every write so far is in)."""
+        st = self.st
+        with st.lock:
+            self.seal()
+            target = st.sealing[-1].seq if st.sealing else st.applied
+            while st.applied < target and st.failed is None and not self.stopping:
+                st.sealing_changed.wait()
+        st.check_not_failed()
+        if st.applied < target:
+            raise StoreError(f"volume {st.name} is closing")
+        return target
+
+    # -- the sealer thread ----------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name=f"lsbd-{self.st.name}-sealer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        st = self.st
+        while True:
+            with st.lock:
+                while not st.sealing and not self.stopping and st.failed is None:
+                    st.sealing_changed.wait()
+                if not st.sealing or st.failed is not None or self.abandoned:
+                    return
+                seg = st.sealing[0]
+            try:
+                seg.finish()
+                with st.map_guard:
+                    if st.map_closed:
+                        return
+                    self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
+                                      advance=False)
+            except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
+                log.error("volume %s: sealing segment %016x failed: %s", st.name, seg.seq, e)
+                with st.lock:
+                    st.fail(e)
+                return
+            with st.lock:
+                st.sealing.pop(0)
+                st.applied = seg.seq
+                st.sealing_changed.notify_all()
+            if st.uploader is not None:
+                st.uploader.submit(seg.seq)
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the sealer; drain: after it has handled every sealed segment."""
+        st = self.st
+        if self.thread is None:
+            return
+        with st.lock:
+            if not drain:
+                self.abandoned = True
+            self.stopping = True
+            st.sealing_changed.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=300)
+
+    def apply_sealed(self, seq: int, trailer, records, *, state: int,
+                     advance: bool = True) -> None:
+        """Record a sealed segment in the map.  advance: also make it the
+        newest segment (when replaying; the sealer's caller does that)."""
+        st = self.st
+        size = os.path.getsize(st.files.path(seq))
+        info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
+        emptied = st.map.apply_segment(info, records, applied_seq=str(seq).encode(),
+                                       size=str(trailer.volume_size).encode(),
+                                       top_crc=str(info.trailer_crc).encode(),
+                                       volume_id=st.config.volume_id.encode(),
+                                       store_url=st.store.url.encode())
+        # Nothing reads a segment without live blocks (short of a restore of
+        # the past): its cached pages are better spent on new writes.
+        st.files.drop_page_cache(emptied)
+        if advance:
+            st.applied = seq
+            st.size = trailer.volume_size
+            st.prev_crc = info.trailer_crc
+
+    def on_stored(self, seq: int) -> None:
+        """The uploader's report: segment `seq` is in the store."""
+        st = self.st
+        # Called from upload threads, which may outlive a close: never touch a
+        # closed map (the next open re-checks the segment and finds it stored).
+        with st.map_guard:
+            if st.map_closed:
+                return
+            st.map.set_segment_state(seq, STORED)
+        st.files.adopt(seq)
+
+    # -- flushes ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        st = self.st
+        st.check_writable()
+        if st.flush_mode == "store":
+            self.flush_to_store()
+            return
+        with st.lock:
+            journals = [*st.sealing, *([st.open] if st.open is not None else [])]
+        self.sync_journals(journals)
+
+    def sync_journals(self, journals: list[OpenSegment]) -> None:
+        """Sync journal files in seq order, outside the lock (the sealer may be
+        finishing some of them meanwhile: each sync is safe against that)."""
+        for seg in journals:
+            seg.sync()
+        self.st.check_not_failed()
+
+    def flush_to_store(self) -> int:
+        """Seal and wait until everything written so far is in the store;
+        returns the seq that covers it."""
+        st = self.st
+        target = self.seal_and_wait()
+        if st.uploader is None:
+            return target
+        if not st.uploader.wait_durable(target, STORE_FLUSH_TIMEOUT):
+            err = st.uploader.last_error
+            raise StoreError(f"volume {st.name}: flush to the store timed out"
+                             + (f" ({err})" if err else "") + "; the data is kept in the journal")
+        return target
