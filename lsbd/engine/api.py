@@ -48,7 +48,7 @@ class Allocation(NamedTuple):
 
 
 class BlockDevice(Protocol):
-    supports_nowait: bool  # optional; see "Non-blocking calls" above
+    supports_nowait: bool  # see "Non-blocking calls" above
     name: str
     block_size: int  # the volume's block size (4096 by default)
     read_only: bool
@@ -57,18 +57,25 @@ class BlockDevice(Protocol):
     def size(self) -> int:
         """Current size in bytes (a multiple of block_size)."""
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
         """Exactly `length` bytes (bytes, or a bytearray from a nowait read);
         unwritten ranges read as zeros."""
 
-    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+    def write(self, offset: int, data: bytes, *, fua: bool = False,
+              nowait: bool = False) -> None:
         """Atomic across a crash: after a crash all of `data` or none of it is there.
         fua=True: durable (as flush() defines it) when this returns."""
 
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def write_many(self, writes: list[tuple[int, bytes]], *, nowait: bool = False) -> None:
+        """Whole-block writes in order, each its own transaction; all or none
+        (see "Batched writes" above)."""
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> None:
         """Make the range read as zeros without storing data."""
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def trim(self, offset: int, length: int, *, fua: bool = False,
+             nowait: bool = False) -> None:
         """Discard the range; it reads as zeros afterwards (lsbd never returns stale data)."""
 
     def flush(self) -> None:
