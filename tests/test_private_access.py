@@ -11,8 +11,15 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+#: What Volume kept private before it was split into pieces: a test written
+#: against the old shape fails here rather than with an AttributeError.
+FORMER = {"_map", "_files", "_open", "_lock", "_sealing", "_sealer", "_uploader", "_lease",
+          "_failed", "_applied", "_size", "_seal", "_seal_and_wait", "_open_segment",
+          "_sealing_changed", "_sealing_abandoned", "_stop", "_timer", "_control", "_commit"}
+
+
 def engine_privates() -> set[str]:
-    names = set()
+    names = set(FORMER)
     for path in (ROOT / "lsbd" / "engine").rglob("*.py"):
         if path.name == "testing.py":
             continue

@@ -129,3 +129,9 @@ def wait_stored(vol: Volume, seq: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def lease_holder(vol: Volume):
+    """Who this writer's lease names (None once it let go of it)."""
+    lease = vol._st.lease
+    return None if lease is None else lease.holder
