@@ -17,7 +17,7 @@ from engine_helpers import MiB
 from fault_helpers import Client, CuttableProxy, wait_until
 from nbd_helpers import running_server
 
-from lsbd.engine import volume as volume_module
+from lsbd.engine import writer as writer_module
 from lsbd.engine.volume import Volume
 from lsbd.meta.config import create_volume
 from lsbd.store import open_store
@@ -55,7 +55,7 @@ def s3(moto_server, s3_bucket):
 
 def test_three_times_the_disk_through_nbd(small_disk, s3, monkeypatch):
     store, proxy = s3
-    monkeypatch.setattr(volume_module, "FULL_DISK_WAIT", 3.0)
+    monkeypatch.setattr(writer_module, "FULL_DISK_WAIT", 3.0)
     create_volume(store, "vol", 512 * MiB, segment_size=SEGMENT)
     vol = Volume.open(store, "vol", cache_root=small_disk)
     acked: dict[int, bytes] = {}
