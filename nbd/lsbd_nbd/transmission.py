@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from collections import deque
 from concurrent.futures import Executor
 
-from lsbd.engine.api import MAX_REQUEST
 from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
 from lsbd_nbd.dispatch import POOL_WRITE_FROM, takes_nowait
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
+from lsbd_nbd.replies import GATHER_ABOVE, Reply, ReplySender
+from lsbd_nbd.requests import WRITES, Pooled, allowed_flags, in_chunks, validate
 
 log = logging.getLogger("lsbd.nbd")
 
-_WRITES = frozenset((p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES))
-
-#: The largest range one BLOCK_STATUS reply covers (asked of the engine in
-#: MAX_REQUEST pieces), and the most descriptors one reply carries (the
-#: client asks again for the rest).
-MAX_STATUS_LENGTH = 1 << 30
-MAX_STATUS_DESCRIPTORS = 1 << 14
 #: A WRITE longer than MAX_BLOCK is refused; its payload is read and dropped
 #: up to this size, beyond it the connection is closed.
 MAX_SKIP = 2 * p.MAX_BLOCK
@@ -49,37 +42,7 @@ RECV_BUFFER = 256 * 1024
 #: or this many bytes at a time.
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 1 << 20
-#: Replies with a payload above this size go out with sendmsg (no copy).
-_GATHER_ABOVE = 64 * 1024
-#: Longest error message sent in a structured error chunk.
-_MAX_MESSAGE = 512
-
-# A reply: a header, and a payload to send after it (or None).
-Reply = tuple[bytes, "bytes | None"]
-
-
-class _Pooled:
-    """A request handed to the pool, with how many earlier requests it waits
-    for (pending) and the requests waiting for it (followers)."""
-
-    __slots__ = ("cmd", "flags", "handle", "offset", "length", "data", "end",
-                 "pending", "followers", "tracked")
-
-    def __init__(self, cmd: int, flags: int, handle: int, offset: int, length: int,
-                 data: bytes | None):
-        self.cmd = cmd
-        self.flags = flags
-        self.handle = handle
-        self.offset = offset
-        self.length = length
-        self.data = data
-        self.end = offset + length
-        self.pending = 0
-        self.followers: list[_Pooled] = []
-        self.tracked = False
-
-
-class Connection:
+class Connection(ReplySender):
     def __init__(self, sock: socket.socket, session: Session, *,
                  pool: Executor, peer: str = ""):
         self.sock = sock
@@ -94,10 +57,10 @@ class Connection:
         self.changed = threading.Condition(self.state_lock)
         self.in_pool = 0                          # requests handed to the pool, not done
         self.bytes_in_pool = 0                    # WRITE payload bytes those hold
-        self.writes_in_pool: list[_Pooled] = []   # of those, the writes (for ordering)
+        self.writes_in_pool: list[Pooled] = []   # of those, the writes (for ordering)
         # Large WRITEs waiting for the one pool thread that runs them in turn
         # (see _to_lane), and whether that thread is at work.
-        self.lane: deque[_Pooled] = deque()
+        self.lane: deque[Pooled] = deque()
         self.lane_busy = False
         self.broken = False
         self.buf = bytearray(RECV_BUFFER)
@@ -110,52 +73,11 @@ class Connection:
         self.batch_bytes = 0
         self.write_many = getattr(self.device, "write_many", None) if self.nowait else None
         self.block_size = getattr(self.device, "block_size", 0) or 4096
-        self._allowed = self._allowed_flags(session)
-
-    # --- validation ----------------------------------------------------------
-
-    @staticmethod
-    def _allowed_flags(session: Session) -> dict[int, int]:
-        """Command -> the command flags it may carry on this connection.
-        A command missing here is refused with EINVAL."""
-        fua = p.CMD_FLAG_FUA if session.flags & p.FLAG_SEND_FUA else 0
-        allowed = {
-            p.CMD_READ: fua | (p.CMD_FLAG_DF if session.structured else 0),
-            p.CMD_WRITE: fua,
-            p.CMD_FLUSH: fua,
-            p.CMD_TRIM: fua,
-            p.CMD_WRITE_ZEROES: fua | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
-        }
-        if session.flags & p.FLAG_SEND_CACHE:
-            allowed[p.CMD_CACHE] = 0
-        if session.structured and session.base_allocation:
-            allowed[p.CMD_BLOCK_STATUS] = fua | p.CMD_FLAG_REQ_ONE
-        return allowed
+        self._allowed = allowed_flags(session)
 
     def validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
-        """(0, "") for a request that may run, else (NBD error, message).
-        Every check happens here, once, before the request is dispatched."""
-        allowed = self._allowed.get(cmd)
-        if allowed is None:
-            return p.EINVAL, f"command {p.CMD_NAMES.get(cmd, cmd)} is not supported"
-        if cmd in _WRITES and self.session.flags & p.FLAG_READ_ONLY:
-            return p.EPERM, "the export is read-only"
-        if flags & ~allowed:
-            return p.EINVAL, f"flags {flags:#x} are not valid for {p.CMD_NAMES[cmd]}"
-        if cmd == p.CMD_FLUSH:
-            if offset or length:
-                return p.EINVAL, "FLUSH needs offset and length 0"
-            return 0, ""
-        if offset + length > self.session.size:
-            err = p.ENOSPC if cmd == p.CMD_WRITE or cmd == p.CMD_WRITE_ZEROES else p.EINVAL
-            return err, (f"offset {offset} + length {length} is beyond the export's "
-                         f"{self.session.size} bytes")
-        if length > p.MAX_BLOCK and (cmd == p.CMD_READ or cmd == p.CMD_WRITE):
-            err = p.EOVERFLOW if flags & p.CMD_FLAG_DF else p.EINVAL
-            return err, f"length {length} is above the maximum {p.MAX_BLOCK}"
-        if cmd == p.CMD_BLOCK_STATUS and length == 0:
-            return p.EINVAL, "BLOCK_STATUS of length 0"
-        return 0, ""
+        """(0, "") for a request that may run, else (NBD error, message)."""
+        return validate(self._allowed, self.session, cmd, flags, offset, length)
 
     # --- the request loop ------------------------------------------------------
 
@@ -211,7 +133,7 @@ class Connection:
         cmd_flush = p.CMD_FLUSH
         fua_flag = p.CMD_FLAG_FUA
         pool_write_from = POOL_WRITE_FROM
-        gather_above = _GATHER_ABOVE
+        gather_above = GATHER_ABOVE
         batch = self.batch            # changed in place, never rebound
         run_batch = self._run_batch
         write_inline = self._write_inline
@@ -236,7 +158,7 @@ class Connection:
                 try:
                     payload = read(offset, length, nowait=True) if nowait else read(offset, length)
                 except WouldBlock:
-                    submit(_Pooled(cmd, flags, handle, offset, length, None))
+                    submit(Pooled(cmd, flags, handle, offset, length, None))
                     continue
                 except Exception as exc:  # noqa: BLE001 - every error becomes a reply
                     pending.append(self._failure(exc, cmd, flags, handle, offset, length)[0])
@@ -285,10 +207,10 @@ class Connection:
                     if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, data):
                         continue
                     if flags & fua_flag:
-                        submit(_Pooled(cmd, flags, handle, offset, length, data))
+                        submit(Pooled(cmd, flags, handle, offset, length, data))
                         continue
                     if length >= pool_write_from:
-                        to_lane(_Pooled(cmd, flags, handle, offset, length, data))
+                        to_lane(Pooled(cmd, flags, handle, offset, length, data))
                         continue
                     write_inline(handle, offset, data)
                     continue
@@ -306,12 +228,12 @@ class Connection:
                     and queue_behind(cmd, flags, handle, offset, length, data)):
                 continue
             if cmd == cmd_flush or flags & fua_flag:
-                submit(_Pooled(cmd, flags, handle, offset, length, data))
+                submit(Pooled(cmd, flags, handle, offset, length, data))
                 continue
             try:
                 head, payload = perform(cmd, flags, handle, offset, length, data, nowait=nowait)
             except WouldBlock:
-                submit(_Pooled(cmd, flags, handle, offset, length, data))
+                submit(Pooled(cmd, flags, handle, offset, length, data))
                 continue
             pending.append(head)
             if payload is not None:
@@ -393,7 +315,7 @@ class Connection:
             else:
                 self.device.write(offset, data)
         except WouldBlock:
-            self._submit(_Pooled(p.CMD_WRITE, 0, handle, offset, len(data), data))
+            self._submit(Pooled(p.CMD_WRITE, 0, handle, offset, len(data), data))
             return
         except Exception as exc:  # noqa: BLE001 - every error becomes a reply
             self.pending.append(self._failure(exc, p.CMD_WRITE, 0, handle, offset,
@@ -438,28 +360,28 @@ class Connection:
             before = [w for w in self.writes_in_pool if w.offset < end and offset < w.end]
             if not before:
                 return False
-            req = _Pooled(cmd, flags, handle, offset, length, data)
+            req = Pooled(cmd, flags, handle, offset, length, data)
             req.pending = len(before)
             for w in before:
                 w.followers.append(req)
             self._register(req)
         return True
 
-    def _register(self, req: _Pooled) -> None:
+    def _register(self, req: Pooled) -> None:
         # Called with state_lock held.
         self.in_pool += 1
         if req.data is not None:
             self.bytes_in_pool += req.length
-        if req.cmd in _WRITES:
+        if req.cmd in WRITES:
             req.tracked = True
             self.writes_in_pool.append(req)
 
-    def _submit(self, req: _Pooled) -> None:
+    def _submit(self, req: Pooled) -> None:
         with self.state_lock:
             self._register(req)
         self.pool.submit(self._run_pooled, req)
 
-    def _to_lane(self, req: _Pooled) -> None:
+    def _to_lane(self, req: Pooled) -> None:
         """Run a large WRITE on the pool after the connection's other large
         WRITEs.  The engine writes one at a time anyway: more threads would
         only wait for its lock and fight for the GIL (with fio's sequential
@@ -482,7 +404,7 @@ class Connection:
                 req = self.lane.popleft()
             self._run_pooled(req)
 
-    def _run_pooled(self, req: _Pooled) -> None:
+    def _run_pooled(self, req: Pooled) -> None:
         try:
             reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
                                  req.data)
@@ -531,9 +453,9 @@ class Connection:
                 # other range (every write is appended to the log): so the
                 # zeroing is fast (FAST_ZERO succeeds) and NO_HOLE needs
                 # nothing more than the same zeroing.
-                self._in_chunks(device.write_zeroes, offset, length, fua, extra)
+                in_chunks(device.write_zeroes, offset, length, fua, extra)
             elif cmd == p.CMD_TRIM:
-                self._in_chunks(device.trim, offset, length, fua, extra)
+                in_chunks(device.trim, offset, length, fua, extra)
             elif cmd == p.CMD_BLOCK_STATUS:
                 return self.block_status_reply(handle, flags, offset, length)
             elif cmd == p.CMD_CACHE:
@@ -557,101 +479,3 @@ class Connection:
                       exc, exc_info=not isinstance(exc, OSError))
         return self.error_reply(flags, handle, err, str(exc) or type(exc).__name__)
 
-    @staticmethod
-    def _in_chunks(call, offset: int, length: int, fua: bool, extra: dict) -> None:
-        # TRIM and WRITE_ZEROES carry no payload and may be up to 4 GiB; the
-        # engine takes at most MAX_REQUEST bytes per call.  If a later piece
-        # would block, the whole request runs again on the pool: zeroing a
-        # range twice is harmless.
-        end = offset + length
-        while offset < end:
-            n = min(end - offset, MAX_REQUEST)
-            call(offset, n, fua=fua, **extra)
-            offset += n
-
-    # --- replies --------------------------------------------------------------------
-
-    def read_reply(self, handle: int, offset: int, payload: bytes) -> Reply:
-        if not self.session.structured:
-            return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), payload
-        if not payload:
-            return p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                           p.REPLY_TYPE_NONE, handle, 0), None
-        return p.STRUCTURED_READ_REPLY.pack(
-            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle,
-            len(payload) + 8, offset), payload
-
-    def error_reply(self, flags: int, handle: int, err: int, message: str) -> Reply:
-        if not self.session.structured:
-            return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, handle), None
-        raw = message.encode("utf-8", "replace")[:_MAX_MESSAGE]
-        return p.STRUCTURED_ERROR_REPLY.pack(
-            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_ERROR, handle,
-            6 + len(raw), err, len(raw)) + raw, None
-
-    def block_status_reply(self, handle: int, flags: int, offset: int, length: int) -> Reply:
-        limit = 1 if flags & p.CMD_FLAG_REQ_ONE else MAX_STATUS_DESCRIPTORS
-        hole = p.STATE_HOLE | p.STATE_ZERO
-        words = [p.META_BASE_ALLOCATION_ID]
-        pos = offset
-        end = offset + min(length, MAX_STATUS_LENGTH)
-        while pos < end and len(words) <= 2 * limit:
-            # The engine answers for at most MAX_REQUEST bytes per call.
-            for run in self.device.allocation(pos, min(end - pos, MAX_REQUEST)):
-                if run.offset != pos or run.length <= 0:
-                    raise RuntimeError(f"engine allocation map is not contiguous at {pos}")
-                status = 0 if run.allocated else hole
-                if len(words) > 1 and words[-1] == status:
-                    words[-2] += run.length
-                elif len(words) > 2 * limit:
-                    break
-                else:
-                    words.append(run.length)
-                    words.append(status)
-                pos += run.length
-            if limit == 1:
-                break
-        if len(words) == 1:
-            raise RuntimeError("engine allocation map is empty")
-        if limit == 1:
-            words[1] = min(words[1], length)
-        payload = struct.pack(f">{len(words)}I", *words)
-        return p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                       p.REPLY_TYPE_BLOCK_STATUS, handle,
-                                       len(payload)) + payload, None
-
-    def flush_pending(self) -> None:
-        """Send the replies of inline requests, queued so that one system call
-        carries all the replies to one batch of pipelined requests."""
-        pending = self.pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self.send((data, None))
-
-    def send(self, reply: Reply) -> None:
-        """Send one reply whole (replies from several threads never interleave).
-        A failure means the client is gone: the connection is marked broken
-        and its socket shut down, so the reading thread stops too."""
-        head, payload = reply
-        try:
-            with self.send_lock:
-                if payload is None:
-                    self.sock.sendall(head)
-                elif len(payload) <= _GATHER_ABOVE:
-                    self.sock.sendall(head + payload)
-                else:
-                    sent = self.sock.sendmsg([head, payload])
-                    if sent < len(head):
-                        self.sock.sendall(head[sent:])
-                        sent = len(head)
-                    if sent - len(head) < len(payload):
-                        self.sock.sendall(memoryview(payload)[sent - len(head):])
-        except OSError:
-            self.broken = True
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            raise
