@@ -121,7 +121,7 @@ def run_cli(*args: str, store: str | None = None, cache: str | None = None, env=
         cmd += ["--cache-dir", str(cache)]
     cmd += [str(a) for a in args]
     full_env = dict(os.environ)
-    full_env.setdefault("COLUMNS", "200")
+    full_env["COLUMNS"] = "200"     # tables are not cut to a narrow terminal
     if env:
         full_env.update(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
@@ -129,6 +129,19 @@ def run_cli(*args: str, store: str | None = None, cache: str | None = None, env=
     if check:
         assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 1, one clear line on stderr starting with 'lsbd:', no traceback;
+    returns that line."""
+    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
+    assert lines[0].startswith("lsbd: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
 
 
 def object_path(store_url: str, key: str) -> Path:
@@ -144,6 +157,7 @@ __all__ = [
     "MiB",
     "ObjectInfo",
     "RecordingStore",
+    "assert_user_error",
     "block",
     "blocks",
     "keys",

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 from engine_helpers import BS, LSBD, PYTHON, REPO, VENV_BIN, MiB  # noqa: F401
+from engine_helpers import assert_user_error  # noqa: F401
+from engine_helpers import blocks, read_all, run_cli
 from engine_helpers import open_test_store as open_url  # noqa: F401
 
 from lsbd.engine.volume import Volume
@@ -22,8 +23,7 @@ from lsbd.store import Store
 def pattern(tag: int, lba: int, n: int = 1, bs: int = BS) -> bytes:
     """n blocks whose every 16 bytes name (tag, block): a block from the wrong
     write or the wrong place is recognizable, and no block is all zeros."""
-    return b"".join(((tag + 1).to_bytes(8, "little") + (lba + i).to_bytes(8, "little")) * (bs // 16)
-                    for i in range(n))
+    return blocks(tag + 1, lba, n, bs)
 
 
 class Model:
@@ -87,8 +87,7 @@ def write_and_close(store: Store, name: str, cache: str, model: Model | None, op
 def read_volume(store: Store, name: str, cache: str, *, at_seq: int | None = None) -> bytes:
     vol = Volume.open(store, name, cache_root=str(cache), read_only=True, at_seq=at_seq)
     try:
-        return b"".join(vol.read(off, min(8 * MiB, vol.size - off))
-                        for off in range(0, vol.size, 8 * MiB))
+        return read_all(vol)
     finally:
         vol.close()
 
@@ -96,35 +95,12 @@ def read_volume(store: Store, name: str, cache: str, *, at_seq: int | None = Non
 def run(store_url: str, cache, *args, check: bool = False, timeout: float = 120,
         env: dict | None = None) -> subprocess.CompletedProcess:
     """`lsbd --store URL --cache-dir CACHE ARGS...` as a subprocess (text mode)."""
-    cmd = [LSBD, "--store", store_url, "--cache-dir", str(cache), *[str(a) for a in args]]
-    full_env = dict(os.environ)
-    full_env["COLUMNS"] = "200"
-    if env:
-        full_env.update(env)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          check=False)
-    if check:
-        assert proc.returncode == 0, \
-            f"{' '.join(cmd[1:])} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_cli(*args, store=store_url, cache=cache, check=check, timeout=timeout, env=env)
 
 
 def run_json(store_url: str, cache, *args):
     proc = run(store_url, cache, *args, "--json", check=True)
     return json.loads(proc.stdout)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 1, one clear line on stderr starting with 'lsbd:', no traceback;
-    returns that line."""
-    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("lsbd: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def export(store_url: str, cache, volume: str, path, *point: str) -> bytes:

@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from engine_helpers import BS, MiB, block, keys, open_test_store, run_cli
+from engine_helpers import BS, MiB, assert_user_error, block, keys, open_test_store, run_cli
 
 from lsbd import names
 from lsbd.segments import checkpoints as ckpt
@@ -36,15 +36,6 @@ def _ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert "Traceback" not in proc.stderr
     return proc
-
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("lsbd: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -130,34 +121,34 @@ def test_missing_volume_is_one_line(file_cli, tmp_path, argv):
     src = tmp_path / "in"
     src.write_bytes(b"x" * BS)
     argv = [str(tmp_path / "out") if a == "OUT" else str(src) if a == "IN" else a for a in argv]
-    line = _one_line_error(file_cli(*argv))
+    line = assert_user_error(file_cli(*argv))
     assert "nosuch" in line and "no volume" in line, line
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_volume_on_s3_is_one_line(s3_url, tmp_path):
-    line = _one_line_error(run_cli("info", "nosuch", store=s3_url, cache=tmp_path / "c"))
+    line = assert_user_error(run_cli("info", "nosuch", store=s3_url, cache=tmp_path / "c"))
     assert "nosuch" in line and "no volume" in line and s3_url in line, line
 
 
 def test_create_existing_volume_is_one_line(cli):
     _ok(cli("create", "v", "--size", "16M"))
-    line = _one_line_error(cli("create", "v", "--size", "16M"))
+    line = assert_user_error(cli("create", "v", "--size", "16M"))
     assert "already exists" in line
 
 
 def test_bad_size_is_one_line(file_cli):
     for size in ["abc", "0", "1000", "--size=-5", "12X", "1.5K"]:
         args = ["create", "v", size] if size.startswith("--") else ["create", "v", "--size", size]
-        line = _one_line_error(file_cli(*args))
+        line = assert_user_error(file_cli(*args))
         assert "size" in line, line
-    line = _one_line_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"))
+    line = assert_user_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"))
     assert "block size" in line
     assert _ok(file_cli("list", "--json")).stdout.strip() == "[]", "a bad create left a volume"
 
 
 def test_bad_volume_name_is_one_line(file_cli):
-    line = _one_line_error(file_cli("create", "bad/name", "--size", "16M"))
+    line = assert_user_error(file_cli("create", "bad/name", "--size", "16M"))
     assert "volume name" in line
 
 
@@ -165,7 +156,7 @@ def test_import_of_a_file_larger_than_the_volume(cli, store_url, tmp_path):
     _ok(cli("create", "small", "--size", "1M"))
     src = tmp_path / "big"
     src.write_bytes(os.urandom(1 * MiB + BS))
-    line = _one_line_error(cli("import", "small", src))
+    line = assert_user_error(cli("import", "small", src))
     assert "larger than" in line
     info = json.loads(_ok(cli("info", "small", "--json")).stdout)
     assert info["segments"] == 0, "a refused import wrote data"
@@ -174,7 +165,7 @@ def test_import_of_a_file_larger_than_the_volume(cli, store_url, tmp_path):
 
 def test_import_of_a_missing_file_is_one_line(file_cli, tmp_path):
     _ok(file_cli("create", "v", "--size", "1M"))
-    line = _one_line_error(file_cli("import", "v", tmp_path / "no-such-file"))
+    line = assert_user_error(file_cli("import", "v", tmp_path / "no-such-file"))
     assert "no-such-file" in line
 
 
@@ -197,12 +188,12 @@ def test_unreachable_s3_endpoint_fails_fast_with_a_clear_message(tmp_path):
 
 def test_unreachable_s3_endpoint_is_one_line(tmp_path):
     proc, _took = _unreachable(tmp_path)
-    _one_line_error(proc)
+    assert_user_error(proc)
 
 
 def test_missing_bucket_is_one_line(moto_server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    line = _one_line_error(run_cli("list", store="s3://no-such-bucket-lsbd/x",
+    line = assert_user_error(run_cli("list", store="s3://no-such-bucket-lsbd/x",
                                    cache=tmp_path / "cache"))
     assert "no-such-bucket-lsbd" in line
 
@@ -264,7 +255,7 @@ def test_delete_refuses_a_volume_in_use(cli, store_url, tmp_path):
         create_volume(store, "busy", 16 * MiB)
         vol = Volume.open(store, "busy", cache_root=str(tmp_path / "c"))
         try:
-            line = _one_line_error(cli("delete", "busy"))
+            line = assert_user_error(cli("delete", "busy"))
             assert f"pid {os.getpid()}" in line
             assert store.exists(names.config_key("busy"))
         finally:
@@ -287,7 +278,7 @@ def test_checkpoint_command_writes_a_checkpoint(cli, store_url, tmp_path, monkey
         top = vol.applied_seq
         vol.abandon()  # a crash: no checkpoint at close
         assert ckpt.list_checkpoints(store, "v") == []
-        line = _one_line_error(cli("checkpoint", "v"))
+        line = assert_user_error(cli("checkpoint", "v"))
         assert "in use" in line and "--break-lease" in line
         _ok(cli("checkpoint", "--break-lease", "v"))
         assert ckpt.list_checkpoints(store, "v") == [top]

@@ -7,7 +7,6 @@ Run with -s to see the measured store bytes against the live data."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import open_test_store as open_url
+from engine_helpers import read_all, run_cli
 from lsbd import names
 from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
@@ -30,7 +31,6 @@ from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
 from lsbd.errors import LsbdError
-from lsbd.store import open_store
 
 MiB = 1024 * 1024
 BS = 4096
@@ -44,18 +44,8 @@ ROUNDS = 5
 
 # --- helpers ----------------------------------------------------------------------------
 
-def open_url(url: str):
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
-    return open_store(url, endpoint_url=endpoint)
-
-
 def lsbd(url: str, cache, *args, check: bool = True, timeout: float = 120):
-    cmd = [LSBD, "--store", url, "--cache-dir", str(cache), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, "COLUMNS": "200"})
-    if check:
-        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_cli(*args, store=url, cache=cache, check=check, timeout=timeout)
 
 
 def lsbd_json(url: str, cache, *args):
@@ -92,10 +82,6 @@ def overwrite(vol, model: bytearray, rng: random.Random, span: int = WORKING_SET
         vol.write(off, data)
         model[off:off + n] = data
         written += n
-
-
-def read_all(vol, chunk: int = 8 * MiB) -> bytes:
-    return b"".join(vol.read(o, min(chunk, vol.size - o)) for o in range(0, vol.size, chunk))
 
 
 def assert_reads(vol, model: bytes, rng: random.Random | None = None, count: int = 50) -> None:

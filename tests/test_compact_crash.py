@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import read_all
 from lsbd import names
 from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
@@ -58,10 +59,6 @@ def overwrite(vol, model: bytearray, rng: random.Random, working_set: int) -> No
         vol.write(off, data)
         model[off:off + n] = data
         written += n
-
-
-def read_all(vol) -> bytes:
-    return b"".join(vol.read(o, min(4 * MiB, vol.size - o)) for o in range(0, vol.size, 4 * MiB))
 
 
 def live_bytes(model: bytes) -> int:
