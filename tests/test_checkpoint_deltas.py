@@ -13,6 +13,7 @@ from engine_helpers import BS, MiB, blocks, open_test_store, read_all, wipe
 
 from lsbd import names
 from lsbd.engine.volume import Volume
+from lsbd.history.compactor import compact
 from lsbd.history.restore import create_clone
 from lsbd.meta.config import create_volume, load_config
 from lsbd.names import cache_dir_for
@@ -141,7 +142,7 @@ def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
             if r in (4, 9):
                 snaps[vol.snapshot(f"s{r}").seq] = read_all(vol)
         expected = read_all(vol)
-        vol.compact(threshold=1.0)
+        compact(vol, threshold=1.0)
         live = vol.checkpoint()
     manifests = _manifests(store)
     needed: set[int] = set()

@@ -145,8 +145,8 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
             lba = rng.randrange(0, vol.size // BS)
             vol.write(lba * BS, blocks(i, lba, 1))
             written[lba] = i
-        vol._seal_and_wait()
-        files = vol._files
+        testing.seal_now(vol)
+        files = testing.local_files(vol)
         one = max(idx.nbytes for idx in files._indexes.values()) if files._indexes else 1024
         monkeypatch.setattr(segfiles, "INDEX_CACHE_BYTES", 3 * one)
         for lba, tag in sorted(written.items()):
