@@ -9,14 +9,13 @@ doing (building a map at a point, copying data) is in the engine and CLI."""
 from __future__ import annotations
 
 import contextlib
-import json
-import time
 from typing import Callable, Iterator
 
 
 from lsbd import names
 from lsbd.engine.volume import Volume
 from lsbd.history.compactor import ensure_checkpoint_at
+from lsbd.meta.clones import write_clone_ref
 from lsbd.plans.restore import changed_ranges
 from lsbd.meta.config import VolumeConfig
 from lsbd.store import Store
@@ -37,8 +36,7 @@ def create_clone(store: Store, source: VolumeConfig, name: str, seq: int, *, siz
 
         raise VolumeExists(f"volume {name!r} already exists in {store.url}")
     ensure_checkpoint_at(store, source.name, seq, cache_root=cache_root)
-    store.put(names.clone_ref_key(source.name, name),
-              json.dumps({"clone": name, "seq": seq, "created": time.time()}).encode())
+    write_clone_ref(store, source.name, name, seq)
     parent = {"volume": source.name, "volume_id": source.volume_id, "seq": seq}
     copy_sealing(store, source, name)
     return create_volume(store, name, size, block_size=source.block_size,

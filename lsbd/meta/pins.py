@@ -4,23 +4,14 @@ never prunes one."""
 
 from __future__ import annotations
 
-import json
-
-from lsbd import names
-from lsbd.errors import ObjectNotFound
+from lsbd.meta.clones import live_clone_refs
 from lsbd.meta.config import VolumeConfig
 from lsbd.meta.snapshots import list_snapshots
 from lsbd.store import Store
 
 
 def pinned_points(store: Store, config: VolumeConfig) -> set[int]:
-    """Seqs of the snapshots and clone bases of a volume."""
+    """Seqs of the snapshots and live clone bases of a volume."""
     points = {s.seq for s in list_snapshots(store, config)}
-    for info in store.list(names.clone_prefix(config.name)):
-        try:
-            ref = json.loads(store.get(info.key))
-        except (ObjectNotFound, ValueError):
-            continue
-        if store.exists(names.config_key(ref.get("clone", ""))):
-            points.add(int(ref["seq"]))
+    points |= {r.seq for r in live_clone_refs(store, config.name)}
     return {p for p in points if p > 0}
