@@ -10,6 +10,7 @@ import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all
 from nbd_helpers import RawClient, running_server
 
+from lsbd.engine import testing
 from lsbd.meta.config import create_volume
 from lsbd.engine.readahead import ReadAhead
 from lsbd.engine.volume import Volume
@@ -52,7 +53,7 @@ def test_reading_in_order_fetches_whole_segments_not_each_read(written, tmp_path
         # Without whole fetches and read-ahead: one GET per read (256), plus indexes.
         assert store.calls["get"] <= 2 * segments + 8, store.calls
         assert store.calls["get"] < reads / 2
-        assert vol._files.fetcher.stats["whole_fetches"] >= segments - 2
+        assert testing.local_files(vol).fetcher.stats["whole_fetches"] >= segments - 2
     finally:
         vol.close()
 
@@ -66,7 +67,7 @@ def test_scattered_reads_are_small_ranged_gets(written, tmp_path):
         for seg in rng.sample(range(SIZE // SEGMENT), 6):
             off = seg * SEGMENT + rng.randrange(SEGMENT // BS // 2) * BS * 2 + BS
             assert vol.read(off, BS) == expected[off:off + BS]
-        assert vol._files.fetcher.stats["whole_fetches"] == 0
+        assert testing.local_files(vol).fetcher.stats["whole_fetches"] == 0
         assert store.bytes_got < 6 * (BS + 64 * 1024) + 64 * 1024, store.bytes_got
     finally:
         vol.close()
@@ -124,8 +125,8 @@ def test_nbd_cache_is_advertised_and_prefetches(written, tmp_path):
             info = c.connect_export("vol", structured=False)
             assert info["flags"] & p.FLAG_SEND_CACHE
             assert c.call(p.CMD_CACHE, 8 * MiB, 4 * MiB) == (0, b"")
-            segments = {e.seq for e in vol._map.lookup(8 * MiB // BS, 4 * MiB // BS)}
-            assert segments and all(vol._files.is_local(s) for s in segments)
+            segments = {e.seq for e in vol.map_extents(8 * MiB // BS, 4 * MiB // BS)}
+            assert segments and all(testing.local_files(vol).is_local(s) for s in segments)
             store.reset_counts()
             assert c.call(p.CMD_READ, 8 * MiB, 1 * MiB) == (0, expected[8 * MiB:9 * MiB])
             assert store.calls["get"] == 0
@@ -144,6 +145,6 @@ def test_nothing_is_fetched_whole_from_a_local_store(tmp_path):
     vol = _reader(store, tmp_path)
     try:
         assert read_all(vol) == expected
-        assert vol._files.fetcher.stats["whole_fetches"] == 0
+        assert testing.local_files(vol).fetcher.stats["whole_fetches"] == 0
     finally:
         vol.close()

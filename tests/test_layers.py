@@ -23,6 +23,7 @@ LAYERS = [
     ["lsbd.segments"],
     ["lsbd.engine"],
     ["lsbd.history"],
+    ["lsbd.service"],                   # what the CLI and the front ends' launchers call
     ["lsbd_nbd", "lsbd_fuse"],          # front ends
     ["lsbd.cli"],
     ["lsbd"],                           # the package face
