@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: against the old shape fails here rather than with an AttributeError.
 FORMER = {"_map", "_files", "_open", "_lock", "_sealing", "_sealer", "_uploader", "_lease",
           "_failed", "_applied", "_size", "_seal", "_seal_and_wait", "_open_segment",
-          "_sealing_changed", "_sealing_abandoned", "_stop", "_timer", "_control", "_commit"}
+          "_sealing_changed", "_sealing_abandoned", "_stop", "_timer", "_control", "_commit",
+          "_read_defrag"}
 
 
 def engine_privates() -> set[str]:

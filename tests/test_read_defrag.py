@@ -9,6 +9,7 @@ import random
 import pytest
 from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all
 
+from lsbd.engine import testing
 from lsbd.engine import readdefrag
 from lsbd.engine.volume import Volume
 from lsbd.map.blockmap import Extent
@@ -41,7 +42,7 @@ def _scatter(vol, n: int = 256) -> bytes:
     random.Random(4).shuffle(order)
     for tag, lba in enumerate(order):
         vol.write(lba * BS, block(tag, lba))
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     # In reads too short to count as scattered.
     return b"".join(vol.read(off, 16 * BS) for off in range(0, n * BS, 16 * BS))
 
@@ -50,8 +51,8 @@ def test_a_scattered_read_is_laid_out_in_order(vol):
     expected = _scatter(vol)
     assert len(vol.map_extents(0, 256)) == 256
     assert vol.read(0, 1 * MiB) == expected          # scattered: queued
-    assert vol._read_defrag.drain()
-    vol._seal_and_wait()
+    assert testing.read_defrag(vol).drain()
+    testing.seal_now(vol)
     assert len(vol.map_extents(0, 256)) == 1         # one run, one extent
     assert vol.read(0, 1 * MiB) == expected
     assert vol.usage()["read_defrag_bytes"] == 1 * MiB
@@ -64,18 +65,17 @@ def test_a_scattered_read_is_laid_out_in_order(vol):
 
 
 def test_a_newer_write_wins_over_a_late_relocation(vol):
-    vol._read_defrag.close()       # relocations by hand only
-    vol._read_defrag = None
+    testing.stop_read_defrag(vol)   # relocations by hand only
     _scatter(vol)
     runs = vol.map_extents(0, 256)
     loaded = [(Extent(e.lba, e.nblocks, e.seq, e.offset), vol.read(e.lba * BS, e.nblocks * BS))
               for e in runs]
     vol.write(5 * BS, blocks(999, 5, 3))             # after the read, before the relocation
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     expected = vol.read(0, 1 * MiB)
     moved = vol.relocate_loaded(loaded)
     assert moved == (256 - 3) * BS
-    vol._seal_and_wait()
+    testing.seal_now(vol)
     assert vol.read(0, 1 * MiB) == expected
     assert vol.read(5 * BS, 3 * BS) == blocks(999, 5, 3)
 
@@ -84,7 +84,7 @@ def test_read_only_volumes_do_not_defragment(vol, tmp_path):
     expected = _scatter(vol)
     vol.flush_to_store()
     with Volume.open(vol.store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as ro:
-        assert ro._read_defrag is None
+        assert testing.read_defrag(ro) is None
         assert read_all(ro)[:1 * MiB] == expected
 
 
@@ -93,10 +93,10 @@ def test_a_volume_can_turn_it_off(tmp_path):
     create_volume(store, "off", 16 * MiB, segment_size=256 * 1024, seal_interval=3600,
                   read_defrag=False)
     with Volume.open(store, "off", cache_root=str(tmp_path / "cache")) as v:
-        assert v._read_defrag is None
+        assert testing.read_defrag(v) is None
         expected = _scatter(v)
         assert v.read(0, 1 * MiB) == expected
-        v._seal_and_wait()
+        testing.seal_now(v)
         assert len(v.map_extents(0, 256)) == 256
         assert v.usage()["read_defrag_bytes"] == 0
     store.close()

@@ -135,3 +135,16 @@ def lease_holder(vol: Volume):
     """Who this writer's lease names (None once it let go of it)."""
     lease = vol._st.lease
     return None if lease is None else lease.holder
+
+
+def read_defrag(vol):
+    """The writer's read-directed defragmenter (lsbd.engine.readdefrag), or
+    None (a read-only volume, or read_defrag off)."""
+    reader = getattr(vol, "_reader", None)
+    return None if reader is None else getattr(reader, "read_defrag", None)
+
+
+def stop_read_defrag(vol: Volume) -> None:
+    """No more read-directed defragmentation on this writer (relocations
+    by hand only)."""
+    vol._reader.close_defrag()
