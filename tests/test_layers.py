@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 LAYERS = [
     ["lsbd.errors"],
-    ["lsbd.checksum", "lsbd.linux", "lsbd.names"],
+    ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio"],
     ["lsbd.store", "lsbd.crypto"],
     ["lsbd.plans"],
     ["lsbd.format"],

@@ -16,7 +16,7 @@ from engine_helpers import MiB, open_test_store, read_all
 from powercut import PowerCut
 from test_crash import _observe, valid_prefixes
 
-from lsbd.engine import volume as volume_mod
+from lsbd.engine import sealer as sealer_mod
 from lsbd.engine.volume import Volume
 from lsbd.errors import TransientStoreError
 from lsbd.meta.config import create_volume
@@ -28,7 +28,7 @@ SEGMENT_SIZE = 256 * 1024
 
 @pytest.fixture(autouse=True)
 def _bounded_store_waits(monkeypatch):
-    monkeypatch.setattr(volume_mod, "STORE_FLUSH_TIMEOUT", 10.0)
+    monkeypatch.setattr(sealer_mod, "STORE_FLUSH_TIMEOUT", 10.0)
 
 
 class Writer(threading.Thread):
