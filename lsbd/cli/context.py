@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from lsbd import linux
 from lsbd.store import Store, open_store
@@ -26,7 +27,7 @@ class Context:
         self.key_file = key_file
         self.passphrase_file = passphrase_file
         self._store: Store | None = None
-        self._secret = None
+        self._secret: Any = None
 
     @property
     def store(self) -> Store:
@@ -79,7 +80,7 @@ class Context:
         from lsbd.meta.config import Lineage, load_config
 
         for config in Lineage.load(self.plain_store, load_config(self.plain_store, volume)).chain:
-            self.store.sealing(names.segment_key(config.name, 1))
+            self.store.sealing(names.segment_key(config.name, 1))  # type: ignore[attr-defined]  # open_store's SealingStore
 
     @property
     def has_store(self) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from lsbd.engine import sealer as sealing
 from lsbd.engine.deltas import delta_base, delta_entries, segment_records
@@ -54,7 +54,7 @@ class Checkpointer:
                 st.check_lease()
                 prev = None if base else delta_base(st.store, st.name, st.config.volume_id,
                                                     st.last_checkpoint, target)
-                shape = dict(volume_size=snap.meta("size", st.size),
+                shape: dict[str, Any] = dict(volume_size=snap.meta("size", st.size),
                              block_size=st.block_size, top_crc=snap.meta("top_crc"))
                 if prev is None:
                     ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,

@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import threading
+from typing import Any
 
 from lsbd.errors import LsbdError, StoreError
 
@@ -79,7 +80,7 @@ class ControlServer:
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
 
-    def _do(self, request: dict) -> int | dict:
+    def _do(self, request: dict) -> Any:
         return perform(self.volume, request)
 
     def close(self) -> None:
@@ -97,7 +98,8 @@ class ControlServer:
                 pass
 
 
-def perform(volume, request: dict, *, progress=None) -> int | dict:
+def perform(volume, request: dict, *, progress=None) -> Any:
+    """The answer is JSON: a seq for most operations, a report (dict) for stats and compact."""
     """Do one control operation on an open volume: what the writer does for a
     request on its socket, and what a command does itself when no writer
     runs.  Returns a seq, or a report (a dict)."""

@@ -88,6 +88,7 @@ def overlay(under: Iterable[tuple], over: Iterable[tuple], block_size: int) -> I
     o = next(over_it, None)
     while u is not None or o is not None:
         if o is None or (u is not None and u[0] < o[0]):
+            assert u is not None  # the loop runs while one of them is left
             ul, un, us, uoff = u
             limit = ul + un if o is None else o[0]
             if ul + un <= limit:

@@ -4,6 +4,7 @@ sealing journals, the local copies, or the store."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from lsbd.engine.api import MAX_REQUEST, Allocation
@@ -150,7 +151,7 @@ class Reader:
                 raise WouldBlock("some blocks are not cached locally")
             if remote > 1:   # several segments from the store: in parallel
                 return b"".join(files.fetcher.map_reads(
-                    [lambda r=r: self._read_run(r, False, sequential) for r in runs]))
+                    [functools.partial(self._read_run, r, False, sequential) for r in runs]))
         parts = [self._read_run(r, nowait, sequential) for r in runs]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

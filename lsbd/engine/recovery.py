@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 import attrs
 
@@ -79,14 +79,14 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
     segments `keep` rejects (compaction may have deleted them since)."""
     chain = ckpt.read_chain(store, volume, manifest)
     segments = [s for s in ckpt.read_segments(store, manifest) if keep(s.seq)]
-    meta = dict(applied_seq=str(manifest.seq).encode(),
+    meta: dict[str, Any] = dict(applied_seq=str(manifest.seq).encode(),
                 size=str(manifest.volume_size).encode(),
                 top_crc=str(manifest.top_crc or 0).encode())
     if len(chain) == 1:
         bm.load(ckpt.read_extents(store, manifest), segments, **meta)
         return
     # One pass: the base with each delta laid over it as they stream.
-    merged: Iterable[tuple] = ckpt.read_extents(store, chain[0])
+    merged: Iterable[Any] = ckpt.read_extents(store, chain[0])
     for delta in chain[1:]:
         merged = overlay(merged, ckpt.read_extents(store, delta), bm.block_size)
     bm.load((e for e in merged if e[2]), segments, **meta)

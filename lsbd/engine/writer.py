@@ -336,9 +336,9 @@ class Writer:
             return [(DATA, lba, n, data, pack_masked(crcs))]
         view = memoryview(data)
         zero = st.zero_block
-        out = []
+        out: list[tuple] = []
         run_start = 0
-        run_zero = crcs[0] == zero_crc and view[0:bs] == zero
+        run_zero: bool | None = crcs[0] == zero_crc and view[0:bs] == zero
         for i in range(1, n + 1):
             is_zero = None if i == n else (crcs[i] == zero_crc and view[i * bs:(i + 1) * bs] == zero)
             if is_zero != run_zero:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Sequence
 from typing import Protocol
 
 HOLE = -1  # overlay value of a zeroed/trimmed block
@@ -43,7 +44,7 @@ class JournalIndex(Protocol):
     ranges: list[tuple[int, int, int, bytes]]  # (start, end, file offset or HOLE, packed crcs)
 
 
-def plan_reads(extents, first: int, n: int, sealing: list[JournalIndex],
+def plan_reads(extents, first: int, n: int, sealing: Sequence[JournalIndex],
                open_segment: JournalIndex | None, bs: int) -> list[tuple]:
     """The runs covering [first, first+n): the map's extents (clipped to the
     range, in order), with the journals' newer blocks laid over them."""

@@ -9,7 +9,7 @@ and does the same operation (lsbd.engine.control.perform) on it."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 
@@ -24,7 +24,7 @@ from lsbd.store import Store
 
 @attrs.frozen
 class Outcome:
-    value: int | dict       # a seq, or a report
+    value: Any              # JSON: a seq, or a report
     by_writer: bool         # True: the running writer did it
 
 
@@ -34,7 +34,7 @@ def control_path(store: Store, name: str, *, cache_root: str) -> str:
 
 
 def ask_writer(store: Store, name: str, request: dict, *, cache_root: str,
-               timeout: float = 300.0) -> int | dict | None:
+               timeout: float = 300.0) -> Any:
     """The running writer's answer to `request`, or None if none runs here."""
     reply = control.call(control_path(store, name, cache_root=cache_root), request,
                          timeout=timeout)

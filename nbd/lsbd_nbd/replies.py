@@ -6,10 +6,14 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from typing import TYPE_CHECKING
 
-from lsbd.engine.api import MAX_REQUEST
+from lsbd.engine.api import MAX_REQUEST, BlockDevice
 from lsbd_nbd import protocol as p
 from lsbd_nbd.handshake import Session
+
+if TYPE_CHECKING:
+    from lsbd_nbd.tls import TLSSocket
 
 #: The largest range one BLOCK_STATUS reply covers (asked of the engine in
 #: MAX_REQUEST pieces), and the most descriptors one reply carries (the
@@ -30,7 +34,8 @@ class ReplySender:
     socket, the lock that keeps replies whole and the queue of inline replies."""
 
     session: Session
-    sock: socket.socket
+    device: BlockDevice
+    sock: socket.socket | TLSSocket
     send_lock: threading.Lock
     pending: list[bytes]
     broken: bool

@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 from concurrent.futures import Executor
 
 from lsbd.errors import WouldBlock
@@ -24,6 +25,9 @@ from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
 from lsbd_nbd.replies import GATHER_ABOVE, Reply, ReplySender
 from lsbd_nbd.requests import WRITES, Pooled, allowed_flags, in_chunks, validate
+
+if TYPE_CHECKING:
+    from lsbd_nbd.tls import TLSSocket
 
 log = logging.getLogger("lsbd.nbd")
 
@@ -43,7 +47,7 @@ RECV_BUFFER = 256 * 1024
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 1 << 20
 class Connection(ReplySender):
-    def __init__(self, sock: socket.socket, session: Session, *,
+    def __init__(self, sock: socket.socket | TLSSocket, session: Session, *,
                  pool: Executor, peer: str = ""):
         self.sock = sock
         self.session = session
@@ -231,7 +235,7 @@ class Connection(ReplySender):
                 submit(Pooled(cmd, flags, handle, offset, length, data))
                 continue
             try:
-                head, payload = perform(cmd, flags, handle, offset, length, data, nowait=nowait)
+                head, payload = perform(cmd, flags, handle, offset, length, data, nowait=nowait)  # type: ignore[assignment]  # an inline reply always has its head
             except WouldBlock:
                 submit(Pooled(cmd, flags, handle, offset, length, data))
                 continue
@@ -337,7 +341,7 @@ class Connection(ReplySender):
         batch.clear()
         self.batch_bytes = 0
         try:
-            self.write_many(writes, nowait=True)
+            self.write_many(writes, nowait=True)  # type: ignore[misc]  # a batch exists only when write_many does
         except Exception:  # noqa: BLE001 - WouldBlock, or errors each write reports itself
             for handle, (offset, data) in zip(handles, writes):
                 if self.writes_in_pool and self._queue_behind_overlaps(
@@ -443,7 +447,7 @@ class Connection(ReplySender):
             extra = {"nowait": True} if nowait else {}
             if cmd == p.CMD_WRITE:
                 if length:
-                    device.write(offset, data, fua=fua, **extra)
+                    device.write(offset, data, fua=fua, **extra)  # type: ignore[arg-type]  # a WRITE always carries its data
             elif cmd == p.CMD_FLUSH:
                 if not self.read_only:       # nothing to make durable otherwise
                     device.flush()
@@ -462,7 +466,7 @@ class Connection(ReplySender):
                 if nowait:      # it fetches from the store: on the pool
                     raise WouldBlock("CACHE waits for the store")
                 # Replies once the blocks are in the local cache.
-                device.prefetch(offset, length)
+                device.prefetch(offset, length)  # type: ignore[attr-defined]  # only advertised when the device has it
             return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), None
         except Exception as exc:
             if nowait and isinstance(exc, WouldBlock):
