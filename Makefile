@@ -20,7 +20,7 @@ DEB_PACKAGES := fuse3 e2fsprogs libnbd-bin python3-libnbd \
 NODE_DIR := .node
 S3RVER   := $(NODE_DIR)/node_modules/.bin/s3rver
 
-.PHONY: all demo test test-slow lint bench bench-distant sysdeps nodedeps venv clean
+.PHONY: all demo test test-unit test-slow lint bench bench-distant sysdeps nodedeps venv clean
 
 all: venv
 
@@ -62,6 +62,10 @@ lint: venv
 # The whole suite; any non-zero pytest exit fails (including 5: no tests ran).
 test: sysdeps venv nodedeps lint
 	$(VENV)/bin/pytest -q -m "not slow" --timeout=600 tests
+
+# The fast tier: pure code, no store, no mounts, no subprocesses (seconds).
+test-unit: venv
+	$(VENV)/bin/pytest -q --timeout=120 tests/unit
 
 test-slow: sysdeps venv nodedeps
 	$(VENV)/bin/pytest -q -m slow --timeout=3600 tests

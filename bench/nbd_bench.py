@@ -172,7 +172,7 @@ def memory(workdir: str, size: int):
 
 def serve_memory(sock: str, size: int) -> None:
     """The lsbd NBD server over an in-memory volume, until SIGTERM."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
+    sys.path.insert(0, os.path.join(REPO, "tests", "support"))
     from fakes import FakeVolume
 
     from lsbd_nbd import NBDServer

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The shared helpers (tests/support) are imported by module name from every tier.
+_sys.path.insert(0, str(_Path(__file__).resolve().parent / "support"))
+
 import logging
 import os
 import socket
@@ -105,7 +111,7 @@ def s3_bucket(moto_server, monkeypatch):
 @pytest.fixture
 def quirky_s3_url(request, moto_server, monkeypatch):
     """A store URL in a fresh moto bucket with one of the quirks of
-    tests/s3_quirks.py: the test names it with indirect parametrization
+    tests/support/s3_quirks.py: the test names it with indirect parametrization
     (NO_RANGE, SHORT_RANGE or NO_CONDITIONAL)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     name = request.param + uuid.uuid4().hex[:16]
@@ -246,3 +252,44 @@ def any_store(store_url):
     store = open_store(store_url, endpoint_url=endpoint)
     yield store
     store.close()
+
+
+# --- a volume to test on ------------------------------------------------------------
+
+@pytest.fixture
+def store_path(tmp_path):
+    return "file://" + str(tmp_path / "store")
+
+
+@pytest.fixture
+def store(store_path):
+    from engine_helpers import open_test_store
+
+    s = open_test_store(store_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def make_volume(store, tmp_path):
+    """make_volume(**settings) -> an open writer on a new 64 MiB volume "vol"
+    (closed after the test).  A test module's own `store` fixture overrides
+    the file store here."""
+    from lsbd.engine.volume import Volume
+    from lsbd.meta.config import create_volume
+
+    opened = []
+
+    def make(size=64 * 1024 * 1024, *, store_=None, open_kw=None, **settings):
+        s = store_ or store
+        create_volume(s, "vol", size, **settings)
+        vol = Volume.open(s, "vol", cache_root=str(tmp_path / "cache"), **(open_kw or {}))
+        opened.append(vol)
+        return vol
+
+    yield make
+    for vol in opened:
+        try:
+            vol.close()
+        except Exception as e:  # noqa: BLE001 - cleanup; the test already reported
+            print(f"closing the volume after the test failed: {e}")

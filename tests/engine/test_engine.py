@@ -17,7 +17,6 @@ from engine_helpers import (
     MiB,
     block,
     blocks,
-    open_test_store,
     segment_seqs,
     wipe,
 )
@@ -61,38 +60,6 @@ from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore
 
 SIZE = 64 * MiB
-
-
-@pytest.fixture
-def store_path(tmp_path):
-    return "file://" + str(tmp_path / "store")
-
-
-@pytest.fixture
-def store(store_path):
-    s = open_test_store(store_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def make_volume(store, tmp_path):
-    """make_volume(**settings) -> an open writer on a new 64 MiB volume "vol"."""
-    opened = []
-
-    def make(size=SIZE, *, store_=None, open_kw=None, **settings):
-        s = store_ or store
-        create_volume(s, "vol", size, **settings)
-        vol = Volume.open(s, "vol", cache_root=str(tmp_path / "cache"), **(open_kw or {}))
-        opened.append(vol)
-        return vol
-
-    yield make
-    for vol in opened:
-        try:
-            vol.close()
-        except Exception as e:  # noqa: BLE001 - cleanup; the test already reported
-            print(f"closing the volume after the test failed: {e}")
 
 
 _REOPENED: list[Volume] = []

@@ -1,5 +1,5 @@
 """Power cuts (issue #16, DESIGN invariant 3): writers run under load, the
-power is cut at a random moment (tests/powercut.py keeps only what was
+power is cut at a random moment (tests/support/powercut.py keeps only what was
 synced), the volume is reopened and must be a prefix of the acknowledged
 writes holding every write flushed before the cut.  Both flush modes, both
 store kinds.  Unlike SIGKILL, this sees a missing fsync."""

@@ -3,7 +3,7 @@ requests): a child process writes under load and is killed with SIGKILL at a
 random moment; the volume is reopened and compared with a model of the
 writes it acknowledged.
 
-The child is tests/crash_writer.py; its operations are a pure function of the
+The child is tests/support/crash_writer.py; its operations are a pure function of the
 seed, so the check regenerates them and needs from the child only how far it
 got (the last acknowledged operation, the last completed flush)."""
 
@@ -30,7 +30,7 @@ from lsbd.segments import checkpoints as ckpt
 
 VOLUME_SIZE = 64 * MiB
 SEGMENT_SIZE = 256 * 1024
-WRITER = os.path.join(os.path.dirname(__file__), "crash_writer.py")
+WRITER = os.path.join(os.path.dirname(__file__), "..", "support", "crash_writer.py")
 
 
 @pytest.fixture(autouse=True)

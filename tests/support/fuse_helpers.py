@@ -19,7 +19,7 @@ import pytest
 from lsbd_fuse.mounts import find_mount, read_pid_file
 
 TOOLS = ("fusermount3", "mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "findmnt")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def require_fuse(*tools: str) -> None:
@@ -81,10 +81,10 @@ class FuseEnv:
                    "--cache-dir", self.cache, *args, check=check, timeout=timeout)
 
     def fake(self, mnt: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Mount a FakeVolume through the real front end (tests/fuse_fakes.py)."""
+        """Mount a FakeVolume through the real front end (tests/support/fuse_fakes.py)."""
         mnt.mkdir(parents=True, exist_ok=True)
         self.fuse_mounts.append(mnt)
-        r = run(sys.executable, REPO / "tests" / "fuse_fakes.py", mnt, *args, check=check)
+        r = run(sys.executable, REPO / "tests" / "support" / "fuse_fakes.py", mnt, *args, check=check)
         self._note_pid(mnt)
         return r
 

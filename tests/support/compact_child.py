@@ -1,7 +1,7 @@
-"""The victim of the compaction crash tests (tests/test_compact_crash.py):
+"""The victim of the compaction crash tests (tests/crash/test_compact_crash.py):
 opens a volume, compacts it, and SIGKILLs itself at a chosen moment.
 
-    python tests/compact_child.py STORE_URL VOLUME CACHE_ROOT PLAN_JSON
+    python tests/support/compact_child.py STORE_URL VOLUME CACHE_ROOT PLAN_JSON
 
 PLAN_JSON names the moment:
     {"stage": "segput" | "ckptpart" | "ckptput" | "segdelete" | "ckptdelete" | "delay" | "none",

@@ -364,7 +364,7 @@ def test_serve_reports_user_errors_in_one_line(env):
 def test_corrupt_store_data_is_an_io_error_for_that_request(env):
     require_tools("qemu-io")
     # Plain segments, damaged in place (compressed and encrypted ones:
-    # tests/test_encrypted_volume.py).
+    # tests/engine/test_encrypted_volume.py).
     env.create("bad", "16M", "--compress", "none")
     with env.serve("bad") as srv:
         run_tool("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 4M", srv.uri("bad"))

@@ -1,6 +1,6 @@
 """The FUSE server without a kernel: requests over a socket pair.
 
-Each test drives a Session as the kernel would (tests/fuse_wire.py), over
+Each test drives a Session as the kernel would (tests/support/fuse_wire.py), over
 FakeVolumes: the operations, how errors become errno values, which calls
 run on the queue's thread and which in workers, and that no request, short,
 malformed, unknown or interrupted, takes the session down.  Needs no root.

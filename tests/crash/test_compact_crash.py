@@ -1,6 +1,6 @@
 """Killing compaction at any instant loses nothing (DESIGN invariant 6).
 
-A child process (tests/compact_child.py) opens a volume and compacts it; its
+A child process (tests/support/compact_child.py) opens a volume and compacts it; its
 store wrapper SIGKILLs it at a moment chosen from the seed: before or after
 the Nth upload of a rewritten segment, a checkpoint part, the checkpoint
 manifest, the Nth delete of an old segment or checkpoint, or after a random
@@ -35,10 +35,10 @@ from lsbd.store import open_store
 
 MiB = 1024 * 1024
 BS = 4096
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 PYTHON = str(HERE.parent / ".venv" / "bin" / "python")
 LSBD = str(HERE.parent / ".venv" / "bin" / "lsbd")
-CHILD = str(HERE / "compact_child.py")
+CHILD = str(HERE / "support" / "compact_child.py")
 
 VSIZE = 12 * MiB
 ROUNDS = 4

@@ -8,7 +8,7 @@ engine can change shape without breaking the suite."""
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
 
 #: What Volume kept private before it was split into pieces: a test written

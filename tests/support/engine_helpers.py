@@ -15,7 +15,7 @@ from lsbd.store.base import ObjectInfo
 
 MiB = 1024 * 1024
 BS = 4096
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 LSBD = str(VENV_BIN / "lsbd")

@@ -1,7 +1,7 @@
-"""The victim of the crash tests (tests/test_crash.py): opens a volume and
+"""The victim of the crash tests (tests/crash/test_crash.py): opens a volume and
 writes to it until it is killed.
 
-    python tests/crash_writer.py STORE_URL VOLUME CACHE_ROOT SEED [FLUSH_MODE [FIRST]]
+    python tests/support/crash_writer.py STORE_URL VOLUME CACHE_ROOT SEED [FLUSH_MODE [FIRST]]
 
 The operations are a pure function of the seed (`operations`), so the checker
 regenerates them instead of being told their data.  Every block a write

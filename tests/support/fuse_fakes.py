@@ -1,7 +1,7 @@
-"""Mount an in-memory FakeVolume (tests/fakes.py) through the real FUSE front
+"""Mount an in-memory FakeVolume (tests/support/fakes.py) through the real FUSE front
 end, to test and measure the front end without the engine.
 
-    python tests/fuse_fakes.py MOUNTPOINT [--size 1G] [--name vol] [--foreground]
+    python tests/support/fuse_fakes.py MOUNTPOINT [--size 1G] [--name vol] [--foreground]
         [--read-only] [--page-cache] [--delay SECONDS] [--delay-from OFFSET]
         [--blocking] [--close-delay SECONDS] [--snapshot NAME ...]
 

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "format1", "store")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "format1", "store")
 EXPECTED = {
     ("vol", None): "ccdc7b930c9d2b8b7aad339cb801581662a1a39aa92627f19f883a724561068c",
     ("vol", "first"): "c3eb24303c31493cbf1bfa75a9c4975f60c93cc14ec62be6b40aca2f0d44e08b",

@@ -34,7 +34,7 @@ from lsbd.errors import LsbdError
 
 MiB = 1024 * 1024
 BS = 4096
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 LSBD = str(REPO / ".venv" / "bin" / "lsbd")
 
 SIZE = 32 * MiB          # the volume
