@@ -13,7 +13,8 @@ Databases (map format 2; docs/format.md "Cache dir"):
 
 A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
 10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
-is converted in place when it is opened (_migrate).
+is converted in place when it is opened (_migrate).  The bytes of keys and
+values are lsbd.map.encoding's.
 """
 
 from __future__ import annotations
@@ -22,75 +23,24 @@ import contextlib
 import itertools
 import os
 import shutil
-import struct
 import threading
 from collections import defaultdict
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
-import attrs
 import lmdb
 
 from lsbd import fileio
 from lsbd.format.segment import DATA, RESIZE, Record
+from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
+from lsbd.map.encoding import SEQ_KEY as _KEY
+from lsbd.map.encoding import WIDE as _EXTENT
+from lsbd.map.encoding import key_of as _k
+from lsbd.map.encoding import lba_of as _lba
+from lsbd.map.encoding import unpack_value as _unv
+from lsbd.map.encoding import value_of as _v
 
-_KEY = struct.Struct(">Q")           # segments database; format 1 extents
-_EXTENT = struct.Struct("<IQQ")      # format 1 extent values; format 2 wide values
-_SHORT = struct.Struct("<HII")       # format 2 values when all three fit
-_SHORT_MAX_N = 1 << 16
-_U32 = 1 << 32
-_KEY_BYTES = 6
-MAP_FORMAT = 2
 _MIGRATE_BATCH = 1 << 16
-_SEGINFO = struct.Struct("<BqQQQI")
-
-PENDING = 1   # sealed locally, not yet in the store
-STORED = 2    # durable in the store
-
-
-def _k(lba: int) -> bytes:
-    return lba.to_bytes(_KEY_BYTES, "big")
-
-
-def _lba(key) -> int:
-    return int.from_bytes(key, "big")
-
-
-def _v(nblocks: int, seq: int, offset: int) -> bytes:
-    if nblocks < _SHORT_MAX_N and seq < _U32 and offset < _U32:
-        return _SHORT.pack(nblocks, seq, offset)
-    return _EXTENT.pack(nblocks, seq, offset)
-
-
-def _unv(value) -> tuple[int, int, int]:
-    return _SHORT.unpack(value) if len(value) == _SHORT.size else _EXTENT.unpack(value)
-
-
-class Extent(NamedTuple):
-    lba: int
-    nblocks: int
-    seq: int
-    offset: int  # file offset of block `lba` inside segment `seq`
-
-
-@attrs.define(kw_only=True)
-class SegmentInfo:
-    seq: int
-    state: int
-    sealed_ns: int
-    size: int          # bytes of the sealed object
-    live_blocks: int   # data blocks the map still points at
-    data_blocks: int   # data blocks written into it
-    trailer_crc: int   # fingerprint: tells our copy from another writer's
-
-    def pack(self) -> bytes:
-        return _SEGINFO.pack(self.state, self.sealed_ns, self.size, self.live_blocks,
-                             self.data_blocks, self.trailer_crc)
-
-    @classmethod
-    def unpack(cls, seq: int, raw: bytes) -> "SegmentInfo":
-        state, sealed, size, live, data, tcrc = _SEGINFO.unpack(raw)
-        return cls(seq=seq, state=state, sealed_ns=sealed, size=size, live_blocks=live,
-                   data_blocks=data, trailer_crc=tcrc)
+__all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
 
 class BlockMap:
