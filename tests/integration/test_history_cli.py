@@ -534,7 +534,7 @@ def test_snapshot_of_a_volume_another_process_is_writing(env, short_cache):
     model = Model(SIZE)
     env.write("vol", model, [("write", 0, 4, 1)])
     child = subprocess.Popen(
-        [PYTHON, "-c", CHILD.format(tests=str(REPO / "tests"), url=env.url,
+        [PYTHON, "-c", CHILD.format(tests=str(REPO / "tests" / "support"), url=env.url,
                                     cache=str(short_cache))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
