@@ -10,8 +10,6 @@ import os
 import time
 from typing import Any, Iterable
 
-import attrs
-
 from lsbd import fileio, names
 from lsbd.engine.deltas import overlay
 from lsbd.segments import checkpoints as ckpt
@@ -32,6 +30,7 @@ from lsbd.format.segment import (
 )
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
 from lsbd.segments.remote import fetch_segment_index, segment_info, store_segment_seqs
+from lsbd.plans.replay import ReplayPlan, plan_replay
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,37 +38,6 @@ log = logging.getLogger(__name__)
 #: More segments than this after a gap cannot be the tail of a crash (uploads
 #: in flight): refuse to treat them as orphans.
 MAX_ORPHANS = 64
-
-
-
-@attrs.frozen(kw_only=True)
-class ReplayPlan:
-    base: int                 # the checkpoint seq the map starts from (0: empty map)
-    replay: list[int]         # segments to apply, in order
-    orphans: list[int]        # segments after the first gap: never applied
-
-    @property
-    def top(self) -> int:
-        return self.replay[-1] if self.replay else self.base
-
-
-def plan_replay(segment_seqs: Iterable[int], base: int, *, upto: int | None = None) -> ReplayPlan:
-    """Which segments to apply on top of checkpoint `base`: the unbroken run
-    base+1, base+2, ... (stopping at `upto`); anything after the first gap is
-    an orphan (DESIGN invariant 3)."""
-    seqs = sorted(s for s in set(segment_seqs) if s > base)
-    replay = []
-    expect = base + 1
-    for s in seqs:
-        if upto is not None and s > upto:
-            break
-        if s != expect:
-            break
-        replay.append(s)
-        expect += 1
-    # A reader that stops early (upto) leaves later segments alone: no orphans.
-    orphans = [] if upto is not None else [s for s in seqs if s >= expect]
-    return ReplayPlan(base=base, replay=replay, orphans=orphans)
 
 
 def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Manifest, *,
