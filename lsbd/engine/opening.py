@@ -90,7 +90,7 @@ def _check_cache_identity(st: VolumeState, stored: dict[int, int]) -> None:
         trailer, _ = fetch_segment_index(st.store, st.name, applied + 1)
         if trailer.prev_crc == m.get_int("top_crc"):
             raise CacheMismatch(f"the store has segments it does not know "
-                                f"({applied + 1:016x}..)")
+                                f"(seq {applied + 1} on)")
     # Our newest stored segment must be the very object we wrote.
     ours = [s for s in stored if s <= applied]
     if ours:
@@ -102,7 +102,7 @@ def _check_cache_identity(st: VolumeState, stored: dict[int, int]) -> None:
             # holds, not the segment's own once a wrapper seals it.
             tail = st.store.get(names.segment_key(st.name, top), -TRAILER.size)
             if masked_crc(tail) != info.trailer_crc:
-                raise CacheMismatch(f"segment {top:016x} in the store is not the one it holds")
+                raise CacheMismatch(f"segment {top} in the store is not the one it holds")
     st.applied = applied
     st.prev_crc = m.get_int("top_crc")
     st.size = m.get_int("size", st.config.size)
@@ -120,12 +120,12 @@ def _replay_local(st: VolumeState, sealer: Sealer) -> None:
         if history_ends:
             # Written after a journal that lost its tail (a power loss
             # before any flush covered it): not part of the prefix.
-            log.warning("volume %s: discarding journal file %016x: it follows one cut "
-                        "short, and no flush covered either", st.name, seq)
+            log.warning("volume %s: discarding journal file %s (seq %d): it follows one cut "
+                        "short, and no flush covered either", st.name, path, seq)
             os.unlink(path)
             continue
         if seq != st.applied + 1:
-            raise CacheMismatch(f"journal file {seq:016x} after a gap")
+            raise CacheMismatch(f"journal file {path} (seq {seq}) after a gap")
         was_sealed = journal_is_sealed(path)
         result = recover_journal_file(path, volume_id=st.config.volume_id_bytes,
                                       seq=seq, block_size=st.block_size,
@@ -136,12 +136,12 @@ def _replay_local(st: VolumeState, sealer: Sealer) -> None:
         trailer, records = result
         if trailer.prev_crc != st.prev_crc:
             # Sealed after a predecessor that lost its tail since.
-            log.warning("volume %s: discarding journal file %016x: it does not continue "
-                        "the history", st.name, seq)
+            log.warning("volume %s: discarding journal file %s (seq %d): it does not continue "
+                        "the history", st.name, path, seq)
             os.unlink(path)
             history_ends = True
             continue
-        log.info("volume %s: replayed journal segment %016x (%d records)", st.name, seq,
+        log.info("volume %s: replayed journal segment %d (%d records)", st.name, seq,
                  len(records))
         # A journal left by a crashed process may never have been synced,
         # name included: recovery synced its data, the map must not name it
@@ -167,11 +167,11 @@ def _remove_orphans(st: VolumeState, stored: dict[int, int]) -> None:
     orphans = sorted(s for s in stored if s > st.applied)
     if len(orphans) > MAX_ORPHANS:
         raise CorruptionError(
-            f"volume {st.name}: segment {st.applied + 1:016x} is missing but "
+            f"volume {st.name}: segment {st.applied + 1} is missing but "
             f"{len(orphans)} later segments exist; refusing to open for writing "
             "(run lsbd verify)")
     for seq in orphans:
-        log.warning("volume %s: removing orphan segment %016x (after a gap: never part of "
+        log.warning("volume %s: removing orphan segment %d (after a gap: never part of "
                     "the volume)", st.name, seq)
         st.store.delete(names.segment_key(st.name, seq))
 

@@ -78,7 +78,7 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
                             keep=lambda s: s in stored or s <= config.base_seq)
             break
         except (CorruptionError, ObjectNotFound) as e:
-            log.warning("volume %s: checkpoint %016x unusable (%s); trying an older one",
+            log.warning("volume %s: checkpoint %d unusable (%s); trying an older one",
                         volume, cp_seq, e)
             manifest = None
     size = manifest.volume_size if manifest else config.size
@@ -88,8 +88,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
         parent_plan, size = rebuild_from_store(bm, store, parent, upto=config.base_seq)
         if parent_plan.top != config.base_seq:
             raise CorruptionError(f"volume {volume} is a clone of {parent.name} at seq "
-                                  f"{config.base_seq:016x}, but that volume only reaches "
-                                  f"{parent_plan.top:016x}")
+                                  f"{config.base_seq}, but that volume only reaches "
+                                  f"{parent_plan.top}")
     elif manifest is None:
         bm.load([], [], applied_seq=b"0", size=str(config.size).encode(), top_crc=b"0")
     base = manifest.seq if manifest else config.base_seq

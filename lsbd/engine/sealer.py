@@ -105,7 +105,7 @@ class Sealer:
                     self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
                                       advance=False)
             except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
-                log.error("volume %s: sealing segment %016x failed: %s", st.name, seg.seq, e)
+                log.error("volume %s: sealing segment %d failed: %s", st.name, seg.seq, e)
                 with st.lock:
                     st.fail(e)
                 return

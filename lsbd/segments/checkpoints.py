@@ -221,11 +221,11 @@ def read_chain(store: Store, volume: str, manifest: Manifest) -> list[Manifest]:
         m = read_manifest(store, volume, prev)
         if m.volume_id != manifest.volume_id or m.seq >= chain[-1].seq or \
                 len(chain) > MAX_CHAIN + 1:
-            raise CorruptionError(f"checkpoint {manifest.seq:016x}: its chain is broken at "
-                                  f"{prev:016x}")
+            raise CorruptionError(f"checkpoint {manifest.seq}: its chain is broken at "
+                                  f"{prev}")
         chain.append(m)
     if chain[-1].seq != (manifest.base if manifest.is_delta else manifest.seq):
-        raise CorruptionError(f"checkpoint {manifest.seq:016x}: its chain does not start at "
+        raise CorruptionError(f"checkpoint {manifest.seq}: its chain does not start at "
                               "its base")
     return chain[::-1]
 
@@ -261,13 +261,13 @@ def newest_valid_checkpoint(store: Store, volume: str, volume_id: str, *,
         try:
             manifest = read_manifest(store, volume, seq)
             if manifest.volume_id != volume_id:
-                raise CorruptionError(f"checkpoint {seq:016x} belongs to another volume")
+                raise CorruptionError(f"checkpoint {seq} belongs to another volume")
             for key, _kind, _count, crc in manifest.parts:
                 if masked_crc(store.get(key)) != crc:
                     raise CorruptionError(f"{key}: part does not match its manifest", key=key)
             return manifest
         except (CorruptionError, ObjectNotFound) as e:
-            log.warning("volume %s: skipping checkpoint %016x: %s", volume, seq, e)
+            log.warning("volume %s: skipping checkpoint %d: %s", volume, seq, e)
     return None
 
 

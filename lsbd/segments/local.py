@@ -397,7 +397,7 @@ class SegmentFiles:
             f = self._acquire(seq)     # fetched whole meanwhile
         if f is None:
             if nowait:
-                raise WouldBlock(f"segment {seq:016x} is not cached locally")
+                raise WouldBlock(f"segment {seq} is not cached locally")
             # Not here (evicted, or written elsewhere): a ranged GET of just
             # these blocks, and of the index at the same time if need be.
             key = self.key_of(seq)
@@ -418,7 +418,7 @@ class SegmentFiles:
         except CorruptionError as local_error:
             # A damaged local copy: the store's may be good (if it is there yet).
             if nowait:
-                raise WouldBlock(f"segment {seq:016x}: the local copy is damaged") from None
+                raise WouldBlock(f"segment {seq}: the local copy is damaged") from None
             return self._read_after_bad_local_copy(seq, offset, nblocks, local_error)
         finally:
             self._release(f)

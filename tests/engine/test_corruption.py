@@ -23,6 +23,7 @@ from engine_helpers import (
 
 from lsbd import names
 from lsbd.meta.config import create_volume
+from lsbd.segments.checkpoints import list_checkpoints
 from lsbd.segments.remote import fetch_segment_index
 from lsbd.format.segment import DATA, HEADER, TRAILER
 from lsbd.engine.volume import Volume
@@ -206,3 +207,23 @@ def test_damaged_local_cache_copy_never_returns_wrong_data(store_url, volume, tm
         assert vol.read(0, BS) == block(1, 0)
     finally:
         vol.close()
+
+
+def test_damaged_checkpoint_is_logged_with_its_seq_in_decimal(store_url, volume, tmp_path,
+                                                              caplog):
+    """Messages name a seq as the CLI prints it (#18): in decimal, never as
+    the 16 hex digits of its object's name."""
+    store, _records, _cache = volume
+    [seq] = list_checkpoints(store, "vol")
+    manifest = names.checkpoint_manifest_key("vol", seq)
+    _flip(store_url, store, manifest, store.head(manifest) - 8)
+    caplog.set_level(logging.WARNING)
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "fresh"), read_only=True)
+    try:
+        assert reader.read(0, BS) == block(1, 0)   # rebuilt from the segments instead
+    finally:
+        reader.close()
+    logged = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert logged and all(f"checkpoint {seq} " in m for m in logged), logged
+    # Object keys keep their hex names; nothing else shows a seq in hex.
+    assert not any(f"{seq:016x}" in m.replace(manifest, "") for m in logged), logged
