@@ -4,7 +4,6 @@ import time
 
 from lsbd.cli import ui
 from lsbd.cli.args import command
-from lsbd.errors import StoreNotFound
 from lsbd.service.volumes import list_volumes_now
 
 
@@ -15,18 +14,14 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
-    try:
-        rows = list_volumes_now(ctx.store, cache_root=ctx.cache_dir)
-    except StoreNotFound as e:
-        # Nothing to list, and nothing is created: say so, in case the path is mistyped.
-        ui.note(f"{e}")
-        rows = []
+    # A store that does not exist is an error (StoreNotFound, one line, exit
+    # 1), not an empty list: the path may be mistyped, and nothing is created.
+    rows = list_volumes_now(ctx.store, cache_root=ctx.cache_dir)
     if args.json:
         ui.print_json(rows)
         return 0
     if not rows:
-        if ctx.has_store:
-            ui.note(f"no volumes in {ctx.store.url}")
+        ui.note(f"no volumes in {ctx.store.url}")
         return 0
     ui.table(None, ["volume", "size", "block size", "created"],
              [[r["name"], ("at least " if r["size_at_least"] else "") + ui.human_size(r["size"]),

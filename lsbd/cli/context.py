@@ -82,11 +82,6 @@ class Context:
         for config in Lineage.load(self.plain_store, load_config(self.plain_store, volume)).chain:
             self.store.sealing(names.segment_key(config.name, 1))  # type: ignore[attr-defined]  # open_store's SealingStore
 
-    @property
-    def has_store(self) -> bool:
-        """True once the store is open."""
-        return self._store is not None
-
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):
         """Open a volume: a writer (lsbd.engine.volume.Volume) that serves

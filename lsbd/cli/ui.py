@@ -73,13 +73,13 @@ def done(data: dict, message: str) -> None:
     if _json:
         print_json(data)
     else:
-        err.print(message)
+        err.print(message, soft_wrap=True)
 
 
 def note(message: str) -> None:
     """A note for people on stderr (not with --json)."""
     if not _json:
-        err.print(message)
+        err.print(message, soft_wrap=True)   # one line each, whatever the width
 
 
 def bold(text: str) -> str:
@@ -92,7 +92,7 @@ def line(text: str) -> None:
 
 
 def problem(text: str) -> None:
-    err.print(f"[red]bad[/]: {escape(text)}")
+    err.print(f"[red]bad[/]: {escape(text)}", soft_wrap=True)
 
 
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:

@@ -154,13 +154,24 @@ def test_a_mistyped_store_path_is_not_created(tmp_path):
     """Only `create` makes a new local store; the others say there is none."""
     url = f"file://{tmp_path}/stroe"
     for argv in (["info", "v"], ["log", "v"], ["export", "v", tmp_path / "o"], ["delete", "v"],
-                 ["snapshot", "list", "v"]):
+                 ["snapshot", "list", "v"], ["verify", "v"], ["stats", "v"], ["list"],
+                 ["list", "--json"], ["verify", "v", "--json"]):
         proc = run_cli(*argv, store=url, cache=tmp_path / "c")
-        assert proc.returncode == 1 and f"no store at {tmp_path}/stroe" in proc.stderr
-    proc = run_cli("list", "--json", store=url, cache=tmp_path / "c")
-    assert proc.returncode == 0 and json.loads(proc.stdout) == []
-    proc = run_cli("list", store=url, cache=tmp_path / "c")
-    assert proc.returncode == 0 and "no store at" in proc.stderr
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 1 and lines == [f"lsbd: no store at {tmp_path}/stroe: check "
+                                                  "--store or $LSBD_STORE (`lsbd create` makes "
+                                                  "a new one)"], (argv, proc.stderr)
+        assert proc.stdout == "", (argv, proc.stdout)
     assert not (tmp_path / "stroe").exists()
-    assert run_cli("create", "v", "--size", "1M", store=url, cache=tmp_path / "c").returncode == 0
+    proc = run_cli("create", "v", "--size", "1M", store=url, cache=tmp_path / "c",
+                   env={"COLUMNS": "40"})
+    # A note is one line, however narrow the output.
+    assert proc.returncode == 0 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert (tmp_path / "stroe").is_dir()
+    # A missing volume in a store that exists: one line too.
+    for argv in (["info", "nv"], ["verify", "nv"], ["stats", "nv"], ["info", "nv", "--json"]):
+        proc = run_cli(*argv, store=url, cache=tmp_path / "c")
+        assert proc.returncode == 1 and proc.stderr.splitlines() == [
+            f"lsbd: no volume 'nv' in file://{tmp_path}/stroe"], (argv, proc.stderr)
+    proc = run_cli("list", "--json", store=url, cache=tmp_path / "c")
+    assert proc.returncode == 0 and [r["name"] for r in json.loads(proc.stdout)] == ["v"]
