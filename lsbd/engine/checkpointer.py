@@ -10,7 +10,8 @@ import time
 from typing import Any, Callable
 
 from lsbd.engine import sealer as sealing
-from lsbd.engine.deltas import delta_base, delta_entries, segment_records
+from lsbd.engine.deltas import (chain_extents, delta_entries, overlay, previous_chain,
+                               segment_records)
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
 from lsbd.errors import LeaseLost, StoreError
@@ -35,7 +36,9 @@ class Checkpointer:
         it is uploaded first (a checkpoint never names a segment the store lacks).
         force: write it even if one exists at this seq (it may have been pruned).
         base: a full one, never a delta (compaction: older chains can go).
-        Reads and writes go on meanwhile: the map is read from an LMDB snapshot."""
+        Reads and writes go on meanwhile: a checkpoint that follows another
+        comes from the segments since and the previous chain; only a first
+        one (or one after a broken chain) reads the map, from an LMDB snapshot."""
         st = self.st
         st.check_writable()
         with self.lock:
@@ -52,23 +55,35 @@ class Checkpointer:
                     raise StoreError(f"volume {st.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({st.uploader.last_error})")
                 st.check_lease()
-                prev = None if base else delta_base(st.store, st.name, st.config.volume_id,
-                                                    st.last_checkpoint, target)
+                chain = None if base else previous_chain(
+                    st.store, st.name, st.config.volume_id, st.last_checkpoint, target)
                 shape: dict[str, Any] = dict(volume_size=snap.meta("size", st.size),
                              block_size=st.block_size, top_crc=snap.meta("top_crc"))
-                if prev is None:
+                if chain is None:
                     ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
                                           extents=snap.extents(), segments=snap.segments(),
                                           **shape)
                 else:
                     segments = snap.segments()
-            if prev is not None:
-                # A delta comes from the segments alone, with no snapshot held.
+            if chain is not None:
+                # Built from the segments and the previous chain alone, with no
+                # snapshot held (a long one keeps LMDB from reusing the pages
+                # the writer frees meanwhile, and the map file grows): a delta,
+                # or, once the chain is long, a base of the chain with that
+                # delta laid over it.
+                prev = chain[-1]
                 with delta_entries(st.folder, st.block_size, self._segment_records,
                                    prev.seq + 1, target) as entries:
-                    ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
-                                          extents=entries, segments=segments, delta_of=prev,
-                                          **shape)
+                    if ckpt.choose_kind(prev, chain[0]):
+                        ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
+                                              extents=entries, segments=segments,
+                                              delta_of=prev, **shape)
+                    else:
+                        merged = overlay(chain_extents(st.store, chain, st.block_size),
+                                         entries, st.block_size)
+                        ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
+                                              extents=(e for e in merged if e[2]),
+                                              segments=segments, **shape)
             st.last_checkpoint = target
             st.last_checkpoint_time = time.monotonic()
             st.map.set_meta(last_checkpoint=str(target).encode())

@@ -59,22 +59,31 @@ def segment_records(store: Store, segment_key: Callable[[int], str], local_path:
     return fetch_index_by_key(store, segment_key(seq), seq)[1]
 
 
-def delta_base(store: Store, volume: str, volume_id: str, prev: int,
-               target: int) -> ckpt.Manifest | None:
-    """The checkpoint a delta at `target` may lie over: the one at `prev`, if
-    its whole chain is there and short enough (ckpt.choose_kind); None for
-    a base."""
+def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
+                   target: int) -> list[ckpt.Manifest] | None:
+    """The chain (base first) of the checkpoint at `prev` that the next
+    checkpoint at `target` goes on from, if all of it is there; None if
+    there is none to go on from (the next one is a base of the map)."""
     if prev <= 0 or prev >= target:
         return None
     try:
         manifest = ckpt.read_manifest(store, volume, prev)
         if manifest.volume_id != volume_id:
             return None
-        chain = ckpt.read_chain(store, volume, manifest)
+        return ckpt.read_chain(store, volume, manifest)
     except (CorruptionError, ObjectNotFound) as e:
         log.info("volume %s: writing a base checkpoint (%s)", volume, e)
         return None
-    return manifest if ckpt.choose_kind(manifest, chain[0]) else None
+
+
+def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int) -> Iterator[tuple]:
+    """The map at the last checkpoint of `chain`: its base with each delta
+    laid over it as they stream, in one pass, one part of each in memory.
+    Holes of the deltas (seq 0) are left in: drop them at the end."""
+    merged: Iterable[tuple] = ckpt.read_extents(store, chain[0])
+    for delta in chain[1:]:
+        merged = overlay(merged, ckpt.read_extents(store, delta), block_size)
+    return iter(merged)
 
 
 def overlay(under: Iterable[tuple], over: Iterable[tuple], block_size: int) -> Iterator[tuple]:

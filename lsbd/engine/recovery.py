@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from lsbd import fileio, names
-from lsbd.engine.deltas import overlay
+from lsbd.engine.deltas import chain_extents
 from lsbd.segments import checkpoints as ckpt
 from lsbd.map.blockmap import STORED, BlockMap
 from lsbd.meta.config import Lineage, VolumeConfig
@@ -53,11 +53,7 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
     if len(chain) == 1:
         bm.load(ckpt.read_extents(store, manifest), segments, **meta)
         return
-    # One pass: the base with each delta laid over it as they stream.
-    merged: Iterable[Any] = ckpt.read_extents(store, chain[0])
-    for delta in chain[1:]:
-        merged = overlay(merged, ckpt.read_extents(store, delta), bm.block_size)
-    bm.load((e for e in merged if e[2]), segments, **meta)
+    bm.load((e for e in chain_extents(store, chain, bm.block_size) if e[2]), segments, **meta)
 
 
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,

@@ -86,6 +86,16 @@ def extent_count(vol) -> int:
     return vol._st.map.extent_count()
 
 
+def map_of(vol):
+    """The volume's block map (to watch or stub what it is asked)."""
+    return vol._st.map
+
+
+def map_extents(vol) -> list[tuple]:
+    """Every extent of the block map, in block order, as (lba, nblocks, seq, offset)."""
+    return [tuple(e) for e in vol._st.map.iter_extents()]
+
+
 def segment(vol: Volume, seq: int) -> SegmentInfo | None:
     """The map's record of segment `seq` (its state, sizes), or None."""
     return vol._st.map.segment(seq)

@@ -296,7 +296,7 @@ class BlockMap:
             for seq in seqs:
                 txn.delete(_KEY.pack(seq))
 
-    def load(self, extents: Iterable[Extent], segments: Iterable[SegmentInfo], *,
+    def load(self, extents: Iterable[tuple], segments: Iterable[SegmentInfo], *,
              batch: int = 1 << 18, **meta: bytes) -> None:
         """Replace the whole map (loading a checkpoint), extents sorted by
         lba.  In transactions of `batch` extents, so the pages a transaction

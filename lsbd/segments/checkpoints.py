@@ -41,7 +41,9 @@ PART_SEGMENTS_KIND = 2
 EXTENT_ENTRY = struct.Struct("<QIQQ")     # lba nblocks seq offset
 SEGMENT_ENTRY = struct.Struct("<QqQQ")    # seq sealed_ns size data_blocks
 PART_DELTA_KIND = 3                       # entries as extents; seq 0: a hole
-PART_EXTENTS = 1 << 20
+#: Entries per part written: 7 MiB of entries in memory at a time.  Parts
+#: of up to 2^20 (what earlier versions wrote) are read as well.
+PART_EXTENTS = 1 << 18
 #: Deltas after a base before the next base: bounds what opening applies.
 MAX_CHAIN = 8
 
@@ -113,7 +115,7 @@ def choose_kind(prev: Manifest | None, base: Manifest | None) -> bool:
 
 
 def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
-                     block_size: int, extents: Iterable[Extent],
+                     block_size: int, extents: Iterable[tuple],
                      segments: Iterable[SegmentInfo], top_crc: int | None = None,
                      delta_of: Manifest | None = None) -> Manifest:
     """Write a base of `extents`; or, with delta_of (the previous checkpoint),
@@ -125,29 +127,41 @@ def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, vol
         pass
     parts: list[tuple[str, int, int, int]] = []
 
-    def flush_part(kind: int, entries: list[bytes]) -> None:
+    def flush_part(kind: int, count: int, body: bytes | bytearray) -> None:
         key = names.checkpoint_part_key(volume, seq, len(parts))
-        data = _encode_part(seq, kind, len(entries), b"".join(entries))
+        data = _encode_part(seq, kind, count, body)
         try:
             store.put(key, data, exclusive=True)
         except ObjectExists:
             store.put(key, data)  # a leftover of an interrupted attempt at this seq
-        parts.append((key, kind, len(entries), masked_crc(data)))
+        parts.append((key, kind, count, masked_crc(data)))
 
+    # Entries are packed into one buffer per part (a list of small bytes
+    # objects costs twice their size again in memory).
     total = 0
-    batch: list[bytes] = []
+    body = bytearray()
+    count = 0
     kind = PART_EXTENTS_KIND if delta_of is None else PART_DELTA_KIND
-    for e in extents:
-        batch.append(EXTENT_ENTRY.pack(e.lba, e.nblocks, e.seq, e.offset))
-        total += 1
-        if len(batch) >= PART_EXTENTS:
-            flush_part(kind, batch)
-            batch = []
-    if batch or not parts:
-        flush_part(kind, batch)
-    seg_batch = [SEGMENT_ENTRY.pack(s.seq, s.sealed_ns, s.size, s.data_blocks) for s in segments]
-    for i in range(0, max(1, len(seg_batch)), PART_EXTENTS):
-        flush_part(PART_SEGMENTS_KIND, seg_batch[i:i + PART_EXTENTS])
+    pack = EXTENT_ENTRY.pack
+    for lba, nblocks, eseq, offset in extents:
+        body += pack(lba, nblocks, eseq, offset)
+        count += 1
+        if count >= PART_EXTENTS:
+            flush_part(kind, count, body)
+            total += count
+            body, count = bytearray(), 0
+    total += count
+    if count or not parts:
+        flush_part(kind, count, body)
+    body, count = bytearray(), 0
+    for s in segments:
+        body += SEGMENT_ENTRY.pack(s.seq, s.sealed_ns, s.size, s.data_blocks)
+        count += 1
+        if count >= PART_EXTENTS:
+            flush_part(PART_SEGMENTS_KIND, count, body)
+            body, count = bytearray(), 0
+    if count or not parts or parts[-1][1] != PART_SEGMENTS_KIND:
+        flush_part(PART_SEGMENTS_KIND, count, body)
     chain: dict = {}
     if delta_of is not None:
         chain = {"format": 2, "prev": delta_of.seq,

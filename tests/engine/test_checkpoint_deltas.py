@@ -12,6 +12,7 @@ import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all, wipe
 
 from lsbd import names
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.history.compactor import compact
 from lsbd.history.restore import create_clone
@@ -155,6 +156,45 @@ def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
             assert read_all(past) == state
     with Volume.open(store, "vol", cache_root=str(tmp_path / "fresh"), read_only=True) as v:
         assert read_all(v) == expected
+
+
+def test_a_base_after_a_chain_is_the_map_without_reading_it(store, tmp_path, monkeypatch):
+    """Once the chain is long, the next base is the chain with the new
+    segments laid over it, never a read of the live map; it holds exactly
+    the map's extents.  Small parts, so entries cross part boundaries."""
+    monkeypatch.setattr(ckpt, "PART_EXTENTS", 7)
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(11)
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        for r in range(ckpt.MAX_CHAIN + 1):
+            _writes(vol, rng, r, 25)
+            vol.checkpoint()
+        _writes(vol, rng, 50, 25)
+
+        real_snapshot = testing.map_of(vol).snapshot
+
+        def snapshot():
+            snap = real_snapshot()
+
+            def extents():
+                raise AssertionError("a base after a chain read the live map")
+
+            snap.extents = extents
+            return snap
+
+        monkeypatch.setattr(testing.map_of(vol), "snapshot", snapshot)
+        seq = vol.checkpoint()
+        manifest = ckpt.read_manifest(store, "vol", seq)
+        assert not manifest.is_delta
+        assert len(manifest.parts) > 3
+        assert [tuple(e) for e in ckpt.read_extents(store, manifest)] == \
+            testing.map_extents(vol)
+        expected = read_all(vol)
+    wipe(cache_dir_for(cache, store, "vol"))
+    with Volume.open(store, "vol", cache_root=cache, read_only=True) as vol:
+        assert read_all(vol) == expected
 
 
 def test_a_delta_cut_short_is_never_read(store, tmp_path, monkeypatch):
