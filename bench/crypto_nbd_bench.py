@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nbd_bench import drop_page_cache, fio, parse_size, sh, stop, wait_for_socket  # noqa: E402
+from benchlib import drop_page_cache, fio, parse_size, sh, stop, wait_for
 
 PASSPHRASE = "bench passphrase"
 SUBJECTS = [("plain", ["--compress", "none"]), ("zstd", []),
@@ -62,7 +62,7 @@ def serve(workdir: str, name: str, options: list[str], size: int):
     proc = subprocess.Popen([*cmd, "serve", "bench", "--socket", sock], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_socket(sock, proc)
+        wait_for(sock, proc)
         yield f"nbd+unix:///bench?socket={sock}"
     finally:
         stop(proc)

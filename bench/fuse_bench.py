@@ -49,11 +49,12 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import fio, parse_size, sh, stop, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,36 +72,6 @@ TARGETS = {
     "seq read 1M": (0.8, None),
     "rand read 4k": (0.8, 2.5),
 }
-
-
-def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, **kw)
-
-
-def fio(target: str, rw: str, bs: str, *, size: str, runtime: int | None) -> dict:
-    """fio on a file path, or on an nbd+unix URI through fio's nbd engine."""
-    timing = [f"--runtime={runtime}", "--time_based"] if runtime else []
-    where = ([f"--filename={target}", "--ioengine=libaio", "--direct=1"]
-             if not target.startswith("nbd") else ["--ioengine=nbd", f"--uri={target}"])
-    r = sh("fio", "--name=bench", *where, "--iodepth=16", f"--rw={rw}", f"--bs={bs}",
-           f"--size={size}", *timing, "--randrepeat=0", "--norandommap",
-           "--output-format=json")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    if job["error"]:
-        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
-    side = job["write" if "write" in rw else "read"]
-    return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
-
-
-def wait_for(path: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.05)
 
 
 # --- the subjects: each yields what fio is pointed at ------------------------------
@@ -137,13 +108,7 @@ def lsbd_nbd(work: str, vol: str, size: int):
             wait_for(sock, proc)
             yield f"nbd+unix:///{vol}?socket={sock}"
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
 
 
 @contextlib.contextmanager
@@ -312,7 +277,7 @@ def main() -> int:
             return 2
     if args.jobs:
         JOBS[:] = [j for j in JOBS if j[0] in args.jobs.split(",")]
-    region = _parse_size(args.size)
+    region = parse_size(args.size)
     vol_size = 2 * region
     work = args.workdir or tempfile.mkdtemp(prefix="lsbd-fuse-bench-")
     os.makedirs(work, exist_ok=True)
@@ -335,12 +300,6 @@ def main() -> int:
             json.dump({"runtime": args.runtime, "size": args.size, "rounds": args.rounds,
                        "results": all_results}, f, indent=1)
     return 0
-
-
-def _parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper()
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import drop_page_cache, fio, nbdkit, parse_size, sh, stop, wait_for
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JOBS = [
@@ -59,23 +61,6 @@ JOBS = [
 ]
 #: uri -> how to defragment that subject before the "defrag" jobs (lsbd only).
 DEFRAG: dict = {}
-
-
-def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, **kw)
-
-
-def fio(uri: str, rw: str, bs: str, *, size: str, runtime: int | None) -> dict:
-    timing = [f"--runtime={runtime}", "--time_based"] if runtime else []
-    r = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--iodepth=16",
-           f"--rw={rw}", f"--bs={bs}", f"--size={size}", *timing, "--randrepeat=0",
-           "--norandommap", "--output-format=json")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    if job["error"]:
-        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
-    side = job["write" if "write" in rw else "read"]
-    return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
 
 
 def disk_write(workdir: str, *, runtime: int) -> dict | None:
@@ -101,42 +86,6 @@ def disk_write(workdir: str, *, runtime: int) -> dict | None:
     return {"mib_s": side["bw"] / 1024, "iops": side["iops"]}
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{path} did not appear")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def nbdkit(workdir: str, size: int):
-    image = os.path.join(workdir, "nbdkit.img")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    sock = os.path.join(workdir, "nbdkit.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_socket(sock, proc)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop(proc)
-
-
 @contextlib.contextmanager
 def lsbd(workdir: str, size: int, flush_mode: str):
     base = [sys.executable, "-m", "lsbd.cli.main", "--store",
@@ -148,7 +97,7 @@ def lsbd(workdir: str, size: int, flush_mode: str):
     proc = subprocess.Popen([*base, "serve", "bench", "--socket", sock],
                             stdout=subprocess.DEVNULL, stderr=log)
     try:
-        wait_for_socket(sock, proc)
+        wait_for(sock, proc)
         uri = f"nbd+unix:///bench?socket={sock}"
         # Through the serving process (its control socket), as a user would.
         DEFRAG[uri] = lambda: sh(*base, "compact", "bench", "--defrag")
@@ -164,7 +113,7 @@ def memory(workdir: str, size: int):
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-memory", sock,
                              str(size)], stdout=subprocess.DEVNULL)
     try:
-        wait_for_socket(sock, proc)
+        wait_for(sock, proc)
         yield f"nbd+unix:///memory?socket={sock}"
     finally:
         stop(proc)
@@ -184,22 +133,6 @@ def serve_memory(sock: str, size: int) -> None:
     server.close()
 
 
-def drop_page_cache() -> bool:
-    """Start a subject from the same memory state: a log-structured store
-    writes into new page-cache pages, and on a machine whose memory is full
-    of cache every such page costs a reclaim first (measured here: 1 MiB
-    writes at 1300 MiB/s with free memory, 330-650 with a full cache), while
-    an in-place server like nbdkit's file plugin rewrites pages it has.
-    Needs root; returns False if it could not."""
-    subprocess.run(["sync"], check=False)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def run_subject(name: str, uri: str, *, size: str, runtime: int,
                 jobs: list | None = None) -> dict[str, dict]:
     print(f"  {name}", flush=True)
@@ -215,12 +148,6 @@ def run_subject(name: str, uri: str, *, size: str, runtime: int,
         out[job] = r = fio(uri, rw, bs, size=size, runtime=runtime)
         print(f"    {job:18} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS", flush=True)
     return out
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def main() -> int:
@@ -291,7 +218,7 @@ def main() -> int:
     print()
     header = f"{'job':18} {'nbdkit':>14}" + "".join(f" {n:>14} {'ratio':>6}" for n in others)
     print(header + f" {'target':>7}")
-    for job, rw, _bs, target in jobs:
+    for job, _rw, _bs, target in jobs:
         unit = "iops" if job.startswith("rand") else "mib_s"
         fmt = (lambda v: f"{v:9.0f} IOPS") if unit == "iops" else (lambda v: f"{v:8.0f} MiB/s")
         base = results["nbdkit"][job][unit]

@@ -45,32 +45,10 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nbd_bench import drop_page_cache, sh, stop, wait_for_socket
+from benchlib import drop_page_cache, fio, nbdkit, parse_size, sh, stop, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-
-
-def fio(uri: str, rw: str, bs: str, *, size: int, io_size: int | None = None,
-        offset: int = 0, runtime: int | None = None) -> dict:
-    extra = [f"--io_size={io_size}"] if io_size else []
-    if runtime:
-        extra += [f"--runtime={runtime}", "--time_based"]
-    r = sh("fio", "--name=scale", "--ioengine=nbd", f"--uri={uri}", "--iodepth=16",
-           f"--rw={rw}", f"--bs={bs}", f"--size={size}", f"--offset={offset}", *extra,
-           "--randrepeat=0", "--norandommap", "--output-format=json")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    if job["error"]:
-        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
-    side = job["write" if "write" in rw else "read"]
-    return {"mib_s": side["bw"] / 1024, "iops": side["iops"],
-            "seconds": side["runtime"] / 1000}
 
 
 class RssSampler:
@@ -177,7 +155,7 @@ class Lsbd:
         started = time.monotonic()
         self.proc = subprocess.Popen([*self.base(), "serve", "bench", "--socket", self.sock],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
-        wait_for_socket(self.sock, self.proc, timeout=3600)
+        wait_for(self.sock, self.proc, timeout=3600)
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -213,23 +191,6 @@ class Lsbd:
     def close(self) -> None:
         self.stop()
         self.log.close()
-
-
-@contextlib.contextmanager
-def nbdkit(workdir: str, size: int):
-    image = os.path.join(workdir, "nbdkit.img")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    sock = os.path.join(workdir, "nbdkit.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_socket(sock, proc)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop(proc)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(image)
 
 
 def human(n: float) -> str:

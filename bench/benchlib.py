@@ -1,0 +1,104 @@
+"""What the benchmarks share: running commands and fio, starting and
+stopping servers, nbdkit as the reference NBD server, the page cache, sizes.
+
+Each benchmark puts this folder on sys.path and imports from here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, **kw)
+
+
+def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None = None,
+        io_size: int | None = None, offset: int = 0) -> dict:
+    """One fio job at iodepth 16: through fio's nbd engine for an nbd URI,
+    else with O_DIRECT on a file.  Time based when `runtime` is given.
+    Returns MiB/s, IOPS and the seconds it ran."""
+    where = (["--ioengine=nbd", f"--uri={target}"] if target.startswith("nbd") else
+             [f"--filename={target}", "--ioengine=libaio", "--direct=1"])
+    extra = [f"--io_size={io_size}"] if io_size else []
+    if runtime:
+        extra += [f"--runtime={runtime}", "--time_based"]
+    r = sh("fio", "--name=bench", *where, "--iodepth=16", f"--rw={rw}", f"--bs={bs}",
+           f"--size={size}", f"--offset={offset}", *extra, "--randrepeat=0", "--norandommap",
+           "--output-format=json")
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
+    side = job["write" if "write" in rw else "read"]
+    return {"mib_s": side["bw"] / 1024, "iops": side["iops"], "seconds": side["runtime"] / 1000}
+
+
+def wait_for(path: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Until `path` exists (a socket, a mounted file); fails at once if
+    `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, two minutes to finish (a server flushes on the way out),
+    then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def nbdkit(workdir: str, size: int):
+    """nbdkit's file plugin on a sparse file in `workdir`: the C reference
+    server over the same disk.  Yields its URI."""
+    image = os.path.join(workdir, "nbdkit.img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    sock = os.path.join(workdir, "nbdkit.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock, proc)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop(proc)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
+
+
+def drop_page_cache() -> bool:
+    """Start a subject from the same memory state: a log-structured store
+    writes into new page-cache pages, and on a machine whose memory is full
+    of cache every such page costs a reclaim first (measured here: 1 MiB
+    writes at 1300 MiB/s with free memory, 330-650 with a full cache), while
+    an in-place server like nbdkit's file plugin rewrites pages it has.
+    Needs root; returns False if it could not."""
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512MiB', '1.5T', '4096' -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
