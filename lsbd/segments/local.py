@@ -171,14 +171,8 @@ class SegmentFiles:
                 if self._cached_bytes <= self.cache_limit or len(self._cached) <= 1:
                     if not self.keep_free or disk_free(self.folder) >= self.keep_free:
                         return
-                seq, size = self._cached.popitem(last=False)
-                self._cached_bytes -= size
-                self._drop_index_locked(seq)
-                self._retire_locked(seq)
-            try:
-                os.unlink(self.path(seq))
-            except FileNotFoundError:
-                pass
+                seq = self._evict_oldest_locked()
+            self._unlink(seq)
 
     def make_room(self, need: int) -> bool:
         """Evict segments already in the store, least recently used first,
@@ -188,15 +182,24 @@ class SegmentFiles:
             with self._lock:
                 if not self._cached:
                     return False
-                seq, size = self._cached.popitem(last=False)
-                self._cached_bytes -= size
-                self._indexes.pop(seq, None)
-                self._retire_locked(seq)
-            try:
-                os.unlink(self.path(seq))
-            except FileNotFoundError:
-                pass
+                seq = self._evict_oldest_locked()
+            self._unlink(seq)
         return True
+
+    def _evict_oldest_locked(self) -> int:
+        """Take the least recently used segment out of the cache (its file
+        is unlinked after the lock is let go); returns its seq."""
+        seq, size = self._cached.popitem(last=False)
+        self._cached_bytes -= size
+        self._drop_index_locked(seq)
+        self._retire_locked(seq)
+        return seq
+
+    def _unlink(self, seq: int) -> None:
+        try:
+            os.unlink(self.path(seq))
+        except FileNotFoundError:
+            pass
 
     def cache_state(self) -> dict:
         """For `lsbd stats`: the evictable cache and the disk under it."""
@@ -213,10 +216,7 @@ class SegmentFiles:
                 self._cached_bytes -= size
             self._drop_index_locked(seq)
             self._retire_locked(seq)
-        try:
-            os.unlink(self.path(seq))
-        except FileNotFoundError:
-            pass
+        self._unlink(seq)
 
     def drop_page_cache(self, seqs: list[int]) -> None:
         """Let the kernel drop the cached pages of these local segment files

@@ -155,3 +155,35 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
         assert files._index_bytes == sum(i.nbytes for i in files._indexes.values())
         # Something was let go: not every segment's index is still there.
         assert 1 <= len(files._indexes) < len({seq for seq in range(1, vol.applied_seq + 1)})
+
+
+def test_making_room_on_the_disk_lets_the_indexes_of_evicted_segments_go(store, tmp_path,
+                                                                         monkeypatch):
+    """Eviction for a full disk (make_room) and for the cache limit account
+    for the parsed indexes alike: what they held is no longer counted."""
+    from lsbd.segments import local as segfiles
+
+    create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
+    with Volume.open(store, "vol", cache_root=str(tmp_path / "cache")) as vol:
+        for i in range(200):
+            vol.write(i * 7 * BS, blocks(i, i * 7, 1))
+        testing.seal_now(vol)
+        files = testing.local_files(vol)
+        seqs = range(1, vol.applied_seq + 1)
+        assert all(testing.wait_stored(vol, seq) for seq in seqs)
+        for seq in seqs:
+            # The file store links what it holds into the cache dir; a copy of
+            # its own makes a local segment evictable, as with a remote store.
+            path = testing.local_path(vol, seq)
+            with open(path, "rb") as f:
+                data = f.read()
+            os.unlink(path)
+            with open(path, "wb") as f:
+                f.write(data)
+            files.adopt(seq)
+        for i in range(200):
+            assert vol.read(i * 7 * BS, BS) == blocks(i, i * 7, 1)
+        assert files._indexes and files._index_bytes > 0
+        monkeypatch.setattr(segfiles, "disk_free", lambda folder: 0)
+        assert files.make_room(1) is False              # everything evictable went
+        assert files._index_bytes == sum(i.nbytes for i in files._indexes.values())
