@@ -155,6 +155,7 @@ unfilled_bytearray: Callable[[int], bytearray] = _unfilled_bytearray_maker()
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 _mallopt = _function("mallopt", [ctypes.c_int, ctypes.c_int])
 
 

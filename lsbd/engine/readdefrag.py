@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 128 * 1024
 MAX_PIECE_BYTES = 16 * 1024
 #: Bytes of reads waiting to be written again; more are dropped (a later
-#: read of the same range asks again).
-QUEUE_BYTES = 64 << 20
+#: read of the same range asks again).  A quarter of a second at RATE: it
+#: is the server's memory.
+QUEUE_BYTES = 16 << 20
 #: Bytes written again per second at most.
 RATE = 64 << 20
 
