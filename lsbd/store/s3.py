@@ -202,17 +202,10 @@ class S3Store(Store):
             # The server would overwrite: look first.  Two creators racing
             # inside one round trip can both pass; the engine's lease and its
             # segment chain keep a second writer out of the volume anyway.
-            if self._exists(key):
+            if self.exists(key):
                 raise ObjectExists(key)
             exclusive = False
         self._put(key, data, conditional=exclusive)
-
-    def _exists(self, key: str) -> bool:
-        try:
-            self.head(key)
-            return True
-        except ObjectNotFound:
-            return False
 
     def _put(self, key: str, data: bytes, *, conditional: bool) -> None:
         kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
