@@ -90,8 +90,10 @@ def test_two_machines_break_lease(tmp_path, store_url, flush_mode):
 
         assert wait_until(fenced, timeout=40, interval=0.5), "the old writer was not fenced"
         assert client.try_write(3 * BS, block(4, 3)) != 0
-        assert any("lease was broken" in x for x in served.lines), \
-            served.stderr()
+        # The writer logs it as it fails the request: the line reaches our
+        # reader of its stderr a moment after the client sees the error.
+        assert wait_until(lambda: any("lease was broken" in x for x in served.lines),
+                          timeout=30), served.stderr()
     finally:
         served.stop()
     # A writes nothing after the break; the volume reads what B found, clean.

@@ -87,7 +87,7 @@ class Served:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        self._reader.join(5)
+        self._reader.join(30)   # the last lines after the exit
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -408,7 +408,7 @@ class LsbdServe:
         """Signal the server and wait; returns its exit code."""
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
-        self._reader.join(5)
+        self._reader.join(30)   # the last lines after the exit
         shutil.rmtree(self.dir, ignore_errors=True)
         return code
 
@@ -416,7 +416,7 @@ class LsbdServe:
         """SIGKILL: a crash."""
         self.proc.kill()
         self.proc.wait(30)
-        self._reader.join(5)
+        self._reader.join(30)   # the last lines after the exit
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LsbdServe:
