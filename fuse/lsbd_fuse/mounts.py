@@ -5,7 +5,7 @@ in a runtime directory that does not depend on the store or cache dir
 (/run/lsbd for root, else $XDG_RUNTIME_DIR/lsbd or /tmp/lsbd-UID; $LSBD_RUN_DIR
 overrides), so `lsbd umount MOUNTPOINT` needs no other flags.  The record
 holds the pid and the process start time (a recycled pid is not mistaken for
-ours) and, if closing the volume failed, the error.
+ours) and, after the close, its error or what it left waiting for upload.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -25,6 +26,9 @@ import attrs
 from lsbd.errors import UserError
 
 FSTYPE = "fuse.lsbd"
+#: After `lsbd umount --timeout`: how long the process gets to stop waiting
+#: for the store and close.
+GIVE_UP_GRACE = 5.0
 
 
 class MountError(UserError):
@@ -130,6 +134,7 @@ class Server:
     name: str = ""
     log: str = ""
     error: str | None = None
+    waiting: str | None = None     # what the close left in the cache dir for the next mount
 
     def alive(self) -> bool:
         return _start_time(self.pid) == self.start
@@ -148,13 +153,14 @@ def write_pid_file(mountpoint: str, *, name: str, log: str = "") -> str:
     return path
 
 
-def record_close_error(mountpoint: str, message: str) -> None:
-    """Leave the error in the pid file for `lsbd umount` to report."""
+def record_close_state(mountpoint: str, *, error: str | None, waiting: str | None) -> None:
+    """Leave a failed close's error, and what it left waiting for upload, in
+    the pid file for `lsbd umount` to report."""
     path = pid_path(mountpoint)
     try:
         with open(path) as f:
             record = json.load(f)
-        record["error"] = message
+        record.update(error=error, waiting=waiting)
         with open(path, "w") as f:
             json.dump(record, f)
     except (OSError, ValueError):
@@ -174,7 +180,8 @@ def read_pid_file(mountpoint: str) -> Server | None:
             record = json.load(f)
         return Server(pid=int(record["pid"]), start=int(record["start"] or 0),
                       mountpoint=record.get("mountpoint", ""), name=record.get("name", ""),
-                      log=record.get("log", ""), error=record.get("error"))
+                      log=record.get("log", ""), error=record.get("error"),
+                      waiting=record.get("waiting"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -274,18 +281,36 @@ def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True,
         raise MountError(f"cannot unmount {mnt}: {text}")
     if server is None or not wait:
         return server
+    stopped = False
     if not wait_for_exit(server, timeout, on_slow):
-        raise MountError(f"unmounted {mnt}, but lsbd (pid {server.pid}) is still closing "
-                         f"the volume after {timeout:g} s (is the store reachable? its log: "
-                         f"{server.log or log_path(mnt)}); what is not uploaded yet is safe "
-                         f"in the cache dir and the next mount uploads it; `kill {server.pid}` "
-                         "stops it now")
+        # Past the bound: the process stops waiting for the store (as on a
+        # second Ctrl-C); its close keeps the lease and says what waits.
+        try:
+            os.kill(server.pid, signal.SIGTERM)
+            stopped = True
+        except ProcessLookupError:
+            pass
+        if not wait_for_exit(server, GIVE_UP_GRACE):
+            raise MountError(f"unmounted {mnt}, but lsbd (pid {server.pid}) is still closing "
+                             f"the volume after {timeout:g} s (is the store reachable? its "
+                             f"log: {server.log or log_path(mnt)}); what is not uploaded yet "
+                             f"is safe in the cache dir and the next mount uploads it; "
+                             f"`kill {server.pid}` stops it now")
     final = _leftover(mnt, server)
-    if final is not None and final.error:
+    if final is not None and (final.error or final.waiting):
         remove_pid_file(mnt)
-        raise MountError(f"unmounted {mnt}, but closing the volume failed: {final.error} "
-                         "(the journal in the cache dir still holds the data: mount again "
-                         "to finish the upload)")
+        if final.error:
+            raise MountError(f"unmounted {mnt}, but closing the volume failed: {final.error} "
+                             "(the journal in the cache dir still holds the data: mount again "
+                             "to finish the upload)")
+        raise MountError(f"unmounted {mnt}, but the store did not take everything: "
+                         f"{final.waiting}; the next mount uploads them (the lease stays "
+                         "taken meanwhile)")
+    if stopped and final is None:
+        raise MountError(f"unmounted {mnt}; lsbd (pid {server.pid}) was still closing the "
+                         f"volume after {timeout:g} s and was stopped (its log: "
+                         f"{server.log or log_path(mnt)}); what is not uploaded yet is safe in "
+                         "the cache dir and the next mount uploads it")
     return server
 
 

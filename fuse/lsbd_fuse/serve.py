@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from lsbd.engine.api import BlockDevice
 from lsbd_fuse import channel
 from lsbd_fuse.fs import ImageFS
-from lsbd_fuse.mounts import MountError, record_close_error, remove_pid_file, write_pid_file
+from lsbd_fuse.mounts import MountError, record_close_state, remove_pid_file, write_pid_file
 from lsbd_fuse.options import DIRECT_IO, QUEUES, allow_other_default
 from lsbd_fuse.session import Session
 from lsbd_fuse.tree import Image
@@ -38,15 +38,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SIZE_POLL = 0.25
 
 
+def _devices(images: Mapping[str, Image]) -> list[BlockDevice]:
+    """Each distinct device once, the read-only ones first."""
+    seen: dict[int, BlockDevice] = {}
+    for image in images.values():
+        seen.setdefault(id(image.device), image.device)
+    return sorted(seen.values(), key=lambda d: not getattr(d, "read_only", False))
+
+
 def close_devices(images: Mapping[str, Image]) -> str | None:
     """Close every distinct device, the read-only ones first (they only
     remove their temporary folders; a writer may wait for the store);
     returns the first error message, if any."""
-    seen: dict[int, BlockDevice] = {}
-    for image in images.values():
-        seen.setdefault(id(image.device), image.device)
     first: str | None = None
-    for dev in sorted(seen.values(), key=lambda d: not getattr(d, "read_only", False)):
+    for dev in _devices(images):
         name = getattr(dev, "name", "?")
         try:
             dev.close()
@@ -56,6 +61,27 @@ def close_devices(images: Mapping[str, Image]) -> str | None:
         else:
             log.info("closed %s", name)
     return first
+
+
+def left_waiting(images: Mapping[str, Image]) -> str | None:
+    """What closed devices left in the cache dir for the next open, in words."""
+    parts = []
+    for d in _devices(images):
+        waiting = getattr(d, "left_waiting", None)
+        if waiting:
+            parts.append(f"{getattr(d, 'name', '?')}: {waiting}; they wait in the cache dir "
+                         f"{getattr(d, 'folder', '?')}")
+    return "; ".join(parts) or None
+
+
+def give_up_uploads(images: Mapping[str, Image]) -> bool:
+    """Ask every writer to stop waiting for the store (from a thread: the
+    main thread may hold an upload lock); False if none can."""
+    devices = [d for d in _devices(images) if hasattr(d, "give_up_uploads")]
+    if devices:
+        threading.Thread(target=lambda: [d.give_up_uploads() for d in devices],
+                         name="lsbd-give-up", daemon=True).start()
+    return bool(devices)
 
 
 class _StopNow(BaseException):
@@ -90,12 +116,24 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
     session.fds = fds
     stop: list[str] = []
     closing = False
+    gave_up = False
 
     def on_signal(signum: int, _frame: object) -> None:
+        nonlocal gave_up
         name = signal.Signals(signum).name
+        if closing and not gave_up:
+            # The close waits for uploads (the store is down or slow): stop
+            # waiting; the close goes on and keeps the lease, and the next
+            # mount uploads the rest.  `lsbd umount --timeout` sends this.
+            gave_up = True
+            if give_up_uploads(images):
+                log.warning("got %s while closing: no longer waiting for the store; what "
+                            "is not uploaded stays in the cache dir and the next mount "
+                            "uploads it", name)
+                return
         if closing:
-            # The close waits for something (the store, most likely): stop
-            # now.  The journal in the cache dir keeps what is not uploaded.
+            # Still closing (stuck elsewhere): stop now.  The journal in the
+            # cache dir keeps what is not uploaded.
             log.warning("got %s while closing: stopping now; what is not uploaded stays in "
                         "the cache dir and the next mount uploads it", name)
             raise _StopNow
@@ -133,8 +171,9 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
             try:
                 session.close()  # the engine calls in flight finish first
                 error = close_devices(images)
-                if error:
-                    record_close_error(mountpoint, error)
+                waiting = left_waiting(images)
+                if error or waiting:
+                    record_close_state(mountpoint, error=error, waiting=waiting)
                 else:
                     remove_pid_file(mountpoint)
             except _StopNow:

@@ -67,11 +67,12 @@ class Volume(ReadFace):
     @classmethod
     def open(cls, store: Store, name: str, *, cache_root: str, read_only: bool = False,
              break_lease: bool = False, flush_mode: str | None = None,
-             cache_limit: int = DEFAULT_CACHE_LIMIT, at_seq: int | None = None,
-             progress: Callable[[int, int], None] | None = None):
+             cache_limit: int = DEFAULT_CACHE_LIMIT, cache_full_wait: float | None = None,
+             at_seq: int | None = None, progress: Callable[[int, int], None] | None = None):
         """Open a volume.  A writer takes the lease and recovers from the cache
         dir and the store; a reader (read_only, or at_seq for a past state) is
-        a PastVolume with a private map, removed on close."""
+        a PastVolume with a private map, removed on close.  cache_full_wait:
+        how long a write waits for room on a full cache disk (default 30 s)."""
         config = load_config(store, name)
         if config.sealed and not getattr(store, "seals_objects", False):
             # Plain objects must never enter a compressed or encrypted volume.
@@ -86,6 +87,8 @@ class Volume(ReadFace):
         st = writer_state(store, config, cache_root=cache_root, flush_mode=mode,
                           cache_limit=cache_limit, break_lease=break_lease)
         vol = cls(st)
+        if cache_full_wait is not None:
+            vol._writer.full_wait = cache_full_wait
         try:
             recover(st, vol._sealer, progress)
             vol._timer.start()
@@ -263,12 +266,25 @@ class Volume(ReadFace):
                 st.map.close()
             except Exception:  # noqa: BLE001 - closing after a failure; the first error is reported
                 pass
+        if st.lease is not None and not self._all_stored():
+            # Stopped before everything reached the store (a stop signal
+            # mid-close): our journal must win, so no other writer may start.
+            log.warning("volume %s: stopped with segments not in the store; they stay in %s "
+                        "and the lease is kept", self.name, self.folder)
+            self._keep_lease()
         if st.lease is not None:
             try:
                 st.lease.release()
             except StoreError as e:
                 log.warning("volume %s: could not release the lease: %s", self.name, e)
             st.lease = None
+
+    def _all_stored(self) -> bool:
+        """Nothing written waits in the cache dir for the store."""
+        st = self._st
+        if (st.open is not None and not st.open.empty) or st.sealing:
+            return False
+        return st.uploader is None or st.uploader.durable_seq >= st.applied
 
     def _keep_lease(self) -> None:
         """Leave the lease in the store (our journal must win), no longer
