@@ -8,15 +8,13 @@ threads.  See docs/fuse.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command, path_arg
 from lsbd.cli.context import tune_serving_process
-from lsbd.cli.points import add_point_args, add_writer_args, writer_options
-from lsbd.errors import UserError
+from lsbd.cli.points import add_point_args, add_writer_args, parse_seconds, writer_options
 from lsbd.service.serving import Point, open_devices
 
 
@@ -55,19 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if busy (fusermount3 -u -z); still waits for "
                         "the process")
-    u.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+    u.add_argument("--timeout", type=parse_seconds, default=None, metavar="SECONDS",
                    help="give up waiting after this long (default: wait)")
     u.set_defaults(func=run_umount)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"bad timeout {text!r}: a number of seconds, 0 or more")
-    return value
 
 
 def run_mount(args: argparse.Namespace, ctx) -> int:

@@ -163,6 +163,7 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     if args.socket is not None and args.port is not None:
         raise UserError("--port goes with TCP, not with --socket")
+    writer_options(args)    # a bad value is an error before anything is opened
     tls = server_tls(args)
     host = args.host or DEFAULT_HOST
     if args.socket is None and not tls.required and not is_loopback(host):

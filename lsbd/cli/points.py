@@ -4,6 +4,9 @@ writing (mount, serve).  Resolving them is lsbd.history.points."""
 
 from __future__ import annotations
 
+import math
+
+from lsbd.errors import UserError
 from lsbd.meta.config import FLUSH_MODES
 from lsbd.history.points import parse_seq, resolve
 
@@ -30,6 +33,10 @@ def add_writer_args(parser) -> None:
     parser.add_argument("--cache-limit", metavar="SIZE", default=None,
                         help="keep at most this much of the segments already in the store in "
                              "the cache dir (default 1G; less when the disk has less room)")
+    parser.add_argument("--cache-full-wait", metavar="SECONDS", default=None,
+                        help="when the cache dir's disk is full and nothing can be evicted "
+                             "(the store is down or slow), a write waits this long for "
+                             "uploads to make room, then fails with ENOSPC (default 30)")
 
 
 def writer_options(args) -> dict:
@@ -39,7 +46,19 @@ def writer_options(args) -> dict:
     options: dict[str, object] = {"auto_compact": True} if args.auto_compact else {}
     if args.cache_limit is not None:
         options["cache_limit"] = parse_size(args.cache_limit)
+    if args.cache_full_wait is not None:
+        options["cache_full_wait"] = parse_seconds(args.cache_full_wait, "--cache-full-wait")
     return options
+
+
+def parse_seconds(text: str, what: str = "timeout") -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"bad {what} {text!r}: a number of seconds, 0 or more")
+    return value
 
 
 def resolve_args(store, config, args) -> int | None:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 #: Reserved past a new journal's target size: its last write overshoots it.
 SEGMENT_SLACK = 1024 * 1024
 #: A write that needs a new journal on a full disk waits this long for
-#: uploads to make segments evictable, then fails with ENOSPC.
+#: uploads to make segments evictable, then fails with ENOSPC (the default of
+#: `--cache-full-wait`).
 FULL_DISK_WAIT = 30.0
 MAP_ROOM = 8 * 1024 * 1024    # kept free beyond a journal's reservation, for the map
 
@@ -67,6 +68,7 @@ class Writer:
         self.st = st
         self.sealer = sealer
         self.reader = reader
+        self.full_wait = FULL_DISK_WAIT   # seconds a write waits for room on a full disk
 
     # -- the one append path ----------------------------------------------------
 
@@ -105,8 +107,8 @@ class Writer:
         """The open segment (under the lock); a new journal takes its
         segment's space on the disk up front.  A full disk: evict segments
         already in the store; if that is not enough, wait (the lock let go)
-        for uploads to make more evictable, up to FULL_DISK_WAIT, then fail
-        with ENOSPC."""
+        for uploads to make more evictable, up to full_wait seconds, then
+        fail with ENOSPC."""
         st = self.st
         deadline = None
         while st.open is None:
@@ -125,11 +127,11 @@ class Writer:
                 raise WouldBlock("the cache dir's disk is full")
             now = time.monotonic()
             if deadline is None:
-                deadline = now + FULL_DISK_WAIT
+                deadline = now + self.full_wait
             elif now >= deadline or st.failed is not None or st.closed:
                 message = (f"volume {st.name}: the cache dir's disk is full and nothing "
                            f"more can be evicted: {st.waiting_uploads()}; write refused "
-                           f"after {FULL_DISK_WAIT:g}s")
+                           f"after {self.full_wait:g}s")
                 log.error("%s", message)
                 raise OSError(errno.ENOSPC, message)
             st.sealing_changed.wait(0.25)   # uploads finishing make room
