@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import read_all
+from engine_helpers import live_bytes, overwrite, read_all
 from lsbd import names
 from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
@@ -48,22 +48,6 @@ RUNS = 24
 # Over S3: segment upload (plain), checkpoint part (snap), manifest (plain),
 # segment delete (snap), each reopened with no cache dir; see make_plan.
 S3_SEEDS = [1212 + x for x in (0, 3, 4, 7)]
-
-
-def overwrite(vol, model: bytearray, rng: random.Random, working_set: int) -> None:
-    written = 0
-    while written < working_set:
-        n = BS if rng.random() < 0.5 else 64 * 1024
-        off = rng.randrange(0, (working_set - n) // BS + 1) * BS
-        data = rng.randbytes(n)
-        vol.write(off, data)
-        model[off:off + n] = data
-        written += n
-
-
-def live_bytes(model: bytes) -> int:
-    zero = bytes(BS)
-    return sum(BS for i in range(0, len(model), BS) if model[i:i + BS] != zero)
 
 
 class Lab:

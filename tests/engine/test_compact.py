@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import open_test_store as open_url
-from engine_helpers import read_all, run_cli
+from engine_helpers import live_bytes, overwrite, read_all, run_cli
 from lsbd import names
 from lsbd.history.compactor import compact
 from lsbd.segments import checkpoints as ckpt
@@ -62,26 +62,6 @@ def checkpoint_bytes(store, volume: str) -> int:
 
 def listing(store, volume: str) -> list[tuple[str, int]]:
     return [(i.key, i.size) for i in store.list(names.volume_prefix(volume))]
-
-
-def live_bytes(model: bytearray) -> int:
-    """Bytes of non-zero blocks: what a volume must keep (zero blocks are map entries)."""
-    zero = bytes(BS)
-    view = memoryview(model)
-    return sum(BS for i in range(0, len(model), BS) if view[i:i + BS] != zero)
-
-
-def overwrite(vol, model: bytearray, rng: random.Random, span: int = WORKING_SET,
-              amount: int = WORKING_SET) -> None:
-    """Random 4 KiB and 64 KiB writes into [0, span) until `amount` bytes are written."""
-    written = 0
-    while written < amount:
-        n = BS if rng.random() < 0.5 else 64 * 1024
-        off = rng.randrange(0, (span - n) // BS + 1) * BS
-        data = rng.randbytes(n)
-        vol.write(off, data)
-        model[off:off + n] = data
-        written += n
 
 
 def assert_reads(vol, model: bytes, rng: random.Random | None = None, count: int = 50) -> None:
@@ -127,7 +107,7 @@ def test_compaction_reclaims_overwrites(store_url, tmp_path):
     model = bytearray(SIZE)
     with Volume.open(store, "v", cache_root=str(cache)) as vol:
         for _ in range(ROUNDS):
-            overwrite(vol, model, rng)
+            overwrite(vol, model, rng, WORKING_SET)
     model = bytes(model)
     live = live_bytes(model)
     before = segment_bytes(store, "v")

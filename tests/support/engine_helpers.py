@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,29 @@ def block(tag: int, lba: int, bs: int = BS) -> bytes:
 
 def blocks(tag: int, lba: int, n: int, bs: int = BS) -> bytes:
     return b"".join(block(tag, lba + i, bs) for i in range(n))
+
+
+def overwrite(vol, model: bytearray, rng: random.Random, span: int,
+              amount: int | None = None) -> None:
+    """Random 4 KiB and 64 KiB writes into [0, span) until `amount` bytes
+    (default: span) are written, mirrored into `model`.  The crash tests'
+    seeds name runs of this exact sequence of draws."""
+    amount = span if amount is None else amount
+    written = 0
+    while written < amount:
+        n = BS if rng.random() < 0.5 else 64 * 1024
+        off = rng.randrange(0, (span - n) // BS + 1) * BS
+        data = rng.randbytes(n)
+        vol.write(off, data)
+        model[off:off + n] = data
+        written += n
+
+
+def live_bytes(model: bytes | bytearray) -> int:
+    """Bytes of non-zero blocks: what a volume must keep (zero blocks are map entries)."""
+    zero = bytes(BS)
+    view = memoryview(model)
+    return sum(BS for i in range(0, len(model), BS) if view[i:i + BS] != zero)
 
 
 def read_all(vol, chunk: int = 8 * MiB) -> bytes:
