@@ -10,7 +10,16 @@ import time
 
 import pytest
 from conftest import S3RVER_KEY, create_bucket, start_s3rver, stop
-from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all, wipe
+from engine_helpers import (
+    BS,
+    MiB,
+    block,
+    blocks,
+    fenced_writer,
+    open_test_store,
+    read_all,
+    wipe,
+)
 from s3_quirks import NO_CONDITIONAL, NO_RANGE, SHORT_RANGE
 
 from lsbd.meta import lease as lease_mod
@@ -216,16 +225,8 @@ def test_a_fenced_writer_cannot_get_segments_into_the_volume_without_conditional
     """The old writer's lease is broken; the store would let its uploads
     overwrite the new writer's segments.  It checks its lease first and stops."""
     store = blind_store
-    create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, flush_mode="store")
-    monkeypatch.setenv("LSBD_HOST", "old.example")   # two machines
-    old = Volume.open(store, "vol", cache_root=str(tmp_path / "old"))
+    old = fenced_writer(store, tmp_path, monkeypatch)
     try:
-        old.write(0, block(1, 0))
-        old.flush()                                            # segment 1
-        monkeypatch.setenv("LSBD_HOST", "new.example")
-        new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"), break_lease=True)
-        new.write(0, block(2, 0))
-        new.close()                                            # segment 2, the new writer's
         new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"))  # holds the lease
         with pytest.raises(StoreError):
             old.write(BS, block(3, 1))

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from engine_helpers import BS, PYTHON, MiB, block, open_test_store, run_cli
+from engine_helpers import BS, PYTHON, MiB, block, fenced_writer, open_test_store, run_cli
 
 from lsbd import names
 from lsbd.meta.config import create_volume
@@ -262,16 +262,8 @@ def test_broken_lease_fences_the_old_writer(tmp_path, store, store_url, holder_f
 
 def test_fenced_writer_segments_never_join_the_volume(tmp_path, store_url, monkeypatch):
     store = open_test_store(store_url)
-    create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, flush_mode="store")
-    monkeypatch.setenv("LSBD_HOST", "old.example")   # two machines
-    old = Volume.open(store, "vol", cache_root=str(tmp_path / "old"))
+    old = fenced_writer(store, tmp_path, monkeypatch)
     try:
-        old.write(0, block(1, 0))
-        old.flush()                                            # segment 1
-        monkeypatch.setenv("LSBD_HOST", "new.example")
-        new = Volume.open(store, "vol", cache_root=str(tmp_path / "new"), break_lease=True)
-        new.write(0, block(2, 0))
-        new.close()                                            # segment 2, the new writer's
         # The old writer does not know yet: it writes three segments' worth.
         with pytest.raises(StoreError):
             for i in range(3):

@@ -61,6 +61,31 @@ def live_bytes(model: bytes | bytearray) -> int:
     return sum(BS for i in range(0, len(model), BS) if view[i:i + BS] != zero)
 
 
+def fenced_writer(store: Store, cache_root, monkeypatch):
+    """A writer of a new volume "vol" (flush_mode store, 256 KiB segments) on
+    host old.example, which flushed block(1, 0) as segment 1 and then lost
+    its lease, unaware: a writer on new.example broke it, wrote block(2, 0)
+    as segment 2 and closed.  The caller abandons the returned Volume."""
+    from lsbd.engine.volume import Volume
+    from lsbd.meta.config import create_volume
+
+    root = Path(cache_root)
+    create_volume(store, "vol", 16 * MiB, segment_size=256 * 1024, flush_mode="store")
+    monkeypatch.setenv("LSBD_HOST", "old.example")   # two machines
+    old = Volume.open(store, "vol", cache_root=str(root / "old"))
+    try:
+        old.write(0, block(1, 0))
+        old.flush()                                            # segment 1
+        monkeypatch.setenv("LSBD_HOST", "new.example")
+        new = Volume.open(store, "vol", cache_root=str(root / "new"), break_lease=True)
+        new.write(0, block(2, 0))
+        new.close()                                            # segment 2, the new writer's
+    except BaseException:
+        old.abandon()
+        raise
+    return old
+
+
 def read_all(vol, chunk: int = 8 * MiB) -> bytes:
     parts = []
     for off in range(0, vol.size, chunk):
