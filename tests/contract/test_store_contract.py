@@ -284,12 +284,15 @@ class _FakeClient:
         return call
 
 
-def _client_error(code, status):
+def _s3_failing_with(code, status):
+    """An S3Store whose every call fails with this S3 error code and status."""
     from lsbd.store import s3
 
-    return s3.botocore.exceptions.ClientError(
+    store = s3.S3Store("mapbucket", "", endpoint_url="http://127.0.0.1:1")
+    store._client = _FakeClient(s3.botocore.exceptions.ClientError(
         {"Error": {"Code": code, "Message": f"{code} happened"},
-         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+    return store
 
 
 @pytest.mark.parametrize("code,status,expected", [
@@ -301,10 +304,7 @@ def _client_error(code, status):
     ("NoSuchBucket", 404, StoreError),
 ])
 def test_s3_error_mapping_for_exclusive_put(code, status, expected):
-    from lsbd.store.s3 import S3Store
-
-    store = S3Store("mapbucket", "", endpoint_url="http://127.0.0.1:1")
-    store._client = _FakeClient(_client_error(code, status))
+    store = _s3_failing_with(code, status)
     with pytest.raises(StoreError) as info:
         store.put("k", b"x", exclusive=True)
     assert type(info.value) is expected
@@ -320,10 +320,7 @@ def test_s3_error_mapping_for_exclusive_put(code, status, expected):
     ("InvalidAccessKeyId", 403, StoreError),
 ])
 def test_s3_error_mapping_for_get(code, status, expected):
-    from lsbd.store.s3 import S3Store
-
-    store = S3Store("mapbucket", "", endpoint_url="http://127.0.0.1:1")
-    store._client = _FakeClient(_client_error(code, status))
+    store = _s3_failing_with(code, status)
     with pytest.raises(StoreError) as info:
         store.get("k")
     assert type(info.value) is expected

@@ -144,14 +144,21 @@ def test_require_refuses_options_before_starttls(volumes, certs):
         client.close()
 
 
+def _accepted_starttls(srv) -> RawClient:
+    """A raw client the server has just said yes to STARTTLS to (its socket
+    not wrapped yet)."""
+    client = RawClient(srv.connect())
+    client.greeting()
+    client.option(p.OPT_STARTTLS)
+    assert client.option_replies() == [(p.REP_ACK, b"")]
+    return client
+
+
 def test_starttls_then_transmission_over_raw_client(volumes, certs):
     tls = ServerTLS("require", certificates=certs)
     with running_server(volumes, tls=tls) as srv:
-        sock = srv.connect()
-        client = RawClient(sock)
-        client.greeting()
-        client.option(p.OPT_STARTTLS)
-        assert client.option_replies() == [(p.REP_ACK, b"")]
+        client = _accepted_starttls(srv)
+        sock = client.sock
         context = ssl.create_default_context(cafile=os.path.join(certs, "ca-cert.pem"))
         client.sock = context.wrap_socket(sock, server_hostname="localhost")
         client.option(p.OPT_STARTTLS)                 # a second time is invalid
@@ -176,28 +183,18 @@ def test_on_mode_still_serves_plain_clients(volumes, certs):
 
 def test_a_bad_tls_handshake_loses_only_that_connection(volumes, certs):
     with running_server(volumes, tls=ServerTLS("require", certificates=certs)) as srv:
-        client = RawClient(srv.connect())
-        client.greeting()
-        client.option(p.OPT_STARTTLS)
-        assert client.option_replies() == [(p.REP_ACK, b"")]
+        client = _accepted_starttls(srv)
         client.send(b"\x16\x03\x01\x00\x05hello")      # not a ClientHello
         assert client.is_closed()
         client.close()
-        ok = RawClient(srv.connect())
-        ok.greeting()
-        ok.option(p.OPT_STARTTLS)
-        assert ok.option_replies() == [(p.REP_ACK, b"")]
-        ok.close()
+        _accepted_starttls(srv).close()               # the next connection is served
 
 
 def test_verify_peer_refuses_a_client_without_certificate(volumes, certs):
     tls = ServerTLS("require", certificates=certs, verify_peer=True)
     with running_server(volumes, tls=tls) as srv:
-        sock = srv.connect()
-        client = RawClient(sock)
-        client.greeting()
-        client.option(p.OPT_STARTTLS)
-        assert client.option_replies() == [(p.REP_ACK, b"")]
+        client = _accepted_starttls(srv)
+        sock = client.sock
         context = ssl.create_default_context(cafile=os.path.join(certs, "ca-cert.pem"))
         with pytest.raises((ssl.SSLError, ConnectionError, ProtocolClosed)):
             client.sock = context.wrap_socket(sock, server_hostname="localhost")
