@@ -17,6 +17,7 @@ from engine_helpers import (
     MiB,
     block,
     blocks,
+    read_from_store,
     segment_seqs,
     wipe,
 )
@@ -545,17 +546,9 @@ def test_flush_mode_store_puts_the_data_in_the_store(make_volume, store, tmp_pat
     vol.write(0, block(1, 0))
     vol.flush()
     assert segment_seqs(store, "vol") == [1]
-    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro1"), read_only=True)
-    try:
-        assert ro.read(0, BS) == block(1, 0)
-    finally:
-        ro.close()
+    assert read_from_store(store, tmp_path / "ro1", 0, BS) == block(1, 0)
     vol.write(BS, block(2, 1), fua=True)  # FUA: durable in the store on return
-    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro2"), read_only=True)
-    try:
-        assert ro.read(0, 2 * BS) == block(1, 0) + block(2, 1)
-    finally:
-        ro.close()
+    assert read_from_store(store, tmp_path / "ro2", 0, 2 * BS) == block(1, 0) + block(2, 1)
 
 
 def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatch):
@@ -578,11 +571,7 @@ def test_flush_mode_store_reports_a_store_that_fails(store, tmp_path, monkeypatc
         assert segment_seqs(store, "vol") == [1]
     finally:
         vol.close()
-    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
-    try:
-        assert ro.read(0, BS) == block(1, 0)
-    finally:
-        ro.close()
+    assert read_from_store(store, tmp_path / "ro", 0, BS) == block(1, 0)
 
 
 def test_journal_mode_flush_survives_a_crash(make_volume, store, tmp_path):
@@ -597,11 +586,7 @@ def test_journal_mode_flush_survives_a_crash(make_volume, store, tmp_path):
     finally:
         vol.close()
     # The replayed journal was uploaded: the store alone has it now.
-    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
-    try:
-        assert ro.read(5 * BS, BS) == block(1, 5)
-    finally:
-        ro.close()
+    assert read_from_store(store, tmp_path / "ro", 5 * BS, BS) == block(1, 5)
 
 
 # --- concurrency, the map --------------------------------------------------------------

@@ -13,7 +13,16 @@ import subprocess
 import time
 
 import pytest
-from engine_helpers import BS, PYTHON, MiB, block, fenced_writer, open_test_store, run_cli
+from engine_helpers import (
+    BS,
+    PYTHON,
+    MiB,
+    block,
+    fenced_writer,
+    open_test_store,
+    read_from_store,
+    run_cli,
+)
 
 from lsbd import names
 from lsbd.meta.config import create_volume
@@ -116,11 +125,7 @@ def test_second_writer_in_the_same_process_is_refused(tmp_path, store):
         first.write(0, block(1, 0))  # the holder is unaffected
         # Readers are welcome meanwhile, and see what the writer flushed.
         first.flush()
-        reader = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
-        try:
-            assert reader.read(0, BS) == block(1, 0)
-        finally:
-            reader.close()
+        assert read_from_store(store, tmp_path / "r", 0, BS) == block(1, 0)
         first.write(BS, block(2, 1))
     finally:
         first.close()
@@ -230,11 +235,7 @@ def test_reader_opens_while_a_foreign_writer_holds_the_lease(tmp_path, store):
     vol.write(0, block(3, 0))
     vol.close()
     _foreign_lease(store)
-    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
-    try:
-        assert reader.read(0, BS) == block(3, 0)
-    finally:
-        reader.close()
+    assert read_from_store(store, tmp_path / "r", 0, BS) == block(3, 0)
     assert store.exists(names.lease_key("vol")), "a reader must not touch the lease"
 
 

@@ -10,7 +10,7 @@ import struct
 
 import lmdb
 import pytest
-from engine_helpers import BS, MiB, blocks, open_test_store, read_all
+from engine_helpers import BS, MiB, blocks, open_test_store, read_all, read_from_store
 
 from lsbd.map import blockmap
 from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
@@ -123,11 +123,7 @@ def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch)
             assert txn.get(b"extents") is None and txn.get(b"blocks") is not None
     finally:
         env.close()
-    ro = Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True)
-    try:
-        assert read_all(ro) == expected
-    finally:
-        ro.close()
+    assert read_from_store(store, tmp_path / "ro") == expected
 
 
 def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from engine_helpers import (
     blocks,
     open_test_store,
     read_all,
+    read_from_store,
     segment_seqs,
     wipe,
 )
@@ -53,15 +54,6 @@ def _write_pattern(vol, rng: random.Random, tag: int, count: int, *, max_blocks:
         tag += 1
 
 
-def _fresh_read(store, tmp_path, label: str) -> bytes:
-    """The whole volume as a reader with an empty cache sees it (the store alone)."""
-    reader = Volume.open(store, "vol", cache_root=str(tmp_path / f"reader-{label}"), read_only=True)
-    try:
-        return read_all(reader)
-    finally:
-        reader.close()
-
-
 def test_lost_cache_dir_rebuilds_identical_bytes(store, tmp_path):
     create_volume(store, "vol", SIZE, segment_size=1 * MiB)
     cache = tmp_path / "cache"
@@ -83,7 +75,7 @@ def test_lost_cache_dir_rebuilds_identical_bytes(store, tmp_path):
     finally:
         vol.close()
     wipe(cache)
-    assert _fresh_read(store, tmp_path, "after") == expected
+    assert read_from_store(store, tmp_path / "reader-after") == expected
 
 
 def test_recovery_from_checkpoint_plus_later_segments(store, tmp_path):
@@ -245,7 +237,7 @@ def test_recovery_stops_at_a_gap(store, tmp_path):
         expected = block(77, 0) + states[2][BS:]
     finally:
         vol.close()
-    assert _fresh_read(store, tmp_path, "after") == expected
+    assert read_from_store(store, tmp_path / "reader-after") == expected
 
 
 def test_cache_dir_of_a_deleted_volume_with_the_same_name_is_not_trusted(store, tmp_path):

@@ -93,6 +93,17 @@ def read_all(vol, chunk: int = 8 * MiB) -> bytes:
     return b"".join(parts)
 
 
+def read_from_store(store: Store, cache_root, offset: int = 0, length: int | None = None,
+                    volume: str = "vol") -> bytes:
+    """What a reader with the cache dir `cache_root` reads (with a new one:
+    what the store alone holds): all of `volume`, or `length` bytes at
+    `offset`."""
+    from lsbd.engine.volume import Volume
+
+    with Volume.open(store, volume, cache_root=str(cache_root), read_only=True) as reader:
+        return read_all(reader) if length is None else reader.read(offset, length)
+
+
 def wipe(path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
