@@ -67,12 +67,17 @@ def checkpoint_prefix(volume: str) -> str:
     return f"{VOLUMES}{volume}/ckpt/"
 
 
+def checkpoint_dir(volume: str, seq: int) -> str:
+    """The prefix of every object of one checkpoint."""
+    return f"{VOLUMES}{volume}/ckpt/{seq:016x}/"
+
+
 def checkpoint_manifest_key(volume: str, seq: int) -> str:
-    return f"{VOLUMES}{volume}/ckpt/{seq:016x}/manifest"
+    return f"{checkpoint_dir(volume, seq)}manifest"
 
 
 def checkpoint_part_key(volume: str, seq: int, part: int) -> str:
-    return f"{VOLUMES}{volume}/ckpt/{seq:016x}/part-{part:06d}"
+    return f"{checkpoint_dir(volume, seq)}part-{part:06d}"
 
 
 def snapshot_prefix(volume: str) -> str:

@@ -288,5 +288,5 @@ def newest_valid_checkpoint(store: Store, volume: str, volume_id: str, *,
 def delete_checkpoint(store: Store, volume: str, seq: int) -> None:
     """Manifest first, so a half-deleted checkpoint is never taken for whole."""
     store.delete(names.checkpoint_manifest_key(volume, seq))
-    for info in store.list(f"{names.checkpoint_prefix(volume)}{seq:016x}/"):
+    for info in store.list(names.checkpoint_dir(volume, seq)):
         store.delete(info.key)
