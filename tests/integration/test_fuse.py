@@ -341,12 +341,8 @@ def test_seed_workflow_survives_an_empty_cache_dir(store_env):
     make_tree(src, seed=1)
     want = tree_digest(src)
 
-    env.lsbd("create", "vol", "--size", "1G")
-    env.mount("vol", mnt)
-    image = mnt / "vol.img"
+    image, _loop = env.ext4_volume("1G", mnt, ext)
     assert image.stat().st_size == 1 << 30
-    env.mkfs(image)
-    env.loop_mount(image, ext)
     run("cp", "-a", f"{src}/.", ext, timeout=300)
     env.loop_umount(ext)
     env.umount(mnt)
@@ -365,11 +361,7 @@ def test_sigkill_under_load_keeps_every_synced_file(store_env):
     fenv = store_env
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
     # Room for the writer while a slow sync runs (a loaded machine, the s3 store).
-    fenv.lsbd("create", "vol", "--size", "2G")
-    fenv.mount("vol", mnt)
-    image = mnt / "vol.img"
-    fenv.mkfs(image)
-    loop = fenv.loop_mount(image, ext)
+    image, loop = fenv.ext4_volume("2G", mnt, ext)
     (ext / "w").mkdir()
     log = fenv.tmp / "written.log"
     log.touch()
@@ -420,11 +412,7 @@ def test_sigkill_under_load_keeps_every_synced_file(store_env):
 def test_truncate_grows_and_resize2fs_online(fenv):
     require_fuse("resize2fs")
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
-    fenv.lsbd("create", "vol", "--size", "256M")
-    fenv.mount("vol", mnt)
-    image = mnt / "vol.img"
-    fenv.mkfs(image)
-    loop = fenv.loop_mount(image, ext)
+    image, loop = fenv.ext4_volume("256M", mnt, ext)
     (ext / "before").write_bytes(os.urandom(MiB))
     before = os.statvfs(ext).f_blocks
 
@@ -494,11 +482,7 @@ def test_ext4_on_a_snapshot_image_shows_the_past_while_the_live_volume_changes(f
     make_tree(src, seed=7, large=1, large_size=4 << 20)
     before = tree_digest(src)
 
-    fenv.lsbd("create", "vol", "--size", "256M")
-    fenv.mount("vol", live_mnt)
-    image = live_mnt / "vol.img"
-    fenv.mkfs(image)
-    fenv.loop_mount(image, live_ext)
+    image, _loop = fenv.ext4_volume("256M", live_mnt, live_ext)
     run("cp", "-a", f"{src}/.", live_ext)
     run("sync")
     fenv.lsbd("snapshot", "create", "vol", "s1")             # through the running writer

@@ -115,6 +115,16 @@ class FuseEnv:
 
     # --- ext4 on a loop device ------------------------------------------------------
 
+    def ext4_volume(self, size: str, mnt: Path, ext: Path, volume: str = "vol"
+                    ) -> tuple[Path, str]:
+        """A new volume of `size` mounted at `mnt`, its image made ext4 and
+        loop-mounted at `ext`: (the image, the loop device)."""
+        self.lsbd("create", volume, "--size", size)
+        self.mount(volume, mnt)
+        image = mnt / f"{volume}.img"
+        self.mkfs(image)
+        return image, self.loop_mount(image, ext)
+
     def mkfs(self, image: Path) -> None:
         run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", image, timeout=300)
 
