@@ -77,13 +77,23 @@ def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
 
 
 def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int) -> Iterator[tuple]:
-    """The map at the last checkpoint of `chain`: its base with each delta
-    laid over it as they stream, in one pass, one part of each in memory.
-    Holes of the deltas (seq 0) are left in: drop them at the end."""
-    merged: Iterable[tuple] = ckpt.read_extents(store, chain[0])
-    for delta in chain[1:]:
-        merged = overlay(merged, ckpt.read_extents(store, delta), block_size)
-    return iter(merged)
+    """The map at the last checkpoint of `chain`: its base with its deltas
+    laid over it, in one pass as they stream, one part of each in memory.
+    Holes (seq 0) are left in: drop them at the end."""
+    return lay_over([ckpt.read_extents(store, m) for m in chain], block_size)
+
+
+def lay_over(layers: list[Iterable[tuple]], block_size: int) -> Iterator[tuple]:
+    """layers[0] with each later layer laid over it in turn (see overlay).
+    Laying layers over each other is associative (the later wins on each
+    block, holes included), so all but the first are merged pairwise first:
+    the first, a base and by far the largest, then goes through one merge
+    instead of one per delta, and a delta's entry through three at most."""
+    upper = list(layers[1:])
+    while len(upper) > 1:
+        upper = [overlay(upper[i], upper[i + 1], block_size) if i + 1 < len(upper)
+                 else upper[i] for i in range(0, len(upper), 2)]
+    return iter(overlay(layers[0], upper[0], block_size) if upper else layers[0])
 
 
 def overlay(under: Iterable[tuple], over: Iterable[tuple], block_size: int) -> Iterator[tuple]:
