@@ -17,6 +17,7 @@ from engine_helpers import (
     BS,
     PYTHON,
     MiB,
+    assert_user_error,
     block,
     fenced_writer,
     open_test_store,
@@ -105,14 +106,6 @@ def store(store_url):
     s.close()
 
 
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_second_writer_in_the_same_process_is_refused(tmp_path, store):
     first = Volume.open(store, "vol", cache_root=str(tmp_path / "a"))
     try:
@@ -146,7 +139,7 @@ def test_cli_writer_refused_while_a_process_holds_it_and_admitted_after_sigkill(
     image.write_bytes(os.urandom(1 * MiB))
 
     proc = run_cli("import", "vol", image, store=store_url, cache=cache)
-    line = _one_line_error(proc)
+    line = assert_user_error(proc)
     assert f"pid {holder.pid}" in line and socket.gethostname() in line, line
 
     # A reader (export) is allowed while the writer holds it, and sees its flushed write.
@@ -197,7 +190,7 @@ def test_lease_of_another_host_needs_break_lease(tmp_path, store, store_url):
 
     image = tmp_path / "image"
     image.write_bytes(os.urandom(256 * 1024))
-    line = _one_line_error(run_cli("import", "vol", image, store=store_url, cache=tmp_path / "c"))
+    line = assert_user_error(run_cli("import", "vol", image, store=store_url, cache=tmp_path / "c"))
     assert "pid 4242 on elsewhere.example" in line and "--break-lease" in line
     proc = run_cli("import", "--break-lease", "vol", image, store=store_url, cache=tmp_path / "c")
     assert proc.returncode == 0, proc.stderr
@@ -247,7 +240,7 @@ def test_broken_lease_fences_the_old_writer(tmp_path, store, store_url, holder_f
     assert holder.command("write 0 1") == "ok"
     image = tmp_path / "image"
     image.write_bytes(os.urandom(64 * 1024))
-    line = _one_line_error(run_cli("import", "vol", image, store=store_url, cache=tmp_path / "new"))
+    line = assert_user_error(run_cli("import", "vol", image, store=store_url, cache=tmp_path / "new"))
     assert f"pid {holder.pid}" in line
     proc = run_cli("import", "--break-lease", "vol", image, store=store_url, cache=tmp_path / "new")
     assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ import os
 import socket
 
 import pytest
-from engine_helpers import BS, MiB, block, open_test_store
+from engine_helpers import BS, MiB, assert_user_error, block, open_test_store
 from fault_helpers import Machine, wait_until
 
 from lsbd.engine import testing
@@ -20,14 +20,6 @@ from lsbd.meta.config import create_volume
 from lsbd.meta.lease import read_holder
 from lsbd.engine.volume import Volume
 from lsbd.errors import LeaseHeld, LeaseLost, StoreError
-
-
-def _one_line(proc) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def test_break_lease_never_takes_it_from_this_process(tmp_path, store_url):
@@ -66,10 +58,10 @@ def test_two_machines_break_lease(tmp_path, store_url, flush_mode):
 
         # This machine, even with --break-lease: refused, naming the process.
         for m in (a, a2):
-            line = _one_line(m.run("delete", "vol", "--break-lease"))
+            line = assert_user_error(m.run("delete", "vol", "--break-lease"))
             assert f"pid {served.pid}" in line and "umount" in line, line
             assert "add --break-lease" not in line, line
-        line = _one_line(a2.run("checkpoint", "vol", "--break-lease"))
+        line = assert_user_error(a2.run("checkpoint", "vol", "--break-lease"))
         assert f"pid {served.pid}" in line and "add --break-lease" not in line, line
         # From the writer's own cache dir a checkpoint goes through the
         # writer (and uploads everything).
@@ -78,7 +70,7 @@ def test_two_machines_break_lease(tmp_path, store_url, flush_mode):
         assert read_holder(store, "vol").pid == served.pid
 
         # Another machine: the message offers --break-lease, which works.
-        line = _one_line(b.run("checkpoint", "vol"))
+        line = assert_user_error(b.run("checkpoint", "vol"))
         assert f"pid {served.pid} on machine-a" in line and "--break-lease" in line, line
         assert b.run("checkpoint", "vol", "--break-lease").returncode == 0
 
