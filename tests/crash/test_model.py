@@ -377,3 +377,22 @@ VolumeModelLongJournal.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelLongJournal = VolumeModelLongJournal.TestCase
+
+
+class VolumeModelStoreMode(VolumeModel):
+    """The same model in flush mode `store`: a flush returns once everything
+    before it is in the store, so even losing the cache dir keeps it."""
+
+    volume_options = {"flush_mode": "store"}
+
+    @rule()
+    def flush(self):
+        super().flush()
+        self.in_store = self.flushed
+
+
+VolumeModelStoreMode.TestCase.settings = settings(
+    max_examples=50, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TestVolumeModelStoreMode = VolumeModelStoreMode.TestCase
