@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable
 
 from lsbd.engine import sealer as sealing
-from lsbd.engine.deltas import (chain_extents, delta_entries, overlay, previous_chain,
+from lsbd.engine.deltas import (chain_extents, delta_entries, keep_mapped, previous_chain,
                                segment_records)
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
@@ -79,10 +79,9 @@ class Checkpointer:
                                               extents=entries, segments=segments,
                                               delta_of=prev, **shape)
                     else:
-                        merged = overlay(chain_extents(st.store, chain, st.block_size),
-                                         entries, st.block_size)
+                        merged = chain_extents(st.store, chain, st.block_size, then=entries)
                         ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
-                                              extents=(e for e in merged if e[2]),
+                                              extents=keep_mapped(merged),
                                               segments=segments, **shape)
             st.last_checkpoint = target
             st.last_checkpoint_time = time.monotonic()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from bisect import bisect_left
 from typing import Callable, Iterable, Iterator
 
 from lsbd.format.segment import Record, read_sealed_index
 from lsbd.map.blockmap import BlockMap, Extent
+from lsbd.map.packed import Part, Run
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound
@@ -76,24 +78,113 @@ def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
         return None
 
 
-def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int) -> Iterator[tuple]:
+def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
+                  then: Iterable[tuple] | None = None) -> Iterator[tuple | Run]:
     """The map at the last checkpoint of `chain`: its base with its deltas
     laid over it, in one pass as they stream, one part of each in memory.
-    Holes (seq 0) are left in: drop them at the end."""
-    return lay_over([ckpt.read_extents(store, m) for m in chain], block_size)
+    The base comes as packed runs (lsbd.map.packed): the stretches no delta
+    touches pass through whole; the rest as (lba, nblocks, seq, offset).
+    then: the entries of one more delta, laid over last.
+    Holes (seq 0) are left in: drop them at the end (keep_mapped)."""
+    deltas: list[Iterable[tuple]] = [ckpt.read_extents(store, m) for m in chain[1:]]
+    if then is not None:
+        deltas.append(then)
+    return overlay_runs(ckpt.read_runs(store, chain[0]), merge_layers(deltas, block_size),
+                        block_size)
+
+
+def keep_mapped(entries: Iterable[tuple | Run]) -> Iterator[tuple | Run]:
+    """The entries of chain_extents less its holes."""
+    return (e for e in entries if isinstance(e, Run) or e[2])
+
+
+def merge_layers(layers: list[Iterable[tuple]], block_size: int) -> Iterator[tuple]:
+    """The layers laid over each other in order (see overlay), merged
+    pairwise: laying layers over each other is associative (the later wins
+    on each block, holes included), so an entry goes through log2 of the
+    layers' merges, not one per layer."""
+    while len(layers) > 1:
+        layers = [overlay(layers[i], layers[i + 1], block_size) if i + 1 < len(layers)
+                  else layers[i] for i in range(0, len(layers), 2)]
+    return iter(layers[0] if layers else ())
 
 
 def lay_over(layers: list[Iterable[tuple]], block_size: int) -> Iterator[tuple]:
-    """layers[0] with each later layer laid over it in turn (see overlay).
-    Laying layers over each other is associative (the later wins on each
-    block, holes included), so all but the first are merged pairwise first:
-    the first, a base and by far the largest, then goes through one merge
-    instead of one per delta, and a delta's entry through three at most."""
-    upper = list(layers[1:])
-    while len(upper) > 1:
-        upper = [overlay(upper[i], upper[i + 1], block_size) if i + 1 < len(upper)
-                 else upper[i] for i in range(0, len(upper), 2)]
-    return iter(overlay(layers[0], upper[0], block_size) if upper else layers[0])
+    """layers[0] with each later layer laid over it in turn, the later ones
+    merged with each other first (merge_layers)."""
+    return overlay(layers[0], merge_layers(layers[1:], block_size), block_size)
+
+
+def overlay_runs(under: Iterable[Run], over: Iterable[tuple], block_size: int
+                 ) -> Iterator[tuple | Run]:
+    """overlay() with `under` in packed runs: the stretches of them that no
+    entry of `over` touches come out as runs, whole; the entries `over`
+    cuts, and `over`'s own, as tuples.  Work per entry of `over`: a binary
+    search and a few tuples, whatever the size of `under`."""
+    over_it = iter(over)
+    o = next(over_it, None)
+    cut = -1   # the end of the last entry of `over` yielded: under's blocks below it are gone
+    bs = block_size
+
+    def one(u: tuple) -> list[tuple]:
+        """What becomes of one entry of `under` and the entries of `over`
+        up to its end."""
+        nonlocal o, cut
+        out: list[tuple] = []
+        ul, un, us, uoff = u
+        if ul < cut:
+            if ul + un <= cut:
+                return out
+            ul, un, uoff = cut, ul + un - cut, uoff + (cut - ul) * bs
+        while True:
+            if o is None or o[0] >= ul + un:
+                out.append((ul, un, us, uoff))
+                return out
+            if o[0] > ul:
+                out.append((ul, o[0] - ul, us, uoff))
+            out.append(o)
+            cut = o[0] + o[1]
+            o = next(over_it, None)
+            if cut >= ul + un:
+                return out
+            if cut > ul:
+                ul, un, uoff = cut, ul + un - cut, uoff + (cut - ul) * bs
+
+    for run in under:
+        part, lbas = run.part, run.part.lbas
+        i, n = run.start, run.stop
+        while i < n:
+            if lbas[i] < cut:
+                # Entries i.. start under the last `over` entry: all gone but
+                # the last of them, which may reach past it.
+                j = bisect_left(lbas, cut, i, n)
+                tail = part.entry(j - 1)
+                i = j
+                yield from one(tail)
+                continue
+            if o is None or o[0] >= _run_end(part, n):
+                yield Run(part, i, n)
+                break
+            # The entries that end before `o` starts go whole.
+            j = bisect_left(lbas, o[0], i, n)
+            if j > i:
+                last = part.entry(j - 1)
+                k = j if last[0] + last[1] <= o[0] else j - 1
+                if k > i:
+                    yield Run(part, i, k)
+                    i = k
+            if i < n:
+                u = part.entry(i)
+                i += 1
+                yield from one(u)
+    while o is not None:
+        yield o
+        o = next(over_it, None)
+
+
+def _run_end(part: Part, stop: int) -> int:
+    lba, n, _seq, _off = part.entry(stop - 1)
+    return lba + n
 
 
 def overlay(under: Iterable[tuple], over: Iterable[tuple], block_size: int) -> Iterator[tuple]:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from lsbd import fileio, names
-from lsbd.engine.deltas import chain_extents
+from lsbd.engine.deltas import chain_extents, keep_mapped
 from lsbd.segments import checkpoints as ckpt
 from lsbd.map.blockmap import STORED, BlockMap
 from lsbd.meta.config import Lineage, VolumeConfig
@@ -50,10 +50,7 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
     meta: dict[str, Any] = dict(applied_seq=str(manifest.seq).encode(),
                 size=str(manifest.volume_size).encode(),
                 top_crc=str(manifest.top_crc or 0).encode())
-    if len(chain) == 1:
-        bm.load(ckpt.read_extents(store, manifest), segments, **meta)
-        return
-    bm.load((e for e in chain_extents(store, chain, bm.block_size) if e[2]), segments, **meta)
+    bm.load(keep_mapped(chain_extents(store, chain, bm.block_size)), segments, **meta)
 
 
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,

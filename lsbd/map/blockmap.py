@@ -20,11 +20,10 @@ values are lsbd.map.encoding's.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
 import lmdb
@@ -32,6 +31,7 @@ import lmdb
 from lsbd import fileio
 from lsbd.format.segment import DATA, RESIZE, Record
 from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
+from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import WIDE as _EXTENT
 from lsbd.map.encoding import key_of as _k
@@ -296,24 +296,41 @@ class BlockMap:
             for seq in seqs:
                 txn.delete(_KEY.pack(seq))
 
-    def load(self, extents: Iterable[tuple], segments: Iterable[SegmentInfo], *,
+    def load(self, extents: Iterable[tuple | Run], segments: Iterable[SegmentInfo], *,
              batch: int = 1 << 18, **meta: bytes) -> None:
         """Replace the whole map (loading a checkpoint), extents sorted by
-        lba.  In transactions of `batch` extents, so the pages a transaction
-        holds stay few whatever the map's size: a crash half way leaves a map
-        without the volume id, which recovery does not trust."""
-        live: dict[int, int] = defaultdict(int)
-        it = iter(extents)
+        lba, as (lba, nblocks, seq, offset) or packed runs (lsbd.map.packed:
+        no Python object per extent).  In transactions of about `batch`
+        extents, so the pages a transaction holds stay few whatever the
+        map's size: a crash half way leaves a map without the volume id,
+        which recovery does not trust."""
+        live: Counter = Counter()
+        it = _split_runs(iter(extents), batch)
         first = True
-        while True:
+        done = False
+        while not done:
             count = 0
 
             def pairs():
-                nonlocal count
-                for lba, n, seq, off in itertools.islice(it, batch):
-                    count += 1
-                    live[seq] += n
-                    yield _k(lba), _v(n, seq, off)
+                nonlocal count, done
+                for e in it:
+                    if isinstance(e, Run):
+                        live.update(e.live())
+                        fast = e.map_pairs()
+                        if fast is not None:
+                            yield from fast
+                        else:
+                            for lba, n, seq, off in e.entries():
+                                yield _k(lba), _v(n, seq, off)
+                        count += len(e)
+                    else:
+                        lba, n, seq, off = e
+                        live[seq] += n
+                        yield _k(lba), _v(n, seq, off)
+                        count += 1
+                    if count >= batch:
+                        return
+                done = True
 
             with self._writing() as txn:
                 if first:
@@ -321,8 +338,6 @@ class BlockMap:
                     txn.drop(self._segments, delete=False)
                     first = False
                 txn.cursor(db=self._extents).putmulti(pairs(), append=True)
-            if count < batch:
-                break
         with self._writing() as txn:
             for info in segments:
                 info.live_blocks = live.get(info.seq, 0)
@@ -429,6 +444,16 @@ def _clip_first(cur, lba: int, end: int, out: list, bs: int) -> None:
     n, seq, off = _unv(cur.value())
     if s + n > lba:
         out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * bs))
+
+
+def _split_runs(extents: Iterator, most: int) -> Iterator:
+    """The same entries, packed runs cut to at most `most` entries."""
+    for e in extents:
+        if isinstance(e, Run) and len(e) > most:
+            for at in range(e.start, e.stop, most):
+                yield Run(e.part, at, min(at + most, e.stop))
+        else:
+            yield e
 
 
 def _extents_of(txn, db) -> Iterator[Extent]:

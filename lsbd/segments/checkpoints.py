@@ -29,6 +29,7 @@ import attrs
 from lsbd import names
 from lsbd.checksum import masked_crc
 from lsbd.map.blockmap import STORED, Extent, SegmentInfo
+from lsbd.map.packed import ENTRY, Part, Run
 from lsbd.errors import CorruptionError, ObjectExists, ObjectNotFound
 from lsbd.store import Store
 
@@ -38,7 +39,7 @@ PART_MAGIC = b"LSBDCKP1"
 PART_HEADER = struct.Struct("<8sQBxxxII")  # magic seq kind count crc
 PART_EXTENTS_KIND = 1
 PART_SEGMENTS_KIND = 2
-EXTENT_ENTRY = struct.Struct("<QIQQ")     # lba nblocks seq offset
+EXTENT_ENTRY = ENTRY                      # lba nblocks seq offset (<QIQQ)
 SEGMENT_ENTRY = struct.Struct("<QqQQ")    # seq sealed_ns size data_blocks
 PART_DELTA_KIND = 3                       # entries as extents; seq 0: a hole
 #: Entries per part written: 7 MiB of entries in memory at a time.  Parts
@@ -115,7 +116,7 @@ def choose_kind(prev: Manifest | None, base: Manifest | None) -> bool:
 
 
 def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, volume_size: int,
-                     block_size: int, extents: Iterable[tuple],
+                     block_size: int, extents: Iterable[tuple | Run],
                      segments: Iterable[SegmentInfo], top_crc: int | None = None,
                      delta_of: Manifest | None = None) -> Manifest:
     """Write a base of `extents`; or, with delta_of (the previous checkpoint),
@@ -143,8 +144,20 @@ def write_checkpoint(store: Store, volume: str, volume_id: str, seq: int, *, vol
     count = 0
     kind = PART_EXTENTS_KIND if delta_of is None else PART_DELTA_KIND
     pack = EXTENT_ENTRY.pack
-    for lba, nblocks, eseq, offset in extents:
-        body += pack(lba, nblocks, eseq, offset)
+    for e in extents:
+        if isinstance(e, Run):       # packed already: its bytes as they are
+            at = e.start
+            while at < e.stop:
+                take = min(e.stop - at, PART_EXTENTS - count)
+                body += Run(e.part, at, at + take).body()
+                count += take
+                at += take
+                if count >= PART_EXTENTS:
+                    flush_part(kind, count, body)
+                    total += count
+                    body, count = bytearray(), 0
+            continue
+        body += pack(*e)
         count += 1
         if count >= PART_EXTENTS:
             flush_part(kind, count, body)
@@ -207,22 +220,36 @@ def read_manifest(store: Store, volume: str, seq: int) -> Manifest:
 def _entries(store: Store, manifest: Manifest, kind: int, entry: struct.Struct) -> Iterator[tuple]:
     """The entries of every part of one kind, checked, one part in memory at a time."""
     for key, part_kind, count, crc in manifest.parts:
-        if part_kind != kind:
-            continue
-        raw = store.get(key)
-        if masked_crc(raw) != crc:
-            raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
-        body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
-        if len(body) != count * entry.size:
-            raise CorruptionError(f"{key}: checkpoint part holds {len(body)} bytes for "
-                                  f"{count} entries", key=key)
-        yield from entry.iter_unpack(body)
+        if part_kind == kind:
+            yield from entry.iter_unpack(_part_body(store, manifest, key, kind, count, crc, entry))
+
+
+def _part_body(store: Store, manifest: Manifest, key: str, kind: int, count: int, crc: int,
+               entry: struct.Struct) -> bytes:
+    raw = store.get(key)
+    if masked_crc(raw) != crc:
+        raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
+    body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
+    if len(body) != count * entry.size:
+        raise CorruptionError(f"{key}: checkpoint part holds {len(body)} bytes for "
+                              f"{count} entries", key=key)
+    return body
 
 
 def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
     """A base's extents, or a delta's entries (seq 0: a hole), in order."""
     kind = PART_DELTA_KIND if manifest.is_delta else PART_EXTENTS_KIND
     return map(Extent._make, _entries(store, manifest, kind, EXTENT_ENTRY))
+
+
+def read_runs(store: Store, manifest: Manifest) -> Iterator[Run]:
+    """A base's extents, in order, a packed run per part (lsbd.map.packed)."""
+    for key, part_kind, count, crc in manifest.parts:
+        if part_kind != PART_EXTENTS_KIND:
+            continue
+        body = _part_body(store, manifest, key, PART_EXTENTS_KIND, count, crc, EXTENT_ENTRY)
+        if count:
+            yield Run(Part(body))
 
 
 def read_chain(store: Store, volume: str, manifest: Manifest) -> list[Manifest]:

@@ -329,3 +329,72 @@ def test_overlay_matches_a_block_model():
         # Merging the upper layers pairwise first (how a chain opens) gives
         # the same entries.
         assert list(lay_over(layers, BS)) == list(merged)
+
+
+def _random_layer(rng: random.Random, n_blocks: int, seq_base: int, holes: bool) -> list[tuple]:
+    entries, at = [], 0
+    while at < n_blocks:
+        at += rng.randint(0, 5)
+        if at >= n_blocks:
+            break
+        n = rng.randint(1, min(8, n_blocks - at)) if rng.random() < 0.5 else 1
+        seq = 0 if holes and rng.random() < 0.3 else seq_base + rng.randint(1, 3)
+        off = ((1 << 33) + at if rng.random() < 0.05 else rng.randrange(1 << 31)) if seq else 0
+        entries.append((at, n, seq, off))
+        at += n
+    return entries
+
+
+def _runs(entries: list[tuple], rng: random.Random) -> list:
+    """entries in packed parts of random sizes."""
+    from lsbd.map.packed import ENTRY, Part, Run
+
+    runs, at = [], 0
+    while at < len(entries):
+        take = rng.randint(1, 9)
+        body = b"".join(ENTRY.pack(*e) for e in entries[at:at + take])
+        runs.append(Run(Part(body)))
+        at += take
+    return runs
+
+
+def _expand(stream) -> list[tuple]:
+    from lsbd.map.packed import Run
+
+    out = []
+    for e in stream:
+        out.extend(e.entries() if isinstance(e, Run) else [e])
+    return out
+
+
+def test_packed_runs_merge_and_load_as_entries_do(tmp_path):
+    """A base in packed runs with deltas laid over it gives the same
+    entries as the tuple merge, and loads the same map and live counts."""
+    from lsbd.engine.deltas import keep_mapped, merge_layers, overlay, overlay_runs
+    from lsbd.map.blockmap import BlockMap
+    from lsbd.map.encoding import PENDING, SegmentInfo
+
+    rng = random.Random(5)
+    for trial in range(200):
+        n_blocks = rng.randint(1, 80)
+        base = _random_layer(rng, n_blocks, 0, holes=False)
+        deltas = [_random_layer(rng, n_blocks, 10 * (k + 1), holes=True)
+                  for k in range(rng.randint(0, 4))]
+        want = list(overlay(base, merge_layers([list(d) for d in deltas], BS), BS))
+        got = _expand(overlay_runs(_runs(base, rng), merge_layers([list(d) for d in deltas],
+                                                                 BS), BS))
+        assert got == want, f"trial {trial}"
+        if trial % 20:
+            continue
+        segs = [SegmentInfo(seq=s, state=PENDING, sealed_ns=0, size=1, live_blocks=0,
+                            data_blocks=1, trailer_crc=0) for s in range(1, 60)]
+        maps = []
+        for name, stream in (("t", [e for e in want if e[2]]),
+                             ("r", keep_mapped(overlay_runs(
+                                 _runs(base, rng), merge_layers(deltas, BS), BS)))):
+            bm = BlockMap(str(tmp_path / f"{name}{trial}"), BS, scratch=True)
+            bm.load(stream, segs, batch=3)
+            maps.append(([tuple(e) for e in bm.iter_extents()],
+                         {s.seq: s.live_blocks for s in bm.segments()}))
+            bm.close()
+        assert maps[0] == maps[1]
