@@ -224,6 +224,8 @@ class Lease:
             if doing is None or "--break-lease" not in str(e):
                 raise
             holder = read_holder(store, volume)
+            if holder is not None and holder.is_live_local_process():
+                raise   # it says which process of this machine to stop
             who = holder.describe() if holder is not None else "another writer"
             raise LeaseHeld(f"volume {volume!r} is in use by {who}: run `{doing}` "
                             "on that machine") from None

@@ -63,6 +63,10 @@ def run_on_writer(store: Store, name: str, request: dict, *, cache_root: str,
                              break_lease=break_lease)
     except LeaseHeld:
         holder = read_holder(store, name)
+        if holder is not None and holder.is_live_local_process():
+            # A writer of this machine using another cache dir: stop it
+            # (never --break-lease: it would take a live writer's lease).
+            raise LeaseHeld(holder.live_local_advice(name)) from None
         raise LeaseHeld(f"volume {name!r} is in use by "
                         f"{holder.describe() if holder else 'another writer'}, which cannot be "
                         f"asked from here: run the command on that machine (or --break-lease "

@@ -62,7 +62,8 @@ def test_two_machines_break_lease(tmp_path, store_url, flush_mode):
             assert f"pid {served.pid}" in line and "umount" in line, line
             assert "add --break-lease" not in line, line
         line = assert_user_error(a2.run("checkpoint", "vol", "--break-lease"))
-        assert f"pid {served.pid}" in line and "add --break-lease" not in line, line
+        assert f"pid {served.pid}" in line and "umount" in line, line
+        assert "if that writer is gone" not in line and "add --break-lease" not in line, line
         # From the writer's own cache dir a checkpoint goes through the
         # writer (and uploads everything).
         assert a.run("checkpoint", "vol").returncode == 0
@@ -141,3 +142,63 @@ def test_this_host_name_is_in_the_lease(tmp_path, store_url, monkeypatch):
     with Volume.open(store, "vol", cache_root=str(tmp_path / "a")):
         assert read_holder(store, "vol").host == socket.gethostname()
     store.close()
+
+
+@pytest.mark.fuse
+def test_two_machines_break_lease_on_a_fuse_mount(tmp_path, store_url, monkeypatch):
+    """The same with the volume mounted through FUSE (flush mode store, so
+    the fence shows at the next fsync): from this machine --break-lease is
+    refused naming the mount's process; from another it fences the mount,
+    whose next fsync fails with EIO, and verify stays clean."""
+    import errno
+
+    from fuse_helpers import FuseEnv, require_fuse
+    from lsbd_fuse.mounts import read_pid_file
+
+    require_fuse()
+    monkeypatch.setenv("LSBD_HOST", "machine-a")
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    env = FuseEnv(tmp_path, store_url)
+    env.cache = tmp_path / "a"
+    a2 = Machine("machine-a", tmp_path / "a-other-cache", store_url)
+    b = Machine("machine-b", tmp_path / "b", store_url)
+    mnt = tmp_path / "mnt"
+    try:
+        env.lsbd("create", "vol", "--size", "16M", "--flush-mode", "store")
+        env.mount("vol", mnt)
+        server = read_pid_file(str(mnt))
+        fd = os.open(mnt / "vol.img", os.O_RDWR)
+        try:
+            os.pwrite(fd, block(1, 0), 0)
+            os.fsync(fd)
+            for args in (("delete", "vol", "--break-lease"),
+                         ("checkpoint", "vol", "--break-lease"),
+                         ("snapshot", "delete", "vol", "s1")):
+                line = assert_user_error(a2.run(*args))
+                assert f"pid {server.pid}" in line and "umount" in line, line
+                assert "if that writer is gone" not in line and "add --break-lease" not in line, line
+            assert b.run("checkpoint", "vol", "--break-lease").returncode == 0
+
+            os.pwrite(fd, block(2, 1), BS)
+            with pytest.raises(OSError) as info:
+                os.fsync(fd)                 # the upload finds the lease gone
+            assert info.value.errno == errno.EIO
+            with pytest.raises(OSError):
+                os.pwrite(fd, block(3, 2), 2 * BS)
+        finally:
+            try:
+                os.close(fd)                 # its flush fails too: the volume is fenced
+            except OSError:
+                pass
+        env.lsbd("umount", mnt, check=False, timeout=180)
+        assert wait_until(lambda: "lease was broken" in open(server.log).read(), timeout=10)
+    finally:
+        env.cleanup()
+    assert b.run("verify", "vol").returncode == 0
+    store = open_test_store(store_url)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True)
+    try:
+        assert vol.read(0, 3 * BS) == block(1, 0) + bytes(2 * BS)
+    finally:
+        vol.close()
+        store.close()
