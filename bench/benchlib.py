@@ -63,6 +63,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def nbd_server(argv: list[str], sock: str, export: str = "", *, log: str | None = None, **kw):
+    """An NBD server started from `argv` that listens on the Unix socket
+    `sock`; yields the URI of `export` once the socket is there, and stops
+    the server at the end.  Its stderr goes to the file `log` if given, else
+    where `stderr` says (nowhere by default)."""
+    with contextlib.ExitStack() as stack:
+        err = stack.enter_context(open(log, "w")) if log else kw.pop("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **kw)
+        try:
+            wait_for(sock, proc)
+            yield f"nbd+unix:///{export}?socket={sock}"
+        finally:
+            stop(proc)
+
+
+@contextlib.contextmanager
 def nbdkit(workdir: str, size: int):
     """nbdkit's file plugin on a sparse file in `workdir`: the C reference
     server over the same disk.  Yields its URI."""
@@ -70,13 +86,10 @@ def nbdkit(workdir: str, size: int):
     with open(image, "wb") as f:
         f.truncate(size)
     sock = os.path.join(workdir, "nbdkit.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(sock, proc)
-        yield f"nbd+unix:///?socket={sock}"
+        with nbd_server(["nbdkit", "-f", "-U", sock, "file", image], sock) as uri:
+            yield uri
     finally:
-        stop(proc)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
 

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import fio, parse_size, sh, stop, wait_for
+from benchlib import fio, nbd_server, parse_size, sh, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,14 +101,9 @@ def lsbd_mount(work: str, vol: str, size: int, *, queues: int = 1, pythonpath: s
 def lsbd_nbd(work: str, vol: str, size: int):
     sh(*lsbd_cmd(work, "create", vol, "--size", str(size)))
     sock = os.path.join(work, f"{vol}.sock")
-    with open(os.path.join(work, f"{vol}.log"), "w") as log:
-        proc = subprocess.Popen(lsbd_cmd(work, "serve", vol, "--socket", sock),
-                                stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            wait_for(sock, proc)
-            yield f"nbd+unix:///{vol}?socket={sock}"
-        finally:
-            stop(proc)
+    with nbd_server(lsbd_cmd(work, "serve", vol, "--socket", sock), sock, vol,
+                    log=os.path.join(work, f"{vol}.log")) as uri:
+        yield uri
 
 
 @contextlib.contextmanager

@@ -35,12 +35,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchlib import drop_page_cache, fio, nbdkit, parse_size, sh, stop, wait_for
+from benchlib import drop_page_cache, fio, nbd_server, nbdkit, parse_size, sh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,30 +92,19 @@ def lsbd(workdir: str, size: int, flush_mode: str):
             os.path.join(workdir, "cache")]
     sh(*base, "create", "bench", "--size", str(size), "--flush-mode", flush_mode)
     sock = os.path.join(workdir, "lsbd.sock")
-    log = open(os.path.join(workdir, "lsbd.log"), "w")
-    proc = subprocess.Popen([*base, "serve", "bench", "--socket", sock],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_for(sock, proc)
-        uri = f"nbd+unix:///bench?socket={sock}"
+    with nbd_server([*base, "serve", "bench", "--socket", sock], sock, "bench",
+                    log=os.path.join(workdir, "lsbd.log")) as uri:
         # Through the serving process (its control socket), as a user would.
         DEFRAG[uri] = lambda: sh(*base, "compact", "bench", "--defrag")
         yield uri
-    finally:
-        stop(proc)
-        log.close()
 
 
 @contextlib.contextmanager
 def memory(workdir: str, size: int):
     sock = os.path.join(workdir, "memory.sock")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-memory", sock,
-                             str(size)], stdout=subprocess.DEVNULL)
-    try:
-        wait_for(sock, proc)
-        yield f"nbd+unix:///memory?socket={sock}"
-    finally:
-        stop(proc)
+    with nbd_server([sys.executable, os.path.abspath(__file__), "--serve-memory", sock,
+                     str(size)], sock, "memory", stderr=None) as uri:
+        yield uri
 
 
 def serve_memory(sock: str, size: int) -> None:
