@@ -271,15 +271,13 @@ def test_umount_timeout_stops_a_close_stuck_elsewhere(fenv):
 @pytest.mark.fuse
 def test_read_only_mount(fenv):
     mnt = fenv.tmp / "mnt"
-    fenv.lsbd("create", "vol", "--size", "64M")
-    fenv.mount("vol", mnt)
-    with open(mnt / "vol.img", "r+b") as f:
+    image = fenv.mounted_volume("64M", mnt)
+    with open(image, "r+b") as f:
         f.seek(MiB)
         f.write(b"kept")
     fenv.umount(mnt)
 
     fenv.mount("vol", mnt, "--read-only")
-    image = mnt / "vol.img"
     assert image.stat().st_mode & 0o777 == 0o444
     with open(image, "rb") as f:
         f.seek(MiB)
@@ -296,9 +294,7 @@ def test_read_only_mount(fenv):
 @pytest.mark.fuse
 def test_snapshots_and_past_states_mount_read_only(fenv):
     mnt = fenv.tmp / "mnt"
-    fenv.lsbd("create", "vol", "--size", "64M")
-    fenv.mount("vol", mnt)
-    image = mnt / "vol.img"
+    image = fenv.mounted_volume("64M", mnt)
 
     def put(text: bytes) -> None:
         with open(image, "r+b") as f:
@@ -456,9 +452,8 @@ def _has_cap_sys_resource() -> bool:
 def test_fio_verify_on_the_image(fenv):
     require_fuse("fio")
     mnt = fenv.tmp / "mnt"
-    fenv.lsbd("create", "vol", "--size", "512M")
-    fenv.mount("vol", mnt)
-    job = ["fio", "--name=verify", f"--filename={mnt / 'vol.img'}", "--direct=1",
+    image = fenv.mounted_volume("512M", mnt)
+    job = ["fio", "--name=verify", f"--filename={image}", "--direct=1",
            "--ioengine=libaio", "--iodepth=16", "--rw=randwrite", "--bsrange=4k-256k",
            "--size=192M", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
            "--output-format=terse"]

@@ -43,9 +43,8 @@ def _stored_bytes(path: Path) -> int:
 @pytest.mark.fuse
 def test_discard_fstrim_and_compact_give_the_space_back(fenv):
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
-    fenv.lsbd("create", "vol", "--size", "1G", "--retain", "0")
-    fenv.mount("vol", mnt)
-    loop = run("losetup", "-f", "--show", "--direct-io=on", mnt / "vol.img").stdout.strip()
+    image = fenv.mounted_volume("1G", mnt, "--retain", "0")
+    loop = run("losetup", "-f", "--show", "--direct-io=on", image).stdout.strip()
     fenv.loops.append(loop)
     errors = _write_zeroes_errors()
     run("mkfs.ext4", "-q", "-F", loop, timeout=300)     # discards, then zeroes (WRITE_ZEROES)
@@ -84,9 +83,7 @@ def test_discard_fstrim_and_compact_give_the_space_back(fenv):
 @pytest.mark.fuse
 def test_punch_hole_and_zero_range_read_back_as_zeros(fenv):
     mnt = fenv.tmp / "mnt"
-    fenv.lsbd("create", "vol", "--size", "64M")
-    fenv.mount("vol", mnt)
-    image = mnt / "vol.img"
+    image = fenv.mounted_volume("64M", mnt)
     data = os.urandom(8 * MiB)
     with open(image, "r+b") as f:
         f.write(data)
@@ -112,9 +109,7 @@ def test_punch_hole_and_zero_range_read_back_as_zeros(fenv):
 def test_resize_of_a_mounted_volume_reaches_the_kernel(fenv):
     require_fuse("resize2fs")
     mnt, ext = fenv.tmp / "mnt", fenv.tmp / "ext"
-    fenv.lsbd("create", "vol", "--size", "256M")
-    fenv.mount("vol", mnt)
-    image = mnt / "vol.img"
+    image = fenv.mounted_volume("256M", mnt)
 
     def grow_to(size: int) -> None:
         assert image.stat().st_size < size                 # the kernel caches the size
@@ -161,11 +156,10 @@ def test_fio_verify_with_one_and_several_queues(fenv, monkeypatch, queues):
     require_fuse("fio")
     monkeypatch.setenv("LSBD_FUSE_QUEUES", str(queues))
     mnt = fenv.tmp / "mnt"
-    fenv.lsbd("create", "vol", "--size", "256M")
-    fenv.mount("vol", mnt)
+    image = fenv.mounted_volume("256M", mnt)
     log = Path(fenv.tmp / "run").glob("*.log")
     assert any(f"({queues} queue" in p.read_text() for p in log)
-    job = ["fio", "--name=verify", f"--filename={mnt / 'vol.img'}", "--direct=1",
+    job = ["fio", "--name=verify", f"--filename={image}", "--direct=1",
            "--ioengine=libaio", "--iodepth=16", "--rw=randwrite", "--bsrange=4k-1M",
            "--size=96M", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
            "--output-format=terse"]

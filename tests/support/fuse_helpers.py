@@ -115,13 +115,19 @@ class FuseEnv:
 
     # --- ext4 on a loop device ------------------------------------------------------
 
+    def mounted_volume(self, size: str, mnt: Path, *create_args: str, volume: str = "vol"
+                       ) -> Path:
+        """A new volume of `size` (`lsbd create` with create_args) mounted at
+        `mnt`; returns its image file."""
+        self.lsbd("create", volume, "--size", size, *create_args)
+        self.mount(volume, mnt)
+        return mnt / f"{volume}.img"
+
     def ext4_volume(self, size: str, mnt: Path, ext: Path, volume: str = "vol"
                     ) -> tuple[Path, str]:
         """A new volume of `size` mounted at `mnt`, its image made ext4 and
         loop-mounted at `ext`: (the image, the loop device)."""
-        self.lsbd("create", volume, "--size", size)
-        self.mount(volume, mnt)
-        image = mnt / f"{volume}.img"
+        image = self.mounted_volume(size, mnt, volume=volume)
         self.mkfs(image)
         return image, self.loop_mount(image, ext)
 
