@@ -146,25 +146,47 @@ def write_pid_file(mountpoint: str, *, name: str, log: str = "") -> str:
     me = os.getpid()
     record = {"pid": me, "start": _start_time(me), "mountpoint": canonical(mountpoint),
               "name": name, "log": log}
-    tmp = f"{path}.{me}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    _write_record(path, record)
     return path
+
+
+def expect_waiter(mountpoint: str) -> None:
+    """`lsbd umount` (this process) waits for the mount's process: ask it to
+    leave its close's outcome in the pid file."""
+    path = pid_path(mountpoint)
+    me = os.getpid()
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        record["waiter"] = {"pid": me, "start": _start_time(me)}
+        _write_record(path, record)
+    except (OSError, ValueError):
+        pass
 
 
 def record_close_state(mountpoint: str, *, error: str | None, waiting: str | None) -> None:
     """Leave a failed close's error, and what it left waiting for upload, in
-    the pid file for `lsbd umount` to report."""
+    the pid file for the `lsbd umount` that waits for it.  With none waiting
+    (a plain umount, a signal) the pid file goes: the log says it all."""
     path = pid_path(mountpoint)
     try:
         with open(path) as f:
             record = json.load(f)
+        waiter = record.get("waiter") or {}
+        if not waiter or _start_time(int(waiter["pid"])) != waiter["start"]:
+            os.unlink(path)
+            return
         record.update(error=error, waiting=waiting)
-        with open(path, "w") as f:
-            json.dump(record, f)
-    except (OSError, ValueError):
+        _write_record(path, record)
+    except (OSError, ValueError, KeyError, TypeError):
         pass
+
+
+def _write_record(path: str, record: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
 
 
 def remove_pid_file(mountpoint: str) -> None:
@@ -266,6 +288,8 @@ def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True,
     server = read_pid_file(mnt)
     if server is not None and not server.alive():
         server = None
+    if server is not None and wait:
+        expect_waiter(mnt)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u", *(["-z"] if lazy else []), mnt]

@@ -75,7 +75,8 @@ def test_outage_stats_info_sigterm_and_recovery(tmp_path, cut_store):
         if served.proc.poll() is None:
             served.kill()
     assert code == 0, served.stderr()
-    assert took < 45, f"SIGTERM during an outage took {took:.0f}s"
+    print(f"lsbd serve stopped by SIGTERM during the outage in {took:.1f}s")
+    assert took < 25, f"SIGTERM during an outage took {took:.0f}s"
     assert "stopping" in served.stderr()
     assert "the next open uploads" in served.lines[-1], served.stderr()
     assert _leftovers(a.cache) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -50,15 +51,16 @@ def _pending(env: FuseEnv) -> int:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("timeout", [10, 3])
-def test_umount_timeout_during_an_outage(outage_env, tmp_path, timeout):
+@pytest.mark.parametrize("stop", ["umount --timeout 10", "umount --timeout 3", "SIGTERM"])
+def test_stop_during_an_outage(outage_env, tmp_path, stop):
     """Flush mode journal: fsyncs go on during the outage.  (In mode store an
     fsync, and the close(2) of a written image, wait for the store and fail
     with EIO after 120 s: nothing flushed waits in the cache dir.)
 
     --timeout 10 races the process's own bound (it stops waiting once
     uploads have failed for 10 s); --timeout 3 comes first, so its SIGTERM
-    is what stops the wait."""
+    is what stops the wait.  SIGTERM without lsbd umount: the process
+    detaches the mount, stops within its bound and logs what waits."""
     env, proxy = outage_env
     env.lsbd("create", "vol", "--size", "64M", "--segment-size", "1M")
     mnt = tmp_path / "mnt"
@@ -73,22 +75,32 @@ def test_umount_timeout_during_an_outage(outage_env, tmp_path, timeout):
     _write(image, written, 4, 4, sync=True)
 
     started = time.monotonic()
-    r = env.lsbd("umount", mnt, "--timeout", str(timeout), check=False, timeout=120)
-    took = time.monotonic() - started
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert took < timeout + 8, f"lsbd umount --timeout {timeout} took {took:.1f}s: {r.stderr}"
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    assert not is_mounted(mnt)
-    last = lines[-1]
-    print(f"lsbd umount --timeout {timeout} returned after {took:.1f}s")
-    assert "segments" in last and "cache dir" in last and "next mount uploads" in last, last
-    assert "last upload error" in last, last
-    assert wait_until(lambda: not alive(pid), timeout=10), "the serving process is still there"
-    assert not os.path.exists(pid_path(str(mnt)))
-    if timeout < 10:
+    if stop == "SIGTERM":
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not alive(pid), timeout=30), "SIGTERM did not stop it"
+        took = time.monotonic() - started
+        assert took < 25, f"SIGTERM during an outage took {took:.1f}s"
         log = open(server.log).read()
-        assert "got SIGTERM while closing: no longer waiting for the store" in log, log
+        assert "got SIGTERM: stopping" in log, log
+        assert "segments" in log and "upload on the next open" in log, log
+    else:
+        timeout = int(stop.rsplit(" ", 1)[1])
+        r = env.lsbd("umount", mnt, "--timeout", str(timeout), check=False, timeout=120)
+        took = time.monotonic() - started
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert took < timeout + 8, f"lsbd {stop} took {took:.1f}s: {r.stderr}"
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        last = lines[-1]
+        assert "segments" in last and "cache dir" in last and "next mount uploads" in last, last
+        assert "last upload error" in last, last
+        assert wait_until(lambda: not alive(pid), timeout=10), "the serving process is there"
+        if timeout < 10:
+            log = open(server.log).read()
+            assert "got SIGTERM while closing: no longer waiting for the store" in log, log
+    print(f"{stop} during the outage: {took:.1f}s")
+    assert not is_mounted(mnt)
+    assert not os.path.exists(pid_path(str(mnt)))
     assert not [d for d, _, _ in os.walk(env.cache) if "-ro-" in d]
 
     # The store is back: the next mount uploads what waited.
