@@ -37,7 +37,7 @@ class Part:
         self.body = body
         self.count = len(body) // ENTRY.size
         self.lbas = _column(body, 0, 8, "Q")
-        self._pairs: bytes | None = None
+        self._pairs: memoryview | None = None
         self._short: bool | None = None
 
     def entry(self, i: int) -> tuple[int, int, int, int]:
@@ -50,7 +50,7 @@ class Part:
             self._short = all(body[b::ENTRY.size].count(0) == n for b in _HIGH)
         return self._short
 
-    def pairs_bytes(self) -> bytes:
+    def pairs_bytes(self) -> memoryview:
         """The map's (key, short value) of every entry, 16 bytes each."""
         if self._pairs is None:
             body, size = self.body, ENTRY.size
@@ -60,7 +60,7 @@ class Part:
                 out[i::step] = body[KEY_BYTES - 1 - i::size]
             for i, b in enumerate((8, 9, 12, 13, 14, 15, 20, 21, 22, 23)):  # <HII
                 out[KEY_BYTES + i::step] = body[b::size]
-            self._pairs = bytes(out)
+            self._pairs = memoryview(out)
         return self._pairs
 
 
@@ -78,11 +78,10 @@ class Run:
         return self.stop - self.start
 
     def entries(self) -> Iterator[tuple[int, int, int, int]]:
-        size = ENTRY.size
-        return ENTRY.iter_unpack(self.part.body[self.start * size:self.stop * size])
+        return ENTRY.iter_unpack(self.body())
 
-    def body(self) -> bytes:
-        return self.part.body[self.start * ENTRY.size:self.stop * ENTRY.size]
+    def body(self) -> memoryview:
+        return memoryview(self.part.body)[self.start * ENTRY.size:self.stop * ENTRY.size]
 
     def map_pairs(self) -> Iterator[tuple[bytes, bytes]] | None:
         """The map's (key, value) of each entry, or None when some entry
