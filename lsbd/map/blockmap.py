@@ -40,6 +40,9 @@ from lsbd.map.encoding import unpack_value as _unv
 from lsbd.map.encoding import value_of as _v
 
 _MIGRATE_BATCH = 1 << 16
+#: Packed runs shorter than this are loaded entry by entry (cheaper than
+#: the slicing and counting a run costs).
+_SHORT_RUN = 16
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
 
@@ -315,12 +318,13 @@ class BlockMap:
                 nonlocal count, done
                 for e in it:
                     if isinstance(e, Run):
-                        live.update(e.live())
-                        fast = e.map_pairs()
+                        fast = e.map_pairs() if len(e) >= _SHORT_RUN else None
                         if fast is not None:
+                            live.update(e.live())
                             yield from fast
-                        else:
+                        else:       # a few entries cost less one by one
                             for lba, n, seq, off in e.entries():
+                                live[seq] += n
                                 yield _k(lba), _v(n, seq, off)
                         count += len(e)
                     else:
