@@ -304,11 +304,12 @@ class BlockMap:
         """Replace the whole map (loading a checkpoint), extents sorted by
         lba, as (lba, nblocks, seq, offset) or packed runs (lsbd.map.packed:
         no Python object per extent).  In transactions of about `batch`
-        extents, so the pages a transaction holds stay few whatever the
-        map's size: a crash half way leaves a map without the volume id,
-        which recovery does not trust."""
+        extents (a run longer than what is left goes whole: at most a
+        checkpoint part), so the pages a transaction holds stay few whatever
+        the map's size: a crash half way leaves a map without the volume
+        id, which recovery does not trust."""
         live: Counter = Counter()
-        it = _split_runs(iter(extents), batch)
+        it = iter(extents)
         first = True
         done = False
         while not done:
@@ -448,16 +449,6 @@ def _clip_first(cur, lba: int, end: int, out: list, bs: int) -> None:
     n, seq, off = _unv(cur.value())
     if s + n > lba:
         out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * bs))
-
-
-def _split_runs(extents: Iterator, most: int) -> Iterator:
-    """The same entries, packed runs cut to at most `most` entries."""
-    for e in extents:
-        if isinstance(e, Run) and len(e) > most:
-            for at in range(e.start, e.stop, most):
-                yield Run(e.part, at, min(at + most, e.stop))
-        else:
-            yield e
 
 
 def _extents_of(txn, db) -> Iterator[Extent]:
