@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import attrs
 
-from lsbd.checksum import masked_crc
+from lsbd.checksum import crc32c, mask, masked_crc
 from lsbd.crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Cipher, hkdf,
                               random_bytes)
 from lsbd.crypto.compress import RAW, Compressor, DecompressionFailed, decompress
@@ -72,8 +72,22 @@ class Place:
     extra: int = 0
 
     def pack(self) -> bytes:
-        return PLACE.pack(PLACE_MAGIC, self.volume_id, hashlib.sha256(self.name.encode()).digest(),
-                          self.object_id, self.position, self.extra)
+        return place_prefix(self.volume_id, self.name, self.object_id) + \
+            _POSITION.pack(self.position, self.extra)
+
+
+_POSITION = struct.Struct("<QQ")
+
+
+def place_prefix(volume_id: bytes, name: str, object_id: bytes) -> bytes:
+    """The first 72 bytes of every Place of one object (the same for all its
+    frames: a loop over frames packs only the last 16)."""
+    return PLACE.pack(PLACE_MAGIC, volume_id, hashlib.sha256(name.encode()).digest(),
+                      object_id, 0, 0)[:PLACE.size - _POSITION.size]
+
+
+def place_bytes(prefix: bytes, position: int, extra: int) -> bytes:
+    return prefix + _POSITION.pack(position, extra)
 
 
 def object_cipher(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> Cipher:
@@ -91,15 +105,32 @@ def frame_length(header: bytes) -> int:
     return HEADER.size + body
 
 
+class _Nonces:
+    """Random nonces, drawn from the system's generator a few hundred at a
+    time (one call per frame cost as much as encrypting it)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._at = 0
+
+    def __call__(self, n: int) -> bytes:
+        if self._at + n > len(self._buf):
+            self._buf, self._at = random_bytes(256 * n), 0
+        self._at += n
+        return self._buf[self._at - n:self._at]
+
+
 class Framer:
     """Seals and opens frames of one object: its cipher (None: not encrypted)
     and the compressor for new frames (None: stored raw)."""
 
     def __init__(self, cipher: Cipher | None, compressor: Compressor | None = None, *,
-                 nonce: Callable[[int], bytes] = random_bytes):
+                 nonce: Callable[[int], bytes] | None = None):
         self.cipher = cipher
         self.compressor = compressor
-        self._nonce = nonce           # tests pass a fixed one for golden bytes
+        # Tests pass a fixed one for golden bytes.  One Framer seals on one
+        # thread at a time (an object's frames, in order).
+        self._nonce = nonce or _Nonces()
 
     @property
     def overhead(self) -> int:
@@ -109,6 +140,14 @@ class Framer:
              compressed: tuple[int, bytes] | None = None) -> bytes:
         """`compressed`: (codec, stored bytes) of `plain` made beforehand
         (Compressor.compress_many), instead of compressing here."""
+        return b"".join(self.seal_parts(plain, place.pack(), compressed=compressed))
+
+    def seal_parts(self, plain: bytes | memoryview, place: bytes, *,
+                   compressed: tuple[int, bytes | memoryview] | None = None
+                   ) -> tuple[bytes | memoryview, ...]:
+        """The frame of `plain` at the packed Place `place`, in pieces to write
+        one after the other (the plain bytes of a raw, unencrypted frame are
+        not copied)."""
         if len(plain) > MAX_PLAIN:
             raise ValueError("frame too large")
         if compressed is not None:
@@ -116,16 +155,16 @@ class Framer:
         elif self.compressor is not None:
             codec, stored = self.compressor.compress(plain)
         else:
-            codec, stored = RAW, bytes(plain)
+            codec, stored = RAW, plain
         if self.cipher is None:
             header = HEADER.pack(codec, 0, 0, len(plain), len(stored) + _CRC.size,
                                  bytes(NONCE_SIZE))
-            crc = masked_crc(header + place.pack() + stored)
-            return header + stored + _CRC.pack(crc)
+            crc = mask(crc32c(stored, crc32c(header + place)))
+            return header, stored, _CRC.pack(crc)
         nonce = self._nonce(NONCE_SIZE)
         header = HEADER.pack(codec, FLAG_ENCRYPTED, 0, len(plain), len(stored) + TAG_SIZE,
                              nonce)
-        return header + self.cipher.seal(nonce, stored, header + place.pack())
+        return header, self.cipher.seal(nonce, stored, header + place)
 
     def open(self, frame: bytes, place: Place, *, where: str = "frame") -> bytes:
         """The plain bytes of a whole frame; FrameError if anything is off."""

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import attrs
 
 from lsbd.checksum import masked_crc
-from lsbd.crypto.frames import FrameError, Framer, Place
+from lsbd.crypto.frames import FrameError, Framer, Place, place_bytes, place_prefix
 
 TAIL = struct.Struct("<8sHBBI16sIIQI8xI")
 assert TAIL.size == 64
@@ -91,32 +91,62 @@ def decode_tail(buf: bytes, *, where: str) -> Tail:
                 index_length=index_length)
 
 
+#: Frames sealed together: the plain bytes read at a time, and what the
+#: sealing of an object of any size holds in memory (1 MiB at 16 KiB frames).
+BATCH = 64
+
+
 def seal(plain: bytes | memoryview, *, name: str, volume_id: bytes, framer: Framer,
          key_id: int, object_id: bytes, frame_size: int) -> bytes:
     """The sealed object of `plain`, stored under `name`."""
     view = memoryview(plain)
-    count = -(-len(view) // frame_size)
-    chunks = [bytes(view[i * frame_size:(i + 1) * frame_size]) for i in range(count)]
-    packed = (framer.compressor.compress_many(chunks) if framer.compressor is not None
-              else [None] * count)
-    parts = []
-    lengths = array.array("I")
-    for i in range(count):
-        place = Place(volume_id=volume_id, name=name, object_id=object_id, position=i,
-                      extra=len(view))
-        frame = framer.seal(chunks[i], place, compressed=packed[i])
-        parts.append(frame)
-        lengths.append(len(frame))
-    tail = Tail(encrypted=framer.cipher is not None, key_id=key_id, object_id=object_id,
-                frame_size=frame_size, frame_count=count, plain_length=len(view),
-                index_length=0)
-    index_place = Place(volume_id=volume_id, name=name, object_id=object_id,
-                        position=INDEX_POSITION, extra=len(view))
-    index = framer.seal(tail.pack()[:_BOUND] + lengths.tobytes(), index_place)
-    tail = attrs.evolve(tail, index_length=len(index))
-    parts.append(index)
-    parts.append(tail.pack())
+    parts: list = []
+    seal_into(lambda start, n: view[start:start + n], len(view), parts.extend, name=name,
+              volume_id=volume_id, framer=framer, key_id=key_id, object_id=object_id,
+              frame_size=frame_size)
     return b"".join(parts)
+
+
+def seal_into(read: Callable[[int, int], bytes | bytearray | memoryview], plain_length: int,
+              write: Callable[[list], object], *, name: str, volume_id: bytes,
+              framer: Framer, key_id: int, object_id: bytes, frame_size: int) -> int:
+    """Seal an object of `plain_length` bytes, read BATCH frames at a time with
+    read(offset, length), handing its bytes in order to write(buffers): the
+    bytes seal() makes, with only one batch in memory.  Returns the sealed
+    length."""
+    count = -(-plain_length // frame_size)
+    prefix = place_prefix(volume_id, name, object_id)
+    compressor = framer.compressor
+    lengths = array.array("I")
+    total = 0
+    for first in range(0, count, BATCH):
+        last = min(count, first + BATCH)
+        start = first * frame_size
+        view = memoryview(read(start, min(plain_length, last * frame_size) - start))
+        chunks = [view[k:k + frame_size] for k in range(0, len(view), frame_size)]
+        if len(chunks) != last - first or len(chunks[-1]) != \
+                min(frame_size, plain_length - (last - 1) * frame_size):
+            raise ValueError(f"{name}: the plain bytes ended early")
+        packed = compressor.compress_many(chunks) if compressor is not None \
+            else [None] * len(chunks)
+        out: list = []
+        for k, chunk in enumerate(chunks):
+            parts = framer.seal_parts(chunk, place_bytes(prefix, first + k, plain_length),
+                                      compressed=packed[k])
+            n = sum(len(p) for p in parts)
+            lengths.append(n)
+            total += n
+            out.extend(parts)
+        write(out)
+    tail = Tail(encrypted=framer.cipher is not None, key_id=key_id, object_id=object_id,
+                frame_size=frame_size, frame_count=count, plain_length=plain_length,
+                index_length=0)
+    index = b"".join(framer.seal_parts(tail.pack()[:_BOUND] + lengths.tobytes(),
+                                       place_bytes(prefix, INDEX_POSITION, plain_length)))
+    tail = attrs.evolve(tail, index_length=len(index))
+    packed_tail = tail.pack()
+    write([index, packed_tail])
+    return total + len(index) + len(packed_tail)
 
 
 class Layout:

@@ -14,7 +14,10 @@ objects) and then only the frames that hold the range.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 import threading
 import uuid
 from collections import OrderedDict
@@ -35,6 +38,7 @@ from lsbd.store.base import ObjectInfo, Store
 #: segments up to about 200 MiB at 16 KiB frames).
 TAIL_READ = 64 * 1024
 INDEX_CACHE = 4096
+_SEALING_SLOT = threading.Lock()     # see put_sealed
 
 
 @attrs.frozen(kw_only=True)
@@ -57,7 +61,7 @@ class VolumeSealing:
         return Framer(object_cipher(key, volume_id=self.volume_id, name=name,
                                     object_id=tail.object_id))
 
-    def seal(self, name: str, plain: bytes) -> bytes:
+    def _new_object(self, name: str) -> dict:
         object_id = new_object_id()
         if self.keyring is None:
             key_id, cipher = 0, None
@@ -66,9 +70,22 @@ class VolumeSealing:
             key_id = current.id
             cipher = object_cipher(current.key, volume_id=self.volume_id, name=name,
                                    object_id=object_id)
-        return objects.seal(plain, name=name, volume_id=self.volume_id,
-                            framer=Framer(cipher, self.compressor), key_id=key_id,
-                            object_id=object_id, frame_size=self.frame_size)
+        return dict(name=name, volume_id=self.volume_id, framer=Framer(cipher, self.compressor),
+                    key_id=key_id, object_id=object_id, frame_size=self.frame_size)
+
+    def seal(self, name: str, plain: bytes) -> bytes:
+        return objects.seal(plain, **self._new_object(name))
+
+    def seal_file(self, name: str, read: Callable[[int, int], bytes | bytearray | memoryview],
+                  length: int, fd: int) -> None:
+        """Write the sealed object of `length` plain bytes, read with
+        read(offset, n), to the file `fd`, a batch of frames at a time."""
+        def write(parts: list) -> None:
+            for i in range(0, len(parts), 1024):      # writev takes up to IOV_MAX
+                chunk = parts[i:i + 1024]
+                _write_all(fd, chunk)
+
+        objects.seal_into(read, length, write, **self._new_object(name))
 
 
 Resolver = Callable[[str], "VolumeSealing | None"]
@@ -107,6 +124,40 @@ def volume_resolver(inner: Store, secret: Callable[[str], Secret] | None) -> Res
                              compressor=Compressor(int(level or 1)) if codec == "zstd" else None)
 
     return resolve
+
+
+def _write_all(fd: int, parts: list) -> None:
+    want = sum(len(p) for p in parts)
+    done = os.writev(fd, parts)
+    if done != want:       # a short write: finish it piece by piece
+        rest = b"".join(bytes(p) for p in parts)[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
+@contextlib.contextmanager
+def _scratch_file(folder: str) -> Iterator[tuple[int, str]]:
+    """A new file in `folder` and a path to it, gone afterwards.  An unnamed
+    file (O_TMPFILE) where the kernel and file system allow, so that a crash
+    leaves nothing behind; its path is /proc/self/fd/N, which a hard link
+    or an open follows."""
+    fd = -1
+    name = None
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile and os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.open(folder, tmpfile | os.O_RDWR, 0o600)
+        except OSError:
+            fd = -1
+    if fd < 0:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".sealing-")
+    try:
+        yield fd, name or f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+        if name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
 
 
 class _NoConfig(Exception):
@@ -162,12 +213,34 @@ class SealingStore(Store):
         self.inner.put(key, data, exclusive=exclusive)
 
     def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
-        if self.sealing(key) is None:
+        sealing = self.sealing(key)
+        if sealing is None:
             self.inner.put_file(key, path, exclusive=exclusive)
             return
         with open(path, "rb") as f:
-            data = f.read()
-        self.put(key, data, exclusive=exclusive)
+            src = f.fileno()
+            length = os.fstat(src).st_size
+            self.put_sealed(key, lambda start, n: os.pread(src, n, start), length,
+                            exclusive=exclusive, scratch_dir=os.path.dirname(path))
+
+    def put_sealed(self, key: str, read: Callable[[int, int], bytes | bytearray | memoryview],
+                   length: int, *, exclusive: bool = False, scratch_dir: str) -> None:
+        """Store the object of `length` plain bytes read with read(offset, n),
+        sealed into a scratch file in `scratch_dir` that the store then takes
+        (a file:// store on the same file system links it).  Memory stays at
+        a batch of frames whatever the object's size, and one object is
+        sealed at a time in this process (the sync and the upload that
+        follow run in parallel): more would only take the CPU from the
+        threads that serve requests, on a machine of few cores."""
+        sealing = self.sealing(key)
+        if sealing is None:
+            raise ValueError(f"{key}: not an object of a sealed volume")
+        self._drop(key)
+        with _scratch_file(scratch_dir) as (fd, path):
+            with _SEALING_SLOT:
+                sealing.seal_file(key, read, length, fd)
+            os.fdatasync(fd)    # the store may link it in as it is
+            self.inner.put_file(key, path, exclusive=exclusive)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         sealing = self.sealing(key)
