@@ -90,9 +90,13 @@ def place_bytes(prefix: bytes, position: int, extra: int) -> bytes:
     return prefix + _POSITION.pack(position, extra)
 
 
-def object_cipher(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> Cipher:
+def object_key(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> bytes:
     info = b"lsbd object key" + volume_id + name.encode()
-    return Cipher(hkdf(data_key, salt=object_id, info=info))
+    return hkdf(data_key, salt=object_id, info=info)
+
+
+def object_cipher(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> Cipher:
+    return Cipher(object_key(data_key, volume_id=volume_id, name=name, object_id=object_id))
 
 
 def new_object_id() -> bytes:

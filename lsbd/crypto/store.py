@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -26,10 +27,10 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from lsbd import names
-from lsbd.crypto import keystore, objects
+from lsbd.crypto import keystore, objects, worker
 from lsbd.crypto.aead import CIPHER_NAME
 from lsbd.crypto.compress import FRAME_SIZE, Compressor
-from lsbd.crypto.frames import FrameError, Framer, new_object_id, object_cipher
+from lsbd.crypto.frames import FrameError, Framer, new_object_id, object_cipher, object_key
 from lsbd.crypto.keyring import Keyring, Secret
 from lsbd.errors import CorruptionError, ObjectNotFound, UserError
 from lsbd.store.base import ObjectInfo, Store
@@ -38,7 +39,8 @@ from lsbd.store.base import ObjectInfo, Store
 #: segments up to about 200 MiB at 16 KiB frames).
 TAIL_READ = 64 * 1024
 INDEX_CACHE = 4096
-_SEALING_SLOT = threading.Lock()     # see put_sealed
+log = logging.getLogger(__name__)
+_SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
 
 
 @attrs.frozen(kw_only=True)
@@ -82,10 +84,23 @@ class VolumeSealing:
         read(offset, n), to the file `fd`, a batch of frames at a time."""
         def write(parts: list) -> None:
             for i in range(0, len(parts), 1024):      # writev takes up to IOV_MAX
-                chunk = parts[i:i + 1024]
-                _write_all(fd, chunk)
+                worker.write_all(fd, parts[i:i + 1024])
 
         objects.seal_into(read, length, write, **self._new_object(name))
+
+    def job(self, name: str, *, source: str, length: int, dest: str) -> worker.SealJob:
+        """The sealing of file `source` as object `name`, for the sealing process."""
+        object_id = new_object_id()
+        key_id, key = 0, None
+        if self.keyring is not None:
+            current = self.keyring.current_key()
+            key_id = current.id
+            key = object_key(current.key, volume_id=self.volume_id, name=name,
+                             object_id=object_id)
+        return worker.SealJob(source=source, length=length, dest=dest, name=name,
+                              volume_id=self.volume_id, object_key=key, key_id=key_id,
+                              object_id=object_id, frame_size=self.frame_size,
+                              level=self.compressor.level if self.compressor else 0)
 
 
 Resolver = Callable[[str], "VolumeSealing | None"]
@@ -126,21 +141,12 @@ def volume_resolver(inner: Store, secret: Callable[[str], Secret] | None) -> Res
     return resolve
 
 
-def _write_all(fd: int, parts: list) -> None:
-    want = sum(len(p) for p in parts)
-    done = os.writev(fd, parts)
-    if done != want:       # a short write: finish it piece by piece
-        rest = b"".join(bytes(p) for p in parts)[done:]
-        while rest:
-            rest = rest[os.write(fd, rest):]
-
-
 @contextlib.contextmanager
 def _scratch_file(folder: str) -> Iterator[tuple[int, str]]:
     """A new file in `folder` and a path to it, gone afterwards.  An unnamed
     file (O_TMPFILE) where the kernel and file system allow, so that a crash
-    leaves nothing behind; its path is /proc/self/fd/N, which a hard link
-    or an open follows."""
+    leaves nothing behind; its path is then /proc/PID/fd/N, which a hard
+    link or an open (by the sealing process too) follows."""
     fd = -1
     name = None
     tmpfile = getattr(os, "O_TMPFILE", 0)
@@ -152,7 +158,7 @@ def _scratch_file(folder: str) -> Iterator[tuple[int, str]]:
     if fd < 0:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".sealing-")
     try:
-        yield fd, name or f"/proc/self/fd/{fd}"
+        yield fd, name or f"/proc/{os.getpid()}/fd/{fd}"
     finally:
         os.close(fd)
         if name is not None:
@@ -213,34 +219,29 @@ class SealingStore(Store):
         self.inner.put(key, data, exclusive=exclusive)
 
     def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+        """A sealed volume's segment file is sealed in the sealing process
+        (lsbd.crypto.worker) into a scratch file next to it, which the store
+        then takes (a file:// store on the same file system links it);
+        memory stays at a batch of frames whatever the segment's size."""
         sealing = self.sealing(key)
         if sealing is None:
             self.inner.put_file(key, path, exclusive=exclusive)
             return
-        with open(path, "rb") as f:
-            src = f.fileno()
-            length = os.fstat(src).st_size
-            self.put_sealed(key, lambda start, n: os.pread(src, n, start), length,
-                            exclusive=exclusive, scratch_dir=os.path.dirname(path))
-
-    def put_sealed(self, key: str, read: Callable[[int, int], bytes | bytearray | memoryview],
-                   length: int, *, exclusive: bool = False, scratch_dir: str) -> None:
-        """Store the object of `length` plain bytes read with read(offset, n),
-        sealed into a scratch file in `scratch_dir` that the store then takes
-        (a file:// store on the same file system links it).  Memory stays at
-        a batch of frames whatever the object's size, and one object is
-        sealed at a time in this process (the sync and the upload that
-        follow run in parallel): more would only take the CPU from the
-        threads that serve requests, on a machine of few cores."""
-        sealing = self.sealing(key)
-        if sealing is None:
-            raise ValueError(f"{key}: not an object of a sealed volume")
         self._drop(key)
-        with _scratch_file(scratch_dir) as (fd, path):
-            with _SEALING_SLOT:
-                sealing.seal_file(key, read, length, fd)
-            os.fdatasync(fd)    # the store may link it in as it is
-            self.inner.put_file(key, path, exclusive=exclusive)
+        length = os.path.getsize(path)
+        with _scratch_file(os.path.dirname(path)) as (fd, scratch):
+            try:
+                worker.seal(sealing.job(key, source=path, length=length, dest=scratch))
+            except worker.WorkerUnavailable as e:
+                log.warning("sealing %s here: the sealing process is unavailable (%s)", key, e)
+                os.ftruncate(fd, 0)
+                with open(path, "rb") as f:
+                    src = f.fileno()
+                    with _SEALING_SLOT:
+                        sealing.seal_file(key, lambda start, n: os.pread(src, n, start),
+                                          length, fd)
+                os.fdatasync(fd)
+            self.inner.put_file(key, scratch, exclusive=exclusive)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         sealing = self.sealing(key)

@@ -153,3 +153,39 @@ def test_rotated_key_reads_old_objects(stores):
     assert objects.decode_tail(inner.get(seg("a", 1)), where="").key_id == 1
     assert rotated.get(seg("a", 1)) == b"old" * 10_000
     assert rotated.get(seg("a", 2), 3, 3) == b"new"
+
+
+@pytest.mark.parametrize("volume", ["a", "z"])
+@pytest.mark.parametrize("in_process", [False, True])
+def test_put_file_seals_a_segment_file(stores, tmp_path, monkeypatch, volume, in_process):
+    """A segment file is sealed by the sealing process into a scratch file
+    the store takes, or, when that process is unavailable, here: the same
+    object either way, and no scratch file is left next to the segment."""
+    from lsbd.crypto import worker
+
+    inner, store = stores
+    calls = []
+    real = worker.seal
+
+    def seal(job):
+        calls.append(job.name)
+        if in_process:
+            raise worker.WorkerUnavailable("not today")
+        return real(job)
+
+    monkeypatch.setattr(worker, "seal", seal)
+    folder = tmp_path / "segments"
+    folder.mkdir()
+    data = plain_data(3 * 1024 * 1024 + 5)       # several batches of frames
+    path = folder / "0000000000000001.seg"
+    path.write_bytes(data)
+    store.put_file(seg(volume, 1), str(path), exclusive=True)
+    assert calls == [seg(volume, 1)]
+    assert store.get(seg(volume, 1)) == data
+    assert store.get(seg(volume, 1), 2_000_000, 4096) == data[2_000_000:2_004_096]
+    raw = inner.get(seg(volume, 1))
+    assert objects.is_sealed(raw) and len(raw) < len(data) // 2
+    assert (b"quick brown fox" in raw) == (volume == "z")
+    assert os.listdir(folder) == ["0000000000000001.seg"]
+    with pytest.raises(Exception):
+        store.put_file(seg(volume, 1), str(path), exclusive=True)   # exclusive still holds
