@@ -14,7 +14,7 @@
    one compresses, encrypts and writes every segment again, and the next
    job must not be charged for that.  Every server gets --cache-limit 8G
    (CACHE_LIMIT says why).  Also: the server's anonymous RSS
-   (its peak, from /proc) and the bytes each store holds.
+   (its peak, with its sealing process's, from /proc) and the bytes each store holds.
 2. An ext4 image holding real files (default /usr/share/doc, /usr/share/man
    and this virtualenv's packages, via mkfs.ext4 -d) plus as much random
    data, imported into a plain and into a compressed, encrypted volume: the
@@ -95,10 +95,19 @@ class Server:
         return time.monotonic() - start
 
     def sample_rss(self) -> None:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    self.peak_anon = max(self.peak_anon, int(line.split()[1]) * 1024)
+        """The server's anonymous RSS, with its children's (the sealing process)."""
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+                with open(f"/proc/{self.proc.pid}/task/{task}/children") as f:
+                    pids += [int(p) for p in f.read().split()]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+        self.peak_anon = max(self.peak_anon, total)
 
 
 @contextlib.contextmanager

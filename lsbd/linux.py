@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 from typing import Callable
 
 _libc: ctypes.CDLL | None = None
@@ -83,17 +82,6 @@ def set_io_flusher() -> None:
     fn = _c().prctl
     fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     _check(fn(PR_SET_IO_FLUSHER, 1, 0, 0, 0), "prctl(PR_SET_IO_FLUSHER)")
-
-
-def lower_thread_priority(increment: int = 10) -> None:
-    """Make the calling thread nicer by `increment` (Linux keeps a nice value
-    per thread, and threads it starts inherit it).  Only a hint: nothing
-    happens where that is not allowed."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
-    except (OSError, AttributeError):
-        pass
 
 
 # -- fallocate(2) -------------------------------------------------------------

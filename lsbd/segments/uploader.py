@@ -18,7 +18,6 @@ from typing import Callable
 
 from lsbd import names
 from lsbd.format.segment import TRAILER
-from lsbd.linux import lower_thread_priority
 from lsbd.errors import LeaseLost, ObjectExists, StoreError
 from lsbd.store import Store
 
@@ -65,11 +64,7 @@ class Uploader:
         self.volume = volume
         self.path_of = path_of
         self.on_stored = on_stored
-        # Below the threads that serve requests: an upload that compresses
-        # and encrypts takes CPU, and on a machine of few cores the writes
-        # waiting for it would pay (uploads only need to keep up on average).
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsbd-upload",
-                                        initializer=lower_thread_priority)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsbd-upload")
         self._cond = threading.Condition()
         # Stored segments above the durable prefix (uploads finish out of order).
         self._done: set[int] = {s for s in already_stored if s > durable_seq}
