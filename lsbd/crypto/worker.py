@@ -4,10 +4,16 @@ Compressing and encrypting a segment inside the serving process takes the
 GIL from the threads that answer requests, a little at a time but all the
 time: measured with random 4 KiB NBD writes on 2 cores, the upload thread
 spent most of its time waiting for the GIL and writes ran at 0.3-0.6x
-of a plain volume.  Here one child process (started on first use, with
-`spawn`, since forking a process full of threads is unsafe) reads the
-segment file, seals it into the scratch file it is given, and syncs it; the
-serving process only waits.  The child keeps the default CPU priority:
+of a plain volume.  Here one child process (`python -m lsbd.crypto.worker`,
+started on first use) reads the segment file, seals it into the scratch
+file it is given, and syncs it; the serving process only waits.  It is a
+plain subprocess, not multiprocessing: forking a process full of threads
+is unsafe, and multiprocessing's spawn runs the parent's main module again
+in the child, which a program using lsbd need not expect.
+
+Protocol, over the child's stdin and stdout: a u32 length and a pickled
+SealJob in; a u32 length and a pickled ("ok", sealed length) or ("error",
+message) out.  The child exits at end of input (its parent gone).  The child keeps the default CPU priority:
 at nice +5 or +10, on a busy machine, uploads fell so far behind that
 compactions under fio, which wait for them, ran 2 times instead of 6-7.
 
@@ -20,11 +26,13 @@ started next time.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import attrs
 
@@ -88,32 +96,101 @@ def write_all(fd: int, parts: list) -> None:
             rest = rest[os.write(fd, rest):]
 
 
-_pool: ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_LENGTH = struct.Struct("<I")
+
+
+def _send(f, obj) -> None:
+    data = pickle.dumps(obj)
+    f.write(_LENGTH.pack(len(data)) + data)
+    f.flush()
+
+
+def _receive(f):
+    head = f.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError
+    (n,) = _LENGTH.unpack(head)
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
+class _Child:
+    def __init__(self) -> None:
+        # lsbd's own folder first: the child imports this module as the
+        # parent did, wherever lsbd is installed or checked out.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.proc = subprocess.Popen([sys.executable, "-m", "lsbd.crypto.worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": path})
+
+    def run(self, job: SealJob) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        _send(self.proc.stdin, job)
+        status, value = _receive(self.proc.stdout)
+        if status != "ok":
+            raise OSError(f"sealing process: {value}")
+        return value
+
+    def stop(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_child: _Child | None = None
 #: One job at a time: a second child would only take the CPU from the
 #: threads serving requests on a machine of few cores.
 _slot = threading.Lock()
 
 
 def seal(job: SealJob) -> int:
-    """Run the job in the sealing process; WorkerUnavailable if it cannot."""
-    global _pool
+    """Run the job in the sealing process; WorkerUnavailable if it cannot
+    (the scratch file may then hold part of the object: start it again).
+    An OSError of the job itself (a disk full) is raised as it is."""
+    global _child
     with _slot:
-        with _pool_lock:
-            if _pool is None:
-                try:
-                    _pool = ProcessPoolExecutor(max_workers=1,
-                                                mp_context=multiprocessing.get_context("spawn"))
-                except (OSError, ValueError) as e:
-                    raise WorkerUnavailable(str(e)) from None
-            pool = _pool
         try:
-            return pool.submit(run, job).result()
-        except (BrokenProcessPool, RuntimeError) as e:
-            # The child died (or the interpreter is shutting down): the next
-            # call starts another one.
-            with _pool_lock:
-                if _pool is pool:
-                    _pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
+            if _child is None:
+                _child = _Child()
+            return _child.run(job)
+        except (EOFError, BrokenPipeError, pickle.PickleError, ValueError) as e:
+            # The child died or cannot start: the next call starts another.
+            if _child is not None:
+                _child.stop()
+                _child = None
             raise WorkerUnavailable(str(e) or type(e).__name__) from None
+        except OSError as e:
+            if _child is None:      # could not start it
+                raise WorkerUnavailable(str(e)) from None
+            raise
+
+
+def main() -> int:
+    """The child's loop: seal jobs until the parent closes our stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            job = _receive(stdin)
+        except EOFError:
+            return 0
+        try:
+            reply: tuple[str, object] = ("ok", run(job))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+            reply = ("error", f"{type(e).__name__}: {e}")
+        _send(stdout, reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
