@@ -52,25 +52,40 @@ GiB = 1 << 30
 # --- moto in a child process, counting requests by kind ---------------------------------
 
 MOTO_CHILD = r"""
-import json, sys, threading, logging
+import json, sys, threading, logging, time
 from collections import Counter
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from moto.moto_server.werkzeug_app import MotoRequestHandler
 from werkzeug.serving import make_server
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 counts, lock = Counter(), threading.Lock()
+log = []
+def what(path):
+    # lsbd's keys by the kind of object (volumes/<v>/<what>/...); s3backer's blocks
+    parts = path.strip("/").split("/")
+    if len(parts) >= 4 and parts[1] == "d" and parts[2] == "volumes":
+        return parts[4] if len(parts) > 4 and parts[4] != "config.json" else "config"
+    if len(parts) >= 3 and parts[2] == ".lsbd-probe":
+        return "probe"
+    return "block" if len(parts) >= 2 else ""
 def kind(env):
     method, path, query = env["REQUEST_METHOD"], env.get("PATH_INFO", ""), env.get("QUERY_STRING", "")
     key = "/" in path.strip("/")
     if method == "GET":
         if not key:
             return "LIST"
-        return "GET range" if env.get("HTTP_RANGE") else "GET"
-    if method == "PUT" and key:
-        return "PUT part" if "partNumber" in query else "PUT"
-    return method
+        method = "GET range" if env.get("HTTP_RANGE") else "GET"
+    elif method == "PUT" and key and "partNumber" in query:
+        method = "PUT part"
+    return f"{method} {what(path)}".strip()
 app = DomainDispatcherApplication(create_backend_app)
 def counting(env, start_response):
+    if env.get("PATH_INFO") == "/__log":
+        with lock:
+            body = json.dumps(log).encode()
+            log.clear()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     if env.get("PATH_INFO") == "/__counts":
         with lock:
             body = json.dumps(counts).encode()
@@ -78,9 +93,18 @@ def counting(env, start_response):
                 counts.clear()
         start_response("200 OK", [("Content-Length", str(len(body)))])
         return [body]
+    k, t = kind(env), time.monotonic()
     with lock:
-        counts[kind(env)] += 1
-    return app(env, start_response)
+        counts[k] += 1
+    def logged(body):
+        try:
+            yield from body
+        finally:
+            with lock:
+                log.append((round(t, 4), round(time.monotonic(), 4), k,
+                            env.get("PATH_INFO", ""), env.get("HTTP_RANGE", "")))
+                del log[:-100000]
+    return logged(app(env, start_response))
 server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
@@ -97,6 +121,12 @@ class Moto:
     def counts(self, reset: bool = False) -> dict:
         req = urllib.request.Request(self.url + "/__counts", method="POST" if reset else "GET")
         with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def log(self) -> list:
+        """The requests since the last call: (start, end, kind, path, range),
+        in seconds of the monotonic clock, by the time they ended."""
+        with urllib.request.urlopen(self.url + "/__log", timeout=30) as r:
             return json.loads(r.read())
 
     def bucket(self, name: str) -> None:
@@ -267,6 +297,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     out["mkfs s"] = timed(sh, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", image)
     sh("mount", "-o", "loop", image, fsdir)
     moto.counts(reset=True)
+    moto.log()
     proxy.reset_counts()
     t0 = time.monotonic()
     sh("cp", "-a", src + "/.", fsdir)
@@ -278,8 +309,13 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     out["unmount s"] = time.monotonic() - t1
     out["copy+sync+unmount s"] = time.monotonic() - t0
     counts = moto.counts(reset=True)
+    if os.environ.get("DISTANT_LOG"):
+        with open(f"{os.environ['DISTANT_LOG']}.{subject.name}.copy", "w") as f:
+            json.dump({"t0": t0, "synced": t0 + out["copy+sync s"],
+                       "end": t0 + out["copy+sync+unmount s"], "log": moto.log()}, f)
     out["requests (copy)"] = counts
-    out["PUTs per GiB"] = (counts.get("PUT", 0) + counts.get("PUT part", 0)) * GiB / written
+    puts = sum(n for k, n in counts.items() if k.startswith("PUT"))
+    out["PUTs per GiB"] = puts * GiB / written
     out["GiB up per GiB"] = proxy.bytes_up / written
     out["GiB down per GiB"] = proxy.bytes_down / written
     # Cold read on a new cache: attaching (lsbd rebuilds its map from the
@@ -287,15 +323,34 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     drop_caches()
     proxy.reset_counts()
     moto.counts(reset=True)
+    moto.log()
     t0 = time.monotonic()
     image = subject.attach(new_cache=True)
+    out["cold attach s"] = time.monotonic() - t0
     sh("mount", "-o", "loop,ro", image, fsdir)
+    out["cold mount s"] = time.monotonic() - t0 - out["cold attach s"]
     same = sh("diff", "-r", "-q", "-x", "lost+found", src, fsdir, check=False).returncode == 0
     out["cold read s"] = time.monotonic() - t0
+    if os.environ.get("DISTANT_LOG"):
+        with open(f"{os.environ['DISTANT_LOG']}.{subject.name}.cold", "w") as f:
+            json.dump({"t0": t0, "attached": t0 + out["cold attach s"],
+                       "mounted": t0 + out["cold attach s"] + out["cold mount s"],
+                       "end": t0 + out["cold read s"], "log": moto.log()}, f)
     out["cold read matches"] = same
     out["requests (cold read)"] = moto.counts(reset=True)
     out["MiB down (cold read)"] = proxy.bytes_down / MiB
     sh("umount", fsdir)
+    # The same read again with the data in the cache (the page cache dropped):
+    # what the local path costs, apart from the store.
+    drop_caches()
+    t0 = time.monotonic()
+    sh("mount", "-o", "loop,ro", image, fsdir)
+    sh("diff", "-r", "-q", "-x", "lost+found", src, fsdir, check=False)
+    out["warm read s"] = time.monotonic() - t0
+    sh("umount", fsdir)
+    # And the source tree alone: the share of the read that is the local disk.
+    drop_caches()
+    out["source read s"] = timed(sh, "sh", "-c", 'find "$0" -type f -exec cat {} + >/dev/null', src)
     if fio_runtime:
         out["fio image"] = fio_all(image, fio_runtime)
     subject.detach()
@@ -314,7 +369,7 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
     try:
         moto.bucket("lsbd-bench")
         moto.bucket("s3b-bench")
-        for cls in (LsbdSubject, S3backerSubject):
+        for cls in (c for c in (LsbdSubject, S3backerSubject) if c.name in args.subjects):
             work = tempfile.mkdtemp(prefix=f"distant-{cls.name}-", dir=args.workdir)
             try:
                 subject = cls(work, endpoint)
@@ -336,7 +391,8 @@ def report(delay: float, r: dict) -> list[str]:
     a, b = r["lsbd"], r["s3backer"]
     lines = [f"## one-way delay {delay:g} ms", "",
              "| step | lsbd | s3backer | ratio |", "|---|---|---|---|"]
-    for key in ("mkfs s", "copy+sync s", "unmount s", "copy+sync+unmount s", "cold read s"):
+    for key in ("mkfs s", "copy+sync s", "unmount s", "copy+sync+unmount s", "cold attach s",
+                "cold mount s", "cold read s", "warm read s", "source read s"):
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
     for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)"):
         lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
@@ -378,6 +434,8 @@ def main() -> int:
     ap.add_argument("--small-mib", type=int, default=130)
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--subjects", default="lsbd,s3backer",
+                    help="which to run (comma-separated; the report needs both)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -390,7 +448,8 @@ def main() -> int:
         results, lines = {}, []
         for delay in (float(d) for d in args.delays.split(",")):
             results[delay] = run_delay(delay, src, written, args)
-            lines += report(delay, results[delay])
+            if len(results[delay]) == 2:
+                lines += report(delay, results[delay])
         print("\n".join(lines))
         if args.json:
             with open(args.json, "w") as f:
