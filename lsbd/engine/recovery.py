@@ -29,7 +29,11 @@ from lsbd.format.segment import (
     scan_records,
 )
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
-from lsbd.segments.remote import fetch_segment_index, segment_info, store_segment_seqs
+from lsbd.segments.remote import (
+    fetch_segment_indexes,
+    segment_info,
+    store_segment_seqs,
+)
 from lsbd.plans.replay import ReplayPlan, plan_replay
 from lsbd.store import Store
 
@@ -93,8 +97,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
     if manifest is not None and not manifest.top_crc:
         prev = None
     applied: list[int] = []
-    for i, seq in enumerate(plan.replay):
-        trailer, records = fetch_segment_index(store, volume, seq)
+    for i, (seq, trailer, records) in enumerate(fetch_segment_indexes(store, volume,
+                                                                      plan.replay)):
         key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
             raise CorruptionError(f"{key} belongs to another volume", key=key)

@@ -4,6 +4,10 @@ these, so they live apart from crash recovery."""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator
+
 from lsbd import names
 from lsbd.format.segment import TRAILER, Record, Trailer, decode_footer, decode_trailer, masked_crc
 from lsbd.map.blockmap import SegmentInfo
@@ -13,6 +17,9 @@ from lsbd.store import Store
 from lsbd.meta.config import VolumeConfig
 
 _TAIL_READ = 64 * 1024
+#: Index GETs in flight while a map is rebuilt: each is a round trip to a
+#: store that may be 10-100 ms away.
+INDEX_FETCHES = 8
 
 
 def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
@@ -30,6 +37,30 @@ def fetch_segment_index(store: Store, volume: str, seq: int,
     """A stored segment's trailer and records, read from its tail (one GET,
     two for a large index)."""
     return fetch_index_by_key(store, names.segment_key(volume, seq), seq, size)
+
+
+def fetch_segment_indexes(store: Store, volume: str, seqs: Iterable[int], *,
+                          ahead: int = INDEX_FETCHES) -> Iterator[tuple[int, Trailer, list[Record]]]:
+    """(seq, trailer, records) of each of `seqs`, in their order, with up to
+    `ahead` fetches in flight.  An error is raised where its seq comes; a
+    caller that stops early leaves nothing running."""
+    todo = iter(seqs)
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="lsbd-index")
+    window: deque[tuple[int, Future]] = deque()
+    try:
+        for seq in todo:
+            window.append((seq, pool.submit(fetch_segment_index, store, volume, seq)))
+            if len(window) >= ahead:
+                break
+        while window:
+            seq, fut = window.popleft()
+            trailer, records = fut.result()
+            for more in todo:
+                window.append((more, pool.submit(fetch_segment_index, store, volume, more)))
+                break
+            yield seq, trailer, records
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fetch_index_by_key(store: Store, key: str, seq: int,
