@@ -40,7 +40,6 @@ import errno
 import logging
 import os
 import threading
-import uuid
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -74,6 +73,8 @@ log = logging.getLogger(__name__)
 # Connection pool: enough for the engine's parallel uploads and readers.
 MAX_POOL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 5.0
+#: The scratch key of the conditional-write probe (outside volumes/).
+PROBE_KEY = ".lsbd-probe/conditional-create"
 READ_TIMEOUT = 60.0
 
 
@@ -123,26 +124,25 @@ class S3Store(Store):
     def conditional_writes(self) -> bool:
         """Whether the server honours If-None-Match: * on PUT (AWS, MinIO and
         moto do; s3rver and many gateways ignore it and overwrite).  Probed
-        once: two conditional creates of one scratch key."""
+        once, with conditional creates of a scratch key."""
         with self._probe_lock:
             if self._conditional is None:
                 self._conditional = self._probe_conditional_writes()
             return self._conditional
 
     def _probe_conditional_writes(self) -> bool:
-        key = f".lsbd-probe/{uuid.uuid4().hex}"
-        self._put(key, b"1", conditional=True)
-        try:
-            self._put(key, b"2", conditional=True)
-            honoured = False
-        except ObjectExists:
-            honoured = True
-        finally:
-            self.delete(key)
-        if not honoured:
-            log.info("S3 %s ignores conditional writes (If-None-Match); lsbd checks for "
-                        "existing objects and its lease by reading instead", self._where())
-        return honoured
+        """The scratch key stays (it is one byte): once it exists, one
+        refused create answers, a single round trip on every later open.
+        Only a server that honours the condition ever refuses, so two
+        processes probing at once both find the truth."""
+        for _attempt in range(2):
+            try:
+                self._put(PROBE_KEY, b"1", conditional=True)
+            except ObjectExists:
+                return True
+        log.info("S3 %s ignores conditional writes (If-None-Match); lsbd checks for "
+                 "existing objects and its lease by reading instead", self._where())
+        return False
 
     # --- helpers ---------------------------------------------------------------
 
@@ -338,7 +338,9 @@ class S3Store(Store):
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    found.append(ObjectInfo(item["Key"][strip:], int(item["Size"])))
+                    key = item["Key"][strip:]
+                    if key != PROBE_KEY:   # the store's own scratch object
+                        found.append(ObjectInfo(key, int(item["Size"])))
         except Exception as e:
             raise self._error(e, "list", prefix or "/") from e
         found.sort()
