@@ -18,6 +18,14 @@ from lsbd.segments.local import check_open_blocks
 from lsbd.segments.scrub import verify_segments
 
 
+#: Segments fetched ahead, in seq order, of one fetched whole for a reader
+#: (lsbd.segments.fetch says when): data written together is read together,
+#: so a reader on a cold cache that reads a segment fetched whole will likely
+#: want the next ones.  The first read of each segment fetched so moves the
+#: window on; one-off scattered reads start nothing.
+SEGMENTS_AHEAD = 4
+
+
 class Reader:
     def __init__(self, st: VolumeState):
         self.st = st
@@ -28,6 +36,8 @@ class Reader:
     def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
         st = self.st
         bs = st.block_size
+        if st.files.on_stream is None:   # the cache dir's files may be new since open
+            st.files.on_stream = self._fetch_after
         sequential, ahead = self._readahead.note(offset, length)
         if ahead is not None:
             self.prefetch(*ahead, wait=False)
@@ -89,6 +99,19 @@ class Reader:
         if wait:
             for f in futures:
                 f.result()
+
+    def _fetch_after(self, seq: int) -> None:
+        """A read first reached segment `seq`, fetched whole: fetch the next
+        SEGMENTS_AHEAD segments the map uses."""
+        st = self.st
+        with st.lock:
+            if st.closed:
+                return
+            top = st.applied
+            nxt = [s for s in range(seq + 1, min(seq + 1 + 2 * SEGMENTS_AHEAD, top + 1))
+                   if st.map.segment(s) is not None][:SEGMENTS_AHEAD]
+        for s in nxt:
+            st.files.prefetch(s, mark=True)
 
     def _read_one_block(self, lba: int, nowait: bool, sequential: bool = False) -> bytes | None:
         """Random reads' short path: one whole block with no journal to look

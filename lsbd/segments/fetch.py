@@ -48,6 +48,7 @@ class Fetcher:
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
         self._hits: dict[int, int] = {}
+        self._marks: set[int] = set()
         self._closed = False
         self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
                                          thread_name_prefix="lsbd-fetch")
@@ -55,17 +56,31 @@ class Fetcher:
                                          thread_name_prefix="lsbd-read")
         self.stats = {"whole_fetches": 0, "waited": 0}
 
-    def prefetch(self, seq: int) -> Future | None:
-        """Start fetching `seq` whole unless that is under way; its future."""
+    def prefetch(self, seq: int, *, mark: bool = False) -> Future | None:
+        """Start fetching `seq` whole unless that is under way; its future.
+        mark: a read pattern asked for it (not a caller naming a range), so
+        its first read may start the next fetches (take_mark)."""
         with self._lock:
             if self._closed or not self.enabled:
                 return None
+            if mark:
+                self._marks.add(seq)
+                if len(self._marks) > _REMEMBERED:
+                    self._marks.clear()
             fut = self._inflight.get(seq)
             if fut is not None:
                 return fut
             self.stats["whole_fetches"] += 1
             fut = self._inflight[seq] = self._whole.submit(self._run, seq)
             return fut
+
+    def take_mark(self, seq: int) -> bool:
+        """Whether a read pattern asked for `seq` (once)."""
+        with self._lock:
+            if seq in self._marks:
+                self._marks.discard(seq)
+                return True
+            return False
 
     def _run(self, seq: int) -> None:
         try:
@@ -97,7 +112,7 @@ class Fetcher:
             while len(self._hits) > _REMEMBERED:
                 self._hits.pop(next(iter(self._hits)))
         if sequential or length >= LARGE_READ or hits >= HOT_AFTER_READS:
-            self.prefetch(seq)
+            self.prefetch(seq, mark=True)
 
     def map_reads(self, calls: list[Callable[[], Any]]) -> list[Any]:
         """Run reads in parallel (bounded), results in order; the first error

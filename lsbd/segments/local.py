@@ -47,6 +47,7 @@ INDEX_CACHE_ENTRIES = 1024  # segments whose remote reads are counted
 INDEX_CACHE_BYTES = 48 << 20
 # Local segment files kept open for reads: 512 covers a 16 GiB working set of
 # 32 MiB segments, within a quarter of the process's descriptor limit.
+_UNREAD_REMEMBERED = 4096   # segments fetched whole and not read yet, at most
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
@@ -117,6 +118,11 @@ class SegmentFiles:
         self._folder_lock = threading.Lock()
         self._closed = False
         self.fetcher = Fetcher(self._fetch_whole, enabled=not self._store_is_local)
+        # Called with a seq when a read first reads that segment fetched whole
+        # (or waits for that fetch): the reader above starts fetching the
+        # segments it will likely want next (lsbd.engine.reader).
+        self.on_stream: Callable[[int], None] | None = None
+        self._unread: set[int] = set()    # fetched whole, not read since
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
@@ -308,12 +314,13 @@ class SegmentFiles:
         finally:
             self._release(f)
 
-    def prefetch(self, seq: int):
+    def prefetch(self, seq: int, *, mark: bool = False):
         """Fetch segment `seq` whole into the cache in the background, unless
-        it is local; returns the fetch's future, or None."""
+        it is local; returns the fetch's future, or None.  mark: see
+        Fetcher.prefetch."""
         if self.is_local(seq):
             return None
-        return self.fetcher.prefetch(seq)
+        return self.fetcher.prefetch(seq, mark=mark)
 
     def _fetch_whole(self, seq: int) -> None:
         path = self.path(seq)
@@ -334,6 +341,11 @@ class SegmentFiles:
                         os.unlink(tmp)
                     raise
                 self._adopt_locked(seq)
+                if self.fetcher.take_mark(seq):
+                    with self._lock:
+                        self._unread.add(seq)
+                        if len(self._unread) > _UNREAD_REMEMBERED:
+                            self._unread.clear()
         except OSError as e:  # only a cache fill: reads go on remotely
             log.info("could not cache segment %s: %s", self.key_of(seq), e)
 
@@ -393,11 +405,15 @@ class SegmentFiles:
         the read continues the previous one (lsbd.segments.fetch)."""
         length = nblocks * self.block_size
         f = self._acquire(seq)
-        if f is None and not nowait and self.fetcher.wait_if_fetching(seq):
+        if f is None and nowait:
+            raise WouldBlock(f"segment {seq} is not cached locally")
+        if f is None and self.fetcher.wait_if_fetching(seq):
             f = self._acquire(seq)     # fetched whole meanwhile
+            if self._unread and self._first_read(seq):
+                self._streaming(seq)
+        elif f is not None and self._unread and self._first_read(seq):
+            self._streaming(seq)
         if f is None:
-            if nowait:
-                raise WouldBlock(f"segment {seq} is not cached locally")
             # Not here (evicted, or written elsewhere): a ranged GET of just
             # these blocks, and of the index at the same time if need be.
             key = self.key_of(seq)
@@ -422,6 +438,21 @@ class SegmentFiles:
             return self._read_after_bad_local_copy(seq, offset, nblocks, local_error)
         finally:
             self._release(f)
+
+    def _first_read(self, seq: int) -> bool:
+        with self._lock:
+            if seq in self._unread:
+                self._unread.discard(seq)
+                return True
+            return False
+
+    def _streaming(self, seq: int) -> None:
+        call = self.on_stream
+        if call is not None and self.fetcher.enabled:
+            try:
+                call(seq)
+            except Exception as e:  # noqa: BLE001 - only a prefetch: the read goes on
+                log.info("prefetch after segment %s failed: %s", self.key_of(seq), e)
 
     def _read_after_bad_local_copy(self, seq: int, offset: int, nblocks: int,
                                    local_error: CorruptionError) -> bytes:

@@ -5,6 +5,7 @@ reads stay small ranged GETs; prefetch and NBD_CMD_CACHE fill the cache."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all
@@ -146,5 +147,32 @@ def test_nothing_is_fetched_whole_from_a_local_store(tmp_path):
     try:
         assert read_all(vol) == expected
         assert testing.local_files(vol).fetcher.stats["whole_fetches"] == 0
+    finally:
+        vol.close()
+
+
+def test_a_segment_fetched_whole_brings_the_next_ones_when_it_is_read(written, tmp_path):
+    """Data written together is read together: the first read of a segment
+    fetched whole starts fetches of the next few, and only of those."""
+    from lsbd.engine.reader import SEGMENTS_AHEAD
+
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    try:
+        base = 5 * SEGMENT
+        first = vol.map_extents(base // BS + 100, 1)[0].seq
+        for off in (base + 140 * BS, base + 110 * BS, base + 200 * BS):   # not in order
+            assert vol.read(off, BS) == expected[off:off + BS]
+        nxt = range(first + 1, first + 1 + SEGMENTS_AHEAD)
+        deadline = time.monotonic() + 30
+        while not all(map(files.is_local, nxt)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(files.is_local, nxt)), [files.is_local(s) for s in nxt]
+        assert not files.is_local(first + SEGMENTS_AHEAD + 2)
+        store.reset_counts()
+        e = vol.extents_in({first + 2})[0]
+        assert vol.read(e.lba * BS, BS) == expected[e.lba * BS:(e.lba + 1) * BS]
+        assert store.calls["get"] == 0, store.calls
     finally:
         vol.close()
