@@ -19,9 +19,9 @@ from lsbd.segments.scrub import verify_segments
 
 
 #: Segments fetched ahead, in seq order, of one fetched whole for a reader
-#: (lsbd.segments.fetch says when): data written together is read together,
-#: so a reader on a cold cache that reads a segment fetched whole will likely
-#: want the next ones.  The first read of each segment fetched so moves the
+#: (lsbd.segments.fetch says when) or read ahead: data written together is
+#: read together, so a reader on a cold cache that reads a segment fetched
+#: whole will likely want the next ones.  The first read of each segment fetched so moves the
 #: window on; one-off scattered reads start nothing.
 SEGMENTS_AHEAD = 4
 
@@ -40,7 +40,7 @@ class Reader:
             st.files.on_stream = self._fetch_after
         sequential, ahead = self._readahead.note(offset, length)
         if ahead is not None:
-            self.prefetch(*ahead, wait=False)
+            self.prefetch(*ahead, wait=False, mark=True)
         if length == bs and not offset % bs and 0 <= offset <= st.size - bs:
             data = self._read_one_block(offset // bs, nowait, sequential)
             if data is not None:
@@ -82,9 +82,11 @@ class Reader:
             self.read_defrag.close()
             self.read_defrag = None
 
-    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
+    def prefetch(self, offset: int, length: int, *, wait: bool = True,
+                 mark: bool = False) -> None:
         """Bring the segments holding [offset, offset+length) into the local
-        cache (NBD_CMD_CACHE, read-ahead); wait: until they are there."""
+        cache (NBD_CMD_CACHE, read-ahead); wait: until they are there.
+        mark: read-ahead, whose segments fetch the next ones when first read."""
         st = self.st
         bs = st.block_size
         first = max(0, offset) // bs
@@ -95,7 +97,8 @@ class Reader:
             if st.closed:
                 return
             seqs = {e.seq for e in st.map.lookup(first, last - first)}
-        futures = [f for f in map(st.files.prefetch, sorted(seqs)) if f is not None]
+        futures = [f for f in (st.files.prefetch(s, mark=mark) for s in sorted(seqs))
+                   if f is not None]
         if wait:
             for f in futures:
                 f.result()

@@ -16,10 +16,13 @@ from lsbd.errors import CorruptionError
 from lsbd.store import Store
 from lsbd.meta.config import VolumeConfig
 
-_TAIL_READ = 64 * 1024
+#: A segment's tail read in one GET: its trailer and, for most segments, its
+#: whole index (32 MiB of files of 4-64 KiB made one of 68 KiB); a second GET
+#: for the rest costs another round trip.
+TAIL_READ = 128 * 1024
 #: Index GETs in flight while a map is rebuilt: each is a round trip to a
 #: store that may be 10-100 ms away.
-INDEX_FETCHES = 8
+INDEX_FETCHES = 16
 
 
 def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
@@ -72,10 +75,10 @@ def fetch_index_by_key(store: Store, key: str, seq: int,
     will not do: it is what the store holds, which is not the segment's size
     once a wrapper compresses or encrypts it (lsbd.crypto.store)."""
     if size is not None:
-        start = max(0, size - _TAIL_READ)
+        start = max(0, size - TAIL_READ)
         tail = store.get(key, start, size - start)
     else:
-        tail = store.get(key, -_TAIL_READ)
+        tail = store.get(key, -TAIL_READ)
     trailer = decode_trailer(tail, where=key)
     if trailer.seq != seq:
         raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)

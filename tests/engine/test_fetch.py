@@ -15,6 +15,7 @@ from lsbd.engine import testing
 from lsbd.meta.config import create_volume
 from lsbd.engine.readahead import ReadAhead
 from lsbd.engine.volume import Volume
+from lsbd.segments.remote import TAIL_READ
 from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore
 from lsbd_nbd import protocol as p
@@ -69,7 +70,7 @@ def test_scattered_reads_are_small_ranged_gets(written, tmp_path):
             off = seg * SEGMENT + rng.randrange(SEGMENT // BS // 2) * BS * 2 + BS
             assert vol.read(off, BS) == expected[off:off + BS]
         assert testing.local_files(vol).fetcher.stats["whole_fetches"] == 0
-        assert store.bytes_got < 6 * (BS + 64 * 1024) + 64 * 1024, store.bytes_got
+        assert store.bytes_got < 6 * (BS + TAIL_READ) + TAIL_READ, store.bytes_got
     finally:
         vol.close()
 
