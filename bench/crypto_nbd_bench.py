@@ -2,12 +2,14 @@
 """What compression and encryption cost a served volume, and what they save.
 
     .venv/bin/python bench/crypto_nbd_bench.py [--runtime 8] [--size 512M] [--tree DIR ...]
-        [--subjects plain,zstd,zstd+aes] [--skip-nbd] [--skip-ext4]
+        [--rounds 3] [--subjects plain,zstd,zstd+aes] [--skip-nbd] [--skip-ext4]
 
 1. fio through NBD (the jobs of bench/nbd_bench.py: iodepth 16, Unix socket)
-   against `lsbd serve` of three volumes in one run: plain (--compress
-   none), compressed (the default), and compressed and encrypted; the
-   ratios to plain (#13 asks at most 15% slower on random I/O).  After
+   against `lsbd serve` of three volumes served at once: plain (--compress
+   none), compressed (the default), and compressed and encrypted; each job
+   runs on one after the other, --rounds times, so that a shared machine's
+   drifting load falls on all alike; the median ratio to plain (#13 asks
+   at most 15% slower on random I/O).  After
    each write job the server is asked to flush to the store (its control
    socket) and the time that takes is shown apart ("catch-up"): on a
    file:// store a plain volume's uploads are hard links, while a sealed
@@ -30,6 +32,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,39 +141,57 @@ def sampling(server: Server, every: float = 0.5):
     return done
 
 
-def nbd_table(workdir: str, size: str, runtime: int) -> None:
-    results: dict[str, dict] = {}
-    for name, options in SUBJECTS:
-        drop_page_cache()
-        print(f"  {name}", flush=True)
-        with serve(workdir, name, options, parse_size(size)) as server:
-            done = sampling(server)
+def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
+    """Every subject served at once; each job runs on one subject after the
+    other, `rounds` times, so that the machine's load, which drifts on a
+    shared machine, falls on all of them alike.  A job's figure is its mean
+    over the rounds; the ratio to plain is the median of the rounds' ratios."""
+    results: dict[str, dict] = {name: {} for name, _ in SUBJECTS}
+    drop_page_cache()
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, options in SUBJECTS:
+            server = servers[name] = stack.enter_context(
+                serve(workdir, name, options, parse_size(size)))
+            stack.callback(sampling(server).set)
             fio(server.uri, "write", "1M", size=size, runtime=None)     # the untimed fill
-            fill_flush = server.flush()
-            print(f"    fill, then {fill_flush:.1f}s to catch up", flush=True)
-            results[name] = {}
-            for job, rw, bs in JOBS:
-                r = results[name][job] = fio(server.uri, rw, bs, size=size, runtime=runtime)
-                r["catch_up"] = server.flush() if "write" in rw else 0.0
-                print(f"    {job:14} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS"
-                      + (f"   then {r['catch_up']:.1f}s to catch up" if "write" in rw else ""),
-                      flush=True)
-            done.set()
+            print(f"  {name}: fill, then {server.flush():.1f}s to catch up", flush=True)
+        for job, rw, bs in JOBS:
+            key = "iops" if bs == "4k" else "mib_s"
+            for name, _ in SUBJECTS:
+                results[name][job] = {"runs": [], "catch_up": 0.0}
+            for _ in range(rounds):
+                for name, _ in SUBJECTS:
+                    r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
+                    catch_up = servers[name].flush() if "write" in rw else 0.0
+                    results[name][job]["runs"].append(r[key])
+                    results[name][job]["catch_up"] += catch_up
+                    print(f"    {job:14} {name:9} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS"
+                          + (f"   then {catch_up:.1f}s to catch up" if "write" in rw else ""),
+                          flush=True)
+            for name, _ in SUBJECTS:
+                runs = results[name][job]["runs"]
+                results[name][job]["mean"] = sum(runs) / len(runs)
+        for name, server in servers.items():
             server.sample_rss()
             results[name]["rss"] = server.peak_anon
+    for name, _ in SUBJECTS:
         results[name]["stored"] = stored_bytes(os.path.join(workdir, name, "store"))
-    print("\n  job            " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
-          + "   (ratio to plain; the store's catch-up after writes in s)")
+    print(f"\n  job ({rounds} rounds)  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
+          + "   (mean IOPS or MiB/s; median ratio to plain; catch-up after writes in s)")
     for job, _rw, bs in JOBS:
-        key = "iops" if bs == "4k" else "mib_s"
-        plain = results["plain"][job][key]
-        line = f"  {job:14} " + "".join(f"{results[n][job][key] / plain:12.2f}"
-                                        for n, _ in SUBJECTS)
+        unit = "IOPS" if bs == "4k" else "MiB/s"
+        plain = results["plain"][job]["runs"]
+        line = f"  {job:14} " + "".join(f"{results[n][job]['mean']:12.0f}" for n, _ in SUBJECTS)
+        line += f" {unit:5} ratio " + " ".join(
+            f"{statistics.median(a / b for a, b in zip(results[n][job]['runs'], plain)):.2f}"
+            for n, _ in SUBJECTS[1:])
         if "write" in job:
             line += "   catch-up " + " / ".join(f"{results[n][job]['catch_up']:.1f}"
                                                for n, _ in SUBJECTS)
         if bs == "4k":
-            ratio = results[SUBJECTS[-1][0]][job][key] / plain
+            last = results[SUBJECTS[-1][0]][job]["runs"]
+            ratio = statistics.median(a / b for a, b in zip(last, plain))
             line += f"   {'pass' if ratio >= RANDOM_LIMIT else 'FAIL'} (>= {RANDOM_LIMIT})"
         print(line)
     print("  anon RSS MiB   " + "".join(f"{results[n]['rss'] / 2**20:12.0f}"
@@ -210,6 +231,8 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=8)
     ap.add_argument("--size", default="512M", help="region fio works on (default 512M)")
     ap.add_argument("--tree", action="append", help="directories to put in the ext4 image")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="times each job runs on each subject, interleaved (default 3)")
     ap.add_argument("--skip-nbd", action="store_true")
     ap.add_argument("--subjects", default=",".join(n for n, _ in SUBJECTS),
                     help="which of plain,zstd,zstd+aes (plain is always run)")
@@ -222,7 +245,7 @@ def main() -> int:
         wanted = {"plain", *args.subjects.split(",")}
         SUBJECTS[:] = [s for s in SUBJECTS if s[0] in wanted]
         if not args.skip_nbd:
-            nbd_table(workdir, args.size, args.runtime)
+            nbd_table(workdir, args.size, args.runtime, args.rounds)
         if not args.skip_ext4:
             ext4_table(workdir, trees)
     finally:
