@@ -15,6 +15,7 @@ objects) and then only the frames that hold the range.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -222,12 +223,27 @@ class SealingStore(Store):
         """A sealed volume's segment file is sealed in the sealing process
         (lsbd.crypto.worker) into a scratch file next to it, which the store
         then takes (a file:// store on the same file system links it);
-        memory stays at a batch of frames whatever the segment's size."""
+        memory stays at a batch of frames whatever the segment's size.  With
+        no room on the disk for the scratch file it is sealed in memory."""
         sealing = self.sealing(key)
         if sealing is None:
             self.inner.put_file(key, path, exclusive=exclusive)
             return
         self._drop(key)
+        try:
+            self._put_file_sealed(sealing, key, path, exclusive=exclusive)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # No room for the scratch file: seal in memory, as a segment's
+            # size allows, rather than wait for room only uploads can make.
+            log.warning("sealing %s in memory: %s", key, e)
+            with open(path, "rb") as f:
+                data = f.read()
+            self.put(key, data, exclusive=exclusive)
+
+    def _put_file_sealed(self, sealing: VolumeSealing, key: str, path: str, *,
+                         exclusive: bool) -> None:
         length = os.path.getsize(path)
         with _scratch_file(os.path.dirname(path)) as (fd, scratch):
             try:

@@ -12,10 +12,13 @@ is unsafe, and multiprocessing's spawn runs the parent's main module again
 in the child, which a program using lsbd need not expect.
 
 Protocol, over the child's stdin and stdout: a u32 length and a pickled
-SealJob in; a u32 length and a pickled ("ok", sealed length) or ("error",
-message) out.  The child exits at end of input (its parent gone).  The child keeps the default CPU priority:
-at nice +5 or +10, on a busy machine, uploads fell so far behind that
-compactions under fio, which wait for them, ran 2 times instead of 6-7.
+SealJob in; a u32 length and a pickled ("ok", sealed length), ("oserror",
+(errno, message)) or ("error", message) out.  The child exits at end of
+input (its parent gone).
+
+The child keeps the default CPU priority: at nice +5 or +10, on a busy
+machine, uploads fell so far behind that compactions under fio, which wait
+for them, ran 2 times instead of 6-7.
 
 The child gets the object's own key (derived from the data key for this
 object alone, frames.object_cipher), never the data key, over the pipe
@@ -130,6 +133,9 @@ class _Child:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         _send(self.proc.stdin, job)
         status, value = _receive(self.proc.stdout)
+        if status == "oserror":
+            errno_, message = value
+            raise OSError(errno_, f"sealing process: {message}")
         if status != "ok":
             raise OSError(f"sealing process: {value}")
         return value
@@ -187,6 +193,8 @@ def main() -> int:
             return 0
         try:
             reply: tuple[str, object] = ("ok", run(job))
+        except OSError as e:     # its errno matters to the parent (a full disk)
+            reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             reply = ("error", f"{type(e).__name__}: {e}")
         _send(stdout, reply)

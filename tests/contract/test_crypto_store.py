@@ -189,3 +189,26 @@ def test_put_file_seals_a_segment_file(stores, tmp_path, monkeypatch, volume, in
     assert os.listdir(folder) == ["0000000000000001.seg"]
     with pytest.raises(Exception):
         store.put_file(seg(volume, 1), str(path), exclusive=True)   # exclusive still holds
+
+
+def test_put_file_without_room_for_the_scratch_file(stores, tmp_path, monkeypatch):
+    """A full disk under the cache dir (the sealing process cannot write its
+    scratch file): the segment is sealed in memory and stored all the same,
+    rather than waiting for room that only its upload would make."""
+    import errno
+
+    from lsbd.crypto import worker
+
+    inner, store = stores
+
+    def full(job):
+        raise OSError(errno.ENOSPC, "sealing process: OSError: No space left on device")
+
+    monkeypatch.setattr(worker, "seal", full)
+    data = plain_data(100_000)
+    path = tmp_path / "0000000000000002.seg"
+    path.write_bytes(data)
+    store.put_file(seg("a", 2), str(path), exclusive=True)
+    assert store.get(seg("a", 2)) == data
+    assert b"quick brown fox" not in inner.get(seg("a", 2))
+    assert sorted(os.listdir(tmp_path)) == ["0000000000000002.seg", "store"]
