@@ -158,11 +158,18 @@ def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
         assert read_all(v) == expected
 
 
-def test_a_base_after_a_chain_is_the_map_without_reading_it(store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spacing", [0, 10**9], ids=["packed-runs", "tuples"])
+def test_a_base_after_a_chain_is_the_map_without_reading_it(store, tmp_path, monkeypatch,
+                                                             spacing):
     """Once the chain is long, the next base is the chain with the new
     segments laid over it, never a read of the live map; it holds exactly
-    the map's extents.  Small parts, so entries cross part boundaries."""
+    the map's extents, and opening from it alone reads back the volume.
+    Small parts, so entries cross part boundaries; the base merged in
+    packed runs or as tuples."""
+    from lsbd.engine import deltas
+
     monkeypatch.setattr(ckpt, "PART_EXTENTS", 7)
+    monkeypatch.setattr(deltas, "RUN_SPACING", spacing)
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
                   seal_interval=3600)
     cache = str(tmp_path / "cache")
