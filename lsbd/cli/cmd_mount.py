@@ -66,7 +66,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
-    ctx.ask_secret_if_encrypted(name)   # before the fork: the child has no terminal
+    ctx.before_fork(name, writer=not read_only)
 
     def open_images():
         # Runs in the serving process, after the fork: the engine starts threads.
@@ -96,7 +96,8 @@ def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
     devices = open_devices(ctx.store, [name], cache_root=ctx.cache_dir, point=point,
                            read_only=args.read_only, break_lease=args.break_lease,
                            flush_mode=args.flush_mode, options=writer_options(args),
-                           snapshots=show, prepare=ctx.unlock)
+                           snapshots=show, prepare=ctx.unlock,
+                           configs={name: ctx.volume_config(name)})
     return {f"{name}.img" if d.snapshot is None else f"snapshots/{d.snapshot}.img":
             Image(device=d.device, read_only=d.read_only) for d in devices}
 

@@ -111,7 +111,8 @@ def open_exports(args: argparse.Namespace, ctx) -> dict:
                            point=Point(snapshot=args.snapshot, seq=args.seq, at=args.at),
                            read_only=args.read_only, break_lease=args.break_lease,
                            flush_mode=args.flush_mode, options=writer_options(args),
-                           snapshots=args.with_snapshots, prepare=ctx.unlock)
+                           snapshots=args.with_snapshots, prepare=ctx.unlock,
+                           configs={v: ctx.volume_config(v) for v in args.volumes})
     return {d.volume if d.snapshot is None else f"{d.volume}@{d.snapshot}": d.device
             for d in devices}
 

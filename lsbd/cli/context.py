@@ -28,6 +28,7 @@ class Context:
         self.passphrase_file = passphrase_file
         self._store: Store | None = None
         self._secret: Any = None
+        self._configs: dict[str, Any] = {}
 
     @property
     def store(self) -> Store:
@@ -52,18 +53,39 @@ class Context:
                                           passphrase_file=self.passphrase_file, volume=volume)
         return self._secret
 
-    def ask_secret_if_encrypted(self, volume: str) -> None:
-        """Get the passphrase of an encrypted volume now, with a store opened
-        and closed just for that (a process about to fork keeps no store)."""
+    def volume_config(self, volume: str):
+        """The settings of `volume` (lsbd.meta.config.VolumeConfig), read
+        from the store once per command: opening a volume needs them in
+        several places."""
+        config = self._configs.get(volume)
+        if config is None:
+            from lsbd.meta.config import load_config
+
+            config = self._configs[volume] = load_config(self.plain_store, volume)
+        return config
+
+    def before_fork(self, volume: str, *, writer: bool) -> None:
+        """Before a serving process forks: read the volume's settings and get
+        the passphrase of an encrypted volume (the forked process has no
+        terminal), with a store opened and closed just for that (a process
+        about to fork keeps no store).  The forked process inherits the
+        settings read, and for a writer what the store answered about
+        conditional writes (asked at the same time: a round trip less)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from lsbd.meta.config import load_config
 
         probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False,
                            create=self.create_store)
         try:
-            encrypted = load_config(probe, volume).encryption
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                asked = pool.submit(lambda: probe.conditional_writes) if writer else None
+                config = self._configs[volume] = load_config(probe, volume)
+                if asked is not None:
+                    asked.exception()   # a failure: the serving process asks again
         finally:
             probe.close()
-        if encrypted:
+        if config.encryption:
             self.secret(volume)
 
     def keyring(self, volume: str):
@@ -76,11 +98,12 @@ class Context:
         """Open the keys of `volume` and of the volumes it was cloned from
         now, before anything is written: a wrong passphrase is one clear
         error that changes nothing."""
-        from lsbd import names
-        from lsbd.meta.config import Lineage, load_config
+        import attrs
 
-        for config in Lineage.load(self.plain_store, load_config(self.plain_store, volume)).chain:
-            self.store.sealing(names.segment_key(config.name, 1))  # type: ignore[attr-defined]  # open_store's SealingStore
+        from lsbd.meta.config import Lineage
+
+        for config in Lineage.load(self.plain_store, self.volume_config(volume)).chain:
+            self.store.learn(config.name, attrs.asdict(config))  # type: ignore[attr-defined]  # open_store's SealingStore
 
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):
@@ -92,7 +115,8 @@ class Context:
         self.unlock(name)
         auto = options.pop("auto_compact", False)
         vol = Volume.open(self.store, name, cache_root=self.cache_dir, read_only=read_only,
-                          break_lease=break_lease, flush_mode=flush_mode, **options)
+                          break_lease=break_lease, flush_mode=flush_mode,
+                          config=self.volume_config(name), **options)
         if not vol.read_only:
             compactor.attach(vol, auto=auto)
         return vol

@@ -104,7 +104,9 @@ class VolumeSealing:
                               level=self.compressor.level if self.compressor else 0)
 
 
-Resolver = Callable[[str], "VolumeSealing | None"]
+#: resolve(volume, settings=None): how `volume` is sealed; `settings`: its
+#: config.json as a dict, when the caller has just read it.
+Resolver = Callable[..., "VolumeSealing | None"]
 
 
 def volume_resolver(inner: Store, secret: Callable[[str], Secret] | None) -> Resolver:
@@ -112,14 +114,16 @@ def volume_resolver(inner: Store, secret: Callable[[str], Secret] | None) -> Res
     through lsbd.meta.config: the store layer sits below the engine), and
     for an encrypted one its keys, opened with `secret(volume)`."""
 
-    def resolve(volume: str) -> VolumeSealing | None:
-        try:
-            doc = json.loads(inner.get(names.config_key(volume)))
-        except ObjectNotFound:
-            raise _NoConfig() from None
-        except ValueError:
-            raise CorruptionError(f"{names.config_key(volume)}: unreadable volume config") \
-                from None
+    def resolve(volume: str, settings: dict | None = None) -> VolumeSealing | None:
+        doc = settings
+        if doc is None:
+            try:
+                doc = json.loads(inner.get(names.config_key(volume)))
+            except ObjectNotFound:
+                raise _NoConfig() from None
+            except ValueError:
+                raise CorruptionError(f"{names.config_key(volume)}: unreadable volume config") \
+                    from None
         compression = doc.get("compression") or "none"
         encryption = doc.get("encryption")
         if compression == "none" and not encryption:
@@ -201,6 +205,18 @@ class SealingStore(Store):
             # Being created or deleted: nothing to seal now, and nothing
             # remembered, so that its objects are sealed once it exists.
             return None
+        with self._lock:
+            self._volumes[volume] = found
+        return found
+
+    def learn(self, volume: str, settings: dict) -> VolumeSealing | None:
+        """How `volume` is sealed, from its settings (config.json as a dict)
+        that the caller has just read: opening a volume reads them once, not
+        once more here."""
+        with self._lock:
+            if volume in self._volumes:
+                return self._volumes[volume]
+        found = self._resolve(volume, settings)
         with self._lock:
             self._volumes[volume] = found
         return found
@@ -293,6 +309,37 @@ class SealingStore(Store):
         skip = lo - i * layout.tail.frame_size
         return data[skip:skip + hi - lo]
 
+    def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
+        """The last `n` plain bytes.  Knowing the object's stored size, one
+        GET of its end brings the object's index and, most often, the frames
+        that hold those bytes (a segment's own index: a cold open reads one
+        per segment)."""
+        sealing = self.sealing(key)
+        if sealing is None or stored_size is None:
+            return super().get_tail(key, n, stored_size=stored_size)
+        try:
+            return self._tail(key, sealing, n, stored_size)
+        except FrameError:
+            # A listing or a kept layout older than the object: ask afresh.
+            self._drop(key)
+            return self._get_range(key, sealing, -n, None)
+
+    def _tail(self, key: str, sealing: VolumeSealing, n: int, stored_size: int) -> bytes:
+        start = max(0, stored_size - (TAIL_READ + n + n // 4))
+        buf = self.inner.get(key, start, stored_size - start)
+        layout = self._layout(key, sealing, buf)
+        if layout.stored_length != stored_size:
+            raise FrameError(f"{key}: object length does not match its index", key=key)
+        plain = layout.tail.plain_length
+        lo = max(0, plain - n)
+        i, j = layout.frames_for(lo, plain)
+        if layout.starts[i] >= start:
+            stored = buf[layout.starts[i] - start:layout.starts[j] - start]
+        else:       # frames that compress badly: what the read missed
+            stored = self.inner.get(key, layout.starts[i], layout.starts[j] - layout.starts[i])
+        data = layout.open_frames(i, j, stored, where=key)
+        return data[lo - i * layout.tail.frame_size:]
+
     def head(self, key: str) -> int:
         sealing = self.sealing(key)
         if sealing is None:
@@ -322,13 +369,17 @@ class SealingStore(Store):
         with self._lock:
             return self._layouts.pop(key, None) is not None
 
-    def _layout(self, key: str, sealing: VolumeSealing) -> objects.Layout:
+    def _layout(self, key: str, sealing: VolumeSealing,
+                buf: bytes | None = None) -> objects.Layout:
+        """The object's layout: kept, or read from `buf` (the object's last
+        bytes, when the caller has them) or a read of its tail."""
         with self._lock:
             layout = self._layouts.get(key)
             if layout is not None:
                 self._layouts.move_to_end(key)
                 return layout
-        buf = self.inner.get(key, -TAIL_READ)
+        if buf is None:
+            buf = self.inner.get(key, -TAIL_READ)
         layout = objects.layout_from_tail(
             buf, name=key, volume_id=sealing.volume_id,
             framer_for=lambda t: sealing.framer_for(t, key),

@@ -15,6 +15,7 @@ from lsbd.checksum import masked_crc
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
     journal_is_sealed,
+    list_volume,
     rebuild_from_store,
     recover_journal_file,
 )
@@ -57,7 +58,12 @@ def writer_state(store: Store, config: VolumeConfig, *, cache_root: str, flush_m
 def recover(st: VolumeState, sealer: Sealer, progress) -> None:
     """Bring the map up to everything this writer may build on, then start
     the uploader (no threads of the volume run yet)."""
-    stored = store_segment_seqs(st.store, st.name)
+    checkpoints: list[int] | None = None
+    if st.map.get_meta("volume_id") is None:
+        # A new cache dir: the map comes from the store; both listings at once.
+        stored, checkpoints = list_volume(st.store, st.name)
+    else:
+        stored = store_segment_seqs(st.store, st.name)
     try:
         _check_cache_identity(st, stored)
         _replay_local(st, sealer)
@@ -66,7 +72,7 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> None:
         report("volume %s: the cache dir is not trusted (%s); rebuilding it from the store",
                st.name, e)
         _reset_cache_dir(st)
-        _rebuild(st, progress)
+        _rebuild(st, progress, stored, checkpoints)
     _remove_orphans(st, stored)
     _start_uploads(st, sealer)
 
@@ -151,8 +157,10 @@ def _replay_local(st: VolumeState, sealer: Sealer) -> None:
         history_ends = not was_sealed
 
 
-def _rebuild(st: VolumeState, progress) -> None:
-    plan, size = rebuild_from_store(st.map, st.store, st.config, progress=progress)
+def _rebuild(st: VolumeState, progress, stored: dict[int, int],
+             checkpoints: list[int] | None) -> None:
+    plan, size = rebuild_from_store(st.map, st.store, st.config, progress=progress,
+                                    stored=stored, checkpoints=checkpoints)
     st.applied, st.size = plan.top, size
     st.prev_crc = st.map.get_int("top_crc")
     st.last_checkpoint = plan.base

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lsbd import fileio, names
@@ -58,13 +59,18 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
 
 
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
-                       upto: int | None = None, progress=None) -> tuple[ReplayPlan, int]:
+                       upto: int | None = None, progress=None,
+                       stored: dict[int, int] | None = None,
+                       checkpoints: list[int] | None = None) -> tuple[ReplayPlan, int]:
     """Rebuild the map from the newest valid checkpoint (at or before `upto`)
-    and the segments after it.  Returns the plan carried out and the volume size."""
+    and the segments after it.  Returns the plan carried out and the volume size.
+    stored, checkpoints: the store's segments (seq -> size) and checkpoint
+    seqs, when the caller has just listed them."""
     volume = config.name
-    stored = store_segment_seqs(store, volume)
+    if stored is None or checkpoints is None:
+        stored, checkpoints = list_volume(store, volume, stored=stored)
     manifest = None
-    for cp_seq in reversed(ckpt.list_checkpoints(store, volume)):
+    for cp_seq in reversed(checkpoints):
         if (upto is not None and cp_seq > upto) or cp_seq < config.base_seq:
             continue
         try:
@@ -98,7 +104,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
         prev = None
     applied: list[int] = []
     for i, (seq, trailer, records) in enumerate(fetch_segment_indexes(store, volume,
-                                                                      plan.replay)):
+                                                                      plan.replay,
+                                                                      stored=stored)):
         key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
             raise CorruptionError(f"{key} belongs to another volume", key=key)
@@ -131,6 +138,17 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
             raise PointUnavailable(f"volume {volume}: seq {upto} can no longer be rebuilt "
                                    f"(compaction reclaimed {len(gone)} of the segments it uses)")
     return plan, size
+
+
+def list_volume(store: Store, volume: str, *,
+                stored: dict[int, int] | None = None) -> tuple[dict[int, int], list[int]]:
+    """The store's segments of `volume` (seq -> size) and its checkpoint
+    seqs, listed at the same time (each LIST is a round trip)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbd-list") as pool:
+        checkpoints = pool.submit(ckpt.list_checkpoints, store, volume)
+        if stored is None:
+            stored = store_segment_seqs(store, volume)
+        return stored, checkpoints.result()
 
 
 def journal_is_sealed(path: str) -> bool:

@@ -28,7 +28,7 @@ from lsbd.engine.state import VolumeState
 from lsbd.engine.writer import Transaction, Writer
 from lsbd.engine import report
 from lsbd.errors import InvalidRequest, StoreError, UserError
-from lsbd.meta.config import FLUSH_MODES, load_config
+from lsbd.meta.config import FLUSH_MODES, VolumeConfig, load_config
 from lsbd.meta.snapshots import Snapshot, check_snapshot_name, write_snapshot
 from lsbd.store import Store
 
@@ -73,12 +73,15 @@ class Volume(ReadFace):
     def open(cls, store: Store, name: str, *, cache_root: str, read_only: bool = False,
              break_lease: bool = False, flush_mode: str | None = None,
              cache_limit: int = DEFAULT_CACHE_LIMIT, cache_full_wait: float | None = None,
-             at_seq: int | None = None, progress: Callable[[int, int], None] | None = None):
+             at_seq: int | None = None, progress: Callable[[int, int], None] | None = None,
+             config: VolumeConfig | None = None):
         """Open a volume.  A writer takes the lease and recovers from the cache
         dir and the store; a reader (read_only, or at_seq for a past state) is
         a PastVolume with a private map, removed on close.  cache_full_wait:
-        how long a write waits for room on a full cache disk (default 30 s)."""
-        config = load_config(store, name)
+        how long a write waits for room on a full cache disk (default 30 s).
+        config: the volume's settings, when the caller has just read them."""
+        if config is None or config.name != name:
+            config = load_config(store, name)
         if config.sealed and not getattr(store, "seals_objects", False):
             # Plain objects must never enter a compressed or encrypted volume.
             raise UserError(f"volume {name} is compressed or encrypted: open it through "

@@ -35,50 +35,61 @@ def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
     return out
 
 
-def fetch_segment_index(store: Store, volume: str, seq: int,
-                        size: int | None = None) -> tuple[Trailer, list[Record]]:
+def fetch_segment_index(store: Store, volume: str, seq: int, size: int | None = None, *,
+                        stored_size: int | None = None) -> tuple[Trailer, list[Record]]:
     """A stored segment's trailer and records, read from its tail (one GET,
     two for a large index)."""
-    return fetch_index_by_key(store, names.segment_key(volume, seq), seq, size)
+    return fetch_index_by_key(store, names.segment_key(volume, seq), seq, size,
+                              stored_size=stored_size)
 
 
 def fetch_segment_indexes(store: Store, volume: str, seqs: Iterable[int], *,
-                          ahead: int = INDEX_FETCHES) -> Iterator[tuple[int, Trailer, list[Record]]]:
+                          ahead: int = INDEX_FETCHES, stored: dict[int, int] | None = None,
+                          ) -> Iterator[tuple[int, Trailer, list[Record]]]:
     """(seq, trailer, records) of each of `seqs`, in their order, with up to
-    `ahead` fetches in flight.  An error is raised where its seq comes; a
-    caller that stops early leaves nothing running."""
+    `ahead` fetches in flight.  stored: the objects' sizes from a listing
+    (store_segment_seqs), so that each tail is an explicit range.  An error
+    is raised where its seq comes; a caller that stops early leaves nothing
+    running."""
     todo = iter(seqs)
+    sizes = stored or {}
     pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="lsbd-index")
     window: deque[tuple[int, Future]] = deque()
+
+    def fetch(seq: int) -> Future:
+        return pool.submit(fetch_segment_index, store, volume, seq,
+                           stored_size=sizes.get(seq))
+
     try:
         for seq in todo:
-            window.append((seq, pool.submit(fetch_segment_index, store, volume, seq)))
+            window.append((seq, fetch(seq)))
             if len(window) >= ahead:
                 break
         while window:
             seq, fut = window.popleft()
             trailer, records = fut.result()
             for more in todo:
-                window.append((more, pool.submit(fetch_segment_index, store, volume, more)))
+                window.append((more, fetch(more)))
                 break
             yield seq, trailer, records
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def fetch_index_by_key(store: Store, key: str, seq: int,
-                       size: int | None = None) -> tuple[Trailer, list[Record]]:
+def fetch_index_by_key(store: Store, key: str, seq: int, size: int | None = None, *,
+                       stored_size: int | None = None) -> tuple[Trailer, list[Record]]:
     """The trailer and index of the segment object `key`.  `size`: the
     segment's own size (its local file's, or the map's), when known: the tail
-    is then an explicit range, which every S3 server honours.  Without it, a
-    suffix range, which the store checks (lsbd.store.s3).  A listing's size
-    will not do: it is what the store holds, which is not the segment's size
-    once a wrapper compresses or encrypts it (lsbd.crypto.store)."""
+    is then an explicit range, which every S3 server honours.  Else
+    `stored_size`, the object's size from a listing: that is what the store
+    holds, not the segment's size once a wrapper compresses or encrypts it,
+    so the store reads the tail (Store.get_tail).  Without either, a suffix
+    range, which the store checks (lsbd.store.s3)."""
     if size is not None:
         start = max(0, size - TAIL_READ)
         tail = store.get(key, start, size - start)
     else:
-        tail = store.get(key, -TAIL_READ)
+        tail = store.get_tail(key, TAIL_READ, stored_size=stored_size)
     trailer = decode_trailer(tail, where=key)
     if trailer.seq != seq:
         raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)

@@ -49,6 +49,16 @@ class Store(abc.ABC):
         a range past the end is cut short, as with a file read.
         start < 0: the last -start bytes (length must be None)."""
 
+    def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
+        """The last `n` bytes of an object (all of it when shorter).
+        stored_size: the object's size as a listing gives it, when known:
+        then an explicit range, which every S3 server honours, rather than a
+        suffix range."""
+        if stored_size is None:
+            return self.get(key, -n)
+        start = max(0, stored_size - n)
+        return self.get(key, start, stored_size - start)
+
     @abc.abstractmethod
     def head(self, key: str) -> int:
         """The size of an object; ObjectNotFound if it is not there."""

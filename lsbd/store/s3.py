@@ -1,7 +1,9 @@
 """`s3://bucket/prefix`: a store in an S3 bucket or any S3-compatible service.
 
-This is the only module that imports boto3/botocore.  One boto3 client is
-shared by every thread (boto3 clients are thread-safe); botocore's own retries
+This is the only module that imports boto3's botocore (the low-level client
+is all it needs: boto3 itself and its transfer manager cost a tenth of a
+second to import, at every start).  One client is shared by every thread
+(clients are thread-safe); botocore's own retries
 are switched off because RetryingStore retries TransientStoreError with its own
 backoff, and two layers of retries would multiply each other.
 
@@ -43,7 +45,6 @@ import threading
 from typing import Iterator
 from urllib.parse import urlparse
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.session
@@ -69,6 +70,26 @@ _ACCESS_CODES = frozenset({
 })
 
 log = logging.getLogger(__name__)
+
+#: Each process loads botocore's description of S3 once: a client of a
+#: session that has to load it takes about 0.1 s, one that finds it 5-10 ms.
+#: The sessions (credentials, profile, region) stay one per store.
+_loader = None
+_loader_lock = threading.Lock()
+#: (endpoint, bucket) -> whether the server honours conditional creates.
+_conditional_known: dict[tuple[str | None, str], bool] = {}
+
+
+def _session() -> botocore.session.Session:
+    global _loader
+    session = botocore.session.Session()
+    with _loader_lock:
+        if _loader is None:
+            _loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _loader)
+    return session
+
 
 # Connection pool: enough for the engine's parallel uploads and readers.
 MAX_POOL_CONNECTIONS = 32
@@ -102,11 +123,12 @@ class S3Store(Store):
             s3={"addressing_style": "path"} if self.endpoint_url else None,
         )
         try:
-            session = boto3.session.Session()
-            if region is None and session.region_name is None and self.endpoint_url:
+            session = _session()
+            if region is None and session.get_config_variable("region") is None \
+                    and self.endpoint_url:
                 region = "us-east-1"  # any region signs for an S3-compatible server
-            self._client = session.client("s3", endpoint_url=self.endpoint_url,
-                                          region_name=region, config=config)
+            self._client = session.create_client("s3", endpoint_url=self.endpoint_url,
+                                                 region_name=region, config=config)
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise StoreError(f"cannot set up S3 access to bucket {bucket!r}: {e}") from e
         # Set once a HEAD of the bucket succeeded: a bare 404 on a HEAD of a
@@ -124,10 +146,15 @@ class S3Store(Store):
     def conditional_writes(self) -> bool:
         """Whether the server honours If-None-Match: * on PUT (AWS, MinIO and
         moto do; s3rver and many gateways ignore it and overwrite).  Probed
-        once, with conditional creates of a scratch key."""
+        once per process and bucket, with conditional creates of a scratch
+        key (a mount's serving process inherits what its parent found)."""
         with self._probe_lock:
             if self._conditional is None:
-                self._conditional = self._probe_conditional_writes()
+                server = (self.endpoint_url, self.bucket)
+                known = _conditional_known.get(server)
+                self._conditional = known if known is not None \
+                    else self._probe_conditional_writes()
+                _conditional_known[server] = self._conditional
             return self._conditional
 
     def _probe_conditional_writes(self) -> bool:
@@ -386,7 +413,7 @@ def _default_checksums(endpoint_url: str | None) -> str:
     configured = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
     if not configured:
         try:
-            configured = botocore.session.Session().get_scoped_config().get(
+            configured = _session().get_scoped_config().get(
                 "request_checksum_calculation")
         except botocore.exceptions.BotoCoreError:
             configured = None

@@ -212,3 +212,43 @@ def test_put_file_without_room_for_the_scratch_file(stores, tmp_path, monkeypatc
     assert store.get(seg("a", 2)) == data
     assert b"quick brown fox" not in inner.get(seg("a", 2))
     assert sorted(os.listdir(tmp_path)) == ["0000000000000002.seg", "store"]
+
+
+@pytest.mark.parametrize("volume", ["a", "z"])
+@pytest.mark.parametrize("kind", ["text", "random"])
+def test_a_tail_read_knowing_the_stored_size_is_one_get(stores, monkeypatch, volume, kind):
+    """A cold open reads each segment's index from its tail: knowing the
+    object's size from a listing, that is one GET of an explicit range (no
+    suffix range), which brings the object's own index and the frames."""
+    inner, store = stores
+    data = plain_data(3 << 20) if kind == "text" else os.urandom(3 << 20)
+    store.put(seg(volume, 1), data)
+    size = inner.head(seg(volume, 1))
+    fresh = SealingStore(inner, store._resolve)          # no layouts kept
+    calls: list[tuple[int, int | None]] = []
+    real = inner.get
+    monkeypatch.setattr(inner, "get", lambda k, s=0, n=None: calls.append((s, n)) or real(k, s, n))
+    n = 128 * 1024
+    assert fresh.get_tail(seg(volume, 1), n, stored_size=size) == data[-n:]
+    assert len(calls) == 1 and calls[0][0] >= 0 and calls[0][0] + calls[0][1] == size
+    # The object's layout is kept: a ranged read afterwards reads only frames.
+    assert fresh.get(seg(volume, 1), 70_000, 5000) == data[70_000:75_000]
+    assert len(calls) == 2
+    assert fresh.get_tail(seg(volume, 1), 10**8, stored_size=size) == data   # all of it
+
+
+def test_a_tail_read_with_a_size_the_object_no_longer_has(stores):
+    """A listing older than the object (a seq written again after a crash):
+    the tail is read afresh, never taken from the wrong bytes."""
+    inner, store = stores
+    first, second = plain_data(300_000), os.urandom(200_000)
+    store.put(seg("a", 1), first)
+    old_size = inner.head(seg("a", 1))
+    kept = SealingStore(inner, store._resolve)
+    assert kept.get_tail(seg("a", 1), 50_000, stored_size=old_size) == first[-50_000:]
+    store.put(seg("a", 1), second)
+    assert kept.get_tail(seg("a", 1), 50_000, stored_size=inner.head(seg("a", 1))) \
+        == second[-50_000:]         # the layout it kept is the old object's
+    for size in (old_size, old_size // 3, inner.head(seg("a", 1)) + 4096):
+        fresh = SealingStore(inner, store._resolve)
+        assert fresh.get_tail(seg("a", 1), 50_000, stored_size=size) == second[-50_000:]
