@@ -288,8 +288,9 @@ class S3backerSubject:
 
 
 def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, written: int,
-             fio_runtime: int) -> dict:
+             fio_runtime: int, tag: str = "") -> dict:
     out: dict = {}
+    log_prefix = f"{os.environ.get('DISTANT_LOG')}.{subject.name}{tag}"
     fsdir = os.path.join(work, f"{subject.name}-fs")
     os.makedirs(fsdir, exist_ok=True)
     subject.create()
@@ -310,7 +311,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     out["copy+sync+unmount s"] = time.monotonic() - t0
     counts = moto.counts(reset=True)
     if os.environ.get("DISTANT_LOG"):
-        with open(f"{os.environ['DISTANT_LOG']}.{subject.name}.copy", "w") as f:
+        with open(f"{log_prefix}.copy", "w") as f:
             json.dump({"t0": t0, "synced": t0 + out["copy+sync s"],
                        "end": t0 + out["copy+sync+unmount s"], "log": moto.log()}, f)
     out["requests (copy)"] = counts
@@ -332,7 +333,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     same = sh("diff", "-r", "-q", "-x", "lost+found", src, fsdir, check=False).returncode == 0
     out["cold read s"] = time.monotonic() - t0
     if os.environ.get("DISTANT_LOG"):
-        with open(f"{os.environ['DISTANT_LOG']}.{subject.name}.cold", "w") as f:
+        with open(f"{log_prefix}.cold", "w") as f:
             json.dump({"t0": t0, "attached": t0 + out["cold attach s"],
                        "mounted": t0 + out["cold attach s"] + out["cold mount s"],
                        "end": t0 + out["cold read s"], "log": moto.log()}, f)
@@ -374,7 +375,8 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
             try:
                 subject = cls(work, endpoint)
                 results[cls.name] = workflow(subject, src, work, moto, proxy, written,
-                                             0 if args.skip_fio else args.fio_runtime)
+                                             0 if args.skip_fio else args.fio_runtime,
+                                             tag=f".{delay_ms:g}ms")
             finally:
                 for d in (os.path.join(work, f"{cls.name}-fs"), getattr(subject, "mnt", "")):
                     if d and os.path.ismount(d):
@@ -444,6 +446,9 @@ def main() -> int:
     src = tempfile.mkdtemp(prefix="distant-src-", dir=args.workdir)
     try:
         written = make_tree(src, args.small_mib, args.big_mib)
+        # The tree on disk now, or the first copy's sync would write it back
+        # as well, timed as that subject's.
+        os.sync()
         print(f"tree: {written / MiB:.0f} MiB", flush=True)
         results, lines = {}, []
         for delay in (float(d) for d in args.delays.split(",")):

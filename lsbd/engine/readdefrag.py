@@ -10,7 +10,8 @@ points where the read found it (Volume.relocate_loaded: a newer write
 wins).  Nothing is deleted here: the old copies stay until compaction
 finds them dead and the retention rules let it reclaim them, so the cost
 is space, bounded by what compaction reclaims, and the bytes written,
-bounded by RATE."""
+bounded by RATE.  A writer that has not been written to since it opened
+offers nothing (lsbd.engine.reader): reading alone never changes a volume."""
 
 from __future__ import annotations
 

@@ -54,7 +54,10 @@ class Reader:
             st.check_open()
             runs = self.plan(first, last - first)
         data = self.read_runs(runs, nowait, sequential)
-        if self.read_defrag is not None and scattered(runs, bs):
+        # Only once this session has written: a session that only reads (a
+        # file system mounted read-only, a copy out after a disaster) leaves
+        # the volume as it found it, and uploads nothing.
+        if self.read_defrag is not None and st.stats["writes"] and scattered(runs, bs):
             self._offer_defrag(runs, data)
         st.stats["reads"] += 1
         st.stats["bytes_read"] += length

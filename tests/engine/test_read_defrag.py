@@ -100,3 +100,25 @@ def test_a_volume_can_turn_it_off(tmp_path):
         assert len(v.map_extents(0, 256)) == 256
         assert v.usage()["read_defrag_bytes"] == 0
     store.close()
+
+
+def test_a_session_that_only_reads_changes_nothing(vol):
+    """A file system mounted read-only on a writable mount, or a copy out of
+    the volume after a disaster, reads scattered ranges: nothing is
+    written, so nothing is uploaded, until the session writes."""
+    expected = _scatter(vol)
+    store, cache_root = vol.store, vol.cache_root
+    vol.close()
+    reader = Volume.open(store, "vol", cache_root=cache_root)
+    try:
+        top = reader.applied_seq
+        assert reader.read(0, 1 * MiB) == expected          # scattered: not queued
+        assert testing.read_defrag(reader).drain()
+        testing.seal_now(reader)
+        assert reader.usage()["read_defrag_bytes"] == 0 and reader.applied_seq == top
+        reader.write(300 * BS, block(1, 300))               # now it writes: reads lay out
+        assert reader.read(0, 1 * MiB) == expected
+        assert testing.read_defrag(reader).drain()
+        assert reader.usage()["read_defrag_bytes"] == 1 * MiB
+    finally:
+        reader.close()
