@@ -9,6 +9,8 @@
     keystore.py  keys objects in the store (numbered generations)
 
     objects.py   the sealed object: frames, an index frame and a tail
+    localfile.py segment files in an encrypted volume's cache dir: a clear
+                 header, then AES-256-CTR at each byte's segment offset
     store.py     a store wrapper that seals the segments and checkpoints of
                  the volumes whose settings ask for it
 

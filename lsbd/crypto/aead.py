@@ -19,6 +19,8 @@ import os
 import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -56,6 +58,33 @@ class Cipher:
             return self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise AuthenticationFailed() from None
+
+
+class Stream:
+    """AES-256-CTR under one key, addressed by byte offset: the bytes at
+    offset X are XORed with keystream block X // 16 (the counter block is
+    that number, big-endian), so any range can be encrypted or decrypted
+    on its own.  Unauthenticated: see lsbd.crypto.localfile for why, and
+    where that is safe.  A key must never cover two different plaintexts
+    at one offset."""
+
+    __slots__ = ("_aes",)
+
+    def __init__(self, key: bytes):
+        if len(key) != KEY_SIZE:
+            raise ValueError("an AES-256 key is 32 bytes")
+        self._aes = algorithms.AES(key)
+
+    def xor(self, offset: int, parts) -> bytes:
+        """The parts (bytes-like, contiguous from `offset`) XORed with the
+        keystream, as one bytes object."""
+        block, skip = divmod(offset, 16)
+        ctx = _BlockCipher(self._aes, modes.CTR(block.to_bytes(16, "big"))).encryptor()
+        if skip:
+            ctx.update(bytes(skip))
+        if len(parts) == 1:
+            return ctx.update(parts[0])
+        return b"".join([ctx.update(p) for p in parts])
 
 
 def hkdf(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:

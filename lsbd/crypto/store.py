@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from lsbd import names
-from lsbd.crypto import keystore, objects, worker
+from lsbd.crypto import keystore, localfile, objects, worker
 from lsbd.crypto.aead import CIPHER_NAME
 from lsbd.crypto.compress import FRAME_SIZE, Compressor
 from lsbd.crypto.frames import FrameError, Framer, new_object_id, object_cipher, object_key
@@ -89,7 +89,20 @@ class VolumeSealing:
 
         objects.seal_into(read, length, write, **self._new_object(name))
 
-    def job(self, name: str, *, source: str, length: int, dest: str) -> worker.SealJob:
+    def source_cipher(self, path: str) -> localfile.FileCipher | None:
+        """The cipher of the segment file `path` if it is an encrypted local
+        file (lsbd.crypto.localfile), else None (a file in the clear)."""
+        with open(path, "rb") as f:
+            head = f.read(localfile.HEADER_SIZE)
+        if not localfile.has_header(head):
+            return None
+        if self.keyring is None:
+            raise CorruptionError(f"{path}: encrypted, but its volume is not", key=path)
+        keys = localfile.LocalKeys.from_keyring(self.keyring, self.volume_id)
+        return keys.from_header(head, where=path)
+
+    def job(self, name: str, *, source: str, length: int, dest: str,
+            source_cipher: localfile.FileCipher | None = None) -> worker.SealJob:
         """The sealing of file `source` as object `name`, for the sealing process."""
         object_id = new_object_id()
         key_id, key = 0, None
@@ -101,7 +114,9 @@ class VolumeSealing:
         return worker.SealJob(source=source, length=length, dest=dest, name=name,
                               volume_id=self.volume_id, object_key=key, key_id=key_id,
                               object_id=object_id, frame_size=self.frame_size,
-                              level=self.compressor.level if self.compressor else 0)
+                              level=self.compressor.level if self.compressor else 0,
+                              source_key=source_cipher.key if source_cipher else None,
+                              source_base=localfile.HEADER_SIZE if source_cipher else 0)
 
 
 #: resolve(volume, settings=None): how `volume` is sealed; `settings`: its
@@ -254,24 +269,30 @@ class SealingStore(Store):
             # No room for the scratch file: seal in memory, as a segment's
             # size allows, rather than wait for room only uploads can make.
             log.warning("sealing %s in memory: %s", key, e)
+            cipher = sealing.source_cipher(path)
             with open(path, "rb") as f:
                 data = f.read()
+            if cipher is not None:
+                data = cipher.xor(0, [memoryview(data)[localfile.HEADER_SIZE:]])
             self.put(key, data, exclusive=exclusive)
 
     def _put_file_sealed(self, sealing: VolumeSealing, key: str, path: str, *,
                          exclusive: bool) -> None:
-        length = os.path.getsize(path)
+        cipher = sealing.source_cipher(path)
+        base = localfile.HEADER_SIZE if cipher is not None else 0
+        length = os.path.getsize(path) - base
         with _scratch_file(os.path.dirname(path)) as (fd, scratch):
             try:
-                worker.seal(sealing.job(key, source=path, length=length, dest=scratch))
+                worker.seal(sealing.job(key, source=path, length=length, dest=scratch,
+                                        source_cipher=cipher))
             except worker.WorkerUnavailable as e:
                 log.warning("sealing %s here: the sealing process is unavailable (%s)", key, e)
                 os.ftruncate(fd, 0)
                 with open(path, "rb") as f:
                     src = f.fileno()
                     with _SEALING_SLOT:
-                        sealing.seal_file(key, lambda start, n: os.pread(src, n, start),
-                                          length, fd)
+                        sealing.seal_file(key, worker.source_reader(
+                            src, cipher.key if cipher else None, base), length, fd)
                 os.fdatasync(fd)
             self.inner.put_file(key, scratch, exclusive=exclusive)
 

@@ -40,7 +40,7 @@ import threading
 import attrs
 
 from lsbd.crypto import objects
-from lsbd.crypto.aead import Cipher
+from lsbd.crypto.aead import Cipher, Stream
 from lsbd.crypto.compress import Compressor
 from lsbd.crypto.frames import Framer
 
@@ -64,6 +64,10 @@ class SealJob:
     object_id: bytes
     frame_size: int
     level: int               # zstd level; 0: frames stored raw
+    # The source is an encrypted local file (lsbd.crypto.localfile): its
+    # bytes start at source_base, under this file key (None: in the clear).
+    source_key: bytes | None = attrs.field(default=None, repr=False)
+    source_base: int = 0
 
 
 def run(job: SealJob) -> int:
@@ -78,7 +82,7 @@ def run(job: SealJob) -> int:
                 for i in range(0, len(parts), 1024):     # writev takes up to IOV_MAX
                     write_all(dst, parts[i:i + 1024])
 
-            n = objects.seal_into(lambda start, size: os.pread(src, size, start), job.length,
+            n = objects.seal_into(source_reader(src, job.source_key, job.source_base), job.length,
                                   write, name=job.name, volume_id=job.volume_id,
                                   framer=framer, key_id=job.key_id, object_id=job.object_id,
                                   frame_size=job.frame_size)
@@ -88,6 +92,15 @@ def run(job: SealJob) -> int:
             os.close(dst)
     finally:
         os.close(src)
+
+
+def source_reader(fd: int, key: bytes | None, base: int):
+    """read(offset, n) of a segment file's plain bytes, decrypting an
+    encrypted local file (key) as it reads."""
+    if key is None:
+        return lambda start, size: os.pread(fd, size, base + start)
+    stream = Stream(key)
+    return lambda start, size: stream.xor(start, [os.pread(fd, size, base + start)])
 
 
 def write_all(fd: int, parts: list) -> None:

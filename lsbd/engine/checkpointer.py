@@ -92,7 +92,7 @@ class Checkpointer:
 
     def _segment_records(self, seq: int):
         st = self.st
-        return segment_records(st.store, st.lineage.segment_key, st.files.path(seq), seq)
+        return segment_records(st.store, st.lineage.segment_key, st.files, seq)
 
     def _prune(self) -> None:
         """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""

@@ -17,7 +17,8 @@ import os
 from bisect import bisect_left
 from typing import Callable, Iterable, Iterator
 
-from lsbd.format.segment import Record, read_sealed_index
+from lsbd.format.segment import Record
+from lsbd.segments.local import SegmentFiles
 from lsbd.map.blockmap import BlockMap, Extent
 from lsbd.map.packed import Part, Run
 from lsbd.segments import checkpoints as ckpt
@@ -49,15 +50,14 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
         BlockMap.destroy(scratch)
 
 
-def segment_records(store: Store, segment_key: Callable[[int], str], local_path: str,
+def segment_records(store: Store, segment_key: Callable[[int], str], files: SegmentFiles,
                     seq: int) -> list[Record]:
     """A sealed segment's records: from its local copy when there is one,
     else from the store's copy."""
-    if os.path.exists(local_path):
-        try:
-            return read_sealed_index(local_path, where=local_path)[1]
-        except (OSError, CorruptionError):
-            pass   # evicted meanwhile, or not sealed whole: the store has it
+    try:
+        return files.sealed_records(seq)
+    except (OSError, CorruptionError):
+        pass   # evicted meanwhile, or not sealed whole: the store has it
     return fetch_index_by_key(store, segment_key(seq), seq)[1]
 
 

@@ -22,8 +22,8 @@ from lsbd.engine.recovery import (
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
 from lsbd.engine.writer import room_needed
-from lsbd.errors import CacheMismatch, CorruptionError
-from lsbd.format.segment import TRAILER
+from lsbd.errors import CacheMismatch, CorruptionError, UserError
+from lsbd.format.segment import HEADER_MAGIC, TRAILER
 from lsbd.map.blockmap import PENDING, STORED, BlockMap, SegmentInfo
 from lsbd.segments.local import SegmentFiles
 from lsbd.segments.remote import fetch_segment_index, store_segment_seqs
@@ -32,6 +32,7 @@ from lsbd.meta.config import Lineage, VolumeConfig
 from lsbd.meta.lease import Lease
 from lsbd.names import cache_dir_for
 from lsbd.store import Store
+from lsbd.crypto.localfile import LocalKeys, LocalReader, rewrite, volume_keys
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def writer_state(store: Store, config: VolumeConfig, *, cache_root: str, flush_m
         lineage = Lineage.load(store, config)
         files = SegmentFiles(os.path.join(folder, "segments"), store, lineage.segment_key,
                              config.block_size, cache_limit=cache_limit,
-                             keep_free=room_needed(config.segment_size))
+                             keep_free=room_needed(config.segment_size),
+                             keys=local_keys(store, config))
         return VolumeState(store=store, config=config, folder=folder, read_only=False,
                            flush_mode=flush_mode, lineage=lineage, files=files, lease=lease,
                            bmap=BlockMap(os.path.join(folder, "map"), config.block_size))
@@ -64,6 +66,7 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> None:
         stored, checkpoints = list_volume(st.store, st.name)
     else:
         stored = store_segment_seqs(st.store, st.name)
+    _encrypt_clear_files(st)
     try:
         _check_cache_identity(st, stored)
         _replay_local(st, sealer)
@@ -75,6 +78,49 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> None:
         _rebuild(st, progress, stored, checkpoints)
     _remove_orphans(st, stored)
     _start_uploads(st, sealer)
+
+
+def local_keys(store: Store, config: VolumeConfig) -> LocalKeys | None:
+    """The keys of an encrypted volume's files in the cache dir (None: the
+    volume is not encrypted, and its files stay in the clear)."""
+    keys = volume_keys(store, config.name, names.segment_key(config.name, 1))
+    if config.encryption and keys is None:
+        raise UserError(f"volume {config.name} is encrypted: open it through "
+                        "lsbd.crypto.store.SealingStore")
+    return keys
+
+
+def _encrypt_clear_files(st: VolumeState) -> None:
+    """An encrypted volume's cache dir left by an lsbd that kept it in the
+    clear: segment files already in the store are dropped (the store has
+    them), the others (journals, segments waiting to upload) are encrypted
+    into new files, before anything reads them."""
+    keys = st.files.keys
+    if keys is None:
+        return
+    dropped = encrypted = 0
+    for seq in st.files.local_seqs():
+        path = st.files.path(seq)
+        with open(path, "rb") as f:
+            if f.read(len(HEADER_MAGIC)) != HEADER_MAGIC:
+                continue   # encrypted (or too torn to be anything: recovery drops it)
+        info = st.map.segment(seq)
+        if info is not None and info.state == STORED:
+            os.unlink(path)
+            dropped += 1
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            new_fd, _ = rewrite(path, LocalReader(fd, None), os.fstat(fd).st_size, keys)
+            os.close(new_fd)
+        finally:
+            os.close(fd)
+        encrypted += 1
+    if dropped or encrypted:
+        log.warning("volume %s: the cache dir held %d segment files in the clear (from an "
+                    "older lsbd): %d already in the store were removed, %d encrypted; their "
+                    "clear bytes may remain in the disk's free space", st.name,
+                    dropped + encrypted, dropped, encrypted)
 
 
 def _check_cache_identity(st: VolumeState, stored: dict[int, int]) -> None:
@@ -132,10 +178,11 @@ def _replay_local(st: VolumeState, sealer: Sealer) -> None:
             continue
         if seq != st.applied + 1:
             raise CacheMismatch(f"journal file {path} (seq {seq}) after a gap")
-        was_sealed = journal_is_sealed(path)
+        was_sealed = journal_is_sealed(path, st.files.keys)
         result = recover_journal_file(path, volume_id=st.config.volume_id_bytes,
                                       seq=seq, block_size=st.block_size,
-                                      volume_size=st.size, prev_crc=st.prev_crc)
+                                      volume_size=st.size, prev_crc=st.prev_crc,
+                                      keys=st.files.keys)
         if result is None:
             history_ends = True
             continue
@@ -201,7 +248,8 @@ def _reset_cache_dir(st: VolumeState) -> None:
     st.files.close()
     st.files = SegmentFiles(os.path.join(st.folder, "segments"), st.store,
                             st.lineage.segment_key, st.block_size,
-                            cache_limit=st.files.cache_limit, keep_free=st.files.keep_free)
+                            cache_limit=st.files.cache_limit, keep_free=st.files.keep_free,
+                            keys=st.files.keys)
 
 
 def _map_segments_safe(st: VolumeState) -> list[SegmentInfo]:
@@ -225,7 +273,8 @@ def _start_uploads(st: VolumeState, sealer: Sealer) -> None:
     durable = (min(pending) - 1) if pending else max([st.applied, *stored])
     st.uploader = Uploader(st.store, st.name, st.files.path, sealer.on_stored,
                            durable_seq=durable, already_stored=stored,
-                           fence=st.lease.check if st.lease is not None else None)
+                           fence=st.lease.check if st.lease is not None else None,
+                           local_tail=st.files.local_tail)
     for seq in sorted(pending):
         st.uploader.submit(seq)
     for seq in st.files.local_seqs():

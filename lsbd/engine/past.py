@@ -12,6 +12,7 @@ import tempfile
 from typing import Callable
 
 from lsbd.engine.reader import ReadFace, Reader
+from lsbd.engine.opening import local_keys
 from lsbd.engine.recovery import rebuild_from_store
 from lsbd.engine.state import VolumeState
 from lsbd.errors import ReadOnlyError
@@ -46,7 +47,8 @@ class PastVolume(ReadFace):
             self.lineage = lineage = Lineage.load(store, config)
             bmap = BlockMap(os.path.join(folder, "map"), config.block_size)
             files = SegmentFiles(os.path.join(folder, "segments"), store, lineage.segment_key,
-                                 config.block_size, cache_limit=cache_limit)
+                                 config.block_size, cache_limit=cache_limit,
+                                 keys=local_keys(store, config))
             st = VolumeState(store=store, config=config, folder=folder, read_only=True,
                              flush_mode=flush_mode, lineage=lineage, bmap=bmap, files=files)
             plan, size = rebuild_from_store(bmap, store, config, upto=at_seq, progress=progress)

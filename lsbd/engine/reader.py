@@ -11,10 +11,10 @@ from lsbd.engine.api import MAX_REQUEST, Allocation
 from lsbd.engine.readahead import ReadAhead
 from lsbd.engine.readdefrag import ReadDefrag, scattered
 from lsbd.engine.state import VolumeState
-from lsbd.errors import WouldBlock
+from lsbd.errors import CorruptionError, WouldBlock
 from lsbd.plans.reads import plan_reads
 from lsbd.map.blockmap import Extent, SegmentInfo
-from lsbd.segments.local import check_open_blocks
+from lsbd.segments.checks import check_open_blocks
 from lsbd.segments.scrub import verify_segments
 
 
@@ -198,12 +198,21 @@ class Reader:
         """Blocks of a journal (the open segment, or one sealed but not yet in
         the map), checked against the CRCs of its in-memory index."""
         st = self.st
-        data = st.files.read_journal(seq, offset, n * st.block_size, nowait=nowait)
-        if data is None:  # sealed, uploaded and evicted meanwhile
-            return st.files.read_blocks(seq, offset, n, nowait=nowait)
-        check_open_blocks(data, crcs, st.block_size, where=st.lineage.segment_key(seq),
-                          offset=offset)
-        return data
+        for attempt in (1, 2):
+            data = st.files.read_journal(seq, offset, n * st.block_size, nowait=nowait)
+            if data is None:  # sealed, uploaded and evicted meanwhile
+                return st.files.read_blocks(seq, offset, n, nowait=nowait)
+            try:
+                check_open_blocks(data, crcs, st.block_size, where=st.lineage.segment_key(seq),
+                                  offset=offset)
+                return data
+            except CorruptionError:
+                if attempt == 2:
+                    raise
+                # A descriptor opened just before a new file took the name (an
+                # encrypted journal given a new key): read the file now there.
+                st.files.drop_file(seq)
+        raise AssertionError("unreachable")
 
     def read_locked(self, lba: int, n: int, nowait: bool = False) -> bytes:
         """Whole blocks, under the lock (a read-modify-write's edge blocks)."""

@@ -26,9 +26,11 @@ from lsbd.format.segment import (
     encode_footer,
     encode_trailer,
     masked_crc,
-    read_sealed_index,
+    read_sealed_index_from,
     scan_records,
 )
+from lsbd.crypto import localfile
+from lsbd.crypto.localfile import LocalKeys
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
 from lsbd.segments.remote import (
     fetch_segment_indexes,
@@ -151,24 +153,56 @@ def list_volume(store: Store, volume: str, *,
         return stored, checkpoints.result()
 
 
-def journal_is_sealed(path: str) -> bool:
+def journal_is_sealed(path: str, keys: LocalKeys | None = None) -> bool:
     """Whether a journal file is a whole sealed segment (index and trailer valid)."""
     try:
-        read_sealed_index(path, where=f"journal {path}")
+        r = localfile.open_reader(path, keys, where=f"journal {path}")
+    except (OSError, CorruptionError):
+        return False
+    try:
+        read_sealed_index_from(r.pread, r.size(), where=f"journal {path}")
         return True
     except CorruptionError:
         return False
+    finally:
+        os.close(r.fd)
 
 
 def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: int,
-                         volume_size: int, prev_crc: int) -> tuple[Trailer, list[Record]] | None:
+                         volume_size: int, prev_crc: int,
+                         keys: LocalKeys | None = None) -> tuple[Trailer, list[Record]] | None:
     """Make a journal file left by a crash into a sealed segment: keep its
     records up to the last committed transaction, drop the torn tail, append
     the index.  Returns None (and removes the file) if nothing was committed.
-    A file that is already sealed is only read."""
+    A file that is already sealed is only read.  keys: the file is
+    encrypted (lsbd.crypto.localfile); its torn tail may have been written
+    under its key, so the kept records go into a new file under a new key
+    rather than the index being written where the tail was."""
     where = f"journal {path}"
     try:
-        sealed = read_sealed_index(path, where=where)
+        r = localfile.open_reader(path, keys, where=where)
+    except CorruptionError as e:
+        with open(path, "rb") as f:
+            head = f.read(localfile.HEADER_SIZE)
+        if len(head) == localfile.HEADER_SIZE and localfile.has_header(head):
+            raise    # a whole header that fails, or names a key we lack: keep the file
+        # Cut before its header was whole (a flush syncs the header with the
+        # first records): it never held a record that a flush covered.
+        log.warning("%s: %s; removing it", where, e)
+        os.unlink(path)
+        return None
+    try:
+        return _recover(r, path, where, volume_id=volume_id, seq=seq, block_size=block_size,
+                        volume_size=volume_size, prev_crc=prev_crc, keys=keys)
+    finally:
+        os.close(r.fd)
+
+
+def _recover(r: localfile.LocalReader, path: str, where: str, *, volume_id: bytes, seq: int,
+             block_size: int, volume_size: int, prev_crc: int,
+             keys: LocalKeys | None) -> tuple[Trailer, list[Record]] | None:
+    try:
+        sealed = read_sealed_index_from(r.pread, r.size(), where=where)
     except CorruptionError:
         pass
     else:
@@ -178,48 +212,48 @@ def recover_journal_file(path: str, *, volume_id: bytes, seq: int, block_size: i
         os.truncate(path, os.path.getsize(path))
         # Sealed by a process that crashed before syncing it: the map must
         # not name it before it is durable.
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fileio.fsync(fd)
-        finally:
-            os.close(fd)
+        fileio.fsync(r.fd)
         return sealed
-    if os.path.getsize(path) < HEADER.size:
+    if r.size() < HEADER.size:
         # Cut before its header was whole: it never held a record.
         os.unlink(path)
         return None
+    header = decode_header(r.pread(HEADER.size, 0), where=where)
+    if header.volume_id != volume_id or header.seq != seq or header.block_size != block_size:
+        raise CorruptionError(f"{where}: belongs to another volume or seq", key=where)
+    records: list[Record] = []
+    committed = 0
+    end = HEADER.size
+    size = volume_size
+    for record, rec_end in scan_records(r, block_size, HEADER.size, where=where):
+        records.append(record)
+        if record.flags & FLAG_COMMIT:
+            committed = len(records)
+            end = rec_end
+    records = records[:committed]
+    if not records:
+        os.unlink(path)
+        return None
+    for rec in records:
+        if rec.kind == RESIZE:
+            size = rec.lba
+    dropped = r.size() - end
+    if dropped:
+        log.warning("%s: dropped %d bytes of uncommitted tail", where, dropped)
+    footer = encode_footer(records)
+    trailer = Trailer(volume_id=volume_id, seq=seq, footer_offset=end,
+                      footer_length=len(footer), record_count=len(records),
+                      sealed_ns=time.time_ns(), volume_size=size,
+                      footer_crc=masked_crc(footer), prev_crc=prev_crc)
+    tail = footer + encode_trailer(trailer)
+    if keys is not None:
+        fd, _cipher = localfile.rewrite(path, r, end, keys, tail=tail)
+        os.close(fd)
+        return trailer, records
     with open(path, "r+b") as f:
-        header = decode_header(f.read(HEADER.size), where=where)
-        if header.volume_id != volume_id or header.seq != seq or header.block_size != block_size:
-            raise CorruptionError(f"{where}: belongs to another volume or seq", key=where)
-        records: list[Record] = []
-        committed = 0
-        end = HEADER.size
-        size = volume_size
-        for record, rec_end in scan_records(f, block_size, HEADER.size, where=where):
-            records.append(record)
-            if record.flags & FLAG_COMMIT:
-                committed = len(records)
-                end = rec_end
-        records = records[:committed]
-        if not records:
-            f.close()
-            os.unlink(path)
-            return None
-        for r in records:
-            if r.kind == RESIZE:
-                size = r.lba
-        dropped = os.fstat(f.fileno()).st_size - end
-        if dropped:
-            log.warning("%s: dropped %d bytes of uncommitted tail", where, dropped)
-        footer = encode_footer(records)
-        trailer = Trailer(volume_id=volume_id, seq=seq, footer_offset=end,
-                          footer_length=len(footer), record_count=len(records),
-                          sealed_ns=time.time_ns(), volume_size=size,
-                          footer_crc=masked_crc(footer), prev_crc=prev_crc)
         f.truncate(end)
         f.seek(end)
-        f.write(footer + encode_trailer(trailer))
+        f.write(tail)
         f.flush()
         fileio.fsync(f.fileno())
     return trailer, records

@@ -7,7 +7,6 @@ wait for the store."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 from lsbd.engine.state import VolumeState
@@ -134,7 +133,7 @@ class Sealer:
         """Record a sealed segment in the map.  advance: also make it the
         newest segment (when replaying; the sealer's caller does that)."""
         st = self.st
-        size = os.path.getsize(st.files.path(seq))
+        size = st.files.plain_size(seq)
         info = segment_info(seq, trailer, records, size, state, encode_trailer(trailer))
         emptied = st.map.apply_segment(info, records, applied_seq=str(seq).encode(),
                                        size=str(trailer.volume_size).encode(),

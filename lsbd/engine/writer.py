@@ -116,7 +116,9 @@ class Writer:
             need = st.config.segment_size + SEGMENT_SLACK
             try:
                 st.open = OpenSegment(st.files.path(seq), volume_id=st.config.volume_id_bytes,
-                                      seq=seq, block_size=st.block_size, expected_size=need)
+                                      seq=seq, block_size=st.block_size, expected_size=need,
+                                      keys=st.files.keys)
+                st.open.on_replaced = st.files.drop_file
                 break
             except OSError as e:
                 if e.errno != errno.ENOSPC:

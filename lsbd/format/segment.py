@@ -342,9 +342,15 @@ def read_sealed_index(path: str, *, where: str) -> tuple[Trailer, list[Record]]:
 
 
 def read_sealed_index_fd(fd: int, *, where: str) -> tuple[Trailer, list[Record]]:
-    size = os.fstat(fd).st_size
-    trailer = decode_trailer(os.pread(fd, TRAILER.size, max(0, size - TRAILER.size)), where=where)
+    return read_sealed_index_from(lambda n, offset: os.pread(fd, n, offset),
+                                  os.fstat(fd).st_size, where=where)
+
+
+def read_sealed_index_from(pread, size: int, *, where: str) -> tuple[Trailer, list[Record]]:
+    """Trailer and records of a sealed segment of `size` bytes read with
+    pread(length, offset) (a local file in the clear or decrypted)."""
+    trailer = decode_trailer(pread(TRAILER.size, max(0, size - TRAILER.size)), where=where)
     if trailer.footer_offset + trailer.footer_length + TRAILER.size != size:
         raise CorruptionError(f"{where}: trailer does not match the file size", key=where)
-    footer = os.pread(fd, trailer.footer_length, trailer.footer_offset)
+    footer = pread(trailer.footer_length, trailer.footer_offset)
     return trailer, decode_footer(footer, trailer, where=where)

@@ -4,15 +4,25 @@ transactions commit, plus the in-memory index of the blocks it holds.
 Sealing appends the footer and trailer, after which the file is exactly the
 segment object to upload.  Sealing does not fsync: the volume's sealer thread
 does that (finish()) so that writers never wait for the disk; a flush syncs
-every journal file not yet finished, in order."""
+every journal file not yet finished, in order.
+
+On an encrypted volume (keys given) the file is encrypted as it is
+appended (lsbd.crypto.localfile): a clear header, then every byte at its
+segment offset under the file's own key.  Bytes once written at an offset
+are never written again under that key: a roll-back past bytes already
+written copies the file up to the mark into a new file, with a new key."""
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
 import time
+from typing import Callable
 
+from lsbd.crypto import localfile
+from lsbd.crypto.localfile import FileCipher, LocalKeys
 from lsbd.format.segment import (
     DATA,
     FLAG_COMMIT,
@@ -29,6 +39,7 @@ from lsbd import fileio
 from lsbd.linux import reserve, start_writeback
 from lsbd.plans.reads import HOLE, ranges_meeting
 
+log = logging.getLogger(__name__)
 _CRC = struct.Struct("<I")
 WRITEBACK_EVERY = 1 << 20  # start writing the journal to disk every this many bytes
 _PAGE_MASK = 4095
@@ -48,7 +59,7 @@ def _clip(r: tuple, start: int, end: int, bs: int) -> tuple:
 
 class OpenSegment:
     def __init__(self, path: str, *, volume_id: bytes, seq: int, block_size: int,
-                 expected_size: int = 0):
+                 expected_size: int = 0, keys: LocalKeys | None = None):
         self.path = path
         self.seq = seq
         self.block_size = block_size
@@ -69,8 +80,18 @@ class OpenSegment:
                 os.unlink(path)
                 raise
         self._preallocated = expected_size
+        self.keys = keys
+        self.cipher: FileCipher | None = keys.new_file() if keys is not None else None
+        self.base = localfile.HEADER_SIZE if keys is not None else 0  # file offset of segment offset 0
+        self._rekey_pending = False   # bytes were written past the end: new key before writing
+        # Called with the seq once a new file has taken the path (_rekey):
+        # descriptors of the old one must no longer be used to read.
+        self.on_replaced: Callable[[int], None] | None = None
         header = encode_header(volume_id, seq, block_size, self.created_ns)
-        os.pwrite(self.fd, header, 0)
+        if self.cipher is not None:
+            os.pwrite(self.fd, self.cipher.header + self.cipher.xor(0, [header]), 0)
+        else:
+            os.pwrite(self.fd, header, 0)
         self.end = len(header)
         self.records: list[Record] = []
         # lba -> (file offset, masked crc), or (HOLE, 0) for a zeroed/trimmed block
@@ -101,9 +122,15 @@ class OpenSegment:
 
     def append(self, kind: int, lba: int, nblocks: int, *, data=None, crcs: bytes = b"",
                undo: list | None = None, commit: bool = False) -> None:
+        if self._rekey_pending:
+            self._rekey(self.end)
         head = encode_record(kind, FLAG_COMMIT if commit else 0, lba, nblocks, crcs)
         pos = self.end
-        if data is not None:
+        if self.cipher is not None:
+            buf = self.cipher.xor(pos, [head] if data is None else [head, data])
+            written = os.pwrite(self.fd, buf, self.base + pos)
+            expected = len(buf)
+        elif data is not None:
             written = os.pwritev(self.fd, [head, data], pos)
             expected = len(head) + len(data)
         else:
@@ -118,6 +145,8 @@ class OpenSegment:
     def append_many(self, records: list[tuple], undo: list | None = None) -> None:
         """Append several records with one system call: (kind, lba, nblocks,
         data, crcs, commit) each, in order.  All or nothing, as append."""
+        if self._rekey_pending:
+            self._rekey(self.end)
         iov = []
         placed = []
         pos = self.end
@@ -135,7 +164,11 @@ class OpenSegment:
         while iov and written < expected:
             # pwritev takes at most IOV_MAX buffers: a long batch goes in pieces.
             chunk = iov[:1024]
-            n = os.pwritev(self.fd, chunk, self.end + written)
+            if self.cipher is not None:
+                n = os.pwrite(self.fd, self.cipher.xor(self.end + written, chunk),
+                              self.base + self.end + written)
+            else:
+                n = os.pwritev(self.fd, chunk, self.end + written)
             if n != sum(map(len, chunk)):
                 raise OSError(28, "short write to the journal (disk full?)")
             written += n
@@ -212,10 +245,12 @@ class OpenSegment:
             undo.append((None, (i, ranges[i:j], len(new))))
         ranges[i:j] = new
 
-    def rollback(self, mark: tuple[int, int, list], *, failed: bool = False) -> None:
+    def rollback(self, mark: tuple[int, int, list], *, failed: bool = False) -> bool:
         """Undo the appends since `mark`.  failed: after a failed write, whose
         bytes may lie past the end (cut off; otherwise the file is cut only
-        if something was appended, keeping the blocks reserved past it)."""
+        if something was appended, keeping the blocks reserved past it).
+        True if the file was replaced by a new one (an encrypted journal):
+        descriptors of the old one no longer see what is appended."""
         end, nrecords, undo = mark
         for b, old in reversed(undo):
             if b is None:               # a change to `ranges`
@@ -226,10 +261,43 @@ class OpenSegment:
             else:
                 self.blocks[b] = old
         del self.records[nrecords:]
-        if failed or self.end != end:
+        replaced = False
+        if self.cipher is not None:
+            # Bytes written past the mark must never be written over under
+            # the same key (see the module's doc): a new file, a new key.
+            if self._rekey_pending or os.fstat(self.fd).st_size > self.base + end:
+                replaced = True
+                try:
+                    self._rekey(end)
+                except OSError as e:
+                    # No room for the copy (the usual reason a write
+                    # failed): cut the file, which needs none, and copy
+                    # before the next write instead.
+                    os.ftruncate(self.fd, self.base + end)
+                    self._preallocated = 0
+                    self._rekey_pending = True
+                    log.warning("%s: new key deferred to the next write (%s)", self.path, e)
+        elif failed or self.end != end:
             os.ftruncate(self.fd, end)
             self._preallocated = 0
         self.end = end
+        return replaced
+
+    def _rekey(self, end: int) -> None:
+        """Replace the file by a copy of its first `end` bytes under a new key."""
+        assert self.keys is not None and self.cipher is not None
+        with self._sync_lock:
+            old = localfile.LocalReader(self.fd, self.cipher)
+            fd, cipher = localfile.rewrite(self.path, old, end, self.keys)
+            os.close(self.fd)
+            self.fd, self.cipher = fd, cipher
+            self._preallocated = 0
+            self.dirty = False          # rewrite() synced it, and its directory
+            self._dir_synced = True
+            self._writeback_from = 0
+            self._rekey_pending = False
+        if self.on_replaced is not None:
+            self.on_replaced(self.seq)
 
     def sync(self) -> None:
         """Make everything appended so far durable (safe from any thread; a
@@ -252,6 +320,8 @@ class OpenSegment:
     def seal(self, volume_size: int, prev_crc: int) -> Trailer:
         """Append the index and trailer: the file is now the segment object.
         Not synced yet, and still holding its reserved blocks: see finish()."""
+        if self._rekey_pending:
+            self._rekey(self.end)
         footer = encode_footer(self.records)
         trailer = Trailer(volume_id=self.volume_id, seq=self.seq, footer_offset=self.end,
                           footer_length=len(footer), record_count=len(self.records),
@@ -259,7 +329,11 @@ class OpenSegment:
                           footer_crc=masked_crc(footer), prev_crc=prev_crc)
         raw = encode_trailer(trailer)
         tail = footer + raw
-        if os.pwrite(self.fd, tail, self.end) != len(tail):
+        if self.cipher is not None:
+            n = os.pwrite(self.fd, self.cipher.xor(self.end, [tail]), self.base + self.end)
+        else:
+            n = os.pwrite(self.fd, tail, self.end)
+        if n != len(tail):
             raise OSError(28, "short write to the journal (disk full?)")
         self.end += len(tail)
         self.dirty = True
@@ -274,13 +348,13 @@ class OpenSegment:
         with self._sync_lock:
             if self.fd < 0:
                 return
-            if self._preallocated > self.end:
+            if self._preallocated > self.base + self.end:
                 # After the sync, not at the seal: truncating waits for the
                 # file's writeback in flight (6-10 ms for 32 MiB, measured),
                 # and the seal runs on a writer's thread under the volume lock.
                 # The size does not change; a failure only keeps the blocks.
                 try:
-                    os.ftruncate(self.fd, self.end)
+                    os.ftruncate(self.fd, self.base + self.end)
                 except OSError:
                     pass
                 self._preallocated = 0

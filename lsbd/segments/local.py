@@ -15,27 +15,31 @@ read, it is fetched whole in the background (lsbd.segments.fetch).
 Local files are read through a small cache of open file descriptors (an
 open/close pair costs as much as the read of a block).  A descriptor is
 reference-counted while a read uses it, so evicting or forgetting a file
-never closes a descriptor under a reader (it is closed by the last one)."""
+never closes a descriptor under a reader (it is closed by the last one).
+
+On an encrypted volume (keys given) every file here is encrypted at rest
+(lsbd.crypto.localfile): journals as they are appended, segments fetched
+from the store as they are written; reads decrypt after the pread."""
 
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
-import errno
 import logging
 import os
 import resource
-import struct
 import threading
 from typing import Callable
 
-from lsbd.checksum import crc32c, crc32c_of, mask
-from lsbd.format.segment import SegmentIndex, block_crcs, raw_block_crcs, read_sealed_index_fd
+from lsbd.crypto import localfile
+from lsbd.crypto.localfile import LocalKeys, LocalReader
+from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
+from lsbd.segments.checks import check_blocks
+from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
-from lsbd.linux import disk_free, unfilled_bytearray
+from lsbd.linux import disk_free
 from lsbd.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,50 +55,15 @@ _UNREAD_REMEMBERED = 4096   # segments fetched whole and not read yet, at most
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-
-
-
-
-def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
-    """pread; with nowait, only from the page cache (RWF_NOWAIT): a read that
-    would wait for the disk raises WouldBlock, so that an event loop never
-    stalls on a cold block either.  That read returns the bytearray it read
-    into: copying it to bytes cost a quarter of the speed of 1 MiB reads."""
-    global _RWF_NOWAIT
-    if not nowait or _RWF_NOWAIT is None:
-        return os.pread(fd, length, offset)
-    buf = unfilled_bytearray(length)
-    try:
-        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
-    except BlockingIOError:
-        raise WouldBlock("the blocks are not in the page cache") from None
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        _RWF_NOWAIT = None    # this kernel or file system cannot: plain reads
-        return os.pread(fd, length, offset)
-    if n < length:   # partly cached (or cut short: the blocking retry tells)
-        raise WouldBlock("the blocks are not all in the page cache")
-    return buf
-
-
-class _OpenFile:
-    """A cached descriptor; `users` reads hold it, `retired`: close it when
-    the last one lets go (the file was evicted or forgotten meanwhile)."""
-
-    __slots__ = ("fd", "users", "retired")
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.users = 0
-        self.retired = False
-
-
 class SegmentFiles:
     def __init__(self, folder: str, store: Store, key_of: Callable[[int], str], block_size: int,
-                 *, cache_limit: int, keep_free: int = 0):
+                 *, cache_limit: int, keep_free: int = 0, keys: LocalKeys | None = None):
         os.makedirs(folder, exist_ok=True)
+        self.keys = keys     # an encrypted volume's: every file here is encrypted
+        for name in os.listdir(folder):
+            if name.endswith((".rekey", ".part")):   # left by a crash
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
         # The cache also gives way to the disk: segments already in the
         # store are evicted while the disk has less than this free (room for
         # the next journal and the map), whatever cache_limit says.
@@ -111,7 +80,7 @@ class SegmentFiles:
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._index_bytes = 0
-        self._files: collections.OrderedDict[int, _OpenFile] = collections.OrderedDict()
+        self._files: collections.OrderedDict[int, OpenFile] = collections.OrderedDict()
         # Background threads (a whole-segment fetch, an upload finishing) may
         # outlive close(): they change the folder only under this lock, and
         # not at all once it is closed (a new writer may own it by then).
@@ -126,6 +95,35 @@ class SegmentFiles:
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
+
+    def open_reader(self, seq: int) -> LocalReader:
+        """A reader of the local file of `seq` (close its fd when done);
+        FileNotFoundError if there is none, CorruptionError if it cannot be
+        read (an encrypted volume's file in the clear, a damaged header)."""
+        return localfile.open_reader(self.path(seq), self.keys, where=self.key_of(seq))
+
+    def plain_size(self, seq: int) -> int:
+        """The segment's size in bytes, from its local file."""
+        size = os.path.getsize(self.path(seq))
+        return max(0, size - localfile.HEADER_SIZE) if self.keys is not None else size
+
+    def sealed_records(self, seq: int) -> list[Record]:
+        """The records of the local sealed segment `seq` (OSError,
+        CorruptionError if it is not there or not sealed whole)."""
+        r = self.open_reader(seq)
+        try:
+            return read_sealed_index_from(r.pread, r.size(), where=self.key_of(seq))[1]
+        finally:
+            os.close(r.fd)
+
+    def local_tail(self, seq: int, n: int) -> tuple[int, bytes]:
+        """The segment's size and its last n bytes, from its local file."""
+        r = self.open_reader(seq)
+        try:
+            size = r.size()
+            return size, r.pread(n, max(0, size - n))
+        finally:
+            os.close(r.fd)
 
     def local_seqs(self) -> list[int]:
         out = []
@@ -267,7 +265,7 @@ class SegmentFiles:
             else:
                 os.close(f.fd)
 
-    def _acquire(self, seq: int) -> _OpenFile | None:
+    def _acquire(self, seq: int) -> OpenFile | None:
         """A held descriptor of the local file of `seq`, or None if there is none."""
         with self._lock:
             f = self._files.get(seq)
@@ -281,10 +279,15 @@ class SegmentFiles:
             fd = os.open(self.path(seq), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            reader = localfile.reader_of(fd, self.keys, where=self.key_of(seq))
+        except BaseException:
+            os.close(fd)
+            raise
         with self._lock:
             f = self._files.get(seq)
             if f is None:
-                f = self._files[seq] = _OpenFile(fd)
+                f = self._files[seq] = OpenFile(reader)
                 while len(self._files) > OPEN_FILES:
                     old, _ = next(iter(self._files.items()))
                     self._retire_locked(old)
@@ -295,7 +298,7 @@ class SegmentFiles:
                 self._cached.move_to_end(seq)
             return f
 
-    def _release(self, f: _OpenFile) -> None:
+    def _release(self, f: OpenFile) -> None:
         with self._lock:
             f.users -= 1
             if f.retired and not f.users:
@@ -310,7 +313,7 @@ class SegmentFiles:
         if f is None:
             return None
         try:
-            return _pread(f.fd, length, offset, nowait)
+            return f.read(length, offset, nowait)
         finally:
             self._release(f)
 
@@ -333,8 +336,15 @@ class SegmentFiles:
                     return    # a read cache never takes the room writes need
                 tmp = path + ".part"
                 try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
+                    if self.keys is not None:    # never in the clear, even for a moment
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        try:
+                            localfile.write_new(fd, self.keys.new_file(), data)
+                        finally:
+                            os.close(fd)
+                    else:
+                        with open(tmp, "wb") as f:
+                            f.write(data)
                     os.replace(tmp, path)
                 except OSError:
                     with contextlib.suppress(OSError):
@@ -390,8 +400,10 @@ class SegmentFiles:
             idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
         return idx
 
-    def _local_index(self, seq: int, fd: int) -> SegmentIndex:
-        return self._index(seq, lambda: read_sealed_index_fd(fd, where=self.key_of(seq)))
+    def _local_index(self, seq: int, f: OpenFile) -> SegmentIndex:
+        r = f.reader
+        return self._index(seq, lambda: read_sealed_index_from(r.pread, r.size(),
+                                                               where=self.key_of(seq)))
 
     def _remote_index(self, seq: int) -> SegmentIndex:
         return self._index(seq, lambda: fetch_index_by_key(self.store, self.key_of(seq), seq))
@@ -404,7 +416,12 @@ class SegmentFiles:
         nowait: raise WouldBlock rather than read from the store.  sequential:
         the read continues the previous one (lsbd.segments.fetch)."""
         length = nblocks * self.block_size
-        f = self._acquire(seq)
+        try:
+            f = self._acquire(seq)
+        except CorruptionError as e:   # an unreadable local file (its header)
+            if nowait:
+                raise WouldBlock(f"segment {seq}: the local copy is damaged") from None
+            return self._read_after_bad_local_copy(seq, offset, nblocks, e)
         if f is None and nowait:
             raise WouldBlock(f"segment {seq} is not cached locally")
         if f is None and self.fetcher.wait_if_fetching(seq):
@@ -427,8 +444,8 @@ class SegmentFiles:
             self.fetcher.note_remote_read(seq, length, sequential)
             return data
         try:
-            idx = self._local_index(seq, f.fd)   # from the bounded cache, not the descriptor
-            data = _pread(f.fd, length, offset, nowait)
+            idx = self._local_index(seq, f)   # from the bounded cache, not the descriptor
+            data = f.read(length, offset, nowait)
             self._check(seq, idx, offset, data, nblocks)
             return data
         except CorruptionError as local_error:
@@ -473,44 +490,5 @@ class SegmentFiles:
         self._keep_index(seq, idx)
         return data
 
-    def _check(self, seq: int, idx: SegmentIndex, offset: int, data: bytes, nblocks: int) -> None:
-        bs = self.block_size
-        if len(data) == nblocks * bs:
-            if nblocks == 1:   # random reads: compare one number
-                try:
-                    if idx.crc_at(offset) == crc32c_of(data):
-                        return
-                except KeyError:
-                    pass      # named below
-            else:
-                run_crcs = idx.crcs_for(offset, nblocks)
-                if run_crcs is not None and array.array("I", raw_block_crcs(data, bs)) == run_crcs:
-                    return  # the common case: one comparison for the whole run
-        where = self.key_of(seq)
-        if len(data) != nblocks * bs:
-            raise CorruptionError(f"{where}: short read at offset {offset}", key=where, offset=offset)
-        view = memoryview(data)
-        for i in range(nblocks):  # find and name the bad block
-            try:
-                expected = idx.crc_at(offset + i * bs)
-            except KeyError:
-                raise CorruptionError(f"{where}: no block at offset {offset + i * bs}",
-                                      key=where, offset=offset + i * bs) from None
-            if crc32c(view[i * bs:(i + 1) * bs]) != expected:
-                log.error("checksum mismatch in segment %s at offset %d", where, offset + i * bs)
-                raise CorruptionError(f"{where}: checksum mismatch at offset {offset + i * bs}",
-                                      key=where, offset=offset + i * bs)
-
-
-def check_open_blocks(data: bytes, crcs: list[int], block_size: int, *, where: str,
-                      offset: int) -> None:
-    """Check blocks read from a journal against the CRCs of its in-memory index."""
-    if len(crcs) > 1 and block_crcs(data, block_size) == struct.pack(f"<{len(crcs)}I", *crcs):
-        return  # the common case: one comparison for the whole run
-    view = memoryview(data)
-    for i, expected in enumerate(crcs):  # find and name the bad block
-        if mask(crc32c(view[i * block_size:(i + 1) * block_size])) != expected:
-            raise CorruptionError(f"{where}: checksum mismatch in the journal",
-                                  key=where, offset=offset + i * block_size)
-
-
+    def _check(self, seq: int, idx: SegmentIndex, offset: int, data, nblocks: int) -> None:
+        check_blocks(idx, data, offset, nblocks, self.block_size, where=self.key_of(seq))

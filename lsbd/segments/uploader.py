@@ -51,8 +51,12 @@ class Uploader:
     def __init__(self, store: Store, volume: str, path_of: Callable[[int], str],
                  on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0,
                  already_stored: Collection[int] = frozenset(),
-                 fence: Callable[[], None] | None = None):
+                 fence: Callable[[], None] | None = None,
+                 local_tail: Callable[[int, int], tuple[int, bytes]] | None = None):
         self.store = store
+        # (seq, n) -> (the segment's size, its last n bytes), from its local
+        # file (decrypted on an encrypted volume: lsbd.segments.local).
+        self.local_tail = local_tail
         # Called before every upload: raises LeaseLost once another writer
         # took the lease, so that a fenced writer never adds a segment to the
         # new writer's history (the conditional create guards the seqs the
@@ -109,10 +113,10 @@ class Uploader:
                     else:
                         self.store.put_file(key, path, exclusive=True)
                         if self._guarded:
-                            self._check_ours(key, path)
+                            self._check_ours(key, seq, path)
                 except ObjectExists:
                     # Ours from before a crash, or another writer's?
-                    self._check_ours(key, path)
+                    self._check_ours(key, seq, path)
                 self.on_stored(seq)
                 break
             except (ForeignWriter, LeaseLost) as e:
@@ -140,13 +144,16 @@ class Uploader:
             self._failing_since = None
             self._cond.notify_all()
 
-    def _check_ours(self, key: str, path: str) -> None:
+    def _check_ours(self, key: str, seq: int, path: str) -> None:
         """The object at `key` ends with our segment's trailer (an explicit
         range: the object is ours only if its size is our file's)."""
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(size - TRAILER.size)
-            ours = f.read()
+        if self.local_tail is not None:
+            size, ours = self.local_tail(seq, TRAILER.size)
+        else:
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(size - TRAILER.size)
+                ours = f.read()
         if self.store.get(key, size - TRAILER.size, TRAILER.size) != ours:
             raise ForeignWriter(f"{key} was written by another writer: this volume "
                                 "is no longer ours (was its lease broken?)") from None

@@ -1229,7 +1229,7 @@ def test_bulk_unmasking_matches_one_at_a_time():
 
 
 def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
-    from lsbd.segments import local as segfiles
+    from lsbd.segments import openfile
     from lsbd.linux import unfilled_bytearray
 
     for n in (4096, 1 << 20):
@@ -1241,7 +1241,7 @@ def test_unfilled_read_buffers_are_whole_writable_bytearrays(tmp_path):
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert segfiles._pread(fd, 1 << 20, 0, nowait=True) == data
+        assert openfile.pread(fd, 1 << 20, 0, nowait=True) == data
     finally:
         os.close(fd)
 
