@@ -57,13 +57,31 @@ class Writer(threading.Thread):
 
 
 def run_with_cuts(tmp_path, store_url: str, seed: int, *, flush_mode: str, cuts: int,
-                  cache_limit: int = 1 << 20) -> None:
+                  cache_limit: int = 1 << 20, encrypted: bool = False) -> None:
     """`cuts` rounds of: open, write under load, cut the power at a random
     moment, reopen and check.  A small cache limit makes uploaded segments
-    leave the cache dir (so the map, not the files, must say what is where)."""
-    store = FaultyStore(open_test_store(store_url))
+    leave the cache dir (so the map, not the files, must say what is where).
+    encrypted: a compressed, encrypted volume, whose cache dir is encrypted
+    too (journals are copied under a new key at recovery)."""
+    options: dict = {}
+    if encrypted:
+        from lsbd.crypto import keyring as kr
+        from lsbd.crypto import keystore
+        from lsbd.crypto.aead import Argon2Params, random_bytes
+        from lsbd.crypto.store import SealingStore, volume_resolver
+
+        secret = kr.Secret(kr.PASSPHRASE, b"power cut passphrase")
+        from lsbd.store import open_store
+
+        inner = FaultyStore(open_store(store_url, seal=False))
+        keystore.save(inner, "vol", kr.new_keyring(
+            random_bytes(16), secret, params=Argon2Params(memory_kib=64, iterations=1, lanes=1)))
+        store = SealingStore(inner, volume_resolver(inner, lambda _v: secret))
+        options = {"compression": "zstd:1", "encryption": "aes-256-gcm"}
+    else:
+        store = FaultyStore(open_test_store(store_url))
     create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
-                  checkpoint_segments=8, flush_mode=flush_mode)
+                  checkpoint_segments=8, flush_mode=flush_mode, **options)
     cache = str(tmp_path / "cache")
     rng = random.Random(seed)
     state: list[int] | None = None
@@ -114,6 +132,15 @@ def run_with_cuts(tmp_path, store_url: str, seed: int, *, flush_mode: str, cuts:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_power_cut_under_load_keeps_every_flushed_write(tmp_path, store_url, seed, flush_mode):
     run_with_cuts(tmp_path, store_url, seed, flush_mode=flush_mode, cuts=2)
+
+
+@pytest.mark.parametrize("flush_mode", ["journal", "store"])
+@pytest.mark.parametrize("seed", [4, 5])
+def test_power_cut_on_an_encrypted_volume(tmp_path, seed, flush_mode):
+    """The same on a volume whose cache dir is encrypted: a journal torn by
+    the cut is copied under a new key, and nothing flushed is lost."""
+    run_with_cuts(tmp_path, "file://" + str(tmp_path / "store"), seed, flush_mode=flush_mode,
+                  cuts=3, encrypted=True)
 
 
 @pytest.mark.slow
