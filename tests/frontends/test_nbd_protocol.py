@@ -63,7 +63,7 @@ def test_unknown_client_flags_close_only_that_connection(server):
         c.greeting(client_flags=0x80)
         assert c.is_closed()
         time.sleep(0.05)
-    bg.check()
+        bg.check()
 
 
 def test_list_shows_every_export(server):
@@ -259,7 +259,7 @@ def test_malformed_handshakes_lose_only_their_connection(server, garbage):
             c.sock.shutdown(socket.SHUT_WR)
         assert c.is_closed()
         time.sleep(0.05)
-    bg.check()
+        bg.check()
     # The server still accepts new clients.
     connected(server).disconnect()
 
@@ -398,7 +398,7 @@ def test_errors_for_bad_requests(server):
             assert c.reply() == (handle, p.EINVAL, b""), (cmd, flags)
         assert c.read(0, 512) == bytes(512)                               # nothing was written
         c.disconnect()
-    bg.check()
+        bg.check()
 
 
 def test_oversize_requests(server, volumes):
@@ -484,7 +484,7 @@ def test_disconnect_mid_request_and_without_disc(server, volumes, caplog):
             c.send(b"\xde\xad\xbe\xef" * 7)
             assert c.is_closed()
             time.sleep(0.2)
-    bg.check(min_rounds=5)
+        bg.check(min_rounds=5)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     c = connected(server)
     assert c.read(0, 4096) == b"1" * 4096

@@ -324,7 +324,8 @@ class Background:
 
     def check(self, min_rounds: int = 1, timeout: float = 30.0) -> None:
         """The other connection kept working: it failed nothing, and it completes
-        rounds (waiting for them, since a loaded machine may not have run it yet)."""
+        rounds (waiting for them, since a loaded machine may not have run it yet).
+        Call it inside the `with`: leaving it stops the loop."""
         deadline = time.monotonic() + timeout
         while self.rounds < min_rounds and self.error is None and time.monotonic() < deadline:
             time.sleep(0.01)
