@@ -24,6 +24,10 @@ from lsbd.segments.scrub import verify_segments
 #: whole will likely want the next ones.  The first read of each segment fetched so moves the
 #: window on; one-off scattered reads start nothing.
 SEGMENTS_AHEAD = 4
+#: Reads of this many runs or more read their sealed pieces together
+#: (SegmentFiles.read_batch: one call per span of nearby pieces, and the
+#: disk given every cold one at once).
+BATCH_FROM = 4
 
 
 class Reader:
@@ -39,7 +43,7 @@ class Reader:
         if st.files.on_stream is None:   # the cache dir's files may be new since open
             st.files.on_stream = self._fetch_after
         sequential, ahead = self._readahead.note(offset, length)
-        if ahead is not None:
+        if ahead is not None and st.files.fetcher.enabled:   # a local store has nothing to fetch
             self.prefetch(*ahead, wait=False, mark=True)
         if length == bs and not offset % bs and 0 <= offset <= st.size - bs:
             data = self._read_one_block(offset // bs, nowait, sequential)
@@ -170,19 +174,31 @@ class Reader:
 
     def read_runs(self, runs: list[tuple], nowait: bool = False,
                   sequential: bool = False) -> bytes:
+        if len(runs) == 1:
+            return self._read_run(runs[0], nowait, sequential)
         files = self.st.files
-        if len(runs) > 1:
-            is_local = files.is_local
-            remote = sum(1 for _lba, _n, source, _off, crcs in runs
-                         if source is not None and crcs is None and not is_local(source))
-            if nowait and remote:
+        groups: dict[int, list[tuple[int, int]]] = {}   # sealed pieces by segment
+        for _lba, n, source, off, crcs in runs:
+            if source is not None and crcs is None:
+                pieces = groups.get(source)
+                if pieces is None:
+                    pieces = groups[source] = []
+                pieces.append((off, n))
+        remote = [seq for seq in groups if not files.is_local(seq)]
+        if remote:
+            if nowait:
                 # Refuse before reading anything, not after reading the local part.
                 raise WouldBlock("some blocks are not cached locally")
-            if remote > 1:   # several segments from the store: in parallel
+            if sum(len(groups[seq]) for seq in remote) > 1:
+                # several pieces from the store: in parallel
                 return b"".join(files.fetcher.map_reads(
                     [functools.partial(self._read_run, r, False, sequential) for r in runs]))
-        parts = [self._read_run(r, nowait, sequential) for r in runs]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        got = files.read_batch(groups, nowait=nowait) if len(runs) >= BATCH_FROM else {}
+        parts = []
+        for r in runs:
+            data = got.get((r[2], r[3])) if r[4] is None else None
+            parts.append(data if data is not None else self._read_run(r, nowait, sequential))
+        return b"".join(parts)
 
     def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:
         st = self.st

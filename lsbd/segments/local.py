@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -37,6 +38,7 @@ from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
+from lsbd.segments.spans import Bytes, coalesce, split_span, will_need
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 from lsbd.linux import disk_free
@@ -455,6 +457,55 @@ class SegmentFiles:
             return self._read_after_bad_local_copy(seq, offset, nblocks, local_error)
         finally:
             self._release(f)
+
+    def read_batch(self, groups: dict[int, list[tuple[int, int]]], *,
+                   nowait: bool = False) -> dict[tuple[int, int], Bytes]:
+        """The pieces (file offset, nblocks) of several sealed segments read
+        together, checked: {(seq, offset): bytes}.  Segments not local, or
+        with a piece that fails its check, are left out: the caller reads
+        those with read_blocks (which names the bad block and tries the
+        store's copy).  Nearby pieces share one pread (lsbd.segments.spans).
+        On a page-cache miss every span left is handed to the kernel at
+        once; then nowait raises WouldBlock, else the reads wait."""
+        if self._unread:
+            return {}   # a segment fetched whole waits for its first read: read_blocks
+        held: list[tuple[int, OpenFile, list]] = []
+        out: dict[tuple[int, int], Bytes] = {}
+        try:
+            for seq, pieces in groups.items():
+                try:
+                    f = self._acquire(seq)
+                except CorruptionError:
+                    continue     # an unreadable local file: read_blocks tries the store
+                if f is not None:
+                    held.append((seq, f, coalesce(pieces, self.block_size)))
+            cached = True       # from the page cache alone, until a miss
+            for k, (seq, f, spans) in enumerate(held):
+                try:
+                    idx = self._local_index(seq, f)
+                    check = functools.partial(self._check, seq, idx)
+                    for i, (start, end, members) in enumerate(spans):
+                        try:
+                            data = f.read(end - start, start, cached)
+                        except WouldBlock:
+                            will_need(f.fd, spans[i:], f.reader.base)
+                            for _seq, other, rest in held[k + 1:]:
+                                will_need(other.fd, rest, other.reader.base)
+                            if nowait:
+                                raise
+                            cached = False
+                            data = f.read(end - start, start, False)
+                        for off, piece in split_span(data, start, members, self.block_size,
+                                                     idx.crc_at, check):
+                            out[seq, off] = piece
+                except CorruptionError:
+                    for _start, _end, members in spans:
+                        for off, _n in members:
+                            out.pop((seq, off), None)
+            return out
+        finally:
+            for _seq, f, _spans in held:
+                self._release(f)
 
     def _first_read(self, seq: int) -> bool:
         with self._lock:

@@ -1,0 +1,71 @@
+"""Reading many pieces of one local segment file at once: pieces that lie
+close together become one span (one pread), and spans of a cold file are
+handed to the kernel together so that the disk works on all of them at
+once.  Pure helpers for SegmentFiles.read_batch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+from lsbd.checksum import crc32c_of
+
+#: Pieces of one segment this close in its file (bytes between them) are
+#: read with one pread: in the page cache a call costs as much as copying
+#: some 16 KiB, and on the disk the gap is in the same or the next pages.
+SPAN_GAP = 16 * 1024
+#: A span stops growing at this size.
+SPAN_MAX = 1 << 20
+
+Span = tuple[int, int, list]
+Bytes = bytes | bytearray | memoryview   # (start, end, the pieces (file offset, nblocks) in it)
+
+
+def coalesce(pieces: list[tuple[int, int]], block_size: int) -> list[Span]:
+    """Pieces (file offset, nblocks) as spans to read, in file order."""
+    spans: list[Span] = []
+    for off, n in sorted(pieces):
+        end = off + n * block_size
+        if spans:
+            start, prev_end, members = spans[-1]
+            if off - prev_end <= SPAN_GAP and end - start <= SPAN_MAX:
+                members.append((off, n))
+                if end > prev_end:
+                    spans[-1] = (start, end, members)
+                continue
+        spans.append((off, end, [(off, n)]))
+    return spans
+
+
+def will_need(fd: int, spans: list[Span], base: int = 0) -> None:
+    """Have the kernel start reading these spans now, asynchronously (base:
+    where the segment's offset 0 is in the file)."""
+    for start, end, _members in spans:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, base + start, end - start, os.POSIX_FADV_WILLNEED)
+
+
+def split_span(data, start: int, members: list, block_size: int,
+               crc_at: Callable[[int], int],
+               check: Callable[[int, Bytes, int], None]) -> list[tuple[int, Bytes]]:
+    """The pieces of a span read from `start`: [(file offset, its bytes)],
+    each checked.  A one-block piece is compared with crc_at(offset) here;
+    anything else goes to check(offset, bytes, nblocks), which raises on a
+    bad block and names it."""
+    if len(members) == 1 and members[0][0] == start:
+        off, n = members[0]
+        check(off, data, n)
+        return [(off, data)]
+    view = memoryview(data)
+    out: list[tuple[int, Bytes]] = []
+    for off, n in members:
+        piece = view[off - start:off - start + n * block_size]
+        try:
+            good = n == 1 and len(piece) == block_size and crc_at(off) == crc32c_of(piece)
+        except KeyError:
+            good = False
+        if not good:
+            check(off, piece, n)
+        out.append((off, piece))
+    return out

@@ -1,0 +1,141 @@
+"""Reads of many pieces (lsbd.segments.spans, SegmentFiles.read_batch): a
+read that stitches its blocks from many places returns exactly what was
+written, with nearby pieces read by one call, every piece checked, and a
+cold read handing the disk all of its pieces at once."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+from engine_helpers import BS, MiB, block, open_test_store, overwrite
+
+from lsbd.engine import testing
+from lsbd.engine.volume import Volume
+from lsbd.errors import CorruptionError, WouldBlock
+from lsbd.meta.config import create_volume
+from lsbd.segments import openfile
+from lsbd.segments import spans
+
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def vol(tmp_path):
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", SIZE, segment_size=256 * 1024, seal_interval=3600)
+    v = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    yield v
+    v.close()
+    store.close()
+
+
+def test_spans_join_nearby_pieces_only():
+    pieces = [(100_000, 1), (0, 2), (2 * BS + 28, 1), (3 * BS + 56 + spans.SPAN_GAP + 1, 1)]
+    assert spans.coalesce(pieces, BS) == [
+        (0, 3 * BS + 28, [(0, 2), (2 * BS + 28, 1)]),
+        (3 * BS + 56 + spans.SPAN_GAP + 1, 4 * BS + 56 + spans.SPAN_GAP + 1,
+         [(3 * BS + 56 + spans.SPAN_GAP + 1, 1)]),
+        (100_000, 100_000 + BS, [(100_000, 1)]),
+    ]
+    far = [(i * 2 * BS, 1) for i in range(2 * spans.SPAN_MAX // (2 * BS) + 1)]
+    assert len(spans.coalesce(far, BS)) == 3         # a span stops at SPAN_MAX
+
+
+def _reads(vol, model: bytearray, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        length = rng.choice([MiB, 256 * 1024, 3 * BS + 100, 64 * 1024])
+        off = rng.randrange(0, SIZE - length + 1)
+        if rng.random() < 0.5:
+            off -= off % BS
+        assert vol.read(off, length) == bytes(model[off:off + length]), (off, length)
+
+
+def test_scattered_reads_match_a_model(vol):
+    """Random writes, some sealed and some still in journals, read back in
+    long reads, then again after read-directed defragmentation moved them."""
+    rng = random.Random(7)
+    model = bytearray(SIZE)
+    data = rng.randbytes(4 * MiB)
+    vol.write(0, data)
+    model[:4 * MiB] = data
+    overwrite(vol, model, rng, 4 * MiB, amount=2 * MiB)
+    testing.seal_now(vol)
+    overwrite(vol, model, rng, 6 * MiB, amount=128 * 1024)   # newer, in the open journal
+    vol.trim(MiB + 5 * BS, 3 * BS)
+    model[MiB + 5 * BS:MiB + 8 * BS] = bytes(3 * BS)
+    _reads(vol, model, rng, 60)
+    assert testing.read_defrag(vol).drain()
+    testing.seal_now(vol)
+    _reads(vol, model, rng, 60)
+    assert vol.usage()["read_defrag_bytes"] > 0
+
+
+def _interleaved(vol) -> bytes:
+    """Blocks 0..255 written even ones first, then odd ones: each segment
+    holds every other block, in order, so a 1 MiB read is 256 pieces in a
+    few files, each piece next to the one before it in its file."""
+    for lba in list(range(0, 256, 2)) + list(range(1, 256, 2)):
+        vol.write(lba * BS, block(1, lba))
+    testing.seal_now(vol)
+    return b"".join(block(1, lba) for lba in range(256))
+
+
+def test_nearby_pieces_are_read_with_one_call(vol, monkeypatch):
+    testing.stop_read_defrag(vol)
+    expected = _interleaved(vol)
+    assert len(vol.map_extents(0, 256)) == 256
+    calls = []
+    real = openfile.pread
+
+    def counting(fd, length, offset, nowait):
+        calls.append(length)
+        return real(fd, length, offset, nowait)
+
+    monkeypatch.setattr(openfile, "pread", counting)
+    assert vol.read(0, MiB) == expected
+    segments = {e.seq for e in vol.map_extents(0, 256)}
+    assert len(calls) <= 2 * len(segments), calls       # not one call per block
+
+
+def test_a_damaged_block_in_a_span_is_an_io_error(vol):
+    testing.stop_read_defrag(vol)
+    _interleaved(vol)
+    e = vol.map_extents(77, 1)[0]
+    path = os.path.join(vol.folder, "segments", f"{e.seq:016x}.seg")
+    with open(path, "r+b") as f:          # the store's object too: the same file here
+        f.seek(e.offset + 100)
+        byte = f.read(1)
+        f.seek(e.offset + 100)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    with pytest.raises(CorruptionError) as err:
+        vol.read(0, MiB)
+    assert err.value.errno == errno.EIO and err.value.offset == e.offset
+
+
+def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
+    testing.stop_read_defrag(vol)
+    expected = _interleaved(vol)
+    segments = {e.seq for e in vol.map_extents(0, 256)}
+    real_preadv = os.preadv
+    asked: list[tuple[int, int]] = []
+
+    def cold_preadv(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real_preadv(fd, buffers, offset, flags)
+
+    def fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        asked.append((fd, offset))
+
+    monkeypatch.setattr(openfile, "_RWF_NOWAIT", os.RWF_NOWAIT)   # whatever a file system before said
+    monkeypatch.setattr(openfile.os, "preadv", cold_preadv)
+    monkeypatch.setattr(spans.os, "posix_fadvise", fadvise)
+    with pytest.raises(WouldBlock):
+        vol.read(0, MiB, nowait=True)
+    assert len({fd for fd, _ in asked}) == len(segments)    # every file, before any wait
+    asked.clear()
+    assert vol.read(0, MiB) == expected                       # the blocking read
