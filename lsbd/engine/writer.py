@@ -5,6 +5,8 @@ roll-back and one failure rule: a roll-back that fails stops writes."""
 
 from __future__ import annotations
 
+import bisect
+
 import errno
 import logging
 import time
@@ -257,27 +259,39 @@ class Writer:
         return self.relocate_loaded(loaded)
 
     def relocate_loaded(self, loaded: list[tuple]) -> int:
-        """relocate() of extents whose bytes were read already: [(extent, bytes)]."""
+        """relocate() of extents whose bytes were read already: [(extent, bytes)].
+        One plan of the range they cover says which blocks still live where
+        the read found them (a plan per extent cost more than the move)."""
         bs = self.st.block_size
         moved = 0
+        loaded = sorted(loaded, key=lambda x: x[0].lba)
+        starts = [e.lba for e, _data in loaded]
 
         def append(seg: OpenSegment, mark: tuple) -> None:
             nonlocal moved
+            if not loaded:
+                return
             runs: list[list] = []   # [first block, end block, chunks] of consecutive blocks
-            for e, data in loaded:
-                for lba, n, source, off, crcs in self.reader.plan(e.lba, e.nblocks):
-                    if source != e.seq or crcs is not None:
-                        continue  # rewritten since: nothing to move
-                    start = lba - e.lba
-                    if off != e.offset + start * bs:
-                        continue
-                    chunk = data[start * bs:(start + n) * bs]
-                    if runs and runs[-1][1] == lba:
-                        runs[-1][1] = lba + n
-                        runs[-1][2].append(chunk)
-                    else:
-                        runs.append([lba, lba + n, [chunk]])
-                    moved += n * bs
+            first, last = loaded[0][0], loaded[-1][0]
+            for lba, n, source, off, crcs in self.reader.plan(first.lba,
+                                                              last.lba + last.nblocks - first.lba):
+                if source is None or crcs is not None:
+                    continue  # a hole, or rewritten since (in a journal): nothing to move
+                i = bisect.bisect_right(starts, lba) - 1
+                if i < 0:
+                    continue
+                e, data = loaded[i]
+                start = lba - e.lba
+                if source != e.seq or start >= e.nblocks or off != e.offset + start * bs:
+                    continue  # rewritten since: nothing to move
+                n = min(n, e.nblocks - start)
+                chunk = data[start * bs:(start + n) * bs]
+                if runs and runs[-1][1] == lba:
+                    runs[-1][1] = lba + n
+                    runs[-1][2].append(chunk)
+                else:
+                    runs.append([lba, lba + n, [chunk]])
+                moved += n * bs
             records = []
             for lba, _end, chunks in runs:
                 records.extend(self.split_zero_runs(lba, b"".join(chunks)))
