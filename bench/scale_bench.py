@@ -4,6 +4,7 @@ and VMs write real disks.
 
     .venv/bin/python bench/scale_bench.py [--volume-size 1T] [--writes 4G]
         [--round 1G] [--region 1G] [--runtime 10] [--json FILE] [--keep]
+        [--only-frag]
 
 One `lsbd serve` of a volume of --volume-size in a file:// store, driven by
 fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
@@ -16,7 +17,8 @@ fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
               per extent, and the server's anonymous and file-backed RSS;
   3. frag:    --region bytes of random 4 KiB writes inside the region, then
               sequential 1 MiB reads of it (what a log-structured store
-              finds hardest: every 4 KiB piece lives somewhere else), twice:
+              finds hardest: every 4 KiB piece lives somewhere else), twice,
+              each pass reading the region once from a dropped page cache:
               the second pass shows what the first one's reads changed;
   4. checkpoint: one through the running server, timed; its bytes, and the
               bytes of every checkpoint written during the run;
@@ -24,6 +26,8 @@ fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
               dropped: the time until a new server over the store alone
               serves its socket;
   6. cold random reads of the region (4 KiB) from that fresh cache.
+
+--only-frag runs the fill and the frag phase alone (a minute or two).
 
 nbdkit's file plugin gets the same fill, frag writes and sequential reads
 on a sparse file of the same size, for the ratio.  Peak RssAnon and RssFile
@@ -201,16 +205,19 @@ def human(n: float) -> str:
     return str(n)
 
 
-def frag_and_read(uri: str, region: int, runtime: int) -> dict:
+def frag_and_read(uri: str, region: int) -> dict:
     """Random 4 KiB writes over the region (as many bytes as it holds), then
-    sequential 1 MiB reads of it, timed."""
+    sequential 1 MiB reads of it, timed: each pass reads the region exactly
+    once (a pass timed by the clock would read it again and again once it
+    is fast, and average the first read of the scattered blocks with what
+    that read changed)."""
     w = fio(uri, "randwrite", "4k", size=region, io_size=region)
     drop_page_cache()
-    r = fio(uri, "read", "1M", size=region, runtime=runtime)
+    r = fio(uri, "read", "1M", size=region, io_size=region)
     # Again: what the first reads changed (lsbd lays scattered ranges out
     # again in the background, see lsbd/engine/readdefrag.py).
     drop_page_cache()
-    again = fio(uri, "read", "1M", size=region, runtime=runtime)
+    again = fio(uri, "read", "1M", size=region, io_size=region)
     return {"frag_write": w, "seq_read": r, "seq_read_again": again}
 
 
@@ -259,7 +266,7 @@ def run(args) -> dict:
             first = sum(x["iops"] for x in rounds[:eighth]) / eighth
             last = sum(x["iops"] for x in rounds[-eighth:]) / eighth
             out["iops_first"], out["iops_last"] = first, last
-            frag = frag_and_read(lsbd.uri, region, args.runtime)
+            frag = frag_and_read(lsbd.uri, region)
             out["lsbd_frag"] = frag
             print(f"  frag writes in the region: {frag['frag_write']['iops']:.0f} IOPS; "
                   f"then seq read 1M: {frag['seq_read']['mib_s']:.0f} MiB/s, again "
@@ -309,7 +316,7 @@ def run(args) -> dict:
             drop_page_cache()
             with nbdkit(workdir, volume_size) as uri:
                 fio(uri, "write", "1M", size=region)
-                out["nbdkit_frag"] = frag = frag_and_read(uri, region, args.runtime)
+                out["nbdkit_frag"] = frag = frag_and_read(uri, region)
             print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
                   f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
                   f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
@@ -324,16 +331,46 @@ def run(args) -> dict:
     return out
 
 
-def report(out: dict) -> None:
-    print()
-    print(f"write IOPS first eighth {out['iops_first']:.0f}, last eighth {out['iops_last']:.0f}: "
-          f"ratio {out['iops_last'] / out['iops_first']:.2f} (target >= 0.9)")
-    ext = max(1, out["final_stats"]["extents"])
-    print(f"map bytes per extent {out['map_file'] / ext:.0f} (target <= 64)")
-    print(f"checkpoints {100 * out['checkpoint_fraction']:.2f}% of bytes written (target <= 2%)")
-    print(f"open from the store {out['open_seconds']:.1f} s (target <= 10)")
-    print(f"peak anonymous RSS {out['rss_peak_anon_kib'] / 1024:.0f} MiB, after the reopen "
-          f"{out['reopen_rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256)")
+def run_frag(args) -> dict:
+    """--only-frag: the fill and the frag phase alone, lsbd then nbdkit."""
+    volume_size = parse_size(args.volume_size)
+    region = parse_size(args.region)
+    out: dict = {"volume_size": volume_size, "create": args.create, "region": region,
+                 "loadavg_start": os.getloadavg()}
+    workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
+    print(f"frag phase only: volume {human(volume_size)} (lsbd create "
+          f"{args.create or 'defaults'}), region {human(region)}; work dir {workdir}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    lsbd = Lsbd(workdir, volume_size, args.create.split())
+    try:
+        drop_page_cache()
+        lsbd.start()
+        fill = fio(lsbd.uri, "write", "1M", size=region)
+        print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
+        out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region)
+        print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
+              f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
+              f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
+        lsbd.stop()
+        if not args.skip_nbdkit:
+            drop_page_cache()
+            with nbdkit(workdir, volume_size) as uri:
+                fio(uri, "write", "1M", size=region)
+                out["nbdkit_frag"] = frag = frag_and_read(uri, region)
+            print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
+                  f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
+                  f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
+    finally:
+        lsbd.close()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def report_frag(out: dict) -> None:
     if "nbdkit_frag" in out:
         for job, label in (("seq_read", "first pass"), ("seq_read_again", "second pass")):
             a = out["lsbd_frag"][job]["mib_s"]
@@ -344,6 +381,19 @@ def report(out: dict) -> None:
           f"{out['loadavg_end'][0]:.1f} (2 cores, shared)")
 
 
+def report(out: dict) -> None:
+    print()
+    print(f"write IOPS first eighth {out['iops_first']:.0f}, last eighth {out['iops_last']:.0f}: "
+          f"ratio {out['iops_last'] / out['iops_first']:.2f} (target >= 0.9)")
+    ext = max(1, out["final_stats"]["extents"])
+    print(f"map bytes per extent {out['map_file'] / ext:.0f} (target <= 64)")
+    print(f"checkpoints {100 * out['checkpoint_fraction']:.2f}% of bytes written (target <= 2%)")
+    print(f"open from the store {out['open_seconds']:.1f} s (target <= 10)")
+    print(f"peak anonymous RSS {out['rss_peak_anon_kib'] / 1024:.0f} MiB, after the reopen "
+          f"{out['reopen_rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256)")
+    report_frag(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volume-size", default="1T", help="volume size (default 1T)")
@@ -351,11 +401,14 @@ def main() -> int:
     ap.add_argument("--round", default="1G", help="bytes per IOPS round (default 1G)")
     ap.add_argument("--region", default="1G",
                     help="region filled, fragmented and read sequentially (default 1G)")
-    ap.add_argument("--runtime", type=int, default=10, help="seconds per read job (default 10)")
+    ap.add_argument("--runtime", type=int, default=10, help="seconds of the cold random reads (default 10)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the temporary directory goes")
     ap.add_argument("--create", default="", metavar="ARGS",
                     help="more arguments for lsbd create, e.g. '--compress none'")
     ap.add_argument("--skip-nbdkit", action="store_true", help="no nbdkit comparison")
+    ap.add_argument("--only-frag", action="store_true",
+                    help="only the fill and the frag phase (sequential reads after random "
+                         "writes), against nbdkit")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
@@ -363,8 +416,13 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"scale_bench: {tool} is needed", file=sys.stderr)
             return 2
-    out = run(args)
-    report(out)
+    if args.only_frag:
+        out = run_frag(args)
+        print()
+        report_frag(out)
+    else:
+        out = run(args)
+        report(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
