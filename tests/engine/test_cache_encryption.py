@@ -80,6 +80,8 @@ def test_the_cache_dir_holds_no_plaintext(tmp_path, encrypted):
         for seq in seqs:
             files._fetch_whole(seq)
         assert any(files.is_local(s) for s in seqs)
+        # Searched before any read: a read of a damaged local copy drops it.
+        assert bool(files_holding(tmp_path / "cache", MARK)) is not encrypted
         for i in range(0, 600, 7):
             assert vol.read(i * BS, BS) == marked(i)
         # A roll-back, then more in the open journal, flushed but not sealed.
