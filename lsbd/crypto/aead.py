@@ -75,13 +75,20 @@ class Stream:
             raise ValueError("an AES-256 key is 32 bytes")
         self._aes = algorithms.AES(key)
 
-    def xor(self, offset: int, parts) -> bytes:
-        """The parts (bytes-like, contiguous from `offset`) XORed with the
-        keystream, as one bytes object."""
+    def at(self, offset: int):
+        """A context whose update(data) XORs data lying at `offset` on, and
+        then what follows it: an appender keeps one (setting one up costs
+        several times the XOR of 4 KiB)."""
         block, skip = divmod(offset, 16)
         ctx = _BlockCipher(self._aes, modes.CTR(block.to_bytes(16, "big"))).encryptor()
         if skip:
             ctx.update(bytes(skip))
+        return ctx
+
+    def xor(self, offset: int, parts) -> bytes:
+        """The parts (bytes-like, contiguous from `offset`) XORed with the
+        keystream, as one bytes object."""
+        ctx = self.at(offset)
         if len(parts) == 1:
             return ctx.update(parts[0])
         return b"".join([ctx.update(p) for p in parts])

@@ -68,6 +68,11 @@ class FileCipher:
         """Encrypt (or decrypt: the same) parts that lie contiguous from `offset`."""
         return self._stream.xor(offset, parts)
 
+    def at(self, offset: int):
+        """A context that encrypts from `offset` on, one update after another
+        (for one thread: the journal's appends)."""
+        return self._stream.at(offset)
+
 
 class LocalKeys:
     """The keys of one encrypted volume's local files."""

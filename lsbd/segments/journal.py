@@ -82,6 +82,10 @@ class OpenSegment:
         self._preallocated = expected_size
         self.keys = keys
         self.cipher: FileCipher | None = keys.new_file() if keys is not None else None
+        # The cipher's context at the end of what was last encrypted: the
+        # next append goes on from there without setting up a new one.
+        self._ctx = None
+        self._ctx_pos = -1
         self.base = localfile.HEADER_SIZE if keys is not None else 0  # file offset of segment offset 0
         self._rekey_pending = False   # bytes were written past the end: new key before writing
         # Called with the seq once a new file has taken the path (_rekey):
@@ -89,7 +93,7 @@ class OpenSegment:
         self.on_replaced: Callable[[int], None] | None = None
         header = encode_header(volume_id, seq, block_size, self.created_ns)
         if self.cipher is not None:
-            os.pwrite(self.fd, self.cipher.header + self.cipher.xor(0, [header]), 0)
+            os.pwrite(self.fd, self.cipher.header + self._encrypt(0, [header]), 0)
         else:
             os.pwrite(self.fd, header, 0)
         self.end = len(header)
@@ -127,7 +131,7 @@ class OpenSegment:
         head = encode_record(kind, FLAG_COMMIT if commit else 0, lba, nblocks, crcs)
         pos = self.end
         if self.cipher is not None:
-            buf = self.cipher.xor(pos, [head] if data is None else [head, data])
+            buf = self._encrypt(pos, [head] if data is None else [head, data])
             written = os.pwrite(self.fd, buf, self.base + pos)
             expected = len(buf)
         elif data is not None:
@@ -165,7 +169,7 @@ class OpenSegment:
             # pwritev takes at most IOV_MAX buffers: a long batch goes in pieces.
             chunk = iov[:1024]
             if self.cipher is not None:
-                n = os.pwrite(self.fd, self.cipher.xor(self.end + written, chunk),
+                n = os.pwrite(self.fd, self._encrypt(self.end + written, chunk),
                               self.base + self.end + written)
             else:
                 n = os.pwritev(self.fd, chunk, self.end + written)
@@ -283,6 +287,14 @@ class OpenSegment:
         self.end = end
         return replaced
 
+    def _encrypt(self, pos: int, parts: list) -> bytes:
+        """The parts, lying from segment offset `pos` on, encrypted."""
+        assert self.cipher is not None
+        ctx = self._ctx if pos == self._ctx_pos else self.cipher.at(pos)
+        out = ctx.update(parts[0]) if len(parts) == 1 else b"".join([ctx.update(p) for p in parts])
+        self._ctx, self._ctx_pos = ctx, pos + len(out)
+        return out
+
     def _rekey(self, end: int) -> None:
         """Replace the file by a copy of its first `end` bytes under a new key."""
         assert self.keys is not None and self.cipher is not None
@@ -291,6 +303,7 @@ class OpenSegment:
             fd, cipher = localfile.rewrite(self.path, old, end, self.keys)
             os.close(self.fd)
             self.fd, self.cipher = fd, cipher
+            self._ctx = None
             self._preallocated = 0
             self.dirty = False          # rewrite() synced it, and its directory
             self._dir_synced = True
@@ -330,7 +343,7 @@ class OpenSegment:
         raw = encode_trailer(trailer)
         tail = footer + raw
         if self.cipher is not None:
-            n = os.pwrite(self.fd, self.cipher.xor(self.end, [tail]), self.base + self.end)
+            n = os.pwrite(self.fd, self._encrypt(self.end, [tail]), self.base + self.end)
         else:
             n = os.pwrite(self.fd, tail, self.end)
         if n != len(tail):
