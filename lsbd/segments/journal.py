@@ -290,7 +290,9 @@ class OpenSegment:
     def _encrypt(self, pos: int, parts: list) -> bytes:
         """The parts, lying from segment offset `pos` on, encrypted."""
         assert self.cipher is not None
-        ctx = self._ctx if pos == self._ctx_pos else self.cipher.at(pos)
+        ctx = self._ctx
+        if ctx is None or pos != self._ctx_pos:
+            ctx = self.cipher.at(pos)
         out = ctx.update(parts[0]) if len(parts) == 1 else b"".join([ctx.update(p) for p in parts])
         self._ctx, self._ctx_pos = ctx, pos + len(out)
         return out
