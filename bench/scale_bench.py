@@ -3,8 +3,10 @@
 and VMs write real disks.
 
     .venv/bin/python bench/scale_bench.py [--volume-size 1T] [--writes 4G]
-        [--round 1G] [--region 1G] [--runtime 10] [--json FILE] [--keep]
-        [--only-frag]
+        [--round 1G] [--region 1G] [--runtime 10] [--fio-compress PCT]
+        [--json FILE] [--keep] [--only-frag]
+    .venv/bin/python bench/scale_bench.py --reopen WORKDIR   (steps 5-6 only,
+        on the store of a run kept with --keep)
 
 One `lsbd serve` of a volume of --volume-size in a file:// store, driven by
 fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
@@ -31,7 +33,11 @@ fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
 
 nbdkit's file plugin gets the same fill, frag writes and sequential reads
 on a sparse file of the same size, for the ratio.  Peak RssAnon and RssFile
-come from /proc/PID/status, sampled every 0.2 s.  Not a test: figures are
+come from /proc/PID/status, sampled every 0.2 s, for the server and, apart,
+its child processes (the sealing process of a compressed volume).
+--fio-compress makes fio write buffers that compress by about PCT percent
+(for both servers), so that a large run's store fits on the disk of a
+compressed volume.  Not a test: figures are
 noisy, compare within one run.  Needs fio and nbdkit; root to drop caches.
 """
 
@@ -55,34 +61,48 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    anon = file = 0
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1])
+    return anon, file
+
+
 class RssSampler:
-    """Peak RssAnon / RssFile (KiB) of one process, sampled in a thread."""
+    """Peak RssAnon / RssFile (KiB) of one process, and the peak RssAnon of
+    its child processes together, sampled in a thread."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         self.pid = pid
-        self.peak_anon = self.peak_file = 0
+        self.peak_anon = self.peak_file = self.peak_children_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
 
     def now(self) -> tuple[int, int]:
-        anon = file = 0
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        anon = int(line.split()[1])
-                    elif line.startswith("RssFile:"):
-                        file = int(line.split()[1])
-        except OSError:
-            pass
-        return anon, file
+        return _rss(self.pid)
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
             anon, file = self.now()
             self.peak_anon = max(self.peak_anon, anon)
             self.peak_file = max(self.peak_file, file)
+            kids = sum(_rss(c)[0] for c in _children(self.pid))
+            self.peak_children_anon = max(self.peak_children_anon, kids)
 
     def close(self) -> None:
         self._stop.set()
@@ -137,14 +157,16 @@ def dir_bytes(path: str) -> int:
 class Lsbd:
     """One `lsbd serve` of the bench volume; restartable with a new cache dir."""
 
-    def __init__(self, workdir: str, volume_size: int, create_args: list[str]):
+    def __init__(self, workdir: str, volume_size: int, create_args: list[str], *,
+                 create: bool = True):
         self.workdir = workdir
         self.store_dir = os.path.join(workdir, "store")
         self.cache = os.path.join(workdir, "cache")
         self.sock = os.path.join(workdir, "lsbd.sock")
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(workdir, "lsbd.log"), "a")
-        sh(*self.base(), "create", "bench", "--size", str(volume_size), *create_args)
+        if create:
+            sh(*self.base(), "create", "bench", "--size", str(volume_size), *create_args)
 
     def base(self) -> list[str]:
         return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store_dir}",
@@ -205,13 +227,13 @@ def human(n: float) -> str:
     return str(n)
 
 
-def frag_and_read(uri: str, region: int) -> dict:
+def frag_and_read(uri: str, region: int, compress_pct: int = 0) -> dict:
     """Random 4 KiB writes over the region (as many bytes as it holds), then
     sequential 1 MiB reads of it, timed: each pass reads the region exactly
     once (a pass timed by the clock would read it again and again once it
     is fast, and average the first read of the scattered blocks with what
     that read changed)."""
-    w = fio(uri, "randwrite", "4k", size=region, io_size=region)
+    w = fio(uri, "randwrite", "4k", size=region, io_size=region, compress_pct=compress_pct)
     drop_page_cache()
     r = fio(uri, "read", "1M", size=region, io_size=region)
     # Again: what the first reads changed (lsbd lays scattered ranges out
@@ -221,18 +243,55 @@ def frag_and_read(uri: str, region: int) -> dict:
     return {"frag_write": w, "seq_read": r, "seq_read_again": again}
 
 
+def reopen(lsbd: Lsbd, region: int, runtime: int, out: dict) -> None:
+    """Steps 5 and 6: the cache dir deleted, the page cache dropped, the
+    time until a new server over the store alone serves; cold random reads."""
+    shutil.rmtree(lsbd.cache, ignore_errors=True)
+    drop_page_cache()
+    out["open_seconds"] = lsbd.start()
+    rss = RssSampler(lsbd.proc.pid)
+    try:
+        print(f"  open from the store alone: {out['open_seconds']:.1f} s (load average "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
+        drop_page_cache()
+        cold = fio(lsbd.uri, "randread", "4k", size=region, runtime=runtime)
+        out["cold_randread"] = cold
+        print(f"  cold random reads 4k: {cold['iops']:.0f} IOPS", flush=True)
+        st = lsbd.stats()
+        out["reopen_extents"] = st["extents"]
+        print(f"  {st['extents']} extents", flush=True)
+    finally:
+        rss.close()
+    out["reopen_rss_peak_anon_kib"] = rss.peak_anon
+    lsbd.stop()
+
+
+def run_reopen(args) -> int:
+    """--reopen: steps 5 and 6 again on a kept run's store."""
+    lsbd = Lsbd(args.reopen, 0, [], create=False)
+    out: dict = {}
+    try:
+        reopen(lsbd, parse_size(args.region), args.runtime, out)
+    finally:
+        lsbd.close()
+    print(json.dumps(out))
+    return 0
+
+
 def run(args) -> dict:
     volume_size = parse_size(args.volume_size)
     writes = parse_size(args.writes)
     round_size = min(parse_size(args.round), writes)
     region = parse_size(args.region)
     out: dict = {"volume_size": volume_size, "writes": writes, "round": round_size,
-                 "create": args.create,
+                 "create": args.create, "fio_compress": args.fio_compress,
                  "region": region, "loadavg_start": os.getloadavg()}
     workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
     print(f"volume {human(volume_size)} (lsbd create {args.create or 'defaults'}), "
           f"{human(writes)} of random 4 KiB writes in rounds of "
-          f"{human(round_size)}, region {human(region)}; work dir {workdir}; "
+          f"{human(round_size)}, region {human(region)}"
+          f"{f', fio buffers {args.fio_compress}% compressible' if args.fio_compress else ''}"
+          f"; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     lsbd = Lsbd(workdir, volume_size, args.create.split())
     try:
@@ -241,32 +300,35 @@ def run(args) -> dict:
         rss = RssSampler(lsbd.proc.pid)
         ckpts = CheckpointSampler(lsbd.store_dir, "bench")
         try:
-            fill = fio(lsbd.uri, "write", "1M", size=region)
+            fill = fio(lsbd.uri, "write", "1M", size=region, compress_pct=args.fio_compress)
             print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
             rounds = []
             written = 0
             print(f"  {'written':>10} {'IOPS':>8} {'extents':>10} {'map file':>10} "
-                  f"{'B/extent':>8} {'anon':>9} {'file':>9}", flush=True)
+                  f"{'B/extent':>8} {'anon':>9} {'file':>9} {'load':>5}", flush=True)
             while written < writes:
                 n = min(round_size, writes - written)
-                r = fio(lsbd.uri, "randwrite", "4k", size=volume_size, io_size=n)
+                r = fio(lsbd.uri, "randwrite", "4k", size=volume_size, io_size=n,
+                        compress_pct=args.fio_compress)
                 written += n
                 st = lsbd.stats()
                 anon, file = rss.now()
                 mapf = lsbd.map_file()
                 row = {"written": written, "iops": r["iops"], "extents": st["extents"],
                        "map_file": mapf, "bytes_per_extent": mapf / max(1, st["extents"]),
-                       "rss_anon_kib": anon, "rss_file_kib": file, "map": st.get("map")}
+                       "rss_anon_kib": anon, "rss_file_kib": file, "map": st.get("map"),
+                       "seconds": r["seconds"], "loadavg": os.getloadavg()}
                 rounds.append(row)
                 print(f"  {human(written):>10} {r['iops']:8.0f} {st['extents']:10d} "
                       f"{human(mapf):>10} {row['bytes_per_extent']:8.0f} "
-                      f"{human(anon * 1024):>9} {human(file * 1024):>9}", flush=True)
+                      f"{human(anon * 1024):>9} {human(file * 1024):>9} "
+                      f"{os.getloadavg()[0]:5.1f}", flush=True)
             out["rounds"] = rounds
             eighth = max(1, len(rounds) // 8)
             first = sum(x["iops"] for x in rounds[:eighth]) / eighth
             last = sum(x["iops"] for x in rounds[-eighth:]) / eighth
             out["iops_first"], out["iops_last"] = first, last
-            frag = frag_and_read(lsbd.uri, region)
+            frag = frag_and_read(lsbd.uri, region, args.fio_compress)
             out["lsbd_frag"] = frag
             print(f"  frag writes in the region: {frag['frag_write']['iops']:.0f} IOPS; "
                   f"then seq read 1M: {frag['seq_read']['mib_s']:.0f} MiB/s, again "
@@ -281,6 +343,7 @@ def run(args) -> dict:
             ckpts.close()
             rss.close()
         out["rss_peak_anon_kib"], out["rss_peak_file_kib"] = rss.peak_anon, rss.peak_file
+        out["rss_peak_children_anon_kib"] = rss.peak_children_anon
         newest = max((os.path.dirname(p) for p in ckpts.seen), default=None)
         out["checkpoint_newest_bytes"] = dir_bytes(newest) if newest else 0
         out["checkpoint_total_bytes"] = ckpts.total
@@ -296,27 +359,15 @@ def run(args) -> dict:
               f"{human(ckpts.total)} = {100 * out['checkpoint_fraction']:.2f}% of "
               f"{human(total_written)} written", flush=True)
         print(f"  server peak RSS: {human(rss.peak_anon * 1024)} anonymous, "
-              f"{human(rss.peak_file * 1024)} file", flush=True)
+              f"{human(rss.peak_file * 1024)} file; its child processes "
+              f"{human(rss.peak_children_anon * 1024)} anonymous", flush=True)
         lsbd.stop()
-        shutil.rmtree(lsbd.cache)
-        drop_page_cache()
-        out["open_seconds"] = lsbd.start()
-        rss = RssSampler(lsbd.proc.pid)
-        try:
-            print(f"  open from the store alone: {out['open_seconds']:.1f} s", flush=True)
-            drop_page_cache()
-            cold = fio(lsbd.uri, "randread", "4k", size=region, runtime=args.runtime)
-            out["cold_randread"] = cold
-            print(f"  cold random reads 4k: {cold['iops']:.0f} IOPS", flush=True)
-        finally:
-            rss.close()
-        out["reopen_rss_peak_anon_kib"] = rss.peak_anon
-        lsbd.stop()
+        reopen(lsbd, region, args.runtime, out)
         if not args.skip_nbdkit:
             drop_page_cache()
             with nbdkit(workdir, volume_size) as uri:
-                fio(uri, "write", "1M", size=region)
-                out["nbdkit_frag"] = frag = frag_and_read(uri, region)
+                fio(uri, "write", "1M", size=region, compress_pct=args.fio_compress)
+                out["nbdkit_frag"] = frag = frag_and_read(uri, region, args.fio_compress)
             print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
                   f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
                   f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
@@ -347,7 +398,7 @@ def run_frag(args) -> dict:
         lsbd.start()
         fill = fio(lsbd.uri, "write", "1M", size=region)
         print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
-        out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region)
+        out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region, args.fio_compress)
         print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
               f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
               f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
@@ -356,7 +407,7 @@ def run_frag(args) -> dict:
             drop_page_cache()
             with nbdkit(workdir, volume_size) as uri:
                 fio(uri, "write", "1M", size=region)
-                out["nbdkit_frag"] = frag = frag_and_read(uri, region)
+                out["nbdkit_frag"] = frag = frag_and_read(uri, region, args.fio_compress)
             print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
                   f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
                   f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
@@ -390,7 +441,8 @@ def report(out: dict) -> None:
     print(f"checkpoints {100 * out['checkpoint_fraction']:.2f}% of bytes written (target <= 2%)")
     print(f"open from the store {out['open_seconds']:.1f} s (target <= 10)")
     print(f"peak anonymous RSS {out['rss_peak_anon_kib'] / 1024:.0f} MiB, after the reopen "
-          f"{out['reopen_rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256)")
+          f"{out['reopen_rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256); the server's "
+          f"child processes {out['rss_peak_children_anon_kib'] / 1024:.0f} MiB")
     report_frag(out)
 
 
@@ -411,7 +463,13 @@ def main() -> int:
                          "writes), against nbdkit")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--fio-compress", type=int, default=0, metavar="PCT",
+                    help="fio writes buffers that compress by about PCT%% (default 0)")
+    ap.add_argument("--reopen", metavar="WORKDIR",
+                    help="only open the store of a kept run again (steps 5-6)")
     args = ap.parse_args()
+    if args.reopen:
+        return run_reopen(args)
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             print(f"scale_bench: {tool} is needed", file=sys.stderr)
