@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 from bisect import bisect_left
 from typing import Callable, Iterable, Iterator
 
 from lsbd.format.segment import Record
 from lsbd.segments.local import SegmentFiles
 from lsbd.map.blockmap import BlockMap, Extent
-from lsbd.map.packed import Part, Run
+from lsbd.map.packed import Part, Run, lay_single, pack_runs, single_blocks
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound
@@ -78,29 +80,170 @@ def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
         return None
 
 
-#: The base goes in packed runs when its deltas hold at most one entry per
-#: this many of its own (runs of that many entries on average, at least).
-RUN_SPACING = 16
+#: Parts of the base fetched and unpacked ahead, in threads, while the one
+#: before is merged and loaded.
+BASE_AHEAD = 2
 
 
 def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
                   then: Iterable[tuple] | None = None) -> Iterator[tuple | Run]:
     """The map at the last checkpoint of `chain`: its base with its deltas
-    laid over it, in one pass as they stream, one part of each in memory.
-    The base comes as packed runs (lsbd.map.packed) when the deltas are few
-    beside it: the stretches no delta touches pass through whole; the rest
-    as (lba, nblocks, seq, offset).
+    laid over it, in one pass as they stream, a part of each in memory.
     then: the entries of one more delta, laid over last.
-    Holes (seq 0) are left in: drop them at the end (keep_mapped)."""
-    deltas: list[Iterable[tuple]] = [ckpt.read_extents(store, m) for m in chain[1:]]
+
+    The volume is taken in the ranges of the base's parts.  In a range
+    where every entry of the base and the deltas is one block long (random
+    4 KiB writes) the deltas are laid over in C (lsbd.map.packed.lay_single)
+    and the range comes out as one packed run; elsewhere the general
+    overlay does it, with the base's stretches no delta touches as packed
+    runs and the rest as (lba, nblocks, seq, offset).  Holes (seq 0) may be
+    left in: drop them at the end (keep_mapped)."""
+    layers = [_Layer(ckpt.read_runs(store, m)) for m in chain[1:]]
     if then is not None:
-        deltas.append(then)
-    over = merge_layers(deltas, block_size)
-    if sum(m.extents for m in chain[1:]) * RUN_SPACING > chain[0].extents:
-        # Deltas everywhere (random writes all over): runs of a few entries
-        # cost more than the tuple merge (measured: 10% slower).
-        return overlay(ckpt.read_extents(store, chain[0]), over, block_size)
-    return overlay_runs(ckpt.read_runs(store, chain[0]), over, block_size)
+        layers.append(_Layer(pack_runs(then)))
+    lo = 0
+    held = None
+    for run in ckpt.read_runs(store, chain[0], ahead=BASE_AHEAD):
+        hi = _run_end(run.part, run.stop)
+        taken = [layer.take(hi) for layer in layers]
+        cut = any(layer.carried for layer in layers)
+        held = yield from _joined(_lay_range(run.part, taken, lo, hi, block_size), held,
+                                  hi if cut else None, block_size)
+        lo = hi
+    yield from _joined(_lay_range(None, [layer.take(None) for layer in layers], lo, None,
+                                  block_size), held, None, block_size)
+
+
+def _joined(items: Iterator[tuple | Run], held: tuple | None, cut_at: int | None,
+            block_size: int):
+    """A range's items, the first one joined to `held` (the previous
+    range's last) when it goes on with it, and the last one held back and
+    returned when it ends at `cut_at`: a delta's entry that reaches over a
+    range's end is cut there, and comes out whole as the chain has it."""
+    last: tuple | Run | None = held
+    for item in items:
+        if last is not None:
+            if isinstance(last, tuple) and isinstance(item, tuple) and \
+                    item[0] == last[0] + last[1] and item[2] == last[2] and \
+                    (not item[2] or item[3] == last[3] + last[1] * block_size):
+                item = (last[0], last[1] + item[1], last[2], last[3])
+            else:
+                yield last
+        last = item
+    if isinstance(last, tuple) and cut_at is not None and last[0] + last[1] == cut_at:
+        return last
+    if last is not None:
+        yield last
+    return None
+
+
+class _Layer:
+    """One delta's entries, handed out range by range in block order."""
+
+    def __init__(self, runs: Iterator[Run]):
+        self._runs = runs
+        self._cur: Run | None = next(runs, None)
+        self.carried = False   # the last take handed out an entry that reaches past it
+
+    def take(self, hi: int | None) -> list[Run]:
+        """The entries that start below `hi` (all with None).  One that
+        reaches past `hi` is handed out again with the next range: each
+        range clips what it gets."""
+        out: list[Run] = []
+        self.carried = False
+        while self._cur is not None:
+            run = self._cur
+            part = run.part
+            j = run.stop if hi is None else bisect_left(part.lbas, hi, run.start, run.stop)
+            if j > run.start:
+                out.append(Run(part, run.start, j))
+                lba, n, _seq, _off = part.entry(j - 1)
+                if hi is not None and lba + n > hi:
+                    self._cur = Run(part, j - 1, run.stop)
+                    self.carried = True
+                    return out
+            if j < run.stop:
+                self._cur = Run(part, j, run.stop)
+                return out
+            self._cur = next(self._runs, None)
+        return out
+
+
+def _lay_range(part: Part | None, runs: list[list[Run]], lo: int, hi: int | None,
+               block_size: int) -> Iterator[tuple | Run]:
+    """The base's entries in [lo, hi) (those of `part`) with each delta's
+    entries there laid over them."""
+    if not any(runs):
+        if part is not None:
+            yield Run(part)
+        return
+    bodies = [[bytes(r.body()) for r in layer] for layer in runs]
+    if (part is None or single_blocks(part.body)) and \
+            all(single_blocks(b) for layer in bodies for b in layer):
+        merged = lay_single(part, bodies)
+        if merged.count:
+            yield Run(merged)
+        return
+    over = merge_layers([_clipped(layer, lo, hi, block_size) for layer in runs], block_size)
+    yield from overlay_runs([Run(part)] if part is not None else [], over, block_size)
+
+
+def _clipped(runs: list[Run], lo: int, hi: int | None, block_size: int) -> Iterator[tuple]:
+    """The entries of `runs`, cut to [lo, hi)."""
+    for run in runs:
+        for lba, n, seq, off in run.entries():
+            start, end = max(lba, lo), lba + n if hi is None else min(lba + n, hi)
+            if start < end:
+                yield (start, end - start, seq, off + (start - lba) * block_size if seq else 0)
+
+
+def produced_ahead(items: Iterable, depth: int = 2, batch: int = 4096) -> Iterator:
+    """The items of `items`, made in a thread of their own, at most `depth`
+    batches ahead of the caller: opening merges a chain (numpy and zlib let
+    go of the GIL) while the map is loaded (LMDB), on two cores.  An error
+    in the thread is raised here; closing this early stops the thread."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        end: BaseException | None = RuntimeError("merging the chain stopped")
+        try:
+            chunk: list = []
+            for item in items:
+                chunk.append(item)
+                if len(chunk) >= batch or isinstance(item, Run):
+                    if not put(chunk):
+                        return
+                    chunk = []
+            if put(chunk):
+                end = None
+        except Exception as e:  # noqa: BLE001 - handed to the caller, raised there
+            end = e
+        finally:
+            put(end)
+
+    worker = threading.Thread(target=run, name="chain-merge", daemon=True)
+    worker.start()
+    try:
+        while True:
+            got = out.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield from got
+    finally:
+        stop.set()
+        worker.join()
 
 
 def keep_mapped(entries: Iterable[tuple | Run]) -> Iterator[tuple | Run]:

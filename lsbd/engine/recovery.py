@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lsbd import fileio, names
-from lsbd.engine.deltas import chain_extents, keep_mapped
+from lsbd.engine.deltas import chain_extents, keep_mapped, produced_ahead
 from lsbd.segments import checkpoints as ckpt
 from lsbd.map.blockmap import STORED, BlockMap
 from lsbd.meta.config import Lineage, VolumeConfig
@@ -57,7 +57,8 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
     meta: dict[str, Any] = dict(applied_seq=str(manifest.seq).encode(),
                 size=str(manifest.volume_size).encode(),
                 top_crc=str(manifest.top_crc or 0).encode())
-    bm.load(keep_mapped(chain_extents(store, chain, bm.block_size)), segments, **meta)
+    bm.load(keep_mapped(produced_ahead(chain_extents(store, chain, bm.block_size))), segments,
+            **meta)
 
 
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,

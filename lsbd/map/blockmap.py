@@ -314,35 +314,38 @@ class BlockMap:
         done = False
         while not done:
             count = 0
-
-            def pairs():
-                nonlocal count, done
-                for e in it:
-                    if isinstance(e, Run):
-                        fast = e.map_pairs() if len(e) >= _SHORT_RUN else None
-                        if fast is not None:
-                            live.update(e.live())
-                            yield from fast
-                        else:       # a few entries cost less one by one
-                            for lba, n, seq, off in e.entries():
-                                live[seq] += n
-                                yield _k(lba), _v(n, seq, off)
-                        count += len(e)
-                    else:
-                        lba, n, seq, off = e
-                        live[seq] += n
-                        yield _k(lba), _v(n, seq, off)
-                        count += 1
-                    if count >= batch:
-                        return
-                done = True
-
+            loose: list[tuple[bytes, bytes]] = []     # entries one by one, in order
             with self._writing() as txn:
                 if first:
                     txn.drop(self._extents, delete=False)
                     txn.drop(self._segments, delete=False)
                     first = False
-                txn.cursor(db=self._extents).putmulti(pairs(), append=True)
+                cur = txn.cursor(db=self._extents)
+                for e in it:
+                    if isinstance(e, Run):
+                        fast = e.map_pairs() if len(e) >= _SHORT_RUN else None
+                        if fast is not None:
+                            if loose:
+                                cur.putmulti(loose, append=True)
+                                loose = []
+                            live.update(e.live())
+                            cur.putmulti(fast, append=True)   # no Python per entry
+                        else:       # a few entries cost less one by one
+                            for lba, n, seq, off in e.entries():
+                                live[seq] += n
+                                loose.append((_k(lba), _v(n, seq, off)))
+                        count += len(e)
+                    else:
+                        lba, n, seq, off = e
+                        live[seq] += n
+                        loose.append((_k(lba), _v(n, seq, off)))
+                        count += 1
+                    if count >= batch:
+                        break
+                else:
+                    done = True
+                if loose:
+                    cur.putmulti(loose, append=True)
         with self._writing() as txn:
             for info in segments:
                 info.live_blocks = live.get(info.seq, 0)

@@ -22,6 +22,8 @@ import logging
 import struct
 import time
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import attrs
@@ -242,14 +244,41 @@ def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
     return map(Extent._make, _entries(store, manifest, kind, EXTENT_ENTRY))
 
 
-def read_runs(store: Store, manifest: Manifest) -> Iterator[Run]:
-    """A base's extents, in order, a packed run per part (lsbd.map.packed)."""
-    for key, part_kind, count, crc in manifest.parts:
-        if part_kind != PART_EXTENTS_KIND:
-            continue
-        body = _part_body(store, manifest, key, PART_EXTENTS_KIND, count, crc, EXTENT_ENTRY)
-        if count:
-            yield Run(Part(body))
+def read_runs(store: Store, manifest: Manifest, *, ahead: int = 0) -> Iterator[Run]:
+    """A base's extents, or a delta's entries, in order, a packed run per
+    part (lsbd.map.packed).  ahead: parts fetched, checked and unpacked in
+    threads while the caller works on the one before (the store's reads
+    and zlib let go of the GIL), each one more part in memory."""
+    kind = PART_DELTA_KIND if manifest.is_delta else PART_EXTENTS_KIND
+    parts = [(key, count, crc) for key, part_kind, count, crc in manifest.parts
+             if part_kind == kind]
+
+    def body(part: tuple[str, int, int]) -> bytes:
+        key, count, crc = part
+        return _part_body(store, manifest, key, kind, count, crc, EXTENT_ENTRY)
+
+    for data in _prefetched(body, parts, ahead):
+        if data:
+            yield Run(Part(data))
+
+
+def _prefetched(fn, items: list, ahead: int) -> Iterator:
+    """map(fn, items), with up to `ahead` calls running ahead in threads."""
+    if ahead <= 0:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="ckpt-read")
+    try:
+        pending: deque = deque()
+        todo = iter(items)
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_chain(store: Store, volume: str, manifest: Manifest) -> list[Manifest]:

@@ -31,10 +31,10 @@ def store(tmp_path):
     s.close()
 
 
-def _writes(vol, rng: random.Random, tag: int, count: int) -> None:
+def _writes(vol, rng: random.Random, tag: int, count: int, max_n: int = 12) -> None:
     for i in range(count):
         kind = rng.random()
-        n = rng.randint(1, 12)
+        n = rng.randint(1, max_n)
         lba = rng.randrange(0, SIZE // BS - n)
         if kind < 0.8:
             vol.write(lba * BS, blocks(tag * 1000 + i, lba, n))
@@ -158,27 +158,24 @@ def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
         assert read_all(v) == expected
 
 
-@pytest.mark.parametrize("spacing", [0, 10**9], ids=["packed-runs", "tuples"])
+@pytest.mark.parametrize("max_n", [1, 12], ids=["one-block", "mixed"])
 def test_a_base_after_a_chain_is_the_map_without_reading_it(store, tmp_path, monkeypatch,
-                                                             spacing):
+                                                             max_n):
     """Once the chain is long, the next base is the chain with the new
     segments laid over it, never a read of the live map; it holds exactly
     the map's extents, and opening from it alone reads back the volume.
-    Small parts, so entries cross part boundaries; the base merged in
-    packed runs or as tuples."""
-    from lsbd.engine import deltas
-
+    Small parts, so entries cross part boundaries; writes of one block
+    (laid over on arrays) or of several (the general overlay)."""
     monkeypatch.setattr(ckpt, "PART_EXTENTS", 7)
-    monkeypatch.setattr(deltas, "RUN_SPACING", spacing)
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
                   seal_interval=3600)
     cache = str(tmp_path / "cache")
     rng = random.Random(11)
     with Volume.open(store, "vol", cache_root=cache) as vol:
         for r in range(ckpt.MAX_CHAIN + 1):
-            _writes(vol, rng, r, 25)
+            _writes(vol, rng, r, 25, max_n)
             vol.checkpoint()
-        _writes(vol, rng, 50, 25)
+        _writes(vol, rng, 50, 25, max_n)
 
         real_snapshot = testing.map_of(vol).snapshot
 
@@ -408,3 +405,99 @@ def test_packed_runs_merge_and_load_as_entries_do(tmp_path, monkeypatch):
                          {s.seq: s.live_blocks for s in bm.segments()}))
             bm.close()
         assert maps[0] == maps[1]
+
+
+def _stored_chain(store, layers: list[list[tuple]], segs) -> ckpt.Manifest:
+    """layers[0] as a base, the rest as deltas over it, in the store."""
+    m = ckpt.write_checkpoint(store, "vol", "vid", 100, volume_size=SIZE, block_size=BS,
+                              extents=layers[0], segments=segs)
+    for k, layer in enumerate(layers[1:]):
+        m = ckpt.write_checkpoint(store, "vol", "vid", 101 + k, volume_size=SIZE,
+                                  block_size=BS, extents=layer, segments=segs, delta_of=m)
+    return m
+
+
+@pytest.mark.parametrize("one_block", [0.0, 0.97, 1.0], ids=["mixed", "mostly-one", "one"])
+def test_a_chain_opens_as_its_layers_laid_over(tmp_path, monkeypatch, one_block):
+    """chain_extents (by ranges of the base's parts: on arrays where every
+    entry is one block long, the general overlay elsewhere) gives exactly
+    the layers laid over each other in turn, holes dropped, and loads the
+    same map and live counts; with one more delta (`then`) too.  Parts of
+    a few entries, so ranges are many and entries cross them."""
+    from lsbd.engine.deltas import chain_extents, keep_mapped, lay_over
+    from lsbd.map.blockmap import BlockMap
+    from lsbd.map.encoding import PENDING, SegmentInfo
+
+    monkeypatch.setattr(ckpt, "PART_EXTENTS", 5)
+    segs = [SegmentInfo(seq=s, state=PENDING, sealed_ns=0, size=1, live_blocks=0,
+                        data_blocks=1, trailer_crc=0) for s in range(1, 80)]
+    rng = random.Random(17)
+    for trial in range(40):
+        store = open_test_store("file://" + str(tmp_path / f"s{trial}"))
+        n_blocks = rng.randint(1, 120)
+
+        def layer(seq_base: int, holes: bool, n_blocks: int = n_blocks) -> list[tuple]:
+            entries = _random_layer(rng, n_blocks, seq_base, holes)
+            return [(lba, 1, seq, off) if rng.random() < one_block else (lba, n, seq, off)
+                    for lba, n, seq, off in entries]
+
+        layers = [layer(0, False)] + [layer(10 * (k + 1), True)
+                                      for k in range(rng.randint(0, 5))]
+        then = layer(70, True) if trial % 2 else None
+        manifest = _stored_chain(store, layers, segs)
+        chain = ckpt.read_chain(store, "vol", manifest)
+        want = [e for e in lay_over([*layers, *([then] if then else [])], BS) if e[2]]
+        got = _expand(keep_mapped(chain_extents(store, chain, BS, then=then)))
+        assert [tuple(e) for e in got] == want, f"trial {trial}"
+        bm = BlockMap(str(tmp_path / f"m{trial}"), BS, scratch=True)
+        bm.load(keep_mapped(chain_extents(store, chain, BS, then=then)), segs, batch=3)
+        assert [tuple(e) for e in bm.iter_extents()] == want
+        live = {s.seq: s.live_blocks for s in bm.segments() if s.live_blocks}
+        expect: dict[int, int] = {}
+        for _lba, n, seq, _off in want:
+            expect[seq] = expect.get(seq, 0) + n
+        assert live == expect
+        bm.close()
+        store.close()
+
+
+def test_lay_single_replaces_adds_and_removes():
+    """Laying one-block entries on arrays: a later layer wins on a block,
+    a hole removes the block unless a later layer writes it again."""
+    from lsbd.map.packed import ENTRY, Part, lay_single, single_blocks
+
+    def body(*entries):
+        return b"".join(ENTRY.pack(*e) for e in entries)
+
+    base = Part(body((1, 1, 5, 10), (3, 1, 5, 11), (7, 1, 5, 12)))
+    one = body((0, 1, 6, 1), (3, 1, 6, 2), (7, 1, 0, 0), (9, 1, 0, 0))
+    two = body((3, 1, 0, 0), (7, 1, 7, 3), (8, 1, 7, 4))
+    assert single_blocks(one) and not single_blocks(body((2, 2, 6, 1)))
+    got = list(ENTRY.iter_unpack(lay_single(base, [[one], [two]]).body))
+    assert got == [(0, 1, 6, 1), (1, 1, 5, 10), (7, 1, 7, 3), (8, 1, 7, 4)]
+    assert lay_single(None, [[one]]).body == body((0, 1, 6, 1), (3, 1, 6, 2))
+    assert lay_single(base, []).body == base.body
+
+
+def test_a_chain_merged_ahead_raises_what_the_merge_raised():
+    """Opening merges the chain in a thread of its own: an error there (a
+    part that fails its check) is the caller's error, and a caller that
+    stops early stops the thread."""
+    import threading
+
+    from lsbd.engine.deltas import produced_ahead
+    from lsbd.errors import CorruptionError
+
+    def failing():
+        yield from range(10)
+        raise CorruptionError("part 3 fails its check")
+
+    got = []
+    with pytest.raises(CorruptionError, match="part 3"):
+        for x in produced_ahead(failing(), depth=1, batch=3):
+            got.append(x)
+    assert got == list(range(9)) or got == list(range(10))
+    it = produced_ahead(iter(range(10**6)), depth=1, batch=2)
+    assert next(it) == 0
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "chain-merge"]
