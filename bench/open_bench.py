@@ -36,6 +36,7 @@ from lsbd.engine.recovery import load_checkpoint
 from lsbd.map.blockmap import BlockMap, SegmentInfo
 from lsbd.segments import checkpoints as ckpt
 from lsbd.store.local import LocalStore
+from lsbd.store.open import open_store
 
 BS = 4096
 VOLUME = 1 << 40
@@ -125,14 +126,20 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="check the map (slow)")
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--keep", metavar="DIR")
+    ap.add_argument("--store", metavar="DIR",
+                    help="time a checkpoint of a file:// store instead (with --volume, --seq)")
+    ap.add_argument("--volume", default="v")
+    ap.add_argument("--seq", type=int)
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="lsbd-open-bench-", dir=args.workdir)
     try:
-        store_dir = os.path.join(work, "store")
+        store_dir = args.store or os.path.join(work, "store")
         os.makedirs(store_dir, exist_ok=True)
-        store = LocalStore(store_dir)
-        seqs = ckpt.list_checkpoints(store, "v")
-        manifest = ckpt.read_manifest(store, "v", seqs[-1]) if seqs else build(store, args)
+        # A volume's own store (compressed or sealed objects) through open_store.
+        store = open_store(f"file://{store_dir}") if args.store else LocalStore(store_dir)
+        seqs = ckpt.list_checkpoints(store, args.volume)
+        manifest = ckpt.read_manifest(store, args.volume, args.seq or seqs[-1]) if seqs else \
+            build(store, args)
         for r in range(args.rounds):
             path = os.path.join(work, "map")
             BlockMap.destroy(path)
@@ -143,7 +150,7 @@ def main() -> int:
             cpu = time.process_time()
             if prof:
                 prof.enable()
-            load_checkpoint(bm, store, "v", manifest)
+            load_checkpoint(bm, store, args.volume, manifest)
             if prof:
                 prof.disable()
             took = time.monotonic() - t
@@ -152,7 +159,7 @@ def main() -> int:
                   f"load average {load:.1f}", flush=True)
             if prof:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            if args.check and r == 0:
+            if args.check and r == 0 and not args.store:
                 check(bm, store, manifest)
             bm.close()
             BlockMap.destroy(path)

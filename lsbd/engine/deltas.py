@@ -80,6 +80,8 @@ def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
         return None
 
 
+#: Packed runs from this many entries on are prepared for loading ahead.
+PREPARED_RUN = 1024
 #: Parts of the base fetched and unpacked ahead, in threads, while the one
 #: before is merged and loaded.
 BASE_AHEAD = 2
@@ -199,7 +201,8 @@ def _clipped(runs: list[Run], lo: int, hi: int | None, block_size: int) -> Itera
 
 def produced_ahead(items: Iterable, depth: int = 2, batch: int = 4096) -> Iterator:
     """The items of `items`, made in a thread of their own, at most `depth`
-    batches ahead of the caller: opening merges a chain (numpy and zlib let
+    batches ahead of the caller, packed runs with what loading them needs
+    worked out (Part.prepare): opening merges a chain (numpy and zlib let
     go of the GIL) while the map is loaded (LMDB), on two cores.  An error
     in the thread is raised here; closing this early stops the thread."""
     out: queue.Queue = queue.Queue(maxsize=depth)
@@ -220,6 +223,8 @@ def produced_ahead(items: Iterable, depth: int = 2, batch: int = 4096) -> Iterat
             chunk: list = []
             for item in items:
                 chunk.append(item)
+                if isinstance(item, Run) and len(item) >= PREPARED_RUN:
+                    item.part.prepare(live=len(item) == item.part.count)
                 if len(chunk) >= batch or isinstance(item, Run):
                     if not put(chunk):
                         return

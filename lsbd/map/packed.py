@@ -45,6 +45,7 @@ class Part:
         self._lbas: array | None = None
         self._pairs: memoryview | None = None
         self._short: bool | None = None
+        self._live: Counter | None = None
 
     @property
     def lbas(self) -> array:
@@ -58,15 +59,50 @@ class Part:
     def short(self) -> bool:
         """Whether every entry fits the map's short value (the usual case)."""
         if self._short is None:
-            self._short = not _rows(self.body)[:, _HIGH].any()
+            e = _entries(self.body)
+            self._short = not self.count or bool(
+                e["n"].max() < 1 << 16 and e["seq"].max() < 1 << 32 and e["off"].max() < 1 << 32)
         return self._short
 
     def pairs_bytes(self) -> memoryview:
         """The map's (key, short value) of every entry, 16 bytes each: the
         key the lba's low 6 bytes big-endian, the value <HII."""
         if self._pairs is None:
-            self._pairs = memoryview(_rows(self.body)[:, _PAIR_BYTES].tobytes())
+            np = _np()
+            e, n = _entries(self.body), self.count
+            out = np.empty((n, PAIR.size), dtype=np.uint8)
+            out[:, :KEY_BYTES] = e["lba"].astype(">u8").view(np.uint8).reshape(n, 8)[:, 2:]
+            out[:, 6:8] = e["n"].astype("<u2").view(np.uint8).reshape(n, 2)
+            out[:, 8:12] = e["seq"].astype("<u4").view(np.uint8).reshape(n, 4)
+            out[:, 12:16] = e["off"].astype("<u4").view(np.uint8).reshape(n, 4)
+            self._pairs = memoryview(out.tobytes())
         return self._pairs
+
+    def live(self, start: int = 0, stop: int | None = None) -> Counter:
+        """Blocks per seq of entries start..stop-1 (all of them kept)."""
+        whole = start == 0 and (stop is None or stop == self.count)
+        if whole and self._live is not None:
+            return self._live
+        size = ENTRY.size
+        chunk = self.body[start * size:(self.count if stop is None else stop) * size]
+        if len(chunk) >= _ARRAY_RUN * size:
+            live = _live_of(chunk)
+        else:
+            live = Counter()
+            for _lba, nblocks, seq, _off in ENTRY.iter_unpack(chunk):
+                live[seq] += nblocks
+        if whole:
+            self._live = live
+        return live
+
+    def prepare(self, live: bool = True) -> None:
+        """Work out what loading needs (done in a thread ahead of the load;
+        numpy lets go of the GIL meanwhile); live: the live counts of all
+        the entries too."""
+        if self.short():
+            self.pairs_bytes()
+        if live:
+            self.live()
 
 
 class Run:
@@ -98,19 +134,23 @@ class Run:
 
     def live(self) -> Counter:
         """Blocks per seq."""
-        body, size = self.part.body, ENTRY.size
-        chunk = body[self.start * size:self.stop * size]
-        if len(self) >= _ARRAY_RUN:
-            np = _np()
-            e = _entries(chunk)
-            seqs, where = np.unique(e["seq"], return_inverse=True)
-            blocks = np.bincount(where, weights=e["n"]) if (e["n"] != 1).any() else \
-                np.bincount(where)
-            return Counter(dict(zip(seqs.tolist(), blocks.astype(np.int64).tolist())))
-        live: Counter = Counter()
-        for _lba, nblocks, seq, _off in ENTRY.iter_unpack(chunk):
-            live[seq] += nblocks
-        return live
+        return self.part.live(self.start, self.stop)
+
+
+def _live_of(chunk) -> Counter:
+    """Blocks per seq of packed entries, on arrays."""
+    np = _np()
+    e = _entries(chunk)
+    seqs = e["seq"]
+    weights = e["n"] if (e["n"] != 1).any() else None
+    top = int(seqs.max())
+    if top < 4 * len(seqs) + (1 << 16):       # seqs are dense: count by value
+        counts = np.bincount(seqs.astype(np.int64), weights=weights)
+        have = np.flatnonzero(counts)
+        return Counter(dict(zip(have.tolist(), counts[have].astype(np.int64).tolist())))
+    values, where = np.unique(seqs, return_inverse=True)
+    counts = np.bincount(where, weights=weights)
+    return Counter(dict(zip(values.tolist(), counts.astype(np.int64).tolist())))
 
 
 def _column(body: bytes, at: int, width: int, code: str) -> array:
