@@ -26,7 +26,9 @@ fio's nbd engine (libnbd) at iodepth 16 over a Unix socket:
               bytes of every checkpoint written during the run;
   5. open:    the server stopped, its cache dir deleted, the page cache
               dropped: the time until a new server over the store alone
-              serves its socket;
+              serves its socket (from the newest checkpoint, which may be a
+              base); then, apart, the map of the checkpoint with the longest
+              chain (a base and the most deltas) loaded from the store;
   6. cold random reads of the region (4 KiB) from that fresh cache.
 
 --only-frag runs the fill and the frag phase alone (a minute or two).
@@ -266,12 +268,39 @@ def reopen(lsbd: Lsbd, region: int, runtime: int, out: dict) -> None:
     lsbd.stop()
 
 
+def chain_open(store_dir: str) -> dict:
+    """The checkpoint whose chain is longest (a base and the most deltas,
+    the slowest to open), its map loaded from the store alone in a process
+    of its own (bench/open_bench.py: the load only, no segments replayed)."""
+    code = ("import json, sys; from lsbd.store.open import open_store; "
+            "from lsbd.segments import checkpoints as c; s = open_store(sys.argv[1]); "
+            "ms = [c.read_manifest(s, 'bench', q) for q in c.list_checkpoints(s, 'bench')]; "
+            "print(json.dumps([[m.seq, m.chain, m.extents, m.delta_entries, m.base or 0] "
+            "for m in ms]))")
+    listed = json.loads(sh(sys.executable, "-c", code, f"file://{store_dir}").stdout)
+    seq, chain, _ext, deltas, base = max(listed, key=lambda m: (m[1], m[3]))
+    base_extents = next((m[2] for m in listed if m[0] == (base or seq)), 0)
+    drop_page_cache()
+    r = sh(sys.executable, os.path.join(REPO, "bench", "open_bench.py"), "--store", store_dir,
+           "--volume", "bench", "--seq", str(seq), "--rounds", "1", "--keep",
+           os.path.join(os.path.dirname(store_dir), "open-bench"))
+    line = [x for x in r.stdout.splitlines() if x.startswith("open:")][-1]
+    out = {"seq": seq, "chain": chain, "base_extents": base_extents, "delta_entries": deltas,
+           "seconds": float(line.split()[1]), "cpu_seconds": float(line.split("(")[1].split()[0]),
+           "loadavg": os.getloadavg()[0]}
+    print(f"  loading the longest chain (a base of {base_extents} extents and {chain} deltas "
+          f"of {deltas} entries): {out['seconds']:.1f} s ({out['cpu_seconds']:.1f} s of CPU), "
+          f"load average {out['loadavg']:.1f}", flush=True)
+    return out
+
+
 def run_reopen(args) -> int:
     """--reopen: steps 5 and 6 again on a kept run's store."""
     lsbd = Lsbd(args.reopen, 0, [], create=False)
     out: dict = {}
     try:
         reopen(lsbd, parse_size(args.region), args.runtime, out)
+        out["chain_open"] = chain_open(lsbd.store_dir)
     finally:
         lsbd.close()
     print(json.dumps(out))
@@ -363,6 +392,7 @@ def run(args) -> dict:
               f"{human(rss.peak_children_anon * 1024)} anonymous", flush=True)
         lsbd.stop()
         reopen(lsbd, region, args.runtime, out)
+        out["chain_open"] = chain_open(lsbd.store_dir)
         if not args.skip_nbdkit:
             drop_page_cache()
             with nbdkit(workdir, volume_size) as uri:
@@ -396,7 +426,7 @@ def run_frag(args) -> dict:
     try:
         drop_page_cache()
         lsbd.start()
-        fill = fio(lsbd.uri, "write", "1M", size=region)
+        fill = fio(lsbd.uri, "write", "1M", size=region, compress_pct=args.fio_compress)
         print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
         out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region, args.fio_compress)
         print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
@@ -406,7 +436,7 @@ def run_frag(args) -> dict:
         if not args.skip_nbdkit:
             drop_page_cache()
             with nbdkit(workdir, volume_size) as uri:
-                fio(uri, "write", "1M", size=region)
+                fio(uri, "write", "1M", size=region, compress_pct=args.fio_compress)
                 out["nbdkit_frag"] = frag = frag_and_read(uri, region, args.fio_compress)
             print(f"  nbdkit: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
                   f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
@@ -440,6 +470,10 @@ def report(out: dict) -> None:
     print(f"map bytes per extent {out['map_file'] / ext:.0f} (target <= 64)")
     print(f"checkpoints {100 * out['checkpoint_fraction']:.2f}% of bytes written (target <= 2%)")
     print(f"open from the store {out['open_seconds']:.1f} s (target <= 10)")
+    if "chain_open" in out:
+        c = out["chain_open"]
+        print(f"  the longest chain's map loaded alone {c['seconds']:.1f} s ({c['base_extents']} "
+              f"extents and {c['chain']} deltas of {c['delta_entries']} entries)")
     print(f"peak anonymous RSS {out['rss_peak_anon_kib'] / 1024:.0f} MiB, after the reopen "
           f"{out['reopen_rss_peak_anon_kib'] / 1024:.0f} MiB (target <= 256); the server's "
           f"child processes {out['rss_peak_children_anon_kib'] / 1024:.0f} MiB")
