@@ -206,3 +206,29 @@ def test_recovery_keeps_a_journal_whose_key_is_missing(tmp_path):
         recover_journal_file(str(path), volume_id=VOLID, seq=3, block_size=BS,
                              volume_size=1 << 30, prev_crc=0, keys=keys(known=(1,)))
     assert os.path.getsize(path) == size
+
+
+def test_reads_from_many_threads_at_once_decrypt_right():
+    """The contexts a stream keeps for reuse are never shared by two threads."""
+    import threading
+
+    s = Stream(bytes(range(32)))
+    plain = os.urandom(1 << 16)
+    whole = s.xor(0, [plain])
+    errors = []
+
+    def reader(seed: int) -> None:
+        import random
+        rng = random.Random(seed)
+        for _ in range(2000):
+            lo = rng.randrange(len(plain) - 1)
+            hi = rng.randrange(lo + 1, min(len(plain), lo + 9000) + 1)
+            if s.xor(lo, [whole[lo:hi]]) != plain[lo:hi]:
+                errors.append((lo, hi))
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
