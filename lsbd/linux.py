@@ -165,3 +165,15 @@ def mallopt(param: int, value: int) -> bool:
     if _mallopt is None:
         return False
     return bool(_mallopt(param, value))
+
+
+_malloc_trim = _function("malloc_trim", [ctypes.c_size_t])
+
+
+def malloc_trim() -> bool:
+    """glibc's malloc_trim(0): hand the memory malloc holds free back to the
+    kernel (a serving process keeps up to its trim threshold otherwise).
+    False where the C library is not glibc."""
+    if _malloc_trim is None:
+        return False
+    return bool(_malloc_trim(0))
