@@ -91,6 +91,7 @@ class RssSampler:
     def __init__(self, pid: int, interval: float = 0.2):
         self.pid = pid
         self.peak_anon = self.peak_file = self.peak_children_anon = 0
+        self._phase_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
@@ -98,9 +99,15 @@ class RssSampler:
     def now(self) -> tuple[int, int]:
         return _rss(self.pid)
 
+    def phase(self) -> int:
+        """The peak RssAnon (KiB) since the last call: of one phase."""
+        peak, self._phase_peak = self._phase_peak, 0
+        return max(peak, self.now()[0])
+
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
             anon, file = self.now()
+            self._phase_peak = max(self._phase_peak, anon)
             self.peak_anon = max(self.peak_anon, anon)
             self.peak_file = max(self.peak_file, file)
             kids = sum(_rss(c)[0] for c in _children(self.pid))
@@ -353,18 +360,22 @@ def run(args) -> dict:
                       f"{human(anon * 1024):>9} {human(file * 1024):>9} "
                       f"{os.getloadavg()[0]:5.1f}", flush=True)
             out["rounds"] = rounds
+            phases = {"writes": rss.phase()}
             eighth = max(1, len(rounds) // 8)
             first = sum(x["iops"] for x in rounds[:eighth]) / eighth
             last = sum(x["iops"] for x in rounds[-eighth:]) / eighth
             out["iops_first"], out["iops_last"] = first, last
             frag = frag_and_read(lsbd.uri, region, args.fio_compress)
             out["lsbd_frag"] = frag
+            phases["frag"] = rss.phase()
             print(f"  frag writes in the region: {frag['frag_write']['iops']:.0f} IOPS; "
                   f"then seq read 1M: {frag['seq_read']['mib_s']:.0f} MiB/s, again "
                   f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
             started = time.monotonic()
             lsbd.checkpoint()
             out["checkpoint_seconds"] = time.monotonic() - started
+            phases["checkpoint"] = rss.phase()
+            out["rss_peak_anon_kib_by_phase"] = phases
             st = lsbd.stats()
             out["final_stats"] = st
             out["map_file"] = lsbd.map_file()
@@ -389,7 +400,8 @@ def run(args) -> dict:
               f"{human(total_written)} written", flush=True)
         print(f"  server peak RSS: {human(rss.peak_anon * 1024)} anonymous, "
               f"{human(rss.peak_file * 1024)} file; its child processes "
-              f"{human(rss.peak_children_anon * 1024)} anonymous", flush=True)
+              f"{human(rss.peak_children_anon * 1024)} anonymous; peak anonymous by phase: "
+              + ", ".join(f"{k} {human(v * 1024)}" for k, v in phases.items()), flush=True)
         lsbd.stop()
         reopen(lsbd, region, args.runtime, out)
         out["chain_open"] = chain_open(lsbd.store_dir)
