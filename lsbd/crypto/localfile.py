@@ -68,6 +68,10 @@ class FileCipher:
         """Encrypt (or decrypt: the same) parts that lie contiguous from `offset`."""
         return self._stream.xor(offset, parts)
 
+    def xor_in_place(self, offset: int, buf: bytearray, n: int) -> None:
+        """Decrypt buf[:n], read from `offset`, in place (buf has 15 spare bytes)."""
+        self._stream.xor_in_place(offset, buf, n)
+
     def at(self, offset: int):
         """A context that encrypts from `offset` on, one update after another
         (for one thread: the journal's appends)."""

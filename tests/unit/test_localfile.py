@@ -232,3 +232,27 @@ def test_reads_from_many_threads_at_once_decrypt_right():
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("nowait", [False, True])
+def test_large_and_small_reads_of_an_encrypted_file(tmp_path, nowait):
+    """Reads from 64 KiB on are decrypted in the buffer they were read into;
+    both ways give the plain bytes, and a read past the end is cut short."""
+    from lsbd.segments.openfile import OpenFile
+
+    k = keys()
+    c = k.new_file()
+    plain = os.urandom(300_000)
+    path = tmp_path / "f.seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        localfile.write_new(fd, c, plain)
+        f = OpenFile(localfile.reader_of(fd, k, where="f"))
+        path.read_bytes()      # in the page cache, for nowait reads
+        for lo, n in [(0, 4096), (17, 5000), (1000, 128 * 1024), (64 * 1024, 64 * 1024),
+                      (299_000, 4096), (200_000, 200_000)]:
+            if nowait and lo + n > len(plain):
+                continue     # cut short: a nowait read says WouldBlock, as in the clear
+            assert bytes(f.read(n, lo, nowait)) == plain[lo:lo + n], (lo, n)
+    finally:
+        os.close(fd)
