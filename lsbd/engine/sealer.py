@@ -6,6 +6,7 @@ wait for the store."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
+MAP_ROOM_RETRY = 0.25         # seconds between tries of a map commit that found the disk full
 
 
 class Sealer:
@@ -98,11 +100,8 @@ class Sealer:
                 seg = st.sealing[0]
             try:
                 seg.finish()
-                with st.map_guard:
-                    if st.map_closed:
-                        return
-                    self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
-                                      advance=False)
+                if not self._apply_when_room(seg):
+                    return
             except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
                 log.error("volume %s: sealing segment %d failed: %s", st.name, seg.seq, e)
                 with st.lock:
@@ -114,6 +113,33 @@ class Sealer:
                 st.sealing_changed.notify_all()
             if st.uploader is not None:
                 st.uploader.submit(seg.seq)
+
+    def _apply_when_room(self, seg: OpenSegment) -> bool:
+        """Record a sealed segment in the map.  A full disk is no failure of
+        the disk: the map's commit finds no room only while something else
+        holds it for a moment (a sealing scratch file, a checkpoint's scratch
+        map, an old read snapshot), so wait for room and try again, as long
+        as the volume is not stopping.  False: the map is closed."""
+        st = self.st
+        warned = False
+        while True:
+            try:
+                with st.map_guard:
+                    if st.map_closed:
+                        return False
+                    self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING,
+                                      advance=False)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self.stopping \
+                        or self.abandoned:
+                    raise
+                if not warned:
+                    log.warning("volume %s: segment %d waits for room on the cache dir's "
+                                "disk to enter the map: %s", st.name, seg.seq, e)
+                    warned = True
+            with st.lock:
+                st.sealing_changed.wait(MAP_ROOM_RETRY)
 
     def stop(self, drain: bool = True) -> None:
         """Stop the sealer; drain: after it has handled every sealed segment."""

@@ -20,6 +20,7 @@ values are lsbd.map.encoding's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -117,6 +118,11 @@ class BlockMap:
             with self._env.begin(write=True, db=db) as txn:
                 yield txn
             fileio.map_committed(self.path, self._env)
+        except lmdb.DiskError as e:
+            # The commit found no room to grow the map file: nothing was
+            # written (LMDB aborted it), and a caller may try again once
+            # there is room.
+            raise OSError(errno.ENOSPC, f"the map {self.path}: no space left on its disk") from e
         finally:
             self._drop_reader()
 

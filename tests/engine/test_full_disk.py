@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from engine_helpers import MiB
+from engine_helpers import MiB, segment_seqs
 from fault_helpers import Client, CuttableProxy, wait_until
 from nbd_helpers import running_server
 
@@ -236,3 +236,45 @@ def test_the_disk_fills_through_fuse_with_the_store_down(small_disk, tmp_path, m
 def _uploads_pending(env) -> int:
     r = env.lsbd("stats", "vol", "--json", check=False, timeout=60)
     return json.loads(r.stdout)["uploads_pending"] if r.returncode == 0 else -1
+
+
+def test_a_map_commit_that_finds_the_disk_full_waits_for_room(tmp_path, monkeypatch):
+    """Something else on the cache disk (a sealing scratch file, a
+    checkpoint's scratch map) may hold its last free bytes for a moment, and
+    the map's commit of a sealed segment then fails with ENOSPC.  The sealer
+    waits for room and commits again: the volume goes on taking writes (it
+    used to stop, and every later write failed with EIO)."""
+    from lsbd.map.blockmap import BlockMap
+
+    store = open_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", 64 * MiB, segment_size=SEGMENT)
+    real = BlockMap.apply_segment
+    refused: list[int] = []
+
+    def full_for_a_moment(self, info, records, **meta):
+        if self.path.endswith(os.sep + "map") and len(refused) < 3:
+            refused.append(info.seq)
+            raise OSError(errno.ENOSPC, f"the map {self.path}: no space left on its disk")
+        return real(self, info, records, **meta)
+
+    monkeypatch.setattr(BlockMap, "apply_segment", full_for_a_moment)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    try:
+        for i in range(8):
+            vol.write(i * MiB, _chunk(9, i))
+        vol.flush()
+        # Each sealed segment is uploaded once the map has it.
+        assert wait_until(lambda: len(segment_seqs(store, "vol")) == 4, timeout=60)
+        assert refused == [1, 1, 1]
+        vol.write(8 * MiB, _chunk(9, 8))                # still taking writes
+        vol.flush()
+        for i in range(9):
+            assert vol.read(i * MiB, MiB) == _chunk(9, i), f"MiB {i}"
+    finally:
+        vol.close()
+    reader = Volume.open(store, "vol", cache_root=str(tmp_path / "other-cache"), read_only=True)
+    try:
+        for i in range(9):
+            assert reader.read(i * MiB, MiB) == _chunk(9, i), f"MiB {i} from the store"
+    finally:
+        reader.close()
