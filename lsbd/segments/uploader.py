@@ -23,6 +23,10 @@ from lsbd.store import Store
 
 log = logging.getLogger(__name__)
 
+#: Pauses between reads of an uploaded segment's trailer that did not match
+#: ours, before it is taken for another writer's (see Uploader._check_ours).
+READ_BACK_WAITS = (0.25, 0.5, 1.0)
+
 
 def _at_thread_shutdown(call: Callable[[], object]) -> None:
     """Run `call` when the interpreter shuts down, before it joins the
@@ -154,9 +158,17 @@ class Uploader:
                 size = f.seek(0, 2)
                 f.seek(size - TRAILER.size)
                 ours = f.read()
-        if self.store.get(key, size - TRAILER.size, TRAILER.size) != ours:
-            raise ForeignWriter(f"{key} was written by another writer: this volume "
-                                "is no longer ours (was its lease broken?)") from None
+        # A store may acknowledge a PUT before the object reads back whole
+        # (s3rver answers once the body is received, not once it is on its
+        # disk): only a trailer that stays foreign is another writer's.
+        for wait in (*READ_BACK_WAITS, None):
+            if self.store.get(key, size - TRAILER.size, TRAILER.size) == ours:
+                return
+            if wait is not None and self._stop.wait(wait):
+                # Closing: leave the segment for the next open to check.
+                raise StoreError(f"{key} did not read back as ours before close")
+        raise ForeignWriter(f"{key} was written by another writer: this volume "
+                            "is no longer ours (was its lease broken?)")
 
     def stop_for(self, error: BaseException) -> None:
         """Another writer owns the volume now: upload nothing more."""

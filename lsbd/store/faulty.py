@@ -5,6 +5,7 @@
     store.fail(op="get", error=StoreError, after=3)             # the 4th get fails, hard
     store.fail(op="put", lose_reply=True)                       # the put lands, the reply is lost
     store.corrupt_next_get()                                    # one flipped bit in the next get
+    store.corrupt_next_get(2, key_prefix="vol/seg/")            # ... in the next 2 segment gets
     store.drop_puts_after(5)                                    # 5 more puts work, then none do
     store.ignore_conditions()                                   # exclusive puts overwrite
     store.heal()                                                # back to normal
@@ -56,6 +57,7 @@ class FaultyStore(Store):
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._corrupt_gets = 0
+        self._corrupt_prefix = ""
         self._puts_left: int | None = None
         self._blind_puts = False
         self.calls: Counter[str] = Counter()
@@ -82,10 +84,12 @@ class FaultyStore(Store):
             self._rules.append(rule)
         return rule
 
-    def corrupt_next_get(self, count: int = 1) -> None:
-        """Flip one bit in the middle of the data the next `count` gets return."""
+    def corrupt_next_get(self, count: int = 1, key_prefix: str = "") -> None:
+        """Flip one bit in the middle of the data the next `count` gets of
+        keys starting with `key_prefix` return."""
         with self._lock:
             self._corrupt_gets += count
+            self._corrupt_prefix = key_prefix
 
     def drop_puts_after(self, n: int | None) -> None:
         """Let `n` more puts through, then fail every put with StoreError, as if
@@ -157,7 +161,8 @@ class FaultyStore(Store):
         data = self._run("get", key, lambda: self.inner.get(key, start, length))
         with self._lock:
             self.bytes_got += len(data)
-            corrupt = self._corrupt_gets > 0 and len(data) > 0
+            corrupt = (self._corrupt_gets > 0 and len(data) > 0
+                       and key.startswith(self._corrupt_prefix))
             if corrupt:
                 self._corrupt_gets -= 1
         if corrupt:

@@ -23,6 +23,7 @@ from engine_helpers import (
 )
 from s3_quirks import NO_CONDITIONAL, NO_RANGE, SHORT_RANGE
 
+from lsbd import names
 from lsbd.meta import lease as lease_mod
 from lsbd.meta.config import create_volume
 from lsbd.engine.volume import Volume
@@ -188,6 +189,25 @@ def test_a_second_writer_is_refused_without_conditional_creates(blind_store, tmp
         first.flush_to_store()   # the refused writer did not take the lease from it
     finally:
         first.close()
+
+
+def test_an_upload_that_reads_back_wrong_at_first_is_not_taken_for_another_writer(
+        blind_store, tmp_path):
+    """s3rver acknowledges a PUT before the object is whole on its disk, so
+    the read-back of a segment's trailer can miss it once; only a trailer
+    that stays foreign stops the writer."""
+    create_volume(blind_store, "vol", 4 * MiB)
+    vol = Volume.open(blind_store, "vol", cache_root=str(tmp_path / "a"))
+    try:
+        blind_store.corrupt_next_get(2, key_prefix=names.segment_prefix("vol"))
+        vol.write(0, block(1, 0))
+        vol.flush_to_store()
+        vol.write(BS, block(2, 1))
+        vol.flush_to_store()          # still ours: the writer did not stop
+    finally:
+        vol.close()
+    wipe(tmp_path / "r")
+    assert read_from_store(blind_store, tmp_path / "r", 0, 2 * BS) == block(1, 0) + block(2, 1)
 
 
 def test_racing_writers_without_conditional_creates_one_wins(blind_store, tmp_path):
