@@ -60,20 +60,23 @@ class LocalStore(Store):
 
     def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
         """A sealed segment on the same file system becomes the object by a hard
-        link: no copy, no second write of the data (the caller fsynced it)."""
+        link: no copy, no second write of the data (the caller fsynced it).
+        `path` may be an unnamed file's /proc/PID/fd/N (a sealed object's
+        scratch file): the link follows it to the file."""
         dest = self._path(key)
+        directory = os.path.dirname(dest)
         try:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.makedirs(directory, exist_ok=True)
             if not exclusive and os.path.exists(dest):
                 os.unlink(dest)
-            os.link(path, dest)
+            _link_following(path, dest)
         except FileExistsError:
             raise ObjectExists(key) from None
         except OSError as e:
             if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 return super().put_file(key, path, exclusive=exclusive)  # copy instead
             raise StoreError(f"put {key}: {e.strerror or e}", e.errno or errno.EIO) from e
-        _fsync_dir(os.path.dirname(dest))
+        _fsync_dir(directory)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -157,6 +160,18 @@ class LocalStore(Store):
             except OSError:
                 break
             directory = os.path.dirname(directory)
+
+
+def _link_following(src: str, dest: str) -> None:
+    """Hard-link `src` to `dest`, following `src` if it is a symbolic link.
+    os.link() calls link(2), which links a /proc/PID/fd/N entry itself (and
+    fails across devices, EXDEV); given a directory descriptor it calls
+    linkat(2) with AT_SYMLINK_FOLLOW, which links the file it names."""
+    fd = os.open(os.path.dirname(dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(src, os.path.basename(dest), dst_dir_fd=fd, follow_symlinks=True)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

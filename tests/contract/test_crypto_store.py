@@ -160,12 +160,16 @@ def test_rotated_key_reads_old_objects(stores):
 def test_put_file_seals_a_segment_file(stores, tmp_path, monkeypatch, volume, in_process):
     """A segment file is sealed by the sealing process into a scratch file
     the store takes, or, when that process is unavailable, here: the same
-    object either way, and no scratch file is left next to the segment."""
+    object either way, and no scratch file is left next to the segment.  A
+    file:// store on the same file system links the scratch file rather
+    than copy it (a copy read and wrote every segment again)."""
     from lsbd.crypto import worker
 
     inner, store = stores
     calls = []
     real = worker.seal
+    copies = []
+    monkeypatch.setattr(inner, "put", lambda key, data, **kw: copies.append(key))
 
     def seal(job):
         calls.append(job.name)
@@ -181,6 +185,8 @@ def test_put_file_seals_a_segment_file(stores, tmp_path, monkeypatch, volume, in
     path.write_bytes(data)
     store.put_file(seg(volume, 1), str(path), exclusive=True)
     assert calls == [seg(volume, 1)]
+    assert copies == []
+    monkeypatch.undo()
     assert store.get(seg(volume, 1)) == data
     assert store.get(seg(volume, 1), 2_000_000, 4096) == data[2_000_000:2_004_096]
     raw = inner.get(seg(volume, 1))

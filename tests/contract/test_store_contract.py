@@ -205,6 +205,27 @@ def test_concurrent_puts_and_gets(any_store):
 # --- S3 specifics ----------------------------------------------------------------------
 
 
+def test_local_put_file_links_the_file_even_an_unnamed_one(tmp_path):
+    """put_file on a file:// store is a hard link, not a copy: of a named
+    file, and of an unnamed one (O_TMPFILE) through /proc/self/fd/N, which
+    is how a sealed segment's scratch file reaches the store."""
+    store = LocalStore(str(tmp_path / "store"))
+    named = tmp_path / "segment"
+    named.write_bytes(b"named" * 1000)
+    store.put_file("vol/seg/1", str(named), exclusive=True)
+    assert os.stat(store._path("vol/seg/1")).st_ino == os.stat(named).st_ino
+    fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"unnamed" * 1000)
+        store.put_file("vol/seg/2", f"/proc/self/fd/{fd}", exclusive=True)
+        assert os.stat(store._path("vol/seg/2")).st_ino == os.fstat(fd).st_ino
+        with pytest.raises(ObjectExists):
+            store.put_file("vol/seg/2", f"/proc/self/fd/{fd}", exclusive=True)
+    finally:
+        os.close(fd)
+    assert store.get("vol/seg/2") == b"unnamed" * 1000
+
+
 def test_s3_prefixes_do_not_leak(s3_bucket, moto_server):
     from lsbd.store.s3 import S3Store
 
