@@ -83,7 +83,7 @@ def previous_chain(store: Store, volume: str, volume_id: str, prev: int,
 
 #: Packed runs from this many entries on are prepared for loading ahead.
 PREPARED_RUN = 1024
-#: Parts of the base fetched and unpacked ahead, in threads, while the one
+#: Parts of the base fetched and checked ahead, in threads, while the one
 #: before is merged and loaded.
 BASE_AHEAD = 1
 
@@ -91,10 +91,15 @@ BASE_AHEAD = 1
 def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
                   then: Iterable[tuple] | None = None) -> Iterator[tuple | Run]:
     """The map at the last checkpoint of `chain`: its base with its deltas
-    laid over it, in one pass as they stream, a part of each in memory.
-    then: the entries of one more delta, laid over last.
+    laid over it, in one pass as they stream.  then: the entries of one
+    more delta, laid over last.
 
-    The volume is taken in the ranges of the base's parts.  In a range
+    Memory: each checkpoint of the chain is read by pieces of a part
+    (read_runs, PIECE_EXTENTS entries): a compressed part and one piece of
+    each held, the base's next part fetched ahead, and the arrays of one
+    piece's range, whatever the size of the map (the chain is at most
+    MAX_CHAIN + 1 long).  The volume is taken in the ranges of the base's
+    pieces.  In a range
     where every entry of the base and the deltas is one block long (random
     4 KiB writes) the deltas are laid over in C (lsbd.map.packed.lay_single)
     and the range comes out as one packed run; elsewhere the general
@@ -102,12 +107,13 @@ def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
     runs and the rest as (lba, nblocks, seq, offset).  Holes (seq 0) may be
     left in: drop them at the end (keep_mapped)."""
     try:
-        layers = [_Layer(ckpt.read_runs(store, m)) for m in chain[1:]]
+        piece = ckpt.PIECE_EXTENTS
+        layers = [_Layer(ckpt.read_runs(store, m, piece=piece)) for m in chain[1:]]
         if then is not None:
-            layers.append(_Layer(pack_runs(then)))
+            layers.append(_Layer(pack_runs(then, per=piece)))
         lo = 0
         held = None
-        for run in ckpt.read_runs(store, chain[0], ahead=BASE_AHEAD):
+        for run in ckpt.read_runs(store, chain[0], ahead=BASE_AHEAD, piece=piece):
             hi = _run_end(run.part, run.stop)
             taken = [layer.take(hi) for layer in layers]
             cut = any(layer.carried for layer in layers)
@@ -117,8 +123,8 @@ def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
         yield from _joined(_lay_range(None, [layer.take(None) for layer in layers], lo, None,
                                       block_size), held, None, block_size)
     finally:
-        # A part of each layer and the arrays of each range came and went
-        # (about 150 MiB at 8 deltas): a serving process would keep it all.
+        # The pieces of each layer and the arrays of each range came and
+        # went: a serving process would keep what they took.
         linux.malloc_trim()
 
 

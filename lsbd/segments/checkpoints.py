@@ -47,6 +47,10 @@ PART_DELTA_KIND = 3                       # entries as extents; seq 0: a hole
 #: Entries per part written: 7 MiB of entries in memory at a time.  Parts
 #: of up to 2^20 (what earlier versions wrote) are read as well.
 PART_EXTENTS = 1 << 18
+#: Entries per piece a merge of a chain unpacks its parts in (read_runs).
+PIECE_EXTENTS = 1 << 15
+#: Compressed bytes inflated at a time when a part is read by pieces.
+INFLATE_STEP = 1 << 14
 #: Deltas after a base before the next base: bounds what opening applies.
 MAX_CHAIN = 8
 
@@ -100,13 +104,18 @@ def _encode_part(seq: int, kind: int, count: int, body: bytes) -> bytes:
 
 
 def _decode_part(raw: bytes, *, seq: int, kind: int, where: str) -> bytes:
+    return zlib.decompress(_checked_packed(raw, seq=seq, kind=kind, where=where))
+
+
+def _checked_packed(raw: bytes, *, seq: int, kind: int, where: str) -> memoryview:
+    """A part's compressed entries, once its header and CRC check."""
     if len(raw) < PART_HEADER.size:
         raise CorruptionError(f"{where}: short checkpoint part", key=where)
     magic, pseq, pkind, count, crc = PART_HEADER.unpack_from(raw)
-    packed = raw[PART_HEADER.size:]
+    packed = memoryview(raw)[PART_HEADER.size:]
     if magic != PART_MAGIC or pseq != seq or pkind != kind or masked_crc(packed) != crc:
         raise CorruptionError(f"{where}: checkpoint part fails its check", key=where)
-    return zlib.decompress(packed)
+    return packed
 
 
 def choose_kind(prev: Manifest | None, base: Manifest | None) -> bool:
@@ -226,12 +235,17 @@ def _entries(store: Store, manifest: Manifest, kind: int, entry: struct.Struct) 
             yield from entry.iter_unpack(_part_body(store, manifest, key, kind, count, crc, entry))
 
 
-def _part_body(store: Store, manifest: Manifest, key: str, kind: int, count: int, crc: int,
-               entry: struct.Struct) -> bytes:
+def _part_raw(store: Store, manifest: Manifest, key: str, crc: int) -> bytes:
     raw = store.get(key)
     if masked_crc(raw) != crc:
         raise CorruptionError(f"{key}: checkpoint part does not match its manifest", key=key)
-    body = _decode_part(raw, seq=manifest.seq, kind=kind, where=key)
+    return raw
+
+
+def _part_body(store: Store, manifest: Manifest, key: str, kind: int, count: int, crc: int,
+               entry: struct.Struct) -> bytes:
+    body = _decode_part(_part_raw(store, manifest, key, crc), seq=manifest.seq, kind=kind,
+                        where=key)
     if len(body) != count * entry.size:
         raise CorruptionError(f"{key}: checkpoint part holds {len(body)} bytes for "
                               f"{count} entries", key=key)
@@ -244,14 +258,35 @@ def read_extents(store: Store, manifest: Manifest) -> Iterator[Extent]:
     return map(Extent._make, _entries(store, manifest, kind, EXTENT_ENTRY))
 
 
-def read_runs(store: Store, manifest: Manifest, *, ahead: int = 0) -> Iterator[Run]:
+def read_runs(store: Store, manifest: Manifest, *, ahead: int = 0,
+              piece: int | None = None) -> Iterator[Run]:
     """A base's extents, or a delta's entries, in order, a packed run per
     part (lsbd.map.packed).  ahead: parts fetched, checked and unpacked in
     threads while the caller works on the one before (the store's reads
-    and zlib let go of the GIL), each one more part in memory."""
+    and zlib let go of the GIL), each one more part in memory.
+
+    piece: a run per `piece` entries instead, each unpacked as the caller
+    comes to it, so that a reader holds a part's compressed bytes and one
+    piece (PIECE_EXTENTS: under 1 MiB), not the part's 7 MiB of entries.
+    A part that unpacks to other than its count of entries (its CRC
+    checked, so written wrong) raises CorruptionError when its end is
+    reached, after its first pieces: a caller makes nothing of what it
+    read durable before the end (a checkpoint's manifest comes last, a
+    map loaded from a chain gets its volume id last)."""
     kind = PART_DELTA_KIND if manifest.is_delta else PART_EXTENTS_KIND
     parts = [(key, count, crc) for key, part_kind, count, crc in manifest.parts
              if part_kind == kind]
+    if piece is not None:
+        def raw(part: tuple[str, int, int]) -> tuple[str, int, memoryview]:
+            key, count, crc = part
+            return key, count, _checked_packed(_part_raw(store, manifest, key, crc),
+                                               seq=manifest.seq, kind=kind, where=key)
+
+        for key, count, packed in _prefetched(raw, parts, ahead):
+            for data in _inflated(packed, count * EXTENT_ENTRY.size,
+                                  piece * EXTENT_ENTRY.size, key):
+                yield Run(Part(data))
+        return
 
     def body(part: tuple[str, int, int]) -> bytes:
         key, count, crc = part
@@ -260,6 +295,44 @@ def read_runs(store: Store, manifest: Manifest, *, ahead: int = 0) -> Iterator[R
     for data in _prefetched(body, parts, ahead):
         if data:
             yield Run(Part(data))
+
+
+def _inflated(packed: memoryview, total: int, step: int, where: str) -> Iterator[bytes]:
+    """The `total` bytes zlib-compressed in `packed`, in pieces of `step`
+    bytes (the last may be shorter), inflated a piece at a time: never more
+    than a piece of output and INFLATE_STEP of input in hand."""
+    inflate = zlib.decompressobj()
+    pending = bytearray()
+    done = 0
+    at = 0
+    src: bytes | memoryview = b""
+    try:
+        while not inflate.eof:
+            if not src:
+                if at >= len(packed):
+                    break
+                src = packed[at:at + INFLATE_STEP]
+                at += INFLATE_STEP
+            before = len(src)
+            out = inflate.decompress(src, step - len(pending))
+            src = inflate.unconsumed_tail
+            if not out and len(src) == before and not inflate.eof:
+                break      # no progress: a stream cut short (checked below)
+            pending += out
+            if len(pending) >= step:
+                done += len(pending)
+                if done > total:
+                    break
+                yield bytes(pending)
+                pending.clear()
+        pending += inflate.flush()
+    except zlib.error as e:
+        raise CorruptionError(f"{where}: checkpoint part does not unpack ({e})", key=where) from e
+    if not inflate.eof or inflate.unused_data or src or done + len(pending) != total:
+        raise CorruptionError(f"{where}: checkpoint part does not hold its {total} bytes "
+                              "of entries", key=where)
+    for at in range(0, len(pending), step):
+        yield bytes(pending[at:at + step])
 
 
 def _prefetched(fn, items: list, ahead: int) -> Iterator:
