@@ -29,6 +29,8 @@ started next time.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import pickle
 import signal
@@ -72,26 +74,100 @@ class SealJob:
 
 def run(job: SealJob) -> int:
     """Seal job.source into job.dest and sync it; returns the sealed length."""
+    # One compressing thread: sealing must leave the other core of a small
+    # machine to the threads serving requests.
     framer = Framer(Cipher(job.object_key) if job.object_key is not None else None,
-                    Compressor(job.level) if job.level else None)
+                    Compressor(job.level, threads=1) if job.level else None)
     src = os.open(job.source, os.O_RDONLY)
     try:
-        dst = os.open(job.dest, os.O_WRONLY)
+        try:
+            dst = os.open(job.dest, os.O_WRONLY | _O_DIRECT)
+            out = DirectOutput(dst) if _O_DIRECT else None
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            dst = os.open(job.dest, os.O_WRONLY)    # a file system without O_DIRECT
+            out = None
         try:
             def write(parts: list) -> None:
                 for i in range(0, len(parts), 1024):     # writev takes up to IOV_MAX
                     write_all(dst, parts[i:i + 1024])
 
             n = objects.seal_into(source_reader(src, job.source_key, job.source_base), job.length,
-                                  write, name=job.name, volume_id=job.volume_id,
-                                  framer=framer, key_id=job.key_id, object_id=job.object_id,
-                                  frame_size=job.frame_size)
+                                  write if out is None else out.write, name=job.name,
+                                  volume_id=job.volume_id, framer=framer, key_id=job.key_id,
+                                  object_id=job.object_id, frame_size=job.frame_size)
+            if out is not None:
+                out.finish()
             os.fdatasync(dst)
             return n
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class DirectOutput:
+    """Writes a stream of buffers to a new file opened with O_DIRECT,
+    through one aligned buffer: the sealed object goes to the disk without
+    passing through the page cache.  Writing it there cost the sealing
+    process more than sealing (perf: 56% of its CPU in the kernel's copy
+    into new page-cache pages, on a virtual machine that backs each new
+    page lazily), for a copy nobody reads again on a file:// store (its
+    segment is read from the cache dir's own file)."""
+
+    ALIGN = 4096
+    SIZE = 1 << 21
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buf = mmap.mmap(-1, self.SIZE)        # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._buf)
+        self._pos = 0       # bytes staged in the buffer
+        self._offset = 0    # file offset of the buffer's first byte
+
+    def write(self, parts: list) -> None:
+        view, size = self._view, self.SIZE
+        for part in parts:
+            data = memoryview(part).cast("B")
+            while data:
+                n = min(len(data), size - self._pos)
+                view[self._pos:self._pos + n] = data[:n]
+                self._pos += n
+                data = data[n:]
+                if self._pos == size:
+                    self._flush()
+
+    def _flush(self) -> None:
+        """Write the whole blocks staged; keep the rest at the buffer's start."""
+        whole = self._pos - self._pos % self.ALIGN
+        if whole:
+            self._write(whole)
+            rest = self._pos - whole
+            self._view[:rest] = self._view[whole:self._pos]
+            self._pos = rest
+
+    def _write(self, n: int) -> None:
+        done = os.pwrite(self.fd, self._view[:n], self._offset)
+        if done != n:
+            raise OSError(errno.ENOSPC, "short write of a sealed object (disk full?)")
+        self._offset += n
+
+    def finish(self) -> None:
+        """Write what is left, the last block padded, then cut the file to
+        the length written."""
+        self._flush()
+        end = self._offset + self._pos
+        if self._pos:
+            padded = -(-self._pos // self.ALIGN) * self.ALIGN
+            self._view[self._pos:padded] = bytes(padded - self._pos)
+            self._write(padded)
+            os.ftruncate(self.fd, end)
+        self._view.release()
+        self._buf.close()
 
 
 def source_reader(fd: int, key: bytes | None, base: int):

@@ -303,3 +303,57 @@ def test_keystore_generations(tmp_path):
     with pytest.raises(UserError, match="same time"):
         keystore.save(store, "vol", kr.rotate(ring))
     assert keystore.unlock(store, "vol", PASS).current == 2
+
+
+def test_compress_many_samples_before_compressing(monkeypatch):
+    """A batch is compressed whole only when every eighth frame, compressed
+    first, saves at least 1/16 of its bytes: noise and data that barely
+    compresses are stored raw without trying the other frames (a sampled
+    frame that compressed keeps its compressed bytes); text is compressed."""
+    z = compress.Compressor(1, threads=1)
+    tried = []
+    real = z.compress
+    monkeypatch.setattr(z, "compress", lambda c: tried.append(bytes(c[:8])) or real(c))
+    size = 16384
+    noise = [os.urandom(size) for _ in range(64)]
+    assert [codec for codec, _ in z.compress_many(noise)] == [compress.RAW] * 64
+    assert len(tried) == 8
+    # One sampled frame saves a quarter, the rest nothing: 1/32 of the sample.
+    marginal = list(noise)
+    marginal[8] = os.urandom(size * 3 // 4) + bytes(size // 4)
+    marginal[9] = marginal[8][::-1]                  # compressible, not sampled
+    tried.clear()
+    out = z.compress_many(marginal)
+    assert len(tried) == 8
+    assert [i for i, (codec, _) in enumerate(out) if codec != compress.RAW] == [8]
+    assert [bytes(s) for _, s in out[:8]] == marginal[:8]
+    # Text: every frame is tried, and compressed.
+    text = [(TEXT * (size // len(TEXT) + 1))[:size] for _ in range(64)]
+    tried.clear()
+    out = z.compress_many(text)
+    assert len(tried) == 64 and all(codec == compress.ZSTD for codec, _ in out)
+    assert all(compress.decompress(c, s, size) == text[0] for c, s in out)
+
+
+def test_sealed_objects_written_past_the_page_cache_read_back_whole(tmp_path):
+    """The sealing process writes a sealed object through one aligned buffer
+    with O_DIRECT: any length, in parts of any size, reads back exactly (the
+    last block padded on the disk, then the file cut to its length)."""
+    from lsbd.crypto.worker import DirectOutput
+
+    for total in (0, 1, 4095, 4096, 4097, DirectOutput.SIZE, 2 * DirectOutput.SIZE + 4100):
+        data = os.urandom(total)
+        path = tmp_path / f"sealed-{total}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+        except OSError:      # a file system without O_DIRECT: the same bytes, buffered
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            out = DirectOutput(fd)
+            parts = [data[i:i + 16424] for i in range(0, total, 16424)]
+            out.write(parts[:3])
+            out.write([memoryview(p) for p in parts[3:]])
+            out.finish()
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data, total
