@@ -42,7 +42,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from delay_proxy import DelayProxy  # noqa: E402
+from delay_proxy import DelayProxy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LSBD = os.path.join(REPO, ".venv", "bin", "lsbd")
@@ -209,8 +209,11 @@ def fio_all(target: str, runtime: int) -> dict:
 class LsbdSubject:
     name = "lsbd"
 
-    def __init__(self, work: str, endpoint: str):
+    def __init__(self, work: str, endpoint: str, mount_args: tuple[str, ...] = ()):
         self.work = work
+        self.mount_args = mount_args
+        # each variant its own volume, so variants can share the bucket
+        self.vol = "-".join(["vol", *(a.strip("-") for a in mount_args)])
         self.env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                         AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
         self.store = "s3://lsbd-bench/d"
@@ -223,13 +226,13 @@ class LsbdSubject:
            *args, env=self.env)
 
     def create(self) -> None:
-        self.lsbd("create", "vol", "--size", "4G")
+        self.lsbd("create", self.vol, "--size", "4G")
 
     def attach(self, new_cache: bool = False) -> str:
         if new_cache:
             self.cache += 1
-        self.lsbd("mount", "vol", self.mnt)
-        return os.path.join(self.mnt, "vol.img")
+        self.lsbd("mount", self.vol, self.mnt, *self.mount_args)
+        return os.path.join(self.mnt, f"{self.vol}.img")
 
     def detach(self) -> None:
         self.lsbd("umount", self.mnt)
@@ -237,14 +240,14 @@ class LsbdSubject:
     def fio_nbd(self, runtime: int) -> dict:
         sock = os.path.join(self.work, "nbd.sock")
         proc = subprocess.Popen([LSBD, "--store", self.store, "--cache-dir",
-                                 os.path.join(self.work, f"cache{self.cache}"), "serve", "vol",
+                                 os.path.join(self.work, f"cache{self.cache}"), "serve", self.vol,
                                  "--socket", sock], env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 60
             while not os.path.exists(sock) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            return fio_all(f"nbd+unix:///vol?socket={sock}", runtime)
+            return fio_all(f"nbd+unix:///{self.vol}?socket={sock}", runtime)
         finally:
             proc.send_signal(2)
             proc.wait(600)
@@ -370,29 +373,34 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
     try:
         moto.bucket("lsbd-bench")
         moto.bucket("s3b-bench")
-        for cls in (c for c in (LsbdSubject, S3backerSubject) if c.name in args.subjects):
-            work = tempfile.mkdtemp(prefix=f"distant-{cls.name}-", dir=args.workdir)
+        for name in args.subjects.split(","):
+            # "lsbd+page-cache": lsbd mounted with --page-cache (a variant in the same run)
+            base, *opts = name.split("+")
+            work = tempfile.mkdtemp(prefix=f"distant-{base}-", dir=args.workdir)
             try:
-                subject = cls(work, endpoint)
-                results[cls.name] = workflow(subject, src, work, moto, proxy, written,
-                                             0 if args.skip_fio else args.fio_runtime,
-                                             tag=f".{delay_ms:g}ms")
+                if base == "lsbd":
+                    subject = LsbdSubject(work, endpoint, tuple(f"--{o}" for o in opts))
+                else:
+                    subject = S3backerSubject(work, endpoint)
+                results[name] = workflow(subject, src, work, moto, proxy, written,
+                                         0 if args.skip_fio else args.fio_runtime,
+                                         tag=f".{delay_ms:g}ms")
             finally:
-                for d in (os.path.join(work, f"{cls.name}-fs"), getattr(subject, "mnt", "")):
+                for d in (os.path.join(work, f"{subject.name}-fs"), getattr(subject, "mnt", "")):
                     if d and os.path.ismount(d):
                         sh("umount", "-l", d, check=False)
                 shutil.rmtree(work, ignore_errors=True)
-            print(f"  {cls.name} at {delay_ms:g} ms: {json.dumps(results[cls.name])}", flush=True)
+            print(f"  {name} at {delay_ms:g} ms: {json.dumps(results[name])}", flush=True)
     finally:
         proxy.stop()
         moto.stop()
     return results
 
 
-def report(delay: float, r: dict) -> list[str]:
-    a, b = r["lsbd"], r["s3backer"]
+def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
+    a, b = r[name], r["s3backer"]
     lines = [f"## one-way delay {delay:g} ms", "",
-             "| step | lsbd | s3backer | ratio |", "|---|---|---|---|"]
+             f"| step | {name} | s3backer | ratio |", "|---|---|---|---|"]
     for key in ("mkfs s", "copy+sync s", "unmount s", "copy+sync+unmount s", "cold attach s",
                 "cold mount s", "cold read s", "warm read s", "source read s"):
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
@@ -437,7 +445,8 @@ def main() -> int:
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--subjects", default="lsbd,s3backer",
-                    help="which to run (comma-separated; the report needs both)")
+                    help="which to run (comma-separated; the report needs s3backer); "
+                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+page-cache)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -453,8 +462,9 @@ def main() -> int:
         results, lines = {}, []
         for delay in (float(d) for d in args.delays.split(",")):
             results[delay] = run_delay(delay, src, written, args)
-            if len(results[delay]) == 2:
-                lines += report(delay, results[delay])
+            for name in results[delay]:
+                if name.startswith("lsbd") and "s3backer" in results[delay]:
+                    lines += report(delay, results[delay], name)
         print("\n".join(lines))
         if args.json:
             with open(args.json, "w") as f:
