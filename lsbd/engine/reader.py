@@ -21,13 +21,23 @@ from lsbd.segments.scrub import verify_segments
 #: Segments fetched ahead, in seq order, of one fetched whole for a reader
 #: (lsbd.segments.fetch says when) or read ahead: data written together is
 #: read together, so a reader on a cold cache that reads a segment fetched
-#: whole will likely want the next ones.  The first read of each segment fetched so moves the
-#: window on; one-off scattered reads start nothing.
+#: whole will likely want the next ones.  The first read of each segment
+#: fetched so moves the window on; one-off scattered reads start nothing.
+#: At most a quarter of the cache limit, so fetches ahead never push out
+#: segments not read yet.  (8 measured no faster than 4 in a cold read of a
+#: tree against a store 10 ms away: there the reader waited on the writes of
+#: fetched segments into the cache dir, not on the store; docs/operations.md.)
 SEGMENTS_AHEAD = 4
 #: Reads of this many runs or more read their sealed pieces together
 #: (SegmentFiles.read_batch: one call per span of nearby pieces, and the
 #: disk given every cold one at once).
 BATCH_FROM = 4
+
+
+def segments_ahead(cache_limit: int, segment_size: int) -> int:
+    """How many segments to fetch ahead of a reader (SEGMENTS_AHEAD, fewer
+    for a small cache); at least one."""
+    return max(1, min(SEGMENTS_AHEAD, cache_limit // (4 * segment_size)))
 
 
 class Reader:
@@ -114,12 +124,13 @@ class Reader:
         """A read first reached segment `seq`, fetched whole: fetch the next
         SEGMENTS_AHEAD segments the map uses."""
         st = self.st
+        ahead = segments_ahead(st.files.cache_limit, st.config.segment_size)
         with st.lock:
             if st.closed:
                 return
             top = st.applied
-            nxt = [s for s in range(seq + 1, min(seq + 1 + 2 * SEGMENTS_AHEAD, top + 1))
-                   if st.map.segment(s) is not None][:SEGMENTS_AHEAD]
+            nxt = [s for s in range(seq + 1, min(seq + 1 + 2 * ahead, top + 1))
+                   if st.map.segment(s) is not None][:ahead]
         for s in nxt:
             st.files.prefetch(s, mark=True)
 

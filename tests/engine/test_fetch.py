@@ -179,3 +179,14 @@ def test_a_segment_fetched_whole_brings_the_next_ones_when_it_is_read(written, t
         assert watch.seen == 0
     finally:
         vol.close()
+
+
+def test_segments_fetched_ahead_are_bounded_by_the_cache():
+    """Fetches ahead of a reader never take more than a quarter of the
+    cache limit (they would push out segments not read yet), and at least
+    one segment is fetched ahead."""
+    from lsbd.engine.reader import SEGMENTS_AHEAD, segments_ahead
+
+    assert segments_ahead(1 << 30, 32 * MiB) == SEGMENTS_AHEAD == 4
+    assert segments_ahead(256 * MiB, 32 * MiB) == 2
+    assert segments_ahead(32 * MiB, 32 * MiB) == 1
