@@ -65,15 +65,15 @@ class ImageFS:
 
     `images` maps a path inside the mount ("VOL.img", "snapshots/a.img") to an
     `Image` (the device and a read-only flag).  `direct_io` selects the cache
-    mode; see `lsbd_fuse.options` for why it is on by default.
+    mode; see `lsbd_fuse.options` for why it is off by default.
     """
 
-    def __init__(self, images: Mapping[str, Image], *, direct_io: bool = True) -> None:
+    def __init__(self, images: Mapping[str, Image], *, direct_io: bool = False) -> None:
         self.tree = Tree()
         for path, image in images.items():
             self.tree.add(path, image)
-        self.open_flags = (p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES if direct_io
-                           else p.FOPEN_KEEP_CACHE)
+        # Without FOPEN_KEEP_CACHE: every open starts from the engine's data.
+        self.open_flags = p.FOPEN_PARALLEL_DIRECT_WRITES | (p.FOPEN_DIRECT_IO if direct_io else 0)
         self._handles: dict[int, tuple[File, bool]] = {}
         self._next_fh = 1
         self._lock = threading.Lock()  # handles and sizes change from several threads

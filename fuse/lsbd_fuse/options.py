@@ -1,6 +1,6 @@
 """The choices of a mount that are not protocol, and why.
 
-- Cache mode: direct_io (FOPEN_DIRECT_IO on every open).  See DIRECT_IO.
+- Cache mode: the page cache (FOPEN_DIRECT_IO only with --direct-io).  See DIRECT_IO.
 - default_permissions: the kernel checks the mode bits, we never do.
 - allow_other when root: the loop device, mkfs and a VM run as other users.
 - fsname=lsbd, subtype=lsbd: the mount shows as `lsbd` of type `fuse.lsbd`,
@@ -16,22 +16,29 @@ from __future__ import annotations
 
 import os
 
-#: Open the image with FOPEN_DIRECT_IO.
+#: Open the image with FOPEN_DIRECT_IO (`lsbd mount --direct-io`); off by
+#: default: the image has a page cache, as any file does.
 #:
-#: With it every read and write goes to the engine as issued (up to 1 MiB
-#: per request), and nothing is cached twice: the file system inside the
-#: image (ext4 over a loop device) already has its own page cache, and a
-#: second copy of the same blocks in the image file's page cache only costs
-#: memory and makes benchmarks of the loop path measure RAM.  It also keeps
-#: the crash story simple: a write has reached the engine when it returns.
+#: A loop device without direct I/O (`mount -o loop`, the usual way) reads
+#: its file through that page cache, so the kernel's read-ahead on the image
+#: turns ext4's reads into fewer, larger requests, several in flight at once
+#: (ASYNC_READ), and a read that waits for the store does not hold up the
+#: next.  With FOPEN_DIRECT_IO each of the loop device's reads reached lsbd
+#: on its own, one after another.  Measured with bench/distant_bench.py
+#: (the same run, lsbd both ways): a cold read of a 386 MiB tree on a new
+#: cache 5.4-6.5 s against 7.4-8.0 s at 10 ms, its warm read 1.8-2.7 s
+#: against 2.4-3.2 s; figures in docs/operations.md.
 #:
-#: Measured with the earlier front end (bench/fuse_bench.py --page-cache, fio
-#: O_DIRECT on the image and on ext4 over a loop device): within noise of the
-#: page-cache mode on the image and through a direct-I/O loop device; through
-#: a buffered `mount -o loop` the page-cache mode serves reads from RAM
-#: because it keeps a second copy of blocks ext4 caches anyway.  The cost: no
-#: shared writable mmap of the image (ENODEV).  Numbers in docs/fuse.md.
-DIRECT_IO = True
+#: What stays true (docs/fuse.md, tested in tests/integration/test_fuse*.py):
+#: writes are written through (no writeback cache is asked for), so a write
+#: has reached the engine when it returns; a write that fails leaves its
+#: pages out of the cache; fallocate (TRIM, zeroing) drops the range from the
+#: cache; every open starts from the engine's data (no FOPEN_KEEP_CACHE).
+#: The cost: blocks the file system inside caches too may sit twice in
+#: memory (the kernel reclaims either), and a benchmark through a buffered
+#: loop device reads RAM on a second pass; `--direct-io` (or a loop device
+#: with direct I/O) measures the engine.
+DIRECT_IO = False
 
 #: /dev/fuse fds (threads reading requests) per mount.  See docs/fuse.md for
 #: the measurement behind the default; LSBD_FUSE_QUEUES overrides it.

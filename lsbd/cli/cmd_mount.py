@@ -39,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-snapshots", action="store_true",
                    help="do not show the snapshots (a read-write mount shows each one, "
                         "read-only, as snapshots/NAME.img)")
-    p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--direct-io", action="store_true",
+                   help="open the image with direct I/O: no page cache of the image, every "
+                        "read and write reaches lsbd as issued (default: the page cache, "
+                        "writes written through)")
+    p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)  # the default
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
 
@@ -74,7 +78,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
         return _open_images(args, ctx, name)
 
     code = run(open_images, args.mountpoint, name=name, foreground=args.foreground,
-               read_only=read_only, direct_io=not args.page_cache, finalizer=ctx.close,
+               read_only=read_only, direct_io=args.direct_io, finalizer=ctx.close,
                debug=args.fuse_debug)
     if not args.foreground:
         ui.done({"volume": name, "mountpoint": args.mountpoint,
