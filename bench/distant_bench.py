@@ -374,7 +374,7 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
         moto.bucket("lsbd-bench")
         moto.bucket("s3b-bench")
         for name in args.subjects.split(","):
-            # "lsbd+page-cache": lsbd mounted with --page-cache (a variant in the same run)
+            # "lsbd+direct-io": lsbd mounted with --direct-io (a variant in the same run)
             base, *opts = name.split("+")
             work = tempfile.mkdtemp(prefix=f"distant-{base}-", dir=args.workdir)
             try:
@@ -446,7 +446,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--subjects", default="lsbd,s3backer",
                     help="which to run (comma-separated; the report needs s3backer); "
-                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+page-cache)")
+                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
