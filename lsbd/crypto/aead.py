@@ -101,6 +101,22 @@ class Stream:
         if len(idle) < _IDLE_CONTEXTS:
             idle.append(ctx)
 
+    def xor_one(self, offset: int, data) -> bytes:
+        """xor() of one buffer: a 4 KiB read's path, kept short (1.15 us
+        against 1.45 through xor(), of which the cipher takes 0.7)."""
+        idle = self._idle
+        try:
+            ctx = idle.pop()
+        except IndexError:
+            ctx = _BlockCipher(self._aes, modes.CTR(bytes(16))).encryptor()
+        ctx.reset_nonce((offset >> 4).to_bytes(16, "big"))
+        if offset & 15:
+            ctx.update(_ZEROS[offset & 15])
+        out = ctx.update(data)
+        if len(idle) < _IDLE_CONTEXTS:
+            idle.append(ctx)
+        return out
+
     def xor(self, offset: int, parts) -> bytes:
         """The parts (bytes-like, contiguous from `offset`) XORed with the
         keystream, as one bytes object.  Safe from any thread."""
@@ -122,12 +138,14 @@ class Stream:
 _IDLE_CONTEXTS = 16
 
 
+_ZEROS = tuple(bytes(n) for n in range(16))
+
+
 def _seek(ctx, offset: int) -> None:
     """Put a CTR context at byte `offset` of its keystream."""
-    block, skip = divmod(offset, 16)
-    ctx.reset_nonce(block.to_bytes(16, "big"))
-    if skip:
-        ctx.update(bytes(skip))
+    ctx.reset_nonce((offset >> 4).to_bytes(16, "big"))
+    if offset & 15:
+        ctx.update(_ZEROS[offset & 15])
 
 
 def hkdf(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
