@@ -26,8 +26,8 @@ import os
 #: next.  With FOPEN_DIRECT_IO each of the loop device's reads reached lsbd
 #: on its own, one after another.  Measured with bench/distant_bench.py
 #: (the same run, lsbd both ways): a cold read of a 386 MiB tree on a new
-#: cache 5.4-6.5 s against 7.4-8.0 s at 10 ms, its warm read 1.8-2.7 s
-#: against 2.4-3.2 s; figures in docs/operations.md.
+#: cache 5.3-6.5 s against 6.6-8.0 s at 10 ms, its warm read 1.8-2.7 s
+#: against 1.9-3.2 s; figures in docs/operations.md.
 #:
 #: What stays true (docs/fuse.md, tested in tests/integration/test_fuse*.py):
 #: writes are written through (no writeback cache is asked for), so a write
