@@ -62,6 +62,9 @@ class BlockMap:
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")
         self._migrate()
+        # A scratch map that holds only one-block entries (it starts empty):
+        # overlay() then replaces entries without looking them up.
+        self._singles = scratch and self.extent_count() == 0
         # lookup_block's read transaction, kept between lookups (beginning one
         # costs about as much as the lookup) and dropped at every write.
         self._reader_lock = threading.Lock()
@@ -239,8 +242,13 @@ class BlockMap:
         Returns the older segments it left without a live block."""
         live_delta: dict[int, int] = defaultdict(int)
         emptied = []
+        records = records if isinstance(records, list) else list(records)
+        single = _single_writes(records)
         with self._writing() as txn:
             cur = txn.cursor(db=self._extents)
+            if single is not None:
+                self._apply_single(txn, cur, info.seq, single, live_delta)
+                records = []
             for r in records:
                 if r.kind == RESIZE:
                     txn.put(b"size", str(r.lba).encode(), db=self._meta)
@@ -275,6 +283,40 @@ class BlockMap:
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
         return emptied
+
+    def _apply_single(self, txn, cur, seq: int, newest: dict[int, int],
+                      live_delta: dict[int, int]) -> None:
+        """apply_segment of a segment of one-block writes (random 4 KiB
+        writes), `newest` the offset of each block's last write: the blocks
+        are looked up in block order (neighbours share the B-tree's upper
+        pages), an extent of several blocks under one is cut around it, and
+        the new entries go in with one putmulti.  Deferring the puts is
+        safe: one-block entries of distinct blocks cover no other block."""
+        pairs = []
+        for lba in sorted(newest):
+            key = _k(lba)
+            if cur.set_range(key):
+                if cur.key() == key:
+                    n, old, _off = _unv(cur.value())
+                    if n == 1:
+                        live_delta[old] -= 1
+                    else:
+                        self._punch(txn, cur, lba, lba + 1, live_delta)
+                elif cur.prev():
+                    self._cut_under(txn, cur, lba, live_delta)
+            elif cur.last():
+                self._cut_under(txn, cur, lba, live_delta)
+            pairs.append((key, _v(1, seq, newest[lba])))
+        live_delta[seq] += len(pairs)
+        cur.putmulti(pairs, overwrite=True)
+
+    def _cut_under(self, txn, cur, lba: int, live_delta: dict[int, int]) -> None:
+        """`cur` is at the extent before block `lba`: cut `lba` out of it if
+        it reaches over it."""
+        s = _lba(cur.key())
+        n, _seq, _off = _unv(cur.value())
+        if s + n > lba:
+            self._punch(txn, cur, lba, lba + 1, live_delta)
 
     def _punch(self, txn, cur, start: int, end: int, live_delta: dict[int, int]) -> None:
         """Remove [start, end) from the extents, keeping the parts outside it."""
@@ -366,6 +408,18 @@ class BlockMap:
         ranges the segments touched, as the live map has them (a delta
         checkpoint).  Segment rows and live counts are left alone."""
         ignored: dict[int, int] = defaultdict(int)
+        records = records if isinstance(records, list) else list(records)
+        if self._singles and all(r.nblocks == 1 or r.kind == RESIZE or not r.nblocks
+                                 for r in records):
+            # Every entry so far and every record here one block long: laying
+            # one over is replacing the entry of its block, in one putmulti.
+            newest = {r.lba: _v(1, seq, r.data_offset) if r.kind == DATA else _v(1, 0, 0)
+                      for r in records if r.nblocks and r.kind != RESIZE}
+            with self._writing() as txn:
+                txn.cursor(db=self._extents).putmulti(
+                    [(_k(lba), newest[lba]) for lba in sorted(newest)], overwrite=True)
+            return
+        self._singles = False
         with self._writing() as txn:
             cur = txn.cursor(db=self._extents)
             for r in records:
@@ -419,6 +473,17 @@ class MapSnapshot:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _single_writes(records: list[Record]) -> dict[int, int] | None:
+    """The file offset of each block's last write, when every record is a
+    one-block DATA record (random 4 KiB writes); None otherwise."""
+    newest: dict[int, int] = {}
+    for r in records:
+        if r.kind != DATA or r.nblocks != 1:
+            return None
+        newest[r.lba] = r.data_offset
+    return newest
 
 
 def _lookup(cur, lba: int, nblocks: int, bs: int) -> list[Extent]:

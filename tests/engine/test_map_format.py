@@ -183,3 +183,75 @@ def test_making_room_on_the_disk_lets_the_indexes_of_evicted_segments_go(store, 
         monkeypatch.setattr(segfiles, "disk_free", lambda folder: 0)
         assert files.make_room(1) is False              # everything evictable went
         assert files._index_bytes == sum(i.nbytes for i in files._indexes.values())
+
+
+def _mixed_records(rng: random.Random, count: int, space: int) -> list[Record]:
+    out = []
+    for _ in range(count):
+        n = rng.choice([1, 1, 2, 3, 8])
+        lba = rng.randrange(space - n)
+        kind = DATA if rng.random() < 0.85 else TRIM
+        out.append(Record(kind, 0, lba, n, rng.randrange(1 << 20) * BS if kind == DATA else 0,
+                          b""))
+    return out
+
+
+def _one_block_records(rng: random.Random, count: int, space: int) -> list[Record]:
+    return [Record(DATA, 0, rng.randrange(space), 1, rng.randrange(1 << 20) * BS, b"")
+            for _ in range(count)]
+
+
+def test_segments_of_one_block_writes_apply_as_record_by_record(tmp_path, monkeypatch):
+    """A segment of one-block writes goes into the map in block order with
+    one putmulti (random 4 KiB writes); the map, every segment's live
+    blocks and the segments left empty are exactly what applying it record
+    by record gives, over a map of longer extents, with a block written
+    twice in a segment, at an extent's first block, inside one, and at its
+    last."""
+    rng = random.Random(8)
+    fast = BlockMap(str(tmp_path / "fast"), BS)
+    slow = BlockMap(str(tmp_path / "slow"), BS)
+    try:
+        space = 300
+        for seq in range(1, 41):
+            one_block = seq % 3 != 1
+            records = (_one_block_records(rng, rng.randint(1, 60), space) if one_block
+                       else _mixed_records(rng, rng.randint(1, 40), space))
+            if one_block and seq % 2:
+                records += records[:3]        # written again, later in the segment
+            got = fast.apply_segment(_info(seq), records, applied_seq=str(seq).encode())
+            with monkeypatch.context() as m:
+                m.setattr(blockmap, "_single_writes", lambda records: None)
+                want = slow.apply_segment(_info(seq), records, applied_seq=str(seq).encode())
+            assert got == want
+            assert list(fast.iter_extents()) == list(slow.iter_extents()), seq
+            assert [(s.seq, s.live_blocks) for s in fast.segments()] == \
+                [(s.seq, s.live_blocks) for s in slow.segments()], seq
+        assert any(e.nblocks > 1 for e in fast.iter_extents())
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_a_scratch_map_of_one_block_records_is_their_overlay(tmp_path):
+    """overlay() of one-block records on a scratch map that holds only
+    one-block entries replaces entries in one putmulti; once a record of
+    several blocks comes, record by record.  Either way the map is the
+    records laid over each other, holes as entries of seq 0."""
+    rng = random.Random(9)
+    fast = BlockMap(str(tmp_path / "fast"), BS, scratch=True)
+    slow = BlockMap(str(tmp_path / "slow"), BS, scratch=True)
+    slow._singles = False
+    try:
+        for seq in range(1, 30):
+            records = (_mixed_records(rng, 30, 200) if seq == 20 else
+                       [r._replace(kind=TRIM, data_offset=0) if rng.random() < 0.2 else r
+                        for r in _one_block_records(rng, 40, 200)])
+            fast.overlay(seq, records)
+            slow.overlay(seq, records)
+            assert fast._singles == (seq < 20)
+            assert list(fast.iter_extents()) == list(slow.iter_extents()), seq
+        assert any(e.seq == 0 for e in fast.iter_extents())
+    finally:
+        fast.close()
+        slow.close()
