@@ -4,6 +4,7 @@ schedule (and runs the periodic work registered from above the engine)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -48,23 +49,29 @@ class Checkpointer:
             # The map is read from a snapshot, which may hold segments sealed
             # after `target`: the checkpoint is of the snapshot's seq, once
             # every segment up to it is in the store.  Writes go on meanwhile.
-            with st.map.snapshot() as snap:
+            # A delta needs only the snapshot's segment table, so the snapshot
+            # is let go before the wait for uploads (a reader held for long
+            # keeps LMDB from reusing the pages the writer frees meanwhile, and
+            # the map file grows); a base read from the map keeps it.
+            with contextlib.ExitStack() as held:
+                snap = held.enter_context(st.map.snapshot())
                 target = snap.meta("applied_seq")
+                shape: dict[str, Any] = dict(volume_size=snap.meta("size", st.size),
+                             block_size=st.block_size, top_crc=snap.meta("top_crc"))
+                chain = None if base else previous_chain(
+                    st.store, st.name, st.config.volume_id, st.last_checkpoint, target)
+                if chain is not None:
+                    segments = snap.segments()
+                    held.close()
                 if st.uploader is not None and not st.uploader.wait_durable(
                         target, sealing.STORE_FLUSH_TIMEOUT):
                     raise StoreError(f"volume {st.name}: cannot checkpoint: uploads are not "
                                      f"getting through ({st.uploader.last_error})")
                 st.check_lease()
-                chain = None if base else previous_chain(
-                    st.store, st.name, st.config.volume_id, st.last_checkpoint, target)
-                shape: dict[str, Any] = dict(volume_size=snap.meta("size", st.size),
-                             block_size=st.block_size, top_crc=snap.meta("top_crc"))
                 if chain is None:
                     ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
                                           extents=snap.extents(), segments=snap.segments(),
                                           **shape)
-                else:
-                    segments = snap.segments()
             if chain is not None:
                 # Built from the segments and the previous chain alone, with no
                 # snapshot held (a long one keeps LMDB from reusing the pages

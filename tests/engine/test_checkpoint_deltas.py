@@ -570,3 +570,32 @@ def test_merging_a_chain_holds_pieces_not_parts(tmp_path, monkeypatch):
     one_part = part * ckpt.EXTENT_ENTRY.size
     assert peaks[1] < 1.3 * peaks[0], peaks
     assert peaks[1] < (ckpt.MAX_CHAIN + 1) * one_part, (peaks, one_part)
+
+
+def test_a_delta_holds_no_map_snapshot_while_it_waits_for_uploads(store, tmp_path):
+    """A reader held while uploads are waited for keeps LMDB from reusing the
+    pages the writer frees meanwhile, and the map file grows with writes."""
+    create_volume(store, "vol", SIZE)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    try:
+        rng = random.Random(7)
+        _writes(vol, rng, 1, 50)
+        vol.checkpoint()                      # the base: read from the map
+        _writes(vol, rng, 2, 50)
+        st = vol._st
+        readers_seen = []
+        wait = st.uploader.wait_durable
+
+        def watching(seq, timeout=None):
+            readers_seen.append(st.map._env.readers())
+            return wait(seq, timeout)
+
+        st.uploader.wait_durable = watching
+        seq = vol.checkpoint()
+        assert _manifests(store)[seq].prev is not None, "the test needs a delta"
+        # LMDB's reader table: a slot whose txnid is "-" holds no snapshot.
+        held = [line for table in readers_seen for line in table.splitlines()[1:]
+                if line.split() and line.split()[-1] != "-"]
+        assert readers_seen and not held, readers_seen
+    finally:
+        vol.close()
