@@ -125,6 +125,20 @@ def upload_error(vol: Volume) -> BaseException | None:
     return None if up is None else up.last_error
 
 
+def uploader(vol: Volume):
+    """The volume's uploader (None on a store that needs none)."""
+    return vol._st.uploader
+
+
+def map_snapshots_held(vol: Volume) -> int:
+    """How many read transactions (snapshots) of the block map are open now:
+    the slots of LMDB's reader table with a transaction id ("-" is a slot
+    kept for a thread, holding nothing)."""
+    table = vol._st.map._env.readers()
+    return sum(1 for line in table.splitlines()[1:]
+               if line.split() and line.split()[-1] != "-")
+
+
 def stop_background(vol: Volume) -> None:
     """Stop the timer thread: no more idle seals or automatic checkpoints."""
     vol._timer.join()
