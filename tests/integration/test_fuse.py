@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from fuse_helpers import (
     WRITER,
-    FuseEnv,
+    fuse_env,
     alive,
     content,
     is_mounted,
@@ -44,22 +44,15 @@ MiB = 1 << 20
 @pytest.fixture
 def fenv(tmp_path, monkeypatch):
     """A FuseEnv on a file:// store."""
-    require_fuse()
-    # Pid files and logs of these mounts go to the test's own directory.
-    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
-    env = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
-    yield env
-    env.cleanup()
+    with fuse_env(tmp_path, monkeypatch) as env:
+        yield env
 
 
 @pytest.fixture
 def store_env(tmp_path, monkeypatch, store_url):
     """A FuseEnv on each store kind (file://, s3:// on the moto server)."""
-    require_fuse()
-    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
-    env = FuseEnv(tmp_path, store_url)
-    yield env
-    env.cleanup()
+    with fuse_env(tmp_path, monkeypatch, store_url=store_url) as env:
+        yield env
 
 
 @pytest.mark.fuse

@@ -17,7 +17,7 @@ import signal
 import time
 
 import pytest
-from fuse_helpers import FuseEnv, alive, require_fuse, run
+from fuse_helpers import alive, fuse_env, run, zeroed
 
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -38,11 +38,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 @pytest.fixture
 def fenv(tmp_path, monkeypatch):
-    require_fuse()
-    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
-    env = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
-    yield env
-    env.cleanup()
+    with fuse_env(tmp_path, monkeypatch) as env:
+        yield env
 
 
 def _is_direct_io(fd: int) -> bool:
@@ -69,18 +66,14 @@ def test_trim_and_zeroing_through_one_open_file_drop_the_cached_range(fenv):
         _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, MiB)
         _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 3 * MiB, 2 * MiB)
         _fallocate(fd, FALLOC_FL_ZERO_RANGE, 6 * MiB + 8192, 4096)
-        want = bytearray(data)
-        want[4096:4096 + MiB] = bytes(MiB)
-        want[3 * MiB:5 * MiB] = bytes(2 * MiB)
-        want[6 * MiB + 8192:6 * MiB + 12288] = bytes(4096)
-        assert os.pread(fd, 8 * MiB, 0) == bytes(want)
+        want = zeroed(data, (4096, MiB), (3 * MiB, 2 * MiB), (6 * MiB + 8192, 4096))
+        assert os.pread(fd, 8 * MiB, 0) == want
     finally:
         os.close(fd)
-    fenv.umount(mnt)
-    fenv.mount("vol", mnt, "--read-only", "--direct-io")  # the engine's own data
+    fenv.remount(mnt, "--read-only", "--direct-io")      # the engine's own data
     with open(image, "rb") as f:
         assert _is_direct_io(f.fileno())
-        assert f.read(8 * MiB) == bytes(want)
+        assert f.read(8 * MiB) == want
     fenv.umount(mnt)
 
 
@@ -126,8 +119,7 @@ def test_a_shared_writable_mapping_is_durable_once_synced(fenv):
         os.fsync(fd)
     finally:
         os.close(fd)
-    fenv.umount(mnt)
-    fenv.mount("vol", mnt, "--read-only", "--direct-io")
+    fenv.remount(mnt, "--read-only", "--direct-io")
     with open(image, "rb") as f:
         f.seek(MiB)
         assert f.read(2 * MiB) == data

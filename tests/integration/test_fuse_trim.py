@@ -13,18 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from fuse_helpers import FuseEnv, require_fuse, run
+from fuse_helpers import FuseEnv, fuse_env, require_fuse, run, zeroed
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def fenv(tmp_path, monkeypatch):
-    require_fuse("fstrim", "fallocate", "dmesg")
-    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
-    env = FuseEnv(tmp_path, "file://" + str(tmp_path / "store"))
-    yield env
-    env.cleanup()
+    with fuse_env(tmp_path, monkeypatch, "fstrim", "fallocate", "dmesg") as env:
+        yield env
 
 
 def _stats(env: FuseEnv) -> dict:
@@ -91,15 +88,12 @@ def test_punch_hole_and_zero_range_read_back_as_zeros(fenv):
     run("fallocate", "--zero-range", "--offset", str(3 * MiB + 100), "--length", "5000", image)
     with open(image, "rb") as f:
         got = f.read(8 * MiB)
-    want = bytearray(data)
-    want[4096:4096 + MiB] = bytes(MiB)
-    want[3 * MiB + 100:3 * MiB + 5100] = bytes(5000)
-    assert got == bytes(want)
+    want = zeroed(data, (4096, MiB), (3 * MiB + 100, 5000))
+    assert got == want
     assert image.stat().st_size == 64 * MiB              # KEEP_SIZE or not, the size stays
-    fenv.umount(mnt)
-    fenv.mount("vol", mnt, "--read-only")                # and so it stays
+    fenv.remount(mnt, "--read-only")                     # and so it stays
     with open(image, "rb") as f:
-        assert f.read(8 * MiB) == bytes(want)
+        assert f.read(8 * MiB) == want
     r = run("fallocate", "--punch-hole", "--offset", "0", "--length", "4096", image, check=False)
     assert r.returncode != 0                             # a read-only image
     fenv.umount(mnt)

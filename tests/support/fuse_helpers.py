@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,12 @@ class FuseEnv:
         assert server is not None and server.alive(), f"no lsbd process serves {mnt}"
         return server.pid
 
+    def remount(self, mnt: Path, *args: str, volume: str = "vol") -> None:
+        """Unmount `mnt` and mount `volume` there again with `args` (e.g.
+        `--read-only --direct-io` to read what the engine kept)."""
+        self.umount(mnt)
+        self.mount(volume, mnt, *args)
+
     def umount(self, mnt: Path) -> None:
         pid = read_pid_file(str(mnt))
         self.lsbd("umount", mnt, timeout=300)
@@ -175,6 +183,31 @@ class FuseEnv:
         run("losetup", "-d", loop_dev, check=False, timeout=60)
         run("fusermount3", "-u", "-z", fuse_mnt, timeout=60)
         assert not is_mounted(fuse_mnt)
+
+
+@contextmanager
+def fuse_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *tools: str,
+             store_url: str | None = None) -> Iterator[FuseEnv]:
+    """The body of a test's FuseEnv fixture: skip (fail in CI) without FUSE
+    or `tools`, keep the mounts' pid files and logs in the test's own
+    directory, use `store_url` (a file:// store in tmp_path by default), and
+    clean up after the test."""
+    require_fuse(*tools)
+    monkeypatch.setenv("LSBD_RUN_DIR", str(tmp_path / "run"))
+    env = FuseEnv(tmp_path, store_url or "file://" + str(tmp_path / "store"))
+    try:
+        yield env
+    finally:
+        env.cleanup()
+
+
+def zeroed(data: bytes, *ranges: tuple[int, int]) -> bytes:
+    """`data` with each (offset, length) range made zeros: what reads give
+    after those ranges were trimmed or zeroed."""
+    out = bytearray(data)
+    for offset, length in ranges:
+        out[offset:offset + length] = bytes(length)
+    return bytes(out)
 
 
 # --- trees of files ------------------------------------------------------------------
