@@ -8,9 +8,10 @@ process must be stopped instead (breaking it would leave two writers on one
 cache dir).
 
 On a store that ignores conditional creates (Store.conditional_writes is
-False) the lease is read before it is put and read back after, so a second
-writer is refused; the writer's uploads are fenced by the lease as
-everywhere (lsbd.segments.uploader), and read their trailer back.
+False) the lease is read before it is put and read back once the put has
+settled (lsbd.store.settle), so a second writer is refused; the writer's
+uploads are fenced by the lease as everywhere (lsbd.segments.uploader), and
+read their trailer back.
 
 The machine is named by its host name, or by LSBD_HOST when that is set (so
 that tests can stand for two machines on one)."""
@@ -30,12 +31,9 @@ import attrs
 from lsbd import names
 from lsbd.errors import LeaseHeld, LeaseLost, ObjectExists, ObjectNotFound
 from lsbd.store import Store
+from lsbd.store.settle import settle
 
 log = logging.getLogger(__name__)
-
-#: On a store without conditional creates: how long a new lease waits before
-#: it reads itself back (longer than a small put can take to land).
-SETTLE_SECONDS = 1.0
 
 
 def host_name() -> str:
@@ -191,7 +189,7 @@ class Lease:
         """Without conditional creates, two writers that both found no lease
         both put theirs, and the later put wins.  Read it back once a racing
         put has had time to land: only the winner finds its own token."""
-        time.sleep(SETTLE_SECONDS)
+        settle()
         holder = read_holder(store, volume)
         return holder is not None and holder.token == me.token
 

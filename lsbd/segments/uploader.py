@@ -20,12 +20,9 @@ from lsbd import names
 from lsbd.format.segment import TRAILER
 from lsbd.errors import LeaseLost, ObjectExists, StoreError
 from lsbd.store import Store
+from lsbd.store.settle import reads_back
 
 log = logging.getLogger(__name__)
-
-#: Pauses between reads of an uploaded segment's trailer that did not match
-#: ours, before it is taken for another writer's (see Uploader._check_ours).
-READ_BACK_WAITS = (0.25, 0.5, 1.0)
 
 
 def _at_thread_shutdown(call: Callable[[], object]) -> None:
@@ -158,15 +155,11 @@ class Uploader:
                 size = f.seek(0, 2)
                 f.seek(size - TRAILER.size)
                 ours = f.read()
-        # A store may acknowledge a PUT before the object reads back whole
-        # (s3rver answers once the body is received, not once it is on its
-        # disk): only a trailer that stays foreign is another writer's.
-        for wait in (*READ_BACK_WAITS, None):
-            if self.store.get(key, size - TRAILER.size, TRAILER.size) == ours:
-                return
-            if wait is not None and self._stop.wait(wait):
-                # Closing: leave the segment for the next open to check.
-                raise StoreError(f"{key} did not read back as ours before close")
+        # A store may acknowledge a PUT before the object reads back whole:
+        # only a trailer that stays foreign is another writer's.
+        if reads_back(lambda: self.store.get(key, size - TRAILER.size, TRAILER.size), ours,
+                      stop=self._stop, what=key):
+            return
         raise ForeignWriter(f"{key} was written by another writer: this volume "
                             "is no longer ours (was its lease broken?)")
 

@@ -4,6 +4,7 @@ write correctly on all of them (issue #17)."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import time
@@ -24,10 +25,11 @@ from engine_helpers import (
 from s3_quirks import NO_CONDITIONAL, NO_RANGE, SHORT_RANGE
 
 from lsbd import names
-from lsbd.meta import lease as lease_mod
 from lsbd.meta.config import create_volume
+from lsbd.meta.lease import Lease
 from lsbd.engine.volume import Volume
 from lsbd.errors import LeaseHeld, StoreError
+from lsbd.store import settle as settle_mod
 from lsbd.store.faulty import FaultyStore
 from lsbd.store.local import LocalStore
 from lsbd.store.s3 import S3Store
@@ -158,7 +160,7 @@ def test_puts_over_https_store_the_bytes_not_a_chunked_body(s3rver_tls, monkeypa
 @pytest.fixture
 def blind_store(tmp_path, monkeypatch):
     """A store whose exclusive puts overwrite, and that says so."""
-    monkeypatch.setattr(lease_mod, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(settle_mod, "SETTLE_SECONDS", 0.05)
     store = FaultyStore(LocalStore(str(tmp_path / "store")))
     store.ignore_conditions()
     assert not store.conditional_writes
@@ -208,6 +210,33 @@ def test_an_upload_that_reads_back_wrong_at_first_is_not_taken_for_another_write
         vol.close()
     wipe(tmp_path / "r")
     assert read_from_store(blind_store, tmp_path / "r", 0, 2 * BS) == block(1, 0) + block(2, 1)
+
+
+def test_a_new_lease_is_read_back_only_once_a_racing_put_has_landed(blind_store, monkeypatch):
+    """A rival's lease put that lands a moment after ours replaces it (the
+    later put wins): the read-back must come after the store settled, or
+    both writers would find their own token."""
+    monkeypatch.setattr(settle_mod, "SETTLE_SECONDS", 0.5)
+    key = names.lease_key("vol")
+    rival = json.dumps({"host": "elsewhere", "pid": 1, "since": 0.0, "token": "rival"}).encode()
+    landing = {"at": float("inf")}       # when the rival's put shows
+    real_put, real_get = blind_store.put, blind_store.get
+
+    def put(k, data, *, exclusive=False):
+        real_put(k, data, exclusive=exclusive)
+        if k == key and data != rival and landing["at"] == float("inf"):
+            landing["at"] = time.monotonic() + settle_mod.SETTLE_SECONDS / 2
+
+    def get(k, *args, **kw):
+        if k == key and time.monotonic() >= landing["at"]:
+            landing["at"] = float("nan")      # lands once
+            real_put(key, rival)
+        return real_get(k, *args, **kw)
+
+    monkeypatch.setattr(blind_store, "put", put)
+    monkeypatch.setattr(blind_store, "get", get)
+    with pytest.raises(LeaseHeld, match="elsewhere"):
+        Lease.acquire(blind_store, "vol")
 
 
 def test_racing_writers_without_conditional_creates_one_wins(blind_store, tmp_path):
