@@ -134,6 +134,10 @@ def map_snapshots_held(vol: Volume) -> int:
     """How many read transactions (snapshots) of the block map are open now:
     the slots of LMDB's reader table with a transaction id ("-" is a slot
     kept for a thread, holding nothing)."""
+    # The reader table is the only place lmdb (py-lmdb 3.0) shows which
+    # snapshots are open, and it shows it only as text: info()["num_readers"]
+    # counts the slots ever used (it stays up after a transaction ends), and
+    # reader_check() only clears slots of dead processes.
     table = vol._st.map._env.readers()
     return sum(1 for line in table.splitlines()[1:]
                if line.split() and line.split()[-1] != "-")
