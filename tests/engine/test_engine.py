@@ -1160,7 +1160,7 @@ def test_open_segment_index_finds_the_newest_copy_of_every_block(tmp_path, monke
                 seg.append(ZERO, lba, count, undo=undo)
                 ref.update(dict.fromkeys(range(lba, lba + count), "hole"))
 
-        def plan(seg=seg):
+        def plan(seg=seg, ref=ref):
             lo = rng.randrange(n)
             hi = rng.randrange(lo + 1, n + 1)
             got, pos = {}, lo

@@ -750,7 +750,7 @@ def test_many_clients_at_once(server, volumes):
                 c.write(off, data)
                 assert c.read(off, 4096) == data
             c.close()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - the test reports every worker's error
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
@@ -822,7 +822,7 @@ def test_close_cuts_off_a_client_that_does_not_read_its_replies(volumes):
     c = connected(srv)
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # Ask for far more reply data than the socket buffers hold, read none.
-    for i in range(64):
+    for _ in range(64):
         c.request(p.CMD_READ, 0, 4 * MiB)
     time.sleep(0.3)
     start = time.monotonic()

@@ -73,7 +73,7 @@ def _cases(tmp_path) -> list[list[str]]:
             extra = ["--read-only", "--socket", NOWHERE + ".sock"]   # never starts serving
         if words == ["export"]:
             base = ["v", str(tmp_path / "out.raw")]
-        for i, action in enumerate(positionals):
+        for i in range(len(positionals)):
             for value in BAD_VALUES:
                 cases.append([*words, *base[:i], value, *base[i + 1:], *extra])
         if words == ["delete"]:

@@ -311,7 +311,7 @@ class Background:
                 n += 1
                 self.rounds = n
             client.disconnect()
-        except BaseException as e:   # reported by stop()
+        except BaseException as e:  # noqa: BLE001 - reported by check()
             self.error = e
 
     def __enter__(self) -> Background:
@@ -339,7 +339,6 @@ class Background:
 import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 READY = re.compile(r"^lsbd: serving (.*)$")
 
