@@ -357,3 +357,26 @@ def test_sealed_objects_written_past_the_page_cache_read_back_whole(tmp_path):
         finally:
             os.close(fd)
         assert path.read_bytes() == data, total
+
+
+def test_the_sealing_process_reads_an_encrypted_local_file_in_the_clear(tmp_path):
+    """The sealing process deciphers a segment's local file where it reads
+    it: any range, from any offset, gives the plain bytes there, and a
+    range past the end gives what there is."""
+    from lsbd.crypto.localfile import HEADER_SIZE, FileCipher, write_new
+    from lsbd.crypto.worker import source_reader
+
+    key = os.urandom(32)
+    cipher = FileCipher(key, key_id=1, file_id=os.urandom(16))
+    plain = os.urandom(3 * 65536 + 123)
+    path = tmp_path / "segment"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        write_new(fd, cipher, plain)
+        read = source_reader(fd, key, HEADER_SIZE)
+        for start, size in ((0, 16), (0, len(plain)), (5, 4096), (65536, 65536),
+                            (4099, 1 << 20), (len(plain) - 7, 100)):
+            assert bytes(read(start, size)) == plain[start:start + size], (start, size)
+        assert bytes(source_reader(fd, None, HEADER_SIZE)(5, 10)) != plain[5:15]
+    finally:
+        os.close(fd)
