@@ -16,6 +16,7 @@ from lsbd.crypto.aead import Argon2Params
 from lsbd.crypto.compress import Compressor
 from lsbd.crypto.frames import FrameError
 from lsbd.crypto.store import SealingStore, VolumeSealing
+from lsbd.errors import ObjectExists
 from lsbd.store.local import LocalStore
 
 CHEAP = Argon2Params(memory_kib=64, iterations=1, lanes=1)
@@ -193,7 +194,7 @@ def test_put_file_seals_a_segment_file(stores, tmp_path, monkeypatch, volume, in
     assert objects.is_sealed(raw) and len(raw) < len(data) // 2
     assert (b"quick brown fox" in raw) == (volume == "z")
     assert os.listdir(folder) == ["0000000000000001.seg"]
-    with pytest.raises(Exception):
+    with pytest.raises(ObjectExists):
         store.put_file(seg(volume, 1), str(path), exclusive=True)   # exclusive still holds
 
 

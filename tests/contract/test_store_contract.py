@@ -55,7 +55,8 @@ def test_racing_exclusive_creators_exactly_one_wins(any_store):
         barrier = threading.Barrier(threads_per_key)
         winners, losers, other = [], [], []
 
-        def create(i):
+        # The round's objects bound as defaults: each thread uses its own round's.
+        def create(i, key=key, barrier=barrier, winners=winners, losers=losers, other=other):
             data = f"writer {i}".encode() * 100
             barrier.wait()
             try:
