@@ -24,10 +24,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from lsbd.crypto.compress import Compressor  # noqa: E402
-from lsbd.crypto.frames import Framer, Place, object_cipher  # noqa: E402
+from lsbd.crypto.compress import Compressor
+from lsbd.crypto.frames import Framer, Place, object_cipher
 
 MiB = 1 << 20
 

@@ -7,9 +7,10 @@
 1. fio through NBD (the jobs of bench/nbd_bench.py: iodepth 16, Unix socket)
    against `lsbd serve` of three volumes served at once: plain (--compress
    none), compressed (the default), and compressed and encrypted; each job
-   runs on one after the other, --rounds times, so that a shared machine's
-   drifting load falls on all alike; the median ratio to plain (#13 asks
-   at most 15% slower on random I/O).  After
+   runs on one after the other (every other round in the reverse order),
+   --rounds times, so that a shared machine's drifting load falls on all
+   alike; the median ratio to plain (#13 asks at most 15% slower on random
+   I/O), each round's ratio, and the load average after each run.  After
    each write job the server is asked to flush to the store (its control
    socket) and the time that takes is shown apart ("catch-up"): on a
    file:// store a plain volume's uploads are hard links, while a sealed
@@ -143,10 +144,12 @@ def sampling(server: Server, every: float = 0.5):
 
 def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
     """Every subject served at once; each job runs on one subject after the
-    other, `rounds` times, so that the machine's load, which drifts on a
-    shared machine, falls on all of them alike.  A job's figure is its mean
-    over the rounds; the ratio to plain is the median of the rounds' ratios."""
+    other (in the reverse order every other round), `rounds` times, so that
+    the machine's load, which drifts on a shared machine, falls on all of
+    them alike.  A job's figure is its mean over the rounds; the ratio to
+    plain is the median of the rounds' ratios."""
     results: dict[str, dict] = {name: {} for name, _ in SUBJECTS}
+    loads: list[float] = []     # the 1-minute load average after each run
     drop_page_cache()
     with contextlib.ExitStack() as stack:
         servers = {}
@@ -160,13 +163,18 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             key = "iops" if bs == "4k" else "mib_s"
             for name, _ in SUBJECTS:
                 results[name][job] = {"runs": [], "catch_up": 0.0}
-            for _ in range(rounds):
-                for name, _ in SUBJECTS:
+            for i in range(rounds):
+                # Every other round in the reverse order: a load that rises
+                # (or falls) through a round then favours neither subject.
+                for name, _ in (SUBJECTS if i % 2 == 0 else SUBJECTS[::-1]):
                     r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
                     catch_up = servers[name].flush() if "write" in rw else 0.0
                     results[name][job]["runs"].append(r[key])
                     results[name][job]["catch_up"] += catch_up
+                    load = os.getloadavg()[0]
+                    loads.append(load)
                     print(f"    {job:14} {name:9} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS"
+                          f"   load {load:4.1f}"
                           + (f"   then {catch_up:.1f}s to catch up" if "write" in rw else ""),
                           flush=True)
             for name, _ in SUBJECTS:
@@ -177,7 +185,8 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             results[name]["rss"] = server.peak_anon
     for name, _ in SUBJECTS:
         results[name]["stored"] = stored_bytes(os.path.join(workdir, name, "store"))
-    print(f"\n  job ({rounds} rounds)  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
+    print(f"\n  load average {min(loads):.1f}-{max(loads):.1f}, median {statistics.median(loads):.1f}")
+    print(f"  job ({rounds} rounds)  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
           + "   (mean IOPS or MiB/s; median ratio to plain; catch-up after writes in s)")
     for job, _rw, bs in JOBS:
         unit = "IOPS" if bs == "4k" else "MiB/s"
@@ -194,6 +203,9 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             ratio = statistics.median(a / b for a, b in zip(last, plain))
             line += f"   {'pass' if ratio >= RANDOM_LIMIT else 'FAIL'} (>= {RANDOM_LIMIT})"
         print(line)
+        last = results[SUBJECTS[-1][0]][job]["runs"]
+        print(f"  {'':14} {SUBJECTS[-1][0]} / plain by round: "
+              + ", ".join(f"{a / b:.2f}" for a, b in zip(last, plain)))
     print("  anon RSS MiB   " + "".join(f"{results[n]['rss'] / 2**20:12.0f}"
                                         for n, _ in SUBJECTS))
     print("  stored MiB     " + "".join(f"{results[n]['stored'] / 2**20:12.0f}"
