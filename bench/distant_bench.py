@@ -209,11 +209,14 @@ def fio_all(target: str, runtime: int) -> dict:
 class LsbdSubject:
     name = "lsbd"
 
-    def __init__(self, work: str, endpoint: str, mount_args: tuple[str, ...] = ()):
+    def __init__(self, work: str, endpoint: str, mount_args: tuple[str, ...] = (),
+                 exe: str = LSBD, other: int = 0):
         self.work = work
         self.mount_args = mount_args
+        self.exe = exe      # another checkout's lsbd, to compare code in one run
         # each variant its own volume, so variants can share the bucket
-        self.vol = "-".join(["vol", *(a.strip("-") for a in mount_args)])
+        self.vol = "-".join(["vol", *(a.strip("-") for a in mount_args),
+                             *([f"other{other}"] if other else [])])
         self.env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                         AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
         self.store = "s3://lsbd-bench/d"
@@ -222,7 +225,7 @@ class LsbdSubject:
         self.cache = 0
 
     def lsbd(self, *args: str) -> None:
-        sh(LSBD, "--store", self.store, "--cache-dir", os.path.join(self.work, f"cache{self.cache}"),
+        sh(self.exe, "--store", self.store, "--cache-dir", os.path.join(self.work, f"cache{self.cache}"),
            *args, env=self.env)
 
     def create(self) -> None:
@@ -239,7 +242,7 @@ class LsbdSubject:
 
     def fio_nbd(self, runtime: int) -> dict:
         sock = os.path.join(self.work, "nbd.sock")
-        proc = subprocess.Popen([LSBD, "--store", self.store, "--cache-dir",
+        proc = subprocess.Popen([self.exe, "--store", self.store, "--cache-dir",
                                  os.path.join(self.work, f"cache{self.cache}"), "serve", self.vol,
                                  "--socket", sock], env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
@@ -293,7 +296,7 @@ class S3backerSubject:
 def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, written: int,
              fio_runtime: int, tag: str = "") -> dict:
     out: dict = {}
-    log_prefix = f"{os.environ.get('DISTANT_LOG')}.{subject.name}{tag}"
+    log_prefix = f"{os.environ.get('DISTANT_LOG')}{tag}"
     fsdir = os.path.join(work, f"{subject.name}-fs")
     os.makedirs(fsdir, exist_ok=True)
     subject.create()
@@ -374,17 +377,21 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
         moto.bucket("lsbd-bench")
         moto.bucket("s3b-bench")
         for name in args.subjects.split(","):
-            # "lsbd+direct-io": lsbd mounted with --direct-io (a variant in the same run)
-            base, *opts = name.split("+")
+            # "lsbd+direct-io": lsbd mounted with --direct-io (a variant in the same run);
+            # "lsbd@/path/to/checkout": that checkout's lsbd (its .venv)
+            name_opts, _, checkout = name.partition("@")
+            base, *opts = name_opts.split("+")
             work = tempfile.mkdtemp(prefix=f"distant-{base}-", dir=args.workdir)
             try:
                 if base == "lsbd":
-                    subject = LsbdSubject(work, endpoint, tuple(f"--{o}" for o in opts))
+                    exe = os.path.join(checkout, ".venv", "bin", "lsbd") if checkout else LSBD
+                    subject = LsbdSubject(work, endpoint, tuple(f"--{o}" for o in opts), exe,
+                                          other=len(results) if checkout else 0)
                 else:
                     subject = S3backerSubject(work, endpoint)
                 results[name] = workflow(subject, src, work, moto, proxy, written,
                                          0 if args.skip_fio else args.fio_runtime,
-                                         tag=f".{delay_ms:g}ms")
+                                         tag=f".{name.replace('/', '_')}.{delay_ms:g}ms")
             finally:
                 for d in (os.path.join(work, f"{subject.name}-fs"), getattr(subject, "mnt", "")):
                     if d and os.path.ismount(d):
@@ -446,7 +453,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--subjects", default="lsbd,s3backer",
                     help="which to run (comma-separated; the report needs s3backer); "
-                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io)")
+                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io); "
+                         "lsbd@DIR runs the lsbd of the checkout DIR (its .venv)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
