@@ -19,7 +19,8 @@ store in a local directory: a ranged read there costs what a read of a copy
 would, and copying whole segments for reads scattered over more of them than
 the cache holds only churns it (measured: 1 MiB reads after random writes
 ran 5x slower).  While a segment's fetch is in flight,
-reads of it wait for the fetch instead of asking the store again.  The
+reads of it wait for the fetched bytes (not for their copy into the cache
+dir, lsbd.segments.local) instead of asking the store again.  The
 blocks a read needs from several segments are fetched in parallel.  At most
 FETCH_WORKERS whole-segment GETs and READ_WORKERS ranged GETs are in flight.
 """
@@ -42,11 +43,14 @@ _REMEMBERED = 4096       # segments whose remote reads are counted
 
 
 class Fetcher:
-    def __init__(self, fetch_whole: Callable[[int], None], *, enabled: bool = True):
-        self._fetch_whole = fetch_whole      # seq -> None; installs the local copy
+    def __init__(self, fetch_whole: Callable[[int, Callable[[], None]], None], *,
+                 enabled: bool = True):
+        # (seq, ready) -> None: installs the local copy, calling ready() as
+        # soon as reads can be served (from the fetched bytes in memory).
+        self._fetch_whole = fetch_whole
         self.enabled = enabled               # False: never fetch whole (a local store)
         self._lock = threading.Lock()
-        self._inflight: dict[int, Future] = {}
+        self._inflight: dict[int, tuple[Future, threading.Event]] = {}
         self._hits: dict[int, int] = {}
         self._marks: set[int] = set()
         self._closed = False
@@ -67,11 +71,13 @@ class Fetcher:
                 self._marks.add(seq)
                 if len(self._marks) > _REMEMBERED:
                     self._marks.clear()
-            fut = self._inflight.get(seq)
-            if fut is not None:
-                return fut
+            entry = self._inflight.get(seq)
+            if entry is not None:
+                return entry[0]
             self.stats["whole_fetches"] += 1
-            fut = self._inflight[seq] = self._whole.submit(self._run, seq)
+            ready = threading.Event()
+            fut = self._whole.submit(self._run, seq, ready)
+            self._inflight[seq] = (fut, ready)
             return fut
 
     def take_mark(self, seq: int) -> bool:
@@ -82,24 +88,23 @@ class Fetcher:
                 return True
             return False
 
-    def _run(self, seq: int) -> None:
+    def _run(self, seq: int, ready: threading.Event) -> None:
         try:
-            self._fetch_whole(seq)
+            self._fetch_whole(seq, ready.set)
         finally:
             with self._lock:
                 self._inflight.pop(seq, None)
+            ready.set()
 
     def wait_if_fetching(self, seq: int) -> bool:
-        """If a whole fetch of `seq` is in flight, wait for it; True if one was."""
+        """If a whole fetch of `seq` is in flight, wait until its bytes are
+        here (or it failed); True if one was."""
         with self._lock:
-            fut = self._inflight.get(seq)
-        if fut is None:
+            entry = self._inflight.get(seq)
+        if entry is None:
             return False
         self.stats["waited"] += 1
-        try:
-            fut.result(WAIT_FOR_FETCH)
-        except Exception:  # noqa: BLE001 - the fetch logged it; the read goes on remotely
-            pass
+        entry[1].wait(WAIT_FOR_FETCH)
         return True
 
     def note_remote_read(self, seq: int, length: int, sequential: bool) -> None:

@@ -10,7 +10,10 @@ not local is read with ranged GETs of just the blocks asked for, checked
 against its index (fetched once from the object's tail, in parallel with the
 first data, and kept in a bounded LRU): a random read costs one small GET,
 not a whole segment.  When the read pattern says more of a segment will be
-read, it is fetched whole in the background (lsbd.segments.fetch).
+read, it is fetched whole in the background (lsbd.segments.fetch); reads
+of it are served from the fetched bytes, held in memory within a bound,
+while they are written into the cache dir past the page cache
+(lsbd.segments.held): a reader never waits for that write.
 
 Local files are read through a small cache of open file descriptors (an
 open/close pair costs as much as the read of a block).  A descriptor is
@@ -36,6 +39,7 @@ from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
 from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
 from lsbd.segments.checks import check_blocks
+from lsbd.segments.held import HELD_BYTES, HeldSegments, write_direct
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.spans import Bytes, coalesce, split_span, will_need
@@ -94,6 +98,7 @@ class SegmentFiles:
         # segments it will likely want next (lsbd.engine.reader).
         self.on_stream: Callable[[int], None] | None = None
         self._unread: set[int] = set()    # fetched whole, not read since
+        self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
@@ -163,9 +168,10 @@ class SegmentFiles:
         self._evict()
 
     def is_local(self, seq: int) -> bool:
-        """Whether reads of `seq` are served from a local file."""
+        """Whether reads of `seq` are served from a local file (or from its
+        fetched bytes while the file is written)."""
         with self._lock:
-            if seq in self._files:
+            if seq in self._files or seq in self.held:
                 return True
         return os.path.exists(self.path(seq))
 
@@ -216,6 +222,7 @@ class SegmentFiles:
 
     def forget(self, seq: int) -> None:
         """Drop a local copy (the segment was deleted from the store)."""
+        self.held.drop(seq)
         with self._lock:
             size = self._cached.pop(seq, None)
             if size is not None:
@@ -327,39 +334,57 @@ class SegmentFiles:
             return None
         return self.fetcher.prefetch(seq, mark=mark)
 
-    def _fetch_whole(self, seq: int) -> None:
+    def _fetch_whole(self, seq: int, ready: Callable[[], None] | None = None) -> None:
+        """Fetch `seq` whole and install it in the cache dir; ready(): reads
+        can be served now, from the fetched bytes, before the write."""
         path = self.path(seq)
         if os.path.exists(path):
             return
         try:
             data = self.store.get(self.key_of(seq))
-            with self._folder_lock:
-                if self._closed or disk_free(self.folder) < len(data) + self.keep_free:
-                    return    # a read cache never takes the room writes need
-                tmp = path + ".part"
-                try:
-                    if self.keys is not None:    # never in the clear, even for a moment
-                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                        try:
-                            localfile.write_new(fd, self.keys.new_file(), data)
-                        finally:
-                            os.close(fd)
-                    else:
-                        with open(tmp, "wb") as f:
-                            f.write(data)
-                    os.replace(tmp, path)
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-                self._adopt_locked(seq)
-                if self.fetcher.take_mark(seq):
-                    with self._lock:
-                        self._unread.add(seq)
-                        if len(self._unread) > _UNREAD_REMEMBERED:
-                            self._unread.clear()
+            if self._closed:
+                return
+            self.held.add(seq, data)
+            if self.fetcher.take_mark(seq):
+                with self._lock:
+                    self._unread.add(seq)
+                    if len(self._unread) > _UNREAD_REMEMBERED:
+                        self._unread.clear()
+            if ready is not None:
+                ready()
+            try:
+                self._install(seq, data)
+            finally:
+                if not self.held.installed(seq):  # a read found them damaged meanwhile
+                    with self._folder_lock:
+                        if not self._closed:
+                            self.forget(seq)
         except OSError as e:  # only a cache fill: reads go on remotely
             log.info("could not cache segment %s: %s", self.key_of(seq), e)
+
+    def _install(self, seq: int, data: bytes) -> None:
+        """Write a fetched segment into the cache dir (through a .part file,
+        so a crash leaves no partial segment under its name)."""
+        path = self.path(seq)
+        with self._folder_lock:
+            if self._closed or disk_free(self.folder) < len(data) + self.keep_free:
+                return    # a read cache never takes the room writes need
+            tmp = path + ".part"
+            try:
+                if self.keys is not None:    # never in the clear, even for a moment
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    try:
+                        localfile.write_new(fd, self.keys.new_file(), data)
+                    finally:
+                        os.close(fd)
+                else:
+                    write_direct(tmp, data)
+                os.replace(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._adopt_locked(seq)
 
     def close(self) -> None:
         """Stop using the folder.  A fetch still running finds it closed and
@@ -367,6 +392,7 @@ class SegmentFiles:
         self.fetcher.close()
         with self._folder_lock:
             self._closed = True
+        self.held.clear()
         with self._lock:
             for seq in list(self._files):
                 self._retire_locked(seq)
@@ -418,19 +444,32 @@ class SegmentFiles:
         nowait: raise WouldBlock rather than read from the store.  sequential:
         the read continues the previous one (lsbd.segments.fetch)."""
         length = nblocks * self.block_size
+        if self.held and seq in self.held:
+            data = self._read_held(seq, offset, nblocks, nowait)
+            if data is not None:
+                if self._unread and self._first_read(seq):
+                    self._streaming(seq)
+                return data
         try:
             f = self._acquire(seq)
         except CorruptionError as e:   # an unreadable local file (its header)
             if nowait:
                 raise WouldBlock(f"segment {seq}: the local copy is damaged") from None
             return self._read_after_bad_local_copy(seq, offset, nblocks, e)
-        if f is None and nowait:
-            raise WouldBlock(f"segment {seq} is not cached locally")
-        if f is None and self.fetcher.wait_if_fetching(seq):
-            f = self._acquire(seq)     # fetched whole meanwhile
-            if self._unread and self._first_read(seq):
-                self._streaming(seq)
-        elif f is not None and self._unread and self._first_read(seq):
+        if f is None:
+            if nowait:
+                raise WouldBlock(f"segment {seq} is not cached locally")
+            data = None
+            if self.fetcher.wait_if_fetching(seq):   # for its bytes, not its copy
+                data = self._read_held(seq, offset, nblocks)
+            if data is None:
+                f = self._acquire(seq)      # a fetch that ended just now, or failed
+            if data is not None or f is not None:
+                if self._unread and self._first_read(seq):
+                    self._streaming(seq)
+            if data is not None:
+                return data
+        elif self._unread and self._first_read(seq):
             self._streaming(seq)
         if f is None:
             # Not here (evicted, or written elsewhere): a ranged GET of just
@@ -473,6 +512,8 @@ class SegmentFiles:
         out: dict[tuple[int, int], Bytes] = {}
         try:
             for seq, pieces in groups.items():
+                if seq in self.held:
+                    continue     # read from memory by read_blocks
                 try:
                     f = self._acquire(seq)
                 except CorruptionError:
@@ -506,6 +547,42 @@ class SegmentFiles:
         finally:
             for _seq, f, _spans in held:
                 self._release(f)
+
+    def _read_held(self, seq: int, offset: int, nblocks: int,
+                   nowait: bool = False) -> bytes | None:
+        """Blocks of a segment fetched whole, from its bytes held in memory,
+        checked; None if they are not held."""
+        data = self.held.get(seq)
+        if data is None:
+            return None
+        where = self.key_of(seq)
+        try:
+            idx = self._index(seq, lambda: read_sealed_index_from(
+                lambda n, off: data[off:off + n], len(data), where=where))
+            piece = data[offset:offset + nblocks * self.block_size]
+            self._check(seq, idx, offset, piece, nblocks)
+            return piece
+        except CorruptionError as e:
+            if nowait:
+                raise WouldBlock(f"segment {seq}: the fetched copy is damaged") from None
+            return self._read_after_bad_fetch(seq, offset, nblocks, e)
+
+    def _read_after_bad_fetch(self, seq: int, offset: int, nblocks: int,
+                              error: CorruptionError) -> bytes:
+        """The bytes of a fetch failed their check (damaged on the way, or in
+        the store): they never stay in the cache; the blocks are read again
+        with a ranged GET, checked against the store's own index."""
+        self.forget(seq)      # and a fetch still writing it forgets it once written
+        where = self.key_of(seq)
+        log.warning("segment %s: a fetched copy failed its check (%s): reading the "
+                    "store's again", where, error)
+        try:
+            idx = self._remote_index(seq)
+            data = self.store.get(where, offset, nblocks * self.block_size)
+            self._check(seq, idx, offset, data, nblocks)
+        except (CorruptionError, ObjectNotFound):
+            raise error from None
+        return data
 
     def _first_read(self, seq: int) -> bool:
         with self._lock:

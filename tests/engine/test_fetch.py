@@ -4,6 +4,7 @@ reads stay small ranged GETs; prefetch and NBD_CMD_CACHE fill the cache."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -190,3 +191,129 @@ def test_segments_fetched_ahead_are_bounded_by_the_cache():
     assert segments_ahead(1 << 30, 32 * MiB) == SEGMENTS_AHEAD == 4
     assert segments_ahead(256 * MiB, 32 * MiB) == 2
     assert segments_ahead(32 * MiB, 32 * MiB) == 1
+
+
+def _hold_installs(files, monkeypatch):
+    """Make every install of a fetched segment into the cache dir wait for
+    `release`; `writing` counts the installs waiting."""
+    import threading
+
+    release = threading.Event()
+    writing = threading.Semaphore(0)
+    install = files._install
+
+    def held(seq, data):
+        writing.release()
+        assert release.wait(60)
+        install(seq, data)
+
+    monkeypatch.setattr(files, "_install", held)
+    return release, writing
+
+
+def test_a_read_is_served_from_the_fetched_bytes_before_they_are_in_the_cache_dir(
+        written, tmp_path, monkeypatch):
+    """Writing a fetched segment into the cache dir can be slow (new
+    page-cache pages on a virtual machine): readers never wait for it."""
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    release, writing = _hold_installs(files, monkeypatch)
+    try:
+        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
+        fut = files.prefetch(seq)
+        assert writing.acquire(timeout=30), "the fetch reached its install"
+        ext = vol.extents_in({seq})
+        watch = store.fail("get", key_prefix=names.segment_key("vol", seq), after=10**9)
+        for e in ext:       # every block of it, from memory, checked, no GET of it
+            got = vol.read(e.lba * BS, e.nblocks * BS, nowait=True)
+            assert got == expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        assert watch.seen == 0
+        assert not os.path.exists(files.path(seq)), "the install is still held"
+        release.set()
+        fut.result(30)
+        assert os.path.exists(files.path(seq))
+        assert vol.read(ext[0].lba * BS, BS, nowait=True) == \
+            expected[ext[0].lba * BS:(ext[0].lba + 1) * BS]
+        assert watch.seen == 0
+    finally:
+        release.set()
+        vol.close()
+
+
+def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch):
+    """However many segments are asked for, at most one per fetch in flight
+    is held in memory while its copy is written, and no more than the limit
+    (a quarter of the cache limit here) once the copies are in place."""
+    from lsbd.segments.fetch import FETCH_WORKERS
+
+    store, expected = written
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True,
+                      cache_limit=16 * SEGMENT)
+    files = testing.local_files(vol)
+    assert files.held.limit == 4 * SEGMENT
+    release, writing = _hold_installs(files, monkeypatch)
+    try:
+        futures = [files.prefetch(s) for s in sorted({e.seq for e in vol.extents()})]
+        assert len(futures) > 2 * FETCH_WORKERS
+        for _ in range(FETCH_WORKERS):
+            assert writing.acquire(timeout=30)
+        assert not writing.acquire(timeout=0.5), "no more fetches got their bytes"
+        assert files.held.nbytes <= FETCH_WORKERS * SEGMENT * 1.1
+        release.set()
+        for f in futures:
+            f.result(60)
+        assert 0 < files.held.nbytes <= files.held.limit
+        assert read_all(vol) == expected
+        assert files.held.nbytes <= files.held.limit
+    finally:
+        release.set()
+        vol.close()
+
+
+def test_a_damaged_fetch_is_caught_and_never_cached(written, tmp_path, monkeypatch, caplog):
+    """A bit flipped in a whole-segment GET: the read that meets it reads
+    the store's copy again and gets the right bytes, and the damaged copy
+    does not stay in the cache dir."""
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    release, writing = _hold_installs(files, monkeypatch)
+    try:
+        seq = vol.map_extents(6 * SEGMENT // BS, 1)[0].seq
+        store.corrupt_next_get(1, key_prefix=names.segment_key("vol", seq))
+        fut = files.prefetch(seq)
+        assert writing.acquire(timeout=30)
+        ext = vol.extents_in({seq})
+        for e in ext:
+            got = vol.read(e.lba * BS, e.nblocks * BS)
+            assert got == expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        assert "failed its check" in caplog.text
+        release.set()
+        fut.result(30)
+        assert not os.path.exists(files.path(seq)), "the damaged copy was not kept"
+        assert seq not in files.held
+        assert read_all(vol) == expected
+    finally:
+        release.set()
+        vol.close()
+
+
+def test_held_segments_let_go_of_read_ones_first_never_of_one_being_written():
+    from lsbd.segments.held import HeldSegments
+
+    held = HeldSegments(limit=300)
+    for seq in (1, 2, 3):
+        held.add(seq, bytes(100))
+    held.add(4, bytes(100))                  # over the limit, none in the cache dir yet
+    assert held.nbytes == 400 and all(s in held for s in (1, 2, 3, 4))
+    for seq in (1, 2, 3):
+        assert held.installed(seq)
+    assert 1 not in held and held.nbytes == 300      # the oldest in the cache dir
+    assert held.get(3) is not None                   # 3 read, 2 not yet
+    assert held.installed(4) and held.nbytes == 300
+    held.add(5, bytes(100))
+    assert 3 not in held and 2 in held, "a segment read goes before one not read yet"
+    assert held.drop(2) and not held.installed(2), "a segment let go reports it"
+    held.clear()
+    assert not held and held.nbytes == 0
