@@ -53,6 +53,10 @@ class Cipher:
         """Ciphertext followed by the 16-byte tag."""
         return self._aead.encrypt(nonce, plaintext, aad)
 
+    def seal_into(self, nonce: bytes, plaintext, aad: bytes, out) -> None:
+        """seal() into `out`, a writable buffer of exactly len(plaintext) + 16 bytes."""
+        self._aead.encrypt_into(nonce, plaintext, aad, out)
+
     def open(self, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         try:
             return self._aead.decrypt(nonce, sealed, aad)

@@ -170,6 +170,25 @@ class Framer:
                              nonce)
         return header, self.cipher.seal(nonce, stored, header + place)
 
+    def seal_to(self, reserve: Callable[[int], memoryview], plain: bytes | memoryview,
+                place: bytes, *, compressed: tuple[int, bytes | memoryview]) -> int:
+        """seal_parts() of an encrypted frame written where it goes:
+        reserve(n) gives the next n bytes of the output, and the frame is
+        enciphered straight into them (no copy of the ciphertext).  Returns
+        the frame's length.  The same bytes as seal_parts()."""
+        assert self.cipher is not None
+        if len(plain) > MAX_PLAIN:
+            raise ValueError("frame too large")
+        codec, stored = compressed
+        nonce = self._nonce(NONCE_SIZE)
+        body = len(stored) + TAG_SIZE
+        header = HEADER.pack(codec, FLAG_ENCRYPTED, 0, len(plain), body, nonce)
+        n = HEADER.size + body
+        view = reserve(n)
+        view[:HEADER.size] = header
+        self.cipher.seal_into(nonce, stored, header + place, view[HEADER.size:])
+        return n
+
     def open(self, frame: bytes, place: Place, *, where: str = "frame") -> bytes:
         """The plain bytes of a whole frame; FrameError if anything is off."""
         if len(frame) < HEADER.size:

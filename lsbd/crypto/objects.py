@@ -41,6 +41,7 @@ from collections.abc import Callable
 import attrs
 
 from lsbd.checksum import masked_crc
+from lsbd.crypto.compress import RAW
 from lsbd.crypto.frames import FrameError, Framer, Place, place_bytes, place_prefix
 
 TAIL = struct.Struct("<8sHBBI16sIIQI8xI")
@@ -109,14 +110,17 @@ def seal(plain: bytes | memoryview, *, name: str, volume_id: bytes, framer: Fram
 
 def seal_into(read: Callable[[int, int], bytes | bytearray | memoryview], plain_length: int,
               write: Callable[[list], object], *, name: str, volume_id: bytes,
-              framer: Framer, key_id: int, object_id: bytes, frame_size: int) -> int:
+              framer: Framer, key_id: int, object_id: bytes, frame_size: int,
+              reserve: Callable[[int], memoryview] | None = None) -> int:
     """Seal an object of `plain_length` bytes, read BATCH frames at a time with
     read(offset, length), handing its bytes in order to write(buffers): the
     bytes seal() makes, with only one batch in memory.  Returns the sealed
-    length."""
+    length.  reserve: the output's next n bytes (room for a whole frame),
+    into which encrypted frames are enciphered rather than handed to write."""
     count = -(-plain_length // frame_size)
     prefix = place_prefix(volume_id, name, object_id)
     compressor = framer.compressor
+    direct = reserve if framer.cipher is not None else None
     lengths = array.array("I")
     total = 0
     for first in range(0, count, BATCH):
@@ -131,13 +135,17 @@ def seal_into(read: Callable[[int, int], bytes | bytearray | memoryview], plain_
             else [None] * len(chunks)
         out: list = []
         for k, chunk in enumerate(chunks):
-            parts = framer.seal_parts(chunk, place_bytes(prefix, first + k, plain_length),
-                                      compressed=packed[k])
-            n = sum(len(p) for p in parts)
+            place = place_bytes(prefix, first + k, plain_length)
+            if direct is not None:
+                n = framer.seal_to(direct, chunk, place, compressed=packed[k] or (RAW, chunk))
+            else:
+                parts = framer.seal_parts(chunk, place, compressed=packed[k])
+                n = sum(map(len, parts))
+                out.extend(parts)
             lengths.append(n)
             total += n
-            out.extend(parts)
-        write(out)
+        if out:
+            write(out)
     tail = Tail(encrypted=framer.cipher is not None, key_id=key_id, object_id=object_id,
                 frame_size=frame_size, frame_count=count, plain_length=plain_length,
                 index_length=0)

@@ -380,3 +380,41 @@ def test_the_sealing_process_reads_an_encrypted_local_file_in_the_clear(tmp_path
         assert bytes(source_reader(fd, None, HEADER_SIZE)(5, 10)) != plain[5:15]
     finally:
         os.close(fd)
+
+
+def test_frames_enciphered_in_place_are_the_same_bytes(tmp_path):
+    """The sealing process enciphers frames straight into its output buffer
+    (Framer.seal_to, DirectOutput.reserve): the object is byte for byte the
+    one seal() makes, golden frame included, and opens."""
+    from lsbd.crypto import objects
+    from lsbd.crypto.worker import DirectOutput
+
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, name=NAME, object_id=OBJECT_ID)
+    fixed = Framer(cipher, nonce=lambda n: bytes(range(0xa0, 0xa0 + n)))
+    out = bytearray(64)
+    n = fixed.seal_to(lambda k: memoryview(out)[:k], b"hello", place().pack(),
+                      compressed=(compress.RAW, b"hello"))
+    assert bytes(out[:n]) == fixed.seal(b"hello", place())
+
+    plain = (TEXT * 3000)[:700_000] + os.urandom(300_000)    # frames of both codecs
+    nonces = itertools.count()
+
+    def framer():    # the same nonces each time, in order
+        return Framer(cipher, compress.Compressor(1, threads=1),
+                      nonce=lambda n: next(nonces).to_bytes(n, "little"))
+
+    args = dict(name=NAME, volume_id=VOLUME_ID, key_id=1, object_id=OBJECT_ID, frame_size=16384)
+    expected = objects.seal(plain, framer=framer(), **args)
+    nonces = itertools.count()
+    path = tmp_path / "sealed"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        direct = DirectOutput(fd)
+        objects.seal_into(lambda start, k: plain[start:start + k], len(plain), direct.write,
+                          framer=framer(), reserve=direct.reserve, **args)
+        direct.finish()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == expected
+    assert objects.open_whole(expected, name=NAME, volume_id=VOLUME_ID,
+                              framer_for=lambda tail: Framer(cipher)) == plain
