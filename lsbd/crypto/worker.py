@@ -16,9 +16,13 @@ SealJob in; a u32 length and a pickled ("ok", sealed length), ("oserror",
 (errno, message)) or ("error", message) out.  The child exits at end of
 input (its parent gone).
 
-The child keeps the default CPU priority: at nice +5 or +10, on a busy
-machine, uploads fell so far behind that compactions under fio, which wait
-for them, ran 2 times instead of 6-7.
+The child runs at nice +5 from its parent: while a client writes, the
+threads answering it come first, and sealing catches up in the moments
+they leave (a writer faster than sealing for long fills the cache dir
+until writes wait for room, docs/operations.md).  Sealing once took 42 ms of CPU per 32 MiB segment
+and at +5 uploads fell so far behind on a busy machine that compactions
+under fio, which wait for them, ran 2 times instead of 6-7; at 27 ms that
+test ran 11-13 of them at +5 (and 12 at +0, 4 at +10).
 
 The child gets the object's own key (derived from the data key for this
 object alone, frames.object_cipher), never the data key, over the pipe
@@ -275,6 +279,10 @@ class _Child:
             self.proc.wait()
 
 
+#: How much lower the sealing process's CPU priority is than its parent's
+#: (see above).
+NICE = 5
+
 _child: _Child | None = None
 #: One job at a time: a second child would only take the CPU from the
 #: threads serving requests on a machine of few cores.
@@ -306,6 +314,7 @@ def seal(job: SealJob) -> int:
 def main() -> int:
     """The child's loop: seal jobs until the parent closes our stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
+    os.nice(NICE)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:

@@ -418,3 +418,24 @@ def test_frames_enciphered_in_place_are_the_same_bytes(tmp_path):
     assert path.read_bytes() == expected
     assert objects.open_whole(expected, name=NAME, volume_id=VOLUME_ID,
                               framer_for=lambda tail: Framer(cipher)) == plain
+
+
+def test_the_sealing_process_runs_below_its_parent(tmp_path):
+    """Sealing gives way to the threads that answer requests: the sealing
+    process runs at nice +NICE from its parent, and seals all the same."""
+    from lsbd.crypto import worker
+
+    source = tmp_path / "segment"
+    source.write_bytes(TEXT * 10)
+    dest = tmp_path / "sealed"
+    dest.touch()
+    child = worker._Child()
+    try:
+        n = child.run(worker.SealJob(source=str(source), length=len(TEXT) * 10, dest=str(dest),
+                                     name=NAME, volume_id=VOLUME_ID, object_key=KEY, key_id=1,
+                                     object_id=OBJECT_ID, frame_size=16384, level=1))
+        assert n == dest.stat().st_size > 0
+        assert os.getpriority(os.PRIO_PROCESS, child.proc.pid) == \
+            min(19, os.getpriority(os.PRIO_PROCESS, 0) + worker.NICE)
+    finally:
+        child.stop()
