@@ -2,7 +2,8 @@
 """What compression and encryption cost a served volume, and what they save.
 
     .venv/bin/python bench/crypto_nbd_bench.py [--runtime 8] [--size 512M] [--tree DIR ...]
-        [--rounds 3] [--subjects plain,zstd,zstd+aes] [--skip-nbd] [--skip-ext4]
+        [--rounds 3] [--subjects plain,zstd,zstd+aes] [--jobs randwrite,randread,write,read]
+        [--skip-nbd] [--skip-ext4]
 
 1. fio through NBD (the jobs of bench/nbd_bench.py: iodepth 16, Unix socket)
    against `lsbd serve` of three volumes served at once: plain (--compress
@@ -249,6 +250,8 @@ def main() -> int:
     ap.add_argument("--subjects", default=",".join(n for n, _ in SUBJECTS),
                     help="which of plain,zstd,zstd+aes (plain is always run)")
     ap.add_argument("--skip-ext4", action="store_true")
+    ap.add_argument("--jobs", default=",".join(rw for _j, rw, _b in JOBS),
+                    help="which fio jobs of randwrite,randread,write,read (default all)")
     args = ap.parse_args()
     trees = args.tree or ["/usr/share/doc", "/usr/share/man",
                           os.path.join(sys.prefix, "lib")]
@@ -256,6 +259,7 @@ def main() -> int:
     try:
         wanted = {"plain", *args.subjects.split(",")}
         SUBJECTS[:] = [s for s in SUBJECTS if s[0] in wanted]
+        JOBS[:] = [j for j in JOBS if j[1] in args.jobs.split(",")]
         if not args.skip_nbd:
             nbd_table(workdir, args.size, args.runtime, args.rounds)
         if not args.skip_ext4:
