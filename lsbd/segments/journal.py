@@ -14,6 +14,7 @@ written copies the file up to the mark into a new file, with a new key."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -318,9 +319,14 @@ class OpenSegment:
 
     def sync(self) -> None:
         """Make everything appended so far durable (safe from any thread; a
-        no-op once finish() has synced and closed the file)."""
+        no-op once finish() has synced and closed the file).  A file closed
+        without that (close_fd: the volume stopped under a flush) raises:
+        a flush must never return for writes that are not durable."""
         with self._sync_lock:
             if self.fd < 0:
+                if self.dirty or (self.records and not self._dir_synced):
+                    raise OSError(errno.EIO, f"journal {self.path} was closed before it was "
+                                  "synced (the volume stopped): its last writes are not durable")
                 return
             if self.dirty:
                 self.dirty = False   # before the sync: an append meanwhile stays dirty
@@ -386,6 +392,10 @@ class OpenSegment:
                 self.fd = -1
 
     def discard(self) -> None:
+        """Close and remove a journal that holds no record (nothing in it
+        was acknowledged, so nothing needs to be durable)."""
+        with self._sync_lock:
+            self.dirty = False
         self.close_fd()
         try:
             os.unlink(self.path)

@@ -12,14 +12,16 @@ import time
 
 import crash_writer as cw
 import pytest
-from engine_helpers import MiB, open_test_store, read_all
-from powercut import PowerCut
+from engine_helpers import BS, MiB, blocks, open_test_store, read_all
+from powercut import PowerCut, remove_tree
 from test_crash import _observe, valid_prefixes
 
 from lsbd.engine import sealer as sealer_mod
 from lsbd.engine.volume import Volume
 from lsbd.errors import TransientStoreError
 from lsbd.meta.config import create_volume
+from lsbd.segments.journal import OpenSegment
+from lsbd.segments.uploader import Uploader
 from lsbd.store.faulty import FaultyStore
 
 VOLUME_SIZE = 64 * MiB
@@ -141,6 +143,111 @@ def test_power_cut_on_an_encrypted_volume(tmp_path, seed, flush_mode):
     the cut is copied under a new key, and nothing flushed is lost."""
     run_with_cuts(tmp_path, "file://" + str(tmp_path / "store"), seed, flush_mode=flush_mode,
                   cuts=3, encrypted=True)
+
+
+class Stall:
+    """Holds one thread (`thread`) at the start of cls.name until released,
+    so that a power cut lands exactly inside the call that thread makes."""
+
+    def __init__(self, monkeypatch, cls, name: str):
+        self.thread: threading.Thread | None = None
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        real = getattr(cls, name)
+
+        def held(obj, *args, **kwargs):
+            if threading.current_thread() is self.thread:
+                self.reached.set()
+                self.release.wait(30)
+            return real(obj, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, held)
+
+
+@pytest.mark.parametrize("flush_mode,how", [("journal", "flush"), ("journal", "fua"),
+                                            ("store", "flush")])
+def test_a_flush_the_power_cut_overtakes_never_returns_success(tmp_path, store_url, monkeypatch,
+                                                                flush_mode, how):
+    """The cut lands inside a flush: in mode journal after it took its list
+    of journals and before it synced them; in mode store, with the store
+    down, after the map has its segment and before it waits for the store.
+    The volume stops under it (a crash stop closes the journals unsynced);
+    when the flush goes on it must fail, or what it covers must survive
+    the cut (in mode store: be in the store, the cache dir lost too).  In
+    mode journal it used to return success with its writes gone: the
+    failure #16 saw once in test_power_cut_under_load_keeps_every_flushed_write
+    (acked N, flushed N, the writes since the last real sync missing)."""
+    store = FaultyStore(open_test_store(store_url))
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=3600.0,
+                  flush_mode=flush_mode)
+    stall = Stall(monkeypatch, OpenSegment, "sync") if flush_mode == "journal" \
+        else Stall(monkeypatch, Uploader, "wait_durable")
+    cache = str(tmp_path / "cache")
+    before, covered = blocks(1, 0, 8), blocks(2, 8, 8)
+    outcome: dict = {}
+    try:
+        with PowerCut(cache) as power:
+            vol = Volume.open(store, "vol", cache_root=cache)
+            try:
+                vol.write(0, before)
+                vol.flush()
+                if flush_mode == "store":
+                    store.fail(op="put", times=None, error=TransientStoreError)
+                if how == "flush":
+                    vol.write(8 * BS, covered)
+
+                def flush() -> None:
+                    try:
+                        if how == "fua":
+                            vol.write(8 * BS, covered, fua=True)
+                        else:
+                            vol.flush()
+                        outcome["returned"] = True
+                    except Exception as e:  # noqa: BLE001 - the cut may fail it
+                        outcome["error"] = e
+
+                flusher = threading.Thread(target=flush, daemon=True)
+                stall.thread = flusher
+                flusher.start()
+                assert stall.reached.wait(30), "the flush never got to the stall"
+                power.cut(vol.abandon)
+            finally:
+                stall.release.set()
+            flusher.join(30)
+            assert not flusher.is_alive()
+            store.heal()
+            if flush_mode == "store":
+                remove_tree(cache)      # the cache dir lost: only the store counts
+                power.settle()
+            vol = Volume.open(store, "vol", cache_root=cache)
+            try:
+                data = vol.read(0, 16 * BS)
+            finally:
+                vol.close()
+    finally:
+        store.close()
+    assert data[:8 * BS] == before, "a write flushed before the cut was lost"
+    if "returned" in outcome:
+        assert data[8 * BS:] == covered, \
+            "the flush returned success, yet the write it covered is gone after the cut"
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_power_cuts_with_stalled_flushes(tmp_path, monkeypatch, seed):
+    """The random cuts of the tests above, with the writer's journal syncs
+    held up to 50 ms now and then: under load a flush is often overtaken
+    by the cut this way (#16; before the fix nearly every run failed)."""
+    rng = random.Random(seed)
+    real = OpenSegment.sync
+
+    def slow_sync(seg: OpenSegment) -> None:
+        if isinstance(threading.current_thread(), Writer) and rng.random() < 0.5:
+            time.sleep(rng.uniform(0, 0.05))
+        real(seg)
+
+    monkeypatch.setattr(OpenSegment, "sync", slow_sync)
+    run_with_cuts(tmp_path, "file://" + str(tmp_path / "store"), seed, flush_mode="journal",
+                  cuts=3)
 
 
 @pytest.mark.slow

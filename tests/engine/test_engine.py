@@ -1028,6 +1028,35 @@ def test_journal_with_nothing_committed_is_dropped(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_journal_closed_unsynced_never_reports_itself_synced(tmp_path):
+    """sync() after the file is closed: a no-op once finish() synced it, an
+    error after a crash-like close (close_fd) left appended bytes unsynced,
+    nothing for a discarded journal that held no record (#16)."""
+    a = block(1, 0)
+    seg = OpenSegment(str(tmp_path / "dirty"), volume_id=VOLID, seq=3, block_size=BS)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    seg.close_fd()
+    with pytest.raises(OSError, match="closed before it was synced"):
+        seg.sync()
+    seg = OpenSegment(str(tmp_path / "finished"), volume_id=VOLID, seq=3, block_size=BS)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    seg.seal(SIZE, 0)
+    seg.finish()
+    seg.close_fd()
+    seg.sync()
+    seg = OpenSegment(str(tmp_path / "synced"), volume_id=VOLID, seq=3, block_size=BS)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    seg.sync()
+    seg.close_fd()
+    seg.sync()
+    seg = OpenSegment(str(tmp_path / "empty"), volume_id=VOLID, seq=3, block_size=BS)
+    mark = seg.mark()
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    seg.rollback(mark, failed=True)
+    seg.discard()
+    seg.sync()
+
+
 def test_journal_of_another_volume_is_refused(tmp_path):
     path = str(tmp_path / "journal")
     seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS)
