@@ -163,37 +163,33 @@ def _check_cache_identity(st: VolumeState, stored: dict[int, int]) -> None:
 
 def _replay_local(st: VolumeState, sealer: Sealer) -> None:
     """Apply journal files newer than the map (a crash between sealing and
-    the map update, or an open segment cut short)."""
-    history_ends = False   # a journal cut short is the newest write that survived
-    for seq in st.files.local_seqs():
-        if seq <= st.applied:
-            continue
+    the map update, or an open segment cut short).  A journal cut short is
+    the newest write that survived: the ones after it are discarded, and
+    that is durable before it is sealed (sealed, it no longer shows it was
+    cut short, and a power cut could bring them back to be replayed)."""
+    seqs = [s for s in st.files.local_seqs() if s > st.applied]
+    for i, seq in enumerate(seqs):
         path = st.files.path(seq)
-        if history_ends:
-            # Written after a journal that lost its tail (a power loss
-            # before any flush covered it): not part of the prefix.
-            log.warning("volume %s: discarding journal file %s (seq %d): it follows one cut "
-                        "short, and no flush covered either", st.name, path, seq)
-            os.unlink(path)
-            continue
         if seq != st.applied + 1:
             raise CacheMismatch(f"journal file {path} (seq {seq}) after a gap")
         was_sealed = journal_is_sealed(path, st.files.keys)
+        if not was_sealed:
+            # Written after a journal that lost its tail (a power loss
+            # before any flush covered it): not part of the prefix.
+            _discard(st, seqs[i + 1:], "it follows one cut short, and no flush covered either")
         result = recover_journal_file(path, volume_id=st.config.volume_id_bytes,
                                       seq=seq, block_size=st.block_size,
                                       volume_size=st.size, prev_crc=st.prev_crc,
                                       keys=st.files.keys)
-        if result is None:
-            history_ends = True
-            continue
+        if result is None:      # nothing committed in it: removed
+            _discard(st, seqs[i + 1:], "it follows one cut short, and no flush covered either")
+            return
         trailer, records = result
         if trailer.prev_crc != st.prev_crc:
             # Sealed after a predecessor that lost its tail since.
-            log.warning("volume %s: discarding journal file %s (seq %d): it does not continue "
-                        "the history", st.name, path, seq)
-            os.unlink(path)
-            history_ends = True
-            continue
+            _discard(st, [seq], "it does not continue the history")
+            _discard(st, seqs[i + 1:], "it follows one that does not continue the history")
+            return
         log.info("volume %s: replayed journal segment %d (%d records)", st.name, seq,
                  len(records))
         # A journal left by a crashed process may never have been synced,
@@ -201,7 +197,22 @@ def _replay_local(st: VolumeState, sealer: Sealer) -> None:
         # before its name is durable too.
         fileio.fsync_dir(os.path.dirname(path))
         sealer.apply_sealed(seq, trailer, records, state=PENDING)
-        history_ends = not was_sealed
+        if not was_sealed:
+            return
+
+
+def _discard(st: VolumeState, seqs: list[int], why: str) -> None:
+    """Remove journal files that are no part of the history, durably (a
+    removal a power cut undid would bring them back to be replayed)."""
+    for seq in seqs:
+        path = st.files.path(seq)
+        if not os.path.exists(path):
+            continue
+        log.warning("volume %s: discarding journal file %s (seq %d): %s", st.name, path, seq,
+                    why)
+        os.unlink(path)
+    if seqs:
+        fileio.fsync_dir(st.files.folder)
 
 
 def _rebuild(st: VolumeState, progress, stored: dict[int, int],

@@ -6,6 +6,7 @@ store kinds.  Unlike SIGKILL, this sees a missing fsync."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -17,8 +18,10 @@ from powercut import PowerCut, remove_tree
 from test_crash import _observe, valid_prefixes
 
 from lsbd.engine import sealer as sealer_mod
+from lsbd.engine import opening, testing
 from lsbd.engine.volume import Volume
 from lsbd.errors import TransientStoreError
+from lsbd.format.segment import RECORD
 from lsbd.meta.config import create_volume
 from lsbd.segments.journal import OpenSegment
 from lsbd.segments.uploader import Uploader
@@ -248,6 +251,73 @@ def test_power_cuts_with_stalled_flushes(tmp_path, monkeypatch, seed):
     monkeypatch.setattr(OpenSegment, "sync", slow_sync)
     run_with_cuts(tmp_path, "file://" + str(tmp_path / "store"), seed, flush_mode="journal",
                   cuts=3)
+
+
+@pytest.mark.parametrize("cut_during", ["the open", "the next writes"])
+@pytest.mark.parametrize("newer_sealed", [False, True])
+def test_a_discarded_journal_stays_discarded_after_the_next_cut(tmp_path, monkeypatch,
+                                                                  newer_sealed, cut_during):
+    """Recovery discards a journal that follows one cut short (its writes
+    came after the lost tail: tests/crash/test_crash.py).  That removal must
+    be durable before the one cut short is sealed (sealed, it no longer
+    shows it was cut short) and before the volume goes on: otherwise a cut
+    brings the discarded journal back, and the next open replays it onto
+    the recovered one, a state no prefix of the writes.  The cut lands
+    just after recovery sealed the older journal, or after the open, before
+    anything is flushed."""
+    store = FaultyStore(open_test_store("file://" + str(tmp_path / "store")))
+    create_volume(store, "vol", VOLUME_SIZE)
+    cache = str(tmp_path / "cache")
+    a, b, c = blocks(1, 0, 1), blocks(2, 1, 1), blocks(3, 2, 1)
+
+    class PowerGone(Exception):
+        pass
+
+    try:
+        with PowerCut(cache) as power:
+            vol = Volume.open(store, "vol", cache_root=cache)
+            testing.pause_sealer(vol)   # sealed segments stay queued: never synced or mapped
+            vol.write(0, a)
+            vol.write(BS, b)
+            older = testing.seal_queued(vol)
+            assert older is not None
+            vol.write(2 * BS, c)
+            if newer_sealed:
+                testing.seal_queued(vol)
+            newer_path = testing.local_path(vol, older.seq + 1)
+            second = older.records[1]
+            vol.abandon()
+            with open(older.path, "r+b") as f:  # the older journal lost its tail
+                f.truncate(second.data_offset - RECORD.size - 4 * second.nblocks)
+            power.settle()      # the rest reached the disk unasked, names included
+            if cut_during == "the open":
+                real = opening.recover_journal_file
+
+                def recover_then_cut(path, **kw):
+                    result = real(path, **kw)
+                    if kw["seq"] == older.seq:
+                        raise PowerGone
+                    return result
+
+                monkeypatch.setattr(opening, "recover_journal_file", recover_then_cut)
+                with pytest.raises(PowerGone):
+                    Volume.open(store, "vol", cache_root=cache)
+                monkeypatch.setattr(opening, "recover_journal_file", real)
+                power.cut(lambda: None)
+            else:
+                vol = Volume.open(store, "vol", cache_root=cache)
+                assert not os.path.exists(newer_path), "recovery discards the newer journal"
+                assert vol.read(0, 3 * BS) == a + bytes(2 * BS)
+                power.cut(vol.abandon)      # before anything is flushed
+            vol = Volume.open(store, "vol", cache_root=cache)
+            try:
+                data = vol.read(0, 3 * BS)
+            finally:
+                vol.close()
+    finally:
+        store.close()
+    assert data == a + bytes(2 * BS), \
+        "a journal that recovery discarded came back after the next cut and was replayed"
 
 
 @pytest.mark.slow
