@@ -12,7 +12,9 @@ CPU.  The image's page cache, in the kernel, holds what was read.
 Held bytes are bounded: once over the limit, segments already in the cache
 dir are let go, those read already first (least recently read first), then
 those not read yet.  A segment whose copy is still being written is never
-let go, and there is at most one per fetch in flight.
+let go, and there is at most one per fetch in flight.  A segment in the
+cache dir and unused for IDLE seconds is let go as well, so a process holds
+none once its reader has moved on (its reads then go to the cache dir).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _ALIGN = 4096
@@ -30,20 +33,24 @@ _CHUNK = 1 << 21
 #: Bytes of fetched segments held in memory (4 segments of the default size),
 #: beyond those whose copy into the cache dir is under way.
 HELD_BYTES = 128 << 20
+#: Seconds a segment in the cache dir stays held after its last use.
+IDLE = 5.0
 
 
 class _Held:
-    __slots__ = ("data", "installed", "read")
+    __slots__ = ("data", "installed", "read", "used")
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, now: float):
         self.data = data
         self.installed = False   # its copy is in the cache dir
         self.read = False        # a read has used it
+        self.used = now          # when it was fetched, written or last read
 
 
 class HeldSegments:
-    def __init__(self, limit: int = HELD_BYTES):
+    def __init__(self, limit: int = HELD_BYTES, idle: float = IDLE):
         self.limit = limit
+        self.idle = idle
         self._lock = threading.Lock()
         self._held: collections.OrderedDict[int, _Held] = collections.OrderedDict()
         self.nbytes = 0
@@ -58,7 +65,7 @@ class HeldSegments:
         """A fetched segment's bytes, before its copy is written."""
         with self._lock:
             self._drop_locked(seq)
-            self._held[seq] = _Held(data)
+            self._held[seq] = _Held(data, time.monotonic())
             self.nbytes += len(data)
             self._trim_locked()
 
@@ -70,8 +77,12 @@ class HeldSegments:
             if entry is None:
                 return False
             entry.installed = True
+            entry.used = time.monotonic()
             self._trim_locked()
-            return True
+        timer = threading.Timer(self.idle + 0.1, self.let_go_idle)
+        timer.daemon = True     # the tail: nothing else may come to trim it
+        timer.start()
+        return True
 
     def get(self, seq: int) -> bytes | None:
         with self._lock:
@@ -79,6 +90,7 @@ class HeldSegments:
             if entry is None:
                 return None
             entry.read = True
+            entry.used = time.monotonic()
             self._held.move_to_end(seq)
             return entry.data
 
@@ -86,6 +98,11 @@ class HeldSegments:
         """Let go of `seq`; whether it was held."""
         with self._lock:
             return self._drop_locked(seq)
+
+    def let_go_idle(self) -> None:
+        """Let go of the segments in the cache dir unused for `idle` seconds."""
+        with self._lock:
+            self._trim_locked()
 
     def clear(self) -> None:
         with self._lock:
@@ -100,6 +117,9 @@ class HeldSegments:
         return True
 
     def _trim_locked(self) -> None:
+        old = time.monotonic() - self.idle
+        for seq in [s for s, e in self._held.items() if e.installed and e.used < old]:
+            self._drop_locked(seq)
         while self.nbytes > self.limit:
             victim = next((s for s, e in self._held.items() if e.installed and e.read), None)
             if victim is None:

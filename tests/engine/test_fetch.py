@@ -317,3 +317,20 @@ def test_held_segments_let_go_of_read_ones_first_never_of_one_being_written():
     assert held.drop(2) and not held.installed(2), "a segment let go reports it"
     held.clear()
     assert not held and held.nbytes == 0
+
+
+def test_held_segments_in_the_cache_dir_are_let_go_once_idle():
+    """A reader that has moved on leaves nothing held for long: a segment in
+    the cache dir and unused for `idle` seconds is let go, without another
+    call (the tail of a read); one still being written is kept."""
+    from lsbd.segments.held import HeldSegments
+
+    held = HeldSegments(limit=1 << 20, idle=0.2)
+    held.add(1, bytes(100))
+    held.add(2, bytes(100))
+    assert held.installed(1)
+    assert held.get(1) is not None
+    deadline = time.monotonic() + 10
+    while 1 in held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 1 not in held and 2 in held and held.nbytes == 100
