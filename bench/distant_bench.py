@@ -147,6 +147,26 @@ def sh(*cmd: str, check: bool = True, env=None, timeout: float | None = None):
                           stderr=subprocess.PIPE, env=env, timeout=timeout)
 
 
+def server_memory(mnt: str) -> dict:
+    """Peak resident and anonymous resident MiB of the process serving the
+    FUSE mount at `mnt` (the one whose command line names it and holds
+    /dev/fuse open)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            if mnt.encode() not in args or not any(
+                    os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"
+                    for fd in os.listdir(f"/proc/{pid}/fd")):
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        return {k: int(status[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon")}
+    return {}
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -344,6 +364,12 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
                        "mounted": t0 + out["cold attach s"] + out["cold mount s"],
                        "end": t0 + out["cold read s"], "log": moto.log()}, f)
     out["cold read matches"] = same
+    # The serving process's memory after the cold read: its peak resident
+    # size so far (attach and the cold read) and its anonymous memory now.
+    memory = server_memory(subject.mnt)
+    if memory:
+        out["server peak RSS MiB"] = memory["VmHWM"]
+        out["server anon RSS MiB"] = memory["RssAnon"]
     out["requests (cold read)"] = moto.counts(reset=True)
     out["MiB down (cold read)"] = proxy.bytes_down / MiB
     sh("umount", fsdir)
@@ -413,6 +439,9 @@ def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
     for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)"):
         lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
+    for key in ("server peak RSS MiB", "server anon RSS MiB"):
+        if key in a and key in b:
+            lines.append(f"| {key} (cold read) | {a[key]:.0f} | {b[key]:.0f} | |")
     for key in ("requests (copy)", "requests (cold read)"):
         lines.append(f"| {key} | {fmt(a[key])} | {fmt(b[key])} | |")
     for where in ("fio image", "fio nbd"):
