@@ -355,3 +355,42 @@ def test_the_double_drops_what_was_not_synced(tmp_path):
         power.cut(lambda: None)
         assert (root / "b").read_bytes() == b"synced"
         assert (root / "old").read_bytes() == b"old", "an unsynced removal stuck"
+
+
+def test_the_double_undoes_the_last_map_commit_only(tmp_path):
+    """The double's map, as LMDB with sync and without metasync promises:
+    a cut undoes the last commit, never more; the first commit after a cut
+    goes back to the map the cut left; a new map's only commit leaves no
+    map; a map synced whole keeps its last commit."""
+    from lsbd.map.blockmap import BlockMap
+
+    root = tmp_path / "cache"
+    folder = str(root / "map")
+    root.mkdir()
+    with PowerCut(str(root)) as power:
+        def commits(*values: bytes) -> BlockMap:
+            bm = BlockMap(folder, BS)
+            for v in values:
+                bm.set_meta(n=v)
+            return bm
+
+        def after_cut() -> bytes | None:
+            bm = BlockMap(folder, BS)
+            try:
+                return bm.get_meta("n")
+            finally:
+                bm.close()
+
+        bm = commits(b"1")
+        power.cut(bm.close)
+        assert after_cut() is None, "a new map's only commit survived the cut"
+        bm = commits(b"1", b"2", b"3")
+        power.cut(bm.close)
+        assert after_cut() == b"2"
+        bm = commits(b"4")
+        power.cut(bm.close)
+        assert after_cut() == b"2", "the first commit after a cut survived the next cut"
+        bm = commits(b"5")
+        bm.sync()
+        power.cut(bm.close)
+        assert after_cut() == b"5"

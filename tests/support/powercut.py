@@ -13,7 +13,10 @@ it cannot show a missing fsync.  Under this double, everything under `root`
   synced content);
 * an LMDB map goes back to what its flags promise: with sync and metasync,
   the last commit; with sync but not metasync (lsbd's setting), the one
-  before it; without sync, nothing (the map is lost).
+  before it (the first commit after a cut goes back to the map as the cut
+  left it; a map made since has nothing before its first commit); without
+  sync, nothing (the map is lost).  env.sync() makes the last commit
+  durable too.
 
 Directories themselves count as durable.  Files are put back as new files
 (a file:// store on the same file system may share their inodes)."""
@@ -97,10 +100,11 @@ class PowerCut:
             if not self._under(path):
                 return
             flags = env.flags()
+            # A map made since the last cut starts from nothing durable.
             state = self._maps.setdefault(os.path.realpath(path), {"last": None, "prev": None})
             with open(os.path.join(path, MAP_FILE), "rb") as f:
                 now = f.read()
-            state["prev"] = state["last"] if state["last"] is not None and not synced else now
+            state["prev"] = now if synced else state["last"]
             state["last"] = now
             state["sync"], state["metasync"] = flags["sync"], flags["metasync"]
 
@@ -156,7 +160,7 @@ class PowerCut:
         for name in os.listdir(folder):
             if name != MAP_FILE:
                 os.unlink(os.path.join(folder, name))   # LMDB's lock file: rebuilt
-        if state is None:
+        if state is None or "sync" not in state:
             return          # no commit since the cut before: as it was
         path = os.path.join(folder, MAP_FILE)
         if not state["sync"]:
@@ -164,6 +168,8 @@ class PowerCut:
             return
         keep = state["last"] if state["metasync"] else state["prev"]
         os.unlink(path)
+        if keep is None:
+            return          # a new map whose only commit is undone: none at all
         with open(path, "wb") as f:
             f.write(keep)
 
@@ -175,6 +181,10 @@ class PowerCut:
         for folder, dirs, files in os.walk(self.root):
             folder = os.path.realpath(folder)
             if MAP_FILE in files:
+                # The map as it is now is durable: the first commit from
+                # here on may be undone back to it.
+                with open(os.path.join(folder, MAP_FILE), "rb") as f:
+                    self._maps[folder] = {"last": f.read(), "prev": None}
                 dirs[:] = []
                 continue
             self._names[folder] = self._listing(folder)
