@@ -17,8 +17,11 @@
    file:// store a plain volume's uploads are hard links, while a sealed
    one compresses, encrypts and writes every segment again, and the next
    job must not be charged for that.  Every server gets --cache-limit 8G
-   (CACHE_LIMIT says why).  Also: the server's anonymous RSS
-   (its peak, with its sealing process's, from /proc) and the bytes each store holds.
+   (CACHE_LIMIT says why).  Also: the CPU time the server and its sealing
+   process spend per request (per MiB for 1 MiB jobs), the catch-up
+   included, a figure the load of a shared machine sways less than the
+   rates; the server's anonymous RSS (its peak, with its sealing
+   process's, from /proc); and the bytes each store holds.
 2. An ext4 image holding real files (default /usr/share/doc, /usr/share/man
    and this virtualenv's packages, via mkfs.ext4 -d) plus as much random
    data, imported into a plain and into a compressed, encrypted volume: the
@@ -99,15 +102,28 @@ class Server:
             raise RuntimeError(f"flush failed: {reply}")
         return time.monotonic() - start
 
-    def sample_rss(self) -> None:
-        """The server's anonymous RSS, with its children's (the sealing process)."""
+    def cpu_seconds(self) -> float:
+        """CPU time so far (user and system) of the server and its children
+        living now (the sealing process)."""
+        total = 0
+        for pid in self._family():
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])     # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def _family(self) -> list[int]:
         pids = [self.proc.pid]
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{self.proc.pid}/task"):
                 with open(f"/proc/{self.proc.pid}/task/{task}/children") as f:
                     pids += [int(p) for p in f.read().split()]
+        return pids
+
+    def sample_rss(self) -> None:
+        """The server's anonymous RSS, with its children's (the sealing process)."""
         total = 0
-        for pid in pids:
+        for pid in self._family():
             with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("RssAnon:"):
@@ -163,13 +179,16 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         for job, rw, bs in JOBS:
             key = "iops" if bs == "4k" else "mib_s"
             for name, _ in SUBJECTS:
-                results[name][job] = {"runs": [], "catch_up": 0.0}
+                results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0}
             for i in range(rounds):
                 # Every other round in the reverse order: a load that rises
                 # (or falls) through a round then favours neither subject.
                 for name, _ in (SUBJECTS if i % 2 == 0 else SUBJECTS[::-1]):
+                    cpu = servers[name].cpu_seconds()
                     r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
                     catch_up = servers[name].flush() if "write" in rw else 0.0
+                    cpu = servers[name].cpu_seconds() - cpu
+                    results[name][job]["cpu"].append(cpu / (r["iops"] * r["seconds"]) * 1e6)
                     results[name][job]["runs"].append(r[key])
                     results[name][job]["catch_up"] += catch_up
                     load = os.getloadavg()[0]
@@ -207,6 +226,11 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         last = results[SUBJECTS[-1][0]][job]["runs"]
         print(f"  {'':14} {SUBJECTS[-1][0]} / plain by round: "
               + ", ".join(f"{a / b:.2f}" for a, b in zip(last, plain)))
+        cpus = {n: statistics.median(results[n][job]["cpu"]) for n, _ in SUBJECTS}
+        unit = "request" if bs == "4k" else "MiB"
+        print(f"  {'':14} server CPU per {unit} (with sealing, median): "
+              + ", ".join(f"{n} {cpus[n]:.1f} us" for n, _ in SUBJECTS)
+              + "; plain / " + " / ".join(f"{cpus['plain'] / cpus[n]:.2f}" for n, _ in SUBJECTS[1:]))
     print("  anon RSS MiB   " + "".join(f"{results[n]['rss'] / 2**20:12.0f}"
                                         for n, _ in SUBJECTS))
     print("  stored MiB     " + "".join(f"{results[n]['stored'] / 2**20:12.0f}"
