@@ -200,7 +200,8 @@ def test_frames_of_one_object_swapped():
 
 
 def test_object_keys_differ_by_object_id_name_and_data_key():
-    sealed = Framer(object_cipher(KEY, volume_id=VOLUME_ID, name=NAME, object_id=OBJECT_ID)).seal(b"x" * 64, place())
+    cipher = object_cipher(KEY, volume_id=VOLUME_ID, name=NAME, object_id=OBJECT_ID)
+    sealed = Framer(cipher).seal(b"x" * 64, place())
     for other in (dict(object_id=bytes(16)), dict(name=NAME[:-1] + "8"),
                   dict(volume_id=bytes(16))):
         args = dict(volume_id=VOLUME_ID, name=NAME, object_id=OBJECT_ID)
