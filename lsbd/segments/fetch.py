@@ -20,7 +20,7 @@ would, and copying whole segments for reads scattered over more of them than
 the cache holds only churns it (measured: 1 MiB reads after random writes
 ran 5x slower).  While a segment's fetch is in flight,
 reads of it wait for the fetched bytes (not for their copy into the cache
-dir, lsbd.segments.local) instead of asking the store again.  The
+dir, lsbd.segments.copies) instead of asking the store again.  The
 blocks a read needs from several segments are fetched in parallel.  At most
 FETCH_WORKERS whole-segment GETs and READ_WORKERS ranged GETs are in flight.
 """

@@ -56,7 +56,7 @@ class Uploader:
                  local_tail: Callable[[int, int], tuple[int, bytes]] | None = None):
         self.store = store
         # (seq, n) -> (the segment's size, its last n bytes), from its local
-        # file (decrypted on an encrypted volume: lsbd.segments.local).
+        # file (decrypted on an encrypted volume: lsbd.segments.copies).
         self.local_tail = local_tail
         # Called before every upload: raises LeaseLost once another writer
         # took the lease, so that a fenced writer never adds a segment to the

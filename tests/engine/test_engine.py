@@ -125,8 +125,6 @@ def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch)
     """A local block that is not in the page cache would wait for the disk:
     nowait reads ask the kernel for cached data only (RWF_NOWAIT) and pass
     the read on as WouldBlock when it has none."""
-    from lsbd.segments import local as segfiles
-
     vol = make_volume()
     vol.write(0, blocks(1, 0, 4))
     testing.seal_now(vol)
@@ -140,7 +138,7 @@ def test_nowait_reads_of_cold_local_blocks_would_block(make_volume, monkeypatch)
             raise BlockingIOError(errno.EAGAIN, "would block")   # as for a cold page
         return real_preadv(fd, buffers, offset, flags)
 
-    monkeypatch.setattr(segfiles.os, "preadv", preadv)
+    monkeypatch.setattr(os, "preadv", preadv)
     with pytest.raises(WouldBlock):
         vol.read(0, BS, nowait=True)
     assert cold_seen, "the nowait read asked the kernel for cached data only"

@@ -130,7 +130,7 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
     """Reads that touch many segments of random writes keep only
     INDEX_CACHE_BYTES of their indexes in memory (issue #15: the process's
     memory must not grow with the volume)."""
-    from lsbd.segments import local as segfiles
+    from lsbd.segments import copies as segfiles
 
     create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
     cache = str(tmp_path / "cache")
@@ -157,7 +157,7 @@ def test_making_room_on_the_disk_lets_the_indexes_of_evicted_segments_go(store, 
                                                                          monkeypatch):
     """Eviction for a full disk (make_room) and for the cache limit account
     for the parsed indexes alike: what they held is no longer counted."""
-    from lsbd.segments import local as segfiles
+    from lsbd.segments import copies as segfiles
 
     create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
     with Volume.open(store, "vol", cache_root=str(tmp_path / "cache")) as vol:
