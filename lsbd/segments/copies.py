@@ -40,7 +40,6 @@ from lsbd.store import Store
 
 log = logging.getLogger(__name__)
 
-INDEX_CACHE_ENTRIES = 1024  # segments whose remote reads are counted
 # Parsed segment indexes kept in memory, by their size: a segment of random
 # 4 KiB writes has an index of about 64 KiB, and the process's memory must
 # not grow with the number of segments a read touches.
