@@ -44,6 +44,10 @@ _MIGRATE_BATCH = 1 << 16
 #: Packed runs shorter than this are loaded entry by entry (cheaper than
 #: the slicing and counting a run costs).
 _SHORT_RUN = 16
+#: One-block entries handed to LMDB per putmulti (bounds the list built).
+_PUT_SLICE = 8192
+#: Bits of a file offset in apply_segments' packed ints (segments are at most 4 GiB).
+_OFF_BITS = 40
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
 
@@ -240,39 +244,44 @@ class BlockMap:
         """Apply one sealed segment's records, in order, in one transaction,
         and record the segment and `meta` (e.g. the new applied seq).
         Returns the older segments it left without a live block."""
+        return self.apply_segments([(info, records)], **meta)
+
+    def apply_segments(self, batch: list[tuple[SegmentInfo, Iterable[Record]]],
+                       **meta: bytes) -> list[int]:
+        """Apply several sealed segments (in seq order), as if one after the
+        other, in one transaction; record them and `meta`.  One commit for
+        several segments: random writes that fall on the same leaf page
+        dirty it once, not once per segment.  Returns the older segments
+        they left without a live block."""
         live_delta: dict[int, int] = defaultdict(int)
         emptied = []
-        records = records if isinstance(records, list) else list(records)
-        single = _single_writes(records)
+        lists = [(info, r if isinstance(r, list) else list(r)) for info, r in batch]
+        mine = {info.seq for info, _ in lists}
         with self._writing() as txn:
             cur = txn.cursor(db=self._extents)
-            if single is not None:
-                self._apply_single(txn, cur, info.seq, single, live_delta)
-                records = []
-            for r in records:
-                if r.kind == RESIZE:
-                    txn.put(b"size", str(r.lba).encode(), db=self._meta)
-                    continue
-                if r.kind == DATA:
-                    # The usual rewrite: the record covers exactly one extent
-                    # (random 4 KiB writes, or a disk rewritten in the same
-                    # pieces): replace it where it is.
-                    key = _k(r.lba)
-                    if cur.set_key(key):
-                        n, seq, _off = _unv(cur.value())
-                        if n == r.nblocks:
-                            cur.put(key, _v(n, info.seq, r.data_offset))
-                            live_delta[seq] -= n
-                            live_delta[info.seq] += n
-                            continue
-                self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
-                if r.kind == DATA:
-                    txn.put(_k(r.lba), _v(r.nblocks, info.seq, r.data_offset),
-                            db=self._extents)
-                    live_delta[info.seq] += r.nblocks
-            info.live_blocks = live_delta.pop(info.seq, 0)
-            txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
+            if all(_single_writes(records) for _, records in lists):
+                # Every record a one-block write: the newest write of each
+                # block across the batch (seq and offset packed in one int), in one
+                # pass in block order.
+                newest: dict[int, int] = {}
+                for info, records in lists:
+                    top = info.seq << _OFF_BITS
+                    newest.update((r.lba, top | r.data_offset) for r in records)
+                self._apply_single(txn, cur, newest, live_delta)
+            else:
+                for info, records in lists:
+                    if _single_writes(records):
+                        top = info.seq << _OFF_BITS
+                        self._apply_single(txn, cur, {r.lba: top | r.data_offset
+                                                      for r in records}, live_delta)
+                    else:
+                        self._apply_records(txn, cur, info.seq, records, live_delta)
+            for info, _ in lists:
+                info.live_blocks = max(0, live_delta.pop(info.seq, 0))
+                txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
             for seq, delta in live_delta.items():
+                if seq in mine:
+                    continue
                 raw = txn.get(_KEY.pack(seq), db=self._segments)
                 if raw is not None:
                     old = SegmentInfo.unpack(seq, raw)
@@ -284,15 +293,42 @@ class BlockMap:
                 txn.put(k.encode(), v, db=self._meta)
         return emptied
 
-    def _apply_single(self, txn, cur, seq: int, newest: dict[int, int],
+    def _apply_records(self, txn, cur, new_seq: int, records: list[Record],
+                       live_delta: dict[int, int]) -> None:
+        """One segment's records laid over the extents, in order."""
+        for r in records:
+            if r.kind == RESIZE:
+                txn.put(b"size", str(r.lba).encode(), db=self._meta)
+                continue
+            if r.kind == DATA:
+                # The usual rewrite: the record covers exactly one extent
+                # (random 4 KiB writes, or a disk rewritten in the same
+                # pieces): replace it where it is.
+                key = _k(r.lba)
+                if cur.set_key(key):
+                    n, seq, _off = _unv(cur.value())
+                    if n == r.nblocks:
+                        cur.put(key, _v(n, new_seq, r.data_offset))
+                        live_delta[seq] -= n
+                        live_delta[new_seq] += n
+                        continue
+            self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
+            if r.kind == DATA:
+                txn.put(_k(r.lba), _v(r.nblocks, new_seq, r.data_offset), db=self._extents)
+                live_delta[new_seq] += r.nblocks
+
+    def _apply_single(self, txn, cur, newest: dict[int, int],
                       live_delta: dict[int, int]) -> None:
-        """apply_segment of a segment of one-block writes (random 4 KiB
-        writes), `newest` the offset of each block's last write: the blocks
-        are looked up in block order (neighbours share the B-tree's upper
-        pages), an extent of several blocks under one is cut around it, and
-        the new entries go in with one putmulti.  Deferring the puts is
-        safe: one-block entries of distinct blocks cover no other block."""
+        """apply_segments of one-block writes (random 4 KiB writes),
+        `newest` the seq << _OFF_BITS | file offset of each block's last
+        write (one int: a third of the memory of a pair):
+        the blocks are looked up in block order (neighbours share the
+        B-tree's upper pages), an extent of several blocks under one is cut
+        around it, and the new entries go in with putmulti, a slice at a
+        time.  Deferring the puts is safe: one-block entries of distinct
+        blocks cover no other block."""
         pairs = []
+        mask = (1 << _OFF_BITS) - 1
         for lba in sorted(newest):
             key = _k(lba)
             if cur.set_range(key):
@@ -306,8 +342,13 @@ class BlockMap:
                     self._cut_under(txn, cur, lba, live_delta)
             elif cur.last():
                 self._cut_under(txn, cur, lba, live_delta)
-            pairs.append((key, _v(1, seq, newest[lba])))
-        live_delta[seq] += len(pairs)
+            where = newest[lba]
+            seq = where >> _OFF_BITS
+            pairs.append((key, _v(1, seq, where & mask)))
+            live_delta[seq] += 1
+            if len(pairs) >= _PUT_SLICE:
+                cur.putmulti(pairs, overwrite=True)
+                pairs = []
         cur.putmulti(pairs, overwrite=True)
 
     def _cut_under(self, txn, cur, lba: int, live_delta: dict[int, int]) -> None:
@@ -475,15 +516,9 @@ class MapSnapshot:
         self.close()
 
 
-def _single_writes(records: list[Record]) -> dict[int, int] | None:
-    """The file offset of each block's last write, when every record is a
-    one-block DATA record (random 4 KiB writes); None otherwise."""
-    newest: dict[int, int] = {}
-    for r in records:
-        if r.kind != DATA or r.nblocks != 1:
-            return None
-        newest[r.lba] = r.data_offset
-    return newest
+def _single_writes(records: list[Record]) -> bool:
+    """Whether every record is a one-block DATA record (random 4 KiB writes)."""
+    return all(r.kind == DATA and r.nblocks == 1 for r in records)
 
 
 def _lookup(cur, lba: int, nblocks: int, bs: int) -> list[Extent]:

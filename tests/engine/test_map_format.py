@@ -221,7 +221,7 @@ def test_segments_of_one_block_writes_apply_as_record_by_record(tmp_path, monkey
                 records += records[:3]        # written again, later in the segment
             got = fast.apply_segment(_info(seq), records, applied_seq=str(seq).encode())
             with monkeypatch.context() as m:
-                m.setattr(blockmap, "_single_writes", lambda records: None)
+                m.setattr(blockmap, "_single_writes", lambda records: False)
                 want = slow.apply_segment(_info(seq), records, applied_seq=str(seq).encode())
             assert got == want
             assert list(fast.iter_extents()) == list(slow.iter_extents()), seq
@@ -231,6 +231,44 @@ def test_segments_of_one_block_writes_apply_as_record_by_record(tmp_path, monkey
     finally:
         fast.close()
         slow.close()
+
+
+def test_segments_applied_in_a_batch_are_as_applied_one_by_one(tmp_path, monkeypatch):
+    """Several sealed segments go into the map in one transaction (the
+    sealer's batches): the map, every segment's live blocks and the older
+    segments left empty are exactly what applying them one after the other
+    gives, with blocks written again by a later segment of the same batch,
+    batches all of one-block writes and batches mixed with longer records,
+    and one-block entries put a slice at a time."""
+    monkeypatch.setattr(blockmap, "_PUT_SLICE", 7)
+    rng = random.Random(11)
+    batched = BlockMap(str(tmp_path / "batched"), BS)
+    single = BlockMap(str(tmp_path / "single"), BS)
+    try:
+        space = 400
+        seq = 1
+        for round_ in range(30):
+            batch = []
+            for _ in range(rng.randint(1, 5)):
+                records = (_mixed_records(rng, rng.randint(1, 40), space) if round_ % 4 == 3
+                           else _one_block_records(rng, rng.randint(1, 80), space))
+                batch.append((_info(seq), records))
+                seq += 1
+            got = batched.apply_segments([(_info(i.seq), r) for i, r in batch],
+                                         applied_seq=str(seq - 1).encode())
+            want: set[int] = set()
+            for info, records in batch:
+                want.update(single.apply_segment(info, records,
+                                                 applied_seq=str(info.seq).encode()))
+            assert set(got) == want - {i.seq for i, _ in batch}, round_
+            assert list(batched.iter_extents()) == list(single.iter_extents()), round_
+            assert [(s.seq, s.live_blocks) for s in batched.segments()] == \
+                [(s.seq, s.live_blocks) for s in single.segments()], round_
+            assert batched.get_int("applied_seq") == seq - 1
+        assert any(s.live_blocks == 0 for s in single.segments())
+    finally:
+        batched.close()
+        single.close()
 
 
 def test_a_scratch_map_of_one_block_records_is_their_overlay(tmp_path):

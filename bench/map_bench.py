@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""What a sealed segment of random 4 KiB writes costs the block map, by map
+size and by how many segments go into one commit.
+
+    .venv/bin/python bench/map_bench.py [--extents 0.3M,3M] [--batch 1,8]
+        [--segments 32] [--workdir /var/tmp]
+
+For each map size: a map of that many one-block extents spread over a
+1 TiB volume is loaded, then --segments segments of 8,192 random one-block
+writes are applied (BlockMap.apply_segments), --batch of them per
+transaction, synced as the writer's map is.  Reported per segment: wall
+and CPU time inside the transaction (lookups and puts) and in the commit
+(LMDB writing and syncing the pages it dirtied), and the process's
+anonymous memory before and at its peak, under the serving process's
+malloc settings (lsbd.cli.context): a commit's dirty pages live in the
+heap until it ends.  Not a test: figures are noisy, compare within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lsbd import linux
+from lsbd.cli import context
+from lsbd.format.segment import DATA, Record
+from lsbd.map.blockmap import BlockMap
+from lsbd.map.encoding import SegmentInfo
+
+VOLUME_BLOCKS = 1 << 28          # 1 TiB of 4 KiB blocks
+WRITES = 8192                    # one 32 MiB segment of 4 KiB writes
+
+
+def anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def info(seq: int, blocks: int) -> SegmentInfo:
+    return SegmentInfo(seq=seq, state=1, sealed_ns=0, size=1, live_blocks=0,
+                       data_blocks=blocks, trailer_crc=0)
+
+
+def run(folder: str, extents: int, batch: int, segments: int) -> dict:
+    path = os.path.join(folder, f"map-{extents}-{batch}")
+    bm = BlockMap(path, 4096)
+    try:
+        step = VOLUME_BLOCKS // extents
+        bm.load(((lba, 1, 1, 4096) for lba in range(0, VOLUME_BLOCKS, step)),
+                [info(1, extents)], applied_seq=b"1")
+        stats = bm.map_stats()
+        rng = random.Random(extents)
+        inside = [0.0, 0.0]
+        commit = [0.0, 0.0]
+
+        @contextlib.contextmanager
+        def timed(db=None):
+            t0, c0 = time.perf_counter(), time.process_time()
+            txn = bm._env.begin(write=True)
+            yield txn
+            t1, c1 = time.perf_counter(), time.process_time()
+            txn.commit()
+            t2, c2 = time.perf_counter(), time.process_time()
+            inside[0] += t1 - t0
+            inside[1] += c1 - c0
+            commit[0] += t2 - t1
+            commit[1] += c2 - c1
+
+        bm._writing = timed          # timing only; the map's own commits are the same
+        before = peak = anon_mib()
+        seq = 2
+        for _ in range(max(1, segments // batch)):
+            group = [(info(seq + i, WRITES),
+                      [Record(DATA, 0, rng.randrange(VOLUME_BLOCKS), 1, 4096 * (j + 1), b"")
+                       for j in range(WRITES)]) for i in range(batch)]
+            seq += batch
+            bm.apply_segments(group, applied_seq=str(seq - 1).encode())
+            del group
+            peak = max(peak, anon_mib())
+        n = seq - 2
+        return {"extents": extents, "batch": batch, "leaf_pages": stats["leaf_pages"],
+                "inside_ms": 1000 * inside[0] / n, "inside_cpu_ms": 1000 * inside[1] / n,
+                "commit_ms": 1000 * commit[0] / n, "commit_cpu_ms": 1000 * commit[1] / n,
+                "anon_before_mib": before, "anon_peak_mib": peak}
+    finally:
+        bm.close()
+        BlockMap.destroy(path)
+
+
+def parse_count(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * scale)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--extents", default="0.3M,3M", help="map sizes, comma-separated")
+    ap.add_argument("--batch", default="1,8", help="segments per commit, comma-separated")
+    ap.add_argument("--segments", type=int, default=32, help="segments applied per case")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the maps go")
+    args = ap.parse_args()
+    linux.mallopt(linux.M_TRIM_THRESHOLD, context.SERVING_TRIM_THRESHOLD)
+    linux.mallopt(linux.M_MMAP_THRESHOLD, context.SERVING_MMAP_THRESHOLD)
+    linux.mallopt(linux.M_ARENA_MAX, context.SERVING_ARENA_MAX)
+    folder = tempfile.mkdtemp(prefix="lsbd-map-bench-", dir=args.workdir)
+    print(f"load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
+    print(f"{'extents':>9} {'leaves':>7} {'batch':>5} {'txn ms':>7} {'cpu':>5} "
+          f"{'commit ms':>9} {'cpu':>5} {'anon MiB':>13}")
+    try:
+        for extents in (parse_count(x) for x in args.extents.split(",")):
+            for batch in (int(b) for b in args.batch.split(",")):
+                # Each case in its own process: the heap keeps what a case took.
+                if os.fork() == 0:
+                    r = run(folder, extents, batch, args.segments)
+                    print(f"{r['extents']:>9} {r['leaf_pages']:>7} {r['batch']:>5} "
+                          f"{r['inside_ms']:>7.0f} {r['inside_cpu_ms']:>5.0f} "
+                          f"{r['commit_ms']:>9.0f} {r['commit_cpu_ms']:>5.0f} "
+                          f"{r['anon_before_mib']:>5.0f} -> {r['anon_peak_mib']:>3.0f}",
+                          flush=True)
+                    os._exit(0)
+                os.wait()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
