@@ -112,8 +112,8 @@ class SegmentFiles(LocalCopies):
         with a piece that fails its check, are left out: the caller reads
         those with read_blocks (which names the bad block and tries the
         store's copy).  Nearby pieces share one pread (lsbd.segments.spans).
-        On a page-cache miss every span left is handed to the kernel at
-        once; then nowait raises WouldBlock, else the reads wait."""
+        On a page-cache miss nowait raises WouldBlock at once; else every
+        span left is handed to the kernel at once, then the reads wait."""
         if self._unread:
             return {}   # a segment fetched whole waits for its first read: read_blocks
         held: list[tuple[int, OpenFile, list]] = []
@@ -137,11 +137,15 @@ class SegmentFiles(LocalCopies):
                         try:
                             data = f.read(end - start, start, cached)
                         except WouldBlock:
+                            if nowait:
+                                # Nothing advised here: the caller runs the read
+                                # again where it may wait, which advises it all
+                                # (doing it twice cost a sixth of an NBD server's
+                                # cold sequential reads, docs/scale.md).
+                                raise
                             will_need(f.fd, spans[i:], f.reader.base)
                             for _seq, other, rest in held[k + 1:]:
                                 will_need(other.fd, rest, other.reader.base)
-                            if nowait:
-                                raise
                             cached = False
                             data = f.read(end - start, start, False)
                         for off, piece in split_span(data, start, members, self.block_size,

@@ -161,16 +161,26 @@ def test_a_damaged_block_in_a_span_is_an_io_error(vol):
 
 
 def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
+    """A blocking read hands every file's pieces to the kernel before it
+    waits for any; a nowait read gives up at the first miss having asked
+    for nothing (the caller runs it again where it may wait)."""
     testing.stop_read_defrag(vol)
     expected = _interleaved(vol)
     segments = {e.seq for e in vol.map_extents(0, 256)}
-    real_preadv = os.preadv
+    assert vol.read(0, MiB) == expected          # the segments' indexes loaded
+    real_preadv, real_pread = os.preadv, os.pread
     asked: list[tuple[int, int]] = []
+    waited: list[int] = []
 
     def cold_preadv(fd, buffers, offset, flags=0):
         if flags & os.RWF_NOWAIT:
             raise BlockingIOError(errno.EAGAIN, "would block")
+        waited.append(len(asked))
         return real_preadv(fd, buffers, offset, flags)
+
+    def cold_pread(fd, length, offset):
+        waited.append(len(asked))
+        return real_pread(fd, length, offset)
 
     def fadvise(fd, offset, length, advice):
         assert advice == os.POSIX_FADV_WILLNEED
@@ -178,9 +188,11 @@ def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
 
     monkeypatch.setattr(openfile, "_RWF_NOWAIT", os.RWF_NOWAIT)   # whatever a file system before said
     monkeypatch.setattr(openfile.os, "preadv", cold_preadv)
+    monkeypatch.setattr(openfile.os, "pread", cold_pread)
     monkeypatch.setattr(spans.os, "posix_fadvise", fadvise)
     with pytest.raises(WouldBlock):
         vol.read(0, MiB, nowait=True)
-    assert len({fd for fd, _ in asked}) == len(segments)    # every file, before any wait
-    asked.clear()
+    assert asked == [] and waited == []
     assert vol.read(0, MiB) == expected                       # the blocking read
+    assert len({fd for fd, _ in asked}) == len(segments)
+    assert waited and waited[0] == len(asked)                 # every file, before any wait
