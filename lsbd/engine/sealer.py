@@ -6,15 +6,20 @@ wait for the store."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import threading
+
+from lsbd import fileio
 
 from lsbd.engine.state import VolumeState
 from lsbd.errors import StoreError
-from lsbd.format.segment import encode_trailer
+from lsbd.format.segment import encode_trailer, masked_crc
 from lsbd.map.blockmap import PENDING, STORED
 from lsbd.segments.journal import OpenSegment
+from lsbd.segments.sortseal import SORT_SUFFIX, sorted_blocks, sort_plan, write_sorted
 from lsbd.segments.remote import segment_info
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,12 @@ class Sealer:
         seg = st.open
         if seg is None:
             return
+        # Its trailer names the one before, whose trailer a sort in progress
+        # changes: wait for that (lsbd.segments.sortseal, _sort below).
+        while st.sorting and st.failed is None and not self.stopping:
+            st.sealing_changed.wait()
+        if st.open is not seg:
+            return    # sealed by another writer meanwhile
         if seg.empty:
             st.files.drop_file(seg.seq)   # the next segment reuses its name
             seg.discard()
@@ -100,6 +111,7 @@ class Sealer:
                 seg = st.sealing[0]
             try:
                 seg.finish()
+                self._sort(seg)
                 if not self._apply_when_room(seg):
                     return
             except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
@@ -113,6 +125,71 @@ class Sealer:
                 st.sealing_changed.notify_all()
             if st.uploader is not None:
                 st.uploader.submit(seg.seq)
+
+    def _sort(self, seg: OpenSegment) -> None:
+        """Lay a sealed segment of random writes out again in block order
+        (lsbd.segments.sortseal), before the map names it, if it gains from
+        it.  The next segment's trailer names this one's, which the new
+        layout changes: it waits to seal until this is done (seal above), and
+        if it sealed already, this one keeps its layout.  Not on an
+        encrypted cache dir (each file would be encrypted again)."""
+        st = self.st
+        if st.files.keys is None and st.config.sort_at_seal:
+            keep = sort_plan(seg.records)
+        else:
+            keep = None
+        if keep is None or self.abandoned:
+            return
+        assert seg.trailer is not None    # sealed
+        with st.lock:
+            if st.prev_crc != seg.trailer_crc:
+                return        # a later segment names this one's trailer as sealed
+            st.sorting = True
+            st.sealing_changed.notify_all()
+        try:
+            self._sort_locked_out(seg, keep)
+        finally:
+            with st.lock:
+                st.sorting = False
+                st.sealing_changed.notify_all()
+
+    def _sort_locked_out(self, seg: OpenSegment, keep: list[int]) -> None:
+        """_sort, while the next segment waits to seal."""
+        st = self.st
+        assert seg.trailer is not None
+        path = st.files.path(seg.seq)
+        tmp = path + SORT_SUFFIX
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                trailer, records, raw = write_sorted(fd, tmp, seg.records, keep, seg.trailer,
+                                                     st.block_size)
+            finally:
+                os.close(fd)
+            blocks = sorted_blocks(seg.blocks, seg.records, records, keep, st.block_size)
+        except (OSError, ValueError) as e:
+            # The segment as sealed is whole and valid: only slower to read.
+            log.warning("volume %s: segment %d keeps its layout: %s", st.name, seg.seq, e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        with st.lock:
+            if st.prev_crc != seg.trailer_crc or self.abandoned:
+                os.unlink(tmp)        # a later segment names this one's trailer as sealed
+                return
+            os.replace(tmp, path)
+            # From here the file is the new layout, whatever follows: readers
+            # that planned against the old one read it again (Reader).
+            st.files.drop_file(seg.seq)
+            seg.blocks = blocks
+            seg.records = records
+            seg.trailer = trailer
+            seg.trailer_crc = st.prev_crc = masked_crc(raw)
+            st.stats["segments_sorted"] += 1
+            # Durable before the next segment can seal naming it (under the lock).
+            fileio.fsync_dir(os.path.dirname(path))
 
     def _apply_when_room(self, seg: OpenSegment) -> bool:
         """Record a sealed segment in the map.  A full disk is no failure of
