@@ -87,7 +87,7 @@ def test_sorted_segments_read_back_a_model(tmp_path, compression):
         assert len(sorted_files) >= 2
         for off in range(0, SIZE, MiB):
             assert vol.read(off, MiB) == bytes(model[off:off + MiB])
-        assert testing.wait_stored(vol, top)
+        assert all(testing.wait_stored(vol, s) for s in range(1, top + 1))
         assert vol.verify() == []
     finally:
         vol.close()
