@@ -17,7 +17,18 @@ from engine_helpers import BS, MiB, block, open_test_store, read_from_store, wip
 from lsbd.engine import sealer as sealer_module
 from lsbd.engine import testing
 from lsbd.engine.volume import Volume
-from lsbd.format.segment import DATA, FLAG_COMMIT, RESIZE, ZERO, Record, read_sealed_index
+from lsbd.format.segment import (
+    DATA,
+    FLAG_COMMIT,
+    RESIZE,
+    ZERO,
+    Record,
+    Trailer,
+    block_crcs,
+    encode_header,
+    encode_record,
+    read_sealed_index,
+)
 from lsbd.meta.config import create_volume
 from lsbd.segments import sortseal
 from lsbd.store import open_store
@@ -203,3 +214,49 @@ def test_a_crash_around_the_sort_loses_nothing(tmp_path, monkeypatch, when):
             again.close()
     finally:
         store.close()
+
+
+def test_the_sorted_bytes_are_those_of_docs_format(tmp_path, monkeypatch):
+    """docs/format.md's example, byte by byte: DATA lba 9, 3, 9, 1 sorted."""
+    monkeypatch.setattr(sortseal, "SORT_MIN_RECORDS", 1)
+    vid = bytes(15) + b"\1"
+    header = encode_header(vid, 7, BS, 1_700_000_000 * 10**9)
+    parts, records, pos = [header], [], len(header)
+    for tag, lba in enumerate((9, 3, 9, 1)):
+        data = block(tag, lba)
+        crcs = block_crcs(data, BS)
+        head = encode_record(DATA, FLAG_COMMIT, lba, 1, crcs)
+        parts += [head, data]
+        records.append(Record(DATA, FLAG_COMMIT, lba, 1, pos + len(head), crcs))
+        pos += len(head) + len(data)
+    assert [r.data_offset for r in records] == [92, 4216, 8340, 12464]
+    trailer = Trailer(volume_id=vid, seq=7, footer_offset=pos, footer_length=0, record_count=4,
+                      sealed_ns=1_700_000_001 * 10**9, volume_size=MiB, footer_crc=0, prev_crc=5)
+    src = tmp_path / "journal"
+    src.write_bytes(b"".join(parts))
+    keep = sortseal.sort_plan(records)
+    assert keep == [1, 2, 3]
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        new_trailer, new_records, raw = sortseal.write_sorted(fd, str(tmp_path / "sorted"),
+                                                              records, keep, trailer, BS)
+    finally:
+        os.close(fd)
+    out = (tmp_path / "sorted").read_bytes()
+    assert out[:64] == header
+    assert out[64:92] == encode_record(DATA, FLAG_COMMIT, 1, 1, records[3].crcs)
+    assert out[92:4188] == block(3, 1)
+    assert out[4188:4216] == encode_record(DATA, FLAG_COMMIT, 3, 1, records[1].crcs)
+    assert out[4216:8312] == block(1, 3)
+    assert out[8312:8340] == encode_record(DATA, FLAG_COMMIT, 9, 1, records[2].crcs)
+    assert out[8340:12436] == block(2, 9)
+    footer = out[12436:12436 + 84]
+    entries = [footer[k:k + 24].hex() for k in (0, 28, 56)]
+    assert entries == ["01010000" "01000000" "0300000000000000" "7810000000000000",
+                       "01010000" "01000000" "0900000000000000" "9420000000000000",
+                       "01010000" "01000000" "0100000000000000" "5c00000000000000"]
+    assert [footer[k + 24:k + 28] for k in (0, 28, 56)] == [records[i].crcs for i in (1, 2, 3)]
+    assert len(out) == 12436 + 84 + 80 and out[-80:] == raw
+    assert (new_trailer.footer_offset, new_trailer.footer_length, new_trailer.record_count,
+            new_trailer.sealed_ns, new_trailer.prev_crc) == (12436, 84, 3, trailer.sealed_ns, 5)
+    assert read_sealed_index(str(tmp_path / "sorted"), where="t") == (new_trailer, new_records)
