@@ -424,6 +424,16 @@ def run(args) -> dict:
     return out
 
 
+def sorted_segments(lsbd: Lsbd) -> dict:
+    """How many of the segments sealed by the running server were sorted
+    by block when sealed (lsbd/segments/sortseal.py)."""
+    st = lsbd.stats()
+    out = {"sealed": st.get("segments_sealed", 0), "sorted": st.get("segments_sorted", 0)}
+    print(f"  segments sealed {out['sealed']}, sorted by block when sealed {out['sorted']}",
+          flush=True)
+    return out
+
+
 def run_frag(args) -> dict:
     """--only-frag: the fill and the frag phase alone, lsbd then nbdkit."""
     volume_size = parse_size(args.volume_size)
@@ -444,6 +454,7 @@ def run_frag(args) -> dict:
         print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
               f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
               f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
+        out["lsbd_segments"] = sorted_segments(lsbd)
         lsbd.stop()
         if not args.skip_nbdkit:
             drop_page_cache()
