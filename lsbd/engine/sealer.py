@@ -71,6 +71,12 @@ class Sealer:
         """Seal the open segment, which is full (under the lock), then wait
         while the sealer is far behind (back-pressure)."""
         st = self.st
+        if st.sorting:
+            # Its trailer waits for the sort of the one before (seal): the
+            # sealer seals it then, so that no writer (perhaps on a front
+            # end's event loop) waits; it grows past its size meanwhile.
+            st.seal_when_sorted = True
+            return
         self.seal()
         while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping:
             st.sealing_changed.wait()
@@ -151,6 +157,10 @@ class Sealer:
         finally:
             with st.lock:
                 st.sorting = False
+                if st.seal_when_sorted:
+                    st.seal_when_sorted = False
+                    if st.failed is None and not self.stopping:
+                        self.seal()
                 st.sealing_changed.notify_all()
 
     def _sort_locked_out(self, seg: OpenSegment, keep: list[int]) -> None:

@@ -55,6 +55,7 @@ class VolumeState:
         self.failed: BaseException | None = None
         self.closed = False
         self.sorting = False     # the sealer sorts the newest sealed segment (Sealer._sort)
+        self.seal_when_sorted = False   # the open segment filled up meanwhile
         self.uploader: Uploader | None = None
         self.zero_block = bytes(self.block_size)
         self.zero_crc = crc32c_of(self.zero_block)

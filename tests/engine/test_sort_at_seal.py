@@ -260,3 +260,53 @@ def test_the_sorted_bytes_are_those_of_docs_format(tmp_path, monkeypatch):
     assert (new_trailer.footer_offset, new_trailer.footer_length, new_trailer.record_count,
             new_trailer.sealed_ns, new_trailer.prev_crc) == (12436, 84, 3, trailer.sealed_ns, 5)
     assert read_sealed_index(str(tmp_path / "sorted"), where="t") == (new_trailer, new_records)
+
+
+def test_a_write_that_fills_a_segment_during_a_sort_does_not_wait(tmp_path, monkeypatch):
+    """A nowait write (a front end's event loop) that fills the open
+    segment while the one before is being sorted returns at once; the
+    segment is sealed when the sort is done."""
+    vol = _open(tmp_path)
+    testing.stop_read_defrag(vol)
+    rng = random.Random(11)
+    model = bytearray(SIZE)
+    go, entered = threading.Event(), threading.Event()
+    real_write = sealer_module.write_sorted
+
+    def held_write(*args, **kw):
+        entered.set()
+        go.wait(20)
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(sealer_module, "write_sorted", held_write)
+    try:
+        _random_writes(vol, model, rng, 200, 1)
+        assert testing.seal_queued(vol) is not None
+        assert entered.wait(10)                           # its sort waits for go
+        sealed = vol.stats["segments_sealed"]
+        done = threading.Event()
+
+        def fill():
+            for i in range(400):                          # more than a segment
+                lba = rng.randrange(NBLOCKS)
+                data = block(200_000 + i, lba)
+                vol.write(lba * BS, data, nowait=True)
+                model[lba * BS:(lba + 1) * BS] = data
+            done.set()
+
+        writer = threading.Thread(target=fill)
+        writer.start()
+        assert done.wait(10), "a nowait write waited for the sort"
+        assert vol.stats["segments_sealed"] == sealed      # the full one waits for the sort
+        go.set()
+        writer.join()
+        deadline = time.monotonic() + 10
+        while vol.stats["segments_sealed"] == sealed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert vol.stats["segments_sealed"] == sealed + 1
+        testing.seal_now(vol)
+        assert vol.read(0, SIZE) == bytes(model)
+    finally:
+        go.set()
+        vol.close()
+        vol.store.close()
