@@ -43,7 +43,7 @@ from lsbd.linux import reserve
 #: holding one keeps its layout.
 SORT_MAX_BLOCKS = 16
 #: Fewer data records than this: too few to be worth a second write.
-SORT_MIN_RECORDS = 64
+SORT_MIN_RECORDS = 16
 #: Laid out again only when at least one record in this many starts below
 #: the one written before it (in order already: nothing to gain).
 SORT_DISORDER = 8
