@@ -19,14 +19,23 @@ from lsbd.errors import StoreError
 from lsbd.format.segment import encode_trailer, masked_crc
 from lsbd.map.blockmap import PENDING, STORED
 from lsbd.segments.journal import OpenSegment
-from lsbd.segments.sortseal import SORT_SUFFIX, sorted_blocks, sort_plan, write_sorted
+from lsbd.segments.sortseal import (
+    SORT_SUFFIX,
+    looks_random,
+    sort_plan,
+    sorted_blocks,
+    write_sorted,
+)
 from lsbd.segments.remote import segment_info
 
 log = logging.getLogger(__name__)
 
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
-MAP_ROOM_RETRY = 0.25         # seconds between tries of a map commit that found the disk full
+MAP_ROOM_RETRY = 0.25
+#: A full segment waits for the sort of the one before it until it is this
+#: many times its size; then it seals and that one keeps its layout.
+SORT_WAIT_GROWTH = 2         # seconds between tries of a map commit that found the disk full
 
 
 class Sealer:
@@ -45,9 +54,9 @@ class Sealer:
         seg = st.open
         if seg is None:
             return
-        # Its trailer names the one before, whose trailer a sort in progress
-        # changes: wait for that (lsbd.segments.sortseal, _sort below).
-        while st.sorting and st.failed is None and not self.stopping:
+        # Its trailer names the one before, whose trailer a sort changes:
+        # wait for that (lsbd.segments.sortseal, _sort below).
+        while st.sorting and st.failed is None and not self.stopping and not self.abandoned:
             st.sealing_changed.wait()
         if st.open is not seg:
             return    # sealed by another writer meanwhile
@@ -58,6 +67,7 @@ class Sealer:
             return
         seg.seal(st.size, st.prev_crc)
         st.open = None
+        st.seal_when_sorted = False
         st.prev_crc = seg.trailer_crc
         st.stats["segments_sealed"] += 1
         if self.thread is None:      # opening (journal replay): no sealer yet
@@ -65,6 +75,9 @@ class Sealer:
             self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING)
             return
         st.sealing.append(seg)
+        if st.files.keys is None and st.config.sort_at_seal and not seg.ranges \
+                and looks_random(seg.records):
+            st.sorting = seg.seq     # the next seal waits for its sort
         st.sealing_changed.notify_all()
 
     def seal_full(self) -> None:
@@ -72,11 +85,14 @@ class Sealer:
         while the sealer is far behind (back-pressure)."""
         st = self.st
         if st.sorting:
-            # Its trailer waits for the sort of the one before (seal): the
-            # sealer seals it then, so that no writer (perhaps on a front
-            # end's event loop) waits; it grows past its size meanwhile.
-            st.seal_when_sorted = True
-            return
+            seg = st.open
+            if seg is not None and seg.end < SORT_WAIT_GROWTH * st.config.segment_size:
+                # Its trailer waits for the sort of the one before (seal):
+                # the sealer seals it then, so that no writer (perhaps on a
+                # front end's event loop) waits; it grows meanwhile.
+                st.seal_when_sorted = True
+                return
+            st.sorting = 0     # the sealer is too far behind: that one keeps its layout
         self.seal()
         while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping:
             st.sealing_changed.wait()
@@ -134,29 +150,23 @@ class Sealer:
 
     def _sort(self, seg: OpenSegment) -> None:
         """Lay a sealed segment of random writes out again in block order
-        (lsbd.segments.sortseal), before the map names it, if it gains from
-        it.  The next segment's trailer names this one's, which the new
-        layout changes: it waits to seal until this is done (seal above), and
-        if it sealed already, this one keeps its layout.  Not on an
-        encrypted cache dir (each file would be encrypted again)."""
+        (lsbd.segments.sortseal), before the map names it, if seal() chose
+        it and it gains from it.  The next segment's trailer names this
+        one's, which the new layout changes: it waits to seal until this is
+        done (seal above), or, once it has grown far past its size, seals
+        anyway and this one keeps its layout.  Not on an encrypted cache dir
+        (each file would be encrypted again)."""
         st = self.st
-        if st.files.keys is None and st.config.sort_at_seal:
-            keep = sort_plan(seg.records)
-        else:
-            keep = None
-        if keep is None or self.abandoned:
+        if st.sorting != seg.seq:
             return
-        assert seg.trailer is not None    # sealed
-        with st.lock:
-            if st.prev_crc != seg.trailer_crc:
-                return        # a later segment names this one's trailer as sealed
-            st.sorting = True
-            st.sealing_changed.notify_all()
         try:
-            self._sort_locked_out(seg, keep)
+            keep = sort_plan(seg.records)
+            if keep is not None and not self.abandoned:
+                self._sort_locked_out(seg, keep)
         finally:
             with st.lock:
-                st.sorting = False
+                if st.sorting == seg.seq:
+                    st.sorting = 0
                 if st.seal_when_sorted:
                     st.seal_when_sorted = False
                     if st.failed is None and not self.stopping:
@@ -186,7 +196,7 @@ class Sealer:
                 os.unlink(tmp)
             return
         with st.lock:
-            if st.prev_crc != seg.trailer_crc or self.abandoned:
+            if st.sorting != seg.seq or st.prev_crc != seg.trailer_crc or self.abandoned:
                 os.unlink(tmp)        # a later segment names this one's trailer as sealed
                 return
             os.replace(tmp, path)

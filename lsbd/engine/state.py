@@ -54,7 +54,7 @@ class VolumeState:
         self.last_checkpoint_time = time.monotonic()
         self.failed: BaseException | None = None
         self.closed = False
-        self.sorting = False     # the sealer sorts the newest sealed segment (Sealer._sort)
+        self.sorting = 0     # the seq of a sealed segment whose sort the next seal waits for
         self.seal_when_sorted = False   # the open segment filled up meanwhile
         self.uploader: Uploader | None = None
         self.zero_block = bytes(self.block_size)

@@ -53,6 +53,16 @@ _IOV_MAX = 1024
 SORT_SUFFIX = ".sort"
 
 
+def looks_random(records: list[Record]) -> bool:
+    """A quick look, while writers wait, at whether a segment may be worth
+    sorting: enough records, and the first ones out of order."""
+    if len(records) < SORT_MIN_RECORDS:
+        return False
+    head = records[:4 * SORT_MIN_RECORDS]
+    descents = sum(1 for a, b in zip(head, head[1:]) if b.lba < a.lba)
+    return descents * SORT_DISORDER >= len(head)
+
+
 def sort_plan(records: list[Record]) -> list[int] | None:
     """The indexes of the records to keep, in write order, or None when
     the segment keeps its layout (see the module's doc)."""
