@@ -54,17 +54,15 @@ class Sealer:
         seg = st.open
         if seg is None:
             return
-        # Its trailer names the one before, whose trailer a sort changes:
-        # wait for that (lsbd.segments.sortseal, _sort below).
-        while st.sorting and st.failed is None and not self.stopping and not self.abandoned:
-            st.sealing_changed.wait()
-        if st.open is not seg:
-            return    # sealed by another writer meanwhile
         if seg.empty:
             st.files.drop_file(seg.seq)   # the next segment reuses its name
             seg.discard()
             st.open = None
             return
+        # Its trailer names the one before as it is now: a sort of that one
+        # not done yet is called off (_sort below).  Never waited for here:
+        # a caller may hold what the sealer needs to get there.
+        st.sorting = 0
         seg.seal(st.size, st.prev_crc)
         st.open = None
         st.seal_when_sorted = False
@@ -152,10 +150,11 @@ class Sealer:
         """Lay a sealed segment of random writes out again in block order
         (lsbd.segments.sortseal), before the map names it, if seal() chose
         it and it gains from it.  The next segment's trailer names this
-        one's, which the new layout changes: it waits to seal until this is
-        done (seal above), or, once it has grown far past its size, seals
-        anyway and this one keeps its layout.  Not on an encrypted cache dir
-        (each file would be encrypted again)."""
+        one's, which the new layout changes: once full, it waits to seal
+        until this is done (seal_full above); any other seal (a flush, a
+        checkpoint, the timer), or one that has grown to twice its size,
+        goes ahead and this one keeps its layout.  Not on an encrypted cache
+        dir (each file would be encrypted again)."""
         st = self.st
         if st.sorting != seg.seq:
             return
