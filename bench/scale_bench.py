@@ -177,6 +177,16 @@ class Lsbd:
         if create:
             sh(*self.base(), "create", "bench", "--size", str(volume_size), *create_args)
 
+    def set_config(self, **settings) -> None:
+        """Settings of the volume's config.json that `lsbd create` has no
+        option for (before the server starts)."""
+        path = os.path.join(self.store_dir, "volumes", "bench", "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config.update(settings)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+
     def base(self) -> list[str]:
         return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store_dir}",
                 "--cache-dir", self.cache]
@@ -330,6 +340,8 @@ def run(args) -> dict:
           f"; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     lsbd = Lsbd(workdir, volume_size, args.create.split())
+    if args.sort_at_seal:
+        lsbd.set_config(sort_at_seal=True)
     try:
         drop_page_cache()
         lsbd.start()
@@ -445,6 +457,8 @@ def run_frag(args) -> dict:
           f"{args.create or 'defaults'}), region {human(region)}; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     lsbd = Lsbd(workdir, volume_size, args.create.split())
+    if args.sort_at_seal:
+        lsbd.set_config(sort_at_seal=True)
     try:
         drop_page_cache()
         lsbd.start()
@@ -515,6 +529,9 @@ def main() -> int:
     ap.add_argument("--create", default="", metavar="ARGS",
                     help="more arguments for lsbd create, e.g. '--compress none'")
     ap.add_argument("--skip-nbdkit", action="store_true", help="no nbdkit comparison")
+    ap.add_argument("--sort-at-seal", action="store_true",
+                    help="the volume sorts segments of random writes by block when sealing them "
+                         "(config.json sort_at_seal, off by default)")
     ap.add_argument("--only-frag", action="store_true",
                     help="only the fill and the frag phase (sequential reads after random "
                          "writes), against nbdkit")

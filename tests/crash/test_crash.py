@@ -128,11 +128,11 @@ def _run_and_kill(tmp_path, store_url: str, cache_root: str, seed: int,
     return acked, flushed
 
 
-def _new_volume(tmp_path, segment_size: int = SEGMENT_SIZE):
+def _new_volume(tmp_path, segment_size: int = SEGMENT_SIZE, **settings):
     store_url = "file://" + str(tmp_path / "store")
     store = open_test_store(store_url)
     create_volume(store, "vol", VOLUME_SIZE, segment_size=segment_size, seal_interval=0.3,
-                  checkpoint_segments=8)
+                  checkpoint_segments=8, **settings)
     return store_url, store
 
 
@@ -192,7 +192,7 @@ def test_sigkill_while_segments_are_sorted_leaves_a_prefix(tmp_path, seed, lose_
     """Random one-block writes: most segments are written again sorted by
     block as they are sealed (lsbd/segments/sortseal.py), so the kill often
     finds a sort under way or a sorted segment not yet in the map."""
-    volume = _new_volume(tmp_path, segment_size=MiB)
+    volume = _new_volume(tmp_path, segment_size=MiB, sort_at_seal=True)
     try:
         _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=volume)
         assert _sorted_segments(tmp_path / "store" / "volumes" / "vol" / "seg"), \

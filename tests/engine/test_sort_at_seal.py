@@ -56,10 +56,10 @@ def test_only_segments_of_random_one_transaction_writes_are_sorted(monkeypatch):
     assert sortseal.sort_plan([*shuffled, Record(RESIZE, FLAG_COMMIT, 8 * MiB, 0, 0, b"")]) is None
 
 
-def _open(tmp_path, compression: str = "none") -> Volume:
+def _open(tmp_path, compression: str = "none", sort: bool = True) -> Volume:
     store = open_store("file://" + str(tmp_path / "store"))
     create_volume(store, "vol", SIZE, segment_size=MiB, seal_interval=3600,
-                  compression=compression)
+                  compression=compression, sort_at_seal=sort)
     return Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
 
 
@@ -110,6 +110,17 @@ def test_sorted_segments_read_back_a_model(tmp_path, compression):
         assert read_from_store(store, tmp_path / "new") == bytes(model)     # the store alone: chain checked
     finally:
         store.close()
+
+
+def test_segments_are_not_sorted_unless_the_volume_says_so(tmp_path):
+    vol = _open(tmp_path, sort=False)
+    try:
+        _random_writes(vol, bytearray(SIZE), random.Random(1), 600, 1)
+        testing.seal_now(vol)
+        assert vol.stats["segments_sealed"] >= 2 and vol.stats["segments_sorted"] == 0
+    finally:
+        vol.close()
+        vol.store.close()
 
 
 def test_a_segment_in_order_keeps_its_layout(tmp_path):
