@@ -177,16 +177,6 @@ class Lsbd:
         if create:
             sh(*self.base(), "create", "bench", "--size", str(volume_size), *create_args)
 
-    def set_config(self, **settings) -> None:
-        """Settings of the volume's config.json that `lsbd create` has no
-        option for (before the server starts)."""
-        path = os.path.join(self.store_dir, "volumes", "bench", "config.json")
-        with open(path) as f:
-            config = json.load(f)
-        config.update(settings)
-        with open(path, "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
-
     def base(self) -> list[str]:
         return [sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{self.store_dir}",
                 "--cache-dir", self.cache]
@@ -340,8 +330,6 @@ def run(args) -> dict:
           f"; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     lsbd = Lsbd(workdir, volume_size, args.create.split())
-    if args.sort_at_seal:
-        lsbd.set_config(sort_at_seal=True)
     try:
         drop_page_cache()
         lsbd.start()
@@ -436,16 +424,6 @@ def run(args) -> dict:
     return out
 
 
-def sorted_segments(lsbd: Lsbd) -> dict:
-    """How many of the segments sealed by the running server were sorted
-    by block when sealed (lsbd/segments/sortseal.py)."""
-    st = lsbd.stats()
-    out = {"sealed": st.get("segments_sealed", 0), "sorted": st.get("segments_sorted", 0)}
-    print(f"  segments sealed {out['sealed']}, sorted by block when sealed {out['sorted']}",
-          flush=True)
-    return out
-
-
 def run_frag(args) -> dict:
     """--only-frag: the fill and the frag phase alone, lsbd then nbdkit."""
     volume_size = parse_size(args.volume_size)
@@ -457,8 +435,6 @@ def run_frag(args) -> dict:
           f"{args.create or 'defaults'}), region {human(region)}; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     lsbd = Lsbd(workdir, volume_size, args.create.split())
-    if args.sort_at_seal:
-        lsbd.set_config(sort_at_seal=True)
     try:
         drop_page_cache()
         lsbd.start()
@@ -468,7 +444,6 @@ def run_frag(args) -> dict:
         print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
               f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
               f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
-        out["lsbd_segments"] = sorted_segments(lsbd)
         lsbd.stop()
         if not args.skip_nbdkit:
             drop_page_cache()
@@ -529,9 +504,6 @@ def main() -> int:
     ap.add_argument("--create", default="", metavar="ARGS",
                     help="more arguments for lsbd create, e.g. '--compress none'")
     ap.add_argument("--skip-nbdkit", action="store_true", help="no nbdkit comparison")
-    ap.add_argument("--sort-at-seal", action="store_true",
-                    help="the volume sorts segments of random writes by block when sealing them "
-                         "(config.json sort_at_seal, off by default)")
     ap.add_argument("--only-frag", action="store_true",
                     help="only the fill and the frag phase (sequential reads after random "
                          "writes), against nbdkit")

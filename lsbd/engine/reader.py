@@ -213,23 +213,23 @@ class Reader:
 
     def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:
         st = self.st
-        lba, n, source, off, crcs = run
+        _lba, n, source, off, crcs = run
         if source is None:
             return bytes(n * st.block_size) if n > 1 else st.zero_block
         if crcs is not None:
-            return self._read_journal(lba, source, off, n, crcs, nowait)
+            return self._read_journal(source, off, n, crcs, nowait)
         return st.files.read_blocks(source, off, n, nowait=nowait, sequential=sequential)
 
-    def _read_journal(self, lba: int, seq: int, offset: int, n: int, crcs: list[int],
+    def _read_journal(self, seq: int, offset: int, n: int, crcs: list[int],
                       nowait: bool) -> bytes:
         """Blocks of a journal (the open segment, or one sealed but not yet in
         the map), checked against the CRCs of its in-memory index."""
         st = self.st
         for attempt in (1, 2):
+            data = st.files.read_journal(seq, offset, n * st.block_size, nowait=nowait)
+            if data is None:  # sealed, uploaded and evicted meanwhile
+                return st.files.read_blocks(seq, offset, n, nowait=nowait)
             try:
-                data = st.files.read_journal(seq, offset, n * st.block_size, nowait=nowait)
-                if data is None:  # sealed, uploaded and evicted meanwhile
-                    return st.files.read_blocks(seq, offset, n, nowait=nowait)
                 check_open_blocks(data, crcs, st.block_size, where=st.lineage.segment_key(seq),
                                   offset=offset)
                 return data
@@ -237,15 +237,8 @@ class Reader:
                 if attempt == 2:
                     raise
                 # A descriptor opened just before a new file took the name (an
-                # encrypted journal given a new key, a segment sorted when
-                # sealed, lsbd.segments.sortseal): read the file now there, at
-                # the blocks' offsets now.
+                # encrypted journal given a new key): read the file now there.
                 st.files.drop_file(seq)
-                with st.lock:
-                    st.check_open()
-                    runs = self.plan(lba, n)
-                if runs != [(lba, n, seq, offset, crcs)]:
-                    return self.read_runs(runs, nowait)
         raise AssertionError("unreachable")
 
     def read_locked(self, lba: int, n: int, nowait: bool = False) -> bytes:

@@ -6,36 +6,22 @@ wait for the store."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
 import threading
-
-from lsbd import fileio
 
 from lsbd.engine.state import VolumeState
 from lsbd.errors import StoreError
-from lsbd.format.segment import encode_trailer, masked_crc
+from lsbd.format.segment import encode_trailer
 from lsbd.map.blockmap import PENDING, STORED
 from lsbd.segments.journal import OpenSegment
-from lsbd.segments.sortseal import (
-    SORT_SUFFIX,
-    looks_random,
-    sort_plan,
-    sorted_blocks,
-    write_sorted,
-)
 from lsbd.segments.remote import segment_info
 
 log = logging.getLogger(__name__)
 
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
-MAP_ROOM_RETRY = 0.25
-#: A full segment waits for the sort of the one before it until it is this
-#: many times its size; then it seals and that one keeps its layout.
-SORT_WAIT_GROWTH = 2         # seconds between tries of a map commit that found the disk full
+MAP_ROOM_RETRY = 0.25         # seconds between tries of a map commit that found the disk full
 
 
 class Sealer:
@@ -59,13 +45,8 @@ class Sealer:
             seg.discard()
             st.open = None
             return
-        # Its trailer names the one before as it is now: a sort of that one
-        # not done yet is called off (_sort below).  Never waited for here:
-        # a caller may hold what the sealer needs to get there.
-        st.sorting = 0
         seg.seal(st.size, st.prev_crc)
         st.open = None
-        st.seal_when_sorted = False
         st.prev_crc = seg.trailer_crc
         st.stats["segments_sealed"] += 1
         if self.thread is None:      # opening (journal replay): no sealer yet
@@ -73,24 +54,12 @@ class Sealer:
             self.apply_sealed(seg.seq, seg.trailer, seg.records, state=PENDING)
             return
         st.sealing.append(seg)
-        if st.files.keys is None and st.config.sort_at_seal and not seg.ranges \
-                and looks_random(seg.records):
-            st.sorting = seg.seq     # the next seal waits for its sort
         st.sealing_changed.notify_all()
 
     def seal_full(self) -> None:
         """Seal the open segment, which is full (under the lock), then wait
         while the sealer is far behind (back-pressure)."""
         st = self.st
-        if st.sorting:
-            seg = st.open
-            if seg is not None and seg.end < SORT_WAIT_GROWTH * st.config.segment_size:
-                # Its trailer waits for the sort of the one before (seal):
-                # the sealer seals it then, so that no writer (perhaps on a
-                # front end's event loop) waits; it grows meanwhile.
-                st.seal_when_sorted = True
-                return
-            st.sorting = 0     # the sealer is too far behind: that one keeps its layout
         self.seal()
         while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping:
             st.sealing_changed.wait()
@@ -131,7 +100,6 @@ class Sealer:
                 seg = st.sealing[0]
             try:
                 seg.finish()
-                self._sort(seg)
                 if not self._apply_when_room(seg):
                     return
             except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
@@ -145,70 +113,6 @@ class Sealer:
                 st.sealing_changed.notify_all()
             if st.uploader is not None:
                 st.uploader.submit(seg.seq)
-
-    def _sort(self, seg: OpenSegment) -> None:
-        """Lay a sealed segment of random writes out again in block order
-        (lsbd.segments.sortseal), before the map names it, if seal() chose
-        it and it gains from it.  The next segment's trailer names this
-        one's, which the new layout changes: once full, it waits to seal
-        until this is done (seal_full above); any other seal (a flush, a
-        checkpoint, the timer), or one that has grown to twice its size,
-        goes ahead and this one keeps its layout.  Not on an encrypted cache
-        dir (each file would be encrypted again)."""
-        st = self.st
-        if st.sorting != seg.seq:
-            return
-        try:
-            keep = sort_plan(seg.records)
-            if keep is not None and not self.abandoned:
-                self._sort_locked_out(seg, keep)
-        finally:
-            with st.lock:
-                if st.sorting == seg.seq:
-                    st.sorting = 0
-                if st.seal_when_sorted:
-                    st.seal_when_sorted = False
-                    if st.failed is None and not self.stopping:
-                        self.seal()
-                st.sealing_changed.notify_all()
-
-    def _sort_locked_out(self, seg: OpenSegment, keep: list[int]) -> None:
-        """_sort, while the next segment waits to seal."""
-        st = self.st
-        assert seg.trailer is not None
-        path = st.files.path(seg.seq)
-        tmp = path + SORT_SUFFIX
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                trailer, records, raw = write_sorted(fd, tmp, seg.records, keep, seg.trailer,
-                                                     st.block_size)
-            finally:
-                os.close(fd)
-            blocks = sorted_blocks(seg.blocks, seg.records, records, keep, st.block_size)
-        except (OSError, ValueError) as e:
-            # The segment as sealed is whole and valid: only slower to read.
-            log.warning("volume %s: segment %d keeps its layout: %s", st.name, seg.seq, e)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return
-        with st.lock:
-            if st.sorting != seg.seq or st.prev_crc != seg.trailer_crc or self.abandoned:
-                os.unlink(tmp)        # a later segment names this one's trailer as sealed
-                return
-            os.replace(tmp, path)
-            # From here the file is the new layout, whatever follows: readers
-            # that planned against the old one read it again (Reader).
-            st.files.drop_file(seg.seq)
-            seg.blocks = blocks
-            seg.records = records
-            seg.trailer = trailer
-            seg.trailer_crc = st.prev_crc = masked_crc(raw)
-            st.stats["segments_sorted"] += 1
-            # Durable before the next segment can seal naming it (under the lock).
-            fileio.fsync_dir(os.path.dirname(path))
 
     def _apply_when_room(self, seg: OpenSegment) -> bool:
         """Record a sealed segment in the map.  A full disk is no failure of

@@ -54,13 +54,11 @@ class VolumeState:
         self.last_checkpoint_time = time.monotonic()
         self.failed: BaseException | None = None
         self.closed = False
-        self.sorting = 0     # the seq of a sealed segment whose sort the next seal waits for
-        self.seal_when_sorted = False   # the open segment filled up meanwhile
         self.uploader: Uploader | None = None
         self.zero_block = bytes(self.block_size)
         self.zero_crc = crc32c_of(self.zero_block)
         self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
-                      "segments_sealed": 0, "segments_sorted": 0, "checkpoints": 0}
+                      "segments_sealed": 0, "checkpoints": 0}
 
     def check_range(self, offset: int, length: int, *, data: bool = True) -> None:
         """data=False: zeroes, trims and allocation queries, which move no

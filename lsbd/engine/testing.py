@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
-from lsbd.engine.sealer import MAX_SEALING, Sealer
+from lsbd.engine.sealer import MAX_SEALING
 from lsbd.engine.volume import Volume
 from lsbd.map.blockmap import STORED, SegmentInfo
 from lsbd.segments.journal import OpenSegment
@@ -176,28 +176,3 @@ def stop_read_defrag(vol: Volume) -> None:
     """No more read-directed defragmentation on this writer (relocations
     by hand only)."""
     vol._reader.close_defrag()
-
-
-def before_sealer_step(monkeypatch, step: str, call: Callable[[], None]) -> None:
-    """Have the sealer thread call call() before a step of each segment:
-    "sort" (sorting it, lsbd.segments.sortseal) or "apply" (the map taking
-    it).  monkeypatch: pytest's, which undoes it."""
-    name = {"sort": "_sort", "apply": "_apply_when_room"}[step]
-    real = getattr(Sealer, name)
-
-    def held(self, seg):
-        call()
-        return real(self, seg)
-
-    monkeypatch.setattr(Sealer, name, held)
-
-
-def plan_read(vol: Volume, first: int, n: int) -> list[tuple]:
-    """Where a read of blocks [first, first+n) would read them now."""
-    with vol._st.lock:
-        return vol._reader.plan(first, n)
-
-
-def read_planned(vol: Volume, runs: list[tuple]) -> bytes:
-    """Read what plan_read planned (perhaps a while ago)."""
-    return vol._reader.read_runs(runs)

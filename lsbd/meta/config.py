@@ -43,11 +43,6 @@ class VolumeConfig:
     # background (lsbd/engine/readdefrag.py); the old copies cost space
     # until compaction may reclaim them.
     read_defrag: bool = True
-    # A sealed segment of random writes is written again with its blocks in
-    # block order (lsbd/segments/sortseal.py), so that reading a range
-    # after random writes reads each segment's part of it in one go.  Off
-    # until measured to pay for its second write (docs/scale.md).
-    sort_at_seal: bool = False
     # A clone: {"volume": name, "volume_id": id, "seq": N}.  Seqs up to N are
     # the parent's segments (shared, never copied); the clone's own start at N+1.
     parent: dict | None = None

@@ -34,7 +34,6 @@ from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
 from lsbd.segments.held import HELD_BYTES, HeldSegments, write_direct
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
-from lsbd.segments.sortseal import SORT_SUFFIX
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.linux import disk_free
 from lsbd.store import Store
@@ -60,7 +59,7 @@ class LocalCopies:
         os.makedirs(folder, exist_ok=True)
         self.keys = keys     # an encrypted volume's: every file here is encrypted
         for name in os.listdir(folder):
-            if name.endswith((".rekey", ".part", SORT_SUFFIX)):   # left by a crash
+            if name.endswith((".rekey", ".part")):   # left by a crash
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
         # The cache also gives way to the disk: segments already in the

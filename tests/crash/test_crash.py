@@ -22,7 +22,7 @@ from engine_helpers import PYTHON, MiB, open_test_store, read_all, wipe
 from lsbd import names
 from lsbd.engine import sealer as sealer_mod
 from lsbd.meta.config import create_volume
-from lsbd.format.segment import DATA, RECORD, read_sealed_index
+from lsbd.format.segment import RECORD
 from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.names import cache_dir_for
@@ -128,11 +128,11 @@ def _run_and_kill(tmp_path, store_url: str, cache_root: str, seed: int,
     return acked, flushed
 
 
-def _new_volume(tmp_path, segment_size: int = SEGMENT_SIZE, **settings):
+def _new_volume(tmp_path):
     store_url = "file://" + str(tmp_path / "store")
     store = open_test_store(store_url)
-    create_volume(store, "vol", VOLUME_SIZE, segment_size=segment_size, seal_interval=0.3,
-                  checkpoint_segments=8, **settings)
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
+                  checkpoint_segments=8)
     return store_url, store
 
 
@@ -184,34 +184,6 @@ def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | Non
 @pytest.mark.parametrize("seed", range(20))
 def test_sigkill_under_load_leaves_a_prefix_with_every_flushed_write(tmp_path, seed):
     _check_crash(tmp_path, seed, lose_cache=False)
-
-
-@pytest.mark.parametrize("seed,lose_cache", [(500, False), (501, False), (502, False),
-                                             (503, True), (504, False)])
-def test_sigkill_while_segments_are_sorted_leaves_a_prefix(tmp_path, seed, lose_cache):
-    """Random one-block writes: most segments are written again sorted by
-    block as they are sealed (lsbd/segments/sortseal.py), so the kill often
-    finds a sort under way or a sorted segment not yet in the map."""
-    volume = _new_volume(tmp_path, segment_size=MiB, sort_at_seal=True)
-    try:
-        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=volume)
-        assert _sorted_segments(tmp_path / "store" / "volumes" / "vol" / "seg"), \
-            "the test should have segments sorted when sealed"
-    finally:
-        volume[1].close()
-
-
-def _sorted_segments(folder) -> int:
-    """Segments whose records lie in the body by block but were not written so."""
-    count = 0
-    for name in os.listdir(folder):
-        _trailer, all_records = read_sealed_index(str(folder / name), where=name)
-        records = [r for r in all_records if r.kind == DATA]
-        lbas = [r.lba for r in records]
-        by_place = [r.lba for r in sorted(records, key=lambda r: r.data_offset)]
-        if len(records) >= 16 and lbas != sorted(lbas) and by_place == sorted(lbas):
-            count += 1
-    return count
 
 
 @pytest.mark.parametrize("seed,flush_mode", [(100, "journal"), (101, "journal"), (102, "journal"),

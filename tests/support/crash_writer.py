@@ -72,20 +72,11 @@ def _piece(rng: random.Random, volume_blocks: int) -> Piece:
     return Piece(kind, lba, n)
 
 
-#: Seeds from here on write one random block per operation (some twice in a
-#: segment, some all zeros): the segments the engine sorts by block when it
-#: seals them (lsbd/segments/sortseal.py).
-SMALL_RANDOM_SEEDS = 500
-
-
 def operations(seed: int, volume_blocks: int, first: int = 1) -> Iterator[Op]:
     rng = random.Random(seed)
     index = first - 1
     while True:
         index += 1
-        if seed >= SMALL_RANDOM_SEEDS:
-            yield Op(index, (Piece(DATA, rng.randrange(HOT_BLOCKS // 4), 1),), rng.random() < 0.02)
-            continue
         count = rng.choice((2, 3)) if rng.random() < 0.12 else 1
         pieces = tuple(_piece(rng, volume_blocks) for _ in range(count))
         yield Op(index, pieces, rng.random() < 0.15)
