@@ -258,3 +258,44 @@ def test_large_and_small_reads_of_an_encrypted_file(tmp_path, nowait):
             assert bytes(f.read(n, lo, nowait)) == plain[lo:lo + n], (lo, n)
     finally:
         os.close(fd)
+
+
+def test_a_file_replaced_under_a_new_key_reads_with_its_own_cipher(tmp_path):
+    """An open descriptor keeps the cipher of the file it was opened on, and
+    one opened on the file that replaced it (rewrite(): a new file id, a
+    new key, perhaps the same descriptor number) reads with the new one:
+    no cipher is reused across files."""
+    from lsbd.segments.openfile import OpenFile
+
+    k = keys()
+    plain = os.urandom(64 * 1024)
+    path = str(tmp_path / "f.seg")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    localfile.write_new(fd, k.new_file(), plain)
+    old = OpenFile(localfile.reader_of(fd, k, where="f"))
+    assert old.read(BS, 40, False) == plain[40:40 + BS]
+    new_fd, _cipher = localfile.rewrite(path, old.reader, len(plain), k)
+    os.close(new_fd)
+    try:
+        with open(path, "rb") as f:
+            assert f.read(HEADER_SIZE)[12:28] != old.reader.cipher.file_id
+        new = OpenFile(localfile.open_reader(path, k, where="f"))
+        try:
+            for lo in (0, 40, 4096 + 7, len(plain) - BS):
+                assert new.read(BS, lo, False) == plain[lo:lo + BS], lo
+                assert old.read(BS, lo, False) == plain[lo:lo + BS], lo   # the unlinked file
+        finally:
+            os.close(new.fd)
+        os.close(fd)
+        # The same descriptor number on the replaced file: its own cipher.
+        again = OpenFile(localfile.open_reader(path, k, where="f"))
+        try:
+            assert again.read(BS, 40, False) == plain[40:40 + BS]
+        finally:
+            os.close(again.fd)
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
