@@ -313,11 +313,6 @@ class SealingStore(Store):
                 raise
             return self._get_range(key, sealing, start, length)
 
-    def get_stream(self, key: str):
-        if self.sealing(key) is None:
-            return self.inner.get_stream(key)
-        return super().get_stream(key)    # opened whole (frames are not streamed yet)
-
     def _get_range(self, key: str, sealing: VolumeSealing, start: int,
                    length: int | None) -> bytes:
         layout = self._layout(key, sealing)

@@ -309,12 +309,6 @@ class SegmentIndex:
         return sum(a.itemsize * len(a) for a in (self._starts, self._nblocks,
                                                  self._crc_starts, self._crcs)) + 256
 
-    def runs(self) -> list[tuple[int, int]]:
-        """(file offset, block count) of every data record, in file order."""
-        if self._ones:
-            return [(s, 1) for s in self._starts]
-        return list(zip(self._starts, self._nblocks))
-
     def crcs_for(self, offset: int, nblocks: int) -> array.array | None:
         """The plain CRCs of nblocks blocks from `offset` when they lie in one
         record (the usual case), else None."""

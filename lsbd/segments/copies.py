@@ -35,8 +35,6 @@ from lsbd.segments.held import HELD_BYTES, HeldSegments, write_direct
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_index_by_key
-from lsbd.segments.stream import BlockChecker, Stopped, Streaming, open_part, stream_into
-from lsbd.errors import CorruptionError
 from lsbd.linux import disk_free
 from lsbd.store import Store
 
@@ -93,7 +91,6 @@ class LocalCopies:
         self.on_stream: Callable[[int], None] | None = None
         self._unread: set[int] = set()    # fetched whole, not read since
         self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
-        self._streams: dict[int, Streaming] = {}   # fetches streaming into the folder
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
@@ -166,7 +163,7 @@ class LocalCopies:
         """Whether reads of `seq` are served from a local file (or from its
         fetched bytes while the file is written)."""
         with self._lock:
-            if seq in self._files or seq in self.held or seq in self._streams:
+            if seq in self._files or seq in self.held:
                 return True
         return os.path.exists(self.path(seq))
 
@@ -219,9 +216,6 @@ class LocalCopies:
         """Drop a local copy (the segment was deleted from the store)."""
         self.held.drop(seq)
         with self._lock:
-            st = self._streams.get(seq)
-            if st is not None:
-                st.dropped = True     # its fetch ends without installing it
             size = self._cached.pop(seq, None)
             if size is not None:
                 self._cached_bytes -= size
@@ -325,9 +319,6 @@ class LocalCopies:
         path = self.path(seq)
         if os.path.exists(path):
             return
-        if self.keys is None:
-            self._stream_whole(seq, ready)
-            return
         try:
             data = self.store.get(self.key_of(seq))
             if self._closed:
@@ -349,71 +340,6 @@ class LocalCopies:
                             self.forget(seq)
         except OSError as e:  # only a cache fill: reads go on remotely
             log.info("could not cache segment %s: %s", self.key_of(seq), e)
-
-    def _note_unread(self, seq: int) -> None:
-        if self.fetcher.take_mark(seq):
-            with self._lock:
-                self._unread.add(seq)
-                if len(self._unread) > _UNREAD_REMEMBERED:
-                    self._unread.clear()
-
-    def _stream_whole(self, seq: int, ready: Callable[[], None] | None) -> None:
-        """Fetch `seq` whole, streaming it into the cache dir
-        (lsbd.segments.stream); ready(): reads can wait for their bytes."""
-        key = self.key_of(seq)
-        tmp = self.path(seq) + ".part"
-        pieces = None
-        try:
-            # The index first (most often cached already), in this thread: the
-            # pool of ranged reads may be full of reads waiting for fetches.
-            idx = self._remote_index(seq)
-            size, pieces = self.store.get_stream(key)
-            with self._folder_lock:
-                if self._closed or disk_free(self.folder) < size + self.keep_free:
-                    return    # a read cache never takes the room writes need
-                wfd, direct = open_part(tmp)
-                try:
-                    st = Streaming(os.open(tmp, os.O_RDONLY), size)
-                except BaseException:
-                    os.close(wfd)
-                    raise
-            installed = False
-            try:
-                with self._lock:
-                    self._streams[seq] = st
-                self._note_unread(seq)
-                if ready is not None:
-                    ready()
-                stream_into(wfd, direct, pieces, size, BlockChecker(idx, self.block_size, key),
-                            st.advance, lambda: self._closed or st.dropped)
-                # The object's own index (and trailer) as the store has it.
-                read_sealed_index_from(lambda n, off: st.pread(n, off) or b"", size,
-                                       where=key)
-                with self._folder_lock:
-                    if not self._closed and not st.dropped:
-                        os.replace(tmp, self.path(seq))
-                        self._adopt_locked(seq)
-                        installed = True
-            finally:
-                os.close(wfd)
-                with self._lock:
-                    self._streams.pop(seq, None)
-                st.end()
-                if not installed:
-                    with self._folder_lock:
-                        if not self._closed:
-                            with contextlib.suppress(OSError):
-                                os.unlink(tmp)
-        except Stopped:
-            pass
-        except CorruptionError as e:   # never kept; reads go to the store
-            log.warning("segment %s: a fetched copy failed its check (%s): not kept", key, e)
-        except OSError as e:  # only a cache fill: reads go on remotely
-            log.info("could not cache segment %s: %s", key, e)
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
 
     def _install(self, seq: int, data: bytes) -> None:
         """Write a fetched segment into the cache dir (through a .part file,

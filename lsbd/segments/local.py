@@ -19,7 +19,6 @@ import logging
 from lsbd.format.segment import SegmentIndex, read_sealed_index_from
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import LocalCopies
-from lsbd.segments.fetch import WAIT_FOR_FETCH
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.spans import Bytes, coalesce, split_span, will_need
 from lsbd.segments.remote import fetch_index_by_key
@@ -53,12 +52,6 @@ class SegmentFiles(LocalCopies):
         nowait: raise WouldBlock rather than read from the store.  sequential:
         the read continues the previous one (lsbd.segments.fetch)."""
         length = nblocks * self.block_size
-        if self._streams and seq in self._streams:
-            data = self._read_streaming(seq, offset, nblocks, nowait)
-            if data is not None:
-                if self._unread and self._first_read(seq):
-                    self._streaming(seq)
-                return data
         if self.held and seq in self.held:
             data = self._read_held(seq, offset, nblocks, nowait)
             if data is not None:
@@ -76,9 +69,7 @@ class SegmentFiles(LocalCopies):
                 raise WouldBlock(f"segment {seq} is not cached locally")
             data = None
             if self.fetcher.wait_if_fetching(seq):   # for its bytes, not its copy
-                data = self._read_streaming(seq, offset, nblocks)
-                if data is None:
-                    data = self._read_held(seq, offset, nblocks)
+                data = self._read_held(seq, offset, nblocks)
             if data is None:
                 f = self._acquire(seq)      # a fetch that ended just now, or failed
             if data is not None or f is not None:
@@ -129,8 +120,8 @@ class SegmentFiles(LocalCopies):
         out: dict[tuple[int, int], Bytes] = {}
         try:
             for seq, pieces in groups.items():
-                if seq in self.held or seq in self._streams:
-                    continue     # read from memory, or as it streams, by read_blocks
+                if seq in self.held:
+                    continue     # read from memory by read_blocks
                 try:
                     f = self._acquire(seq)
                 except CorruptionError:
@@ -168,31 +159,6 @@ class SegmentFiles(LocalCopies):
         finally:
             for _seq, f, _spans in held:
                 self._release(f)
-
-    def _read_streaming(self, seq: int, offset: int, nblocks: int,
-                        nowait: bool = False) -> bytes | None:
-        """Blocks of a segment streaming into the cache dir, from its .part
-        file once they are there, checked; None if it is not streaming (or
-        ended short: the caller reads the file, or the store)."""
-        with self._lock:
-            st = self._streams.get(seq)
-        if st is None:
-            return None
-        length = nblocks * self.block_size
-        if not st.wait_for(offset + length, WAIT_FOR_FETCH, nowait):
-            if nowait:
-                raise WouldBlock(f"segment {seq} is still streaming")
-            return None
-        data = st.pread(length, offset, nowait)
-        if data is None:
-            return None
-        try:
-            self._check(seq, self._remote_index(seq), offset, data, nblocks)
-            return data
-        except CorruptionError as e:
-            if nowait:
-                raise WouldBlock(f"segment {seq}: the fetched copy is damaged") from None
-            return self._read_after_bad_fetch(seq, offset, nblocks, e)
 
     def _read_held(self, seq: int, offset: int, nblocks: int,
                    nowait: bool = False) -> bytes | None:

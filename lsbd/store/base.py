@@ -49,13 +49,6 @@ class Store(abc.ABC):
         a range past the end is cut short, as with a file read.
         start < 0: the last -start bytes (length must be None)."""
 
-    def get_stream(self, key: str) -> tuple[int, Iterator[bytes]]:
-        """A whole object as (its size, its bytes in pieces, in order), for a
-        reader that need not hold it all at once.  Here one piece; a store
-        that can read an answer bit by bit gives smaller ones."""
-        data = self.get(key)
-        return len(data), iter((data,))
-
     def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
         """The last `n` bytes of an object (all of it when shorter).
         stored_size: the object's size as a listing gives it, when known:

@@ -171,28 +171,6 @@ class FaultyStore(Store):
             data = bytes(damaged)
         return data
 
-    def get_stream(self, key: str):
-        """Counted as a get; corrupt_next_get flips the bit in the middle of
-        the object, in whichever piece holds it."""
-        size, pieces = self._run("get", key, lambda: self.inner.get_stream(key))
-        with self._lock:
-            corrupt = self._corrupt_gets > 0 and size > 0 and key.startswith(self._corrupt_prefix)
-            if corrupt:
-                self._corrupt_gets -= 1
-
-        def counted() -> Iterator[bytes]:
-            at = 0
-            for piece in pieces:
-                with self._lock:
-                    self.bytes_got += len(piece)
-                if corrupt and at <= size // 2 < at + len(piece):
-                    damaged = bytearray(piece)
-                    damaged[size // 2 - at] ^= 0x01
-                    piece = bytes(damaged)
-                at += len(piece)
-                yield piece
-        return size, counted()
-
     def head(self, key: str) -> int:
         return self._run("head", key, lambda: self.inner.head(key))
 

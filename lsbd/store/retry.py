@@ -115,11 +115,6 @@ class RetryingStore(Store):
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, start, length))
 
-    def get_stream(self, key: str):
-        # Only the request is retried: a stream that breaks half-way is the
-        # reader's to give up (a whole-segment fetch is only a cache fill).
-        return self._call(f"get {key}", lambda: self.inner.get_stream(key))
-
     def head(self, key: str) -> int:
         return self._call(f"head {key}", lambda: self.inner.head(key))
 

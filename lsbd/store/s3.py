@@ -97,7 +97,6 @@ CONNECT_TIMEOUT = 5.0
 #: The scratch key of the conditional-write probe (outside volumes/).
 PROBE_KEY = ".lsbd-probe/conditional-create"
 READ_TIMEOUT = 60.0
-STREAM_PIECE = 1 << 21     # bytes of a streamed answer read at a time
 
 
 class S3Store(Store):
@@ -298,33 +297,6 @@ class S3Store(Store):
         # A server that will not give the range at all: the whole object.
         data, _at, _total = self._get_range(key, None)
         return data[want_start:want_end]
-
-    def get_stream(self, key: str):
-        """See Store.get_stream: the answer's body read STREAM_PIECE bytes at
-        a time, so a whole segment is never in memory at once."""
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:
-            raise self._error(e, "get", key) from e
-        size = int(response.get("ContentLength") or 0)
-        body = response["Body"]
-
-        def pieces() -> Iterator[bytes]:
-            got = 0
-            try:
-                while got < size:
-                    try:
-                        piece = body.read(min(STREAM_PIECE, size - got))
-                    except Exception as e:
-                        raise self._error(e, "get", key) from e
-                    if not piece:
-                        raise TransientStoreError(f"S3 get {key} in {self._where()}: the "
-                                                  f"answer ended after {got} of {size} bytes")
-                    got += len(piece)
-                    yield piece
-            finally:
-                body.close()
-        return size, pieces()
 
     def _get_range(self, key: str, byte_range: str | None) -> tuple[bytes, int, int | None]:
         """One GET: (the bytes, the object offset they start at, the object's

@@ -193,168 +193,106 @@ def test_segments_fetched_ahead_are_bounded_by_the_cache():
     assert segments_ahead(32 * MiB, 32 * MiB) == 1
 
 
-PIECE = 64 * 1024
-
-
-def _small_pieces(monkeypatch):
-    """Stream in 64 KiB pieces, so a 1 MiB segment is many of them."""
-    import lsbd.segments.stream
-    import lsbd.store.s3
-
-    monkeypatch.setattr(lsbd.store.s3, "STREAM_PIECE", PIECE)
-    monkeypatch.setattr(lsbd.segments.stream, "CHUNK", PIECE)
-
-
-def _gate_streams(store, monkeypatch, after: int):
-    """Make every streamed GET stop after its first `after` bytes until
-    `release` is set; `reached` counts the streams stopped there."""
+def _hold_installs(files, monkeypatch):
+    """Make every install of a fetched segment into the cache dir wait for
+    `release`; `writing` counts the installs waiting."""
     import threading
 
     release = threading.Event()
-    reached = threading.Semaphore(0)
-    get_stream = store.get_stream
+    writing = threading.Semaphore(0)
+    install = files._install
 
-    def gated(key):
-        size, pieces = get_stream(key)
+    def held(seq, data):
+        writing.release()
+        assert release.wait(60)
+        install(seq, data)
 
-        def stopping():
-            at = 0
-            for piece in pieces:
-                if at == after:
-                    reached.release()
-                    assert release.wait(60)
-                at += len(piece)
-                yield piece
-        return size, stopping()
-
-    monkeypatch.setattr(store, "get_stream", gated)
-    return release, reached
+    monkeypatch.setattr(files, "_install", held)
+    return release, writing
 
 
-def _segment_of(vol, lba):
-    seq = vol.map_extents(lba, 1)[0].seq
-    return seq, sorted(vol.extents_in({seq}), key=lambda e: e.offset)
-
-
-def test_a_fetch_streams_into_the_cache_dir_holding_only_a_few_pieces(
+def test_a_read_is_served_from_the_fetched_bytes_before_they_are_in_the_cache_dir(
         written, tmp_path, monkeypatch):
-    """A whole-segment fetch never holds the segment: the S3 answer comes
-    in pieces, the stream checks and writes them with allocations far below
-    the segment's size, and the copy it leaves in the cache dir is right."""
-    import tracemalloc
-
-    from lsbd.segments.stream import BlockChecker, open_part, stream_into
-
-    _small_pieces(monkeypatch)
+    """Writing a fetched segment into the cache dir can be slow (new
+    page-cache pages on a virtual machine): readers never wait for it."""
     store, expected = written
     vol = _reader(store, tmp_path)
     files = testing.local_files(vol)
+    release, writing = _hold_installs(files, monkeypatch)
     try:
-        seq, ext = _segment_of(vol, 2 * SEGMENT // BS)
-        key = names.segment_key("vol", seq)
-        size, pieces = store.get_stream(key)
-        pieces = list(pieces)
-        assert size > SEGMENT and len(pieces) > 8 and max(map(len, pieces)) <= PIECE
-        idx = files._remote_index(seq)
-        # The stream's own allocations (the S3 server runs in this process,
-        # and the pieces are already here).
-        # The least of three runs: another thread may allocate meanwhile.
-        peaks = []
-        for _ in range(3):
-            fd, direct = open_part(str(tmp_path / "seg.part"))
-            tracemalloc.start()
-            try:
-                stream_into(fd, direct, iter(pieces), size, BlockChecker(idx, BS, key),
-                            lambda n: None, lambda: False)
-                peaks.append(tracemalloc.get_traced_memory()[1])
-            finally:
-                tracemalloc.stop()
-                os.close(fd)
-        peak = min(peaks)
-        assert peak < 4 * PIECE, f"peak allocation {peak} for a {size}-byte segment"
-        with open(tmp_path / "seg.part", "rb") as f:
-            assert f.read() == b"".join(pieces)
-        files.prefetch(seq).result(30)
-        assert os.path.exists(files.path(seq))
-        assert not os.path.exists(files.path(seq) + ".part")
-        watch = store.fail("get", key_prefix=key, after=10**9)
-        for e in ext:
-            assert vol.read(e.lba * BS, e.nblocks * BS) == \
-                expected[e.lba * BS:(e.lba + e.nblocks) * BS]
-        assert watch.seen == 0, "read from the cache dir"
-    finally:
-        vol.close()
-
-
-def test_reads_during_a_stream_wait_only_for_their_own_bytes(written, tmp_path, monkeypatch):
-    """While a segment streams in, a read of bytes already here is served
-    from the .part file, checked, with no GET; a read of bytes still to
-    come waits for them (nowait: WouldBlock), and is right once they come."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lsbd.errors import WouldBlock
-
-    _small_pieces(monkeypatch)
-    store, expected = written
-    vol = _reader(store, tmp_path)
-    files = testing.local_files(vol)
-    release, reached = _gate_streams(store, monkeypatch, SEGMENT // 2)
-    try:
-        seq, ext = _segment_of(vol, 2 * SEGMENT // BS)
+        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
         fut = files.prefetch(seq)
-        assert reached.acquire(timeout=30), "the stream reached its middle"
+        assert writing.acquire(timeout=30), "the fetch reached its install"
+        ext = vol.extents_in({seq})
         watch = store.fail("get", key_prefix=names.segment_key("vol", seq), after=10**9)
-        early = [e for e in ext if e.offset + e.nblocks * BS <= SEGMENT // 2]
-        late = [e for e in ext if e.offset >= SEGMENT // 2 + PIECE]
-        assert early and late
-        for e in early:
-            assert vol.read(e.lba * BS, e.nblocks * BS) == \
-                expected[e.lba * BS:(e.lba + e.nblocks) * BS]
-        with pytest.raises(WouldBlock):
-            vol.read(late[0].lba * BS, BS, nowait=True)
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(vol.read, late[0].lba * BS, BS)
-            time.sleep(0.3)
-            assert not waiting.done(), "a read of bytes still to come waits for them"
-            assert not os.path.exists(files.path(seq)), "still streaming"
-            release.set()
-            assert waiting.result(30) == expected[late[0].lba * BS:(late[0].lba + 1) * BS]
-        for e in late:
-            assert vol.read(e.lba * BS, e.nblocks * BS) == \
-                expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        for e in ext:       # every block of it, from memory, checked, no GET of it
+            got = vol.read(e.lba * BS, e.nblocks * BS, nowait=True)
+            assert got == expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        assert watch.seen == 0
+        assert not os.path.exists(files.path(seq)), "the install is still held"
+        release.set()
         fut.result(30)
         assert os.path.exists(files.path(seq))
-        assert watch.seen == 0, "every read waited for the stream, none asked the store"
+        assert vol.read(ext[0].lba * BS, BS, nowait=True) == \
+            expected[ext[0].lba * BS:(ext[0].lba + 1) * BS]
+        assert watch.seen == 0
     finally:
         release.set()
         vol.close()
 
 
-def test_a_fetch_damaged_mid_stream_is_caught_and_never_cached(
-        written, tmp_path, monkeypatch, caplog):
-    """A bit flipped in the middle of a streamed GET: the fetch stops there
-    and leaves nothing in the cache dir (no segment file, no .part); reads
-    before, during and after it get the right bytes."""
-    _small_pieces(monkeypatch)
+def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch):
+    """However many segments are asked for, at most one per fetch in flight
+    is held in memory while its copy is written, and no more than the limit
+    (a quarter of the cache limit here) once the copies are in place."""
+    from lsbd.segments.fetch import FETCH_WORKERS
+
+    store, expected = written
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True,
+                      cache_limit=16 * SEGMENT)
+    files = testing.local_files(vol)
+    assert files.held.limit == 4 * SEGMENT
+    release, writing = _hold_installs(files, monkeypatch)
+    try:
+        futures = [files.prefetch(s) for s in sorted({e.seq for e in vol.extents()})]
+        assert len(futures) > 2 * FETCH_WORKERS
+        for _ in range(FETCH_WORKERS):
+            assert writing.acquire(timeout=30)
+        assert not writing.acquire(timeout=0.5), "no more fetches got their bytes"
+        assert files.held.nbytes <= FETCH_WORKERS * SEGMENT * 1.1
+        release.set()
+        for f in futures:
+            f.result(60)
+        assert 0 < files.held.nbytes <= files.held.limit
+        assert read_all(vol) == expected
+        assert files.held.nbytes <= files.held.limit
+    finally:
+        release.set()
+        vol.close()
+
+
+def test_a_damaged_fetch_is_caught_and_never_cached(written, tmp_path, monkeypatch, caplog):
+    """A bit flipped in a whole-segment GET: the read that meets it reads
+    the store's copy again and gets the right bytes, and the damaged copy
+    does not stay in the cache dir."""
     store, expected = written
     vol = _reader(store, tmp_path)
     files = testing.local_files(vol)
-    release, reached = _gate_streams(store, monkeypatch, SEGMENT // 4)
+    release, writing = _hold_installs(files, monkeypatch)
     try:
-        seq, ext = _segment_of(vol, 6 * SEGMENT // BS)
-        files._remote_index(seq)     # as the read that starts a fetch brings it
+        seq = vol.map_extents(6 * SEGMENT // BS, 1)[0].seq
         store.corrupt_next_get(1, key_prefix=names.segment_key("vol", seq))
         fut = files.prefetch(seq)
-        assert reached.acquire(timeout=30)
-        e = ext[0]
-        assert e.offset + BS <= SEGMENT // 4
-        assert vol.read(e.lba * BS, BS) == expected[e.lba * BS:(e.lba + 1) * BS]
+        assert writing.acquire(timeout=30)
+        ext = vol.extents_in({seq})
+        for e in ext:
+            got = vol.read(e.lba * BS, e.nblocks * BS)
+            assert got == expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        assert "failed its check" in caplog.text
         release.set()
         fut.result(30)
-        assert "failed its check" in caplog.text
         assert not os.path.exists(files.path(seq)), "the damaged copy was not kept"
-        assert not os.path.exists(files.path(seq) + ".part")
-        assert not files.is_local(seq)
+        assert seq not in files.held
         assert read_all(vol) == expected
     finally:
         release.set()
