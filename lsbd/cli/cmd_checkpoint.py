@@ -2,7 +2,6 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command
-from lsbd.service.writer import run_on_writer
 
 
 def register(sub) -> None:
@@ -17,6 +16,8 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
+    from lsbd.service.writer import run_on_writer
+
     outcome = run_on_writer(ctx.store, args.volume, {"op": "checkpoint"},
                             cache_root=ctx.cache_dir, break_lease=args.break_lease,
                             prepare=ctx.unlock)

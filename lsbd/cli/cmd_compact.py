@@ -3,9 +3,7 @@
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command
 from lsbd.cli.cmd_history import format_duration
-from lsbd.meta.config import load_config
 from lsbd.errors import UserError
-from lsbd.service.writer import ask_writer, run_on_writer
 
 
 def _fraction(text: str) -> float:
@@ -42,6 +40,9 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.service.writer import ask_writer, run_on_writer
+
     config = load_config(ctx.store, args.volume)
     request = {"op": "compact", "threshold": args.threshold, "dry_run": args.dry_run,
                "defrag": args.defrag}

@@ -3,12 +3,7 @@
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
 from lsbd.cli.cmd_history import format_duration, parse_duration
-from lsbd.cli.secrets import new_secret
-from lsbd.crypto import keyring as kr
-from lsbd.crypto import keystore
-from lsbd.crypto.aead import CIPHER_NAME, random_bytes
-from lsbd.crypto.compress import parse_setting
-from lsbd.meta.config import DEFAULT_BLOCK_SIZE, create_volume, parse_size
+from lsbd.meta.config import DEFAULT_BLOCK_SIZE
 from lsbd.errors import UserError, VolumeExists
 from lsbd.names import check_volume_name, config_key, keys_key
 
@@ -41,6 +36,12 @@ MAX_SEGMENT_SIZE = 4 << 30
 
 
 def run(args, ctx) -> int:
+    from lsbd.cli.secrets import new_secret
+    from lsbd.crypto import keystore, keyring as kr
+    from lsbd.crypto.aead import CIPHER_NAME, random_bytes
+    from lsbd.crypto.compress import parse_setting
+    from lsbd.meta.config import create_volume, parse_size
+
     segment_size = parse_size(args.segment_size)
     if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise UserError(f"bad segment size {args.segment_size!r}: from 64K to 4G")

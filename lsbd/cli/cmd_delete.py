@@ -2,7 +2,6 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
-from lsbd.service.volumes import delete_volume
 
 
 def register(sub) -> None:
@@ -15,6 +14,8 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
+    from lsbd.service.volumes import delete_volume
+
     with ui.count_progress(f"deleting {args.volume}") as update:
         count = delete_volume(ctx.store, args.volume, cache_root=ctx.cache_dir,
                               break_lease=args.break_lease, progress=update)

@@ -8,12 +8,6 @@ from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
 from lsbd.cli.points import add_point_args, resolve_args
 from lsbd.errors import UserError
-from lsbd.history.points import plan_restore_to, resolve_word
-from lsbd.history.report import log_rows, newest_seq
-from lsbd.history.restore import changed_between, create_clone, restore_volume
-from lsbd.meta.config import load_config, save_config
-from lsbd.plans.restore import format_time
-from lsbd.service.writer import ask_writer, run_on_writer_or_lease
 
 
 def register(sub) -> None:
@@ -84,6 +78,9 @@ def format_duration(seconds: float) -> str:
 
 
 def run_retain(args, ctx) -> int:
+    from lsbd.meta.config import load_config, save_config
+    from lsbd.service.writer import run_on_writer_or_lease
+
     load_config(ctx.store, args.volume)
     seconds = parse_duration(args.duration)
 
@@ -102,6 +99,10 @@ def run_retain(args, ctx) -> int:
 
 
 def run_log(args, ctx) -> int:
+    from lsbd.history.report import log_rows
+    from lsbd.meta.config import load_config
+    from lsbd.plans.restore import format_time
+
     config = load_config(ctx.store, args.volume)
     rows = log_rows(ctx.store, config)
     if args.json:
@@ -124,6 +125,10 @@ def run_log(args, ctx) -> int:
 
 
 def run_restore(args, ctx) -> int:
+    from lsbd.history.points import plan_restore_to
+    from lsbd.history.restore import restore_volume
+    from lsbd.meta.config import load_config
+
     store = ctx.store
     config = load_config(store, args.volume)
     target = resolve_args(store, config, args)
@@ -150,6 +155,11 @@ def run_restore(args, ctx) -> int:
 
 
 def run_clone(args, ctx) -> int:
+    from lsbd.history.report import newest_seq
+    from lsbd.history.restore import create_clone
+    from lsbd.meta.config import load_config
+    from lsbd.service.writer import ask_writer
+
     store = ctx.store
     config = load_config(store, args.volume)
     target = resolve_args(store, config, args)
@@ -169,6 +179,10 @@ def run_clone(args, ctx) -> int:
 
 
 def run_diff(args, ctx) -> int:
+    from lsbd.history.points import resolve_word
+    from lsbd.history.restore import changed_between
+    from lsbd.meta.config import load_config
+
     store = ctx.store
     config = load_config(store, args.volume)
     old = resolve_word(store, config, args.from_point)

@@ -3,12 +3,7 @@
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command, path_arg
 from lsbd.cli.points import add_point_args, resolve_args
-from lsbd.meta.config import load_config
-from lsbd.history.restore import changed_between
 from lsbd.errors import UserError
-from lsbd.history.points import resolve_word
-from lsbd.history.report import newest_seq
-from lsbd.service.images import export_changes, export_image, import_image
 
 
 def register(sub) -> None:
@@ -46,6 +41,9 @@ def register(sub) -> None:
 
 
 def run_import(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.service.images import import_image
+
     load_config(ctx.store, args.volume)
     with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol, \
             ui.byte_steps(f"importing into {vol.name}") as update:
@@ -57,6 +55,9 @@ def run_import(args, ctx) -> int:
 
 
 def run_export(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.service.images import export_image
+
     config = load_config(ctx.store, args.volume)
     target = resolve_args(ctx.store, config, args)
     if args.from_point is not None:
@@ -72,6 +73,11 @@ def run_export(args, ctx) -> int:
 def _export_changes(args, ctx, config, target: int | None) -> int:
     """Bring FILE, an image of the state at --from, up to the target state by
     writing only the block ranges that changed in between."""
+    from lsbd.history.points import resolve_word
+    from lsbd.history.report import newest_seq
+    from lsbd.history.restore import changed_between
+    from lsbd.service.images import export_changes
+
     store = ctx.store
     old = resolve_word(store, config, args.from_point)
     new = target if target is not None else newest_seq(store, config)

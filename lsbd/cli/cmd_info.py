@@ -6,7 +6,6 @@ from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
 from lsbd.cli.cmd_history import format_duration
-from lsbd.service.volumes import describe_volume
 
 UNKNOWN = "? (the store is unreachable)"
 
@@ -22,6 +21,8 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
+    from lsbd.service.volumes import describe_volume
+
     info = describe_volume(ctx.store, args.volume, cache_root=ctx.cache_dir)
     if args.json:
         ui.print_json(info)

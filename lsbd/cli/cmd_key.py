@@ -4,14 +4,14 @@ key files and data keys of an encrypted volume (docs/security.md)."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
-from lsbd.cli.secrets import new_secret
-from lsbd.crypto import keyring as kr
-from lsbd.crypto import keystore
-from lsbd.meta.config import Lineage, load_config
 from lsbd.errors import UserError
+
+if TYPE_CHECKING:
+    from lsbd.crypto import keyring as kr
 
 
 def register(sub) -> None:
@@ -51,6 +51,8 @@ def register(sub) -> None:
 
 
 def _encrypted(ctx, volume: str) -> None:
+    from lsbd.meta.config import load_config
+
     if not load_config(ctx.plain_store, volume).encryption:
         raise UserError(f"volume {volume} is not encrypted")
 
@@ -59,6 +61,9 @@ def _in_use(ctx, volume: str) -> dict[int, int]:
     """Key id -> objects sealed with it, in the volume and the volumes it
     was cloned from (a clone reads their older segments with its copy of
     their keys)."""
+    from lsbd.crypto import keystore
+    from lsbd.meta.config import Lineage, load_config
+
     counts: dict[int, int] = {}
     chain = Lineage.load(ctx.plain_store, load_config(ctx.plain_store, volume)).chain
     for config in chain:
@@ -68,10 +73,14 @@ def _in_use(ctx, volume: str) -> dict[int, int]:
 
 
 def _new(args) -> kr.Secret:
+    from lsbd.cli.secrets import new_secret
+
     return new_secret(key_file=args.new_key_file, passphrase_file=args.new_passphrase_file)
 
 
 def _save(ctx, volume: str, ring: kr.Keyring, message: str) -> int:
+    from lsbd.crypto import keystore
+
     keystore.save(ctx.plain_store, volume, ring)
     ui.done({"volume": volume, "slots": [s.number for s in ring.slots],
              "data_keys": [k.id for k in ring.keys], "current_key": ring.current}, message)
@@ -105,6 +114,8 @@ def run_list(args, ctx) -> int:
 
 
 def run_add(args, ctx) -> int:
+    from lsbd.crypto import keyring as kr
+
     _encrypted(ctx, args.volume)
     ring = ctx.keyring(args.volume)
     ring = kr.add_slot(ring, _new(args))
@@ -113,6 +124,8 @@ def run_add(args, ctx) -> int:
 
 
 def run_change(args, ctx) -> int:
+    from lsbd.crypto import keyring as kr
+
     _encrypted(ctx, args.volume)
     ring = ctx.keyring(args.volume)
     ring = kr.change_slot(ring, ring.opened_with, _new(args))
@@ -121,12 +134,16 @@ def run_change(args, ctx) -> int:
 
 
 def run_remove(args, ctx) -> int:
+    from lsbd.crypto import keyring as kr
+
     _encrypted(ctx, args.volume)
     ring = kr.remove_slot(ctx.keyring(args.volume), args.slot)
     return _save(ctx, args.volume, ring, f"removed key slot {args.slot} of {args.volume}")
 
 
 def run_rotate(args, ctx) -> int:
+    from lsbd.crypto import keyring as kr
+
     _encrypted(ctx, args.volume)
     ring = kr.rotate(ctx.keyring(args.volume))
     return _save(ctx, args.volume, ring,
@@ -135,6 +152,8 @@ def run_rotate(args, ctx) -> int:
 
 
 def run_retire(args, ctx) -> int:
+    from lsbd.crypto import keyring as kr
+
     _encrypted(ctx, args.volume)
     ring = kr.retire(ctx.keyring(args.volume), args.key_id)   # checks it is not current
     used = _in_use(ctx, args.volume).get(args.key_id, 0)

@@ -4,7 +4,6 @@ import time
 
 from lsbd.cli import ui
 from lsbd.cli.args import command
-from lsbd.service.volumes import list_volumes_now
 
 
 def register(sub) -> None:
@@ -16,6 +15,8 @@ def register(sub) -> None:
 def run(args, ctx) -> int:
     # A store that does not exist is an error (StoreNotFound, one line, exit
     # 1), not an empty list: the path may be mistyped, and nothing is created.
+    from lsbd.service.volumes import list_volumes_now
+
     rows = list_volumes_now(ctx.store, cache_root=ctx.cache_dir)
     if args.json:
         ui.print_json(rows)

@@ -15,7 +15,6 @@ from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, parse_seconds, writer_options
-from lsbd.service.serving import Point, open_devices
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +90,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:
     """VOLUME.img (the live volume, or its state at the point named) and,
     with --with-snapshots, snapshots/NAME.img for each snapshot."""
+    from lsbd.service.serving import Point, open_devices
     from lsbd_fuse.tree import Image
 
     point = Point(snapshot=args.snapshot, seq=args.seq, at=args.at)

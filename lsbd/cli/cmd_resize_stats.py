@@ -2,8 +2,6 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command
-from lsbd.meta.config import parse_size
-from lsbd.service.writer import run_on_writer
 
 
 def register(sub) -> None:
@@ -22,6 +20,9 @@ def register(sub) -> None:
 
 
 def run_resize(args, ctx) -> int:
+    from lsbd.meta.config import parse_size
+    from lsbd.service.writer import run_on_writer
+
     size = parse_size(args.size)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "resize", "size": size},
                             cache_root=ctx.cache_dir, break_lease=args.break_lease,
@@ -34,6 +35,8 @@ def run_resize(args, ctx) -> int:
 
 def run_stats(args, ctx) -> int:
     # The running writer first: it answers without the store.
+    from lsbd.service.writer import run_on_writer
+
     outcome = run_on_writer(ctx.store, args.volume, {"op": "stats"}, cache_root=ctx.cache_dir,
                             read_only=True, timeout=30,
                             prepare=ctx.unlock)

@@ -24,7 +24,6 @@ from lsbd.cli.args import command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
-from lsbd.service.serving import Point, open_devices
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -107,6 +106,8 @@ def nbd_uri(export: str, *, socket_path: str | None = None, host: str = DEFAULT_
 def open_exports(args: argparse.Namespace, ctx) -> dict:
     """Export name -> open volume: each volume (or its state at the point
     named), and with --with-snapshots each snapshot as VOLUME@NAME."""
+    from lsbd.service.serving import Point, open_devices
+
     devices = open_devices(ctx.store, args.volumes, cache_root=ctx.cache_dir,
                            point=Point(snapshot=args.snapshot, seq=args.seq, at=args.at),
                            read_only=args.read_only, break_lease=args.break_lease,

@@ -2,10 +2,6 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
-from lsbd.meta.config import load_config
-from lsbd.meta.snapshots import check_snapshot_name, delete_snapshot, list_snapshots
-from lsbd.plans.restore import format_time
-from lsbd.service.writer import run_on_writer, run_on_writer_or_lease
 
 
 def register(sub) -> None:
@@ -33,6 +29,10 @@ def register(sub) -> None:
 
 
 def run_create(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.meta.snapshots import check_snapshot_name
+    from lsbd.service.writer import run_on_writer
+
     check_snapshot_name(args.name)
     load_config(ctx.store, args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "snapshot", "name": args.name},
@@ -44,6 +44,10 @@ def run_create(args, ctx) -> int:
 
 
 def run_list(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.meta.snapshots import list_snapshots
+    from lsbd.plans.restore import format_time
+
     config = load_config(ctx.store, args.volume)
     snaps = list_snapshots(ctx.store, config)
     if args.json:
@@ -58,6 +62,10 @@ def run_list(args, ctx) -> int:
 
 
 def run_delete(args, ctx) -> int:
+    from lsbd.meta.config import load_config
+    from lsbd.meta.snapshots import delete_snapshot
+    from lsbd.service.writer import run_on_writer_or_lease
+
     config = load_config(ctx.store, args.volume)
     # Through the writer of a volume in use (it may be compacting by the
     # snapshots it knows), else holding the lease.

@@ -8,7 +8,13 @@ import math
 
 from lsbd.errors import UserError
 from lsbd.meta.config import FLUSH_MODES
-from lsbd.history.points import parse_seq, resolve
+
+
+def parse_seq(text: str) -> int:
+    # lsbd.history.points pulls in the engine: import it only when a seq is given.
+    from lsbd.history.points import parse_seq
+
+    return parse_seq(text)
 
 
 def add_point_args(parser, *, required: bool = False, what: str = "the state") -> None:
@@ -62,5 +68,7 @@ def parse_seconds(text: str, what: str = "timeout") -> float:
 
 
 def resolve_args(store, config, args) -> int | None:
+    from lsbd.history.points import resolve
+
     return resolve(store, config, snapshot=getattr(args, "snapshot", None),
                    seq=getattr(args, "seq", None), at=getattr(args, "at", None))

@@ -1,0 +1,60 @@
+"""Building the argument parser stays light (#17): `lsbd --help` and every
+`lsbd COMMAND --help` import no store client, no block map and no engine.
+Each command imports what it needs when it runs, so a command starts without
+paying for the others' libraries.  Run in a fresh interpreter, since the test
+process itself has imported everything."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lsbd.cli.main import build_parser
+
+HEAVY = ("boto3", "botocore", "lmdb", "cryptography", "zstandard",
+         "lsbd.engine", "lsbd.map", "lsbd.segments", "lsbd.history", "lsbd.service",
+         "lsbd.store.s3")
+
+PROBE = """
+import json, sys
+from lsbd.cli.main import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def loaded_by(*argvs: list[str]) -> list[str]:
+    """The heavy modules loaded after running these command lines."""
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)],
+                         check=True, capture_output=True, text=True).stdout
+    modules = json.loads(out.splitlines()[-1])
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+def commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+def test_commands_are_found():
+    assert {"create", "info", "mount", "serve", "key", "log"} <= set(commands())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["info", "--help"],
+                                  ["key", "add", "--help"]])
+def test_light_invocation_imports_no_heavy_module(argv):
+    assert loaded_by(argv) == []
+
+
+def test_no_command_help_imports_a_heavy_module():
+    assert loaded_by(*[[c, "--help"] for c in commands()]) == []
+
+
+def test_a_command_that_runs_does_import_what_it_needs(tmp_path):
+    # The probe can see heavy modules: `lsbd list` on a file store opens it.
+    assert "lsbd.service.volumes" in loaded_by(["--store", f"file://{tmp_path}", "list"])
