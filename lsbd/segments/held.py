@@ -26,6 +26,8 @@ import os
 import threading
 import time
 
+from lsbd import linux
+
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _ALIGN = 4096
 _CHUNK = 1 << 21
@@ -54,6 +56,7 @@ class HeldSegments:
         self._lock = threading.Lock()
         self._held: collections.OrderedDict[int, _Held] = collections.OrderedDict()
         self.nbytes = 0
+        self._timer = False     # a let_go_idle is due (one at a time)
 
     def __bool__(self) -> bool:
         return bool(self._held)
@@ -79,9 +82,7 @@ class HeldSegments:
             entry.installed = True
             entry.used = time.monotonic()
             self._trim_locked()
-        timer = threading.Timer(self.idle + 0.1, self.let_go_idle)
-        timer.daemon = True     # the tail: nothing else may come to trim it
-        timer.start()
+        self._let_go_later(self.idle)
         return True
 
     def get(self, seq: int) -> bytes | None:
@@ -100,9 +101,36 @@ class HeldSegments:
             return self._drop_locked(seq)
 
     def let_go_idle(self) -> None:
-        """Let go of the segments in the cache dir unused for `idle` seconds."""
+        """Let go of the segments in the cache dir unused for `idle` seconds,
+        and come back for those read since (a reader still going after the
+        last copy was installed keeps them in use past that copy's timer).
+
+        Once none is held, the C library is told to give its free memory
+        back: a serving process keeps up to 256 MiB of freed heap per heap
+        for its request buffers (lsbd.cli.context), and the whole-segment
+        buffers of a cold read (each fetch's body and its segment, 32 MiB
+        each) would otherwise stay in it, over 400 MiB of anonymous memory
+        after a cold read that ended."""
         with self._lock:
+            self._timer = False
             self._trim_locked()
+            empty = not self._held
+            due = min((e.used for e in self._held.values() if e.installed), default=None)
+        if due is not None:
+            self._let_go_later(due + self.idle - time.monotonic())
+        elif empty:
+            linux.malloc_trim()
+
+    def _let_go_later(self, delay: float) -> None:
+        """let_go_idle in `delay` seconds, unless one is due already (it
+        comes back for what is left)."""
+        with self._lock:
+            if self._timer:
+                return
+            self._timer = True
+        timer = threading.Timer(max(delay, 0.0) + 0.1, self.let_go_idle)
+        timer.daemon = True     # the tail: nothing else may come to trim it
+        timer.start()
 
     def clear(self) -> None:
         with self._lock:
