@@ -370,6 +370,12 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     if memory:
         out["server peak RSS MiB"] = memory["VmHWM"]
         out["server anon RSS MiB"] = memory["RssAnon"]
+        # ... and once the fetched segments held in memory are let go
+        # (lsbd.segments.held.IDLE after their last use).
+        time.sleep(6)
+        later = server_memory(subject.mnt)
+        if later:
+            out["server anon RSS MiB 6 s later"] = later["RssAnon"]
     out["requests (cold read)"] = moto.counts(reset=True)
     out["MiB down (cold read)"] = proxy.bytes_down / MiB
     sh("umount", fsdir)
@@ -412,7 +418,7 @@ def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
                 if base == "lsbd":
                     exe = os.path.join(checkout, ".venv", "bin", "lsbd") if checkout else LSBD
                     subject = LsbdSubject(work, endpoint, tuple(f"--{o}" for o in opts), exe,
-                                          other=len(results) if checkout else 0)
+                                          other=len(results) + 1 if checkout else 0)
                 else:
                     subject = S3backerSubject(work, endpoint)
                 results[name] = workflow(subject, src, work, moto, proxy, written,
@@ -439,7 +445,7 @@ def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
     for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)"):
         lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
-    for key in ("server peak RSS MiB", "server anon RSS MiB"):
+    for key in ("server peak RSS MiB", "server anon RSS MiB", "server anon RSS MiB 6 s later"):
         if key in a and key in b:
             lines.append(f"| {key} (cold read) | {a[key]:.0f} | {b[key]:.0f} | |")
     for key in ("requests (copy)", "requests (cold read)"):
