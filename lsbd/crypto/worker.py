@@ -33,8 +33,6 @@ started next time.
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 import pickle
 import signal
@@ -49,6 +47,7 @@ from lsbd.crypto import objects
 from lsbd.crypto.aead import Cipher, Stream
 from lsbd.crypto.compress import Compressor
 from lsbd.crypto.frames import Framer
+from lsbd.directio import DirectOutput, open_direct
 from lsbd.linux import unfilled_bytearray
 
 
@@ -85,14 +84,8 @@ def run(job: SealJob) -> int:
                     Compressor(job.level, threads=1) if job.level else None)
     src = os.open(job.source, os.O_RDONLY)
     try:
-        try:
-            dst = os.open(job.dest, os.O_WRONLY | _O_DIRECT)
-            out = DirectOutput(dst) if _O_DIRECT else None
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            dst = os.open(job.dest, os.O_WRONLY)    # a file system without O_DIRECT
-            out = None
+        dst, direct = open_direct(job.dest, os.O_WRONLY)
+        out = DirectOutput(dst) if direct else None
         try:
             def write(parts: list) -> None:
                 for i in range(0, len(parts), 1024):     # writev takes up to IOV_MAX
@@ -116,87 +109,6 @@ def run(job: SealJob) -> int:
     finally:
         os.close(src)
 
-
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-class DirectOutput:
-    """Writes a stream of buffers to a new file opened with O_DIRECT,
-    through one aligned buffer: the sealed object goes to the disk without
-    passing through the page cache.  Writing it there cost the sealing
-    process more than sealing (perf: 56% of its CPU in the kernel's copy
-    into new page-cache pages, on a virtual machine that backs each new
-    page lazily), for a copy nobody reads again on a file:// store (its
-    segment is read from the cache dir's own file)."""
-
-    ALIGN = 4096
-    SIZE = 1 << 21
-    #: reserve() gives at most this much: what is left after a flush.
-    MAX_RESERVE = SIZE - ALIGN
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self._buf = mmap.mmap(-1, self.SIZE)        # page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._buf)
-        self._pos = 0       # bytes staged in the buffer
-        self._offset = 0    # file offset of the buffer's first byte
-
-    def write(self, parts: list) -> None:
-        view, size = self._view, self.SIZE
-        for part in parts:
-            n = len(part)
-            if self._pos + n < size:
-                # The common case, a frame's header or body that fits: one
-                # copy and no more (a segment is 4,000 such parts, and the
-                # general loop below cost 5 of the 40 ms of sealing one).
-                view[self._pos:self._pos + n] = part
-                self._pos += n
-                continue
-            data = memoryview(part).cast("B")
-            while data:
-                n = min(len(data), size - self._pos)
-                view[self._pos:self._pos + n] = data[:n]
-                self._pos += n
-                data = data[n:]
-                if self._pos == size:
-                    self._flush()
-
-    def reserve(self, n: int) -> memoryview:
-        """The file's next n bytes (at most MAX_RESERVE), in the buffer: the
-        caller fills them before its next call."""
-        if self._pos + n > self.SIZE:
-            self._flush()
-        start = self._pos
-        self._pos += n
-        return self._view[start:start + n]
-
-    def _flush(self) -> None:
-        """Write the whole blocks staged; keep the rest at the buffer's start."""
-        whole = self._pos - self._pos % self.ALIGN
-        if whole:
-            self._write(whole)
-            rest = self._pos - whole
-            self._view[:rest] = self._view[whole:self._pos]
-            self._pos = rest
-
-    def _write(self, n: int) -> None:
-        done = os.pwrite(self.fd, self._view[:n], self._offset)
-        if done != n:
-            raise OSError(errno.ENOSPC, "short write of a sealed object (disk full?)")
-        self._offset += n
-
-    def finish(self) -> None:
-        """Write what is left, the last block padded, then cut the file to
-        the length written."""
-        self._flush()
-        end = self._offset + self._pos
-        if self._pos:
-            padded = -(-self._pos // self.ALIGN) * self.ALIGN
-            self._view[self._pos:padded] = bytes(padded - self._pos)
-            self._write(padded)
-            os.ftruncate(self.fd, end)
-        self._view.release()
-        self._buf.close()
 
 
 def source_reader(fd: int, key: bytes | None, base: int):

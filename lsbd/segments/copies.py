@@ -28,10 +28,11 @@ import resource
 import threading
 from typing import Callable
 
+from lsbd import directio
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
 from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
-from lsbd.segments.held import HELD_BYTES, HeldSegments, write_direct
+from lsbd.segments.held import HELD_BYTES, HeldSegments
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_index_by_key
@@ -357,7 +358,7 @@ class LocalCopies:
                     finally:
                         os.close(fd)
                 else:
-                    write_direct(tmp, data)
+                    directio.write_new(tmp, data)
                 os.replace(tmp, path)
             except OSError:
                 with contextlib.suppress(OSError):

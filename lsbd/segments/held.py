@@ -2,12 +2,10 @@
 
 A segment fetched whole for a reader (lsbd.segments.fetch) is read from
 its fetched bytes, not from the cache dir: the copy into the cache dir goes
-on beside the reads, and is written past the page cache (O_DIRECT), so the
-cold read of a volume takes no new page-cache pages for the cache dir.  On
-a virtual machine a new page costs far more than a reused one: writing
-13 x 32 MiB into new files took 3.8-4.0 s buffered against 0.5-0.9 s with
-O_DIRECT (a load of 7), and a reader on the same 2 cores waits for that
-CPU.  The image's page cache, in the kernel, holds what was read.
+on beside the reads, and is written past the page cache (lsbd.directio),
+so the cold read of a volume takes no new page-cache pages for the cache
+dir, and a reader on the same 2 cores does not wait for that CPU.  The
+image's page cache, in the kernel, holds what was read.
 
 Held bytes are bounded: once over the limit, segments already in the cache
 dir are let go, those read already first (least recently read first), then
@@ -20,17 +18,10 @@ none once its reader has moved on (its reads then go to the cache dir).
 from __future__ import annotations
 
 import collections
-import errno
-import mmap
-import os
 import threading
 import time
 
 from lsbd import linux
-
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-_ALIGN = 4096
-_CHUNK = 1 << 21
 
 #: Bytes of fetched segments held in memory (4 segments of the default size),
 #: beyond those whose copy into the cache dir is under way.
@@ -76,22 +67,20 @@ class HeldSegments:
         """Its copy is in the cache dir now; False if it is no longer held
         (a read found it damaged, or it was forgotten meanwhile)."""
         with self._lock:
-            entry = self._held.get(seq)
+            entry = self._touch_locked(seq)
             if entry is None:
                 return False
             entry.installed = True
-            entry.used = time.monotonic()
             self._trim_locked()
         self._let_go_later(self.idle)
         return True
 
     def get(self, seq: int) -> bytes | None:
         with self._lock:
-            entry = self._held.get(seq)
+            entry = self._touch_locked(seq)
             if entry is None:
                 return None
             entry.read = True
-            entry.used = time.monotonic()
             self._held.move_to_end(seq)
             return entry.data
 
@@ -137,6 +126,13 @@ class HeldSegments:
             self._held.clear()
             self.nbytes = 0
 
+    def _touch_locked(self, seq: int) -> _Held | None:
+        """The entry for `seq`, marked used now; None if not held."""
+        entry = self._held.get(seq)
+        if entry is not None:
+            entry.used = time.monotonic()
+        return entry
+
     def _drop_locked(self, seq: int) -> bool:
         entry = self._held.pop(seq, None)
         if entry is None:
@@ -155,38 +151,3 @@ class HeldSegments:
             if victim is None:
                 return      # every one is still being written: the fetches bound them
             self._drop_locked(victim)
-
-
-def write_direct(path: str, data: bytes) -> None:
-    """Write `data` to a new file at `path` past the page cache (O_DIRECT,
-    through one aligned buffer, the file then cut to its length); a plain
-    write where the file system refuses O_DIRECT."""
-    if _O_DIRECT:
-        try:
-            _write_direct(path, memoryview(data).cast("B"))
-            return
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _write_direct(path: str, view: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o666)
-    buf = mmap.mmap(-1, _CHUNK)          # page-aligned, as O_DIRECT needs
-    out = memoryview(buf)
-    try:
-        for pos in range(0, len(view), _CHUNK):
-            n = min(_CHUNK, len(view) - pos)
-            out[:n] = view[pos:pos + n]
-            padded = -(-n // _ALIGN) * _ALIGN
-            out[n:padded] = bytes(padded - n)
-            if os.pwrite(fd, out[:padded], pos) != padded:
-                raise OSError(errno.ENOSPC, "short write of a fetched segment (disk full?)")
-        if len(view) % _ALIGN:
-            os.ftruncate(fd, len(view))
-    finally:
-        out.release()
-        buf.close()
-        os.close(fd)

@@ -340,7 +340,7 @@ def test_sealed_objects_written_past_the_page_cache_read_back_whole(tmp_path):
     """The sealing process writes a sealed object through one aligned buffer
     with O_DIRECT: any length, in parts of any size, reads back exactly (the
     last block padded on the disk, then the file cut to its length)."""
-    from lsbd.crypto.worker import DirectOutput
+    from lsbd.directio import DirectOutput
 
     for total in (0, 1, 4095, 4096, 4097, DirectOutput.SIZE, 2 * DirectOutput.SIZE + 4100):
         data = os.urandom(total)
@@ -388,7 +388,7 @@ def test_frames_enciphered_in_place_are_the_same_bytes(tmp_path):
     (Framer.seal_to, DirectOutput.reserve): the object is byte for byte the
     one seal() makes, golden frame included, and opens."""
     from lsbd.crypto import objects
-    from lsbd.crypto.worker import DirectOutput
+    from lsbd.directio import DirectOutput
 
     cipher = object_cipher(KEY, volume_id=VOLUME_ID, name=NAME, object_id=OBJECT_ID)
     fixed = Framer(cipher, nonce=lambda n: bytes(range(0xa0, 0xa0 + n)))
