@@ -175,6 +175,10 @@ def _link_following(src: str, dest: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
+    # Not lsbd.fileio.fsync_dir: a file:// store stands for a remote store,
+    # whose durability is its own.  fileio holds the cache dir's durable
+    # points, which the power-cut tests replace; the store must go on
+    # answering through a simulated cut of the cache dir.
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
