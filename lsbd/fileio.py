@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+from lsbd import linux
+
 
 def fdatasync(fd: int) -> None:
     """Make a file's data (and its size) durable."""
@@ -36,11 +38,7 @@ def fsync(fd: int) -> None:
 
 def fsync_dir(path: str) -> None:
     """Make the names in a directory durable (a new file's, a removed one's)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    linux.sync_directory(path)
 
 
 def map_committed(path: str, env, synced: bool = False) -> None:

@@ -109,6 +109,16 @@ def reserve(fd: int, length: int) -> None:
             raise OSError(err, "no space left on the cache dir's disk")
 
 
+def sync_directory(path: str) -> None:
+    """fsync a directory, which makes the names in it durable (the standard
+    library syncs descriptors only)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def disk_free(path: str) -> int:
     """Bytes an unprivileged process may still write on the file system of `path`."""
     st = os.statvfs(path)

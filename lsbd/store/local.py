@@ -1,7 +1,12 @@
 """`file:///path`: a store in a local directory, one file per object.
 
 Puts are atomic and durable: write a temp file, fsync it, then rename (or
-link, for an exclusive create) it into place and fsync the directory."""
+link, for an exclusive create) it into place and fsync the directory.
+
+Its syncs are not lsbd.fileio's: a file:// store stands for a remote store,
+whose durability is its own.  fileio holds the cache dir's durable points,
+which the power-cut tests replace, and the store must go on answering
+through a simulated cut of the cache dir."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import os
 import tempfile
 from typing import Iterator
 
+from lsbd import linux
 from lsbd.errors import ObjectExists, ObjectNotFound, StoreError
 from lsbd.store.base import ObjectInfo, Store
 
@@ -52,7 +58,7 @@ class LocalStore(Store):
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            _fsync_dir(directory)
+            linux.sync_directory(directory)
         except ObjectExists:
             raise
         except OSError as e:
@@ -76,7 +82,7 @@ class LocalStore(Store):
             if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 return super().put_file(key, path, exclusive=exclusive)  # copy instead
             raise StoreError(f"put {key}: {e.strerror or e}", e.errno or errno.EIO) from e
-        _fsync_dir(directory)
+        linux.sync_directory(directory)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -170,17 +176,5 @@ def _link_following(src: str, dest: str) -> None:
     fd = os.open(os.path.dirname(dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.link(src, os.path.basename(dest), dst_dir_fd=fd, follow_symlinks=True)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    # Not lsbd.fileio.fsync_dir: a file:// store stands for a remote store,
-    # whose durability is its own.  fileio holds the cache dir's durable
-    # points, which the power-cut tests replace; the store must go on
-    # answering through a simulated cut of the cache dir.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

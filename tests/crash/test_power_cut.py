@@ -222,17 +222,22 @@ def test_a_flush_the_power_cut_overtakes_never_returns_success(tmp_path, store_u
             if flush_mode == "store":
                 remove_tree(cache)      # the cache dir lost: only the store counts
                 power.settle()
-            vol = Volume.open(store, "vol", cache_root=cache)
-            try:
-                data = vol.read(0, 16 * BS)
-            finally:
-                vol.close()
+            data = _read_after_open(store, cache, 16 * BS)
     finally:
         store.close()
     assert data[:8 * BS] == before, "a write flushed before the cut was lost"
     if "returned" in outcome:
         assert data[8 * BS:] == covered, \
             "the flush returned success, yet the write it covered is gone after the cut"
+
+
+def _read_after_open(store, cache: str, length: int) -> bytes:
+    """The volume's first `length` bytes, as the next open finds them."""
+    vol = Volume.open(store, "vol", cache_root=cache)
+    try:
+        return vol.read(0, length)
+    finally:
+        vol.close()
 
 
 @pytest.mark.parametrize("seed", [6, 7])
@@ -309,11 +314,7 @@ def test_a_discarded_journal_stays_discarded_after_the_next_cut(tmp_path, monkey
                 assert not os.path.exists(newer_path), "recovery discards the newer journal"
                 assert vol.read(0, 3 * BS) == a + bytes(2 * BS)
                 power.cut(vol.abandon)      # before anything is flushed
-            vol = Volume.open(store, "vol", cache_root=cache)
-            try:
-                data = vol.read(0, 3 * BS)
-            finally:
-                vol.close()
+            data = _read_after_open(store, cache, 3 * BS)
     finally:
         store.close()
     assert data == a + bytes(2 * BS), \
