@@ -236,7 +236,7 @@ class LsbdSubject:
         self.exe = exe      # another checkout's lsbd, to compare code in one run
         # each variant its own volume, so variants can share the bucket
         self.vol = "-".join(["vol", *(a.strip("-") for a in mount_args),
-                             *([f"other{other}"] if other else [])])
+                             *([f"other{other}"] if other else [])]).replace("=", "-")
         self.env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                         AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
         self.store = "s3://lsbd-bench/d"
@@ -488,7 +488,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--subjects", default="lsbd,s3backer",
                     help="which to run (comma-separated; the report needs s3backer); "
-                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io); "
+                         "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io, "
+                         "lsbd+readahead=4M); "
                          "lsbd@DIR runs the lsbd of the checkout DIR (its .venv)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

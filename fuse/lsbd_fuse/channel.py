@@ -82,6 +82,20 @@ def clone(fd: int) -> int:
     return new
 
 
+def set_readahead(major_minor: str, nbytes: int) -> None:
+    """Set the read-ahead of the FUSE mount whose device is `major_minor`
+    (its bdi, named by the superblock's device number).  Root only; raises
+    OSError."""
+    with open(f"/sys/class/bdi/{major_minor}/read_ahead_kb", "w") as f:
+        f.write(f"{max(nbytes // 1024, 0)}\n")
+
+
+def readahead_of(major_minor: str) -> int:
+    """The read-ahead of that mount, in bytes.  Raises OSError."""
+    with open(f"/sys/class/bdi/{major_minor}/read_ahead_kb") as f:
+        return int(f.read()) * 1024
+
+
 def detach(mountpoint: str) -> None:
     """Unmount lazily: the mount point is free at once; a loop device still
     on an image keeps the file system until it lets go."""

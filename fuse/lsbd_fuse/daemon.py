@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 from lsbd.errors import LsbdError
 from lsbd_fuse.mounts import MountError, check_can_mount, log_path
-from lsbd_fuse.options import DIRECT_IO
+from lsbd_fuse.options import DIRECT_IO, READAHEAD
 from lsbd_fuse.serve import serve
 from lsbd_fuse.tree import Image
 
@@ -65,7 +65,8 @@ def mark_io_flusher() -> bool:
 
 def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
         read_only: bool = False, direct_io: bool = DIRECT_IO,
-        finalizer: Callable[[], None] | None = None, debug: bool = False) -> int:
+        finalizer: Callable[[], None] | None = None, debug: bool = False,
+        readahead: int = READAHEAD) -> int:
     """Open the images with `opener` and serve them on `mountpoint`.
 
     Foreground: serve in this process until unmounted; returns its exit code.
@@ -78,18 +79,19 @@ def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
         try:
             images = opener()
             return serve(images, mnt, name=name, read_only=read_only, direct_io=direct_io,
-                         debug=debug, on_ready=lambda: log.info(
+                         debug=debug, readahead=readahead, on_ready=lambda: log.info(
                              "mounted %s on %s; stop with `lsbd umount %s`", name, mnt, mnt))
         finally:
             if finalizer is not None:
                 finalizer()
     return _start_background(opener, mnt, name=name, read_only=read_only,
-                             direct_io=direct_io, finalizer=finalizer, debug=debug)
+                             direct_io=direct_io, finalizer=finalizer, debug=debug,
+                             readahead=readahead)
 
 
 def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
                       direct_io: bool, finalizer: Callable[[], None] | None,
-                      debug: bool) -> int:
+                      debug: bool, readahead: int) -> int:
     logfile = log_path(mnt)
     os.makedirs(os.path.dirname(logfile), mode=0o700, exist_ok=True)
     try:
@@ -112,7 +114,8 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
             if os.fork() != 0:
                 os._exit(0)
             code = _child(w, opener, mnt, name=name, read_only=read_only, direct_io=direct_io,
-                          logfile=logfile, finalizer=finalizer, debug=debug)
+                          logfile=logfile, finalizer=finalizer, debug=debug,
+                          readahead=readahead)
         except BaseException:  # never return into the parent's code
             with contextlib.suppress(BaseException):
                 log.exception("the mount process failed")
@@ -155,7 +158,8 @@ def _detach(logfile: str) -> None:
 
 
 def _child(w: int, opener: Opener, mnt: str, *, name: str, read_only: bool, direct_io: bool,
-           logfile: str, finalizer: Callable[[], None] | None, debug: bool) -> int:
+           logfile: str, finalizer: Callable[[], None] | None, debug: bool,
+           readahead: int) -> int:
     _detach(logfile)
     mark_io_flusher()
     told = False
@@ -181,7 +185,8 @@ def _child(w: int, opener: Opener, mnt: str, *, name: str, read_only: bool, dire
             return 1
         try:
             return serve(images, mnt, name=name, read_only=read_only, direct_io=direct_io,
-                         log_file=logfile, debug=debug, on_ready=lambda: tell("ok"))
+                         log_file=logfile, debug=debug, readahead=readahead,
+                         on_ready=lambda: tell("ok"))
         except Exception as e:  # noqa: BLE001
             log.error("%s", describe(e))
             tell(f"error: {describe(e)}")

@@ -7,6 +7,7 @@
   which is how `lsbd umount` recognises its own mounts.
 - ro with --read-only: the kernel refuses writes before they reach us.
 - Queues: see QUEUES.
+- Read-ahead of the image: see READAHEAD.
 
 Request size (1 MiB), max_background and the INIT flags are negotiated in
 `session`, with their reasons.
@@ -51,6 +52,14 @@ QUEUES = int(os.environ.get("LSBD_FUSE_QUEUES", "2") or 2)
 #: whose reads wait 2 ms in the workers, 4 KiB random reads went from 4k-5k/s
 #: at 12 to 6k at 64.
 MAX_BACKGROUND = 64
+
+
+#: The kernel's read-ahead on the image, in bytes (`lsbd mount --readahead`).
+#: The kernel's own default is 128 KiB, and INIT can only lower it
+#: (max_readahead); root raises it once INIT is answered, through the mount's
+#: bdi (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb).  Without root it stays at
+#: the kernel's default.
+READAHEAD = 1024 * 1024
 
 
 def allow_other_default() -> bool:

@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping
 from lsbd.engine.api import BlockDevice
 from lsbd_fuse import channel
 from lsbd_fuse.fs import ImageFS
-from lsbd_fuse.mounts import MountError, record_close_state, remove_pid_file, write_pid_file
-from lsbd_fuse.options import DIRECT_IO, QUEUES, allow_other_default
+from lsbd_fuse.mounts import (MountEntry, MountError, find_mount, record_close_state, remove_pid_file,
+                               write_pid_file)
+from lsbd_fuse.options import DIRECT_IO, QUEUES, READAHEAD, allow_other_default
 from lsbd_fuse.session import Session
 from lsbd_fuse.tree import Image
 
@@ -84,6 +85,23 @@ def give_up_uploads(images: Mapping[str, Image]) -> bool:
     return bool(devices)
 
 
+def _readahead_setter(entry: MountEntry | None) -> Callable[[int], None] | None:
+    """Raises the read-ahead of the mount `entry` (from the mount table);
+    without root it stays at the kernel's default, said once in the log."""
+    if entry is None:
+        return None
+
+    def set_it(nbytes: int) -> None:
+        try:
+            channel.set_readahead(entry.major_minor, nbytes)
+        except OSError as e:
+            log.info("the read-ahead of the images stays at the kernel's default: setting "
+                     "/sys/class/bdi/%s/read_ahead_kb: %s", entry.major_minor, e.strerror or e)
+        else:
+            log.debug("read-ahead of the images: %d KiB", nbytes // 1024)
+    return set_it
+
+
 class _StopNow(BaseException):
     """A stop signal while closing: give up waiting (for the store)."""
 
@@ -91,7 +109,7 @@ class _StopNow(BaseException):
 def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
           read_only: bool = False, direct_io: bool = DIRECT_IO, queues: int = QUEUES,
           on_ready: Callable[[], None] | None = None, log_file: str = "",
-          debug: bool = False) -> int:
+          debug: bool = False, readahead: int = READAHEAD) -> int:
     """Mount `images` on `mountpoint` and serve until unmounted; closes the
     devices in every case.  Returns 0 if the devices closed cleanly.
 
@@ -106,7 +124,8 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
     except OSError as e:
         close_devices(images)
         raise MountError(f"could not mount on {mountpoint}: {e.strerror or e}") from None
-    session = Session(fs)
+    session = Session(fs, readahead=readahead,
+                      raise_readahead=_readahead_setter(find_mount(mountpoint)))
     fds = [fd]
     try:
         for _ in range(queues - 1):

@@ -31,7 +31,7 @@ from typing import Any
 from lsbd.errors import WouldBlock
 from lsbd_fuse import protocol as p
 from lsbd_fuse.fs import FuseError, ImageFS
-from lsbd_fuse.options import MAX_BACKGROUND
+from lsbd_fuse.options import MAX_BACKGROUND, READAHEAD
 from lsbd_fuse.workers import WorkerPool
 
 log = logging.getLogger("lsbd.fuse")
@@ -80,12 +80,20 @@ Handler = Callable[[int, int, int, memoryview], None]
 
 
 class Session:
-    """Serve `fs` on FUSE fds (`serve_fd` per queue).  `threads` workers."""
+    """Serve `fs` on FUSE fds (`serve_fd` per queue).  `threads` workers.
+
+    `readahead`: the kernel's read-ahead on the files, in bytes.  INIT can
+    only lower the kernel's (max_readahead); a larger one is asked of
+    `raise_readahead` once INIT is answered, when the kernel has set its
+    own."""
 
     def __init__(self, fs: ImageFS, *, threads: int = DEFAULT_THREADS,
-                 max_write: int = MAX_WRITE) -> None:
+                 max_write: int = MAX_WRITE, readahead: int = READAHEAD,
+                 raise_readahead: Callable[[int], None] | None = None) -> None:
         self.fs = fs
         self.max_write = max_write
+        self.readahead = readahead
+        self.raise_readahead = raise_readahead
         self.pool = WorkerPool(threads)
         self.initialized = False
         self.proto_minor = 0
@@ -317,9 +325,14 @@ class Session:
         granted = flags & WANTED
         log.debug("INIT: kernel %d.%d, flags %#x; granted %#x", major, minor, flags, granted)
         self._reply(fd, unique, p.INIT_OUT.pack(
-            p.KERNEL_VERSION, self.proto_minor, readahead, granted, MAX_BACKGROUND,
-            MAX_BACKGROUND * 3 // 4, self.max_write, 1, self.max_write // 4096, 0, 0))
+            p.KERNEL_VERSION, self.proto_minor, min(readahead, self.readahead), granted,
+            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, self.max_write, 1, self.max_write // 4096,
+            0, 0))
         self.initialized = True
+        # The kernel applied our reply as we wrote it: only now does a larger
+        # read-ahead stay.
+        if self.readahead > readahead and self.raise_readahead is not None:
+            self.raise_readahead(self.readahead)
 
     def _lookup(self, fd: int, unique: int, nodeid: int, body: memoryview) -> None:
         name = bytes(body).split(b"\0", 1)[0]

@@ -15,6 +15,7 @@ from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, parse_seconds, writer_options
+from lsbd.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="open the image with direct I/O: no page cache of the image, every "
                         "read and write reaches lsbd as issued (default: the page cache, "
                         "writes written through)")
+    p.add_argument("--readahead", metavar="SIZE", default=None,
+                   help="the kernel's read-ahead on the image (default 1M; it needs root, "
+                        "else the kernel's 128K stays)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)  # the default
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
@@ -66,6 +70,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 
     name = args.volume
     writer_options(args)    # a bad value is an error here, before the serving process starts
+    readahead = readahead_arg(args.readahead)
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
@@ -78,13 +83,30 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 
     code = run(open_images, args.mountpoint, name=name, foreground=args.foreground,
                read_only=read_only, direct_io=args.direct_io, finalizer=ctx.close,
-               debug=args.fuse_debug)
+               debug=args.fuse_debug, readahead=readahead)
     if not args.foreground:
         ui.done({"volume": name, "mountpoint": args.mountpoint,
                  "image": os.path.join(args.mountpoint, f"{name}.img"), "read_only": read_only},
                 f"mounted {ui.bold(name)} on {args.mountpoint} as "
                 f"{os.path.join(args.mountpoint, name + '.img')}")
     return code
+
+
+#: The largest --readahead taken.
+READAHEAD_MAX = 256 << 20
+
+
+def readahead_arg(text: str | None) -> int:
+    """--readahead in bytes, whole pages; the mount's default if not given."""
+    from lsbd.meta.config import parse_size
+    from lsbd_fuse.options import READAHEAD
+
+    if text is None:
+        return READAHEAD
+    value = parse_size(text)
+    if value > READAHEAD_MAX:
+        raise UserError(f"bad --readahead {text!r}: at most {READAHEAD_MAX >> 20}M")
+    return value // 4096 * 4096
 
 
 def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:

@@ -81,6 +81,34 @@ def test_init_negotiates_large_requests_and_async_direct_io(wire):
     assert max_background == 64 and congestion == 48
 
 
+@pytest.mark.parametrize("ours, answered, raised", [(4 * MiB, 128 * 1024, [4 * MiB]),
+                                                    (64 * 1024, 64 * 1024, [])])
+def test_init_lowers_the_readahead_itself_and_raises_it_only_once_answered(ours, answered,
+                                                                            raised):
+    """INIT can only lower the kernel's read-ahead (it keeps the smaller of
+    its own and ours), so a larger one is set once INIT is answered: by then
+    the kernel has applied the answer, and ours stays."""
+    calls: list[tuple[int, bool]] = []
+    answer_seen = threading.Event()
+
+    def raise_readahead(n: int) -> None:
+        # waits for the answer to INIT to arrive: never, if it comes after
+        calls.append((n, answer_seen.wait(5)))
+    session = Session(ImageFS({"vol.img": Image(device=FakeVolume("vol", MiB))}),
+                      threads=2, readahead=ours, raise_readahead=raise_readahead)
+    w = Wire(session, init=False)
+    try:
+        err, body = w.call(p.INIT, 0, p.INIT_IN.pack(7, 45, 128 * 1024, 0xFFFFFFFF)
+                           + p.INIT_IN_FLAGS2.pack(0) + bytes(44))
+        answer_seen.set()
+        assert err == 0
+        assert p.INIT_OUT.unpack(body)[2] == answered
+        assert w.getattr(p.ROOT_ID)[0] == 0       # the same queue: INIT is done
+        assert calls == [(n, True) for n in raised]
+    finally:
+        w.close()
+
+
 # --- the operations ------------------------------------------------------------------
 
 def test_read_write_any_offset_and_the_end(wire):

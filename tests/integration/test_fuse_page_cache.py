@@ -138,3 +138,25 @@ def test_direct_io_mode_on_request(fenv):
         f.seek(0)
         assert f.read(4096) == b"y" * 4096
     fenv.umount(mnt)
+
+
+def _readahead_kb(mnt) -> int:
+    """The read-ahead the kernel gives the files of the FUSE mount at `mnt`
+    (its bdi is named by the mount's device number)."""
+    with open("/proc/self/mountinfo") as f:
+        device = [line.split()[2] for line in f if line.split()[4] == str(mnt)][-1]
+    with open(f"/sys/class/bdi/{device}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+@pytest.mark.fuse
+def test_the_image_reads_ahead_as_much_as_asked(fenv):
+    """The kernel offers 128 KiB and INIT can only lower it: a mount raises
+    it to 1 MiB by default, or to --readahead, and lowers it too."""
+    mnt = fenv.tmp / "mnt"
+    fenv.mounted_volume("16M", mnt)
+    assert _readahead_kb(mnt) == 1024
+    for asked, kib in (("4M", 4096), ("64K", 64), ("0", 0)):
+        fenv.remount(mnt, "--readahead", asked)
+        assert _readahead_kb(mnt) == kib, asked
+    fenv.umount(mnt)
