@@ -340,8 +340,13 @@ def run(args) -> dict:
             print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
             rounds = []
             written = 0
+            # The sealer's map commits in the round: ms per segment (wall,
+            # its thread's CPU) and the share of the round it was busy (near
+            # 100%: writers wait for the map).
+            sealer = lsbd.stats()
             print(f"  {'written':>10} {'IOPS':>8} {'extents':>10} {'map file':>10} "
-                  f"{'B/extent':>8} {'anon':>9} {'file':>9} {'load':>5}", flush=True)
+                  f"{'B/extent':>8} {'anon':>9} {'file':>9} {'load':>5} "
+                  f"{'map ms/seg':>10} {'cpu':>5} {'busy':>5}", flush=True)
             while written < writes:
                 n = min(round_size, writes - written)
                 r = fio(lsbd.uri, "randwrite", "4k", size=volume_size, io_size=n,
@@ -354,11 +359,20 @@ def run(args) -> dict:
                        "map_file": mapf, "bytes_per_extent": mapf / max(1, st["extents"]),
                        "rss_anon_kib": anon, "rss_file_kib": file, "map": st.get("map"),
                        "seconds": r["seconds"], "loadavg": os.getloadavg()}
+                mapped = max(1, st.get("segments_mapped", 0) - sealer.get("segments_mapped", 0))
+                row["map_ms_per_segment"] = 1000 * (st.get("map_seconds", 0)
+                                                    - sealer.get("map_seconds", 0)) / mapped
+                row["map_cpu_ms_per_segment"] = 1000 * (st.get("map_cpu_seconds", 0)
+                                                        - sealer.get("map_cpu_seconds", 0)) / mapped
+                row["map_busy"] = mapped * row["map_ms_per_segment"] / 1000 / max(r["seconds"], 1e-9)
+                sealer = st
                 rounds.append(row)
                 print(f"  {human(written):>10} {r['iops']:8.0f} {st['extents']:10d} "
                       f"{human(mapf):>10} {row['bytes_per_extent']:8.0f} "
                       f"{human(anon * 1024):>9} {human(file * 1024):>9} "
-                      f"{os.getloadavg()[0]:5.1f}", flush=True)
+                      f"{os.getloadavg()[0]:5.1f} {row['map_ms_per_segment']:10.0f} "
+                      f"{row['map_cpu_ms_per_segment']:5.0f} {100 * row['map_busy']:4.0f}%",
+                      flush=True)
             out["rounds"] = rounds
             phases = {"writes": rss.phase()}
             eighth = max(1, len(rounds) // 8)

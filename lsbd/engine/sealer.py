@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 
 from lsbd.engine.state import VolumeState
 from lsbd.errors import StoreError
@@ -100,8 +101,14 @@ class Sealer:
                 seg = st.sealing[0]
             try:
                 seg.finish()
+                wall, cpu = time.perf_counter(), time.thread_time()
                 if not self._apply_when_room(seg):
                     return
+                # What the map costs per segment (`lsbd stats`; bench/scale_bench.py
+                # shows it by map size): only this thread writes these.
+                st.stats["segments_mapped"] += 1
+                st.stats["map_seconds"] += time.perf_counter() - wall
+                st.stats["map_cpu_seconds"] += time.thread_time() - cpu
             except BaseException as e:  # noqa: BLE001 - a failing disk: stop taking writes
                 log.error("volume %s: sealing segment %d failed: %s", st.name, seg.seq, e)
                 with st.lock:

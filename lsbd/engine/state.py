@@ -57,8 +57,11 @@ class VolumeState:
         self.uploader: Uploader | None = None
         self.zero_block = bytes(self.block_size)
         self.zero_crc = crc32c_of(self.zero_block)
-        self.stats = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
-                      "segments_sealed": 0, "checkpoints": 0}
+        self.stats: dict[str, float] = {
+            "reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
+            "segments_sealed": 0, "checkpoints": 0,
+            # the sealer's map commits: segments, seconds, seconds of its CPU
+            "segments_mapped": 0, "map_seconds": 0.0, "map_cpu_seconds": 0.0}
 
     def check_range(self, offset: int, length: int, *, data: bool = True) -> None:
         """data=False: zeroes, trims and allocation queries, which move no

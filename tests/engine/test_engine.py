@@ -202,6 +202,22 @@ def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
     vol.abandon()
 
 
+def test_stats_count_the_sealers_map_commits(make_volume):
+    """`lsbd stats` tells what the map costs the sealer: segments it
+    recorded, and the seconds (wall and its thread's CPU) that took."""
+    vol = make_volume(segment_size=256 * 1024)
+    before = vol.usage()
+    assert before["segments_mapped"] == 0 and before["map_seconds"] == 0
+    for seg in range(3):
+        vol.write(0, blocks(seg, 0, 8))
+        vol.flush_to_store()
+    after = vol.usage()
+    assert after["segments_mapped"] == after["segments_sealed"] == 3
+    assert after["map_seconds"] > 0
+    assert 0 < after["map_cpu_seconds"] < after["map_seconds"] + 1
+    vol.close()
+
+
 def test_unaligned_io_matches_a_byte_model(make_volume, tmp_path):
     """Random unaligned writes, zeroes, trims and reads against a bytearray."""
     vol = make_volume(segment_size=256 * 1024)
