@@ -3,7 +3,7 @@
 size and by how many segments go into one commit.
 
     .venv/bin/python bench/map_bench.py [--extents 0.3M,3M] [--batch 1,8]
-        [--segments 32] [--workdir /var/tmp]
+        [--busy 0,4] [--segments 32] [--workdir /var/tmp]
 
 For each map size: a map of that many one-block extents spread over a
 1 TiB volume is loaded, then --segments segments of 8,192 random one-block
@@ -12,8 +12,12 @@ transaction, synced as the writer's map is.  Reported per segment: wall
 and CPU time inside the transaction (lookups and puts) and in the commit
 (LMDB writing and syncing the pages it dirtied), and the process's
 anonymous memory before and at its peak, under the serving process's
-malloc settings (lsbd.cli.context): a commit's dirty pages live in the
-heap until it ends.  Not a test: figures are noisy, compare within a run.
+malloc settings and GIL switch interval (lsbd.cli.context): a commit's dirty pages live in the
+heap until it ends.  --busy: that many threads beside it, each a loop of
+a little Python and a system call, as the NBD server's request threads
+are: py-lmdb lets go of the GIL in every cursor call, and each time one of
+them may take it first (the wall time grows, the CPU does not).  Not a
+test: figures are noisy, compare within a run.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +57,21 @@ def info(seq: int, blocks: int) -> SegmentInfo:
                        data_blocks=blocks, trailer_crc=0)
 
 
-def run(folder: str, extents: int, batch: int, segments: int) -> dict:
+def busy_loop(stop: threading.Event) -> None:
+    """A request thread's rhythm: a system call (GIL let go), then about
+    ten microseconds of Python."""
+    a, b = socket.socketpair()
+    buf = bytes(4096)
+    with a, b:
+        while not stop.is_set():
+            a.sendall(buf)
+            b.recv(4096)
+            x = 0
+            for i in range(150):
+                x += i
+
+
+def run(folder: str, extents: int, batch: int, segments: int, busy: int = 0) -> dict:
     path = os.path.join(folder, f"map-{extents}-{batch}")
     bm = BlockMap(path, 4096)
     try:
@@ -65,18 +85,23 @@ def run(folder: str, extents: int, batch: int, segments: int) -> dict:
 
         @contextlib.contextmanager
         def timed(db=None):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.thread_time()
             txn = bm._env.begin(write=True)
             yield txn
-            t1, c1 = time.perf_counter(), time.process_time()
+            t1, c1 = time.perf_counter(), time.thread_time()
             txn.commit()
-            t2, c2 = time.perf_counter(), time.process_time()
+            t2, c2 = time.perf_counter(), time.thread_time()
             inside[0] += t1 - t0
             inside[1] += c1 - c0
             commit[0] += t2 - t1
             commit[1] += c2 - c1
 
         bm._writing = timed          # timing only; the map's own commits are the same
+        stop = threading.Event()
+        others = [threading.Thread(target=busy_loop, args=(stop,), daemon=True)
+                  for _ in range(busy)]
+        for t in others:
+            t.start()
         before = peak = anon_mib()
         seq = 2
         for _ in range(max(1, segments // batch)):
@@ -87,8 +112,12 @@ def run(folder: str, extents: int, batch: int, segments: int) -> dict:
             bm.apply_segments(group, applied_seq=str(seq - 1).encode())
             del group
             peak = max(peak, anon_mib())
+        stop.set()
+        for t in others:
+            t.join()
         n = seq - 2
-        return {"extents": extents, "batch": batch, "leaf_pages": stats["leaf_pages"],
+        return {"extents": extents, "batch": batch, "busy": busy,
+                "leaf_pages": stats["leaf_pages"],
                 "inside_ms": 1000 * inside[0] / n, "inside_cpu_ms": 1000 * inside[1] / n,
                 "commit_ms": 1000 * commit[0] / n, "commit_cpu_ms": 1000 * commit[1] / n,
                 "anon_before_mib": before, "anon_peak_mib": peak}
@@ -107,23 +136,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extents", default="0.3M,3M", help="map sizes, comma-separated")
     ap.add_argument("--batch", default="1,8", help="segments per commit, comma-separated")
+    ap.add_argument("--busy", default="0", help="request-like threads beside the map's, "
+                    "comma-separated")
     ap.add_argument("--segments", type=int, default=32, help="segments applied per case")
     ap.add_argument("--workdir", default="/var/tmp", help="where the maps go")
     args = ap.parse_args()
     linux.mallopt(linux.M_TRIM_THRESHOLD, context.SERVING_TRIM_THRESHOLD)
     linux.mallopt(linux.M_MMAP_THRESHOLD, context.SERVING_MMAP_THRESHOLD)
     linux.mallopt(linux.M_ARENA_MAX, context.SERVING_ARENA_MAX)
+    sys.setswitchinterval(context.SERVING_SWITCH_INTERVAL)
     folder = tempfile.mkdtemp(prefix="lsbd-map-bench-", dir=args.workdir)
     print(f"load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
-    print(f"{'extents':>9} {'leaves':>7} {'batch':>5} {'txn ms':>7} {'cpu':>5} "
+    print(f"{'extents':>9} {'leaves':>7} {'batch':>5} {'busy':>4} {'txn ms':>7} {'cpu':>5} "
           f"{'commit ms':>9} {'cpu':>5} {'anon MiB':>13}")
     try:
         for extents in (parse_count(x) for x in args.extents.split(",")):
-            for batch in (int(b) for b in args.batch.split(",")):
+            for batch, busy in ((int(b), int(n)) for b in args.batch.split(",")
+                                for n in args.busy.split(",")):
                 # Each case in its own process: the heap keeps what a case took.
                 if os.fork() == 0:
-                    r = run(folder, extents, batch, args.segments)
-                    print(f"{r['extents']:>9} {r['leaf_pages']:>7} {r['batch']:>5} "
+                    r = run(folder, extents, batch, args.segments, busy)
+                    print(f"{r['extents']:>9} {r['leaf_pages']:>7} {r['batch']:>5} {busy:>4} "
                           f"{r['inside_ms']:>7.0f} {r['inside_cpu_ms']:>5.0f} "
                           f"{r['commit_ms']:>9.0f} {r['commit_cpu_ms']:>5.0f} "
                           f"{r['anon_before_mib']:>5.0f} -> {r['anon_peak_mib']:>3.0f}",
