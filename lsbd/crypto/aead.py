@@ -88,7 +88,7 @@ class Stream:
         """A context of its own whose update(data) XORs data lying at
         `offset` on, and then what follows it (an appender keeps one)."""
         ctx = _BlockCipher(self._aes, modes.CTR(bytes(16))).encryptor()
-        _seek(ctx, offset)
+        seek(ctx, offset)
         return ctx
 
     def xor_in_place(self, offset: int, buf: bytearray, n: int) -> None:
@@ -100,7 +100,7 @@ class Stream:
             ctx = idle.pop()
         except IndexError:
             ctx = _BlockCipher(self._aes, modes.CTR(bytes(16))).encryptor()
-        _seek(ctx, offset)
+        seek(ctx, offset)
         ctx.update_into(memoryview(buf)[:n], buf)
         if len(idle) < _IDLE_CONTEXTS:
             idle.append(ctx)
@@ -129,7 +129,7 @@ class Stream:
             ctx = idle.pop()
         except IndexError:
             ctx = _BlockCipher(self._aes, modes.CTR(bytes(16))).encryptor()
-        _seek(ctx, offset)
+        seek(ctx, offset)
         if len(parts) == 1:
             out = ctx.update(parts[0])
         else:
@@ -145,7 +145,7 @@ _IDLE_CONTEXTS = 16
 _ZEROS = tuple(bytes(n) for n in range(16))
 
 
-def _seek(ctx, offset: int) -> None:
+def seek(ctx, offset: int) -> None:
     """Put a CTR context at byte `offset` of its keystream."""
     ctx.reset_nonce((offset >> 4).to_bytes(16, "big"))
     if offset & 15:

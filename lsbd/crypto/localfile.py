@@ -75,6 +75,11 @@ class FileCipher:
         """Decrypt buf[:n], read from `offset`, in place (buf has 15 spare bytes)."""
         self._stream.xor_in_place(offset, buf, n)
 
+    def context(self):
+        """A CTR context of this file's key of its own (aead.seek() it to an
+        offset), for one thread at a time."""
+        return self._stream.at(0)
+
     def at(self, offset: int):
         """A context that encrypts from `offset` on, one update after another
         (for one thread: the journal's appends)."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
+from lsbd.crypto.aead import seek
 from lsbd.crypto.localfile import LocalReader
 from lsbd.errors import WouldBlock
 from lsbd.linux import unfilled_bytearray
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
 def pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
@@ -40,6 +42,7 @@ def pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
 
 _SPARE = 15   # what the cipher's update_into asks for past the data
 _IN_PLACE_FROM = 64 * 1024
+_IDLE = 16     # (context, buffer) pairs an open file keeps for small reads
 
 
 def pread_into(fd: int, view: memoryview, offset: int, nowait: bool) -> int:
@@ -65,13 +68,18 @@ def pread_into(fd: int, view: memoryview, offset: int, nowait: bool) -> int:
     return done
 
 
+def _unused(*_args):
+    raise AssertionError("a file in the clear has no cipher")
+
+
 class OpenFile:
     """A cached descriptor; `users` reads hold it, `retired`: close it when
     the last one lets go (the file was evicted or forgotten meanwhile).
     `reader` reads it at segment offsets (decrypting an encrypted file with
     the key of this very file, even once a new file has taken its name)."""
 
-    __slots__ = ("fd", "users", "retired", "reader", "_base", "_xor_one")
+    __slots__ = ("fd", "users", "retired", "reader", "_base", "_xor_one", "_context",
+                 "_idle")
 
     def __init__(self, reader: LocalReader):
         self.fd = reader.fd
@@ -81,15 +89,57 @@ class OpenFile:
         # Looked up once here, not on every read (a reader's cipher is its
         # file's for good: a file under a new key is a new OpenFile).
         self._base = reader.base
-        self._xor_one = reader.cipher.xor_one if reader.cipher is not None else None
+        cipher = reader.cipher
+        self._xor_one: Callable = cipher.xor_one if cipher is not None else _unused
+        self._context: Callable = cipher.context if cipher is not None else _unused
+        # Small reads' (CTR context, buffer) pairs, one per concurrent reader:
+        # the ciphertext is read into a buffer kept for the next read, and
+        # only the plain bytes are a new object (measured 0.25 us of the
+        # 1.6 a 4 KiB read of an encrypted file costs more than one in the
+        # clear).  The buffer only ever holds ciphertext.
+        self._idle: list | None = [] if cipher is not None else None
 
     def read(self, length: int, offset: int, nowait: bool):
-        xor_one = self._xor_one
-        if xor_one is None:
+        idle = self._idle
+        if idle is None:      # in the clear
             return pread(self.fd, length, offset, nowait)
-        if length < _IN_PLACE_FROM:
-            data = pread(self.fd, length, self._base + offset, nowait)
-            return xor_one(offset, data) if data else data
+        if length >= _IN_PLACE_FROM:
+            return self._read_large(length, offset, nowait)
+        if nowait and _RWF_NOWAIT is None:
+            return self._read_plain_pread(length, offset, nowait)
+        try:
+            ctx, buf = idle.pop()
+        except IndexError:
+            ctx, buf = self._context(), bytearray(length)
+        if len(buf) != length:
+            buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], self._base + offset,
+                          _RWF_NOWAIT if nowait and _RWF_NOWAIT is not None else 0)
+        except BlockingIOError:
+            idle.append((ctx, buf))
+            raise WouldBlock("the blocks are not in the page cache") from None
+        except OSError as e:
+            idle.append((ctx, buf))
+            if not nowait or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            return self._read_plain_pread(length, offset, nowait)   # turns nowait off
+        if n != length:
+            idle.append((ctx, buf))
+            if nowait:
+                raise WouldBlock("the blocks are not all in the page cache")
+            return self._read_plain_pread(length, offset, nowait)   # cut short at the end
+        seek(ctx, offset)
+        out = ctx.update(buf)
+        if len(idle) < _IDLE:
+            idle.append((ctx, buf))
+        return out
+
+    def _read_plain_pread(self, length: int, offset: int, nowait: bool):
+        data = pread(self.fd, length, self._base + offset, nowait)
+        return self._xor_one(offset, data) if data else data
+
+    def _read_large(self, length: int, offset: int, nowait: bool) -> bytearray:
         cipher = self.reader.cipher
         assert cipher is not None
         # Decrypted where it was read: no second buffer for a 1 MiB read

@@ -299,3 +299,49 @@ def test_a_file_replaced_under_a_new_key_reads_with_its_own_cipher(tmp_path):
         except OSError:
             pass
         raise
+
+
+def test_small_reads_reuse_their_buffers_and_still_decrypt_right(tmp_path):
+    """An open file keeps a context and a buffer per concurrent small read:
+    reads of every size and alignment, from several threads at once, one
+    after another on the same buffers, each give the plain bytes; a read
+    cut short at the end and one refused (nowait) spoil nothing."""
+    import random
+    import threading
+
+    from lsbd.errors import WouldBlock
+    from lsbd.segments.openfile import OpenFile
+
+    k = keys()
+    plain = os.urandom(1 << 20)
+    path = tmp_path / "f.seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    errors = []
+    try:
+        localfile.write_new(fd, k.new_file(), plain)
+        path.read_bytes()      # in the page cache, for nowait reads
+        f = OpenFile(localfile.reader_of(fd, k, where="f"))
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            for i in range(3000):
+                n = rng.choice([BS, BS, 512, 5000, 1])
+                lo = rng.randrange(len(plain) - n)
+                if f.read(n, lo, i % 2 == 0) != plain[lo:lo + n]:
+                    errors.append((lo, n))
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert 1 <= len(f._idle) <= 4
+        end = len(plain) - 100
+        assert f.read(BS, end, False) == plain[end:]          # cut short at the end
+        with pytest.raises(WouldBlock):
+            f.read(BS, end, True)
+        for lo in (0, 7, BS + 16, end - BS):
+            assert f.read(BS, lo, True) == plain[lo:lo + BS], lo
+    finally:
+        os.close(fd)
