@@ -14,6 +14,13 @@ dominate).  So:
     or any write while the engine is behind sealing segments), and only then
     does the request go to the pool, where it blocks as long as it needs and
     cache misses overlap.  A device without nowait runs them inline.
+  * Once a READ of POOL_READ_FROM bytes or more found the cache cold, the
+    next READS_AFTER_MISS such reads go straight to the pool, then one tries
+    inline again.  A large read on a cold cache (a sequential reader after
+    random writes: some thirty segments per MiB) spends milliseconds in
+    its plan and first miss before it gives up, and the connection's thread
+    then spends its time on that instead of taking the next requests:
+    measured, fio's 16 reads in flight became three or four at the engine.
   * WRITE of POOL_WRITE_FROM bytes or more runs on the pool, so that the
     connection's thread receives the next payload while the engine writes
     (about 1 ms per MiB, much of it with the GIL released).  A connection's
@@ -31,6 +38,10 @@ from lsbd.engine.api import BlockDevice
 
 #: WRITEs this large or larger run on the pool.
 POOL_WRITE_FROM = 128 * 1024
+#: READs this large or larger skip the inline try after a cold one ...
+POOL_READ_FROM = 128 * 1024
+#: ... this many of them, then one tries again.
+READS_AFTER_MISS = 8
 
 
 def takes_nowait(device: BlockDevice) -> bool:

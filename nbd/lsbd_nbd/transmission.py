@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 
 from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
-from lsbd_nbd.dispatch import POOL_WRITE_FROM, takes_nowait
+from lsbd_nbd.dispatch import POOL_READ_FROM, POOL_WRITE_FROM, READS_AFTER_MISS, takes_nowait
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
 from lsbd_nbd.replies import GATHER_ABOVE, Reply, ReplySender
@@ -137,6 +137,8 @@ class Connection(ReplySender):
         cmd_flush = p.CMD_FLUSH
         fua_flag = p.CMD_FLAG_FUA
         pool_write_from = POOL_WRITE_FROM
+        pool_read_from = POOL_READ_FROM
+        cold_reads = 0                # large reads left to send to the pool untried
         gather_above = GATHER_ABOVE
         batch = self.batch            # changed in place, never rebound
         run_batch = self._run_batch
@@ -159,9 +161,15 @@ class Connection(ReplySender):
                     run_batch()
                 if writes_in_pool and queue_behind(cmd, flags, handle, offset, length, None):
                     continue
+                if cold_reads and length >= pool_read_from:
+                    cold_reads -= 1
+                    submit(Pooled(cmd, flags, handle, offset, length, None))
+                    continue
                 try:
                     payload = read(offset, length, nowait=True) if nowait else read(offset, length)
                 except WouldBlock:
+                    if length >= pool_read_from:
+                        cold_reads = READS_AFTER_MISS
                     submit(Pooled(cmd, flags, handle, offset, length, None))
                     continue
                 except Exception as exc:  # noqa: BLE001 - every error becomes a reply

@@ -529,6 +529,43 @@ def test_reads_that_would_block_overlap_on_the_pool(volumes):
         c.disconnect()
 
 
+def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
+    """After a large read found the cache cold, the next READS_AFTER_MISS
+    large reads go to the pool untried (a sequential reader on a cold cache
+    would otherwise keep the connection's thread busy failing them), then
+    one tries inline again; small reads always try inline."""
+    from lsbd_nbd.dispatch import POOL_READ_FROM, READS_AFTER_MISS
+    vol = volumes["vol"]
+    big = POOL_READ_FROM
+    tried = []
+    real_read = vol.read
+
+    def read(offset, length, *, nowait=False):
+        if nowait:
+            tried.append(offset)
+        return real_read(offset, length, nowait=nowait)
+
+    vol.read = read
+    vol.delay_for = lambda op, offset: 0.01 if op == "read" and offset < 64 * big else 0
+    with running_server(volumes) as srv:
+        c = connected(srv)
+        for i in range(READS_AFTER_MISS + 3):
+            assert c.read(i * big, big) == bytes(big)
+        # The first tried and blocked; the next READS_AFTER_MISS were not
+        # tried; then one was tried again, blocked, and the next was not.
+        assert tried == [0, (READS_AFTER_MISS + 1) * big]
+        assert c.read(0, 4096) == bytes(4096)             # a small read still tries
+        assert tried[-1] == 0
+        # The cache warm: the untried ones left go to the pool, then the try
+        # succeeds and every large read after it runs inline.
+        vol.delay_for = None
+        tried.clear()
+        for i in range(READS_AFTER_MISS + 2):
+            assert c.read(i * big, big) == bytes(big)
+        assert tried == [i * big for i in range(READS_AFTER_MISS - 1, READS_AFTER_MISS + 2)]
+        c.disconnect()
+
+
 class NoNowaitVolume(FakeVolume):
     """A device whose calls do not take nowait (as BlockDevice allows)."""
 
