@@ -79,6 +79,7 @@ class LocalCopies:
         self._cached_bytes = 0
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._index_bytes = 0
+        self._loading: dict[int, threading.Lock] = {}   # seq -> held while its index loads
         self._files: collections.OrderedDict[int, OpenFile] = collections.OrderedDict()
         # Background threads (a whole-segment fetch, an upload finishing) may
         # outlive close(): they change the folder only under this lock, and
@@ -401,12 +402,27 @@ class LocalCopies:
         return idx
 
     def _index(self, seq: int, load) -> SegmentIndex:
-        """The cached index of `seq`, or load() -> (trailer, records) it once."""
+        """The cached index of `seq`, or load() -> (trailer, records) it once.
+        Readers that want the same index meanwhile wait for that one load
+        (a sequential reader's many requests reach the same thirty segments
+        together; each decoding the same index cost a fifth of the first
+        read after random writes)."""
         idx = self._cached_index(seq)
-        if idx is None:
-            _trailer, records = load()
-            idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
-        return idx
+        if idx is not None:
+            return idx
+        with self._lock:
+            gate = self._loading.setdefault(seq, threading.Lock())
+        try:
+            with gate:
+                idx = self._cached_index(seq)
+                if idx is None:
+                    _trailer, records = load()
+                    idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
+                return idx
+        finally:
+            with self._lock:
+                if self._loading.get(seq) is gate:
+                    del self._loading[seq]
 
     def _local_index(self, seq: int, f: OpenFile) -> SegmentIndex:
         r = f.reader

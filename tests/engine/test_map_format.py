@@ -153,6 +153,50 @@ def test_parsed_segment_indexes_are_bounded_by_bytes(store, tmp_path, monkeypatc
         assert 1 <= len(files._indexes) < len({seq for seq in range(1, vol.applied_seq + 1)})
 
 
+def test_readers_that_want_one_index_together_load_it_once(store, tmp_path, monkeypatch):
+    """Concurrent reads that reach a segment whose index is not cached wait
+    for one load of it rather than each decoding the same footer (#15: a
+    sequential reader's many requests reach the same segments together)."""
+    import threading
+    import time
+    from lsbd.segments import copies as segfiles
+
+    create_volume(store, "vol", 64 * MiB, segment_size=128 * 1024, seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        rng = random.Random(5)
+        written = {}
+        for i in range(120):                 # a few segments of one-block records
+            lba = rng.randrange(0, 512)
+            vol.write(lba * BS, blocks(i, lba, 1))
+            written[lba] = i
+        testing.seal_now(vol)
+        files = testing.local_files(vol)
+        with files._lock:
+            files._indexes.clear()
+            files._index_bytes = 0
+        loads: list[str] = []
+        real = segfiles.read_sealed_index_from
+
+        def slow_load(pread, size, *, where):
+            loads.append(where)
+            time.sleep(0.05)                 # the others arrive meanwhile
+            return real(pread, size, where=where)
+
+        monkeypatch.setattr(segfiles, "read_sealed_index_from", slow_load)
+        expect = b"".join(blocks(written[b], b, 1) if b in written else bytes(BS)
+                          for b in range(512))
+        got: list[bytes] = []
+        threads = [threading.Thread(target=lambda: got.append(vol.read(0, 512 * BS)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [expect] * 6
+        assert loads and len(loads) == len(set(loads)), sorted(loads)
+
+
 def test_making_room_on_the_disk_lets_the_indexes_of_evicted_segments_go(store, tmp_path,
                                                                          monkeypatch):
     """Eviction for a full disk (make_room) and for the cache limit account
