@@ -57,7 +57,7 @@ class Cipher:
         """seal() into `out`, a writable buffer of exactly len(plaintext) + 16 bytes."""
         self._aead.encrypt_into(nonce, plaintext, aad, out)
 
-    def open(self, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    def open(self, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
         try:
             return self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:

@@ -114,7 +114,7 @@ def _choose(data, packed: bytes) -> tuple[int, bytes | bytearray | memoryview]:
 _decompressors = threading.local()
 
 
-def decompress(codec: int, stored: bytes, plain_length: int) -> bytes:
+def decompress(codec: int, stored: bytes | memoryview, plain_length: int) -> bytes:
     if codec == RAW:
         if len(stored) != plain_length:
             raise DecompressionFailed("raw frame of the wrong length")

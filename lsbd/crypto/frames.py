@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import attrs
 
-from lsbd.checksum import crc32c, mask, masked_crc
+from lsbd.checksum import crc32c, mask
 from lsbd.crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Cipher, hkdf,
                               random_bytes)
 from lsbd.crypto.compress import RAW, Compressor, DecompressionFailed, decompress
@@ -189,15 +189,34 @@ class Framer:
         self.cipher.seal_into(nonce, stored, header + place, view[HEADER.size:])
         return n
 
-    def open(self, frame: bytes, place: Place, *, where: str = "frame") -> bytes:
+    def open(self, frame: bytes | memoryview, place: Place, *, where: str = "frame") -> bytes:
         """The plain bytes of a whole frame; FrameError if anything is off."""
+        codec, stored, plain_length = self._open_stored(frame, place, where)
+        return _decompress(codec, stored, plain_length, place, where)
+
+    def open_into(self, frame: memoryview, place: Place, out: memoryview, *,
+                  where: str = "frame") -> None:
+        """open() of a frame whose plain bytes are exactly `out`, written
+        there: a frame that is neither encrypted nor compressed is copied
+        once, from the fetched bytes to `out`."""
+        codec, stored, plain_length = self._open_stored(frame, place, where)
+        if len(out) != plain_length:
+            raise FrameError(f"{where}: frame {place.position} has the wrong length", key=where,
+                             offset=place.position)
+        out[:] = stored if codec == RAW else _decompress(codec, stored, plain_length, place,
+                                                         where)
+
+    def _open_stored(self, frame: bytes | memoryview, place: Place, where: str
+                     ) -> tuple[int, bytes | memoryview, int]:
+        """(codec, stored bytes, plain length) of a whole frame, checked
+        (authenticated, or its CRC); FrameError if anything is off."""
         if len(frame) < HEADER.size:
             raise FrameError(f"{where}: frame cut short", offset=place.position)
         codec, flags, _r, plain_length, body_length, nonce = HEADER.unpack_from(frame)
         if len(frame) != HEADER.size + body_length or plain_length > MAX_PLAIN:
             raise FrameError(f"{where}: frame length does not match its header",
                              offset=place.position)
-        header = frame[:HEADER.size]
+        header = bytes(frame[:HEADER.size])
         encrypted = bool(flags & FLAG_ENCRYPTED)
         if encrypted != (self.cipher is not None) or flags & ~FLAG_ENCRYPTED:
             raise FrameError(f"{where}: frame is "
@@ -210,13 +229,22 @@ class Framer:
                 raise FrameError(f"{where}: frame at offset {place.position} fails "
                                  "authentication", offset=place.position) from None
         else:
-            stored = frame[HEADER.size:-_CRC.size]
+            stored = frame[HEADER.size:len(frame) - _CRC.size]
             (crc,) = _CRC.unpack_from(frame, len(frame) - _CRC.size)
-            if body_length < _CRC.size or masked_crc(header + place.pack() + stored) != crc:
+            if (body_length < _CRC.size
+                    or mask(crc32c(stored, crc32c(header + place.pack()))) != crc):
                 raise FrameError(f"{where}: frame at offset {place.position} fails its "
                                  "checksum", offset=place.position)
-        try:
-            return decompress(codec, stored, plain_length)
-        except DecompressionFailed as e:
-            raise FrameError(f"{where}: frame at offset {place.position}: {e}",
-                             offset=place.position) from None
+        if codec == RAW and len(stored) != plain_length:
+            raise FrameError(f"{where}: frame at offset {place.position}: raw frame of the "
+                             "wrong length", offset=place.position)
+        return codec, stored, plain_length
+
+
+def _decompress(codec: int, stored: bytes | memoryview, plain_length: int, place: Place,
+                where: str) -> bytes:
+    try:
+        return decompress(codec, stored, plain_length)
+    except DecompressionFailed as e:
+        raise FrameError(f"{where}: frame at offset {place.position}: {e}",
+                         offset=place.position) from None

@@ -440,3 +440,36 @@ def test_the_sealing_process_runs_below_its_parent(tmp_path):
             min(19, os.getpriority(os.PRIO_PROCESS, 0) + worker.NICE)
     finally:
         child.stop()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_whole_object_opens_into_one_buffer(encrypted):
+    """Opening a fetched segment takes memory for its plain bytes once:
+    frames opened straight into their place, not collected and then
+    joined (a 32 MiB segment took two more copies of itself at once).
+    Frames of both codecs, and the checks still hold."""
+    import tracemalloc
+
+    from lsbd.crypto import objects
+
+    cipher = Cipher(KEY) if encrypted else None
+    plain = (TEXT * 1000)[:1 << 20] + os.urandom(3 << 20)         # 4 MiB
+    args = dict(name=NAME, volume_id=VOLUME_ID, key_id=1, object_id=OBJECT_ID, frame_size=16384)
+    sealed = objects.seal(plain, framer=Framer(cipher, compress.Compressor(1, threads=1)),
+                          **args)
+
+    def open_whole(data: bytes) -> bytes:
+        return objects.open_whole(data, name=NAME, volume_id=VOLUME_ID,
+                                  framer_for=lambda tail: Framer(cipher))
+    tracemalloc.start()
+    try:
+        opened = open_whole(sealed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert opened == plain
+    assert peak < len(plain) + (256 << 10), peak
+    damaged = bytearray(sealed)
+    damaged[(2 << 20) + 7] ^= 1                                    # a bit in a raw frame
+    with pytest.raises(FrameError):
+        open_whole(bytes(damaged))
