@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from typing import Any
 
 from lsbd import linux
+from lsbd.errors import UserError
 from lsbd.store import Store, open_store
 
 
@@ -64,6 +66,34 @@ class Context:
             config = self._configs[volume] = load_config(self.plain_store, volume)
         return config
 
+    def cache_dir_error(self, e: OSError) -> str | None:
+        """One line for an error met in the cache dir (or in making it) that
+        names it and says how to choose another; None for an error elsewhere."""
+        if not isinstance(e.filename, (str, bytes)) or not e.filename:
+            return None
+        path = os.path.abspath(os.fsdecode(e.filename))
+        root = os.path.abspath(self.cache_dir)
+        if os.path.commonpath([path, root]) not in (path, root):
+            return None
+        hint = "choose another with --cache-dir or $LSBD_CACHE_DIR"
+        if os.path.exists(root) and not os.path.isdir(root):
+            return f"the cache dir {self.cache_dir} is not a directory: {hint}"
+        where = f" ({path})" if path.startswith(root + os.sep) else ""
+        return f"cannot use the cache dir {self.cache_dir}{where}: {e.strerror or e}: {hint}"
+
+    def check_cache_dir(self) -> None:
+        """Make the cache dir and write a file in it: a process about to fork
+        says now, in one line, that it cannot use it, rather than its forked
+        serving process later."""
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.cache_dir, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            e.filename = self.cache_dir     # not the probe's passing name
+            raise UserError(self.cache_dir_error(e) or str(e)) from None
+
     def before_fork(self, volume: str, *, writer: bool) -> None:
         """Before a serving process forks: read the volume's settings and get
         the passphrase of an encrypted volume (the forked process has no
@@ -75,6 +105,7 @@ class Context:
 
         from lsbd.meta.config import load_config
 
+        self.check_cache_dir()
         probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False,
                            create=self.create_store)
         try:

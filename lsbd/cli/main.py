@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.verbose >= 2:
             raise
-        print(f"lsbd: {describe_os_error(e)}", file=sys.stderr)
+        print(f"lsbd: {ctx.cache_dir_error(e) or describe_os_error(e)}", file=sys.stderr)
         return 1
     finally:
         ctx.close()

@@ -175,3 +175,28 @@ def test_a_mistyped_store_path_is_not_created(tmp_path):
             f"lsbd: no volume 'nv' in file://{tmp_path}/stroe"], (argv, proc.stderr)
     proc = run_cli("list", "--json", store=url, cache=tmp_path / "c")
     assert proc.returncode == 0 and [r["name"] for r in json.loads(proc.stdout)] == ["v"]
+
+
+def test_an_unusable_cache_dir_is_named(tmp_path):
+    """A cache dir that is a file, or cannot be made: one line that names the
+    cache dir and how to choose another, from a command that opens a volume
+    here, from serve, and from mount before its serving process forks."""
+    store = tmp_path / "store"
+    store.mkdir()
+    url = f"file://{store}"
+    assert run_cli("create", "v", "--size", "1M", store=url, cache=tmp_path / "c").returncode == 0
+    (tmp_path / "mnt").mkdir()
+    not_a_dir = tmp_path / "cachefile"
+    not_a_dir.write_bytes(b"")
+    commands = (["export", "v", tmp_path / "out.raw"], ["verify", "v"],
+                ["serve", "v", "--socket", tmp_path / "s.sock"], ["mount", "v", tmp_path / "mnt"])
+    for cache, needle in ((not_a_dir, f"the cache dir {not_a_dir} is not a directory"),
+                          (NOWHERE, f"cannot use the cache dir {NOWHERE}: ")):
+        for argv in commands:
+            proc = run_cli(*argv, store=url, cache=cache)
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            assert proc.returncode == 1 and len(lines) == 1, (argv, proc.stderr)
+            assert lines[0].startswith(f"lsbd: {needle}"), (argv, lines[0])
+            assert lines[0].endswith("choose another with --cache-dir or $LSBD_CACHE_DIR")
+    assert not_a_dir.read_bytes() == b"" and not os.path.exists(NOWHERE)
+    assert not (tmp_path / "s.sock").exists() and not os.path.ismount(tmp_path / "mnt")
