@@ -67,7 +67,9 @@ def run(args, ctx) -> int:
         return 0
     h = ui.human_size
     title = "compaction plan (dry run)" if args.dry_run else f"compaction of {args.volume}"
-    would = "it would " if args.dry_run else ""
+    # "segments it would delete" in a plan, "segments deleted" after a run.
+    deleted, reclaimed = (("it would delete", "it would reclaim") if args.dry_run
+                          else ("deleted", "reclaimed"))
     rows = [["segments rewritten (read)", report["segments_read"]],
             ["segments kept whole for snapshots/clones", report["skipped_pinned"]],
             ["bytes rewritten", h(report["bytes_rewritten"])]]
@@ -76,9 +78,9 @@ def run(args, ctx) -> int:
                  ["of which bytes rewritten in order", h(report["bytes_defragmented"])]]
     if not args.dry_run:
         rows += [["segments written", report["segments_written"]]]
-    rows += [[f"segments {would}delete", report["segments_deleted"]],
-             [f"checkpoints {would}delete", report["checkpoints_deleted"]],
-             [f"bytes {would}reclaim", h(report["bytes_reclaimed"])],
+    rows += [[f"segments {deleted}", report["segments_deleted"]],
+             [f"checkpoints {deleted}", report["checkpoints_deleted"]],
+             [f"bytes {reclaimed}", h(report["bytes_reclaimed"])],
              ["stored before / after", f"{h(report['stored_bytes_before'])} / "
                                        f"{h(report['stored_bytes_after'])}"]]
     if not args.dry_run:

@@ -398,3 +398,22 @@ def test_commands_go_through_the_writer_of_a_served_volume(file_cli, tmp_path):
     listed = json.loads(_ok(file_cli("list", "--json")).stdout)
     assert listed[0]["size"] == json.loads(_ok(file_cli("info", "v", "--json")).stdout)["size"]
     assert listed[0]["size"] == 32 * MiB
+
+
+def test_compact_tables_say_what_would_be_and_what_was_done(file_cli, tmp_path):
+    """A dry run's table says what compaction would delete and reclaim; a
+    real run's says what it deleted and reclaimed."""
+    raw = tmp_path / "disk.raw"
+    _random_file(raw, 4 * MiB)
+    _ok(file_cli("create", "v", "--size", "4M", "--retain", "0"))
+    _ok(file_cli("import", "v", raw))
+    _ok(file_cli("import", "v", raw))      # the first copy is all dead now
+    plan = _ok(file_cli("compact", "v", "--dry-run")).stdout
+    for label in ("segments it would delete", "checkpoints it would delete",
+                  "bytes it would reclaim"):
+        assert label in plan, plan
+    done = _ok(file_cli("compact", "v")).stdout
+    rows = {ln.split("│")[1].strip(): ln.split("│")[2].strip()
+            for ln in done.splitlines() if ln.count("│") == 3}
+    assert rows["segments deleted"] == "1" and rows["bytes reclaimed"] != "0 B", done
+    assert "checkpoints deleted" in rows and "would" not in done, done
