@@ -245,12 +245,15 @@ class Volume(ReadFace):
 
     def abandon(self) -> None:
         """Stop as a crash would: nothing sealed, flushed, uploaded or released
-        (the lease stays in the store).  For crash tests."""
+        (the lease stays in the store).  For crash tests.  Like a power cut,
+        it returns only once no thread of this volume can still upload: a
+        dead process sends nothing more, and every upload it had under way
+        has ended (stored or not) before the next open lists the store."""
         self._keep_lease()
         self._st.closed = True
-        self._teardown()
+        self._teardown(crash=True)
 
-    def _teardown(self) -> None:
+    def _teardown(self, *, crash: bool = False) -> None:
         st = self._st
         self._timer.stop.set()
         self._reader.close_defrag()
@@ -262,7 +265,7 @@ class Volume(ReadFace):
         # segment, a checkpoint): the map must not close under them.
         self._sealer.stop(drain=False)
         if st.uploader is not None:
-            st.uploader.close(0)
+            st.uploader.close(0, join=crash)
         self._timer.join(timeout=120)
         if st.open is not None:
             st.open.close_fd()

@@ -102,6 +102,12 @@ class Uploader:
         key = names.segment_key(self.volume, seq)
         delay = 0.1
         while self.fatal is None:
+            if self._closing:
+                # Closed: no new attempt (a crash stop waits for the ones running).
+                with self._cond:
+                    self._inflight.discard(seq)
+                    self._cond.notify_all()
+                return
             try:
                 path = self.path_of(seq)
                 if self.fence is not None:
@@ -205,11 +211,15 @@ class Uploader:
         since = self._failing_since
         return 0.0 if since is None else time.monotonic() - since
 
-    def close(self, timeout: float | None, *, stall: float | None = None) -> None:
+    def close(self, timeout: float | None, *, stall: float | None = None,
+              join: bool = False) -> None:
         """Stop: wait up to `timeout` for uploads in flight, then give up on them
         (they stay in the journal for the next open).  stall: give up sooner,
         once uploads have failed for this long with none getting through
-        (the store is down: waiting longer only delays the stop)."""
+        (the store is down: waiting longer only delays the stop).  join: also
+        wait for the attempts running to end, so that nothing of this writer
+        reads the cache dir or reaches the store once close returns (a crash
+        stop: after a power cut the dead writer's requests are all settled)."""
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._inflight and self.fatal is None and not self._closing:
@@ -222,4 +232,4 @@ class Uploader:
             self._closing = True
             self._cond.notify_all()  # waiters give up: nothing more will be stored
         self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=join, cancel_futures=True)
