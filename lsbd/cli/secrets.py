@@ -55,6 +55,10 @@ def new_secret(*, key_file: str | None, passphrase_file: str | None,
                env: str = "LSBD_NEW_PASSPHRASE", fallback_env: str | None = None) -> Secret:
     """A new passphrase or key file for a key slot."""
     if key_file:
+        if not os.path.exists(key_file):
+            # lsbd reads key files, never makes them: say how.
+            raise UserError(f"no key file {key_file}: make one first, e.g. "
+                            f"`head -c 32 /dev/urandom > {key_file}`")
         return Secret(KEYFILE, _read_file(key_file, "key file"))
     if passphrase_file:
         return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file))
