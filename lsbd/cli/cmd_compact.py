@@ -40,6 +40,7 @@ def register(sub) -> None:
 
 
 def run(args, ctx) -> int:
+    from lsbd.crypto.keystore import stale_segments
     from lsbd.meta.config import load_config
     from lsbd.service.writer import ask_writer, run_on_writer
 
@@ -53,8 +54,6 @@ def run(args, ctx) -> int:
                       timeout=10) is not None:
             raise UserError(f"{args.volume} is mounted or served, and its writer seals with the "
                             "data key it was opened with: stop it, then compact --rekey")
-        from lsbd.crypto.keystore import stale_segments
-
         request["force"] = sorted(stale_segments(ctx.plain_store, args.volume,
                                                  ctx.keyring(args.volume).current))
     with ui.count_progress("compacting") as update:
@@ -62,6 +61,15 @@ def run(args, ctx) -> int:
                                break_lease=args.break_lease, progress=update, timeout=3600,
                                prepare=ctx.unlock).value
     report["why"] = why(report)
+    if args.rekey and not args.dry_run:
+        left = len(stale_segments(ctx.plain_store, args.volume,
+                                  ctx.keyring(args.volume).current))
+        report["stale_key_segments"] = left
+        if left:
+            report["why"].append(
+                f"{left} segments are still sealed with an older data key: snapshots, clones "
+                "or the retention window need them as they are, so `lsbd key retire` refuses "
+                "that key until they are released and compacted")
     if args.json:
         ui.print_json(report)
         return 0

@@ -261,14 +261,18 @@ def test_rotate_compact_rekey_then_retire_the_old_key(env, tmp_path):
     env.run("snapshot", "create", "v", "s")
     env.run("clone", "--snapshot", "s", "v", "kid")
     env.run("key", "rotate", "v")
-    env.run("compact", "v", "--rekey")
-    # The snapshot (and the clone) still need the old segments as they are.
+    held = env.run("compact", "v", "--rekey").stdout
+    # The snapshot (and the clone) still need the old segments as they are,
+    # and compact says so.
+    assert "still sealed with an older data key" in held, held
     one_line_error(env.run("key", "retire", "v", "1", check=False), "still seals")
     env.run("export", "v", "--snapshot", "s", str(tmp_path / "s.img"))
     assert (tmp_path / "s.img").read_bytes()[:len(data)] == data
     env.run("delete", "kid")
     env.run("snapshot", "delete", "v", "s")
-    env.run("compact", "v", "--rekey")
+    report = json.loads(env.run("compact", "v", "--rekey", "--json").stdout)
+    assert report["stale_key_segments"] == 0 and not any("older data key" in w
+                                                         for w in report["why"]), report
     listing = json.loads(env.run("key", "list", "v", "--json").stdout)["data_keys"]
     assert {k["id"]: k["objects"] for k in listing}[1] == 0, listing
     env.run("key", "retire", "v", "1")
