@@ -9,7 +9,8 @@ from lsbd.errors import UserError
 def register(sub) -> None:
     p = command(sub, "import", help="copy a raw disk image or a block device into a volume",
                 description="Copy a raw disk image (a file) or a block device into VOLUME from "
-                            "offset 0; blocks of zeros stay holes. qcow2, VMDK, VHD, VHDX and "
+                            "offset 0, replacing what the volume held there; holes and blocks "
+                            "of zeros read as zeros and take no space. qcow2, VMDK, VHD, VHDX and "
                             "VDI images are refused: convert them with `qemu-img convert -O raw` "
                             "first.",
                 examples=["vm2 disk.raw", "vm2 /dev/sdb", "vm2 odd.bin --raw"])

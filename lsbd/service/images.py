@@ -103,7 +103,10 @@ def import_image(volume, path: str, *, raw: bool = False,
         if size > volume.size:
             raise UserError(f"{path} ({size} bytes) is larger than volume {volume.name} "
                             f"({volume.size} bytes)")
+        copied = 0          # the volume matches the file up to here
         for start, end in _data_ranges(fd, size):
+            _zero_allocated(volume, copied, start)
+            copied = end
             offset = start
             while offset < end:
                 try:
@@ -116,10 +119,20 @@ def import_image(volume, path: str, *, raw: bool = False,
                 offset += len(chunk)
                 if progress:
                     progress(offset, size)
+        _zero_allocated(volume, copied, size)
         volume.flush()
         return size
     finally:
         os.close(fd)
+
+
+def _zero_allocated(volume, start: int, end: int) -> None:
+    """A hole of the file reads as zeros in the volume too: zero what the
+    volume holds there (an import into a new volume writes nothing)."""
+    if end > start:
+        for run in volume.allocation(start, end - start):
+            if run.allocated:
+                volume.write_zeroes(run.offset, run.length)
 
 
 # --- out -----------------------------------------------------------------------------

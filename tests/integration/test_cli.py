@@ -417,3 +417,23 @@ def test_compact_tables_say_what_would_be_and_what_was_done(file_cli, tmp_path):
             for ln in done.splitlines() if ln.count("│") == 3}
     assert rows["segments deleted"] == "1" and rows["bytes reclaimed"] != "0 B", done
     assert "checkpoints deleted" in rows and "would" not in done, done
+
+
+def test_import_of_a_sparse_image_replaces_what_the_volume_held(file_cli, tmp_path):
+    """The holes of an imported sparse image read as zeros afterwards, also
+    where the volume held data before: the volume is a copy of the image."""
+    old = tmp_path / "old.raw"
+    _random_file(old, 4 * MiB)
+    sparse = tmp_path / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(3 * MiB)                 # a hole, data, and a hole up to the end
+        f.seek(MiB)
+        f.write(os.urandom(64 * 1024))
+    _ok(file_cli("create", "v", "--size", "4M"))
+    _ok(file_cli("import", "v", old))
+    _ok(file_cli("import", "v", sparse))
+    out = tmp_path / "out.raw"
+    _ok(file_cli("export", "v", out))
+    got = out.read_bytes()
+    assert got[:3 * MiB] == sparse.read_bytes(), "the image's holes still hold old data"
+    assert got[3 * MiB:] == old.read_bytes()[3 * MiB:]      # past the image: as it was
