@@ -48,7 +48,12 @@ def run_import(args, ctx) -> int:
     load_config(ctx.store, args.volume)
     with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol, \
             ui.byte_steps(f"importing into {vol.name}") as update:
-        size = import_image(vol, args.file, raw=args.raw, progress=update)
+        try:
+            size = import_image(vol, args.file, raw=args.raw, progress=update)
+        except KeyboardInterrupt:
+            # What was copied stays (the volume closes as ever): say so.
+            raise KeyboardInterrupt(f"{args.volume} holds the part of {args.file} copied so "
+                                    "far; import again to copy all of it") from None
         ui.note("uploading ...")
     ui.done({"volume": args.volume, "file": args.file, "bytes": size},
             f"imported {ui.human_size(size)} into {ui.bold(args.volume)}")
@@ -65,7 +70,11 @@ def run_export(args, ctx) -> int:
         return _export_changes(args, ctx, config, target)
     with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol, \
             ui.byte_progress(f"exporting {vol.name}", vol.size) as advance:
-        size = export_image(vol, args.file, progress=advance)
+        try:
+            size = export_image(vol, args.file, progress=advance)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{args.file} holds only part of {args.volume}; export "
+                                    "again") from None
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0
@@ -88,7 +97,11 @@ def _export_changes(args, ctx, config, target: int | None) -> int:
                                                                                     _size), \
             ctx.open_volume(args.volume, read_only=True, at_seq=new) as vol, \
             ui.byte_steps(f"exporting changes of {vol.name}") as update:
-        count, total = export_changes(vol, args.file, ranges, progress=update)
+        try:
+            count, total = export_changes(vol, args.file, ranges, progress=update)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{args.file} holds some of the changes only; run the same "
+                                    "export --from again") from None
     ui.done({"volume": args.volume, "file": args.file, "from_seq": old, "to_seq": new,
              "ranges": count, "bytes": total},
             f"wrote {count} changed ranges ({ui.human_size(total)}) of "

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                   create_store=getattr(args, "creates_store", False))
     try:
         return int(args.func(args, ctx) or 0)
-    except KeyboardInterrupt:
-        print("lsbd: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # A command may say what the interruption left (a partial copy).
+        print(f"lsbd: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except LsbdError as e:
         # One clear line, no traceback (-vv shows it).

@@ -437,3 +437,45 @@ def test_import_of_a_sparse_image_replaces_what_the_volume_held(file_cli, tmp_pa
     got = out.read_bytes()
     assert got[:3 * MiB] == sparse.read_bytes(), "the image's holes still hold old data"
     assert got[3 * MiB:] == old.read_bytes()[3 * MiB:]      # past the image: as it was
+
+
+INTERRUPT_IMPORT = r'''
+import sys
+from lsbd.cli import main
+from lsbd.service import images
+
+real = images.import_image
+
+def interrupted_after_one_chunk(volume, path, *, raw=False, progress=None):
+    def stop(done, size):
+        raise KeyboardInterrupt     # Ctrl-C once the first chunk is written
+    return real(volume, path, raw=raw, progress=stop)
+
+images.import_image = interrupted_after_one_chunk
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_an_interrupted_import_says_what_it_left_and_keeps_it(tmp_path):
+    """Ctrl-C during an import: exit 130, one line saying that the volume
+    holds the part copied so far, and that part is in the volume."""
+    import subprocess
+    import sys
+
+    store, cache = tmp_path / "store", tmp_path / "cache"
+    store.mkdir()
+    url = f"file://{store}"
+    raw = tmp_path / "disk.raw"
+    _random_file(raw, 12 * MiB)
+    _ok(run_cli("create", "v", "--size", "16M", store=url, cache=cache))
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_IMPORT, "--store", url,
+                           "--cache-dir", str(cache), "import", "v", str(raw)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [f"lsbd: interrupted: v holds the part of {raw} copied "
+                                        "so far; import again to copy all of it"], proc.stderr
+    out = tmp_path / "out.raw"
+    _ok(run_cli("export", "v", out, store=url, cache=cache))
+    got, want = out.read_bytes(), raw.read_bytes()
+    assert got[:4 * MiB] == want[:4 * MiB], "the part copied before Ctrl-C is lost"
+    assert got[4 * MiB:] != want[4 * MiB:]
