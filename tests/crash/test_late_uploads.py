@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 from engine_helpers import BS, MiB, blocks, open_test_store
 
@@ -86,7 +87,8 @@ def test_a_crash_stop_returns_only_once_no_upload_runs(tmp_path, store_url):
 def test_a_crash_stop_ends_the_retries_of_failed_uploads(tmp_path, store_url, monkeypatch):
     """An upload waiting to retry a failed put makes no new attempt once
     the writer is stopped by a crash."""
-    monkeypatch.setattr(uploader_mod.random, "random", lambda: 100.0)  # a long wait
+    # The wait before a retry: 10 s, so that the stop comes inside it.
+    monkeypatch.setattr(uploader_mod, "random", SimpleNamespace(random=lambda: 100.0))
     store, cache = _volume(tmp_path, store_url)
     store.fail(op="put", key_prefix="volumes/vol/seg/", times=None, error=TransientStoreError)
     try:
