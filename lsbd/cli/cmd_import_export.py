@@ -28,7 +28,9 @@ def register(sub) -> None:
                             "is created or replaced and comes out sparse (holes stay holes); a "
                             "block device gets every block (holes as zeros) and is never "
                             "truncated. With --from, FILE already holds an older state and only "
-                            "the changed blocks are written.",
+                            "the changed blocks are written. A volume mounted or served here is "
+                            "copied as it is now: its writer first puts what it holds in the "
+                            "store.",
                 examples=["vm2 copy.raw", "vm1 old.raw --at -2h", "vm1 /dev/sdc --snapshot s1",
                           "vm1 backup.raw --from s1 --snapshot s2"])
     add_volume(p)
@@ -66,6 +68,8 @@ def run_export(args, ctx) -> int:
 
     config = load_config(ctx.store, args.volume)
     target = resolve_args(ctx.store, config, args)
+    if target is None:
+        target = _live_state(ctx, args.volume)
     if args.from_point is not None:
         return _export_changes(args, ctx, config, target)
     with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol, \
@@ -78,6 +82,23 @@ def run_export(args, ctx) -> int:
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0
+
+
+def _live_state(ctx, volume: str) -> int | None:
+    """The seq of the volume's state now: a writer running here (a mount or
+    `lsbd serve`) first puts what it holds into the store, as for a clone.
+    None without one: the newest state in the store."""
+    from lsbd.meta.lease import read_holder
+    from lsbd.service.writer import ask_writer
+
+    seq = ask_writer(ctx.store, volume, {"op": "flush"}, cache_root=ctx.cache_dir)
+    if seq is None:
+        holder = read_holder(ctx.plain_store, volume)
+        if holder is not None and holder.is_dead_local_process():
+            ui.note(f"the last writer of {volume} ({holder.describe()}) stopped without "
+                    "closing: writes it did not upload are in its journal, not in this export "
+                    f"(`lsbd serve {volume}` or `lsbd mount` on this machine replays them)")
+    return seq
 
 
 def _export_changes(args, ctx, config, target: int | None) -> int:

@@ -479,3 +479,39 @@ def test_an_interrupted_import_says_what_it_left_and_keeps_it(tmp_path):
     got, want = out.read_bytes(), raw.read_bytes()
     assert got[:4 * MiB] == want[:4 * MiB], "the part copied before Ctrl-C is lost"
     assert got[4 * MiB:] != want[4 * MiB:]
+
+
+def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
+    """`lsbd export` of a volume `lsbd serve` holds copies what was written
+    through NBD (the writer puts it in the store first); after the server is
+    killed, export says that writes it did not upload wait in its journal."""
+    import signal
+    import subprocess
+
+    from engine_helpers import LSBD
+    from nbd_helpers import require_tools, run_tool
+
+    require_tools("nbdcopy")
+    _ok(file_cli("create", "v", "--size", "4M"))
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen([LSBD, "--store", "file://" + str(tmp_path / "store"),
+                               "--cache-dir", str(tmp_path / "cache"), "serve", "v",
+                               "--socket", str(sock)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stderr.readline()
+        first, second = tmp_path / "first", tmp_path / "second"
+        first.write_bytes(os.urandom(4 * MiB))
+        second.write_bytes(os.urandom(4 * MiB))
+        uri = f"nbd+unix:///v?socket={sock}"
+        run_tool("nbdcopy", str(first), uri)       # ends with a FLUSH: in the journal
+        out = tmp_path / "out.raw"
+        proc = _ok(file_cli("export", "v", out))
+        assert out.read_bytes() == first.read_bytes(), "export missed the served writes"
+        assert "last writer" not in proc.stderr
+        run_tool("nbdcopy", str(second), uri)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=60)
+    proc = _ok(file_cli("export", "v", out))
+    assert "stopped without closing: writes it did not upload are in its journal" in proc.stderr
