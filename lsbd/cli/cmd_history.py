@@ -6,7 +6,7 @@ import math
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
-from lsbd.cli.points import add_point_args, resolve_args
+from lsbd.cli.points import add_point_args, live_state, resolve_args
 from lsbd.errors import UserError
 
 
@@ -186,7 +186,11 @@ def run_diff(args, ctx) -> int:
     store = ctx.store
     config = load_config(store, args.volume)
     old = resolve_word(store, config, args.from_point)
-    new = resolve_word(store, config, args.to_point)
+    new = None
+    if args.to_point == "live":
+        new = live_state(ctx, args.volume, "this diff")
+    if new is None:
+        new = resolve_word(store, config, args.to_point)
     if old > new:
         raise UserError(f"--from ({args.from_point}, seq {old}) is newer than --to "
                         f"({args.to_point}, seq {new})")

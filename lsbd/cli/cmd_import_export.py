@@ -2,7 +2,7 @@
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command, path_arg
-from lsbd.cli.points import add_point_args, resolve_args
+from lsbd.cli.points import add_point_args, live_state, resolve_args
 from lsbd.errors import UserError
 
 
@@ -69,7 +69,7 @@ def run_export(args, ctx) -> int:
     config = load_config(ctx.store, args.volume)
     target = resolve_args(ctx.store, config, args)
     if target is None:
-        target = _live_state(ctx, args.volume)
+        target = live_state(ctx, args.volume, "this export")
     if args.from_point is not None:
         return _export_changes(args, ctx, config, target)
     with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol, \
@@ -82,23 +82,6 @@ def run_export(args, ctx) -> int:
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0
-
-
-def _live_state(ctx, volume: str) -> int | None:
-    """The seq of the volume's state now: a writer running here (a mount or
-    `lsbd serve`) first puts what it holds into the store, as for a clone.
-    None without one: the newest state in the store."""
-    from lsbd.meta.lease import read_holder
-    from lsbd.service.writer import ask_writer
-
-    seq = ask_writer(ctx.store, volume, {"op": "flush"}, cache_root=ctx.cache_dir)
-    if seq is None:
-        holder = read_holder(ctx.plain_store, volume)
-        if holder is not None and holder.is_dead_local_process():
-            ui.note(f"the last writer of {volume} ({holder.describe()}) stopped without "
-                    "closing: writes it did not upload are in its journal, not in this export "
-                    f"(`lsbd serve {volume}` or `lsbd mount` on this machine replays them)")
-    return seq
 
 
 def _export_changes(args, ctx, config, target: int | None) -> int:

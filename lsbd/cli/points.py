@@ -72,3 +72,22 @@ def resolve_args(store, config, args) -> int | None:
 
     return resolve(store, config, snapshot=getattr(args, "snapshot", None),
                    seq=getattr(args, "seq", None), at=getattr(args, "at", None))
+
+
+def live_state(ctx, volume: str, reader: str) -> int | None:
+    """The seq of the volume's state now: a writer running here (a mount or
+    `lsbd serve`) first puts what it holds into the store, as for a clone.
+    None without one: the newest state in the store, and a note when the
+    last writer died with writes in its journal that `reader` cannot see."""
+    from lsbd.cli import ui
+    from lsbd.meta.lease import read_holder
+    from lsbd.service.writer import ask_writer
+
+    seq = ask_writer(ctx.store, volume, {"op": "flush"}, cache_root=ctx.cache_dir)
+    if seq is None:
+        holder = read_holder(ctx.plain_store, volume)
+        if holder is not None and holder.is_dead_local_process():
+            ui.note(f"the last writer of {volume} ({holder.describe()}) stopped without "
+                    f"closing: writes it did not upload are in its journal, not in {reader} "
+                    f"(`lsbd serve {volume}` or `lsbd mount` on this machine replays them)")
+    return seq

@@ -506,10 +506,14 @@ def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
         uri = f"nbd+unix:///v?socket={sock}"
         run_tool("nbdcopy", str(first), uri)       # ends with a FLUSH: in the journal
         out = tmp_path / "out.raw"
-        proc = _ok(file_cli("export", "v", out))
+        proc = _ok(file_cli("export", "v", out, "--json"))
         assert out.read_bytes() == first.read_bytes(), "export missed the served writes"
         assert "last writer" not in proc.stderr
+        exported = json.loads(proc.stdout)["seq"]
         run_tool("nbdcopy", str(second), uri)
+        # diff to the live state sees the new writes too.
+        diff = json.loads(_ok(file_cli("diff", "v", "--from", f"#{exported}", "--json")).stdout)
+        assert diff["to_seq"] > exported and diff["changed_bytes"] == 4 * MiB, diff
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=60)
