@@ -42,7 +42,9 @@ def run(args, ctx) -> int:
         ["newest seq", info["newest_seq"]],
         ["checkpoints", UNKNOWN if checkpoints is None
          else ", ".join(str(c) for c in checkpoints) or "none"],
-        ["writer", info["writer"] or "none"],
+        ["writer", (f"{info['writer']}, exited without closing (`lsbd serve` or `lsbd mount` "
+                    "here replays its journal)") if info.get("writer_exited")
+         else info["writer"] or "none"],
         ["compression", info.get("compression", "?")],
         ["encryption", info.get("encryption") or "none"],
         ["data keys in use", ", ".join(f"key {k}: {n} objects" for k, n in

@@ -84,6 +84,9 @@ def volume_info(store: Store, name: str) -> dict:
         "parent": config.parent,
         "snapshots": [{"name": s.name, "seq": s.seq} for s in list_snapshots(store, config)],
         "writer": None if holder is None else holder.describe(),
+        # A process of this machine that died holding the lease: its journal
+        # waits for the next mount or serve here.
+        "writer_exited": holder is not None and holder.is_dead_local_process(),
         "store": store.url,
         "compression": config.compression,
         "encryption": config.encryption,

@@ -62,6 +62,7 @@ def describe_volume(store: Store, name: str, *, cache_root: str) -> dict:
     if live is not None:
         for key in ("size", "newest_seq", "durable_seq", "writer"):
             info[key] = live[key]
+        info["writer_exited"] = False
     return info
 
 

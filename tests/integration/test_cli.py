@@ -514,8 +514,15 @@ def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
         # diff to the live state sees the new writes too.
         diff = json.loads(_ok(file_cli("diff", "v", "--from", f"#{exported}", "--json")).stdout)
         assert diff["to_seq"] > exported and diff["changed_bytes"] == 4 * MiB, diff
+        assert json.loads(_ok(file_cli("info", "v", "--json")).stdout)["writer_exited"] is False
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=60)
     proc = _ok(file_cli("export", "v", out))
     assert "stopped without closing: writes it did not upload are in its journal" in proc.stderr
+    assert json.loads(_ok(file_cli("info", "v", "--json")).stdout)["writer_exited"] is True
+    assert "exited without closing" in _ok(file_cli("info", "v")).stdout
+    # The next writer replays the journal: the note goes, the writes come.
+    _ok(file_cli("checkpoint", "v"))
+    proc = _ok(file_cli("export", "v", out))
+    assert "last writer" not in proc.stderr and out.read_bytes() == second.read_bytes()
