@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _join_negative_values(argv: list[str]) -> list[str]:
-    """Let `--at -15m` mean `--at=-15m` (argparse takes -15m for an option)."""
+def _join_negative_values(argv: list[str], takes_value: set[str]) -> list[str]:
+    """Let `--at -15m` mean `--at=-15m` (argparse takes -15m for an option),
+    and so for every option that takes a value: `--size -1G` is then a bad
+    size, not a missing argument."""
     out = []
     i = 0
     while i < len(argv):
-        if argv[i] in ("--at", "--from", "--to") and i + 1 < len(argv) \
+        if argv[i] in takes_value and i + 1 < len(argv) \
                 and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
@@ -76,7 +78,10 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+        takes_value = {o for p in all_parsers(parser) for a in p._actions if a.nargs != 0
+                       for o in a.option_strings}
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv,
+                                                       takes_value))
     except LsbdError as e:
         print(f"lsbd: {e}", file=sys.stderr)
         return USAGE_ERROR

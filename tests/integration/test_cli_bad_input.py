@@ -136,6 +136,9 @@ def test_no_input_ends_in_a_traceback(tmp_path):
     (["create", "x", "--size", "inf"], ["inf"]),
     (["retain", "v", "nan"], ["nan"]),
     (["compact", "v", "--threshold", "2"], ["threshold"]),
+    # A negative value after a space is the option's value, not an option.
+    (["create", "x", "--size", "-1G"], ["-1G"]),
+    (["compact", "v", "--threshold", "-0.5"], ["-0.5"]),
 ])
 def test_bad_values_are_named(tmp_path, argv, needles):
     store = tmp_path / "store"
