@@ -96,7 +96,8 @@ def problem(text: str) -> None:
 
 
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:
-    t = Table(title=title)
+    # A key/value table (no column names) has no empty header row.
+    t = Table(title=title, show_header=any(columns))
     for c in columns:
         t.add_column(c)
     for r in rows:

@@ -417,6 +417,8 @@ def test_compact_tables_say_what_would_be_and_what_was_done(file_cli, tmp_path):
             for ln in done.splitlines() if ln.count("│") == 3}
     assert rows["segments deleted"] == "1" and rows["bytes reclaimed"] != "0 B", done
     assert "checkpoints deleted" in rows and "would" not in done, done
+    # A key/value table has no (empty) header row.
+    assert "┃" not in done and "┃" not in _ok(file_cli("info", "v")).stdout, done
 
 
 def test_import_of_a_sparse_image_replaces_what_the_volume_held(file_cli, tmp_path):
