@@ -23,9 +23,13 @@ import time
 
 from lsbd import linux
 
-#: Bytes of fetched segments held in memory (4 segments of the default size),
-#: beyond those whose copy into the cache dir is under way.
-HELD_BYTES = 128 << 20
+#: Bytes of fetched segments held in memory (2 segments of the default size),
+#: beyond those whose copy into the cache dir is under way.  With two
+#: fetches in flight (lsbd.segments.fetch) a cold read from a distant store
+#: peaked at 249-277 MiB resident (222-241 MiB anonymous after it), against
+#: 355-407 MiB with 128 MiB and four, at the same speed (docs/operations.md;
+#: #15 bounds the serving process at 256 MiB anonymous).
+HELD_BYTES = 64 << 20
 #: Seconds a segment in the cache dir stays held after its last use.
 IDLE = 5.0
 
