@@ -378,6 +378,12 @@ class LocalCopies:
             for seq in list(self._files):
                 self._retire_locked(seq)
 
+    def forget_indexes(self) -> None:
+        """Drop every parsed index: each is read again on its next use."""
+        with self._lock:
+            self._indexes.clear()
+            self._index_bytes = 0
+
     def _cached_index(self, seq: int) -> SegmentIndex | None:
         with self._lock:
             idx = self._indexes.get(seq)

@@ -172,9 +172,7 @@ def test_readers_that_want_one_index_together_load_it_once(store, tmp_path, monk
             written[lba] = i
         testing.seal_now(vol)
         files = testing.local_files(vol)
-        with files._lock:
-            files._indexes.clear()
-            files._index_bytes = 0
+        files.forget_indexes()
         loads: list[str] = []
         real = segfiles.read_sealed_index_from
 
