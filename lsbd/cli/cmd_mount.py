@@ -106,6 +106,8 @@ def readahead_arg(text: str | None) -> int:
     value = parse_size(text)
     if value > READAHEAD_MAX:
         raise UserError(f"bad --readahead {text!r}: at most {READAHEAD_MAX >> 20}M")
+    if 0 < value < 4096:    # whole pages: it would round down to none
+        raise UserError(f"bad --readahead {text!r}: at least 4K (0 for none)")
     return value // 4096 * 4096
 
 
