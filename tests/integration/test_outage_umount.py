@@ -50,6 +50,11 @@ def _pending(env: FuseEnv) -> int:
     return json.loads(r.stdout)["uploads_pending"] if r.returncode == 0 else -1
 
 
+def _upload_error(env: FuseEnv) -> str | None:
+    r = env.lsbd("stats", "vol", "--json", check=False, timeout=60)
+    return json.loads(r.stdout).get("upload_error") if r.returncode == 0 else None
+
+
 @pytest.mark.fuse
 @pytest.mark.parametrize("stop", ["umount --timeout 10", "umount --timeout 3", "SIGTERM"])
 def test_stop_during_an_outage(outage_env, tmp_path, stop):
@@ -73,6 +78,11 @@ def test_stop_during_an_outage(outage_env, tmp_path, stop):
 
     proxy.set_cut(True)                               # the store is down
     _write(image, written, 4, 4, sync=True)
+    if stop != "SIGTERM":
+        # The umount must name the error the uploads met: wait until one has
+        # (on a busy machine the segments may not even be sealed yet).
+        assert wait_until(lambda: _upload_error(env), timeout=60), \
+            "no upload failed while the store was down"
 
     started = time.monotonic()
     if stop == "SIGTERM":
