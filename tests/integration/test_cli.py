@@ -170,6 +170,18 @@ def test_import_of_a_missing_file_is_one_line(file_cli, tmp_path):
     assert "no-such-file" in line
 
 
+def _serve(tmp_path, sock):
+    """`lsbd serve v` on the test's file:// store, its stderr piped."""
+    import subprocess
+
+    from engine_helpers import LSBD
+
+    return subprocess.Popen([LSBD, "--store", "file://" + str(tmp_path / "store"),
+                             "--cache-dir", str(tmp_path / "cache"), "serve", "v",
+                             "--socket", str(sock)],
+                            stderr=subprocess.PIPE, text=True)
+
+
 def _unreachable(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -361,19 +373,13 @@ def test_commands_go_through_the_writer_of_a_served_volume(file_cli, tmp_path):
     """checkpoint (which failed with "in use"), snapshot, resize, stats and
     compact on a volume `lsbd serve` holds: its writer does them."""
     import signal
-    import subprocess
-
-    from engine_helpers import LSBD
 
     _ok(file_cli("create", "v", "--size", "16M", "--retain", "0"))
     src = tmp_path / "in"
     src.write_bytes(os.urandom(2 * MiB))
     _ok(file_cli("import", "v", src))
     sock = tmp_path / "nbd.sock"
-    server = subprocess.Popen([LSBD, "--store", "file://" + str(tmp_path / "store"),
-                               "--cache-dir", str(tmp_path / "cache"), "serve", "v",
-                               "--socket", str(sock)],
-                              stderr=subprocess.PIPE, text=True)
+    server = _serve(tmp_path, sock)
     try:
         assert "serving" in server.stderr.readline()
         done = json.loads(_ok(file_cli("checkpoint", "v", "--json")).stdout)
@@ -488,18 +494,13 @@ def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
     through NBD (the writer puts it in the store first); after the server is
     killed, export says that writes it did not upload wait in its journal."""
     import signal
-    import subprocess
 
-    from engine_helpers import LSBD
     from nbd_helpers import require_tools, run_tool
 
     require_tools("nbdcopy")
     _ok(file_cli("create", "v", "--size", "4M"))
     sock = tmp_path / "nbd.sock"
-    server = subprocess.Popen([LSBD, "--store", "file://" + str(tmp_path / "store"),
-                               "--cache-dir", str(tmp_path / "cache"), "serve", "v",
-                               "--socket", str(sock)],
-                              stderr=subprocess.PIPE, text=True)
+    server = _serve(tmp_path, sock)
     try:
         assert "serving" in server.stderr.readline()
         first, second = tmp_path / "first", tmp_path / "second"
