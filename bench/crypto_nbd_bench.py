@@ -16,12 +16,18 @@
    socket) and the time that takes is shown apart ("catch-up"): on a
    file:// store a plain volume's uploads are hard links, while a sealed
    one compresses, encrypts and writes every segment again, and the next
-   job must not be charged for that.  Every server gets --cache-limit 8G
+   job must not be charged for that; then a checkpoint is written, also
+   untimed, so that every write round starts from the same state and none
+   carries a checkpoint (one every 64 segments, 0.3-1.7 s of CPU, else
+   landing in one subject's 5 s round and not the other's).  Before the
+   random write rounds each subject takes WARMUP_REGIONS regions of untimed
+   random writes (WARMUP_REGIONS says why).  Every server gets --cache-limit 8G
    (CACHE_LIMIT says why).  Also: the CPU time the server and its sealing
    process spend per request (per MiB for 1 MiB jobs), the catch-up
-   included, a figure the load of a shared machine sways less than the
-   rates; the server's anonymous RSS (its peak, with its sealing
-   process's, from /proc); and the bytes each store holds.
+   and checkpoint included, by round and its median, a figure the load of
+   a shared machine sways less than the rates; the server's anonymous RSS
+   (its peak, with its sealing process's, from /proc); and the bytes each
+   store holds.
 2. An ext4 image holding real files (default /usr/share/doc, /usr/share/man
    and this virtualenv's packages, via mkfs.ext4 -d) plus as much random
    data, imported into a plain and into a compressed, encrypted volume: the
@@ -63,6 +69,19 @@ JOBS = [("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k")
 #: with the default 1 GiB its random reads went partly to the store, which
 #: measured the cache's size, not what compression and encryption cost.
 CACHE_LIMIT = "8G"
+#: Untimed random writes per subject before the timed rounds, in multiples of
+#: the region.  A random write's journal goes into a new page-cache page; a
+#: segment's pages are let go (lsbd.segments.copies.drop_page_cache) only
+#: once all its blocks are overwritten, about ln(blocks per segment) regions
+#: of random writes later (4.5 GiB for 512 MiB), so until then each volume's
+#: cache grows into free memory.  On a virtual machine that hands free
+#: memory back to its host (free page reporting), a page taken from there
+#: costs a fault in the host when first written: perf put 28% of a plain
+#: server's samples in the kernel's copy into the page cache in such rounds
+#: (2% in others), 12-18 us of system time per write against 6-8, falling
+#: on whichever subject ran then.  After the warm-up every round reuses the
+#: pages its own volume lets go, as a volume in use for a while does.
+WARMUP_REGIONS = 10
 #: The most #13 allows a compressed, encrypted volume to lose on random I/O.
 RANDOM_LIMIT = 0.85
 
@@ -100,6 +119,14 @@ class Server:
         reply = control.call(self.control, {"op": "flush"}, timeout=600)
         if not reply or not reply.get("ok"):
             raise RuntimeError(f"flush failed: {reply}")
+        return time.monotonic() - start
+
+    def checkpoint(self) -> float:
+        """Seconds to write a checkpoint of the map (none if one is current)."""
+        start = time.monotonic()
+        reply = control.call(self.control, {"op": "checkpoint"}, timeout=600)
+        if not reply or not reply.get("ok"):
+            raise RuntimeError(f"checkpoint failed: {reply}")
         return time.monotonic() - start
 
     def cpu_seconds(self) -> float:
@@ -176,10 +203,20 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             stack.callback(sampling(server).set)
             fio(server.uri, "write", "1M", size=size, runtime=None)     # the untimed fill
             print(f"  {name}: fill, then {server.flush():.1f}s to catch up", flush=True)
+        if any(rw == "randwrite" for _j, rw, _b in JOBS):
+            for name, server in servers.items():
+                start = time.monotonic()
+                fio(server.uri, "randwrite", "4k", size=size, runtime=None,
+                    io_size=WARMUP_REGIONS * parse_size(size))
+                server.flush()
+                server.checkpoint()
+                print(f"  {name}: warm-up, {WARMUP_REGIONS} x {size} of random writes in "
+                      f"{time.monotonic() - start:.0f}s", flush=True)
         for job, rw, bs in JOBS:
             key = "iops" if bs == "4k" else "mib_s"
             for name, _ in SUBJECTS:
-                results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0}
+                results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0,
+                                      "checkpoint": 0.0}
             for i in range(rounds):
                 # Every other round in the reverse order: a load that rises
                 # (or falls) through a round then favours neither subject.
@@ -187,6 +224,10 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
                     cpu = servers[name].cpu_seconds()
                     r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
                     catch_up = servers[name].flush() if "write" in rw else 0.0
+                    if "write" in rw:
+                        # Untimed, like the catch-up: every round starts from a
+                        # fresh checkpoint, so none falls inside a timed round.
+                        results[name][job]["checkpoint"] += servers[name].checkpoint()
                     cpu = servers[name].cpu_seconds() - cpu
                     results[name][job]["cpu"].append(cpu / (r["iops"] * r["seconds"]) * 1e6)
                     results[name][job]["runs"].append(r[key])
@@ -218,6 +259,8 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         if "write" in job:
             line += "   catch-up " + " / ".join(f"{results[n][job]['catch_up']:.1f}"
                                                for n, _ in SUBJECTS)
+            line += ", checkpoints " + " / ".join(f"{results[n][job]['checkpoint']:.1f}"
+                                                  for n, _ in SUBJECTS)
         if bs == "4k":
             last = results[SUBJECTS[-1][0]][job]["runs"]
             ratio = statistics.median(a / b for a, b in zip(last, plain))
@@ -226,6 +269,9 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         last = results[SUBJECTS[-1][0]][job]["runs"]
         print(f"  {'':14} {SUBJECTS[-1][0]} / plain by round: "
               + ", ".join(f"{a / b:.2f}" for a, b in zip(last, plain)))
+        print(f"  {'':14} server CPU per {'request' if bs == '4k' else 'MiB'} by round (us): "
+              + "; ".join(f"{n} " + " ".join(f"{c:.1f}" for c in results[n][job]["cpu"])
+                          for n, _ in SUBJECTS))
         cpus = {n: statistics.median(results[n][job]["cpu"]) for n, _ in SUBJECTS}
         unit = "request" if bs == "4k" else "MiB"
         print(f"  {'':14} server CPU per {unit} (with sealing, median): "
