@@ -241,6 +241,14 @@ class SealingStore(Store):
         with self._lock:
             self._volumes.pop(volume, None)
 
+    def object_file(self, key: str) -> str | None:
+        """The inner store's file of `key` when the object is stored as it is
+        (a plain volume's, on a file:// store); None when it is sealed."""
+        inner = getattr(self.inner, "object_file", None)
+        if inner is None or self.sealing(key) is not None:
+            return None
+        return inner(key)
+
     # --- the Store interface --------------------------------------------------------
 
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:

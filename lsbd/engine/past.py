@@ -48,7 +48,7 @@ class PastVolume(ReadFace):
             bmap = BlockMap(os.path.join(folder, "map"), config.block_size)
             files = SegmentFiles(os.path.join(folder, "segments"), store, lineage.segment_key,
                                  config.block_size, cache_limit=cache_limit,
-                                 keys=local_keys(store, config))
+                                 keys=local_keys(store, config), link_store_files=True)
             st = VolumeState(store=store, config=config, folder=folder, read_only=True,
                              flush_mode=flush_mode, lineage=lineage, bmap=bmap, files=files)
             plan, size = rebuild_from_store(bmap, store, config, upto=at_seq, progress=progress)

@@ -56,7 +56,8 @@ class LocalCopies:
     SegmentFiles (lsbd.segments.local) adds the reads."""
 
     def __init__(self, folder: str, store: Store, key_of: Callable[[int], str], block_size: int,
-                 *, cache_limit: int, keep_free: int = 0, keys: LocalKeys | None = None):
+                 *, cache_limit: int, keep_free: int = 0, keys: LocalKeys | None = None,
+                 link_store_files: bool = False):
         os.makedirs(folder, exist_ok=True)
         self.keys = keys     # an encrypted volume's: every file here is encrypted
         for name in os.listdir(folder):
@@ -87,6 +88,13 @@ class LocalCopies:
         self._folder_lock = threading.Lock()
         self._closed = False
         self.fetcher = Fetcher(self._fetch_whole, enabled=not self._store_is_local)
+        # link_store_files: a plain volume's objects in a file:// store are
+        # its sealed segment files byte for byte, so a read-only view links
+        # them into its private folder rather than read them block by block
+        # through the store.  Sealed objects, and stores that wrap the local
+        # one (faults in tests), are read.
+        self._object_file: Callable[[str], str | None] | None = (
+            getattr(store, "object_file", None) if link_store_files else None)
         # Called with a seq when a read first reads that segment fetched whole
         # (or waits for that fetch): the reader above starts fetching the
         # segments it will likely want next (lsbd.engine.reader).
@@ -163,11 +171,38 @@ class LocalCopies:
 
     def is_local(self, seq: int) -> bool:
         """Whether reads of `seq` are served from a local file (or from its
-        fetched bytes while the file is written)."""
+        fetched bytes while the file is written); a file:// store's file is
+        linked in here if it may be (link_store_files)."""
         with self._lock:
             if seq in self._files or seq in self.held:
                 return True
-        return os.path.exists(self.path(seq))
+        return os.path.exists(self.path(seq)) or self._link_from_store(seq)
+
+    def _link_from_store(self, seq: int) -> bool:
+        """Link the store's file of sealed segment `seq` in as its local copy
+        (see __init__); whether there is one now."""
+        object_file = self._object_file
+        if object_file is None:
+            return False
+        with self._folder_lock:
+            if self._closed:
+                return False
+            source = object_file(self.key_of(seq))
+            if source is None:      # sealed objects: never linkable
+                self._object_file = None
+                return False
+            try:
+                os.link(source, self.path(seq))
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                return False       # not in the store (or deleted): read as before
+            except OSError as e:   # another file system (EXDEV), or not allowed
+                log.info("segment files cannot be linked from the store (%s): reading "
+                         "them through it", e)
+                self._object_file = None
+                return False
+        return True
 
     def _evict(self) -> None:
         while True:
@@ -281,7 +316,12 @@ class LocalCopies:
         try:
             fd = os.open(self.path(seq), os.O_RDONLY)
         except FileNotFoundError:
-            return None
+            if not self._link_from_store(seq):
+                return None
+            try:
+                fd = os.open(self.path(seq), os.O_RDONLY)
+            except FileNotFoundError:   # forgotten meanwhile
+                return None
         try:
             reader = localfile.reader_of(fd, self.keys, where=self.key_of(seq))
         except BaseException:

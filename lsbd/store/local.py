@@ -36,6 +36,11 @@ class LocalStore(Store):
             raise ValueError(f"bad object key: {key!r}")
         return os.path.join(self.root, *key.split("/"))
 
+    def object_file(self, key: str) -> str | None:
+        """The file that holds object `key` (it may not exist).  Objects are
+        never rewritten in place, so a hard link to one reads as the object."""
+        return self._path(key)
+
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
