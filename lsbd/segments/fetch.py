@@ -20,7 +20,8 @@ would, and copying whole segments for reads scattered over more of them than
 the cache holds only churns it (measured: 1 MiB reads after random writes
 ran 5x slower).  While a segment's fetch is in flight,
 reads of it wait for the fetched bytes (not for their copy into the cache
-dir, lsbd.segments.copies) instead of asking the store again.  The
+dir, lsbd.segments.copies) instead of asking the store again, and a fetch
+still queued behind read-ahead moves to the front of the queue.  The
 blocks a read needs from several segments are fetched in parallel.  At most
 FETCH_WORKERS whole-segment GETs and READ_WORKERS ranged GETs are in flight.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -42,6 +44,18 @@ WAIT_FOR_FETCH = 120.0   # seconds a read waits for a fetch in flight
 _REMEMBERED = 4096       # segments whose remote reads are counted
 
 
+class _Fetch:
+    """One whole-segment fetch: queued, then run by a worker."""
+
+    __slots__ = ("seq", "future", "ready", "queued")
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.future: Future = Future()
+        self.ready = threading.Event()      # its bytes are here (or it failed)
+        self.queued = True                  # waiting for a worker
+
+
 class Fetcher:
     def __init__(self, fetch_whole: Callable[[int, Callable[[], None]], None], *,
                  enabled: bool = True):
@@ -50,15 +64,19 @@ class Fetcher:
         self._fetch_whole = fetch_whole
         self.enabled = enabled               # False: never fetch whole (a local store)
         self._lock = threading.Lock()
-        self._inflight: dict[int, tuple[Future, threading.Event]] = {}
+        self._inflight: dict[int, _Fetch] = {}
+        # Fetches waiting for a worker, in the order they run: read-ahead
+        # queues at the back, a read waiting for one moves it to the front.
+        self._queue: deque[_Fetch] = deque()
         self._hits: dict[int, int] = {}
         self._marks: set[int] = set()
         self._closed = False
+        # Each job runs whichever fetch is first in the queue then.
         self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
                                          thread_name_prefix="lsbd-fetch")
         self._reads = ThreadPoolExecutor(max_workers=READ_WORKERS,
                                          thread_name_prefix="lsbd-read")
-        self.stats = {"whole_fetches": 0, "waited": 0}
+        self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0}
 
     def prefetch(self, seq: int, *, mark: bool = False) -> Future | None:
         """Start fetching `seq` whole unless that is under way; its future.
@@ -73,12 +91,12 @@ class Fetcher:
                     self._marks.clear()
             entry = self._inflight.get(seq)
             if entry is not None:
-                return entry[0]
+                return entry.future
             self.stats["whole_fetches"] += 1
-            ready = threading.Event()
-            fut = self._whole.submit(self._run, seq, ready)
-            self._inflight[seq] = (fut, ready)
-            return fut
+            entry = self._inflight[seq] = _Fetch(seq)
+            self._queue.append(entry)
+            self._whole.submit(self._run_next)
+            return entry.future
 
     def take_mark(self, seq: int) -> bool:
         """Whether a read pattern asked for `seq` (once)."""
@@ -88,23 +106,43 @@ class Fetcher:
                 return True
             return False
 
-    def _run(self, seq: int, ready: threading.Event) -> None:
+    def _run_next(self) -> None:
+        with self._lock:
+            if not self._queue:
+                return
+            entry = self._queue.popleft()
+            entry.queued = False
+        if not entry.future.set_running_or_notify_cancel():
+            return
         try:
-            self._fetch_whole(seq, ready.set)
+            self._fetch_whole(entry.seq, entry.ready.set)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            error: BaseException | None = e
+        else:
+            error = None
         finally:
             with self._lock:
-                self._inflight.pop(seq, None)
-            ready.set()
+                self._inflight.pop(entry.seq, None)
+            entry.ready.set()
+        if error is None:
+            entry.future.set_result(None)
+        else:
+            entry.future.set_exception(error)
 
     def wait_if_fetching(self, seq: int) -> bool:
         """If a whole fetch of `seq` is in flight, wait until its bytes are
-        here (or it failed); True if one was."""
+        here (or it failed); True if one was.  One still queued (behind
+        read-ahead) goes first: a read is waiting for it now."""
         with self._lock:
             entry = self._inflight.get(seq)
-        if entry is None:
-            return False
-        self.stats["waited"] += 1
-        entry[1].wait(WAIT_FOR_FETCH)
+            if entry is None:
+                return False
+            if entry.queued and self._queue[0] is not entry:
+                self._queue.remove(entry)
+                self._queue.appendleft(entry)
+                self.stats["moved_ahead"] += 1
+            self.stats["waited"] += 1
+        entry.ready.wait(WAIT_FOR_FETCH)
         return True
 
     def note_remote_read(self, seq: int, length: int, sequential: bool) -> None:
@@ -133,6 +171,13 @@ class Fetcher:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            for entry in queued:
+                self._inflight.pop(entry.seq, None)
+        for entry in queued:        # never to run: their waiters go on
+            entry.future.cancel()
+            entry.ready.set()
         self._whole.shutdown(wait=False, cancel_futures=True)
         self._reads.shutdown(wait=False, cancel_futures=True)
 

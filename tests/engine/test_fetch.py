@@ -336,3 +336,71 @@ def test_held_segments_in_the_cache_dir_are_let_go_once_idle():
     while 1 in held and time.monotonic() < deadline:
         time.sleep(0.05)
     assert 1 not in held and 2 in held and held.nbytes == 100
+
+
+def test_a_read_waiting_for_a_queued_fetch_moves_it_ahead_of_read_ahead():
+    """Both workers busy, three more fetches queued by read-ahead: a read
+    that needs the last one gets it next, not after the two before it."""
+    import threading
+
+    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+
+    started: list[int] = []
+    release = {seq: threading.Event() for seq in range(10)}
+    both = threading.Barrier(FETCH_WORKERS + 1)
+
+    def fetch_whole(seq, ready):
+        started.append(seq)
+        if seq < FETCH_WORKERS:
+            both.wait(30)
+        release[seq].wait(30)
+        ready()
+
+    fetcher = Fetcher(fetch_whole)
+    try:
+        busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
+        both.wait(30)           # every worker is fetching
+        queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
+        waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(7,))
+        waiter.start()
+        time.sleep(0.2)
+        assert fetcher.stats["moved_ahead"] == 1
+        release[0].set()        # a worker is free: it takes 7, the one waited for
+        deadline = time.monotonic() + 30
+        while len(started) < FETCH_WORKERS + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started[FETCH_WORKERS] == 7, started
+        release[7].set()
+        waiter.join(30)
+        assert not waiter.is_alive()
+        for seq in range(10):
+            release[seq].set()
+        for f in busy + queued:
+            f.result(30)
+        assert sorted(started) == [0, 1, 5, 6, 7]
+    finally:
+        for e in release.values():
+            e.set()
+        fetcher.close()
+
+
+def test_fetches_still_queued_at_close_are_cancelled_and_release_their_waiters():
+    import threading
+    from concurrent.futures import CancelledError
+
+    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+
+    release = threading.Event()
+    fetcher = Fetcher(lambda seq, ready: release.wait(30))
+    busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
+    queued = fetcher.prefetch(9)
+    waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(9,))
+    waiter.start()
+    fetcher.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    with pytest.raises(CancelledError):
+        queued.result(10)
+    release.set()
+    for f in busy:
+        assert f.result(30) is None
