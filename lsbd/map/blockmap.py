@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -32,6 +33,7 @@ import lmdb
 from lsbd import fileio
 from lsbd.format.segment import DATA, RESIZE, Record
 from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
+from lsbd.map.offload import MapProcess, OffloadUnavailable
 from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import WIDE as _EXTENT
@@ -48,6 +50,7 @@ _SHORT_RUN = 16
 _PUT_SLICE = 8192
 #: Bits of a file offset in apply_segments' packed ints (segments are at most 4 GiB).
 _OFF_BITS = 40
+log = logging.getLogger(__name__)
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
 
@@ -73,6 +76,7 @@ class BlockMap:
         # costs about as much as the lookup) and dropped at every write.
         self._reader_lock = threading.Lock()
         self._reader: tuple | None = None  # a read transaction and its cursor, kept between lookups
+        self._offload: MapProcess | None = None   # offload_writes()
 
     def _migrate(self) -> None:
         """Convert a map of format 1 (its `extents` database) into this
@@ -115,8 +119,21 @@ class BlockMap:
         fileio.map_committed(self.path, self._env, synced=True)
 
     def close(self) -> None:
+        if self._offload is not None:
+            self._offload.close()
         self._drop_reader()
         self._env.close()
+
+    def offload_writes(self) -> None:
+        """From now on, apply_segments runs in a process of its own
+        (lsbd.map.offload: off this process's GIL)."""
+        if self._offload is None:
+            self._offload = MapProcess(self.path, self.block_size)
+
+    @property
+    def offload_cpu_seconds(self) -> float:
+        """The CPU the map's process spent in the batches it applied."""
+        return self._offload.cpu_seconds if self._offload is not None else 0.0
 
     @contextlib.contextmanager
     def _writing(self, db=None):
@@ -253,11 +270,28 @@ class BlockMap:
         several segments: random writes that fall on the same leaf page
         dirty it once, not once per segment.  Returns the older segments
         they left without a live block."""
+        lists = [(info, r if isinstance(r, list) else list(r)) for info, r in batch]
+        if self._offload is not None:
+            try:
+                emptied, live = self._offload.apply(lists, meta)
+            except OffloadUnavailable as e:
+                log.warning("the map %s: its process stopped (%s); applying here", self.path, e)
+            else:
+                for (info, _), n in zip(lists, live):
+                    info.live_blocks = n
+                fileio.map_committed(self.path, self._env)
+                self._drop_reader()
+                return emptied
         live_delta: dict[int, int] = defaultdict(int)
         emptied = []
-        lists = [(info, r if isinstance(r, list) else list(r)) for info, r in batch]
         mine = {info.seq for info, _ in lists}
         with self._writing() as txn:
+            if lists and txn.get(_KEY.pack(lists[-1][0].seq), db=self._segments) is not None \
+                    and "applied_seq" in meta \
+                    and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= lists[-1][0].seq:
+                # Applied already (by the map's process, which died before it
+                # could say so): applying it again would count its blocks twice.
+                return []
             cur = txn.cursor(db=self._extents)
             if all(_single_writes(records) for _, records in lists):
                 # Every record a one-block write: the newest write of each

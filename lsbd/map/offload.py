@@ -1,0 +1,161 @@
+"""Applying sealed segments to the map in a process of its own.
+
+py-lmdb lets go of the GIL around every cursor call, about four times per
+random 4 KiB write the map takes.  In the serving process each of those is
+a hand-over to a thread answering requests and back: measured with
+bench/map_bench.py at 3 and 8 million extents, a segment of 8,192 random
+writes cost the map's thread 138 and 197 ms of CPU beside four busy
+threads, against 44 and 56 ms alone (docs/scale.md).  Here one child
+process (`python -m lsbd.map.offload PATH BLOCK_SIZE`, started by
+BlockMap.offload_writes) opens the same LMDB environment and runs
+BlockMap.apply_segments in it; the serving process only waits on a pipe.
+LMDB serializes the two processes' write transactions with its own lock,
+and the parent's other writes (segment states, meta) go on in-process.
+
+Protocol, over the child's stdin and stdout: a u32 length and a pickled
+(batch, meta) in; a u32 length and a pickled ("ok", (emptied, live blocks
+of each segment, CPU seconds)), ("oserror", (errno, message)) or
+("error", message) out.  The child exits at the end of its input (its
+parent gone).
+
+A commit is the child's; the parent learns of it from the reply.  If the
+child dies or cannot start, the parent applies the batch itself: a batch
+the child committed before dying is found applied (apply_segments skips a
+batch whose last segment the map already records), so nothing is applied
+twice.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+_LENGTH = struct.Struct("<I")
+
+
+class OffloadUnavailable(Exception):
+    """The map's process could not be started or died: apply here instead."""
+
+
+def _send(f, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(_LENGTH.pack(len(data)) + data)
+    f.flush()
+
+
+def _receive(f):
+    head = f.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError
+    (n,) = _LENGTH.unpack(head)
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
+class MapProcess:
+    """The parent's side: one child for one map, one batch at a time."""
+
+    def __init__(self, path: str, block_size: int):
+        self.path = path
+        self.block_size = block_size
+        self.cpu_seconds = 0.0        # the child's CPU in the batches it applied
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        # lsbd's own folder first: the child imports this module as the
+        # parent did, wherever lsbd is installed or checked out.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        return subprocess.Popen([sys.executable, "-m", "lsbd.map.offload", self.path,
+                                 str(self.block_size)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": path})
+
+    def apply(self, batch: list, meta: dict[str, bytes]) -> tuple[list[int], list[int]]:
+        """BlockMap.apply_segments(batch, **meta) in the child: (emptied
+        segments, live blocks of each segment of the batch).  An OSError of
+        the commit (a full disk) is raised as it is; OffloadUnavailable if
+        the child could not do it (nothing of the batch may be committed,
+        or all of it)."""
+        with self._lock:
+            try:
+                if self._proc is None:
+                    self._proc = self._start()
+                assert self._proc.stdin is not None and self._proc.stdout is not None
+                _send(self._proc.stdin, (batch, meta))
+                status, value = _receive(self._proc.stdout)
+            except (EOFError, BrokenPipeError, pickle.PickleError, ValueError, OSError) as e:
+                self._stop()
+                raise OffloadUnavailable(str(e) or type(e).__name__) from None
+        if status == "oserror":
+            errno_, message = value
+            raise OSError(errno_, f"map process: {message}")
+        if status != "ok":
+            raise OSError(f"map process: {value}")
+        emptied, live, cpu = value
+        self.cpu_seconds += cpu
+        return emptied, live
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for f in (proc.stdin, proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(30)     # it ends its transaction first
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """Stop the child once its batch (if any) is committed."""
+        with self._lock:
+            self._stop()
+
+
+def main() -> int:
+    """The child's loop: apply batches until the parent closes our stdin."""
+    import time
+
+    from lsbd.map.blockmap import BlockMap
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
+    bm = BlockMap(sys.argv[1], int(sys.argv[2]))
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while True:
+            try:
+                batch, meta = _receive(stdin)
+            except EOFError:
+                return 0
+            cpu = time.process_time()
+            try:
+                emptied = bm.apply_segments(batch, **meta)
+                reply: tuple[str, object] = (
+                    "ok", (emptied, [info.live_blocks for info, _ in batch],
+                           time.process_time() - cpu))
+            except OSError as e:     # its errno matters to the parent (a full disk)
+                reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+                reply = ("error", f"{type(e).__name__}: {e}")
+            del batch
+            _send(stdout, reply)
+    finally:
+        bm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
