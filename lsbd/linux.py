@@ -72,7 +72,16 @@ def umount2(target: str, flags: int = 0) -> None:
 
 # --- prctl(2) ----------------------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1
 PR_SET_IO_FLUSHER = 57
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): this process gets `sig` when the
+    thread that started it ends (its process killed included)."""
+    fn = _c().prctl
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    _check(fn(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def set_io_flusher() -> None:

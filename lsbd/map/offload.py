@@ -12,6 +12,10 @@ BlockMap.apply_segments in it; the serving process only waits on a pipe.
 LMDB serializes the two processes' write transactions with its own lock,
 and the parent's other writes (segment states, meta) go on in-process.
 
+The child dies with the thread that started it (the sealer's, or the
+process): a batch whose parent was killed is never committed behind the
+back of the next writer.
+
 Protocol, over the child's stdin and stdout: a u32 length and a pickled
 (batch, meta) in; a u32 length and a pickled ("ok", (emptied, live blocks
 of each segment, CPU seconds)), ("oserror", (errno, message)) or
@@ -34,6 +38,8 @@ import struct
 import subprocess
 import sys
 import threading
+
+from lsbd import linux
 
 _LENGTH = struct.Struct("<I")
 
@@ -75,7 +81,7 @@ class MapProcess:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         return subprocess.Popen([sys.executable, "-m", "lsbd.map.offload", self.path,
-                                 str(self.block_size)],
+                                 str(self.block_size), str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 env={**os.environ, "PYTHONPATH": path})
 
@@ -133,6 +139,12 @@ def main() -> int:
     from lsbd.map.blockmap import BlockMap
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
+    # Dead with the thread that started us: a batch received from a parent
+    # killed since must not be committed after a new writer opened the map
+    # (and perhaps moved on: compaction).
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != int(sys.argv[3]):
+        return 0        # the parent died before the signal was set
     bm = BlockMap(sys.argv[1], int(sys.argv[2]))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
