@@ -50,6 +50,8 @@ _SHORT_RUN = 16
 _PUT_SLICE = 8192
 #: Bits of a file offset in apply_segments' packed ints (segments are at most 4 GiB).
 _OFF_BITS = 40
+#: Failures of the map's process in a row before writes stay in this process.
+_OFFLOAD_TRIES = 3
 log = logging.getLogger(__name__)
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
@@ -77,6 +79,7 @@ class BlockMap:
         self._reader_lock = threading.Lock()
         self._reader: tuple | None = None  # a read transaction and its cursor, kept between lookups
         self._offload: MapProcess | None = None   # offload_writes()
+        self._offload_cpu = 0.0     # CPU of map processes given up on
 
     def _migrate(self) -> None:
         """Convert a map of format 1 (its `extents` database) into this
@@ -133,7 +136,7 @@ class BlockMap:
     @property
     def offload_cpu_seconds(self) -> float:
         """The CPU the map's process spent in the batches it applied."""
-        return self._offload.cpu_seconds if self._offload is not None else 0.0
+        return self._offload_cpu + (self._offload.cpu_seconds if self._offload else 0.0)
 
     @contextlib.contextmanager
     def _writing(self, db=None):
@@ -276,6 +279,10 @@ class BlockMap:
                 emptied, live = self._offload.apply(lists, meta)
             except OffloadUnavailable as e:
                 log.warning("the map %s: its process stopped (%s); applying here", self.path, e)
+                if self._offload.failures >= _OFFLOAD_TRIES:     # it cannot run here
+                    self._offload.close()
+                    self._offload_cpu += self._offload.cpu_seconds
+                    self._offload = None
             else:
                 for (info, _), n in zip(lists, live):
                     info.live_blocks = n

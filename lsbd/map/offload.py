@@ -72,6 +72,7 @@ class MapProcess:
         self.path = path
         self.block_size = block_size
         self.cpu_seconds = 0.0        # the child's CPU in the batches it applied
+        self.failures = 0             # batches in a row the child could not apply
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
 
@@ -100,6 +101,7 @@ class MapProcess:
                 status, value = _receive(self._proc.stdout)
             except (EOFError, BrokenPipeError, pickle.PickleError, ValueError, OSError) as e:
                 self._stop()
+                self.failures += 1
                 raise OffloadUnavailable(str(e) or type(e).__name__) from None
         if status == "oserror":
             errno_, message = value
@@ -107,6 +109,7 @@ class MapProcess:
         if status != "ok":
             raise OSError(f"map process: {value}")
         emptied, live, cpu = value
+        self.failures = 0
         self.cpu_seconds += cpu
         return emptied, live
 

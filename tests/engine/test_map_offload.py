@@ -85,3 +85,22 @@ def test_the_maps_process_killed_while_writing_loses_nothing(make_volume):
     # A new process took over after the one killed.
     proc = vol._st.map._offload._proc
     assert proc is not None and proc.poll() is None
+
+
+def test_a_map_process_that_cannot_start_leaves_the_writes_here(tmp_path, monkeypatch):
+    from lsbd.map import offload
+
+    def cannot(self):
+        raise OSError(2, "no such interpreter")
+
+    monkeypatch.setattr(offload.MapProcess, "_start", cannot)
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    bm.offload_writes()
+    try:
+        for seq in range(1, 6):
+            bm.apply_segments([_segment(seq, [seq, seq + 100])], applied_seq=str(seq).encode())
+        assert bm._offload is None          # given up after a few tries
+        assert _live(bm) == {seq: 2 for seq in range(1, 6)}
+        assert bm.get_int("applied_seq") == 5
+    finally:
+        bm.close()
