@@ -104,3 +104,19 @@ def test_a_map_process_that_cannot_start_leaves_the_writes_here(tmp_path, monkey
         assert bm.get_int("applied_seq") == 5
     finally:
         bm.close()
+
+
+def test_lookups_see_what_the_maps_process_committed(tmp_path):
+    """The serving process keeps a read transaction between lookups: after
+    the child's commit it must start a new one, or reads miss the segment
+    that has just left the sealing queue."""
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    bm.offload_writes()
+    try:
+        bm.apply_segments([_segment(1, [5])], applied_seq=b"1")
+        assert bm.lookup_block(5) == (1, BS)          # a read transaction kept
+        bm.apply_segments([_segment(2, [7, 5])], applied_seq=b"2")
+        assert bm.lookup_block(5) == (2, 2 * BS)
+        assert bm.lookup_block(7) == (2, BS)
+    finally:
+        bm.close()
