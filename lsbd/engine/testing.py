@@ -91,6 +91,12 @@ def map_of(vol):
     return vol._st.map
 
 
+def map_process(vol: Volume):
+    """The map's process (lsbd.map.offload) as a Popen, or None when none runs."""
+    off = vol._st.map._offload
+    return off._proc if off is not None else None
+
+
 def map_extents(vol) -> list[tuple]:
     """Every extent of the block map, in block order, as (lba, nblocks, seq, offset)."""
     return [tuple(e) for e in vol._st.map.iter_extents()]

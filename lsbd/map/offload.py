@@ -6,7 +6,8 @@ a hand-over to a thread answering requests and back: measured with
 bench/map_bench.py at 3 and 8 million extents, a segment of 8,192 random
 writes cost the map's thread 138 and 197 ms of CPU beside four busy
 threads, against 44 and 56 ms alone (docs/scale.md).  Here one child
-process (`python -m lsbd.map.offload PATH BLOCK_SIZE`, started by
+process (`python -m lsbd.map.offload_child PATH BLOCK_SIZE PARENT_PID`,
+lsbd/map/offload_child.py, started by
 BlockMap.offload_writes) opens the same LMDB environment and runs
 BlockMap.apply_segments in it; the serving process only waits on a pipe.
 LMDB serializes the two processes' write transactions with its own lock,
@@ -33,13 +34,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
 import threading
-
-from lsbd import linux
 
 _LENGTH = struct.Struct("<I")
 
@@ -48,13 +46,13 @@ class OffloadUnavailable(Exception):
     """The map's process could not be started or died: apply here instead."""
 
 
-def _send(f, obj) -> None:
+def send_message(f, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     f.write(_LENGTH.pack(len(data)) + data)
     f.flush()
 
 
-def _receive(f):
+def receive_message(f):
     head = f.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         raise EOFError
@@ -81,7 +79,7 @@ class MapProcess:
         # parent did, wherever lsbd is installed or checked out.
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        return subprocess.Popen([sys.executable, "-m", "lsbd.map.offload", self.path,
+        return subprocess.Popen([sys.executable, "-m", "lsbd.map.offload_child", self.path,
                                  str(self.block_size), str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 env={**os.environ, "PYTHONPATH": path})
@@ -97,8 +95,8 @@ class MapProcess:
                 if self._proc is None:
                     self._proc = self._start()
                 assert self._proc.stdin is not None and self._proc.stdout is not None
-                _send(self._proc.stdin, (batch, meta))
-                status, value = _receive(self._proc.stdout)
+                send_message(self._proc.stdin, (batch, meta))
+                status, value = receive_message(self._proc.stdout)
             except (EOFError, BrokenPipeError, pickle.PickleError, ValueError, OSError) as e:
                 self._stop()
                 self.failures += 1
@@ -133,44 +131,3 @@ class MapProcess:
         """Stop the child once its batch (if any) is committed."""
         with self._lock:
             self._stop()
-
-
-def main() -> int:
-    """The child's loop: apply batches until the parent closes our stdin."""
-    import time
-
-    from lsbd.map.blockmap import BlockMap
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
-    # Dead with the thread that started us: a batch received from a parent
-    # killed since must not be committed after a new writer opened the map
-    # (and perhaps moved on: compaction).
-    linux.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != int(sys.argv[3]):
-        return 0        # the parent died before the signal was set
-    bm = BlockMap(sys.argv[1], int(sys.argv[2]))
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    try:
-        while True:
-            try:
-                batch, meta = _receive(stdin)
-            except EOFError:
-                return 0
-            cpu = time.process_time()
-            try:
-                emptied = bm.apply_segments(batch, **meta)
-                reply: tuple[str, object] = (
-                    "ok", (emptied, [info.live_blocks for info, _ in batch],
-                           time.process_time() - cpu))
-            except OSError as e:     # its errno matters to the parent (a full disk)
-                reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
-            except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-                reply = ("error", f"{type(e).__name__}: {e}")
-            del batch
-            _send(stdout, reply)
-    finally:
-        bm.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

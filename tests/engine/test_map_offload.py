@@ -76,14 +76,14 @@ def test_the_maps_process_killed_while_writing_loses_nothing(make_volume):
         vol.write(off, data[off])
         if i == 8:
             testing.seal_now(vol)
-            proc = vol._st.map._offload._proc
+            proc = testing.map_process(vol)
             assert proc is not None and proc.poll() is None
             os.kill(proc.pid, signal.SIGKILL)
     testing.seal_now(vol)
     for off, want in data.items():
         assert vol.read(off, MiB) == want
     # A new process took over after the one killed.
-    proc = vol._st.map._offload._proc
+    proc = testing.map_process(vol)
     assert proc is not None and proc.poll() is None
 
 

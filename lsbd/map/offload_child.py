@@ -1,0 +1,50 @@
+"""The map's process (lsbd.map.offload): apply the batches its parent sends
+until the parent closes our stdin."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from lsbd import linux
+from lsbd.map.blockmap import BlockMap
+from lsbd.map.offload import receive_message, send_message
+
+
+def main() -> int:
+    """The child's loop: apply batches until the parent closes our stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the parent to handle
+    # Dead with the thread that started us: a batch received from a parent
+    # killed since must not be committed after a new writer opened the map
+    # (and perhaps moved on: compaction).
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != int(sys.argv[3]):
+        return 0        # the parent died before the signal was set
+    bm = BlockMap(sys.argv[1], int(sys.argv[2]))
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while True:
+            try:
+                batch, meta = receive_message(stdin)
+            except EOFError:
+                return 0
+            cpu = time.process_time()
+            try:
+                emptied = bm.apply_segments(batch, **meta)
+                reply: tuple[str, object] = (
+                    "ok", (emptied, [info.live_blocks for info, _ in batch],
+                           time.process_time() - cpu))
+            except OSError as e:     # its errno matters to the parent (a full disk)
+                reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+                reply = ("error", f"{type(e).__name__}: {e}")
+            del batch
+            send_message(stdout, reply)
+    finally:
+        bm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
