@@ -363,7 +363,9 @@ def test_a_read_waiting_for_a_queued_fetch_moves_it_ahead_of_read_ahead():
         queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
         waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(7,))
         waiter.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while fetcher.stats["moved_ahead"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fetcher.stats["moved_ahead"] == 1
         release[0].set()        # a worker is free: it takes 7, the one waited for
         deadline = time.monotonic() + 30
@@ -391,8 +393,16 @@ def test_fetches_still_queued_at_close_are_cancelled_and_release_their_waiters()
     from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
 
     release = threading.Event()
-    fetcher = Fetcher(lambda seq, ready: release.wait(30))
+    started = threading.Semaphore(0)
+
+    def fetch_whole(seq, ready):
+        started.release()
+        release.wait(30)
+
+    fetcher = Fetcher(fetch_whole)
     busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
+    for _ in busy:      # every worker has taken its fetch: only the next one stays queued
+        assert started.acquire(timeout=30)
     queued = fetcher.prefetch(9)
     waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(9,))
     waiter.start()
