@@ -36,13 +36,13 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 import threading
 
 import attrs
 
+from lsbd import childproc
 from lsbd.crypto import objects
 from lsbd.crypto.aead import Cipher, Stream
 from lsbd.crypto.compress import Compressor
@@ -136,46 +136,14 @@ def write_all(fd: int, parts: list) -> None:
             rest = rest[os.write(fd, rest):]
 
 
-_LENGTH = struct.Struct("<I")
-
-
-def _send(f, obj) -> None:
-    data = pickle.dumps(obj)
-    f.write(_LENGTH.pack(len(data)) + data)
-    f.flush()
-
-
-def _receive(f):
-    head = f.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        raise EOFError
-    (n,) = _LENGTH.unpack(head)
-    data = f.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
-
-
 class _Child:
     def __init__(self) -> None:
-        # lsbd's own folder first: the child imports this module as the
-        # parent did, wherever lsbd is installed or checked out.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        self.proc = subprocess.Popen([sys.executable, "-m", "lsbd.crypto.worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env={**os.environ, "PYTHONPATH": path})
+        self.proc = childproc.start("lsbd.crypto.worker")
 
     def run(self, job: SealJob) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        _send(self.proc.stdin, job)
-        status, value = _receive(self.proc.stdout)
-        if status == "oserror":
-            errno_, message = value
-            raise OSError(errno_, f"sealing process: {message}")
-        if status != "ok":
-            raise OSError(f"sealing process: {value}")
-        return value
+        childproc.send(self.proc.stdin, job)
+        return childproc.reply_value(childproc.receive(self.proc.stdout), "sealing process")
 
     def stop(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout):
@@ -230,7 +198,7 @@ def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            job = _receive(stdin)
+            job = childproc.receive(stdin)
         except EOFError:
             return 0
         try:
@@ -239,7 +207,7 @@ def main() -> int:
             reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             reply = ("error", f"{type(e).__name__}: {e}")
-        _send(stdout, reply)
+        childproc.send(stdout, reply)
 
 
 if __name__ == "__main__":

@@ -34,33 +34,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 import subprocess
-import sys
 import threading
 
-_LENGTH = struct.Struct("<I")
+from lsbd import childproc
 
 
 class OffloadUnavailable(Exception):
     """The map's process could not be started or died: apply here instead."""
-
-
-def send_message(f, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(_LENGTH.pack(len(data)) + data)
-    f.flush()
-
-
-def receive_message(f):
-    head = f.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        raise EOFError
-    (n,) = _LENGTH.unpack(head)
-    data = f.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
 
 
 class MapProcess:
@@ -75,14 +56,8 @@ class MapProcess:
         self._proc: subprocess.Popen | None = None
 
     def _start(self) -> subprocess.Popen:
-        # lsbd's own folder first: the child imports this module as the
-        # parent did, wherever lsbd is installed or checked out.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        return subprocess.Popen([sys.executable, "-m", "lsbd.map.offload_child", self.path,
-                                 str(self.block_size), str(os.getpid())],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": path})
+        return childproc.start("lsbd.map.offload_child", self.path, str(self.block_size),
+                               str(os.getpid()))
 
     def apply(self, batch: list, meta: dict[str, bytes]) -> tuple[list[int], list[int]]:
         """BlockMap.apply_segments(batch, **meta) in the child: (emptied
@@ -95,18 +70,13 @@ class MapProcess:
                 if self._proc is None:
                     self._proc = self._start()
                 assert self._proc.stdin is not None and self._proc.stdout is not None
-                send_message(self._proc.stdin, (batch, meta))
-                status, value = receive_message(self._proc.stdout)
+                childproc.send(self._proc.stdin, (batch, meta))
+                reply = childproc.receive(self._proc.stdout)
             except (EOFError, BrokenPipeError, pickle.PickleError, ValueError, OSError) as e:
                 self._stop()
                 self.failures += 1
                 raise OffloadUnavailable(str(e) or type(e).__name__) from None
-        if status == "oserror":
-            errno_, message = value
-            raise OSError(errno_, f"map process: {message}")
-        if status != "ok":
-            raise OSError(f"map process: {value}")
-        emptied, live, cpu = value
+        emptied, live, cpu = childproc.reply_value(reply, "map process")
         self.failures = 0
         self.cpu_seconds += cpu
         return emptied, live

@@ -8,9 +8,8 @@ import signal
 import sys
 import time
 
-from lsbd import linux
+from lsbd import childproc, linux
 from lsbd.map.blockmap import BlockMap
-from lsbd.map.offload import receive_message, send_message
 
 
 def main() -> int:
@@ -27,7 +26,7 @@ def main() -> int:
     try:
         while True:
             try:
-                batch, meta = receive_message(stdin)
+                batch, meta = childproc.receive(stdin)
             except EOFError:
                 return 0
             cpu = time.process_time()
@@ -41,7 +40,7 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
                 reply = ("error", f"{type(e).__name__}: {e}")
             del batch
-            send_message(stdout, reply)
+            childproc.send(stdout, reply)
     finally:
         bm.close()
 

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
 LAYERS = [
     ["lsbd.errors"],
-    ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio", "lsbd.directio"],
+    ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio", "lsbd.directio",
+     "lsbd.childproc"],
     ["lsbd.store", "lsbd.crypto"],
     ["lsbd.plans"],
     ["lsbd.format"],
