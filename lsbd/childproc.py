@@ -25,6 +25,22 @@ def start(module: str, *args: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": path})
 
 
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Close its pipes (its end of input: it finishes what it was doing and
+    exits) and wait for it that long, then kill it."""
+    for f in (proc.stdin, proc.stdout):
+        try:
+            if f is not None:
+                f.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def send(f, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     f.write(_LENGTH.pack(len(data)) + data)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import threading
 
@@ -146,17 +145,7 @@ class _Child:
         return childproc.reply_value(childproc.receive(self.proc.stdout), "sealing process")
 
     def stop(self) -> None:
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        childproc.stop(self.proc, 5)
 
 
 #: How much lower the sealing process's CPU priority is than its parent's

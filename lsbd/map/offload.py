@@ -85,17 +85,7 @@ class MapProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        for f in (proc.stdin, proc.stdout):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
-        try:
-            proc.wait(30)     # it ends its transaction first
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        childproc.stop(proc, 30)     # it ends its transaction first
 
     def close(self) -> None:
         """Stop the child once its batch (if any) is committed."""
