@@ -113,21 +113,21 @@ class Server:
         self.control = control.socket_path(folder)
         self.peak_anon = 0
 
+    def _timed(self, op: str) -> float:
+        """Seconds the server's control socket takes to do `op`."""
+        start = time.monotonic()
+        reply = control.call(self.control, {"op": op}, timeout=600)
+        if not reply or not reply.get("ok"):
+            raise RuntimeError(f"{op} failed: {reply}")
+        return time.monotonic() - start
+
     def flush(self) -> float:
         """Seconds until everything written is in the store."""
-        start = time.monotonic()
-        reply = control.call(self.control, {"op": "flush"}, timeout=600)
-        if not reply or not reply.get("ok"):
-            raise RuntimeError(f"flush failed: {reply}")
-        return time.monotonic() - start
+        return self._timed("flush")
 
     def checkpoint(self) -> float:
         """Seconds to write a checkpoint of the map (none if one is current)."""
-        start = time.monotonic()
-        reply = control.call(self.control, {"op": "checkpoint"}, timeout=600)
-        if not reply or not reply.get("ok"):
-            raise RuntimeError(f"checkpoint failed: {reply}")
-        return time.monotonic() - start
+        return self._timed("checkpoint")
 
     def cpu_seconds(self) -> float:
         """CPU time so far (user and system) of the server and its children
