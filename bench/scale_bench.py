@@ -84,6 +84,78 @@ def _rss(pid: int) -> tuple[int, int]:
     return anon, file
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """User and system seconds of one process (0 if it is gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
+    return 0.0, 0.0
+
+
+def _kswapd_pids() -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().startswith("kswapd"):
+                        pids.append(int(name))
+    return pids
+
+
+def _keyed(path: str) -> dict[str, int]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.replace(":", " ").split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                out[parts[0]] = int(parts[1])
+    return out
+
+
+def system_sample(pid: int) -> dict:
+    """What a round of writes costs outside the map's own counters: the
+    server's CPU (user, system), its child processes', kswapd's (the kernel
+    reclaiming pages), the machine's busy and stolen time, free memory and
+    the page cache, and pages the kernel scanned to reclaim."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    mem = _keyed("/proc/meminfo")
+    vm = _keyed("/proc/vmstat")
+    kids = [_proc_cpu(c) for c in _children(pid)]
+    return {"server": _proc_cpu(pid), "children": sum(u + s for u, s in kids),
+            "kswapd": sum(sum(_proc_cpu(k)) for k in _kswapd_pids()),
+            "total": sum(cpu) / TICK, "idle": (cpu[3] + cpu[4]) / TICK,
+            "steal": cpu[7] / TICK if len(cpu) > 7 else 0.0,
+            "mem_free_kib": mem.get("MemFree", 0), "cached_kib": mem.get("Cached", 0),
+            "dirty_kib": mem.get("Dirty", 0),
+            "scanned": vm.get("pgscan_kswapd", 0) + vm.get("pgscan_direct", 0),
+            "direct": vm.get("pgscan_direct", 0)}
+
+
+def system_round(before: dict, after: dict, writes: int) -> dict:
+    """Per round: µs of CPU per write (server user and system, its children,
+    kswapd), the machine's busy and stolen share, memory at the end, pages
+    scanned for reclaim per write."""
+    per = 1e6 / max(1, writes)
+    total = max(1e-9, after["total"] - before["total"])
+    return {"server_user_us": per * (after["server"][0] - before["server"][0]),
+            "server_sys_us": per * (after["server"][1] - before["server"][1]),
+            "children_us": per * (after["children"] - before["children"]),
+            "kswapd_us": per * (after["kswapd"] - before["kswapd"]),
+            "busy": 1 - (after["idle"] - before["idle"]) / total,
+            "steal": (after["steal"] - before["steal"]) / total,
+            "mem_free_kib": after["mem_free_kib"], "cached_kib": after["cached_kib"],
+            "dirty_kib": after["dirty_kib"],
+            "scanned_per_write": (after["scanned"] - before["scanned"]) / max(1, writes),
+            "direct_scanned": after["direct"] - before["direct"]}
+
+
 class RssSampler:
     """Peak RssAnon / RssFile (KiB) of one process, and the peak RssAnon of
     its child processes together, sampled in a thread."""
@@ -349,9 +421,11 @@ def run(args) -> dict:
                   f"{'map ms/seg':>10} {'cpu':>5} {'busy':>5}", flush=True)
             while written < writes:
                 n = min(round_size, writes - written)
+                sys_before = system_sample(lsbd.proc.pid)
                 r = fio(lsbd.uri, "randwrite", "4k", size=volume_size, io_size=n,
                         compress_pct=args.fio_compress)
                 written += n
+                sysr = system_round(sys_before, system_sample(lsbd.proc.pid), n // 4096)
                 st = lsbd.stats()
                 anon, file = rss.now()
                 mapf = lsbd.map_file()
@@ -365,6 +439,12 @@ def run(args) -> dict:
                 row["map_cpu_ms_per_segment"] = 1000 * (st.get("map_cpu_seconds", 0)
                                                         - sealer.get("map_cpu_seconds", 0)) / mapped
                 row["map_busy"] = mapped * row["map_ms_per_segment"] / 1000 / max(r["seconds"], 1e-9)
+                row["checkpoints"] = st.get("checkpoints", 0) - sealer.get("checkpoints", 0)
+                row["checkpoint_cpu_seconds"] = (st.get("checkpoint_cpu_seconds", 0)
+                                                 - sealer.get("checkpoint_cpu_seconds", 0))
+                row["checkpoint_seconds"] = (st.get("checkpoint_seconds", 0)
+                                             - sealer.get("checkpoint_seconds", 0))
+                row["system"] = sysr
                 sealer = st
                 rounds.append(row)
                 print(f"  {human(written):>10} {r['iops']:8.0f} {st['extents']:10d} "
@@ -373,12 +453,23 @@ def run(args) -> dict:
                       f"{os.getloadavg()[0]:5.1f} {row['map_ms_per_segment']:10.0f} "
                       f"{row['map_cpu_ms_per_segment']:5.0f} {100 * row['map_busy']:4.0f}%",
                       flush=True)
+                print(f"  {'':>10} CPU us/write: server {sysr['server_user_us']:.1f} user "
+                      f"{sysr['server_sys_us']:.1f} sys, children {sysr['children_us']:.1f}, "
+                      f"kswapd {sysr['kswapd_us']:.1f}; machine busy {100 * sysr['busy']:.0f}% "
+                      f"(steal {100 * sysr['steal']:.0f}%); free {human(sysr['mem_free_kib'] * 1024)}, "
+                      f"cached {human(sysr['cached_kib'] * 1024)}, dirty "
+                      f"{human(sysr['dirty_kib'] * 1024)}; scanned {sysr['scanned_per_write']:.2f} "
+                      f"pages/write; checkpoints {row['checkpoints']} "
+                      f"({row['checkpoint_seconds']:.1f} s, {row['checkpoint_cpu_seconds']:.1f} s CPU)",
+                      flush=True)
             out["rounds"] = rounds
             phases = {"writes": rss.phase()}
             eighth = max(1, len(rounds) // 8)
             first = sum(x["iops"] for x in rounds[:eighth]) / eighth
             last = sum(x["iops"] for x in rounds[-eighth:]) / eighth
             out["iops_first"], out["iops_last"] = first, last
+            if args.only_writes:
+                return out
             frag = frag_and_read(lsbd.uri, region, args.fio_compress)
             out["lsbd_frag"] = frag
             phases["frag"] = rss.phase()
@@ -521,6 +612,8 @@ def main() -> int:
     ap.add_argument("--only-frag", action="store_true",
                     help="only the fill and the frag phase (sequential reads after random "
                          "writes), against nbdkit")
+    ap.add_argument("--only-writes", action="store_true",
+                    help="stop after the random writes (steps 1-2: the IOPS rounds)")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--fio-compress", type=int, default=0, metavar="PCT",
@@ -540,7 +633,14 @@ def main() -> int:
         report_frag(out)
     else:
         out = run(args)
-        report(out)
+        if args.only_writes:
+            out["loadavg_end"] = os.getloadavg()
+            print(f"\nwrite IOPS first eighth {out['iops_first']:.0f}, last eighth "
+                  f"{out['iops_last']:.0f}: ratio {out['iops_last'] / out['iops_first']:.2f}; "
+                  f"load average at start {out['loadavg_start'][0]:.1f}, at end "
+                  f"{out['loadavg_end'][0]:.1f}")
+        else:
+            report(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -46,6 +46,7 @@ class Checkpointer:
             target = self.sealer.seal_and_wait()
             if target == 0 or (target == st.last_checkpoint and not force):
                 return target
+            wall, cpu = time.perf_counter(), time.thread_time()
             # The map is read from a snapshot, which may hold segments sealed
             # after `target`: the checkpoint is of the snapshot's seq, once
             # every segment up to it is in the store.  Writes go on meanwhile.
@@ -95,6 +96,10 @@ class Checkpointer:
             st.map.set_meta(last_checkpoint=str(target).encode())
             st.stats["checkpoints"] += 1
             self._prune()
+            # What checkpoints cost the serving process (`lsbd stats`;
+            # bench/scale_bench.py shows it per round).
+            st.stats["checkpoint_seconds"] += time.perf_counter() - wall
+            st.stats["checkpoint_cpu_seconds"] += time.thread_time() - cpu
             return target
 
     def _segment_records(self, seq: int):

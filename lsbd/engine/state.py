@@ -61,7 +61,9 @@ class VolumeState:
             "reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
             "segments_sealed": 0, "checkpoints": 0,
             # the sealer's map commits: segments, seconds, seconds of its CPU
-            "segments_mapped": 0, "map_seconds": 0.0, "map_cpu_seconds": 0.0}
+            "segments_mapped": 0, "map_seconds": 0.0, "map_cpu_seconds": 0.0,
+            # checkpoints written: seconds, seconds of the writing thread's CPU
+            "checkpoint_seconds": 0.0, "checkpoint_cpu_seconds": 0.0}
 
     def check_range(self, offset: int, length: int, *, data: bool = True) -> None:
         """data=False: zeroes, trims and allocation queries, which move no
