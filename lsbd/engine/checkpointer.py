@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from lsbd.engine import sealer as sealing
 from lsbd.engine.deltas import (chain_extents, delta_entries, keep_mapped, previous_chain,
-                               segment_records)
+                               segment_arrays, segment_records)
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
 from lsbd.errors import LeaseLost, StoreError
@@ -81,7 +81,8 @@ class Checkpointer:
                 # delta laid over it.
                 prev = chain[-1]
                 with delta_entries(st.folder, st.block_size, self._segment_records,
-                                   prev.seq + 1, target) as entries:
+                                   prev.seq + 1, target,
+                                   arrays_of=self._segment_arrays) as entries:
                     if ckpt.choose_kind(prev, chain[0]):
                         ckpt.write_checkpoint(st.store, st.name, st.config.volume_id, target,
                                               extents=entries, segments=segments,
@@ -105,6 +106,10 @@ class Checkpointer:
     def _segment_records(self, seq: int):
         st = self.st
         return segment_records(st.store, st.lineage.segment_key, st.files, seq)
+
+    def _segment_arrays(self, seq: int):
+        st = self.st
+        return segment_arrays(st.store, st.lineage.segment_key, st.files, seq)
 
     def _prune(self) -> None:
         """Delete checkpoints no kept point needs (see lsbd.plans.retention)."""

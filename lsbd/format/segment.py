@@ -349,8 +349,41 @@ def read_sealed_index_fd(fd: int, *, where: str) -> tuple[Trailer, list[Record]]
 def read_sealed_index_from(pread, size: int, *, where: str) -> tuple[Trailer, list[Record]]:
     """Trailer and records of a sealed segment of `size` bytes read with
     pread(length, offset) (a local file in the clear or decrypted)."""
+    trailer, footer = read_sealed_footer_from(pread, size, where=where)
+    return trailer, decode_footer(footer, trailer, where=where)
+
+
+def read_sealed_footer_from(pread, size: int, *, where: str) -> tuple[Trailer, bytes]:
+    """Trailer and index (undecoded) of a sealed segment, as
+    read_sealed_index_from reads them."""
     trailer = decode_trailer(pread(TRAILER.size, max(0, size - TRAILER.size)), where=where)
     if trailer.footer_offset + trailer.footer_length + TRAILER.size != size:
         raise CorruptionError(f"{where}: trailer does not match the file size", key=where)
-    footer = pread(trailer.footer_length, trailer.footer_offset)
-    return trailer, decode_footer(footer, trailer, where=where)
+    return trailer, pread(trailer.footer_length, trailer.footer_offset)
+
+
+#: One index entry of a one-block DATA record and its CRC, as numpy reads it.
+_ONE_BLOCK_ENTRY = [("kind", "u1"), ("flags", "u1"), ("reserved", "<u2"), ("nblocks", "<u4"),
+                    ("lba", "<u8"), ("data_offset", "<u8"), ("crc", "<u4")]
+
+
+def decode_one_block_footer(buf: bytes, trailer: Trailer, *, where: str = "segment"):
+    """The lbas and data offsets (numpy arrays, in record order) of an index
+    whose records are all one-block DATA records (random 4 KiB writes),
+    checked as decode_footer checks it, with no Python object per record;
+    None if any record is of another kind or length (decode_footer reads
+    those)."""
+    import numpy as np   # on first use: only checkpoints of such segments need it
+
+    if len(buf) != trailer.footer_length or masked_crc(buf) != trailer.footer_crc:
+        raise CorruptionError(f"{where}: index checksum mismatch", key=where,
+                              offset=trailer.footer_offset)
+    size = INDEX_ENTRY.size + 4
+    if len(buf) != trailer.record_count * size:
+        return None
+    entries = np.frombuffer(buf, np.dtype(_ONE_BLOCK_ENTRY))
+    # Read at this stride, every entry one-block DATA means it is the
+    # stride the records have: each one ends where the next is read.
+    if not (np.all(entries["kind"] == DATA) and np.all(entries["nblocks"] == 1)):
+        return None
+    return entries["lba"].copy(), entries["data_offset"].copy()

@@ -166,12 +166,19 @@ def _column(body: bytes, at: int, width: int, code: str) -> array:
     return col
 
 
-def pack_runs(entries: Iterable[tuple], per: int = PACK_ENTRIES) -> Iterator[Run]:
-    """(lba, nblocks, seq, offset) entries as packed runs of `per` entries."""
+def pack_runs(entries: Iterable[tuple | Run], per: int = PACK_ENTRIES) -> Iterator[Run]:
+    """(lba, nblocks, seq, offset) entries as packed runs of `per` entries;
+    runs among them pass as they are."""
     body = bytearray()
     count = 0
     pack = ENTRY.pack
     for e in entries:
+        if isinstance(e, Run):
+            if count:
+                yield Run(Part(bytes(body)))
+                body, count = bytearray(), 0
+            yield e
+            continue
         body += pack(*e)
         count += 1
         if count >= per:
@@ -179,6 +186,27 @@ def pack_runs(entries: Iterable[tuple], per: int = PACK_ENTRIES) -> Iterator[Run
             body, count = bytearray(), 0
     if count:
         yield Run(Part(bytes(body)))
+
+
+def newest_singles(lbas, seqs, offsets, per: int = PACK_ENTRIES) -> list[Run]:
+    """One-block entries given in the order they were written (numpy
+    arrays of lba, seq, offset; seq 0 a hole): the newest of each block, in
+    block order, holes kept, as packed runs of at most `per` entries.  What
+    laying one-block records over an empty map one after the other gives
+    (a delta of random 4 KiB writes), without a Python object per entry."""
+    np = _np()
+    order = np.argsort(lbas, kind="stable")        # written order kept within a block
+    sorted_lbas = lbas[order]
+    if len(order) > 1:
+        newest = np.ones(len(order), dtype=bool)    # the last entry of each block
+        newest[:-1] = sorted_lbas[1:] != sorted_lbas[:-1]
+        order = order[newest]
+    out = np.empty(len(order), dtype=_entries(b"").dtype)
+    out["lba"] = lbas[order]
+    out["n"] = 1
+    out["seq"] = seqs[order]
+    out["off"] = np.where(out["seq"] != 0, offsets[order], 0)
+    return [Run(Part(out[i:i + per].tobytes())) for i in range(0, len(out), per)]
 
 
 def single_blocks(body) -> bool:

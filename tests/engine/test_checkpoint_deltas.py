@@ -71,9 +71,19 @@ def test_pure_chain_rules():
     assert gone == [5, 10, 11, 12, 13, 14]   # 17 is after the live one: never deleted here
 
 
-def test_many_deltas_read_back_exactly(store, tmp_path):
+@pytest.mark.parametrize("max_n", [12, 1], ids=["extents", "one_block"])
+def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
     """Checkpoint after every round: deltas with a base now and then.  The
-    store alone, each past point, snapshots and a clone read back exactly."""
+    store alone, each past point, snapshots and a clone read back exactly.
+    one_block: every write, trim and zeroing one block long, so every delta
+    is built on arrays (deltas._single_block_delta)."""
+    from lsbd.engine import deltas
+
+    built, read = [], []
+    monkeypatch.setattr(deltas, "newest_singles",
+                        lambda *a, _f=deltas.newest_singles: built.append(1) or _f(*a))
+    monkeypatch.setattr(deltas, "decode_one_block_footer", lambda *a, _f=deltas.decode_one_block_footer,
+                        **k: (lambda got: read.append(got is not None) or got)(_f(*a, **k)))
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
                   seal_interval=3600)
     cache = str(tmp_path / "cache")
@@ -83,7 +93,7 @@ def test_many_deltas_read_back_exactly(store, tmp_path):
     snaps: dict[str, tuple[int, bytes]] = {}
     kinds = []
     for r in range(1, 25):
-        _writes(vol, rng, r, 30)
+        _writes(vol, rng, r, 30, max_n)
         seq = vol.checkpoint()
         states[seq] = read_all(vol)
         kinds.append(ckpt.read_manifest(store, "vol", seq).is_delta)
@@ -94,6 +104,8 @@ def test_many_deltas_read_back_exactly(store, tmp_path):
     vol.close()
     # Both kinds were written, and a base at least every MAX_CHAIN + 1.
     assert kinds.count(True) >= 12 and kinds.count(False) >= 2
+    assert (len(built) >= 12) == (max_n == 1)     # which way the deltas were built
+    assert any(read) == (max_n == 1)              # segments of one-block writes on arrays
     run = 0
     for is_delta in kinds:
         run = run + 1 if is_delta else 0
@@ -108,7 +120,7 @@ def test_many_deltas_read_back_exactly(store, tmp_path):
     try:
         assert read_all(vol) == expected
         # A delta over the chain this open loaded goes on from it.
-        _writes(vol, rng, 99, 20)
+        _writes(vol, rng, 99, 20, max_n)
         seq = vol.checkpoint()
         states[seq] = expected = read_all(vol)
     finally:
@@ -270,6 +282,58 @@ def test_a_volume_with_format_1_checkpoints_only_still_opens(store, tmp_path, mo
         expected = read_all(vol)
     with Volume.open(store, "vol", cache_root=str(tmp_path / "ro"), read_only=True) as v:
         assert read_all(v) == expected
+
+
+def _delta_of(tmp_path, records: list[list], monkeypatch, *, arrays: bool) -> list[tuple]:
+    from lsbd.engine import deltas
+    from lsbd.map.packed import Run
+
+    if not arrays:
+        monkeypatch.setattr(deltas, "SINGLES_DELTA_RECORDS", 0)
+    out: list[tuple] = []
+    with deltas.delta_entries(str(tmp_path), BS, lambda seq: records[seq - 1], 1,
+                              len(records)) as entries:
+        for e in entries:
+            out.extend(e.entries() if isinstance(e, Run) else [tuple(e)])
+    monkeypatch.undo()
+    return out
+
+
+def test_a_delta_of_one_block_records_is_what_the_scratch_map_makes(tmp_path, monkeypatch):
+    """A delta of one-block records built on arrays holds what laying them
+    over a scratch map one after the other gives: the newest record of each
+    block (later segments, and later records in a segment, win), holes as
+    seq 0, resizes ignored; a multi-block record sends it to the scratch map."""
+    from lsbd.engine import deltas
+    from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, Record
+
+    rng = random.Random(3)
+    segments = []
+    for _seq in range(1, 9):
+        records = []
+        for i in range(300):
+            kind = rng.choice([DATA, DATA, DATA, ZERO, TRIM])
+            lba = rng.randrange(200)               # blocks written again and again
+            records.append(Record(kind, 0, lba, 1, 4096 * (i + 1) if kind == DATA else 0,
+                                  b"\0" * 4 if kind == DATA else b""))
+        records.insert(150, Record(RESIZE, 0, SIZE, 0, 0, b""))
+        segments.append(records)
+    by_arrays = _delta_of(tmp_path, segments, monkeypatch, arrays=True)
+    by_scratch = _delta_of(tmp_path, segments, monkeypatch, arrays=False)
+    assert by_arrays == by_scratch
+    # The model: the last record of each block, in block order.
+    model: dict[int, tuple] = {}
+    for seq, records in enumerate(segments, 1):
+        for r in records:
+            if r.kind != RESIZE:
+                model[r.lba] = (r.lba, 1, seq, r.data_offset) if r.kind == DATA else \
+                    (r.lba, 1, 0, 0)
+    assert by_arrays == [model[lba] for lba in sorted(model)]
+    assert deltas._single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is not None
+    segments[4].append(Record(DATA, 0, 7, 2, 4096, b"\0" * 8))
+    assert deltas._single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is None
+    assert _delta_of(tmp_path, segments, monkeypatch, arrays=True) == \
+        _delta_of(tmp_path, segments, monkeypatch, arrays=False)
 
 
 def test_golden_delta_bytes(store):

@@ -44,6 +44,7 @@ from lsbd.format.segment import (
     block_crcs,
     decode_footer,
     decode_header,
+    decode_one_block_footer,
     decode_trailer,
     encode_footer,
     encode_header,
@@ -847,6 +848,31 @@ def test_footer_round_trip_and_damage():
         decode_footer(bytes(bad), t)
     with pytest.raises(CorruptionError):
         decode_footer(footer[:-1], t)
+    assert decode_one_block_footer(footer, t) is None       # records of several kinds
+
+    # An index of one-block writes only, read on arrays: the same lbas and
+    # offsets in the same order, checked the same way.
+    ones = [Record(DATA, 0, lba, 1, 4096 * i, bytes([i, 1, 2, 3]))
+            for i, lba in enumerate([7, 3, 7, 1 << 40, 0], 1)]
+    one_footer = encode_footer(ones)
+    t1 = Trailer(volume_id=VOLID, seq=1, footer_offset=100, footer_length=len(one_footer),
+                 record_count=len(ones), sealed_ns=1, volume_size=SIZE,
+                 footer_crc=masked_crc(one_footer))
+    lbas, offsets = decode_one_block_footer(one_footer, t1)
+    assert list(lbas) == [r.lba for r in decode_footer(one_footer, t1)]
+    assert list(offsets) == [r.data_offset for r in ones]
+    bad = bytearray(one_footer)
+    bad[9] ^= 1
+    with pytest.raises(CorruptionError):
+        decode_one_block_footer(bytes(bad), t1)
+    # A zeroing and a two-block write take as many bytes as two one-block
+    # writes, and read at that stride both say one block: not read as such.
+    mixed = [Record(ZERO, 0, 5, 1, 0, b""), Record(DATA, 0, 1, 2, 4096, b"\1" * 8)]
+    mixed_footer = encode_footer(mixed)
+    assert len(mixed_footer) == len(encode_footer(ones[:2]))
+    t2 = Trailer(volume_id=VOLID, seq=1, footer_offset=100, footer_length=len(mixed_footer),
+                 record_count=2, sealed_ns=1, volume_size=SIZE, footer_crc=masked_crc(mixed_footer))
+    assert decode_one_block_footer(mixed_footer, t2) is None
     idx = SegmentIndex(records, BS)
     assert idx.crc_at(88 + BS) == unmask(0x04030201)       # plain, as a read computes it
     assert idx.crc_at(9000) == unmask(0xDDCCBBAA)
