@@ -170,7 +170,7 @@ BASE_AHEAD = 1
 
 
 def chain_extents(store: Store, chain: list[ckpt.Manifest], block_size: int, *,
-                  then: Iterable[tuple] | None = None) -> Iterator[tuple | Run]:
+                  then: Iterable[tuple | Run] | None = None) -> Iterator[tuple | Run]:
     """The map at the last checkpoint of `chain`: its base with its deltas
     laid over it, in one pass as they stream.  then: the entries of one
     more delta, laid over last.
