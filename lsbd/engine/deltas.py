@@ -65,9 +65,10 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
 
 
 #: A delta whose records are all one block long (random 4 KiB writes) is
-#: built on arrays up to this many records (25 bytes each while built, 28
-#: in the result): 64 segments of 8,192 writes make 524,288.
-SINGLES_DELTA_RECORDS = 1 << 20
+#: built on arrays up to this many records (80 segments of 8,192 writes;
+#: a checkpoint comes every 64): about 75 bytes each at the peak of the
+#: build, so at most about 50 MiB, 28 of them held until it is written.
+SINGLES_DELTA_RECORDS = 80 * 8192
 
 
 def _single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
@@ -95,7 +96,10 @@ def _single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
         offsets.append(seg_offsets)
     if not total:
         return []
-    return newest_singles(np.concatenate(lbas), np.concatenate(seqs), np.concatenate(offsets))
+    # One array of each column, the segments' own let go before the sort.
+    columns = [np.concatenate(c) for c in (lbas, seqs, offsets)]
+    del lbas, seqs, offsets
+    return newest_singles(*columns)
 
 
 def record_arrays(records: list[Record]) -> tuple | None:

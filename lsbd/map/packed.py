@@ -201,12 +201,17 @@ def newest_singles(lbas, seqs, offsets, per: int = PACK_ENTRIES) -> list[Run]:
         newest = np.ones(len(order), dtype=bool)    # the last entry of each block
         newest[:-1] = sorted_lbas[1:] != sorted_lbas[:-1]
         order = order[newest]
-    out = np.empty(len(order), dtype=_entries(b"").dtype)
-    out["lba"] = lbas[order]
-    out["n"] = 1
-    out["seq"] = seqs[order]
-    out["off"] = np.where(out["seq"] != 0, offsets[order], 0)
-    return [Run(Part(out[i:i + per].tobytes())) for i in range(0, len(out), per)]
+    del sorted_lbas
+    runs = []
+    for i in range(0, len(order), per):     # a run at a time: one copy of the result
+        at = order[i:i + per]
+        out = np.empty(len(at), dtype=_entries(b"").dtype)
+        out["lba"] = lbas[at]
+        out["n"] = 1
+        out["seq"] = seqs[at]
+        out["off"] = np.where(out["seq"] != 0, offsets[at], 0)
+        runs.append(Run(Part(out.tobytes())))
+    return runs
 
 
 def single_blocks(body) -> bool:

@@ -205,7 +205,8 @@ def test_reads_see_segments_the_sealer_has_not_recorded_yet(make_volume):
 
 def test_stats_count_the_sealers_map_commits(make_volume):
     """`lsbd stats` tells what the map costs the sealer: segments it
-    recorded, and the seconds (wall and its thread's CPU) that took."""
+    recorded, and the seconds (wall and its thread's CPU) that took; and
+    the seconds checkpoints took."""
     vol = make_volume(segment_size=256 * 1024)
     before = vol.usage()
     assert before["segments_mapped"] == 0 and before["map_seconds"] == 0
@@ -216,6 +217,12 @@ def test_stats_count_the_sealers_map_commits(make_volume):
     assert after["segments_mapped"] == after["segments_sealed"] == 3
     assert after["map_seconds"] > 0
     assert 0 < after["map_cpu_seconds"] < after["map_seconds"] + 1
+    # And what checkpoints cost the serving process.
+    assert after["checkpoint_seconds"] == after["checkpoint_cpu_seconds"] == 0
+    vol.checkpoint()
+    done = vol.usage()
+    assert done["checkpoints"] == 1
+    assert 0 < done["checkpoint_cpu_seconds"] < done["checkpoint_seconds"] + 1
     vol.close()
 
 
