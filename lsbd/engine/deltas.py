@@ -97,9 +97,9 @@ def _single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
     if not total:
         return []
     # One array of each column, the segments' own let go before the sort.
-    columns = [np.concatenate(c) for c in (lbas, seqs, offsets)]
+    lba_column, seq_column, offset_column = (np.concatenate(c) for c in (lbas, seqs, offsets))
     del lbas, seqs, offsets
-    return newest_singles(*columns)
+    return newest_singles(lba_column, seq_column, offset_column)
 
 
 def record_arrays(records: list[Record]) -> tuple | None:
