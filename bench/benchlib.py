@@ -24,7 +24,7 @@ def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None =
     else with O_DIRECT on a file.  Time based when `runtime` is given.
     compress_pct: write buffers that compress by about that much (fio's
     buffer_compress_percentage, refilled for every write).
-    Returns MiB/s, IOPS and the seconds it ran."""
+    Returns MiB/s, IOPS, the seconds it ran and the CPU seconds fio spent."""
     where = (["--ioengine=nbd", f"--uri={target}"] if target.startswith("nbd") else
              [f"--filename={target}", "--ioengine=libaio", "--direct=1"])
     extra = [f"--io_size={io_size}"] if io_size else []
@@ -39,7 +39,9 @@ def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None =
     if job["error"]:
         raise RuntimeError(f"fio {rw} {bs} failed with error {job['error']}")
     side = job["write" if "write" in rw else "read"]
-    return {"mib_s": side["bw"] / 1024, "iops": side["iops"], "seconds": side["runtime"] / 1000}
+    seconds = side["runtime"] / 1000
+    return {"mib_s": side["bw"] / 1024, "iops": side["iops"], "seconds": seconds,
+            "cpu_s": (job["usr_cpu"] + job["sys_cpu"]) / 100 * seconds}
 
 
 def wait_for(path: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:

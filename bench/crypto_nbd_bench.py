@@ -25,13 +25,20 @@
    (CACHE_LIMIT says why).  Also: the CPU time the server and its sealing
    process spend per request (per MiB for 1 MiB jobs), the catch-up
    and checkpoint included, by round and its median, a figure the load of
-   a shared machine sways less than the rates; the server's anonymous RSS
+   a shared machine sways less than the rates; the CPU of the timed part
+   alone split by process (the server, its sealing process, the map's
+   process, fio, everything else on the machine such as kernel threads,
+   and the cores' idle time), per request; the server's anonymous RSS
    (its peak, with its sealing process's, from /proc); and the bytes each
    store holds.
 2. An ext4 image holding real files (default /usr/share/doc, /usr/share/man
    and this virtualenv's packages, via mkfs.ext4 -d) plus as much random
    data, imported into a plain and into a compressed, encrypted volume: the
    bytes uploaded and the compression ratio.
+
+A subject may be given as NAME@DIR (for example zstd+aes@/path/to/checkout):
+the volume NAME's options, served by the lsbd checked out in DIR, to compare
+two versions of the code in one run.
 
 Not a test: figures are noisy, compare within one run.  Needs fio and
 e2fsprogs.
@@ -61,6 +68,12 @@ from lsbd.engine import control
 PASSPHRASE = "bench passphrase"
 SUBJECTS = [("plain", ["--compress", "none"]), ("zstd", []),
             ("zstd+aes", ["--encrypt"])]
+OPTIONS = dict(SUBJECTS)
+#: Subjects served by the lsbd checked out in another folder (NAME@DIR).
+CODE: dict[str, str] = {}
+#: Helper processes of a server, by the module they run.
+HELPERS = {"lsbd.crypto.worker": "sealer", "lsbd.map.offload": "map"}
+SPLIT = ("server", "sealer", "map", "fio", "rest", "idle")
 JOBS = [("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k"),
         ("seq write 1M", "write", "1M"), ("seq read 1M", "read", "1M")]
 #: Every subject's segment cache holds the whole working set: on a file://
@@ -86,14 +99,37 @@ WARMUP_REGIONS = 10
 RANDOM_LIMIT = 0.85
 
 
+def folder(name: str) -> str:
+    return name.replace("/", "_")
+
+
 def base(workdir: str, name: str) -> list[str]:
     return [sys.executable, "-m", "lsbd.cli.main", "--store",
-            f"file://{os.path.join(workdir, name, 'store')}", "--cache-dir",
-            os.path.join(workdir, name, "cache")]
+            f"file://{os.path.join(workdir, folder(name), 'store')}", "--cache-dir",
+            os.path.join(workdir, folder(name), "cache")]
 
 
-def env() -> dict:
-    return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE}
+def env(name: str = "") -> dict:
+    extra = {"PYTHONPATH": CODE[name]} if name in CODE else {}
+    return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE, **extra}
+
+
+def system_cpu() -> tuple[float, float]:
+    """Seconds the machine's cores have been busy and idle (iowait counts
+    as idle), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, idle / tick
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) of process `pid` so far; 0 if gone."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def stored_bytes(path: str) -> int:
@@ -108,9 +144,9 @@ class Server:
     def __init__(self, workdir: str, name: str, proc: subprocess.Popen, uri: str):
         self.proc = proc
         self.uri = uri
-        store = SimpleNamespace(url=f"file://{os.path.join(workdir, name, 'store')}")
-        folder = names.cache_dir_for(os.path.join(workdir, name, "cache"), store, "bench")
-        self.control = control.socket_path(folder)
+        store = SimpleNamespace(url=f"file://{os.path.join(workdir, folder(name), 'store')}")
+        cache = names.cache_dir_for(os.path.join(workdir, folder(name), "cache"), store, "bench")
+        self.control = control.socket_path(cache)
         self.peak_anon = 0
 
     def _timed(self, op: str) -> float:
@@ -131,13 +167,19 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time so far (user and system) of the server and its children
-        living now (the sealing process)."""
-        total = 0
-        for pid in self._family():
-            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])     # utime, stime
-        return total / os.sysconf("SC_CLK_TCK")
+        living now (the sealing process, the map's process)."""
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """cpu_seconds split into the server's own and each helper's."""
+        split = {"server": process_cpu(self.proc.pid), "sealer": 0.0, "map": 0.0}
+        for pid in self._family()[1:]:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+                module = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv else ""
+                role = HELPERS.get(module, "server")
+                split[role] = split.get(role, 0.0) + process_cpu(pid)
+        return split
 
     def _family(self) -> list[int]:
         pids = [self.proc.pid]
@@ -161,10 +203,10 @@ class Server:
 @contextlib.contextmanager
 def serve(workdir: str, name: str, options: list[str], size: int):
     cmd = base(workdir, name)
-    sh(*cmd, "create", "bench", "--size", str(size), *options, env=env())
-    sock = os.path.join(workdir, name, "lsbd.sock")
+    sh(*cmd, "create", "bench", "--size", str(size), *options, env=env(name))
+    sock = os.path.join(workdir, folder(name), "lsbd.sock")
     proc = subprocess.Popen([*cmd, "serve", "bench", "--socket", sock,
-                             "--cache-limit", CACHE_LIMIT], env=env(),
+                             "--cache-limit", CACHE_LIMIT], env=env(name),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(sock, proc)
@@ -216,13 +258,22 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             key = "iops" if bs == "4k" else "mib_s"
             for name, _ in SUBJECTS:
                 results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0,
-                                      "checkpoint": 0.0}
+                                      "checkpoint": 0.0, "split": []}
             for i in range(rounds):
                 # Every other round in the reverse order: a load that rises
                 # (or falls) through a round then favours neither subject.
                 for name, _ in (SUBJECTS if i % 2 == 0 else SUBJECTS[::-1]):
                     cpu = servers[name].cpu_seconds()
+                    before, machine = servers[name].cpu_by_process(), system_cpu()
                     r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
+                    after, machine_after = servers[name].cpu_by_process(), system_cpu()
+                    split = {k: after[k] - before.get(k, 0.0) for k in after}
+                    split["fio"] = r["cpu_s"]
+                    split["rest"] = (machine_after[0] - machine[0]) - sum(split.values())
+                    split["idle"] = machine_after[1] - machine[1]
+                    requests = r["iops"] * r["seconds"]
+                    results[name][job]["split"].append(
+                        {k: split.get(k, 0.0) / requests * 1e6 for k in SPLIT})
                     catch_up = servers[name].flush() if "write" in rw else 0.0
                     if "write" in rw:
                         # Untimed, like the catch-up: every round starts from a
@@ -245,7 +296,7 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             server.sample_rss()
             results[name]["rss"] = server.peak_anon
     for name, _ in SUBJECTS:
-        results[name]["stored"] = stored_bytes(os.path.join(workdir, name, "store"))
+        results[name]["stored"] = stored_bytes(os.path.join(workdir, folder(name), "store"))
     print(f"\n  load average {min(loads):.1f}-{max(loads):.1f}, median {statistics.median(loads):.1f}")
     print(f"  job ({rounds} rounds)  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
           + "   (mean IOPS or MiB/s; median ratio to plain; catch-up after writes in s)")
@@ -262,13 +313,14 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             line += ", checkpoints " + " / ".join(f"{results[n][job]['checkpoint']:.1f}"
                                                   for n, _ in SUBJECTS)
         if bs == "4k":
-            last = results[SUBJECTS[-1][0]][job]["runs"]
-            ratio = statistics.median(a / b for a, b in zip(last, plain))
-            line += f"   {'pass' if ratio >= RANDOM_LIMIT else 'FAIL'} (>= {RANDOM_LIMIT})"
+            ratios = [statistics.median(a / b for a, b in zip(results[n][job]["runs"], plain))
+                      for n, _ in SUBJECTS[1:]]
+            line += "   " + " ".join("pass" if r >= RANDOM_LIMIT else "FAIL" for r in ratios)
+            line += f" (>= {RANDOM_LIMIT})"
         print(line)
-        last = results[SUBJECTS[-1][0]][job]["runs"]
-        print(f"  {'':14} {SUBJECTS[-1][0]} / plain by round: "
-              + ", ".join(f"{a / b:.2f}" for a, b in zip(last, plain)))
+        for n, _ in SUBJECTS[1:]:
+            print(f"  {'':14} {n} / plain by round: " + ", ".join(
+                f"{a / b:.2f}" for a, b in zip(results[n][job]["runs"], plain)))
         print(f"  {'':14} server CPU per {'request' if bs == '4k' else 'MiB'} by round (us): "
               + "; ".join(f"{n} " + " ".join(f"{c:.1f}" for c in results[n][job]["cpu"])
                           for n, _ in SUBJECTS))
@@ -277,6 +329,10 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         print(f"  {'':14} server CPU per {unit} (with sealing, median): "
               + ", ".join(f"{n} {cpus[n]:.1f} us" for n, _ in SUBJECTS)
               + "; plain / " + " / ".join(f"{cpus['plain'] / cpus[n]:.2f}" for n, _ in SUBJECTS[1:]))
+        print(f"  {'':14} timed part's CPU per {unit} by process (median, us): " + "; ".join(
+            f"{n} " + " ".join(
+                f"{k} {statistics.median(s[k] for s in results[n][job]['split']):.1f}"
+                for k in SPLIT) for n, _ in SUBJECTS))
     print("  anon RSS MiB   " + "".join(f"{results[n]['rss'] / 2**20:12.0f}"
                                         for n, _ in SUBJECTS))
     print("  stored MiB     " + "".join(f"{results[n]['stored'] / 2**20:12.0f}"
@@ -318,7 +374,8 @@ def main() -> int:
                     help="times each job runs on each subject, interleaved (default 3)")
     ap.add_argument("--skip-nbd", action="store_true")
     ap.add_argument("--subjects", default=",".join(n for n, _ in SUBJECTS),
-                    help="which of plain,zstd,zstd+aes (plain is always run)")
+                    help="which of plain,zstd,zstd+aes (plain is always run), each "
+                    "as NAME or NAME@DIR (served by the lsbd checked out in DIR)")
     ap.add_argument("--skip-ext4", action="store_true")
     ap.add_argument("--jobs", default=",".join(rw for _j, rw, _b in JOBS),
                     help="which fio jobs of randwrite,randread,write,read (default all)")
@@ -327,8 +384,16 @@ def main() -> int:
                           os.path.join(sys.prefix, "lib")]
     workdir = tempfile.mkdtemp(prefix="lsbd-crypto-bench-", dir="/var/tmp")
     try:
-        wanted = {"plain", *args.subjects.split(",")}
-        SUBJECTS[:] = [s for s in SUBJECTS if s[0] in wanted]
+        wanted = ["plain", *(s for s in args.subjects.split(",") if s != "plain")]
+        for spec in wanted:
+            name, _, code = spec.partition("@")
+            if name not in OPTIONS:
+                ap.error(f"unknown subject {name!r}: one of {', '.join(OPTIONS)}")
+            if code:
+                spec = f"{name}@{os.path.basename(os.path.abspath(code))}"
+                CODE[spec] = os.path.abspath(code)
+            SUBJECTS.append((spec, OPTIONS[name]))
+        del SUBJECTS[:len(OPTIONS)]
         JOBS[:] = [j for j in JOBS if j[1] in args.jobs.split(",")]
         if not args.skip_nbd:
             nbd_table(workdir, args.size, args.runtime, args.rounds)
