@@ -72,7 +72,7 @@ OPTIONS = dict(SUBJECTS)
 #: Subjects served by the lsbd checked out in another folder (NAME@DIR).
 CODE: dict[str, str] = {}
 #: Helper processes of a server, by the module they run.
-HELPERS = {"lsbd.crypto.worker": "sealer", "lsbd.map.offload": "map"}
+HELPERS = {"lsbd.crypto.worker": "sealer", "lsbd.map.offload_child": "map"}
 SPLIT = ("server", "sealer", "map", "fio", "rest", "idle")
 JOBS = [("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k"),
         ("seq write 1M", "write", "1M"), ("seq read 1M", "read", "1M")]
