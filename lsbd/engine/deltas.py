@@ -47,7 +47,7 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
     the same entries come from arrays instead, as packed runs: arrays_of(seq)
     gives a segment's (lbas, written, data offsets) or None (see
     segment_arrays; by default made from records_of)."""
-    singles = _single_block_delta(arrays_of or (lambda seq: record_arrays(records_of(seq))),
+    singles = single_block_delta(arrays_of or (lambda seq: record_arrays(records_of(seq))),
                                   first, last)
     if singles is not None:
         yield iter(singles)
@@ -71,8 +71,8 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
 SINGLES_DELTA_RECORDS = 80 * 8192
 
 
-def _single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
-                        last: int) -> list[Run] | None:
+def single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
+                       last: int) -> list[Run] | None:
     """The entries of the delta over segments first..last when every record
     of them is one block long, as packed runs; None if one is not (or there
     are more than SINGLES_DELTA_RECORDS), for the scratch map to do.  The

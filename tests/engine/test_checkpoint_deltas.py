@@ -76,7 +76,7 @@ def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
     """Checkpoint after every round: deltas with a base now and then.  The
     store alone, each past point, snapshots and a clone read back exactly.
     one_block: every write, trim and zeroing one block long, so every delta
-    is built on arrays (deltas._single_block_delta)."""
+    is built on arrays (deltas.single_block_delta)."""
     from lsbd.engine import deltas
 
     built, read = [], []
@@ -329,9 +329,9 @@ def test_a_delta_of_one_block_records_is_what_the_scratch_map_makes(tmp_path, mo
                 model[r.lba] = (r.lba, 1, seq, r.data_offset) if r.kind == DATA else \
                     (r.lba, 1, 0, 0)
     assert by_arrays == [model[lba] for lba in sorted(model)]
-    assert deltas._single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is not None
+    assert deltas.single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is not None
     segments[4].append(Record(DATA, 0, 7, 2, 4096, b"\0" * 8))
-    assert deltas._single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is None
+    assert deltas.single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is None
     assert _delta_of(tmp_path, segments, monkeypatch, arrays=True) == \
         _delta_of(tmp_path, segments, monkeypatch, arrays=False)
 
