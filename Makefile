@@ -60,8 +60,9 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # The whole suite; any non-zero pytest exit fails (including 5: no tests ran).
+# --durations lists the slowest tests at the end of the log.
 test: sysdeps venv nodedeps lint
-	$(VENV)/bin/pytest -q -m "not slow" --timeout=600 tests
+	$(VENV)/bin/pytest -q -m "not slow" --timeout=600 --durations=25 tests
 
 # The fast tier: pure code, no store, no mounts, no subprocesses (seconds).
 test-unit: venv
