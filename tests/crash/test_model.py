@@ -6,7 +6,10 @@ After a crash the volume must equal the model after some prefix of the
 acknowledged transactions (invariant 3), never a half-applied transaction
 (invariant 4), and the prefix must include everything acknowledged before
 the last flush (when the journal survives) or everything known to be in
-the store (when it does not)."""
+the store (when it does not).
+
+The example counts here are the default tier's: tests/crash/test_soak.py runs
+each of these models many times longer (`make test-slow`)."""
 
 from __future__ import annotations
 
@@ -299,7 +302,7 @@ class VolumeModel(RuleBasedStateMachine):
 
 
 VolumeModel.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=40, deadline=None,
+    max_examples=40, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModel = VolumeModel.TestCase
@@ -328,7 +331,7 @@ class VolumeModelRanges(VolumeModel):
 
 
 VolumeModelRanges.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=25, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelRanges = VolumeModelRanges.TestCase
@@ -357,7 +360,7 @@ class VolumeModelSealed(VolumeModel):
 
 
 VolumeModelSealed.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=40, deadline=None,
+    max_examples=12, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelSealed = VolumeModelSealed.TestCase
@@ -373,7 +376,7 @@ class VolumeModelLongJournal(VolumeModel):
 
 
 VolumeModelLongJournal.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=40, deadline=None,
+    max_examples=20, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelLongJournal = VolumeModelLongJournal.TestCase
@@ -392,7 +395,7 @@ class VolumeModelStoreMode(VolumeModel):
 
 
 VolumeModelStoreMode.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=40, deadline=None,
+    max_examples=20, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelStoreMode = VolumeModelStoreMode.TestCase

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, settings
 from test_crash import _check_crash
-from test_model import VolumeModel, VolumeModelRanges
+from test_model import (VolumeModel, VolumeModelLongJournal, VolumeModelRanges,
+                        VolumeModelSealed, VolumeModelStoreMode)
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +24,31 @@ class SoakModelRanges(VolumeModelRanges):
     pass
 
 
+class SoakModelSealed(VolumeModelSealed):
+    pass
+
+
+class SoakModelLongJournal(VolumeModelLongJournal):
+    pass
+
+
+class SoakModelStoreMode(VolumeModelStoreMode):
+    pass
+
+
+# Sealing costs each step more: fewer examples, still 10x the default tier's.
+_SEALED = settings(_LONG, max_examples=250)
+
 SoakModel.TestCase.settings = _LONG
 SoakModelRanges.TestCase.settings = _LONG
+SoakModelSealed.TestCase.settings = _SEALED
+SoakModelLongJournal.TestCase.settings = _LONG
+SoakModelStoreMode.TestCase.settings = _LONG
 TestSoakModel = SoakModel.TestCase
 TestSoakModelRanges = SoakModelRanges.TestCase
+TestSoakModelSealed = SoakModelSealed.TestCase
+TestSoakModelLongJournal = SoakModelLongJournal.TestCase
+TestSoakModelStoreMode = SoakModelStoreMode.TestCase
 
 
 @pytest.mark.parametrize("seed", range(1000, 1200))
