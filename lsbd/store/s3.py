@@ -41,16 +41,39 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import threading
 from typing import Iterator
 from urllib.parse import urlparse
 
-import botocore.config
-import botocore.exceptions
-import botocore.session
-
 from lsbd.errors import ObjectExists, ObjectNotFound, StoreError, TransientStoreError
 from lsbd.store.base import ObjectInfo, Store
+
+
+def _import_botocore() -> None:
+    """Import botocore without urllib3's pyOpenSSL shim.  botocore's
+    httpsession imports urllib3.contrib.pyopenssl only to get back the
+    standard library's SSLContext (which it falls back to without it); with
+    pyOpenSSL installed (lsbd's NBD TLS uses it) that import loads OpenSSL
+    and cryptography's x509, about 50 ms of every `lsbd` start that talks to
+    S3.  The block is lifted once botocore is in, so other code can still
+    import the shim."""
+    shim = "urllib3.contrib.pyopenssl"
+    blocked = shim not in sys.modules
+    if blocked:
+        sys.modules[shim] = None    # type: ignore[assignment]  # import raises ImportError
+    try:
+        import botocore.httpsession  # noqa: F401
+    finally:
+        if blocked and sys.modules.get(shim, 0) is None:
+            del sys.modules[shim]
+
+
+_import_botocore()
+import botocore.config  # noqa: E402
+import botocore.exceptions  # noqa: E402
+import botocore.loaders  # noqa: E402
+import botocore.session  # noqa: E402
 
 # Error codes S3 (and compatible services) use for "try again later".
 _TRANSIENT_CODES = frozenset({
@@ -74,10 +97,21 @@ log = logging.getLogger(__name__)
 #: Each process loads botocore's description of S3 once: a client of a
 #: session that has to load it takes about 0.1 s, one that finds it 5-10 ms.
 #: The sessions (credentials, profile, region) stay one per store.
-_loader = None
+_loader: "_S3Loader | None" = None
 _loader_lock = threading.Lock()
 #: (endpoint, bucket) -> whether the server honours conditional creates.
 _conditional_known: dict[tuple[str | None, str], bool] = {}
+
+
+class _S3Loader(botocore.loaders.Loader):
+    """botocore's loader for a process whose clients are all S3 clients.
+    To check that a service exists, botocore's own lists every service it
+    describes: some 450 folders, each listed (about 900 directory reads,
+    20 ms warm and far more from a cold disk, at every start).  S3's own
+    files are found as before (its latest API version, its extras)."""
+
+    def list_available_services(self, type_name: str) -> list[str]:
+        return ["s3"]
 
 
 def _session() -> botocore.session.Session:
@@ -85,9 +119,12 @@ def _session() -> botocore.session.Session:
     session = botocore.session.Session()
     with _loader_lock:
         if _loader is None:
-            _loader = session.get_component("data_loader")
-        else:
-            session.register_component("data_loader", _loader)
+            # AWS_DATA_PATH as botocore.loaders.create_loader reads it.
+            paths = session.get_config_variable("data_path")
+            _loader = _S3Loader(extra_search_paths=[
+                os.path.expanduser(os.path.expandvars(p))
+                for p in (paths.split(os.pathsep) if paths else [])])
+        session.register_component("data_loader", _loader)
     return session
 
 
