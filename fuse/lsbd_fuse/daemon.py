@@ -66,12 +66,14 @@ def mark_io_flusher() -> bool:
 def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
         read_only: bool = False, direct_io: bool = DIRECT_IO,
         finalizer: Callable[[], None] | None = None, debug: bool = False,
-        readahead: int = READAHEAD) -> int:
+        readahead: int = READAHEAD, while_waiting: Callable[[], None] | None = None) -> int:
     """Open the images with `opener` and serve them on `mountpoint`.
 
     Foreground: serve in this process until unmounted; returns its exit code.
     Background: return 0 once the mount is ready (the serving process goes on),
-    or raise MountError with the reason it could not start.
+    or raise MountError with the reason it could not start.  while_waiting
+    runs in this process while the serving process opens the images (work
+    the caller would do after, done meanwhile on another core).
     """
     mnt = check_can_mount(mountpoint)
     if foreground:
@@ -86,12 +88,13 @@ def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
                 finalizer()
     return _start_background(opener, mnt, name=name, read_only=read_only,
                              direct_io=direct_io, finalizer=finalizer, debug=debug,
-                             readahead=readahead)
+                             readahead=readahead, while_waiting=while_waiting)
 
 
 def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
                       direct_io: bool, finalizer: Callable[[], None] | None,
-                      debug: bool, readahead: int) -> int:
+                      debug: bool, readahead: int,
+                      while_waiting: Callable[[], None] | None = None) -> int:
     logfile = log_path(mnt)
     os.makedirs(os.path.dirname(logfile), mode=0o700, exist_ok=True)
     try:
@@ -125,6 +128,8 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
 
     os.close(w)
     os.waitpid(pid, 0)  # the middle process, gone at once
+    if while_waiting is not None:
+        while_waiting()
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "ok":

@@ -83,7 +83,8 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 
     code = run(open_images, args.mountpoint, name=name, foreground=args.foreground,
                read_only=read_only, direct_io=args.direct_io, finalizer=ctx.close,
-               debug=args.fuse_debug, readahead=readahead)
+               debug=args.fuse_debug, readahead=readahead,
+               while_waiting=ui.prepare)   # its last line is printed with rich
     if not args.foreground:
         ui.done({"volume": name, "mountpoint": args.mountpoint,
                  "image": os.path.join(args.mountpoint, f"{name}.img"), "read_only": read_only},

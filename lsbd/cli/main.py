@@ -12,7 +12,6 @@ import argparse
 import importlib
 import logging
 import sys
-from importlib import metadata
 
 from lsbd.cli import ui
 from lsbd.cli.args import USAGE_ERROR, Parser, add_global_options, all_parsers
@@ -28,10 +27,24 @@ COMMANDS = [
 
 
 def version() -> str:
+    from importlib import metadata  # only for --version: it reads the installed packages
+
     try:
         return metadata.version("lsbd")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """--version, with the version looked up only when it is asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"lsbd {version()}\n")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lsbd", description="A transactional log-structured block store.",
         epilog="Global options are accepted before or after the command. "
                "`lsbd COMMAND --help` shows a command's options and examples.")
-    parser.add_argument("--version", action="version", version=f"lsbd {version()}")
+    parser.add_argument("--version", action=_VersionAction)
     add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

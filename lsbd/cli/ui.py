@@ -11,21 +11,44 @@ import json
 import sys
 from typing import Iterator
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
-out = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
 _json = False
+_consoles: dict[str, "Console"] = {}
+
+
+def prepare() -> None:
+    """Load rich and set up the consoles now: a command can do it while it
+    waits (`lsbd mount` while its serving process opens the volume) instead
+    of before its first line of output.  Commands that print nothing never
+    load it."""
+    _console("out")
+
+
+def _console(name: str) -> "Console":
+    if not _consoles:
+        from rich.console import Console
+
+        _consoles["out"] = Console()
+        _consoles["err"] = Console(stderr=True)
+    return _consoles[name]
+
+
+def __getattr__(name: str):
+    # ui.out and ui.err, made on first use
+    if name in ("out", "err"):
+        return _console(name)
+    raise AttributeError(name)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def configure(*, json: bool) -> None:
@@ -73,13 +96,13 @@ def done(data: dict, message: str) -> None:
     if _json:
         print_json(data)
     else:
-        err.print(message, soft_wrap=True)
+        _console("err").print(message, soft_wrap=True)
 
 
 def note(message: str) -> None:
     """A note for people on stderr (not with --json)."""
     if not _json:
-        err.print(message, soft_wrap=True)   # one line each, whatever the width
+        _console("err").print(message, soft_wrap=True)   # one line each, whatever the width
 
 
 def bold(text: str) -> str:
@@ -88,55 +111,67 @@ def bold(text: str) -> str:
 
 def line(text: str) -> None:
     """One line of plain text on stdout (no markup)."""
-    out.print(text, markup=False, highlight=False, soft_wrap=True)
+    _console("out").print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def problem(text: str) -> None:
-    err.print(f"[red]bad[/]: {escape(text)}", soft_wrap=True)
+    _console("err").print(f"[red]bad[/]: {escape(text)}", soft_wrap=True)
 
 
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:
     # A key/value table (no column names) has no empty header row.
+    from rich.table import Table
+
     t = Table(title=title, show_header=any(columns))
     for c in columns:
         t.add_column(c)
     for r in rows:
         t.add_row(*[escape(str(x)) for x in r])
-    out.print(t)
+    _console("out").print(t)
 
 
-class _Bytes(ProgressColumn):
-    """done / total in binary units."""
+def _progress(*columns: str) -> "Progress":
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
 
-    def render(self, task) -> Text:
-        total = "?" if task.total is None else human_size(task.total)
-        return Text(f"{human_size(task.completed)} / {total}")
+    class _Bytes(ProgressColumn):
+        """done / total in binary units."""
 
+        def render(self, task) -> Text:
+            total = "?" if task.total is None else human_size(task.total)
+            return Text(f"{human_size(task.completed)} / {total}")
 
-class _Speed(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{human_size(speed)}/s")
+    class _Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{human_size(speed)}/s")
 
+    class _Count(ProgressColumn):
+        """done / total, or nothing while the total is unknown."""
 
-class _Count(ProgressColumn):
-    """done / total, or nothing while the total is unknown."""
+        def render(self, task) -> Text:
+            if task.total is None:
+                return Text("")
+            return Text(f"{int(task.completed)}/{int(task.total)}")
 
-    def render(self, task) -> Text:
-        if task.total is None:
-            return Text("")
-        return Text(f"{int(task.completed)}/{int(task.total)}")
-
-
-def _progress(*columns) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=err,
+    made = {"bytes": _Bytes, "speed": _Speed, "count": _Count,
+            "remaining": TimeRemainingColumn}
+    err = _console("err")
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    *(made[c]() for c in columns), console=err,
                     transient=True, disable=_json or not err.is_terminal)
 
 
 @contextlib.contextmanager
 def byte_progress(description: str, total: int) -> Iterator:
     """A progress bar on stderr counting bytes; yields advance(nbytes)."""
-    with _progress(_Bytes(), _Speed(), TimeRemainingColumn()) as progress:
+    with _progress("bytes", "speed", "remaining") as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
 
@@ -144,7 +179,7 @@ def byte_progress(description: str, total: int) -> Iterator:
 @contextlib.contextmanager
 def count_progress(description: str) -> Iterator:
     """A progress bar whose total is learnt on the way; yields update(done, total)."""
-    with _progress(_Count()) as progress:
+    with _progress("count") as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
@@ -153,6 +188,6 @@ def count_progress(description: str) -> Iterator:
 def byte_steps(description: str) -> Iterator:
     """A progress bar counting bytes whose total is learnt on the way;
     yields update(done, total)."""
-    with _progress(_Bytes(), _Speed(), TimeRemainingColumn()) as progress:
+    with _progress("bytes", "speed", "remaining") as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)

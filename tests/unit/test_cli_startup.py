@@ -58,3 +58,23 @@ def test_no_command_help_imports_a_heavy_module():
 def test_a_command_that_runs_does_import_what_it_needs(tmp_path):
     # The probe can see heavy modules: `lsbd list` on a file store opens it.
     assert "lsbd.service.volumes" in loaded_by(["--store", f"file://{tmp_path}", "list"])
+
+
+def imported_by(*argvs: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)],
+                         check=True, capture_output=True, text=True).stdout
+    return [m for m in json.loads(out.splitlines()[-1]) if m.startswith(prefixes)]
+
+
+def test_parsing_loads_neither_rich_nor_the_package_metadata():
+    # rich comes in with the first line printed (or while `lsbd mount`
+    # waits for its serving process), the package metadata with --version.
+    assert imported_by(["mount", "--help"], ["info", "--help"],
+                       prefixes=("rich", "importlib.metadata")) == []
+    assert imported_by(["--version"], prefixes=("importlib.metadata",))
+
+
+def test_version_is_printed_on_stdout():
+    proc = subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--version"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("lsbd ") and not proc.stderr
