@@ -239,6 +239,11 @@ class LsbdSubject:
                              *([f"other{other}"] if other else [])]).replace("=", "-")
         self.env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                         AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        # lsbd as installed, from bytecode: an editable checkout run with
+        # PYTHONDONTWRITEBYTECODE compiles its modules at every start.  The
+        # first commands (create, the mount for mkfs) write it here.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
         self.store = "s3://lsbd-bench/d"
         self.mnt = os.path.join(work, "lsbd-mnt")
         os.makedirs(self.mnt, exist_ok=True)
