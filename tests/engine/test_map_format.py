@@ -275,14 +275,12 @@ def test_segments_of_one_block_writes_apply_as_record_by_record(tmp_path, monkey
         slow.close()
 
 
-def test_segments_applied_in_a_batch_are_as_applied_one_by_one(tmp_path, monkeypatch):
+def test_segments_applied_in_a_batch_are_as_applied_one_by_one(tmp_path):
     """Several sealed segments go into the map in one transaction (the
     sealer's batches): the map, every segment's live blocks and the older
     segments left empty are exactly what applying them one after the other
     gives, with blocks written again by a later segment of the same batch,
-    batches all of one-block writes and batches mixed with longer records,
-    and one-block entries put a slice at a time."""
-    monkeypatch.setattr(blockmap, "_PUT_SLICE", 7)
+    batches all of one-block writes and batches mixed with longer records."""
     rng = random.Random(11)
     batched = BlockMap(str(tmp_path / "batched"), BS)
     single = BlockMap(str(tmp_path / "single"), BS)
