@@ -78,7 +78,15 @@ def fetch_segment_indexes(store: Store, volume: str, seqs: Iterable[int], *,
 
 def fetch_index_by_key(store: Store, key: str, seq: int, size: int | None = None, *,
                        stored_size: int | None = None) -> tuple[Trailer, list[Record]]:
-    """The trailer and index of the segment object `key`.  `size`: the
+    """The trailer and index of the segment object `key` (fetch_footer_by_key,
+    decoded)."""
+    trailer, footer = fetch_footer_by_key(store, key, seq, size, stored_size=stored_size)
+    return trailer, decode_footer(footer, trailer, where=key)
+
+
+def fetch_footer_by_key(store: Store, key: str, seq: int, size: int | None = None, *,
+                        stored_size: int | None = None) -> tuple[Trailer, bytes]:
+    """The trailer and undecoded index of the segment object `key`.  `size`: the
     segment's own size (its local file's, or the map's), when known: the tail
     is then an explicit range, which every S3 server honours.  Else
     `stored_size`, the object's size from a listing: that is what the store
@@ -98,7 +106,7 @@ def fetch_index_by_key(store: Store, key: str, seq: int, size: int | None = None
         footer = tail[len(tail) - need:len(tail) - TRAILER.size]
     else:
         footer = store.get(key, trailer.footer_offset, trailer.footer_length)
-    return trailer, decode_footer(footer, trailer, where=key)
+    return trailer, footer
 
 
 def segment_info(seq: int, trailer: Trailer, records: list[Record], size: int, state: int,

@@ -142,6 +142,44 @@ def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
         assert read_all(c) == clone_state
 
 
+def test_a_delta_reads_evicted_segments_from_the_store_on_arrays(store, tmp_path, monkeypatch):
+    """A cache smaller than the segments between two checkpoints (the
+    default 1 GiB holds about half of them at random 4 KiB writes): the
+    indexes of the evicted ones are read from the store with numpy, no
+    record decoded in Python, and every point reads back exactly from the
+    store alone."""
+    from lsbd.engine import deltas
+
+    from_store, decoded = [], []
+    monkeypatch.setattr(deltas, "store_segment_arrays",
+                        lambda *a, _f=deltas.store_segment_arrays: from_store.append(a[2]) or _f(*a))
+    monkeypatch.setattr(deltas, "record_arrays",
+                        lambda *a, _f=deltas.record_arrays: decoded.append(1) or _f(*a))
+    # Compressed: the store's objects are not linked in as the local copies
+    # (as a plain volume's on a file:// store are), so they are evicted.
+    create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600, compression="zstd:1")
+    cache = str(tmp_path / "cache")
+    rng = random.Random(3)
+    states: dict[int, bytes] = {}
+    kinds = []
+    with Volume.open(store, "vol", cache_root=cache, cache_limit=1) as vol:
+        for r in range(1, 8):
+            for i in range(60):
+                lba = rng.randrange(SIZE // BS)
+                vol.write(lba * BS, blocks(r * 1000 + i, lba, 1))
+            seq = vol.checkpoint()
+            states[seq] = read_all(vol)
+            kinds.append(ckpt.read_manifest(store, "vol", seq).is_delta)
+    assert kinds.count(True) >= 5
+    assert len(set(from_store)) >= 10          # evicted ones, read from the store
+    assert not decoded                         # ... on arrays, as the local ones
+    wipe(cache_dir_for(cache, store, "vol"))
+    for seq, state in states.items():
+        with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+            assert read_all(past) == state, f"the point at seq {seq} differs"
+
+
 def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
                   seal_interval=3600, retain_seconds=0)
@@ -216,8 +254,10 @@ def test_a_base_after_a_chain_is_the_map_without_reading_it(store, tmp_path, mon
 def test_a_delta_cut_short_is_never_read(store, tmp_path, monkeypatch):
     """The parts of a delta are in the store but its manifest never made it:
     opening from the store alone uses the checkpoint before it and replays."""
+    # Compressed: the store's objects are not linked in as the local copies
+    # (as a plain volume's on a file:// store are), so they are evicted.
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
-                  seal_interval=3600)
+                  seal_interval=3600, compression="zstd:1")
     cache = str(tmp_path / "cache")
     rng = random.Random(3)
     vol = Volume.open(store, "vol", cache_root=cache)
