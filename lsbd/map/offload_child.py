@@ -28,10 +28,11 @@ def main() -> int:
     if os.getppid() != int(sys.argv[3]):
         return 0        # the parent died before the signal was set
     bm = BlockMap(sys.argv[1], int(sys.argv[2]))
-    # A batch's records (8,192 tuples for a segment of random 4 KiB writes)
-    # die with it and hold no cycles: the collector ran several times a
-    # batch, each time walking them all (about 5% of this process's CPU).
-    # What is loaded now lives as long as we do: left out of collections.
+    # A batch's records (up to 8,192 Records, tuples, when they are not all
+    # one-block writes) die with it and hold no cycles: with the default
+    # threshold the collector walked them several times a batch (about 5%
+    # of this process's CPU when every batch came as Records).  What is
+    # loaded now lives as long as we do: left out of collections.
     gc.freeze()
     gc.set_threshold(_GC_THRESHOLD)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
