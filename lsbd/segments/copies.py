@@ -31,11 +31,12 @@ from typing import Callable
 from lsbd import directio
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
-from lsbd.format.segment import Record, SegmentIndex, read_sealed_index_from
+from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, read_sealed_footer_from,
+                                 read_sealed_index_from)
 from lsbd.segments.held import HELD_BYTES, HeldSegments
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
-from lsbd.segments.remote import fetch_index_by_key
+from lsbd.segments.remote import fetch_footer_by_key
 from lsbd.linux import disk_free
 from lsbd.store import Store
 
@@ -448,7 +449,7 @@ class LocalCopies:
         return idx
 
     def _index(self, seq: int, load) -> SegmentIndex:
-        """The cached index of `seq`, or load() -> (trailer, records) it once.
+        """The cached index of `seq`, or load() -> (trailer, index bytes) it once.
         Readers that want the same index meanwhile wait for that one load
         (a sequential reader's many requests reach the same thirty segments
         together; each decoding the same index cost a fifth of the first
@@ -462,8 +463,9 @@ class LocalCopies:
             with gate:
                 idx = self._cached_index(seq)
                 if idx is None:
-                    _trailer, records = load()
-                    idx = self._keep_index(seq, SegmentIndex(records, self.block_size))
+                    trailer, footer = load()
+                    idx = self._keep_index(seq, index_of_footer(
+                        footer, trailer, self.block_size, where=self.key_of(seq)))
                 return idx
         finally:
             with self._lock:
@@ -472,8 +474,8 @@ class LocalCopies:
 
     def _local_index(self, seq: int, f: OpenFile) -> SegmentIndex:
         r = f.reader
-        return self._index(seq, lambda: read_sealed_index_from(r.pread, r.size(),
-                                                               where=self.key_of(seq)))
+        return self._index(seq, lambda: read_sealed_footer_from(r.pread, r.size(),
+                                                                where=self.key_of(seq)))
 
     def _remote_index(self, seq: int) -> SegmentIndex:
-        return self._index(seq, lambda: fetch_index_by_key(self.store, self.key_of(seq), seq))
+        return self._index(seq, lambda: fetch_footer_by_key(self.store, self.key_of(seq), seq))

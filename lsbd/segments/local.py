@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from lsbd.format.segment import SegmentIndex, read_sealed_index_from
+from lsbd.format.segment import SegmentIndex, read_sealed_footer_from
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import LocalCopies
 from lsbd.segments.openfile import OpenFile
@@ -169,7 +169,7 @@ class SegmentFiles(LocalCopies):
             return None
         where = self.key_of(seq)
         try:
-            idx = self._index(seq, lambda: read_sealed_index_from(
+            idx = self._index(seq, lambda: read_sealed_footer_from(
                 lambda n, off: data[off:off + n], len(data), where=where))
             piece = data[offset:offset + nblocks * self.block_size]
             self._check(seq, idx, offset, piece, nblocks)
