@@ -200,16 +200,39 @@ class Reader:
             if nowait:
                 # Refuse before reading anything, not after reading the local part.
                 raise WouldBlock("some blocks are not cached locally")
-            if sum(len(groups[seq]) for seq in remote) > 1:
-                # several pieces from the store: in parallel
+            if files.fetcher.enabled and sum(len(groups[seq]) for seq in remote) > 1:
+                # several pieces from a distant store: in parallel, each
+                # asking whether its segment is to be fetched whole
                 return b"".join(files.fetcher.map_reads(
                     [functools.partial(self._read_run, r, False, sequential) for r in runs]))
-        got = files.read_batch(groups, nowait=nowait) if len(runs) >= BATCH_FROM else {}
+        if remote and not files.fetcher.enabled:
+            got = self._read_batches(groups, remote, len(runs) >= BATCH_FROM)
+        else:
+            got = files.read_batch(groups, nowait=nowait) if len(runs) >= BATCH_FROM else {}
         parts = []
         for r in runs:
             data = got.get((r[2], r[3])) if r[4] is None else None
             parts.append(data if data is not None else self._read_run(r, nowait, sequential))
         return b"".join(parts)
+
+    def _read_batches(self, groups: dict[int, list[tuple[int, int]]], remote: list[int],
+                      local_batch: bool) -> dict:
+        """The sealed pieces of a read some of whose segments are in a store
+        that is a local directory (nothing to fetch whole): the local
+        segments' pieces together (read_batch), and each store segment's
+        pieces a span at a time, the segments in parallel.  Which pieces are
+        not in the result, the caller reads one by one."""
+        files = self.st.files
+        away = set(remote)
+        here = {seq: pieces for seq, pieces in groups.items() if seq not in away}
+        calls: list[Callable[[], dict]] = [
+            functools.partial(files.read_store_batch, seq, groups[seq]) for seq in remote]
+        if here and local_batch:
+            calls.insert(0, functools.partial(files.read_batch, here))
+        got: dict = {}
+        for part in files.fetcher.map_reads(calls):
+            got.update(part)
+        return got
 
     def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:
         st = self.st

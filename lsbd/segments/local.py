@@ -160,6 +160,29 @@ class SegmentFiles(LocalCopies):
             for _seq, f, _spans in held:
                 self._release(f)
 
+    def read_store_batch(self, seq: int, pieces: list[tuple[int, int]]
+                         ) -> dict[tuple[int, int], Bytes]:
+        """The pieces (file offset, nblocks) of sealed segment `seq`, not
+        local, from the store: nearby pieces in one ranged GET (a span, as
+        read_batch reads a local file; a compressed object's frame is then
+        opened once for all the pieces in it, not once per piece), each
+        piece checked against the store's index: {(seq, offset): bytes}.
+        Empty if a span fails its check or is not there: the caller reads
+        those pieces with read_blocks, which names the bad block."""
+        key = self.key_of(seq)
+        out: dict[tuple[int, int], Bytes] = {}
+        try:
+            idx = self._remote_index(seq)
+            check = functools.partial(self._check, seq, idx)
+            for start, end, members in coalesce(pieces, self.block_size):
+                data = self.store.get(key, start, end - start)
+                for off, piece in split_span(data, start, members, self.block_size,
+                                             idx.crc_at, check):
+                    out[seq, off] = piece
+        except (CorruptionError, ObjectNotFound):
+            return {}
+        return out
+
     def _read_held(self, seq: int, offset: int, nblocks: int,
                    nowait: bool = False) -> bytes | None:
         """Blocks of a segment fetched whole, from its bytes held in memory,

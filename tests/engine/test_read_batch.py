@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import threading
+import time
 
 import pytest
 from engine_helpers import BS, MiB, block, open_test_store, overwrite
@@ -207,3 +208,86 @@ def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
     assert vol.read(0, MiB) == expected                       # the blocking read
     assert len({fd for fd, _ in asked}) == len(segments)
     assert waited and waited[0] == len(asked)                 # every file, before any wait
+
+
+def _evicted(vol, seqs: set[int]) -> None:
+    """Every one of these segments stored, and its local copy evicted: its
+    reads go to the store (a compressed volume's, frame by frame)."""
+    files = testing.local_files(vol)
+    for seq in seqs:
+        assert testing.wait_stored(vol, seq)
+    deadline = time.monotonic() + 10
+    while any(files.is_local(seq) for seq in seqs):    # adopted just after it is stored
+        assert time.monotonic() < deadline
+        files.make_room(1 << 62)
+        time.sleep(0.01)
+
+
+def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monkeypatch):
+    """A compressed volume on a store in a local directory, its segments
+    evicted from the cache: a 1 MiB read of 256 pieces asks the store once
+    per span of nearby pieces (and once per index), not once per piece,
+    and reads back what was written, after read-directed defragmentation
+    too."""
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        expected = _interleaved(vol)
+        seqs = {e.seq for e in vol.map_extents(0, 256)}
+        _evicted(vol, seqs)
+        inner = vol.store.inner
+        asked: list[tuple[str, int]] = []
+        real_get = type(inner).get
+
+        def get(self, key, start=0, length=None):
+            if "/seg/" in key:
+                asked.append((key, start))
+            return real_get(self, key, start, length)
+
+        monkeypatch.setattr(type(inner), "get", get)
+        one_by_one = []
+        real = SegmentFiles.read_blocks
+
+        def read_blocks(self, seq, offset, nblocks, **kw):
+            one_by_one.append((seq, offset))
+            return real(self, seq, offset, nblocks, **kw)
+
+        monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+        assert vol.read(0, MiB) == expected
+        assert not one_by_one                      # every piece read in a span
+        assert asked and len(asked) <= 4 * len(seqs), (len(asked), len(seqs))
+        with pytest.raises(WouldBlock):
+            vol.read(0, MiB, nowait=True)          # the store is never read inline
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+def test_a_damaged_block_in_a_stored_span_is_an_io_error(tmp_path, monkeypatch):
+    """A block of a stored span that fails its check (damaged past the
+    frame's own check) is read again a piece at a time, which names the bad
+    block: the read fails, nothing wrong is returned."""
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        _interleaved(vol)
+        seqs = {e.seq for e in vol.map_extents(0, 256)}
+        _evicted(vol, seqs)
+        e = vol.map_extents(77, 1)[0]
+        bad_key = f"/seg/{e.seq:016x}"
+        real_get = type(vol.store).get
+
+        def get(self, key, start=0, length=None):
+            data = real_get(self, key, start, length)
+            if key.endswith(bad_key) and length and start <= e.offset + 100 < start + length:
+                data = bytearray(data)
+                data[e.offset + 100 - start] ^= 0x5A
+            return data
+
+        monkeypatch.setattr(type(vol.store), "get", get)
+        with pytest.raises(CorruptionError) as err:
+            vol.read(0, MiB)
+        assert err.value.errno == errno.EIO and err.value.offset == e.offset
+    finally:
+        vol.close()
+        vol.store.close()
