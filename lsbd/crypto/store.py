@@ -8,8 +8,8 @@ once per volume, the first time one of its objects is touched, so a clone
 reads its parent's objects with the parent's keys.  Every other key
 (config, lease, keys, snapshots) passes through untouched.
 
-A ranged read fetches the object's index once (kept, up to INDEX_CACHE
-objects) and then only the frames that hold the range.
+A ranged read fetches the object's index once (kept, up to LAYOUT_BYTES
+of them) and then only the frames that hold the range.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from lsbd.store.base import ObjectInfo, Store
 #: Bytes read from an object's end to find its tail and index (one GET for
 #: segments up to about 200 MiB at 16 KiB frames).
 TAIL_READ = 64 * 1024
-INDEX_CACHE = 4096
+#: Object layouts kept, by size: about 8 KiB for a 32 MiB segment of 16 KiB
+#: frames, so some 2,000 segments.  A read after random writes over a large
+#: volume touches thousands of segments, and 4,096 layouts of 16 KiB each
+#: were most of what a serving process's memory grew by in such a read.
+LAYOUT_BYTES = 16 << 20
 log = logging.getLogger(__name__)
 _SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
 
@@ -200,6 +204,7 @@ class SealingStore(Store):
         self._resolve = resolve
         self._volumes: dict[str, VolumeSealing | None] = {}
         self._layouts: OrderedDict[str, objects.Layout] = OrderedDict()
+        self._layout_bytes = 0
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str):
@@ -396,7 +401,11 @@ class SealingStore(Store):
 
     def _drop(self, key: str) -> bool:
         with self._lock:
-            return self._layouts.pop(key, None) is not None
+            layout = self._layouts.pop(key, None)
+            if layout is None:
+                return False
+            self._layout_bytes -= layout.nbytes
+            return True
 
     def _layout(self, key: str, sealing: VolumeSealing,
                 buf: bytes | None = None) -> objects.Layout:
@@ -414,7 +423,17 @@ class SealingStore(Store):
             framer_for=lambda t: sealing.framer_for(t, key),
             fetch_suffix=lambda n: self.inner.get(key, -n))
         with self._lock:
+            old = self._layouts.pop(key, None)
+            if old is not None:
+                self._layout_bytes -= old.nbytes
             self._layouts[key] = layout
-            while len(self._layouts) > INDEX_CACHE:
-                self._layouts.popitem(last=False)
+            self._layout_bytes += layout.nbytes
+            while self._layout_bytes > LAYOUT_BYTES and len(self._layouts) > 1:
+                self._layout_bytes -= self._layouts.popitem(last=False)[1].nbytes
         return layout
+
+    @property
+    def layout_bytes(self) -> int:
+        """Memory held by the layouts kept (at most about LAYOUT_BYTES)."""
+        with self._lock:
+            return self._layout_bytes

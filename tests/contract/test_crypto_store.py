@@ -259,3 +259,30 @@ def test_a_tail_read_with_a_size_the_object_no_longer_has(stores):
     for size in (old_size, old_size // 3, inner.head(seg("a", 1)) + 4096):
         fresh = SealingStore(inner, store._resolve)
         assert fresh.get_tail(seg("a", 1), 50_000, stored_size=size) == second[-50_000:]
+
+
+def test_the_layouts_kept_are_bounded_by_their_size(stores, monkeypatch):
+    """A ranged read keeps the object's layout for the next, but the layouts
+    of many objects stay within LAYOUT_BYTES, the oldest let go first."""
+    from lsbd.crypto import store as sealing_store
+
+    inner, store = stores
+    data = plain_data(200_000)
+    for seq in range(1, 21):
+        store.put(seg("z", seq), data, exclusive=True)
+    assert store.get(seg("z", 1), 10, 10) == data[10:20]
+    one = store.layout_bytes          # the layouts of equal objects weigh the same
+    assert 0 < one < 4096
+    monkeypatch.setattr(sealing_store, "LAYOUT_BYTES", 5 * one)
+    gets = []
+    real = type(inner).get
+    monkeypatch.setattr(type(inner), "get",
+                        lambda self, key, *a, **kw: gets.append(key) or real(self, key, *a, **kw))
+    for seq in range(1, 21):
+        assert store.get(seg("z", seq), 70_000, 5000) == data[70_000:75_000]
+        assert store.layout_bytes <= 5 * one
+    assert store.layout_bytes == 5 * one
+    gets.clear()
+    assert store.get(seg("z", 20), 1000, 10) == data[1000:1010]     # kept: one GET
+    assert store.get(seg("z", 1), 1000, 10) == data[1000:1010]      # let go: read again
+    assert len(gets) == 3
