@@ -1,0 +1,150 @@
+"""Sequential reads of a fragmented region whose segments the cache evicted.
+
+    .venv/bin/python bench/evicted_read_bench.py [--volume-size 64G] [--writes 4G]
+        [--region 1G] [--create ARGS] [--fio-compress 75] [--state DIR]
+        [--spy DIR] [SUBJECT ...]
+
+The frag phase of bench/scale_bench.py after its random writes, at a size
+that builds in two minutes: a volume (default: the defaults, zstd) of
+--volume-size, --region filled with 1 MiB writes, --writes of random
+4 KiB writes over the whole volume (64 GiB over 1 TiB writes 1/16 of the
+blocks; so do the defaults here), then --region of random 4 KiB writes
+inside the region.  The server is stopped and the state kept in --state
+(built only if it is not there).  A compressed volume's cache holds
+1 GiB of segments by default, so the region's fill and the volume's
+random writes are read from the store, as in the 64 GiB run.
+
+Each SUBJECT (NAME@DIR: the code in DIR, e.g. main@/work/main; default:
+this checkout) gets a fresh copy of the state, at the path it was built
+in (the cache dir is named after the store's URL), is served, writes
+one block far from the region (read-directed defragmentation works only
+in a session that has written, as scale_bench's server has), and reads
+the region twice with fio (1 MiB, iodepth 16), the page cache dropped
+before each pass.  Reported per subject: MiB/s of both passes, the bytes
+read-directed defragmentation relocated, and the server's peak
+anonymous RSS in each pass.  --spy DIR: a py-spy profile of each first
+pass (raw format, idle threads included).  Needs fio and root (to drop
+caches).  Compare subjects within one run: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import drop_page_cache, fio, parse_size
+import scale_bench as sb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build(state: str, volume_size: int, writes: int, region: int, create: list[str],
+          pct: int) -> dict:
+    os.makedirs(state)
+    lsbd = sb.Lsbd(state, volume_size, create)
+    try:
+        lsbd.start()
+        out = {"fill_mib_s": fio(lsbd.uri, "write", "1M", size=region,
+                                 compress_pct=pct)["mib_s"]}
+        if writes:
+            out["random_iops"] = fio(lsbd.uri, "randwrite", "4k", size=volume_size,
+                                     io_size=writes, compress_pct=pct)["iops"]
+        out["frag_iops"] = fio(lsbd.uri, "randwrite", "4k", size=region, io_size=region,
+                               compress_pct=pct)["iops"]
+        st = lsbd.stats()
+        out.update({k: st.get(k) for k in ("segments", "extents", "cache_segments")})
+        return out
+    finally:
+        lsbd.close()
+
+
+def read_subject(state: str, work: str, code: str, region: int, spy: str | None) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    subprocess.run(["cp", "-a", state, work], check=True)
+    here = os.getcwd()
+    env_before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = code
+    os.chdir(code)        # python -m puts the working directory first on the path
+    lsbd = sb.Lsbd(work, 0, [], create=False)
+    try:
+        lsbd.start()
+        rss = sb.RssSampler(lsbd.proc.pid)
+        out: dict = {"load": [os.getloadavg()[0]]}
+        fio(lsbd.uri, "write", "4k", size=4096, offset=region * 40)
+        drop_page_cache()
+        prof = None
+        if spy:
+            prof = subprocess.Popen(
+                [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
+                 "record", "-p", str(lsbd.proc.pid), "-o", spy, "--format", "raw", "-r", "50",
+                 "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        out["first"] = fio(lsbd.uri, "read", "1M", size=region, io_size=region)["mib_s"]
+        if prof is not None:
+            prof.send_signal(2)
+            prof.wait()
+        out["peak_anon_first_kib"] = rss.phase()
+        drop_page_cache()
+        out["second"] = fio(lsbd.uri, "read", "1M", size=region, io_size=region)["mib_s"]
+        out["peak_anon_second_kib"] = rss.phase()
+        out["read_defrag_bytes"] = lsbd.stats().get("read_defrag_bytes")
+        out["load"].append(os.getloadavg()[0])
+        rss.close()
+        return out
+    finally:
+        lsbd.close()
+        os.chdir(here)
+        if env_before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env_before
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("subjects", nargs="*", metavar="NAME@DIR")
+    ap.add_argument("--volume-size", default="64G")
+    ap.add_argument("--writes", default="4G", help="random 4 KiB writes over the volume")
+    ap.add_argument("--region", default="1G")
+    ap.add_argument("--create", default="", metavar="ARGS", help="more arguments for lsbd create")
+    ap.add_argument("--fio-compress", type=int, default=75, metavar="PCT")
+    ap.add_argument("--state", default="/var/tmp/lsbd-evicted-read-state",
+                    help="where the built state is kept (built if absent)")
+    ap.add_argument("--spy", metavar="DIR", help="py-spy profiles of each first pass here")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    region = parse_size(args.region)
+    state = os.path.abspath(args.state)
+    kept = state + ".kept"
+    out: dict = {}
+    if not os.path.exists(kept):
+        shutil.rmtree(state, ignore_errors=True)
+        drop_page_cache()
+        out["build"] = build(state, parse_size(args.volume_size), parse_size(args.writes),
+                             region, args.create.split(), args.fio_compress)
+        print("built:", json.dumps(out["build"]), flush=True)
+        os.rename(state, kept)
+    subjects = args.subjects or [f"this@{REPO}"]
+    for subject in subjects:
+        name, _, code = subject.partition("@")
+        spy = os.path.join(args.spy, f"{name}.txt") if args.spy else None
+        r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy)
+        out[name] = r
+        print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
+              f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
+              f"{r['peak_anon_first_kib'] / 1024:.0f} / {r['peak_anon_second_kib'] / 1024:.0f} MiB, "
+              f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
