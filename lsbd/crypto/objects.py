@@ -196,7 +196,7 @@ class Layout:
         fs = self.tail.frame_size
         return start // fs, min(self.tail.frame_count, -(-end // fs))
 
-    def open_frames(self, i: int, j: int, stored: bytes, *, where: str) -> bytes:
+    def open_frames(self, i: int, j: int, stored: bytes, *, where: str) -> bytearray:
         """Plain bytes of frames i..j-1 from their stored bytes (contiguous,
         starting at frame i).  Each frame is opened straight into its place
         in the result: a whole 32 MiB segment otherwise took two more
