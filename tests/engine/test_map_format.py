@@ -174,14 +174,14 @@ def test_readers_that_want_one_index_together_load_it_once(store, tmp_path, monk
         files = testing.local_files(vol)
         files.forget_indexes()
         loads: list[str] = []
-        real = segfiles.read_sealed_index_from
+        real = segfiles.read_sealed_footer_from
 
         def slow_load(pread, size, *, where):
             loads.append(where)
             time.sleep(0.05)                 # the others arrive meanwhile
             return real(pread, size, where=where)
 
-        monkeypatch.setattr(segfiles, "read_sealed_index_from", slow_load)
+        monkeypatch.setattr(segfiles, "read_sealed_footer_from", slow_load)
         expect = b"".join(blocks(written[b], b, 1) if b in written else bytes(BS)
                           for b in range(512))
         got: list[bytes] = []
