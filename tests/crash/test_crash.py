@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import crash_writer as cw
 import pytest
@@ -100,7 +101,8 @@ def _progress(path: str) -> tuple[int, int, bool]:
 
 
 def _run_and_kill(tmp_path, store_url: str, cache_root: str, seed: int,
-                  flush_mode: str | None, first: int = 1) -> tuple[int, int]:
+                  flush_mode: str | None, first: int = 1,
+                  kill_after: Callable[[], bool] | None = None) -> tuple[int, int]:
     out_path = str(tmp_path / f"writer-{first}.out")
     err_path = str(tmp_path / f"writer-{first}.err")
     args = [PYTHON, WRITER, store_url, "vol", cache_root, str(seed), flush_mode or "-", str(first)]
@@ -112,6 +114,14 @@ def _run_and_kill(tmp_path, store_url: str, cache_root: str, seed: int,
             if child.poll() is not None or time.monotonic() > deadline:
                 with open(err_path) as f:
                     pytest.fail(f"the writer did not start (rc {child.poll()}):\n{f.read()}")
+            time.sleep(0.01)
+        # A test about a stage of the writer's work (a delta checkpoint, a
+        # sealed segment) kills only once that stage has begun: under load
+        # the random delay alone can end before it.
+        deadline = time.monotonic() + 60
+        while kill_after is not None and not kill_after():
+            if child.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the writer never reached the stage this test kills in")
             time.sleep(0.01)
         time.sleep(random.Random(seed * 31 + first).uniform(0.2, 1.5))
         if child.poll() is not None:
@@ -137,12 +147,14 @@ def _new_volume(tmp_path):
 
 
 def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | None = None,
-                 first: int = 1, initial: list[int] | None = None, volume=None) -> list[int]:
+                 first: int = 1, initial: list[int] | None = None, volume=None,
+                 kill_after: Callable[[], bool] | None = None) -> list[int]:
     """One writer run killed, then checked; returns the state found (the
     operation each block comes from)."""
     store_url, store = volume or _new_volume(tmp_path)
     cache_root = str(tmp_path / "cache")
-    acked, flushed = _run_and_kill(tmp_path, store_url, cache_root, seed, flush_mode, first)
+    acked, flushed = _run_and_kill(tmp_path, store_url, cache_root, seed, flush_mode, first,
+                                   kill_after)
     if lose_cache:
         wipe(cache_dir_for(cache_root, store, "vol"))
 
@@ -204,10 +216,15 @@ def test_sigkill_while_delta_checkpoints_are_written(tmp_path, seed, lose_cache)
     store = open_test_store(store_url)
     create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
                   checkpoint_segments=1)
-    try:
-        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store))
-        assert any(ckpt.read_manifest(store, "vol", s).is_delta
+
+    def a_delta_is_stored():
+        return any(ckpt.read_manifest(store, "vol", s).is_delta
                    for s in ckpt.list_checkpoints(store, "vol"))
+
+    try:
+        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store),
+                     kill_after=a_delta_is_stored)
+        assert a_delta_is_stored()
     finally:
         store.close()
 
@@ -229,8 +246,13 @@ def test_sigkill_on_a_compressed_encrypted_volume(tmp_path, monkeypatch, seed, l
         random_bytes(16), secret, params=Argon2Params(memory_kib=64, iterations=1, lanes=1)))
     create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=0.3,
                   checkpoint_segments=4, compression="zstd:1", encryption="aes-256-gcm")
+
+    def a_segment_is_stored():
+        return bool(store.inner.list("volumes/vol/seg/"))
+
     try:
-        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store))
+        _check_crash(tmp_path, seed, lose_cache=lose_cache, volume=(store_url, store),
+                     kill_after=a_segment_is_stored)
         sealed = [info.key for info in store.inner.list("volumes/vol/seg/")]
         assert sealed and all(store.inner.get(k, -64)[:8] == b"LSBDOBJ1" for k in sealed)
     finally:
