@@ -187,6 +187,13 @@ def _reset(s: socket.socket) -> None:
     except OSError:
         pass
     try:
+        # Wakes the pipe thread blocked in recv on it: a close alone leaves
+        # the socket open under that recv, and the client waits out its read
+        # timeout (60 s) instead of seeing the store go away.
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
         s.close()
     except OSError:
         pass
