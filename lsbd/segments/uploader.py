@@ -74,6 +74,9 @@ class Uploader:
         # Stored segments above the durable prefix (uploads finish out of order).
         self._done: set[int] = {s for s in already_stored if s > durable_seq}
         self._inflight: set[int] = set()
+        # Uploads stored so far: a failed upload backing off retries at once
+        # when this moves (the store is back; its own wait could be 45 s).
+        self._stored_count = 0
         self.durable_seq = durable_seq
         self._advance()
         self.last_error: BaseException | None = None
@@ -108,6 +111,7 @@ class Uploader:
                     self._inflight.discard(seq)
                     self._cond.notify_all()
                 return
+            stored_before = self._stored_count
             try:
                 path = self.path_of(seq)
                 if self.fence is not None:
@@ -139,17 +143,29 @@ class Uploader:
                         self._cond.notify_all()
                         return
                 log.warning("upload of %s failed (%s); retrying in %.1fs", key, e, delay)
-                self._stop.wait(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 30.0)
+                if self._wait_for_retry(delay * (0.5 + random.random()), stored_before):
+                    delay = 0.1      # another upload got through: so may this one
+                else:
+                    delay = min(delay * 2, 30.0)
         else:
             return
         with self._cond:
             self._inflight.discard(seq)
             self._done.add(seq)
+            self._stored_count += 1
             self._advance()
             self.last_error = None
             self._failing_since = None
             self._cond.notify_all()
+
+    def _wait_for_retry(self, pause: float, stored_before: int) -> bool:
+        """Back off for `pause` seconds, or until another upload is stored
+        (True) or the uploader stops."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (self._stored_count != stored_before or self._closing
+                         or self.fatal is not None or self._stop.is_set()),
+                pause) and self._stored_count != stored_before
 
     def _check_ours(self, key: str, seq: int, path: str) -> None:
         """The object at `key` ends with our segment's trailer (an explicit

@@ -1,0 +1,54 @@
+"""The uploader's retries after a store outage."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from lsbd.errors import TransientStoreError
+from lsbd.segments import uploader as uploader_mod
+from lsbd.segments.uploader import Uploader
+
+
+class FlakyStore:
+    """Refuses every put while `down`; counts the refusals per key."""
+    conditional_writes = True
+
+    def __init__(self):
+        self.down = True
+        self.refused: dict[str, int] = {}
+        self.stored: set[str] = set()
+        self.lock = threading.Lock()
+
+    def put_file(self, key, path, *, exclusive=False):
+        with self.lock:
+            if self.down:
+                self.refused[key] = self.refused.get(key, 0) + 1
+                raise TransientStoreError(f"put {key}: the store is down")
+            self.stored.add(key)
+
+    def exists(self, key):
+        return key in self.stored
+
+
+def test_an_upload_backing_off_retries_once_another_gets_through(tmp_path, monkeypatch):
+    """After an outage, the first upload that succeeds wakes the ones waiting
+    out a long backoff: the durable prefix must not lag the store's return
+    by the backoff (up to 45 s), since a flush waits for it."""
+    monkeypatch.setattr(uploader_mod.random, "random", lambda: 1.0)   # waits 0.15, 0.3, ... 4.8 s
+    (tmp_path / "seg").write_bytes(b"segment")
+    store = FlakyStore()
+    up = Uploader(store, "vol", lambda seq: str(tmp_path / "seg"), lambda seq: None, workers=2)
+    try:
+        up.submit(1)
+        first = "volumes/vol/seg/0000000000000001"
+        deadline = time.monotonic() + 30
+        while store.refused.get(first, 0) < 6:          # now backing off for 4.8 s
+            assert time.monotonic() < deadline, store.refused
+            time.sleep(0.01)
+        store.down = False
+        up.submit(2)                                    # stored at once
+        assert up.wait_durable(2, timeout=2.0), "seq 1 waited out its backoff"
+        assert store.refused[first] == 6
+    finally:
+        up.close(timeout=5)
