@@ -343,8 +343,13 @@ class SealingStore(Store):
         # Cut in place, not copied: a span of a read after random writes is
         # up to 1 MiB, and 16 reads in flight each held both.
         skip = lo - i * layout.tail.frame_size
-        del data[skip + hi - lo:]
-        del data[:skip]
+        try:
+            del data[skip + hi - lo:]
+            del data[:skip]
+        except BufferError:
+            # A view of it is still alive somewhere (a reference cycle not
+            # collected yet, a debugger): copy the range out instead.
+            return bytes(memoryview(data)[skip:skip + hi - lo])
         return data
 
     def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:

@@ -286,3 +286,27 @@ def test_the_layouts_kept_are_bounded_by_their_size(stores, monkeypatch):
     assert store.get(seg("z", 20), 1000, 10) == data[1000:1010]     # kept: one GET
     assert store.get(seg("z", 1), 1000, 10) == data[1000:1010]      # let go: read again
     assert len(gets) == 3
+
+
+def test_a_ranged_read_whose_frames_are_still_viewed_is_copied_out(stores, monkeypatch):
+    """A ranged read cuts the frames it opened in place; if a view of them
+    is still alive (a reference cycle not collected yet, a memory probe
+    walking the heap) it copies the range out instead of failing the read
+    (BufferError: a bytearray cannot be resized while viewed)."""
+    from lsbd.crypto import objects
+
+    inner, store = stores
+    data = plain_data(200_000)
+    store.put(seg("z", 1), data, exclusive=True)
+    views = []
+    real = objects.Layout.open_frames
+
+    def open_and_keep_a_view(self, *a, **kw):
+        out = real(self, *a, **kw)
+        views.append(memoryview(out))
+        return out
+
+    monkeypatch.setattr(objects.Layout, "open_frames", open_and_keep_a_view)
+    assert store.get(seg("z", 1), 70_000, 5000) == data[70_000:75_000]
+    assert store.get(seg("z", 1), 0, 17) == data[:17]
+    assert len(views) == 2
