@@ -196,3 +196,11 @@ def malloc_trim() -> bool:
     if _malloc_trim is None:
         return False
     return bool(_malloc_trim(0))
+
+
+def anonymous_resident() -> int:
+    """Bytes of this process's resident memory that no file backs (its heap,
+    thread stacks, anonymous mappings): resident less shared, /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")

@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 from lsbd import linux
+from lsbd.freedcap import FreedMemoryCap
 from lsbd.errors import UserError
 from lsbd.store import Store, open_store
 
@@ -168,6 +169,11 @@ SERVING_MMAP_THRESHOLD = 64 << 20
 #: ... in at most this many heaps ("arenas"; glibc's default is 8 per core,
 #: and each thread that allocates gets its own until then).
 SERVING_ARENA_MAX = 2
+#: ... and above this much anonymous memory, the freed part is handed back
+#: (lsbd.freedcap): what the process uses stays under #15's 256 MiB by its
+#: bounded caches (docs/scale.md "Memory"), what it freed must not add to it.
+SERVING_ANONYMOUS_CAP = 128 << 20
+_cap: FreedMemoryCap | None = None
 
 
 def tune_serving_process() -> None:
@@ -190,12 +196,18 @@ def tune_serving_process() -> None:
     But each heap keeps its own freed memory, and the NBD server's 32 I/O
     threads each got a heap of their own: after 2 GiB of random writes, 1 MiB
     reads of the fragmented region took the server's anonymous memory from
-    81 to 209 MiB, 174 MiB in two heaps (at the same write and read speed)."""
+    81 to 209 MiB, 174 MiB in two heaps (at the same write and read speed).
+    And what is kept stays resident: above SERVING_ANONYMOUS_CAP the freed
+    part is handed back (lsbd.freedcap)."""
     sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
     _keep_freed_memory()
 
 
 def _keep_freed_memory() -> None:
+    global _cap
     linux.mallopt(linux.M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
     linux.mallopt(linux.M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
     linux.mallopt(linux.M_ARENA_MAX, SERVING_ARENA_MAX)
+    if _cap is None:
+        _cap = FreedMemoryCap(SERVING_ANONYMOUS_CAP, SERVING_TRIM_THRESHOLD).start()
+

@@ -66,3 +66,72 @@ def test_a_segment_read_after_its_copy_is_installed_is_let_go_once_idle():
         time.sleep(0.02)
     time.sleep(0.6)
     assert 1 not in held
+
+
+
+CAP_SCRIPT = textwrap.dedent("""
+    import threading
+    from lsbd import linux
+    from lsbd.cli import context
+    from lsbd.freedcap import FreedMemoryCap
+
+    linux.mallopt(linux.M_TRIM_THRESHOLD, context.SERVING_TRIM_THRESHOLD)
+    linux.mallopt(linux.M_MMAP_THRESHOLD, context.SERVING_MMAP_THRESHOLD)
+    linux.mallopt(linux.M_ARENA_MAX, context.SERVING_ARENA_MAX)
+    MiB = 1 << 20
+
+    pinned = []
+
+    def burst(n):   # on a thread, as requests' buffers are
+        bufs = [bytearray(b"x" * (256 << 10)) for _ in range(n)]
+        pinned.append(bufs.pop())     # in use above the freed ones: a hole, not a top
+        del bufs[:]
+
+    def on_a_thread(n):
+        t = threading.Thread(target=burst, args=(n,))
+        t.start()
+        t.join()
+
+    base = linux.anonymous_resident()
+    on_a_thread(640)                  # 160 MiB through a thread's heap
+    on_a_thread(640)                  # twice: holes below what is in use
+    after_burst = linux.anonymous_resident()
+    cap = FreedMemoryCap(base + 32 * MiB, context.SERVING_TRIM_THRESHOLD)
+    trimmed = cap.check()
+    on_a_thread(1)                    # the next free() on that heap cuts its top
+    after_check = linux.anonymous_resident()
+    again = cap.check()               # under the cap now: keeping again
+    print((after_burst - base) // MiB, (after_check - base) // MiB, trimmed, again,
+          cap.trims, cap.releasing)
+""")
+
+
+def test_freed_memory_above_the_cap_is_handed_back():
+    """A serving process keeps what it frees (for speed), but not above its
+    cap (#15: anonymous memory at most 256 MiB): what a burst on an I/O
+    thread freed stays resident until the cap's look gives it back."""
+    out = subprocess.run([sys.executable, "-c", CAP_SCRIPT], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    burst, after = int(out[0]), int(out[1])
+    assert burst >= 120, out          # kept: the mallopt settings are in force
+    assert out[2:] == ["True", "False", "1", "False"], out
+    assert after < 16, out
+
+
+def test_the_cap_releases_above_it_and_keeps_again_below():
+    from lsbd.freedcap import RELEASE_THRESHOLD, REGROWTH, FreedMemoryCap
+
+    sizes = iter([100, 300, 200, 200 + REGROWTH - 1, 200 + REGROWTH, 250, 200, 100])
+    trims, thresholds = [], []
+    cap = FreedMemoryCap(256, 999, measure=lambda: next(sizes), trim=lambda: trims.append(1),
+                         set_threshold=thresholds.append)
+    assert not cap.check() and thresholds == []      # 100: under the cap
+    assert cap.check() and cap.releasing              # 300: over; the trim leaves 200
+    assert thresholds == [RELEASE_THRESHOLD]
+    assert not cap.check()            # 200 + REGROWTH - 1: not grown enough since
+    assert cap.check()                # grown by REGROWTH: again (leaves 250)
+    assert len(trims) == 2
+    assert not cap.check() and cap.releasing          # 200: under, not by the margin
+    assert thresholds == [RELEASE_THRESHOLD]
+    assert not cap.check() and not cap.releasing      # 100: keeping again
+    assert thresholds == [RELEASE_THRESHOLD, 999]
