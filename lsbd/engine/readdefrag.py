@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 128 * 1024
 MAX_PIECE_BYTES = 16 * 1024
 #: Bytes of reads waiting to be written again; more are dropped (a later
-#: read of the same range asks again).  An eighth of a second at RATE: it
-#: is the server's memory.
-QUEUE_BYTES = 32 << 20
+#: read of the same range asks again).  A sixteenth of a second at RATE: it
+#: is the server's memory (a queue of 64 MiB laid out no more of a
+#: fragmented region than one of 32, docs/scale.md).
+QUEUE_BYTES = 16 << 20
 #: Bytes written again per second at most: above what a reader of
 #: scattered blocks gets (measured: 120-300 MiB/s with 1 MiB reads), so
 #: that one pass over a range lays all of it out again, not a part.
