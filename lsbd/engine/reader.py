@@ -206,9 +206,11 @@ class Reader:
                 return b"".join(files.fetcher.map_reads(
                     [functools.partial(self._read_run, r, False, sequential) for r in runs]))
         if remote and not files.fetcher.enabled:
-            got = self._read_batches(groups, remote, len(runs) >= BATCH_FROM)
+            got = self._read_batches(groups, remote, len(runs) >= BATCH_FROM, sequential)
+        elif len(runs) >= BATCH_FROM:
+            got = files.read_batch(groups, nowait=nowait, sequential=sequential)
         else:
-            got = files.read_batch(groups, nowait=nowait) if len(runs) >= BATCH_FROM else {}
+            got = {}
         parts = []
         for r in runs:
             data = got.get((r[2], r[3])) if r[4] is None else None
@@ -216,7 +218,7 @@ class Reader:
         return b"".join(parts)
 
     def _read_batches(self, groups: dict[int, list[tuple[int, int]]], remote: list[int],
-                      local_batch: bool) -> dict:
+                      local_batch: bool, sequential: bool) -> dict:
         """The sealed pieces of a read some of whose segments are in a store
         that is a local directory (nothing to fetch whole): the local
         segments' pieces together (read_batch), and each store segment's
@@ -228,7 +230,7 @@ class Reader:
         calls: list[Callable[[], dict]] = [
             functools.partial(files.read_store_batch, seq, groups[seq]) for seq in remote]
         if here and local_batch:
-            calls.insert(0, functools.partial(files.read_batch, here))
+            calls.insert(0, functools.partial(files.read_batch, here, sequential=sequential))
         got: dict = {}
         for part in files.fetcher.map_reads(calls):
             got.update(part)

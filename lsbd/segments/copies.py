@@ -101,6 +101,7 @@ class LocalCopies:
         # segments it will likely want next (lsbd.engine.reader).
         self.on_stream: Callable[[int], None] | None = None
         self._unread: set[int] = set()    # fetched whole, not read since
+        self._whole: collections.OrderedDict[int, None] = collections.OrderedDict()  # read ahead
         self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
 
     def path(self, seq: int) -> str:

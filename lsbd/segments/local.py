@@ -20,11 +20,24 @@ from lsbd.format.segment import SegmentIndex, read_sealed_footer_from
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import LocalCopies
 from lsbd.segments.openfile import OpenFile
-from lsbd.segments.spans import Bytes, coalesce, split_span, will_need
+from lsbd.segments.spans import Bytes, coalesce, split_span, will_need, will_need_whole
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 
 log = logging.getLogger(__name__)
+
+#: A sequential read that finds this many pieces of one local segment has
+#: the kernel read all of that segment ahead (once per segment, in the
+#: order of the reads).  After random writes over a range, each 1 MiB read
+#: of it finds a few blocks of each of the segments that hold the range
+#: (the 1 GiB region of docs/scale.md: about 5 of each of 32), so a pass
+#: reads every one of their blocks, each a random read of the disk; read
+#: whole, in order, the segments come in at the disk's sequential speed and
+#: the pieces from the page cache.  One read of a range takes at most
+#: 32 MiB of disk reads per segment it touches this densely.
+WHOLE_FROM = 4
+#: Segments remembered as read ahead whole (then not asked for again).
+_WHOLE_REMEMBERED = 1024
 
 
 class SegmentFiles(LocalCopies):
@@ -106,14 +119,17 @@ class SegmentFiles(LocalCopies):
             self._release(f)
 
     def read_batch(self, groups: dict[int, list[tuple[int, int]]], *,
-                   nowait: bool = False) -> dict[tuple[int, int], Bytes]:
+                   nowait: bool = False, sequential: bool = False
+                   ) -> dict[tuple[int, int], Bytes]:
         """The pieces (file offset, nblocks) of several sealed segments read
         together, checked: {(seq, offset): bytes}.  Segments not local, or
         with a piece that fails its check, are left out: the caller reads
         those with read_blocks (which names the bad block and tries the
         store's copy).  Nearby pieces share one pread (lsbd.segments.spans).
         On a page-cache miss nowait raises WouldBlock at once; else every
-        span left is handed to the kernel at once, then the reads wait."""
+        span left is handed to the kernel at once, then the reads wait.
+        sequential: the read continues the one before; a segment it finds
+        dense (WHOLE_FROM pieces or more) is read ahead whole."""
         if self._unread:
             return {}   # a segment fetched whole waits for its first read: read_blocks
         held: list[tuple[int, OpenFile, list]] = []
@@ -128,6 +144,10 @@ class SegmentFiles(LocalCopies):
                     continue     # an unreadable local file: read_blocks tries the store
                 if f is not None:
                     held.append((seq, f, coalesce(pieces, self.block_size)))
+            if sequential and not nowait:
+                for seq, f, _spans in held:
+                    if len(groups[seq]) >= WHOLE_FROM and self._first_whole(seq):
+                        will_need_whole(f.fd)
             cached = True       # from the page cache alone, until a miss
             for k, (seq, f, spans) in enumerate(held):
                 try:
@@ -159,6 +179,16 @@ class SegmentFiles(LocalCopies):
         finally:
             for _seq, f, _spans in held:
                 self._release(f)
+
+    def _first_whole(self, seq: int) -> bool:
+        """Whether `seq` is read ahead whole for the first time (noted now)."""
+        with self._lock:
+            if seq in self._whole:
+                return False
+            self._whole[seq] = None
+            if len(self._whole) > _WHOLE_REMEMBERED:
+                self._whole.popitem(last=False)
+            return True
 
     def read_store_batch(self, seq: int, pieces: list[tuple[int, int]]
                          ) -> dict[tuple[int, int], Bytes]:

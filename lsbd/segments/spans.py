@@ -46,6 +46,12 @@ def will_need(fd: int, spans: list[Span], base: int = 0) -> None:
             os.posix_fadvise(fd, base + start, end - start, os.POSIX_FADV_WILLNEED)
 
 
+def will_need_whole(fd: int) -> None:
+    """Have the kernel start reading a whole file now, asynchronously."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+
 def split_span(data, start: int, members: list, block_size: int,
                crc_at: Callable[[int], int],
                check: Callable[[int, Bytes, int], None]) -> list[tuple[int, Bytes]]:

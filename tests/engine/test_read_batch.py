@@ -295,3 +295,52 @@ def test_a_damaged_block_in_a_stored_span_is_an_io_error(tmp_path, monkeypatch):
     finally:
         vol.close()
         vol.store.close()
+
+
+def test_a_sequential_reader_has_dense_segments_read_ahead_whole(vol, monkeypatch):
+    """After random writes over a range, a sequential reader of it finds a
+    few blocks of each of the same segments in every read: those segments
+    are read ahead whole, once each; a read that does not continue the one
+    before, or that finds only a few pieces of a segment, asks for nothing
+    more than its pieces."""
+    from lsbd.segments import local
+
+    testing.stop_read_defrag(vol)
+    rng = random.Random(3)
+    order = list(range(512))
+    rng.shuffle(order)
+    for lba in order:                      # 2 MiB written at random: 8 segments of 64 blocks
+        vol.write(lba * BS, block(2, lba))
+    sparse = [0, 200, 330, 460]            # then one block in each read: a sparse segment
+    for lba in sparse:
+        vol.write(lba * BS, block(3, lba))
+    testing.seal_now(vol)
+    advised: list[int] = []
+    fd_seq: dict[int, int] = {}
+    real_acquire = SegmentFiles._acquire
+
+    def acquire(self, seq):
+        f = real_acquire(self, seq)
+        if f is not None:
+            fd_seq[f.fd] = seq
+        return f
+
+    monkeypatch.setattr(SegmentFiles, "_acquire", acquire)
+    monkeypatch.setattr(local, "will_need_whole", lambda fd: advised.append(fd_seq[fd]))
+    expected = [block(3 if lba in sparse else 2, lba) for lba in range(512)]
+    assert vol.read(256 * 1024, 256 * 1024) == b"".join(expected[64:128])
+    assert advised == []                   # the first read continues nothing
+    got = [vol.read(off, 256 * 1024) for off in range(512 * 1024, 2 * MiB, 256 * 1024)]
+    assert b"".join(got) == b"".join(expected[128:])
+    dense = set()
+    for off in range(512 * 1024, 2 * MiB, 256 * 1024):
+        pieces: dict[int, int] = {}
+        for e in vol.map_extents(off // BS, 64):
+            pieces[e.seq] = pieces.get(e.seq, 0) + 1
+        dense |= {seq for seq, n in pieces.items() if n >= local.WHOLE_FROM}
+    assert len(dense) >= 4
+    assert vol.map_extents(200, 1)[0].seq not in dense
+    assert sorted(advised) == sorted(dense)        # each dense segment once, no other
+    advised.clear()
+    assert vol.read(0, 256 * 1024) == b"".join(expected[:64])    # not sequential
+    assert advised == []
