@@ -15,20 +15,42 @@ passes, 4 lanes).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import attrs
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
-from cryptography.hazmat.primitives.ciphers import algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
+    from cryptography.hazmat.primitives.ciphers import algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 CIPHER_NAME = "aes-256-gcm"
+
+_loaded = False
+
+
+def _load() -> None:
+    """Import `cryptography` (a 14 MB library) on first use: a volume that is
+    only compressed, and every plain one, never loads it (it cost 40-80 ms
+    of CPU, more from a cold page cache, at every open of a volume)."""
+    global _loaded, InvalidTag, hashes, _BlockCipher, algorithms, modes, AESGCM, Argon2id, HKDF
+    if _loaded:
+        return
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
+    from cryptography.hazmat.primitives.ciphers import algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    _loaded = True
 
 
 class AuthenticationFailed(Exception):
@@ -47,6 +69,7 @@ class Cipher:
     def __init__(self, key: bytes):
         if len(key) != KEY_SIZE:
             raise ValueError("an AES-256-GCM key is 32 bytes")
+        _load()
         self._aead = AESGCM(key)
 
     def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -77,6 +100,7 @@ class Stream:
     def __init__(self, key: bytes):
         if len(key) != KEY_SIZE:
             raise ValueError("an AES-256 key is 32 bytes")
+        _load()
         self._aes = algorithms.AES(key)
         # Contexts not in use.  Setting one up costs 3-15 us, five times
         # and more the XOR of 4 KiB; moving one to another offset
@@ -153,6 +177,7 @@ def seek(ctx, offset: int) -> None:
 
 
 def hkdf(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
+    _load()
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
 
 
@@ -164,5 +189,6 @@ class Argon2Params:
 
 
 def argon2id(secret: bytes, salt: bytes, params: Argon2Params) -> bytes:
+    _load()
     return Argon2id(salt=salt, length=KEY_SIZE, iterations=params.iterations,
                     lanes=params.lanes, memory_cost=params.memory_kib).derive(secret)
