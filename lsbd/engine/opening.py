@@ -57,10 +57,12 @@ def writer_state(store: Store, config: VolumeConfig, *, cache_root: str, flush_m
         raise
 
 
-def recover(st: VolumeState, sealer: Sealer, progress) -> None:
+def recover(st: VolumeState, sealer: Sealer, progress) -> bool:
     """Bring the map up to everything this writer may build on, then start
-    the uploader (no threads of the volume run yet)."""
+    the uploader (no threads of the volume run yet).  True if the map was
+    rebuilt from the store (a new or untrusted cache dir: no data here)."""
     checkpoints: list[int] | None = None
+    rebuilt = False
     if st.map.get_meta("volume_id") is None:
         # A new cache dir: the map comes from the store; both listings at once.
         stored, checkpoints = list_volume(st.store, st.name)
@@ -76,8 +78,10 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> None:
                st.name, e)
         _reset_cache_dir(st)
         _rebuild(st, progress, stored, checkpoints)
+        rebuilt = True
     _remove_orphans(st, stored)
     _start_uploads(st, sealer)
+    return rebuilt
 
 
 def local_keys(store: Store, config: VolumeConfig) -> LocalKeys | None:

@@ -120,6 +120,27 @@ class Reader:
             for f in futures:
                 f.result()
 
+    def warm_up(self) -> None:
+        """A cache dir just rebuilt from the store holds no data, and the
+        first reader of a block device reads its start (a partition table, a
+        file system's superblock and first group): fetch the segments
+        holding the volume's first READ_AHEAD bytes now, while the front end
+        starts, as read-ahead (reading them fetches the next ones).  At most
+        segments_ahead() of them, those holding the lowest blocks first."""
+        st = self.st
+        if not st.files.fetcher.enabled:    # a local store: nothing to fetch whole
+            return
+        limit = segments_ahead(st.files.cache_limit, st.config.segment_size)
+        with st.lock:
+            seqs: list[int] = []
+            for e in st.map.lookup(0, min(self._readahead.window, st.size) // st.block_size):
+                if e.seq not in seqs:
+                    seqs.append(e.seq)
+                    if len(seqs) == limit:
+                        break
+        for seq in seqs:
+            st.files.prefetch(seq, mark=True)
+
     def _fetch_after(self, seq: int) -> None:
         """A read first reached segment `seq`, fetched whole: fetch the next
         SEGMENTS_AHEAD segments the map uses."""

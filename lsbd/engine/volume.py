@@ -98,7 +98,8 @@ class Volume(ReadFace):
         if cache_full_wait is not None:
             vol._writer.full_wait = cache_full_wait
         try:
-            recover(st, vol._sealer, progress)
+            if recover(st, vol._sealer, progress):
+                vol._reader.warm_up()
             vol._timer.start()
             vol._sealer.start()
             if config.read_defrag:

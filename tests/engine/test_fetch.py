@@ -182,6 +182,41 @@ def test_a_segment_fetched_whole_brings_the_next_ones_when_it_is_read(written, t
         vol.close()
 
 
+def test_a_writer_on_a_new_cache_dir_fetches_the_volumes_first_blocks_at_open(written, tmp_path):
+    """A cache dir rebuilt from the store holds no data: the open starts
+    whole fetches of the segments holding the volume's first blocks (what a
+    file system's mount reads first), those of the lowest blocks first, at
+    most segments_ahead() of them, before any read asks."""
+    from lsbd.engine.reader import segments_ahead
+
+    store, expected = written
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w2"))
+    vol.write(0, blocks(7, 0, 1))    # the first block written last, as a superblock is
+    vol.close()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "w3"))
+    files = testing.local_files(vol)
+    try:
+        order: list[int] = []
+        for e in vol.map_extents(0, SIZE // BS):
+            if e.seq not in order:
+                order.append(e.seq)
+        limit = segments_ahead(files.cache_limit, SEGMENT)
+        assert 1 < limit < len(order)
+        want = order[:limit]
+        assert want[0] == vol.applied_seq           # block 0's segment, the newest
+        assert files.fetcher.stats["whole_fetches"] == limit
+        deadline = time.monotonic() + 30
+        while not all(map(files.is_local, want)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [s for s in order if files.is_local(s)] == want
+        store.reset_counts()
+        assert vol.read(0, BS) == blocks(7, 0, 1)
+        assert vol.read(BS, BS) == expected[BS:2 * BS]
+        assert store.calls["get"] == 0, store.calls
+    finally:
+        vol.close()
+
+
 def test_segments_fetched_ahead_are_bounded_by_the_cache():
     """Fetches ahead of a reader never take more than a quarter of the
     cache limit (they would push out segments not read yet), and at least
