@@ -125,11 +125,10 @@ class Reader:
         first reader of a block device reads its start (a partition table, a
         file system's superblock and first group): fetch the segments
         holding the volume's first READ_AHEAD bytes now, while the front end
-        starts.  At most segments_ahead() of them, those holding the lowest
-        blocks first.  A guess, so reading them fetches nothing more: the
-        reads that follow say what comes next (a mount reads metadata from
-        them, then files anywhere; measured, fetching the segments written
-        after them queued those before the ones the next reads wanted)."""
+        starts, as read-ahead (reading them fetches the next ones: fetched
+        as a guess that starts nothing, the fetches then waited for the
+        reads to ask, and segments read last were fetched last).  At most
+        segments_ahead() of them, those holding the lowest blocks first."""
         st = self.st
         if not st.files.fetcher.enabled:    # a local store: nothing to fetch whole
             return
@@ -142,7 +141,7 @@ class Reader:
                     if len(seqs) == limit:
                         break
         for seq in seqs:
-            st.files.prefetch(seq)
+            st.files.prefetch(seq, mark=True)
 
     def _fetch_after(self, seq: int) -> None:
         """A read first reached segment `seq`, fetched whole: fetch the next

@@ -186,7 +186,8 @@ def test_a_writer_on_a_new_cache_dir_fetches_the_volumes_first_blocks_at_open(wr
     """A cache dir rebuilt from the store holds no data: the open starts
     whole fetches of the segments holding the volume's first blocks (what a
     file system's mount reads first), those of the lowest blocks first, at
-    most segments_ahead() of them, before any read asks."""
+    most segments_ahead() of them, before any read asks; as read-ahead, so
+    that reading them fetches the next ones."""
     from lsbd.engine.reader import segments_ahead
 
     store, expected = written
@@ -209,11 +210,19 @@ def test_a_writer_on_a_new_cache_dir_fetches_the_volumes_first_blocks_at_open(wr
         while not all(map(files.is_local, want)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [s for s in order if files.is_local(s)] == want
-        store.reset_counts()
-        # not in order: reads in order would fetch ahead
+        # their reads fetch the next segments (read-ahead), so watch only their keys
+        watches = [store.fail("get", key_prefix=names.segment_key("vol", s), after=10**9)
+                   for s in want[:2]]
         assert vol.read(BS, BS) == expected[BS:2 * BS]
         assert vol.read(0, BS) == blocks(7, 0, 1)
-        assert store.calls["get"] == 0, store.calls
+        assert [w.seen for w in watches] == [0, 0]
+        # as read-ahead: the first read of one fetches the segments after it
+        after = max(want[1:]) + 1
+        assert after not in want
+        deadline = time.monotonic() + 30
+        while not files.is_local(after) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert files.is_local(after)
     finally:
         vol.close()
 
