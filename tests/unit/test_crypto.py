@@ -307,33 +307,39 @@ def test_keystore_generations(tmp_path):
 
 
 def test_compress_many_samples_before_compressing(monkeypatch):
-    """A batch is compressed whole only when every eighth frame, compressed
-    first, saves at least 1/16 of its bytes: noise and data that barely
-    compresses are stored raw without trying the other frames (a sampled
-    frame that compressed keeps its compressed bytes); text is compressed."""
+    """A batch is compressed whole only when every eighth frame, tried
+    first at zstd's fast level, saves at least 1/16 of its bytes: noise
+    and data that barely compresses are stored raw without trying the
+    other frames (a sampled frame that compressed keeps its bytes of the
+    fast level); text stops the sample at its first frame and is all
+    compressed at the compressor's level."""
     z = compress.Compressor(1, threads=1)
-    tried = []
-    real = z.compress
+    sampled, tried = [], []
+    real_sample, real = z._sample, z.compress
+    monkeypatch.setattr(z, "_sample", lambda c: sampled.append(bytes(c[:8])) or real_sample(c))
     monkeypatch.setattr(z, "compress", lambda c: tried.append(bytes(c[:8])) or real(c))
     size = 16384
     noise = [os.urandom(size) for _ in range(64)]
     assert [codec for codec, _ in z.compress_many(noise)] == [compress.RAW] * 64
-    assert len(tried) == 8
+    assert sampled == [noise[i][:8] for i in range(0, 64, 8)] and tried == []
     # One sampled frame saves a quarter, the rest nothing: 1/32 of the sample.
     marginal = list(noise)
     marginal[8] = os.urandom(size * 3 // 4) + bytes(size // 4)
     marginal[9] = marginal[8][::-1]                  # compressible, not sampled
-    tried.clear()
+    sampled.clear()
     out = z.compress_many(marginal)
-    assert len(tried) == 8
+    assert len(sampled) == 8 and tried == []
     assert [i for i, (codec, _) in enumerate(out) if codec != compress.RAW] == [8]
+    assert compress.decompress(*out[8], size) == marginal[8]
     assert [bytes(s) for _, s in out[:8]] == marginal[:8]
-    # Text: every frame is tried, and compressed.
+    # Text: one frame sampled, then every frame compressed at level 1.
     text = [(TEXT * (size // len(TEXT) + 1))[:size] for _ in range(64)]
-    tried.clear()
+    sampled.clear()
     out = z.compress_many(text)
-    assert len(tried) == 64 and all(codec == compress.ZSTD for codec, _ in out)
+    assert len(sampled) == 1 and len(tried) == 64
+    assert all(codec == compress.ZSTD for codec, _ in out)
     assert all(compress.decompress(c, s, size) == text[0] for c, s in out)
+    assert out[0][1] == compress.Compressor(1).compress(text[0])[1]
 
 
 def test_sealed_objects_written_past_the_page_cache_read_back_whole(tmp_path):
