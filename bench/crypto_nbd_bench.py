@@ -114,6 +114,13 @@ def env(name: str = "") -> dict:
     return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE, **extra}
 
 
+def cwd(name: str = "") -> str | None:
+    """Where a subject's processes run: `python -m` puts its working
+    directory first on sys.path, before PYTHONPATH, so a NAME@DIR subject
+    run from a checkout of lsbd would import that checkout, not DIR's."""
+    return CODE.get(name)
+
+
 def system_cpu() -> tuple[float, float]:
     """Seconds the machine's cores have been busy and idle (iowait counts
     as idle), from /proc/stat."""
@@ -203,10 +210,10 @@ class Server:
 @contextlib.contextmanager
 def serve(workdir: str, name: str, options: list[str], size: int):
     cmd = base(workdir, name)
-    sh(*cmd, "create", "bench", "--size", str(size), *options, env=env(name))
+    sh(*cmd, "create", "bench", "--size", str(size), *options, env=env(name), cwd=cwd(name))
     sock = os.path.join(workdir, folder(name), "lsbd.sock")
     proc = subprocess.Popen([*cmd, "serve", "bench", "--socket", sock,
-                             "--cache-limit", CACHE_LIMIT], env=env(name),
+                             "--cache-limit", CACHE_LIMIT], env=env(name), cwd=cwd(name),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(sock, proc)
