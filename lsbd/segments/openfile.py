@@ -125,9 +125,8 @@ class OpenFile:
         # cipher call after reset_nonce deciphers it all: a partial first
         # block of its own (three reads in four) was a second call on a
         # context that is cold on a random read (OpenSSL's parameter code
-        # runs for each).  With the shared buffers: 25.7 against 28.5 us of
-        # the server's CPU per encrypted read over NBD (docs/security.md,
-        # run AD).
+        # runs for each).  The gain over NBD was never measured: run AD in
+        # docs/security.md compared one code with itself.
         skip = offset & 15
         span = length + skip
         buffers = _BUFFERS.get(span)
