@@ -182,6 +182,30 @@ def unmask_packed(packed: bytes) -> array.array:
     return _lanewise(masked, _unmask_lanes)
 
 
+#: Bytes of a one-block DATA record before its data: the record's header
+#: and its one CRC.  Read with the block, they check it with no index.
+ONE_BLOCK_HEAD = RECORD.size + 4
+
+
+def one_block_record_holds(buf, at: int, block_size: int) -> bool:
+    """Whether buf[at:] starts with a whole one-block DATA record (its
+    header, its CRC, its block) whose header checksum and block CRC hold: a
+    block read with the ONE_BLOCK_HEAD bytes before it is then checked
+    against the same CRC the segment's index holds for it (the index is a
+    copy of every record's header), without the index."""
+    end = at + ONE_BLOCK_HEAD + block_size
+    if at < 0 or len(buf) < end:
+        return False
+    view = memoryview(buf)
+    magic, kind, _flags, _r, _lba, nblocks, crc = RECORD.unpack_from(view, at)
+    if magic != RECORD_MAGIC or kind != DATA or nblocks != 1:
+        return False
+    crcs = view[at + RECORD.size:at + ONE_BLOCK_HEAD]
+    if masked_crc(bytes(view[at:at + RECORD.size - 4]) + bytes(crcs)) != crc:
+        return False
+    return _U32.unpack(crcs)[0] == mask(crc32c(view[at + ONE_BLOCK_HEAD:end]))
+
+
 def encode_record(kind: int, flags: int, lba: int, nblocks: int, crcs: bytes = b"") -> bytes:
     """A record's header and CRC array (the data, if any, follows it)."""
     head = _RECORD_HEAD.pack(RECORD_MAGIC, kind, flags, 0, lba, nblocks)

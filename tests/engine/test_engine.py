@@ -51,6 +51,8 @@ from lsbd.format.segment import (
     encode_header,
     encode_record,
     encode_trailer,
+    one_block_record_holds,
+    ONE_BLOCK_HEAD,
     read_sealed_index,
     scan_records,
 )
@@ -804,6 +806,26 @@ def test_golden_header_bytes():
 
 def test_golden_record_bytes():
     assert encode_record(DATA, FLAG_COMMIT, 7, 2, b"\x11" * 8) == GOLDEN_RECORD
+
+
+def test_a_one_block_record_checks_its_block_without_the_index():
+    """A block read with the header and CRC of its one-block record is
+    checked against them; a byte changed anywhere in the three is caught,
+    and so is a block of a longer record or a record of another kind."""
+    data = bytes(range(256)) * 16
+    rec = b"junk" + encode_record(DATA, FLAG_COMMIT, 7, 1, block_crcs(data, 4096)) + data
+    assert len(rec) == 4 + ONE_BLOCK_HEAD + 4096
+    assert one_block_record_holds(rec, 4, 4096)
+    assert not one_block_record_holds(rec, 3, 4096)           # not where a record starts
+    assert not one_block_record_holds(rec[:-1], 4, 4096)      # short
+    for where in (4, 4 + 9, 4 + 12, 4 + 20, 4 + 24, 4 + 27, 4 + 28, 4 + 2000, len(rec) - 1):
+        bad = bytearray(rec)
+        bad[where] ^= 0x01
+        assert not one_block_record_holds(bad, 4, 4096), where
+    two = encode_record(DATA, 0, 7, 2, block_crcs(data * 2, 4096)) + data * 2
+    assert not one_block_record_holds(two, 0, 4096)
+    zero = encode_record(2, 0, 7, 1) + bytes(4) + bytes(4096)
+    assert not one_block_record_holds(zero, 0, 4096)
 
 
 def _trailer() -> Trailer:
