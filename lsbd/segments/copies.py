@@ -102,6 +102,8 @@ class LocalCopies:
         self.on_stream: Callable[[int], None] | None = None
         self._unread: set[int] = set()    # fetched whole, not read since
         self._whole: collections.OrderedDict[int, None] = collections.OrderedDict()  # read ahead
+        # stored segments read without their index: seq -> where its data ends
+        self._data_ends: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
 
     def path(self, seq: int) -> str:
@@ -259,6 +261,7 @@ class LocalCopies:
             if size is not None:
                 self._cached_bytes -= size
             self._drop_index_locked(seq)
+            self._data_ends.pop(seq, None)
             self._retire_locked(seq)
         self._unlink(seq)
 

@@ -5,7 +5,11 @@ segment, local or remote, is checked against its CRC (DESIGN invariant 5).
 A segment that is not local is read with ranged GETs of just the blocks
 asked for, checked against its index (fetched once from the object's tail,
 in parallel with the first data, and kept in a bounded LRU): a random read
-costs one small GET, not a whole segment.  When the read pattern says more
+costs one small GET, not a whole segment.  From a store in a local
+directory, blocks that are whole one-block records are read with their
+record's header and CRC and checked against those when the index is not
+in memory (the index is a copy of every record's header), so a read that
+finds a block or two in each of thousands of segments loads no index.  When the read pattern says more
 of a segment will be read, it is fetched whole in the background
 (lsbd.segments.fetch); reads of it are served from the fetched bytes, held
 in memory within a bound, while they are written into the cache dir past
@@ -16,7 +20,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from lsbd.format.segment import SegmentIndex, read_sealed_footer_from
+from lsbd.format.segment import (HEADER, ONE_BLOCK_HEAD, TRAILER, SegmentIndex, decode_trailer,
+                                 one_block_record_holds, read_sealed_footer_from)
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import LocalCopies
 from lsbd.segments.openfile import OpenFile
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 WHOLE_FROM = 4
 #: Segments remembered as read ahead whole (then not asked for again).
 _WHOLE_REMEMBERED = 1024
+#: Stored segments whose trailer was read for reads without their index
+#: (SegmentFiles._read_store_records): where each one's data ends.
+_DATA_ENDS_REMEMBERED = 4096
 
 
 class SegmentFiles(LocalCopies):
@@ -199,6 +207,10 @@ class SegmentFiles(LocalCopies):
         piece checked against the store's index: {(seq, offset): bytes}.
         Empty if a span fails its check or is not there: the caller reads
         those pieces with read_blocks, which names the bad block."""
+        if self._cached_index(seq) is None and all(n == 1 for _off, n in pieces):
+            got = self._read_store_records(seq, pieces)
+            if got is not None:
+                return got
         key = self.key_of(seq)
         out: dict[tuple[int, int], Bytes] = {}
         try:
@@ -212,6 +224,57 @@ class SegmentFiles(LocalCopies):
         except (CorruptionError, ObjectNotFound):
             return {}
         return out
+
+    def _read_store_records(self, seq: int, pieces: list[tuple[int, int]]
+                            ) -> dict[tuple[int, int], Bytes] | None:
+        """read_store_batch's pieces of one block each, for a segment whose
+        index is not in memory: each read with its record's header and CRC
+        (ONE_BLOCK_HEAD bytes before it) and checked against them, so no
+        index is loaded.  After random writes over a large volume a read
+        finds a few blocks of each of thousands of segments, and loading a
+        segment's index (8,192 records: 23 frames of a compressed object
+        opened) for a block or two was most of what a piece cost
+        (docs/scale.md).  The object's trailer is read once per segment
+        (seq, and where its data ends).  None when a piece is not a whole
+        one-block record (a block inside a longer record) or fails its
+        check: the caller then reads them against the index."""
+        key = self.key_of(seq)
+        bs = self.block_size
+        try:
+            data_end = self._data_end(seq, key)
+            out: dict[tuple[int, int], Bytes] = {}
+            for start, end, members in coalesce(pieces, bs):
+                first = start - ONE_BLOCK_HEAD
+                if first < HEADER.size or end > data_end:
+                    return None
+                data = self.store.get(key, first, end - first)
+                view = memoryview(data)
+                for off, _n in members:
+                    at = off - first - ONE_BLOCK_HEAD
+                    if not one_block_record_holds(view, at, bs):
+                        return None
+                    out[seq, off] = view[at + ONE_BLOCK_HEAD:at + ONE_BLOCK_HEAD + bs]
+            return out
+        except (CorruptionError, ObjectNotFound):
+            return None
+
+    def _data_end(self, seq: int, key: str) -> int:
+        """Where the data of stored segment `seq` ends (its index's offset),
+        from its trailer, which must name it; kept for the next reads."""
+        with self._lock:
+            end = self._data_ends.get(seq)
+            if end is not None:
+                self._data_ends.move_to_end(seq)
+                return end
+        tail = self.store.get_tail(key, TRAILER.size)
+        trailer = decode_trailer(tail, where=key)
+        if trailer.seq != seq:
+            raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
+        with self._lock:
+            self._data_ends[seq] = trailer.footer_offset
+            while len(self._data_ends) > _DATA_ENDS_REMEMBERED:
+                self._data_ends.popitem(last=False)
+        return trailer.footer_offset
 
     def _read_held(self, seq: int, offset: int, nblocks: int,
                    nowait: bool = False) -> bytes | None:

@@ -267,6 +267,89 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
         vol.store.close()
 
 
+def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkeypatch):
+    """Blocks of evicted segments whose index is not in memory, each a
+    whole one-block record, are read with their record's header and CRC and
+    checked against them: no index is loaded for them (after random writes
+    over a large volume, a read finds a block or two of each of thousands
+    of segments).  Blocks inside a longer record are read against the
+    index.  Everything reads back as written."""
+    from lsbd.segments import copies
+
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        rng = random.Random(11)
+        model = bytearray(rng.randbytes(32 * BS))
+        vol.write(0, bytes(model))                 # one record of 32 blocks
+        testing.seal_now(vol)
+        long_seqs = {e.seq for e in vol.map_extents(0, 32)}
+        model += bytes(224 * BS)
+        for lba in list(range(1, 32, 2)) + rng.sample(range(32, 256), 150):
+            b = rng.randbytes(BS)
+            vol.write(lba * BS, b)
+            model[lba * BS:(lba + 1) * BS] = b
+        testing.seal_now(vol)
+        extents = vol.map_extents(0, 256)
+        seqs = {e.seq for e in extents}
+        short_seqs = seqs - long_seqs
+        assert len(short_seqs) >= 2 and long_seqs <= seqs
+        _evicted(vol, seqs)
+        loaded = []
+        real = copies.fetch_footer_by_key
+
+        def fetch_footer_by_key(store, key, seq, *a, **kw):
+            loaded.append(seq)
+            return real(store, key, seq, *a, **kw)
+
+        monkeypatch.setattr(copies, "fetch_footer_by_key", fetch_footer_by_key)
+        one_by_one = []
+        real_read_blocks = SegmentFiles.read_blocks
+
+        def read_blocks(self, seq, offset, nblocks, **kw):
+            one_by_one.append((seq, offset))
+            return real_read_blocks(self, seq, offset, nblocks, **kw)
+
+        monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+        assert vol.read(0, MiB) == bytes(model)
+        assert set(loaded) == long_seqs            # only the longer record's segment
+        assert not one_by_one
+        assert vol.read(0, MiB) == bytes(model)    # again: trailers and the index kept
+        assert sorted(loaded) == sorted(long_seqs)
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "compressed"])
+def test_a_stored_object_that_holds_another_segment_is_an_io_error(tmp_path, kind):
+    """A segment's object replaced by another segment's (the same layout of
+    one-block records, so every record at the offsets read holds): the
+    read fails, and does not return the other segment's blocks (its
+    trailer names another seq; a compressed object's frames are also bound
+    to their name)."""
+    vol = _open(tmp_path, kind)
+    try:
+        testing.stop_read_defrag(vol)
+        _interleaved(vol)
+        extents = vol.map_extents(0, 256)
+        seqs = sorted({e.seq for e in extents})
+        _evicted(vol, set(seqs))
+        victim, other = seqs[0], seqs[1]
+        objects = {name: os.path.join(d, name) for d, _dirs, names in os.walk(tmp_path / "store")
+                   for name in names}
+        src, dst = objects[f"{other:016x}"], objects[f"{victim:016x}"]
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+        testing.local_files(vol).forget(victim)          # nothing kept about the old object
+        first = min(e.lba for e in extents if e.seq == victim)
+        with pytest.raises(CorruptionError):
+            vol.read(first * BS, 64 * 1024)
+    finally:
+        vol.close()
+        vol.store.close()
+
+
 def test_a_damaged_block_in_a_stored_span_is_an_io_error(tmp_path, monkeypatch):
     """A block of a stored span that fails its check (damaged past the
     frame's own check) is read again a piece at a time, which names the bad
