@@ -22,7 +22,8 @@ in a session that has written, as scale_bench's server has), and reads
 the region twice with fio (1 MiB, iodepth 16), the page cache dropped
 before each pass.  Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
-anonymous RSS in each pass.  --spy DIR: a py-spy profile of each first
+anonymous RSS in each pass, and the server's processor time and disk
+reads per MiB read in each pass (/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
 pass (raw format, idle threads included).  Needs fio and root (to drop
 caches).  Compare subjects within one run: the machine is shared.
 """
@@ -64,6 +65,30 @@ def build(state: str, volume_size: int, writes: int, region: int, create: list[s
         lsbd.close()
 
 
+def _usage(pid: int) -> tuple[float, int]:
+    """A process's processor seconds (user and system) and bytes read from
+    the disk so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/io") as f:
+        io = dict(line.split(": ") for line in f.read().splitlines())
+    return cpu, int(io["read_bytes"])
+
+
+def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str) -> None:
+    """One read of the region: MiB/s, and the server's processor ms and
+    disk MiB per MiB read."""
+    cpu0, disk0 = _usage(pid)
+    started = time.time()
+    out[name] = fio(uri, "read", "1M", size=region, io_size=region)["mib_s"]
+    cpu1, disk1 = _usage(pid)
+    out[f"{name}_time"] = [started, time.time()]
+    mib = region / (1 << 20)
+    out[f"{name}_cpu_ms_per_mib"] = round((cpu1 - cpu0) * 1000 / mib, 2)
+    out[f"{name}_disk_mib_per_mib"] = round((disk1 - disk0) / (1 << 20) / mib, 3)
+
+
 def read_subject(state: str, work: str, code: str, region: int, spy: str | None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["cp", "-a", state, work], check=True)
@@ -85,13 +110,13 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None)
                  "record", "-p", str(lsbd.proc.pid), "-o", spy, "--format", "raw", "-r", "50",
                  "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        out["first"] = fio(lsbd.uri, "read", "1M", size=region, io_size=region)["mib_s"]
+        _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, "first")
         if prof is not None:
             prof.send_signal(2)
             prof.wait()
         out["peak_anon_first_kib"] = rss.phase()
         drop_page_cache()
-        out["second"] = fio(lsbd.uri, "read", "1M", size=region, io_size=region)["mib_s"]
+        _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, "second")
         out["peak_anon_second_kib"] = rss.phase()
         out["read_defrag_bytes"] = lsbd.stats().get("read_defrag_bytes")
         out["load"].append(os.getloadavg()[0])
@@ -140,7 +165,9 @@ def main() -> None:
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
               f"{r['peak_anon_first_kib'] / 1024:.0f} / {r['peak_anon_second_kib'] / 1024:.0f} MiB, "
-              f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}", flush=True)
+              f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}; server cpu ms/MiB "
+              f"{r['first_cpu_ms_per_mib']} / {r['second_cpu_ms_per_mib']}, disk MiB/MiB "
+              f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
