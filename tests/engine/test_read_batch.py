@@ -267,7 +267,8 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
         vol.store.close()
 
 
-def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["compressed", "encrypted"])
+def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkeypatch, kind):
     """Blocks of evicted segments whose index is not in memory, each a
     whole one-block record, are read with their record's header and CRC and
     checked against them: no index is loaded for them (after random writes
@@ -276,7 +277,7 @@ def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkey
     index.  Everything reads back as written."""
     from lsbd.segments import copies
 
-    vol = _open(tmp_path, "compressed")
+    vol = _open(tmp_path, kind)
     try:
         testing.stop_read_defrag(vol)
         rng = random.Random(11)
