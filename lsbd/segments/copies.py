@@ -177,9 +177,8 @@ class LocalCopies:
         """Whether reads of `seq` are served from a local file (or from its
         fetched bytes while the file is written); a file:// store's file is
         linked in here if it may be (link_store_files)."""
-        with self._lock:
-            if seq in self._files or seq in self.held:
-                return True
+        if seq in self._files or seq in self.held:    # membership: one step under the GIL
+            return True
         return os.path.exists(self.path(seq)) or self._link_from_store(seq)
 
     def _link_from_store(self, seq: int) -> bool:
@@ -430,11 +429,13 @@ class LocalCopies:
             self._index_bytes = 0
 
     def _cached_index(self, seq: int) -> SegmentIndex | None:
-        with self._lock:
-            idx = self._indexes.get(seq)
-            if idx is not None:
+        # Without the folder's lock: each OrderedDict call is one step under
+        # the GIL, and a reader takes this for every segment of every read.
+        idx = self._indexes.get(seq)
+        if idx is not None:
+            with contextlib.suppress(KeyError):     # dropped meanwhile
                 self._indexes.move_to_end(seq)
-            return idx
+        return idx
 
     def _drop_index_locked(self, seq: int) -> None:
         idx = self._indexes.pop(seq, None)

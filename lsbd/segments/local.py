@@ -190,6 +190,8 @@ class SegmentFiles(LocalCopies):
 
     def _first_whole(self, seq: int) -> bool:
         """Whether `seq` is read ahead whole for the first time (noted now)."""
+        if seq in self._whole:
+            return False
         with self._lock:
             if seq in self._whole:
                 return False
