@@ -20,9 +20,10 @@ ap.add_argument("--small-mib", type=int, default=130)
 ap.add_argument("--big-mib", type=int, default=256)
 ap.add_argument("--read", action="store_true")
 ap.add_argument("--log", action="store_true")
+ap.add_argument("--moto-spill", action="store_true", help="see distant_bench.MOTO_IN_MEMORY")
 ap.add_argument("exes", nargs="+")
 a = ap.parse_args()
-moto = Moto()
+moto = Moto(spill=a.moto_spill)
 proxy = DelayProxy(("127.0.0.1", moto.port), a.delay / 1000).start()
 endpoint = f"http://127.0.0.1:{proxy.port}"
 env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",

@@ -4,7 +4,9 @@
     sudo .venv/bin/python bench/distant_bench.py [--delays 10,40] [--fio-runtime 10]
         [--small-mib 130] [--big-mib 256] [--skip-fio] [--json FILE]
 
-A moto S3 server runs in a child process; a TCP proxy (bench/delay_proxy.py)
+A moto S3 server runs in a child process, every object in its memory (moto
+spills objects over 5 MiB to files on this machine's disk unless told not to:
+see MOTO_IN_MEMORY); a TCP proxy (bench/delay_proxy.py)
 in front of it forwards every chunk `delay` ms late in each direction.  For
 each delay, lsbd (`lsbd mount`, its FUSE image) and s3backer (1 MiB blocks,
 otherwise its defaults) go through the same workflow, each in its own bucket:
@@ -111,12 +113,37 @@ server.serve_forever()
 """
 
 
+#: moto keeps an object in memory up to this size and spills a larger one to a
+#: temporary file on this machine's disk.  With its default (5 MiB) lsbd's
+#: 32 MiB segments were spilled and s3backer's 1 MiB blocks were not, so the
+#: cold read's dropped page cache evicted only lsbd's objects, and moto read
+#: them back from the disk lsbd's cache dir and the source tree share (394 MiB
+#: of disk reads in a cold read; s3backer's: none).  A distant store's disk is
+#: not this machine's: every object stays in memory (--moto-spill: as before).
+MOTO_IN_MEMORY = str(4 << 30)
+
+
 class Moto:
-    def __init__(self):
+    def __init__(self, spill: bool = False):
+        env = dict(os.environ)
+        if not spill:
+            env["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = MOTO_IN_MEMORY
         self.proc = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=env)
         self.port = int(self.proc.stdout.readline())
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def disk_read(self) -> float:
+        """MiB the server has read from the disk so far (its objects spilled
+        to temporary files, read back after the page cache was dropped)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/io") as f:
+                for line in f:
+                    if line.startswith("read_bytes:"):
+                        return int(line.split()[1]) / MiB
+        except OSError:
+            pass
+        return 0.0
 
     def counts(self, reset: bool = False) -> dict:
         req = urllib.request.Request(self.url + "/__counts", method="POST" if reset else "GET")
@@ -356,6 +383,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     proxy.reset_counts()
     moto.counts(reset=True)
     moto.log()
+    store_disk = moto.disk_read()
     t0 = time.monotonic()
     image = subject.attach(new_cache=True)
     out["cold attach s"] = time.monotonic() - t0
@@ -369,6 +397,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
                        "mounted": t0 + out["cold attach s"] + out["cold mount s"],
                        "end": t0 + out["cold read s"], "log": moto.log()}, f)
     out["cold read matches"] = same
+    out["store disk MiB read (cold read)"] = moto.disk_read() - store_disk
     # The serving process's memory after the cold read: its peak resident
     # size so far (attach and the cold read) and its anonymous memory now.
     memory = server_memory(subject.mnt)
@@ -406,7 +435,7 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
 
 
 def run_delay(delay_ms: float, src: str, written: int, args) -> dict:
-    moto = Moto()
+    moto = Moto(spill=args.moto_spill)
     proxy = DelayProxy(("127.0.0.1", moto.port), delay_ms / 1000).start()
     endpoint = f"http://127.0.0.1:{proxy.port}"
     results = {}
@@ -448,8 +477,10 @@ def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
     for key in ("mkfs s", "copy+sync s", "unmount s", "copy+sync+unmount s", "cold attach s",
                 "cold mount s", "cold read s", "warm read s", "source read s"):
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
-    for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)"):
-        lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
+    for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)",
+                "store disk MiB read (cold read)"):
+        if key in a and key in b:
+            lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
     for key in ("server peak RSS MiB", "server anon RSS MiB", "server anon RSS MiB 6 s later"):
         if key in a and key in b:
             lines.append(f"| {key} (cold read) | {a[key]:.0f} | {b[key]:.0f} | |")
@@ -491,6 +522,10 @@ def main() -> int:
     ap.add_argument("--small-mib", type=int, default=130)
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--moto-spill", action="store_true",
+                    help="moto's default: objects over 5 MiB in temporary files on this "
+                         "machine's disk (lsbd's segments, not s3backer's blocks); the "
+                         "runs before 2026-12-04 were made so")
     ap.add_argument("--subjects", default="lsbd,s3backer",
                     help="which to run (comma-separated; the report needs s3backer); "
                          "lsbd+OPT mounts lsbd with --OPT as well (e.g. lsbd+direct-io, "
