@@ -5,6 +5,7 @@ paying for the others' libraries.  Run in a fresh interpreter, since the test
 process itself has imported everything."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,15 @@ def test_version_is_printed_on_stdout():
     proc = subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--version"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("lsbd ") and not proc.stderr
+
+
+def test_numpy_starts_no_blas_threads_under_the_cli():
+    """The CLI asks numpy's OpenBLAS for one thread (lsbd does no linear
+    algebra): otherwise it starts one per core at import, busy-waiting on
+    the cores a volume is opening on."""
+    probe = ("import os, lsbd.cli.main, numpy; "
+             "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True, env=env).stdout.split()
+    assert out == ["1", "1"]
