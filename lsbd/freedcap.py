@@ -14,7 +14,16 @@ but the top of a thread's heap is only ever cut by a free() that finds it
 over the threshold (glibc 2.36), and a serving process's I/O threads
 allocate there.  Once back under the cap by a margin, the threshold is
 raised again: below the cap nothing changes, so a small working set keeps
-its fast reuse."""
+its fast reuse.
+
+While `hold()` says a burst is still going on (segments fetched whole held
+for a reader: each fetch allocates its 32 MiB buffers again), nothing is
+handed back below `hold_cap` (#15's bound), and what is freed is kept:
+trimming between fetches made each fetch page-fault 64 MiB of
+new zeroed pages (a cold read at 10 ms: 180-240k minor faults in the
+serving process against 70-92k, 1.65-1.86 s of its CPU against 1.28-1.5 s,
+docs/operations.md).  The burst's owner hands its memory back once it
+ends (lsbd.segments.held), and the cap looks again after."""
 
 from __future__ import annotations
 
@@ -44,8 +53,11 @@ class FreedMemoryCap:
     def __init__(self, cap: int, keep_threshold: int, *, interval: float = INTERVAL,
                  measure: Callable[[], int] = linux.anonymous_resident,
                  trim: Callable[[], object] = linux.malloc_trim,
-                 set_threshold: Callable[[int], None] = _set_trim_threshold):
+                 set_threshold: Callable[[int], None] = _set_trim_threshold,
+                 hold: Callable[[], bool] = lambda: False, hold_cap: int | None = None):
         self.cap = cap
+        self._hold = hold
+        self.hold_cap = cap if hold_cap is None else hold_cap
         self.keep_threshold = keep_threshold   # the threshold under the cap
         self.interval = interval
         self._measure = measure
@@ -61,6 +73,11 @@ class FreedMemoryCap:
         """One look: over the cap, release (and trim, if grown since the
         last trim); back under 3/4 of it, keep again.  Whether it trimmed."""
         now = self._measure()
+        if self.cap < now <= self.hold_cap and self._hold():
+            if self.releasing:
+                self._set_threshold(self.keep_threshold)
+                self.releasing = False
+            return False
         if now <= self.cap:
             self._floor = min(self._floor, now)
             if self.releasing and now <= self.cap * 3 // 4:

@@ -173,6 +173,9 @@ SERVING_ARENA_MAX = 2
 #: (lsbd.freedcap): what the process uses stays under #15's 256 MiB by its
 #: bounded caches (docs/scale.md "Memory"), what it freed must not add to it.
 SERVING_ANONYMOUS_CAP = 128 << 20
+#: ... but not while a reader goes through segments fetched whole, up to
+#: #15's 256 MiB (lsbd.freedcap: each fetch would page-fault its buffers anew).
+SERVING_HOLD_CAP = 256 << 20
 _cap: FreedMemoryCap | None = None
 
 
@@ -209,5 +212,7 @@ def _keep_freed_memory() -> None:
     linux.mallopt(linux.M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
     linux.mallopt(linux.M_ARENA_MAX, SERVING_ARENA_MAX)
     if _cap is None:
-        _cap = FreedMemoryCap(SERVING_ANONYMOUS_CAP, SERVING_TRIM_THRESHOLD).start()
+        from lsbd.segments.held import any_held
+        _cap = FreedMemoryCap(SERVING_ANONYMOUS_CAP, SERVING_TRIM_THRESHOLD,
+                              hold=any_held, hold_cap=SERVING_HOLD_CAP).start()
 

@@ -33,6 +33,21 @@ HELD_BYTES = 64 << 20
 #: Seconds a segment in the cache dir stays held after its last use.
 IDLE = 5.0
 
+_held_lock = threading.Lock()
+_held_count = 0     # segments held by every HeldSegments of the process
+
+
+def any_held() -> bool:
+    """Whether this process holds a fetched segment now (a reader is going
+    through fetched segments: the freed-memory cap, lsbd.freedcap, waits)."""
+    return _held_count > 0
+
+
+def _count(n: int) -> None:
+    global _held_count
+    with _held_lock:
+        _held_count += n
+
 
 class _Held:
     __slots__ = ("data", "installed", "read", "used")
@@ -64,6 +79,7 @@ class HeldSegments:
         with self._lock:
             self._drop_locked(seq)
             self._held[seq] = _Held(data, time.monotonic())
+            _count(1)
             self.nbytes += len(data)
             self._trim_locked()
 
@@ -127,6 +143,7 @@ class HeldSegments:
 
     def clear(self) -> None:
         with self._lock:
+            _count(-len(self._held))
             self._held.clear()
             self.nbytes = 0
 
@@ -141,6 +158,7 @@ class HeldSegments:
         entry = self._held.pop(seq, None)
         if entry is None:
             return False
+        _count(-1)
         self.nbytes -= len(entry.data)
         return True
 

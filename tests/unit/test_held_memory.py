@@ -135,3 +135,48 @@ def test_the_cap_releases_above_it_and_keeps_again_below():
     assert thresholds == [RELEASE_THRESHOLD]
     assert not cap.check() and not cap.releasing      # 100: keeping again
     assert thresholds == [RELEASE_THRESHOLD, 999]
+
+
+MiB = 1 << 20
+
+
+def test_the_cap_waits_while_fetched_segments_are_held_up_to_its_hold_cap():
+    """While a reader goes through segments fetched whole (each fetch
+    allocates its buffers again), the cap hands nothing back and keeps what
+    is freed, so the next fetch reuses it rather than page-faulting new
+    pages; never above hold_cap (#15's bound)."""
+    from lsbd.freedcap import RELEASE_THRESHOLD, FreedMemoryCap
+
+    sizes = iter([m * MiB for m in (300, 200, 300, 300, 500, 250, 300, 200)])
+    holding = [False, True, True, False]
+    trims, thresholds = [], []
+    cap = FreedMemoryCap(256 * MiB, 999, measure=lambda: next(sizes),
+                         trim=lambda: trims.append(1), set_threshold=thresholds.append,
+                         hold=lambda: holding.pop(0), hold_cap=400 * MiB)
+    assert cap.check() and cap.releasing              # 300, nothing held: trimmed (to 200)
+    assert thresholds == [RELEASE_THRESHOLD] and len(trims) == 1
+    assert not cap.check() and not cap.releasing      # 300, held: keeping again
+    assert thresholds == [RELEASE_THRESHOLD, 999]
+    assert not cap.check() and len(trims) == 1        # still held: nothing handed back
+    assert cap.check() and len(trims) == 2            # 500, over hold_cap: trimmed (to 250)
+    assert thresholds == [RELEASE_THRESHOLD, 999, RELEASE_THRESHOLD]
+    assert cap.check() and len(trims) == 3            # 300, none held now: trimmed
+    assert holding == []
+
+
+def test_held_segments_are_counted_for_the_process():
+    from lsbd.segments import held
+
+    before = held.any_held()
+    segments = held.HeldSegments(limit=1 << 20, idle=60)
+    segments.add(1, b"x" * 10)
+    segments.add(2, b"y" * 10)
+    segments.add(2, b"z" * 10)      # the same seq again
+    assert held.any_held()
+    segments.drop(1)
+    assert held.any_held()
+    segments.clear()
+    assert held.any_held() == before
+    segments.add(3, b"x" * 10)
+    segments.drop(3)
+    assert held.any_held() == before
