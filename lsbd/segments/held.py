@@ -37,6 +37,11 @@ _held_lock = threading.Lock()
 _held_count = 0     # segments held by every HeldSegments of the process
 
 
+def held_count() -> int:
+    """Segments fetched whole that this process holds now."""
+    return _held_count
+
+
 def any_held() -> bool:
     """Whether this process holds a fetched segment now (a reader is going
     through fetched segments: the freed-memory cap, lsbd.freedcap, waits)."""

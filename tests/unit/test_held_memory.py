@@ -167,16 +167,23 @@ def test_the_cap_waits_while_fetched_segments_are_held_up_to_its_hold_cap():
 def test_held_segments_are_counted_for_the_process():
     from lsbd.segments import held
 
-    before = held.any_held()
+    before = held.held_count()
     segments = held.HeldSegments(limit=1 << 20, idle=60)
     segments.add(1, b"x" * 10)
     segments.add(2, b"y" * 10)
     segments.add(2, b"z" * 10)      # the same seq again
-    assert held.any_held()
+    assert held.held_count() == before + 2 and held.any_held()
     segments.drop(1)
-    assert held.any_held()
+    assert held.held_count() == before + 1
     segments.clear()
-    assert held.any_held() == before
+    assert held.held_count() == before
     segments.add(3, b"x" * 10)
     segments.drop(3)
-    assert held.any_held() == before
+    assert held.held_count() == before
+    small = held.HeldSegments(limit=15, idle=60)     # room for one: the other is let go
+    small.add(4, b"x" * 10)
+    assert small.installed(4)
+    small.add(5, b"y" * 10)
+    assert held.held_count() == before + 1
+    small.clear()
+    assert held.held_count() == before
