@@ -20,9 +20,9 @@ While `hold()` says a burst is still going on (segments fetched whole held
 for a reader: each fetch allocates its 32 MiB buffers again), nothing is
 handed back below `hold_cap` (#15's bound), and what is freed is kept:
 trimming between fetches made each fetch page-fault 64 MiB of
-new zeroed pages (a cold read at 10 ms: 180-240k minor faults in the
-serving process against 70-92k, 1.65-1.86 s of its CPU against 1.28-1.5 s,
-docs/operations.md).  The burst's owner hands its memory back once it
+new zeroed pages (a cold read at 10 ms, no trim at all against the cap:
+70-92k minor faults in the serving process against 180-240k, 1.28-1.5 s of
+its CPU against 1.65-1.86 s, docs/operations.md).  The burst's owner hands its memory back once it
 ends (lsbd.segments.held), and the cap looks again after."""
 
 from __future__ import annotations
