@@ -79,19 +79,26 @@ def _reads(vol, model: bytearray, rng: random.Random, count: int) -> None:
         assert vol.read(off, length) == bytes(model[off:off + length]), (off, length)
 
 
+def _record_one_by_one(monkeypatch) -> list:
+    """The (seq, offset) of every read that goes one piece at a time
+    (SegmentFiles.read_blocks), not in a batch."""
+    calls: list = []
+    real = SegmentFiles.read_blocks
+
+    def read_blocks(self, seq, offset, nblocks, **kw):
+        calls.append((seq, offset))
+        return real(self, seq, offset, nblocks, **kw)
+
+    monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["plain", "compressed", "encrypted"])
 def test_scattered_reads_match_a_model(tmp_path, monkeypatch, kind):
     """Random writes, some sealed and some still in journals, read back in
     long reads, then again after read-directed defragmentation moved them."""
     vol = _open(tmp_path, kind)
-    one_by_one = []
-    real = SegmentFiles.read_blocks
-
-    def read_blocks(self, seq, offset, nblocks, **kw):
-        one_by_one.append((seq, offset))
-        return real(self, seq, offset, nblocks, **kw)
-
-    monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+    one_by_one = _record_one_by_one(monkeypatch)
     try:
         _model_run(vol, one_by_one)
     finally:
@@ -248,14 +255,7 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
             return real_get(self, key, start, length)
 
         monkeypatch.setattr(type(inner), "get", get)
-        one_by_one = []
-        real = SegmentFiles.read_blocks
-
-        def read_blocks(self, seq, offset, nblocks, **kw):
-            one_by_one.append((seq, offset))
-            return real(self, seq, offset, nblocks, **kw)
-
-        monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+        one_by_one = _record_one_by_one(monkeypatch)
         assert vol.read(0, MiB) == expected
         assert not one_by_one                      # every piece read in a span
         assert asked and len(asked) <= 4 * len(away), (len(asked), len(away))
@@ -304,14 +304,7 @@ def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkey
             return real(store, key, seq, *a, **kw)
 
         monkeypatch.setattr(copies, "fetch_footer_by_key", fetch_footer_by_key)
-        one_by_one = []
-        real_read_blocks = SegmentFiles.read_blocks
-
-        def read_blocks(self, seq, offset, nblocks, **kw):
-            one_by_one.append((seq, offset))
-            return real_read_blocks(self, seq, offset, nblocks, **kw)
-
-        monkeypatch.setattr(SegmentFiles, "read_blocks", read_blocks)
+        one_by_one = _record_one_by_one(monkeypatch)
         assert vol.read(0, MiB) == bytes(model)
         assert set(loaded) == long_seqs            # only the longer record's segment
         assert not one_by_one
