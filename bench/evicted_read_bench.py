@@ -23,7 +23,8 @@ the region twice with fio (1 MiB, iodepth 16), the page cache dropped
 before each pass.  Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
 anonymous RSS in each pass, and the server's processor time and disk
-reads per MiB read in each pass (/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
+reads per MiB read in each pass, and the system part of that time
+(/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
 pass (raw format, idle threads included).  Needs fio and root (to drop
 caches).  Compare subjects within one run: the machine is shared.
 """
@@ -65,27 +66,28 @@ def build(state: str, volume_size: int, writes: int, region: int, create: list[s
         lsbd.close()
 
 
-def _usage(pid: int) -> tuple[float, int]:
-    """A process's processor seconds (user and system) and bytes read from
-    the disk so far."""
+def _usage(pid: int) -> tuple[float, float, int]:
+    """A process's processor seconds in user and in system mode, and bytes
+    read from the disk so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
     with open(f"/proc/{pid}/io") as f:
         io = dict(line.split(": ") for line in f.read().splitlines())
-    return cpu, int(io["read_bytes"])
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(io["read_bytes"])
 
 
 def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str) -> None:
     """One read of the region: MiB/s, and the server's processor ms and
     disk MiB per MiB read."""
-    cpu0, disk0 = _usage(pid)
+    user0, sys0, disk0 = _usage(pid)
     started = time.time()
     out[name] = fio(uri, "read", "1M", size=region, io_size=region)["mib_s"]
-    cpu1, disk1 = _usage(pid)
+    user1, sys1, disk1 = _usage(pid)
     out[f"{name}_time"] = [started, time.time()]
     mib = region / (1 << 20)
-    out[f"{name}_cpu_ms_per_mib"] = round((cpu1 - cpu0) * 1000 / mib, 2)
+    out[f"{name}_cpu_ms_per_mib"] = round((user1 - user0 + sys1 - sys0) * 1000 / mib, 2)
+    out[f"{name}_sys_ms_per_mib"] = round((sys1 - sys0) * 1000 / mib, 2)
     out[f"{name}_disk_mib_per_mib"] = round((disk1 - disk0) / (1 << 20) / mib, 3)
 
 
@@ -166,7 +168,8 @@ def main() -> None:
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
               f"{r['peak_anon_first_kib'] / 1024:.0f} / {r['peak_anon_second_kib'] / 1024:.0f} MiB, "
               f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}; server cpu ms/MiB "
-              f"{r['first_cpu_ms_per_mib']} / {r['second_cpu_ms_per_mib']}, disk MiB/MiB "
+              f"{r['first_cpu_ms_per_mib']} / {r['second_cpu_ms_per_mib']} (system "
+              f"{r['first_sys_ms_per_mib']} / {r['second_sys_ms_per_mib']}), disk MiB/MiB "
               f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -5,6 +5,7 @@ sealing journals, the local copies, or the store."""
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 from lsbd.engine.api import MAX_REQUEST, Allocation
@@ -32,6 +33,18 @@ SEGMENTS_AHEAD = 4
 #: (SegmentFiles.read_batch: one call per span of nearby pieces, and the
 #: disk given every cold one at once).
 BATCH_FROM = 4
+#: Reads longer than STITCHED_FROM from a volume whose store is a local
+#: directory that run at once, at most: such a read is processor work (its
+#: plan, then up to hundreds of pieces read and checked), and its disk
+#: waits are handed to the kernel all together (SegmentFiles.read_batch), so
+#: more of them at once than the machine's two cores only hand the GIL from
+#: thread to thread at every system call.  After random writes, 16 at once
+#: (fio at iodepth 16) spent half their time in the kernel switching
+#: threads, and starved read-directed defragmentation (docs/scale.md,
+#: "Twelfth round").  A distant store's reads wait on the network, so
+#: there every read runs at once.
+STITCHED_AT_ONCE = 2
+STITCHED_FROM = 16 * 1024
 
 
 def segments_ahead(cache_limit: int, segment_size: int) -> int:
@@ -44,6 +57,7 @@ class Reader:
     def __init__(self, st: VolumeState):
         self.st = st
         self._readahead = ReadAhead()
+        self._stitching = threading.BoundedSemaphore(STITCHED_AT_ONCE)
         #: a writer's read-directed defragmenter (lsbd.engine.readdefrag), or None
         self.read_defrag: ReadDefrag | None = None
 
@@ -64,10 +78,17 @@ class Reader:
             return b""
         first = offset // bs
         last = -(-(offset + length) // bs)
-        with st.lock:
-            st.check_open()
-            runs = self.plan(first, last - first)
-        data = self.read_runs(runs, nowait, sequential)
+        gated = length >= STITCHED_FROM and not st.files.fetcher.enabled
+        if gated and not self._stitching.acquire(blocking=not nowait):
+            raise WouldBlock("other long reads are running")   # the caller waits on its pool
+        try:
+            with st.lock:
+                st.check_open()
+                runs = self.plan(first, last - first)
+            data = self.read_runs(runs, nowait, sequential)
+        finally:
+            if gated:
+                self._stitching.release()
         # Only once this session has written: a session that only reads (a
         # file system mounted read-only, a copy out after a disaster) leaves
         # the volume as it found it, and uploads nothing.
@@ -245,18 +266,19 @@ class Reader:
         """The sealed pieces of a read some of whose segments are in a store
         that is a local directory (nothing to fetch whole): the local
         segments' pieces together (read_batch), and each store segment's
-        pieces a span at a time, the segments in parallel.  Which pieces are
-        not in the result, the caller reads one by one."""
+        pieces a span at a time.  Which pieces are
+        not in the result, the caller reads one by one.  All in this thread,
+        one after the other: on the read pool, the hand-offs between threads
+        cost more processor time than the waits they overlapped
+        (docs/scale.md, "Twelfth round")."""
         files = self.st.files
         away = set(remote)
         here = {seq: pieces for seq, pieces in groups.items() if seq not in away}
-        calls: list[Callable[[], dict]] = [
-            functools.partial(files.read_store_batch, seq, groups[seq]) for seq in remote]
-        if here and local_batch:
-            calls.insert(0, functools.partial(files.read_batch, here, sequential=sequential))
         got: dict = {}
-        for part in files.fetcher.map_reads(calls):
-            got.update(part)
+        if here and local_batch:
+            got.update(files.read_batch(here, sequential=sequential))
+        for seq in remote:
+            got.update(files.read_store_batch(seq, groups[seq]))
         return got
 
     def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:

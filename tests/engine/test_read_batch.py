@@ -421,3 +421,55 @@ def test_a_sequential_reader_has_dense_segments_read_ahead_whole(vol, monkeypatc
     advised.clear()
     assert vol.read(0, 256 * 1024) == b"".join(expected[:64])    # not sequential
     assert advised == []
+
+
+def test_long_reads_from_a_local_store_run_two_at_a_time(vol, monkeypatch):
+    """On a volume whose store is a local directory, at most
+    STITCHED_AT_ONCE long reads run at once: a third waits for one of them
+    (a nowait one is refused), while a one-block read goes on; each reads
+    back what was written."""
+    from lsbd.engine import reader as reader_mod
+
+    testing.stop_read_defrag(vol)
+    for lba in range(64):
+        vol.write(lba * BS, block(4, lba))
+    testing.seal_now(vol)
+    expected = b"".join(block(4, lba) for lba in range(64))
+    lock = threading.Lock()
+    running = [0, 0]          # now, most at once
+    go = threading.Event()
+    real = reader_mod.Reader.read_runs
+
+    def read_runs(self, runs, nowait=False, sequential=False):
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        try:
+            go.wait(10)
+            return real(self, runs, nowait, sequential)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(reader_mod.Reader, "read_runs", read_runs)
+    got: list = [None] * 3
+
+    def long_read(i):
+        got[i] = vol.read(i * 16 * BS, 32 * BS)
+
+    threads = [threading.Thread(target=long_read, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while running[0] < reader_mod.STITCHED_AT_ONCE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert running == [2, 2]                       # the third waits at the gate
+    with pytest.raises(WouldBlock):
+        vol.read(0, 64 * 1024, nowait=True)
+    assert vol.read(5 * BS, BS) == block(4, 5)     # one block: not gated
+    go.set()
+    for t in threads:
+        t.join(10)
+    assert running[1] == 2
+    assert got == [expected[i * 16 * BS:(i * 16 + 32) * BS] for i in range(3)]
