@@ -90,6 +90,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
                  "image": os.path.join(args.mountpoint, f"{name}.img"), "read_only": read_only},
                 f"mounted {ui.bold(name)} on {args.mountpoint} as "
                 f"{os.path.join(args.mountpoint, name + '.img')}")
+        args.leave_at_once = True   # the serving process is on its own (lsbd.cli.main.leave)
     return code
 
 

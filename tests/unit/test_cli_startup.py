@@ -91,3 +91,44 @@ def test_numpy_starts_no_blas_threads_under_the_cli():
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                          text=True, env=env).stdout.split()
     assert out == ["1", "1"]
+
+
+LEAVE_PROBE = """
+import atexit, sys
+from lsbd.cli import main as cli, ui
+
+build = cli.build_parser
+
+def with_probe():
+    parser = build()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    p = sub.add_parser("leave-probe")
+    cli.add_global_options(p, suppress=True)
+
+    def run(args, ctx):
+        ui.print_json({"said": "all of it"})     # buffered: stdout is a pipe
+        sys.stderr.write("and a note\\n")
+        args.leave_at_once = True
+        return 3
+
+    p.set_defaults(func=run)
+    return parser
+
+cli.build_parser = with_probe
+atexit.register(lambda: sys.stderr.write("torn down\\n"))
+sys.argv = ["lsbd", "--store", "file:///nonexistent", "leave-probe"]
+sys.exit(cli.main())
+"""
+
+
+def test_a_command_that_leaves_at_once_flushes_its_output_and_skips_the_teardown():
+    """`lsbd mount` ends its process past the interpreter's teardown once the
+    serving process is up (lsbd.cli.main.leave): what it printed, buffered
+    on a pipe, still gets out, with its exit code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-c", LEAVE_PROBE], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 3, r.stderr
+    assert json.loads(r.stdout) == {"said": "all of it"}
+    assert "and a note" in r.stderr
+    assert "torn down" not in r.stderr, "the interpreter's teardown ran"
