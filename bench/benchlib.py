@@ -19,11 +19,13 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None = None,
-        io_size: int | None = None, offset: int = 0, compress_pct: int = 0) -> dict:
+        io_size: int | None = None, offset: int = 0, compress_pct: int = 0,
+        cpus: str | None = None) -> dict:
     """One fio job at iodepth 16: through fio's nbd engine for an nbd URI,
     else with O_DIRECT on a file.  Time based when `runtime` is given.
     compress_pct: write buffers that compress by about that much (fio's
-    buffer_compress_percentage, refilled for every write).
+    buffer_compress_percentage, refilled for every write).  cpus: the
+    cores fio may run on (its cpus_allowed, e.g. "0").
     Returns MiB/s, IOPS, the seconds it ran and the CPU seconds fio spent."""
     where = (["--ioengine=nbd", f"--uri={target}"] if target.startswith("nbd") else
              [f"--filename={target}", "--ioengine=libaio", "--direct=1"])
@@ -32,6 +34,8 @@ def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None =
         extra += [f"--runtime={runtime}", "--time_based"]
     if compress_pct:
         extra += [f"--buffer_compress_percentage={compress_pct}", "--refill_buffers"]
+    if cpus is not None:
+        extra += [f"--cpus_allowed={cpus}"]
     r = sh("fio", "--name=bench", *where, "--iodepth=16", f"--rw={rw}", f"--bs={bs}",
            f"--size={size}", f"--offset={offset}", *extra, "--randrepeat=0", "--norandommap",
            "--output-format=json")

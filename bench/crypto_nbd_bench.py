@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -73,7 +75,7 @@ OPTIONS = dict(SUBJECTS)
 CODE: dict[str, str] = {}
 #: Helper processes of a server, by the module they run.
 HELPERS = {"lsbd.crypto.worker": "sealer", "lsbd.map.offload_child": "map"}
-SPLIT = ("server", "sealer", "map", "fio", "rest", "idle")
+SPLIT = ("server", "sealer", "map", "fio", "rest", "idle", "disk B")
 JOBS = [("rand write 4k", "randwrite", "4k"), ("rand read 4k", "randread", "4k"),
         ("seq write 1M", "write", "1M"), ("seq read 1M", "read", "1M")]
 #: Every subject's segment cache holds the whole working set: on a file://
@@ -97,6 +99,37 @@ CACHE_LIMIT = "8G"
 WARMUP_REGIONS = 10
 #: The most #13 allows a compressed, encrypted volume to lose on random I/O.
 RANDOM_LIMIT = 0.85
+#: With --pin (the default): the core fio runs on, and the core of each
+#: serving process (its threads: the connection's, the sealer thread, the
+#: pool); its helper processes (sealing, map) may run on either, as
+#: unpinned.  See "How the benchmark measures" in docs/security.md.
+FIO_CPU = "0"
+SERVER_CPU = 1
+PIN = True
+#: Every server starts alike: the same hash seed, and (unless
+#: --random-layout) no address-space randomisation, so that two servers of
+#: one code lay out their memory the same way.
+SAME_LAYOUT = True
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95% (at least) confidence interval for the median of `values`,
+    from their order statistics alone (the sign test's: no assumption on
+    how the rounds' ratios are distributed, only that they are independent)."""
+    xs = sorted(values)
+    n = len(xs)
+    k = 0          # the interval is xs[k], xs[n - 1 - k]
+    while k + 1 < n - 1 - k and sum(math.comb(n, i) for i in range(k + 2)) / 2 ** n <= 0.025:
+        k += 1
+    return xs[k], xs[n - 1 - k]
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """The median of the rounds' ratios a/b, its 95% interval and their range."""
+    ratios = [x / y for x, y in zip(a, b)]
+    lo, hi = median_interval(ratios)
+    return (f"{statistics.median(ratios):.3f} (95% {lo:.3f}-{hi:.3f}; "
+            f"rounds {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def folder(name: str) -> str:
@@ -111,7 +144,18 @@ def base(workdir: str, name: str) -> list[str]:
 
 def env(name: str = "") -> dict:
     extra = {"PYTHONPATH": CODE[name]} if name in CODE else {}
+    if SAME_LAYOUT:
+        extra["PYTHONHASHSEED"] = "0"
     return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE, **extra}
+
+
+def launcher() -> list[str]:
+    """What a server is started under: pinned to SERVER_CPU (--pin), without
+    address-space randomisation (SAME_LAYOUT)."""
+    pre = ["taskset", "-c", str(SERVER_CPU)] if PIN else []
+    if SAME_LAYOUT:
+        pre += ["setarch", platform.machine(), "-R"]
+    return pre
 
 
 def cwd(name: str = "") -> str | None:
@@ -129,6 +173,15 @@ def system_cpu() -> tuple[float, float]:
     idle = fields[3] + fields[4]
     tick = os.sysconf("SC_CLK_TCK")
     return (sum(fields) - idle) / tick, idle / tick
+
+
+def disk_read(pid: int) -> int:
+    """Bytes process `pid` has had read from storage so far (/proc/PID/io)."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
 
 
 def process_cpu(pid: int) -> float:
@@ -188,6 +241,21 @@ class Server:
                 split[role] = split.get(role, 0.0) + process_cpu(pid)
         return split
 
+    def disk_read(self) -> int:
+        """Bytes the server and its children have read from storage so far:
+        a random read that misses the page cache (memory the kernel paged
+        out between two rounds) reads from the disk."""
+        return sum(disk_read(pid) for pid in self._family())
+
+    def unpin_helpers(self) -> None:
+        """Let the helper processes run on every core: they inherited the
+        server's pinning when it started them."""
+        if not PIN:
+            return
+        for pid in self._family()[1:]:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, range(os.cpu_count() or 1))
+
     def _family(self) -> list[int]:
         pids = [self.proc.pid]
         with contextlib.suppress(OSError):
@@ -212,7 +280,7 @@ def serve(workdir: str, name: str, options: list[str], size: int):
     cmd = base(workdir, name)
     sh(*cmd, "create", "bench", "--size", str(size), *options, env=env(name), cwd=cwd(name))
     sock = os.path.join(workdir, folder(name), "lsbd.sock")
-    proc = subprocess.Popen([*cmd, "serve", "bench", "--socket", sock,
+    proc = subprocess.Popen([*launcher(), *cmd, "serve", "bench", "--socket", sock,
                              "--cache-limit", CACHE_LIMIT], env=env(name), cwd=cwd(name),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -250,13 +318,15 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             server = servers[name] = stack.enter_context(
                 serve(workdir, name, options, parse_size(size)))
             stack.callback(sampling(server).set)
-            fio(server.uri, "write", "1M", size=size, runtime=None)     # the untimed fill
+            fio(server.uri, "write", "1M", size=size, runtime=None,     # the untimed fill
+                cpus=FIO_CPU if PIN else None)
             print(f"  {name}: fill, then {server.flush():.1f}s to catch up", flush=True)
+            server.unpin_helpers()
         if any(rw == "randwrite" for _j, rw, _b in JOBS):
             for name, server in servers.items():
                 start = time.monotonic()
                 fio(server.uri, "randwrite", "4k", size=size, runtime=None,
-                    io_size=WARMUP_REGIONS * parse_size(size))
+                    io_size=WARMUP_REGIONS * parse_size(size), cpus=FIO_CPU if PIN else None)
                 server.flush()
                 server.checkpoint()
                 print(f"  {name}: warm-up, {WARMUP_REGIONS} x {size} of random writes in "
@@ -266,21 +336,37 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             for name, _ in SUBJECTS:
                 results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0,
                                       "checkpoint": 0.0, "split": []}
+            if "read" in rw:
+                # The region read once, untimed, on each subject: this
+                # machine's kernel pages out memory left untouched for a
+                # while (DAMON), so a block not read since it was written
+                # came from the disk in the timed rounds, through the pool,
+                # whichever subject ran then ("disk B": 30-110 bytes a read
+                # without this; see docs/security.md).
+                for name, _ in SUBJECTS:
+                    servers[name].unpin_helpers()
+                    fio(servers[name].uri, "read", "1M", size=size, runtime=None,
+                        cpus=FIO_CPU if PIN else None)
             for i in range(rounds):
                 # Every other round in the reverse order: a load that rises
                 # (or falls) through a round then favours neither subject.
                 for name, _ in (SUBJECTS if i % 2 == 0 else SUBJECTS[::-1]):
+                    servers[name].unpin_helpers()
                     cpu = servers[name].cpu_seconds()
+                    disk = servers[name].disk_read()
                     before, machine = servers[name].cpu_by_process(), system_cpu()
-                    r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime)
+                    r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime,
+                            cpus=FIO_CPU if PIN else None)
                     after, machine_after = servers[name].cpu_by_process(), system_cpu()
+                    disk = servers[name].disk_read() - disk
                     split = {k: after[k] - before.get(k, 0.0) for k in after}
                     split["fio"] = r["cpu_s"]
                     split["rest"] = (machine_after[0] - machine[0]) - sum(split.values())
                     split["idle"] = machine_after[1] - machine[1]
                     requests = r["iops"] * r["seconds"]
                     results[name][job]["split"].append(
-                        {k: split.get(k, 0.0) / requests * 1e6 for k in SPLIT})
+                        {**{k: split.get(k, 0.0) / requests * 1e6 for k in SPLIT},
+                         "disk B": disk / requests})
                     catch_up = servers[name].flush() if "write" in rw else 0.0
                     if "write" in rw:
                         # Untimed, like the catch-up: every round starts from a
@@ -328,6 +414,17 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
         for n, _ in SUBJECTS[1:]:
             print(f"  {'':14} {n} / plain by round: " + ", ".join(
                 f"{a / b:.2f}" for a, b in zip(results[n][job]["runs"], plain)))
+        # Every pair of subjects with the same volume options: a twin
+        # (the same code twice) says how far the method itself is off; two
+        # versions of the code, what the change does.
+        for i, (n, opts) in enumerate(SUBJECTS):
+            for m, other in SUBJECTS[i + 1:]:
+                if other == opts:
+                    print(f"  {'':14} {m} / {n}: " + paired(results[m][job]["runs"],
+                                                            results[n][job]["runs"]))
+        for n, opts in SUBJECTS[1:]:
+            if opts != SUBJECTS[0][1]:
+                print(f"  {'':14} {n} / plain: " + paired(results[n][job]["runs"], plain))
         print(f"  {'':14} server CPU per {'request' if bs == '4k' else 'MiB'} by round (us): "
               + "; ".join(f"{n} " + " ".join(f"{c:.1f}" for c in results[n][job]["cpu"])
                           for n, _ in SUBJECTS))
@@ -386,20 +483,38 @@ def main() -> int:
     ap.add_argument("--skip-ext4", action="store_true")
     ap.add_argument("--jobs", default=",".join(rw for _j, rw, _b in JOBS),
                     help="which fio jobs of randwrite,randread,write,read (default all)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help=f"run fio and the servers on any core (default: fio on core "
+                    f"{FIO_CPU}, each serving process on core {SERVER_CPU}, its helper "
+                    "processes on any)")
+    ap.add_argument("--random-layout", action="store_true",
+                    help="start each server with a random hash seed and address-space "
+                    "layout (default: the same for all)")
     args = ap.parse_args()
+    global PIN, SAME_LAYOUT
+    PIN, SAME_LAYOUT = not args.no_pin, not args.random_layout
     trees = args.tree or ["/usr/share/doc", "/usr/share/man",
                           os.path.join(sys.prefix, "lib")]
     workdir = tempfile.mkdtemp(prefix="lsbd-crypto-bench-", dir="/var/tmp")
     try:
-        wanted = ["plain", *(s for s in args.subjects.split(",") if s != "plain")]
+        given = args.subjects.split(",")
+        wanted = ["plain", *given[1:]] if given[0] == "plain" else ["plain", *given]
+        taken: set[str] = set()
         for spec in wanted:
             name, _, code = spec.partition("@")
             if name not in OPTIONS:
                 ap.error(f"unknown subject {name!r}: one of {', '.join(OPTIONS)}")
             if code:
                 spec = f"{name}@{os.path.basename(os.path.abspath(code))}"
-                CODE[spec] = os.path.abspath(code)
-            SUBJECTS.append((spec, OPTIONS[name]))
+            # A subject given twice is served twice, as NAME.2: a twin.
+            twin, nth = spec, 1
+            while twin in taken:
+                nth += 1
+                twin = f"{spec}.{nth}"
+            taken.add(twin)
+            if code:
+                CODE[twin] = os.path.abspath(code)
+            SUBJECTS.append((twin, OPTIONS[name]))
         del SUBJECTS[:len(OPTIONS)]
         JOBS[:] = [j for j in JOBS if j[1] in args.jobs.split(",")]
         if not args.skip_nbd:
