@@ -38,7 +38,22 @@
 
 A subject may be given as NAME@DIR (for example zstd+aes@/path/to/checkout):
 the volume NAME's options, served by the lsbd checked out in DIR, to compare
-two versions of the code in one run.
+two versions of the code in one run.  A subject given twice is served twice
+(the second as NAME.2): a twin, the control of the method.
+
+How the ratios are judged (docs/security.md, "How the benchmark measures"):
+every pair of subjects with the same options, and every subject against
+plain, gets the median of the rounds' paired ratios (the two ran in the
+same round, next to each other) with a 95% interval from the order
+statistics (the sign test's), and the rounds' range.  A twin's ratio to
+its twin says how far the method itself is off in that run: a ratio to
+plain means something only where the twin's interval is narrow and holds
+1.  Every server starts alike (PYTHONHASHSEED=0, no address-space
+randomisation; --random-layout to not); fio runs on core 0 and each
+serving process on core 1, its helper processes on any (--no-pin to not);
+before each read round the subject's region is read once, untimed, so
+that no timed read goes to the disk ("disk B": bytes read from storage
+per request, which should stay near 0).
 
 Not a test: figures are noisy, compare within one run.  Needs fio and
 e2fsprogs.
@@ -110,6 +125,24 @@ PIN = True
 #: --random-layout) no address-space randomisation, so that two servers of
 #: one code lay out their memory the same way.
 SAME_LAYOUT = True
+
+
+def orders(n: int) -> list[list[int]]:
+    """The orders the rounds run n subjects in, one after the other (a
+    Williams design): each subject runs in each place, and after each other
+    subject, equally often over len(orders(n)) rounds.  Reversing every
+    other round (as before) left two of four subjects running twice in a
+    row at each turn of round, and twins differed by place: 1.036 and 1.070
+    with intervals above 1 (docs/security.md)."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 def median_interval(values: list[float]) -> tuple[float, float]:
@@ -336,22 +369,24 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
             for name, _ in SUBJECTS:
                 results[name][job] = {"runs": [], "cpu": [], "catch_up": 0.0,
                                       "checkpoint": 0.0, "split": []}
-            if "read" in rw:
-                # The region read once, untimed, on each subject: this
-                # machine's kernel pages out memory left untouched for a
-                # while (DAMON), so a block not read since it was written
-                # came from the disk in the timed rounds, through the pool,
-                # whichever subject ran then ("disk B": 30-110 bytes a read
-                # without this; see docs/security.md).
-                for name, _ in SUBJECTS:
-                    servers[name].unpin_helpers()
-                    fio(servers[name].uri, "read", "1M", size=size, runtime=None,
-                        cpus=FIO_CPU if PIN else None)
+            sequence = orders(len(SUBJECTS))
             for i in range(rounds):
-                # Every other round in the reverse order: a load that rises
-                # (or falls) through a round then favours neither subject.
-                for name, _ in (SUBJECTS if i % 2 == 0 else SUBJECTS[::-1]):
+                # Each place in turn, after each other subject in turn: a
+                # load that rises (or falls) through a round, or what the
+                # subject before leaves behind, then favours none.
+                for name, _ in (SUBJECTS[k] for k in sequence[i % len(sequence)]):
                     servers[name].unpin_helpers()
+                    if "read" in rw:
+                        # The region read once, untimed, before each read
+                        # round: the kernel of the machine this was written
+                        # on pages out page-cache memory it sees untouched
+                        # for about a minute (DAMON), and a random read over
+                        # 512 MiB touches each page too rarely for it to
+                        # see, so reads went to the disk, through the pool,
+                        # 30-110 bytes a request, unevenly between subjects
+                        # ("disk B"; docs/security.md).
+                        fio(servers[name].uri, "read", "1M", size=size, runtime=None,
+                            cpus=FIO_CPU if PIN else None)
                     cpu = servers[name].cpu_seconds()
                     disk = servers[name].disk_read()
                     before, machine = servers[name].cpu_by_process(), system_cpu()
@@ -470,12 +505,15 @@ def ext4_table(workdir: str, trees: list[str]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=8)
     ap.add_argument("--size", default="512M", help="region fio works on (default 512M)")
     ap.add_argument("--tree", action="append", help="directories to put in the ext4 image")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="times each job runs on each subject, interleaved (default 3)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="times each job runs on each subject, interleaved (default 4); "
+                    "a multiple of the subjects' number (twice it if odd) balances the "
+                    "order")
     ap.add_argument("--skip-nbd", action="store_true")
     ap.add_argument("--subjects", default=",".join(n for n, _ in SUBJECTS),
                     help="which of plain,zstd,zstd+aes (plain is always run), each "
