@@ -8,7 +8,7 @@
 1. fio through NBD (the jobs of bench/nbd_bench.py: iodepth 16, Unix socket)
    against `lsbd serve` of three volumes served at once: plain (--compress
    none), compressed (the default), and compressed and encrypted; each job
-   runs on one after the other (every other round in the reverse order),
+   runs on one after the other (in the orders of a Williams design),
    --rounds times, so that a shared machine's drifting load falls on all
    alike; the median ratio to plain (#13 asks at most 15% slower on random
    I/O), each round's ratio, and the load average after each run.  After
@@ -338,7 +338,7 @@ def sampling(server: Server, every: float = 0.5):
 
 def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
     """Every subject served at once; each job runs on one subject after the
-    other (in the reverse order every other round), `rounds` times, so that
+    other (in the orders of a Williams design, orders()), `rounds` times, so that
     the machine's load, which drifts on a shared machine, falls on all of
     them alike.  A job's figure is its mean over the rounds; the ratio to
     plain is the median of the rounds' ratios."""
