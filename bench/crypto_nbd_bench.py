@@ -336,12 +336,13 @@ def sampling(server: Server, every: float = 0.5):
     return done
 
 
-def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
+def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> bool:
     """Every subject served at once; each job runs on one subject after the
     other (in the orders of a Williams design, orders()), `rounds` times, so that
     the machine's load, which drifts on a shared machine, falls on all of
     them alike.  A job's figure is its mean over the rounds; the ratio to
-    plain is the median of the rounds' ratios."""
+    plain is the median of the rounds' ratios.  If a round fails, the summary has the
+    rounds before it, and the result is False."""
     results: dict[str, dict] = {name: {} for name, _ in SUBJECTS}
     loads: list[float] = []     # the 1-minute load average after each run
     drop_page_cache()
@@ -364,6 +365,57 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
                 server.checkpoint()
                 print(f"  {name}: warm-up, {WARMUP_REGIONS} x {size} of random writes in "
                       f"{time.monotonic() - start:.0f}s", flush=True)
+
+        def run_round(job, rw, bs, key, order):
+            # Each place in turn, after each other subject in turn: a
+            # load that rises (or falls) through a round, or what the
+            # subject before leaves behind, then favours none.
+            for name, _ in (SUBJECTS[k] for k in order):
+                servers[name].unpin_helpers()
+                if "read" in rw:
+                    # The region read once, untimed, before each read
+                    # round: the kernel of the machine this was written
+                    # on pages out page-cache memory it sees untouched
+                    # for about a minute (DAMON), and a random read over
+                    # 512 MiB touches each page too rarely for it to
+                    # see, so reads went to the disk, through the pool,
+                    # 30-110 bytes a request, unevenly between subjects
+                    # ("disk B"; docs/security.md).
+                    fio(servers[name].uri, "read", "1M", size=size, runtime=None,
+                        cpus=FIO_CPU if PIN else None)
+                cpu = servers[name].cpu_seconds()
+                disk = servers[name].disk_read()
+                before, machine = servers[name].cpu_by_process(), system_cpu()
+                r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime,
+                        cpus=FIO_CPU if PIN else None)
+                after, machine_after = servers[name].cpu_by_process(), system_cpu()
+                disk = servers[name].disk_read() - disk
+                split = {k: after[k] - before.get(k, 0.0) for k in after}
+                split["fio"] = r["cpu_s"]
+                split["rest"] = (machine_after[0] - machine[0]) - sum(split.values())
+                split["idle"] = machine_after[1] - machine[1]
+                requests = r["iops"] * r["seconds"]
+                results[name][job]["split"].append(
+                    {**{k: split.get(k, 0.0) / requests * 1e6 for k in SPLIT},
+                     "disk B": disk / requests})
+                catch_up = servers[name].flush() if "write" in rw else 0.0
+                if "write" in rw:
+                    # Untimed, like the catch-up: every round starts from a
+                    # fresh checkpoint, so none falls inside a timed round.
+                    results[name][job]["checkpoint"] += servers[name].checkpoint()
+                cpu = servers[name].cpu_seconds() - cpu
+                results[name][job]["cpu"].append(cpu / (r["iops"] * r["seconds"]) * 1e6)
+                results[name][job]["runs"].append(r[key])
+                results[name][job]["catch_up"] += catch_up
+                load = os.getloadavg()[0]
+                loads.append(load)
+                print(f"    {job:14} {name:9} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS"
+                      f"   load {load:4.1f}"
+                      + (f"   then {catch_up:.1f}s to catch up" if "write" in rw else ""),
+                      flush=True)
+
+        failed = False
+        del_jobs: list[str] = []
         for job, rw, bs in JOBS:
             key = "iops" if bs == "4k" else "mib_s"
             for name, _ in SUBJECTS:
@@ -371,52 +423,25 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
                                       "checkpoint": 0.0, "split": []}
             sequence = orders(len(SUBJECTS))
             for i in range(rounds):
-                # Each place in turn, after each other subject in turn: a
-                # load that rises (or falls) through a round, or what the
-                # subject before leaves behind, then favours none.
-                for name, _ in (SUBJECTS[k] for k in sequence[i % len(sequence)]):
-                    servers[name].unpin_helpers()
-                    if "read" in rw:
-                        # The region read once, untimed, before each read
-                        # round: the kernel of the machine this was written
-                        # on pages out page-cache memory it sees untouched
-                        # for about a minute (DAMON), and a random read over
-                        # 512 MiB touches each page too rarely for it to
-                        # see, so reads went to the disk, through the pool,
-                        # 30-110 bytes a request, unevenly between subjects
-                        # ("disk B"; docs/security.md).
-                        fio(servers[name].uri, "read", "1M", size=size, runtime=None,
-                            cpus=FIO_CPU if PIN else None)
-                    cpu = servers[name].cpu_seconds()
-                    disk = servers[name].disk_read()
-                    before, machine = servers[name].cpu_by_process(), system_cpu()
-                    r = fio(servers[name].uri, rw, bs, size=size, runtime=runtime,
-                            cpus=FIO_CPU if PIN else None)
-                    after, machine_after = servers[name].cpu_by_process(), system_cpu()
-                    disk = servers[name].disk_read() - disk
-                    split = {k: after[k] - before.get(k, 0.0) for k in after}
-                    split["fio"] = r["cpu_s"]
-                    split["rest"] = (machine_after[0] - machine[0]) - sum(split.values())
-                    split["idle"] = machine_after[1] - machine[1]
-                    requests = r["iops"] * r["seconds"]
-                    results[name][job]["split"].append(
-                        {**{k: split.get(k, 0.0) / requests * 1e6 for k in SPLIT},
-                         "disk B": disk / requests})
-                    catch_up = servers[name].flush() if "write" in rw else 0.0
-                    if "write" in rw:
-                        # Untimed, like the catch-up: every round starts from a
-                        # fresh checkpoint, so none falls inside a timed round.
-                        results[name][job]["checkpoint"] += servers[name].checkpoint()
-                    cpu = servers[name].cpu_seconds() - cpu
-                    results[name][job]["cpu"].append(cpu / (r["iops"] * r["seconds"]) * 1e6)
-                    results[name][job]["runs"].append(r[key])
-                    results[name][job]["catch_up"] += catch_up
-                    load = os.getloadavg()[0]
-                    loads.append(load)
-                    print(f"    {job:14} {name:9} {r['mib_s']:9.1f} MiB/s {r['iops']:10.0f} IOPS"
-                          f"   load {load:4.1f}"
-                          + (f"   then {catch_up:.1f}s to catch up" if "write" in rw else ""),
-                          flush=True)
+                if failed:
+                    break
+                kept = {n: {k: (list(v) if isinstance(v, list) else v)
+                            for k, v in results[n][job].items()} for n, _ in SUBJECTS}
+                try:
+                    run_round(job, rw, bs, key, sequence[i % len(sequence)])
+                except (RuntimeError, subprocess.CalledProcessError) as e:
+                    # One failed fio call used to end the whole run with no
+                    # summary: report the rounds every subject completed.
+                    detail = (e.stderr or "").strip()[-2000:] if isinstance(
+                        e, subprocess.CalledProcessError) else ""
+                    print(f"    {job}: round {i + 1} failed, the summary has the rounds "
+                          f"before it: {e}\n{detail}", flush=True)
+                    for n, _ in SUBJECTS:
+                        results[n][job] = kept[n]
+                    failed = True
+            if not results["plain"][job]["runs"]:
+                del_jobs.append(job)
+                continue
             for name, _ in SUBJECTS:
                 runs = results[name][job]["runs"]
                 results[name][job]["mean"] = sum(runs) / len(runs)
@@ -426,9 +451,12 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
     for name, _ in SUBJECTS:
         results[name]["stored"] = stored_bytes(os.path.join(workdir, folder(name), "store"))
     print(f"\n  load average {min(loads):.1f}-{max(loads):.1f}, median {statistics.median(loads):.1f}")
-    print(f"  job ({rounds} rounds)  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
+    cut = ", fewer from the failed one on" if failed else ""
+    print(f"  job ({rounds} rounds{cut})  " + "".join(f"{n:>12}" for n, _ in SUBJECTS)
           + "   (mean IOPS or MiB/s; median ratio to plain; catch-up after writes in s)")
     for job, _rw, bs in JOBS:
+        if job in del_jobs:
+            continue
         unit = "IOPS" if bs == "4k" else "MiB/s"
         plain = results["plain"][job]["runs"]
         line = f"  {job:14} " + "".join(f"{results[n][job]['mean']:12.0f}" for n, _ in SUBJECTS)
@@ -476,6 +504,7 @@ def nbd_table(workdir: str, size: str, runtime: int, rounds: int) -> None:
                                         for n, _ in SUBJECTS))
     print("  stored MiB     " + "".join(f"{results[n]['stored'] / 2**20:12.0f}"
                                         for n, _ in SUBJECTS))
+    return not failed
 
 
 def ext4_table(workdir: str, trees: list[str]) -> None:
@@ -555,13 +584,14 @@ def main() -> int:
             SUBJECTS.append((twin, OPTIONS[name]))
         del SUBJECTS[:len(OPTIONS)]
         JOBS[:] = [j for j in JOBS if j[1] in args.jobs.split(",")]
+        complete = True
         if not args.skip_nbd:
-            nbd_table(workdir, args.size, args.runtime, args.rounds)
+            complete = nbd_table(workdir, args.size, args.runtime, args.rounds)
         if not args.skip_ext4:
             ext4_table(workdir, trees)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":
