@@ -19,6 +19,9 @@ from typing import Iterator, NamedTuple
 class ObjectInfo(NamedTuple):
     key: str
     size: int
+    #: The store's tag of this version of the object (S3's ETag), "" when the
+    #: store gives none: an object written again under its key gets another.
+    etag: str = ""
 
 
 class Store(abc.ABC):

@@ -137,6 +137,9 @@ READ_TIMEOUT = 60.0
 
 
 class S3Store(Store):
+    #: Its listing gives each object's ETag (ObjectInfo.etag).
+    lists_etags = True
+
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, *,
                  region: str | None = None, max_pool_connections: int = MAX_POOL_CONNECTIONS,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
@@ -404,7 +407,7 @@ class S3Store(Store):
                 for item in page.get("Contents", ()):
                     key = item["Key"][strip:]
                     if key != PROBE_KEY:   # the store's own scratch object
-                        found.append(ObjectInfo(key, int(item["Size"])))
+                        found.append(ObjectInfo(key, int(item["Size"]), item.get("ETag") or ""))
         except Exception as e:
             raise self._error(e, "list", prefix or "/") from e
         found.sort()
