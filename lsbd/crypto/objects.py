@@ -162,8 +162,11 @@ class Layout:
     """Where each frame of a sealed object lies: what ranged reads need."""
 
     def __init__(self, name: str, volume_id: bytes, tail: Tail, framer: Framer,
-                 index_frame: bytes):
+                 index_frame: bytes, raw: bytes = b""):
         self.name = name
+        #: The index frame and tail as stored, when kept (a map summary
+        #: carries them, lsbd.segments.summary); b"" otherwise.
+        self.raw = raw
         self.volume_id = volume_id
         self.tail = tail
         self.framer = framer
@@ -185,7 +188,7 @@ class Layout:
     @property
     def nbytes(self) -> int:
         """Memory it holds, about (what a cache of layouts counts)."""
-        return self.starts.itemsize * len(self.starts) + 1024
+        return self.starts.itemsize * len(self.starts) + len(self.raw) + 1024
 
     @property
     def stored_length(self) -> int:
@@ -216,18 +219,20 @@ class Layout:
 
 def layout_from_tail(buf: bytes, *, name: str, volume_id: bytes,
                      framer_for: Callable[[Tail], Framer],
-                     fetch_suffix: Callable[[int], bytes]) -> Layout:
+                     fetch_suffix: Callable[[int], bytes], keep_raw: bool = False) -> Layout:
     """The Layout of an object from a read of its last bytes (`buf`), reading
     its last n bytes again with `fetch_suffix(n)` if `buf` misses part of
     the index.  An object cut short or grown at either end fails: its tail,
-    index or frames then do not open."""
+    index or frames then do not open.  keep_raw: the Layout keeps its index
+    frame and tail as stored (Layout.raw)."""
     tail = decode_tail(buf, where=name)
     have = len(buf) - TAIL.size
     if tail.index_length <= have:
         index = buf[have - tail.index_length:have]
     else:
         index = fetch_suffix(tail.index_length + TAIL.size)[:tail.index_length]
-    return Layout(name, volume_id, tail, framer_for(tail), index)
+    raw = bytes(index) + bytes(buf[-TAIL.size:]) if keep_raw else b""
+    return Layout(name, volume_id, tail, framer_for(tail), index, raw)
 
 
 def open_whole(data: bytes, *, name: str, volume_id: bytes,

@@ -308,6 +308,52 @@ class SealingStore(Store):
                             src, cipher.key if cipher else None, base), length, fd)
                 os.fdatasync(fd)
             self.inner.put_file(key, scratch, exclusive=exclusive)
+            if getattr(self.inner, "lists_etags", False):
+                size = os.fstat(fd).st_size
+                self._remember(key, sealing,
+                               os.pread(fd, min(size, TAIL_READ), max(0, size - TAIL_READ)),
+                               lambda n: os.pread(fd, n, max(0, size - n)))
+
+    def _remember(self, key: str, sealing: VolumeSealing, buf: bytes,
+                  fetch_suffix: Callable[[int], bytes]) -> None:
+        """Keep the layout of a segment just stored, index frame and tail
+        included, from its last bytes: a clean close puts them in the map
+        summary (lsbd.segments.summary).  Only for a store whose listing
+        tags objects (what the summary needs): elsewhere it would only take
+        the room of the layouts reads need."""
+        if names.parse_seq(key) is None:
+            return
+        try:
+            self._layout(key, sealing, buf, keep_raw=True, fetch_suffix=fetch_suffix)
+        except (FrameError, OSError) as e:
+            log.warning("%s: layout not kept (%s)", key, e)
+
+    def layout_raw(self, key: str) -> bytes:
+        """The index frame and tail of `key` as stored, if a layout holding
+        them is kept (b"" otherwise)."""
+        with self._lock:
+            layout = self._layouts.get(key)
+        return layout.raw if layout is not None else b""
+
+    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int:
+        """Keep the layout of `key` from its index frame and tail as stored
+        (`raw`, from a map summary), so that its first ranged read needs no
+        GET of its tail.  Returns the object's plain length.  FrameError if
+        they do not open or do not fit `stored_size`; a layout that opens
+        but is not the object's fails its first ranged read, which then
+        reads the tail afresh (get)."""
+        sealing = self.sealing(key)
+        if sealing is None:
+            raise FrameError(f"{key}: a layout for an object that is not sealed", key=key)
+
+        def missing(n: int) -> bytes:
+            raise FrameError(f"{key}: summary layout cut short", key=key)
+
+        layout = self._layout(key, sealing, raw, keep_raw=True, fetch_suffix=missing)
+        if layout.stored_length != stored_size:
+            self._drop(key)
+            raise FrameError(f"{key}: summary layout does not match the object's size", key=key)
+        return layout.tail.plain_length
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         sealing = self.sealing(key)
@@ -370,7 +416,8 @@ class SealingStore(Store):
     def _tail(self, key: str, sealing: VolumeSealing, n: int, stored_size: int) -> bytes:
         start = max(0, stored_size - (TAIL_READ + n + n // 4))
         buf = self.inner.get(key, start, stored_size - start)
-        layout = self._layout(key, sealing, buf)
+        layout = self._layout(key, sealing, buf,
+                              keep_raw=getattr(self.inner, "lists_etags", False))
         if layout.stored_length != stored_size:
             raise FrameError(f"{key}: object length does not match its index", key=key)
         plain = layout.tail.plain_length
@@ -416,13 +463,15 @@ class SealingStore(Store):
             self._layout_bytes -= layout.nbytes
             return True
 
-    def _layout(self, key: str, sealing: VolumeSealing,
-                buf: bytes | None = None) -> objects.Layout:
+    def _layout(self, key: str, sealing: VolumeSealing, buf: bytes | None = None, *,
+                keep_raw: bool = False, fetch_suffix: Callable[[int], bytes] | None = None,
+                ) -> objects.Layout:
         """The object's layout: kept, or read from `buf` (the object's last
-        bytes, when the caller has them) or a read of its tail."""
+        bytes, when the caller has them) or a read of its tail.  keep_raw:
+        a layout read now keeps its index frame and tail as stored."""
         with self._lock:
             layout = self._layouts.get(key)
-            if layout is not None:
+            if layout is not None and (layout.raw or not keep_raw or buf is None):
                 self._layouts.move_to_end(key)
                 return layout
         if buf is None:
@@ -430,7 +479,8 @@ class SealingStore(Store):
         layout = objects.layout_from_tail(
             buf, name=key, volume_id=sealing.volume_id,
             framer_for=lambda t: sealing.framer_for(t, key),
-            fetch_suffix=lambda n: self.inner.get(key, -n))
+            fetch_suffix=fetch_suffix or (lambda n: self.inner.get(key, -n)),
+            keep_raw=keep_raw)
         with self._lock:
             old = self._layouts.pop(key, None)
             if old is not None:
