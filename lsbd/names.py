@@ -8,6 +8,7 @@
     volumes/<volume>/snap/<name>                 a snapshot (a name bound to a seq)
     volumes/<volume>/clones/<clone>              a clone of this volume exists (pins its history)
     volumes/<volume>/keys/<generation as 16 hex> the keys of an encrypted volume (newest wins)
+    volumes/<volume>/summary                     the map summary (a hint for a cold open)
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def checkpoint_part_key(volume: str, seq: int, part: int) -> str:
     return f"{checkpoint_dir(volume, seq)}part-{part:06d}"
 
 
+def summary_key(volume: str) -> str:
+    return f"{VOLUMES}{volume}/summary"
+
+
 def snapshot_prefix(volume: str) -> str:
     return f"{VOLUMES}{volume}/snap/"
 
@@ -127,11 +132,12 @@ def cache_dir_for(cache_root: str, store, volume: str) -> str:
     return os.path.join(cache_root, f"{volume}-{tag}")
 
 
-_SEALED = re.compile(r"^volumes/([^/]+)/(?:seg/[0-9a-f]{16}|ckpt/[0-9a-f]{16}/(?:part-\d+|manifest))$")
+_SEALED = re.compile(r"^volumes/([^/]+)/(?:seg/[0-9a-f]{16}|ckpt/[0-9a-f]{16}/(?:part-\d+|manifest)"
+                     r"|summary)$")
 
 
 def sealed_volume(key: str) -> str | None:
-    """The volume of a segment or checkpoint object (what a compressed or
-    encrypted volume stores sealed), or None for every other key."""
+    """The volume of a segment, checkpoint or map summary object (what a
+    compressed or encrypted volume stores sealed), or None for every other key."""
     m = _SEALED.match(key)
     return m.group(1) if m else None

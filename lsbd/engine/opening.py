@@ -15,7 +15,7 @@ from lsbd.checksum import masked_crc
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
     journal_is_sealed,
-    list_volume,
+    list_for_open,
     rebuild_from_store,
     recover_journal_file,
 )
@@ -25,6 +25,7 @@ from lsbd.engine.writer import room_needed
 from lsbd.errors import CacheMismatch, CorruptionError, UserError
 from lsbd.format.segment import HEADER_MAGIC, TRAILER
 from lsbd.map.blockmap import PENDING, STORED, BlockMap, SegmentInfo
+from lsbd.segments import summary
 from lsbd.segments.local import SegmentFiles
 from lsbd.segments.remote import fetch_segment_index, store_segment_seqs
 from lsbd.segments.uploader import Uploader
@@ -62,10 +63,13 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> bool:
     the uploader (no threads of the volume run yet).  True if the map was
     rebuilt from the store (a new or untrusted cache dir: no data here)."""
     checkpoints: list[int] | None = None
+    known: dict[int, summary.Entry] = {}
     rebuilt = False
     if st.map.get_meta("volume_id") is None:
-        # A new cache dir: the map comes from the store; both listings at once.
-        stored, checkpoints = list_volume(st.store, st.name)
+        # A new cache dir: the map comes from the store; both listings and
+        # the map summary at once.
+        stored, checkpoints, known = list_for_open(st.store, st.name,
+                                                   st.config.volume_id_bytes)
     else:
         stored = store_segment_seqs(st.store, st.name)
     _encrypt_clear_files(st)
@@ -77,7 +81,7 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> bool:
         report("volume %s: the cache dir is not trusted (%s); rebuilding it from the store",
                st.name, e)
         _reset_cache_dir(st)
-        _rebuild(st, progress, stored, checkpoints)
+        _rebuild(st, progress, stored, checkpoints, known)
         rebuilt = True
     _remove_orphans(st, stored)
     _start_uploads(st, sealer)
@@ -220,9 +224,9 @@ def _discard(st: VolumeState, seqs: list[int], why: str) -> None:
 
 
 def _rebuild(st: VolumeState, progress, stored: dict[int, int],
-             checkpoints: list[int] | None) -> None:
+             checkpoints: list[int] | None, known: dict[int, summary.Entry]) -> None:
     plan, size = rebuild_from_store(st.map, st.store, st.config, progress=progress,
-                                    stored=stored, checkpoints=checkpoints)
+                                    stored=stored, checkpoints=checkpoints, known=known)
     st.applied, st.size = plan.top, size
     st.prev_crc = st.map.get_int("top_crc")
     st.last_checkpoint = plan.base

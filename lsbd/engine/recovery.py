@@ -32,10 +32,12 @@ from lsbd.format.segment import (
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
+from lsbd.segments import summary
 from lsbd.segments.remote import (
     fetch_segment_indexes,
     segment_info,
     store_segment_seqs,
+    store_segments,
 )
 from lsbd.plans.replay import ReplayPlan, plan_replay
 from lsbd.store import Store
@@ -64,11 +66,13 @@ def load_checkpoint(bm: BlockMap, store: Store, volume: str, manifest: ckpt.Mani
 def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
                        upto: int | None = None, progress=None,
                        stored: dict[int, int] | None = None,
-                       checkpoints: list[int] | None = None) -> tuple[ReplayPlan, int]:
+                       checkpoints: list[int] | None = None,
+                       known: dict[int, summary.Entry] | None = None) -> tuple[ReplayPlan, int]:
     """Rebuild the map from the newest valid checkpoint (at or before `upto`)
     and the segments after it.  Returns the plan carried out and the volume size.
     stored, checkpoints: the store's segments (seq -> size) and checkpoint
-    seqs, when the caller has just listed them."""
+    seqs, when the caller has just listed them.  known: map summary entries
+    matched to that listing (list_for_open), read instead of GETs."""
     volume = config.name
     if stored is None or checkpoints is None:
         stored, checkpoints = list_volume(store, volume, stored=stored)
@@ -108,7 +112,8 @@ def rebuild_from_store(bm: BlockMap, store: Store, config: VolumeConfig, *,
     applied: list[int] = []
     for i, (seq, trailer, records) in enumerate(fetch_segment_indexes(store, volume,
                                                                       plan.replay,
-                                                                      stored=stored)):
+                                                                      stored=stored,
+                                                                      known=known)):
         key = names.segment_key(volume, seq)
         if trailer.volume_id != config.volume_id_bytes:
             raise CorruptionError(f"{key} belongs to another volume", key=key)
@@ -152,6 +157,23 @@ def list_volume(store: Store, volume: str, *,
         if stored is None:
             stored = store_segment_seqs(store, volume)
         return stored, checkpoints.result()
+
+
+def list_for_open(store: Store, volume: str, volume_id: bytes,
+                  ) -> tuple[dict[int, int], list[int], dict[int, summary.Entry]]:
+    """list_volume, and with it (at the same time: each is a round trip)
+    the volume's map summary, whose entries are matched to the listing
+    (summary.usable): an entry is used only for the very object it was
+    taken from.  Only from a store whose listing tags objects."""
+    if not getattr(store, "lists_etags", False):
+        stored, checkpoints = list_volume(store, volume)
+        return stored, checkpoints, {}
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lsbd-list") as pool:
+        cps = pool.submit(ckpt.list_checkpoints, store, volume)
+        entries = pool.submit(summary.read, store, volume, volume_id)
+        listing = store_segments(store, volume)
+        known = summary.usable(entries.result(), listing)
+        return {seq: info.size for seq, info in listing.items()}, cps.result(), known
 
 
 def journal_is_sealed(path: str, keys: LocalKeys | None = None) -> bool:

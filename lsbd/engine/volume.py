@@ -25,6 +25,7 @@ from lsbd.engine.readdefrag import ReadDefrag
 from lsbd.engine.reader import ReadFace, Reader
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
+from lsbd.engine.summaries import write_summary
 from lsbd.engine.writer import Transaction, Writer
 from lsbd.engine import report
 from lsbd.errors import InvalidRequest, StoreError, UserError
@@ -63,6 +64,8 @@ class Volume(ReadFace):
         self._checkpointer = Checkpointer(st, self._sealer)
         self._timer = Timer(st, self._sealer, self._checkpointer)
         self._control: ControlServer | None = None
+        self._opened_at: int | None = None   # applied seq once open: a close after
+        # segments stored since writes the map summary
         #: control socket operations added from above the engine: name -> fn(request)
         self.control_ops: dict[str, Callable[[dict], object]] = {}
         self.left_waiting: str | None = None   # set by close() when uploads are left over
@@ -100,6 +103,7 @@ class Volume(ReadFace):
         try:
             if recover(st, vol._sealer, progress):
                 vol._reader.warm_up()
+            vol._opened_at = st.applied
             vol._timer.start()
             vol._sealer.start()
             if config.read_defrag:
@@ -238,6 +242,8 @@ class Volume(ReadFace):
                     self.checkpoint()
                 except Exception as e:  # noqa: BLE001 - the segments are safe; recovery replays them
                     log.warning("volume %s: checkpoint at close failed: %s", self.name, e)
+            if self._opened_at is not None and st.applied > self._opened_at:
+                write_summary(st)
         else:
             self.left_waiting = st.waiting_uploads()
             log.warning("volume %s: %s; they stay in %s and upload on the next open",

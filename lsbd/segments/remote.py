@@ -4,6 +4,7 @@ these, so they live apart from crash recovery."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
@@ -12,9 +13,12 @@ from lsbd import names
 from lsbd.format.segment import TRAILER, Record, Trailer, decode_footer, decode_trailer, masked_crc
 from lsbd.map.blockmap import SegmentInfo
 from lsbd.segments import checkpoints as ckpt
+from lsbd.segments import summary
 from lsbd.errors import CorruptionError
-from lsbd.store import Store
+from lsbd.store import ObjectInfo, Store
 from lsbd.meta.config import VolumeConfig
+
+log = logging.getLogger(__name__)
 
 #: A segment's tail read in one GET: its trailer and, for most segments, its
 #: whole index (32 MiB of files of 4-64 KiB made one of 68 KiB); a second GET
@@ -27,11 +31,16 @@ INDEX_FETCHES = 16
 
 def store_segment_seqs(store: Store, volume: str) -> dict[int, int]:
     """seq -> object size of every segment in the store."""
+    return {seq: info.size for seq, info in store_segments(store, volume).items()}
+
+
+def store_segments(store: Store, volume: str) -> dict[int, ObjectInfo]:
+    """seq -> listing entry (size, ETag) of every segment in the store."""
     out = {}
     for info in store.list(names.segment_prefix(volume)):
         seq = names.parse_seq(info.key)
         if seq is not None:
-            out[seq] = info.size
+            out[seq] = info
     return out
 
 
@@ -45,18 +54,28 @@ def fetch_segment_index(store: Store, volume: str, seq: int, size: int | None = 
 
 def fetch_segment_indexes(store: Store, volume: str, seqs: Iterable[int], *,
                           ahead: int = INDEX_FETCHES, stored: dict[int, int] | None = None,
+                          known: dict[int, summary.Entry] | None = None,
                           ) -> Iterator[tuple[int, Trailer, list[Record]]]:
     """(seq, trailer, records) of each of `seqs`, in their order, with up to
     `ahead` fetches in flight.  stored: the objects' sizes from a listing
-    (store_segment_seqs), so that each tail is an explicit range.  An error
-    is raised where its seq comes; a caller that stops early leaves nothing
-    running."""
+    (store_segment_seqs), so that each tail is an explicit range.  known:
+    map summary entries already matched to the listing (summary.usable),
+    used instead of a GET when they check.  An error is raised where its
+    seq comes; a caller that stops early leaves nothing running."""
     todo = iter(seqs)
     sizes = stored or {}
+    summed = known or {}
     pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="lsbd-index")
     window: deque[tuple[int, Future]] = deque()
 
     def fetch(seq: int) -> Future:
+        entry = summed.get(seq)
+        if entry is not None:
+            found = _from_summary(store, names.segment_key(volume, seq), entry)
+            if found is not None:
+                done: Future = Future()
+                done.set_result(found)
+                return done
         return pool.submit(fetch_segment_index, store, volume, seq,
                            stored_size=sizes.get(seq))
 
@@ -74,6 +93,25 @@ def fetch_segment_indexes(store: Store, volume: str, seqs: Iterable[int], *,
             yield seq, trailer, records
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _from_summary(store: Store, key: str,
+                  entry: summary.Entry) -> tuple[Trailer, list[Record]] | None:
+    """A segment's trailer and records from its map summary entry, and its
+    layout kept by a sealing store; None (with a warning) if the entry does
+    not check: the caller reads the segment's tail instead."""
+    try:
+        trailer, records = entry.decoded(key)
+        prime = getattr(store, "prime_layout", None)
+        if entry.layout and prime is not None:
+            plain = prime(key, entry.layout, entry.stored_size)
+            if trailer.footer_offset + trailer.footer_length + TRAILER.size != plain:
+                raise CorruptionError(f"{key}: summary entry does not match the object's "
+                                      "size", key=key)
+        return trailer, records
+    except CorruptionError as e:
+        log.warning("%s: map summary entry not used (%s); reading its index", key, e)
+        return None
 
 
 def fetch_index_by_key(store: Store, key: str, seq: int, size: int | None = None, *,
