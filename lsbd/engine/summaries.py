@@ -18,6 +18,11 @@ from lsbd.segments.remote import store_segments
 
 log = logging.getLogger(__name__)
 
+#: A summary holds entries up to about this many bytes (the oldest segments
+#: first; the others are read from the store as before): a segment of 4 KiB
+#: random writes has an index of some 230 KiB, and a summary is read whole.
+SUMMARY_BYTES = 16 << 20
+
 
 def write_summary(st: VolumeState) -> bool:
     """Write the summary of the stored segments after the last checkpoint
@@ -32,8 +37,15 @@ def write_summary(st: VolumeState) -> bool:
         return False
     try:
         listing = store_segments(st.store, st.name)
-        entries = [e for e in (_entry(st, seq, listing.get(seq)) for seq in seqs)
-                   if e is not None]
+        entries, total = [], 0
+        for seq in sorted(seqs):
+            e = _entry(st, seq, listing.get(seq))
+            if e is None:
+                continue
+            total += len(e.index) + len(e.layout) + len(e.trailer) + 64
+            if total > SUMMARY_BYTES:
+                break
+            entries.append(e)
         if not entries:
             return False
         st.check_lease()    # a writer that lost the lease writes nothing more

@@ -19,6 +19,7 @@ from lsbd.crypto import keyring as kr
 from lsbd.crypto import keystore, objects
 from lsbd.crypto.aead import random_bytes
 from lsbd.crypto.keyring import Argon2Params
+from lsbd.engine import summaries
 from lsbd.engine.volume import Volume
 from lsbd.errors import CorruptionError
 from lsbd.format.segment import TRAILER
@@ -200,6 +201,32 @@ def test_a_damaged_summary_is_ignored_with_a_warning(s3_url, tmp_path, caplog):
         assert "map summary not used" in caplog.text
     finally:
         vol.close()
+
+
+def test_a_summary_holds_entries_up_to_its_size_the_rest_are_read_from_the_store(
+        s3_url, tmp_path, gets, monkeypatch):
+    monkeypatch.setattr(summaries, "SUMMARY_BYTES", 3 * 1024)
+    store = new_store(s3_url, "none")
+    write_session(store, tmp_path / "w", 1, 0, 16)
+    expected = expected_image(tmp_path, store)
+    segments = {i.key for i in store.list(names.segment_prefix("vol"))}
+    raw = store.get(names.summary_key("vol"))
+    entries = summary.decode(raw, _volume_id(store), where="summary")
+    assert 0 < len(entries) < len(segments) and len(raw) <= 3 * 1024 + 64
+
+    gets.clear()
+    vol, image = cold_open(store, tmp_path, "cold")
+    try:
+        assert image == expected
+        covered = {names.segment_key("vol", e.seq) for e in entries}
+        assert set(index_gets(gets)) == segments - covered
+    finally:
+        vol.close()
+
+
+def _volume_id(store) -> bytes:
+    from lsbd.meta.config import load_config
+    return load_config(store, "vol").volume_id_bytes
 
 
 def test_a_writer_that_lost_its_lease_writes_no_summary(s3_url, tmp_path, monkeypatch):
