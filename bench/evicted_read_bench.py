@@ -23,8 +23,9 @@ the region twice with fio (1 MiB, iodepth 16), the page cache dropped
 before each pass.  Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
 anonymous RSS in each pass, and the server's processor time and disk
-reads per MiB read in each pass, and the system part of that time
-(/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
+reads per MiB read in each pass, the system part of that time, and the
+processor time of its child processes (the map's process and the sealing
+worker) per MiB (/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
 pass (raw format, idle threads included).  Needs fio and root (to drop
 caches).  Compare subjects within one run: the machine is shared.
 """
@@ -77,13 +78,35 @@ def _usage(pid: int) -> tuple[float, float, int]:
     return int(fields[11]) / tick, int(fields[12]) / tick, int(io["read_bytes"])
 
 
+def _children_cpu(pid: int) -> float:
+    """Processor seconds so far of a process's children (the map's process,
+    the sealing worker: they compress and map what read-directed
+    defragmentation writes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue      # gone meanwhile
+        if int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str) -> None:
     """One read of the region: MiB/s, and the server's processor ms and
-    disk MiB per MiB read."""
+    disk MiB per MiB read, and its children's processor ms."""
     user0, sys0, disk0 = _usage(pid)
+    children0 = _children_cpu(pid)
     started = time.time()
     out[name] = fio(uri, "read", "1M", size=region, io_size=region)["mib_s"]
     user1, sys1, disk1 = _usage(pid)
+    out[f"{name}_children_cpu_ms_per_mib"] = round(
+        (_children_cpu(pid) - children0) * 1000 / (region / (1 << 20)), 2)
     out[f"{name}_time"] = [started, time.time()]
     mib = region / (1 << 20)
     out[f"{name}_cpu_ms_per_mib"] = round((user1 - user0 + sys1 - sys0) * 1000 / mib, 2)
@@ -169,7 +192,9 @@ def main() -> None:
               f"{r['peak_anon_first_kib'] / 1024:.0f} / {r['peak_anon_second_kib'] / 1024:.0f} MiB, "
               f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}; server cpu ms/MiB "
               f"{r['first_cpu_ms_per_mib']} / {r['second_cpu_ms_per_mib']} (system "
-              f"{r['first_sys_ms_per_mib']} / {r['second_sys_ms_per_mib']}), disk MiB/MiB "
+              f"{r['first_sys_ms_per_mib']} / {r['second_sys_ms_per_mib']}; children "
+              f"{r['first_children_cpu_ms_per_mib']} / {r['second_children_cpu_ms_per_mib']}), "
+              f"disk MiB/MiB "
               f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
