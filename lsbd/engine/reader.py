@@ -266,8 +266,7 @@ class Reader:
         """The sealed pieces of a read some of whose segments are in a store
         that is a local directory (nothing to fetch whole): the local
         segments' pieces together (read_batch), and each store segment's
-        pieces a span at a time, all of those handed to the store first
-        (will_need_stored).  Which pieces are
+        pieces a span at a time.  Which pieces are
         not in the result, the caller reads one by one.  All in this thread,
         one after the other: on the read pool, the hand-offs between threads
         cost more processor time than the waits they overlapped
@@ -275,8 +274,6 @@ class Reader:
         files = self.st.files
         away = set(remote)
         here = {seq: pieces for seq, pieces in groups.items() if seq not in away}
-        for seq in remote:      # the store's disk reads them while the rest is read
-            files.will_need_stored(seq, groups[seq])
         got: dict = {}
         if here and local_batch:
             got.update(files.read_batch(here, sequential=sequential))

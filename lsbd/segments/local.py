@@ -200,21 +200,6 @@ class SegmentFiles(LocalCopies):
                 self._whole.popitem(last=False)
             return True
 
-    def will_need_stored(self, seq: int, pieces: list[tuple[int, int]]) -> None:
-        """Have the store start reading the spans read_store_batch will read
-        of these pieces (each with the record header before it), and the
-        segment's trailer if it is not known yet.  A read after random
-        writes reads a few blocks of each of many stored segments, one
-        after the other: hinted first, all at once, the disk works on them
-        together instead of one at a time (docs/scale.md)."""
-        ranges: list[tuple[int, int | None]] = []
-        for start, end, _members in coalesce(pieces, self.block_size):
-            first = max(0, start - ONE_BLOCK_HEAD)
-            ranges.append((first, end - first))
-        if seq not in self._data_ends:
-            ranges.append((-TRAILER.size, None))
-        self.store.will_need(self.key_of(seq), ranges)
-
     def read_store_batch(self, seq: int, pieces: list[tuple[int, int]]
                          ) -> dict[tuple[int, int], Bytes]:
         """The pieces (file offset, nblocks) of sealed segment `seq`, not

@@ -268,69 +268,6 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
 
 
 @pytest.mark.parametrize("kind", ["compressed", "encrypted"])
-def test_a_read_hands_its_stored_spans_to_the_store_before_reading_any(
-        tmp_path, monkeypatch, kind):
-    """A read that finds pieces of several evicted segments names all of
-    them to the store (will_need) before it reads any, so that a store on
-    a local disk reads them together: the first time, each object's end
-    (its tail and index, which the first get reads), then the frames that
-    hold every range the read gets.  Everything reads back as written."""
-    from lsbd.store.local import LocalStore
-
-    vol = _open(tmp_path, kind)
-    try:
-        testing.stop_read_defrag(vol)
-        expected = _interleaved(vol)
-        seqs = {e.seq for e in vol.map_extents(0, 256)}
-        away = set(sorted(seqs)[::2])        # the others stay local
-        assert len(away) >= 2
-        _evicted(vol, away)
-        disk = vol.store
-        while not isinstance(disk, LocalStore):
-            disk = disk.inner
-        events: list[tuple] = []
-        real_get, real_will_need = LocalStore.get, LocalStore.will_need
-
-        def absolute(self, key, start, length):
-            size = os.path.getsize(self._path(key))
-            if start < 0:
-                return max(0, size + start), size
-            return start, size if length in (None, 0) else min(size, start + length)
-
-        def get(self, key, start=0, length=None):
-            if "/seg/" in key:
-                events.append(("get", key, absolute(self, key, start, length)))
-            return real_get(self, key, start, length)
-
-        def will_need(self, key, ranges):
-            for start, length in ranges:
-                events.append(("will_need", key, absolute(self, key, start, length)))
-            return real_will_need(self, key, ranges)
-
-        monkeypatch.setattr(LocalStore, "get", get)
-        monkeypatch.setattr(LocalStore, "will_need", will_need)
-        keys = {testing.local_files(vol).key_of(seq) for seq in away}
-        for attempt in (1, 2):       # the objects' layouts unknown, then kept
-            events.clear()
-            assert vol.read(0, MiB) == expected
-            kinds = [kind for kind, _key, _range in events]
-            assert "get" in kinds and "will_need" in kinds
-            assert "will_need" not in kinds[kinds.index("get"):], kinds
-            advised = [(key, r) for kind, key, r in events if kind == "will_need"]
-            assert {key for key, _r in advised} == keys
-            if attempt == 1:      # where the frames lie is not known yet: the end
-                ends = {key: os.path.getsize(disk._path(key)) for key in keys}
-                assert {key for key, (_a, b) in advised if b == ends[key]} == keys
-                continue
-            for _kind, key, (lo, hi) in (e for e in events if e[0] == "get"):
-                assert any(k == key and a <= lo and hi <= b for k, (a, b) in advised), \
-                    (key, lo, hi, advised)
-    finally:
-        vol.close()
-        vol.store.close()
-
-
-@pytest.mark.parametrize("kind", ["compressed", "encrypted"])
 def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkeypatch, kind):
     """Blocks of evicted segments whose index is not in memory, each a
     whole one-block record, are read with their record's header and CRC and
