@@ -67,7 +67,7 @@ class Reader:
         if st.files.on_stream is None:   # the cache dir's files may be new since open
             st.files.on_stream = self._fetch_after
         sequential, ahead = self._readahead.note(offset, length)
-        if ahead is not None and st.files.fetcher.enabled:   # a local store has nothing to fetch
+        if ahead is not None and not st.files.store_is_local:   # nothing to fetch from it
             self.prefetch(*ahead, wait=False, mark=True)
         if length == bs and not offset % bs and 0 <= offset <= st.size - bs:
             data = self._read_one_block(offset // bs, nowait, sequential)
@@ -78,7 +78,7 @@ class Reader:
             return b""
         first = offset // bs
         last = -(-(offset + length) // bs)
-        gated = length >= STITCHED_FROM and not st.files.fetcher.enabled
+        gated = length >= STITCHED_FROM and st.files.store_is_local
         if gated and not self._stitching.acquire(blocking=not nowait):
             raise WouldBlock("other long reads are running")   # the caller waits on its pool
         try:
@@ -151,7 +151,7 @@ class Reader:
         reads to ask, and segments read last were fetched last).  At most
         segments_ahead() of them, those holding the lowest blocks first."""
         st = self.st
-        if not st.files.fetcher.enabled:    # a local store: nothing to fetch whole
+        if st.files.store_is_local:    # nothing to fetch whole
             return
         limit = segments_ahead(st.files.cache_limit, st.config.segment_size)
         with st.lock:
@@ -244,12 +244,12 @@ class Reader:
             if nowait:
                 # Refuse before reading anything, not after reading the local part.
                 raise WouldBlock("some blocks are not cached locally")
-            if files.fetcher.enabled and sum(len(groups[seq]) for seq in remote) > 1:
+            if not files.store_is_local and sum(len(groups[seq]) for seq in remote) > 1:
                 # several pieces from a distant store: in parallel, each
                 # asking whether its segment is to be fetched whole
                 return b"".join(files.fetcher.map_reads(
                     [functools.partial(self._read_run, r, False, sequential) for r in runs]))
-        if remote and not files.fetcher.enabled:
+        if remote and files.store_is_local:
             got = self._read_batches(groups, remote, len(runs) >= BATCH_FROM, sequential)
         elif len(runs) >= BATCH_FROM:
             got = files.read_batch(groups, nowait=nowait, sequential=sequential)

@@ -72,7 +72,9 @@ class LocalCopies:
         self.folder = folder
         self._prefix = os.path.join(folder, "")
         self.store = store
-        self._store_is_local = store.url.startswith("file://")
+        #: a file:// store: its objects are files on this machine, so nothing is
+        #: fetched whole, and a long read reads them itself
+        self.store_is_local = store.url.startswith("file://")
         self.key_of = key_of   # seq -> object key (a clone's older seqs are its parent's)
         self.block_size = block_size
         self.cache_limit = cache_limit
@@ -88,7 +90,7 @@ class LocalCopies:
         # not at all once it is closed (a new writer may own it by then).
         self._folder_lock = threading.Lock()
         self._closed = False
-        self.fetcher = Fetcher(self._fetch_whole, enabled=not self._store_is_local)
+        self.fetcher = Fetcher(self._fetch_whole, enabled=not self.store_is_local)
         # link_store_files: a plain volume's objects in a file:// store are
         # its sealed segment files byte for byte, so a read-only view links
         # them into its private folder rather than read them block by block
