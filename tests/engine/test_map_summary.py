@@ -269,3 +269,22 @@ def test_a_summary_decodes_only_whole_and_of_its_own_volume():
     damaged[30] ^= 1
     with pytest.raises(CorruptionError):
         summary.decode(bytes(damaged), vid, where="s")
+
+
+def test_a_summary_is_laid_out_as_docs_format_md_says():
+    """Golden bytes of a one-entry summary (docs/format.md, "Map summary"):
+    a change to the layout is a format change, and shows here."""
+    vid = bytes(range(16))
+    trailer = bytes(range(TRAILER.size))
+    e = summary.Entry(5, 0x0102, '"ab"', trailer, b"IDX", b"LY")
+    expected = (b"LSBDSUM1" + vid + bytes.fromhex("01000000")
+                + bytes.fromhex("0500000000000000")          # u64 seq
+                + bytes.fromhex("0201000000000000")          # u64 stored size
+                + bytes.fromhex("0400")                      # u16 etag length
+                + bytes.fromhex("03000000")                  # u32 index length
+                + bytes.fromhex("02000000")                  # u32 layout length
+                + b'"ab"' + trailer + b"IDX" + b"LY"
+                + bytes.fromhex("6978146f"))                 # masked CRC32C of the rest
+    assert TRAILER.size == 80
+    assert summary.encode(vid, [e]) == expected
+    assert summary.decode(expected, vid, where="s") == [e]
