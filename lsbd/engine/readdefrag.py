@@ -51,7 +51,8 @@ class ReadDefrag:
     """One background thread; `offer` is cheap and never blocks a read."""
 
     def __init__(self, relocate, *, name: str):
-        self._relocate = relocate          # [(Extent-like, bytes)] -> bytes moved
+        #: (a read's plan, its bytes, planned_at) -> bytes moved
+        self._relocate = relocate
         self._queue: collections.deque = collections.deque()
         self._queued = 0
         self._busy = False
@@ -62,12 +63,14 @@ class ReadDefrag:
                                         daemon=True)
         self._thread.start()
 
-    def offer(self, loaded: list[tuple], nbytes: int) -> bool:
-        """Queue pieces a read found scattered: [(extent, its bytes)]."""
+    def offer(self, runs: list[tuple], data: bytes, planned_at: int) -> bool:
+        """Queue a read that found its blocks scattered: its plan, the whole
+        blocks it read, and the volume's content_changes when it planned."""
+        nbytes = len(data)
         with self._cond:
             if self._stop or self._queued + nbytes > QUEUE_BYTES:
                 return False
-            self._queue.append((loaded, nbytes))
+            self._queue.append((runs, data, planned_at))
             self._queued += nbytes
             self._cond.notify()
         return True
@@ -79,12 +82,13 @@ class ReadDefrag:
                     self._cond.wait()
                 if self._stop:
                     return
-                loaded, nbytes = self._queue.popleft()
+                runs, data, planned_at = self._queue.popleft()
+                nbytes = len(data)
                 self._queued -= nbytes
                 self._busy = True
             started = time.monotonic()
             try:
-                self.moved += self._relocate(loaded)
+                self.moved += self._relocate(runs, data, planned_at)
             except Exception as e:  # noqa: BLE001 - an optimisation: never fail the volume
                 log.info("read-directed defragmentation skipped a range: %s", e)
             finally:

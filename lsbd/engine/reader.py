@@ -14,7 +14,7 @@ from lsbd.engine.readdefrag import ReadDefrag, scattered
 from lsbd.engine.state import VolumeState
 from lsbd.errors import CorruptionError, WouldBlock
 from lsbd.plans.reads import plan_reads
-from lsbd.map.blockmap import Extent, SegmentInfo
+from lsbd.map.blockmap import SegmentInfo
 from lsbd.segments.checks import check_open_blocks
 from lsbd.segments.scrub import verify_segments
 
@@ -85,6 +85,7 @@ class Reader:
             with st.lock:
                 st.check_open()
                 runs = self.plan(first, last - first)
+                planned_at = st.content_changes
             data = self.read_runs(runs, nowait, sequential)
         finally:
             if gated:
@@ -93,25 +94,18 @@ class Reader:
         # file system mounted read-only, a copy out after a disaster) leaves
         # the volume as it found it, and uploads nothing.
         if self.read_defrag is not None and st.stats["writes"] and scattered(runs, bs):
-            self._offer_defrag(runs, data)
+            self._offer_defrag(runs, data, planned_at)
         st.stats["reads"] += 1
         st.stats["bytes_read"] += length
         start = offset - first * bs
         return data[start:start + length] if (start or len(data) != length) else data
 
-    def _offer_defrag(self, runs: list[tuple], data: bytes) -> None:
-        """Hand the sealed pieces of a scattered read to the read-directed
-        defragmenter, with the bytes just read."""
-        bs = self.st.block_size
-        view = memoryview(data)
-        loaded = []
-        pos = 0
-        for lba, n, source, off, crcs in runs:
-            if source is not None and crcs is None:
-                loaded.append((Extent(lba, n, source, off), view[pos:pos + n * bs]))
-            pos += n * bs
+    def _offer_defrag(self, runs: list[tuple], data: bytes, planned_at: int) -> None:
+        """Hand a scattered read to the read-directed defragmenter: its plan,
+        the bytes it read and when it planned (VolumeState.content_changes).
+        Its pieces are sorted out on the defragmenter's thread."""
         assert self.read_defrag is not None
-        self.read_defrag.offer(loaded, len(data))
+        self.read_defrag.offer(runs, data, planned_at)
 
     def close_defrag(self) -> None:
         """Stop read-directed defragmentation (before the last seal: it

@@ -50,6 +50,11 @@ class VolumeState:
         self.prev_crc = 0            # trailer fingerprint of the newest sealed segment (the chain)
         self.size = config.size
         self.applied = 0             # newest seq in the map
+        #: bumped (under the lock) by every append that can change what a block
+        #: reads as; not by moves of the same bytes (relocations), nor by
+        #: sealing or mapping (they move where a block is read from, not what
+        #: it holds).  Equal before and after: no block reads differently.
+        self.content_changes = 0
         self.last_checkpoint = 0
         self.last_checkpoint_time = time.monotonic()
         self.failed: BaseException | None = None

@@ -178,6 +178,20 @@ def read_defrag(vol):
     return None if reader is None else getattr(reader, "read_defrag", None)
 
 
+def content_changes(vol: Volume) -> int:
+    """The count of appends that may have changed what a block reads as
+    (what a read's relocation compares: Writer.relocate_read)."""
+    with vol._st.lock:
+        return vol._st.content_changes
+
+
+def plan_read(vol: Volume, first: int, n: int) -> tuple[list[tuple], int]:
+    """A read's plan of blocks [first, first+n), and content_changes then."""
+    st = vol._st
+    with st.lock:
+        return vol._reader.plan(first, n), st.content_changes
+
+
 def stop_read_defrag(vol: Volume) -> None:
     """No more read-directed defragmentation on this writer (relocations
     by hand only)."""

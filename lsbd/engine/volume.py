@@ -107,7 +107,7 @@ class Volume(ReadFace):
             vol._timer.start()
             vol._sealer.start()
             if config.read_defrag:
-                vol._reader.read_defrag = ReadDefrag(vol._writer.relocate_loaded, name=name)
+                vol._reader.read_defrag = ReadDefrag(vol._writer.relocate_read, name=name)
             vol._control = ControlServer(vol, control_socket_path(st.folder))
         except BaseException:
             vol._teardown()
@@ -192,6 +192,10 @@ class Volume(ReadFace):
     def relocate_loaded(self, loaded: list[tuple]) -> int:
         """relocate() of extents whose bytes were read already: [(extent, bytes)]."""
         return self._writer.relocate_loaded(loaded)
+
+    def relocate_read(self, runs: list[tuple], data: bytes, planned_at: int) -> int:
+        """Lay out again what a read found scattered (see Writer.relocate_read)."""
+        return self._writer.relocate_read(runs, data, planned_at)
 
     def forget_segments(self, seqs) -> None:
         """Segments deleted from the store: drop them from the map's table and the cache."""

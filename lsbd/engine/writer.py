@@ -16,6 +16,7 @@ from lsbd.engine.reader import Reader
 from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
 from lsbd.errors import InvalidRequest, WouldBlock
+from lsbd.map.blockmap import Extent
 from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, block_crcs, pack_masked, raw_block_crcs
 from lsbd.segments.journal import OpenSegment
 
@@ -75,11 +76,12 @@ class Writer:
     # -- the one append path ----------------------------------------------------
 
     def _append(self, append: Callable[[OpenSegment, tuple], None], *, writes: int,
-                nbytes: int, nowait: bool = False) -> OpenSegment:
+                nbytes: int, nowait: bool = False, same_bytes: bool = False) -> OpenSegment:
         """Run append(open segment, mark) under the lock, with what every
         change needs around it: the checks, back-pressure, the roll-back of a
         failure, the counters, sealing a full segment.  Returns the segment
-        appended to (call with the lock held to use it after)."""
+        appended to (call with the lock held to use it after).  same_bytes:
+        append only copies of what the blocks already hold (a relocation)."""
         st = self.st
         with st.lock:
             st.check_writable()
@@ -87,6 +89,8 @@ class Writer:
                 raise WouldBlock("the sealer is behind")
             seg = self.open_segment(nowait)
             mark = seg.mark()
+            if not same_bytes:
+                st.content_changes += 1   # before: a failed append may have changed some
             try:
                 append(seg, mark)
             except (WouldBlock, InvalidRequest):
@@ -262,45 +266,101 @@ class Writer:
         """relocate() of extents whose bytes were read already: [(extent, bytes)].
         One plan of the range they cover says which blocks still live where
         the read found them (a plan per extent cost more than the move)."""
-        bs = self.st.block_size
-        moved = 0
         loaded = sorted(loaded, key=lambda x: x[0].lba)
-        starts = [e.lba for e, _data in loaded]
+        if not loaded:
+            return 0
+        return self._relocate(lambda: self._planned_records(loaded))
+
+    def relocate_read(self, runs: list[tuple], data: bytes | memoryview,
+                      planned_at: int) -> int:
+        """Lay out again the sealed pieces of a read (read-directed
+        defragmentation): `runs` its plan (lsbd.plans.reads), `data` the
+        whole blocks it read, `planned_at` st.content_changes when it
+        planned (under the lock).  If no append has changed a block since,
+        the bytes are still what every block reads as: consecutive pieces
+        are moved as one record of the read's own bytes, made before taking
+        the lock, with no second plan of the range (that plan and its loop
+        over the pieces were a fifth of a scattered read's processor time,
+        docs/scale.md).  Otherwise as relocate_loaded()."""
+        bs = self.st.block_size
+        view = memoryview(data)
+        spans: list[list] = []   # [first block, end block, first byte in data]
+        pos = 0
+        for lba, n, source, _off, crcs in runs:
+            if source is not None and crcs is None:
+                if spans and spans[-1][1] == lba:
+                    spans[-1][1] = lba + n
+                else:
+                    spans.append([lba, lba + n, pos])
+            pos += n * bs
+        if not spans:
+            return 0
+        records: list[tuple] = []
+        for lba, end, at in spans:
+            records.extend(self.split_zero_runs(lba, view[at:at + (end - lba) * bs]))
+        ready = records, sum(end - lba for lba, end, _at in spans) * bs
+
+        def loaded() -> list[tuple]:
+            out, at = [], 0
+            for lba, n, source, off, crcs in runs:
+                if source is not None and crcs is None:
+                    out.append((Extent(lba, n, source, off), view[at:at + n * bs]))
+                at += n * bs
+            return out
+
+        return self._relocate(lambda: ready if self.st.content_changes == planned_at
+                              else self._planned_records(loaded()))
+
+    def _relocate(self, records_of: Callable[[], tuple[list[tuple], int]]) -> int:
+        """Append the records records_of() gives under the lock, as moves of
+        the same bytes; the bytes moved."""
+        moved = 0
 
         def append(seg: OpenSegment, mark: tuple) -> None:
             nonlocal moved
-            if not loaded:
-                return
-            runs: list[list] = []   # [first block, end block, chunks] of consecutive blocks
-            first, last = loaded[0][0], loaded[-1][0]
-            for lba, n, source, off, crcs in self.reader.plan(first.lba,
-                                                              last.lba + last.nblocks - first.lba):
-                if source is None or crcs is not None:
-                    continue  # a hole, or rewritten since (in a journal): nothing to move
-                i = bisect.bisect_right(starts, lba) - 1
-                if i < 0:
-                    continue
-                e, data = loaded[i]
-                start = lba - e.lba
-                if source != e.seq or start >= e.nblocks or off != e.offset + start * bs:
-                    continue  # rewritten since: nothing to move
-                n = min(n, e.nblocks - start)
-                chunk = data[start * bs:(start + n) * bs]
-                if runs and runs[-1][1] == lba:
-                    runs[-1][1] = lba + n
-                    runs[-1][2].append(chunk)
-                else:
-                    runs.append([lba, lba + n, [chunk]])
-                moved += n * bs
-            records = []
-            for lba, _end, chunks in runs:
-                records.extend(self.split_zero_runs(lba, b"".join(chunks)))
+            records, moved = records_of()
             for j, (rkind, lba, n, data, crcs) in enumerate(records):
                 seg.append(rkind, lba, n, data=data, crcs=crcs, undo=mark[2],
                            commit=(j == len(records) - 1))
 
-        self._append(append, writes=0, nbytes=0)
+        self._append(append, writes=0, nbytes=0, same_bytes=True)
         return moved
+
+    def _planned_records(self, loaded: list[tuple]) -> tuple[list[tuple], int]:
+        """Under the lock: the records that lay out the pieces the map (and
+        the journals) still point to where the read found them; the rest
+        was written since.  And the bytes in them."""
+        bs = self.st.block_size
+        starts = [e.lba for e, _data in loaded]
+        runs: list[list] = []   # [first block, end block, chunks] of consecutive blocks
+        moved = 0
+        first, last = loaded[0][0], loaded[-1][0]
+        for lba, n, source, off, crcs in self.reader.plan(first.lba,
+                                                          last.lba + last.nblocks - first.lba):
+            if source is None or crcs is not None:
+                continue  # a hole, or rewritten since (in a journal): nothing to move
+            i = bisect.bisect_right(starts, lba) - 1
+            if i < 0:
+                continue
+            e, data = loaded[i]
+            start = lba - e.lba
+            if source != e.seq or start >= e.nblocks or off != e.offset + start * bs:
+                continue  # rewritten since: nothing to move
+            n = min(n, e.nblocks - start)
+            chunk = data[start * bs:(start + n) * bs]
+            if runs and runs[-1][1] == lba:
+                runs[-1][1] = lba + n
+                runs[-1][2].append(chunk)
+            else:
+                runs.append([lba, lba + n, [chunk]])
+            moved += n * bs
+        return self._run_records(runs), moved
+
+    def _run_records(self, runs: list[list]) -> list[tuple]:
+        records = []
+        for lba, _end, chunks in runs:
+            records.extend(self.split_zero_runs(lba, b"".join(chunks)))
+        return records
 
     # -- records ------------------------------------------------------------------
 

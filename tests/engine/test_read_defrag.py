@@ -12,6 +12,7 @@ from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all
 from lsbd.engine import testing
 from lsbd.engine import readdefrag
 from lsbd.engine.volume import Volume
+from lsbd.engine.writer import Writer
 from lsbd.map.blockmap import Extent
 from lsbd.meta.config import create_volume
 
@@ -78,6 +79,69 @@ def test_a_newer_write_wins_over_a_late_relocation(vol):
     testing.seal_now(vol)
     assert vol.read(0, 1 * MiB) == expected
     assert vol.read(5 * BS, 3 * BS) == blocks(999, 5, 3)
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "in-journal"])
+def test_a_write_after_the_read_planned_wins_over_its_relocation(vol, sealed):
+    """A read's bytes are moved only after planning the range again when
+    something was written since it planned: they may be stale."""
+    testing.stop_read_defrag(vol)
+    _scatter(vol)
+    runs, planned_at = testing.plan_read(vol, 0, 256)
+    data = vol.read(0, 1 * MiB)
+    vol.write(5 * BS, blocks(999, 5, 3))
+    if sealed:
+        testing.seal_now(vol)
+    assert testing.content_changes(vol) != planned_at
+    expected = vol.read(0, 1 * MiB)
+    assert vol.relocate_read(runs, data, planned_at) == (256 - 3) * BS
+    testing.seal_now(vol)
+    assert vol.read(0, 1 * MiB) == expected
+    assert vol.read(5 * BS, 3 * BS) == blocks(999, 5, 3)
+
+
+def test_an_unchanged_range_is_moved_without_a_second_plan(vol, monkeypatch):
+    testing.stop_read_defrag(vol)
+    expected = _scatter(vol)
+    vol.write(300 * BS, blocks(7, 300, 2))               # a hole and a journal's blocks
+    vol.trim(200 * BS, 4 * BS)
+    runs, planned_at = testing.plan_read(vol, 0, 302)
+    data = vol.read(0, 302 * BS)
+    testing.seal_now(vol)                                # sealing changes no block
+    some = [(Extent(e.lba, e.nblocks, e.seq, e.offset), vol.read(e.lba * BS, BS))
+            for e in vol.map_extents(0, 8)]
+    assert vol.relocate_loaded(some) == 8 * BS           # nor does another relocation
+    assert testing.content_changes(vol) == planned_at
+
+    def planned(*_a, **_k):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(Writer, "_planned_records", planned)
+    # Only the sealed pieces move: not the hole, nor the journal's blocks.
+    assert vol.relocate_read(runs, data, planned_at) == (256 - 4) * BS
+    testing.seal_now(vol)
+    assert [(e.lba, e.nblocks) for e in vol.map_extents(0, 302)] == \
+        [(0, 200), (204, 52), (300, 2)]
+    assert vol.read(0, 1 * MiB) == expected[:200 * BS] + bytes(4 * BS) + expected[204 * BS:]
+    assert vol.read(300 * BS, 2 * BS) == blocks(7, 300, 2)
+
+
+def test_every_change_of_a_block_is_counted(vol):
+    vol.write(0, blocks(1, 0, 4))
+    testing.seal_now(vol)
+    changes = [lambda: vol.write(0, block(2, 0)),
+               lambda: vol.write(0, blocks(3, 0, 2)),
+               lambda: vol.write_many([(8 * BS, block(4, 8))]),
+               lambda: vol.write_zeroes(0, BS),
+               lambda: vol.trim(BS, BS)]
+    for change in changes:
+        before = testing.content_changes(vol)
+        change()
+        assert testing.content_changes(vol) > before
+    with vol.transaction() as t:
+        before = testing.content_changes(vol)
+        t.write(2 * BS, block(5, 2))
+    assert testing.content_changes(vol) > before
 
 
 def test_read_only_volumes_do_not_defragment(vol, tmp_path):
