@@ -224,16 +224,3 @@ def rewrite(path: str, src: LocalReader, end: int, keys: LocalKeys, *,
             pass
         raise
     return fd, cipher
-
-
-def volume_keys(store, volume: str, segment_key: str) -> LocalKeys | None:
-    """The local-file keys of `volume` if the store seals its objects with
-    encryption (lsbd.crypto.store.SealingStore); None otherwise.
-    segment_key: the name of any segment object of the volume."""
-    sealing_of = getattr(store, "sealing", None)
-    if sealing_of is None:
-        return None
-    sealing = sealing_of(segment_key)
-    if sealing is None or sealing.keyring is None:
-        return None
-    return LocalKeys.from_keyring(sealing.keyring, sealing.volume_id)

@@ -201,6 +201,8 @@ class SealingStore(Store):
     def __init__(self, inner: Store, resolve: Resolver):
         self.inner = inner
         self.url = inner.url
+        # Declared on Store, so __getattr__ would not pass it on.
+        self.lists_etags = inner.lists_etags
         self._resolve = resolve
         self._volumes: dict[str, VolumeSealing | None] = {}
         self._layouts: OrderedDict[str, objects.Layout] = OrderedDict()
@@ -249,10 +251,9 @@ class SealingStore(Store):
     def object_file(self, key: str) -> str | None:
         """The inner store's file of `key` when the object is stored as it is
         (a plain volume's, on a file:// store); None when it is sealed."""
-        inner = getattr(self.inner, "object_file", None)
-        if inner is None or self.sealing(key) is not None:
+        if self.sealing(key) is not None:
             return None
-        return inner(key)
+        return self.inner.object_file(key)
 
     # --- the Store interface --------------------------------------------------------
 
@@ -308,7 +309,7 @@ class SealingStore(Store):
                             src, cipher.key if cipher else None, base), length, fd)
                 os.fdatasync(fd)
             self.inner.put_file(key, scratch, exclusive=exclusive)
-            if getattr(self.inner, "lists_etags", False):
+            if self.lists_etags:
                 size = os.fstat(fd).st_size
                 self._remember(key, sealing,
                                os.pread(fd, min(size, TAIL_READ), max(0, size - TAIL_READ)),
@@ -328,14 +329,16 @@ class SealingStore(Store):
         except (FrameError, OSError) as e:
             log.warning("%s: layout not kept (%s)", key, e)
 
-    def layout_raw(self, key: str) -> bytes:
+    def layout_raw(self, key: str) -> bytes | None:
         """The index frame and tail of `key` as stored, if a layout holding
-        them is kept (b"" otherwise)."""
+        them is kept (b"" otherwise); None if `key` is not sealed."""
+        if self.sealing(key) is None:
+            return None
         with self._lock:
             layout = self._layouts.get(key)
         return layout.raw if layout is not None else b""
 
-    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int:
+    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int | None:
         """Keep the layout of `key` from its index frame and tail as stored
         (`raw`, from a map summary), so that its first ranged read needs no
         GET of its tail.  Returns the object's plain length.  FrameError if
@@ -417,7 +420,7 @@ class SealingStore(Store):
         start = max(0, stored_size - (TAIL_READ + n + n // 4))
         buf = self.inner.get(key, start, stored_size - start)
         layout = self._layout(key, sealing, buf,
-                              keep_raw=getattr(self.inner, "lists_etags", False))
+                              keep_raw=self.lists_etags)
         if layout.stored_length != stored_size:
             raise FrameError(f"{key}: object length does not match its index", key=key)
         plain = layout.tail.plain_length
@@ -496,3 +499,15 @@ class SealingStore(Store):
         """Memory held by the layouts kept (at most about LAYOUT_BYTES)."""
         with self._lock:
             return self._layout_bytes
+
+
+def volume_keys(store: Store, volume: str, segment_key: str) -> localfile.LocalKeys | None:
+    """The local-file keys of `volume` if the store seals its objects with
+    encryption; None otherwise.  segment_key: the name of any segment object
+    of the volume."""
+    if not isinstance(store, SealingStore):
+        return None
+    sealing = store.sealing(segment_key)
+    if sealing is None or sealing.keyring is None:
+        return None
+    return localfile.LocalKeys.from_keyring(sealing.keyring, sealing.volume_id)

@@ -33,7 +33,7 @@ from lsbd.meta.config import Lineage, VolumeConfig
 from lsbd.meta.lease import Lease
 from lsbd.names import cache_dir_for
 from lsbd.store import Store
-from lsbd.crypto.localfile import LocalKeys, LocalReader, rewrite, volume_keys
+from lsbd.crypto.localfile import LocalKeys, LocalReader, rewrite
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,11 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> bool:
 def local_keys(store: Store, config: VolumeConfig) -> LocalKeys | None:
     """The keys of an encrypted volume's files in the cache dir (None: the
     volume is not encrypted, and its files stay in the clear)."""
-    keys = volume_keys(store, config.name, names.segment_key(config.name, 1))
+    keys = None
+    if store.seals_objects:
+        # Imported here: a plain volume's open need not load the sealing code.
+        from lsbd.crypto.store import volume_keys
+        keys = volume_keys(store, config.name, names.segment_key(config.name, 1))
     if config.encryption and keys is None:
         raise UserError(f"volume {config.name} is encrypted: open it through "
                         "lsbd.crypto.store.SealingStore")

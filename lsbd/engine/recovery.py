@@ -165,7 +165,7 @@ def list_for_open(store: Store, volume: str, volume_id: bytes,
     the volume's map summary, whose entries are matched to the listing
     (summary.usable): an entry is used only for the very object it was
     taken from.  Only from a store whose listing tags objects."""
-    if not getattr(store, "lists_etags", False):
+    if not store.lists_etags:
         stored, checkpoints = list_volume(store, volume)
         return stored, checkpoints, {}
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lsbd-list") as pool:

@@ -29,7 +29,7 @@ def write_summary(st: VolumeState) -> bool:
     whose index is at hand (its local file; for a sealed volume its layout
     too), if the store tags objects.  True if it was written.  A failure
     costs the next cold open its GETs, nothing else: it is logged."""
-    if not getattr(st.store, "lists_etags", False):
+    if not st.store.lists_etags:
         return False
     seqs = [s.seq for s in st.map.segments()
             if s.state == STORED and s.seq > max(st.last_checkpoint, st.config.base_seq)]
@@ -63,12 +63,11 @@ def _entry(st: VolumeState, seq: int, info) -> summary.Entry | None:
     if info is None or not info.etag:
         return None
     key = names.segment_key(st.name, seq)
-    layout = b""
-    sealing = getattr(st.store, "sealing", None)
-    if sealing is not None and sealing(key) is not None:
-        layout = st.store.layout_raw(key)  # type: ignore[attr-defined]  # SealingStore
-        if not layout:
-            return None
+    layout = st.store.layout_raw(key)
+    if layout is None:
+        layout = b""        # stored as it is: the index alone finds its blocks
+    elif not layout:
+        return None         # sealed, and its layout is no longer kept
     try:
         r = st.files.open_reader(seq)
     except (OSError, CorruptionError):

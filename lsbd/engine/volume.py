@@ -85,7 +85,7 @@ class Volume(ReadFace):
         config: the volume's settings, when the caller has just read them."""
         if config is None or config.name != name:
             config = load_config(store, name)
-        if config.sealed and not getattr(store, "seals_objects", False):
+        if config.sealed and not store.seals_objects:
             # Plain objects must never enter a compressed or encrypted volume.
             raise UserError(f"volume {name} is compressed or encrypted: open it through "
                             "lsbd.crypto.store.SealingStore")

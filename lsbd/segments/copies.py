@@ -97,7 +97,7 @@ class LocalCopies:
         # through the store.  Sealed objects, and stores that wrap the local
         # one (faults in tests), are read.
         self._object_file: Callable[[str], str | None] | None = (
-            getattr(store, "object_file", None) if link_store_files else None)
+            store.object_file if link_store_files else None)
         # Called with a seq when a read first reads that segment fetched whole
         # (or waits for that fetch): the reader above starts fetching the
         # segments it will likely want next (lsbd.engine.reader).

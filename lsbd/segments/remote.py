@@ -102,9 +102,8 @@ def _from_summary(store: Store, key: str,
     not check: the caller reads the segment's tail instead."""
     try:
         trailer, records = entry.decoded(key)
-        prime = getattr(store, "prime_layout", None)
-        if entry.layout and prime is not None:
-            plain = prime(key, entry.layout, entry.stored_size)
+        plain = store.prime_layout(key, entry.layout, entry.stored_size) if entry.layout else None
+        if plain is not None:
             if trailer.footer_offset + trailer.footer_length + TRAILER.size != plain:
                 raise CorruptionError(f"{key}: summary entry does not match the object's "
                                       "size", key=key)

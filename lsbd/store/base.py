@@ -29,6 +29,15 @@ class Store(abc.ABC):
 
     url: str
 
+    #: Whether list() gives each object's ETag (ObjectInfo.etag): a map
+    #: summary's entries are matched to objects by it.  A wrapper takes its
+    #: inner store's.
+    lists_etags: bool = False
+
+    #: Whether this store seals a compressed or encrypted volume's objects
+    #: (lsbd.crypto.store.SealingStore): no other store may be given them.
+    seals_objects: bool = False
+
     @abc.abstractmethod
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         """Store `data` under `key` atomically (readers see all or nothing).
@@ -81,6 +90,24 @@ class Store(abc.ABC):
         for the key before the put, which two racing creators can both pass
         (the engine guards its lease and segments against that itself)."""
         return True
+
+    def object_file(self, key: str) -> str | None:
+        """The local file that holds `key` byte for byte, if the store keeps
+        its objects as files that a reader may link; None otherwise."""
+        return None
+
+    def layout_raw(self, key: str) -> bytes | None:
+        """For a store that seals objects, the index frame and tail of `key`
+        as stored, if it kept them (b"" if not); None when `key` is stored as
+        it is, with no layout to keep."""
+        return None
+
+    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int | None:
+        """For a store that seals objects, take back what layout_raw gave (from
+        a map summary) so that the first ranged read of `key` needs no GET of
+        its tail; returns the object's plain length.  None when the store
+        stores objects as they are."""
+        return None
 
     def exists(self, key: str) -> bool:
         from lsbd.errors import ObjectNotFound

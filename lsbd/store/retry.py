@@ -34,6 +34,9 @@ class RetryingStore(Store):
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.inner = inner
+        # Declared on Store, so __getattr__ would not pass them on.
+        self.lists_etags = inner.lists_etags
+        self.seals_objects = inner.seals_objects
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -128,6 +131,15 @@ class RetryingStore(Store):
     @property
     def conditional_writes(self) -> bool:
         return self.inner.conditional_writes
+
+    def object_file(self, key: str) -> str | None:
+        return self.inner.object_file(key)
+
+    def layout_raw(self, key: str) -> bytes | None:
+        return self.inner.layout_raw(key)
+
+    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int | None:
+        return self.inner.prime_layout(key, raw, stored_size)
 
     def close(self) -> None:
         self.inner.close()
