@@ -74,3 +74,40 @@ def test_a_cold_open_asks_each_thing_once(tmp_path, requests, compression):
         for d in devices:
             d.device.close()
         ctx.close()
+
+
+def test_a_serving_process_takes_over_the_store_opened_before_its_fork(tmp_path, s3_url,
+                                                                       monkeypatch):
+    """The S3 client the mount command built to read the settings is the
+    serving process's too (its connections closed before the fork): no
+    second client is built, and the volume reads through it."""
+    from lsbd.store import s3
+
+    writer = Context(store_url=s3_url, endpoint_url=None, cache_dir=str(tmp_path / "a"))
+    create_volume(writer.plain_store, "vol", 16 * MiB, segment_size=1 * MiB,
+                  compression="zstd:1", flush_mode="store")
+    vol = writer.open_volume("vol")
+    vol.write(0, block(0, 7))
+    vol.close()
+    writer.close()
+
+    built: list[object] = []
+    init = s3.S3Store.__init__
+
+    def counted(self, *a, **k):
+        built.append(self)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(s3.S3Store, "__init__", counted)
+    ctx = Context(store_url=s3_url, endpoint_url=None, cache_dir=str(tmp_path / "b"))
+    ctx.before_fork("vol", writer=True)
+    assert len(built) == 1
+    devices = open_devices(ctx.store, ["vol"], cache_root=ctx.cache_dir, prepare=ctx.unlock,
+                           configs={"vol": ctx.volume_config("vol")})
+    try:
+        assert devices[0].device.read(0, 4096) == block(0, 7)
+        assert len(built) == 1, "a second S3 client was built after the fork"
+    finally:
+        for d in devices:
+            d.device.close()
+        ctx.close()
