@@ -226,17 +226,17 @@ class Framer:
             try:
                 stored = self.cipher.open(nonce, frame[HEADER.size:], header + place.pack())
             except AuthenticationFailed:
-                raise FrameError(f"{where}: frame at offset {place.position} fails "
+                raise FrameError(f"{where}: frame {place.position} fails "
                                  "authentication", offset=place.position) from None
         else:
             stored = frame[HEADER.size:len(frame) - _CRC.size]
             (crc,) = _CRC.unpack_from(frame, len(frame) - _CRC.size)
             if (body_length < _CRC.size
                     or mask(crc32c(stored, crc32c(header + place.pack()))) != crc):
-                raise FrameError(f"{where}: frame at offset {place.position} fails its "
+                raise FrameError(f"{where}: frame {place.position} fails its "
                                  "checksum", offset=place.position)
         if codec == RAW and len(stored) != plain_length:
-            raise FrameError(f"{where}: frame at offset {place.position}: raw frame of the "
+            raise FrameError(f"{where}: frame {place.position}: raw frame of the "
                              "wrong length", offset=place.position)
         return codec, stored, plain_length
 
@@ -246,5 +246,5 @@ def _decompress(codec: int, stored: bytes | memoryview, plain_length: int, place
     try:
         return decompress(codec, stored, plain_length)
     except DecompressionFailed as e:
-        raise FrameError(f"{where}: frame at offset {place.position}: {e}",
+        raise FrameError(f"{where}: frame {place.position}: {e}",
                          offset=place.position) from None

@@ -254,6 +254,27 @@ def test_tampering_is_an_io_error_and_a_verify_failure_naming_the_object(env, tm
     assert env.run("verify", "v", "--structure-only", passphrase=None).returncode == 0
 
 
+def test_verify_names_every_segment_that_fails_to_authenticate(env, tmp_path):
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    for seed, size in enumerate((4 * MiB, 2 * MiB, 1 * MiB)):
+        image(tmp_path / "in.img", size, seed=seed)     # each import from offset 0, in a
+        env.run("import", "v", str(tmp_path / "in.img"))    # segment of its own: all three live
+    segs = sorted(k for k in env.objects() if "/seg/" in k)
+    assert len(segs) == 3
+    victims = segs[:2]          # not the newest one, so the volume still opens
+    for key in victims:
+        bad = bytearray((env.store / key).read_bytes())
+        bad[len(bad) // 3] ^= 0x01                      # in a data frame, not the index
+        (env.store / key).write_bytes(bytes(bad))
+    verify = env.run("--cache-dir", str(tmp_path / "fresh"), "verify", "v", check=False)
+    assert verify.returncode == 1, verify.stderr
+    assert "Traceback" not in verify.stderr
+    for key in victims:
+        assert key in verify.stderr, verify.stderr      # each one, not only the first
+    assert "2 problem(s) found" in verify.stderr, verify.stderr
+    assert "fails authentication" in verify.stderr, verify.stderr
+
+
 def test_rotate_compact_rekey_then_retire_the_old_key(env, tmp_path):
     data = image(tmp_path / "in.img", 1 * MiB)
     env.run("create", "v", "--size", "4M", "--encrypt", "--retain", "0")
