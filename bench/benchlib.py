@@ -54,7 +54,7 @@ def wait_for(path: str, proc: subprocess.Popen | None = None, timeout: float = 6
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"waiting for {path}: its process exited with {proc.returncode}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear")
         time.sleep(0.05)
