@@ -11,7 +11,7 @@ from typing import Any
 from lsbd import linux
 from lsbd.freedcap import FreedMemoryCap
 from lsbd.errors import UserError
-from lsbd.store import Store, open_store
+from lsbd.store import Store, open_store, seal_store
 
 
 def default_cache_dir() -> str:
@@ -38,10 +38,14 @@ class Context:
     def store(self) -> Store:
         """The store, with the wrapper that seals the segments and checkpoints
         of compressed or encrypted volumes (lsbd/crypto/store.py)."""
-        if self._store is None:
+        if self._store is not None:
+            return self._store
+        if self._plain_before_fork is not None:
+            # the serving process takes over the store its parent opened
+            self._store = seal_store(self._plain_before_fork, self.secret)
+        else:
             self._store = open_store(self.store_url, endpoint_url=self.endpoint_url,
-                                     secret=self.secret, create=self.create_store,
-                                     plain=self._plain_before_fork)
+                                     secret=self.secret, create=self.create_store)
         return self._store
 
     @property

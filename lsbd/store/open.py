@@ -16,8 +16,7 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True,
-               seal: bool = True, secret=None, create: bool = True,
-               plain: Store | None = None) -> Store:
+               seal: bool = True, secret=None, create: bool = True) -> Store:
     """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix.
 
     seal: wrap it in lsbd.crypto.store.SealingStore, which compresses and
@@ -25,12 +24,7 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
     for it; `secret(volume)` gives the passphrase or key file of an
     encrypted volume (without it, opening one is an error).
     create=False: a local directory that does not exist is an error (a
-    mistyped path), not a new, empty store.
-    plain: this URL's store as open_store(seal=False) opened it before (a
-    serving process takes over the one its parent used): only the sealing
-    wrapper is added around it."""
-    if plain is not None:
-        return _sealed(plain, secret) if seal else plain
+    mistyped path), not a new, empty store."""
     url = url or os.environ.get("LSBD_STORE") or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -56,10 +50,12 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
         from lsbd.store.retry import RetryingStore
 
         store = RetryingStore(store)
-    return _sealed(store, secret) if seal else store
+    return seal_store(store, secret) if seal else store
 
 
-def _sealed(store: Store, secret) -> Store:
+def seal_store(store: Store, secret) -> Store:
+    """`store` (as open_store(seal=False) gave it) with the wrapper that seals
+    the segments and checkpoints of compressed or encrypted volumes."""
     from lsbd.crypto.store import SealingStore, volume_resolver
 
     return SealingStore(store, volume_resolver(store, secret))
