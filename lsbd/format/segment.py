@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple
 
 import attrs
 
+from lsbd import numpyload
 from lsbd.checksum import MASK_DELTA, crc32c, crc32c_of, mask, masked_crc, unmask
 from lsbd.errors import CorruptionError
 
@@ -446,9 +447,12 @@ def index_of_footer(buf: bytes, trailer: Trailer, block_size: int, *,
     4 KiB writes) is read with numpy, with no Python object per record:
     0.2 ms for 8,192 records instead of 11-16 ms, and a read after random
     writes over a large volume loads the indexes of hundreds of segments
-    for a few blocks each."""
-    import numpy as np
-
+    for a few blocks each.  Until numpy is loaded (lsbd.numpyload: the first
+    read of a cold volume would otherwise wait for its import) every index
+    is decoded record by record."""
+    np = numpyload.loaded()
+    if np is None:
+        return SegmentIndex(decode_footer(buf, trailer, where=where), block_size)
     entries = _one_block_entries(buf, trailer, where)
     if entries is None:
         return SegmentIndex(decode_footer(buf, trailer, where=where), block_size)

@@ -1,0 +1,60 @@
+"""numpy for the hot paths that can do without it, loaded in the background.
+
+Decoding a segment's index is 50x faster with numpy when its records are
+one-block writes (lsbd.format.segment.index_of_footer), but importing numpy
+takes 0.12 s of CPU with its files in the page cache and 0.37 s from a
+dropped one.  A volume opened on a new cache dir from the map summary
+(lsbd.segments.summary) decodes no index with numpy, so the first read of a
+cold volume (the ext4 mount's superblock) was the one that imported it, and
+waited 0.13-0.24 s for that (docs/operations.md).  `loaded()` answers at
+once: numpy if it is imported, else None, and it starts the import in a
+thread of its own; the caller then takes its path without numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_numpy: ModuleType | None = None
+_started = False
+
+
+def loaded() -> ModuleType | None:
+    """numpy if its import has finished; else None, having started it in
+    the background (once per process)."""
+    global _started
+    if _numpy is not None:
+        return _numpy
+    with _lock:
+        if not _started:
+            _started = True
+            threading.Thread(target=_load, name="lsbd-numpy", daemon=True).start()
+    return None
+
+
+def _forked() -> None:
+    """A child forked while the import ran in its parent: the thread is not
+    here, so the child starts its own when it first asks."""
+    global _started, _lock
+    if _numpy is None:
+        _started = False
+        _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _load() -> None:
+    global _numpy
+    try:
+        import numpy
+    except Exception as e:  # noqa: BLE001 - only a speed-up: callers go on without it
+        log.warning("numpy could not be loaded (%s): indexes are decoded without it", e)
+        return
+    _numpy = numpy
