@@ -39,8 +39,10 @@ def loaded() -> ModuleType | None:
 
 
 def _forked() -> None:
-    """A child forked while the import ran in its parent: the thread is not
-    here, so the child starts its own when it first asks."""
+    """A child forked after its parent asked but before numpy came: the
+    thread is not here, so the child starts its own when it first asks.
+    (A serving process forks before the engine starts threads, lsbd.cli.cmd_mount: a
+    child forked while the import runs could find numpy's import lock held.)"""
     global _started, _lock
     if _numpy is None:
         _started = False
