@@ -15,12 +15,16 @@ inside the region.  The server is stopped and the state kept in --state
 random writes are read from the store, as in the 64 GiB run.
 
 Each SUBJECT (NAME@DIR: the code in DIR, e.g. main@/work/main; default:
-this checkout) gets a fresh copy of the state, at the path it was built
+this checkout) gets a fresh copy of the state (the store's objects as
+hard links), at the path it was built
 in (the cache dir is named after the store's URL), is served, writes
 one block far from the region (read-directed defragmentation works only
 in a session that has written, as scale_bench's server has), and reads
 the region twice with fio (1 MiB, iodepth 16), the page cache dropped
-before each pass.  Reported per subject: MiB/s of both passes, the bytes
+before each pass.  --frag-writes (with a --state of its own): the state
+is built without the region's random writes, each subject makes them, and
+the passes start right after, while the server still seals, maps and
+uploads those writes, as in scale_bench's frag phase.  Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
 anonymous RSS in each pass, and the server's processor time and disk
 reads per MiB read in each pass, the system part of that time, and the
@@ -47,8 +51,13 @@ import scale_bench as sb
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: In a state built for --frag-writes (no frag writes of its own): the
+#: subjects then make the region's only layer of random writes.
+FRAG_LATER = "frag-writes-later"
+
+
 def build(state: str, volume_size: int, writes: int, region: int, create: list[str],
-          pct: int) -> dict:
+          pct: int, frag: bool = True) -> dict:
     os.makedirs(state)
     lsbd = sb.Lsbd(state, volume_size, create)
     try:
@@ -58,8 +67,11 @@ def build(state: str, volume_size: int, writes: int, region: int, create: list[s
         if writes:
             out["random_iops"] = fio(lsbd.uri, "randwrite", "4k", size=volume_size,
                                      io_size=writes, compress_pct=pct)["iops"]
-        out["frag_iops"] = fio(lsbd.uri, "randwrite", "4k", size=region, io_size=region,
-                               compress_pct=pct)["iops"]
+        if frag:
+            out["frag_iops"] = fio(lsbd.uri, "randwrite", "4k", size=region, io_size=region,
+                                   compress_pct=pct)["iops"]
+        else:
+            open(os.path.join(state, FRAG_LATER), "w").close()
         st = lsbd.stats()
         out.update({k: st.get(k) for k in ("segments", "extents", "cache_segments")})
         return out
@@ -114,9 +126,21 @@ def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str) -> None:
     out[f"{name}_disk_mib_per_mib"] = round((disk1 - disk0) / (1 << 20) / mib, 3)
 
 
-def read_subject(state: str, work: str, code: str, region: int, spy: str | None) -> dict:
+def copy_state(state: str, work: str) -> None:
+    """A fresh copy of the kept state: the store's objects as hard links (a
+    file:// store never changes an object in place: a put writes a new file
+    and renames it, a delete unlinks it; at 64 GiB of writes the store is
+    some 20 GB, too much to copy for every subject), the rest copied."""
+    os.makedirs(work)
+    for name in os.listdir(state):
+        link = ["-l"] if name == "store" else []
+        subprocess.run(["cp", "-a", *link, os.path.join(state, name), work], check=True)
+
+
+def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
+                 frag_pct: int | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
-    subprocess.run(["cp", "-a", state, work], check=True)
+    copy_state(state, work)
     here = os.getcwd()
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = code
@@ -127,6 +151,11 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None)
         rss = sb.RssSampler(lsbd.proc.pid)
         out: dict = {"load": [os.getloadavg()[0]]}
         fio(lsbd.uri, "write", "4k", size=4096, offset=region * 40)
+        if frag_pct is not None:
+            # As scale_bench does: the passes start right after the writes,
+            # while the server still seals, maps and uploads them.
+            out["frag_iops"] = fio(lsbd.uri, "randwrite", "4k", size=region, io_size=region,
+                                   compress_pct=frag_pct)["iops"]
         drop_page_cache()
         prof = None
         if spy:
@@ -168,6 +197,10 @@ def main() -> None:
     ap.add_argument("--state", default="/var/tmp/lsbd-evicted-read-state",
                     help="where the built state is kept (built if absent)")
     ap.add_argument("--spy", metavar="DIR", help="py-spy profiles of each first pass here")
+    ap.add_argument("--frag-writes", action="store_true",
+                    help="the state is built without the region's random writes, and each "
+                         "subject makes them right before its passes, as scale_bench does "
+                         "(needs a --state of its own)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     region = parse_size(args.region)
@@ -178,14 +211,20 @@ def main() -> None:
         shutil.rmtree(state, ignore_errors=True)
         drop_page_cache()
         out["build"] = build(state, parse_size(args.volume_size), parse_size(args.writes),
-                             region, args.create.split(), args.fio_compress)
+                             region, args.create.split(), args.fio_compress,
+                             frag=not args.frag_writes)
         print("built:", json.dumps(out["build"]), flush=True)
         os.rename(state, kept)
+    if os.path.exists(os.path.join(kept, FRAG_LATER)) != args.frag_writes:
+        sys.exit(f"{kept} was built with its own random writes in the region: --frag-writes "
+                 "needs a --state of its own" if args.frag_writes else
+                 f"{kept} was built for --frag-writes (no random writes in the region)")
     subjects = args.subjects or [f"this@{REPO}"]
     for subject in subjects:
         name, _, code = subject.partition("@")
         spy = os.path.join(args.spy, f"{name}.txt") if args.spy else None
-        r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy)
+        r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy,
+                         args.fio_compress if args.frag_writes else None)
         out[name] = r
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
