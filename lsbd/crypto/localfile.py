@@ -25,7 +25,10 @@ seq used again gets a new file, hence a new id, like every file.
 The body is not authenticated: someone who can change the cache dir can
 flip bits unnoticed by the cipher.  The segment's own CRCs (every record,
 every block, the index) catch that on read, and a segment's store copy is
-sealed with AES-GCM from the bytes read here: see docs/security.md.
+authenticated: sealed with AES-GCM from the bytes read here, or this very
+file with a tag per frame appended (lsbd.crypto.linked): see
+docs/security.md.  The segment's length in such a file is not its size:
+lsbd.format.segment's local_segment_size.
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class LocalKeys:
             k = keyring.current_key()
             return k.id, k.key
         return cls(volume_id, keyring.data_key, current)
+
+    def of_file(self, data_key: bytes, key_id: int, file_id: bytes) -> FileCipher:
+        """The cipher of the file `file_id` under `data_key` (key `key_id`)."""
+        return self._cipher(data_key, key_id, file_id)
 
     def _cipher(self, data_key: bytes, key_id: int, file_id: bytes) -> FileCipher:
         key = hkdf(data_key, salt=file_id, info=b"lsbd local file" + self.volume_id)

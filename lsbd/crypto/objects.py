@@ -14,7 +14,7 @@ Tail (all integers little endian):
 | offset | size | field |
 |---|---|---|
 | 0 | 8 | magic `LSBDOBJ1` |
-| 8 | 2 | version (1) |
+| 8 | 2 | version: 1, or 2 for a segment sealed by link (lsbd.crypto.linked) |
 | 10 | 1 | flags: bit 0 ENCRYPTED |
 | 11 | 1 | reserved (0) |
 | 12 | 4 | data key id (0 when not encrypted) |
@@ -49,6 +49,7 @@ TAIL = struct.Struct("<8sHBBI16sIIQI8xI")
 assert TAIL.size == 64
 MAGIC = b"LSBDOBJ1"
 VERSION = 1
+LINKED_VERSION = 2           # lsbd.crypto.linked: the local file, tagged
 FLAG_ENCRYPTED = 0x01
 INDEX_POSITION = (1 << 64) - 1
 _BOUND = 48                  # tail bytes repeated (and so authenticated) in the index
@@ -63,9 +64,10 @@ class Tail:
     frame_count: int
     plain_length: int
     index_length: int
+    version: int = VERSION
 
     def pack(self) -> bytes:
-        body = TAIL.pack(MAGIC, VERSION, FLAG_ENCRYPTED if self.encrypted else 0, 0,
+        body = TAIL.pack(MAGIC, self.version, FLAG_ENCRYPTED if self.encrypted else 0, 0,
                          self.key_id, self.object_id, self.frame_size, self.frame_count,
                          self.plain_length, self.index_length, 0)
         return body[:-4] + struct.pack("<I", masked_crc(body[:-4]))
@@ -84,13 +86,17 @@ def decode_tail(buf: bytes, *, where: str) -> Tail:
      crc) = TAIL.unpack(raw)
     if masked_crc(raw[:-4]) != crc:
         raise FrameError(f"{where}: object tail checksum mismatch", key=where)
-    if version != VERSION or flags & ~FLAG_ENCRYPTED or not frame_size:
+    if version not in (VERSION, LINKED_VERSION) or flags & ~FLAG_ENCRYPTED or not frame_size:
         raise FrameError(f"{where}: unsupported object version {version}", key=where)
     if count != -(-plain // frame_size):
         raise FrameError(f"{where}: frame count does not match the length", key=where)
+    if version == LINKED_VERSION and (not flags & FLAG_ENCRYPTED
+                                      or index_length != 16 * (count + 1)):
+        raise FrameError(f"{where}: a linked object's tail does not match its index",
+                         key=where)
     return Tail(encrypted=bool(flags & FLAG_ENCRYPTED), key_id=key_id, object_id=object_id,
                 frame_size=frame_size, frame_count=count, plain_length=plain,
-                index_length=index_length)
+                index_length=index_length, version=version)
 
 
 #: Frames sealed together: the plain bytes read at a time, and what the
@@ -219,12 +225,14 @@ class Layout:
 
 def layout_from_tail(buf: bytes, *, name: str, volume_id: bytes,
                      framer_for: Callable[[Tail], Framer],
-                     fetch_suffix: Callable[[int], bytes], keep_raw: bool = False) -> Layout:
+                     fetch_suffix: Callable[[int], bytes], keep_raw: bool = False,
+                     linked: Callable[[Tail, bytes, bytes], Layout] | None = None) -> Layout:
     """The Layout of an object from a read of its last bytes (`buf`), reading
     its last n bytes again with `fetch_suffix(n)` if `buf` misses part of
     the index.  An object cut short or grown at either end fails: its tail,
     index or frames then do not open.  keep_raw: the Layout keeps its index
-    frame and tail as stored (Layout.raw)."""
+    frame and tail as stored (Layout.raw).  linked(tail, index, raw): the
+    layout of a version 2 object (lsbd.crypto.linked); None: there is none."""
     tail = decode_tail(buf, where=name)
     have = len(buf) - TAIL.size
     if tail.index_length <= have:
@@ -232,14 +240,20 @@ def layout_from_tail(buf: bytes, *, name: str, volume_id: bytes,
     else:
         index = fetch_suffix(tail.index_length + TAIL.size)[:tail.index_length]
     raw = bytes(index) + bytes(buf[-TAIL.size:]) if keep_raw else b""
+    if tail.version == LINKED_VERSION:
+        if linked is None:
+            raise FrameError(f"{name}: a linked object where none can be", key=name)
+        return linked(tail, bytes(index), raw)
     return Layout(name, volume_id, tail, framer_for(tail), index, raw)
 
 
 def open_whole(data: bytes, *, name: str, volume_id: bytes,
-               framer_for: Callable[[Tail], Framer]) -> bytes:
+               framer_for: Callable[[Tail], Framer],
+               linked: Callable[[Tail, bytes, bytes], Layout] | None = None) -> bytes:
     """The plain bytes of a whole sealed object."""
     layout = layout_from_tail(data, name=name, volume_id=volume_id, framer_for=framer_for,
-                              fetch_suffix=lambda n: data[-n:])
+                              fetch_suffix=lambda n: data[-n:], linked=linked)
     if layout.stored_length != len(data):
         raise FrameError(f"{name}: object length does not match its index", key=name)
-    return layout.open_frames(0, layout.tail.frame_count, data, where=name)
+    return layout.open_frames(0, layout.tail.frame_count,
+                              memoryview(data)[layout.starts[0]:layout.starts[-1]], where=name)

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from lsbd import names
-from lsbd.crypto import keystore, localfile, objects, worker
-from lsbd.crypto.aead import CIPHER_NAME
+from lsbd.crypto import keystore, linked, localfile, objects, worker
+from lsbd.crypto.aead import CIPHER_NAME, Cipher
 from lsbd.crypto.compress import FRAME_SIZE, Compressor
 from lsbd.crypto.frames import FrameError, Framer, new_object_id, object_cipher, object_key
 from lsbd.crypto.keyring import Keyring, Secret
@@ -67,6 +67,22 @@ class VolumeSealing:
         key = self.keyring.data_key(tail.key_id)
         return Framer(object_cipher(key, volume_id=self.volume_id, name=name,
                                     object_id=tail.object_id))
+
+    def linked_layout(self, name: str, tail: objects.Tail, index: bytes,
+                      raw: bytes) -> objects.Layout:
+        """The layout of a version 2 object (lsbd.crypto.linked), `name`."""
+        if self.keyring is None:
+            raise FrameError(f"{name}: a linked object, but its volume is not encrypted",
+                             key=name)
+        try:
+            data_key = self.keyring.data_key(tail.key_id)
+        except Exception as e:   # noqa: BLE001 - a retired or unknown key
+            raise FrameError(f"{name}: {e}", key=name) from None
+        keys = localfile.LocalKeys.from_keyring(self.keyring, self.volume_id)
+        mac = Cipher(linked.mac_key(data_key, volume_id=self.volume_id, name=name,
+                                    file_id=tail.object_id))
+        return linked.LinkedLayout(name, tail, linked.ObjectKeys(
+            mac, keys.of_file(data_key, tail.key_id, tail.object_id)), index, raw)
 
     def _new_object(self, name: str) -> dict:
         object_id = new_object_id()
@@ -107,15 +123,25 @@ class VolumeSealing:
 
     def job(self, name: str, *, source: str, length: int, dest: str,
             source_cipher: localfile.FileCipher | None = None) -> worker.SealJob:
-        """The sealing of file `source` as object `name`, for the sealing process."""
+        """The sealing of file `source` as object `name`, for the sealing
+        process: by link (lsbd.crypto.linked) if it is a segment in an
+        encrypted local file and its first frames do not compress."""
         object_id = new_object_id()
         key_id, key = 0, None
+        link: dict = {}
         if self.keyring is not None:
             current = self.keyring.current_key()
             key_id = current.id
             key = object_key(current.key, volume_id=self.volume_id, name=name,
                              object_id=object_id)
-        return worker.SealJob(source=source, length=length, dest=dest, name=name,
+            if source_cipher is not None and names.parse_seq(name) is not None:
+                link = dict(link_mac_key=linked.mac_key(
+                                self.keyring.data_key(source_cipher.key_id),
+                                volume_id=self.volume_id, name=name,
+                                file_id=source_cipher.file_id),
+                            link_key_id=source_cipher.key_id,
+                            link_file_id=source_cipher.file_id)
+        return worker.SealJob(**link, source=source, length=length, dest=dest, name=name,
                               volume_id=self.volume_id, object_key=key, key_id=key_id,
                               object_id=object_id, frame_size=self.frame_size,
                               level=self.compressor.level if self.compressor else 0,
@@ -188,6 +214,16 @@ def _scratch_file(folder: str) -> Iterator[tuple[int, str]]:
         if name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(name)
+
+
+def _segment_length(path: str, base: int) -> int:
+    """The segment's length in its local file, when the caller did not say:
+    the file's size, or the body of a sealing by link whose append is whole."""
+    with open(path, "rb") as f:
+        tail = linked.complete_tail(f.fileno()) if base else None
+        if tail is not None:
+            return tail.plain_length
+        return os.fstat(f.fileno()).st_size - base
 
 
 class _NoConfig(Exception):
@@ -264,41 +300,49 @@ class SealingStore(Store):
             self._drop(key)
         self.inner.put(key, data, exclusive=exclusive)
 
-    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+    def put_file(self, key: str, path: str, *, exclusive: bool = False,
+                 length: int | None = None) -> None:
         """A sealed volume's segment file is sealed in the sealing process
-        (lsbd.crypto.worker) into a scratch file next to it, which the store
-        then takes (a file:// store on the same file system links it);
-        memory stays at a batch of frames whatever the segment's size.  With
-        no room on the disk for the scratch file it is sealed in memory."""
+        (lsbd.crypto.worker): by link, the file itself taking the object's
+        index and tail and then stored (a file:// store on the same file
+        system links it), or into a scratch file next to it, which the store
+        then takes; memory stays at a batch of frames whatever the
+        segment's size.  With no room on the disk for the scratch file it
+        is sealed in memory.  length: the segment's length in the file, as
+        the caller knows it (a sealing by link may have appended to the file
+        before: lsbd.crypto.linked)."""
         sealing = self.sealing(key)
         if sealing is None:
-            self.inner.put_file(key, path, exclusive=exclusive)
+            self.inner.put_file(key, path, exclusive=exclusive, length=length)
             return
         self._drop(key)
+        cipher = sealing.source_cipher(path)
+        base = localfile.HEADER_SIZE if cipher is not None else 0
+        if length is None:
+            length = _segment_length(path, base)
         try:
-            self._put_file_sealed(sealing, key, path, exclusive=exclusive)
+            self._put_file_sealed(sealing, key, path, cipher, length, exclusive=exclusive)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # No room for the scratch file: seal in memory, as a segment's
             # size allows, rather than wait for room only uploads can make.
             log.warning("sealing %s in memory: %s", key, e)
-            cipher = sealing.source_cipher(path)
             with open(path, "rb") as f:
-                data = f.read()
+                f.seek(base)
+                data = f.read(length)
             if cipher is not None:
-                data = cipher.xor(0, [memoryview(data)[localfile.HEADER_SIZE:]])
+                data = cipher.xor(0, [data])
             self.put(key, data, exclusive=exclusive)
 
-    def _put_file_sealed(self, sealing: VolumeSealing, key: str, path: str, *,
+    def _put_file_sealed(self, sealing: VolumeSealing, key: str, path: str,
+                         cipher: localfile.FileCipher | None, length: int, *,
                          exclusive: bool) -> None:
-        cipher = sealing.source_cipher(path)
         base = localfile.HEADER_SIZE if cipher is not None else 0
-        length = os.path.getsize(path) - base
         with _scratch_file(os.path.dirname(path)) as (fd, scratch):
             try:
-                worker.seal(sealing.job(key, source=path, length=length, dest=scratch,
-                                        source_cipher=cipher))
+                version, size = worker.seal(sealing.job(key, source=path, length=length,
+                                                        dest=scratch, source_cipher=cipher))
             except worker.WorkerUnavailable as e:
                 log.warning("sealing %s here: the sealing process is unavailable (%s)", key, e)
                 os.ftruncate(fd, 0)
@@ -308,9 +352,18 @@ class SealingStore(Store):
                         sealing.seal_file(key, worker.source_reader(
                             src, cipher.key if cipher else None, base), length, fd)
                 os.fdatasync(fd)
+                version, size = objects.VERSION, os.fstat(fd).st_size
+            if version == objects.LINKED_VERSION:
+                self.inner.put_file(key, path, exclusive=exclusive)
+                if self.lists_etags:
+                    with open(path, "rb") as f:
+                        src = f.fileno()
+                        self._remember(key, sealing,
+                                       os.pread(src, min(size, TAIL_READ), max(0, size - TAIL_READ)),
+                                       lambda n: os.pread(src, n, max(0, size - n)))
+                return
             self.inner.put_file(key, scratch, exclusive=exclusive)
             if self.lists_etags:
-                size = os.fstat(fd).st_size
                 self._remember(key, sealing,
                                os.pread(fd, min(size, TAIL_READ), max(0, size - TAIL_READ)),
                                lambda n: os.pread(fd, n, max(0, size - n)))
@@ -365,7 +418,8 @@ class SealingStore(Store):
         if start == 0 and length is None:
             data = self.inner.get(key)
             return objects.open_whole(data, name=key, volume_id=sealing.volume_id,
-                                      framer_for=lambda t: sealing.framer_for(t, key))
+                                      framer_for=lambda t: sealing.framer_for(t, key),
+                                      linked=lambda t, i, r: sealing.linked_layout(key, t, i, r))
         try:
             return self._get_range(key, sealing, start, length)
         except FrameError:
@@ -483,7 +537,7 @@ class SealingStore(Store):
             buf, name=key, volume_id=sealing.volume_id,
             framer_for=lambda t: sealing.framer_for(t, key),
             fetch_suffix=fetch_suffix or (lambda n: self.inner.get(key, -n)),
-            keep_raw=keep_raw)
+            keep_raw=keep_raw, linked=lambda t, i, r: sealing.linked_layout(key, t, i, r))
         with self._lock:
             old = self._layouts.pop(key, None)
             if old is not None:

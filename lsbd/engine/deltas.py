@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from lsbd import linux
 from lsbd.format.segment import (DATA, RESIZE, Record, decode_footer, decode_one_block_footer,
-                                 read_sealed_footer_from)
+                                 local_segment_size, read_sealed_footer_from)
 from lsbd.segments.local import SegmentFiles
 from lsbd.map.blockmap import BlockMap, Extent
 from lsbd.map.packed import Part, Run, lay_single, newest_singles, pack_runs, single_blocks
@@ -127,7 +127,8 @@ def segment_arrays(store: Store, segment_key: Callable[[int], str], files: Segme
     try:
         r = files.open_reader(seq)
         try:
-            trailer, footer = read_sealed_footer_from(r.pread, r.size(), where=files.key_of(seq))
+            trailer, footer = read_sealed_footer_from(r.pread, local_segment_size(r),
+                                                      where=files.key_of(seq))
         finally:
             os.close(r.fd)
         got = decode_one_block_footer(footer, trailer, where=files.key_of(seq))

@@ -297,7 +297,8 @@ def _start_uploads(st: VolumeState, sealer: Sealer) -> None:
     st.uploader = Uploader(st.store, st.name, st.files.path, sealer.on_stored,
                            durable_seq=durable, already_stored=stored,
                            fence=st.lease.check if st.lease is not None else None,
-                           local_tail=st.files.local_tail)
+                           local_tail=st.files.local_tail,
+                           segment_length=st.files.plain_size if st.files.keys else None)
     for seq in sorted(pending):
         st.uploader.submit(seq)
     for seq in st.files.local_seqs():

@@ -25,6 +25,7 @@ from lsbd.format.segment import (
     decode_header,
     encode_footer,
     encode_trailer,
+    local_segment_size,
     masked_crc,
     read_sealed_index_from,
     scan_records,
@@ -183,7 +184,7 @@ def journal_is_sealed(path: str, keys: LocalKeys | None = None) -> bool:
     except (OSError, CorruptionError):
         return False
     try:
-        read_sealed_index_from(r.pread, r.size(), where=f"journal {path}")
+        read_sealed_index_from(r.pread, local_segment_size(r), where=f"journal {path}")
         return True
     except CorruptionError:
         return False
@@ -225,14 +226,17 @@ def _recover(r: localfile.LocalReader, path: str, where: str, *, volume_id: byte
              block_size: int, volume_size: int, prev_crc: int,
              keys: LocalKeys | None) -> tuple[Trailer, list[Record]] | None:
     try:
-        sealed = read_sealed_index_from(r.pread, r.size(), where=where)
+        sealed = read_sealed_index_from(r.pread, local_segment_size(r), where=where)
     except CorruptionError:
         pass
     else:
         # Sealed but not synced and finished before the crash: it may still
         # hold the blocks its journal reserved past its end (journal.py).
         # Cutting it at its own size gives them back and changes no byte.
-        os.truncate(path, os.path.getsize(path))
+        # (A file a sealing by link appended to was cut at its final size
+        # then, and made read-only: lsbd.crypto.linked.)
+        if os.stat(path).st_mode & 0o200:
+            os.truncate(path, os.path.getsize(path))
         # Sealed by a process that crashed before syncing it: the map must
         # not name it before it is durable.
         fileio.fsync(r.fd)

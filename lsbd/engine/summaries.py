@@ -11,7 +11,7 @@ import os
 from lsbd import names
 from lsbd.engine.state import VolumeState
 from lsbd.errors import CorruptionError, LeaseLost, StoreError
-from lsbd.format.segment import TRAILER, read_sealed_footer_from
+from lsbd.format.segment import TRAILER, local_segment_size, read_sealed_footer_from
 from lsbd.map.blockmap import STORED
 from lsbd.segments import summary
 from lsbd.segments.remote import store_segments
@@ -73,7 +73,7 @@ def _entry(st: VolumeState, seq: int, info) -> summary.Entry | None:
     except (OSError, CorruptionError):
         return None     # evicted from the cache dir: its index is not at hand
     try:
-        size = r.size()
+        size = local_segment_size(r)
         trailer, index = read_sealed_footer_from(r.pread, size, where=key)
         raw_trailer = r.pread(TRAILER.size, size - TRAILER.size)
     except (OSError, CorruptionError):

@@ -31,8 +31,8 @@ from typing import Callable
 from lsbd import directio
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
-from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, read_sealed_footer_from,
-                                 read_sealed_index_from)
+from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, local_segment_size,
+                                 read_sealed_footer_from, read_sealed_index_from)
 from lsbd.segments.held import HELD_BYTES, HeldSegments
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
@@ -118,16 +118,21 @@ class LocalCopies:
         return localfile.open_reader(self.path(seq), self.keys, where=self.key_of(seq))
 
     def plain_size(self, seq: int) -> int:
-        """The segment's size in bytes, from its local file."""
-        size = os.path.getsize(self.path(seq))
-        return max(0, size - localfile.HEADER_SIZE) if self.keys is not None else size
+        """The segment's size in bytes, from its local file (never the
+        file's size: a sealing by link appends to it, lsbd.crypto.linked)."""
+        r = self.open_reader(seq)
+        try:
+            return local_segment_size(r)
+        finally:
+            os.close(r.fd)
 
     def sealed_records(self, seq: int) -> list[Record]:
         """The records of the local sealed segment `seq` (OSError,
         CorruptionError if it is not there or not sealed whole)."""
         r = self.open_reader(seq)
         try:
-            return read_sealed_index_from(r.pread, r.size(), where=self.key_of(seq))[1]
+            return read_sealed_index_from(r.pread, local_segment_size(r),
+                                          where=self.key_of(seq))[1]
         finally:
             os.close(r.fd)
 
@@ -135,7 +140,7 @@ class LocalCopies:
         """The segment's size and its last n bytes, from its local file."""
         r = self.open_reader(seq)
         try:
-            size = r.size()
+            size = local_segment_size(r)
             return size, r.pread(n, max(0, size - n))
         finally:
             os.close(r.fd)
@@ -481,7 +486,7 @@ class LocalCopies:
 
     def _local_index(self, seq: int, f: OpenFile) -> SegmentIndex:
         r = f.reader
-        return self._index(seq, lambda: read_sealed_footer_from(r.pread, r.size(),
+        return self._index(seq, lambda: read_sealed_footer_from(r.pread, local_segment_size(r),
                                                                 where=self.key_of(seq)))
 
     def _remote_index(self, seq: int) -> SegmentIndex:

@@ -53,8 +53,13 @@ class Uploader:
                  on_stored: Callable[[int], None], *, workers: int = 4, durable_seq: int = 0,
                  already_stored: Collection[int] = frozenset(),
                  fence: Callable[[], None] | None = None,
-                 local_tail: Callable[[int, int], tuple[int, bytes]] | None = None):
+                 local_tail: Callable[[int, int], tuple[int, bytes]] | None = None,
+                 segment_length: Callable[[int], int] | None = None):
         self.store = store
+        # seq -> the segment's length in its local file, which is not the
+        # file's size once a sealing by link has appended to it
+        # (lsbd.crypto.linked): what the store is told to store.
+        self.segment_length = segment_length
         # (seq, n) -> (the segment's size, its last n bytes), from its local
         # file (decrypted on an encrypted volume: lsbd.segments.copies).
         self.local_tail = local_tail
@@ -122,7 +127,11 @@ class Uploader:
                         # last commit (which said so): it is in the store.
                         pass
                     else:
-                        self.store.put_file(key, path, exclusive=True)
+                        if self.segment_length is not None:
+                            self.store.put_file(key, path, exclusive=True,
+                                                length=self.segment_length(seq))
+                        else:
+                            self.store.put_file(key, path, exclusive=True)
                         if self._guarded:
                             self._check_ours(key, seq, path)
                 except ObjectExists:

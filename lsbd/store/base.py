@@ -46,9 +46,12 @@ class Store(abc.ABC):
         ObjectExists if the key already exists, and of two racing creators
         exactly one wins."""
 
-    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+    def put_file(self, key: str, path: str, *, exclusive: bool = False,
+                 length: int | None = None) -> None:
         """Store the content of a local file that will never change again (a
-        sealed segment).  A store may take it without copying (a hard link)."""
+        sealed segment).  A store may take it without copying (a hard link).
+        length: the segment's length in the file, when the caller knows it;
+        only a store that seals objects uses it (lsbd.crypto.store)."""
         with open(path, "rb") as f:
             data = f.read()
         self.put(key, data, exclusive=exclusive)

@@ -69,7 +69,8 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError(f"put {key}: {e.strerror or e}", e.errno or errno.EIO) from e
 
-    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+    def put_file(self, key: str, path: str, *, exclusive: bool = False,
+                 length: int | None = None) -> None:
         """A sealed segment on the same file system becomes the object by a hard
         link: no copy, no second write of the data (the caller fsynced it).
         `path` may be an unnamed file's /proc/PID/fd/N (a sealed object's

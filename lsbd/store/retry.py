@@ -83,12 +83,14 @@ class RetryingStore(Store):
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         self._put(key, lambda **kw: self.inner.put(key, data, **kw), exclusive, lambda: data)
 
-    def put_file(self, key: str, path: str, *, exclusive: bool = False) -> None:
+    def put_file(self, key: str, path: str, *, exclusive: bool = False,
+                 length: int | None = None) -> None:
         def content() -> bytes:
             with open(path, "rb") as f:
                 return f.read()
 
-        self._put(key, lambda **kw: self.inner.put_file(key, path, **kw), exclusive, content)
+        self._put(key, lambda **kw: self.inner.put_file(key, path, length=length, **kw),
+                  exclusive, content)
 
     def _put(self, key: str, put: Callable[..., None], exclusive: bool,
              content: Callable[[], bytes]) -> None:
