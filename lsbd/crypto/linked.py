@@ -67,8 +67,11 @@ def body_length_for(size: int, frame_size: int) -> int | None:
     rest = size - HEADER_SIZE - TAIL.size - TAG_SIZE
     if rest < 0:
         return None
+    # rest = n + TAG_SIZE * ceil(n / frame_size): n * (frame_size + TAG_SIZE)
+    # / frame_size and less than one tag more, so n is at most the guess
+    # and less than a tag below it
     guess = rest * frame_size // (frame_size + TAG_SIZE)
-    for n in range(max(0, guess - 2), guess + 3):
+    for n in range(max(0, guess - TAG_SIZE - 1), guess + 2):
         if stored_size(n, frame_size) == size:
             return n
     return None
@@ -198,6 +201,12 @@ class LinkedLayout(Layout):
     @property
     def stored_length(self) -> int:
         return stored_size(self.tail.plain_length, self.tail.frame_size)
+
+    def check_head(self, head: bytes, *, where: str) -> None:
+        """The local file's header: what the tail (authenticated) says."""
+        if head != self.keys.file.header:
+            raise FrameError(f"{where}: header does not match the object's tail (at stored "
+                             "offset 0)", key=where, offset=0)
 
     def open_frames(self, i: int, j: int, stored: bytes, *, where: str) -> bytearray:
         """Plain bytes of frames i..j-1 from their stored bytes: each frame's

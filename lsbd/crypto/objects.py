@@ -200,6 +200,9 @@ class Layout:
     def stored_length(self) -> int:
         return self.starts[-1] + self.tail.index_length + TAIL.size
 
+    def check_head(self, head: bytes, *, where: str) -> None:
+        """Check the object's bytes before its first frame (none here)."""
+
     def frames_for(self, start: int, end: int) -> tuple[int, int]:
         """Frames [i, j) that hold plain bytes [start, end)."""
         fs = self.tail.frame_size
@@ -255,5 +258,6 @@ def open_whole(data: bytes, *, name: str, volume_id: bytes,
                               fetch_suffix=lambda n: data[-n:], linked=linked)
     if layout.stored_length != len(data):
         raise FrameError(f"{name}: object length does not match its index", key=name)
+    layout.check_head(data[:layout.starts[0]], where=name)
     return layout.open_frames(0, layout.tail.frame_count,
                               memoryview(data)[layout.starts[0]:layout.starts[-1]], where=name)
