@@ -107,7 +107,8 @@ def check_structure(store: Store, volume: str) -> tuple[int, list[str]]:
     """Without any key: every sealed object of the volume has a whole tail
     whose checksum holds and whose lengths fit the object.  Returns (objects
     checked, problems, each naming the object)."""
-    from lsbd.crypto.objects import TAIL, decode_tail
+    from lsbd.crypto import linked
+    from lsbd.crypto.objects import LINKED_VERSION, TAIL, decode_tail
 
     checked, problems = 0, []
     for prefix in (names.segment_prefix(volume), names.checkpoint_prefix(volume)):
@@ -119,6 +120,13 @@ def check_structure(store: Store, volume: str) -> tuple[int, list[str]]:
                 tail = decode_tail(store.get(info.key, -TAIL.size), where=info.key)
             except CorruptionError as e:
                 problems.append(str(e))
+                continue
+            if tail.version == LINKED_VERSION:
+                # Sealed by link: header, body, a tag a frame and the tail, exactly.
+                size = linked.stored_size(tail.plain_length, tail.frame_size)
+                if info.size != size:
+                    problems.append(f"{info.key}: {info.size} bytes, not the {size} its "
+                                    "tail says")
                 continue
             # Every frame has a 24-byte header and a tag or CRC of 4 bytes at least.
             least = TAIL.size + tail.index_length + 28 * tail.frame_count

@@ -255,3 +255,22 @@ def _tagged(path: str) -> bool:
         return linked.complete_tail(fd) is not None
     finally:
         os.close(fd)
+
+
+def test_structure_only_checks_a_linked_objects_size(tmp_path):
+    """Without the key, `verify --structure-only` finds a linked object cut
+    short in its body: its tail is whole, its size is not the tail's."""
+    from lsbd.crypto.keystore import check_structure
+
+    store = new_store(f"file://{tmp_path / 'store'}")
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
+    write(vol, {}, 0, 300)
+    vol.flush_to_store()
+    vol.close()
+    assert check_structure(store.inner, "vol")[1] == []
+    key = next(k for k, v in stored_versions(store).items() if v == 2)
+    data = store.inner.get(key)
+    store.inner.delete(key)
+    store.inner.put(key, data[:HEADER_SIZE] + data[HEADER_SIZE + 1:])
+    _checked, problems = check_structure(store.inner, "vol")
+    assert problems == [f"{key}: {len(data) - 1} bytes, not the {len(data)} its tail says"]

@@ -135,7 +135,7 @@ def test_a_tail_changed_with_its_checksum_fails_the_index_tag(tmp_path):
     index tag, not only by a CRC anyone can recompute."""
     data = sealed(tmp_path)
     tail = objects.decode_tail(data, where=NAME)
-    for change in ({"key_id": 2}, {"object_id": bytes(16)}, {"frame_size": 8192}):
+    for change in ({"key_id": 2}, {"object_id": bytes(16)}, {"plain_length": len(BODY) - 1}):
         forged = data[:-64] + attrs.evolve(tail, **change).pack()
         with pytest.raises(FrameError, match="index fails authentication"):
             open_whole(forged)
