@@ -12,10 +12,9 @@ is unsafe, and multiprocessing's spawn runs the parent's main module again
 in the child, which a program using lsbd need not expect.
 
 Protocol, over the child's stdin and stdout: a u32 length and a pickled
-SealJob in; a u32 length and a pickled ("ok", (version, stored length)),
-("oserror",
-(errno, message)) or ("error", message) out.  The child exits at end of
-input (its parent gone).
+SealJob in; a u32 length and a pickled ("ok", (object version, stored
+length)), ("oserror", (errno, message)) or ("error", message) out.  The
+child exits at end of input (its parent gone).
 
 The child runs at nice +5 from its parent: while a client writes, the
 threads answering it come first, and sealing catches up in the moments
