@@ -14,7 +14,7 @@ The index is one 16-byte AES-GMAC tag per frame (AES-GCM with no plaintext,
 the frame's ciphertext as associated data), then the index tag, over the
 tail's bytes 0..47 followed by every frame tag.  All under the object's MAC
 key, HKDF-SHA256(data key, salt = file id, info = "lsbd frame mac" |
-volume id | object name); frame i at nonce i (12 bytes, big endian), the
+volume id | body length (u64 LE) | object name); frame i at nonce i (12 bytes, big endian), the
 index at nonce 2^96 - 1.  Encrypt, then MAC, under two keys: a frame moved
 to another position, object or volume, or changed, fails its tag before it
 is deciphered; a tail or index changed fails the index tag.  A key tags
@@ -44,8 +44,14 @@ INDEX_NONCE = ((1 << 96) - 1).to_bytes(12, "big")
 _BOUND = 48                  # tail bytes the index tag covers
 
 
-def mac_key(data_key: bytes, *, volume_id: bytes, name: str, file_id: bytes) -> bytes:
-    return hkdf(data_key, salt=file_id, info=b"lsbd frame mac" + volume_id + name.encode())
+def mac_key(data_key: bytes, *, volume_id: bytes, name: str, file_id: bytes,
+            body_length: int) -> bytes:
+    """The object's MAC key.  The body's length is bound in too: were a file
+    ever tagged again with another length (its last frame longer or
+    shorter), a key would otherwise tag two different frames at one nonce,
+    which gives GMAC's key away."""
+    return hkdf(data_key, salt=file_id, info=b"lsbd frame mac" + volume_id
+                + body_length.to_bytes(8, "little") + name.encode())
 
 
 def _nonce(i: int) -> bytes:

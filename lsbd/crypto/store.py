@@ -80,7 +80,7 @@ class VolumeSealing:
             raise FrameError(f"{name}: {e}", key=name) from None
         keys = localfile.LocalKeys.from_keyring(self.keyring, self.volume_id)
         mac = Cipher(linked.mac_key(data_key, volume_id=self.volume_id, name=name,
-                                    file_id=tail.object_id))
+                                    file_id=tail.object_id, body_length=tail.plain_length))
         return linked.LinkedLayout(name, tail, linked.ObjectKeys(
             mac, keys.of_file(data_key, tail.key_id, tail.object_id)), index, raw)
 
@@ -138,7 +138,7 @@ class VolumeSealing:
                 link = dict(link_mac_key=linked.mac_key(
                                 self.keyring.data_key(source_cipher.key_id),
                                 volume_id=self.volume_id, name=name,
-                                file_id=source_cipher.file_id),
+                                file_id=source_cipher.file_id, body_length=length),
                             link_key_id=source_cipher.key_id,
                             link_file_id=source_cipher.file_id)
         return worker.SealJob(**link, source=source, length=length, dest=dest, name=name,

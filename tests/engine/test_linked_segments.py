@@ -274,3 +274,40 @@ def test_structure_only_checks_a_linked_objects_size(tmp_path):
     store.inner.put(key, data[:HEADER_SIZE] + data[HEADER_SIZE + 1:])
     _checked, problems = check_structure(store.inner, "vol")
     assert problems == [f"{key}: {len(data) - 1} bytes, not the {len(data)} its tail says"]
+
+
+def test_clone_and_restore_read_their_parents_linked_segments(tmp_path):
+    """A clone reads its parent's segments with the parent's keys: a linked
+    object's MAC key binds the parent's volume id and name."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+
+    def lsbd(*args: str) -> None:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("LSBD_")}
+        environ["LSBD_PASSPHRASE"] = "a long enough passphrase"
+        subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{store}",
+                        "--cache-dir", str(tmp_path / "cache"), *args], check=True,
+                       capture_output=True, timeout=180, env=environ, stdin=subprocess.DEVNULL)
+
+    first, second = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    (tmp_path / "1.img").write_bytes(first)
+    (tmp_path / "2.img").write_bytes(second)
+    lsbd("create", "v", "--size", "4M", "--encrypt")
+    lsbd("import", "v", str(tmp_path / "1.img"))
+    lsbd("snapshot", "create", "v", "s")
+    lsbd("import", "v", str(tmp_path / "2.img"))
+    lsbd("clone", "--snapshot", "s", "v", "kid")
+    lsbd("restore", "v", "--snapshot", "s", "--to", "copy")
+    versions = []
+    for dirpath, _dirs, files in os.walk(store / "volumes" / "v" / "seg"):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                fh.seek(-objects.TAIL.size, 2)
+                versions.append(objects.decode_tail(fh.read(), where=f).version)
+    assert 2 in versions, versions
+    for name, want in (("kid", first), ("copy", first), ("v", second)):
+        out = tmp_path / f"{name}.out"
+        lsbd("export", name, str(out))
+        assert out.read_bytes()[:len(want)] == want, name

@@ -41,7 +41,8 @@ def link(fd: int, name: str = NAME, *, volume_id: bytes = VOLUME_ID, data_key: b
          file_id: bytes = FILE_ID, length: int = len(BODY)) -> int:
     """What the sealing process does: tag the body, append index and tail."""
     tail = linked.tail_of(key_id=1, file_id=file_id, frame_size=FS, body_length=length)
-    mac = Cipher(linked.mac_key(data_key, volume_id=volume_id, name=name, file_id=file_id))
+    mac = Cipher(linked.mac_key(data_key, volume_id=volume_id, name=name, file_id=file_id,
+                                body_length=length))
     index = linked.make_index(lambda s, n: os.pread(fd, n, HEADER_SIZE + s), mac, tail)
     return linked.append(fd, tail, index)
 
@@ -60,7 +61,7 @@ def open_whole(data: bytes, name: str = NAME, *, volume_id: bytes = VOLUME_ID,
                data_key: bytes = KEY) -> bytes:
     def layout(tail, index, raw):
         mac = Cipher(linked.mac_key(data_key, volume_id=volume_id, name=name,
-                                    file_id=tail.object_id))
+                                    file_id=tail.object_id, body_length=tail.plain_length))
         return linked.LinkedLayout(name, tail, linked.ObjectKeys(
             mac, keys(volume_id, data_key).of_file(data_key, tail.key_id, tail.object_id)),
             index, raw)
@@ -73,7 +74,7 @@ def open_whole(data: bytes, name: str = NAME, *, volume_id: bytes = VOLUME_ID,
 GOLDEN_TAIL = ("4c5342444f424a31" "0200" "01" "00" "01000000"
                "6465666768696a6b6c6d6e6f70717273" "00400000" "03000000"
                "409c000000000000" "40000000" "0000000000000000" "ccfcdfcf")
-GOLDEN_SHA256 = "09a4275ac5d3fab1f21519ab044ed2772b6da8acd510c1d556be031d369fcadd"
+GOLDEN_SHA256 = "acdfabe55d2fffd2df06b30659d68b5d46e73d9a9039fc2b7ff6e65e5b4eb391"
 
 
 def test_golden_bytes(tmp_path):
@@ -85,14 +86,15 @@ def test_golden_bytes(tmp_path):
     # the body is the local file's, byte for byte: AES-256-CTR under the file key
     fkey = keys().of_file(KEY, 1, FILE_ID)
     assert fkey.xor(0, [data[HEADER_SIZE:HEADER_SIZE + len(BODY)]]) == BODY
-    # frame i's tag: AES-GCM, no plaintext, the frame's ciphertext as associated
-    # data, under HKDF(data key, salt = file id, info = "lsbd frame mac" | volume id | name)
+    # frame i's tag: AES-GCM, no plaintext, the frame's ciphertext as associated data,
+    # under HKDF(data key, salt = file id, info = "lsbd frame mac" | volume id | length | name)
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=FILE_ID,
-                   info=b"lsbd frame mac" + VOLUME_ID + NAME.encode()).derive(KEY)
+                   info=b"lsbd frame mac" + VOLUME_ID + len(BODY).to_bytes(8, "little")
+                   + NAME.encode()).derive(KEY)
     gcm = AESGCM(mac_key)
     body = data[HEADER_SIZE:HEADER_SIZE + len(BODY)]
     index = data[HEADER_SIZE + len(BODY):-64]
