@@ -276,30 +276,31 @@ def test_structure_only_checks_a_linked_objects_size(tmp_path):
     assert problems == [f"{key}: {len(data) - 1} bytes, not the {len(data)} its tail says"]
 
 
-def test_clone_and_restore_read_their_parents_linked_segments(tmp_path):
-    """A clone reads its parent's segments with the parent's keys: a linked
-    object's MAC key binds the parent's volume id and name."""
+def test_clone_restore_and_compaction_of_linked_segments(tmp_path):
+    """A clone reads its parent's segments with the parent's keys (a linked
+    object's MAC key binds the parent's volume id and name); compaction and
+    --defrag read linked segments and write new ones; all reads back."""
+    import json
     import subprocess
     import sys
 
     store = tmp_path / "store"
 
-    def lsbd(*args: str) -> None:
+    def lsbd(*args: str, cache: str = "cache") -> str:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("LSBD_")}
         environ["LSBD_PASSPHRASE"] = "a long enough passphrase"
-        subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--store", f"file://{store}",
-                        "--cache-dir", str(tmp_path / "cache"), *args], check=True,
-                       capture_output=True, timeout=180, env=environ, stdin=subprocess.DEVNULL)
+        return subprocess.run([sys.executable, "-m", "lsbd.cli.main", "--store",
+                               f"file://{store}", "--cache-dir", str(tmp_path / cache), *args],
+                              check=True, capture_output=True, text=True, timeout=180,
+                              env=environ, stdin=subprocess.DEVNULL).stdout
 
-    first, second = os.urandom(3 * MiB), os.urandom(3 * MiB)
-    (tmp_path / "1.img").write_bytes(first)
-    (tmp_path / "2.img").write_bytes(second)
-    lsbd("create", "v", "--size", "4M", "--encrypt")
-    lsbd("import", "v", str(tmp_path / "1.img"))
-    lsbd("snapshot", "create", "v", "s")
-    lsbd("import", "v", str(tmp_path / "2.img"))
-    lsbd("clone", "--snapshot", "s", "v", "kid")
-    lsbd("restore", "v", "--snapshot", "s", "--to", "copy")
+    images = [os.urandom(3 * MiB) for _ in range(3)]
+    lsbd("create", "v", "--size", "4M", "--encrypt", "--retain", "0")
+    for i, data in enumerate(images):
+        (tmp_path / f"{i}.img").write_bytes(data)
+        lsbd("import", "v", str(tmp_path / f"{i}.img"))
+        if i == 0:
+            lsbd("snapshot", "create", "v", "s")
     versions = []
     for dirpath, _dirs, files in os.walk(store / "volumes" / "v" / "seg"):
         for f in files:
@@ -307,7 +308,12 @@ def test_clone_and_restore_read_their_parents_linked_segments(tmp_path):
                 fh.seek(-objects.TAIL.size, 2)
                 versions.append(objects.decode_tail(fh.read(), where=f).version)
     assert 2 in versions, versions
-    for name, want in (("kid", first), ("copy", first), ("v", second)):
+    assert json.loads(lsbd("compact", "v", "--json"))["segments_deleted"] >= 1
+    lsbd("compact", "v", "--defrag")
+    lsbd("clone", "--snapshot", "s", "v", "kid")
+    lsbd("restore", "v", "--snapshot", "s", "--to", "copy")
+    for name, want in (("kid", images[0]), ("copy", images[0]), ("v", images[2])):
         out = tmp_path / f"{name}.out"
-        lsbd("export", name, str(out))
+        lsbd("export", name, str(out), cache="fresh")
         assert out.read_bytes()[:len(want)] == want, name
+    lsbd("verify", "v", cache="fresh2")
