@@ -127,11 +127,9 @@ class Uploader:
                         # last commit (which said so): it is in the store.
                         pass
                     else:
-                        if self.segment_length is not None:
-                            self.store.put_file(key, path, exclusive=True,
-                                                length=self.segment_length(seq))
-                        else:
-                            self.store.put_file(key, path, exclusive=True)
+                        length = (None if self.segment_length is None
+                                  else self.segment_length(seq))
+                        self.store.put_file(key, path, exclusive=True, length=length)
                         if self._guarded:
                             self._check_ours(key, seq, path)
                 except ObjectExists:

@@ -20,7 +20,7 @@ class FlakyStore:
         self.stored: set[str] = set()
         self.lock = threading.Lock()
 
-    def put_file(self, key, path, *, exclusive=False):
+    def put_file(self, key, path, *, exclusive=False, length=None):
         with self.lock:
             if self.down:
                 self.refused[key] = self.refused.get(key, 0) + 1
