@@ -28,7 +28,7 @@ every block, the index) catch that on read, and a segment's store copy is
 authenticated: sealed with AES-GCM from the bytes read here, or this very
 file with a tag per frame appended (lsbd.crypto.linked): see
 docs/security.md.  The segment's length in such a file is not its size:
-lsbd.format.segment's local_segment_size.
+lsbd.segments.locallength.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ from typing import Callable, Iterable, Iterator
 
 from lsbd import linux
 from lsbd.format.segment import (DATA, RESIZE, Record, decode_footer, decode_one_block_footer,
-                                 local_segment_size, read_sealed_footer_from)
+                                 read_sealed_footer_from)
 from lsbd.segments.local import SegmentFiles
+from lsbd.segments.locallength import local_segment_size
 from lsbd.map.blockmap import BlockMap, Extent
 from lsbd.map.packed import Part, Run, lay_single, newest_singles, pack_runs, single_blocks
 from lsbd.segments import checkpoints as ckpt

@@ -25,7 +25,6 @@ from lsbd.format.segment import (
     decode_header,
     encode_footer,
     encode_trailer,
-    local_segment_size,
     masked_crc,
     read_sealed_index_from,
     scan_records,
@@ -33,6 +32,7 @@ from lsbd.format.segment import (
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys
 from lsbd.errors import CorruptionError, ObjectNotFound, PointUnavailable
+from lsbd.segments.locallength import local_segment_size
 from lsbd.segments import summary
 from lsbd.segments.remote import (
     fetch_segment_indexes,

@@ -11,9 +11,10 @@ import os
 from lsbd import names
 from lsbd.engine.state import VolumeState
 from lsbd.errors import CorruptionError, LeaseLost, StoreError
-from lsbd.format.segment import TRAILER, local_segment_size, read_sealed_footer_from
+from lsbd.format.segment import TRAILER, read_sealed_footer_from
 from lsbd.map.blockmap import STORED
 from lsbd.segments import summary
+from lsbd.segments.locallength import local_segment_size
 from lsbd.segments.remote import store_segments
 
 log = logging.getLogger(__name__)

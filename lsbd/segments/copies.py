@@ -31,9 +31,10 @@ from typing import Callable
 from lsbd import directio
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
-from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, local_segment_size,
-                                 read_sealed_footer_from, read_sealed_index_from)
+from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, read_sealed_footer_from,
+                                 read_sealed_index_from)
 from lsbd.segments.held import HELD_BYTES, HeldSegments
+from lsbd.segments.locallength import local_segment_size
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_footer_by_key

@@ -24,7 +24,7 @@ from lsbd.crypto.localfile import HEADER_SIZE
 from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.errors import TransientStoreError
-from lsbd.format.segment import local_segment_size
+from lsbd.segments.locallength import local_segment_size
 from lsbd.meta.config import create_volume
 from lsbd.segments import summary
 from lsbd.store import open_store
