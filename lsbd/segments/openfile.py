@@ -9,7 +9,6 @@ import errno
 import os
 from collections.abc import Callable
 
-from lsbd.crypto.aead import seek
 from lsbd.crypto.localfile import LocalReader
 from lsbd.errors import WouldBlock
 from lsbd.linux import unfilled_bytearray
@@ -42,20 +41,20 @@ def pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
 
 _SPARE = 15   # what the cipher's update_into asks for past the data
 _IN_PLACE_FROM = 64 * 1024
-_IDLE = 16     # CTR contexts an open file keeps for small reads
-#: Ciphertext buffers of small reads, by length (a read from the 16-byte
-#: boundary before its offset: 4 KiB and up to 15 bytes more), shared by
-#: every open file and taken last in, first out, so that the next read of
-#: any file takes one still in the processor's caches rather than a buffer
-#: of its own file, cold after reads of some 160 others.  Only ever
-#: ciphertext.
+#: Ciphertext buffers of small reads, by length, shared by every open file
+#: and taken last in, first out, so that the next read of any file takes
+#: one still in the processor's caches rather than a buffer of its own
+#: file, cold after reads of some 160 others.  Only ever ciphertext.  A
+#: buffer is made only when its list is empty and goes back after its read,
+#: so a list never holds more than the most reads ever at once.
 _BUFFERS: dict[int, list[bytearray]] = {}
-_BUFFERS_KEPT = 16    # per length
 _LENGTHS_KEPT = 32    # the first lengths read (4 KiB, ...); others are not kept
+#: The keystream's offset within a 16-byte block, as zeros to encipher.
+_ZEROS = tuple(bytes(n) for n in range(16))
 
 
 def _keep(buffers: list[bytearray] | None, buf: bytearray) -> None:
-    if buffers is not None and len(buffers) < _BUFFERS_KEPT:
+    if buffers is not None:
         buffers.append(buf)
 
 
@@ -121,24 +120,21 @@ class OpenFile:
             return self._read_large(length, offset, nowait)
         if nowait and _RWF_NOWAIT is None:
             return self._read_plain_pread(length, offset, nowait)
-        # Read from the 16-byte boundary before the offset, so that one
-        # cipher call after reset_nonce deciphers it all: a partial first
-        # block of its own (three reads in four) was a second call on a
-        # context that is cold on a random read (OpenSSL's parameter code
-        # runs for each).  The gain over NBD was never measured: run AD in
-        # docs/security.md compared one code with itself.
-        skip = offset & 15
-        span = length + skip
-        buffers = _BUFFERS.get(span)
+        # Every random read's path, kept short: the ciphertext of exactly
+        # these bytes into a shared buffer, deciphered into the bytes
+        # returned.  Reading from the 16-byte boundary before the offset
+        # instead (one cipher call, then a copy without the first bytes)
+        # measured 0.3 us slower per 4 KiB read (docs/security.md, run C1).
+        buffers = _BUFFERS.get(length)
         try:
             buf = buffers.pop()   # type: ignore[union-attr]  # None: AttributeError
         except (IndexError, AttributeError):
-            buf = bytearray(span)
+            buf = bytearray(length)
             if buffers is None and len(_BUFFERS) < _LENGTHS_KEPT:
-                buffers = _BUFFERS.setdefault(span, [])
+                buffers = _BUFFERS.setdefault(length, [])
         try:
-            n = os.preadv(self.fd, [buf], self._base + offset - skip,
-                          _RWF_NOWAIT if nowait and _RWF_NOWAIT is not None else 0) - skip
+            n = os.preadv(self.fd, [buf], self._base + offset,
+                          _RWF_NOWAIT if nowait and _RWF_NOWAIT is not None else 0)
         except BlockingIOError:
             _keep(buffers, buf)
             raise WouldBlock("the blocks are not in the page cache") from None
@@ -156,12 +152,15 @@ class OpenFile:
             ctx = idle.pop()
         except IndexError:
             ctx = self._context()
-        seek(ctx, offset - skip)
+        # lsbd.crypto.aead.seek(ctx, offset), without the call.
+        ctx.reset_nonce((offset >> 4).to_bytes(16, "big"))
+        if offset & 15:
+            ctx.update(_ZEROS[offset & 15])
         out = ctx.update(buf)
-        if len(idle) < _IDLE:
-            idle.append(ctx)
-        _keep(buffers, buf)
-        return out[skip:] if skip else out
+        idle.append(ctx)      # as many as reads ever at once, as the buffers
+        if buffers is not None:
+            buffers.append(buf)
+        return out
 
     def _read_plain_pread(self, length: int, offset: int, nowait: bool):
         data = pread(self.fd, length, self._base + offset, nowait)

@@ -339,7 +339,10 @@ def test_small_reads_reuse_their_buffers_and_still_decrypt_right(tmp_path, monke
         for t in threads:
             t.join()
         assert errors == []
+        # A context and a buffer go back once per read: never more of
+        # them than reads at once.
         assert 1 <= len(f._idle) <= 4
+        assert all(len(kept) <= 4 for kept in openfile._BUFFERS.values())
         end = len(plain) - 100
         assert f.read(BS, end, False) == plain[end:]          # cut short at the end
         with pytest.raises(WouldBlock):
