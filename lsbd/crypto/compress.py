@@ -111,6 +111,18 @@ class Compressor:
         return [packed if packed is not None else (RAW, chunks[i])
                 for i, packed in enumerate(out)]
 
+    def any_compressed(self, chunks: Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Whether compress_many(chunks) stores any chunk compressed, told
+        from its sample alone (the sealing process's choice between sealing
+        a segment and sealing it by link), stopping at the first sampled
+        chunk that passes the 1/8 rule.  compress_many() then compresses
+        every chunk at the compressor's level, which in practice passes
+        where the fast level did; if it ever did not, the segment is sealed
+        into frames of its own rather than by link, which stores the same."""
+        if len(chunks) < 2 * SAMPLE_EVERY:
+            return any(self.compress(c)[0] != RAW for c in chunks)
+        return any(self._sample(chunks[i])[0] != RAW for i in range(0, len(chunks), SAMPLE_EVERY))
+
     def _many(self, chunks: Sequence) -> list[tuple[int, bytes | bytearray | memoryview]]:
         if len(chunks) < 4 or self.threads == 1:
             return [self.compress(c) for c in chunks]

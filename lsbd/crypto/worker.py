@@ -54,7 +54,7 @@ import attrs
 from lsbd import childproc
 from lsbd.crypto import linked, objects
 from lsbd.crypto.aead import Cipher, Stream
-from lsbd.crypto.compress import RAW, Compressor
+from lsbd.crypto.compress import Compressor
 from lsbd.crypto.frames import Framer
 from lsbd.directio import DirectOutput, open_direct
 from lsbd.linux import unfilled_bytearray
@@ -101,8 +101,9 @@ def run(job: SealJob) -> tuple[int, int]:
 
 
 def _compresses(job: SealJob) -> bool:
-    """Whether the segment's first BATCH frames compress (a sample of them,
-    as the sealing would try: Compressor.compress_many)."""
+    """Whether the sealing would store any of the segment's first BATCH
+    frames compressed (Compressor.any_compressed: compress_many's sample,
+    not the whole batch, which the sealing then compresses itself)."""
     if not job.level:
         return False
     src = os.open(job.source, os.O_RDONLY)
@@ -113,8 +114,7 @@ def _compresses(job: SealJob) -> bool:
         os.close(src)
     view = memoryview(first)
     chunks = [view[k:k + job.frame_size] for k in range(0, len(view), job.frame_size)]
-    packed = Compressor(job.level, threads=1).compress_many(chunks)
-    return any(codec != RAW for codec, _stored in packed)
+    return Compressor(job.level, threads=1).any_compressed(chunks)
 
 
 def _link(job: SealJob) -> int:

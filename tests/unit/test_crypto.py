@@ -342,6 +342,38 @@ def test_compress_many_samples_before_compressing(monkeypatch):
     assert out[0][1] == compress.Compressor(1).compress(text[0])[1]
 
 
+def test_any_compressed_tells_from_the_sample_alone(monkeypatch):
+    """The sealing process's choice (seal, or seal by link): whether
+    compress_many would store any chunk compressed, from its sample alone
+    and stopping at the first that passes, without compressing the batch
+    the sealing then compresses itself."""
+    z = compress.Compressor(1, threads=1)
+    size = 16384
+    noise = [os.urandom(size) for _ in range(64)]
+    marginal = list(noise)
+    marginal[8] = os.urandom(size * 3 // 4) + bytes(size // 4)    # sampled, passes 1/8
+    unsampled = list(noise)
+    unsampled[9] = marginal[8]                                    # not sampled
+    text = [(TEXT * (size // len(TEXT) + 1))[:size] for _ in range(64)]
+    batches = {"noise": noise, "marginal": marginal, "unsampled": unsampled, "text": text,
+               "short noise": noise[:5], "short text": noise[:4] + text[:1]}
+    want = {name: any(codec != compress.RAW for codec, _ in z.compress_many(chunks))
+            for name, chunks in batches.items()}
+    assert want == {"noise": False, "marginal": True, "unsampled": False, "text": True,
+                    "short noise": False, "short text": True}
+    tried = []
+    real_sample, real = z._sample, z.compress
+    monkeypatch.setattr(z, "_sample", lambda c: tried.append(len(c)) or real_sample(c))
+    monkeypatch.setattr(z, "compress", lambda c: tried.append(len(c)) or real(c))
+    for name, chunks in batches.items():
+        tried.clear()
+        assert z.any_compressed(chunks) == want[name], name
+        if name == "text":
+            assert len(tried) == 1                # the first sampled chunk passes
+        elif not name.startswith("short"):
+            assert len(tried) <= 64 // compress.SAMPLE_EVERY, name
+
+
 def test_sealed_objects_written_past_the_page_cache_read_back_whole(tmp_path):
     """The sealing process writes a sealed object through one aligned buffer
     with O_DIRECT: any length, in parts of any size, reads back exactly (the
