@@ -124,7 +124,8 @@ class OpenFile:
         # these bytes into a shared buffer, deciphered into the bytes
         # returned.  Reading from the 16-byte boundary before the offset
         # instead (one cipher call, then a copy without the first bytes)
-        # measured 0.3 us slower per 4 KiB read (docs/security.md, run C1).
+        # measured 0.3 us slower per 4 KiB read (docs/security.md, "the path
+        # around the cipher").
         buffers = _BUFFERS.get(length)
         try:
             buf = buffers.pop()   # type: ignore[union-attr]  # None: AttributeError
