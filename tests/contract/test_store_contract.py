@@ -12,10 +12,13 @@ import time
 
 import pytest
 
+from lsbd import names
 from lsbd.errors import ObjectExists, ObjectNotFound, StoreError, TransientStoreError, UserError
 from lsbd.store import open_store
 from lsbd.store.faulty import FaultyStore
+from lsbd.store import openfds
 from lsbd.store.local import LocalStore
+from lsbd.store.openfds import OpenObjects
 from lsbd.store.retry import RetryingStore
 
 # --- the contract, on both kinds of store ---------------------------------------------
@@ -215,6 +218,89 @@ def test_concurrent_puts_and_gets(any_store):
     keys = [i.key for i in any_store.list("c/")]
     assert len(keys) == 16 * 12
     assert keys == sorted(keys)
+
+
+def test_local_segment_reads_see_the_object_written_again_or_deleted(tmp_path):
+    """A file:// store keeps its segment objects' files open between reads
+    (lsbd.store.openfds): a key it writes again (put, put_file) or deletes
+    is read afresh, never from the file of the object it replaced."""
+    store = LocalStore(str(tmp_path / "store"))
+    key = names.segment_key("vol", 7)
+    store.put(key, b"first" * 100)
+    assert store.get(key, 5, 5) == b"first"
+    assert len(store._kept_open) == 1                # kept open for the next read
+    store.put(key, b"again" * 100)
+    assert store.get(key, 0, 5) == b"again"
+    linked = tmp_path / "sealed"
+    linked.write_bytes(b"linked" * 100)
+    store.put_file(key, str(linked))
+    assert store.get(key, 6, 6) == b"linked"
+    store.delete(key)
+    with pytest.raises(ObjectNotFound):
+        store.get(key, 0, 5)
+    store.put(key, b"third" * 100, exclusive=True)
+    assert store.get(key, -5) == b"third" and store.get(key) == b"third" * 100
+    # Other objects (a lease, a config) are opened for each read: another
+    # process may write them again.
+    store.put("vol/lease", b"mine")
+    assert store.get("vol/lease") == b"mine"
+    LocalStore(str(tmp_path / "store")).put("vol/lease", b"theirs")
+    assert store.get("vol/lease") == b"theirs"
+    assert len(store._kept_open) == 1
+    store.close()
+    assert len(store._kept_open) == 0
+
+
+def test_open_objects_close_a_file_only_once_no_read_holds_it(tmp_path, monkeypatch):
+    """The least recently used file is dropped past `kept`, and a file
+    dropped (or forgotten) while a read holds it stays open until that read
+    gives it back.  A file opened while its key was written again is not
+    kept."""
+    paths = {}
+    for name in "abcd":
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(name.encode() * 10)
+    held = OpenObjects(kept=2)
+
+    def closed(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+            return False
+        except OSError:
+            return True
+
+    a = held.acquire("a", str(paths["a"]))
+    for name in "bc":
+        held.release(held.acquire(name, str(paths[name])))
+    assert len(held) == 2                              # "a" dropped, but still held
+    assert os.pread(a.fd, 3, 0) == b"aaa"
+    held.release(a)
+    assert closed(a.fd)
+    b = held.acquire("b", str(paths["b"]))
+    assert held.acquire("b", str(paths["b"])) is b     # one file for both reads
+    held.forget("b")
+    assert os.pread(b.fd, 3, 0) == b"bbb"
+    held.release(b)
+    assert not closed(b.fd)
+    held.release(b)
+    assert closed(b.fd)
+    real_open = os.open
+
+    def open_as_it_is_written(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        held.forget("d")                               # a put of "d" meanwhile
+        return fd
+
+    monkeypatch.setattr(openfds.os, "open", open_as_it_is_written)
+    d = held.acquire("d", str(paths["d"]))
+    monkeypatch.undo()
+    assert os.pread(d.fd, 3, 0) == b"ddd"
+    held.release(d)
+    assert closed(d.fd) and "d" not in held._held
+    c = held.acquire("c", str(paths["c"]))
+    held.release(c)
+    held.close()
+    assert closed(c.fd) and len(held) == 0
 
 
 # --- S3 specifics ----------------------------------------------------------------------
