@@ -34,6 +34,7 @@ a new key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable
@@ -79,9 +80,12 @@ class Place:
 _POSITION = struct.Struct("<QQ")
 
 
+@functools.lru_cache(maxsize=4096)
 def place_prefix(volume_id: bytes, name: str, object_id: bytes) -> bytes:
     """The first 72 bytes of every Place of one object (the same for all its
-    frames: a loop over frames packs only the last 16)."""
+    frames: a loop over frames packs only the last 16).  Kept for the
+    objects read last: a read of one block from each of many objects
+    hashed the object's name again for every frame it opened (docs/scale.md)."""
     return PLACE.pack(PLACE_MAGIC, volume_id, hashlib.sha256(name.encode()).digest(),
                       object_id, 0, 0)[:PLACE.size - _POSITION.size]
 
