@@ -511,3 +511,24 @@ def test_a_whole_object_opens_into_one_buffer(encrypted):
     damaged[(2 << 20) + 7] ^= 1                                    # a bit in a raw frame
     with pytest.raises(FrameError):
         open_whole(bytes(damaged))
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_frame_starts_are_the_running_sum_of_the_stored_lengths(monkeypatch, with_numpy):
+    """A layout's frame offsets (objects._frame_starts), summed in numpy
+    once it is loaded, in Python before: 0, then each frame's end; 8 bytes
+    an offset once they pass 4 GiB."""
+    import array
+
+    import numpy
+
+    from lsbd import numpyload
+    from lsbd.crypto.objects import _frame_starts
+
+    monkeypatch.setattr(numpyload, "loaded", lambda: numpy if with_numpy else None)
+    lengths = array.array("I", [5, 16_400, 1, 9_000])
+    small = _frame_starts(b"head" + lengths.tobytes(), 4)
+    assert small.typecode == "I" and list(small) == [0, 5, 16_405, 16_406, 25_406]
+    assert list(_frame_starts(b"head", 4)) == [0]
+    big = _frame_starts(array.array("I", [4_000_000_000] * 2).tobytes(), 0)
+    assert big.typecode == "q" and list(big) == [0, 4_000_000_000, 8_000_000_000]
