@@ -461,9 +461,11 @@ class SealingStore(Store):
         that hold those bytes (a segment's own index: a cold open reads one
         per segment)."""
         sealing = self.sealing(key)
-        if sealing is None or stored_size is None:
+        if sealing is None:
             return super().get_tail(key, n, stored_size=stored_size)
         try:
+            if stored_size is None:
+                return self._tail_unsized(key, sealing, n)
             return self._tail(key, sealing, n, stored_size)
         except FrameError:
             # A listing or a kept layout older than the object: ask afresh.
@@ -477,6 +479,31 @@ class SealingStore(Store):
                               keep_raw=self.lists_etags)
         if layout.stored_length != stored_size:
             raise FrameError(f"{key}: object length does not match its index", key=key)
+        return self._tail_from(key, layout, buf, start, n)
+
+    def _tail_unsized(self, key: str, sealing: VolumeSealing, n: int) -> bytes:
+        """get_tail() not knowing the object's stored size: a ranged read of
+        the frames that hold the last `n` bytes when the object's layout is
+        kept; else one read of the object's end that brings its layout and,
+        most often, those frames.  (A read after random writes over a large
+        volume reads the trailer of each stored segment it visits: that
+        read the object's end twice, docs/scale.md.)"""
+        with self._lock:
+            kept = key in self._layouts
+        if kept:
+            return self._get_range(key, sealing, -n, None)
+        want = TAIL_READ + n + n // 4
+        buf = self.inner.get(key, -want)
+        layout = self._layout(key, sealing, buf, keep_raw=self.lists_etags)
+        size = layout.stored_length
+        if size < len(buf) or (len(buf) < want and size != len(buf)):
+            raise FrameError(f"{key}: object length does not match its index", key=key)
+        return self._tail_from(key, layout, buf, size - len(buf), n)
+
+    def _tail_from(self, key: str, layout: objects.Layout, buf: bytes, start: int,
+                   n: int) -> bytes:
+        """The last `n` plain bytes, from `buf` (the object's stored bytes
+        from `start` to its end) where it holds their frames."""
         plain = layout.tail.plain_length
         lo = max(0, plain - n)
         i, j = layout.frames_for(lo, plain)

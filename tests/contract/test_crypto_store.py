@@ -244,6 +244,34 @@ def test_a_tail_read_knowing_the_stored_size_is_one_get(stores, monkeypatch, vol
     assert fresh.get_tail(seg(volume, 1), 10**8, stored_size=size) == data   # all of it
 
 
+@pytest.mark.parametrize("volume", ["a", "z"])
+@pytest.mark.parametrize("kind", ["text", "random", "small"])
+def test_a_tail_read_without_the_size_reads_the_end_once(stores, monkeypatch, volume, kind):
+    """A stored segment's trailer read without its size (a read of a few
+    blocks of it, lsbd.segments.local): one read of the object's end brings
+    its layout and the trailer's frames; with the layout kept, the frames
+    alone.  An object written again since its layout was kept is read
+    afresh."""
+    inner, store = stores
+    data = {"text": plain_data(3 << 20), "random": os.urandom(3 << 20),
+            "small": plain_data(5000)}[kind]
+    store.put(seg(volume, 1), data)
+    fresh = SealingStore(inner, store._resolve)          # no layouts kept
+    calls: list[tuple[int, int | None]] = []
+    real = inner.get
+    monkeypatch.setattr(inner, "get", lambda k, s=0, n=None: calls.append((s, n)) or real(k, s, n))
+    assert fresh.get_tail(seg(volume, 1), 64) == data[-64:]
+    assert len(calls) == 1 and calls[0][0] < 0
+    assert fresh.get_tail(seg(volume, 1), 100) == data[-100:]
+    assert len(calls) == 2 and calls[1][0] >= 0              # the frames only
+    assert fresh.get_tail(seg(volume, 1), 10**8) == data      # all of it
+    again = os.urandom(len(data) + 20_000)
+    store.put(seg(volume, 1), again)
+    assert fresh.get_tail(seg(volume, 1), 64) == again[-64:]
+    assert SealingStore(inner, store._resolve).get_tail(seg(volume, 1), 30_000) \
+        == again[-30_000:]
+
+
 def test_a_tail_read_with_a_size_the_object_no_longer_has(stores):
     """A listing older than the object (a seq written again after a crash):
     the tail is read afresh, never taken from the wrong bytes."""
