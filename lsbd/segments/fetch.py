@@ -20,10 +20,13 @@ would, and copying whole segments for reads scattered over more of them than
 the cache holds only churns it (measured: 1 MiB reads after random writes
 ran 5x slower).  While a segment's fetch is in flight,
 reads of it wait for the fetched bytes (not for their copy into the cache
-dir, lsbd.segments.copies) instead of asking the store again, and a fetch
-still queued behind read-ahead moves to the front of the queue.  The
-blocks a read needs from several segments are fetched in parallel.  At most
-FETCH_WORKERS whole-segment GETs and READ_WORKERS ranged GETs are in flight.
+dir, lsbd.segments.copies) instead of asking the store again.  A read never
+waits behind guesses: a fetch it waits for that is still queued (behind
+read-ahead) starts at once on a worker kept for reads, if the others are
+busy, and otherwise moves to the front of the queue.  The blocks a read
+needs from several segments are fetched in parallel.  At most FETCH_WORKERS
+whole-segment GETs (one more for a read waiting) and READ_WORKERS ranged
+GETs are in flight.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 FETCH_WORKERS = 2        # whole-segment GETs in flight (4 held 100-140 MiB more, no faster)
+#: Whole-segment GETs that only fetches a read waits for may run on, when
+#: the FETCH_WORKERS are busy with read-ahead: the large file's first read
+#: of a cold tree waited 0.17-0.28 s behind two guesses (docs/operations.md).
+DEMAND_WORKERS = 1
 READ_WORKERS = 8         # ranged GETs in flight for reads of several runs
 HOT_AFTER_READS = 2      # remote reads of one segment before it is fetched whole
 LARGE_READ = 1 << 20     # a read this large fetches its segment whole
@@ -47,13 +54,14 @@ _REMEMBERED = 4096       # segments whose remote reads are counted
 class _Fetch:
     """One whole-segment fetch: queued, then run by a worker."""
 
-    __slots__ = ("seq", "future", "ready", "queued")
+    __slots__ = ("seq", "future", "ready", "queued", "demand")
 
     def __init__(self, seq: int):
         self.seq = seq
         self.future: Future = Future()
         self.ready = threading.Event()      # its bytes are here (or it failed)
         self.queued = True                  # waiting for a worker
+        self.demand = False                 # a read waits for it
 
 
 class Fetcher:
@@ -71,12 +79,16 @@ class Fetcher:
         self._hits: dict[int, int] = {}
         self._marks: set[int] = set()
         self._closed = False
-        # Each job runs whichever fetch is first in the queue then.
+        self._busy = 0              # FETCH_WORKERS running a fetch
+        # Each job runs whichever fetch is first in the queue then; a job
+        # of the demand pool, the first one a read waits for.
         self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
                                          thread_name_prefix="lsbd-fetch")
+        self._demand = ThreadPoolExecutor(max_workers=DEMAND_WORKERS,
+                                          thread_name_prefix="lsbd-fetch-read")
         self._reads = ThreadPoolExecutor(max_workers=READ_WORKERS,
                                          thread_name_prefix="lsbd-read")
-        self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0}
+        self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0, "for_reads": 0}
 
     def prefetch(self, seq: int, *, mark: bool = False) -> Future | None:
         """Start fetching `seq` whole unless that is under way; its future.
@@ -112,6 +124,24 @@ class Fetcher:
                 return
             entry = self._queue.popleft()
             entry.queued = False
+            self._busy += 1
+        try:
+            self._run(entry)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _run_demand(self) -> None:
+        with self._lock:
+            entry = next((e for e in self._queue if e.demand), None)
+            if entry is None:       # a worker took it first
+                return
+            self._queue.remove(entry)
+            entry.queued = False
+            self.stats["for_reads"] += 1
+        self._run(entry)
+
+    def _run(self, entry: _Fetch) -> None:
         if not entry.future.set_running_or_notify_cancel():
             return
         try:
@@ -132,15 +162,22 @@ class Fetcher:
     def wait_if_fetching(self, seq: int) -> bool:
         """If a whole fetch of `seq` is in flight, wait until its bytes are
         here (or it failed); True if one was.  One still queued (behind
-        read-ahead) goes first: a read is waiting for it now."""
+        read-ahead) goes first, at once if the demand worker is free: a
+        read is waiting for it now."""
         with self._lock:
             entry = self._inflight.get(seq)
             if entry is None:
                 return False
-            if entry.queued and self._queue[0] is not entry:
-                self._queue.remove(entry)
-                self._queue.appendleft(entry)
-                self.stats["moved_ahead"] += 1
+            if entry.queued and not entry.demand:
+                # behind the fetches reads waited for before, ahead of guesses
+                first_guess = next(i for i, e in enumerate(self._queue) if not e.demand)
+                if self._queue[first_guess] is not entry:
+                    self._queue.remove(entry)
+                    self._queue.insert(first_guess, entry)
+                    self.stats["moved_ahead"] += 1
+                entry.demand = True
+                if self._busy >= FETCH_WORKERS:   # no worker free for it
+                    self._demand.submit(self._run_demand)
             self.stats["waited"] += 1
         entry.ready.wait(WAIT_FOR_FETCH)
         return True
@@ -179,6 +216,7 @@ class Fetcher:
             entry.future.cancel()
             entry.ready.set()
         self._whole.shutdown(wait=False, cancel_futures=True)
+        self._demand.shutdown(wait=False, cancel_futures=True)
         self._reads.shutdown(wait=False, cancel_futures=True)
 
 

@@ -383,48 +383,103 @@ def test_held_segments_in_the_cache_dir_are_let_go_once_idle():
     assert 1 not in held and 2 in held and held.nbytes == 100
 
 
-def test_a_read_waiting_for_a_queued_fetch_moves_it_ahead_of_read_ahead():
-    """Both workers busy, three more fetches queued by read-ahead: a read
-    that needs the last one gets it next, not after the two before it."""
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_read_never_waits_behind_read_ahead():
+    """Both workers busy with read-ahead guesses, three more guesses queued:
+    a read that needs the last one gets it at once, while the guesses still
+    run, and the guesses queued keep their order (the small files' segments
+    are not pushed back)."""
     import threading
 
     from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
 
     started: list[int] = []
     release = {seq: threading.Event() for seq in range(10)}
-    both = threading.Barrier(FETCH_WORKERS + 1)
 
     def fetch_whole(seq, ready):
         started.append(seq)
-        if seq < FETCH_WORKERS:
-            both.wait(30)
         release[seq].wait(30)
         ready()
 
     fetcher = Fetcher(fetch_whole)
     try:
-        busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
-        both.wait(30)           # every worker is fetching
+        guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
+        _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
         queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
+        release[7].set()
         waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(7,))
         waiter.start()
-        deadline = time.monotonic() + 30
-        while fetcher.stats["moved_ahead"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fetcher.stats["moved_ahead"] == 1
-        release[0].set()        # a worker is free: it takes 7, the one waited for
-        deadline = time.monotonic() + 30
-        while len(started) < FETCH_WORKERS + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert started[FETCH_WORKERS] == 7, started
-        release[7].set()
-        waiter.join(30)
-        assert not waiter.is_alive()
-        for seq in range(10):
-            release[seq].set()
+        waiter.join(10)
+        assert not waiter.is_alive(), f"the read waited behind the guesses: {started}"
+        assert started == [0, 1, 7]
+        assert fetcher.stats["for_reads"] == 1
+        release[0].set()        # a worker is free: the next guess, in order
+        _until(lambda: len(started) == 4, "the next guess starts")
+        assert started[3] == 5
+        for e in release.values():
+            e.set()
+        for f in guesses + queued:
+            f.result(30)
+        assert started == [0, 1, 7, 5, 6]
+    finally:
+        for e in release.values():
+            e.set()
+        fetcher.close()
+
+
+def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
+    """Every worker busy, the one kept for reads too: fetches reads wait
+    for run next, in the order the reads came, before the guesses queued."""
+    import threading
+
+    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+
+    started: list[int] = []
+    release = {seq: threading.Event() for seq in range(10)}
+
+    def fetch_whole(seq, ready):
+        started.append(seq)
+        release[seq].wait(30)
+        ready()
+
+    fetcher = Fetcher(fetch_whole)
+    waiters = []
+    try:
+        busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
+        _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
+        queued = [fetcher.prefetch(seq, mark=True) for seq in (3, 5, 6, 7)]
+        for seq in (3, 7, 6):
+            waiters.append(threading.Thread(target=fetcher.wait_if_fetching, args=(seq,)))
+            waiters[-1].start()
+            if seq == 3:        # the worker kept for reads takes it, and is busy
+                _until(lambda: len(started) == FETCH_WORKERS + 1, "3 starts at once")
+            else:
+                _until(lambda: fetcher.stats["waited"] == len(waiters), "the read waits")
+        assert started == [0, 1, 3]
+        assert fetcher.stats["moved_ahead"] == 2
+        release[0].set()
+        _until(lambda: len(started) == 4, "a worker takes the next")
+        assert started[3] == 7
+        release[3].set()
+        _until(lambda: len(started) == 5, "a worker takes the next")
+        assert started[4] == 6
+        release[6].set()        # the worker kept for reads is free; no read waits now
+        fetcher._demand.submit(lambda: None).result(30)   # its jobs queued before are done
+        assert started == [0, 1, 3, 7, 6], "a guess ran on the worker kept for reads"
+        for e in release.values():
+            e.set()
+        for w in waiters:
+            w.join(30)
+            assert not w.is_alive()
         for f in busy + queued:
             f.result(30)
-        assert sorted(started) == [0, 1, 5, 6, 7]
+        assert started == [0, 1, 3, 7, 6, 5]
     finally:
         for e in release.values():
             e.set()
@@ -446,11 +501,17 @@ def test_fetches_still_queued_at_close_are_cancelled_and_release_their_waiters()
 
     fetcher = Fetcher(fetch_whole)
     busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
-    for _ in busy:      # every worker has taken its fetch: only the next one stays queued
+    for _ in busy:
         assert started.acquire(timeout=30)
+    busy.append(fetcher.prefetch(8))
+    threading.Thread(target=fetcher.wait_if_fetching, args=(8,), daemon=True).start()
+    # every worker has taken its fetch, the one kept for reads too: the
+    # next one stays queued
+    assert started.acquire(timeout=30)
     queued = fetcher.prefetch(9)
     waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(9,))
     waiter.start()
+    _until(lambda: fetcher.stats["waited"] == 2, "the read waits")
     fetcher.close()
     waiter.join(10)
     assert not waiter.is_alive()
