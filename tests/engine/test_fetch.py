@@ -390,6 +390,54 @@ def _until(condition, what: str) -> None:
         time.sleep(0.01)
 
 
+def test_a_cold_read_of_a_segment_queued_behind_read_ahead_does_not_wait_for_it(
+        written, tmp_path, monkeypatch):
+    """The first read of a segment fetched whole starts fetches of the next
+    few (read-ahead); a read of the last of them, still queued behind the
+    others, is served while the others' GETs are still running (here they
+    end only once it is done)."""
+    import threading
+
+    from lsbd.engine.reader import SEGMENTS_AHEAD
+    from lsbd.segments.fetch import FETCH_WORKERS
+
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    release = threading.Event()
+    try:
+        first = vol.map_extents(5 * SEGMENT // BS, 1)[0].seq + 1
+        hanging = tuple(names.segment_key("vol", s) for s in range(first + 1, first + 1 + FETCH_WORKERS))
+        get = store.get
+        stuck = threading.Semaphore(0)
+
+        def slow_get(key, start=0, length=None):
+            if length is None and key.startswith(hanging):   # a whole GET of a guess
+                stuck.release()
+                release.wait(60)
+            return get(key, start, length)
+
+        monkeypatch.setattr(store, "get", slow_get)
+        lbas = sorted(lba for e in vol.extents_in({first}) for lba in range(e.lba, e.lba + e.nblocks))
+        for lba in (lbas[40], lbas[10], lbas[100]):   # fetched whole, then read: read-ahead
+            assert vol.read(lba * BS, BS) == expected[lba * BS:(lba + 1) * BS]
+        for _ in hanging:       # every fetch worker is in a guess's GET
+            assert stuck.acquire(timeout=30)
+        last = first + SEGMENTS_AHEAD     # queued behind them
+        e = vol.extents_in({last})[0]
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(vol.read(e.lba * BS, BS)))
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), "the read waited behind the read-ahead's GETs"
+        assert got == [expected[e.lba * BS:(e.lba + 1) * BS]]
+        assert files.fetcher.stats["for_reads"] == 1
+        assert not files.is_local(first + 1) and not files.is_local(first + 2)   # still hanging
+    finally:
+        release.set()
+        vol.close()
+
+
 def test_a_read_never_waits_behind_read_ahead():
     """Both workers busy with read-ahead guesses, three more guesses queued:
     a read that needs the last one gets it at once, while the guesses still
