@@ -438,14 +438,12 @@ def test_a_cold_read_of_a_segment_queued_behind_read_ahead_does_not_wait_for_it(
         vol.close()
 
 
-def test_a_read_never_waits_behind_read_ahead():
-    """Both workers busy with read-ahead guesses, three more guesses queued:
-    a read that needs the last one gets it at once, while the guesses still
-    run, and the guesses queued keep their order (the small files' segments
-    are not pushed back)."""
+def _held_fetcher():
+    """A Fetcher whose fetch of seq (0-9) records its start and then waits
+    for release[seq]: the test decides when each fetch ends."""
     import threading
 
-    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+    from lsbd.segments.fetch import Fetcher
 
     started: list[int] = []
     release = {seq: threading.Event() for seq in range(10)}
@@ -455,7 +453,19 @@ def test_a_read_never_waits_behind_read_ahead():
         release[seq].wait(30)
         ready()
 
-    fetcher = Fetcher(fetch_whole)
+    return Fetcher(fetch_whole), started, release
+
+
+def test_a_read_never_waits_behind_read_ahead():
+    """Both workers busy with read-ahead guesses, three more guesses queued:
+    a read that needs the last one gets it at once, while the guesses still
+    run, and the guesses queued keep their order (the small files' segments
+    are not pushed back)."""
+    import threading
+
+    from lsbd.segments.fetch import FETCH_WORKERS
+
+    fetcher, started, release = _held_fetcher()
     try:
         guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
         _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
@@ -486,17 +496,9 @@ def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
     for run next, in the order the reads came, before the guesses queued."""
     import threading
 
-    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+    from lsbd.segments.fetch import FETCH_WORKERS
 
-    started: list[int] = []
-    release = {seq: threading.Event() for seq in range(10)}
-
-    def fetch_whole(seq, ready):
-        started.append(seq)
-        release[seq].wait(30)
-        ready()
-
-    fetcher = Fetcher(fetch_whole)
+    fetcher, started, release = _held_fetcher()
     waiters = []
     try:
         busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
