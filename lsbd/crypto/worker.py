@@ -121,13 +121,10 @@ def _link(job: SealJob) -> int:
     """Append the index and tail of job.source's body, sync it, and make it
     read-only; returns the object's size."""
     assert job.link_mac_key is not None
-    try:
-        fd = os.open(job.source, os.O_RDWR)
-    except PermissionError:
-        # Made read-only by an earlier sealing that was not stored (the
-        # store was down): tagging again writes the same bytes.
-        os.chmod(job.source, 0o600)
-        fd = os.open(job.source, os.O_RDWR)
+    # Writable again if an earlier sealing made it read-only and was not
+    # stored (the store was down): tagging again writes the same bytes.
+    os.chmod(job.source, 0o600)
+    fd = os.open(job.source, os.O_RDWR)
     try:
         tail = linked.tail_of(key_id=job.link_key_id, file_id=job.link_file_id,
                               frame_size=job.frame_size, body_length=job.length)
