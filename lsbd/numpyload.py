@@ -8,7 +8,9 @@ dropped one.  A volume opened on a new cache dir from the map summary
 cold volume (the ext4 mount's superblock) was the one that imported it, and
 waited 0.13-0.24 s for that (docs/operations.md).  `loaded()` answers at
 once: numpy if it is imported, else None, and it starts the import in a
-thread of its own; the caller then takes its path without numpy.
+thread of its own; the caller then takes its path without numpy.  A
+compressed or encrypted volume starts it earlier, when it builds its first
+segment layout (lsbd.crypto.objects: summing frame lengths).
 """
 
 from __future__ import annotations
