@@ -96,6 +96,26 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def _major_faults(pid: int) -> int:
+    """Page faults of one process that had to read from disk (0 if it is gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[9])
+    return 0
+
+
+def _run_delay(pid: int) -> float:
+    """Seconds the threads of one process spent runnable but waiting for a
+    core (the second field of each thread's schedstat; 0 if it is gone)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+    return total / 1e9
+
+
 def _kswapd_pids() -> list[int]:
     pids = []
     for name in os.listdir("/proc"):
@@ -119,9 +139,11 @@ def _keyed(path: str) -> dict[str, int]:
 
 def system_sample(pid: int) -> dict:
     """What a round of writes costs outside the map's own counters: the
-    server's CPU (user, system), its child processes', kswapd's (the kernel
-    reclaiming pages), the machine's busy and stolen time, free memory and
-    the page cache, and pages the kernel scanned to reclaim."""
+    server's CPU (user, system) and its threads' wait for a core, its child
+    processes' CPU, kswapd's (the kernel reclaiming pages), the machine's
+    busy and stolen time, free memory and the page cache, pages the kernel
+    scanned to reclaim, and the page faults of the server and its child
+    processes that read from disk."""
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal
@@ -129,6 +151,9 @@ def system_sample(pid: int) -> dict:
     vm = _keyed("/proc/vmstat")
     kids = [_proc_cpu(c) for c in _children(pid)]
     return {"server": _proc_cpu(pid), "children": sum(u + s for u, s in kids),
+            "server_wait": _run_delay(pid),
+            "server_majflt": _major_faults(pid),
+            "children_majflt": sum(_major_faults(c) for c in _children(pid)),
             "kswapd": sum(sum(_proc_cpu(k)) for k in _kswapd_pids()),
             "total": sum(cpu) / TICK, "idle": (cpu[3] + cpu[4]) / TICK,
             "steal": cpu[7] / TICK if len(cpu) > 7 else 0.0,
@@ -140,13 +165,19 @@ def system_sample(pid: int) -> dict:
 
 def system_round(before: dict, after: dict, writes: int) -> dict:
     """Per round: µs of CPU per write (server user and system, its children,
-    kswapd), the machine's busy and stolen share, memory at the end, pages
-    scanned for reclaim per write."""
+    kswapd) and of the server's wait for a core, the machine's busy and
+    stolen share, memory at the end, pages scanned for reclaim per write,
+    disk-reading page faults per 1,000 writes."""
     per = 1e6 / max(1, writes)
     total = max(1e-9, after["total"] - before["total"])
     return {"server_user_us": per * (after["server"][0] - before["server"][0]),
             "server_sys_us": per * (after["server"][1] - before["server"][1]),
             "children_us": per * (after["children"] - before["children"]),
+            "server_wait_us": per * (after["server_wait"] - before["server_wait"]),
+            "server_majflt_per_kwrite": 1e3 / max(1, writes) * (after["server_majflt"]
+                                                                 - before["server_majflt"]),
+            "children_majflt_per_kwrite": 1e3 / max(1, writes) * (after["children_majflt"]
+                                                                   - before["children_majflt"]),
             "kswapd_us": per * (after["kswapd"] - before["kswapd"]),
             "busy": 1 - (after["idle"] - before["idle"]) / total,
             "steal": (after["steal"] - before["steal"]) / total,
@@ -454,12 +485,15 @@ def run(args) -> dict:
                       f"{row['map_cpu_ms_per_segment']:5.0f} {100 * row['map_busy']:4.0f}%",
                       flush=True)
                 print(f"  {'':>10} CPU us/write: server {sysr['server_user_us']:.1f} user "
-                      f"{sysr['server_sys_us']:.1f} sys, children {sysr['children_us']:.1f}, "
+                      f"{sysr['server_sys_us']:.1f} sys (waited for a core "
+                      f"{sysr['server_wait_us']:.1f}), children {sysr['children_us']:.1f}, "
                       f"kswapd {sysr['kswapd_us']:.1f}; machine busy {100 * sysr['busy']:.0f}% "
                       f"(steal {100 * sysr['steal']:.0f}%); free {human(sysr['mem_free_kib'] * 1024)}, "
                       f"cached {human(sysr['cached_kib'] * 1024)}, dirty "
                       f"{human(sysr['dirty_kib'] * 1024)}; scanned {sysr['scanned_per_write']:.2f} "
-                      f"pages/write; checkpoints {row['checkpoints']} "
+                      f"pages/write; disk reads of page faults per 1,000 writes: server "
+                      f"{sysr['server_majflt_per_kwrite']:.1f}, children "
+                      f"{sysr['children_majflt_per_kwrite']:.1f}; checkpoints {row['checkpoints']} "
                       f"({row['checkpoint_seconds']:.1f} s, {row['checkpoint_cpu_seconds']:.1f} s CPU)",
                       flush=True)
             out["rounds"] = rounds
