@@ -23,7 +23,9 @@ reads of it wait for the fetched bytes (not for their copy into the cache
 dir, lsbd.segments.copies) instead of asking the store again.  A read never
 waits behind guesses: a fetch it waits for that is still queued (behind
 read-ahead) starts at once on a worker kept for reads, if the others are
-busy, and otherwise moves to the front of the queue.  The blocks a read
+busy, and otherwise moves to the front of the queue; while it waits, a
+worker that comes free starts no second guess beside one under way, so
+its GET shares the store with at most one guess.  The blocks a read
 needs from several segments are fetched in parallel.  At most FETCH_WORKERS
 whole-segment GETs (one more for a read waiting) and READ_WORKERS ranged
 GETs are in flight.
@@ -54,7 +56,7 @@ _REMEMBERED = 4096       # segments whose remote reads are counted
 class _Fetch:
     """One whole-segment fetch: queued, then run by a worker."""
 
-    __slots__ = ("seq", "future", "ready", "queued", "demand")
+    __slots__ = ("seq", "future", "ready", "queued", "demand", "counted", "guessing", "here")
 
     def __init__(self, seq: int):
         self.seq = seq
@@ -62,6 +64,9 @@ class _Fetch:
         self.ready = threading.Event()      # its bytes are here (or it failed)
         self.queued = True                  # waiting for a worker
         self.demand = False                 # a read waits for it
+        self.counted = False                # in Fetcher._reads_waiting
+        self.guessing = False               # in Fetcher._guesses
+        self.here = False                   # its bytes came (or it ended)
 
 
 class Fetcher:
@@ -80,6 +85,9 @@ class Fetcher:
         self._marks: set[int] = set()
         self._closed = False
         self._busy = 0              # FETCH_WORKERS running a fetch
+        self._reads_waiting = 0     # fetches a read waits for, bytes not here yet
+        self._guesses = 0           # guesses started, bytes not here yet
+        self._held_back = 0         # worker jobs left for when no read waits
         # Each job runs whichever fetch is first in the queue then; a job
         # of the demand pool, the first one a read waits for.
         self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
@@ -88,7 +96,8 @@ class Fetcher:
                                           thread_name_prefix="lsbd-fetch-read")
         self._reads = ThreadPoolExecutor(max_workers=READ_WORKERS,
                                          thread_name_prefix="lsbd-read")
-        self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0, "for_reads": 0}
+        self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0, "for_reads": 0,
+                      "held_back": 0}
 
     def prefetch(self, seq: int, *, mark: bool = False) -> Future | None:
         """Start fetching `seq` whole unless that is under way; its future.
@@ -122,9 +131,18 @@ class Fetcher:
         with self._lock:
             if not self._queue:
                 return
-            entry = self._queue.popleft()
+            entry = self._queue[0]
+            if not entry.demand and self._reads_waiting and self._guesses:
+                # at most one guess shares the store with a read's fetch
+                self._held_back += 1
+                self.stats["held_back"] += 1
+                return
+            self._queue.popleft()
             entry.queued = False
             self._busy += 1
+            if not entry.demand:
+                entry.guessing = True
+                self._guesses += 1
         try:
             self._run(entry)
         finally:
@@ -145,7 +163,7 @@ class Fetcher:
         if not entry.future.set_running_or_notify_cancel():
             return
         try:
-            self._fetch_whole(entry.seq, entry.ready.set)
+            self._fetch_whole(entry.seq, lambda: self._bytes_here(entry))
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             error: BaseException | None = e
         else:
@@ -153,11 +171,28 @@ class Fetcher:
         finally:
             with self._lock:
                 self._inflight.pop(entry.seq, None)
-            entry.ready.set()
+            self._bytes_here(entry)
         if error is None:
             entry.future.set_result(None)
         else:
             entry.future.set_exception(error)
+
+    def _bytes_here(self, entry: _Fetch) -> None:
+        """`entry`'s bytes came (or it ended): the jobs held back run once
+        no read waits for a fetch, or no guess is under way."""
+        with self._lock:
+            if not entry.here:
+                entry.here = True
+                if entry.guessing:
+                    self._guesses -= 1
+                if entry.counted:
+                    self._reads_waiting -= 1
+                if self._held_back and not (self._reads_waiting and self._guesses) \
+                        and not self._closed:
+                    for _ in range(self._held_back):
+                        self._whole.submit(self._run_next)
+                    self._held_back = 0
+        entry.ready.set()
 
     def wait_if_fetching(self, seq: int) -> bool:
         """If a whole fetch of `seq` is in flight, wait until its bytes are
@@ -178,6 +213,9 @@ class Fetcher:
                 entry.demand = True
                 if self._busy >= FETCH_WORKERS:   # no worker free for it
                     self._demand.submit(self._run_demand)
+            if not entry.counted and not entry.here:
+                entry.counted = True
+                self._reads_waiting += 1
             self.stats["waited"] += 1
         entry.ready.wait(WAIT_FOR_FETCH)
         return True

@@ -491,6 +491,47 @@ def test_a_read_never_waits_behind_read_ahead():
         fetcher.close()
 
 
+def test_while_a_read_waits_for_a_fetch_at_most_one_guess_shares_the_store_with_it():
+    """A read waits for a fetch: a worker that comes free starts no second
+    guess beside the one under way until the read's bytes are here."""
+    import threading
+
+    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+
+    started: list[int] = []
+    release = {seq: threading.Event() for seq in range(10)}
+
+    def fetch_whole(seq, ready):
+        started.append(seq)
+        release[seq].wait(30)
+        ready()
+
+    fetcher = Fetcher(fetch_whole)
+    try:
+        guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
+        _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
+        queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
+        waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(7,))
+        waiter.start()
+        _until(lambda: len(started) == FETCH_WORKERS + 1, "the read's fetch starts")
+        release[0].set()        # a worker is free, a guess (1) still under way
+        _until(lambda: fetcher.stats["held_back"] >= 1, "the worker looks at the queue")
+        assert started == [0, 1, 7], "a second guess started beside the read's fetch"
+        release[7].set()        # the read's bytes are here: the guesses go on, in order
+        _until(lambda: len(started) == 4, "the next guess starts")
+        assert started[3] == 5
+        waiter.join(30)
+        for e in release.values():
+            e.set()
+        for f in guesses + queued:
+            f.result(30)
+        assert started == [0, 1, 7, 5, 6]
+    finally:
+        for e in release.values():
+            e.set()
+        fetcher.close()
+
+
 def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
     """Every worker busy, the one kept for reads too: fetches reads wait
     for run next, in the order the reads came, before the guesses queued."""
