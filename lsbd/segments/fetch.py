@@ -24,8 +24,9 @@ dir, lsbd.segments.copies) instead of asking the store again.  A read never
 waits behind guesses: a fetch it waits for that is still queued (behind
 read-ahead) starts at once on a worker kept for reads, if the others are
 busy, and otherwise moves to the front of the queue; while it waits, a
-worker that comes free starts no second guess beside one under way, so
-its GET shares the store with at most one guess.  The blocks a read
+worker that comes free starts no second guess beside one under way
+(once one of two in flight ends, its GET shares the store with one guess
+at most).  The blocks a read
 needs from several segments are fetched in parallel.  At most FETCH_WORKERS
 whole-segment GETs (one more for a read waiting) and READ_WORKERS ranged
 GETs are in flight.
