@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/evicted_read_bench.py [--volume-size 64G] [--writes 4G]
         [--region 1G] [--create ARGS] [--fio-compress 75] [--state DIR]
-        [--spy DIR] [SUBJECT ...]
+        [--frag-writes [--settle SECONDS] [--restart]] [--spy DIR] [--json FILE]
+        [SUBJECT ...]
 
 The frag phase of bench/scale_bench.py after its random writes, at a size
 that builds in two minutes: a volume (default: the defaults, zstd) of
@@ -24,14 +25,17 @@ the region twice with fio (1 MiB, iodepth 16), the page cache dropped
 before each pass.  --frag-writes (with a --state of its own): the state
 is built without the region's random writes, each subject makes them, and
 the passes start right after, while the server still seals, maps and
-uploads those writes, as in scale_bench's frag phase.  Reported per subject: MiB/s of both passes, the bytes
+uploads those writes, as in scale_bench's frag phase; --settle SECONDS
+waits that long after them, --restart serves the passes from a server
+started afresh after them.  Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
 anonymous RSS in each pass, and the server's processor time and disk
 reads per MiB read in each pass, the system part of that time, and the
 processor time of its child processes (the map's process and the sealing
-worker) per MiB (/proc/PID/stat and io).  --spy DIR: a py-spy profile of each first
-pass (raw format, idle threads included).  Needs fio and root (to drop
-caches).  Compare subjects within one run: the machine is shared.
+worker) per MiB (/proc/PID/stat and io), and the checkpoints the server
+completed during each pass and their processor time.  --spy DIR: a py-spy profile of each pass
+(NAME-first.txt, NAME-second.txt; raw format, idle threads included).
+Needs fio and root (to drop caches).  Compare subjects within one run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -137,8 +141,19 @@ def copy_state(state: str, work: str) -> None:
         subprocess.run(["cp", "-a", *link, os.path.join(state, name), work], check=True)
 
 
+def _spy(pid: int, path: str) -> subprocess.Popen:
+    """py-spy recording `pid` into `path` (raw format, idle threads included)."""
+    prof = subprocess.Popen(
+        [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
+         "record", "-p", str(pid), "-o", path, "--format", "raw", "-r", "50",
+         "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    return prof
+
+
 def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
-                 frag_pct: int | None = None) -> dict:
+                 frag_pct: int | None = None, settle: float = 0,
+                 restart: bool = False) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     copy_state(state, work)
     here = os.getcwd()
@@ -156,22 +171,28 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
             # while the server still seals, maps and uploads them.
             out["frag_iops"] = fio(lsbd.uri, "randwrite", "4k", size=region, io_size=region,
                                    compress_pct=frag_pct)["iops"]
+            time.sleep(settle)
+            if restart:
+                lsbd.stop()
+                lsbd.start()
+                rss.close()
+                rss = sb.RssSampler(lsbd.proc.pid)
+                fio(lsbd.uri, "write", "4k", size=4096, offset=region * 40)
         drop_page_cache()
-        prof = None
-        if spy:
-            prof = subprocess.Popen(
-                [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                 "record", "-p", str(lsbd.proc.pid), "-o", spy, "--format", "raw", "-r", "50",
-                 "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-        _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, "first")
-        if prof is not None:
-            prof.send_signal(2)
-            prof.wait()
-        out["peak_anon_first_kib"] = rss.phase()
-        drop_page_cache()
-        _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, "second")
-        out["peak_anon_second_kib"] = rss.phase()
+        for name in ("first", "second"):
+            if name == "second":
+                drop_page_cache()
+            prof = _spy(lsbd.proc.pid, f"{spy}-{name}.txt") if spy else None
+            before = lsbd.stats()
+            _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, name)
+            after = lsbd.stats()
+            out[f"{name}_checkpoints"] = after["checkpoints"] - before["checkpoints"]
+            out[f"{name}_checkpoint_cpu_s"] = round(
+                after["checkpoint_cpu_seconds"] - before["checkpoint_cpu_seconds"], 2)
+            if prof is not None:
+                prof.send_signal(2)
+                prof.wait()
+            out[f"peak_anon_{name}_kib"] = rss.phase()
         out["read_defrag_bytes"] = lsbd.stats().get("read_defrag_bytes")
         out["load"].append(os.getloadavg()[0])
         rss.close()
@@ -196,11 +217,16 @@ def main() -> None:
     ap.add_argument("--fio-compress", type=int, default=75, metavar="PCT")
     ap.add_argument("--state", default="/var/tmp/lsbd-evicted-read-state",
                     help="where the built state is kept (built if absent)")
-    ap.add_argument("--spy", metavar="DIR", help="py-spy profiles of each first pass here")
+    ap.add_argument("--spy", metavar="DIR", help="py-spy profiles of each pass here")
     ap.add_argument("--frag-writes", action="store_true",
                     help="the state is built without the region's random writes, and each "
                          "subject makes them right before its passes, as scale_bench does "
                          "(needs a --state of its own)")
+    ap.add_argument("--settle", type=float, default=0, metavar="SECONDS",
+                    help="with --frag-writes: wait this long between the writes and the passes")
+    ap.add_argument("--restart", action="store_true",
+                    help="with --frag-writes: serve the passes from a server started afresh "
+                         "after the writes")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     region = parse_size(args.region)
@@ -222,9 +248,10 @@ def main() -> None:
     subjects = args.subjects or [f"this@{REPO}"]
     for subject in subjects:
         name, _, code = subject.partition("@")
-        spy = os.path.join(args.spy, f"{name}.txt") if args.spy else None
+        spy = os.path.join(args.spy, name) if args.spy else None
         r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy,
-                         args.fio_compress if args.frag_writes else None)
+                         args.fio_compress if args.frag_writes else None, args.settle,
+                         args.restart)
         out[name] = r
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
@@ -234,7 +261,9 @@ def main() -> None:
               f"{r['first_sys_ms_per_mib']} / {r['second_sys_ms_per_mib']}; children "
               f"{r['first_children_cpu_ms_per_mib']} / {r['second_children_cpu_ms_per_mib']}), "
               f"disk MiB/MiB "
-              f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}", flush=True)
+              f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}; checkpoints done "
+              f"{r['first_checkpoints']} / {r['second_checkpoints']} ("
+              f"{r['first_checkpoint_cpu_s']} / {r['second_checkpoint_cpu_s']} s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -4,6 +4,7 @@ schedule (and runs the periodic work registered from above the engine)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 3
 LEASE_CHECK_INTERVAL = 10.0   # seconds between checks that the lease is still ours
+#: Reads stream when at least READS_BUSY_BYTES were read in the last
+#: READS_QUIET seconds.  A checkpoint that falls due meanwhile waits for a
+#: pause, up to twice its count of segments or its interval: a delta of
+#: 64 segments of random writes takes seconds of this process's processor
+#: time, which a first read of a fragmented range, bound by that processor
+#: time, lost a quarter of its speed to (docs/scale.md, "Seventeenth round").
+READS_BUSY_BYTES = 16 << 20
+READS_QUIET = 2.0
 
 
 class Checkpointer:
@@ -143,6 +152,8 @@ class Timer:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self._jobs: list[list] = []   # [interval, last run (monotonic), job]
+        # (monotonic time, bytes read so far) at the ticks of the last READS_QUIET s
+        self._reads: collections.deque[tuple[float, int]] = collections.deque()
 
     def every(self, interval: float, job: Callable[[], object]) -> None:
         """Run job() on the timer's thread every `interval` seconds (the first
@@ -158,6 +169,32 @@ class Timer:
         self.stop.set()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
+
+    def note_reads(self, now: float) -> None:
+        """Keep the bytes read so far, at `now`, for reads_streaming()."""
+        reads = self._reads
+        reads.append((now, int(self.st.stats["bytes_read"])))
+        while reads[0][0] < now - READS_QUIET:
+            reads.popleft()
+
+    def reads_streaming(self) -> bool:
+        """Whether READS_BUSY_BYTES were read over the ticks noted last."""
+        reads = self._reads
+        return bool(reads) and reads[-1][1] - reads[0][1] >= READS_BUSY_BYTES
+
+    def checkpoint_due(self, due: int, now: float) -> bool:
+        """Whether to checkpoint now, `due` segments after the last one: at
+        checkpoint_segments of them or checkpoint_interval seconds, once
+        reads pause (see READS_BUSY_BYTES), and at twice either at once."""
+        st, cfg = self.st, self.st.config
+        if due <= 0:
+            return False
+        age = now - st.last_checkpoint_time
+        if due >= 2 * cfg.checkpoint_segments or age >= 2 * cfg.checkpoint_interval:
+            return True
+        if due < cfg.checkpoint_segments and age < cfg.checkpoint_interval:
+            return False
+        return not self.reads_streaming()
 
     def _run(self) -> None:
         st, cfg = self.st, self.st.config
@@ -179,9 +216,9 @@ class Timer:
                             time.monotonic() - seg.opened_at >= cfg.seal_interval:
                         self.sealer.seal()
                     due = st.applied - st.last_checkpoint
-                if due >= cfg.checkpoint_segments or (
-                        due > 0 and time.monotonic() - st.last_checkpoint_time
-                        >= cfg.checkpoint_interval):
+                now = time.monotonic()
+                self.note_reads(now)
+                if self.checkpoint_due(due, now):
                     self.checkpointer.checkpoint()
                 for entry in self._jobs:
                     interval, last, job = entry
