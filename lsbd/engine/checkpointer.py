@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 3
 LEASE_CHECK_INTERVAL = 10.0   # seconds between checks that the lease is still ours
 #: Reads stream when at least READS_BUSY_BYTES were read in the last
-#: READS_QUIET seconds.  A checkpoint that falls due meanwhile waits for a
-#: pause, up to twice its count of segments or its interval: a delta of
-#: 64 segments of random writes takes seconds of this process's processor
-#: time, which a first read of a fragmented range, bound by that processor
-#: time, lost a quarter of its speed to (docs/scale.md, "Seventeenth round").
+#: READS_WINDOW seconds.  A checkpoint that falls due meanwhile waits until
+#: they have not streamed for READS_PAUSE seconds (a sequential reader
+#: pauses between files, or between passes), up to twice its count of
+#: segments or its interval: a delta of 64 segments of random writes takes
+#: seconds of this process's processor time, which a first read of a
+#: fragmented range, bound by that processor time, lost a quarter of its
+#: speed to (docs/scale.md, "Seventeenth round").
 READS_BUSY_BYTES = 16 << 20
-READS_QUIET = 2.0
+READS_WINDOW = 2.0
+READS_PAUSE = 10.0
 
 
 class Checkpointer:
@@ -152,8 +155,9 @@ class Timer:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self._jobs: list[list] = []   # [interval, last run (monotonic), job]
-        # (monotonic time, bytes read so far) at the ticks of the last READS_QUIET s
+        # (monotonic time, bytes read so far) at the ticks of the last READS_WINDOW s
         self._reads: collections.deque[tuple[float, int]] = collections.deque()
+        self._streamed_at = -READS_PAUSE    # when reads last streamed (monotonic)
 
     def every(self, interval: float, job: Callable[[], object]) -> None:
         """Run job() on the timer's thread every `interval` seconds (the first
@@ -171,21 +175,22 @@ class Timer:
             self.thread.join(timeout)
 
     def note_reads(self, now: float) -> None:
-        """Keep the bytes read so far, at `now`, for reads_streaming()."""
+        """Note the bytes read so far, at `now` (a tick of the timer)."""
         reads = self._reads
         reads.append((now, int(self.st.stats["bytes_read"])))
-        while reads[0][0] < now - READS_QUIET:
+        while reads[0][0] < now - READS_WINDOW:
             reads.popleft()
+        if reads[-1][1] - reads[0][1] >= READS_BUSY_BYTES:
+            self._streamed_at = now
 
-    def reads_streaming(self) -> bool:
-        """Whether READS_BUSY_BYTES were read over the ticks noted last."""
-        reads = self._reads
-        return bool(reads) and reads[-1][1] - reads[0][1] >= READS_BUSY_BYTES
+    def reads_streaming(self, now: float) -> bool:
+        """Whether reads streamed in the last READS_PAUSE seconds."""
+        return now - self._streamed_at < READS_PAUSE
 
     def checkpoint_due(self, due: int, now: float) -> bool:
         """Whether to checkpoint now, `due` segments after the last one: at
         checkpoint_segments of them or checkpoint_interval seconds, once
-        reads pause (see READS_BUSY_BYTES), and at twice either at once."""
+        reads pause (see READS_PAUSE), and at twice either at once."""
         st, cfg = self.st, self.st.config
         if due <= 0:
             return False
@@ -194,7 +199,7 @@ class Timer:
             return True
         if due < cfg.checkpoint_segments and age < cfg.checkpoint_interval:
             return False
-        return not self.reads_streaming()
+        return not self.reads_streaming(now)
 
     def _run(self) -> None:
         st, cfg = self.st, self.st.config

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lsbd.engine.checkpointer import READS_BUSY_BYTES, READS_QUIET, Timer
+from lsbd.engine.checkpointer import READS_BUSY_BYTES, READS_PAUSE, READS_WINDOW, Timer
 from lsbd.meta.config import VolumeConfig
 
 MiB = 1 << 20
@@ -42,16 +42,25 @@ def test_a_due_checkpoint_waits_while_reads_stream_and_runs_once_they_pause():
     for _ in range(8):                 # 64 MiB/s in quarter-second ticks
         t += 0.25
         _read(timer, t, 16 * MiB)
-        assert timer.reads_streaming()
+        assert timer.reads_streaming(t)
         assert not timer.checkpoint_due(64, t)
         assert not timer.checkpoint_due(100, t)
-        assert not timer.checkpoint_due(1, 601.0 + t)
-    # A trickle of reads is no stream.
-    for _ in range(int(READS_QUIET / 0.25) + 1):
+        timer.st.last_checkpoint_time = t - 601.0     # past its interval
+        assert not timer.checkpoint_due(1, t)
+        timer.st.last_checkpoint_time = 0.0
+    # A short pause (between two passes of a sequential reader) is no pause;
+    # a trickle of reads is no stream.
+    burst = t
+    while timer.reads_streaming(t):
+        assert not timer.checkpoint_due(64, t)
         t += 0.25
         _read(timer, t, 64 * 1024)
-    assert not timer.reads_streaming()
+    assert burst + READS_PAUSE <= t <= burst + READS_WINDOW + READS_PAUSE + 0.25
     assert timer.checkpoint_due(64, t)
+    # Streaming again, in bursts no longer than the window.
+    _read(timer, t + READS_WINDOW / 2, READS_BUSY_BYTES)
+    assert timer.reads_streaming(t + READS_WINDOW / 2)
+    assert not timer.checkpoint_due(64, t + READS_WINDOW / 2)
 
 
 def test_reads_put_a_checkpoint_off_by_no_more_than_twice_its_count_or_interval():
@@ -61,8 +70,10 @@ def test_reads_put_a_checkpoint_off_by_no_more_than_twice_its_count_or_interval(
     for _ in range(4):
         t += 0.25
         _read(timer, t, READS_BUSY_BYTES)
-    assert timer.reads_streaming()
+    assert timer.reads_streaming(t)
     assert not timer.checkpoint_due(127, t)
     assert timer.checkpoint_due(128, t)
-    assert not timer.checkpoint_due(1, 1199.0)
-    assert timer.checkpoint_due(1, 1200.0)
+    timer.st.last_checkpoint_time = t - 1199.0
+    assert not timer.checkpoint_due(1, t)
+    timer.st.last_checkpoint_time = t - 1200.0
+    assert timer.checkpoint_due(1, t)
