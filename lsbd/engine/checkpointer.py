@@ -32,7 +32,7 @@ LEASE_CHECK_INTERVAL = 10.0   # seconds between checks that the lease is still o
 #: segments or its interval: a delta of 64 segments of random writes takes
 #: seconds of this process's processor time, which a first read of a
 #: fragmented range, bound by that processor time, lost a quarter of its
-#: speed to (docs/scale.md, "Seventeenth round").
+#: speed to (docs/scale.md, "Seventeenth round, reads").
 READS_BUSY_BYTES = 16 << 20
 READS_WINDOW = 2.0
 READS_PAUSE = 10.0
