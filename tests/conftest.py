@@ -8,6 +8,12 @@ from pathlib import Path as _Path
 # The shared helpers (tests/support) are imported by module name from every tier.
 _sys.path.insert(0, str(_Path(__file__).resolve().parent / "support"))
 
+# numpy imported whole before any test runs: lsbd.numpyload imports it in a
+# thread of its own, and hypothesis looks at sys.modules["numpy"] while it
+# draws examples, where a half-done import has no `ndarray` yet (a model
+# test failed with "partially initialized module 'numpy'").
+import numpy  # noqa: F401
+
 import logging
 import os
 import socket
