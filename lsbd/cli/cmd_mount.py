@@ -74,7 +74,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
-    ctx.before_fork(name, writer=not read_only)
+    ctx.before_fork(name, writer=not read_only, beside=_import_serving)
 
     def open_images():
         # Runs in the serving process, after the fork: the engine starts threads.
@@ -111,6 +111,13 @@ def readahead_arg(text: str | None) -> int:
     if 0 < value < 4096:    # whole pages: it would round down to none
         raise UserError(f"bad --readahead {text!r}: at least 4K (0 for none)")
     return value // 4096 * 4096
+
+
+def _import_serving() -> None:
+    """The serving process's modules (the engine: about 0.1 s of imports),
+    imported before the fork while the store answers the config's request,
+    rather than after it, before the serving process's first request."""
+    import lsbd.service.serving  # noqa: F401
 
 
 def _open_images(args: argparse.Namespace, ctx, name: str) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from lsbd import linux
 from lsbd.freedcap import FreedMemoryCap
@@ -101,7 +101,8 @@ class Context:
             e.filename = self.cache_dir     # not the probe's passing name
             raise UserError(self.cache_dir_error(e) or str(e)) from None
 
-    def before_fork(self, volume: str, *, writer: bool) -> None:
+    def before_fork(self, volume: str, *, writer: bool,
+                    beside: Callable[[], object] | None = None) -> None:
         """Before a serving process forks: read the volume's settings and get
         the passphrase of an encrypted volume (the forked process has no
         terminal), with a store opened and closed just for that (a process
@@ -110,7 +111,9 @@ class Context:
         conditional writes (asked at the same time: a round trip less).
         It also takes over that store, its connections closed (none crosses
         the fork): its S3 client is built once, not again after the fork
-        (15-40 ms of a serving process's start, before its first request)."""
+        (15-40 ms of a serving process's start, before its first request).
+        beside: work done in a thread while the store answers (the serving
+        process's imports); an error in it is left for after the fork."""
         from concurrent.futures import ThreadPoolExecutor
 
         from lsbd.meta.config import load_config
@@ -119,11 +122,14 @@ class Context:
         probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False,
                            create=self.create_store)
         try:
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with ThreadPoolExecutor(max_workers=2) as pool:
                 asked = pool.submit(lambda: probe.conditional_writes) if writer else None
+                done = pool.submit(beside) if beside is not None else None
                 config = self._configs[volume] = load_config(probe, volume)
                 if asked is not None:
                     asked.exception()   # a failure: the serving process asks again
+                if done is not None:
+                    done.exception()    # a failure: the serving process meets it again
         finally:
             probe.close()
         self._plain_before_fork = probe

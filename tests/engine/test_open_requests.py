@@ -111,3 +111,61 @@ def test_a_serving_process_takes_over_the_store_opened_before_its_fork(tmp_path,
         for d in devices:
             d.device.close()
         ctx.close()
+
+
+def test_before_the_fork_other_work_runs_while_the_store_answers(tmp_path, requests,
+                                                                 monkeypatch):
+    """`lsbd mount` imports the serving process's modules before the fork
+    (beside=): in a thread, while the config's request is in flight, not
+    after its answer."""
+    url = f"file://{tmp_path / 'store'}"
+    writer = Context(store_url=url, endpoint_url=None, cache_dir=str(tmp_path / "a"),
+                     create_store=True)
+    create_volume(writer.plain_store, "vol", 16 * MiB, segment_size=1 * MiB)
+    writer.close()
+
+    asked, ran = threading.Event(), threading.Event()
+    overlapped: list[bool] = []
+    get = LocalStore.get
+
+    def slow_config(self, key, start=0, length=None):
+        if key == names.config_key("vol"):
+            asked.set()
+            overlapped.append(ran.wait(10))     # the answer comes once the work is done
+        return get(self, key, start, length)
+
+    def beside():
+        overlapped.append(asked.wait(10))
+        ran.set()
+
+    monkeypatch.setattr(LocalStore, "get", slow_config)
+    ctx = Context(store_url=url, endpoint_url=None, cache_dir=str(tmp_path / "b"))
+    ctx.before_fork("vol", writer=True, beside=beside)
+    try:
+        assert overlapped == [True, True]
+        assert ctx.volume_config("vol").name == "vol"
+    finally:
+        ctx.close()
+
+
+def test_lsbd_mount_imports_the_serving_modules_before_its_fork(tmp_path):
+    """In a new interpreter, `lsbd mount` hands before_fork the serving
+    process's imports (stopped there: no mount is made)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mnt").mkdir()
+    code = ("import sys\n"
+            "from lsbd.cli import context, main\n"
+            "from lsbd.errors import UserError\n"
+            "def before_fork(self, volume, *, writer, beside=None):\n"
+            "    assert 'lsbd.service.serving' not in sys.modules\n"
+            "    beside()\n"
+            "    print('serving' in dir(sys.modules['lsbd.service']))\n"
+            "    raise UserError('stopped before the fork')\n"
+            "context.Context.before_fork = before_fork\n"
+            f"main.main(['--store', 'file://{tmp_path}/s', 'mount', 'v', '{tmp_path}/mnt'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.stdout.strip() == "True", proc.stderr
+    assert "stopped before the fork" in proc.stderr
