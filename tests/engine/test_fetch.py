@@ -496,17 +496,9 @@ def test_while_a_read_waits_for_a_fetch_at_most_one_guess_shares_the_store_with_
     guess beside the one under way until the read's bytes are here."""
     import threading
 
-    from lsbd.segments.fetch import FETCH_WORKERS, Fetcher
+    from lsbd.segments.fetch import FETCH_WORKERS
 
-    started: list[int] = []
-    release = {seq: threading.Event() for seq in range(10)}
-
-    def fetch_whole(seq, ready):
-        started.append(seq)
-        release[seq].wait(30)
-        ready()
-
-    fetcher = Fetcher(fetch_whole)
+    fetcher, started, release = _held_fetcher()
     try:
         guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
         _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
