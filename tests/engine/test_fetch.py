@@ -4,6 +4,7 @@ reads stay small ranged GETs; prefetch and NBD_CMD_CACHE fill the cache."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -438,9 +439,11 @@ def test_a_cold_read_of_a_segment_queued_behind_read_ahead_does_not_wait_for_it(
         vol.close()
 
 
+@contextlib.contextmanager
 def _held_fetcher():
     """A Fetcher whose fetch of seq (0-9) records its start and then waits
-    for release[seq]: the test decides when each fetch ends."""
+    for release[seq]: the test decides when each fetch ends.  On the way
+    out every fetch is let go and the fetcher closed."""
     import threading
 
     from lsbd.segments.fetch import Fetcher
@@ -453,7 +456,20 @@ def _held_fetcher():
         release[seq].wait(30)
         ready()
 
-    return Fetcher(fetch_whole), started, release
+    fetcher = Fetcher(fetch_whole)
+    try:
+        yield fetcher, started, release
+    finally:
+        _finish(release)
+        fetcher.close()
+
+
+def _finish(release, futures=()) -> None:
+    """Lets every held fetch end, then waits for `futures`."""
+    for e in release.values():
+        e.set()
+    for f in futures:
+        f.result(30)
 
 
 def test_a_read_never_waits_behind_read_ahead():
@@ -465,8 +481,7 @@ def test_a_read_never_waits_behind_read_ahead():
 
     from lsbd.segments.fetch import FETCH_WORKERS
 
-    fetcher, started, release = _held_fetcher()
-    try:
+    with _held_fetcher() as (fetcher, started, release):
         guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
         _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
         queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
@@ -480,15 +495,8 @@ def test_a_read_never_waits_behind_read_ahead():
         release[0].set()        # a worker is free: the next guess, in order
         _until(lambda: len(started) == 4, "the next guess starts")
         assert started[3] == 5
-        for e in release.values():
-            e.set()
-        for f in guesses + queued:
-            f.result(30)
+        _finish(release, guesses + queued)
         assert started == [0, 1, 7, 5, 6]
-    finally:
-        for e in release.values():
-            e.set()
-        fetcher.close()
 
 
 def test_while_a_read_waits_for_a_fetch_at_most_one_guess_shares_the_store_with_it():
@@ -498,8 +506,7 @@ def test_while_a_read_waits_for_a_fetch_at_most_one_guess_shares_the_store_with_
 
     from lsbd.segments.fetch import FETCH_WORKERS
 
-    fetcher, started, release = _held_fetcher()
-    try:
+    with _held_fetcher() as (fetcher, started, release):
         guesses = [fetcher.prefetch(seq, mark=True) for seq in range(FETCH_WORKERS)]
         _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
         queued = [fetcher.prefetch(seq, mark=True) for seq in (5, 6, 7)]
@@ -513,15 +520,8 @@ def test_while_a_read_waits_for_a_fetch_at_most_one_guess_shares_the_store_with_
         _until(lambda: len(started) == 4, "the next guess starts")
         assert started[3] == 5
         waiter.join(30)
-        for e in release.values():
-            e.set()
-        for f in guesses + queued:
-            f.result(30)
+        _finish(release, guesses + queued)
         assert started == [0, 1, 7, 5, 6]
-    finally:
-        for e in release.values():
-            e.set()
-        fetcher.close()
 
 
 def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
@@ -531,9 +531,8 @@ def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
 
     from lsbd.segments.fetch import FETCH_WORKERS
 
-    fetcher, started, release = _held_fetcher()
     waiters = []
-    try:
+    with _held_fetcher() as (fetcher, started, release):
         busy = [fetcher.prefetch(seq) for seq in range(FETCH_WORKERS)]
         _until(lambda: len(started) == FETCH_WORKERS, "every worker is fetching")
         queued = [fetcher.prefetch(seq, mark=True) for seq in (3, 5, 6, 7)]
@@ -555,18 +554,11 @@ def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
         release[6].set()        # the worker kept for reads is free; no read waits now
         fetcher._demand.submit(lambda: None).result(30)   # its jobs queued before are done
         assert started == [0, 1, 3, 7, 6], "a guess ran on the worker kept for reads"
-        for e in release.values():
-            e.set()
+        _finish(release, busy + queued)
         for w in waiters:
             w.join(30)
             assert not w.is_alive()
-        for f in busy + queued:
-            f.result(30)
         assert started == [0, 1, 3, 7, 6, 5]
-    finally:
-        for e in release.values():
-            e.set()
-        fetcher.close()
 
 
 def test_fetches_still_queued_at_close_are_cancelled_and_release_their_waiters():
