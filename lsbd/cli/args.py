@@ -13,6 +13,12 @@ from lsbd.errors import LsbdError
 USAGE_ERROR = 2
 
 
+class LeaveAtOnce(int):
+    """The exit code of a command whose work goes on in another process
+    (`lsbd mount`'s serving process): `lsbd` then ends past the
+    interpreter's teardown (lsbd.cli.main.leave)."""
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr, like every
     other error of lsbd."""

@@ -12,7 +12,7 @@ import os
 import sys
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command, path_arg
+from lsbd.cli.args import LeaveAtOnce, add_volume, command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, parse_seconds, writer_options
 from lsbd.errors import UserError
@@ -90,7 +90,7 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
                  "image": os.path.join(args.mountpoint, f"{name}.img"), "read_only": read_only},
                 f"mounted {ui.bold(name)} on {args.mountpoint} as "
                 f"{os.path.join(args.mountpoint, name + '.img')}")
-        args.leave_at_once = True   # the serving process is on its own (lsbd.cli.main.leave)
+        return LeaveAtOnce(code)    # the serving process is on its own
     return code
 
 

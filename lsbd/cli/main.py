@@ -17,7 +17,7 @@ import sys
 from typing import NoReturn
 
 from lsbd.cli import ui
-from lsbd.cli.args import USAGE_ERROR, Parser, add_global_options, all_parsers
+from lsbd.cli.args import USAGE_ERROR, LeaveAtOnce, Parser, add_global_options, all_parsers
 from lsbd.cli.context import Context
 from lsbd.errors import LsbdError
 
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                   key_file=args.key_file, passphrase_file=args.passphrase_file,
                   create_store=getattr(args, "creates_store", False))
     try:
-        code = int(args.func(args, ctx) or 0)
+        result = args.func(args, ctx)
+        code = int(result or 0)
     except KeyboardInterrupt as e:
         # A command may say what the interruption left (a partial copy).
         print(f"lsbd: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ctx.close()
-    if argv is None and getattr(args, "leave_at_once", False):
+    if argv is None and isinstance(result, LeaveAtOnce):
         leave(code)     # the `lsbd` command itself, never a caller in this process
     return code
 

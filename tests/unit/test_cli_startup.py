@@ -108,8 +108,7 @@ def with_probe():
     def run(args, ctx):
         ui.print_json({"said": "all of it"})     # buffered: stdout is a pipe
         sys.stderr.write("and a note\\n")
-        args.leave_at_once = True
-        return 3
+        return cli.LeaveAtOnce(3)
 
     p.set_defaults(func=run)
     return parser
