@@ -25,7 +25,8 @@ from lsbd.format.segment import (DATA, RESIZE, Record, decode_footer, decode_one
 from lsbd.segments.local import SegmentFiles
 from lsbd.segments.locallength import local_segment_size
 from lsbd.map.blockmap import BlockMap, Extent
-from lsbd.map.packed import Part, Run, lay_single, newest_singles, pack_runs, single_blocks
+from lsbd.map.packed import (Part, Run, lay_single, newest_pieces, newest_singles, pack_runs,
+                              single_blocks)
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.remote import fetch_footer_by_key, fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound
@@ -40,18 +41,18 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
                   arrays_of: Callable[[int], tuple | None] | None = None
                   ) -> Iterator[Iterator[Extent | Run]]:
     """The entries of a delta over segments first..last: their records laid
-    one after the other over an empty scratch map in `folder` (holes as
-    extents of seq 0), then read back in block order.  Built from the
-    segments alone, so no snapshot of the live map is held meanwhile (a
-    long one keeps LMDB from reusing the pages the writer frees, and the map
-    file grows).  When every record is one block long (random 4 KiB writes)
-    the same entries come from arrays instead, as packed runs: arrays_of(seq)
-    gives a segment's (lbas, written, data offsets) or None (see
-    segment_arrays; by default made from records_of)."""
-    singles = single_block_delta(arrays_of or (lambda seq: record_arrays(records_of(seq))),
-                                  first, last)
-    if singles is not None:
-        yield iter(singles)
+    one after the other over an empty map (holes as extents of seq 0), in
+    block order.  Built from the segments alone, so no snapshot of the live
+    map is held meanwhile (a long one keeps LMDB from reusing the pages the
+    writer frees, and the map file grows).  Up to ARRAY_DELTA_BLOCKS the
+    entries come from arrays, as packed runs (array_delta): arrays_of(seq)
+    gives a segment's (lbas, written, data offsets, lengths) or None (see
+    segment_arrays; by default made from records_of).  Past that (a long
+    trim, or very large segments), from a scratch map in `folder`."""
+    arrays = array_delta(arrays_of or (lambda seq: record_arrays(records_of(seq))),
+                         first, last, block_size)
+    if arrays is not None:
+        yield iter(arrays)
         return
     scratch = os.path.join(folder, "delta-scratch")   # one at a time: under the checkpoint lock
     BlockMap.destroy(scratch)                          # what a crash left, if anything
@@ -65,66 +66,82 @@ def delta_entries(folder: str, block_size: int, records_of: Callable[[int], list
         BlockMap.destroy(scratch)
 
 
-#: A delta whose records are all one block long (random 4 KiB writes) is
-#: built on arrays up to this many records (80 segments of 8,192 writes;
-#: a checkpoint comes every 64): about 75 bytes each at the peak of the
-#: build, so at most about 50 MiB, 28 of them held until it is written.
-SINGLES_DELTA_RECORDS = 80 * 8192
+#: A delta is built on arrays up to this many blocks in its records (80
+#: segments of 8,192 one-block writes; a checkpoint comes every 64): about
+#: 75 bytes each at the peak of the build, so at most about 50 MiB, 28 of
+#: them held until it is written.
+ARRAY_DELTA_BLOCKS = 80 * 8192
 
 
-def single_block_delta(arrays_of: Callable[[int], tuple | None], first: int,
-                       last: int) -> list[Run] | None:
-    """The entries of the delta over segments first..last when every record
-    of them is one block long, as packed runs; None if one is not (or there
-    are more than SINGLES_DELTA_RECORDS), for the scratch map to do.  The
-    scratch map cost about 6 us of the serving process's CPU per record,
-    most of it Python holding the GIL the request threads wait for: 3 to
-    6 s per delta of 64 segments of random 4 KiB writes (docs/scale.md)."""
+def array_delta(arrays_of: Callable[[int], tuple | None], first: int, last: int,
+                block_size: int) -> list[Run] | None:
+    """The entries of the delta over segments first..last, as packed runs,
+    built on arrays; None if a segment's records are not to be had that way
+    or they hold more than ARRAY_DELTA_BLOCKS blocks, for the scratch map to
+    do.  The scratch map cost about 6 us of the serving process's CPU per
+    record, most of it Python holding the GIL the request threads wait for:
+    3 to 6 s per delta of 64 segments of random 4 KiB writes, and as much
+    for one that holds segments of relocated reads (docs/scale.md).  When
+    every record is one block long (random 4 KiB writes) each block is an
+    entry (newest_singles); else each record's stretches that no later
+    record covers are (newest_pieces), as the scratch map gives them."""
     import numpy as np   # on first use, as lsbd.map.packed does
 
-    lbas, seqs, offsets = [], [], []
+    lbas, seqs, offsets, lengths = [], [], [], []
     total = 0
     for seq in range(first, last + 1):
         got = arrays_of(seq)
         if got is None:
             return None
-        seg_lbas, written, seg_offsets = got
-        total += len(seg_lbas)
-        if total > SINGLES_DELTA_RECORDS:
+        seg_lbas, written, seg_offsets, seg_lengths = got
+        total += int(seg_lengths.sum(dtype=np.uint64))
+        if total > ARRAY_DELTA_BLOCKS:
             return None
         lbas.append(seg_lbas)
         seqs.append(np.where(written, np.uint64(seq), np.uint64(0)))
         offsets.append(seg_offsets)
+        lengths.append(seg_lengths)
     if not total:
         return []
     # One array of each column, the segments' own let go before the sort.
-    lba_column, seq_column, offset_column = (np.concatenate(c) for c in (lbas, seqs, offsets))
-    del lbas, seqs, offsets
-    return newest_singles(lba_column, seq_column, offset_column)
+    lba_column, seq_column, offset_column, length_column = (
+        np.concatenate(c) for c in (lbas, seqs, offsets, lengths))
+    del lbas, seqs, offsets, lengths
+    if total == len(length_column):
+        return newest_singles(lba_column, seq_column, offset_column)
+    return newest_pieces(lba_column, length_column, seq_column, offset_column, block_size)
 
 
 def record_arrays(records: list[Record]) -> tuple | None:
-    """A segment's records as (lbas, written, data offsets), numpy arrays in
-    record order (written: a DATA record, else a hole), resizes left out;
-    None if a record is longer than one block."""
+    """A segment's records as (lbas, written, data offsets, lengths), numpy
+    arrays in record order (written: a DATA record, else a hole), resizes
+    and empty records left out; None if they hold more than
+    ARRAY_DELTA_BLOCKS blocks (a long trim)."""
     import numpy as np
 
     records = [r for r in records if r.nblocks and r.kind != RESIZE]
-    if any(r.nblocks != 1 for r in records):
+    if sum(r.nblocks for r in records) > ARRAY_DELTA_BLOCKS:
         return None
     n = len(records)
     return (np.fromiter((r.lba for r in records), np.uint64, n),
             np.fromiter((r.kind == DATA for r in records), bool, n),
-            np.fromiter((r.data_offset for r in records), np.uint64, n))
+            np.fromiter((r.data_offset for r in records), np.uint64, n),
+            np.fromiter((r.nblocks for r in records), np.uint64, n))
+
+
+def _one_block_arrays(lbas, offsets) -> tuple:
+    """segment_arrays of a segment of one-block DATA records."""
+    import numpy as np
+
+    return lbas, np.ones(len(lbas), bool), offsets, np.ones(len(lbas), np.uint64)
 
 
 def segment_arrays(store: Store, segment_key: Callable[[int], str], files: SegmentFiles,
                    seq: int) -> tuple | None:
     """record_arrays of a sealed segment, read from its local copy's index
     with no Python object per record when all its records are one-block
-    writes; else from its records (segment_records)."""
-    import numpy as np
-
+    writes; else from its records (decode_footer: a segment of relocated
+    reads holds a few hundred)."""
     try:
         r = files.open_reader(seq)
         try:
@@ -134,13 +151,13 @@ def segment_arrays(store: Store, segment_key: Callable[[int], str], files: Segme
             os.close(r.fd)
         got = decode_one_block_footer(footer, trailer, where=files.key_of(seq))
         if got is not None:
-            return got[0], np.ones(len(got[0]), bool), got[1]
+            return _one_block_arrays(*got)
+        return record_arrays(decode_footer(footer, trailer, where=files.key_of(seq)))
     except (OSError, CorruptionError):
         # Evicted meanwhile (the default cache of 1 GiB holds about 32 of
         # the 64 segments between two checkpoints), or not sealed whole: the
         # store's copy, read the same way.
         return store_segment_arrays(store, segment_key(seq), seq)
-    return record_arrays(segment_records(store, segment_key, files, seq))
 
 
 def store_segment_arrays(store: Store, key: str, seq: int) -> tuple | None:
@@ -148,13 +165,11 @@ def store_segment_arrays(store: Store, key: str, seq: int) -> tuple | None:
     numpy when all its records are one-block writes (decoded record by
     record in Python, the same index cost the serving process about 10 ms
     of CPU per segment, half of a delta's build in a 40 GiB run)."""
-    import numpy as np
-
     trailer, footer = fetch_footer_by_key(store, key, seq)
     got = decode_one_block_footer(footer, trailer, where=key)
     if got is None:
         return record_arrays(decode_footer(footer, trailer, where=key))
-    return got[0], np.ones(len(got[0]), bool), got[1]
+    return _one_block_arrays(*got)
 
 
 def segment_records(store: Store, segment_key: Callable[[int], str], files: SegmentFiles,

@@ -75,13 +75,16 @@ def test_pure_chain_rules():
 def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
     """Checkpoint after every round: deltas with a base now and then.  The
     store alone, each past point, snapshots and a clone read back exactly.
-    one_block: every write, trim and zeroing one block long, so every delta
-    is built on arrays (deltas.single_block_delta)."""
+    Every delta is built on arrays: one_block (every write, trim and
+    zeroing one block long) an entry a block (newest_singles), extents a
+    stretch of a record (newest_pieces)."""
     from lsbd.engine import deltas
 
-    built, read = [], []
+    built, pieces, read = [], [], []
     monkeypatch.setattr(deltas, "newest_singles",
                         lambda *a, _f=deltas.newest_singles: built.append(1) or _f(*a))
+    monkeypatch.setattr(deltas, "newest_pieces",
+                        lambda *a, _f=deltas.newest_pieces: pieces.append(1) or _f(*a))
     monkeypatch.setattr(deltas, "decode_one_block_footer", lambda *a, _f=deltas.decode_one_block_footer,
                         **k: (lambda got: read.append(got is not None) or got)(_f(*a, **k)))
     create_volume(store, "vol", SIZE, segment_size=64 * 1024, checkpoint_segments=10_000,
@@ -105,6 +108,7 @@ def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
     # Both kinds were written, and a base at least every MAX_CHAIN + 1.
     assert kinds.count(True) >= 12 and kinds.count(False) >= 2
     assert (len(built) >= 12) == (max_n == 1)     # which way the deltas were built
+    assert (len(pieces) >= 12) == (max_n > 1)
     assert any(read) == (max_n == 1)              # segments of one-block writes on arrays
     run = 0
     for is_delta in kinds:
@@ -178,6 +182,60 @@ def test_a_delta_reads_evicted_segments_from_the_store_on_arrays(store, tmp_path
     for seq, state in states.items():
         with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
             assert read_all(past) == state, f"the point at seq {seq} differs"
+
+
+def test_a_delta_of_relocated_reads_is_built_on_arrays_and_reads_back_exactly(
+        store, tmp_path, monkeypatch):
+    """Rounds of scattered one-block writes, 1 MiB reads that relocate them
+    (records of many blocks), and writes over part of what was relocated,
+    a checkpoint after each: every delta is built on arrays, none on the
+    scratch map, and the volume read from the store alone, each point in
+    the past and a snapshot read back exactly."""
+    from lsbd.engine import deltas
+
+    pieces, scratch = [], []
+    monkeypatch.setattr(deltas, "newest_pieces",
+                        lambda *a, _f=deltas.newest_pieces: pieces.append(1) or _f(*a))
+    monkeypatch.setattr(deltas.BlockMap, "overlay",
+                        lambda self, *a, _f=deltas.BlockMap.overlay: scratch.append(1) or _f(self, *a))
+    create_volume(store, "vol", SIZE, segment_size=256 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(12)
+    states: dict[int, bytes] = {}
+    relocated = 0
+    with Volume.open(store, "vol", cache_root=cache) as vol:
+        for r in range(1, 7):
+            start = rng.randrange(0, SIZE // BS - 512)
+            order = list(range(start, start + 512))
+            rng.shuffle(order)
+            for i, lba in enumerate(order):
+                vol.write(lba * BS, blocks(r * 10_000 + i, lba, 1))
+            testing.seal_now(vol)
+            for off in range(start * BS, (start + 512) * BS, MiB):
+                vol.read(off, min(MiB, (start + 512) * BS - off))
+            assert testing.read_defrag(vol).drain()
+            testing.seal_now(vol)
+            for i in range(20):                       # over part of what was moved
+                lba = start + rng.randrange(512 - 3)
+                vol.write(lba * BS, blocks(r * 10_000 + 5_000 + i, lba, rng.randint(1, 3)))
+            seq = vol.checkpoint()
+            states[seq] = read_all(vol)
+            if r == 4:
+                snap = vol.snapshot("s4")
+        relocated = vol.usage()["read_defrag_bytes"]
+        expected = read_all(vol)
+    assert relocated >= 6 * MiB
+    assert len(pieces) >= 5 and not scratch        # relocated records, on arrays
+    assert sum(ckpt.read_manifest(store, "vol", s).is_delta for s in states) >= 5
+    wipe(cache_dir_for(cache, store, "vol"))
+    with Volume.open(store, "vol", cache_root=cache, read_only=True) as v:
+        assert read_all(v) == expected
+    for seq, state in states.items():
+        with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+            assert read_all(past) == state, f"the point at seq {seq} differs"
+    with Volume.open(store, "vol", cache_root=cache, at_seq=snap.seq) as past:
+        assert read_all(past) == states[snap.seq]
 
 
 def test_compaction_keeps_exactly_the_chains_kept_points_need(store, tmp_path):
@@ -328,14 +386,42 @@ def _delta_of(tmp_path, records: list[list], monkeypatch, *, arrays: bool) -> li
     from lsbd.engine import deltas
     from lsbd.map.packed import Run
 
+    scratch: list[int] = []
+    monkeypatch.setattr(deltas.BlockMap, "overlay",
+                        lambda self, *a, _f=deltas.BlockMap.overlay: scratch.append(1) or _f(self, *a))
     if not arrays:
-        monkeypatch.setattr(deltas, "SINGLES_DELTA_RECORDS", 0)
+        monkeypatch.setattr(deltas, "ARRAY_DELTA_BLOCKS", 0)
     out: list[tuple] = []
     with deltas.delta_entries(str(tmp_path), BS, lambda seq: records[seq - 1], 1,
                               len(records)) as entries:
         for e in entries:
             out.extend(e.entries() if isinstance(e, Run) else [tuple(e)])
     monkeypatch.undo()
+    assert bool(scratch) != arrays                 # built the way asked
+    return out
+
+
+def _last_records_model(segments) -> dict[int, tuple]:
+    """Each block's (seq, offset) after laying the segments' records over
+    one another in order (offset 0 for a hole)."""
+    from lsbd.format.segment import DATA, RESIZE
+
+    model: dict[int, tuple] = {}
+    for seq, records in enumerate(segments, 1):
+        for r in records:
+            if r.kind == RESIZE:
+                continue
+            for i in range(r.nblocks):
+                model[r.lba + i] = (seq, r.data_offset + i * BS) if r.kind == DATA else (0, 0)
+    return model
+
+
+def _per_block(entries: list[tuple]) -> dict[int, tuple]:
+    out: dict[int, tuple] = {}
+    for lba, n, seq, off in entries:
+        for i in range(n):
+            assert lba + i not in out                # entries do not overlap
+            out[lba + i] = (seq, off + i * BS if seq else 0)
     return out
 
 
@@ -343,7 +429,7 @@ def test_a_delta_of_one_block_records_is_what_the_scratch_map_makes(tmp_path, mo
     """A delta of one-block records built on arrays holds what laying them
     over a scratch map one after the other gives: the newest record of each
     block (later segments, and later records in a segment, win), holes as
-    seq 0, resizes ignored; a multi-block record sends it to the scratch map."""
+    seq 0, resizes ignored, each block an entry of its own."""
     from lsbd.engine import deltas
     from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, Record
 
@@ -361,19 +447,68 @@ def test_a_delta_of_one_block_records_is_what_the_scratch_map_makes(tmp_path, mo
     by_arrays = _delta_of(tmp_path, segments, monkeypatch, arrays=True)
     by_scratch = _delta_of(tmp_path, segments, monkeypatch, arrays=False)
     assert by_arrays == by_scratch
-    # The model: the last record of each block, in block order.
-    model: dict[int, tuple] = {}
-    for seq, records in enumerate(segments, 1):
-        for r in records:
-            if r.kind != RESIZE:
-                model[r.lba] = (r.lba, 1, seq, r.data_offset) if r.kind == DATA else \
-                    (r.lba, 1, 0, 0)
-    assert by_arrays == [model[lba] for lba in sorted(model)]
-    assert deltas.single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is not None
-    segments[4].append(Record(DATA, 0, 7, 2, 4096, b"\0" * 8))
-    assert deltas.single_block_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8) is None
-    assert _delta_of(tmp_path, segments, monkeypatch, arrays=True) == \
-        _delta_of(tmp_path, segments, monkeypatch, arrays=False)
+    model = _last_records_model(segments)
+    assert by_arrays == [(lba, 1, *model[lba]) for lba in sorted(model)]
+    assert deltas.array_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 8,
+                              BS) is not None
+
+
+def test_a_delta_of_longer_records_is_what_the_scratch_map_makes(tmp_path, monkeypatch):
+    """Records longer than one block (relocated reads, sequential writes,
+    long trims) mixed with one-block ones, overlapping each other within a
+    segment and across segments: built on arrays, the delta is entry for
+    entry what the scratch map makes (each record's stretches that no later
+    record covers), and block for block what laying the records over one
+    another gives."""
+    from lsbd.engine import deltas
+    from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, Record
+
+    rng = random.Random(8)
+    segments = []
+    for _seq in range(1, 10):
+        records, at = [], 0
+        for _i in range(120):
+            kind = rng.choice([DATA, DATA, DATA, ZERO, TRIM])
+            n = rng.choice([1, 1, 2, 3, 8, 17, 64])
+            lba = rng.randrange(400)
+            records.append(Record(kind, 0, lba, n, 4096 * (at + 1) if kind == DATA else 0,
+                                  b"\0" * 4 * n if kind == DATA else b""))
+            at += n if kind == DATA else 0
+        records.insert(60, Record(RESIZE, 0, SIZE, 0, 0, b""))
+        records.insert(30, Record(TRIM, 0, 7, 0, 0, b""))       # an empty record
+        segments.append(records)
+    by_arrays = _delta_of(tmp_path, segments, monkeypatch, arrays=True)
+    by_scratch = _delta_of(tmp_path, segments, monkeypatch, arrays=False)
+    assert by_arrays == by_scratch
+    assert any(n > 1 for _lba, n, _seq, _off in by_arrays)
+    model = _last_records_model(segments)
+    assert _per_block(by_arrays) == model
+    # Packed runs of a few entries each: the pieces cross the runs' ends.
+    monkeypatch.setattr(deltas, "newest_pieces",
+                        lambda *a, _f=deltas.newest_pieces: _f(*a, per=7))
+    assert _delta_of(tmp_path, segments, monkeypatch, arrays=True) == by_scratch
+
+
+def test_a_delta_past_its_bound_in_blocks_goes_to_the_scratch_map(tmp_path, monkeypatch):
+    """A long trim (or more blocks than ARRAY_DELTA_BLOCKS in all) is laid
+    over the scratch map, with the same result."""
+    from lsbd.engine import deltas
+    from lsbd.format.segment import DATA, TRIM, Record
+
+    segments = [[Record(DATA, 0, 5, 4, 4096, b"\0" * 16)],
+                [Record(TRIM, 0, 0, 1 << 30, 0, b""), Record(DATA, 0, 6, 1, 4096, b"\0" * 4)]]
+    assert deltas.array_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 2,
+                              BS) is None
+    assert deltas.array_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 1,
+                              BS) is not None
+    expected = [(0, 6, 0, 0), (6, 1, 2, 4096), (7, (1 << 30) - 7, 0, 0)]
+    assert _delta_of(tmp_path, segments, monkeypatch, arrays=False) == expected
+    monkeypatch.setattr(deltas, "ARRAY_DELTA_BLOCKS", 4)
+    assert deltas.array_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 1,
+                              BS) is not None
+    monkeypatch.setattr(deltas, "ARRAY_DELTA_BLOCKS", 3)
+    assert deltas.array_delta(lambda seq: deltas.record_arrays(segments[seq - 1]), 1, 1,
+                              BS) is None
 
 
 def test_golden_delta_bytes(store):
