@@ -33,8 +33,11 @@ anonymous RSS in each pass, and the server's processor time and disk
 reads per MiB read in each pass, the system part of that time, and the
 processor time of its child processes (the map's process and the sealing
 worker) per MiB (/proc/PID/stat and io), and the checkpoints the server
-completed during each pass and their processor time.  --spy DIR: a py-spy profile of each pass
-(NAME-first.txt, NAME-second.txt; raw format, idle threads included).
+completed during each pass and their processor time, and the time of a
+checkpoint made after the passes (wall and the server's processor time).
+--spy DIR: a py-spy profile of each pass and of that checkpoint
+(NAME-first.txt, NAME-second.txt, NAME-checkpoint.txt; raw format, idle
+threads included).
 Needs fio and root (to drop caches).  Compare subjects within one run: the machine is shared.
 """
 
@@ -194,6 +197,18 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
                 prof.wait()
             out[f"peak_anon_{name}_kib"] = rss.phase()
         out["read_defrag_bytes"] = lsbd.stats().get("read_defrag_bytes")
+        # The checkpoint put off while the passes read (its delta holds the
+        # segments they relocated), as scale_bench's checkpoint phase runs it.
+        before = lsbd.stats()
+        prof = _spy(lsbd.proc.pid, f"{spy}-checkpoint.txt") if spy else None
+        started = time.perf_counter()
+        lsbd.checkpoint()
+        out["checkpoint_s"] = round(time.perf_counter() - started, 2)
+        if prof is not None:
+            prof.send_signal(2)
+            prof.wait()
+        out["checkpoint_cpu_s"] = round(lsbd.stats()["checkpoint_cpu_seconds"] -
+                                        before["checkpoint_cpu_seconds"], 2)
         out["load"].append(os.getloadavg()[0])
         rss.close()
         return out
@@ -263,7 +278,9 @@ def main() -> None:
               f"disk MiB/MiB "
               f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}; checkpoints done "
               f"{r['first_checkpoints']} / {r['second_checkpoints']} ("
-              f"{r['first_checkpoint_cpu_s']} / {r['second_checkpoint_cpu_s']} s)", flush=True)
+              f"{r['first_checkpoint_cpu_s']} / {r['second_checkpoint_cpu_s']} s); the "
+              f"checkpoint after them {r['checkpoint_s']} s ({r['checkpoint_cpu_s']} s of "
+              f"processor time)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
