@@ -10,6 +10,20 @@ Databases (map format 2; docs/format.md "Cache dir"):
                                        (20 bytes <IQQ when one does not fit)
   segments  >Q seq          ->  SegmentInfo (state, times, size, live blocks)
   meta      name            ->  value (volume id, store URL, applied seq, size ...)
+  staged    >Q seq          ->  a staged segment's one-block writes (lsbd.map.staged)
+
+Segments of one-block writes (random 4 KiB writes) are staged: their
+writes kept as one value, their row and the applied seq written, in one
+small transaction; reads see them through the newest staged write of each
+block, held in memory.  Once STAGE_SEGMENTS are staged they are merged into
+the extents in block order, a range of MERGE_RANGE blocks a transaction,
+a few ranges per segment staged meanwhile; the last range's transaction
+deletes their staged values.  Merging is idempotent: a block whose entry
+already is its newest staged write is left alone, so a merge cut short (a
+crash) is simply done again, and live counts move only with the entries.
+A staged segment's row counts only its merged blocks; segments() adds its
+newest staged ones (an over-count while a merge is half done, never an
+under-count).
 
 A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
 10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
@@ -32,6 +46,9 @@ from typing import Iterable, Iterator
 import lmdb
 
 from lsbd import fileio
+from lsbd.map import staged
+from lsbd.map.staged import OFF_BITS as _OFF_BITS
+from lsbd.map.staged import Newest
 from lsbd.format.segment import DATA, RESIZE, Record
 from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
 from lsbd.map.offload import MapProcess, OffloadUnavailable
@@ -47,8 +64,16 @@ _MIGRATE_BATCH = 1 << 16
 #: Packed runs shorter than this are loaded entry by entry (cheaper than
 #: the slicing and counting a run costs).
 _SHORT_RUN = 16
-#: Bits of a file offset in apply_segments' packed ints (segments are at most 4 GiB).
-_OFF_BITS = 40
+#: Segments staged before a merge starts (lsbd.map.staged): at 8,192
+#: writes each, about as many writes as a 16-million-extent map has leaf
+#: pages, so that a merge writes each leaf about once for several writes.
+STAGE_SEGMENTS = 64
+#: Blocks merged in one transaction: about the pages one segment's commit
+#: dirtied before staging.
+MERGE_RANGE = 8192
+#: Ranges merged per segment staged while a merge runs: done in half the
+#: time the next one takes to stage.
+MERGE_STEPS = 2
 #: Failures of the map's process in a row before writes stay in this process.
 _OFFLOAD_TRIES = 3
 log = logging.getLogger(__name__)
@@ -56,7 +81,8 @@ __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot
 
 
 class BlockMap:
-    def __init__(self, path: str, block_size: int, *, scratch: bool = False):
+    def __init__(self, path: str, block_size: int, *, scratch: bool = False,
+                 lookups: bool = True):
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.block_size = block_size
@@ -64,12 +90,27 @@ class BlockMap:
         # metasync=False: a crash may undo the last commit (replay redoes it from
         # the journal files); data pages are still synced, so the map is never torn.
         # scratch: a throwaway map (a delta being built), never synced.
-        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=4, sync=not scratch,
+        # lookups=False: the map's process, which only applies and merges.
+        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=8, sync=not scratch,
                               metasync=False, readahead=False, max_readers=512)
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")
+        self._staged_db = self._env.open_db(b"staged")
         self._migrate()
+        # Stage segments of one-block writes (not in a scratch map, which
+        # overlay() and load() fill, nor in the map's process: its parent stages).
+        self._stages = not scratch and lookups
+        # The newest staged write of each block (replaced, never changed:
+        # swapped under _reader_lock), and the staged seqs in order.
+        self._newest = Newest()
+        self._staged_seqs: list[int] = []
+        if lookups:
+            with self._env.begin() as txn:
+                self._staged_seqs, self._newest = self._staged_in(txn)
+        self._merging: int | None = None   # the merge under way: up to this seq
+        self._merge_from = 0               # ... from this block on
+        self._gen: tuple[int, Newest] | None = None   # its writes, as merge_ranges loaded them
         # A scratch map that holds only one-block entries (it starts empty):
         # overlay() then replaces entries without looking them up.
         self._singles = scratch and self.extent_count() == 0
@@ -154,9 +195,12 @@ class BlockMap:
 
     def _drop_reader(self) -> None:
         with self._reader_lock:
-            if self._reader is not None:
-                self._reader[0].abort()
-                self._reader = None
+            self._drop_reader_locked()
+
+    def _drop_reader_locked(self) -> None:
+        if self._reader is not None:
+            self._reader[0].abort()
+            self._reader = None
 
     @staticmethod
     def destroy(path: str) -> None:
@@ -182,14 +226,26 @@ class BlockMap:
 
     def lookup(self, lba: int, nblocks: int) -> list[Extent]:
         """The mapped pieces of [lba, lba+nblocks), clipped to it, in order."""
+        # The staged writes first: a merge commits before it lets go of
+        # them, so a transaction begun after this sees at least their merge.
+        newest = self._newest
         with self._env.begin(db=self._extents) as txn:
-            return _lookup(txn.cursor(), lba, nblocks, self.block_size)
+            out = _lookup(txn.cursor(), lba, nblocks, self.block_size)
+        if len(newest):
+            lbas, vals = newest.between(lba, lba + nblocks)
+            if lbas:
+                return list(staged.laid_over(out, lbas, vals, self.block_size))
+        return out
 
     def lookup_block(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of one block, or None for a hole: lookup() for
         random reads, without building a list."""
         key = _k(lba)
         with self._reader_lock:
+            if len(self._newest):
+                hit = self._newest.find(lba)
+                if hit is not None:
+                    return hit
             if self._reader is None:
                 txn = self._env.begin(db=self._extents)
                 self._reader = (txn, txn.cursor())
@@ -210,8 +266,26 @@ class BlockMap:
 
     def iter_extents(self) -> Iterator[Extent]:
         """Every extent, in block order, from one consistent view."""
-        with self._env.begin(db=self._extents) as txn:
-            yield from _extents_of(txn, self._extents)
+        with self._env.begin() as txn:
+            yield from self._overlaid(txn)
+
+    def _overlaid(self, txn) -> Iterator[Extent]:
+        """The extents with the staged writes laid over, as of `txn`."""
+        _seqs, newest = self._staged_in(txn)
+        if not len(newest):
+            return _extents_of(txn, self._extents)
+        return staged.laid_over(_extents_of(txn, self._extents), newest.lbas.tolist(),
+                                newest.vals.tolist(), self.block_size)
+
+    def _staged_in(self, txn) -> tuple[list[int], Newest]:
+        """The staged seqs and their newest writes, as of `txn`."""
+        segs = [(_KEY.unpack(k)[0], *staged.unpack(v))
+                for k, v in txn.cursor(db=self._staged_db)]
+        return [s for s, _l, _o in segs], Newest.of(segs)
+
+    def staged_count(self) -> int:
+        """Segments staged, not yet merged into the extents."""
+        return len(self._staged_seqs)
 
     def snapshot(self) -> "MapSnapshot":
         """A frozen view of the map for a long read (a checkpoint) while
@@ -240,13 +314,18 @@ class BlockMap:
     # --- segments --------------------------------------------------------------
 
     def segment(self, seq: int) -> SegmentInfo | None:
+        counts = self._newest.counts() if len(self._newest) else {}
         with self._env.begin(db=self._segments) as txn:
             raw = txn.get(_KEY.pack(seq))
-        return None if raw is None else SegmentInfo.unpack(seq, raw)
+        return None if raw is None else _with_staged(SegmentInfo.unpack(seq, raw), counts)
 
     def segments(self) -> list[SegmentInfo]:
+        """Every segment's row; live blocks count its staged writes that are
+        the newest of their block too."""
+        counts = self._newest.counts() if len(self._newest) else {}
         with self._env.begin(db=self._segments) as txn:
-            return [SegmentInfo.unpack(_KEY.unpack(k)[0], v) for k, v in txn.cursor()]
+            return [_with_staged(SegmentInfo.unpack(_KEY.unpack(k)[0], v), counts)
+                    for k, v in txn.cursor()]
 
     def set_segment_state(self, seq: int, state: int) -> None:
         with self._writing(self._segments) as txn:
@@ -274,6 +353,11 @@ class BlockMap:
         they left without a live block."""
         lists = [(info, r if isinstance(r, (list, OneBlockWrites)) else list(r))
                  for info, r in batch]
+        if self._stages and lists and all(_single_writes(r) for _, r in lists):
+            return self._stage(lists, meta)
+        # Any other record is laid over the extents as they are: the staged
+        # writes, older, go into them first.
+        self.merge_all()
         if self._offload is not None:
             try:
                 emptied, live = self._offload.apply(
@@ -302,6 +386,11 @@ class BlockMap:
                 # Applied already (by the map's process, which died before it
                 # could say so): applying it again would count its blocks twice.
                 return []
+            if txn.stat(self._staged_db)["entries"]:
+                # Staged by a parent that did not merge them first (never by
+                # this code): laid over, they would hide these writes.
+                raise RuntimeError(f"the map {self.path}: staged segments not merged "
+                                   "before other records")
             cur = txn.cursor(db=self._extents)
             if all(_single_writes(records) for _, records in lists):
                 # Every record a one-block write: the newest write of each
@@ -334,6 +423,167 @@ class BlockMap:
                     txn.put(_KEY.pack(seq), old.pack(), db=self._segments)
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
+        return emptied
+
+    # --- staging and merging -------------------------------------------------
+
+    def _stage(self, lists: list, meta: dict[str, bytes]) -> list[int]:
+        """Stage segments of one-block writes: their writes as values of the
+        `staged` database, their rows (live blocks 0: merges count them)
+        and `meta`, in one transaction; then a step of the merge."""
+        writes = [(info, r if isinstance(r, OneBlockWrites) else OneBlockWrites.of(r))
+                  for info, r in lists]
+        with self._writing() as txn:
+            last = writes[-1][0].seq
+            if txn.get(_KEY.pack(last), db=self._segments) is not None \
+                    and "applied_seq" in meta \
+                    and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= last:
+                return []       # in the map already (replayed twice)
+            for info, w in writes:
+                info.live_blocks = 0
+                txn.put(_KEY.pack(info.seq), staged.pack(w.lbas, w.offsets),
+                        db=self._staged_db)
+                txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
+            for k, v in meta.items():
+                txn.put(k.encode(), v, db=self._meta)
+        newest = self._newest
+        for info, w in writes:
+            newest = newest.added(info.seq, w.lbas, w.offsets)
+        # No lock: lookups read a Newest whole, whichever one they took.
+        self._newest = newest
+        self._staged_seqs.extend(info.seq for info, _ in writes)
+        return self._merge_step()
+
+    def _merge_step(self) -> list[int]:
+        """Go on with the merge (start one once STAGE_SEGMENTS are staged):
+        MERGE_STEPS ranges, or all that is left when another merge is due."""
+        if self._merging is None:
+            if len(self._staged_seqs) < STAGE_SEGMENTS:
+                return []
+            self._merging, self._merge_from = self._staged_seqs[-1], 0
+        ahead = sum(1 for s in self._staged_seqs if s > self._merging)
+        steps = MERGE_STEPS if ahead < STAGE_SEGMENTS else 1 << 40
+        return self._run_merge(steps)
+
+    def merge_all(self) -> list[int]:
+        """Merge every staged segment into the extents (before other
+        records are laid over them).  Returns the segments left without a
+        live block."""
+        emptied: list[int] = []
+        while self._staged_seqs:
+            if self._merging is None:
+                self._merging, self._merge_from = self._staged_seqs[-1], 0
+            emptied += self._run_merge(1 << 40)
+        return emptied
+
+    def _run_merge(self, steps: int) -> list[int]:
+        """`steps` ranges of the merge under way, in the map's process when
+        there is one (else here: merging again what it did is harmless)."""
+        assert self._merging is not None
+        upto = self._merging
+        nxt: int | None
+        if self._offload is not None:
+            try:
+                nxt, emptied = self._offload.merge(upto, self._merge_from, steps, MERGE_RANGE)
+            except OffloadUnavailable as e:
+                log.warning("the map %s: its process stopped (%s); merging here", self.path, e)
+                if self._offload.failures >= _OFFLOAD_TRIES:
+                    self._offload.close()
+                    self._offload_cpu += self._offload.cpu_seconds
+                    self._offload = None
+                nxt, emptied = self.merge_ranges(upto, self._merge_from, steps)
+            else:
+                fileio.map_committed(self.path, self._env)
+        else:
+            nxt, emptied = self.merge_ranges(upto, self._merge_from, steps)
+        self._drop_reader()
+        if nxt is None:
+            with self._reader_lock:
+                # After the merge's commits: a lookup that finds a block no
+                # longer staged finds it in the extents.
+                self._newest = self._newest.after(upto)
+                self._drop_reader_locked()
+            self._staged_seqs = [s for s in self._staged_seqs if s > upto]
+            self._merging = None
+        else:
+            self._merge_from = nxt
+        return emptied
+
+    def merge_ranges(self, upto: int, start: int, steps: int,
+                     blocks: int | None = None) -> tuple[int | None, list[int]]:
+        """Merge the newest writes of the segments staged up to seq `upto`
+        into the extents, from block `start` on, `steps` transactions of
+        `blocks` blocks (default MERGE_RANGE): (the block to go on from, or
+        None once the last transaction also deleted their staged values;
+        segments left without a live block)."""
+        blocks = blocks or MERGE_RANGE
+        if self._gen is None or self._gen[0] != upto:
+            self._gen = None
+            with self._env.begin() as txn:
+                segs = [(s, *staged.unpack(v))
+                        for s, v in _staged_upto(txn.cursor(db=self._staged_db), upto)]
+            self._gen = (upto, Newest.of(segs))
+        gen = self._gen[1]
+        i = int(gen.lbas.searchsorted(start))
+        emptied: list[int] = []
+        for _ in range(steps):
+            j = min(i + blocks, len(gen))
+            last = j >= len(gen)
+            live_delta: dict[int, int] = defaultdict(int)
+            with self._writing() as txn:
+                cur = txn.cursor(db=self._extents)
+                self._merge_blocks(txn, cur, gen.lbas[i:j].tolist(), gen.vals[i:j].tolist(),
+                                   live_delta)
+                emptied += self._count_live(txn, live_delta)
+                if last:
+                    cur = txn.cursor(db=self._staged_db)
+                    while cur.first() and _KEY.unpack(cur.key())[0] <= upto:
+                        cur.delete()
+            if last:
+                self._gen = None
+                return None, emptied
+            i = j
+        return int(gen.lbas[i]), emptied
+
+    def _merge_blocks(self, txn, cur, lbas: list[int], vals: list[int],
+                      live_delta: dict[int, int]) -> None:
+        """Put each block's newest staged write (lbas sorted) where its
+        lookup leaves the cursor (as _apply_single); a block whose entry is
+        that write already (a merge done again after a crash) is left
+        alone, so its live counts move once."""
+        mask = (1 << _OFF_BITS) - 1
+        for lba, where in zip(lbas, vals):
+            key = _k(lba)
+            seq = where >> _OFF_BITS
+            new = _v(1, seq, where & mask)
+            if cur.set_range(key):
+                if cur.key() == key:
+                    if cur.value() == new:
+                        continue
+                    n, old, _off = _unv(cur.value())
+                    if n == 1:
+                        live_delta[old] -= 1
+                    else:
+                        self._punch(txn, cur, lba, lba + 1, live_delta)
+                elif cur.prev():
+                    self._cut_under(txn, cur, lba, live_delta)
+            elif cur.last():
+                self._cut_under(txn, cur, lba, live_delta)
+            cur.put(key, new)
+            live_delta[seq] += 1
+
+    def _count_live(self, txn, live_delta: dict[int, int]) -> list[int]:
+        """Move the rows' live blocks by `live_delta`; the segments left at 0."""
+        emptied = []
+        for seq, delta in live_delta.items():
+            raw = txn.get(_KEY.pack(seq), db=self._segments)
+            if raw is None or not delta:
+                continue
+            info = SegmentInfo.unpack(seq, raw)
+            info.live_blocks = max(0, info.live_blocks + delta)
+            if info.live_blocks == 0:
+                emptied.append(seq)
+            txn.put(_KEY.pack(seq), info.pack(), db=self._segments)
         return emptied
 
     def _apply_records(self, txn, cur, new_seq: int, records: list[Record],
@@ -438,6 +688,8 @@ class BlockMap:
         the map's size: a crash half way leaves a map without the volume
         id, which recovery does not trust."""
         live: Counter = Counter()
+        with self._reader_lock:
+            self._newest, self._staged_seqs, self._merging, self._gen = Newest(), [], None, None
         it = iter(extents)
         first = True
         done = False
@@ -448,6 +700,7 @@ class BlockMap:
                 if first:
                     txn.drop(self._extents, delete=False)
                     txn.drop(self._segments, delete=False)
+                    txn.drop(self._staged_db, delete=False)
                     first = False
                 cur = txn.cursor(db=self._extents)
                 for e in it:
@@ -515,9 +768,12 @@ class BlockMap:
     def referenced_seqs(self) -> set[int]:
         """Every seq the map's extents point into (one pass over the map)."""
         seqs: set[int] = set()
-        with self._env.begin(db=self._extents) as txn:
-            for value in txn.cursor().iternext(keys=False, values=True):
+        with self._env.begin() as txn:
+            for value in txn.cursor(db=self._extents).iternext(keys=False, values=True):
                 seqs.add(_unv(value)[1])
+            # An entry the staged writes hide may be gone once they are
+            # merged; counted all the same (a seq kept a while longer).
+            seqs.update(self._staged_in(txn)[1].counts())
         return seqs
 
     def live_blocks_by_seq(self) -> dict[int, int]:
@@ -540,10 +796,12 @@ class MapSnapshot:
         return default if raw is None else int(bytes(raw))
 
     def extents(self) -> Iterator[Extent]:
-        return _extents_of(self._txn, self._bm._extents)
+        """The extents with the staged writes laid over, as of this moment."""
+        return self._bm._overlaid(self._txn)
 
     def segments(self) -> list[SegmentInfo]:
-        return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
+        counts = self._bm._staged_in(self._txn)[1].counts()
+        return [_with_staged(SegmentInfo.unpack(_KEY.unpack(k)[0], v), counts)
                 for k, v in self._txn.cursor(db=self._bm._segments)]
 
     def close(self) -> None:
@@ -582,6 +840,22 @@ class OneBlockWrites:
 
     def __setstate__(self, state) -> None:
         self.lbas, self.offsets = state
+
+
+def _with_staged(info: SegmentInfo, counts: dict[int, int]) -> SegmentInfo:
+    """A row with its newest staged writes counted live."""
+    if counts.get(info.seq):
+        info.live_blocks += counts[info.seq]
+    return info
+
+
+def _staged_upto(cur, upto: int) -> Iterator[tuple[int, bytes]]:
+    """(seq, value) of the staged segments up to seq `upto`."""
+    for k, v in cur:
+        seq = _KEY.unpack(k)[0]
+        if seq > upto:
+            return
+        yield seq, v
 
 
 def _single_writes(records: list[Record] | OneBlockWrites) -> bool:

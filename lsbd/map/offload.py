@@ -17,11 +17,16 @@ The child dies with the thread that started it (the sealer's, or the
 process): a batch whose parent was killed is never committed behind the
 back of the next writer.
 
+It also merges the staged segments into the extents (BlockMap.merge_ranges,
+lsbd.map.staged), a few ranges a request: the staging itself is one small
+transaction, which the parent commits.
+
 Protocol, over the child's stdin and stdout: a u32 length and a pickled
-(batch, meta) in; a u32 length and a pickled ("ok", (emptied, live blocks
-of each segment, CPU seconds)), ("oserror", (errno, message)) or
-("error", message) out.  The child exits at the end of its input (its
-parent gone).
+("apply", (batch, meta)) or ("merge", (upto seq, from block, ranges, blocks a range)) in;
+a u32 length and a pickled ("ok", (emptied, live blocks of each segment,
+CPU seconds)), for a merge ("ok", (block to go on from or None, emptied,
+CPU seconds)), ("oserror", (errno, message)) or ("error", message) out.
+The child exits at the end of its input (its parent gone).
 
 A commit is the child's; the parent learns of it from the reply.  If the
 child dies or cannot start, the parent applies the batch itself: a batch
@@ -65,21 +70,33 @@ class MapProcess:
         the commit (a full disk) is raised as it is; OffloadUnavailable if
         the child could not do it (nothing of the batch may be committed,
         or all of it)."""
+        emptied, live, cpu = self._ask(("apply", (batch, meta)))
+        return emptied, live
+
+    def merge(self, upto: int, start: int, steps: int,
+              blocks: int) -> tuple[int | None, list[int]]:
+        """BlockMap.merge_ranges(upto, start, steps, blocks) in the child: (the block
+        to go on from, or None once merged; emptied segments).  Errors as
+        apply()'s; a merge cut short is done again harmlessly."""
+        nxt, emptied, _cpu = self._ask(("merge", (upto, start, steps, blocks)))
+        return nxt, emptied
+
+    def _ask(self, request: tuple) -> tuple:
         with self._lock:
             try:
                 if self._proc is None:
                     self._proc = self._start()
                 assert self._proc.stdin is not None and self._proc.stdout is not None
-                childproc.send(self._proc.stdin, (batch, meta))
+                childproc.send(self._proc.stdin, request)
                 reply = childproc.receive(self._proc.stdout)
             except (EOFError, BrokenPipeError, pickle.PickleError, ValueError, OSError) as e:
                 self._stop()
                 self.failures += 1
                 raise OffloadUnavailable(str(e) or type(e).__name__) from None
-        emptied, live, cpu = childproc.reply_value(reply, "map process")
+        value = childproc.reply_value(reply, "map process")
         self.failures = 0
-        self.cpu_seconds += cpu
-        return emptied, live
+        self.cpu_seconds += value[-1]
+        return value
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None

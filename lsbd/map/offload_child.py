@@ -27,7 +27,7 @@ def main() -> int:
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != int(sys.argv[3]):
         return 0        # the parent died before the signal was set
-    bm = BlockMap(sys.argv[1], int(sys.argv[2]))
+    bm = BlockMap(sys.argv[1], int(sys.argv[2]), lookups=False)
     # A batch's records (up to 8,192 Records, tuples, when they are not all
     # one-block writes) die with it and hold no cycles: with the default
     # threshold the collector walked them several times a batch (about 5%
@@ -39,15 +39,21 @@ def main() -> int:
     try:
         while True:
             try:
-                batch, meta = childproc.receive(stdin)
+                op, args = childproc.receive(stdin)
             except EOFError:
                 return 0
             cpu = time.process_time()
+            batch = None
             try:
-                emptied = bm.apply_segments(batch, **meta)
-                reply: tuple[str, object] = (
-                    "ok", (emptied, [info.live_blocks for info, _ in batch],
-                           time.process_time() - cpu))
+                reply: tuple[str, object]
+                if op == "merge":
+                    nxt, emptied = bm.merge_ranges(*args)
+                    reply = ("ok", (nxt, emptied, time.process_time() - cpu))
+                else:
+                    batch, meta = args
+                    emptied = bm.apply_segments(batch, **meta)
+                    reply = ("ok", (emptied, [info.live_blocks for info, _ in batch],
+                                    time.process_time() - cpu))
             except OSError as e:     # its errno matters to the parent (a full disk)
                 reply = ("oserror", (e.errno, f"{type(e).__name__}: {e}"))
             except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -71,14 +71,22 @@ def test_pure_chain_rules():
     assert gone == [5, 10, 11, 12, 13, 14]   # 17 is after the live one: never deleted here
 
 
-@pytest.mark.parametrize("max_n", [12, 1], ids=["extents", "one_block"])
-def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n):
+@pytest.mark.parametrize("max_n,merge_every", [(12, 0), (1, 0), (1, 2)],
+                         ids=["extents", "one_block", "one_block_merged"])
+def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n, merge_every):
     """Checkpoint after every round: deltas with a base now and then.  The
     store alone, each past point, snapshots and a clone read back exactly.
     Every delta is built on arrays: one_block (every write, trim and
     zeroing one block long) an entry a block (newest_singles), extents a
-    stretch of a record (newest_pieces)."""
+    stretch of a record (newest_pieces).  merged: the map's staged
+    segments merged every two, a few blocks a transaction."""
     from lsbd.engine import deltas
+    from lsbd.map import blockmap
+
+    if merge_every:
+        monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", merge_every)
+        monkeypatch.setattr(blockmap, "MERGE_RANGE", 3)
+        monkeypatch.setattr(blockmap, "MERGE_STEPS", 1)
 
     built, pieces, read = [], [], []
     monkeypatch.setattr(deltas, "newest_singles",

@@ -251,8 +251,10 @@ def test_segments_of_one_block_writes_apply_as_record_by_record(tmp_path, monkey
     twice in a segment, at an extent's first block, inside one, and at its
     last."""
     rng = random.Random(8)
-    fast = BlockMap(str(tmp_path / "fast"), BS)
-    slow = BlockMap(str(tmp_path / "slow"), BS)
+    # lookups=False: as in the map's process, applied, not staged
+    # (tests/engine/test_map_staged.py has the staged segments).
+    fast = BlockMap(str(tmp_path / "fast"), BS, lookups=False)
+    slow = BlockMap(str(tmp_path / "slow"), BS, lookups=False)
     try:
         space = 300
         for seq in range(1, 41):
@@ -282,8 +284,8 @@ def test_segments_applied_in_a_batch_are_as_applied_one_by_one(tmp_path):
     gives, with blocks written again by a later segment of the same batch,
     batches all of one-block writes and batches mixed with longer records."""
     rng = random.Random(11)
-    batched = BlockMap(str(tmp_path / "batched"), BS)
-    single = BlockMap(str(tmp_path / "single"), BS)
+    batched = BlockMap(str(tmp_path / "batched"), BS, lookups=False)
+    single = BlockMap(str(tmp_path / "single"), BS, lookups=False)
     try:
         space = 400
         seq = 1

@@ -30,7 +30,8 @@ def _live(bm: BlockMap) -> dict[int, int]:
     return {s.seq: s.live_blocks for s in bm.segments()}
 
 
-def test_segments_applied_in_the_maps_process_are_as_applied_here(tmp_path):
+def test_segments_applied_in_the_maps_process_are_as_applied_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 3)     # merged in the child
     rng = random.Random(5)
     batches = [[_segment(seq, [rng.randrange(4096) for _ in range(300)])] for seq in range(1, 9)]
     here = BlockMap(str(tmp_path / "here"), BS)
@@ -43,7 +44,10 @@ def test_segments_applied_in_the_maps_process_are_as_applied_here(tmp_path):
             b = there.apply_segments([(_info(seq, 300), batch[0][1])],
                                      applied_seq=str(seq).encode())
             assert a == b
-        assert there.offload_cpu_seconds > 0          # the child did it
+        assert there.offload_cpu_seconds > 0          # the child merged
+        assert list(here.iter_extents()) == list(there.iter_extents())
+        here.merge_all()
+        there.merge_all()
         assert list(here.iter_extents()) == list(there.iter_extents())
         assert _live(here) == _live(there)
         assert there.get_int("applied_seq") == 8
@@ -94,6 +98,7 @@ def test_a_map_process_that_cannot_start_leaves_the_writes_here(tmp_path, monkey
         raise OSError(2, "no such interpreter")
 
     monkeypatch.setattr(offload.MapProcess, "_start", cannot)
+    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 1)     # merged at once
     bm = BlockMap(str(tmp_path / "map"), BS)
     bm.offload_writes()
     try:

@@ -30,6 +30,12 @@ HOT_BLOCKS = 2048          # most writes land in the first 8 MiB, so they overla
 MAX_BLOCKS = 64            # 256 KiB: a write as large as a whole segment
 
 
+def singles() -> bool:
+    """One-block writes only, the map's staged segments merged every few
+    segments in ranges of a few blocks (the merge test of tests/crash/test_crash.py)."""
+    return os.environ.get("LSBD_CRASH_SINGLES") == "1"
+
+
 class Piece(NamedTuple):
     kind: str
     lba: int
@@ -58,6 +64,8 @@ def data_for(index: int, piece: Piece) -> bytes:
 
 
 def _piece(rng: random.Random, volume_blocks: int) -> Piece:
+    if singles():
+        return Piece(DATA, rng.randrange(HOT_BLOCKS), 1)
     r = rng.random()
     if r < 0.35:
         n = rng.randint(1, 4)
@@ -108,6 +116,11 @@ def main(argv: list[str]) -> int:
 
     from lsbd.engine.volume import Volume
     from lsbd.store import open_store
+
+    if singles():
+        from lsbd.map import blockmap
+
+        blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = 3, 16, 1
 
     secret = None
     if os.environ.get("LSBD_TEST_PASSPHRASE"):      # an encrypted volume

@@ -1,0 +1,164 @@
+"""Staged segments: sealed segments of one-block writes that the map holds
+as arrays until it merges them into its extents (lsbd.map.blockmap).
+
+A segment of 8,192 random 4 KiB writes applied to a large map dirties a
+leaf page per write, and each commit writes them all: at 18 million
+extents that was 8,600 page writes and 63 ms of system CPU a segment
+(docs/scale.md, seventeenth round).  Staged, a segment costs one value of
+16 bytes a write, appended; merged, many segments' newest writes go into
+the extents in block order, each leaf page written once for all of them.
+
+Pure arrays, no LMDB.  A staged value (the `staged` database, key >Q seq)
+is a u32 LE count n, then n u64 LE block numbers, then n u64 LE file
+offsets, in record order (the last write of a block wins).  In memory the
+newest staged write of every block is one `Newest`: the blocks sorted, and
+for each `seq << OFF_BITS | file offset`.  A Newest is never changed, only
+replaced: a reader that took one reads a consistent view.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Iterator
+
+from lsbd.map.encoding import Extent
+
+#: Bits of a file offset in a packed (seq, offset) (segments are at most 4 GiB).
+OFF_BITS = 40
+OFF_MASK = (1 << OFF_BITS) - 1
+_COUNT = struct.Struct("<I")
+
+
+def _np():
+    import numpy as np   # on first use, as lsbd.map.packed does
+    return np
+
+
+def pack(lbas, offsets) -> bytes:
+    """A staged value: the segment's writes in record order."""
+    np = _np()
+    return _COUNT.pack(len(lbas)) + np.asarray(lbas, dtype="<u8").tobytes() \
+        + np.asarray(offsets, dtype="<u8").tobytes()
+
+
+def unpack(value) -> tuple:
+    """(block numbers, file offsets) of a staged value, as uint64 arrays."""
+    np = _np()
+    raw = bytes(value)
+    n = _COUNT.unpack_from(raw)[0]
+    if len(raw) != _COUNT.size + 16 * n:
+        raise ValueError(f"a staged value of {len(raw)} bytes for {n} writes")
+    lbas = np.frombuffer(raw, dtype="<u8", count=n, offset=_COUNT.size)
+    offsets = np.frombuffer(raw, dtype="<u8", count=n, offset=_COUNT.size + 8 * n)
+    return lbas.astype("u8"), offsets.astype("u8")
+
+
+class Newest:
+    """The newest staged write of each block: `lbas` sorted and unique,
+    `vals` seq << OFF_BITS | file offset (uint64 arrays)."""
+
+    __slots__ = ("lbas", "vals", "_counts")
+
+    def __init__(self, lbas=None, vals=None):
+        np = _np()
+        self.lbas = np.zeros(0, dtype="u8") if lbas is None else lbas
+        self.vals = np.zeros(0, dtype="u8") if vals is None else vals
+        self._counts: dict[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lbas)
+
+    @classmethod
+    def of(cls, segments: Iterable[tuple[int, object, object]]) -> "Newest":
+        """From (seq, block numbers, file offsets) of segments in seq order."""
+        np = _np()
+        parts = [(seq, np.asarray(lbas, dtype="u8"), np.asarray(offs, dtype="u8"))
+                 for seq, lbas, offs in segments]
+        if not parts:
+            return cls()
+        lbas = np.concatenate([p[1] for p in parts])
+        vals = np.concatenate([(np.uint64(seq) << np.uint64(OFF_BITS)) | offs
+                               for seq, _l, offs in parts])
+        # The last write of each block wins: unique() keeps a value's first
+        # place, so it is given the writes newest first.
+        lbas, vals = lbas[::-1], vals[::-1]
+        keys, first = np.unique(lbas, return_index=True)
+        return cls(keys, vals[first])
+
+    def added(self, seq: int, lbas, offsets) -> "Newest":
+        """This with one newer segment's writes laid over it."""
+        np = _np()
+        new = Newest.of([(seq, lbas, offsets)])
+        if not len(self):
+            return new
+        pos = np.searchsorted(self.lbas, new.lbas)
+        inside = pos < len(self.lbas)
+        same = np.zeros(len(new), dtype=bool)
+        same[inside] = self.lbas[pos[inside]] == new.lbas[inside]
+        vals = self.vals.copy()
+        vals[pos[same]] = new.vals[same]
+        fresh = ~same
+        return Newest(np.insert(self.lbas, pos[fresh], new.lbas[fresh]),
+                      np.insert(vals, pos[fresh], new.vals[fresh]))
+
+    def after(self, seq: int) -> "Newest":
+        """Only the blocks whose newest write is in a segment after `seq`
+        (those up to it are merged): exact, since a block written after
+        `seq` has its newest write after it."""
+        np = _np()
+        keep = (self.vals >> np.uint64(OFF_BITS)) > np.uint64(seq)
+        return Newest(self.lbas[keep], self.vals[keep])
+
+    def find(self, lba: int) -> tuple[int, int] | None:
+        """(seq, file offset) of block `lba`'s newest staged write, or None."""
+        lbas = self.lbas
+        i = int(lbas.searchsorted(lba))
+        if i < len(lbas) and int(lbas[i]) == lba:
+            v = int(self.vals[i])
+            return v >> OFF_BITS, v & OFF_MASK
+        return None
+
+    def between(self, first: int, end: int) -> tuple[list[int], list[int]]:
+        """The blocks in [first, end) and their packed values, as ints."""
+        lbas = self.lbas
+        i, j = lbas.searchsorted(first), lbas.searchsorted(end)
+        return lbas[i:j].tolist(), self.vals[i:j].tolist()
+
+    def counts(self) -> dict[int, int]:
+        """Blocks whose newest staged write is in each segment."""
+        if self._counts is None:
+            np = _np()
+            seqs, n = np.unique(self.vals >> np.uint64(OFF_BITS), return_counts=True)
+            self._counts = dict(zip(seqs.tolist(), n.tolist()))
+        return self._counts
+
+
+def laid_over(extents: Iterable[Extent], lbas: list[int], vals: list[int],
+              block_size: int) -> Iterator[Extent]:
+    """`extents` (in block order, not overlapping) with the one-block
+    writes (lbas sorted, packed values) laid over them: each extent cut
+    around the blocks written over it."""
+    k, m = 0, len(lbas)
+    for e in extents:
+        start, end = e.lba, e.lba + e.nblocks
+        while k < m and lbas[k] < start:
+            yield _single(lbas[k], vals[k])
+            k += 1
+        at = start
+        while k < m and lbas[k] < end:
+            b = lbas[k]
+            if b > at:
+                yield Extent(at, b - at, e.seq, e.offset + (at - start) * block_size)
+            yield _single(b, vals[k])
+            at = b + 1
+            k += 1
+        if at < end:
+            yield Extent(at, end - at, e.seq, e.offset + (at - start) * block_size) \
+                if at > start else e
+    while k < m:
+        yield _single(lbas[k], vals[k])
+        k += 1
+
+
+def _single(lba: int, val: int) -> Extent:
+    return Extent(lba, 1, val >> OFF_BITS, val & OFF_MASK)

@@ -1,0 +1,302 @@
+"""Staged segments (lsbd.map.staged): segments of one-block writes enter the
+map as arrays and are merged into the extents in block order, range by
+range.  Every view of the map (lookups, extents, snapshots) equals a plain
+model at every step; a merge cut short anywhere and done again (a crash)
+leaves live counts equal to a recount; a staged segment is never counted
+below its live blocks."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections import Counter
+
+import pytest
+from engine_helpers import BS, MiB, open_test_store, read_all
+
+from lsbd.engine import testing
+from lsbd.engine.volume import Volume
+from lsbd.format.segment import DATA, TRIM, ZERO, Record
+from lsbd.map import blockmap, staged
+from lsbd.map.blockmap import BlockMap, SegmentInfo
+from lsbd.meta.config import create_volume
+
+SPACE = 300      # blocks the writes fall in
+
+
+@pytest.fixture
+def small_merges(monkeypatch):
+    """Merges after 3 staged segments, of 5 blocks a transaction, one a step."""
+    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 3)
+    monkeypatch.setattr(blockmap, "MERGE_RANGE", 5)
+    monkeypatch.setattr(blockmap, "MERGE_STEPS", 1)
+
+
+def _info(seq: int) -> SegmentInfo:
+    return SegmentInfo(seq=seq, state=blockmap.PENDING, sealed_ns=0, size=1, live_blocks=0,
+                       data_blocks=1, trailer_crc=0)
+
+
+def _segment(rng: random.Random, seq: int, mixed: bool) -> list[Record]:
+    """Random one-block writes (some to the same block twice), or a mix of
+    longer writes, zeroes and trims."""
+    out = []
+    for i in range(rng.randint(1, 40)):
+        off = BS * (i + 1) * 64
+        if not mixed:
+            out.append(Record(DATA, 0, rng.randrange(SPACE), 1, off, b""))
+            continue
+        n = rng.randint(1, 20)
+        lba = rng.randrange(SPACE - n)
+        kind = rng.choice([DATA, DATA, DATA, ZERO, TRIM])
+        out.append(Record(kind, 0, lba, n, off if kind == DATA else 0, b""))
+    return out
+
+
+def _lay(model: dict[int, tuple[int, int]], seq: int, records: list[Record]) -> None:
+    for r in records:
+        for i in range(r.nblocks):
+            if r.kind == DATA:
+                model[r.lba + i] = (seq, r.data_offset + i * BS)
+            else:
+                model.pop(r.lba + i, None)
+
+
+def _blocks(extents) -> dict[int, tuple[int, int]]:
+    out: dict[int, tuple[int, int]] = {}
+    last = -1
+    for e in extents:
+        assert e.lba > last and e.nblocks > 0, "extents out of order or overlapping"
+        last = e.lba + e.nblocks - 1
+        for i in range(e.nblocks):
+            out[e.lba + i] = (e.seq, e.offset + i * BS)
+    return out
+
+
+def _check(bm: BlockMap, model: dict[int, tuple[int, int]]) -> None:
+    """Every view of the map is the model; no segment counted short."""
+    assert {b: bm.lookup_block(b) for b in range(SPACE) if bm.lookup_block(b)} == model
+    assert _blocks(bm.lookup(0, SPACE)) == model
+    assert _blocks(bm.lookup(37, 91)) == {b: v for b, v in model.items() if 37 <= b < 128}
+    assert _blocks(bm.iter_extents()) == model
+    with bm.snapshot() as snap:
+        assert _blocks(snap.extents()) == model
+        snap_live = {s.seq: s.live_blocks for s in snap.segments()}
+    recount = Counter(seq for seq, _off in model.values())
+    live = {s.seq: s.live_blocks for s in bm.segments()}
+    for seq, n in recount.items():
+        assert live.get(seq, 0) >= n, f"segment {seq} counted {live.get(seq)} < {n} live"
+        assert snap_live.get(seq, 0) >= n
+    assert bm.referenced_seqs() >= set(recount)
+
+
+def _rows(bm: BlockMap) -> dict[int, int]:
+    """The rows' own live counts (no staged writes added), those not 0."""
+    with bm._env.begin(db=bm._segments) as txn:
+        rows = [SegmentInfo.unpack(int.from_bytes(k, "big"), v) for k, v in txn.cursor()]
+    return {i.seq: i.live_blocks for i in rows if i.live_blocks}
+
+
+def _merged_exactly(bm: BlockMap, model: dict[int, tuple[int, int]]) -> None:
+    bm.merge_all()
+    assert bm.staged_count() == 0
+    with bm._env.begin(db=bm._staged_db) as txn:
+        assert txn.stat(bm._staged_db)["entries"] == 0
+    _check(bm, model)
+    assert _rows(bm) == dict(Counter(seq for seq, _off in model.values()))
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["here", "maps_process"])
+@pytest.mark.parametrize("seed", range(3))
+def test_staged_and_merged_segments_read_as_applied_one_by_one(tmp_path, small_merges,
+                                                               seed, offload):
+    rng = random.Random(seed)
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    if offload:
+        bm.offload_writes()
+    model: dict[int, tuple[int, int]] = {}
+    merges = 0
+    try:
+        for seq in range(1, 40):
+            records = _segment(rng, seq, mixed=rng.random() < 0.15)
+            before = bm.staged_count()
+            bm.apply_segments([(_info(seq), records)], applied_seq=str(seq).encode())
+            merges += bm.staged_count() < before
+            _lay(model, seq, records)
+            _check(bm, model)
+            assert bm.get_int("applied_seq") == seq
+        assert merges >= 3
+        if offload:
+            assert bm.offload_cpu_seconds > 0     # the child merged
+        _merged_exactly(bm, model)
+    finally:
+        bm.close()
+
+
+def _staged_map(tmp_path, rng, count: int) -> tuple[BlockMap, dict]:
+    """A map with a few mixed segments applied, then `count` staged."""
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    model: dict[int, tuple[int, int]] = {}
+    for seq in range(1, count + 4):
+        records = _segment(rng, seq, mixed=seq <= 3)
+        bm.apply_segments([(_info(seq), records)], applied_seq=str(seq).encode())
+        _lay(model, seq, records)
+    assert bm.staged_count() == count
+    return bm, model
+
+
+@pytest.mark.parametrize("ranges_done", [0, 1, 3])
+def test_a_merge_cut_short_reads_the_same_and_counts_once_when_done_again(
+        tmp_path, monkeypatch, ranges_done):
+    """A crash inside a merge: some ranges committed, the staged values not
+    yet deleted.  The map reopened reads the same, and merging it all again
+    counts every block once."""
+    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    rng = random.Random(ranges_done)
+    bm, model = _staged_map(tmp_path, rng, 6)
+    top = bm.get_int("applied_seq")
+    nxt, _ = bm.merge_ranges(top - 2, 0, ranges_done) if ranges_done else (0, [])
+    assert nxt is not None
+    bm.close()                                   # the crash: nothing more of the merge
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    try:
+        assert bm.staged_count() == 6
+        _check(bm, model)
+        _merged_exactly(bm, model)
+    finally:
+        bm.close()
+
+
+def test_a_range_merged_twice_counts_its_blocks_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    bm, model = _staged_map(tmp_path, random.Random(9), 5)
+    try:
+        top = bm.get_int("applied_seq")
+        bm.merge_ranges(top, 0, 2)
+        once = (_rows(bm), list(bm.iter_extents()))
+        bm.merge_ranges(top, 0, 2)
+        assert (_rows(bm), list(bm.iter_extents())) == once
+        _check(bm, model)
+        _merged_exactly(bm, model)
+    finally:
+        bm.close()
+
+
+def test_the_last_range_deletes_exactly_the_merged_segments(tmp_path, monkeypatch):
+    """A merge up to seq N leaves the segments staged after N staged."""
+    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    bm, model = _staged_map(tmp_path, random.Random(4), 5)
+    try:
+        top = bm.get_int("applied_seq")
+        bm._merging, bm._merge_from = top - 2, 0
+        bm._run_merge(1 << 20)
+        assert bm._staged_seqs == [top - 1, top]
+        with bm._env.begin(db=bm._staged_db) as txn:
+            assert [int.from_bytes(k, "big") for k, _v in txn.cursor()] == [top - 1, top]
+        _check(bm, model)
+        _merged_exactly(bm, model)
+    finally:
+        bm.close()
+
+
+def test_a_snapshot_keeps_the_staged_writes_of_its_moment(tmp_path, small_merges):
+    bm, model = _staged_map(tmp_path, random.Random(3), 2)
+    try:
+        then = dict(model)
+        with bm.snapshot() as snap:
+            top = bm.get_int("applied_seq")
+            records = _segment(random.Random(8), top + 1, mixed=True)
+            bm.apply_segments([(_info(top + 1), records)], applied_seq=str(top + 1).encode())
+            assert bm.staged_count() == 0           # the mixed segment merged them
+            assert _blocks(snap.extents()) == then
+        _lay(model, top + 1, records)
+        _check(bm, model)
+    finally:
+        bm.close()
+
+
+def test_loading_a_checkpoint_drops_the_staged_segments(tmp_path):
+    bm, _model = _staged_map(tmp_path, random.Random(2), 3)
+    try:
+        bm.load([(10, 2, 1, 0)], [_info(1)], applied_seq=b"1")
+        assert bm.staged_count() == 0
+        assert list(bm.iter_extents()) == [blockmap.Extent(10, 2, 1, 0)]
+        assert bm.lookup_block(11) == (1, BS)
+    finally:
+        bm.close()
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    try:
+        assert bm.staged_count() == 0
+    finally:
+        bm.close()
+
+
+def test_the_maps_process_killed_inside_a_merge_loses_nothing(tmp_path, small_merges):
+    rng = random.Random(11)
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    bm.offload_writes()
+    model: dict[int, tuple[int, int]] = {}
+    try:
+        for seq in range(1, 30):
+            records = _segment(rng, seq, mixed=False)
+            bm.apply_segments([(_info(seq), records)], applied_seq=str(seq).encode())
+            _lay(model, seq, records)
+            if seq % 7 == 0 and bm._offload is not None and bm._offload._proc is not None:
+                os.kill(bm._offload._proc.pid, signal.SIGKILL)
+            _check(bm, model)
+        _merged_exactly(bm, model)
+    finally:
+        bm.close()
+
+
+def test_a_staged_value_of_the_wrong_length_is_refused():
+    value = staged.pack([1, 2], [BS, 2 * BS])
+    assert [a.tolist() for a in staged.unpack(value)] == [[1, 2], [BS, 2 * BS]]
+    with pytest.raises(ValueError):
+        staged.unpack(value[:-1])
+
+
+def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges):
+    """The engine over staged segments: reads, a close and reopen, the
+    store alone, a checkpoint of a map with staged writes, and a point in
+    the past."""
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", 4 * MiB, segment_size=64 * 1024, checkpoint_segments=10_000,
+                  seal_interval=3600)
+    cache = str(tmp_path / "cache")
+    rng = random.Random(5)
+    model = bytearray(4 * MiB)
+    states = {}
+    try:
+        vol = Volume.open(store, "vol", cache_root=cache)
+        counts, merging = [], []
+        for r in range(12):
+            for _ in range(50):
+                lba = rng.randrange(SPACE)
+                data = bytes([rng.randrange(1, 256)]) * BS
+                vol.write(lba * BS, data)
+                model[lba * BS:(lba + 1) * BS] = data
+            testing.seal_now(vol)
+            counts.append(vol._st.map.staged_count())
+            merging.append(vol._st.map._merging is not None)
+            if r % 4 == 1:
+                states[vol.checkpoint()] = bytes(model)
+            assert read_all(vol) == model
+        # Reads met staged segments, merges of several steps ran, and the
+        # staged segments stayed bounded (a merge is finished at once when
+        # as many again are staged behind it).
+        assert 0 < max(counts) <= 2 * blockmap.STAGE_SEGMENTS
+        assert any(merging)
+        vol.close()
+        vol = Volume.open(store, "vol", cache_root=cache)
+        assert read_all(vol) == model
+        vol.close()
+        vol = Volume.open(store, "vol", cache_root=str(tmp_path / "other"), read_only=True)
+        assert read_all(vol) == model
+        vol.close()
+        for seq, state in states.items():
+            with Volume.open(store, "vol", cache_root=cache, at_seq=seq) as past:
+                assert read_all(past) == state
+    finally:
+        store.close()
