@@ -99,8 +99,10 @@ class Sealer:
             with st.lock:
                 while not st.sealing and not self.stopping and st.failed is None:
                     st.sealing_changed.wait()
-                if not st.sealing or st.failed is not None or self.abandoned:
+                if st.failed is not None or self.abandoned:
                     return
+                if not st.sealing:
+                    break       # stopping, every sealed segment in the map
                 seg = st.sealing[0]
             try:
                 seg.finish()
@@ -126,6 +128,20 @@ class Sealer:
                 st.sealing_changed.notify_all()
             if st.uploader is not None:
                 st.uploader.submit(seg.seq)
+        self._merge_staged()
+
+    def _merge_staged(self) -> None:
+        """At a clean close, merge the map's staged segments into its
+        extents (lsbd.map.staged): a map closed cleanly holds none.  Here,
+        on the thread the map's process belongs to."""
+        st = self.st
+        try:
+            with st.map_guard:
+                if not st.map_closed:
+                    st.map.merge_all()
+        except Exception as e:  # noqa: BLE001 - staged segments are read as they are
+            log.warning("volume %s: the map's staged segments stay staged (%s); they are "
+                        "merged later", st.name, e)
 
     def _apply_when_room(self, seg: OpenSegment) -> bool:
         """Record a sealed segment in the map.  A full disk is no failure of

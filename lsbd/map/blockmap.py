@@ -298,7 +298,8 @@ class BlockMap:
 
     def map_stats(self) -> dict:
         """What the map costs on the cache disk: its file, the pages in use
-        (LMDB's last page number) and the extents database's pages."""
+        (LMDB's last page number), the extents database's pages, and what
+        is staged (not yet among the extents)."""
         with self._env.begin(db=self._extents) as txn:
             st = txn.stat(self._extents)
         info = self._env.info()
@@ -309,7 +310,9 @@ class BlockMap:
         return {"file_bytes": file_bytes, "page_size": st["psize"],
                 "pages_used": info["last_pgno"] + 1, "extents": st["entries"],
                 "depth": st["depth"], "branch_pages": st["branch_pages"],
-                "leaf_pages": st["leaf_pages"], "overflow_pages": st["overflow_pages"]}
+                "leaf_pages": st["leaf_pages"], "overflow_pages": st["overflow_pages"],
+                # not yet in `extents`: segments staged, blocks they write
+                "staged_segments": len(self._staged_seqs), "staged_blocks": len(self._newest)}
 
     # --- segments --------------------------------------------------------------
 
@@ -524,7 +527,7 @@ class BlockMap:
                         for s, v in _staged_upto(txn.cursor(db=self._staged_db), upto)]
             self._gen = (upto, Newest.of(segs))
         gen = self._gen[1]
-        i = int(gen.lbas.searchsorted(start))
+        i = int(gen.lbas.searchsorted(gen.lbas.dtype.type(start)))
         emptied: list[int] = []
         for _ in range(steps):
             j = min(i + blocks, len(gen))

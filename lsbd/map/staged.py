@@ -59,7 +59,7 @@ class Newest:
 
     __slots__ = ("lbas", "vals", "_counts")
 
-    def __init__(self, lbas=None, vals=None):
+    def __init__(self, lbas=None, vals=None) -> None:
         np = _np()
         self.lbas = np.zeros(0, dtype="u8") if lbas is None else lbas
         self.vals = np.zeros(0, dtype="u8") if vals is None else vals
@@ -112,7 +112,9 @@ class Newest:
     def find(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of block `lba`'s newest staged write, or None."""
         lbas = self.lbas
-        i = int(lbas.searchsorted(lba))
+        # A key of the array's own type: a Python int would have numpy
+        # convert the whole array to float64 first (150 us at 500,000 blocks).
+        i = int(lbas.searchsorted(lbas.dtype.type(lba)))
         if i < len(lbas) and int(lbas[i]) == lba:
             v = int(self.vals[i])
             return v >> OFF_BITS, v & OFF_MASK
@@ -121,7 +123,8 @@ class Newest:
     def between(self, first: int, end: int) -> tuple[list[int], list[int]]:
         """The blocks in [first, end) and their packed values, as ints."""
         lbas = self.lbas
-        i, j = lbas.searchsorted(first), lbas.searchsorted(end)
+        u64 = lbas.dtype.type
+        i, j = lbas.searchsorted(u64(first)), lbas.searchsorted(u64(end))
         return lbas[i:j].tolist(), self.vals[i:j].tolist()
 
     def counts(self) -> dict[int, int]:

@@ -200,9 +200,32 @@ def test_sigkill_while_staged_segments_merge_leaves_a_prefix(tmp_path, monkeypat
     between staging, inside a merge and between its ranges.  The reopened
     volume is a prefix with every flushed write, and its live counts are
     the map's own recount."""
+    import lmdb
+
     monkeypatch.setenv("LSBD_CRASH_SINGLES", "1")
     store_url, store = _new_volume(tmp_path)
-    _check_crash(tmp_path, seed, lose_cache=False, volume=(store_url, store))
+    map_dir = os.path.join(cache_dir_for(str(tmp_path / "cache"), store, "vol"), "map")
+    merged = []
+
+    def merges_ran() -> bool:
+        """Segments were staged and some merged (the kill comes after a random delay)."""
+        if not os.path.exists(os.path.join(map_dir, "data.mdb")):
+            return False
+        env = lmdb.open(map_dir, readonly=True, max_dbs=8, lock=True)
+        try:
+            with env.begin() as txn:
+                staged = [int.from_bytes(k, "big") for k, _v in txn.cursor(db=env.open_db(
+                    b"staged", txn=txn, create=False))] if txn.get(b"staged") else []
+                applied = int(txn.get(b"applied_seq", b"0", db=env.open_db(
+                    b"meta", txn=txn, create=False)))
+        finally:
+            env.close()
+        merged.append(bool(staged) and staged[0] > 3)
+        return bool(staged) and applied >= 6
+
+    _check_crash(tmp_path, seed, lose_cache=False, volume=(store_url, store),
+                 kill_after=merges_ran)
+    assert any(merged)
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
     try:
         bm = vol._st.map
