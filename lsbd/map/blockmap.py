@@ -234,7 +234,7 @@ class BlockMap:
         if len(newest):
             lbas, vals = newest.between(lba, lba + nblocks)
             if lbas:
-                return list(staged.laid_over(out, lbas, vals, self.block_size))
+                return list(staged.laid_over(out, zip(lbas, vals), self.block_size))
         return out
 
     def lookup_block(self, lba: int) -> tuple[int, int] | None:
@@ -274,8 +274,8 @@ class BlockMap:
         _seqs, newest = self._staged_in(txn)
         if not len(newest):
             return _extents_of(txn, self._extents)
-        return staged.laid_over(_extents_of(txn, self._extents), newest.lbas.tolist(),
-                                newest.vals.tolist(), self.block_size)
+        return staged.laid_over(_extents_of(txn, self._extents), staged.pairs(newest),
+                                self.block_size)
 
     def _staged_in(self, txn) -> tuple[list[int], Newest]:
         """The staged seqs and their newest writes, as of `txn`."""

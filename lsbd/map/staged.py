@@ -131,36 +131,53 @@ class Newest:
         """Blocks whose newest staged write is in each segment."""
         if self._counts is None:
             np = _np()
-            seqs, n = np.unique(self.vals >> np.uint64(OFF_BITS), return_counts=True)
-            self._counts = dict(zip(seqs.tolist(), n.tolist()))
+            if not len(self):
+                self._counts = {}
+                return self._counts
+            # The staged seqs are a short run of numbers: counted in one
+            # pass (bincount), not sorted (unique: 10 times the time).
+            seqs = (self.vals >> np.uint64(OFF_BITS)).astype(np.int64)
+            low = int(seqs.min())
+            n = np.bincount(seqs - low)
+            where = np.flatnonzero(n)
+            self._counts = dict(zip((where + low).tolist(), n[where].tolist()))
         return self._counts
 
 
-def laid_over(extents: Iterable[Extent], lbas: list[int], vals: list[int],
+def laid_over(extents: Iterable[Extent], singles: Iterable[tuple[int, int]],
               block_size: int) -> Iterator[Extent]:
     """`extents` (in block order, not overlapping) with the one-block
-    writes (lbas sorted, packed values) laid over them: each extent cut
-    around the blocks written over it."""
-    k, m = 0, len(lbas)
+    writes `singles` ((block, packed value), in block order) laid over
+    them: each extent cut around the blocks written over it."""
+    it = iter(singles)
+    nxt = next(it, None)
     for e in extents:
         start, end = e.lba, e.lba + e.nblocks
-        while k < m and lbas[k] < start:
-            yield _single(lbas[k], vals[k])
-            k += 1
+        while nxt is not None and nxt[0] < start:
+            yield _single(*nxt)
+            nxt = next(it, None)
         at = start
-        while k < m and lbas[k] < end:
-            b = lbas[k]
+        while nxt is not None and nxt[0] < end:
+            b = nxt[0]
             if b > at:
                 yield Extent(at, b - at, e.seq, e.offset + (at - start) * block_size)
-            yield _single(b, vals[k])
+            yield _single(*nxt)
             at = b + 1
-            k += 1
+            nxt = next(it, None)
         if at < end:
             yield Extent(at, end - at, e.seq, e.offset + (at - start) * block_size) \
                 if at > start else e
-    while k < m:
-        yield _single(lbas[k], vals[k])
-        k += 1
+    while nxt is not None:
+        yield _single(*nxt)
+        nxt = next(it, None)
+
+
+def pairs(newest: "Newest", chunk: int = 1 << 15) -> Iterator[tuple[int, int]]:
+    """(block, packed value) of every staged block, in block order, made
+    into ints a chunk at a time (all at once, a million blocks would be
+    60 MiB of ints)."""
+    for i in range(0, len(newest), chunk):
+        yield from zip(newest.lbas[i:i + chunk].tolist(), newest.vals[i:i + chunk].tolist())
 
 
 def _single(lba: int, val: int) -> Extent:
