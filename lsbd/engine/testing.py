@@ -97,6 +97,36 @@ def map_process(vol: Volume):
     return off._proc if off is not None else None
 
 
+def staged_segments(vol) -> int:
+    """Segments the map holds staged, not yet merged into its extents."""
+    return vol._st.map.staged_count()
+
+
+def map_merging(vol) -> bool:
+    """Whether a merge of staged segments is under way (some ranges done)."""
+    return vol._st.map._merging is not None
+
+
+def merge_staged(vol) -> None:
+    """Merge every staged segment now (the sealer idle: nothing written)."""
+    with vol._st.map_guard:
+        vol._st.map.merge_all()
+
+
+def map_live_rows(vol) -> dict[int, int]:
+    """Each segment's live blocks as its row in the map says, staged writes
+    not added (those not 0), and the same counted over the extents."""
+    bm = vol._st.map
+    with bm._env.begin(db=bm._segments) as txn:
+        rows = [SegmentInfo.unpack(int.from_bytes(k, "big"), v) for k, v in txn.cursor()]
+    return {i.seq: i.live_blocks for i in rows if i.live_blocks}
+
+
+def map_recount(vol) -> dict[int, int]:
+    """Each segment's live blocks counted over the map's extents."""
+    return vol._st.map.live_blocks_by_seq()
+
+
 def map_extents(vol) -> list[tuple]:
     """Every extent of the block map, in block order, as (lba, nblocks, seq, offset)."""
     return [tuple(e) for e in vol._st.map.iter_extents()]

@@ -228,11 +228,9 @@ def test_sigkill_while_staged_segments_merge_leaves_a_prefix(tmp_path, monkeypat
     assert any(merged)
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
     try:
-        bm = vol._st.map
-        bm.merge_all()
-        recount = bm.live_blocks_by_seq()
-        rows = {s.seq: s.live_blocks for s in bm.segments()}
-        assert {s: n for s, n in rows.items() if n} == recount
+        testing.merge_staged(vol)
+        assert testing.staged_segments(vol) == 0
+        assert testing.map_live_rows(vol) == testing.map_recount(vol)
     finally:
         vol.close()
         store.close()

@@ -281,8 +281,8 @@ def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges)
                 vol.write(lba * BS, data)
                 model[lba * BS:(lba + 1) * BS] = data
             testing.seal_now(vol)
-            counts.append(vol._st.map.staged_count())
-            merging.append(vol._st.map._merging is not None)
+            counts.append(testing.staged_segments(vol))
+            merging.append(testing.map_merging(vol))
             if r % 4 == 1:
                 states[vol.checkpoint()] = bytes(model)
             assert read_all(vol) == model
@@ -291,13 +291,12 @@ def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges)
         # as many again are staged behind it).
         assert 0 < max(counts) <= 2 * blockmap.STAGE_SEGMENTS
         assert any(merging)
-        assert vol._st.map.staged_count() > 0
+        assert testing.staged_segments(vol) > 0
         vol.close()
         vol = Volume.open(store, "vol", cache_root=cache)
         # A clean close merged them all: the rows count exactly the extents.
-        bm = vol._st.map
-        assert bm.staged_count() == 0
-        assert _rows(bm) == bm.live_blocks_by_seq()
+        assert testing.staged_segments(vol) == 0
+        assert testing.map_live_rows(vol) == testing.map_recount(vol)
         assert read_all(vol) == model
         vol.close()
         vol = Volume.open(store, "vol", cache_root=str(tmp_path / "other"), read_only=True)
