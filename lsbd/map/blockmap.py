@@ -803,8 +803,10 @@ class MapSnapshot:
         return self._bm._overlaid(self._txn)
 
     def segments(self) -> list[SegmentInfo]:
-        counts = self._bm._staged_in(self._txn)[1].counts()
-        return [_with_staged(SegmentInfo.unpack(_KEY.unpack(k)[0], v), counts)
+        """The rows as of this moment, their live blocks as the rows count
+        them (staged writes not added: a checkpoint keeps no live counts,
+        and adding them means decoding every staged segment)."""
+        return [SegmentInfo.unpack(_KEY.unpack(k)[0], v)
                 for k, v in self._txn.cursor(db=self._bm._segments)]
 
     def close(self) -> None:
