@@ -399,3 +399,44 @@ VolumeModelStoreMode.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 TestVolumeModelStoreMode = VolumeModelStoreMode.TestCase
+
+
+class VolumeModelStaged(VolumeModel):
+    """The same model with segments of one-block writes staged in the map
+    and merged into its extents after every two, three blocks a
+    transaction (lsbd.map.blockmap): crashes, power cuts, checkpoints,
+    snapshots and compaction land between stagings and inside merges."""
+
+    @initialize()
+    def setup(self):
+        from lsbd.map import blockmap
+
+        self._merge_knobs = (blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS)
+        blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = 2, 3, 1
+        super().setup()
+
+    def teardown(self):
+        from lsbd.map import blockmap
+
+        try:
+            super().teardown()
+        finally:
+            if hasattr(self, "_merge_knobs"):
+                blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = \
+                    self._merge_knobs
+
+    @rule(blocks=st.lists(st.integers(0, BLOCKS - 1), min_size=1, max_size=8),
+          fill=st.integers(1, 255))
+    def one_block_writes(self, blocks, fill):
+        """Aligned 4 KiB writes: a segment of only these is staged."""
+        for i, lba in enumerate(blocks):
+            data = bytes([(fill + i) % 256 or 1]) * BS
+            self.vol.write(lba * BS, data)
+            self._apply([("write", lba * BS, data)])
+
+
+VolumeModelStaged.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TestVolumeModelStaged = VolumeModelStaged.TestCase
