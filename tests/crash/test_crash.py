@@ -193,8 +193,13 @@ def _check_crash(tmp_path, seed: int, *, lose_cache: bool, flush_mode: str | Non
     return observed
 
 
+# Six kills here; test_soak.py's test_sigkill_staged_soak runs 100 more.
 @pytest.mark.parametrize("seed", range(6))
 def test_sigkill_while_staged_segments_merge_leaves_a_prefix(tmp_path, monkeypatch, seed):
+    _check_staged_crash(tmp_path, monkeypatch, seed)
+
+
+def _check_staged_crash(tmp_path, monkeypatch, seed: int) -> None:
     """One-block writes only: segments are staged and merged into the
     extents every three, a range of 16 blocks a transaction, so kills land
     between staging, inside a merge and between its ranges.  The reopened
