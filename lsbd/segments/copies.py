@@ -91,7 +91,8 @@ class LocalCopies:
         # not at all once it is closed (a new writer may own it by then).
         self._folder_lock = threading.Lock()
         self._closed = False
-        self.fetcher = Fetcher(self._fetch_whole, enabled=not self.store_is_local)
+        self.fetcher = Fetcher(self._fetch_whole, enabled=not self.store_is_local,
+                               room=self._room_ahead)
         # link_store_files: a plain volume's objects in a file:// store are
         # its sealed segment files byte for byte, so a read-only view links
         # them into its private folder rather than read them block by block
@@ -108,6 +109,7 @@ class LocalCopies:
         # stored segments read without their index: seq -> where its data ends
         self._data_ends: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
+        self.held.on_room = self.fetcher.room_made
 
     def path(self, seq: int) -> str:
         return f"{self._prefix}{seq:016x}.seg"
@@ -367,6 +369,18 @@ class LocalCopies:
             return None
         return self.fetcher.prefetch(seq, mark=mark)
 
+    def _room_ahead(self, in_flight: int) -> bool:
+        """Whether one more segment may be fetched ahead of a reader while
+        `in_flight` are: what is held for it and not read yet, those
+        fetches and this one (each taken as large as the last one fetched)
+        fit in the held limit; more would be let go before the reader got
+        there.  One at least, whatever the limit."""
+        held = self.held
+        ahead = held.ahead_bytes()
+        if not ahead and not in_flight:
+            return True
+        return ahead + (in_flight + 1) * held.segment_bytes <= held.limit
+
     def _fetch_whole(self, seq: int, ready: Callable[[], None] | None = None) -> None:
         """Fetch `seq` whole and install it in the cache dir; ready(): reads
         can be served now, from the fetched bytes, before the write."""
@@ -377,8 +391,9 @@ class LocalCopies:
             data = self.store.get(self.key_of(seq))
             if self._closed:
                 return
-            self.held.add(seq, data)
-            if self.fetcher.take_mark(seq):
+            marked = self.fetcher.take_mark(seq)
+            self.held.add(seq, data, read_ahead=marked)
+            if marked:
                 with self._lock:
                     self._unread.add(seq)
                     if len(self._unread) > _UNREAD_REMEMBERED:

@@ -26,10 +26,16 @@ read-ahead) starts at once on a worker kept for reads, if the others are
 busy, and otherwise moves to the front of the queue; while it waits, a
 worker that comes free starts no second guess beside one under way
 (once one of two in flight ends, its GET shares the store with one guess
-at most).  The blocks a read
-needs from several segments are fetched in parallel.  At most FETCH_WORKERS
-whole-segment GETs (one more for a read waiting) and READ_WORKERS ranged
-GETs are in flight.
+at most).  Read-ahead goes no further ahead of a reader than what is held
+in memory for it (lsbd.segments.held): a fetch read ahead starts only while
+the segments fetched ahead and not read yet, and the fetches read ahead in
+flight, stay under that limit; the next one starts when the reader reaches
+one of them.  Fetched further ahead, a reader slowed by the fetches
+themselves (they share the machine with it) found most of them let go
+unread, and read them back from the cache dir (docs/operations.md).  The
+blocks a read needs from several segments are fetched in parallel.  At most
+FETCH_WORKERS whole-segment GETs (one more for a read waiting) and
+READ_WORKERS ranged GETs are in flight.
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ _REMEMBERED = 4096       # segments whose remote reads are counted
 class _Fetch:
     """One whole-segment fetch: queued, then run by a worker."""
 
-    __slots__ = ("seq", "future", "ready", "queued", "demand", "counted", "guessing", "here")
+    __slots__ = ("seq", "future", "ready", "queued", "demand", "counted", "guessing", "here",
+                 "ahead", "reading_ahead")
 
-    def __init__(self, seq: int):
+    def __init__(self, seq: int, ahead: bool):
         self.seq = seq
         self.future: Future = Future()
         self.ready = threading.Event()      # its bytes are here (or it failed)
@@ -68,15 +75,20 @@ class _Fetch:
         self.counted = False                # in Fetcher._reads_waiting
         self.guessing = False               # in Fetcher._guesses
         self.here = False                   # its bytes came (or it ended)
+        self.ahead = ahead                  # read-ahead: starts only if there is room
+        self.reading_ahead = False          # in Fetcher._ahead
 
 
 class Fetcher:
     def __init__(self, fetch_whole: Callable[[int, Callable[[], None]], None], *,
-                 enabled: bool = True):
+                 enabled: bool = True, room: Callable[[int], bool] | None = None):
         # (seq, ready) -> None: installs the local copy, calling ready() as
         # soon as reads can be served (from the fetched bytes in memory).
         self._fetch_whole = fetch_whole
         self.enabled = enabled               # False: never fetch whole (a local store)
+        # room(n): whether one more fetch read ahead may start while n are in
+        # flight (their bytes not here yet); None: always
+        self._room = room
         self._lock = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
         # Fetches waiting for a worker, in the order they run: read-ahead
@@ -88,7 +100,8 @@ class Fetcher:
         self._busy = 0              # FETCH_WORKERS running a fetch
         self._reads_waiting = 0     # fetches a read waits for, bytes not here yet
         self._guesses = 0           # guesses started, bytes not here yet
-        self._held_back = 0         # worker jobs left for when no read waits
+        self._ahead = 0             # fetches read ahead started, bytes not here yet
+        self._held_back = 0         # worker jobs left for when no read waits, or for room
         # Each job runs whichever fetch is first in the queue then; a job
         # of the demand pool, the first one a read waits for.
         self._whole = ThreadPoolExecutor(max_workers=FETCH_WORKERS,
@@ -98,12 +111,13 @@ class Fetcher:
         self._reads = ThreadPoolExecutor(max_workers=READ_WORKERS,
                                          thread_name_prefix="lsbd-read")
         self.stats = {"whole_fetches": 0, "waited": 0, "moved_ahead": 0, "for_reads": 0,
-                      "held_back": 0}
+                      "held_back": 0, "no_room": 0}
 
     def prefetch(self, seq: int, *, mark: bool = False) -> Future | None:
         """Start fetching `seq` whole unless that is under way; its future.
         mark: a read pattern asked for it (not a caller naming a range), so
-        its first read may start the next fetches (take_mark)."""
+        its first read may start the next fetches (take_mark), and it waits
+        for room ahead of the reader (room)."""
         with self._lock:
             if self._closed or not self.enabled:
                 return None
@@ -113,9 +127,11 @@ class Fetcher:
                     self._marks.clear()
             entry = self._inflight.get(seq)
             if entry is not None:
+                if not mark and entry.queued:
+                    entry.ahead = False     # a caller named it: it waits for no reader
                 return entry.future
             self.stats["whole_fetches"] += 1
-            entry = self._inflight[seq] = _Fetch(seq)
+            entry = self._inflight[seq] = _Fetch(seq, mark)
             self._queue.append(entry)
             self._whole.submit(self._run_next)
             return entry.future
@@ -138,12 +154,23 @@ class Fetcher:
                 self._held_back += 1
                 self.stats["held_back"] += 1
                 return
-            self._queue.popleft()
+            if entry.ahead and self._room is not None and not self._room(self._ahead):
+                # no room ahead of the reader: a fetch a caller named may go
+                named = next((e for e in self._queue if not e.ahead), None)
+                if named is None:
+                    self._held_back += 1
+                    self.stats["no_room"] += 1
+                    return
+                entry = named
+            self._queue.remove(entry)
             entry.queued = False
             self._busy += 1
             if not entry.demand:
                 entry.guessing = True
                 self._guesses += 1
+            if entry.ahead:
+                entry.reading_ahead = True
+                self._ahead += 1
         try:
             self._run(entry)
         finally:
@@ -186,14 +213,26 @@ class Fetcher:
                 entry.here = True
                 if entry.guessing:
                     self._guesses -= 1
+                if entry.reading_ahead:
+                    self._ahead -= 1
                 if entry.counted:
                     self._reads_waiting -= 1
-                if self._held_back and not (self._reads_waiting and self._guesses) \
-                        and not self._closed:
-                    for _ in range(self._held_back):
-                        self._whole.submit(self._run_next)
-                    self._held_back = 0
+                if not (self._reads_waiting and self._guesses):
+                    self._resubmit_locked()
         entry.ready.set()
+
+    def room_made(self) -> None:
+        """A reader reached a segment read ahead, or held segments were let
+        go: fetches read ahead that waited for room may start."""
+        with self._lock:
+            self._resubmit_locked()
+
+    def _resubmit_locked(self) -> None:
+        """The worker jobs held back look at the queue again."""
+        if self._held_back and not self._closed:
+            for _ in range(self._held_back):
+                self._whole.submit(self._run_next)
+            self._held_back = 0
 
     def wait_if_fetching(self, seq: int) -> bool:
         """If a whole fetch of `seq` is in flight, wait until its bytes are
@@ -212,8 +251,12 @@ class Fetcher:
                     self._queue.insert(first_guess, entry)
                     self.stats["moved_ahead"] += 1
                 entry.demand = True
+                entry.ahead = False               # a read waits: no room needed
                 if self._busy >= FETCH_WORKERS:   # no worker free for it
                     self._demand.submit(self._run_demand)
+                elif self._held_back:             # a worker job left for room takes it
+                    self._held_back -= 1
+                    self._whole.submit(self._run_next)
             if not entry.counted and not entry.here:
                 entry.counted = True
                 self._reads_waiting += 1

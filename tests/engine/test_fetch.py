@@ -290,7 +290,8 @@ def test_a_read_is_served_from_the_fetched_bytes_before_they_are_in_the_cache_di
 def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch):
     """However many segments are asked for, at most one per fetch in flight
     is held in memory while its copy is written, and no more than the limit
-    (a quarter of the cache limit here) once the copies are in place."""
+    (a quarter of the cache limit here) once the copies are in place,
+    beyond the one read last."""
     from lsbd.segments.fetch import FETCH_WORKERS
 
     store, expected = written
@@ -313,7 +314,7 @@ def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch
             f.result(60)
         assert 0 < files.held.nbytes <= files.held.limit
         assert read_all(vol) == expected
-        assert files.held.nbytes <= files.held.limit
+        assert files.held.nbytes <= files.held.limit + largest
     finally:
         release.set()
         vol.close()
@@ -360,11 +361,55 @@ def test_held_segments_let_go_of_read_ones_first_never_of_one_being_written():
     assert 1 not in held and held.nbytes == 300      # the oldest in the cache dir
     assert held.get(3) is not None                   # 3 read, 2 not yet
     assert held.installed(4) and held.nbytes == 300
+    assert held.get(4) is not None                   # read last: a reader is in it
     held.add(5, bytes(100))
+    assert held.nbytes == 400, "the segment read last counts for nothing"
+    held.add(6, bytes(100))
     assert 3 not in held and 2 in held, "a segment read goes before one not read yet"
     assert held.drop(2) and not held.installed(2), "a segment let go reports it"
     held.clear()
     assert not held and held.nbytes == 0
+
+
+def test_held_segments_keep_what_a_reader_going_in_order_reaches_next():
+    """Beyond the segment read last (a reader is in it), held segments are
+    let go in this order: those read, those fetched for no reader or that
+    the reader has gone past, then those ahead of it, the furthest first.
+    ahead_bytes counts what is held ahead of the reader; reaching a segment,
+    or letting one go, makes room for read-ahead."""
+    from lsbd.segments.held import HeldSegments
+
+    held = HeldSegments(limit=300)
+    rooms: list[int] = []
+    held.on_room = lambda: rooms.append(held.reached)
+
+    def fetched(seq, read_ahead=True):
+        held.add(seq, bytes(100), read_ahead=read_ahead)
+        assert held.installed(seq)
+
+    for seq in (1, 2, 3):
+        fetched(seq)
+    assert held.ahead_bytes() == 300 and held.segment_bytes == 100 and rooms == []
+    assert held.get(1) is not None and held.reached == 1 and rooms == [1]
+    assert held.get(1) is not None and rooms == [1], "only a first read moves the reader"
+    assert held.get(2) is not None and held.reached == 2 and held.ahead_bytes() == 100
+    fetched(9, read_ahead=False)             # for no reader (a prefetch named it)
+    assert held.nbytes == 400 and 2 in held, "the segment read last counts for nothing"
+    fetched(4)
+    assert 1 not in held and all(s in held for s in (2, 3, 4, 9)), "a read one first"
+    assert len(rooms) == 3, "letting go makes room"
+    fetched(5)
+    assert 9 not in held and all(s in held for s in (2, 3, 4, 5)), "then one for no reader"
+    assert held.get(4) is not None and held.ahead_bytes() == 100    # 3 is gone past
+    fetched(6)
+    assert 2 not in held and 3 in held                  # a read one first again
+    fetched(7)
+    assert 3 not in held, "then one the reader has gone past"
+    assert held.ahead_bytes() == 300                    # 5, 6, 7
+    fetched(8)
+    assert 8 not in held and all(s in held for s in (4, 5, 6, 7)), \
+        "then the furthest ahead of the reader, never the next one"
+    assert held.nbytes - 100 <= held.limit
 
 
 def test_held_segments_in_the_cache_dir_are_let_go_once_idle():
@@ -440,10 +485,10 @@ def test_a_cold_read_of_a_segment_queued_behind_read_ahead_does_not_wait_for_it(
 
 
 @contextlib.contextmanager
-def _held_fetcher():
+def _held_fetcher(room=None):
     """A Fetcher whose fetch of seq (0-9) records its start and then waits
-    for release[seq]: the test decides when each fetch ends.  On the way
-    out every fetch is let go and the fetcher closed."""
+    for release[seq]: the test decides when each fetch ends.  room: see
+    Fetcher.  On the way out every fetch is let go and the fetcher closed."""
     import threading
 
     from lsbd.segments.fetch import Fetcher
@@ -456,7 +501,7 @@ def _held_fetcher():
         release[seq].wait(30)
         ready()
 
-    fetcher = Fetcher(fetch_whole)
+    fetcher = Fetcher(fetch_whole, room=room)
     try:
         yield fetcher, started, release
     finally:
@@ -559,6 +604,97 @@ def test_reads_waiting_for_queued_fetches_go_ahead_of_read_ahead_in_turn():
             w.join(30)
             assert not w.is_alive()
         assert started == [0, 1, 3, 7, 6, 5]
+
+
+def test_read_ahead_waits_for_room_ahead_of_the_reader():
+    """A fetch read ahead starts only while room() says there is room ahead
+    of the reader (here: one segment, fetched or in flight), even with a
+    worker free; the reader reaching a segment makes room.  A fetch a caller
+    named, and one a read waits for, start without room."""
+    import threading
+
+    ahead = [0]         # segments fetched ahead, not read yet
+
+    def room(in_flight):
+        return ahead[0] + in_flight < 1
+
+    with _held_fetcher(room) as (fetcher, started, release):
+        guesses = [fetcher.prefetch(seq, mark=True) for seq in (0, 1, 2)]
+        _until(lambda: started and fetcher.stats["no_room"] >= 1, "a worker finds no room")
+        assert started == [0]
+        named = fetcher.prefetch(7)
+        _until(lambda: len(started) == 2, "the fetch named starts")
+        assert started == [0, 7]
+        ahead[0] = 1            # 0's bytes are held, not read yet
+        release[0].set()
+        release[7].set()
+        _until(lambda: fetcher.stats["no_room"] >= 3, "the workers look again")
+        assert started == [0, 7], "read-ahead went further than there was room for"
+        ahead[0] = 0            # the reader reached 0
+        fetcher.room_made()
+        _until(lambda: len(started) == 3, "the next one read ahead starts")
+        assert started[2] == 1
+        release[2].set()        # a read needs 2, still no room: it starts at once
+        waiter = threading.Thread(target=fetcher.wait_if_fetching, args=(2,))
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "the read waited for room ahead of the reader"
+        assert started == [0, 7, 1, 2]
+        _finish(release, guesses + [named])
+
+
+def test_a_slow_reader_in_order_reads_every_segment_fetched_ahead_from_memory(
+        written, tmp_path, monkeypatch):
+    """Read-ahead goes no further ahead of a reader than what is held for
+    it: a reader slower than the fetches (it waits for them to stop after
+    each segment's worth) finds every segment fetched ahead still held.
+    Fetched further ahead, the ones it had not reached yet were let go
+    unread, and read back from the cache dir."""
+    store, expected = written
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "r"), read_only=True,
+                      cache_limit=16 * SEGMENT)
+    files = testing.local_files(vol)
+    held, fetcher = files.held, files.fetcher
+    assert held.limit == 4 * SEGMENT
+    let_go_unread: list[int] = []
+    drop = held._drop_locked
+
+    def watched_drop(seq):
+        entry = held._held.get(seq)
+        if entry is not None and not entry.read:
+            let_go_unread.append(seq)
+        return drop(seq)
+
+    from_memory: set[int] = set()
+    get = held.get
+
+    def watched_get(seq):
+        data = get(seq)
+        if data is not None:
+            from_memory.add(seq)
+        return data
+
+    monkeypatch.setattr(held, "_drop_locked", watched_drop)
+    monkeypatch.setattr(held, "get", watched_get)
+
+    def fetching():
+        return any(not e.queued for e in list(fetcher._inflight.values()))
+
+    step = 128 * 1024
+    try:
+        got = []
+        for off in range(0, SIZE, step):
+            got.append(vol.read(off, step))
+            if (off + step) % SEGMENT == 0:     # about a segment read: the fetches catch up
+                time.sleep(0.05)
+                _until(lambda: not fetching(), "the fetches stop")
+        assert b"".join(got) == expected
+        assert let_go_unread == [], "segments fetched ahead were let go before the reader came"
+        assert fetcher.stats["no_room"] > 0
+        seqs = {e.seq for e in vol.extents()}
+        assert len(seqs) > 3 * 4 and seqs <= from_memory, sorted(seqs - from_memory)
+    finally:
+        vol.close()
 
 
 def test_fetches_still_queued_at_close_are_cancelled_and_release_their_waiters():
