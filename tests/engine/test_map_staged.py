@@ -259,6 +259,40 @@ def test_a_staged_value_of_the_wrong_length_is_refused():
         staged.unpack(value[:-1])
 
 
+def test_a_staged_value_is_these_bytes():
+    """docs/format.md "Staged segments": u32 LE count, the blocks, then the
+    file offsets, each u64 LE, in record order."""
+    assert staged.pack([5, 2], [0x1000, 0x3000]) == bytes.fromhex(
+        "02000000" "0500000000000000" "0200000000000000"
+        "0010000000000000" "0030000000000000")
+
+
+def test_a_map_from_before_staging_opens_and_stages(tmp_path):
+    """A cache dir's map written before the `staged` database existed
+    (format 2: blocks, segments, meta) opens as it was, and stages on."""
+    import lmdb
+
+    from lsbd.map.encoding import MAP_FORMAT, key_of, value_of
+
+    path = str(tmp_path / "old")
+    env = lmdb.open(path, map_size=1 << 30, max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(key_of(7), value_of(3, 1, 0), db=env.open_db(b"blocks", txn=txn))
+        txn.put(b"map_format", str(MAP_FORMAT).encode(), db=env.open_db(b"meta", txn=txn))
+        env.open_db(b"segments", txn=txn)
+    env.close()
+    bm = BlockMap(path, BS)
+    try:
+        assert bm.staged_count() == 0
+        assert [tuple(e) for e in bm.lookup(6, 5)] == [(7, 3, 1, 0)]
+        bm.apply_segments([(_info(2), [Record(DATA, 0, 8, 1, 0, bytes(4))])],
+                          applied_seq=b"2")
+        assert bm.staged_count() == 1
+        assert [tuple(e) for e in bm.lookup(6, 5)] == [(7, 1, 1, 0), (8, 1, 2, 0), (9, 1, 1, 2 * BS)]
+    finally:
+        bm.close()
+
+
 def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges):
     """The engine over staged segments: reads, a close and reopen, the
     store alone, a checkpoint of a map with staged writes, and a point in
