@@ -556,24 +556,30 @@ class BlockMap:
         alone, so its live counts move once."""
         mask = (1 << _OFF_BITS) - 1
         for lba, where in zip(lbas, vals):
-            key = _k(lba)
-            seq = where >> _OFF_BITS
-            new = _v(1, seq, where & mask)
-            if cur.set_range(key):
-                if cur.key() == key:
-                    if cur.value() == new:
-                        continue
-                    n, old, _off = _unv(cur.value())
-                    if n == 1:
-                        live_delta[old] -= 1
-                    else:
-                        self._punch(txn, cur, lba, lba + 1, live_delta)
-                elif cur.prev():
-                    self._cut_under(txn, cur, lba, live_delta)
-            elif cur.last():
+            self._put_one_block(txn, cur, lba, where >> _OFF_BITS, where & mask, live_delta)
+
+    def _put_one_block(self, txn, cur, lba: int, seq: int, offset: int,
+                       live_delta: dict[int, int]) -> None:
+        """Put a one-block entry where its lookup leaves the cursor, cutting
+        an extent of several blocks under it; an entry that is this one
+        already is left alone (its live counts would move by nothing)."""
+        key = _k(lba)
+        new = _v(1, seq, offset)
+        if cur.set_range(key):
+            if cur.key() == key:
+                if cur.value() == new:
+                    return
+                n, old, _off = _unv(cur.value())
+                if n == 1:
+                    live_delta[old] -= 1
+                else:
+                    self._punch(txn, cur, lba, lba + 1, live_delta)
+            elif cur.prev():
                 self._cut_under(txn, cur, lba, live_delta)
-            cur.put(key, new)
-            live_delta[seq] += 1
+        elif cur.last():
+            self._cut_under(txn, cur, lba, live_delta)
+        cur.put(key, new)
+        live_delta[seq] += 1
 
     def _count_live(self, txn, live_delta: dict[int, int]) -> list[int]:
         """Move the rows' live blocks by `live_delta`; the segments left at 0."""
@@ -627,22 +633,8 @@ class BlockMap:
         covers no other block, so it changes no later lookup's answer."""
         mask = (1 << _OFF_BITS) - 1
         for lba in sorted(newest):
-            key = _k(lba)
-            if cur.set_range(key):
-                if cur.key() == key:
-                    n, old, _off = _unv(cur.value())
-                    if n == 1:
-                        live_delta[old] -= 1
-                    else:
-                        self._punch(txn, cur, lba, lba + 1, live_delta)
-                elif cur.prev():
-                    self._cut_under(txn, cur, lba, live_delta)
-            elif cur.last():
-                self._cut_under(txn, cur, lba, live_delta)
             where = newest[lba]
-            seq = where >> _OFF_BITS
-            cur.put(key, _v(1, seq, where & mask))
-            live_delta[seq] += 1
+            self._put_one_block(txn, cur, lba, where >> _OFF_BITS, where & mask, live_delta)
 
     def _cut_under(self, txn, cur, lba: int, live_delta: dict[int, int]) -> None:
         """`cur` is at the extent before block `lba`: cut `lba` out of it if
