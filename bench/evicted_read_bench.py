@@ -1,7 +1,7 @@
 """Sequential reads of a fragmented region whose segments the cache evicted.
 
     .venv/bin/python bench/evicted_read_bench.py [--volume-size 64G] [--writes 4G]
-        [--region 1G] [--create ARGS] [--fio-compress 75] [--state DIR]
+        [--region 1G] [--create ARGS] [--fio-compress 75] [--state DIR] [--pre-writes SIZE]
         [--frag-writes [--settle SECONDS] [--restart]] [--spy DIR] [--json FILE]
         [SUBJECT ...]
 
@@ -27,13 +27,19 @@ is built without the region's random writes, each subject makes them, and
 the passes start right after, while the server still seals, maps and
 uploads those writes, as in scale_bench's frag phase; --settle SECONDS
 waits that long after them, --restart serves the passes from a server
-started afresh after them.  Reported per subject: MiB/s of both passes, the bytes
+started afresh after them.  --pre-writes SIZE: each subject first makes
+SIZE of random 4 KiB writes over the whole volume, which its map still
+holds staged (lsbd.map.staged, not yet merged into the extents) when the
+frag writes and the passes come, as at the end of scale_bench's writes.
+Reported per subject: MiB/s of both passes, the bytes
 read-directed defragmentation relocated, and the server's peak
 anonymous RSS in each pass, and the server's processor time and disk
 reads per MiB read in each pass, the system part of that time, and the
 processor time of its child processes (the map's process and the sealing
 worker) per MiB (/proc/PID/stat and io), and the checkpoints the server
-completed during each pass and their processor time, and the time of a
+completed during each pass and their processor time, the segments staged
+in the map when each pass starts, and the segments the sealer entered into
+the map during each pass and the time it took, and the time of a
 checkpoint made after the passes (wall and the server's processor time).
 --spy DIR: a py-spy profile of each pass and of that checkpoint
 (NAME-first.txt, NAME-second.txt, NAME-checkpoint.txt; raw format, idle
@@ -156,7 +162,7 @@ def _spy(pid: int, path: str) -> subprocess.Popen:
 
 def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
                  frag_pct: int | None = None, settle: float = 0,
-                 restart: bool = False) -> dict:
+                 restart: bool = False, pre_writes: int = 0) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     copy_state(state, work)
     here = os.getcwd()
@@ -169,6 +175,13 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
         rss = sb.RssSampler(lsbd.proc.pid)
         out: dict = {"load": [os.getloadavg()[0]]}
         fio(lsbd.uri, "write", "4k", size=4096, offset=region * 40)
+        if pre_writes:
+            # As the end of scale_bench's writes: random 4 KiB writes over the
+            # whole volume that the server has not merged into its map's
+            # extents yet (staged segments, lsbd.map.staged) when the frag
+            # phase starts.
+            fio(lsbd.uri, "randwrite", "4k", size=lsbd.stats()["size"], io_size=pre_writes,
+                compress_pct=frag_pct if frag_pct is not None else 75)
         if frag_pct is not None:
             # As scale_bench does: the passes start right after the writes,
             # while the server still seals, maps and uploads them.
@@ -187,8 +200,13 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
                 drop_page_cache()
             prof = _spy(lsbd.proc.pid, f"{spy}-{name}.txt") if spy else None
             before = lsbd.stats()
+            out[f"{name}_staged_segments"] = before["map"].get("staged_segments")
             _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, name)
             after = lsbd.stats()
+            # The sealer's time entering segments into the map during the pass
+            # (a segment of longer records merges the staged ones first).
+            out[f"{name}_map_seconds"] = round(after["map_seconds"] - before["map_seconds"], 2)
+            out[f"{name}_segments_mapped"] = after["segments_mapped"] - before["segments_mapped"]
             out[f"{name}_checkpoints"] = after["checkpoints"] - before["checkpoints"]
             out[f"{name}_checkpoint_cpu_s"] = round(
                 after["checkpoint_cpu_seconds"] - before["checkpoint_cpu_seconds"], 2)
@@ -242,6 +260,10 @@ def main() -> None:
     ap.add_argument("--restart", action="store_true",
                     help="with --frag-writes: serve the passes from a server started afresh "
                          "after the writes")
+    ap.add_argument("--pre-writes", default="0", metavar="SIZE",
+                    help="random 4 KiB writes over the whole volume by each subject before "
+                         "its frag writes, left staged in its map as at the end of "
+                         "scale_bench's writes")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     region = parse_size(args.region)
@@ -266,7 +288,7 @@ def main() -> None:
         spy = os.path.join(args.spy, name) if args.spy else None
         r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy,
                          args.fio_compress if args.frag_writes else None, args.settle,
-                         args.restart)
+                         args.restart, parse_size(args.pre_writes))
         out[name] = r
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
@@ -278,7 +300,11 @@ def main() -> None:
               f"disk MiB/MiB "
               f"{r['first_disk_mib_per_mib']} / {r['second_disk_mib_per_mib']}; checkpoints done "
               f"{r['first_checkpoints']} / {r['second_checkpoints']} ("
-              f"{r['first_checkpoint_cpu_s']} / {r['second_checkpoint_cpu_s']} s); the "
+              f"{r['first_checkpoint_cpu_s']} / {r['second_checkpoint_cpu_s']} s); staged "
+              f"segments at the start {r['first_staged_segments']} / "
+              f"{r['second_staged_segments']}, segments mapped {r['first_segments_mapped']} / "
+              f"{r['second_segments_mapped']} in {r['first_map_seconds']} / "
+              f"{r['second_map_seconds']} s; the "
               f"checkpoint after them {r['checkpoint_s']} s ({r['checkpoint_cpu_s']} s of "
               f"processor time)", flush=True)
     if args.json:
