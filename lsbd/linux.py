@@ -149,6 +149,29 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+# -- posix_fadvise(WILLNEED) of a long range ------------------------------------------
+
+#: POSIX_FADV_WILLNEED starts reading at most the device's read-ahead window
+#: (read_ahead_kb, or its largest request if that is larger) per call,
+#: whatever length it is given (mm/readahead.c, force_page_cache_ra): a
+#: whole 64 MiB file advised at once had its first 8 MiB read here
+#: (read_ahead_kb 8192, measured with fincore).  So a long range is
+#: advised a piece at a time; no device lsbd runs on asks for less.
+WILL_NEED_PIECE = 512 * 1024
+
+
+def will_need(fd: int, start: int, length: int) -> None:
+    """Have the kernel start reading all of [start, start+length) of a file
+    now, asynchronously.  Only a hint: a failure is ignored."""
+    end = start + length
+    try:
+        for offset in range(start, end, WILL_NEED_PIECE):
+            os.posix_fadvise(fd, offset, min(WILL_NEED_PIECE, end - offset),
+                             os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
 # -- bytearray without zeroing (CPython) --------------------------------------
 
 UNFILLED_FROM = 65536   # below this, zeroing costs less than the call

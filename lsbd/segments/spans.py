@@ -9,6 +9,7 @@ import contextlib
 import os
 from typing import Callable
 
+from lsbd import linux
 from lsbd.checksum import crc32c_of
 
 #: Pieces of one segment this close in its file (bytes between them) are
@@ -47,9 +48,10 @@ def will_need(fd: int, spans: list[Span], base: int = 0) -> None:
 
 
 def will_need_whole(fd: int) -> None:
-    """Have the kernel start reading a whole file now, asynchronously."""
+    """Have the kernel start reading a whole file now, asynchronously (a
+    piece at a time: lsbd.linux.will_need)."""
     with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        linux.will_need(fd, 0, os.fstat(fd).st_size)
 
 
 def split_span(data, start: int, members: list, block_size: int,

@@ -217,6 +217,24 @@ def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
     assert waited and waited[0] == len(asked)                 # every file, before any wait
 
 
+def test_a_segment_read_ahead_whole_is_advised_all_of_it(tmp_path, monkeypatch):
+    """will_need_whole hands the kernel the whole file, in pieces that cover
+    it (one call for all of it started reading only its first read-ahead
+    window)."""
+    path = tmp_path / "seg"
+    path.write_bytes(bytes(3 * MiB + 5))
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda _fd, off, n, _advice: asked.append((off, n)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        spans.will_need_whole(fd)
+    finally:
+        os.close(fd)
+    assert len(asked) > 1 and asked[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _m) in zip(asked, asked[1:]))
+    assert asked[-1][0] + asked[-1][1] == 3 * MiB + 5
+
+
 def _evicted(vol, seqs: set[int]) -> None:
     """Every one of these segments stored, and its local copy evicted: its
     reads go to the store (a compressed volume's, frame by frame)."""

@@ -43,3 +43,25 @@ def test_each_call_falls_back_where_the_c_library_lacks_it(tmp_path, monkeypatch
 
 def test_a_missing_function_is_none():
     assert linux._function("no_such_libc_function_lsbd", []) is None
+
+
+def test_will_need_advises_a_long_range_a_piece_at_a_time(tmp_path, monkeypatch):
+    """The kernel reads at most its read-ahead window of one WILLNEED,
+    whatever its length: a long range goes to it in pieces that cover it
+    exactly, each at most WILL_NEED_PIECE."""
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda _fd, off, n, advice: asked.append(
+        (off, n, advice)))
+    piece = linux.WILL_NEED_PIECE
+    linux.will_need(3, 1000, 5 * piece + 17)
+    assert [a for _o, _n, a in asked] == [os.POSIX_FADV_WILLNEED] * 6
+    assert all(0 < n <= piece for _o, n, _a in asked)
+    pos = 1000
+    for off, n, _a in asked:
+        assert off == pos
+        pos += n
+    assert pos == 1000 + 5 * piece + 17
+    asked.clear()
+    linux.will_need(3, 0, 0)
+    assert asked == []
+
