@@ -17,6 +17,7 @@ from engine_helpers import BS, MiB, open_test_store, read_all
 
 from lsbd.engine import testing
 from lsbd.engine.volume import Volume
+from lsbd import linux
 from lsbd.format.segment import DATA, TRIM, ZERO, Record
 from lsbd.map import blockmap, staged
 from lsbd.map.blockmap import BlockMap, SegmentInfo
@@ -340,3 +341,50 @@ def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges)
                 assert read_all(past) == state
     finally:
         store.close()
+
+
+def _spread_map(tmp_path, spread: bool) -> BlockMap:
+    """A map of 20,000 one-block extents over 2 million blocks, then 3
+    staged segments of 3,000 writes each: spread over every block the map
+    covers, or all within its first 5,000 blocks."""
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    rng = random.Random(5)
+    base = [Record(DATA, 0, lba, 1, BS * (i + 1), b"")
+            for i, lba in enumerate(sorted(rng.sample(range(2_000_000), 20_000)))]
+    bm.apply_segment(_info(1), base, applied_seq=b"1")
+    bm.merge_all()                            # into the extents
+    for seq in (2, 3, 4):
+        lbas = rng.sample(range(2_000_000) if spread else range(5_000), 3_000)
+        bm.apply_segment(_info(seq), [Record(DATA, 0, lba, 1, BS * (i + 1), b"")
+                                      for i, lba in enumerate(lbas)],
+                         applied_seq=str(seq).encode())
+    assert bm.staged_count() == 3
+    return bm
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_a_merge_of_writes_spread_over_the_map_reads_the_map_file_ahead(
+        tmp_path, monkeypatch, spread):
+    """merge_all of staged writes that touch most of the extents' leaf pages
+    asks the kernel for the whole map file first (from a cold page cache
+    the merge would fault its pages in one at a time); writes that touch a
+    few pages ask for nothing.  Either way the map reads as applied."""
+    monkeypatch.setattr(blockmap, "MERGE_RANGE", 1000)
+    bm = _spread_map(tmp_path, spread)
+    asked: list[tuple[str, int, int]] = []
+    real = linux.will_need
+
+    def will_need(fd, start, length):
+        asked.append((os.readlink(f"/proc/self/fd/{fd}"), start, length - os.fstat(fd).st_size))
+        return real(fd, start, length)
+
+    monkeypatch.setattr(linux, "will_need", will_need)
+    try:
+        before = {e.lba: (e.seq, e.offset) for e in bm.lookup(0, 2_000_000)}
+        bm.merge_all()
+        assert bm.staged_count() == 0
+        assert {e.lba: (e.seq, e.offset) for e in bm.lookup(0, 2_000_000)} == before
+        whole = (os.path.realpath(tmp_path / "map" / "data.mdb"), 0, 0)   # all of it
+        assert asked == ([whole] if spread else [])
+    finally:
+        bm.close()
