@@ -8,9 +8,12 @@ dropped one.  A volume opened on a new cache dir from the map summary
 cold volume (the ext4 mount's superblock) was the one that imported it, and
 waited 0.13-0.24 s for that (docs/operations.md).  `loaded()` answers at
 once: numpy if it is imported, else None, and it starts the import in a
-thread of its own; the caller then takes its path without numpy.  A
-compressed or encrypted volume starts it earlier, when it builds its first
-segment layout (lsbd.crypto.objects: summing frame lengths).
+thread of its own; the caller then takes its path without numpy.  Only a
+caller that numpy would speed up asks: an index of one-block records
+(lsbd.format.segment), and a compressed or encrypted volume's layouts once
+many frames were summed without it (lsbd.crypto.objects).  A cold read of
+files written in large pieces never loads it: at its attach the import ran
+for 0.12-0.2 s beside the map's build and the first fetches.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def loaded() -> ModuleType | None:
             _started = True
             threading.Thread(target=_load, name="lsbd-numpy", daemon=True).start()
     return None
+
+
+def imported() -> ModuleType | None:
+    """numpy if its import has finished, else None; never starts it."""
+    return _numpy
 
 
 def _forked() -> None:

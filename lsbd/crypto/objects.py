@@ -165,18 +165,30 @@ def seal_into(read: Callable[[int, int], bytes | bytearray | memoryview], plain_
     return total + len(index) + len(packed_tail)
 
 
+#: Frame lengths summed in Python before numpy is asked for (128 segments of
+#: 2,048 frames, about 12 ms): its import costs 0.12-0.2 s of a core, most
+#: of it holding the GIL, and the attach of a volume of a few hundred
+#: segments, whose layouts come with the map summary, ran it beside the
+#: map's build and the first fetches, for no read that needed it.
+PYTHON_FRAMES = 1 << 18
+_summed = 0     # frame lengths summed in Python by this process (about: no lock)
+
+
 def _frame_starts(plain: bytes | bytearray, at: int) -> array.array:
     """The stored offset of every frame, and where the index starts (last),
     from the frames' stored lengths (u32 each) at plain[at:].  4 bytes an
     offset where they fit: a serving process keeps the layouts of thousands
-    of segments (lsbd.crypto.store).  Summed in numpy once it is loaded:
-    after random writes over a large volume a read opens the layouts of
-    about two segments a MiB, and summing a segment's 2,048 lengths in
-    Python took 94 us, in numpy 14 (docs/scale.md)."""
-    np = numpyload.loaded()
+    of segments (lsbd.crypto.store).  Summed in numpy once it is loaded,
+    and numpy asked for once PYTHON_FRAMES were summed without it: after
+    random writes over a large volume a read opens the layouts of about two
+    segments a MiB, and summing a segment's 2,048 lengths in Python took
+    94 us, in numpy 14 (docs/scale.md)."""
+    global _summed
+    np = numpyload.loaded() if _summed >= PYTHON_FRAMES else numpyload.imported()
     if np is None:
         lengths = array.array("I")
         lengths.frombytes(plain[at:])
+        _summed += len(lengths)
         ends = list(itertools.accumulate(lengths))
         wide = bool(ends) and ends[-1] >= 1 << 32
         return array.array("q" if wide else "I", [0, *ends])

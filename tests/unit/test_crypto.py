@@ -526,9 +526,43 @@ def test_frame_starts_are_the_running_sum_of_the_stored_lengths(monkeypatch, wit
     from lsbd.crypto.objects import _frame_starts
 
     monkeypatch.setattr(numpyload, "loaded", lambda: numpy if with_numpy else None)
+    monkeypatch.setattr(numpyload, "imported", lambda: numpy if with_numpy else None)
     lengths = array.array("I", [5, 16_400, 1, 9_000])
     small = _frame_starts(b"head" + lengths.tobytes(), 4)
     assert small.typecode == "I" and list(small) == [0, 5, 16_405, 16_406, 25_406]
     assert list(_frame_starts(b"head", 4)) == [0]
     big = _frame_starts(array.array("I", [4_000_000_000] * 2).tobytes(), 0)
     assert big.typecode == "q" and list(big) == [0, 4_000_000_000, 8_000_000_000]
+
+
+def test_numpy_is_asked_for_only_once_many_frames_were_summed_without_it(monkeypatch):
+    """A few layouts (a small volume's cold read) are summed in Python and
+    never start numpy's import; once PYTHON_FRAMES frames were, the next
+    layout asks for it (lsbd.numpyload), and one loaded meanwhile by
+    anything else is used at once."""
+    import array
+
+    import numpy
+
+    from lsbd import numpyload
+    from lsbd.crypto import objects
+
+    asked: list[int] = []
+    have: list = [None]
+    monkeypatch.setattr(numpyload, "loaded", lambda: asked.append(1) or have[0])
+    monkeypatch.setattr(numpyload, "imported", lambda: have[0])
+    monkeypatch.setattr(objects, "_summed", 0)
+    monkeypatch.setattr(objects, "PYTHON_FRAMES", 10)
+    plain = array.array("I", [7, 8, 9, 10]).tobytes()
+    for _ in range(3):                       # 12 frames summed, 8 before the third
+        assert list(objects._frame_starts(plain, 0)) == [0, 7, 15, 24, 34]
+    assert asked == []
+    assert list(objects._frame_starts(plain, 0)) == [0, 7, 15, 24, 34]
+    assert asked == [1]                      # past PYTHON_FRAMES: the import starts
+    monkeypatch.setattr(objects, "_summed", 0)
+    have[0] = numpy                          # loaded by another caller
+    sums: list[int] = []
+    frombuffer = numpy.frombuffer
+    monkeypatch.setattr(numpy, "frombuffer", lambda *a, **k: sums.append(1) or frombuffer(*a, **k))
+    assert list(objects._frame_starts(plain, 0)) == [0, 7, 15, 24, 34]
+    assert sums == [1] and asked == [1]      # used at once, never asked for
