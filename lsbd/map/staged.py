@@ -57,25 +57,41 @@ class Newest:
     """The newest staged write of each block: `lbas` sorted and unique,
     `vals` seq << OFF_BITS | file offset (uint64 arrays)."""
 
-    __slots__ = ("lbas", "vals", "_counts")
+    __slots__ = ("_lbas", "_vals", "_counts")
 
     def __init__(self, lbas=None, vals=None) -> None:
-        np = _np()
-        self.lbas = np.zeros(0, dtype="u8") if lbas is None else lbas
-        self.vals = np.zeros(0, dtype="u8") if vals is None else vals
+        # None: none staged, and no arrays made (nor numpy imported) until
+        # they are asked for: a map with none staged is opened at every
+        # attach, and a cold read of large writes needs no numpy at all
+        # (its import took 0.12-0.4 s of the attach, lsbd.numpyload).
+        self._lbas = lbas
+        self._vals = vals
         self._counts: dict[int, int] | None = None
 
+    @property
+    def lbas(self):
+        if self._lbas is None:
+            self._lbas = _np().zeros(0, dtype="u8")
+        return self._lbas
+
+    @property
+    def vals(self):
+        if self._vals is None:
+            self._vals = _np().zeros(0, dtype="u8")
+        return self._vals
+
     def __len__(self) -> int:
-        return len(self.lbas)
+        return 0 if self._lbas is None else len(self._lbas)
 
     @classmethod
     def of(cls, segments: Iterable[tuple[int, object, object]]) -> "Newest":
         """From (seq, block numbers, file offsets) of segments in seq order."""
+        segments = list(segments)
+        if not segments:
+            return cls()
         np = _np()
         parts = [(seq, np.asarray(lbas, dtype="u8"), np.asarray(offs, dtype="u8"))
                  for seq, lbas, offs in segments]
-        if not parts:
-            return cls()
         lbas = np.concatenate([p[1] for p in parts])
         vals = np.concatenate([(np.uint64(seq) << np.uint64(OFF_BITS)) | offs
                                for seq, _l, offs in parts])
@@ -130,10 +146,10 @@ class Newest:
     def counts(self) -> dict[int, int]:
         """Blocks whose newest staged write is in each segment."""
         if self._counts is None:
-            np = _np()
             if not len(self):
                 self._counts = {}
                 return self._counts
+            np = _np()
             # The staged seqs are a short run of numbers: counted in one
             # pass (bincount), not sorted (unique: 10 times the time).
             seqs = (self.vals >> np.uint64(OFF_BITS)).astype(np.int64)

@@ -17,7 +17,7 @@ from engine_helpers import MiB, open_test_store, read_all
 from lsbd.engine.volume import Volume
 from lsbd.meta.config import create_volume
 
-SIZE = 16 * MiB
+SIZE = 8 * MiB      # 8 segments: no checkpoint (16 follow one), the map from its summary
 SEGMENT = 1 * MiB
 
 PROBE = r"""
