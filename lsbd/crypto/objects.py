@@ -167,9 +167,9 @@ def seal_into(read: Callable[[int, int], bytes | bytearray | memoryview], plain_
 
 #: Frame lengths summed in Python before numpy is asked for (128 segments of
 #: 2,048 frames, about 12 ms): its import costs 0.12-0.2 s of a core, most
-#: of it holding the GIL, and the attach of a volume of a few hundred
-#: segments, whose layouts come with the map summary, ran it beside the
-#: map's build and the first fetches, for no read that needed it.
+#: of it holding the GIL, and a small volume's attach (its layouts come
+#: with the map summary) ran it beside the map's build and the first
+#: fetches, for a cold read that needed it nowhere.
 PYTHON_FRAMES = 1 << 18
 _summed = 0     # frame lengths summed in Python by this process (about: no lock)
 
