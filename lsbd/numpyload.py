@@ -11,9 +11,11 @@ once: numpy if it is imported, else None, and it starts the import in a
 thread of its own; the caller then takes its path without numpy.  Only a
 caller that numpy would speed up asks: an index of one-block records
 (lsbd.format.segment), and a compressed or encrypted volume's layouts once
-many frames were summed without it (lsbd.crypto.objects).  A cold read of
-files written in large pieces never loads it: at its attach the import ran
-for 0.12-0.2 s beside the map's build and the first fetches.
+many frames were summed without it (lsbd.crypto.objects); and a map
+opens without it while none of its segments is staged (lsbd.map.staged).
+A cold read of files written in large pieces so never loads it: at its
+attach the import held up the open for 0.07-0.1 s, and ran beside the
+map's build and the first fetches (docs/operations.md, "A distant store").
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class Newest:
 
     def __init__(self, lbas=None, vals=None) -> None:
         # None: none staged, and no arrays made (nor numpy imported) until
-        # they are asked for: a map with none staged is opened at every
-        # attach, and a cold read of large writes needs no numpy at all
-        # (its import took 0.12-0.4 s of the attach, lsbd.numpyload).
+        # they are asked for: every open makes one, and a cold read of
+        # large writes needs no numpy at all (its import held up the
+        # attach for 0.07-0.1 s, lsbd.numpyload).
         self._lbas = lbas
         self._vals = vals
         self._counts: dict[int, int] | None = None
