@@ -370,6 +370,7 @@ def _fio_run(short: Path, tmp_path: Path) -> None:
                  "--bsrange=4k-64k", "--size=16m", "--numjobs=2", "--offset_increment=16m",
                  "--loops=32", "--iodepth=4", "--verify=crc32c", "--verify_backlog=128",
                  "--verify_fatal=1", "--do_verify=1", "--group_reporting",
+                 "--verify_state_save=0",     # no state file in the working directory
                  "--output-format=json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(0.5)
