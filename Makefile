@@ -54,9 +54,10 @@ $(STAMP): pyproject.toml
 demo: sysdeps venv
 	$(VENV)/bin/python scripts/demo.py
 
-# Static checks on the product's code: ruff (likely bugs) and mypy (types).
+# Static checks: ruff (likely bugs) on the product, its tests, benches and
+# scripts; mypy (types) on the product.
 lint: venv
-	$(VENV)/bin/ruff check lsbd nbd fuse
+	$(VENV)/bin/ruff check lsbd nbd fuse tests bench scripts
 	$(VENV)/bin/mypy
 
 # The whole suite; any non-zero pytest exit fails (including 5: no tests ran).
