@@ -71,6 +71,22 @@ def test_a_batch_the_map_already_records_is_not_applied_again(tmp_path):
         bm.close()
 
 
+def test_a_batch_of_longer_records_the_map_already_records_is_not_applied_again(tmp_path):
+    """As above for a segment that is applied, not staged (a record longer
+    than a block): its blocks are not counted twice."""
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    try:
+        bm.apply_segments([_segment(1, [1, 2, 3])], applied_seq=b"1")
+        longer = (_info(2, 3), [Record(DATA, 0, 2, 2, BS, b""), Record(DATA, 0, 4, 1, 3 * BS, b"")])
+        bm.apply_segments([longer], applied_seq=b"2")
+        before = (list(bm.iter_extents()), _live(bm))
+        assert bm.apply_segments([longer], applied_seq=b"2") == []
+        assert (list(bm.iter_extents()), _live(bm)) == before
+        assert before[1] == {1: 1, 2: 3}
+    finally:
+        bm.close()
+
+
 def test_the_maps_process_killed_while_writing_loses_nothing(make_volume):
     vol = make_volume(segment_size=MiB)
     data = {}
