@@ -386,11 +386,7 @@ class BlockMap:
         emptied = []
         mine = {info.seq for info, _ in lists}
         with self._writing() as txn:
-            if lists and txn.get(_KEY.pack(lists[-1][0].seq), db=self._segments) is not None \
-                    and "applied_seq" in meta \
-                    and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= lists[-1][0].seq:
-                # Applied already (by the map's process, which died before it
-                # could say so): applying it again would count its blocks twice.
+            if lists and self._applied_already(txn, lists[-1][0].seq, meta):
                 return []
             if txn.stat(self._staged_db)["entries"]:
                 # Staged by a parent that did not merge them first (never by
@@ -431,6 +427,14 @@ class BlockMap:
                 txn.put(k.encode(), v, db=self._meta)
         return emptied
 
+    def _applied_already(self, txn, last: int, meta: dict[str, bytes]) -> bool:
+        """Whether a batch ending at seq `last` is in the map already: applied
+        by the map's process, which died before it could say so, or staged
+        and then replayed again.  Applying it again would count its blocks twice."""
+        return (txn.get(_KEY.pack(last), db=self._segments) is not None
+                and "applied_seq" in meta
+                and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= last)
+
     # --- staging and merging -------------------------------------------------
 
     def _stage(self, lists: list, meta: dict[str, bytes]) -> list[int]:
@@ -441,10 +445,8 @@ class BlockMap:
                   for info, r in lists]
         with self._writing() as txn:
             last = writes[-1][0].seq
-            if txn.get(_KEY.pack(last), db=self._segments) is not None \
-                    and "applied_seq" in meta \
-                    and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= last:
-                return []       # in the map already (replayed twice)
+            if self._applied_already(txn, last, meta):
+                return []
             for info, w in writes:
                 info.live_blocks = 0
                 txn.put(_KEY.pack(info.seq), staged.pack(w.lbas, w.offsets),
