@@ -214,7 +214,9 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
                 prof.send_signal(2)
                 prof.wait()
             out[f"peak_anon_{name}_kib"] = rss.phase()
-        out["read_defrag_bytes"] = lsbd.stats().get("read_defrag_bytes")
+        st = lsbd.stats()
+        out["read_defrag_bytes"] = st.get("read_defrag_bytes")
+        out["read_defrag_dropped_bytes"] = st.get("read_defrag_dropped_bytes", 0)
         # The checkpoint put off while the passes read (its delta holds the
         # segments they relocated), as scale_bench's checkpoint phase runs it.
         before = lsbd.stats()
@@ -291,7 +293,8 @@ def main() -> None:
                          args.restart, parse_size(args.pre_writes))
         out[name] = r
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
-              f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB, peak anon "
+              f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB (dropped "
+              f"{r['read_defrag_dropped_bytes'] / 1e6:.0f}), peak anon "
               f"{r['peak_anon_first_kib'] / 1024:.0f} / {r['peak_anon_second_kib'] / 1024:.0f} MiB, "
               f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}; server cpu ms/MiB "
               f"{r['first_cpu_ms_per_mib']} / {r['second_cpu_ms_per_mib']} (system "

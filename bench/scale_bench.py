@@ -339,20 +339,31 @@ def human(n: float) -> str:
     return str(n)
 
 
-def frag_and_read(uri: str, region: int, compress_pct: int = 0) -> dict:
+#: lsbd's counters taken before and after each read pass (frag_and_read).
+PASS_COUNTERS = ("read_defrag_bytes", "read_defrag_dropped_bytes", "segments_mapped",
+                 "map_seconds")
+
+
+def frag_and_read(uri: str, region: int, compress_pct: int = 0, stats=None) -> dict:
     """Random 4 KiB writes over the region (as many bytes as it holds), then
     sequential 1 MiB reads of it, timed: each pass reads the region exactly
     once (a pass timed by the clock would read it again and again once it
     is fast, and average the first read of the scattered blocks with what
-    that read changed)."""
+    that read changed).  `stats` (lsbd's): each pass also reports what it
+    relocated and dropped, and the sealer's segments and time in the map."""
     w = fio(uri, "randwrite", "4k", size=region, io_size=region, compress_pct=compress_pct)
-    drop_page_cache()
-    r = fio(uri, "read", "1M", size=region, io_size=region)
+    out = {"frag_write": w}
     # Again: what the first reads changed (lsbd lays scattered ranges out
     # again in the background, see lsbd/engine/readdefrag.py).
-    drop_page_cache()
-    again = fio(uri, "read", "1M", size=region, io_size=region)
-    return {"frag_write": w, "seq_read": r, "seq_read_again": again}
+    for name in ("seq_read", "seq_read_again"):
+        drop_page_cache()
+        before = stats() if stats else {}
+        out[name] = fio(uri, "read", "1M", size=region, io_size=region)
+        if stats:
+            after = stats()
+            out[name].update({k: round(after.get(k, 0) - before.get(k, 0), 2)
+                              for k in PASS_COUNTERS})
+    return out
 
 
 def reopen(lsbd: Lsbd, region: int, runtime: int, out: dict) -> None:
@@ -504,7 +515,7 @@ def run(args) -> dict:
             out["iops_first"], out["iops_last"] = first, last
             if args.only_writes:
                 return out
-            frag = frag_and_read(lsbd.uri, region, args.fio_compress)
+            frag = frag_and_read(lsbd.uri, region, args.fio_compress, lsbd.stats)
             out["lsbd_frag"] = frag
             phases["frag"] = rss.phase()
             print(f"  frag writes in the region: {frag['frag_write']['iops']:.0f} IOPS; "
@@ -579,7 +590,7 @@ def run_frag(args) -> dict:
         lsbd.start()
         fill = fio(lsbd.uri, "write", "1M", size=region, compress_pct=args.fio_compress)
         print(f"  fill {human(region)}: {fill['mib_s']:.0f} MiB/s", flush=True)
-        out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region, args.fio_compress)
+        out["lsbd_frag"] = frag = frag_and_read(lsbd.uri, region, args.fio_compress, lsbd.stats)
         print(f"  lsbd: frag writes {frag['frag_write']['iops']:.0f} IOPS; seq read 1M "
               f"{frag['seq_read']['mib_s']:.0f} MiB/s, again "
               f"{frag['seq_read_again']['mib_s']:.0f} MiB/s", flush=True)
@@ -609,6 +620,12 @@ def report_frag(out: dict) -> None:
             b = out["nbdkit_frag"][job]["mib_s"]
             print(f"seq read 1M after random writes, {label}: {a:.0f} vs nbdkit {b:.0f} MiB/s: "
                   f"ratio {a / b:.2f} (target >= 0.5)")
+    for job, label in (("seq_read", "first pass"), ("seq_read_again", "second pass")):
+        r = out["lsbd_frag"][job]
+        if "read_defrag_bytes" in r:
+            print(f"  lsbd's {label}: relocated {r['read_defrag_bytes'] / 2**20:.0f} MiB, dropped "
+                  f"{r['read_defrag_dropped_bytes'] / 2**20:.0f} MiB; the sealer mapped "
+                  f"{r['segments_mapped']} segments in {r['map_seconds']:.1f} s")
     print(f"load average at start {out['loadavg_start'][0]:.1f}, at end "
           f"{out['loadavg_end'][0]:.1f} (2 cores, shared)")
 

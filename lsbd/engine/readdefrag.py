@@ -59,6 +59,9 @@ class ReadDefrag:
         self._cond = threading.Condition()
         self._stop = False
         self.moved = 0
+        #: Bytes of scattered reads not queued (the queue was full): a later
+        #: read of the same range finds it scattered still.
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name=f"lsbd-{name}-read-defrag",
                                         daemon=True)
         self._thread.start()
@@ -68,7 +71,10 @@ class ReadDefrag:
         blocks it read, and the volume's content_changes when it planned."""
         nbytes = len(data)
         with self._cond:
-            if self._stop or self._queued + nbytes > QUEUE_BYTES:
+            if self._stop:
+                return False
+            if self._queued + nbytes > QUEUE_BYTES:
+                self.dropped += nbytes
                 return False
             self._queue.append((runs, data, planned_at))
             self._queued += nbytes

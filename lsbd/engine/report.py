@@ -7,7 +7,8 @@ from lsbd.engine.state import VolumeState
 from lsbd.map.blockmap import PENDING
 
 
-def usage(st: VolumeState, *, read_defrag_bytes: int = 0) -> dict:
+def usage(st: VolumeState, *, read_defrag_bytes: int = 0,
+          read_defrag_dropped_bytes: int = 0) -> dict:
     """Counters and space accounting, for `lsbd stats`."""
     infos = st.map.segments()
     up = st.uploader
@@ -20,6 +21,7 @@ def usage(st: VolumeState, *, read_defrag_bytes: int = 0) -> dict:
         "live_bytes": sum(i.live_blocks for i in infos) * st.block_size,
         "extents": st.map.extent_count(), "map": st.map.map_stats(),
         "read_defrag_bytes": read_defrag_bytes,
+        "read_defrag_dropped_bytes": read_defrag_dropped_bytes,
         "last_checkpoint": st.last_checkpoint, "flush_mode": st.flush_mode,
         "pending_bytes": sum(i.size for i in infos if i.state == PENDING),
         "upload_error": str(err) if err else None,

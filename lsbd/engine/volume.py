@@ -165,7 +165,10 @@ class Volume(ReadFace):
     def usage(self) -> dict:
         """Counters and space accounting, for `lsbd stats` (no store call)."""
         rd = self._reader.read_defrag
-        return report.usage(self._st, read_defrag_bytes=rd.moved if rd is not None else 0)
+        if rd is None:
+            return report.usage(self._st)
+        return report.usage(self._st, read_defrag_bytes=rd.moved,
+                            read_defrag_dropped_bytes=rd.dropped)
 
     def describe(self) -> dict:
         """What `lsbd info` shows, as this writer knows it (no store call)."""

@@ -5,6 +5,7 @@ without ever undoing a newer write."""
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all
@@ -26,6 +27,23 @@ def test_which_reads_are_scattered():
     assert not readdefrag.scattered(journal, BS)
     holes = [(i, 1, None, 0, None) for i in range(64)]
     assert not readdefrag.scattered(holes, BS)
+
+
+def test_offers_past_a_full_queue_are_counted_as_dropped(monkeypatch):
+    monkeypatch.setattr(readdefrag, "QUEUE_BYTES", 3 * MiB)
+    release = threading.Event()
+    rd = readdefrag.ReadDefrag(lambda runs, data, at: release.wait(10) and len(data),
+                               name="test")
+    try:
+        offered = [rd.offer([], bytes(1 * MiB), 0) for _ in range(6)]
+        # The worker holds one, the queue three: the last two find it full.
+        assert offered.count(False) >= 2 and rd.dropped == offered.count(False) * MiB
+        release.set()
+        assert rd.drain()
+        assert rd.moved + rd.dropped == 6 * MiB
+    finally:
+        release.set()
+        rd.close()
 
 
 @pytest.fixture
@@ -57,6 +75,7 @@ def test_a_scattered_read_is_laid_out_in_order(vol):
     assert len(vol.map_extents(0, 256)) == 1         # one run, one extent
     assert vol.read(0, 1 * MiB) == expected
     assert vol.usage()["read_defrag_bytes"] == 1 * MiB
+    assert vol.usage()["read_defrag_dropped_bytes"] == 0
     vol.close()
     reopened = Volume.open(vol.store, "vol", cache_root=vol.cache_root)
     try:
