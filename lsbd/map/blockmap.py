@@ -11,6 +11,8 @@ Databases (map format 2; docs/format.md "Cache dir"):
   segments  >Q seq          ->  SegmentInfo (state, times, size, live blocks)
   meta      name            ->  value (volume id, store URL, applied seq, size ...)
   staged    >Q seq          ->  a staged segment's one-block writes (lsbd.map.staged)
+  covers    >Q seq          ->  the ranges a segment laid over the extents while
+                                older writes were staged (lsbd.map.staged)
 
 Segments of one-block writes (random 4 KiB writes) are staged: their
 writes kept as one value, their row and the applied seq written, in one
@@ -24,6 +26,15 @@ crash) is simply done again, and live counts move only with the entries.
 A staged segment's row counts only its merged blocks; segments() adds its
 newest staged ones (an over-count while a merge is half done, never an
 under-count).
+
+A segment of other records (longer writes, zeroes, trims: a read-directed
+relocation's) is laid over the extents at once, staged writes or not; in
+the same transaction its ranges are written as a cover: every staged
+write older than it in those blocks is dead, left out of what reads see,
+of merges and of live counts (never counted: a staged write counts only
+once merged).  A merge of everything staged first, as before covers, held
+the sealer up for 1.6-9 s (docs/scale.md).  A cover goes with the last
+staged value older than it.
 
 A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
 10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
@@ -100,6 +111,7 @@ class BlockMap:
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")
         self._staged_db = self._env.open_db(b"staged")
+        self._covers_db = self._env.open_db(b"covers")
         self._migrate()
         # Stage segments of one-block writes (not in a scratch map, which
         # overlay() and load() fill, nor in the map's process: its parent stages).
@@ -281,10 +293,16 @@ class BlockMap:
                                 self.block_size)
 
     def _staged_in(self, txn) -> tuple[list[int], Newest]:
-        """The staged seqs and their newest writes, as of `txn`."""
+        """The staged seqs and their newest writes that no newer record
+        covers, as of `txn`."""
         segs = [(_KEY.unpack(k)[0], *staged.unpack(v))
                 for k, v in txn.cursor(db=self._staged_db)]
-        return [s for s, _l, _o in segs], Newest.of(segs)
+        return [s for s, _l, _o in segs], Newest.of(segs).uncovered(self._covers_in(txn))
+
+    def _covers_in(self, txn) -> list[tuple]:
+        """(seq, starts, ends) of the covers (lsbd.map.staged), in seq order."""
+        return [(_KEY.unpack(k)[0], *staged.unpack_cover(v))
+                for k, v in txn.cursor(db=self._covers_db)]
 
     def staged_count(self) -> int:
         """Segments staged, not yet merged into the extents."""
@@ -361,9 +379,25 @@ class BlockMap:
                  for info, r in batch]
         if self._stages and lists and all(_single_writes(r) for _, r in lists):
             return self._stage(lists, meta)
-        # Any other record is laid over the extents as they are: the staged
-        # writes, older, go into them first.
-        self.merge_all()
+        # Any other record is laid over the extents as they are; the staged
+        # writes in its blocks, older, are dead from now on: covered, not
+        # merged (a merge of everything staged held the sealer up for
+        # seconds, docs/scale.md).
+        emptied = self._apply_batch(lists, meta)
+        if len(self._newest) or self._gen is not None:
+            covers = _covers_of(lists)
+            # Reads of these blocks meanwhile find them in the sealing
+            # journal still (the engine drops it only after this returns).
+            with self._reader_lock:
+                self._newest = self._newest.uncovered(covers)
+                self._drop_reader_locked()
+            if self._gen is not None:
+                self._gen = (self._gen[0], self._gen[1].uncovered(covers))
+        return emptied
+
+    def _apply_batch(self, lists: list, meta: dict[str, bytes]) -> list[int]:
+        """apply_segments of a batch not staged: in the map's process when
+        there is one, else here."""
         if self._offload is not None:
             try:
                 emptied, live = self._offload.apply(
@@ -389,10 +423,9 @@ class BlockMap:
             if lists and self._applied_already(txn, lists[-1][0].seq, meta):
                 return []
             if txn.stat(self._staged_db)["entries"]:
-                # Staged by a parent that did not merge them first (never by
-                # this code): laid over, they would hide these writes.
-                raise RuntimeError(f"the map {self.path}: staged segments not merged "
-                                   "before other records")
+                # Staged writes, older than the batch, would hide its
+                # records where they cover them: covered in this transaction.
+                self._put_covers(txn, _covers_of(lists))
             cur = txn.cursor(db=self._extents)
             if all(_single_writes(records) for _, records in lists):
                 # Every record a one-block write: the newest write of each
@@ -426,6 +459,11 @@ class BlockMap:
             for k, v in meta.items():
                 txn.put(k.encode(), v, db=self._meta)
         return emptied
+
+    def _put_covers(self, txn, covers: list[tuple]) -> None:
+        for seq, starts, ends in covers:
+            if len(starts):
+                txn.put(_KEY.pack(seq), staged.pack_cover(starts, ends), db=self._covers_db)
 
     def _applied_already(self, txn, last: int, meta: dict[str, bytes]) -> bool:
         """Whether a batch ending at seq `last` is in the map already: applied
@@ -567,7 +605,9 @@ class BlockMap:
             with self._env.begin() as txn:
                 segs = [(s, *staged.unpack(v))
                         for s, v in _staged_upto(txn.cursor(db=self._staged_db), upto)]
-            self._gen = (upto, Newest.of(segs))
+                # Every cover, those newer than `upto` too: merged, a write
+                # they cover would come back over their records.
+                self._gen = (upto, Newest.of(segs).uncovered(self._covers_in(txn)))
         gen = self._gen[1]
         i = int(gen.lbas.searchsorted(gen.lbas.dtype.type(start)))
         emptied: list[int] = []
@@ -583,6 +623,12 @@ class BlockMap:
                 if last:
                     cur = txn.cursor(db=self._staged_db)
                     while cur.first() and _KEY.unpack(cur.key())[0] <= upto:
+                        cur.delete()
+                    # A cover is needed while a staged write older than it is.
+                    oldest = _KEY.unpack(cur.key())[0] if cur.first() else None
+                    cur = txn.cursor(db=self._covers_db)
+                    while cur.first() and (oldest is None
+                                           or _KEY.unpack(cur.key())[0] < oldest):
                         cur.delete()
             if last:
                 self._gen = None
@@ -738,6 +784,7 @@ class BlockMap:
                     txn.drop(self._extents, delete=False)
                     txn.drop(self._segments, delete=False)
                     txn.drop(self._staged_db, delete=False)
+                    txn.drop(self._covers_db, delete=False)
                     first = False
                 cur = txn.cursor(db=self._extents)
                 for e in it:
@@ -886,6 +933,23 @@ def _with_staged(info: SegmentInfo, counts: dict[int, int]) -> SegmentInfo:
     if counts.get(info.seq):
         info.live_blocks += counts[info.seq]
     return info
+
+
+def _covers_of(lists: list) -> list[tuple]:
+    """(seq, starts, ends) of the blocks each segment of a batch writes,
+    trims or zeroes (lsbd.map.staged.cover_ranges), in seq order."""
+    out = []
+    for info, records in lists:
+        if isinstance(records, OneBlockWrites):
+            starts = staged._np().asarray(records.lbas, dtype="u8")
+            ends = starts + 1
+        else:
+            ranges = [(r.lba, r.lba + r.nblocks) for r in records
+                      if r.kind != RESIZE and r.nblocks]
+            starts = [a for a, _b in ranges]
+            ends = [b for _a, b in ranges]
+        out.append((info.seq, *staged.cover_ranges(starts, ends)))
+    return out
 
 
 def _staged_upto(cur, upto: int) -> Iterator[tuple[int, bytes]]:

@@ -14,6 +14,13 @@ offsets, in record order (the last write of a block wins).  In memory the
 newest staged write of every block is one `Newest`: the blocks sorted, and
 for each `seq << OFF_BITS | file offset`.  A Newest is never changed, only
 replaced: a reader that took one reads a consistent view.
+
+A cover (the `covers` database, key >Q seq) is the ranges of blocks that
+segment `seq` laid over the extents while older writes were staged: a u32
+LE count n, then n u64 LE first blocks, then n u64 LE ends (exclusive),
+sorted and disjoint.  A staged write at seq s in a range of a cover at seq
+c > s is dead (`Newest.uncovered`); ranges stay ranges (a trim may cover
+2^28 blocks).
 """
 
 from __future__ import annotations
@@ -51,6 +58,38 @@ def unpack(value) -> tuple:
     lbas = np.frombuffer(raw, dtype="<u8", count=n, offset=_COUNT.size)
     offsets = np.frombuffer(raw, dtype="<u8", count=n, offset=_COUNT.size + 8 * n)
     return lbas.astype("u8"), offsets.astype("u8")
+
+
+def cover_ranges(starts, ends) -> tuple:
+    """Ranges [start, end) (in any order, overlapping or not) as the sorted,
+    disjoint ranges of the blocks they cover (touching ones joined)."""
+    np = _np()
+    starts = np.asarray(starts, dtype="u8")
+    ends = np.asarray(ends, dtype="u8")
+    if not len(starts):
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = starts[1:] > ends[:-1]
+    last = np.ones(len(starts), dtype=bool)
+    last[:-1] = first[1:]
+    return starts[first], ends[last]
+
+
+def pack_cover(starts, ends) -> bytes:
+    """A cover's value: u32 LE n, then n u64 LE starts, then n u64 LE ends."""
+    np = _np()
+    return _COUNT.pack(len(starts)) + np.asarray(starts, dtype="<u8").tobytes() \
+        + np.asarray(ends, dtype="<u8").tobytes()
+
+
+def unpack_cover(value) -> tuple:
+    """(starts, ends) of a cover's value, as uint64 arrays."""
+    try:
+        return unpack(value)
+    except ValueError:
+        raise ValueError(f"a cover of {len(bytes(value))} bytes") from None
 
 
 class Newest:
@@ -124,6 +163,35 @@ class Newest:
         np = _np()
         keep = (self.vals >> np.uint64(OFF_BITS)) > np.uint64(seq)
         return Newest(self.lbas[keep], self.vals[keep])
+
+    def uncovered(self, covers: Iterable[tuple[int, object, object]]) -> "Newest":
+        """This without the writes that a newer segment's records cover:
+        `covers` (seq, starts, ends) in seq order, each its segment's
+        ranges [start, end) sorted and disjoint (cover_ranges).  Exact on
+        the newest writes alone: a block whose newest staged write is
+        covered has its older ones covered too."""
+        covers = list(covers)
+        if not len(self) or not covers:
+            return self
+        np = _np()
+        lbas = self.lbas
+        # The newest cover of each staged block (0: none), by index ranges
+        # of the sorted blocks: a cover of 2^28 blocks costs what the staged
+        # blocks inside it do.
+        cover_at = np.zeros(len(lbas), dtype="u8")
+        for seq, starts, ends in covers:
+            i = lbas.searchsorted(np.asarray(starts, dtype="u8"))
+            n = lbas.searchsorted(np.asarray(ends, dtype="u8")) - i
+            some = n > 0
+            i, n = i[some], n[some]
+            if len(n):
+                # The ranges are disjoint: each index once (a newer cover,
+                # later in the list, writes over an older one).
+                cover_at[np.arange(int(n.sum())) + np.repeat(i - (np.cumsum(n) - n), n)] = seq
+        alive = (self.vals >> np.uint64(OFF_BITS)) >= cover_at
+        if alive.all():
+            return self
+        return Newest(lbas[alive], self.vals[alive])
 
     def find(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of block `lba`'s newest staged write, or None."""
