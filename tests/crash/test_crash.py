@@ -199,18 +199,29 @@ def test_sigkill_while_staged_segments_merge_leaves_a_prefix(tmp_path, monkeypat
     _check_staged_crash(tmp_path, monkeypatch, seed)
 
 
-def _check_staged_crash(tmp_path, monkeypatch, seed: int) -> None:
-    """One-block writes only: segments are staged and merged into the
+# Covers (lsbd.map.staged): a longer write or a trim among the one-block
+# writes is laid over the extents at once and covers the staged writes
+# in its blocks, so kills also land just after a cover and between the
+# ranges of a merge that must leave covered writes out.
+@pytest.mark.parametrize("seed", range(4))
+def test_sigkill_among_staged_segments_and_covers_leaves_a_prefix(tmp_path, monkeypatch, seed):
+    _check_staged_crash(tmp_path, monkeypatch, seed, covers=True)
+
+
+def _check_staged_crash(tmp_path, monkeypatch, seed: int, covers: bool = False) -> None:
+    """One-block writes only (`covers`: and a longer write or a trim now
+    and then): segments are staged and merged into the
     extents every three, a range of 16 blocks a transaction, so kills land
     between staging, inside a merge and between its ranges.  The reopened
     volume is a prefix with every flushed write, and its live counts are
     the map's own recount."""
     import lmdb
 
-    monkeypatch.setenv("LSBD_CRASH_SINGLES", "1")
+    monkeypatch.setenv("LSBD_CRASH_SINGLES", "covers" if covers else "1")
     store_url, store = _new_volume(tmp_path)
     map_dir = os.path.join(cache_dir_for(str(tmp_path / "cache"), store, "vol"), "map")
     merged = []
+    seen_covers: list[bool] = []
 
     def merges_ran() -> bool:
         """Segments were staged and some merged (the kill comes after a random delay)."""
@@ -223,17 +234,23 @@ def _check_staged_crash(tmp_path, monkeypatch, seed: int) -> None:
                     b"staged", txn=txn, create=False))] if txn.get(b"staged") else []
                 applied = int(txn.get(b"applied_seq", b"0", db=env.open_db(
                     b"meta", txn=txn, create=False)))
+                covered = txn.get(b"covers") is not None and bool(txn.stat(env.open_db(
+                    b"covers", txn=txn, create=False))["entries"])
         finally:
             env.close()
         merged.append(bool(staged) and staged[0] > 3)
-        return bool(staged) and applied >= 6
+        seen_covers.append(covered)
+        return bool(staged) and applied >= 6 and (covered or not covers)
 
     _check_crash(tmp_path, seed, lose_cache=False, volume=(store_url, store),
                  kill_after=merges_ran)
     assert any(merged)
+    assert any(seen_covers) == covers
     vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cache"))
     try:
+        before = read_all(vol)
         testing.merge_staged(vol)
+        assert read_all(vol) == before, "the merge changed what the volume reads"
         assert testing.staged_segments(vol) == 0
         assert testing.map_live_rows(vol) == testing.map_recount(vol)
     finally:

@@ -32,8 +32,14 @@ MAX_BLOCKS = 64            # 256 KiB: a write as large as a whole segment
 
 def singles() -> bool:
     """One-block writes only, the map's staged segments merged every few
-    segments in ranges of a few blocks (the merge test of tests/crash/test_crash.py)."""
-    return os.environ.get("LSBD_CRASH_SINGLES") == "1"
+    segments in ranges of a few blocks (the merge test of tests/crash/test_crash.py);
+    `covers`: with a longer write or a trim now and then, whose segment
+    covers the staged writes in its blocks."""
+    return os.environ.get("LSBD_CRASH_SINGLES") in ("1", "covers")
+
+
+def _longer(rng: random.Random) -> bool:
+    return os.environ.get("LSBD_CRASH_SINGLES") == "covers" and rng.random() < 0.01
 
 
 class Piece(NamedTuple):
@@ -65,6 +71,9 @@ def data_for(index: int, piece: Piece) -> bytes:
 
 def _piece(rng: random.Random, volume_blocks: int) -> Piece:
     if singles():
+        if _longer(rng):
+            n = rng.randint(2, MAX_BLOCKS)
+            return Piece(DATA if rng.random() < 0.7 else TRIM, rng.randrange(HOT_BLOCKS - n), n)
         return Piece(DATA, rng.randrange(HOT_BLOCKS), 1)
     r = rng.random()
     if r < 0.35:
