@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 
@@ -118,6 +119,14 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def work_dir(prefix: str, parent: str | None) -> str:
+    """A new temporary directory under `parent` (made first if it is not
+    there: a --workdir named on the command line need not exist yet)."""
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
 def parse_size(text: str) -> int:

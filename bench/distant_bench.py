@@ -540,6 +540,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("distant_bench needs root (FUSE, loop devices)", file=sys.stderr)
         return 1
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     src = tempfile.mkdtemp(prefix="distant-src-", dir=args.workdir)
     try:
         written = make_tree(src, args.small_mib, args.big_mib)

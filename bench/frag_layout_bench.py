@@ -33,13 +33,12 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchlib import drop_page_cache, parse_size
+from benchlib import drop_page_cache, parse_size, work_dir
 
 MiB = 1 << 20
 BS = 4096
@@ -156,7 +155,7 @@ def main() -> None:
     if region <= 0:
         sys.exit(f"--region must be at least {FILE >> 20} MiB")
     both = not args.disk and not args.engine
-    folder = args.keep or tempfile.mkdtemp(prefix="lsbd-frag-layout-", dir=args.workdir)
+    folder = args.keep or work_dir("lsbd-frag-layout-", args.workdir)
     os.makedirs(folder, exist_ok=True)
     print(f"region {region >> 20} MiB; work dir {folder}; load average "
           f"{os.getloadavg()[0]:.1f} (2 cores, shared)", flush=True)

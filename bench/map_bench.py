@@ -166,6 +166,7 @@ def main() -> int:
     linux.mallopt(linux.M_MMAP_THRESHOLD, context.SERVING_MMAP_THRESHOLD)
     linux.mallopt(linux.M_ARENA_MAX, context.SERVING_ARENA_MAX)
     sys.setswitchinterval(context.SERVING_SWITCH_INTERVAL)
+    os.makedirs(args.workdir, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="lsbd-map-bench-", dir=args.workdir)
     print(f"load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
     print(f"{'extents':>9} {'leaves':>7} {'batch':>5} {'busy':>4} {'txn ms':>7} {'cpu':>5} "

@@ -24,12 +24,11 @@ import pstats
 import random
 import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import parse_size
+from benchlib import parse_size, work_dir
 
 from lsbd.engine.deltas import lay_over
 from lsbd.engine.recovery import load_checkpoint
@@ -131,7 +130,7 @@ def main() -> int:
     ap.add_argument("--volume", default="v")
     ap.add_argument("--seq", type=int)
     args = ap.parse_args()
-    work = args.keep or tempfile.mkdtemp(prefix="lsbd-open-bench-", dir=args.workdir)
+    work = args.keep or work_dir("lsbd-open-bench-", args.workdir)
     try:
         store_dir = args.store or os.path.join(work, "store")
         os.makedirs(store_dir, exist_ok=True)

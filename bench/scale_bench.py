@@ -52,12 +52,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import drop_page_cache, fio, nbdkit, parse_size, sh, stop, wait_for
+from benchlib import drop_page_cache, fio, nbdkit, parse_size, sh, stop, wait_for, work_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -436,7 +435,7 @@ def run(args) -> dict:
     out: dict = {"volume_size": volume_size, "writes": writes, "round": round_size,
                  "create": args.create, "fio_compress": args.fio_compress,
                  "region": region, "loadavg_start": os.getloadavg()}
-    workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
+    workdir = work_dir("lsbd-scale-bench-", args.workdir)
     print(f"volume {human(volume_size)} (lsbd create {args.create or 'defaults'}), "
           f"{human(writes)} of random 4 KiB writes in rounds of "
           f"{human(round_size)}, region {human(region)}"
@@ -580,7 +579,7 @@ def run_frag(args) -> dict:
     region = parse_size(args.region)
     out: dict = {"volume_size": volume_size, "create": args.create, "region": region,
                  "loadavg_start": os.getloadavg()}
-    workdir = tempfile.mkdtemp(prefix="lsbd-scale-bench-", dir=args.workdir)
+    workdir = work_dir("lsbd-scale-bench-", args.workdir)
     print(f"frag phase only: volume {human(volume_size)} (lsbd create "
           f"{args.create or 'defaults'}), region {human(region)}; work dir {workdir}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
