@@ -442,18 +442,7 @@ class SealingStore(Store):
             return b""
         i, j = layout.frames_for(lo, hi)
         stored = self.inner.get(key, layout.starts[i], layout.starts[j] - layout.starts[i])
-        data = layout.open_frames(i, j, stored, where=key)
-        # Cut in place, not copied: a span of a read after random writes is
-        # up to 1 MiB, and 16 reads in flight each held both.
-        skip = lo - i * layout.tail.frame_size
-        try:
-            del data[skip + hi - lo:]
-            del data[:skip]
-        except BufferError:
-            # A view of it is still alive somewhere (a reference cycle not
-            # collected yet, a debugger): copy the range out instead.
-            return bytes(memoryview(data)[skip:skip + hi - lo])
-        return data
+        return layout.open_span(lo, hi, stored, where=key)
 
     def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
         """The last `n` plain bytes.  Knowing the object's stored size, one
