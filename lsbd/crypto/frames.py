@@ -94,6 +94,13 @@ def place_bytes(prefix: bytes, position: int, extra: int) -> bytes:
     return prefix + _POSITION.pack(position, extra)
 
 
+def frame_crc(header: bytes, place: bytes, body: bytes | memoryview) -> int:
+    """The CRC that ends a frame in the clear: over its header, its Place
+    and its body.  One function for the sealing and both opening paths, so
+    that they cannot drift apart."""
+    return mask(crc32c(body, crc32c(header + place)))
+
+
 def object_key(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> bytes:
     info = b"lsbd object key" + volume_id + name.encode()
     return hkdf(data_key, salt=object_id, info=info)
@@ -167,7 +174,7 @@ class Framer:
         if self.cipher is None:
             header = HEADER.pack(codec, 0, 0, len(plain), len(stored) + _CRC.size,
                                  bytes(NONCE_SIZE))
-            crc = mask(crc32c(stored, crc32c(header + place)))
+            crc = frame_crc(header, place, stored)
             return header, stored, _CRC.pack(crc)
         nonce = self._nonce(NONCE_SIZE)
         header = HEADER.pack(codec, FLAG_ENCRYPTED, 0, len(plain), len(stored) + TAG_SIZE,
@@ -236,7 +243,7 @@ class Framer:
             stored = frame[HEADER.size:len(frame) - _CRC.size]
             (crc,) = _CRC.unpack_from(frame, len(frame) - _CRC.size)
             if (body_length < _CRC.size
-                    or mask(crc32c(stored, crc32c(header + place.pack()))) != crc):
+                    or frame_crc(header, place.pack(), stored) != crc):
                 raise FrameError(f"{where}: frame {place.position} fails its "
                                  "checksum", offset=place.position)
         if codec == RAW and len(stored) != plain_length:
@@ -272,8 +279,8 @@ def open_clear(stored: memoryview, starts: Sequence[int], i: int, j: int, prefix
                 or plain != min(frame_size, plain_length - at)):
             return None
         body_view = stored[a + head:b - tail]
-        if mask(crc32c(body_view, crc32c(bytes(stored[a:a + head]) + prefix
-                                         + pack(k, plain_length)))) != crc_at(stored, b - tail)[0]:
+        if frame_crc(bytes(stored[a:a + head]), prefix + pack(k, plain_length),
+                     body_view) != crc_at(stored, b - tail)[0]:
             return None
         first, last = max(lo, at) - at, min(hi, at + plain) - at
         if codec == RAW:
