@@ -23,6 +23,11 @@ front end with an event loop runs calls inline with nowait=True and hands
 only the WouldBlock ones to worker threads.  A nowait read may return a
 bytearray rather than bytes (the buffer the kernel filled, not a copy).
 
+Long reads in turn: a device may have `long_reads_in_turn = True` when its
+long reads are processor work, not waits (a volume whose store is a local
+directory).  A front end then runs one client's long reads one after
+another on one worker thread rather than each on a thread of its own.
+
 Batched writes: a device may also have write_many(writes, nowait=False),
 which takes a list of (offset, data) whole-block writes inside the volume
 and does them in order, each its own transaction, as a series of write()

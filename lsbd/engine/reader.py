@@ -330,6 +330,15 @@ class ReadFace:
     def applied_seq(self) -> int:
         return self._st.applied
 
+    @property
+    def long_reads_in_turn(self) -> bool:
+        """A long read here is processor work, not a wait: the store is a
+        local directory (see STITCHED_AT_ONCE).  A front end does best to
+        run one client's long reads one after another on one thread; two
+        at once only trade the GIL.  False: they wait on a distant store,
+        and should overlap."""
+        return self._st.files.store_is_local
+
     def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
         return self._reader.read(offset, length, nowait=nowait)
 

@@ -491,3 +491,28 @@ def test_long_reads_from_a_local_store_run_two_at_a_time(vol, monkeypatch):
         t.join(10)
     assert running[1] == 2
     assert got == [expected[i * 16 * BS:(i * 16 + 32) * BS] for i in range(3)]
+
+
+def test_a_volume_says_its_long_reads_run_best_in_turn_only_on_a_local_store(tmp_path):
+    """long_reads_in_turn (BlockDevice): True when the store is a local
+    directory (long reads are processor work), False for any other store
+    (they wait on the network and should overlap); a past view says the
+    same as its volume."""
+    from engine_helpers import RecordingStore
+
+    class Distant(RecordingStore):
+        @property
+        def url(self) -> str:  # type: ignore[override]
+            return "s3://bucket/far"
+
+    local = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(local, "vol", SIZE, segment_size=256 * 1024)
+    for store, expected in ((local, True), (Distant(local), False)):
+        for read_only in (False, True):
+            vol = Volume.open(store, "vol", cache_root=str(tmp_path / f"cache-{expected}"),
+                              read_only=read_only)
+            try:
+                assert vol.long_reads_in_turn is expected
+            finally:
+                vol.close()
+    local.close()
