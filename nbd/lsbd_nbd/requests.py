@@ -1,8 +1,10 @@
 """Requests of the transmission phase: which flags each command may carry
 on a connection, the one validation every request passes before it runs,
-and a request handed to the pool."""
+a request handed to the pool, and a lane of them."""
 
 from __future__ import annotations
+
+from collections import deque
 
 from lsbd.engine.api import MAX_REQUEST
 from lsbd_nbd import protocol as p
@@ -30,6 +32,18 @@ class Pooled:
         self.pending = 0
         self.followers: list[Pooled] = []
         self.tracked = False
+
+
+class Lane:
+    """Requests of one connection that run one after another on one pool
+    thread (see dispatch.py), in the order they came; `busy` while that
+    thread is at work."""
+
+    __slots__ = ("queue", "busy")
+
+    def __init__(self) -> None:
+        self.queue: deque[Pooled] = deque()
+        self.busy = False
 
 
 def allowed_flags(session: Session) -> dict[int, int]:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections import deque
 from typing import TYPE_CHECKING
 from concurrent.futures import Executor
 
 from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
-from lsbd_nbd.dispatch import POOL_READ_FROM, POOL_WRITE_FROM, READS_AFTER_MISS, takes_nowait
+from lsbd_nbd.dispatch import (POOL_READ_FROM, POOL_WRITE_FROM, READS_AFTER_MISS, reads_in_turn,
+                               takes_nowait)
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
 from lsbd_nbd.replies import GATHER_ABOVE, Reply, ReplySender
-from lsbd_nbd.requests import WRITES, Pooled, allowed_flags, in_chunks, validate
+from lsbd_nbd.requests import WRITES, Lane, Pooled, allowed_flags, in_chunks, validate
 
 if TYPE_CHECKING:
     from lsbd_nbd.tls import TLSSocket
@@ -62,10 +62,12 @@ class Connection(ReplySender):
         self.in_pool = 0                          # requests handed to the pool, not done
         self.bytes_in_pool = 0                    # WRITE payload bytes those hold
         self.writes_in_pool: list[Pooled] = []   # of those, the writes (for ordering)
-        # Large WRITEs waiting for the one pool thread that runs them in turn
-        # (see _to_lane), and whether that thread is at work.
-        self.lane: deque[Pooled] = deque()
-        self.lane_busy = False
+        # Large WRITEs, and on a device whose long reads are processor work
+        # large READs that missed the inline path: each kind runs in turn on
+        # one pool thread (see _to_lane and dispatch.py).
+        self.write_lane = Lane()
+        self.read_lane = Lane()
+        self.reads_in_turn = reads_in_turn(session.device)
         self.broken = False
         self.buf = bytearray(RECV_BUFFER)
         self.pending: list[bytes] = []
@@ -124,6 +126,9 @@ class Connection(ReplySender):
         perform = self.perform
         submit = self._submit
         to_lane = self._to_lane
+        write_lane = self.write_lane
+        # Where a large READ goes when it does not run inline.
+        long_read = self._to_read_lane if self.reads_in_turn else submit
         queue_behind = self._queue_behind_overlaps
         request_magic = p.REQUEST_MAGIC
         simple_magic = p.SIMPLE_REPLY_MAGIC
@@ -163,14 +168,16 @@ class Connection(ReplySender):
                     continue
                 if cold_reads and length >= pool_read_from:
                     cold_reads -= 1
-                    submit(Pooled(cmd, flags, handle, offset, length, None))
+                    long_read(Pooled(cmd, flags, handle, offset, length, None))
                     continue
                 try:
                     payload = read(offset, length, nowait=True) if nowait else read(offset, length)
                 except WouldBlock:
                     if length >= pool_read_from:
                         cold_reads = READS_AFTER_MISS
-                    submit(Pooled(cmd, flags, handle, offset, length, None))
+                        long_read(Pooled(cmd, flags, handle, offset, length, None))
+                    else:
+                        submit(Pooled(cmd, flags, handle, offset, length, None))
                     continue
                 except Exception as exc:  # noqa: BLE001 - every error becomes a reply
                     pending.append(self._failure(exc, cmd, flags, handle, offset, length)[0])
@@ -222,7 +229,7 @@ class Connection(ReplySender):
                         submit(Pooled(cmd, flags, handle, offset, length, data))
                         continue
                     if length >= pool_write_from:
-                        to_lane(Pooled(cmd, flags, handle, offset, length, data))
+                        to_lane(Pooled(cmd, flags, handle, offset, length, data), write_lane)
                         continue
                     write_inline(handle, offset, data)
                     continue
@@ -393,27 +400,31 @@ class Connection(ReplySender):
             self._register(req)
         self.pool.submit(self._run_pooled, req)
 
-    def _to_lane(self, req: Pooled) -> None:
-        """Run a large WRITE on the pool after the connection's other large
-        WRITEs.  The engine writes one at a time anyway: more threads would
-        only wait for its lock and fight for the GIL (with fio's sequential
-        1 MiB writes, one writer thread per connection made about 1000 MiB/s
-        where a thread per write made about 750)."""
+    def _to_lane(self, req: Pooled, lane: Lane) -> None:
+        """Run a request on the pool after the earlier ones of its lane.
+        Large WRITEs: the engine writes one at a time anyway, and more
+        threads would only wait for its lock and fight for the GIL (with
+        fio's sequential 1 MiB writes, one writer thread per connection made
+        about 1000 MiB/s where a thread per write made about 750).  Large
+        READs of a device that reads in turn: see dispatch.py."""
         with self.state_lock:
             self._register(req)
-            self.lane.append(req)
-            if self.lane_busy:
+            lane.queue.append(req)
+            if lane.busy:
                 return
-            self.lane_busy = True
-        self.pool.submit(self._run_lane)
+            lane.busy = True
+        self.pool.submit(self._run_lane, lane)
 
-    def _run_lane(self) -> None:
+    def _to_read_lane(self, req: Pooled) -> None:
+        self._to_lane(req, self.read_lane)
+
+    def _run_lane(self, lane: Lane) -> None:
         while True:
             with self.state_lock:
-                if not self.lane:
-                    self.lane_busy = False
+                if not lane.queue:
+                    lane.busy = False
                     return
-                req = self.lane.popleft()
+                req = lane.queue.popleft()
             self._run_pooled(req)
 
     def _run_pooled(self, req: Pooled) -> None:

@@ -566,6 +566,86 @@ def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
         c.disconnect()
 
 
+class CountingReads(FakeVolume):
+    """Counts the long reads running at once (most) and the threads that ran
+    them; each long read that blocks takes 20 ms."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.guard = threading.Lock()
+        self.running = self.most = 0
+        self.threads: set[int] = set()
+        self.delay_for = lambda op, offset: 0.02 if op == "read" and offset >= MiB else 0
+
+    def read(self, offset, length, *, nowait=False):
+        if length < 128 * 1024 or nowait:
+            return super().read(offset, length, nowait=nowait)
+        with self.guard:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.get_ident())
+        try:
+            return super().read(offset, length, nowait=nowait)
+        finally:
+            with self.guard:
+                self.running -= 1
+
+
+class ReadsInTurn(CountingReads):
+    long_reads_in_turn = True
+
+
+def _long_reads_and_a_short_one(c, vol):
+    """Eight large READs that block, then a small one that does not; the
+    handles in the order their replies came, and whether each large reply
+    carried its own bytes."""
+    from lsbd_nbd.dispatch import POOL_READ_FROM
+    big = POOL_READ_FROM
+    for i in range(8):
+        vol.write(MiB + i * big, bytes([i + 1]) * big)
+    handles = [c.request(p.CMD_READ, MiB + i * big, big) for i in range(8)]
+    small = c.request(p.CMD_READ, 0, 4096)
+    replies = [c.reply(big) for _ in range(9)]
+    assert all(error == 0 for _h, error, _d in replies)
+    got = {h: d for h, _e, d in replies}
+    assert got[small] == bytes(4096)
+    assert [got[h] for h in handles] == [bytes([i + 1]) * big for i in range(8)]
+    return [h for h, _e, _d in replies], handles, small
+
+
+def test_long_reads_of_a_device_that_reads_in_turn_run_in_its_read_lane():
+    """long_reads_in_turn (a volume on a local store): the large READs that
+    would block run one after another on one pool thread, in the order they
+    came, while the connection goes on answering others."""
+    vol = ReadsInTurn("vol", SIZE)
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        order, handles, small = _long_reads_and_a_short_one(c, vol)
+        assert order.index(small) < 8            # the connection did not wait for them all
+        assert [h for h in order if h != small] == handles   # in turn, in the order sent
+        assert vol.most == 1
+        assert len(vol.threads) == 1
+        # A failing one gets its error; the lane goes on with the next.
+        vol.fail_next(CorruptionError("bad block"))
+        bad = c.request(p.CMD_READ, MiB, 128 * 1024)
+        good = c.request(p.CMD_READ, MiB + 128 * 1024, 128 * 1024)
+        first, second = c.reply(128 * 1024), c.reply(128 * 1024)
+        assert (first[0], first[1]) == (bad, errno.EIO)
+        assert second == (good, 0, bytes([2]) * 128 * 1024)
+        c.disconnect()
+
+
+def test_long_reads_of_other_devices_overlap_on_the_pool():
+    """Without long_reads_in_turn (a distant store: reads wait on the
+    network) the large READs that would block still run at once."""
+    vol = CountingReads("vol", SIZE)
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        _long_reads_and_a_short_one(c, vol)
+        assert vol.most > 1
+        c.disconnect()
+
+
 class NoNowaitVolume(FakeVolume):
     """A device whose calls do not take nowait (as BlockDevice allows)."""
 
