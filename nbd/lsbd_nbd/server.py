@@ -29,6 +29,13 @@ from lsbd_nbd.transmission import Connection
 log = logging.getLogger("lsbd.nbd")
 
 DEFAULT_PORT = 10809
+#: Send buffer asked for a Unix connection (the kernel caps it at
+#: net.core.wmem_max).  With the default (about 200 KiB) a 1 MiB reply
+#: goes out a piece at a time, the sending thread asleep until the client
+#: has read the piece before; with room for a few whole replies it hands
+#: each to the kernel in one go and is free for the next request at once
+#: (TCP sizes its own buffers).
+SEND_BUFFER = 4 << 20
 
 
 class SocketStream:
@@ -248,6 +255,7 @@ class NBDServer:
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = f"unix#{self._accepted}"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         thread = threading.Thread(target=self._client, args=(sock, peer),
                                   name=f"nbd-{peer}", daemon=True)
         with self._lock:

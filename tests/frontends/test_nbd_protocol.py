@@ -281,6 +281,28 @@ def test_tcp_works_and_sets_nodelay(server):
     c.disconnect()
 
 
+def test_a_unix_connection_queues_a_large_reply_without_waiting_for_the_client(volumes):
+    """A Unix connection's send buffer holds a 1 MiB reply whole
+    (server.SEND_BUFFER): the thread that sends it goes on to the next
+    request before the client reads any of it."""
+    from lsbd_nbd.server import SEND_BUFFER
+    with open("/proc/sys/net/core/wmem_max") as f:
+        if int(f.read()) < SEND_BUFFER:
+            pytest.skip("the kernel caps send buffers below server.SEND_BUFFER")
+    vol = volumes["vol"]
+    with running_server(volumes) as srv:
+        c = connected(srv)
+        read = c.request(p.CMD_READ, 0, MiB)
+        write = c.request(p.CMD_WRITE, 2 * MiB, 4096, data=b"w" * 4096)
+        deadline = time.monotonic() + 5
+        while vol.read(2 * MiB, 4096) != b"w" * 4096 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert vol.read(2 * MiB, 4096) == b"w" * 4096      # before any reply was read
+        assert c.reply(MiB) == (read, 0, bytes(MiB))
+        assert c.reply() == (write, 0, b"")
+        c.disconnect()
+
+
 # --- transmission: data ----------------------------------------------------------
 
 
