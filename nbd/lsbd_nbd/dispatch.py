@@ -32,8 +32,8 @@ dominate).  So:
     measured with fio's sequential 1 MiB reads at iodepth 16 of a
     compressed region laid out in order, the server spent about 1.0 ms of
     processor per MiB that way, and about 0.6 in the lane (docs/scale.md,
-    "Twenty-first round, second pass").  A distant store's reads wait on the network,
-    so there they still overlap on the pool.
+    "Twenty-first round, second pass").  A distant store's reads wait on
+    the network, so there they still overlap on the pool.
   * WRITE of POOL_WRITE_FROM bytes or more runs on the pool, so that the
     connection's thread receives the next payload while the engine writes
     (about 1 ms per MiB, much of it with the GIL released).  A connection's
