@@ -31,7 +31,7 @@ dominate).  So:
     time, and those two traded the GIL at every frame they decompressed:
     measured with fio's sequential 1 MiB reads at iodepth 16 of a
     compressed region laid out in order, the server spent about 1.0 ms of
-    processor per MiB that way, and about 0.6 in the lane (docs/scale.md,
+    processor per MiB that way, and about 0.7 in the lane (docs/scale.md,
     "Twenty-first round, second pass").  A distant store's reads wait on
     the network, so there they still overlap on the pool.
   * WRITE of POOL_WRITE_FROM bytes or more runs on the pool, so that the
