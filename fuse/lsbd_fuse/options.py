@@ -58,8 +58,11 @@ MAX_BACKGROUND = 64
 #: The kernel's own default is 128 KiB, and INIT can only lower it
 #: (max_readahead); root raises it once INIT is answered, through the mount's
 #: bdi (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb).  Without root it stays at
-#: the kernel's default.
-READAHEAD = 1024 * 1024
+#: the kernel's default.  4 MiB: a loop device's sequential reads then reach
+#: lsbd four 1 MiB requests at a time, where 1 MiB gave one or two (a cold
+#: read from a store 10 ms away: 0.32 s faster, median of 12 runs;
+#: docs/operations.md, "A distant store").
+READAHEAD = 4 << 20
 
 
 def allow_other_default() -> bool:

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "read and write reaches lsbd as issued (default: the page cache, "
                         "writes written through)")
     p.add_argument("--readahead", metavar="SIZE", default=None,
-                   help="the kernel's read-ahead on the image (default 1M; it needs root, "
+                   help="the kernel's read-ahead on the image (default 4M; it needs root, "
                         "else the kernel's 128K stays)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)  # the default
     p.add_argument("--fuse-debug", action="store_true", help=argparse.SUPPRESS)

@@ -152,11 +152,11 @@ def _readahead_kb(mnt) -> int:
 @pytest.mark.fuse
 def test_the_image_reads_ahead_as_much_as_asked(fenv):
     """The kernel offers 128 KiB and INIT can only lower it: a mount raises
-    it to 1 MiB by default, or to --readahead, and lowers it too."""
+    it to 4 MiB by default, or to --readahead, and lowers it too."""
     mnt = fenv.tmp / "mnt"
     fenv.mounted_volume("16M", mnt)
-    assert _readahead_kb(mnt) == 1024
-    for asked, kib in (("4M", 4096), ("64K", 64), ("0", 0)):
+    assert _readahead_kb(mnt) == 4096
+    for asked, kib in (("1M", 1024), ("64K", 64), ("0", 0)):
         fenv.remount(mnt, "--readahead", asked)
         assert _readahead_kb(mnt) == kib, asked
     fenv.umount(mnt)
