@@ -383,9 +383,9 @@ class BlockMap:
         # writes in its blocks, older, are dead from now on: covered, not
         # merged (a merge of everything staged held the sealer up for
         # seconds, docs/scale.md).
-        emptied = self._apply_batch(lists, meta)
-        if len(self._newest) or self._gen is not None:
-            covers = _covers_of(lists)
+        covers = _covers_of(lists) if len(self._newest) or self._gen is not None else None
+        emptied = self._apply_batch(lists, meta, covers)
+        if covers is not None:
             # Reads of these blocks meanwhile find them in the sealing
             # journal still (the engine drops it only after this returns).
             with self._reader_lock:
@@ -395,9 +395,11 @@ class BlockMap:
                 self._gen = (self._gen[0], self._gen[1].uncovered(covers))
         return emptied
 
-    def _apply_batch(self, lists: list, meta: dict[str, bytes]) -> list[int]:
+    def _apply_batch(self, lists: list, meta: dict[str, bytes],
+                     covers: list[tuple] | None) -> list[int]:
         """apply_segments of a batch not staged: in the map's process when
-        there is one, else here."""
+        there is one, else here (`covers`: _covers_of(lists) if the caller
+        needed them too)."""
         if self._offload is not None:
             try:
                 emptied, live = self._offload.apply(
@@ -425,7 +427,7 @@ class BlockMap:
             if txn.stat(self._staged_db)["entries"]:
                 # Staged writes, older than the batch, would hide its
                 # records where they cover them: covered in this transaction.
-                self._put_covers(txn, _covers_of(lists))
+                self._put_covers(txn, covers if covers is not None else _covers_of(lists))
             cur = txn.cursor(db=self._extents)
             if all(_single_writes(records) for _, records in lists):
                 # Every record a one-block write: the newest write of each
