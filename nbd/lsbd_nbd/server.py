@@ -34,8 +34,19 @@ DEFAULT_PORT = 10809
 #: goes out a piece at a time, the sending thread asleep until the client
 #: has read the piece before; with room for a few whole replies it hands
 #: each to the kernel in one go and is free for the next request at once
-#: (TCP sizes its own buffers).
+#: (TCP sizes its own buffers).  As root, SO_SNDBUFFORCE gets it past the
+#: cap (Linux's default cap is about 200 KiB).
 SEND_BUFFER = 4 << 20
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # Linux; not in Python's module
+
+
+def _ask_send_buffer(sock: socket.socket) -> None:
+    """SEND_BUFFER for an accepted Unix connection: past net.core.wmem_max
+    when the server may (root), else as far as the cap allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, SEND_BUFFER)
+    except OSError:      # not root (EPERM), or not Linux
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 class SocketStream:
@@ -255,7 +266,7 @@ class NBDServer:
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = f"unix#{self._accepted}"
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            _ask_send_buffer(sock)
         thread = threading.Thread(target=self._client, args=(sock, peer),
                                   name=f"nbd-{peer}", daemon=True)
         with self._lock:

@@ -287,8 +287,9 @@ def test_a_unix_connection_queues_a_large_reply_without_waiting_for_the_client(v
     request before the client reads any of it."""
     from lsbd_nbd.server import SEND_BUFFER
     with open("/proc/sys/net/core/wmem_max") as f:
-        if int(f.read()) < SEND_BUFFER:
-            pytest.skip("the kernel caps send buffers below server.SEND_BUFFER")
+        if int(f.read()) < SEND_BUFFER and os.geteuid() != 0:
+            pytest.skip("the kernel caps send buffers below server.SEND_BUFFER, "
+                        "and only root may go past the cap")
     vol = volumes["vol"]
     with running_server(volumes) as srv:
         c = connected(srv)
@@ -967,3 +968,4 @@ def test_close_cuts_off_a_client_that_does_not_read_its_replies(volumes):
     start = time.monotonic()
     srv.close(timeout=1)
     assert time.monotonic() - start < 8
+
