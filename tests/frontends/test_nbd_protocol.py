@@ -969,3 +969,31 @@ def test_close_cuts_off_a_client_that_does_not_read_its_replies(volumes):
     srv.close(timeout=1)
     assert time.monotonic() - start < 8
 
+
+def test_a_second_server_on_a_live_socket_is_refused_and_a_stale_one_replaced(volumes, tmp_path):
+    """listen_unix: a socket another server listens on is an error that
+    leaves the first server serving; a socket nobody listens on (a server
+    that died) is replaced; a file that is not a socket is left alone."""
+    from lsbd_nbd.server import NBDServer
+    with running_server(volumes) as srv:
+        second = NBDServer(volumes)
+        with pytest.raises(OSError, match="another server is listening there"):
+            second.listen_unix(srv.socket_path)
+        second.close()
+        c = connected(srv)                      # the first still serves
+        assert c.read(0, 4096) == volumes["vol"].read(0, 4096)
+        c.disconnect()
+    stale = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(stale)
+    dead.close()                                # a socket file, nobody listening
+    server = NBDServer(volumes)
+    try:
+        assert server.listen_unix(stale) == stale
+    finally:
+        server.close()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="is not a socket"):
+        NBDServer(volumes).listen_unix(str(plain))
+    assert plain.read_bytes() == b"keep me"
