@@ -129,6 +129,14 @@ def work_dir(prefix: str, parent: str | None) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
+def code_path(code: str) -> str:
+    """PYTHONPATH for running the copy of lsbd at `code`, its NBD and FUSE
+    front ends (nbd/, fuse/) included: with only `code` on the path, the
+    installed front ends (an editable install's: the checkout's) were
+    imported instead, and a change to them was not the one measured."""
+    return os.pathsep.join(os.path.join(code, d) for d in (".", "nbd", "fuse"))
+
+
 def parse_size(text: str) -> int:
     """'1G', '512MiB', '1.5T', '4096' -> bytes (binary units)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -79,7 +79,7 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import drop_page_cache, fio, parse_size, sh, stop, wait_for
+from benchlib import code_path, drop_page_cache, fio, parse_size, sh, stop, wait_for
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lsbd import names
@@ -185,7 +185,7 @@ def base(workdir: str, name: str) -> list[str]:
 
 
 def env(name: str = "") -> dict:
-    extra = {"PYTHONPATH": CODE[name]} if name in CODE else {}
+    extra = {"PYTHONPATH": code_path(CODE[name])} if name in CODE else {}
     if SAME_LAYOUT:
         extra["PYTHONHASHSEED"] = "0"
     return {**os.environ, "LSBD_PASSPHRASE": PASSPHRASE, **extra}

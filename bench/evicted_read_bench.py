@@ -58,7 +58,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import drop_page_cache, fio, parse_size
+from benchlib import code_path, drop_page_cache, fio, parse_size
 import scale_bench as sb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
     copy_state(state, work)
     here = os.getcwd()
     env_before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = code
+    os.environ["PYTHONPATH"] = code_path(code)
     os.chdir(code)        # python -m puts the working directory first on the path
     lsbd = sb.Lsbd(work, 0, [], create=False)
     try:
