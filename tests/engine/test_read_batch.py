@@ -154,10 +154,10 @@ def test_nearby_pieces_are_read_with_one_call(vol, monkeypatch):
     assert len(calls) <= 2 * len(segments), calls       # not one call per block
 
 
-def test_a_damaged_block_in_a_span_is_an_io_error(vol):
-    testing.stop_read_defrag(vol)
-    _interleaved(vol)
-    e = vol.map_extents(77, 1)[0]
+def _a_damaged_block_fails_the_read(vol, lba: int) -> None:
+    """One byte of block `lba`'s copy damaged in its segment file: a read
+    of the first MiB fails with EIO, naming the damaged piece."""
+    e = vol.map_extents(lba, 1)[0]
     path = os.path.join(vol.folder, "segments", f"{e.seq:016x}.seg")
     with open(path, "r+b") as f:          # the store's object too: the same file here
         f.seek(e.offset + 100)
@@ -167,6 +167,12 @@ def test_a_damaged_block_in_a_span_is_an_io_error(vol):
     with pytest.raises(CorruptionError) as err:
         vol.read(0, MiB)
     assert err.value.errno == errno.EIO and err.value.offset == e.offset
+
+
+def test_a_damaged_block_in_a_span_is_an_io_error(vol):
+    testing.stop_read_defrag(vol)
+    _interleaved(vol)
+    _a_damaged_block_fails_the_read(vol, 77)
 
 
 def test_a_cold_read_asks_for_all_its_pieces_at_once(vol, monkeypatch):
@@ -534,13 +540,4 @@ def test_a_damaged_block_alone_in_its_span_is_an_io_error(vol):
     assert all(s1 != s2 or o2 - o1 > spans.SPAN_GAP + BS
                for (s1, o1), (s2, o2) in zip(seq_pieces, seq_pieces[1:]))
     assert vol.read(0, MiB) == b"".join(block(1, lba) for lba in range(256))
-    e = vol.map_extents(77, 1)[0]
-    path = os.path.join(vol.folder, "segments", f"{e.seq:016x}.seg")
-    with open(path, "r+b") as f:          # the store's object too: the same file here
-        f.seek(e.offset + 100)
-        byte = f.read(1)
-        f.seek(e.offset + 100)
-        f.write(bytes([byte[0] ^ 0x5A]))
-    with pytest.raises(CorruptionError) as err:
-        vol.read(0, MiB)
-    assert err.value.errno == errno.EIO and err.value.offset == e.offset
+    _a_damaged_block_fails_the_read(vol, 77)
