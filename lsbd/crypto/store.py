@@ -500,8 +500,7 @@ class SealingStore(Store):
             stored = buf[layout.starts[i] - start:layout.starts[j] - start]
         else:       # frames that compress badly: what the read missed
             stored = self.inner.get(key, layout.starts[i], layout.starts[j] - layout.starts[i])
-        data = layout.open_frames(i, j, stored, where=key)
-        return data[lo - i * layout.tail.frame_size:]
+        return layout.open_span(lo, plain, stored, where=key)
 
     def head(self, key: str) -> int:
         sealing = self.sealing(key)
