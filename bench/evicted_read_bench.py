@@ -16,7 +16,8 @@ inside the region.  The server is stopped and the state kept in --state
 random writes are read from the store, as in the 64 GiB run.
 
 Each SUBJECT (NAME@DIR: the code in DIR, e.g. main@/work/main; default:
-this checkout) gets a fresh copy of the state (the store's objects as
+this checkout; NAME@DIR@ARGS also passes ARGS, split at spaces, to `lsbd
+serve`, e.g. "big@/work/main@--cache-limit 4G") gets a fresh copy of the state (the store's objects as
 hard links), at the path it was built
 in (the cache dir is named after the store's URL), is served, writes
 one block far from the region (read-directed defragmentation works only
@@ -162,14 +163,15 @@ def _spy(pid: int, path: str) -> subprocess.Popen:
 
 def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
                  frag_pct: int | None = None, settle: float = 0,
-                 restart: bool = False, pre_writes: int = 0) -> dict:
+                 restart: bool = False, pre_writes: int = 0,
+                 serve_args: list[str] | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     copy_state(state, work)
     here = os.getcwd()
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = code_path(code)
     os.chdir(code)        # python -m puts the working directory first on the path
-    lsbd = sb.Lsbd(work, 0, [], create=False)
+    lsbd = sb.Lsbd(work, 0, [], create=False, serve_args=serve_args)
     try:
         lsbd.start()
         rss = sb.RssSampler(lsbd.proc.pid)
@@ -287,10 +289,11 @@ def main() -> None:
     subjects = args.subjects or [f"this@{REPO}"]
     for subject in subjects:
         name, _, code = subject.partition("@")
+        code, _, serve_args = code.partition("@")
         spy = os.path.join(args.spy, name) if args.spy else None
         r = read_subject(kept, state, os.path.abspath(code or REPO), region, spy,
                          args.fio_compress if args.frag_writes else None, args.settle,
-                         args.restart, parse_size(args.pre_writes))
+                         args.restart, parse_size(args.pre_writes), serve_args.split())
         out[name] = r
         print(f"{name}: first pass {r['first']:.1f} MiB/s, second {r['second']:.1f} MiB/s, "
               f"relocated {r['read_defrag_bytes'] / 1e6:.0f} MB (dropped "

@@ -269,8 +269,9 @@ class Lsbd:
     """One `lsbd serve` of the bench volume; restartable with a new cache dir."""
 
     def __init__(self, workdir: str, volume_size: int, create_args: list[str], *,
-                 create: bool = True):
+                 create: bool = True, serve_args: list[str] | None = None):
         self.workdir = workdir
+        self.serve_args = serve_args or []
         self.store_dir = os.path.join(workdir, "store")
         self.cache = os.path.join(workdir, "cache")
         self.sock = os.path.join(workdir, "lsbd.sock")
@@ -290,7 +291,8 @@ class Lsbd:
     def start(self) -> float:
         """Start serving; the seconds until the socket is there (the volume open)."""
         started = time.monotonic()
-        self.proc = subprocess.Popen([*self.base(), "serve", "bench", "--socket", self.sock],
+        self.proc = subprocess.Popen([*self.base(), "serve", "bench", "--socket", self.sock,
+                                      *self.serve_args],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         wait_for(self.sock, self.proc, timeout=3600)
         return time.monotonic() - started
