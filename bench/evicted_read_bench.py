@@ -68,6 +68,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: In a state built for --frag-writes (no frag writes of its own): the
 #: subjects then make the region's only layer of random writes.
 FRAG_LATER = "frag-writes-later"
+#: The cache's counters in `lsbd stats` reported per pass.
+CACHE_COUNTS = ("local_read_bytes", "store_read_bytes", "cache_evicted_segments",
+                "cache_evicted_bytes")
 
 
 def build(state: str, volume_size: int, writes: int, region: int, create: list[str],
@@ -212,6 +215,13 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
             out[f"{name}_checkpoints"] = after["checkpoints"] - before["checkpoints"]
             out[f"{name}_checkpoint_cpu_s"] = round(
                 after["checkpoint_cpu_seconds"] - before["checkpoint_cpu_seconds"], 2)
+            # Where the pass's blocks came from, and what the cache evicted
+            # meanwhile (servers that count them: `lsbd stats`).
+            for key in CACHE_COUNTS:
+                if key in after:
+                    out[f"{name}_{key}"] = after[key] - before[key]
+            if name == "first" and "cache_evicted_segments" in before:
+                out["evicted_before_first"] = before["cache_evicted_segments"]
             if prof is not None:
                 prof.send_signal(2)
                 prof.wait()
@@ -242,6 +252,19 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
         else:
             os.environ["PYTHONPATH"] = env_before
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cache_counts(r: dict) -> str:
+    """The cache's counters of each pass, if the subject's server had them."""
+    if "first_store_read_bytes" not in r:
+        return ""
+    mib = 1 << 20
+    return "".join(
+        f"; {name} pass MiB from local copies / the store "
+        f"{r[f'{name}_local_read_bytes'] / mib:.0f} / {r[f'{name}_store_read_bytes'] / mib:.0f}, "
+        f"evicted {r[f'{name}_cache_evicted_segments']} segments"
+        for name in ("first", "second")) + \
+        f"; evicted before the first pass {r.get('evicted_before_first')}"
 
 
 def main() -> None:
@@ -312,7 +335,7 @@ def main() -> None:
               f"{r['second_segments_mapped']} in {r['first_map_seconds']} / "
               f"{r['second_map_seconds']} s; the "
               f"checkpoint after them {r['checkpoint_s']} s ({r['checkpoint_cpu_s']} s of "
-              f"processor time)", flush=True)
+              f"processor time)" + _cache_counts(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

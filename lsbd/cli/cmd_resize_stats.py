@@ -61,6 +61,11 @@ def run_stats(args, ctx) -> int:
         rows.append(["cache (in the store too)",
                      f"{data['cache_segments']} segments, {h(data['cache_bytes'])} of "
                      f"{h(data['cache_limit'])}; {h(data['cache_disk_free'])} free on its disk"])
+    if "cache_evicted_segments" in data:
+        rows.append(["evicted from the cache", f"{data['cache_evicted_segments']} segments "
+                                               f"({h(data['cache_evicted_bytes'])})"])
+        rows.append(["blocks read from the cache / the store",
+                     f"{h(data['local_read_bytes'])} / {h(data['store_read_bytes'])}"])
     if data.get("upload_error"):
         rows.append(["uploads failing", f"for {data['uploads_failing_for']:.0f}s: "
                                         f"{data['upload_error']}"])

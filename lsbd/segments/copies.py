@@ -82,6 +82,10 @@ class LocalCopies:
         self._lock = threading.Lock()
         self._cached: collections.OrderedDict[int, int] = collections.OrderedDict()  # evictable
         self._cached_bytes = 0
+        # For `lsbd stats`: segments the cache evicted, and the bytes of the
+        # blocks reads took from local sealed copies and from the store.
+        self.counts = {"cache_evicted_segments": 0, "cache_evicted_bytes": 0,
+                       "local_read_bytes": 0, "store_read_bytes": 0}
         self._indexes: collections.OrderedDict[int, SegmentIndex] = collections.OrderedDict()
         self._index_bytes = 0
         self._loading: dict[int, threading.Lock] = {}   # seq -> held while its index loads
@@ -245,6 +249,8 @@ class LocalCopies:
         is unlinked after the lock is let go); returns its seq."""
         seq, size = self._cached.popitem(last=False)
         self._cached_bytes -= size
+        self.counts["cache_evicted_segments"] += 1
+        self.counts["cache_evicted_bytes"] += size
         self._drop_index_locked(seq)
         self._retire_locked(seq)
         return seq
@@ -259,8 +265,17 @@ class LocalCopies:
         """For `lsbd stats`: the evictable cache and the disk under it."""
         with self._lock:
             cached, count = self._cached_bytes, len(self._cached)
+            counts = dict(self.counts)
         return {"cache_bytes": cached, "cache_segments": count, "cache_limit": self.cache_limit,
-                "cache_disk_free": disk_free(self.folder)}
+                "cache_disk_free": disk_free(self.folder), **counts}
+
+    def count_read(self, *, local: int = 0, store: int = 0) -> None:
+        """Note bytes of sealed segments' blocks read from local copies (or
+        a fetched copy still held in memory) and from the store."""
+        with self._lock:
+            counts = self.counts
+            counts["local_read_bytes"] += local
+            counts["store_read_bytes"] += store
 
     def forget(self, seq: int) -> None:
         """Drop a local copy (the segment was deleted from the store)."""

@@ -111,12 +111,14 @@ class SegmentFiles(LocalCopies):
             else:
                 data = self.store.get(key, offset, length)
             self._check(seq, idx, offset, data, nblocks)
+            self.count_read(store=length)
             self.fetcher.note_remote_read(seq, length, sequential)
             return data
         try:
             idx = self._local_index(seq, f)   # from the bounded cache, not the descriptor
             data = f.read(length, offset, nowait)
             self._check(seq, idx, offset, data, nblocks)
+            self.count_read(local=length)
             return data
         except CorruptionError as local_error:
             # A damaged local copy: the store's may be good (if it is there yet).
@@ -142,6 +144,7 @@ class SegmentFiles(LocalCopies):
             return {}   # a segment fetched whole waits for its first read: read_blocks
         held: list[tuple[int, OpenFile, list]] = []
         out: dict[tuple[int, int], Bytes] = {}
+        blocks = 0
         try:
             for seq, pieces in groups.items():
                 if seq in self.held:
@@ -179,10 +182,13 @@ class SegmentFiles(LocalCopies):
                         for off, piece in split_span(data, start, members, self.block_size,
                                                      idx.crc_at, check):
                             out[seq, off] = piece
+                    blocks += sum(n for _off, n in groups[seq])
                 except CorruptionError:
                     for _start, _end, members in spans:
                         for off, _n in members:
                             out.pop((seq, off), None)
+            if blocks:
+                self.count_read(local=blocks * self.block_size)
             return out
         finally:
             for _seq, f, _spans in held:
@@ -225,6 +231,7 @@ class SegmentFiles(LocalCopies):
                     out[seq, off] = piece
         except (CorruptionError, ObjectNotFound):
             return {}
+        self.count_read(store=sum(n for _off, n in pieces) * self.block_size)
         return out
 
     def _read_store_records(self, seq: int, pieces: list[tuple[int, int]]
@@ -256,6 +263,7 @@ class SegmentFiles(LocalCopies):
                     if not one_block_record_holds(view, at, bs):
                         return None
                     out[seq, off] = view[at + ONE_BLOCK_HEAD:at + ONE_BLOCK_HEAD + bs]
+            self.count_read(store=len(pieces) * bs)
             return out
         except (CorruptionError, ObjectNotFound):
             return None
@@ -291,6 +299,7 @@ class SegmentFiles(LocalCopies):
                 lambda n, off: data[off:off + n], len(data), where=where))
             piece = data[offset:offset + nblocks * self.block_size]
             self._check(seq, idx, offset, piece, nblocks)
+            self.count_read(local=len(piece))
             return piece
         except CorruptionError as e:
             if nowait:
@@ -312,6 +321,7 @@ class SegmentFiles(LocalCopies):
             self._check(seq, idx, offset, data, nblocks)
         except (CorruptionError, ObjectNotFound):
             raise error from None
+        self.count_read(store=len(data))
         return data
 
     def _first_read(self, seq: int) -> bool:
@@ -346,6 +356,7 @@ class SegmentFiles(LocalCopies):
                     "the local copy", self.key_of(seq))
         self.forget(seq)
         self._keep_index(seq, idx)
+        self.count_read(store=len(data))
         return data
 
     def _check(self, seq: int, idx: SegmentIndex, offset: int, data, nblocks: int) -> None:

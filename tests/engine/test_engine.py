@@ -1277,6 +1277,32 @@ def test_tiny_segment_cache_evicts_and_refetches(make_volume, store, tmp_path, f
         vol.close()
 
 
+def test_stats_count_the_segments_the_cache_evicts(tmp_path):
+    """`lsbd stats` counts the segments (and their bytes) the cache evicted,
+    over its limit and to make room on the disk alike."""
+    from engine_helpers import open_test_store
+    from lsbd.segments.copies import LocalCopies
+
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    files = LocalCopies(str(tmp_path / "cache"), store, lambda seq: f"seg/{seq:016x}", BS,
+                        cache_limit=250)
+    try:
+        for seq in range(5):
+            with open(files.path(seq), "wb") as f:
+                f.write(bytes(100 + seq))
+            files.adopt(seq)
+        state = files.cache_state()
+        assert files.local_seqs() == [3, 4]
+        assert (state["cache_evicted_segments"], state["cache_evicted_bytes"]) == (3, 303)
+        assert not files.make_room(state["cache_disk_free"] + (1 << 40))   # never enough
+        state = files.cache_state()
+        assert files.local_seqs() == []
+        assert (state["cache_evicted_segments"], state["cache_evicted_bytes"]) == (5, 510)
+    finally:
+        files.close()
+        store.close()
+
+
 @pytest.mark.parametrize("big_range", [16, 2])
 def test_open_segment_index_finds_the_newest_copy_of_every_block(tmp_path, monkeypatch, big_range):
     """The open segment keeps small records per block and large ones as

@@ -291,6 +291,31 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
         vol.store.close()
 
 
+def test_stats_count_the_bytes_read_from_local_copies_and_from_the_store(tmp_path):
+    """`lsbd stats` says how many bytes of sealed blocks reads took from the
+    cache dir's copies and how many from the store: a 1 MiB read of pieces
+    of several segments, some evicted, counts each piece once, where it came
+    from."""
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        expected = _interleaved(vol)
+        extents = vol.map_extents(0, 256)
+        seqs = {e.seq for e in extents}
+        away = set(sorted(seqs)[::2])
+        _evicted(vol, away)
+        before = vol.usage()
+        assert vol.read(0, MiB) == expected
+        after = vol.usage()
+        from_store = sum(e.nblocks for e in extents if e.seq in away) * BS
+        assert 0 < from_store < MiB
+        assert after["store_read_bytes"] - before["store_read_bytes"] == from_store
+        assert after["local_read_bytes"] - before["local_read_bytes"] == MiB - from_store
+    finally:
+        vol.close()
+        vol.store.close()
+
+
 @pytest.mark.parametrize("kind", ["compressed", "encrypted"])
 def test_evicted_one_block_records_are_read_without_their_index(tmp_path, monkeypatch, kind):
     """Blocks of evicted segments whose index is not in memory, each a

@@ -395,6 +395,8 @@ def test_commands_go_through_the_writer_of_a_served_volume(file_cli, tmp_path):
         assert listed[0]["size"] == info["size"] == 32 * MiB, "list and info disagree"
         stats = json.loads(_ok(file_cli("stats", "v", "--json")).stdout)
         assert stats["source"] == "the running writer" and stats["size"] == 32 * MiB
+        table = _ok(file_cli("stats", "v")).stdout
+        assert "evicted from the cache" in table and "read from the cache / the store" in table
         report = json.loads(_ok(file_cli("compact", "v", "--json")).stdout)
         assert report["dry_run"] is False and isinstance(report["why"], list)
     finally:
