@@ -41,7 +41,12 @@ worker) per MiB (/proc/PID/stat and io), and the checkpoints the server
 completed during each pass and their processor time, the segments staged
 in the map when each pass starts, and the segments the sealer entered into
 the map during each pass and the time it took, and the time of a
-checkpoint made after the passes (wall and the server's processor time).
+checkpoint made after the passes (wall and the server's processor time);
+and, from servers that count them (`lsbd stats`), the bytes each pass
+read from local copies and from the store and the segments the cache
+evicted during it, and how busy the disk under the state was during each
+pass (/proc/diskstats: the share of the time it was busy, the requests
+in flight on average, and a read request's size and time).
 --spy DIR: a py-spy profile of each pass and of that checkpoint
 (NAME-first.txt, NAME-second.txt, NAME-checkpoint.txt; raw format, idle
 threads included).
@@ -126,14 +131,38 @@ def _children_cpu(pid: int) -> float:
     return total / tick
 
 
-def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str) -> None:
+def _disk_counts(path: str) -> list[int] | None:
+    """/proc/diskstats of the disk holding `path`: reads done, sectors
+    read, ms spent reading, ms the disk was busy, ms of requests in flight
+    summed; None if the disk is not listed there."""
+    dev = os.stat(path).st_dev
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if (int(fields[0]), int(fields[1])) == (os.major(dev), os.minor(dev)):
+                return [int(fields[i]) for i in (3, 5, 6, 12, 13)]
+    return None
+
+
+def _timed_pass(pid: int, uri: str, region: int, out: dict, name: str,
+                disk_path: str | None = None) -> None:
     """One read of the region: MiB/s, and the server's processor ms and
-    disk MiB per MiB read, and its children's processor ms."""
+    disk MiB per MiB read, and its children's processor ms; with disk_path,
+    how busy the disk under it was (the whole machine's reads)."""
     user0, sys0, disk0 = _usage(pid)
     children0 = _children_cpu(pid)
+    dev0 = _disk_counts(disk_path) if disk_path else None
     started = time.time()
     out[name] = fio(uri, "read", "1M", size=region, io_size=region)["mib_s"]
     user1, sys1, disk1 = _usage(pid)
+    if dev0 is not None:
+        dev1 = _disk_counts(disk_path) or dev0
+        ios, sectors, read_ms, busy_ms, queued_ms = (b - a for a, b in zip(dev0, dev1))
+        wall_ms = (time.time() - started) * 1000
+        out[f"{name}_disk_busy"] = round(busy_ms / wall_ms, 3)
+        out[f"{name}_disk_queue"] = round(queued_ms / wall_ms, 2)   # requests in flight, mean
+        out[f"{name}_disk_read_kib"] = round(sectors / 2 / max(1, ios), 1)   # a request
+        out[f"{name}_disk_read_ms"] = round(read_ms / max(1, ios), 3)        # a request
     out[f"{name}_children_cpu_ms_per_mib"] = round(
         (_children_cpu(pid) - children0) * 1000 / (region / (1 << 20)), 2)
     out[f"{name}_time"] = [started, time.time()]
@@ -206,7 +235,7 @@ def read_subject(state: str, work: str, code: str, region: int, spy: str | None,
             prof = _spy(lsbd.proc.pid, f"{spy}-{name}.txt") if spy else None
             before = lsbd.stats()
             out[f"{name}_staged_segments"] = before["map"].get("staged_segments")
-            _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, name)
+            _timed_pass(lsbd.proc.pid, lsbd.uri, region, out, name, work)
             after = lsbd.stats()
             # The sealer's time entering segments into the map during the pass
             # (a segment of longer records merges the staged ones first).
@@ -262,7 +291,9 @@ def _cache_counts(r: dict) -> str:
     return "".join(
         f"; {name} pass MiB from local copies / the store "
         f"{r[f'{name}_local_read_bytes'] / mib:.0f} / {r[f'{name}_store_read_bytes'] / mib:.0f}, "
-        f"evicted {r[f'{name}_cache_evicted_segments']} segments"
+        f"evicted {r[f'{name}_cache_evicted_segments']} segments; disk busy "
+        f"{r.get(f'{name}_disk_busy')}, queue {r.get(f'{name}_disk_queue')}, "
+        f"{r.get(f'{name}_disk_read_kib')} KiB / {r.get(f'{name}_disk_read_ms')} ms a read"
         for name in ("first", "second")) + \
         f"; evicted before the first pass {r.get('evicted_before_first')}"
 
