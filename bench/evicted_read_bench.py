@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/evicted_read_bench.py [--volume-size 64G] [--writes 4G]
         [--region 1G] [--create ARGS] [--fio-compress 75] [--state DIR] [--pre-writes SIZE]
-        [--frag-writes [--settle SECONDS] [--restart]] [--spy DIR] [--json FILE]
+        [--frag-writes [--settle SECONDS] [--restart]] [--spy DIR [--spy-gil]] [--json FILE]
         [SUBJECT ...]
 
 The frag phase of bench/scale_bench.py after its random writes, at a size
@@ -49,7 +49,7 @@ pass (/proc/diskstats: the share of the time it was busy, the requests
 in flight on average, and a read request's size and time).
 --spy DIR: a py-spy profile of each pass and of that checkpoint
 (NAME-first.txt, NAME-second.txt, NAME-checkpoint.txt; raw format, idle
-threads included).
+threads included; --spy-gil: only the thread holding the GIL).
 Needs fio and root (to drop caches).  Compare subjects within one run: the machine is shared.
 """
 
@@ -183,12 +183,17 @@ def copy_state(state: str, work: str) -> None:
         subprocess.run(["cp", "-a", *link, os.path.join(state, name), work], check=True)
 
 
+#: More py-spy arguments (--spy-gil: only the samples of the thread holding the GIL).
+SPY_ARGS: list[str] = []
+
+
 def _spy(pid: int, path: str) -> subprocess.Popen:
     """py-spy recording `pid` into `path` (raw format, idle threads included)."""
     prof = subprocess.Popen(
         [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
          "record", "-p", str(pid), "-o", path, "--format", "raw", "-r", "50",
-         "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--threads", "--idle", *SPY_ARGS], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     time.sleep(1)
     return prof
 
@@ -309,6 +314,8 @@ def main() -> None:
     ap.add_argument("--state", default="/var/tmp/lsbd-evicted-read-state",
                     help="where the built state is kept (built if absent)")
     ap.add_argument("--spy", metavar="DIR", help="py-spy profiles of each pass here")
+    ap.add_argument("--spy-gil", action="store_true",
+                    help="with --spy: sample only the thread holding the GIL (py-spy --gil)")
     ap.add_argument("--frag-writes", action="store_true",
                     help="the state is built without the region's random writes, and each "
                          "subject makes them right before its passes, as scale_bench does "
@@ -325,6 +332,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     region = parse_size(args.region)
+    if args.spy_gil:
+        SPY_ARGS.append("--gil")
     state = os.path.abspath(args.state)
     kept = state + ".kept"
     out: dict = {}
