@@ -295,7 +295,8 @@ def test_stats_count_the_bytes_read_from_local_copies_and_from_the_store(tmp_pat
     """`lsbd stats` says how many bytes of sealed blocks reads took from the
     cache dir's copies and how many from the store: a 1 MiB read of pieces
     of several segments, some evicted, counts each piece once, where it came
-    from."""
+    from (stored blocks read with their records' headers, or by their
+    segment's index)."""
     vol = _open(tmp_path, "compressed")
     try:
         testing.stop_read_defrag(vol)
@@ -304,13 +305,26 @@ def test_stats_count_the_bytes_read_from_local_copies_and_from_the_store(tmp_pat
         seqs = {e.seq for e in extents}
         away = set(sorted(seqs)[::2])
         _evicted(vol, away)
-        before = vol.usage()
-        assert vol.read(0, MiB) == expected
-        after = vol.usage()
         from_store = sum(e.nblocks for e in extents if e.seq in away) * BS
         assert 0 < from_store < MiB
-        assert after["store_read_bytes"] - before["store_read_bytes"] == from_store
-        assert after["local_read_bytes"] - before["local_read_bytes"] == MiB - from_store
+        files = testing.local_files(vol)
+        for indexed in (False, True):     # the stored blocks read as records, then by index
+            if indexed:
+                for seq in away:
+                    files._remote_index(seq)
+            before = vol.usage()
+            assert vol.read(0, MiB) == expected
+            after = vol.usage()
+            assert after["store_read_bytes"] - before["store_read_bytes"] == from_store
+            assert after["local_read_bytes"] - before["local_read_bytes"] == MiB - from_store
+        alone = [next(e for e in extents if e.seq in away),
+                 next(e for e in extents if e.seq not in away)]
+        for e in alone:                 # a block alone: the short path
+            before = vol.usage()
+            assert vol.read(e.lba * BS, BS) == expected[e.lba * BS:(e.lba + 1) * BS]
+            after = vol.usage()
+            where = "store" if e.seq in away else "local"
+            assert after[f"{where}_read_bytes"] - before[f"{where}_read_bytes"] == BS
     finally:
         vol.close()
         vol.store.close()
