@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 from typing import TYPE_CHECKING
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 
 from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
@@ -68,6 +68,10 @@ class Connection(ReplySender):
         self.write_lane = Lane()
         self.read_lane = Lane()
         self.reads_in_turn = reads_in_turn(session.device)
+        # The read lane's replies go out on a thread of their own while the
+        # lane reads the next (_run_sending_behind); made on first use.
+        self.sender: ThreadPoolExecutor | None = None
+        self.sending: Future | None = None    # the lane's last reply handed to it
         self.broken = False
         self.buf = bytearray(RECV_BUFFER)
         self.pending: list[bytes] = []
@@ -100,6 +104,8 @@ class Connection(ReplySender):
             with self.changed:
                 while self.in_pool:
                     self.changed.wait()
+            if self.sender is not None:     # idle now: every reply it had is out
+                self.sender.shutdown(wait=False)
 
     def _loop(self) -> None:
         # The hot path.  Everything it touches per request is a local; READ
@@ -419,37 +425,78 @@ class Connection(ReplySender):
         self._to_lane(req, self.read_lane)
 
     def _run_lane(self, lane: Lane) -> None:
+        run = self._run_sending_behind if lane is self.read_lane else self._run_pooled
         while True:
             with self.state_lock:
                 if not lane.queue:
                     lane.busy = False
                     return
                 req = lane.queue.popleft()
-            self._run_pooled(req)
+            run(req)
 
     def _run_pooled(self, req: Pooled) -> None:
         try:
             reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
                                  req.data)
-            try:
-                self.send(reply)
-            except OSError:
-                pass        # the client is gone; its reader thread sees EOF
+            self._send_quietly(reply)
         finally:
-            ready = []
-            with self.state_lock:
-                if req.tracked:
-                    self.writes_in_pool.remove(req)
-                for follower in req.followers:
-                    follower.pending -= 1
-                    if follower.pending == 0:
-                        ready.append(follower)
-                self.in_pool -= 1
-                if req.cmd == p.CMD_WRITE:
-                    self.bytes_in_pool -= req.length
-                self.changed.notify_all()
-            for follower in ready:
-                self.pool.submit(self._run_pooled, follower)
+            self._done(req)
+
+    def _run_sending_behind(self, req: Pooled) -> None:
+        """A read of the read lane: its reply is handed to the connection's
+        sender thread, which sends it while the lane reads the next one.
+        The lane is processor work on one thread (dispatch.py), and a 1 MiB
+        reply's copy into the socket is a tenth of a millisecond of the
+        kernel's time with the GIL let go: on the lane it was time the next
+        read waited.  At most one reply waits for the sender (the lane waits
+        for the one before, so a client that reads slowly holds up the lane,
+        as before, not the server's memory).  The sender is a thread of its
+        own, never the pool's: a lane waiting for a sender queued behind it
+        on a full pool would wait for ever.  Replies go out in the order
+        the lane ran them; the request counts as done once its reply is out."""
+        handed = False
+        try:
+            reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
+                                 req.data)
+            if self.sending is not None:
+                wait([self.sending])
+            if self.sender is None:
+                self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbd-send")
+            self.sending = self.sender.submit(self._send_and_done, req, reply)
+            handed = True
+        finally:
+            if not handed:
+                self._done(req)
+
+    def _send_and_done(self, req: Pooled, reply: Reply) -> None:
+        try:
+            self._send_quietly(reply)
+        finally:
+            self._done(req)
+
+    def _send_quietly(self, reply: Reply) -> None:
+        try:
+            self.send(reply)
+        except OSError:
+            pass        # the client is gone; its reader thread sees EOF
+
+    def _done(self, req: Pooled) -> None:
+        """A request handed to the pool has run and its reply is sent (or
+        the client is gone): release what waits for it."""
+        ready = []
+        with self.state_lock:
+            if req.tracked:
+                self.writes_in_pool.remove(req)
+            for follower in req.followers:
+                follower.pending -= 1
+                if follower.pending == 0:
+                    ready.append(follower)
+            self.in_pool -= 1
+            if req.cmd == p.CMD_WRITE:
+                self.bytes_in_pool -= req.length
+            self.changed.notify_all()
+        for follower in ready:
+            self.pool.submit(self._run_pooled, follower)
 
     # --- running one request ----------------------------------------------------
 

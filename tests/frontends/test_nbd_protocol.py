@@ -658,6 +658,81 @@ def test_long_reads_of_a_device_that_reads_in_turn_run_in_its_read_lane():
         c.disconnect()
 
 
+class SlowSends:
+    """ReplySender.send patched: each reply of a long read takes `seconds`
+    to go out, and the first one waits (up to 5 s) for the second long read
+    of `vol` to start.  Records the thread of every such send, and how many
+    were out when each long read started."""
+
+    def __init__(self, monkeypatch, vol, seconds: float):
+        from lsbd_nbd.replies import ReplySender
+        self.sent: list[int] = []
+        self.out_at_start: list[int] = []
+        self.release = threading.Event()
+        self.first_waited: list[bool] = []
+        send, read = ReplySender.send, vol.read
+
+        def slow_send(conn, reply):
+            if reply[1] is None or len(reply[1]) < 128 * 1024:
+                return send(conn, reply)
+            if not self.first_waited:
+                self.first_waited.append(self.release.wait(5))
+            time.sleep(seconds)
+            send(conn, reply)
+            self.sent.append(threading.get_ident())
+
+        def noted_read(offset, length, *, nowait=False):
+            if length >= 128 * 1024 and not nowait:
+                self.out_at_start.append(len(self.sent))
+                if len(self.out_at_start) == 2:
+                    self.release.set()
+            return read(offset, length, nowait=nowait)
+
+        monkeypatch.setattr(ReplySender, "send", slow_send)
+        vol.read = noted_read
+
+
+def test_the_read_lane_reads_the_next_while_the_last_reply_goes_out(monkeypatch):
+    """The read lane hands each reply to the connection's sender thread and
+    goes on to the next read; it waits for the reply before that, so at
+    most one reply of a read done waits to go out."""
+    vol = ReadsInTurn("vol", SIZE)
+    sends = SlowSends(monkeypatch, vol, seconds=0.05)    # slower than a read (20 ms)
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        order, handles, _small = _long_reads_and_a_short_one(c, vol)
+        assert [h for h in order if h in handles] == handles     # in the order they came
+        # The second read ran while the first reply was still going out ...
+        assert sends.first_waited == [True]
+        # ... and no read ran with more than one reply before it left unsent.
+        assert len(sends.out_at_start) == 8
+        assert all(out >= k - 1 for k, out in enumerate(sends.out_at_start)), sends.out_at_start
+        # The replies went out on one thread, not the lane's.
+        assert len(set(sends.sent)) == 1 and not set(sends.sent) & vol.threads
+        c.disconnect()
+
+
+def test_a_connection_ends_only_once_its_sender_has_sent_every_reply(monkeypatch):
+    """A client that asks for long reads and disconnects at once still gets
+    every reply; the sender thread ends with the connection."""
+    from lsbd_nbd.dispatch import POOL_READ_FROM
+    vol = ReadsInTurn("vol", SIZE)
+    sends = SlowSends(monkeypatch, vol, seconds=0.05)
+    big = POOL_READ_FROM
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        handles = [c.request(p.CMD_READ, MiB + i * big, big) for i in range(4)]
+        c.request(p.CMD_DISC)
+        assert [c.reply(big)[:2] for _ in handles] == [(h, 0) for h in handles]
+        assert c.is_closed()
+        c.close()
+        deadline = time.monotonic() + 5
+        while (any(t.name.startswith("nbd-send") for t in threading.enumerate())
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert not [t for t in threading.enumerate() if t.name.startswith("nbd-send")]
+
+
 def test_long_reads_of_other_devices_overlap_on_the_pool():
     """Without long_reads_in_turn (a distant store: reads wait on the
     network) the large READs that would block still run at once."""
