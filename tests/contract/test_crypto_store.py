@@ -399,3 +399,40 @@ def test_a_damaged_frame_in_the_clear_fails_a_ranged_read_naming_it(stores):
     inner.delete(seg("z", 1))
     inner.put(seg("z", 1), raw)
     assert SealingStore(inner, store._resolve).get(seg("z", 1), 5, 100_000) == data[5:100_005]
+
+
+def test_a_frame_in_the_clear_unlike_its_header_fails_a_ranged_read_naming_it(stores):
+    """A frame whose CRC checks but whose codec is unknown, or whose zstd
+    body opens to fewer bytes than its header says (a writer's bug), fails
+    a ranged read and is named: what came out of it is never served."""
+    import struct
+
+    import zstandard
+
+    from lsbd.crypto.frames import frame_crc, place_prefix
+    inner, store = stores
+    first = bytes(8384) + os.urandom(8000)        # compresses, to about half
+    data = first + plain_data(3 * 16384)
+    store.put(seg("z", 2), data, exclusive=True)
+    raw = inner.get(seg("z", 2))
+    layout = SealingStore(inner, store._resolve)._layout(seg("z", 2), store.sealing(seg("z", 2)))
+    a, b = layout.starts[0], layout.starts[1]
+    assert raw[a] == 1                              # zstd
+    place = place_prefix(layout.volume_id, layout.name, layout.tail.object_id) + \
+        struct.pack("<QQ", 0, layout.tail.plain_length)
+    # The same body length: a shorter frame, then a skippable frame as padding.
+    short = zstandard.ZstdCompressor(level=1).compress(first[:-4000])
+    pad = (b - a - 28) - len(short)
+    assert pad >= 8
+    forged = [(bytes([2]) + raw[a + 1:a + 24], raw[a + 24:b - 4]),          # codec 2
+              (raw[a:a + 24], short + struct.pack("<II", 0x184D2A50, pad - 8) + bytes(pad - 8))]
+    for header, body in forged:
+        inner.delete(seg("z", 2))
+        inner.put(seg("z", 2), raw[:a] + header + body +
+                  struct.pack("<I", frame_crc(header, place, body)) + raw[b:])
+        with pytest.raises(FrameError) as e:
+            SealingStore(inner, store._resolve).get(seg("z", 2), 100, 40_000)
+        assert "frame 0" in str(e.value), e.value
+    inner.delete(seg("z", 2))
+    inner.put(seg("z", 2), raw)
+    assert SealingStore(inner, store._resolve).get(seg("z", 2), 100, 40_000) == data[100:40_100]
