@@ -714,12 +714,14 @@ def test_the_read_lane_reads_the_next_while_the_last_reply_goes_out(monkeypatch)
 
 def test_a_connection_ends_only_once_its_sender_has_sent_every_reply(monkeypatch):
     """A client that asks for long reads and disconnects at once still gets
-    every reply; the sender thread ends with the connection."""
+    every reply, even from a server whose pool has one thread (the lane
+    holds it: its sender is not the pool's); the sender thread ends with
+    the connection."""
     from lsbd_nbd.dispatch import POOL_READ_FROM
     vol = ReadsInTurn("vol", SIZE)
     sends = SlowSends(monkeypatch, vol, seconds=0.05)
     big = POOL_READ_FROM
-    with running_server({"vol": vol}) as srv:
+    with running_server({"vol": vol}, workers=1) as srv:
         c = connected(srv)
         handles = [c.request(p.CMD_READ, MiB + i * big, big) for i in range(4)]
         c.request(p.CMD_DISC)
