@@ -25,8 +25,9 @@ dominate).  So:
     (BlockDevice.long_reads_in_turn: a volume whose store is a local
     directory), the READs of POOL_READ_FROM bytes or more that go to the
     pool run in the connection's read lane: one pool thread runs them one
-    after another, each sending its reply before the next read, in the
-    order they came.  Handed to the pool one by one, each woke a thread of
+    after another, in the order they came, and hands each reply to the
+    connection's sender thread, which sends it while the lane reads the
+    next (at most one reply waits for it; transmission.py).  Handed to the pool one by one, each woke a thread of
     its own that then waited at the engine's gate for long reads, two at a
     time, and those two traded the GIL at every frame they decompressed:
     measured with fio's sequential 1 MiB reads at iodepth 16 of a
