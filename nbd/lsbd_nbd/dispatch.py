@@ -25,16 +25,18 @@ dominate).  So:
     (BlockDevice.long_reads_in_turn: a volume whose store is a local
     directory), the READs of POOL_READ_FROM bytes or more that go to the
     pool run in the connection's read lane: one pool thread runs them one
-    after another, in the order they came, and hands each reply to the
-    connection's sender thread, which sends it while the lane reads the
-    next (at most one reply waits for it; transmission.py).  Handed to the pool one by one, each woke a thread of
-    its own that then waited at the engine's gate for long reads, two at a
-    time, and those two traded the GIL at every frame they decompressed:
-    measured with fio's sequential 1 MiB reads at iodepth 16 of a
-    compressed region laid out in order, the server spent about 1.0 ms of
-    processor per MiB that way, and about 0.7 in the lane (docs/scale.md,
-    "Twenty-first round, second pass").  A distant store's reads wait on
-    the network, so there they still overlap on the pool.
+    after another, in the order they came.  Handed to the pool one by one,
+    each woke a thread of its own that then waited at the engine's gate for
+    long reads, two at a time, and those two traded the GIL at every frame
+    they decompressed: measured with fio's sequential 1 MiB reads at
+    iodepth 16 of a compressed region laid out in order, the server spent
+    about 1.0 ms of processor per MiB that way, and about 0.7 in the lane
+    (docs/scale.md, "Twenty-first round, second pass").  The lane hands
+    each reply to the connection's sender thread, which sends it while the
+    lane reads the next (at most one reply waits for it; transmission.py):
+    the same reads went from about 1,580 to about 1,960 MiB/s
+    (docs/scale.md, "Twenty-second round, second pass").  A distant store's
+    reads wait on the network, so there they still overlap on the pool.
   * WRITE of POOL_WRITE_FROM bytes or more runs on the pool, so that the
     connection's thread receives the next payload while the engine writes
     (about 1 ms per MiB, much of it with the GIL released).  A connection's

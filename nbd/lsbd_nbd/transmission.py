@@ -446,14 +446,15 @@ class Connection(ReplySender):
         """A read of the read lane: its reply is handed to the connection's
         sender thread, which sends it while the lane reads the next one.
         The lane is processor work on one thread (dispatch.py), and a 1 MiB
-        reply's copy into the socket is a tenth of a millisecond of the
-        kernel's time with the GIL let go: on the lane it was time the next
-        read waited.  At most one reply waits for the sender (the lane waits
-        for the one before, so a client that reads slowly holds up the lane,
-        as before, not the server's memory).  The sender is a thread of its
-        own, never the pool's: a lane waiting for a sender queued behind it
-        on a full pool would wait for ever.  Replies go out in the order
-        the lane ran them; the request counts as done once its reply is out."""
+        reply's sendmsg, the kernel copying it into the socket with the GIL
+        let go, was a tenth of the lane's time (docs/scale.md,
+        "Twenty-second round, second pass"): time the next read waited.
+        At most one reply waits for the sender (the lane waits for the one
+        before, so a client that reads slowly holds up the lane, as before,
+        not the server's memory).  The sender is a thread of its own, never
+        the pool's: a lane waiting for a sender queued behind it on a full
+        pool would wait for ever.  Replies go out in the order the lane ran
+        them; the request counts as done once its reply is out."""
         handed = False
         try:
             reply = self.perform(req.cmd, req.flags, req.handle, req.offset, req.length,
