@@ -355,30 +355,31 @@ class SealingStore(Store):
                 version, size = objects.VERSION, os.fstat(fd).st_size
             if version == objects.LINKED_VERSION:
                 self.inner.put_file(key, path, exclusive=exclusive)
-                if self.lists_etags:
-                    with open(path, "rb") as f:
-                        src = f.fileno()
-                        self._remember(key, sealing,
-                                       os.pread(src, min(size, TAIL_READ), max(0, size - TAIL_READ)),
-                                       lambda n: os.pread(src, n, max(0, size - n)))
+                with open(path, "rb") as f:
+                    src = f.fileno()
+                    self._remember(key, sealing,
+                                   os.pread(src, min(size, TAIL_READ), max(0, size - TAIL_READ)),
+                                   lambda n: os.pread(src, n, max(0, size - n)))
                 return
             self.inner.put_file(key, scratch, exclusive=exclusive)
-            if self.lists_etags:
-                self._remember(key, sealing,
-                               os.pread(fd, min(size, TAIL_READ), max(0, size - TAIL_READ)),
-                               lambda n: os.pread(fd, n, max(0, size - n)))
+            self._remember(key, sealing, os.pread(fd, min(size, TAIL_READ), max(0, size - TAIL_READ)),
+                           lambda n: os.pread(fd, n, max(0, size - n)))
 
     def _remember(self, key: str, sealing: VolumeSealing, buf: bytes,
                   fetch_suffix: Callable[[int], bytes]) -> None:
-        """Keep the layout of a segment just stored, index frame and tail
-        included, from its last bytes: a clean close puts them in the map
-        summary (lsbd.segments.summary).  Only for a store whose listing
-        tags objects (what the summary needs): elsewhere it would only take
-        the room of the layouts reads need."""
+        """Keep the layout of a segment just stored, from its last bytes
+        (read back from the file just sealed, in the page cache): once the
+        segment leaves the cache dir, its first ranged read needs no read of
+        the object's tail (after random writes over a large volume, a read
+        meets a stored segment for the first time about twice a MiB,
+        docs/scale.md).  For a store whose listing tags objects, with its
+        index frame and tail as stored: a clean close puts them in the map
+        summary (lsbd.segments.summary), which needs those tags; elsewhere
+        they would only take the room of the layouts reads need."""
         if names.parse_seq(key) is None:
             return
         try:
-            self._layout(key, sealing, buf, keep_raw=True, fetch_suffix=fetch_suffix)
+            self._layout(key, sealing, buf, keep_raw=self.lists_etags, fetch_suffix=fetch_suffix)
         except (FrameError, OSError) as e:
             log.warning("%s: layout not kept (%s)", key, e)
 

@@ -31,8 +31,9 @@ from typing import Callable
 from lsbd import directio
 from lsbd.crypto import localfile
 from lsbd.crypto.localfile import LocalKeys, LocalReader
-from lsbd.format.segment import (Record, SegmentIndex, index_of_footer, read_sealed_footer_from,
-                                 read_sealed_index_from)
+from lsbd.errors import CorruptionError
+from lsbd.format.segment import (TRAILER, Record, SegmentIndex, decode_trailer, index_of_footer,
+                                 read_sealed_footer_from, read_sealed_index_from)
 from lsbd.segments.held import HELD_BYTES, HeldSegments
 from lsbd.segments.locallength import local_segment_size
 from lsbd.segments.openfile import OpenFile
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 # not grow with the number of segments a read touches.
 INDEX_CACHE_BYTES = 48 << 20
 _UNREAD_REMEMBERED = 4096   # segments fetched whole and not read yet, at most
+_AWAY_REMEMBERED = 65536    # segments remembered as not local, at most
+#: Stored segments whose data's end is remembered (their trailer read, or
+#: their local copy's when it was evicted), for reads without their index
+#: (SegmentFiles._read_store_records).
+DATA_ENDS_REMEMBERED = 4096
 # Local segment files kept open for reads: 512 covers a 16 GiB working set of
 # 32 MiB segments, within a quarter of the process's descriptor limit.
 OPEN_FILES = max(16, min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
@@ -112,6 +118,13 @@ class LocalCopies:
         self._whole: collections.OrderedDict[int, None] = collections.OrderedDict()  # read ahead
         # stored segments read without their index: seq -> where its data ends
         self._data_ends: collections.OrderedDict[int, int] = collections.OrderedDict()
+        # Segments found not local (is_local), and how many local copies
+        # appeared since the count began: a read asks again for every stored
+        # segment it touches, and a stat that fails costs as much as a
+        # piece's read.  Only a copy made here makes a seq local again (a
+        # fetch, a link from the store), and each one clears this.
+        self._away: set[int] = set()
+        self._copies_made = 0
         self.held = HeldSegments(min(HELD_BYTES, cache_limit // 4))
         self.held.on_room = self.fetcher.room_made
 
@@ -193,7 +206,24 @@ class LocalCopies:
         linked in here if it may be (link_store_files)."""
         if seq in self._files or seq in self.held:    # membership: one step under the GIL
             return True
-        return os.path.exists(self.path(seq)) or self._link_from_store(seq)
+        if seq in self._away:
+            return False
+        made = self._copies_made
+        if os.path.exists(self.path(seq)) or self._link_from_store(seq):
+            return True
+        with self._lock:
+            if made == self._copies_made:   # no copy made meanwhile: still away
+                if len(self._away) >= _AWAY_REMEMBERED:
+                    self._away.clear()
+                self._away.add(seq)
+        return False
+
+    def _copy_made(self, seq: int) -> None:
+        """A local copy of `seq` is in the folder now (fetched, linked):
+        nothing found away before may be taken as away any longer."""
+        with self._lock:
+            self._copies_made += 1
+            self._away.clear()
 
     def _link_from_store(self, seq: int) -> bool:
         """Link the store's file of sealed segment `seq` in as its local copy
@@ -219,6 +249,7 @@ class LocalCopies:
                          "them through it", e)
                 self._object_file = None
                 return False
+        self._copy_made(seq)
         return True
 
     def _evict(self) -> None:
@@ -230,7 +261,7 @@ class LocalCopies:
                     if not self.keep_free or disk_free(self.folder) >= self.keep_free:
                         return
                 seq = self._evict_oldest_locked()
-            self._unlink(seq)
+            self._leave(seq)
 
     def make_room(self, need: int) -> bool:
         """Evict segments already in the store, least recently used first,
@@ -241,7 +272,7 @@ class LocalCopies:
                 if not self._cached:
                     return False
                 seq = self._evict_oldest_locked()
-            self._unlink(seq)
+            self._leave(seq)
         return True
 
     def _evict_oldest_locked(self) -> int:
@@ -254,6 +285,23 @@ class LocalCopies:
         self._drop_index_locked(seq)
         self._retire_locked(seq)
         return seq
+
+    def _leave(self, seq: int) -> None:
+        """Unlink an evicted segment's file, remembering where its data ends
+        (its trailer, the store's object's too): reads of it from the store
+        then need no read of the object's trailer first
+        (SegmentFiles._read_store_records)."""
+        try:
+            _size, tail = self.local_tail(seq, TRAILER.size)
+            trailer = decode_trailer(tail, where=self.key_of(seq))
+        except (OSError, CorruptionError):
+            trailer = None     # read from the store's trailer when needed
+        if trailer is not None and trailer.seq == seq:
+            with self._lock:
+                self._data_ends[seq] = trailer.footer_offset
+                while len(self._data_ends) > DATA_ENDS_REMEMBERED:
+                    self._data_ends.popitem(last=False)
+        self._unlink(seq)
 
     def _unlink(self, seq: int) -> None:
         try:
@@ -443,6 +491,7 @@ class LocalCopies:
                 else:
                     directio.write_new(tmp, data)
                 os.replace(tmp, path)
+                self._copy_made(seq)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)

@@ -23,7 +23,7 @@ import logging
 from lsbd.format.segment import (HEADER, ONE_BLOCK_HEAD, TRAILER, SegmentIndex, decode_trailer,
                                  one_block_record_holds, read_sealed_footer_from)
 from lsbd.segments.checks import check_blocks
-from lsbd.segments.copies import LocalCopies
+from lsbd.segments.copies import DATA_ENDS_REMEMBERED, LocalCopies
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.spans import Bytes, coalesce, split_span, will_need, will_need_whole
 from lsbd.segments.remote import fetch_index_by_key
@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 WHOLE_FROM = 4
 #: Segments remembered as read ahead whole (then not asked for again).
 _WHOLE_REMEMBERED = 1024
-#: Stored segments whose trailer was read for reads without their index
-#: (SegmentFiles._read_store_records): where each one's data ends.
-_DATA_ENDS_REMEMBERED = 4096
 
 
 class SegmentFiles(LocalCopies):
@@ -282,7 +279,7 @@ class SegmentFiles(LocalCopies):
             raise CorruptionError(f"{key}: trailer names seq {trailer.seq}", key=key)
         with self._lock:
             self._data_ends[seq] = trailer.footer_offset
-            while len(self._data_ends) > _DATA_ENDS_REMEMBERED:
+            while len(self._data_ends) > DATA_ENDS_REMEMBERED:
                 self._data_ends.popitem(last=False)
         return trailer.footer_offset
 

@@ -580,3 +580,149 @@ def test_a_damaged_block_alone_in_its_span_is_an_io_error(vol):
                for (s1, o1), (s2, o2) in zip(seq_pieces, seq_pieces[1:]))
     assert vol.read(0, MiB) == b"".join(block(1, lba) for lba in range(256))
     _a_damaged_block_fails_the_read(vol, 77)
+
+
+def _stored_and_cached(vol, model: bytearray) -> set[int]:
+    """Random one-block writes over the first MiB, sealed into several
+    segments, each stored and still in the cache dir; their seqs."""
+    rng = random.Random(5)
+    for lba in rng.sample(range(256), 200):
+        b = rng.randbytes(BS)
+        vol.write(lba * BS, b)
+        model[lba * BS:(lba + 1) * BS] = b
+    testing.seal_now(vol)
+    seqs = {e.seq for e in vol.map_extents(0, 256)}
+    for seq in seqs:
+        assert testing.wait_stored(vol, seq)
+    deadline = time.monotonic() + 10
+    files = testing.local_files(vol)
+    while any(seq not in files._cached for seq in seqs):    # adopted just after it is stored
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return seqs
+
+
+@pytest.mark.parametrize("kind", ["compressed", "encrypted"])
+def test_segments_evicted_from_the_cache_are_read_with_no_read_of_their_tails(
+        tmp_path, monkeypatch, kind):
+    """A segment the cache evicts leaves where its data ends behind (from its
+    local copy's trailer), and a compressed segment's object layout is kept
+    from when it was stored: reads of it from the store, one-block records
+    without the index, then read only the blocks' own bytes, never the
+    object's end.  What they read is what was written.  (A plain volume's
+    segments are linked into a file:// store: never evicted.)"""
+    vol = _open(tmp_path, kind)
+    try:
+        testing.stop_read_defrag(vol)
+        model = bytearray(SIZE)
+        seqs = _stored_and_cached(vol, model)
+        assert len(seqs) >= 2
+        files = testing.local_files(vol)
+        assert files.make_room(1 << 62) is False      # every stored segment evicted
+        assert not any(files.is_local(seq) for seq in seqs)
+        inner = vol.store.inner
+        asked: list[tuple[str, int, int | None]] = []
+        real_get, real_tail = type(inner).get, type(inner).get_tail
+
+        def get(self, key, start=0, length=None):
+            if "/seg/" in key:
+                asked.append((key, start, length))
+            return real_get(self, key, start, length)
+
+        def get_tail(self, key, n, **kw):
+            asked.append((key, -n, None))
+            return real_tail(self, key, n, **kw)
+
+        sealing_tail = type(vol.store).get_tail
+
+        def sealed_tail(self, key, n, **kw):
+            asked.append((key, -n, None))
+            return sealing_tail(self, key, n, **kw)
+
+        monkeypatch.setattr(type(inner), "get", get)
+        monkeypatch.setattr(type(inner), "get_tail", get_tail)
+        monkeypatch.setattr(type(vol.store), "get_tail", sealed_tail)
+        one_by_one = _record_one_by_one(monkeypatch)
+        assert vol.read(0, MiB) == bytes(model[:MiB])
+        assert not one_by_one
+        assert asked                                   # from the store
+        tails = [a for a in asked if a[1] < 0 or a[2] is None]
+        assert not tails, tails
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+def test_a_segment_found_not_local_is_not_looked_for_again_until_a_copy_comes(
+        tmp_path, monkeypatch):
+    """is_local remembers a segment it did not find in the cache dir (a
+    read asks for every stored segment it touches); a copy fetched into the
+    cache dir afterwards is found, and read from, at once."""
+    from lsbd.segments import copies
+
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        model = bytearray(SIZE)
+        seqs = _stored_and_cached(vol, model)
+        files = testing.local_files(vol)
+        assert files.make_room(1 << 62) is False
+        seq = min(seqs)
+        looked: list[str] = []
+        real_exists = copies.os.path.exists
+
+        def exists(path):
+            looked.append(path)
+            return real_exists(path)
+
+        monkeypatch.setattr(copies.os.path, "exists", exists)
+        assert not files.is_local(seq)
+        assert not files.is_local(seq)
+        assert looked == [files.path(seq)]             # asked the file system once
+        files._install(seq, vol.store.get(files.key_of(seq)))   # a copy comes back
+        assert files.is_local(seq)
+        real_get = type(vol.store).get
+        asked = []
+
+        def get(self, key, start=0, length=None):
+            asked.append(key)
+            return real_get(self, key, start, length)
+
+        monkeypatch.setattr(type(vol.store), "get", get)
+        assert vol.read(0, MiB) == bytes(model[:MiB])
+        assert f"{seq:016x}" not in " ".join(asked)    # read from the copy
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+def test_a_copy_that_comes_while_a_segment_is_looked_for_is_not_missed(tmp_path, monkeypatch):
+    """A fetch that installs a segment's copy between is_local's look in
+    the cache dir (not there yet) and its note of that: the note is not
+    kept, and the next is_local finds the copy."""
+    from lsbd.segments import copies
+
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        seqs = _stored_and_cached(vol, bytearray(SIZE))
+        files = testing.local_files(vol)
+        assert files.make_room(1 << 62) is False
+        seq = min(seqs)
+        real_exists = copies.os.path.exists
+        copy = vol.store.get(files.key_of(seq))
+
+        def exists(path):
+            found = real_exists(path)
+            if path == files.path(seq) and not found:
+                files._install(seq, copy)              # meanwhile
+            return found
+
+        monkeypatch.setattr(copies.os.path, "exists", exists)
+        assert not files.is_local(seq)                 # looked before the copy came
+        monkeypatch.setattr(copies.os.path, "exists", real_exists)
+        assert files.is_local(seq)
+    finally:
+        vol.close()
+        vol.store.close()
+
