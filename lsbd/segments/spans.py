@@ -63,7 +63,12 @@ def split_span(data, start: int, members: list, block_size: int,
     bad block and names it."""
     if len(members) == 1 and members[0][0] == start:
         off, n = members[0]
-        check(off, data, n)
+        try:   # a random write's block: one comparison, no call of check's layers
+            good = n == 1 and len(data) == block_size and crc_at(off) == crc32c_of(data)
+        except KeyError:
+            good = False
+        if not good:
+            check(off, data, n)
         return [(off, data)]
     view = memoryview(data)
     out: list[tuple[int, Bytes]] = []
