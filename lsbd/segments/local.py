@@ -241,9 +241,10 @@ class SegmentFiles(LocalCopies):
         segment's index (8,192 records: 23 frames of a compressed object
         opened) for a block or two was most of what a piece cost
         (docs/scale.md).  The object's trailer is read once per segment
-        (seq, and where its data ends).  None when a piece is not a whole
-        one-block record (a block inside a longer record) or fails its
-        check: the caller then reads them against the index."""
+        (seq, and where its data ends), unless the cache noted where its
+        data ends when it evicted the local copy.  None when a piece is not
+        a whole one-block record (a block inside a longer record) or fails
+        its check: the caller then reads them against the index."""
         key = self.key_of(seq)
         bs = self.block_size
         try:
@@ -266,8 +267,10 @@ class SegmentFiles(LocalCopies):
             return None
 
     def _data_end(self, seq: int, key: str) -> int:
-        """Where the data of stored segment `seq` ends (its index's offset),
-        from its trailer, which must name it; kept for the next reads."""
+        """Where the data of stored segment `seq` ends (its index's offset):
+        as noted when its local copy was evicted (LocalCopies._leave), or
+        from the object's trailer, which must name it, kept for the next
+        reads."""
         with self._lock:
             end = self._data_ends.get(seq)
             if end is not None:
