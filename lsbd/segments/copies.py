@@ -1,9 +1,10 @@
 """The cache folder of a volume's segments: local copies of sealed segments
 (the ones waiting to upload, and a bounded LRU of the ones already
-uploaded), a cache of open descriptors, a cache of parsed indexes, and
-whole-segment fetches from the store, written into the folder past the page
-cache (lsbd.segments.held).  The reads over them are SegmentFiles'
-(lsbd.segments.local).
+uploaded), a cache of open descriptors, a cache of parsed indexes, what is
+known of segments not here (where an evicted one's data ends; which ones
+were found not local), and whole-segment fetches from the store, written
+into the folder past the page cache (lsbd.segments.held).  The reads over
+them are SegmentFiles' (lsbd.segments.local).
 
 All local copies live in one folder, <cache>/segments/<seq>.seg, from the
 moment a segment opens until the cache evicts it (only segments already in
@@ -203,7 +204,9 @@ class LocalCopies:
     def is_local(self, seq: int) -> bool:
         """Whether reads of `seq` are served from a local file (or from its
         fetched bytes while the file is written); a file:// store's file is
-        linked in here if it may be (link_store_files)."""
+        linked in here if it may be (link_store_files).  A segment found not
+        here is taken as not here, without a look, until a copy is made here
+        (_copy_made)."""
         if seq in self._files or seq in self.held:    # membership: one step under the GIL
             return True
         if seq in self._away:
