@@ -725,31 +725,3 @@ def test_a_copy_that_comes_while_a_segment_is_looked_for_is_not_missed(tmp_path,
     finally:
         vol.close()
         vol.store.close()
-
-
-def test_a_damaged_block_alone_in_its_span_is_an_io_error(vol):
-    """Pieces of a read far apart in their files (random writes between
-    them) are each a span of one block, checked on a short path: a damaged
-    one still fails the read, naming the block."""
-    testing.stop_read_defrag(vol)
-    for lba in range(256):
-        vol.write(lba * BS, block(1, lba))
-        for j in range(5):          # 5 records between two pieces: past SPAN_GAP
-            vol.write((256 + 5 * lba + j) * BS, block(2, lba))
-    testing.seal_now(vol)
-    extents = vol.map_extents(0, 256)
-    assert len(extents) == 256
-    seq_pieces = sorted((e.seq, e.offset) for e in extents)
-    assert all(s1 != s2 or o2 - o1 > spans.SPAN_GAP + BS
-               for (s1, o1), (s2, o2) in zip(seq_pieces, seq_pieces[1:]))
-    assert vol.read(0, MiB) == b"".join(block(1, lba) for lba in range(256))
-    e = vol.map_extents(77, 1)[0]
-    path = os.path.join(vol.folder, "segments", f"{e.seq:016x}.seg")
-    with open(path, "r+b") as f:          # the store's object too: the same file here
-        f.seek(e.offset + 100)
-        byte = f.read(1)
-        f.seek(e.offset + 100)
-        f.write(bytes([byte[0] ^ 0x5A]))
-    with pytest.raises(CorruptionError) as err:
-        vol.read(0, MiB)
-    assert err.value.errno == errno.EIO and err.value.offset == e.offset
