@@ -447,6 +447,30 @@ class SealingStore(Store):
         stored = self.inner.get(key, layout.starts[i], layout.starts[j] - layout.starts[i])
         return layout.open_span(lo, hi, stored, where=key)
 
+    def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
+        """The stored frames that hold these plain ranges; for an object
+        whose layout is not kept, its end (the tail and index a get reads
+        first), the frames being unknown until then."""
+        sealing = self.sealing(key)
+        if sealing is None:
+            self.inner.will_need(key, ranges)
+            return
+        with self._lock:
+            layout = self._layouts.get(key)
+        if layout is None:
+            self.inner.will_need(key, [(-TAIL_READ, None)])
+            return
+        plain = layout.tail.plain_length
+        stored: list[tuple[int, int | None]] = []
+        for start, length in ranges:
+            lo = max(0, plain + start) if start < 0 else min(start, plain)
+            hi = plain if start < 0 or length is None else min(plain, start + length)
+            if lo < hi:
+                i, j = layout.frames_for(lo, hi)
+                stored.append((layout.starts[i], layout.starts[j] - layout.starts[i]))
+        if stored:
+            self.inner.will_need(key, stored)
+
     def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
         """The last `n` plain bytes.  Knowing the object's stored size, one
         GET of its end brings the object's index and, most often, the frames

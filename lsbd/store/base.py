@@ -74,6 +74,12 @@ class Store(abc.ABC):
         start = max(0, stored_size - n)
         return self.get(key, start, stored_size - start)
 
+    def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:  # noqa: B027
+        """Ranges of an object (start, length, as get takes them) about to be
+        read: a store on a local disk starts reading them now, all at once,
+        so that the gets that follow find them read or on their way.  Only a
+        hint: it fails silently, and by default does nothing."""
+
     @abc.abstractmethod
     def head(self, key: str) -> int:
         """The size of an object; ObjectNotFound if it is not there."""

@@ -132,6 +132,24 @@ class LocalStore(Store):
             else:
                 os.close(fd)
 
+    def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (OSError, ValueError):
+            return          # the get that follows says what is wrong
+        try:
+            size = None
+            for start, length in ranges:
+                if start < 0:
+                    if size is None:
+                        size = os.fstat(fd).st_size
+                    start, length = max(0, size + start), None
+                os.posix_fadvise(fd, start, length or 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def head(self, key: str) -> int:
         try:
             st = os.stat(self._path(key))

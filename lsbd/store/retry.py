@@ -120,6 +120,9 @@ class RetryingStore(Store):
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, start, length))
 
+    def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
+        self.inner.will_need(key, ranges)     # a hint: nothing to retry
+
     def head(self, key: str) -> int:
         return self._call(f"head {key}", lambda: self.inner.head(key))
 

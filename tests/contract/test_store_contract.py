@@ -327,6 +327,27 @@ def test_local_put_file_links_the_file_even_an_unnamed_one(tmp_path):
     assert store.get("vol/seg/2") == b"unnamed" * 1000
 
 
+def test_will_need_is_a_hint_that_never_fails(any_store):
+    any_store.put("a/hinted", b"x" * 1000)
+    any_store.will_need("a/hinted", [(0, 100), (-10, None), (990, None), (5000, 10)])
+    any_store.will_need("a/missing", [(0, 100)])
+    any_store.will_need("../outside", [(0, 100)])
+    assert any_store.get("a/hinted", 990) == b"x" * 10
+
+
+def test_local_will_need_asks_the_kernel_for_each_range(tmp_path, monkeypatch):
+    """A file:// store hands each range (a suffix too) to the kernel, to be
+    read now."""
+    store = RetryingStore(LocalStore(str(tmp_path)))
+    store.put("seg/1", b"x" * 1000)
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda _fd, off, n, advice: asked.append((off, n, advice)))
+    store.will_need("seg/1", [(0, 100), (-10, None), (200, None)])
+    need = os.POSIX_FADV_WILLNEED
+    assert asked == [(0, 100, need), (990, 0, need), (200, 0, need)]
+
+
 def test_s3_prefixes_do_not_leak(s3_bucket, moto_server):
     from lsbd.store.s3 import S3Store
 
