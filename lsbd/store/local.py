@@ -108,9 +108,9 @@ class LocalStore(Store):
         linux.sync_directory(directory)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        path = self._path(key)
         held = None
         try:
+            path = self._path(key)
             if names.parse_seq(key) is not None:
                 held = self._kept_open.acquire(key, path)
                 fd = held.fd
@@ -133,8 +133,17 @@ class LocalStore(Store):
                 os.close(fd)
 
     def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
+        """Each range advised to the kernel (POSIX_FADV_WILLNEED): it starts
+        reading them all now; a segment's descriptor is the one its gets
+        keep open (an open costs as much as a cold piece's advice)."""
+        held = None
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            path = self._path(key)
+            if names.parse_seq(key) is not None:
+                held = self._kept_open.acquire(key, path)
+                fd = held.fd
+            else:
+                fd = os.open(path, os.O_RDONLY)
         except (OSError, ValueError):
             return          # the get that follows says what is wrong
         try:
@@ -148,7 +157,10 @@ class LocalStore(Store):
         except OSError:
             pass
         finally:
-            os.close(fd)
+            if held is not None:
+                self._kept_open.release(held)
+            else:
+                os.close(fd)
 
     def head(self, key: str) -> int:
         try:
