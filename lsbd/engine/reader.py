@@ -269,10 +269,11 @@ class Reader:
         away = set(remote)
         here = {seq: pieces for seq, pieces in groups.items() if seq not in away}
         got: dict = {}
+        stored = {seq: groups[seq] for seq in remote}
+        files.name_stored(stored)       # the disk starts on them while the rest is read
         if here and local_batch:
             got.update(files.read_batch(here, sequential=sequential))
-        for seq in remote:
-            got.update(files.read_store_batch(seq, groups[seq]))
+        got.update(files.read_stored(stored))
         return got
 
     def _read_run(self, run: tuple, nowait: bool, sequential: bool) -> bytes:

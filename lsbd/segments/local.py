@@ -203,6 +203,53 @@ class SegmentFiles(LocalCopies):
                 self._whole.popitem(last=False)
             return True
 
+    def name_stored(self, groups: dict[int, list[tuple[int, int]]]) -> None:
+        """Tell the store of every read read_stored(groups) will make (the
+        segments' pieces; a sealed object whose layout is not known yet, by
+        its end, where its layout is), so the disk reads them together:
+        after random writes over a large volume a read finds a block or two
+        in each of some 16 stored segments a MiB, each a wait on the disk
+        when read one after another.  Nothing for a segment alone."""
+        if len(groups) > 1:
+            for seq, pieces in groups.items():
+                self.will_need_stored(seq, pieces)
+
+    def read_stored(self, groups: dict[int, list[tuple[int, int]]]
+                    ) -> dict[tuple[int, int], Bytes]:
+        """read_store_batch of each segment in `groups` (none of them
+        local), named to the store first (name_stored): where the data of
+        segments read without their index ends is read first, for all of
+        them (each from the object's end, which holds a sealed object's
+        layout), and their pieces named then."""
+        if len(groups) > 1:
+            for seq, pieces in groups.items():
+                if seq in self._data_ends or not all(n == 1 for _off, n in pieces):
+                    continue
+                if self._cached_index(seq) is not None:
+                    continue
+                try:
+                    self._data_end(seq, self.key_of(seq))
+                except (CorruptionError, ObjectNotFound):
+                    continue        # read_store_batch says what is wrong
+                self.will_need_stored(seq, pieces)
+        out: dict[tuple[int, int], Bytes] = {}
+        for seq, pieces in groups.items():
+            out.update(self.read_store_batch(seq, pieces))
+        return out
+
+    def will_need_stored(self, seq: int, pieces: list[tuple[int, int]]) -> None:
+        """Have the store start reading what read_store_batch will read of
+        these pieces: each span with the record header before it, and the
+        segment's trailer if where its data ends is not known yet (a sealed
+        object whose layout is not known is named by its end)."""
+        ranges: list[tuple[int, int | None]] = []
+        for start, end, _members in coalesce(pieces, self.block_size):
+            first = max(0, start - ONE_BLOCK_HEAD)
+            ranges.append((first, end - first))
+        if seq not in self._data_ends:
+            ranges.append((-TRAILER.size, None))
+        self.store.will_need(self.key_of(seq), ranges)
+
     def read_store_batch(self, seq: int, pieces: list[tuple[int, int]]
                          ) -> dict[tuple[int, int], Bytes]:
         """The pieces (file offset, nblocks) of sealed segment `seq`, not
