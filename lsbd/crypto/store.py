@@ -450,7 +450,8 @@ class SealingStore(Store):
     def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
         """The stored frames that hold these plain ranges; for an object
         whose layout is not kept, its end (the tail and index a get reads
-        first), the frames being unknown until then."""
+        first, and as much as a get_tail of the last bytes asked for
+        reads), the frames being unknown until then."""
         sealing = self.sealing(key)
         if sealing is None:
             self.inner.will_need(key, ranges)
@@ -458,7 +459,8 @@ class SealingStore(Store):
         with self._lock:
             layout = self._layouts.get(key)
         if layout is None:
-            self.inner.will_need(key, [(-TAIL_READ, None)])
+            n = max([-start for start, _length in ranges if start < 0], default=0)
+            self.inner.will_need(key, [(-(TAIL_READ + n + n // 4), None)])  # as _tail_unsized
             return
         plain = layout.tail.plain_length
         stored: list[tuple[int, int | None]] = []

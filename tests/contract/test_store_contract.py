@@ -348,6 +348,29 @@ def test_local_will_need_asks_the_kernel_for_each_range(tmp_path, monkeypatch):
     assert asked == [(0, 100, need), (990, 0, need), (200, 0, need)]
 
 
+def test_local_will_need_of_a_segment_uses_the_descriptor_its_gets_keep(tmp_path, monkeypatch):
+    """A segment object's descriptor, kept open by its gets, is the one its
+    will_need advises through: a hint opens no file of its own."""
+    store = RetryingStore(LocalStore(str(tmp_path)))
+    key = names.segment_key("vol", 9)
+    store.put(key, b"s" * 5000)
+    assert store.get(key, 0, 10) == b"s" * 10
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    asked: list[int] = []
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, _off, _n, _advice: asked.append(fd))
+    store.will_need(key, [(0, 100), (4000, 1000)])
+    assert opened == [] and len(asked) == 2
+    assert store.get(key, 4990) == b"s" * 10
+    assert opened == []
+
+
 def test_s3_prefixes_do_not_leak(s3_bucket, moto_server):
     from lsbd.store.s3 import S3Store
 

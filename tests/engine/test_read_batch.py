@@ -10,6 +10,7 @@ import os
 import random
 import threading
 import time
+from typing import Callable
 
 import pytest
 from engine_helpers import BS, MiB, block, open_test_store, overwrite
@@ -722,6 +723,106 @@ def test_a_copy_that_comes_while_a_segment_is_looked_for_is_not_missed(tmp_path,
         assert not files.is_local(seq)                 # looked before the copy came
         monkeypatch.setattr(copies.os.path, "exists", real_exists)
         assert files.is_local(seq)
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+def _store_events(vol, monkeypatch) -> tuple[list[tuple], Callable[[str], int]]:
+    """Every get and will_need of a segment object that reaches the disk
+    (the file:// store under the sealing), as ("get" | "will_need", key,
+    (first byte, end)) in the order they came, and a function of a key
+    giving the object's size."""
+    from lsbd.store.local import LocalStore
+
+    events: list[tuple] = []
+    real_get, real_will_need = LocalStore.get, LocalStore.will_need
+
+    def absolute(self, key, start, length):
+        size = os.path.getsize(self._path(key))
+        if start < 0:
+            return max(0, size + start), size
+        return start, size if length in (None, 0) else min(size, start + length)
+
+    def get(self, key, start=0, length=None):
+        if "/seg/" in key:
+            events.append(("get", key, absolute(self, key, start, length)))
+        return real_get(self, key, start, length)
+
+    def will_need(self, key, ranges):
+        for start, length in ranges:
+            events.append(("will_need", key, absolute(self, key, start, length)))
+        return real_will_need(self, key, ranges)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    monkeypatch.setattr(LocalStore, "will_need", will_need)
+    disk = vol.store
+    while not isinstance(disk, LocalStore):
+        disk = disk.inner
+    return events, lambda key: os.path.getsize(disk._path(key))
+
+
+@pytest.mark.parametrize("kind", ["compressed", "encrypted"])
+def test_a_read_names_its_stored_pieces_to_the_store_before_it_reads_them(
+        tmp_path, monkeypatch, kind):
+    """A read that finds pieces in several stored segments names every one
+    of them to the store (will_need: the disk reads them together) before
+    it reads any: the frames that hold each range it then gets.  Where an
+    object's layout is not known, its end first (its tail and index, all
+    that its first read reads), all those read, then the frames named.
+    What it reads is what was written, each piece checked."""
+    vol = _open(tmp_path, kind)
+    try:
+        testing.stop_read_defrag(vol)
+        expected = _interleaved(vol)
+        seqs = {e.seq for e in vol.map_extents(0, 256)}
+        assert len(seqs) >= 2
+        _evicted(vol, seqs)
+        files = testing.local_files(vol)
+        keys = {files.key_of(seq) for seq in seqs}
+        events, size_of = _store_events(vol, monkeypatch)
+        one_by_one = _record_one_by_one(monkeypatch)
+        for attempt in ("layouts unknown", "layouts known"):
+            if attempt == "layouts unknown":
+                for key in keys:
+                    vol.store._drop(key)
+                files._data_ends.clear()
+            events.clear()
+            assert vol.read(0, MiB) == expected
+            assert not one_by_one
+            gets = [i for i, e in enumerate(events) if e[0] == "get"]
+            assert {events[i][1] for i in gets} == keys, attempt
+            for i in gets:            # each get's bytes named before it
+                _get, key, (lo, hi) = events[i]
+                assert any(e[0] == "will_need" and e[1] == key and e[2][0] <= lo
+                           and hi <= e[2][1] for e in events[:i]), (attempt, events[i], events)
+            before = events[:gets[0]]
+            assert {key for kind_, key, _r in before if kind_ == "will_need"} == keys, attempt
+            if attempt == "layouts unknown":      # the ends first: where the frames lie
+                assert all(r[1] == size_of(key) for _n, key, r in before), before
+            else:
+                assert all(e[0] == "get" for e in events[gets[0]:]), events
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+def test_a_read_of_one_stored_segment_names_nothing(tmp_path, monkeypatch):
+    """A read whose stored pieces are all in one segment has nothing to read
+    together: it names nothing to the store, and reads what was written."""
+    vol = _open(tmp_path, "compressed")
+    try:
+        testing.stop_read_defrag(vol)
+        for lba in list(range(0, 32, 2)) + list(range(1, 32, 2)):   # 32 pieces
+            vol.write(lba * BS, block(3, lba))
+        testing.seal_now(vol)
+        assert len(vol.map_extents(0, 32)) == 32
+        seqs = {e.seq for e in vol.map_extents(0, 32)}
+        assert len(seqs) == 1
+        _evicted(vol, seqs)
+        events, _size_of = _store_events(vol, monkeypatch)
+        assert vol.read(0, 32 * BS) == b"".join(block(3, lba) for lba in range(32))
+        assert events and not [e for e in events if e[0] == "will_need"]
     finally:
         vol.close()
         vol.store.close()
