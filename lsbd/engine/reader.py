@@ -258,9 +258,10 @@ class Reader:
     def _read_batches(self, groups: dict[int, list[tuple[int, int]]], remote: list[int],
                       local_batch: bool, sequential: bool) -> dict:
         """The sealed pieces of a read some of whose segments are in a store
-        that is a local directory (nothing to fetch whole): the local
-        segments' pieces together (read_batch), and each store segment's
-        pieces a span at a time.  Which pieces are
+        that is a local directory (nothing to fetch whole): the store's
+        segments named to it first (the disk reads them all while the rest
+        is read), the local segments' pieces together (read_batch), and
+        each store segment's pieces a span at a time.  Which pieces are
         not in the result, the caller reads one by one.  All in this thread,
         one after the other: on the read pool, the hand-offs between threads
         cost more processor time than the waits they overlapped
