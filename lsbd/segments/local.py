@@ -9,11 +9,14 @@ costs one small GET, not a whole segment.  From a store in a local
 directory, blocks that are whole one-block records are read with their
 record's header and CRC and checked against those when the index is not
 in memory (the index is a copy of every record's header), so a read that
-finds a block or two in each of thousands of segments loads no index.  When the read pattern says more
-of a segment will be read, it is fetched whole in the background
-(lsbd.segments.fetch); reads of it are served from the fetched bytes, held
-in memory within a bound, while they are written into the cache dir past
-the page cache (lsbd.segments.held): a reader never waits for that write."""
+finds a block or two in each of thousands of segments loads no index; the
+segments a read finds there are all named to the store before the first
+is read (name_stored), so that the disk reads them together.  When the
+read pattern says more of a segment will be read, it is fetched whole in
+the background (lsbd.segments.fetch); reads of it are served from the
+fetched bytes, held in memory within a bound, while they are written into
+the cache dir past the page cache (lsbd.segments.held): a reader never
+waits for that write."""
 
 from __future__ import annotations
 
