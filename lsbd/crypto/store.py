@@ -42,9 +42,9 @@ TAIL_READ = 64 * 1024
 #: Object layouts kept, by size: about 9 KiB for a 32 MiB segment of 16 KiB
 #: frames, so some 3,600 segments: every segment of 64 GiB of random writes
 #: (2,112), whose server keeps each one's layout from when it stored it and
-#: then reads a few blocks of each, in every MiB of a region.  4,096 layouts
-#: of 16 KiB each were most of what a serving process's memory grew by in
-#: such a read; at 16 MiB a sixth of those reads met a layout let go.
+#: then reads a few blocks of each, in every MiB of a region (16 MiB held
+#: some 1,780 of them).  4,096 layouts of 16 KiB each were most of what a
+#: serving process's memory grew by in such a read.
 LAYOUT_BYTES = 32 << 20
 log = logging.getLogger(__name__)
 _SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
