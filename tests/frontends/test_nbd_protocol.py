@@ -719,7 +719,7 @@ def test_a_connection_ends_only_once_its_sender_has_sent_every_reply(monkeypatch
     the connection."""
     from lsbd_nbd.dispatch import POOL_READ_FROM
     vol = ReadsInTurn("vol", SIZE)
-    sends = SlowSends(monkeypatch, vol, seconds=0.05)
+    SlowSends(monkeypatch, vol, seconds=0.05)
     big = POOL_READ_FROM
     with running_server({"vol": vol}, workers=1) as srv:
         c = connected(srv)
