@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 from engine_helpers import BS, MiB, block, blocks, open_test_store, read_all
@@ -44,6 +45,75 @@ def test_offers_past_a_full_queue_are_counted_as_dropped(monkeypatch):
     finally:
         release.set()
         rd.close()
+
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_pacer_lets_a_burst_through_and_holds_the_average():
+    clock = _Clock()
+    pacer = readdefrag.Pacer(rate=100, burst=50, clock=clock)
+    assert [pacer.spend(10) for _ in range(5)] == [0] * 5     # a full bucket: at once
+    assert pacer.spend(10) == pytest.approx(0.1)              # then at the rate
+    spent, start = 60, clock.now
+    for _ in range(100):
+        clock.now += pacer.spend(10)
+        spent += 10
+    assert spent <= 50 + 100 * (clock.now - start) + 10
+    clock.now += 3600                                         # a long quiet spell
+    waits = [pacer.spend(10) for _ in range(8)]
+    assert waits[:5] == [0] * 5 and min(waits[5:]) > 0        # fills the bucket, no more
+
+
+def _offer_paced(rd, count: int, every: float) -> list[bool]:
+    offered = []
+    for _ in range(count):
+        offered.append(rd.offer([], bytes(1 * MiB), 0))
+        time.sleep(every)
+    return offered
+
+
+def test_a_relocation_keeps_up_with_a_burst_of_reads(monkeypatch):
+    """Reads faster than RATE for a moment: the queue's worth goes at once
+    instead of at RATE while the queue overflows."""
+    monkeypatch.setattr(readdefrag, "QUEUE_BYTES", 4 * MiB)
+    monkeypatch.setattr(readdefrag, "RATE", 8 * MiB)
+    rd = readdefrag.ReadDefrag(lambda runs, data, at: len(data), name="test")
+    try:
+        assert all(_offer_paced(rd, 8, 0.02))        # 8 MiB in 0.16 s, 50 MiB/s
+        assert rd.drain() and rd.dropped == 0 and rd.moved == 8 * MiB
+    finally:
+        rd.close()
+
+
+def test_the_relocation_keeps_to_its_rate_on_average(monkeypatch):
+    monkeypatch.setattr(readdefrag, "QUEUE_BYTES", 2 * MiB)
+    monkeypatch.setattr(readdefrag, "RATE", 32 * MiB)
+    started: list[float] = []
+
+    def relocate(runs, data, at):
+        started.append(time.monotonic())
+        return len(data)
+
+    rd = readdefrag.ReadDefrag(relocate, name="test")
+    try:
+        time.sleep(0.3)                               # quiet: the bucket fills, no more
+        _offer_paced(rd, 100, 0.005)                  # up to 200 MiB/s for 0.5 s
+        rd.close()
+    finally:
+        rd.close()
+    assert len(started) > 4
+    # Any stretch of relocations: the bucket's depth, RATE's worth of the
+    # time between their starts, the last one.
+    for i in range(len(started)):
+        for j in range(i, len(started)):
+            assert (j - i + 1) * MiB <= 3 * MiB + 32 * MiB * (started[j] - started[i]) + 1024
 
 
 @pytest.fixture
