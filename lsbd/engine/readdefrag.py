@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 128 * 1024
 MAX_PIECE_BYTES = 16 * 1024
 #: Bytes of reads waiting to be written again; more are dropped (a later
-#: read of the same range asks again).  A sixteenth of a second at RATE: it
-#: is the server's memory (a queue of 64 MiB laid out no more of a
-#: fragmented region than one of 32, docs/scale.md).
+#: read of the same range asks again).  Also the most the worker writes at
+#: once, past RATE, when it catches up.  A thirty-second of a second at
+#: RATE: it is the server's memory (a queue of 64 MiB laid out no more of
+#: a fragmented region than one of 32, docs/scale.md).
 QUEUE_BYTES = 16 << 20
 #: Bytes written again per second on average, at most: above what a
 #: reader of scattered blocks gets (a first pass of 200-350 MiB/s with
