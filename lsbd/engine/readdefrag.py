@@ -10,10 +10,10 @@ points where the read found it (Volume.relocate_loaded: a newer write
 wins).  Nothing is deleted here: the old copies stay until compaction
 finds them dead and the retention rules let it reclaim them, so the cost
 is space, bounded by what compaction reclaims, and the bytes written,
-bounded by RATE on average (a token bucket: a worker held up, by the
-volume's lock or the sealer's back-pressure, catches up on what queued
-meanwhile at once, up to QUEUE_BYTES, instead of at RATE while the queue
-overflows).  A writer that has not been written to since it opened
+bounded by RATE on average: a token bucket as deep as the queue, so
+that reads arriving faster than RATE for a moment (or while an append
+waits for the lock) are taken as they come, up to QUEUE_BYTES at once,
+not at RATE while the queue overflows.  A writer that has not been written to since it opened
 offers nothing (lsbd.engine.reader): reading alone never changes a volume."""
 
 from __future__ import annotations
