@@ -22,7 +22,7 @@ handed back below `hold_cap` (#15's bound), and what is freed is kept:
 trimming between fetches made each fetch page-fault 64 MiB of
 new zeroed pages (a cold read at 10 ms, no trim at all against the cap:
 70-92k minor faults in the serving process against 180-240k, 1.28-1.5 s of
-its CPU against 1.65-1.86 s, docs/operations.md).  The burst's owner hands its memory back once it
+its CPU against 1.65-1.86 s, docs/distant.md).  The burst's owner hands its memory back once it
 ends (lsbd.segments.held), and the cap looks again after."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ takes 0.12 s of CPU with its files in the page cache and 0.37 s from a
 dropped one.  A volume opened on a new cache dir from the map summary
 (lsbd.segments.summary) decodes no index with numpy, so the first read of a
 cold volume (the ext4 mount's superblock) was the one that imported it, and
-waited 0.13-0.24 s for that (docs/operations.md).  `loaded()` answers at
+waited 0.13-0.24 s for that (docs/distant.md).  `loaded()` answers at
 once: numpy if it is imported, else None, and it starts the import in a
 thread of its own; the caller then takes its path without numpy.  Only a
 caller that numpy would speed up asks: an index of one-block records

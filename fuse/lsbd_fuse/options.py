@@ -28,7 +28,7 @@ import os
 #: on its own, one after another.  Measured with bench/distant_bench.py
 #: (the same run, lsbd both ways): a cold read of a 386 MiB tree on a new
 #: cache 5.3-6.5 s against 6.6-8.0 s at 10 ms, its warm read 1.8-2.7 s
-#: against 1.9-3.2 s; figures in docs/operations.md.
+#: against 1.9-3.2 s; figures in docs/distant.md.
 #:
 #: What stays true (docs/fuse.md, tested in tests/integration/test_fuse*.py):
 #: writes are written through (no writeback cache is asked for), so a write

@@ -144,7 +144,7 @@ def leave(code: int) -> NoReturn:
     teardown.  A command whose work goes on in another process (`lsbd
     mount`'s serving process) has nothing left to tear down here, and the
     teardown (botocore, rich and the rest of its modules) took 0.14-0.22 s
-    of `lsbd mount`'s 1.1-1.5 s at 10 ms (docs/operations.md)."""
+    of `lsbd mount`'s 1.1-1.5 s at 10 ms (docs/distant.md)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

@@ -27,7 +27,7 @@ from lsbd.segments.scrub import verify_segments
 #: At most a quarter of the cache limit, so fetches ahead never push out
 #: segments not read yet.  (8 measured no faster than 4 in a cold read of a
 #: tree against a store 10 ms away: there the reader waited on the writes of
-#: fetched segments into the cache dir, not on the store; docs/operations.md.)
+#: fetched segments into the cache dir, not on the store; docs/distant.md.)
 SEGMENTS_AHEAD = 4
 #: Reads of this many runs or more read their sealed pieces together
 #: (SegmentFiles.read_batch: one call per span of nearby pieces, and the

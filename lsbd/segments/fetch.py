@@ -32,7 +32,7 @@ the segments fetched ahead and not read yet, and the fetches read ahead in
 flight, stay under that limit; the next one starts when the reader reaches
 one of them.  Fetched further ahead, a reader slowed by the fetches
 themselves (they share the machine with it) found most of them let go
-unread, and read them back from the cache dir (docs/operations.md).  The
+unread, and read them back from the cache dir (docs/distant.md).  The
 blocks a read needs from several segments are fetched in parallel.  At most
 FETCH_WORKERS whole-segment GETs (one more for a read waiting) and
 READ_WORKERS ranged GETs are in flight.
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 FETCH_WORKERS = 2        # whole-segment GETs in flight (4 held 100-140 MiB more, no faster)
 #: Whole-segment GETs that only fetches a read waits for may run on, when
 #: the FETCH_WORKERS are busy with read-ahead: the large file's first read
-#: of a cold tree waited 0.17-0.28 s behind two guesses (docs/operations.md).
+#: of a cold tree waited 0.17-0.28 s behind two guesses (docs/distant.md).
 DEMAND_WORKERS = 1
 READ_WORKERS = 8         # ranged GETs in flight for reads of several runs
 HOT_AFTER_READS = 2      # remote reads of one segment before it is fetched whole

@@ -39,7 +39,7 @@ from lsbd import linux
 #: is under way.  With two fetches in flight (lsbd.segments.fetch) a cold
 #: read from a distant store peaked at 249-277 MiB resident (222-241 MiB
 #: anonymous after it), against 355-407 MiB with 128 MiB and four, at the
-#: same speed (docs/operations.md; #15 bounds the serving process at 256 MiB
+#: same speed (docs/distant.md; #15 bounds the serving process at 256 MiB
 #: anonymous).  With read-ahead bounded by it and the segment read last
 #: held too: 302-347 MiB resident, 192-256 MiB anonymous after it.
 HELD_BYTES = 66 << 20
