@@ -10,6 +10,7 @@ through a simulated cut of the cache dir."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -107,60 +108,48 @@ class LocalStore(Store):
             raise StoreError(f"put {key}: {e.strerror or e}", e.errno or errno.EIO) from e
         linux.sync_directory(directory)
 
-    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        held = None
+    @contextlib.contextmanager
+    def _descriptor(self, key: str) -> Iterator[int]:
+        """A descriptor to read the object by: a segment's is the one kept
+        open for its reads (an open costs as much as a cold piece's read)."""
+        path = self._path(key)
+        if names.parse_seq(key) is None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+            return
+        held = self._kept_open.acquire(key, path)
         try:
-            path = self._path(key)
-            if names.parse_seq(key) is not None:
-                held = self._kept_open.acquire(key, path)
-                fd = held.fd
-            else:
-                fd = os.open(path, os.O_RDONLY)
+            yield held.fd
+        finally:
+            self._kept_open.release(held)
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        try:
+            with self._descriptor(key) as fd:
+                return _read(fd, start, length)
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as e:
             raise StoreError(f"get {key}: {e.strerror or e}", e.errno or errno.EIO) from e
-        try:
-            return _read(fd, start, length)
-        except IsADirectoryError:
-            raise ObjectNotFound(key) from None
-        except OSError as e:
-            raise StoreError(f"get {key}: {e.strerror or e}", e.errno or errno.EIO) from e
-        finally:
-            if held is not None:
-                self._kept_open.release(held)
-            else:
-                os.close(fd)
 
     def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
         """Each range advised to the kernel (POSIX_FADV_WILLNEED): it starts
-        reading them all now; a segment's descriptor is the one its gets
-        keep open (an open costs as much as a cold piece's advice)."""
-        held = None
+        reading them all now.  Never fails: the get that follows says what
+        is wrong."""
         try:
-            path = self._path(key)
-            if names.parse_seq(key) is not None:
-                held = self._kept_open.acquire(key, path)
-                fd = held.fd
-            else:
-                fd = os.open(path, os.O_RDONLY)
+            with self._descriptor(key) as fd:
+                size = None
+                for start, length in ranges:
+                    if start < 0:
+                        if size is None:
+                            size = os.fstat(fd).st_size
+                        start, length = max(0, size + start), None
+                    os.posix_fadvise(fd, start, length or 0, os.POSIX_FADV_WILLNEED)
         except (OSError, ValueError):
-            return          # the get that follows says what is wrong
-        try:
-            size = None
-            for start, length in ranges:
-                if start < 0:
-                    if size is None:
-                        size = os.fstat(fd).st_size
-                    start, length = max(0, size + start), None
-                os.posix_fadvise(fd, start, length or 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
             pass
-        finally:
-            if held is not None:
-                self._kept_open.release(held)
-            else:
-                os.close(fd)
 
     def head(self, key: str) -> int:
         try:
