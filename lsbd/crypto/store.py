@@ -47,6 +47,12 @@ TAIL_READ = 64 * 1024
 #: serving process's memory grew by in such a read.
 LAYOUT_BYTES = 32 << 20
 log = logging.getLogger(__name__)
+
+
+def _end_read(n: int) -> int:
+    """Stored bytes read from an object's end for its last `n` plain bytes:
+    the tail and index, and (most often) the frames that hold them."""
+    return TAIL_READ + n + n // 4
 _SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
 
 
@@ -460,7 +466,7 @@ class SealingStore(Store):
             layout = self._layouts.get(key)
         if layout is None:
             n = max([-start for start, _length in ranges if start < 0], default=0)
-            self.inner.will_need(key, [(-(TAIL_READ + n + n // 4), None)])  # as _tail_unsized
+            self.inner.will_need(key, [(-_end_read(n), None)])
             return
         plain = layout.tail.plain_length
         stored: list[tuple[int, int | None]] = []
@@ -491,7 +497,7 @@ class SealingStore(Store):
             return self._get_range(key, sealing, -n, None)
 
     def _tail(self, key: str, sealing: VolumeSealing, n: int, stored_size: int) -> bytes:
-        start = max(0, stored_size - (TAIL_READ + n + n // 4))
+        start = max(0, stored_size - _end_read(n))
         buf = self.inner.get(key, start, stored_size - start)
         layout = self._layout(key, sealing, buf,
                               keep_raw=self.lists_etags)
@@ -510,7 +516,7 @@ class SealingStore(Store):
             kept = key in self._layouts
         if kept:
             return self._get_range(key, sealing, -n, None)
-        want = TAIL_READ + n + n // 4
+        want = _end_read(n)
         buf = self.inner.get(key, -want)
         layout = self._layout(key, sealing, buf, keep_raw=self.lists_etags)
         size = layout.stored_length
