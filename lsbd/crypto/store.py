@@ -47,13 +47,13 @@ TAIL_READ = 64 * 1024
 #: serving process's memory grew by in such a read.
 LAYOUT_BYTES = 32 << 20
 log = logging.getLogger(__name__)
+_SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
 
 
 def _end_read(n: int) -> int:
     """Stored bytes read from an object's end for its last `n` plain bytes:
     the tail and index, and (most often) the frames that hold them."""
     return TAIL_READ + n + n // 4
-_SEALING_SLOT = threading.Lock()     # sealing here: one object at a time, as worker.seal
 
 
 @attrs.frozen(kw_only=True)
