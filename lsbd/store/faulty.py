@@ -21,10 +21,19 @@ order they were added; a used-up rule is dropped.
 Counters (`calls`, `bytes_put`, `bytes_got`) count every call made to this
 wrapper, failed or not, so a test can measure the requests a piece of code
 makes.  Everything is thread-safe.
+
+Otherwise the wrapper does what the inner store does, so that a test through
+it takes the store's own paths: its capabilities (lists_etags, seals_objects,
+conditional_writes), put_file (a put: a file:// store links the file, a
+sealing store seals it in its worker), get_tail (a get), exists (a head),
+will_need and the sealed layouts.  Except object_file, which stays None: the
+cache links a file:// store's files in only from an unwrapped store, so that
+reads through this wrapper reach it (lsbd.segments.copies).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -54,6 +63,12 @@ class FaultRule:
 class FaultyStore(Store):
     def __init__(self, inner: Store):
         self.inner = inner
+        # What the inner store can do, told truthfully: a test through this
+        # wrapper takes the paths the inner store would (a listing's ETags
+        # bring the map summary, lsbd.engine.summaries).  Declared on Store,
+        # so these would otherwise be Store's defaults.
+        self.lists_etags = inner.lists_etags
+        self.seals_objects = inner.seals_objects
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._corrupt_gets = 0
@@ -157,8 +172,25 @@ class FaultyStore(Store):
             exclusive = exclusive and not self._blind_puts
         self._run("put", key, lambda: self.inner.put(key, data, exclusive=exclusive))
 
+    def put_file(self, key: str, path: str, *, exclusive: bool = False,
+                 length: int | None = None) -> None:
+        # Passed on, not read into a put: the inner store may link the file
+        # (file://) or seal it in its worker (lsbd.crypto.store).
+        with self._lock:
+            self.bytes_put += os.path.getsize(path) if length is None else length
+            exclusive = exclusive and not self._blind_puts
+        self._run("put", key, lambda: self.inner.put_file(key, path, exclusive=exclusive,
+                                                          length=length))
+
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        data = self._run("get", key, lambda: self.inner.get(key, start, length))
+        return self._got(key, self._run("get", key, lambda: self.inner.get(key, start, length)))
+
+    def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
+        return self._got(key, self._run("get", key, lambda: self.inner.get_tail(
+            key, n, stored_size=stored_size)))
+
+    def _got(self, key: str, data: bytes) -> bytes:
+        """Count a get's bytes, damaged if a corrupt_next_get asked for it."""
         with self._lock:
             self.bytes_got += len(data)
             corrupt = (self._corrupt_gets > 0 and len(data) > 0
@@ -171,8 +203,17 @@ class FaultyStore(Store):
             data = bytes(damaged)
         return data
 
+    def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
+        self.inner.will_need(key, ranges)     # a hint: nothing to fail or count
+
     def head(self, key: str) -> int:
         return self._run("head", key, lambda: self.inner.head(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._run("head", key, lambda: self.inner.exists(key))
+        except ObjectNotFound:    # injected: as Store.exists takes a head's
+            return False
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return iter(self._run("list", prefix, lambda: [*self.inner.list(prefix)]))
@@ -183,6 +224,12 @@ class FaultyStore(Store):
     @property
     def conditional_writes(self) -> bool:
         return self.inner.conditional_writes and not self._blind_puts
+
+    def layout_raw(self, key: str) -> bytes | None:
+        return self.inner.layout_raw(key)
+
+    def prime_layout(self, key: str, raw: bytes, stored_size: int) -> int | None:
+        return self.inner.prime_layout(key, raw, stored_size)
 
     def close(self) -> None:
         self.inner.close()

@@ -675,3 +675,74 @@ def test_faulty_drop_puts_after_simulates_a_dead_network(faulty):
 def test_faulty_rejects_unknown_ops(faulty):
     with pytest.raises(ValueError):
         faulty.fail(op="rename")
+
+
+class _Telling(LocalStore):
+    """A local store that says it tags its listings and seals objects, and
+    notes the calls that reach it which it may do its own way."""
+
+    lists_etags = True
+    seals_objects = True
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.reached: list[tuple] = []
+
+    def put_file(self, key, path, *, exclusive=False, length=None):
+        self.reached.append(("put_file", key, exclusive, length))
+        super().put_file(key, path, exclusive=exclusive, length=length)
+
+    def get_tail(self, key, n, *, stored_size=None):
+        self.reached.append(("get_tail", key, n, stored_size))
+        return super().get_tail(key, n, stored_size=stored_size)
+
+    def exists(self, key):
+        self.reached.append(("exists", key))
+        return super().exists(key)
+
+    def will_need(self, key, ranges):
+        self.reached.append(("will_need", key, ranges))
+
+    def layout_raw(self, key):
+        self.reached.append(("layout_raw", key))
+        return b"raw"
+
+    def prime_layout(self, key, raw, stored_size):
+        self.reached.append(("prime_layout", key, raw, stored_size))
+        return 7
+
+
+def test_faulty_passes_on_what_its_inner_store_does(tmp_path):
+    """The wrapper tells what its inner store can do and passes on every
+    call the inner store may make its own way, so that a test through it
+    takes the store's paths (a file:// store links a segment file, a
+    sealing store seals it in its worker and keeps its layout, a listing's
+    ETags bring the map summary); those that reach the store are counted,
+    and fail, as puts, gets and heads.  Its object_file stays None: reads
+    go through it, not through a link (lsbd.segments.copies)."""
+    inner = _Telling(str(tmp_path / "store"))
+    store = FaultyStore(inner)
+    assert store.lists_etags and store.seals_objects
+    src = tmp_path / "segment"
+    src.write_bytes(b"0123456789")
+    store.put_file("s/1", str(src), exclusive=True, length=10)
+    assert store.get_tail("s/1", 4, stored_size=10) == b"6789"
+    assert store.exists("s/1") and not store.exists("s/2")
+    store.will_need("s/1", [(0, 4)])
+    assert store.layout_raw("s/1") == b"raw"
+    assert store.prime_layout("s/1", b"raw", 10) == 7
+    assert inner.reached == [("put_file", "s/1", True, 10), ("get_tail", "s/1", 4, 10),
+                             ("exists", "s/1"), ("exists", "s/2"), ("will_need", "s/1", [(0, 4)]),
+                             ("layout_raw", "s/1"), ("prime_layout", "s/1", b"raw", 10)]
+    assert store.calls == {"put": 1, "get": 1, "head": 2}
+    assert (store.bytes_put, store.bytes_got) == (10, 4)
+    assert store.object_file("s/1") is None and inner.object_file("s/1") is not None
+    store.fail(op="put")
+    with pytest.raises(TransientStoreError):
+        store.put_file("s/3", str(src))
+    store.fail(op="get")
+    with pytest.raises(TransientStoreError):
+        store.get_tail("s/1", 4)
+    store.fail(op="head", error=ObjectNotFound)
+    assert not store.exists("s/1")          # as Store.exists takes a head's ObjectNotFound
+    assert not inner.exists("s/3")

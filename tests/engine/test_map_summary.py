@@ -26,6 +26,7 @@ from lsbd.format.segment import TRAILER
 from lsbd.meta.config import create_volume
 from lsbd.segments import summary
 from lsbd.store import ObjectInfo, open_store
+from lsbd.store.faulty import FaultyStore
 from lsbd.store.s3 import S3Store
 
 SIZE = 16 * MiB
@@ -132,6 +133,33 @@ def test_a_cold_open_reads_the_summary_not_each_segments_index(s3_url, tmp_path,
         # A sealed volume's ranged reads found their layouts in the summary:
         # no read of an object's tail (a suffix range) before its frames.
         assert [k for k, start, _n in gets if start < 0] == []
+    finally:
+        vol.close()
+
+
+@pytest.mark.parametrize("kind", ["none", "zstd:1"])
+def test_a_store_wrapped_to_inject_faults_takes_the_summary_path_too(s3_url, tmp_path, gets,
+                                                                    kind):
+    """A wrapper store tells what its inner store can do: through the tests'
+    fault injector (FaultyStore) a clean close writes the summary and a cold
+    open reads it, layouts and all, as through the store itself; a test
+    through the wrapper takes the path the store would."""
+    store = FaultyStore(new_store(s3_url, kind))
+    write_session(store, tmp_path / "w", 1, 0, 16)
+    expected = expected_image(tmp_path, store)
+    assert store.exists(names.summary_key("vol")), "the close wrote no summary"
+    segments = list(store.list(names.segment_prefix("vol")))
+
+    store = FaultyStore(reopen(store, s3_url, kind))
+    gets.clear()
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "cold"))
+    try:
+        assert index_gets(gets) == [], "an index or layout read despite the summary"
+        if kind != "none":      # the layouts it holds, kept for the first ranged reads
+            assert all(store.layout_raw(i.key) for i in segments)
+        gets.clear()
+        assert read_all(vol) == expected
+        assert [k for k, start, _n in gets if start < 0] == []   # no tail read for a layout
     finally:
         vol.close()
 
