@@ -277,6 +277,34 @@ def store(store_path):
 
 
 @pytest.fixture
+def in_page_cache():
+    """in_page_cache(*paths): each file's pages read into the page cache and
+    kept there, mapped, until the test ends, for the nowait reads
+    (RWF_NOWAIT) that must find them.  The kernel drops no mapped page for
+    a drop_caches, which benchmarks beside the suite write (after a sync)
+    for their cold reads: a page read in and left unmapped, or written and
+    synced, may be gone by the next line.  Pages a file gains later are not
+    held."""
+    import mmap
+
+    held: list[mmap.mmap] = []
+
+    def hold(*paths) -> None:
+        for path in paths:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    continue
+                pages = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            held.append(pages)
+            for i in range(0, len(pages), mmap.PAGESIZE):
+                pages[i]        # the read is what brings the page in
+
+    yield hold
+    for pages in held:
+        pages.close()
+
+
+@pytest.fixture
 def make_volume(store, tmp_path):
     """make_volume(**settings) -> an open writer on a new 64 MiB volume "vol"
     (closed after the test).  A test module's own `store` fixture overrides

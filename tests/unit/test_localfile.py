@@ -237,7 +237,7 @@ def test_reads_from_many_threads_at_once_decrypt_right():
 
 
 @pytest.mark.parametrize("nowait", [False, True])
-def test_large_and_small_reads_of_an_encrypted_file(tmp_path, nowait):
+def test_large_and_small_reads_of_an_encrypted_file(tmp_path, nowait, in_page_cache):
     """Reads from 64 KiB on are decrypted in the buffer they were read into;
     both ways give the plain bytes, and a read past the end is cut short."""
     from lsbd.segments.openfile import OpenFile
@@ -250,7 +250,7 @@ def test_large_and_small_reads_of_an_encrypted_file(tmp_path, nowait):
     try:
         localfile.write_new(fd, c, plain)
         f = OpenFile(localfile.reader_of(fd, k, where="f"))
-        path.read_bytes()      # in the page cache, for nowait reads
+        in_page_cache(path)    # for nowait reads
         for lo, n in [(0, 4096), (17, 5000), (1000, 128 * 1024), (64 * 1024, 64 * 1024),
                       (299_000, 4096), (200_000, 200_000)]:
             if nowait and lo + n > len(plain):
@@ -301,7 +301,8 @@ def test_a_file_replaced_under_a_new_key_reads_with_its_own_cipher(tmp_path):
         raise
 
 
-def test_small_reads_reuse_their_buffers_and_still_decrypt_right(tmp_path, monkeypatch):
+def test_small_reads_reuse_their_buffers_and_still_decrypt_right(tmp_path, monkeypatch,
+                                                                in_page_cache):
     """An open file keeps a context and a buffer per concurrent small read:
     reads of every size and alignment, from several threads at once, one
     after another on the same buffers, each give the plain bytes; a read
@@ -322,7 +323,7 @@ def test_small_reads_reuse_their_buffers_and_still_decrypt_right(tmp_path, monke
     errors = []
     try:
         localfile.write_new(fd, k.new_file(), plain)
-        path.read_bytes()      # in the page cache, for nowait reads
+        in_page_cache(path)    # for nowait reads
         f = OpenFile(localfile.reader_of(fd, k, where="f"))
 
         def reader(seed: int) -> None:
