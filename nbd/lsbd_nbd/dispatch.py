@@ -21,6 +21,14 @@ dominate).  So:
     its plan and first miss before it gives up, and the connection's thread
     then spends its time on that instead of taking the next requests:
     measured, fio's 16 reads in flight became three or four at the engine.
+    On a device whose long reads run in turn (below), READS_AFTER_MISS_IN_TURN
+    such reads: there each try planned a read (the map's walk, under the
+    volume's lock) on the connection's thread while the lane planned and
+    read another, the two trading the GIL and the lock, for a plan thrown
+    away; one try in 65 instead of one in 9 took 8% off the server's
+    processor time a MiB of a first pass after random writes (docs/scale.md,
+    "Twenty-third round").  A warm reader is back inline within 64 long
+    reads, which meanwhile run in the lane.
   * On a device whose long reads are processor work rather than waits
     (BlockDevice.long_reads_in_turn: a volume whose store is a local
     directory), the READs of POOL_READ_FROM bytes or more that go to the
@@ -58,6 +66,10 @@ POOL_WRITE_FROM = 128 * 1024
 POOL_READ_FROM = 128 * 1024
 #: ... this many of them, then one tries again.
 READS_AFTER_MISS = 8
+#: ... or this many on a device whose long reads run in turn (the read
+#: lane), where an inline try of a cold read plans it on the connection's
+#: thread beside the lane (the GIL and the volume's lock, traded).
+READS_AFTER_MISS_IN_TURN = 64
 
 
 def reads_in_turn(device: BlockDevice) -> bool:

@@ -19,7 +19,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 
 from lsbd.errors import WouldBlock
 from lsbd_nbd import protocol as p
-from lsbd_nbd.dispatch import (POOL_READ_FROM, POOL_WRITE_FROM, READS_AFTER_MISS, reads_in_turn,
+from lsbd_nbd.dispatch import (POOL_READ_FROM, POOL_WRITE_FROM, READS_AFTER_MISS,
+                               READS_AFTER_MISS_IN_TURN, reads_in_turn,
                                takes_nowait)
 from lsbd_nbd.errors import Disconnect, ProtocolError, nbd_error
 from lsbd_nbd.handshake import Session
@@ -150,6 +151,7 @@ class Connection(ReplySender):
         pool_write_from = POOL_WRITE_FROM
         pool_read_from = POOL_READ_FROM
         cold_reads = 0                # large reads left to send to the pool untried
+        after_miss = READS_AFTER_MISS_IN_TURN if self.reads_in_turn else READS_AFTER_MISS
         gather_above = GATHER_ABOVE
         batch = self.batch            # changed in place, never rebound
         run_batch = self._run_batch
@@ -180,7 +182,7 @@ class Connection(ReplySender):
                     payload = read(offset, length, nowait=True) if nowait else read(offset, length)
                 except WouldBlock:
                     if length >= pool_read_from:
-                        cold_reads = READS_AFTER_MISS
+                        cold_reads = after_miss
                         long_read(Pooled(cmd, flags, handle, offset, length, None))
                     else:
                         submit(Pooled(cmd, flags, handle, offset, length, None))

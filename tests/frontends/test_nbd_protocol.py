@@ -589,6 +589,37 @@ def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
         c.disconnect()
 
 
+def test_large_reads_of_a_device_that_reads_in_turn_skip_the_inline_try_longer():
+    """On a device whose long reads run in turn (the read lane), the next
+    READS_AFTER_MISS_IN_TURN large reads after a cold one go to the lane
+    untried: an inline try of a cold read plans it on the connection's
+    thread beside the lane, for nothing."""
+    from lsbd_nbd.dispatch import POOL_READ_FROM, READS_AFTER_MISS, READS_AFTER_MISS_IN_TURN
+
+    class InTurn(FakeVolume):
+        long_reads_in_turn = True
+
+    assert READS_AFTER_MISS_IN_TURN > READS_AFTER_MISS
+    vol = InTurn("vol", SIZE)
+    big = POOL_READ_FROM
+    tried = []
+    real_read = vol.read
+
+    def read(offset, length, *, nowait=False):
+        if nowait:
+            tried.append(offset)
+        return real_read(offset, length, nowait=nowait)
+
+    vol.read = read
+    vol.delay_for = lambda op, offset: 0.002 if op == "read" else 0
+    with running_server({"vol": vol}) as srv:
+        c = connected(srv)
+        for i in range(READS_AFTER_MISS_IN_TURN + 3):
+            assert c.read(i * big, big) == bytes(big)
+        assert tried == [0, (READS_AFTER_MISS_IN_TURN + 1) * big]
+        c.disconnect()
+
+
 class CountingReads(FakeVolume):
     """Counts the long reads running at once (most) and the threads that ran
     them; each long read that blocks takes 20 ms."""
