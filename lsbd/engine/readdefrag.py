@@ -42,6 +42,9 @@ QUEUE_BYTES = 16 << 20
 #: written again, uploaded, space until compaction reclaims the old copy,
 #: and the sealer's and the map's work (docs/scale.md).
 RATE = 512 << 20
+#: Reads stream while scattered reads keep coming less than this apart:
+#: the sealer then holds the relocated segments back (lsbd.engine.sealer).
+STREAM_GAP = 0.25
 
 
 def scattered(runs: list[tuple], block_size: int) -> bool:
@@ -88,6 +91,7 @@ class ReadDefrag:
         #: read of the same range finds it scattered still.
         self.dropped = 0
         self._pacer = Pacer(RATE, QUEUE_BYTES)
+        self._last_offer = float("-inf")   # time.monotonic() of the last offer
         self._thread = threading.Thread(target=self._run, name=f"lsbd-{name}-read-defrag",
                                         daemon=True)
         self._thread.start()
@@ -96,6 +100,7 @@ class ReadDefrag:
         """Queue a read that found its blocks scattered: its plan, the whole
         blocks it read, and the volume's content_changes when it planned."""
         nbytes = len(data)
+        self._last_offer = time.monotonic()
         with self._cond:
             if self._stop:
                 return False
@@ -130,6 +135,10 @@ class ReadDefrag:
             if pause > 0:
                 with self._cond:
                     self._cond.wait_for(lambda: self._stop, pause)
+
+    def streaming(self) -> bool:
+        """Whether scattered reads are coming now (one came within STREAM_GAP)."""
+        return time.monotonic() - self._last_offer < STREAM_GAP
 
     def drain(self, timeout: float = 60) -> bool:
         """Wait until everything queued has been handled (tests)."""

@@ -10,6 +10,7 @@ import errno
 import logging
 import threading
 import time
+from typing import Callable
 
 from lsbd.engine.state import VolumeState
 from lsbd.errors import StoreError
@@ -21,6 +22,15 @@ from lsbd.segments.remote import segment_info
 log = logging.getLogger(__name__)
 
 MAX_SEALING = 4               # sealed segments waiting for the sealer before writers wait
+#: Sealed segments that only move bytes (read-directed defragmentation's)
+#: wait, unsynced, unmapped and not uploaded, while reads stream, up to
+#: this many bytes and this long: syncing, uploading and mapping them
+#: (their disk writes above all) took a quarter of a first pass over a
+#: fragmented range (docs/scale.md).  Anything that waits for the sealer
+#: ends the hold at once.
+HOLD_BYTES = 1 << 30
+HOLD_SECONDS = 30.0
+HOLD_CHECK = 0.05             # seconds between looks while holding
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
 MAP_ROOM_RETRY = 0.25         # seconds between tries of a map commit that found the disk full
 
@@ -31,6 +41,13 @@ class Sealer:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.abandoned = False   # stop without handling the rest (a crash)
+        #: () -> whether reads are streaming now (read-directed
+        #: defragmentation's offers); None: sealed segments never wait
+        self.reads_streaming: Callable[[], bool] | None = None
+        #: callers waiting for the sealer (seal_and_wait), under the lock
+        self.waiters = 0
+        #: set by a writer short of disk: held segments go on (uploads make room)
+        self.needed = False
 
     # -- on the writers' side, under the lock ---------------------------------
 
@@ -62,12 +79,30 @@ class Sealer:
         while the sealer is far behind (back-pressure)."""
         st = self.st
         self.seal()
-        while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping:
+        while len(st.sealing) > MAX_SEALING and st.failed is None and not self.stopping \
+                and not self.holding():
             st.sealing_changed.wait()
 
     def behind(self) -> bool:
         """Whether a write that must not wait would meet back-pressure."""
-        return len(self.st.sealing) >= MAX_SEALING
+        return len(self.st.sealing) >= MAX_SEALING and not self.holding()
+
+    def holding(self) -> bool:
+        """Whether the sealed segments wait (under the lock): all of them
+        only move bytes, reads stream, nothing waits for the sealer, and
+        they are within HOLD_BYTES and HOLD_SECONDS.  Held, they are still
+        read through their in-memory indexes, and a flush syncs them as any
+        journal: what a crash can lose of them is only moves, and the map
+        never points into a segment before it is synced."""
+        st = self.st
+        sealing = st.sealing
+        if not sealing or self.waiters or self.needed or self.stopping \
+                or self.reads_streaming is None:
+            return False
+        if time.monotonic() - sealing[0].sealed_at > HOLD_SECONDS \
+                or sum(seg.end for seg in sealing) > HOLD_BYTES:
+            return False
+        return all(seg.moves_only for seg in sealing) and self.reads_streaming()
 
     def seal_and_wait(self) -> int:
         """Seal the open segment and wait until the map has it; returns the
@@ -76,8 +111,13 @@ class Sealer:
         with st.lock:
             self.seal()
             target = st.sealing[-1].seq if st.sealing else st.applied
-            while st.applied < target and st.failed is None and not self.stopping:
-                st.sealing_changed.wait()
+            self.waiters += 1
+            st.sealing_changed.notify_all()     # a held segment goes on now
+            try:
+                while st.applied < target and st.failed is None and not self.stopping:
+                    st.sealing_changed.wait()
+            finally:
+                self.waiters -= 1
         st.check_not_failed()
         if st.applied < target:
             raise StoreError(f"volume {st.name} is closing")
@@ -97,8 +137,14 @@ class Sealer:
         st = self.st
         while True:
             with st.lock:
-                while not st.sealing and not self.stopping and st.failed is None:
-                    st.sealing_changed.wait()
+                while not self.stopping and st.failed is None:
+                    if not st.sealing:
+                        self.needed = False
+                        st.sealing_changed.wait()
+                    elif self.holding():
+                        st.sealing_changed.wait(HOLD_CHECK)
+                    else:
+                        break
                 if st.failed is not None or self.abandoned:
                     return
                 if not st.sealing:

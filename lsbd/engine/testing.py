@@ -223,6 +223,12 @@ def plan_read(vol: Volume, first: int, n: int) -> tuple[list[tuple], int]:
         return vol._reader.plan(first, n), st.content_changes
 
 
+def reads_streaming(vol: Volume, streaming) -> None:
+    """Make the sealer ask streaming() whether reads stream (it holds
+    relocated segments back while they do: Sealer.holding)."""
+    vol._sealer.reads_streaming = streaming
+
+
 def stop_read_defrag(vol: Volume) -> None:
     """No more read-directed defragmentation on this writer (relocations
     by hand only)."""

@@ -107,7 +107,8 @@ class Volume(ReadFace):
             vol._timer.start()
             vol._sealer.start()
             if config.read_defrag:
-                vol._reader.read_defrag = ReadDefrag(vol._writer.relocate_read, name=name)
+                rd = vol._reader.read_defrag = ReadDefrag(vol._writer.relocate_read, name=name)
+                vol._sealer.reads_streaming = rd.streaming
             vol._control = ControlServer(vol, control_socket_path(st.folder))
         except BaseException:
             vol._teardown()

@@ -91,6 +91,7 @@ class Writer:
             mark = seg.mark()
             if not same_bytes:
                 st.content_changes += 1   # before: a failed append may have changed some
+                seg.moves_only = False
             try:
                 append(seg, mark)
             except (WouldBlock, InvalidRequest):
@@ -133,6 +134,7 @@ class Writer:
                 continue
             if nowait:
                 raise WouldBlock("the cache dir's disk is full")
+            self.sealer.needed = True   # held relocations go on to the store, making room
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.full_wait

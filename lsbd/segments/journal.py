@@ -109,8 +109,13 @@ class OpenSegment:
         self._dir_synced = False  # the file's directory entry is durable
         self._sync_lock = threading.Lock()  # sync() vs finish() closing the fd
         self.trailer: Trailer | None = None  # set by seal()
+        self.sealed_at = 0.0     # time.monotonic() at seal()
         self.trailer_crc = 0     # the sealed trailer's fingerprint (the next one's prev_crc)
         self._writeback_from = 0  # bytes before this were handed to start_writeback
+        #: Only moves of bytes the volume already holds were appended (a
+        #: relocation): nothing a reader waits for, so the disk is not
+        #: started on it as it is appended (see _appended).
+        self.moves_only = True
 
     @property
     def empty(self) -> bool:
@@ -185,7 +190,7 @@ class OpenSegment:
     def _appended(self, end: int) -> None:
         self.end = end
         self.dirty = True
-        if end - self._writeback_from >= WRITEBACK_EVERY:
+        if end - self._writeback_from >= WRITEBACK_EVERY and not self.moves_only:
             # Start the disk on what is written so far (without waiting), so
             # that the fsync at the seal finds little left to do.  Whole pages
             # only: the next append writes into the partial last one.
@@ -362,6 +367,7 @@ class OpenSegment:
         self.dirty = True
         self.trailer = trailer
         self.trailer_crc = masked_crc(raw)
+        self.sealed_at = time.monotonic()
         return trailer
 
     def finish(self) -> None:
