@@ -14,7 +14,10 @@ bounded by RATE on average: a token bucket as deep as the queue, so
 that reads arriving faster than RATE for a moment (or while an append
 waits for the lock) are taken as they come, up to QUEUE_BYTES at once,
 not at RATE while the queue overflows.  A writer that has not been written to since it opened
-offers nothing (lsbd.engine.reader): reading alone never changes a volume."""
+offers nothing (lsbd.engine.reader): reading alone never changes a volume.
+While scattered reads keep coming (streaming()), the sealer holds the
+segments of these moves back, unsynced and unmapped (Sealer.holding): their
+disk writes wait for the reads to pause."""
 
 from __future__ import annotations
 
