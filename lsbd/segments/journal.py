@@ -113,8 +113,7 @@ class OpenSegment:
         self.trailer_crc = 0     # the sealed trailer's fingerprint (the next one's prev_crc)
         self._writeback_from = 0  # bytes before this were handed to start_writeback
         #: Only moves of bytes the volume already holds were appended (a
-        #: relocation): nothing a reader waits for, so the disk is not
-        #: started on it as it is appended (see _appended).
+        #: relocation): the sealer may hold it back (Sealer.holding).
         self.moves_only = True
 
     @property
@@ -190,7 +189,7 @@ class OpenSegment:
     def _appended(self, end: int) -> None:
         self.end = end
         self.dirty = True
-        if end - self._writeback_from >= WRITEBACK_EVERY and not self.moves_only:
+        if end - self._writeback_from >= WRITEBACK_EVERY:
             # Start the disk on what is written so far (without waiting), so
             # that the fsync at the seal finds little left to do.  Whole pages
             # only: the next append writes into the partial last one.

@@ -15,8 +15,6 @@ from engine_helpers import BS, MiB, block, open_test_store
 from lsbd.engine import readdefrag, sealer, testing
 from lsbd.engine.volume import Volume
 from lsbd.meta.config import create_volume
-from lsbd.segments import journal as journal_module
-from lsbd.segments.journal import OpenSegment
 
 SEGMENT = 256 * 1024
 
@@ -170,21 +168,3 @@ def test_reads_stream_while_scattered_reads_keep_coming(monkeypatch):
         assert not rd.streaming()
     finally:
         rd.close()
-
-
-def test_a_journal_of_moves_only_starts_no_writeback(tmp_path, monkeypatch):
-    started: list[int] = []
-    monkeypatch.setattr(journal_module, "start_writeback",
-                        lambda fd, start, n: started.append(n))
-    data = bytes(range(256)) * (BS // 256) * 256          # 1 MiB
-    moves = OpenSegment(str(tmp_path / "a"), volume_id=bytes(16), seq=1, block_size=BS)
-    moves.append(1, 0, 256, data=data, crcs=bytes(4 * 256))
-    moves.append(1, 0, 256, data=data, crcs=bytes(4 * 256))
-    assert started == []
-    writes = OpenSegment(str(tmp_path / "b"), volume_id=bytes(16), seq=2, block_size=BS)
-    writes.moves_only = False                             # the writer's mark of a change
-    writes.append(1, 0, 256, data=data, crcs=bytes(4 * 256))
-    writes.append(1, 0, 256, data=data, crcs=bytes(4 * 256))
-    assert started
-    moves.close_fd()
-    writes.close_fd()
