@@ -1,15 +1,13 @@
 """Writing a new file past the page cache (O_DIRECT), for copies nobody
-reads again through the cache soon: a sealed object (lsbd.crypto.worker)
-and a fetched segment's copy into the cache dir (lsbd.segments.copies).
+reads again through the cache soon: a sealed object (lsbd.crypto.worker).
 
 On a virtual machine a new page-cache page costs far more than a reused
 one.  perf put 56% of the sealing process's CPU in the kernel's copy into
-new pages, and writing 13 x 32 MiB fetched segments took 3.8-4.0 s
-buffered against 0.5-0.9 s with O_DIRECT (a load of 7).
+new pages.
 
-Neither write is a durable point: the caller syncs a sealed object itself,
-and a fetched copy is a cache (every read checks its CRC, and a damaged
-block is read from the store again).
+Not a durable point: the caller syncs a sealed object itself.  (A fetched
+segment's copy into the cache dir is written through the page cache, which
+its readers use: lsbd.segments.copies.)
 """
 
 from __future__ import annotations
@@ -106,20 +104,3 @@ def open_direct(path: str, flags: int, mode: int = 0o666) -> tuple[int, bool]:
             if e.errno != errno.EINVAL:
                 raise
     return os.open(path, flags, mode), False
-
-
-def write_new(path: str, data) -> None:
-    """Write `data` to a new file at `path`, past the page cache where the
-    file system allows it."""
-    fd, direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        if direct:
-            out = DirectOutput(fd)
-            out.write([data])
-            out.finish()
-        else:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)

@@ -2,10 +2,9 @@
 
 A segment fetched whole for a reader (lsbd.segments.fetch) is read from
 its fetched bytes, not from the cache dir: the copy into the cache dir goes
-on beside the reads, and is written past the page cache (lsbd.directio),
-so the cold read of a volume takes no new page-cache pages for the cache
-dir, and a reader on the same 2 cores does not wait for that CPU.  The
-image's page cache, in the kernel, holds what was read.
+on beside the reads (through the page cache, lsbd.segments.copies), and no
+reader waits for it.  The image's page cache, in the kernel, holds what was
+read.
 
 Held bytes are bounded: beyond the segment read most recently (a reader is
 likely in the middle of it), once over the limit, segments already in the
@@ -20,7 +19,7 @@ then go to the cache dir).
 
 Read-ahead is bounded by what is held for the reader (ahead_bytes): a
 segment fetched ahead of a reader slowed by the fetches themselves, and let
-go before it got there, is read back from the disk (lsbd.segments.fetch
+go before it got there, is read back from its copy (lsbd.segments.fetch
 waits for room instead).
 """
 

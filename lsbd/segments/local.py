@@ -15,8 +15,7 @@ is read (name_stored), so that the disk reads them together.  When the
 read pattern says more of a segment will be read, it is fetched whole in
 the background (lsbd.segments.fetch); reads of it are served from the
 fetched bytes, held in memory within a bound, while they are written into
-the cache dir past the page cache (lsbd.segments.held): a reader never
-waits for that write."""
+the cache dir (lsbd.segments.held): a reader never waits for that write."""
 
 from __future__ import annotations
 

@@ -287,6 +287,28 @@ def test_a_read_is_served_from_the_fetched_bytes_before_they_are_in_the_cache_di
         vol.close()
 
 
+def test_a_fetched_copy_stays_in_the_page_cache_once_let_go_from_memory(written, tmp_path):
+    """A cold read of a whole tree reads segments fetched before their
+    reader got there (guesses, let go from memory meanwhile) from their
+    copies: the copy is written through the page cache, so those reads wait
+    for no disk (a read that may not wait, nowait, is served)."""
+    store, expected = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    try:
+        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
+        files.prefetch(seq).result(30)
+        assert files.held.drop(seq), "held until let go"
+        assert os.path.exists(files.path(seq))
+        watch = store.fail("get", key_prefix=names.segment_key("vol", seq), after=10**9)
+        for e in vol.extents_in({seq}):
+            got = vol.read(e.lba * BS, e.nblocks * BS, nowait=True)
+            assert got == expected[e.lba * BS:(e.lba + e.nblocks) * BS]
+        assert watch.seen == 0
+    finally:
+        vol.close()
+
+
 def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch):
     """However many segments are asked for, at most one per fetch in flight
     is held in memory while its copy is written, and no more than the limit
