@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--rekey", action="store_true",
                    help="also rewrite every segment sealed with a data key other than the "
                         "current one (after `lsbd key rotate`), except those snapshots, clones "
-                        "or the retention window still need as they are")
+                        "or the retention window still need as they are; refused while the "
+                        "volume is mounted or served (its writer keeps the key it opened with)")
     p.add_argument("--dry-run", action="store_true", help="show what would happen")
     add_break_lease(p)
     p.set_defaults(func=run)

@@ -61,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="detach now even if busy (fusermount3 -u -z); still waits for "
                         "the process")
     u.add_argument("--timeout", type=parse_seconds, default=None, metavar="SECONDS",
-                   help="give up waiting after this long (default: wait)")
+                   help="past this long, tell the serving process to stop waiting for the "
+                        "store (what is not uploaded stays in the cache dir for the next "
+                        "mount) and return within 5 s more (default: wait)")
     u.set_defaults(func=run_umount)
 
 

@@ -32,8 +32,9 @@ def add_writer_args(parser) -> None:
     parser.add_argument("--break-lease", action="store_true",
                         help="take over a volume whose writer is gone without releasing it")
     parser.add_argument("--flush-mode", choices=FLUSH_MODES, default=None,
-                        help="journal: a flush returns once the local journal is durable "
-                             "(the volume's default); store: once the data is in the store")
+                        help="journal: a flush returns once the local journal is durable; "
+                             "store: once the data is in the store (default: the volume's own, "
+                             "set by lsbd create)")
     parser.add_argument("--auto-compact", action="store_true",
                         help="compact in the background while open (rate-limited)")
     parser.add_argument("--cache-limit", metavar="SIZE", default=None,
