@@ -14,17 +14,17 @@ def register(sub) -> None:
                           "secret --size 20G --encrypt --passphrase-file ~/.lsbd-pass"])
     add_volume(p, "the new volume's name (letters, digits, '.', '_', '-')")
     p.add_argument("--size", required=True, help="size, e.g. 10G (binary units)")
-    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 4K)")
+    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size, a power of two from 512 to 64K (default 4K)")
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",
                    help="journal: FLUSH returns once the local journal is synced (default); "
                         "store: once the data is in the store")
-    p.add_argument("--segment-size", default="32M", help="target segment object size (default 32M)")
+    p.add_argument("--segment-size", default="32M", help="target segment object size, from 64K to 4G (default 32M)")
     p.add_argument("--retain", default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
                         "0: snapshots only)")
     p.add_argument("--compress", default="zstd", metavar="zstd[:LEVEL]|none",
                    help="compress segments and checkpoints, frame by frame, where it pays "
-                        "(default zstd, level 1)")
+                        "(LEVEL 1-19; default zstd, level 1)")
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt segments and checkpoints (AES-256-GCM); the passphrase comes "
                         "from --passphrase-file, --key-file, $LSBD_PASSPHRASE or a prompt")
