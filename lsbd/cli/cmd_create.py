@@ -14,11 +14,13 @@ def register(sub) -> None:
                           "secret --size 20G --encrypt --passphrase-file ~/.lsbd-pass"])
     add_volume(p, "the new volume's name (letters, digits, '.', '_', '-')")
     p.add_argument("--size", required=True, help="size, e.g. 10G (binary units)")
-    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size, a power of two from 512 to 64K (default 4K)")
+    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE),
+                   help="block size, a power of two from 512 to 64K (default 4K)")
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",
                    help="journal: FLUSH returns once the local journal is synced (default); "
                         "store: once the data is in the store")
-    p.add_argument("--segment-size", default="32M", help="target segment object size, from 64K to 4G (default 32M)")
+    p.add_argument("--segment-size", default="32M",
+                   help="target segment object size, from 64K to 4G (default 32M)")
     p.add_argument("--retain", default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
                         "0: snapshots only)")
