@@ -582,8 +582,9 @@ class LocalCopies:
 
 
 def _write_new(path: str, data) -> None:
-    """Write `data` to a new file at `path` (buffered; not synced)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    """Write `data` to a new file at `path` (buffered; not synced), private
+    to its owner as a journal is (lsbd.segments.journal)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data).cast("B")
         while view:

@@ -309,6 +309,22 @@ def test_a_fetched_copy_stays_in_the_page_cache_once_let_go_from_memory(written,
         vol.close()
 
 
+def test_a_fetched_copy_is_private_to_its_owner_as_a_journal_is(written, tmp_path):
+    """A plain volume's cache dir holds its blocks in the clear: a segment
+    fetched into it is readable by its owner only, as the segments the
+    volume writes there are."""
+    store, _ = written
+    vol = _reader(store, tmp_path)
+    files = testing.local_files(vol)
+    try:
+        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
+        files.prefetch(seq).result(30)
+        files.held.drop(seq)
+        assert os.stat(files.path(seq)).st_mode & 0o777 == 0o600
+    finally:
+        vol.close()
+
+
 def test_fetched_bytes_held_in_memory_are_bounded(written, tmp_path, monkeypatch):
     """However many segments are asked for, at most one per fetch in flight
     is held in memory while its copy is written, and no more than the limit
