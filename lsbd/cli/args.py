@@ -53,7 +53,8 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
                         help="file:///path or s3://bucket/prefix (default: $LSBD_STORE, "
                              "else a directory under ~/.local/share/lsbd)")
     parser.add_argument("--endpoint-url", default=default, metavar="URL",
-                        help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+                        help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, else "
+                             "$AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--cache-dir", default=default, metavar="DIR",
                         help="local map, journal and segment cache (default: $LSBD_CACHE_DIR, "
                              "else ~/.cache/lsbd)")

@@ -42,8 +42,9 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
 
         if not parsed.netloc:
             raise UserError(f"bad store URL {url!r}: write s3://bucket[/prefix]")
-        store = S3Store(parsed.netloc, parsed.path.strip("/"),
-                        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+        # With no endpoint given, S3Store reads AWS_ENDPOINT_URL_S3, then
+        # AWS_ENDPOINT_URL (the service's own variable first, as AWS's tools do).
+        store = S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
     else:
         raise UserError(f"unknown store kind {parsed.scheme!r} in {url!r} (use file:// or s3://)")
     if retry:

@@ -115,6 +115,29 @@ def test_checksums_only_when_required_for_endpoints_that_are_not_aws(monkeypatch
         S3Store("bucket", "p", endpoint_url="http://127.0.0.1:9000", checksums="always")
 
 
+def test_the_endpoint_from_the_environment_s3s_own_variable_first(monkeypatch):
+    """AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL, as in AWS's own
+    tools, whichever way the store is opened; an explicit endpoint wins
+    over both."""
+    from lsbd.store.open import open_store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9001")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9002")
+    for store in (S3Store("bucket", "p"), open_store("s3://bucket/p", retry=False, seal=False)):
+        try:
+            assert store.endpoint_url == "http://127.0.0.1:9002"
+        finally:
+            store.close()
+    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9003", retry=False,
+                       seal=False)
+    assert store.endpoint_url == "http://127.0.0.1:9003"
+    store.close()
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    store = open_store("s3://bucket/p", retry=False, seal=False)
+    assert store.endpoint_url == "http://127.0.0.1:9001"
+    store.close()
+
+
 @pytest.fixture(scope="module")
 def s3rver_tls(tmp_path_factory):
     """s3rver over HTTPS, with a certificate made for 127.0.0.1: (endpoint, CA file)."""
