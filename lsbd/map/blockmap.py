@@ -46,6 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import itertools
+import operator
 import logging
 import os
 import shutil
@@ -61,7 +64,7 @@ from lsbd.map import staged
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest
 from lsbd.format.segment import DATA, RESIZE, Record
-from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
+from lsbd.map.encoding import MAP_FORMAT, PENDING, SHORT, STORED, Extent, SegmentInfo
 from lsbd.map.offload import MapProcess, OffloadUnavailable
 from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
@@ -72,6 +75,10 @@ from lsbd.map.encoding import unpack_value as _unv
 from lsbd.map.encoding import value_of as _v
 
 _MIGRATE_BATCH = 1 << 16
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+#: An Extent from a tuple (lba, nblocks, seq, offset), by a C call.
+_as_extent = functools.partial(tuple.__new__, Extent)
 #: Packed runs shorter than this are loaded entry by entry (cheaper than
 #: the slicing and counting a run costs).
 _SHORT_RUN = 16
@@ -1000,13 +1007,36 @@ def _lookup(cur, lba: int, nblocks: int, bs: int) -> list[Extent]:
         if cur.last():
             _clip_first(cur, lba, end, out, bs)
         return out
-    for k, value in cur:
-        s = _lba(k)
-        if s >= end:
-            break
-        n, seq, off = _unv(value)
-        out.append(Extent(s, min(s + n, end) - s, seq, off))
+    out.extend(_extents_before(cur, end))
+    if out:
+        last = out[-1]
+        if last.lba + last.nblocks > end:
+            out[-1] = last._replace(nblocks=end - last.lba)
     return out
+
+
+def _extents_before(cur, end: int) -> list[Extent]:
+    """The extents from `cur` on that start before block `end`, whole.
+
+    After random writes a 1 MiB read's range holds an extent or so a
+    block: the entries are taken off the cursor and decoded by C loops
+    (takewhile, map, iter_unpack), not one by one in Python.  Half the
+    processor time alone; and py-lmdb lets go of the GIL at every step of
+    the cursor, so beside threads that want the GIL a walk with Python
+    between its steps handed it over and waited for it back far more
+    often: 3-7 times slower than this beside one such thread
+    (bench/map_lookup_bench.py)."""
+    # (end_key,) > (key, value) exactly when key < end_key (keys are big-endian).
+    items = list(itertools.takewhile((_k(end),).__gt__, cur))
+    if not items:
+        return []
+    starts = map(int.from_bytes, map(_first, items))   # big-endian keys
+    values = b"".join(map(_second, items))
+    if len(values) == SHORT.size * len(items):        # every value short: one decode
+        decoded = SHORT.iter_unpack(values)
+    else:
+        decoded = map(_unv, map(_second, items))
+    return list(map(_as_extent, zip(starts, *zip(*decoded))))
 
 
 def _clip_first(cur, lba: int, end: int, out: list, bs: int) -> None:
