@@ -54,6 +54,43 @@ def test_wide_values_and_short_ones_mix_in_one_map(tmp_path):
         bm.close()
 
 
+@pytest.mark.parametrize("wide_every", [0, 7])
+def test_lookup_is_the_extents_over_the_range_clipped(tmp_path, wide_every):
+    """lookup() against the extents it was loaded with, over ranges that
+    start and end inside extents, on their edges and in holes; with every
+    value short (decoded in one go) and with wide ones among them."""
+    rng = random.Random(wide_every)
+    extents, lba = [], 5
+    while lba < 4000:
+        n = 1 if rng.random() < 0.7 else rng.randint(2, 9)
+        seq = rng.randint(1, 50)
+        if wide_every and len(extents) % wide_every == 0:
+            seq += 1 << 32          # too wide for the short form
+        extents.append(Extent(lba, n, seq, rng.randint(0, 999) * BS))
+        lba += n + (rng.randint(1, 3) if rng.random() < 0.1 else 0)
+    starts = [e.lba for e in extents]
+
+    def expected(first: int, n: int) -> list[Extent]:
+        out, end = [], first + n
+        for e in extents:
+            lo, hi = max(e.lba, first), min(e.lba + e.nblocks, end)
+            if lo < hi:
+                out.append(Extent(lo, hi - lo, e.seq, e.offset + (lo - e.lba) * BS))
+        return out
+
+    bm = BlockMap(str(tmp_path / "map"), BS)
+    try:
+        bm.load(extents, [_info(s) for s in sorted({e.seq for e in extents})])
+        ranges = [(0, 5000), (0, 5), (starts[3], starts[9] - starts[3]),
+                  (starts[-1], 1), (starts[-1] + 1, 100)]
+        ranges += [(rng.randint(0, 4100), rng.choice([1, 2, 3, 17, 256, 1000]))
+                   for _ in range(400)]
+        for first, n in ranges:
+            assert bm.lookup(first, n) == expected(first, n), (first, n)
+    finally:
+        bm.close()
+
+
 def _to_format_1(map_dir: str) -> int:
     """Rewrite a map as map format 1 wrote it: an `extents` database of
     >Q keys and <IQQ values, no `blocks` database, no format mark."""
