@@ -150,7 +150,8 @@ def test_before_the_fork_other_work_runs_while_the_store_answers(tmp_path, reque
 
 def test_lsbd_mount_imports_the_serving_modules_before_its_fork(tmp_path):
     """In a new interpreter, `lsbd mount` hands before_fork the serving
-    process's imports (stopped there: no mount is made)."""
+    process's imports, the engine's and the sealing store's (stopped there:
+    no mount is made)."""
     import subprocess
     import sys
 
@@ -160,12 +161,14 @@ def test_lsbd_mount_imports_the_serving_modules_before_its_fork(tmp_path):
             "from lsbd.errors import UserError\n"
             "def before_fork(self, volume, *, writer, beside=None):\n"
             "    assert 'lsbd.service.serving' not in sys.modules\n"
+            "    assert 'lsbd.crypto.store' not in sys.modules\n"
             "    beside()\n"
-            "    print('serving' in dir(sys.modules['lsbd.service']))\n"
+            "    print('serving' in dir(sys.modules['lsbd.service']),\n"
+            "          'store' in dir(sys.modules['lsbd.crypto']))\n"
             "    raise UserError('stopped before the fork')\n"
             "context.Context.before_fork = before_fork\n"
             f"main.main(['--store', 'file://{tmp_path}/s', 'mount', 'v', '{tmp_path}/mnt'])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
-    assert proc.stdout.strip() == "True", proc.stderr
+    assert proc.stdout.strip() == "True True", proc.stderr
     assert "stopped before the fork" in proc.stderr
