@@ -58,3 +58,32 @@ def test_the_client_lists_no_folder_of_other_services(monkeypatch):
 def test_aws_data_path_is_still_searched(monkeypatch, tmp_path):
     got = probe(monkeypatch, AWS_DATA_PATH=str(tmp_path))
     assert got["search_paths"][0] == str(tmp_path)
+
+
+def test_a_store_sets_up_one_botocore_session(monkeypatch, tmp_path):
+    """The checksum setting is read from the store's own session, not from a
+    second one (each costs about 10 ms of the start); the profile's setting
+    still counts."""
+    import botocore.session
+
+    from lsbd.store.s3 import S3Store
+
+    made = []
+
+    class Counted(botocore.session.Session):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    config = tmp_path / "config"
+    config.write_text("[default]\nrequest_checksum_calculation = when_supported\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setattr(botocore.session, "Session", Counted)
+    store = S3Store("bucket", endpoint_url="http://127.0.0.1:9")
+    try:
+        assert len(made) == 1
+        assert store.checksums == "when_supported"
+    finally:
+        store.close()
