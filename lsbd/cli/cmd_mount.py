@@ -121,7 +121,7 @@ def _import_serving() -> None:
     lease request), imported before the fork while the store answers the
     config's request, rather than after it, before the serving process's
     first request."""
-    import lsbd.crypto.store  # noqa: F401
+    import lsbd.crypto.store
     import lsbd.service.serving  # noqa: F401
 
 
