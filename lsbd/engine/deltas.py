@@ -4,8 +4,8 @@ The map changes only through segment records, so the map at seq S differs
 from the map at the previous checkpoint P only over the blocks that the
 records of segments P+1..S touched, and over those blocks it is what the
 last record to touch each block says.  A delta is exactly that, holes
-included: laid over the map at P it gives the map at S (DESIGN: checkpoints
-are incremental).  It is built from the segments' indexes, one segment at
+included: laid over the map at P it gives the map at S (checkpoints are
+incremental: docs/format.md).  It is built from the segments' indexes, one segment at
 a time, in a scratch map on the cache disk, so memory is bounded by one
 index."""
 

@@ -1,5 +1,5 @@
 """Compaction: move the live data out of sparse segments, checkpoint, then
-delete what no point needs (DESIGN invariant 6).
+delete what no point needs (safe reclamation: docs/history.md).
 
 Order, and why each step is safe to interrupt:
   1. pin: make sure every kept point has a checkpoint at exactly its seq;

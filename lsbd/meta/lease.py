@@ -1,4 +1,4 @@
-"""The writer lease: at most one writer per volume (DESIGN invariant 7).
+"""The writer lease: at most one writer per volume (docs/durability.md, "One writer").
 
 A small object taken with a conditional create, naming its holder.  A lease
 left by a process that died on this same machine is taken over on the next

@@ -1,5 +1,5 @@
 """Which segments a volume replays on top of a checkpoint, and which are
-orphans (DESIGN invariant 3).  Pure."""
+orphans (prefix consistency: docs/durability.md).  Pure."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ReplayPlan:
 def plan_replay(segment_seqs: Iterable[int], base: int, *, upto: int | None = None) -> ReplayPlan:
     """Which segments to apply on top of checkpoint `base`: the unbroken run
     base+1, base+2, ... (stopping at `upto`); anything after the first gap is
-    an orphan (DESIGN invariant 3)."""
+    an orphan (prefix consistency: docs/durability.md)."""
     seqs = sorted(s for s in set(segment_seqs) if s > base)
     replay = []
     expect = base + 1

@@ -10,7 +10,7 @@ Points that pin history:
     segment after W.
 
 A segment at or before W is needed only while the map at one of those
-points refers to it (DESIGN invariant 6)."""
+points refers to it (safe reclamation: docs/history.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Checking blocks read from a segment against the CRCs of its index (the
-store's or a local copy; DESIGN invariant 5), and blocks read from a
+store's or a local copy; docs/durability.md), and blocks read from a
 journal against its in-memory index."""
 
 from __future__ import annotations

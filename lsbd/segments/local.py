@@ -1,6 +1,6 @@
 """Reads of sealed segments, from their local copies (the cache folder of
 lsbd.segments.copies) or from the store.  Every block read from a sealed
-segment, local or remote, is checked against its CRC (DESIGN invariant 5).
+segment, local or remote, is checked against its CRC (docs/durability.md).
 
 A segment that is not local is read with ranged GETs of just the blocks
 asked for, checked against its index (fetched once from the object's tail,
