@@ -287,6 +287,15 @@ def test_a_read_is_served_from_the_fetched_bytes_before_they_are_in_the_cache_di
         vol.close()
 
 
+def _fetched_and_let_go(vol, files) -> int:
+    """The seq of a segment fetched whole into the cache dir, then let go
+    from memory (held no more): its reads go to the copy."""
+    seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
+    files.prefetch(seq).result(30)
+    assert files.held.drop(seq), "held until let go"
+    return seq
+
+
 def test_a_fetched_copy_stays_in_the_page_cache_once_let_go_from_memory(written, tmp_path):
     """A cold read of a whole tree reads segments fetched before their
     reader got there (guesses, let go from memory meanwhile) from their
@@ -296,9 +305,7 @@ def test_a_fetched_copy_stays_in_the_page_cache_once_let_go_from_memory(written,
     vol = _reader(store, tmp_path)
     files = testing.local_files(vol)
     try:
-        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
-        files.prefetch(seq).result(30)
-        assert files.held.drop(seq), "held until let go"
+        seq = _fetched_and_let_go(vol, files)
         assert os.path.exists(files.path(seq))
         watch = store.fail("get", key_prefix=names.segment_key("vol", seq), after=10**9)
         for e in vol.extents_in({seq}):
@@ -317,9 +324,7 @@ def test_a_fetched_copy_is_private_to_its_owner_as_a_journal_is(written, tmp_pat
     vol = _reader(store, tmp_path)
     files = testing.local_files(vol)
     try:
-        seq = vol.map_extents(2 * SEGMENT // BS, 1)[0].seq
-        files.prefetch(seq).result(30)
-        files.held.drop(seq)
+        seq = _fetched_and_let_go(vol, files)
         assert os.stat(files.path(seq)).st_mode & 0o777 == 0o600
     finally:
         vol.close()

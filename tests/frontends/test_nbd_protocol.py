@@ -552,15 +552,9 @@ def test_reads_that_would_block_overlap_on_the_pool(volumes):
         c.disconnect()
 
 
-def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
-    """After a large read found the cache cold, the next READS_AFTER_MISS
-    large reads go to the pool untried (a sequential reader on a cold cache
-    would otherwise keep the connection's thread busy failing them), then
-    one tries inline again; small reads always try inline."""
-    from lsbd_nbd.dispatch import POOL_READ_FROM, READS_AFTER_MISS
-    vol = volumes["vol"]
-    big = POOL_READ_FROM
-    tried = []
+def _record_nowait_tries(vol) -> list[int]:
+    """The offsets of the reads tried inline (nowait) on `vol`, in order."""
+    tried: list[int] = []
     real_read = vol.read
 
     def read(offset, length, *, nowait=False):
@@ -569,6 +563,18 @@ def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
         return real_read(offset, length, nowait=nowait)
 
     vol.read = read
+    return tried
+
+
+def test_large_reads_after_a_cold_one_skip_the_inline_try(volumes):
+    """After a large read found the cache cold, the next READS_AFTER_MISS
+    large reads go to the pool untried (a sequential reader on a cold cache
+    would otherwise keep the connection's thread busy failing them), then
+    one tries inline again; small reads always try inline."""
+    from lsbd_nbd.dispatch import POOL_READ_FROM, READS_AFTER_MISS
+    vol = volumes["vol"]
+    big = POOL_READ_FROM
+    tried = _record_nowait_tries(vol)
     vol.delay_for = lambda op, offset: 0.01 if op == "read" and offset < 64 * big else 0
     with running_server(volumes) as srv:
         c = connected(srv)
@@ -602,15 +608,7 @@ def test_large_reads_of_a_device_that_reads_in_turn_skip_the_inline_try_longer()
     assert READS_AFTER_MISS_IN_TURN > READS_AFTER_MISS
     vol = InTurn("vol", SIZE)
     big = POOL_READ_FROM
-    tried = []
-    real_read = vol.read
-
-    def read(offset, length, *, nowait=False):
-        if nowait:
-            tried.append(offset)
-        return real_read(offset, length, nowait=nowait)
-
-    vol.read = read
+    tried = _record_nowait_tries(vol)
     vol.delay_for = lambda op, offset: 0.002 if op == "read" else 0
     with running_server({"vol": vol}) as srv:
         c = connected(srv)
