@@ -490,14 +490,17 @@ class LocalCopies:
                 return    # a read cache never takes the room writes need
             tmp = path + ".part"
             try:
-                if self.keys is not None:    # never in the clear, even for a moment
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    try:
+                # Private to its owner, as a journal is (lsbd.segments.journal).
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    if self.keys is not None:    # never in the clear, even for a moment
                         localfile.write_new(fd, self.keys.new_file(), data)
-                    finally:
-                        os.close(fd)
-                else:
-                    _write_new(tmp, data)
+                    else:
+                        view = memoryview(data).cast("B")
+                        while view:
+                            view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
                 self._copy_made(seq)
             except OSError:
@@ -580,14 +583,3 @@ class LocalCopies:
     def _remote_index(self, seq: int) -> SegmentIndex:
         return self._index(seq, lambda: fetch_footer_by_key(self.store, self.key_of(seq), seq))
 
-
-def _write_new(path: str, data) -> None:
-    """Write `data` to a new file at `path` (buffered; not synced), private
-    to its owner as a journal is (lsbd.segments.journal)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
