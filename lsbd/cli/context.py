@@ -8,7 +8,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-from lsbd import linux
+from lsbd import linux, private
 from lsbd.freedcap import FreedMemoryCap
 from lsbd.errors import UserError
 from lsbd.store import Store, open_store, seal_store
@@ -93,7 +93,7 @@ class Context:
         says now, in one line, that it cannot use it, rather than its forked
         serving process later."""
         try:
-            os.makedirs(self.cache_dir, exist_ok=True)
+            private.make_dirs(self.cache_dir, fix_existing=False)
             fd, probe = tempfile.mkstemp(dir=self.cache_dir, prefix=".probe-")
             os.close(fd)
             os.unlink(probe)

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 
-from lsbd import fileio, names
+from lsbd import fileio, names, private
 from lsbd.checksum import masked_crc
 from lsbd.engine.recovery import (
     MAX_ORPHANS,
@@ -44,7 +44,7 @@ def writer_state(store: Store, config: VolumeConfig, *, cache_root: str, flush_m
     lease = Lease.acquire(store, config.name, break_lease=break_lease)
     try:
         folder = cache_dir_for(cache_root, store, config.name)
-        os.makedirs(folder, exist_ok=True)
+        private.make_dirs(folder)
         lineage = Lineage.load(store, config)
         files = SegmentFiles(os.path.join(folder, "segments"), store, lineage.segment_key,
                              config.block_size, cache_limit=cache_limit,
@@ -266,7 +266,7 @@ def _reset_cache_dir(st: VolumeState) -> None:
         os.rename(st.folder, aside)
     else:
         shutil.rmtree(st.folder, ignore_errors=True)
-    os.makedirs(st.folder, exist_ok=True)
+    private.make_dirs(st.folder)
     st.map = BlockMap(os.path.join(st.folder, "map"), st.block_size)
     st.files.close()
     st.files = SegmentFiles(os.path.join(st.folder, "segments"), st.store,

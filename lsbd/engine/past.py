@@ -21,6 +21,7 @@ from lsbd.meta.config import Lineage, VolumeConfig
 from lsbd.segments import checkpoints as ckpt
 from lsbd.segments.local import SegmentFiles
 from lsbd.store import Store
+from lsbd import private
 
 
 class PastVolume(ReadFace):
@@ -33,7 +34,7 @@ class PastVolume(ReadFace):
     def __init__(self, store: Store, config: VolumeConfig, *, cache_root: str, flush_mode: str,
                  cache_limit: int, at_seq: int | None = None,
                  progress: Callable[[int, int], None] | None = None):
-        os.makedirs(cache_root, exist_ok=True)
+        private.make_dirs(cache_root, fix_existing=False)
         folder = tempfile.mkdtemp(prefix=f"{config.name}-ro-", dir=cache_root)
         self.store = store
         self.config = config

@@ -59,7 +59,7 @@ from typing import Iterable, Iterator
 
 import lmdb
 
-from lsbd import fileio, linux
+from lsbd import fileio, linux, private
 from lsbd.map import staged
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest
@@ -104,7 +104,7 @@ __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot
 class BlockMap:
     def __init__(self, path: str, block_size: int, *, scratch: bool = False,
                  lookups: bool = True):
-        os.makedirs(path, exist_ok=True)
+        private.make_dirs(path)
         self.path = path
         self.block_size = block_size
         # A large virtual map size costs nothing until used (sparse file).
@@ -113,7 +113,8 @@ class BlockMap:
         # scratch: a throwaway map (a delta being built), never synced.
         # lookups=False: the map's process, which only applies and merges.
         self._env = lmdb.open(path, map_size=1 << 40, max_dbs=8, sync=not scratch,
-                              metasync=False, readahead=False, max_readers=512)
+                              metasync=False, readahead=False, max_readers=512,
+                              mode=private.FILE_MODE)
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")

@@ -41,6 +41,7 @@ from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_footer_by_key
 from lsbd.linux import disk_free
 from lsbd.store import Store
+from lsbd import private
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class LocalCopies:
     def __init__(self, folder: str, store: Store, key_of: Callable[[int], str], block_size: int,
                  *, cache_limit: int, keep_free: int = 0, keys: LocalKeys | None = None,
                  link_store_files: bool = False):
-        os.makedirs(folder, exist_ok=True)
+        private.make_dirs(folder)
         self.keys = keys     # an encrypted volume's: every file here is encrypted
         for name in os.listdir(folder):
             if name.endswith((".rekey", ".part")):   # left by a crash

@@ -16,7 +16,7 @@ import os
 import tempfile
 from typing import Iterator
 
-from lsbd import linux, names
+from lsbd import linux, names, private
 from lsbd.errors import ObjectExists, ObjectNotFound, StoreError
 from lsbd.store.base import ObjectInfo, Store
 from lsbd.store.openfds import OpenObjects
@@ -31,7 +31,7 @@ class LocalStore(Store):
         # Segment objects' descriptors, kept open between reads.
         self._kept_open = OpenObjects()
         try:
-            os.makedirs(self.root, exist_ok=True)
+            private.make_dirs(self.root, fix_existing=False)
         except OSError as e:
             raise StoreError(f"cannot use {self.root} as a store: {e.strerror}", e.errno or errno.EIO) from e
 
@@ -57,7 +57,7 @@ class LocalStore(Store):
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
-            os.makedirs(directory, exist_ok=True)
+            private.make_dirs(directory, fix_existing=False)
             fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -96,7 +96,7 @@ class LocalStore(Store):
         dest = self._path(key)
         directory = os.path.dirname(dest)
         try:
-            os.makedirs(directory, exist_ok=True)
+            private.make_dirs(directory, fix_existing=False)
             if not exclusive and os.path.exists(dest):
                 os.unlink(dest)
             _link_following(path, dest)

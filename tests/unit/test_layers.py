@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 LAYERS = [
     ["lsbd.errors"],
     ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio", "lsbd.directio",
-     "lsbd.childproc", "lsbd.freedcap", "lsbd.numpyload"],
+     "lsbd.childproc", "lsbd.freedcap", "lsbd.numpyload", "lsbd.private"],
     ["lsbd.store", "lsbd.crypto"],
     ["lsbd.plans"],
     ["lsbd.format"],
