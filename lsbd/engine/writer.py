@@ -9,6 +9,7 @@ import bisect
 
 import errno
 import logging
+import os
 import time
 from typing import Callable
 
@@ -28,7 +29,14 @@ SEGMENT_SLACK = 1024 * 1024
 #: uploads to make segments evictable, then fails with ENOSPC (the default of
 #: `--cache-full-wait`).
 FULL_DISK_WAIT = 30.0
+MiB = 1024 * 1024
 MAP_ROOM = 8 * 1024 * 1024    # kept free beyond a journal's reservation, for the map
+
+
+def _disk_size(path: str) -> int:
+    """Bytes of the file system holding path, free or not."""
+    fs = os.statvfs(path)
+    return fs.f_blocks * fs.f_frsize
 
 
 def room_needed(segment_size: int) -> int:
@@ -134,6 +142,14 @@ class Writer:
                 continue
             if nowait:
                 raise WouldBlock("the cache dir's disk is full")
+            disk = _disk_size(st.folder)
+            if disk < need + MAP_ROOM:      # no eviction or upload can ever make the room
+                message = (f"volume {st.name}: the cache dir's disk ({disk / MiB:.1f} MiB) is "
+                           f"smaller than a segment needs ({(need + MAP_ROOM) / MiB:.1f} MiB): "
+                           f"use a larger disk for the cache dir, or a volume with a smaller "
+                           f"--segment-size")
+                log.error("%s", message)
+                raise OSError(errno.ENOSPC, message)
             self.sealer.needed = True   # held relocations go on to the store, making room
             now = time.monotonic()
             if deadline is None:

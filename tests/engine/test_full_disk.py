@@ -278,3 +278,22 @@ def test_a_map_commit_that_finds_the_disk_full_waits_for_room(tmp_path, monkeypa
             assert reader.read(i * MiB, MiB) == _chunk(9, i), f"MiB {i} from the store"
     finally:
         reader.close()
+
+
+def test_a_disk_smaller_than_a_segment_fails_at_once_saying_so(small_disk, tmp_path):
+    """No upload or eviction can make room for a journal larger than the
+    whole disk: the write fails now, naming the sizes and the way out,
+    rather than after the wait for room (30 s) with '0 segments wait'."""
+    store = open_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", 256 * MiB, segment_size=64 * MiB)
+    vol = Volume.open(store, "vol", cache_root=small_disk)
+    try:
+        began = time.monotonic()
+        with pytest.raises(OSError) as failed:
+            vol.write(0, _chunk(1, 0))
+        assert failed.value.errno == errno.ENOSPC
+        assert time.monotonic() - began < 10
+        assert "smaller than a segment needs" in str(failed.value)
+        assert "--segment-size" in str(failed.value)
+    finally:
+        vol.close()
