@@ -27,10 +27,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: A failed attempt that took this long is a stall the user has been
+#: watching (a store that accepts connections and never answers: 60 s per
+#: attempt at S3's read timeout): its retry is said at WARNING, not INFO.
+SLOW_ATTEMPT = 5.0
+
 
 class RetryingStore(Store):
     def __init__(self, inner: Store, attempts: int = 5, base_delay: float = 0.05,
-                 max_delay: float = 2.0, *, sleep: Callable[[float], None] = time.sleep):
+                 max_delay: float = 2.0, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.inner = inner
@@ -41,6 +47,7 @@ class RetryingStore(Store):
         self.base_delay = base_delay
         self.max_delay = max_delay
         self._sleep = sleep
+        self._clock = clock
 
     @property
     def url(self) -> str:  # type: ignore[override]
@@ -61,9 +68,11 @@ class RetryingStore(Store):
 
     def _call(self, what: str, fn: Callable[[], T], on_transient: Callable[[], None] | None = None) -> T:
         for attempt in range(1, self.attempts + 1):
+            began = self._clock()
             try:
                 return fn()
             except TransientStoreError as e:
+                took = self._clock() - began
                 if on_transient is not None:
                     on_transient()
                 if attempt >= self.attempts:
@@ -71,10 +80,12 @@ class RetryingStore(Store):
                         e.strerror = f"{e.strerror} (gave up after {self.attempts} attempts)"
                     raise
                 pause = self.delay(attempt)
-                # INFO: a retry that then succeeds is not the user's business, and
-                # one that fails ends in the error itself (shown with -v).
-                log.info("store %s: %s failed (%s); retry %d/%d in %.2fs",
-                            self.url, what, e, attempt, self.attempts - 1, pause)
+                # INFO: a quick retry that then succeeds is not the user's business,
+                # and one that fails ends in the error itself (shown with -v); a
+                # slow one is: without a word the command just seems to hang.
+                level = logging.WARNING if took >= SLOW_ATTEMPT else logging.INFO
+                log.log(level, "store %s: %s failed after %.0fs (%s); retry %d/%d in %.2fs",
+                        self.url, what, took, e, attempt, self.attempts - 1, pause)
                 self._sleep(pause)
         raise AssertionError("unreachable")
 

@@ -552,6 +552,30 @@ def test_retry_recovers_from_transient_errors(faulty, caplog):
     assert len(retries) == 2 and "get k" in retries[0].getMessage()
 
 
+def test_a_slow_failed_attempt_is_retried_with_a_warning(faulty, caplog):
+    """A store that takes connections and never answers fails each attempt
+    only at the read timeout: the user hears why the command waits."""
+    ticks = iter(range(0, 10_000, 30))      # every look at the clock: 30 s later
+    store = RetryingStore(faulty, attempts=3, base_delay=0.01, sleep=lambda s: None,
+                          clock=lambda: next(ticks))
+    faulty.inner.put("k", b"data")
+    faulty.fail(op="get", times=1)
+    with caplog.at_level(logging.INFO, logger="lsbd.store.retry"):
+        assert store.get("k") == b"data"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "get k failed after 30s" in warned[0].getMessage()
+    assert "retry 1/2" in warned[0].getMessage()
+
+
+def test_a_quick_failed_attempt_is_retried_quietly(faulty, caplog):
+    store, _ = _retrying(faulty)
+    faulty.inner.put("k", b"data")
+    faulty.fail(op="get", times=1)
+    with caplog.at_level(logging.INFO, logger="lsbd.store.retry"):
+        assert store.get("k") == b"data"
+    assert [r.levelno for r in caplog.records if "retry" in r.getMessage()] == [logging.INFO]
+
+
 def test_retry_gives_up_after_n_attempts(faulty):
     store, sleeps = _retrying(faulty, attempts=3)
     faulty.fail(op="head", times=None)
