@@ -7,11 +7,13 @@ is not taken for a raw disk."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from typing import Callable, Iterable, Iterator
 
+from lsbd import linux
 from lsbd.errors import UserError
 
 CHUNK = 4 * 1024 * 1024
@@ -155,10 +157,21 @@ class _Target:
                             "the older state to bring up to date")
         self.device = st is not None and stat.S_ISBLK(st.st_mode)
         self.regular = st is None or stat.S_ISREG(st.st_mode)
-        if st is None or (self.regular and not update):
-            flags |= os.O_CREAT | (0 if update else os.O_TRUNC)
+        #: A whole file is written under a temporary name beside it and
+        #: renamed over it once complete: an export that fails or is
+        #: interrupted leaves the file that was there (an older good export)
+        #: and no half of a new one that looks whole.
+        self.partial: str | None = None
+        opened = path
+        if self.regular and not update:
+            final = os.path.realpath(path)
+            folder, name = os.path.split(final)
+            self.partial = opened = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+            flags |= os.O_CREAT | os.O_TRUNC
         try:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(opened, flags, 0o644)
+            if self.partial is not None and st is not None:
+                os.fchmod(self.fd, stat.S_IMODE(st.st_mode))     # a replaced file's mode
         except OSError as e:
             raise _fail(path, "opening", e) from None
 
@@ -199,11 +212,19 @@ class _Target:
                 os.ftruncate(self.fd, size)
             if self.regular or self.device:
                 os.fsync(self.fd)
+            if self.partial is not None:
+                final = os.path.realpath(self.path)
+                os.rename(self.partial, final)
+                self.partial = None
+                linux.sync_directory(os.path.dirname(final))
         except OSError as e:
             raise _fail(self.path, "finishing", e) from None
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.partial is not None:        # failed or interrupted: no half file
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
 
 
 def export_image(volume, path: str, *, progress: Progress | None = None) -> int:

@@ -491,6 +491,31 @@ def test_an_interrupted_import_says_what_it_left_and_keeps_it(tmp_path):
     assert got[4 * MiB:] != want[4 * MiB:]
 
 
+def test_a_failed_export_leaves_the_file_that_was_there(file_cli, tmp_path):
+    """An export writes beside its file and renames over it once whole: one
+    that fails halfway (a segment fails its checksum) leaves the older export
+    as it was, and no half file; one that succeeds keeps the file's mode."""
+    image = tmp_path / "data.raw"
+    image.write_bytes(os.urandom(8 * MiB))
+    _ok(file_cli("create", "v", "--size", "8M"))
+    _ok(file_cli("import", "v", image))
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"an older export")
+    out.chmod(0o640)
+    _ok(file_cli("export", "v", out))
+    assert out.read_bytes() == image.read_bytes()
+    assert out.stat().st_mode & 0o777 == 0o640
+    out.write_bytes(b"an older export")
+    segment = tmp_path / "store" / "volumes" / "v" / "seg" / "0000000000000001"
+    body = bytearray(segment.read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    segment.chmod(0o600)
+    segment.write_bytes(bytes(body))
+    assert_user_error(file_cli("export", "v", out, cache=tmp_path / "new-cache"), "checksum")
+    assert out.read_bytes() == b"an older export"
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
 def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
     """`lsbd export` of a volume `lsbd serve` holds copies what was written
     through NBD (the writer puts it in the store first); after the server is
