@@ -44,12 +44,12 @@ def register(sub) -> None:
     p = command(sub, "diff", help="list the block ranges changed between two points",
                 description="List the byte ranges (offset and length) whose content may "
                             "differ between two points of a volume's history.",
-                examples=["vm1 --from before-upgrade", "vm1 --from #20 --to @-1h --json"])
+                examples=["vm1 --from before-upgrade", "vm1 --from seq:20 --to @-1h --json"])
     add_volume(p)
     p.add_argument("--from", dest="from_point", required=True, metavar="POINT",
-                   help="a snapshot name, #SEQ or @TIME")
+                   help="a snapshot name, seq:N (or #N, quoted: # starts a shell comment) or @TIME")
     p.add_argument("--to", dest="to_point", default="live", metavar="POINT",
-                   help="a snapshot name, #SEQ, @TIME or live (default)")
+                   help="a snapshot name, seq:N (or #N, quoted), @TIME or live (default)")
     p.set_defaults(func=run_diff)
 
 

@@ -38,8 +38,8 @@ def register(sub) -> None:
                    help="the file or block device to write")
     add_point_args(p, what="export the state")
     p.add_argument("--from", dest="from_point", metavar="POINT",
-                   help="incremental: FILE holds the state at POINT (a snapshot name, #SEQ or "
-                        "@TIME); write only the blocks changed since then")
+                   help="incremental: FILE holds the state at POINT (a snapshot name, seq:N "
+                        "or @TIME); write only the blocks changed since then")
     p.set_defaults(func=run_export)
 
 

@@ -205,3 +205,22 @@ def test_an_unusable_cache_dir_is_named(tmp_path):
             assert lines[0].endswith("choose another with --cache-dir or $LSBD_CACHE_DIR")
     assert not_a_dir.read_bytes() == b"" and not os.path.exists(NOWHERE)
     assert not (tmp_path / "s.sock").exists() and not os.path.ismount(tmp_path / "mnt")
+
+
+def test_every_help_example_parses_as_typed_in_a_shell():
+    """An example is copied into a shell: nothing in it may turn into a
+    comment (`--from #20` reached lsbd as a bare `--from`), and what the
+    shell passes on must parse."""
+    import shlex
+
+    from lsbd.cli.main import parse
+
+    examples = []
+    for _words, parser in _commands():
+        lines = (parser.epilog or "").split("examples:\n", 1)[-1].splitlines()
+        examples += [line.strip() for line in lines if line.strip().startswith("lsbd ")]
+    assert len(examples) > 30, "the scan finds the examples"
+    for example in examples:
+        argv = shlex.split(example, comments=True)
+        assert argv == shlex.split(example), f"part of {example!r} is a shell comment"
+        parse(argv[1:])
