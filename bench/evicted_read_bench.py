@@ -49,7 +49,8 @@ pass (/proc/diskstats: the share of the time it was busy, the requests
 in flight on average, and a read request's size and time).
 --spy DIR: a py-spy profile of each pass and of that checkpoint
 (NAME-first.txt, NAME-second.txt, NAME-checkpoint.txt; raw format, idle
-threads included; --spy-gil: only the thread holding the GIL).
+threads included; --spy-gil: only the thread holding the GIL), and what
+py-spy said beside each (.txt.log); DIR is made if missing.
 Needs fio and root (to drop caches).  Compare subjects within one run: the machine is shared.
 """
 
@@ -187,14 +188,34 @@ def copy_state(state: str, work: str) -> None:
 SPY_ARGS: list[str] = []
 
 
+def _py_spy() -> str:
+    return shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+
+
+def _check_spy(folder: str) -> None:
+    """--spy DIR: made if missing, and py-spy there, before anything is built
+    (py-spy's own errors would otherwise go unseen until the profiles are
+    missing at the end)."""
+    if not os.access(_py_spy(), os.X_OK):
+        sys.exit(f"--spy: py-spy not found (on the PATH or beside {sys.executable}); "
+                 "install it: pip install py-spy")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"--spy: cannot make {folder}: {e.strerror}")
+
+
 def _spy(pid: int, path: str) -> subprocess.Popen:
-    """py-spy recording `pid` into `path` (raw format, idle threads included)."""
-    prof = subprocess.Popen(
-        [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
-         "record", "-p", str(pid), "-o", path, "--format", "raw", "-r", "50",
-         "--threads", "--idle", *SPY_ARGS], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    """py-spy recording `pid` into `path` (raw format, idle threads
+    included); what it says goes to path + '.log'."""
+    with open(path + ".log", "wb") as said:
+        prof = subprocess.Popen(
+            [_py_spy(), "record", "-p", str(pid), "-o", path, "--format", "raw", "-r", "50",
+             "--threads", "--idle", *SPY_ARGS], stdout=said, stderr=subprocess.STDOUT)
     time.sleep(1)
+    if prof.poll() is not None:
+        print(f"py-spy stopped at once (exit {prof.returncode}): see {path}.log",
+              file=sys.stderr, flush=True)
     return prof
 
 
@@ -332,6 +353,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     region = parse_size(args.region)
+    if args.spy:
+        _check_spy(args.spy)
     if args.spy_gil:
         SPY_ARGS.append("--gil")
     state = os.path.abspath(args.state)
