@@ -30,7 +30,13 @@ MAX_SEALING = 4               # sealed segments waiting for the sealer before wr
 #: ends the hold at once.
 HOLD_BYTES = 1 << 30
 HOLD_SECONDS = 30.0
-HOLD_CHECK = 0.05             # seconds between looks while holding
+#: Seconds between looks while holding.  A poll, not a wait on an event:
+#: what ends a hold on its own is time (the reads' pause, HOLD_SECONDS),
+#: which nothing signals, while everything that waits for the sealer
+#: (seal_and_wait, stop, a new seal) notifies it at once; a hold ending up
+#: to 50 ms after reads paused for STREAM_GAP delays no one, and 20 looks
+#: a second under the lock cost microseconds.
+HOLD_CHECK = 0.05
 STORE_FLUSH_TIMEOUT = 120.0   # a flush in 'store' mode gives up (EIO) after this
 MAP_ROOM_RETRY = 0.25         # seconds between tries of a map commit that found the disk full
 
