@@ -68,9 +68,9 @@ def run(args, ctx) -> int:
         report["stale_key_segments"] = left
         if left:
             report["why"].append(
-                f"{left} segments are still sealed with an older data key: snapshots, clones "
-                "or the retention window need them as they are, so `lsbd key retire` refuses "
-                "that key until they are released and compacted")
+                f"{left} {_segments(left)} {_are(left)} still sealed with an older data key: "
+                "snapshots, clones or the retention window need them as they are, so `lsbd key "
+                "retire` refuses that key until they are released and compacted")
     if args.json:
         ui.print_json(report)
         return 0
@@ -102,23 +102,32 @@ def run(args, ctx) -> int:
     return 0
 
 
+def _segments(n: int) -> str:
+    """The noun and its verb agree with n (`1 segment ... is`)."""
+    return "segment" if n == 1 else "segments"
+
+
+def _are(n: int) -> str:
+    return "is" if n == 1 else "are"
+
+
 def why(report: dict) -> list[str]:
     """Why dead data stays in the store after this compaction (or would)."""
     h = ui.human_size
     out = []
     n, size = report["held_by_window_segments"], report["held_by_window_bytes"]
     if n:
-        out.append(f"{n} segments with {h(size)} of old data are inside the retention window "
-                   f"(retain {format_duration(report['retain_seconds'])}): they become "
-                   "reclaimable once older than that (`lsbd retain` shortens it)")
+        out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} inside the "
+                   f"retention window (retain {format_duration(report['retain_seconds'])}): "
+                   "they become reclaimable once older than that (`lsbd retain` shortens it)")
     n, size = report["held_by_points_segments"], report["held_by_points_bytes"]
     if n:
-        out.append(f"{n} segments with {h(size)} of old data are kept for snapshots, clones or "
-                   "the start of the retention window (`lsbd snapshot delete` releases a "
-                   "snapshot's)")
+        out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} kept for "
+                   "snapshots, clones or the start of the retention window (`lsbd snapshot "
+                   "delete` releases a snapshot's)")
     n, size = report["held_by_threshold_segments"], report["held_by_threshold_bytes"]
     if n:
-        out.append(f"{n} segments with {h(size)} of old data are more than "
+        out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} more than "
                    f"{report['threshold']:.0%} live, so not rewritten (a higher --threshold "
                    "rewrites them)")
     if not report["bytes_reclaimed"] and not out:
