@@ -126,8 +126,8 @@ def run_log(args, ctx) -> int:
 
 def run_restore(args, ctx) -> int:
     from lsbd.history.points import plan_restore_to
-    from lsbd.history.restore import restore_volume
     from lsbd.meta.config import load_config
+    from lsbd.service.volumes import restore_whole
 
     store = ctx.store
     config = load_config(store, args.volume)
@@ -146,8 +146,12 @@ def run_restore(args, ctx) -> int:
         ui.line(f"would create volume {args.to}")
         return 0
     with ui.byte_steps(f"restoring {args.volume} at seq {target} to {args.to}") as update:
-        copied = restore_volume(store, config, target, args.to, cache_root=ctx.cache_dir,
-                                progress=update)
+        try:
+            copied = restore_whole(store, config, target, args.to, cache_root=ctx.cache_dir,
+                                   progress=update)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the unfinished {args.to} is deleted; restore "
+                                    "again") from None
     ui.done({"volume": args.volume, "seq": target, "to": args.to, "bytes_copied": copied},
             f"restored {ui.bold(args.volume)} at seq {target} to new volume "
             f"{ui.bold(args.to)} ({ui.human_size(copied)} of data)")

@@ -64,7 +64,7 @@ def run_import(args, ctx) -> int:
 
 def run_export(args, ctx) -> int:
     from lsbd.meta.config import load_config
-    from lsbd.service.images import export_image
+    from lsbd.service.images import export_image, written_in_place
 
     config = load_config(ctx.store, args.volume)
     target = resolve_args(ctx.store, config, args)
@@ -77,8 +77,10 @@ def run_export(args, ctx) -> int:
         try:
             size = export_image(vol, args.file, progress=advance)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{args.file} holds only part of {args.volume}; export "
-                                    "again") from None
+            if written_in_place(args.file):
+                raise KeyboardInterrupt(f"{args.file} holds only part of {args.volume}; "
+                                        "export again") from None
+            raise KeyboardInterrupt(f"{args.file} is as it was; export again") from None
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0

@@ -56,10 +56,14 @@ def copy_sealing(store: Store, source: VolumeConfig, name: str) -> None:
 
 
 def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, cache_root: str,
-                   progress: Callable[[int, int], None] | None = None) -> int:
+                   progress: Callable[[int, int], None] | None = None,
+                   remove: Callable[[str], object] | None = None) -> int:
     """Create volume `name` holding `source`'s state at `seq`, as an independent
     copy (no shared segments).  Never overwrites: an existing `name` is refused
-    before anything is written.  Returns the bytes of data copied."""
+    before anything is written.  Returns the bytes of data copied.  remove:
+    called with `name` when the copy fails or is interrupted after `name`
+    was created (and closed), so that no half restore is left to be taken
+    for a whole one."""
     from lsbd.meta.config import create_volume
 
     names.check_volume_name(name)
@@ -69,24 +73,31 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
         raise VolumeExists(f"volume {name!r} already exists: restore never overwrites; "
                            "choose another name")
     copied = 0
-    with Volume.open(store, source.name, cache_root=cache_root, at_seq=seq) as src:
-        copy_sealing(store, source, name)
-        create_volume(store, name, src.size, block_size=src.block_size,
-                      flush_mode=source.flush_mode, segment_size=source.segment_size,
-                      retain_seconds=source.retain_seconds, compression=source.compression,
-                      encryption=source.encryption)
-        with Volume.open(store, name, cache_root=cache_root) as dst:
-            offset = 0
-            while offset < src.size:
-                length = min(COPY_CHUNK, src.size - offset)
-                for run in src.allocation(offset, length):
-                    if run.allocated:
-                        dst.write(run.offset, src.read(run.offset, run.length))
-                        copied += run.length
-                offset += length
-                if progress:
-                    progress(offset, src.size)
-            dst.flush_to_store()
+    created = False
+    try:
+        with Volume.open(store, source.name, cache_root=cache_root, at_seq=seq) as src:
+            copy_sealing(store, source, name)
+            create_volume(store, name, src.size, block_size=src.block_size,
+                          flush_mode=source.flush_mode, segment_size=source.segment_size,
+                          retain_seconds=source.retain_seconds, compression=source.compression,
+                          encryption=source.encryption)
+            created = True
+            with Volume.open(store, name, cache_root=cache_root) as dst:
+                offset = 0
+                while offset < src.size:
+                    length = min(COPY_CHUNK, src.size - offset)
+                    for run in src.allocation(offset, length):
+                        if run.allocated:
+                            dst.write(run.offset, src.read(run.offset, run.length))
+                            copied += run.length
+                    offset += length
+                    if progress:
+                        progress(offset, src.size)
+                dst.flush_to_store()
+    except BaseException:
+        if created and remove is not None:
+            remove(name)
+        raise
     return copied
 
 

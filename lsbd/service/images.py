@@ -139,6 +139,15 @@ def _zero_allocated(volume, start: int, end: int) -> None:
 
 # --- out -----------------------------------------------------------------------------
 
+def written_in_place(path: str) -> bool:
+    """Whether an export to path writes it in place (a block device, a
+    stream), rather than beside it and renamed once whole (a file)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 class _Target:
     """Where an export writes: a sparse regular file, a block device, or a
     stream (a character device or a pipe: every byte in order)."""

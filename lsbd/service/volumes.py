@@ -1,19 +1,23 @@
 """Deleting a whole volume: every object in the store, its clone reference
-in the parent, and its cache dir."""
+in the parent, and its cache dir; and a restore that leaves a whole new
+volume or none."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from typing import Callable
 
 from lsbd import names
-from lsbd.meta.config import load_config
+from lsbd.meta.config import VolumeConfig, load_config
 from lsbd.meta.lease import Lease
 from lsbd.names import cache_dir_for
 from lsbd.errors import StoreError, UserError
 from lsbd.history.report import volume_info, volume_rows
 from lsbd.service.writer import ask_writer
 from lsbd.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def live_clones(store: Store, name: str) -> list[str]:
@@ -45,6 +49,24 @@ def delete_volume(store: Store, name: str, *, cache_root: str, break_lease: bool
     if config.parent:
         store.delete(names.clone_ref_key(config.parent["volume"], config.name))
     return len(keys)
+
+
+def restore_whole(store: Store, source: VolumeConfig, seq: int, name: str, *, cache_root: str,
+                  progress: Callable[[int, int], None] | None = None) -> int:
+    """restore_volume, and on failure or Ctrl-C the new volume deleted again:
+    a half restore would be listed and opened like a whole one, and would
+    refuse the next restore to its name.  The source is only read."""
+    from lsbd.history.restore import restore_volume     # the engine: only when restoring
+
+    def remove(new: str) -> None:
+        try:
+            delete_volume(store, new, cache_root=cache_root)
+        except Exception as e:  # noqa: BLE001 - the restore's own error is the one to report
+            log.warning("the unfinished restore %s is left in the store (%s): "
+                        "`lsbd delete %s` removes it", new, e, new)
+
+    return restore_volume(store, source, seq, name, cache_root=cache_root, progress=progress,
+                          remove=remove)
 
 
 def describe_volume(store: Store, name: str, *, cache_root: str) -> dict:
