@@ -9,9 +9,11 @@ flushes and uploads what is pending and releases the writer lease.  Only
 after that does the process exit, so "the process is gone" means "the data
 is safe".  Nothing waits for DESTROY: the kernel does not send it here.
 
-Meanwhile the main thread watches the images' sizes: a volume grown by
-another path (`lsbd resize`, through the running writer) is announced to the
-kernel (FUSE_NOTIFY_INVAL_INODE), so the image shows its new size at once.
+A volume grown by another path (`lsbd resize`, through the running writer)
+is announced to the kernel (FUSE_NOTIFY_INVAL_INODE) before the writer
+answers, so the image shows its new size when `lsbd resize` returns and a
+`losetup -c` right after it finds it; the main thread also watches the
+images' sizes, for any other path.
 """
 
 from __future__ import annotations
@@ -133,6 +135,16 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
     except OSError as e:
         log.warning("serving one queue only: cloning /dev/fuse failed: %s", e)
     session.fds = fds
+    sizes_lock = threading.Lock()
+
+    def announce_sizes() -> None:
+        with sizes_lock:
+            for node in fs.changed_sizes():
+                log.info("%s is now %d bytes", node.name, node.size)
+                session.notify_inval_inode(node.inode)
+
+    for dev in _devices(images):
+        getattr(dev, "resize_listeners", []).append(announce_sizes)
     stop: list[str] = []
     closing = False
     gave_up = False
@@ -173,9 +185,7 @@ def serve(images: Mapping[str, Image], mountpoint: str, *, name: str = "",
     try:
         try:
             while not session.ended.wait(SIZE_POLL):
-                for node in fs.changed_sizes():
-                    log.info("%s is now %d bytes", node.name, node.size)
-                    session.notify_inval_inode(node.inode)
+                announce_sizes()
             if stop:
                 log.warning("got %s: stopping (the mount is detached lazily; a loop device "
                             "still on the image gets I/O errors)", stop[0])

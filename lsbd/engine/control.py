@@ -112,6 +112,8 @@ def perform(volume, request: dict, *, progress=None) -> Any:
         return volume.flush_to_store()
     if op == "resize":
         volume.resize(int(request["size"]))
+        for tell in getattr(volume, "resize_listeners", ()):
+            tell()      # a mount shows the new size before the answer (`losetup -c` next)
         return volume.applied_seq
     if op == "stats":
         return volume.usage()

@@ -68,6 +68,9 @@ class Volume(ReadFace):
         # segments stored since writes the map summary
         #: control socket operations added from above the engine: name -> fn(request)
         self.control_ops: dict[str, Callable[[dict], object]] = {}
+        #: called after a resize asked on the control socket, before it is
+        #: answered (a FUSE mount tells the kernel the image's new size)
+        self.resize_listeners: list[Callable[[], None]] = []
         self.left_waiting: str | None = None   # set by close() when uploads are left over
 
     # ------------------------------------------------------------------ opening

@@ -162,3 +162,21 @@ def test_fio_verify_with_one_and_several_queues(fenv, monkeypatch, queues):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_losetup_right_after_lsbd_resize_finds_the_new_size(fenv):
+    """`lsbd resize` then `losetup -c` at once, as docs/fuse.md shows: the
+    mount tells the kernel the new size before the writer answers (it used
+    to within SIZE_POLL, after `lsbd resize` had returned)."""
+    mnt = fenv.tmp / "mnt"
+    image = fenv.mounted_volume("256M", mnt)
+    loop = run("losetup", "-f", "--show", str(image)).stdout.strip()
+    try:
+        for size in (384 * MiB, 512 * MiB, 640 * MiB):
+            fenv.lsbd("resize", "vol", str(size))
+            run("losetup", "-c", loop)
+            assert int(run("blockdev", "--getsize64", loop).stdout) == size
+    finally:
+        run("losetup", "-d", loop, check=False)
+    fenv.umount(mnt)
