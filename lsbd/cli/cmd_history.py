@@ -92,9 +92,10 @@ def run_retain(args, ctx) -> int:
     # The writer of a volume in use prunes by this window: it makes the change.
     run_on_writer_or_lease(ctx.store, args.volume, {"op": "retain", "seconds": seconds}, save,
                            cache_root=ctx.cache_dir, doing="lsbd retain")
+    kept = (f"every point of the last {format_duration(seconds)}" if seconds
+            else "no past points but its snapshots")
     ui.done({"volume": args.volume, "retain_seconds": seconds},
-            f"volume {ui.bold(args.volume)} keeps every point of the last "
-            f"{format_duration(seconds)}")
+            f"volume {ui.bold(args.volume)} keeps {kept}")
     return 0
 
 
