@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="lsbd: %(levelname)s: %(message)s")
+    said = _ErrorsSaid()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(said)
     ui.configure(json=getattr(args, "json", False))
     ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir,
                   key_file=args.key_file, passphrase_file=args.passphrase_file,
@@ -179,18 +182,37 @@ def main(argv: list[str] | None = None) -> int:
         # One clear line, no traceback (-vv shows it).
         if args.verbose >= 2:
             raise
-        print(f"lsbd: {e}", file=sys.stderr)
+        said.print_once(str(e))
         return 1
     except OSError as e:
         if args.verbose >= 2:
             raise
-        print(f"lsbd: {ctx.cache_dir_error(e) or describe_os_error(e)}", file=sys.stderr)
+        said.print_once(ctx.cache_dir_error(e) or describe_os_error(e))
         return 1
     finally:
         ctx.close()
     if argv is None and isinstance(result, LeaveAtOnce):
         leave(code)     # the `lsbd` command itself, never a caller in this process
     return code
+
+
+class _ErrorsSaid(logging.Filter):
+    """The ERROR lines already shown: a command's last line does not say
+    one again (an engine that refuses a write logs why, for a serving
+    process's log, and raises the same words to the command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.errors.add(record.getMessage())
+        return True
+
+    def print_once(self, message: str) -> None:
+        if message not in self.errors:
+            print(f"lsbd: {message}", file=sys.stderr)
 
 
 def leave(code: int) -> NoReturn:

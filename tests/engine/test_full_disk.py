@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from engine_helpers import MiB, segment_seqs
+from engine_helpers import MiB, assert_user_error, run_cli, segment_seqs
 from fault_helpers import Client, CuttableProxy, wait_until
 from nbd_helpers import running_server
 
@@ -297,3 +297,17 @@ def test_a_disk_smaller_than_a_segment_fails_at_once_saying_so(small_disk, tmp_p
         assert "--segment-size" in str(failed.value)
     finally:
         vol.close()
+
+
+def test_the_command_says_it_in_one_line(small_disk, tmp_path):
+    """`lsbd import` onto such a disk: the engine logs the refusal (a
+    serving process's log needs it) and the command ends with the same
+    words; they are shown once."""
+    url = "file://" + str(tmp_path / "store")
+    image = tmp_path / "data.raw"
+    image.write_bytes(_chunk(2, 0) * 4)
+    run_cli("create", "vol", "--size", "64M", "--segment-size", "64M", store=url,
+            cache=small_disk, check=True)
+    line = assert_user_error(run_cli("import", "vol", image, store=url, cache=small_disk),
+                             "smaller than a segment needs")
+    assert line.startswith("lsbd: ERROR: volume vol: the cache dir's disk")
