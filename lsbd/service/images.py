@@ -171,18 +171,24 @@ class _Target:
         #: interrupted leaves the file that was there (an older good export)
         #: and no half of a new one that looks whole.
         self.partial: str | None = None
+        self.final = os.path.realpath(path)     # through a symlink: its target is replaced
         opened = path
         if self.regular and not update:
-            final = os.path.realpath(path)
-            folder, name = os.path.split(final)
-            self.partial = opened = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+            folder, name = os.path.split(self.final)
+            opened = os.path.join(folder, f".{name}.partial-{os.getpid()}")
             flags |= os.O_CREAT | os.O_TRUNC
         try:
             self.fd = os.open(opened, flags, 0o644)
-            if self.partial is not None and st is not None:
-                os.fchmod(self.fd, stat.S_IMODE(st.st_mode))     # a replaced file's mode
         except OSError as e:
             raise _fail(path, "opening", e) from None
+        if opened != path:
+            self.partial = opened
+            if st is not None:
+                try:
+                    os.fchmod(self.fd, stat.S_IMODE(st.st_mode))     # a replaced file's mode
+                except OSError as e:
+                    self.close()
+                    raise _fail(path, "opening", e) from None
 
     def check_room(self, size: int) -> None:
         if self.device:
@@ -222,10 +228,9 @@ class _Target:
             if self.regular or self.device:
                 os.fsync(self.fd)
             if self.partial is not None:
-                final = os.path.realpath(self.path)
-                os.rename(self.partial, final)
+                os.rename(self.partial, self.final)
                 self.partial = None
-                linux.sync_directory(os.path.dirname(final))
+                linux.sync_directory(os.path.dirname(self.final))
         except OSError as e:
             raise _fail(self.path, "finishing", e) from None
 
