@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from lsbd.errors import LsbdError
-from lsbd_fuse.mounts import MountError, check_can_mount, log_path
+from lsbd_fuse.mounts import MountError, check_can_mount, log_path, make_run_dir
 from lsbd_fuse.options import DIRECT_IO, READAHEAD
 from lsbd_fuse.serve import serve
 from lsbd_fuse.tree import Image
@@ -95,8 +95,8 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
                       direct_io: bool, finalizer: Callable[[], None] | None,
                       debug: bool, readahead: int,
                       while_waiting: Callable[[], None] | None = None) -> int:
+    make_run_dir()
     logfile = log_path(mnt)
-    os.makedirs(os.path.dirname(logfile), mode=0o700, exist_ok=True)
     try:
         if os.path.getsize(logfile) > LOG_LIMIT:
             os.replace(logfile, logfile + ".1")  # keep the previous mount's tail

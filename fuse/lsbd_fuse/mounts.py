@@ -38,13 +38,34 @@ class MountError(UserError):
 # --- paths ---------------------------------------------------------------------
 
 def run_dir() -> str:
+    """The runtime directory; one that exists must be this user's and
+    writable by no one else (see make_run_dir)."""
     override = os.environ.get("LSBD_RUN_DIR")
     if override:
-        return override
-    if os.geteuid() == 0:
-        return "/run/lsbd"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg, "lsbd") if xdg else f"/tmp/lsbd-{os.getuid()}"
+        path = override
+    elif os.geteuid() == 0:
+        path = "/run/lsbd"
+    else:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        path = os.path.join(xdg, "lsbd") if xdg else f"/tmp/lsbd-{os.getuid()}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    # In /tmp another account can make /tmp/lsbd-UID first: its pid records
+    # would have `lsbd umount` signal any process of ours, and a symlink
+    # named like a mount's log would have the serving process append to
+    # any file of ours.
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise MountError(f"{path} is not a directory of this user that no one else can "
+                         "write: remove it, or set LSBD_RUN_DIR to one")
+    return path
+
+
+def make_run_dir() -> str:
+    """The runtime directory, made (0700) if missing."""
+    os.makedirs(run_dir(), mode=0o700, exist_ok=True)
+    return run_dir()
 
 
 def canonical(mountpoint: str) -> str:
@@ -141,8 +162,8 @@ class Server:
 
 
 def write_pid_file(mountpoint: str, *, name: str, log: str = "") -> str:
+    make_run_dir()
     path = pid_path(mountpoint)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     me = os.getpid()
     record = {"pid": me, "start": _start_time(me), "mountpoint": canonical(mountpoint),
               "name": name, "log": log}
