@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import tempfile
 import threading
 from typing import Any
@@ -141,8 +142,15 @@ def perform(volume, request: dict, *, progress=None) -> Any:
 
 def call(path: str, request: dict, *, timeout: float = 300.0) -> dict | None:
     """Ask the writer behind `path`; None if no writer is listening there."""
-    if not os.path.exists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return None
+    # A socket another account made (in the temporary directory, where a
+    # long cache dir's socket goes) would answer for our volume.
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise LsbdError(f"{path} is not a control socket of this user: remove it if no lsbd "
+                        "of yours serves the volume")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
