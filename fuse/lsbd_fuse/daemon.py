@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from lsbd.errors import LsbdError
-from lsbd_fuse.mounts import MountError, check_can_mount, log_path, make_run_dir
+from lsbd_fuse.mounts import MountError, check_can_mount, entries_hidden, log_path, make_run_dir
 from lsbd_fuse.options import DIRECT_IO, READAHEAD
 from lsbd_fuse.serve import serve
 from lsbd_fuse.tree import Image
@@ -76,6 +76,10 @@ def run(opener: Opener, mountpoint: str, *, name: str, foreground: bool = False,
     the caller would do after, done meanwhile on another core).
     """
     mnt = check_can_mount(mountpoint)
+    hidden = entries_hidden(mnt)
+    if hidden:
+        log.warning("%s is not empty: its %d entr%s stay%s hidden while the volume is mounted",
+                    mnt, hidden, "y" if hidden == 1 else "ies", "s" if hidden == 1 else "")
     if foreground:
         mark_io_flusher()
         try:

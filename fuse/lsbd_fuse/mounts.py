@@ -275,6 +275,15 @@ def check_can_mount(mountpoint: str) -> str:
     return mnt
 
 
+def entries_hidden(mnt: str) -> int:
+    """What a mount on `mnt` hides: the entries in it (the kernel allows a
+    mount on a directory that is not empty, as mount(8) does)."""
+    try:
+        return len(os.listdir(mnt))
+    except OSError:
+        return 0
+
+
 # --- unmounting -------------------------------------------------------------------
 
 def wait_for_exit(server: Server, timeout: float | None = None,

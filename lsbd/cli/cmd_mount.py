@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "vm1 /mnt/old --at -2h", "vm1 /mnt/lsbd --no-snapshots"])
     add_volume(p, "the volume to show")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_arg,
-                   help="an existing, empty directory")
+                   help="an existing directory (what it holds is hidden while mounted: a "
+                        "warning says so)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process (Ctrl-C or umount stops it)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")

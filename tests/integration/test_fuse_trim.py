@@ -180,3 +180,18 @@ def test_losetup_right_after_lsbd_resize_finds_the_new_size(fenv):
     finally:
         run("losetup", "-d", loop, check=False)
     fenv.umount(mnt)
+
+
+@pytest.mark.fuse
+def test_a_mount_on_a_directory_that_is_not_empty_says_what_it_hides(fenv):
+    mnt = fenv.tmp / "mnt"
+    mnt.mkdir()
+    (mnt / "notes.txt").write_text("hidden while mounted")
+    fenv.lsbd("create", "vol", "--size", "16M")
+    r = fenv.mount("vol", mnt)
+    assert "is not empty: its 1 entry stays hidden while the volume is mounted" in r.stderr
+    assert [p.name for p in mnt.iterdir()] == ["vol.img"]
+    fenv.umount(mnt)
+    assert (mnt / "notes.txt").read_text() == "hidden while mounted"
+    assert "not empty" not in fenv.mount("vol", fenv.tmp / "empty").stderr
+    fenv.umount(fenv.tmp / "empty")
