@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from itertools import repeat
 
+from lsbd.checksum import crc32c_of
 from lsbd.format.segment import (HEADER, ONE_BLOCK_HEAD, TRAILER, SegmentIndex, decode_trailer,
                                  one_block_record_holds, read_sealed_footer_from)
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import DATA_ENDS_REMEMBERED, LocalCopies
 from lsbd.segments.openfile import OpenFile
-from lsbd.segments.spans import Bytes, coalesce, split_span, will_need, will_need_whole
+from lsbd.segments.spans import (Bytes, Span, apart, coalesce, split_span, will_need,
+                                 will_need_whole)
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 
@@ -141,7 +144,9 @@ class SegmentFiles(LocalCopies):
         dense (WHOLE_FROM pieces or more) is read ahead whole."""
         if self._unread:
             return {}   # a segment fetched whole waits for its first read: read_blocks
-        held: list[tuple[int, OpenFile, list]] = []
+        bs = self.block_size
+        # (seq, file, offsets of pieces far apart (apart()) or None, spans or None)
+        held: list[tuple[int, OpenFile, list[int] | None, list[Span] | None]] = []
         out: dict[tuple[int, int], Bytes] = {}
         blocks = 0
         try:
@@ -153,16 +158,33 @@ class SegmentFiles(LocalCopies):
                 except CorruptionError:
                     continue     # an unreadable local file: read_blocks tries the store
                 if f is not None:
-                    held.append((seq, f, coalesce(pieces, self.block_size)))
+                    offsets = apart(pieces, bs) if f.in_clear else None
+                    held.append((seq, f, offsets,
+                                 coalesce(pieces, bs) if offsets is None else None))
             if sequential and not nowait:
-                for seq, f, _spans in held:
+                for seq, f, _offsets, _spans in held:
                     if len(groups[seq]) >= WHOLE_FROM and self._first_whole(seq):
                         will_need_whole(f.fd)
             cached = True       # from the page cache alone, until a miss
-            for k, (seq, f, spans) in enumerate(held):
+            for k, (seq, f, offsets, spans) in enumerate(held):
                 try:
                     idx = self._local_index(seq, f)
                     check = functools.partial(self._check, seq, idx)
+                    if offsets is not None:
+                        try:
+                            datas = f.read_apart(bs, offsets, cached)
+                        except WouldBlock:
+                            if nowait:
+                                raise       # nothing advised: see below
+                            cached = self._advise(held[k:])
+                            datas = f.read_apart(bs, offsets, False)
+                        if idx.crcs_at(offsets) != list(map(crc32c_of, datas)):
+                            for off, data in zip(offsets, datas):
+                                check(off, data, 1)     # names the bad block
+                        out.update(zip(zip(repeat(seq), offsets), datas))
+                        blocks += len(offsets)
+                        continue
+                    assert spans is not None
                     for i, (start, end, members) in enumerate(spans):
                         try:
                             data = f.read(end - start, start, cached)
@@ -174,24 +196,33 @@ class SegmentFiles(LocalCopies):
                                 # cold sequential reads, docs/scale.md).
                                 raise
                             will_need(f.fd, spans[i:], f.reader.base)
-                            for _seq, other, rest in held[k + 1:]:
-                                will_need(other.fd, rest, other.reader.base)
-                            cached = False
+                            cached = self._advise(held[k + 1:])
                             data = f.read(end - start, start, False)
-                        for off, piece in split_span(data, start, members, self.block_size,
+                        for off, piece in split_span(data, start, members, bs,
                                                      idx.crc_at, check):
                             out[seq, off] = piece
                     blocks += sum(n for _off, n in groups[seq])
                 except CorruptionError:
-                    for _start, _end, members in spans:
-                        for off, _n in members:
-                            out.pop((seq, off), None)
+                    for off, _n in groups[seq]:
+                        out.pop((seq, off), None)
             if blocks:
-                self.count_read(local=blocks * self.block_size)
+                self.count_read(local=blocks * bs)
             return out
         finally:
-            for _seq, f, _spans in held:
+            for _seq, f, _offsets, _spans in held:
                 self._release(f)
+
+    def _advise(self, held: list[tuple[int, OpenFile, list[int] | None, list[Span] | None]]
+                ) -> bool:
+        """A read of read_batch missed the page cache: have the kernel start
+        on every piece left (held, from the one that missed) before it
+        waits for any.  False: read_batch reads on without RWF_NOWAIT."""
+        bs = self.block_size
+        for _seq, f, offsets, spans in held:
+            if spans is None:
+                spans = [(off, off + bs, []) for off in offsets or ()]
+            will_need(f.fd, spans, f.reader.base)
+        return False
 
     def _first_whole(self, seq: int) -> bool:
         """Whether `seq` is read ahead whole for the first time (noted now)."""

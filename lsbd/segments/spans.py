@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from operator import itemgetter, sub
 from typing import Callable
 
 from lsbd import linux
@@ -37,6 +38,20 @@ def coalesce(pieces: list[tuple[int, int]], block_size: int) -> list[Span]:
                 continue
         spans.append((off, end, [(off, n)]))
     return spans
+
+
+def apart(pieces: list[tuple[int, int]], block_size: int) -> list[int] | None:
+    """The file offsets of the pieces (file offset, nblocks), in order, when
+    each is one block and no two are near enough to share a span (each
+    would be a span of its own: a pread each, read_apart); None
+    otherwise.  Found by C loops: a read after random writes finds some
+    five blocks far apart in each of some 30 files a MiB."""
+    if sum(map(itemgetter(1), pieces)) != len(pieces):    # a piece of more than one block
+        return None
+    offsets = sorted(map(itemgetter(0), pieces))
+    if len(offsets) > 1 and min(map(sub, offsets[1:], offsets)) <= SPAN_GAP + block_size:
+        return None
+    return offsets
 
 
 def will_need(fd: int, spans: list[Span], base: int = 0) -> None:

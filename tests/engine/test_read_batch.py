@@ -72,6 +72,23 @@ def test_spans_join_nearby_pieces_only():
     assert len(spans.coalesce(far, BS)) == 3         # a span stops at SPAN_MAX
 
 
+def test_pieces_far_apart_are_found_as_their_spans_would_be():
+    """apart() gives the offsets of pieces that would each be a span of one
+    block (one pread each), and None whenever coalesce() would join two or
+    a piece is longer than a block."""
+    rng = random.Random(3)
+    for _ in range(300):
+        pieces = [(rng.randrange(0, 4 * spans.SPAN_MAX, 4), rng.choice([1, 1, 1, 1, 1, 2]))
+                  for _ in range(rng.randrange(1, 8))]
+        spans_of = spans.coalesce(pieces, BS)
+        singles = all(n == 1 for _o, n in pieces) and len(spans_of) == len(pieces)
+        offsets = spans.apart(pieces, BS)
+        assert offsets == ([start for start, _end, _m in spans_of] if singles else None), pieces
+    gap = spans.SPAN_GAP + BS
+    assert spans.apart([(gap + 1, 1), (0, 1)], BS) == [0, gap + 1]
+    assert spans.apart([(gap, 1), (0, 1)], BS) is None
+
+
 def _reads(vol, model: bytearray, rng: random.Random, count: int) -> None:
     for _ in range(count):
         length = rng.choice([MiB, 256 * 1024, 3 * BS + 100, 64 * 1024])
@@ -582,6 +599,64 @@ def test_a_damaged_block_alone_in_its_span_is_an_io_error(vol):
                for (s1, o1), (s2, o2) in zip(seq_pieces, seq_pieces[1:]))
     assert vol.read(0, MiB) == b"".join(block(1, lba) for lba in range(256))
     _a_damaged_block_fails_the_read(vol, 77)
+
+
+def test_pieces_far_apart_are_read_by_one_loop_a_file(vol, monkeypatch):
+    """A read whose pieces lie far apart in their files (random writes
+    between them) reads each file's pieces with one read_apart() call (a
+    pread each, made by a C loop), none one span at a time, and returns
+    what was written: from the page cache, and from a cold one (each
+    file's pieces handed to the kernel before any read waits)."""
+    testing.stop_read_defrag(vol)
+    for lba in range(256):
+        vol.write(lba * BS, block(1, lba))
+        for j in range(5):          # 5 records between two pieces: past SPAN_GAP
+            vol.write((256 + 5 * lba + j) * BS, block(2, lba))
+    testing.seal_now(vol)
+    expected = b"".join(block(1, lba) for lba in range(256))
+    segments = {e.seq for e in vol.map_extents(0, 256)}
+    assert len(segments) > 1
+    apart_calls: list[int] = []
+    real_apart = openfile.OpenFile.read_apart
+
+    def read_apart(self, length, offsets, nowait):
+        apart_calls.append(len(offsets))
+        return real_apart(self, length, offsets, nowait)
+
+    monkeypatch.setattr(openfile.OpenFile, "read_apart", read_apart)
+    monkeypatch.setattr(openfile, "pread", None)      # no span read one at a time
+    assert vol.read(0, MiB) == expected
+    assert len(apart_calls) == len(segments) and sum(apart_calls) == 256
+    apart_calls.clear()
+    real_preadv, real_pread = os.preadv, os.pread
+    reader = threading.get_ident()
+    asked: set[int] = set()
+    waited: list[int] = []
+
+    def cold_preadv(fd, buffers, offset, flags=0):
+        if flags and threading.get_ident() == reader:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real_preadv(fd, buffers, offset, flags)
+
+    def cold_pread(fd, length, offset):
+        if threading.get_ident() == reader:
+            waited.append(len(asked))
+        return real_pread(fd, length, offset)
+
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd, offset, length, advice):
+        if threading.get_ident() == reader:
+            asked.add(fd)
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(openfile, "_RWF_NOWAIT", os.RWF_NOWAIT)
+    monkeypatch.setattr(openfile.os, "preadv", cold_preadv)
+    monkeypatch.setattr(openfile.os, "pread", cold_pread)
+    monkeypatch.setattr(spans.os, "posix_fadvise", fadvise)
+    assert vol.read(0, MiB) == expected       # a miss: every file advised, then read waiting
+    assert len(apart_calls) == len(segments) + 1      # the one that missed, again
+    assert len(asked) == len(segments) and waited and waited[0] == len(segments)
 
 
 def _stored_and_cached(vol, model: bytearray) -> set[int]:
