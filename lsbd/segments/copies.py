@@ -36,6 +36,7 @@ from lsbd.format.segment import (TRAILER, Record, SegmentIndex, decode_trailer, 
                                  read_sealed_footer_from, read_sealed_index_from)
 from lsbd.segments.held import HELD_BYTES, HeldSegments
 from lsbd.segments.locallength import local_segment_size
+from lsbd.segments.advice import WholeAdvice
 from lsbd.segments.openfile import OpenFile
 from lsbd.segments.fetch import Fetcher
 from lsbd.segments.remote import fetch_footer_by_key
@@ -117,6 +118,8 @@ class LocalCopies:
         self.on_stream: Callable[[int], None] | None = None
         self._unread: set[int] = set()    # fetched whole, not read since
         self._whole: collections.OrderedDict[int, None] = collections.OrderedDict()  # read ahead
+        #: files read ahead whole, advised on a thread of their own
+        self.whole_advice = WholeAdvice(self._release)
         # stored segments read without their index: seq -> where its data ends
         self._data_ends: collections.OrderedDict[int, int] = collections.OrderedDict()
         # Segments found not local (is_local), and how many local copies
@@ -514,6 +517,7 @@ class LocalCopies:
         """Stop using the folder.  A fetch still running finds it closed and
         drops what it fetched."""
         self.fetcher.close()
+        self.whole_advice.close()
         with self._folder_lock:
             self._closed = True
         self.held.clear()

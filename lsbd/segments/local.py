@@ -29,8 +29,7 @@ from lsbd.format.segment import (HEADER, ONE_BLOCK_HEAD, TRAILER, SegmentIndex, 
 from lsbd.segments.checks import check_blocks
 from lsbd.segments.copies import DATA_ENDS_REMEMBERED, LocalCopies
 from lsbd.segments.openfile import OpenFile
-from lsbd.segments.spans import (Bytes, Span, apart, coalesce, split_span, will_need,
-                                 will_need_whole)
+from lsbd.segments.spans import Bytes, Span, apart, coalesce, split_span, will_need
 from lsbd.segments.remote import fetch_index_by_key
 from lsbd.errors import CorruptionError, ObjectNotFound, WouldBlock
 
@@ -164,7 +163,7 @@ class SegmentFiles(LocalCopies):
             if sequential and not nowait:
                 for seq, f, _offsets, _spans in held:
                     if len(groups[seq]) >= WHOLE_FROM and self._first_whole(seq):
-                        will_need_whole(f.fd)
+                        self._advise_whole(f)
             cached = True       # from the page cache alone, until a miss
             for k, (seq, f, offsets, spans) in enumerate(held):
                 try:
@@ -223,6 +222,14 @@ class SegmentFiles(LocalCopies):
                 spans = [(off, off + bs, []) for off in offsets or ()]
             will_need(f.fd, spans, f.reader.base)
         return False
+
+    def _advise_whole(self, f: OpenFile) -> None:
+        """Have the kernel read all of file `f` ahead, on the advice thread
+        (lsbd.segments.advice), which holds it until then."""
+        with self._lock:
+            f.users += 1
+        if not self.whole_advice.put(f):
+            self._release(f)     # closed: nothing more to read ahead
 
     def _first_whole(self, seq: int) -> bool:
         """Whether `seq` is read ahead whole for the first time (noted now)."""

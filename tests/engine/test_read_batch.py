@@ -485,12 +485,17 @@ def test_a_sequential_reader_has_dense_segments_read_ahead_whole(vol, monkeypatc
         return f
 
     monkeypatch.setattr(SegmentFiles, "_acquire", acquire)
-    monkeypatch.setattr(local, "will_need_whole", lambda fd: advised.append(fd_seq[fd]))
+    monkeypatch.setattr(spans, "will_need_whole", lambda fd: advised.append(fd_seq[fd]))
+    advice = testing.local_files(vol).whole_advice
     expected = [block(3 if lba in sparse else 2, lba) for lba in range(512)]
     assert vol.read(256 * 1024, 256 * 1024) == b"".join(expected[64:128])
+    advice.drain()
     assert advised == []                   # the first read continues nothing
     got = [vol.read(off, 256 * 1024) for off in range(512 * 1024, 2 * MiB, 256 * 1024)]
     assert b"".join(got) == b"".join(expected[128:])
+    advice.drain()                         # advised on a thread of its own
+    files = testing.local_files(vol)
+    assert all(f.users == 0 for f in files._files.values())   # each held until advised, no longer
     dense = set()
     for off in range(512 * 1024, 2 * MiB, 256 * 1024):
         pieces: dict[int, int] = {}
@@ -502,7 +507,43 @@ def test_a_sequential_reader_has_dense_segments_read_ahead_whole(vol, monkeypatc
     assert sorted(advised) == sorted(dense)        # each dense segment once, no other
     advised.clear()
     assert vol.read(0, 256 * 1024) == b"".join(expected[:64])    # not sequential
+    advice.drain()
     assert advised == []
+
+
+def test_files_read_ahead_whole_are_advised_on_a_thread_and_let_go_after(monkeypatch):
+    """WholeAdvice advises each file handed to it on a thread of its own,
+    in turn, and lets each go only once advised (its descriptor stays
+    open until then); closed, it advises what was queued and takes no
+    more."""
+    from lsbd.segments.advice import WholeAdvice
+
+    go = threading.Event()
+    advised: list[int] = []
+    released: list[int] = []
+
+    def will_need_whole(fd):
+        assert go.wait(10)
+        advised.append(fd)
+
+    monkeypatch.setattr(spans, "will_need_whole", will_need_whole)
+
+    class Held:
+        def __init__(self, fd):
+            self.fd = fd
+
+    advice = WholeAdvice(lambda f: released.append(f.fd))
+    assert advice.put(Held(3)) and advice.put(Held(4))      # type: ignore[arg-type]
+    time.sleep(0.05)
+    assert advised == [] and released == []     # the caller did not wait for the advice
+    go.set()
+    advice.drain()
+    assert advised == [3, 4] and released == [3, 4]
+    assert advice.put(Held(5))                  # type: ignore[arg-type]
+    advice.close()
+    assert advised == [3, 4, 5] and released == [3, 4, 5]
+    assert not advice.put(Held(6))              # type: ignore[arg-type]
+    assert released == [3, 4, 5]
 
 
 def test_long_reads_from_a_local_store_run_two_at_a_time(vol, monkeypatch):
