@@ -16,7 +16,6 @@ import array
 import bisect
 import os
 import struct
-from itertools import repeat
 from typing import Iterator, NamedTuple
 
 import attrs
@@ -362,20 +361,6 @@ class SegmentIndex:
             return None
         start = (i if self._ones else self._crc_starts[i]) + k
         return self._crcs[start:start + nblocks]
-
-    def crcs_at(self, offsets: list[int]) -> list[int] | None:
-        """crc_at() of each of these offsets (increasing), each found by a C
-        loop (map), not a Python step a block: a read after random writes
-        checks some 160 blocks a MiB from as many one-block records.  None
-        unless every offset is the start of a one-block record (crc_at()
-        then says which is not)."""
-        starts = self._starts
-        if not self._ones or not offsets or not starts or offsets[-1] > starts[-1]:
-            return None
-        at = list(map(bisect.bisect_left, repeat(starts), offsets))
-        if list(map(starts.__getitem__, at)) != offsets:
-            return None
-        return list(map(self._crcs.__getitem__, at))
 
     def crc_at(self, offset: int) -> int:
         """The plain CRC of the block at `offset` (KeyError: no block starts there)."""

@@ -954,26 +954,6 @@ def _same_index(a: SegmentIndex, b: SegmentIndex, offsets: list[int]) -> None:
         assert a.crcs_for(off, 1) == b.crcs_for(off, 1)
 
 
-def test_the_crcs_of_many_blocks_are_each_their_crc_at_or_none():
-    """crcs_at(offsets) is [crc_at(o) for o in offsets] when every offset
-    starts a one-block record, and None when one does not (crc_at then
-    names it), or when the index has longer records."""
-    rng = random.Random(11)
-    ones = [Record(DATA, 0, rng.randrange(1 << 30), 1, 64 + (BS + 28) * i + 28,
-                   rng.randbytes(4)) for i in range(200)]
-    idx = SegmentIndex(ones, BS)
-    offsets = [r.data_offset for r in ones]
-    for _ in range(50):
-        some = sorted(rng.sample(offsets, rng.randrange(1, 12)))
-        assert idx.crcs_at(some) == [idx.crc_at(o) for o in some]
-    for stray in (offsets[3] + 1, offsets[3] - 28, offsets[-1] + BS + 28, 0):
-        some = sorted([offsets[0], stray, offsets[-1]])
-        assert idx.crcs_at(some) is None, stray
-    assert idx.crcs_at([]) is None
-    longer = SegmentIndex([*ones[:5], Record(DATA, 0, 7, 2, 1 << 20, rng.randbytes(8))], BS)
-    assert longer.crcs_at([offsets[0]]) is None
-
-
 def test_an_index_read_on_arrays_is_the_index_of_its_records():
     """index_of_footer reads an index of one-block records with numpy: the
     same index as SegmentIndex of the decoded records, checked the same way;
