@@ -81,6 +81,14 @@ def local_files(vol: Volume) -> SegmentFiles:
     return vol._st.files
 
 
+def open_file_uses(vol: Volume) -> int:
+    """Uses of the cache dir's open segment files held now (reads under
+    way, read-ahead not yet advised): 0 when nothing holds one."""
+    files = vol._st.files
+    with files._lock:
+        return sum(f.users for f in files._files.values())
+
+
 def extent_count(vol) -> int:
     """How many extents the block map holds (a Volume or a PastVolume), as
     reads see them: staged one-block writes cut the extents they fall in."""

@@ -494,8 +494,7 @@ def test_a_sequential_reader_has_dense_segments_read_ahead_whole(vol, monkeypatc
     got = [vol.read(off, 256 * 1024) for off in range(512 * 1024, 2 * MiB, 256 * 1024)]
     assert b"".join(got) == b"".join(expected[128:])
     advice.drain()                         # advised on a thread of its own
-    files = testing.local_files(vol)
-    assert all(f.users == 0 for f in files._files.values())   # each held until advised, no longer
+    assert testing.open_file_uses(vol) == 0   # each file held until advised, no longer
     dense = set()
     for off in range(512 * 1024, 2 * MiB, 256 * 1024):
         pieces: dict[int, int] = {}
