@@ -20,7 +20,7 @@ import sys
 from urllib.parse import quote
 
 from lsbd.cli import ui
-from lsbd.cli.args import command, path_arg
+from lsbd.cli.args import LeaveAtOnce, command, path_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
@@ -223,13 +223,16 @@ def run(args: argparse.Namespace, ctx) -> int:
         if server is not None:
             server.close()
         failed = close_exports(exports)
+    # With the store down or stalled, upload attempts may still hang in
+    # their threads (up to the read timeout, per retry) after the volumes
+    # closed: nothing is left to do, so the process ends past them.
     if failed:
-        return 1
+        return LeaveAtOnce(1)
     waiting = [f"{name}: {v.left_waiting}" for name, v in exports.items()
                if getattr(v, "left_waiting", None)]
     if waiting:
         print(f"lsbd: volumes flushed and closed; the next open uploads what waits in the "
               f"cache dir ({'; '.join(waiting)})", file=sys.stderr, flush=True)
-    else:
-        print("lsbd: volumes flushed and closed", file=sys.stderr, flush=True)
+        return LeaveAtOnce(0)
+    print("lsbd: volumes flushed and closed", file=sys.stderr, flush=True)
     return 0

@@ -99,3 +99,42 @@ def test_outage_stats_info_sigterm_and_recovery(tmp_path, cut_store):
             f.seek(i * MiB)
             assert f.read(MiB) == data, f"MiB {i} did not read back"
     assert b.run("verify", "vol").returncode == 0
+
+
+def test_a_stalled_store_does_not_hold_the_stopped_server(tmp_path, cut_store):
+    """A store that takes requests and never answers: an upload attempt
+    fails only at the read timeout (60 s, per retry), so stopping takes a
+    second signal (docs/operations.md); once the volumes are closed, the
+    attempts still hanging in their threads must not keep the process
+    alive (they kept `lsbd serve` for minutes after 'flushed and closed')."""
+    store_url, proxy = cut_store
+    a = Machine("machine-a", tmp_path / "cache", store_url, env={"AWS_ENDPOINT_URL": proxy.url})
+    a.run("create", "vol", "--size", "64M", "--segment-size", "1M", check=True)
+    served = a.serve("vol")
+    try:
+        client = served.client("vol")
+        client.write(0, os.urandom(MiB))
+        assert client.try_flush() == 0
+        proxy.set_stalled(True)
+        for i in range(1, 4):
+            client.write(i * MiB, os.urandom(MiB))
+        assert client.try_flush() == 0                 # the journal has them
+        client.close()
+        time.sleep(2)                                  # uploads are hanging now
+        served.proc.terminate()
+        time.sleep(3)
+        served.proc.terminate()                        # stop waiting for the store
+        assert wait_until(lambda: any("flushed and closed" in x for x in served.lines),
+                          timeout=30), served.stderr()
+        closed = time.monotonic()
+        code = served.proc.wait(timeout=60)
+        took = time.monotonic() - closed
+    finally:
+        if served.proc.poll() is None:
+            served.kill()
+        proxy.set_stalled(False)
+    assert code == 0, served.stderr()
+    assert took < 5, f"the process lived {took:.0f}s past closing its volumes"
+    served.stop()
+    # What waited is uploaded by the next open, once the store answers.
+    a.run("checkpoint", "vol", check=True)

@@ -115,12 +115,15 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
 class CuttableProxy:
     """A TCP proxy in front of a server (the moto S3 server) that a test can
     cut: while cut, every connection is reset at once, as a store that is
-    down.  `url` is the endpoint to give lsbd."""
+    down.  stalled: while stalled, nothing is forwarded and new connections
+    are taken and left unanswered, as a store that hangs (each request then
+    waits out the client's read timeout).  `url` is the endpoint to give lsbd."""
 
     def __init__(self, target_url: str):
         host, port = target_url.rsplit("//", 1)[1].rsplit(":", 1)
         self.target = (host, int(port))
         self.cut = False
+        self.stalled = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -140,6 +143,10 @@ class CuttableProxy:
             if self.cut:
                 _reset(conn)
                 continue
+            if self.stalled:
+                with self._lock:
+                    self._conns.add(conn)   # taken, never answered
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=10)
             except OSError:
@@ -156,6 +163,8 @@ class CuttableProxy:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                while self.stalled and not self.cut:
+                    time.sleep(0.05)
                 dst.sendall(data)
         except OSError:
             pass
@@ -173,6 +182,10 @@ class CuttableProxy:
                 conns, self._conns = list(self._conns), set()
             for s in conns:
                 _reset(s)
+
+    def set_stalled(self, stalled: bool) -> None:
+        """Hang (True) or resume (False) the store."""
+        self.stalled = stalled
 
     def close(self) -> None:
         self.set_cut(True)
