@@ -48,15 +48,26 @@ def run_import(args, ctx) -> int:
     from lsbd.service.images import import_image
 
     load_config(ctx.store, args.volume)
-    with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol, \
-            ui.byte_steps(f"importing into {vol.name}") as update:
-        try:
-            size = import_image(vol, args.file, raw=args.raw, progress=update)
-        except KeyboardInterrupt:
-            # What was copied stays (the volume closes as ever): say so.
-            raise KeyboardInterrupt(f"{args.volume} holds the part of {args.file} copied so "
-                                    "far; import again to copy all of it") from None
-        ui.note("uploading ...")
+    copied = False
+    try:
+        with ctx.open_volume(args.volume, break_lease=args.break_lease) as vol, \
+                ui.byte_steps(f"importing into {vol.name}") as update:
+            try:
+                size = import_image(vol, args.file, raw=args.raw, progress=update)
+            except KeyboardInterrupt:
+                # What was copied stays (the volume closes as ever): say so.
+                raise KeyboardInterrupt(f"{args.volume} holds the part of {args.file} copied "
+                                        "so far; import again to copy all of it") from None
+            copied = True
+            ui.note("uploading ...")
+    except KeyboardInterrupt as e:
+        if not copied:
+            raise
+        # Interrupted while the close uploads: the copy is whole and synced
+        # in the journal; only its upload waits.
+        raise KeyboardInterrupt(f"all of {args.file} is in {args.volume}; what is not in the "
+                                "store yet waits in the cache dir, and the next open of "
+                                f"{args.volume} uploads it") from e
     ui.done({"volume": args.volume, "file": args.file, "bytes": size},
             f"imported {ui.human_size(size)} into {ui.bold(args.volume)}")
     return 0
