@@ -138,6 +138,37 @@ def test_the_endpoint_from_the_environment_s3s_own_variable_first(monkeypatch):
     store.close()
 
 
+
+def test_small_puts_go_without_waiting_for_100_continue(s3_bucket, moto_server):
+    """botocore asks every PutObject to wait for the server's "100 Continue"
+    before its body: a round trip more for the lease, the probe and the
+    config.  Only a large body still asks; every put lands, and a refused
+    conditional create is still ObjectExists."""
+    from lsbd.errors import ObjectExists
+    from lsbd.store.s3 import EXPECT_CONTINUE_MIN
+
+    store = S3Store(s3_bucket, "p", endpoint_url=moto_server)
+    sent: dict[str, str | None] = {}
+
+    def record(request, **kwargs):
+        if request.method == "PUT":
+            sent[request.url.rsplit("/", 1)[1]] = request.headers.get("Expect")
+
+    store._client.meta.events.register("before-send.s3", record)
+    try:
+        large = random.Random(1).randbytes(EXPECT_CONTINUE_MIN)
+        store.put("lease", b"{}", exclusive=True)
+        store.put("small", large[:EXPECT_CONTINUE_MIN - 1])
+        store.put("large", large)
+        with pytest.raises(ObjectExists):
+            store.put("lease", b"{}", exclusive=True)
+        assert sent.pop("conditional-create", None) is None    # the probe's, if this one asked
+        assert sent == {"lease": None, "small": None, "large": b"100-continue"}
+        assert store.get("small") == large[:-1] and store.get("large") == large
+        assert store.get("lease") == b"{}"
+    finally:
+        store.close()
+
 @pytest.fixture(scope="module")
 def s3rver_tls(tmp_path_factory):
     """s3rver over HTTPS, with a certificate made for 127.0.0.1: (endpoint, CA file)."""
