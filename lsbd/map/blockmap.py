@@ -46,9 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import itertools
-import operator
 import logging
 import os
 import shutil
@@ -64,8 +61,9 @@ from lsbd.map import staged
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest
 from lsbd.format.segment import DATA, RESIZE, Record
-from lsbd.map.encoding import MAP_FORMAT, PENDING, SHORT, STORED, Extent, SegmentInfo
+from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
 from lsbd.map.offload import MapProcess, OffloadUnavailable
+from lsbd.map.lookups import all_extents, extents_in
 from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import WIDE as _EXTENT
@@ -75,10 +73,6 @@ from lsbd.map.encoding import unpack_value as _unv
 from lsbd.map.encoding import value_of as _v
 
 _MIGRATE_BATCH = 1 << 16
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
-#: An Extent from a tuple (lba, nblocks, seq, offset), by a C call.
-_as_extent = functools.partial(tuple.__new__, Extent)
 #: Packed runs shorter than this are loaded entry by entry (cheaper than
 #: the slicing and counting a run costs).
 _SHORT_RUN = 16
@@ -253,7 +247,7 @@ class BlockMap:
         # them, so a transaction begun after this sees at least their merge.
         newest = self._newest
         with self._env.begin(db=self._extents) as txn:
-            out = _lookup(txn.cursor(), lba, nblocks, self.block_size)
+            out = extents_in(txn.cursor(), lba, nblocks, self.block_size)
         if len(newest):
             lbas, vals = newest.between(lba, lba + nblocks)
             if lbas:
@@ -296,8 +290,8 @@ class BlockMap:
         """The extents with the staged writes laid over, as of `txn`."""
         _seqs, newest = self._staged_in(txn)
         if not len(newest):
-            return _extents_of(txn, self._extents)
-        return staged.laid_over(_extents_of(txn, self._extents), staged.pairs(newest),
+            return all_extents(txn, self._extents)
+        return staged.laid_over(all_extents(txn, self._extents), staged.pairs(newest),
                                 self.block_size)
 
     def _staged_in(self, txn) -> tuple[list[int], Newest]:
@@ -984,74 +978,6 @@ def _newest_pairs(seq: int, records: list[Record] | OneBlockWrites) -> Iterable[
     if isinstance(records, OneBlockWrites):
         return zip(records.lbas, [top | off for off in records.offsets])
     return ((r.lba, top | r.data_offset) for r in records)
-
-
-def _lookup(cur, lba: int, nblocks: int, bs: int) -> list[Extent]:
-    """One cursor pass: the extent at or before lba, then those after it."""
-    end = lba + nblocks
-    out: list[Extent] = []
-    key = _k(lba)
-    if cur.set_range(key):
-        if cur.key() != key:
-            if cur.prev():
-                _clip_first(cur, lba, end, out, bs)
-                if nblocks == 1:     # a single block: nothing more can start in it
-                    return out
-                cur.next()
-            else:
-                cur.set_range(key)   # nothing before lba: back where we were
-        elif nblocks == 1:
-            n, seq, off = _unv(cur.value())
-            return [Extent(lba, 1, seq, off)]
-    else:
-        # Every extent starts before lba: only the last may reach it.
-        if cur.last():
-            _clip_first(cur, lba, end, out, bs)
-        return out
-    out.extend(_extents_before(cur, end))
-    if out:
-        last = out[-1]
-        if last.lba + last.nblocks > end:
-            out[-1] = last._replace(nblocks=end - last.lba)
-    return out
-
-
-def _extents_before(cur, end: int) -> list[Extent]:
-    """The extents from `cur` on that start before block `end`, whole.
-
-    After random writes a 1 MiB read's range holds an extent or so a
-    block: the entries are taken off the cursor and decoded by C loops
-    (takewhile, map, iter_unpack), not one by one in Python.  Half the
-    processor time alone; and py-lmdb lets go of the GIL at every step of
-    the cursor, so beside threads that want the GIL a walk with Python
-    between its steps handed it over and waited for it back far more
-    often: 3-7 times slower than this beside one such thread
-    (bench/map_lookup_bench.py)."""
-    # (end_key,) > (key, value) exactly when key < end_key (keys are big-endian).
-    items = list(itertools.takewhile((_k(end),).__gt__, cur))
-    if not items:
-        return []
-    starts = map(int.from_bytes, map(_first, items))   # big-endian keys
-    values = b"".join(map(_second, items))
-    if len(values) == SHORT.size * len(items):        # every value short: one decode
-        decoded = SHORT.iter_unpack(values)
-    else:
-        decoded = map(_unv, map(_second, items))
-    return list(map(_as_extent, zip(starts, *zip(*decoded))))
-
-
-def _clip_first(cur, lba: int, end: int, out: list, bs: int) -> None:
-    """The extent under `cur` starts before lba: its part from lba on, if any."""
-    s = _lba(cur.key())
-    n, seq, off = _unv(cur.value())
-    if s + n > lba:
-        out.append(Extent(lba, min(s + n, end) - lba, seq, off + (lba - s) * bs))
-
-
-def _extents_of(txn, db) -> Iterator[Extent]:
-    for key, value in txn.cursor(db=db):
-        n, seq, off = _unv(value)
-        yield Extent(_lba(key), n, seq, off)
 
 
 def _floor(cur, lba: int) -> bool:
