@@ -57,7 +57,7 @@ from typing import Iterable, Iterator
 import lmdb
 
 from lsbd import fileio, linux, private
-from lsbd.map import staged
+from lsbd.map import staged, updates
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest
 from lsbd.format.segment import DATA, RESIZE, Record
@@ -438,15 +438,16 @@ class BlockMap:
                 newest: dict[int, int] = {}
                 for info, records in lists:
                     newest.update(_newest_pairs(info.seq, records))
-                self._apply_single(txn, cur, newest, live_delta)
+                updates.apply_single(txn, cur, self._extents, self.block_size, newest, live_delta)
             else:
                 for info, records in lists:
                     if _single_writes(records):
-                        self._apply_single(txn, cur, dict(_newest_pairs(info.seq, records)),
-                                           live_delta)
+                        updates.apply_single(txn, cur, self._extents, self.block_size,
+                                             dict(_newest_pairs(info.seq, records)), live_delta)
                     else:
                         assert isinstance(records, list)     # OneBlockWrites are single
-                        self._apply_records(txn, cur, info.seq, records, live_delta)
+                        updates.apply_records(txn, cur, self._extents, self._meta, self.block_size,
+                                              info.seq, records, live_delta)
             for info, _ in lists:
                 info.live_blocks = max(0, live_delta.pop(info.seq, 0))
                 txn.put(_KEY.pack(info.seq), info.pack(), db=self._segments)
@@ -621,9 +622,9 @@ class BlockMap:
             live_delta: dict[int, int] = defaultdict(int)
             with self._writing() as txn:
                 cur = txn.cursor(db=self._extents)
-                self._merge_blocks(txn, cur, gen.lbas[i:j].tolist(), gen.vals[i:j].tolist(),
-                                   live_delta)
-                emptied += self._count_live(txn, live_delta)
+                updates.merge_blocks(txn, cur, self._extents, self.block_size,
+                                     gen.lbas[i:j].tolist(), gen.vals[i:j].tolist(), live_delta)
+                emptied += updates.count_live(txn, self._segments, live_delta)
                 if last:
                     cur = txn.cursor(db=self._staged_db)
                     while cur.first() and _KEY.unpack(cur.key())[0] <= upto:
@@ -639,126 +640,6 @@ class BlockMap:
                 return None, emptied
             i = j
         return int(gen.lbas[i]), emptied
-
-    def _merge_blocks(self, txn, cur, lbas: list[int], vals: list[int],
-                      live_delta: dict[int, int]) -> None:
-        """Put each block's newest staged write (lbas sorted) where its
-        lookup leaves the cursor (as _apply_single); a block whose entry is
-        that write already (a merge done again after a crash) is left
-        alone, so its live counts move once."""
-        mask = (1 << _OFF_BITS) - 1
-        for lba, where in zip(lbas, vals):
-            self._put_one_block(txn, cur, lba, where >> _OFF_BITS, where & mask, live_delta)
-
-    def _put_one_block(self, txn, cur, lba: int, seq: int, offset: int,
-                       live_delta: dict[int, int]) -> None:
-        """Put a one-block entry where its lookup leaves the cursor, cutting
-        an extent of several blocks under it; an entry that is this one
-        already is left alone (its live counts would move by nothing)."""
-        key = _k(lba)
-        new = _v(1, seq, offset)
-        if cur.set_range(key):
-            if cur.key() == key:
-                if cur.value() == new:
-                    return
-                n, old, _off = _unv(cur.value())
-                if n == 1:
-                    live_delta[old] -= 1
-                else:
-                    self._punch(txn, cur, lba, lba + 1, live_delta)
-            elif cur.prev():
-                self._cut_under(txn, cur, lba, live_delta)
-        elif cur.last():
-            self._cut_under(txn, cur, lba, live_delta)
-        cur.put(key, new)
-        live_delta[seq] += 1
-
-    def _count_live(self, txn, live_delta: dict[int, int]) -> list[int]:
-        """Move the rows' live blocks by `live_delta`; the segments left at 0."""
-        emptied = []
-        for seq, delta in live_delta.items():
-            raw = txn.get(_KEY.pack(seq), db=self._segments)
-            if raw is None or not delta:
-                continue
-            info = SegmentInfo.unpack(seq, raw)
-            info.live_blocks = max(0, info.live_blocks + delta)
-            if info.live_blocks == 0:
-                emptied.append(seq)
-            txn.put(_KEY.pack(seq), info.pack(), db=self._segments)
-        return emptied
-
-    def _apply_records(self, txn, cur, new_seq: int, records: list[Record],
-                       live_delta: dict[int, int]) -> None:
-        """One segment's records laid over the extents, in order."""
-        for r in records:
-            if r.kind == RESIZE:
-                txn.put(b"size", str(r.lba).encode(), db=self._meta)
-                continue
-            if r.kind == DATA:
-                # The usual rewrite: the record covers exactly one extent
-                # (random 4 KiB writes, or a disk rewritten in the same
-                # pieces): replace it where it is.
-                key = _k(r.lba)
-                if cur.set_key(key):
-                    n, seq, _off = _unv(cur.value())
-                    if n == r.nblocks:
-                        cur.put(key, _v(n, new_seq, r.data_offset))
-                        live_delta[seq] -= n
-                        live_delta[new_seq] += n
-                        continue
-            self._punch(txn, cur, r.lba, r.lba + r.nblocks, live_delta)
-            if r.kind == DATA:
-                txn.put(_k(r.lba), _v(r.nblocks, new_seq, r.data_offset), db=self._extents)
-                live_delta[new_seq] += r.nblocks
-
-    def _apply_single(self, txn, cur, newest: dict[int, int],
-                      live_delta: dict[int, int]) -> None:
-        """apply_segments of one-block writes (random 4 KiB writes),
-        `newest` the seq << _OFF_BITS | file offset of each block's last
-        write (one int: a third of the memory of a pair):
-        the blocks are looked up in block order (neighbours share the
-        B-tree's upper pages), an extent of several blocks under one is cut
-        around it, and each new entry is put where the lookup left the
-        cursor: LMDB then finds its leaf without a second descent from the
-        root (at 16 million extents the tree is 4 pages deep, and each
-        page a cache miss).  Putting it at once is safe: a one-block entry
-        covers no other block, so it changes no later lookup's answer."""
-        mask = (1 << _OFF_BITS) - 1
-        for lba in sorted(newest):
-            where = newest[lba]
-            self._put_one_block(txn, cur, lba, where >> _OFF_BITS, where & mask, live_delta)
-
-    def _cut_under(self, txn, cur, lba: int, live_delta: dict[int, int]) -> None:
-        """`cur` is at the extent before block `lba`: cut `lba` out of it if
-        it reaches over it."""
-        s = _lba(cur.key())
-        n, _seq, _off = _unv(cur.value())
-        if s + n > lba:
-            self._punch(txn, cur, lba, lba + 1, live_delta)
-
-    def _punch(self, txn, cur, start: int, end: int, live_delta: dict[int, int]) -> None:
-        """Remove [start, end) from the extents, keeping the parts outside it."""
-        bs = self.block_size
-        puts = []
-        if _floor(cur, start):
-            s, n, seq, off = _decode(cur)
-            if s < start < s + n:
-                cur.put(_k(s), _v(start - s, seq, off))
-                if s + n > end:
-                    puts.append((end, s + n - end, seq, off + (end - s) * bs))
-                live_delta[seq] -= min(s + n, end) - start
-        if cur.set_range(_k(start)):
-            while cur.key():
-                s, n, seq, off = _decode(cur)
-                if s >= end:
-                    break
-                if s + n > end:
-                    puts.append((end, s + n - end, seq, off + (end - s) * bs))
-                live_delta[seq] -= min(s + n, end) - s
-                if not cur.delete():
-                    break
-        for s, n, seq, off in puts:
-            txn.put(_k(s), _v(n, seq, off), db=self._extents)
 
     def drop_segments(self, seqs) -> None:
         with self._writing(self._segments) as txn:
@@ -847,7 +728,8 @@ class BlockMap:
             for r in records:
                 if r.kind == RESIZE or not r.nblocks:
                     continue
-                self._punch(txn, cur, r.lba, r.lba + r.nblocks, ignored)
+                updates.punch(txn, cur, self._extents, self.block_size, r.lba, r.lba + r.nblocks,
+                              ignored)
                 if r.kind == DATA:
                     txn.put(_k(r.lba), _v(r.nblocks, seq, r.data_offset), db=self._extents)
                 else:
@@ -978,18 +860,3 @@ def _newest_pairs(seq: int, records: list[Record] | OneBlockWrites) -> Iterable[
     if isinstance(records, OneBlockWrites):
         return zip(records.lbas, [top | off for off in records.offsets])
     return ((r.lba, top | r.data_offset) for r in records)
-
-
-def _floor(cur, lba: int) -> bool:
-    """Position `cur` at the greatest key <= lba; False if there is none."""
-    key = _k(lba)
-    if cur.set_range(key):
-        if cur.key() == key:
-            return True
-        return cur.prev()
-    return cur.last()
-
-
-def _decode(cur) -> tuple[int, int, int, int]:
-    n, seq, off = _unv(cur.value())
-    return _lba(cur.key()), n, seq, off
