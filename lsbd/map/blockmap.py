@@ -50,7 +50,6 @@ import logging
 import os
 import shutil
 import threading
-from array import array
 from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
@@ -59,7 +58,7 @@ import lmdb
 from lsbd import fileio, linux, private
 from lsbd.map import staged, updates
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
-from lsbd.map.staged import Newest
+from lsbd.map.staged import Newest, OneBlockWrites
 from lsbd.format.segment import DATA, RESIZE, Record
 from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
 from lsbd.map.offload import MapProcess, OffloadUnavailable
@@ -784,34 +783,6 @@ class MapSnapshot:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class OneBlockWrites:
-    """A segment's records when every one is a one-block DATA record (random
-    4 KiB writes), as two arrays in record order: what the map's process
-    needs of them.  Sent to it instead of the records: pickling 8,192
-    Records cost the serving process about 9 ms of CPU holding its GIL
-    (1 ms this way), and unpickling them 5 ms in the map's process."""
-
-    __slots__ = ("lbas", "offsets")
-
-    def __init__(self, lbas: array, offsets: array):
-        self.lbas = lbas
-        self.offsets = offsets
-
-    @classmethod
-    def of(cls, records: list[Record]) -> "OneBlockWrites":
-        return cls(array("Q", [r.lba for r in records]),
-                   array("Q", [r.data_offset for r in records]))
-
-    def __len__(self) -> int:
-        return len(self.lbas)
-
-    def __getstate__(self):
-        return self.lbas, self.offsets
-
-    def __setstate__(self, state) -> None:
-        self.lbas, self.offsets = state
 
 
 def _with_staged(info: SegmentInfo, counts: dict[int, int]) -> SegmentInfo:
