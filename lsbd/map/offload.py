@@ -45,6 +45,10 @@ import threading
 from lsbd import childproc
 
 
+#: Failures of the map's process in a row before writes stay in this process.
+GIVE_UP_AFTER = 3
+
+
 class OffloadUnavailable(Exception):
     """The map's process could not be started or died: apply here instead."""
 

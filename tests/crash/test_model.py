@@ -404,25 +404,25 @@ TestVolumeModelStoreMode = VolumeModelStoreMode.TestCase
 class VolumeModelStaged(VolumeModel):
     """The same model with segments of one-block writes staged in the map
     and merged into its extents after every two, three blocks a
-    transaction (lsbd.map.blockmap): crashes, power cuts, checkpoints,
+    transaction (lsbd.map.merge): crashes, power cuts, checkpoints,
     snapshots and compaction land between stagings and inside merges."""
 
     @initialize()
     def setup(self):
-        from lsbd.map import blockmap
+        from lsbd.map import merge
 
-        self._merge_knobs = (blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS)
-        blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = 2, 3, 1
+        self._merge_knobs = (merge.STAGE_SEGMENTS, merge.MERGE_RANGE, merge.MERGE_STEPS)
+        merge.STAGE_SEGMENTS, merge.MERGE_RANGE, merge.MERGE_STEPS = 2, 3, 1
         super().setup()
 
     def teardown(self):
-        from lsbd.map import blockmap
+        from lsbd.map import merge
 
         try:
             super().teardown()
         finally:
             if hasattr(self, "_merge_knobs"):
-                blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = \
+                merge.STAGE_SEGMENTS, merge.MERGE_RANGE, merge.MERGE_STEPS = \
                     self._merge_knobs
 
     @rule(blocks=st.lists(st.integers(0, BLOCKS - 1), min_size=1, max_size=8),

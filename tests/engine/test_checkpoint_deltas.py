@@ -81,12 +81,12 @@ def test_many_deltas_read_back_exactly(store, tmp_path, monkeypatch, max_n, merg
     stretch of a record (newest_pieces).  merged: the map's staged
     segments merged every two, a few blocks a transaction."""
     from lsbd.engine import deltas
-    from lsbd.map import blockmap
+    from lsbd.map import merge
 
     if merge_every:
-        monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", merge_every)
-        monkeypatch.setattr(blockmap, "MERGE_RANGE", 3)
-        monkeypatch.setattr(blockmap, "MERGE_STEPS", 1)
+        monkeypatch.setattr(merge, "STAGE_SEGMENTS", merge_every)
+        monkeypatch.setattr(merge, "MERGE_RANGE", 3)
+        monkeypatch.setattr(merge, "MERGE_STEPS", 1)
 
     built, pieces, read = [], [], []
     monkeypatch.setattr(deltas, "newest_singles",

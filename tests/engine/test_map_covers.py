@@ -16,16 +16,16 @@ from test_map_staged import SPACE, _blocks, _check, _info, _lay, _merged_exactly
     _segment, _staged_map
 
 from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, Record
-from lsbd.map import blockmap, staged
+from lsbd.map import merge, staged
 from lsbd.map.blockmap import BlockMap
 from lsbd.map.offload import MapProcess, OffloadUnavailable
 
 @pytest.fixture
 def small_merges(monkeypatch):
     """Merges after 3 staged segments, of 5 blocks a transaction, one a step."""
-    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 3)
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 5)
-    monkeypatch.setattr(blockmap, "MERGE_STEPS", 1)
+    monkeypatch.setattr(merge, "STAGE_SEGMENTS", 3)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 5)
+    monkeypatch.setattr(merge, "MERGE_STEPS", 1)
 
 
 #: A trim from here to far past SPACE (2^28 blocks: never made an array of blocks).
@@ -62,7 +62,7 @@ def _staged_blocks_under(bm: BlockMap, seq: int) -> int:
     with bm._env.begin() as txn:
         return sum(int(((lbas >= 10) & (lbas < 160) | (lbas >= TRIM_FROM)).sum())
                    for _s, lbas, _o in ((s, *staged.unpack(v)) for s, v in
-                                        blockmap._staged_upto(txn.cursor(db=bm._staged_db),
+                                        merge._staged_upto(txn.cursor(db=bm._staged_db),
                                                               seq)))
 
 
@@ -93,7 +93,7 @@ def test_a_cover_holds_after_a_reopen_and_a_merge_up_to_an_older_seq(tmp_path, m
     the same reopened; a merge up to a seq older than the cover merges
     none of what it covers, nor does it drop the cover while older staged
     writes remain; the rows end as a recount."""
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 7)
     bm, model = _staged_map(tmp_path, random.Random(22), 6)
     first = bm._staged_seqs[0]
     try:

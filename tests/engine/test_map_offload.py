@@ -11,7 +11,7 @@ import signal
 from engine_helpers import BS, MiB
 
 from lsbd.format.segment import DATA, Record
-from lsbd.map import blockmap
+from lsbd.map import blockmap, merge
 from lsbd.map.blockmap import BlockMap, SegmentInfo
 from lsbd.engine import testing
 
@@ -31,7 +31,7 @@ def _live(bm: BlockMap) -> dict[int, int]:
 
 
 def test_segments_applied_in_the_maps_process_are_as_applied_here(tmp_path, monkeypatch):
-    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 3)     # merged in the child
+    monkeypatch.setattr(merge, "STAGE_SEGMENTS", 3)     # merged in the child
     rng = random.Random(5)
     batches = [[_segment(seq, [rng.randrange(4096) for _ in range(300)])] for seq in range(1, 9)]
     here = BlockMap(str(tmp_path / "here"), BS)
@@ -114,7 +114,7 @@ def test_a_map_process_that_cannot_start_leaves_the_writes_here(tmp_path, monkey
         raise OSError(2, "no such interpreter")
 
     monkeypatch.setattr(offload.MapProcess, "_start", cannot)
-    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 1)     # merged at once
+    monkeypatch.setattr(merge, "STAGE_SEGMENTS", 1)     # merged at once
     bm = BlockMap(str(tmp_path / "map"), BS)
     bm.offload_writes()
     try:

@@ -19,7 +19,7 @@ from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd import linux
 from lsbd.format.segment import DATA, TRIM, ZERO, Record
-from lsbd.map import blockmap, staged
+from lsbd.map import blockmap, merge, staged
 from lsbd.map.blockmap import BlockMap, SegmentInfo
 from lsbd.meta.config import create_volume
 
@@ -29,9 +29,9 @@ SPACE = 300      # blocks the writes fall in
 @pytest.fixture
 def small_merges(monkeypatch):
     """Merges after 3 staged segments, of 5 blocks a transaction, one a step."""
-    monkeypatch.setattr(blockmap, "STAGE_SEGMENTS", 3)
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 5)
-    monkeypatch.setattr(blockmap, "MERGE_STEPS", 1)
+    monkeypatch.setattr(merge, "STAGE_SEGMENTS", 3)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 5)
+    monkeypatch.setattr(merge, "MERGE_STEPS", 1)
 
 
 def _info(seq: int) -> SegmentInfo:
@@ -152,7 +152,7 @@ def test_a_merge_cut_short_reads_the_same_and_counts_once_when_done_again(
     """A crash inside a merge: some ranges committed, the staged values not
     yet deleted.  The map reopened reads the same, and merging it all again
     counts every block once."""
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 7)
     rng = random.Random(ranges_done)
     bm, model = _staged_map(tmp_path, rng, 6)
     top = bm.get_int("applied_seq")
@@ -169,7 +169,7 @@ def test_a_merge_cut_short_reads_the_same_and_counts_once_when_done_again(
 
 
 def test_a_range_merged_twice_counts_its_blocks_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 7)
     bm, model = _staged_map(tmp_path, random.Random(9), 5)
     try:
         top = bm.get_int("applied_seq")
@@ -188,7 +188,7 @@ def test_a_range_merged_twice_counts_its_blocks_once(tmp_path, monkeypatch):
 
 def test_the_last_range_deletes_exactly_the_merged_segments(tmp_path, monkeypatch):
     """A merge up to seq N leaves the segments staged after N staged."""
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 7)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 7)
     bm, model = _staged_map(tmp_path, random.Random(4), 5)
     try:
         top = bm.get_int("applied_seq")
@@ -323,7 +323,7 @@ def test_a_volume_of_random_writes_merges_and_reads_back(tmp_path, small_merges)
         # Reads met staged segments, merges of several steps ran, and the
         # staged segments stayed bounded (a merge is finished at once when
         # as many again are staged behind it).
-        assert 0 < max(counts) <= 2 * blockmap.STAGE_SEGMENTS
+        assert 0 < max(counts) <= 2 * merge.STAGE_SEGMENTS
         assert any(merging)
         assert testing.staged_segments(vol) > 0
         vol.close()
@@ -369,7 +369,7 @@ def test_a_merge_of_writes_spread_over_the_map_reads_the_map_file_ahead(
     asks the kernel for the whole map file first (from a cold page cache
     the merge would fault its pages in one at a time); writes that touch a
     few pages ask for nothing.  Either way the map reads as applied."""
-    monkeypatch.setattr(blockmap, "MERGE_RANGE", 1000)
+    monkeypatch.setattr(merge, "MERGE_RANGE", 1000)
     bm = _spread_map(tmp_path, spread)
     asked: list[tuple[str, int, int]] = []
     real = linux.will_need

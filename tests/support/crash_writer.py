@@ -127,9 +127,9 @@ def main(argv: list[str]) -> int:
     from lsbd.store import open_store
 
     if singles():
-        from lsbd.map import blockmap
+        from lsbd.map import merge
 
-        blockmap.STAGE_SEGMENTS, blockmap.MERGE_RANGE, blockmap.MERGE_STEPS = 3, 16, 1
+        merge.STAGE_SEGMENTS, merge.MERGE_RANGE, merge.MERGE_STEPS = 3, 16, 1
 
     secret = None
     if os.environ.get("LSBD_TEST_PASSPHRASE"):      # an encrypted volume
