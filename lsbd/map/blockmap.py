@@ -1,6 +1,6 @@
 """The block map: for every written block, where its newest copy lives.
 
-Kept in LMDB (the only module that imports lmdb) as non-overlapping extents
+Kept in LMDB (lsbd.map.mapfile opens it) as non-overlapping extents
 keyed by their first block, so a long sequential write costs one entry, not
 one per block.  Updated in one transaction per sealed segment.  Holes (never
 written, trimmed, zeroed) are simply absent.
@@ -28,14 +28,13 @@ staged value older than it.
 
 A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
 10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
-is converted in place when it is opened (_migrate).  The bytes of keys and
+is converted in place when it is opened (lsbd.map.mapfile).  The bytes of keys and
 values are lsbd.map.encoding's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -43,10 +42,8 @@ import threading
 from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
-import lmdb
-
 from lsbd import fileio, private
-from lsbd.map import staged, updates
+from lsbd.map import mapfile, staged, updates
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest, OneBlockWrites
 from lsbd.format.segment import DATA, RESIZE, Record
@@ -56,13 +53,11 @@ from lsbd.map.offload import GIVE_UP_AFTER, MapProcess, OffloadUnavailable
 from lsbd.map.lookups import all_extents, extents_in
 from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
-from lsbd.map.encoding import WIDE as _EXTENT
 from lsbd.map.encoding import key_of as _k
 from lsbd.map.encoding import lba_of as _lba
 from lsbd.map.encoding import unpack_value as _unv
 from lsbd.map.encoding import value_of as _v
 
-_MIGRATE_BATCH = 1 << 16
 #: Packed runs shorter than this are loaded entry by entry (cheaper than
 #: the slicing and counting a run costs).
 _SHORT_RUN = 16
@@ -76,20 +71,15 @@ class BlockMap(StagedMerge):
         private.make_dirs(path)
         self.path = path
         self.block_size = block_size
-        # A large virtual map size costs nothing until used (sparse file).
-        # metasync=False: a crash may undo the last commit (replay redoes it from
-        # the journal files); data pages are still synced, so the map is never torn.
         # scratch: a throwaway map (a delta being built), never synced.
         # lookups=False: the map's process, which only applies and merges.
-        self._env = lmdb.open(path, map_size=1 << 40, max_dbs=8, sync=not scratch,
-                              metasync=False, readahead=False, max_readers=512,
-                              mode=private.FILE_MODE)
+        self._env = mapfile.open_env(path, scratch)
         self._segments = self._env.open_db(b"segments")
         self._meta = self._env.open_db(b"meta")
         self._extents = self._env.open_db(b"blocks")
         self._staged_db = self._env.open_db(b"staged")
         self._covers_db = self._env.open_db(b"covers")
-        self._migrate()
+        mapfile.migrate(self._env, self._meta, self._extents)
         # Stage segments of one-block writes (not in a scratch map, which
         # overlay() and load() fill, nor in the map's process: its parent stages).
         self._stages = not scratch and lookups
@@ -112,40 +102,6 @@ class BlockMap(StagedMerge):
         self._reader: tuple | None = None  # a read transaction and its cursor, kept between lookups
         self._offload: MapProcess | None = None   # offload_writes()
         self._offload_cpu = 0.0     # CPU of map processes given up on
-
-    def _migrate(self) -> None:
-        """Convert a map of format 1 (its `extents` database) into this
-        format, in batches of bounded memory.  A crash half way leaves the
-        format mark unset: the next open starts the copy again."""
-        with self._env.begin(db=self._meta) as txn:
-            fmt = txn.get(b"map_format")
-        if fmt is not None and int(bytes(fmt)) == MAP_FORMAT:
-            return
-        with self._env.begin() as txn:
-            had_old = txn.get(b"extents") is not None
-        if had_old:
-            old = self._env.open_db(b"extents")
-            with self._env.begin(write=True) as txn:
-                txn.drop(self._extents, delete=False)
-            start = b""
-            while True:
-                with self._env.begin(write=True) as txn:
-                    cur = txn.cursor(db=old)
-                    new = txn.cursor(db=self._extents)
-                    found = cur.set_range(start) if start else cur.first()
-                    count = 0
-                    while found and count < _MIGRATE_BATCH:
-                        lba = _KEY.unpack(cur.key())[0]
-                        new.put(_k(lba), _v(*_EXTENT.unpack(cur.value())), append=True)
-                        count += 1
-                        found = cur.next()
-                    start = cur.key() if found else b""
-                if not found:
-                    break
-            with self._env.begin(write=True) as txn:
-                txn.drop(old, delete=True)
-        with self._env.begin(write=True, db=self._meta) as txn:
-            txn.put(b"map_format", str(MAP_FORMAT).encode())
 
     def sync(self) -> None:
         """Make every commit so far durable, the last one included (the map
@@ -174,14 +130,8 @@ class BlockMap(StagedMerge):
     def _writing(self, db=None):
         """A write transaction; once it ends, lookups see what it did."""
         try:
-            with self._env.begin(write=True, db=db) as txn:
+            with mapfile.writing(self._env, self.path, db) as txn:
                 yield txn
-            fileio.map_committed(self.path, self._env)
-        except lmdb.DiskError as e:
-            # The commit found no room to grow the map file: nothing was
-            # written (LMDB aborted it), and a caller may try again once
-            # there is room.
-            raise OSError(errno.ENOSPC, f"the map {self.path}: no space left on its disk") from e
         finally:
             self._drop_reader()
 

@@ -12,7 +12,7 @@ import lmdb
 import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all, read_from_store
 
-from lsbd.map import blockmap
+from lsbd.map import blockmap, mapfile
 from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import DATA, TRIM, Record
@@ -123,7 +123,7 @@ def test_a_cache_dir_of_map_format_1_keeps_working(store, tmp_path, monkeypatch)
     """Segments in the store, a sealed segment never uploaded and an open
     journal, all under a map of format 1: the map is converted on open and
     every byte reads back, also from the store alone afterwards."""
-    monkeypatch.setattr(blockmap, "_MIGRATE_BATCH", 7)   # several batches
+    monkeypatch.setattr(mapfile, "_MIGRATE_BATCH", 7)   # several batches
     create_volume(store, "vol", 64 * MiB, segment_size=256 * 1024, flush_mode="journal")
     cache = str(tmp_path / "cache")
     vol = Volume.open(store, "vol", cache_root=cache)
