@@ -43,7 +43,7 @@ from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
 from lsbd import fileio, private
-from lsbd.map import mapfile, staged, updates
+from lsbd.map import loading, mapfile, staged, updates
 from lsbd.map.staged import OFF_BITS as _OFF_BITS
 from lsbd.map.staged import Newest, OneBlockWrites
 from lsbd.format.segment import DATA, RESIZE, Record
@@ -56,11 +56,7 @@ from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import key_of as _k
 from lsbd.map.encoding import lba_of as _lba
 from lsbd.map.encoding import unpack_value as _unv
-from lsbd.map.encoding import value_of as _v
 
-#: Packed runs shorter than this are loaded entry by entry (cheaper than
-#: the slicing and counting a run costs).
-_SHORT_RUN = 16
 log = logging.getLogger(__name__)
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
 
@@ -424,8 +420,6 @@ class BlockMap(StagedMerge):
         first = True
         done = False
         while not done:
-            count = 0
-            loose: list[tuple[bytes, bytes]] = []     # entries one by one, in order
             with self._writing() as txn:
                 if first:
                     txn.drop(self._extents, delete=False)
@@ -433,32 +427,7 @@ class BlockMap(StagedMerge):
                     txn.drop(self._staged_db, delete=False)
                     txn.drop(self._covers_db, delete=False)
                     first = False
-                cur = txn.cursor(db=self._extents)
-                for e in it:
-                    if isinstance(e, Run):
-                        fast = e.map_pairs() if len(e) >= _SHORT_RUN else None
-                        if fast is not None:
-                            if loose:
-                                cur.putmulti(loose, append=True)
-                                loose = []
-                            live.update(e.live())
-                            cur.putmulti(fast, append=True)   # no Python per entry
-                        else:       # a few entries cost less one by one
-                            for lba, n, seq, off in e.entries():
-                                live[seq] += n
-                                loose.append((_k(lba), _v(n, seq, off)))
-                        count += len(e)
-                    else:
-                        lba, n, seq, off = e
-                        live[seq] += n
-                        loose.append((_k(lba), _v(n, seq, off)))
-                        count += 1
-                    if count >= batch:
-                        break
-                else:
-                    done = True
-                if loose:
-                    cur.putmulti(loose, append=True)
+                done = loading.put_sorted(txn.cursor(db=self._extents), it, batch, live)
         with self._writing() as txn:
             for info in segments:
                 info.live_blocks = live.get(info.seq, 0)
@@ -472,30 +441,18 @@ class BlockMap(StagedMerge):
         scratch map that starts empty, it ends up holding exactly the
         ranges the segments touched, as the live map has them (a delta
         checkpoint).  Segment rows and live counts are left alone."""
-        ignored: dict[int, int] = defaultdict(int)
         records = records if isinstance(records, list) else list(records)
         if self._singles and all(r.nblocks == 1 or r.kind == RESIZE or not r.nblocks
                                  for r in records):
             # Every entry so far and every record here one block long: laying
             # one over is replacing the entry of its block, in one putmulti.
-            newest = {r.lba: _v(1, seq, r.data_offset) if r.kind == DATA else _v(1, 0, 0)
-                      for r in records if r.nblocks and r.kind != RESIZE}
             with self._writing() as txn:
-                txn.cursor(db=self._extents).putmulti(
-                    [(_k(lba), newest[lba]) for lba in sorted(newest)], overwrite=True)
+                loading.overlay_singles(txn.cursor(db=self._extents), seq, records)
             return
         self._singles = False
         with self._writing() as txn:
-            cur = txn.cursor(db=self._extents)
-            for r in records:
-                if r.kind == RESIZE or not r.nblocks:
-                    continue
-                updates.punch(txn, cur, self._extents, self.block_size, r.lba, r.lba + r.nblocks,
-                              ignored)
-                if r.kind == DATA:
-                    txn.put(_k(r.lba), _v(r.nblocks, seq, r.data_offset), db=self._extents)
-                else:
-                    txn.put(_k(r.lba), _v(r.nblocks, 0, 0), db=self._extents)
+            loading.overlay_records(txn, txn.cursor(db=self._extents), self._extents,
+                                    self.block_size, seq, records)
 
     def referenced_seqs(self) -> set[int]:
         """Every seq the map's extents point into (one pass over the map)."""

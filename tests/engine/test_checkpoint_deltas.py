@@ -622,10 +622,10 @@ def test_packed_runs_merge_and_load_as_entries_do(tmp_path, monkeypatch):
     """A base in packed runs with deltas laid over it gives the same
     entries as the tuple merge, and loads the same map and live counts."""
     from lsbd.engine.deltas import keep_mapped, merge_layers, overlay, overlay_runs
-    from lsbd.map import blockmap
+    from lsbd.map import loading
     from lsbd.map.blockmap import BlockMap
 
-    monkeypatch.setattr(blockmap, "_SHORT_RUN", 2)   # runs of one entry go one by one
+    monkeypatch.setattr(loading, "_SHORT_RUN", 2)   # runs of one entry go one by one
     from lsbd.map.encoding import PENDING, SegmentInfo
 
     rng = random.Random(5)

@@ -12,7 +12,7 @@ import lmdb
 import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all, read_from_store
 
-from lsbd.map import blockmap, mapfile
+from lsbd.map import blockmap, encoding, mapfile
 from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import DATA, TRIM, Record
@@ -22,12 +22,12 @@ from lsbd.names import cache_dir_for
 
 
 def test_golden_extent_bytes():
-    assert blockmap._k(0x0102030405) == bytes.fromhex("000102030405")
+    assert encoding.key_of(0x0102030405) == bytes.fromhex("000102030405")
     # 3 blocks of segment 7 at byte 0x1234: nblocks u16, seq u32, offset u32.
-    assert blockmap._v(3, 7, 0x1234) == bytes.fromhex("0300" "07000000" "34120000")
+    assert encoding.value_of(3, 7, 0x1234) == bytes.fromhex("0300" "07000000" "34120000")
     # Too wide for the short form: the 20-byte form of map format 1.
-    assert blockmap._v(1, 1 << 32, 5) == struct.pack("<IQQ", 1, 1 << 32, 5)
-    assert blockmap._unv(blockmap._v(1 << 16, 9, 1 << 33)) == (1 << 16, 9, 1 << 33)
+    assert encoding.value_of(1, 1 << 32, 5) == struct.pack("<IQQ", 1, 1 << 32, 5)
+    assert encoding.unpack_value(encoding.value_of(1 << 16, 9, 1 << 33)) == (1 << 16, 9, 1 << 33)
 
 
 def _info(seq: int) -> SegmentInfo:
@@ -103,7 +103,7 @@ def _to_format_1(map_dir: str) -> int:
             count = 0
             for k, v in list(txn.cursor(db=new)):
                 lba = int.from_bytes(k, "big")
-                txn.put(struct.pack(">Q", lba), struct.pack("<IQQ", *blockmap._unv(v)), db=old)
+                txn.put(struct.pack(">Q", lba), struct.pack("<IQQ", *encoding.unpack_value(v)), db=old)
                 count += 1
             txn.drop(new, delete=True)
             txn.delete(b"map_format", db=meta)
