@@ -14,6 +14,19 @@ Databases (map format 2; docs/format.md "Cache dir"):
   covers    >Q seq          ->  the ranges a segment laid over the extents while
                                 older writes were staged (lsbd.map.staged)
 
+BlockMap holds the state its parts share (the LMDB environment, the newest
+staged writes that reads lay over the extents, lookup_block's kept read
+transaction, the map's process) and the segment table; each of its jobs
+is a module of this package:
+  mapfile   the LMDB file: opening it, format 1 converted, write transactions
+  lookups   reads: a range's extents, every extent
+  updates   a segment's records laid over the extents, one-block puts,
+            punching, live counts
+  merge     staging segments of one-block writes and merging them into the
+            extents (StagedMerge, a part of BlockMap)
+  loading   filling the map from checkpoints (load, overlay)
+  offload   the map's own process, which applies and merges for this one
+
 Segments of one-block writes (random 4 KiB writes) are staged, and merged
 into the extents later (lsbd.map.merge).
 
@@ -28,8 +41,8 @@ staged value older than it.
 
 A random 4 KiB write costs one entry of 16 bytes of key and value (LMDB adds
 10 more), where format 1 (`extents`, >Q -> <IQQ) took 28.  A map of format 1
-is converted in place when it is opened (lsbd.map.mapfile).  The bytes of keys and
-values are lsbd.map.encoding's.
+is converted in place when it is opened (lsbd.map.mapfile).  The bytes of
+keys and values are lsbd.map.encoding's.
 """
 
 from __future__ import annotations
@@ -43,19 +56,19 @@ from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
 from lsbd import fileio, private
-from lsbd.map import loading, mapfile, staged, updates
-from lsbd.map.staged import OFF_BITS as _OFF_BITS
-from lsbd.map.staged import Newest, OneBlockWrites
 from lsbd.format.segment import DATA, RESIZE, Record
+from lsbd.map import loading, mapfile, staged, updates
 from lsbd.map.encoding import MAP_FORMAT, PENDING, STORED, Extent, SegmentInfo
-from lsbd.map.merge import StagedMerge
-from lsbd.map.offload import GIVE_UP_AFTER, MapProcess, OffloadUnavailable
-from lsbd.map.lookups import all_extents, extents_in
-from lsbd.map.packed import Run
 from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import key_of as _k
 from lsbd.map.encoding import lba_of as _lba
 from lsbd.map.encoding import unpack_value as _unv
+from lsbd.map.lookups import all_extents, extents_in
+from lsbd.map.merge import StagedMerge
+from lsbd.map.offload import GIVE_UP_AFTER, MapProcess, OffloadUnavailable
+from lsbd.map.packed import Run
+from lsbd.map.staged import OFF_BITS as _OFF_BITS
+from lsbd.map.staged import Newest, OneBlockWrites
 
 log = logging.getLogger(__name__)
 __all__ = ["MAP_FORMAT", "PENDING", "STORED", "BlockMap", "Extent", "MapSnapshot", "SegmentInfo"]
@@ -160,7 +173,7 @@ class BlockMap(StagedMerge):
         raw = self.get_meta(name)
         return default if raw is None else int(raw)
 
-    # --- lookups ---------------------------------------------------------------
+    # --- reads (lsbd.map.lookups) -----------------------------------------------
 
     def lookup(self, lba: int, nblocks: int) -> list[Extent]:
         """The mapped pieces of [lba, lba+nblocks), clipped to it, in order."""
@@ -177,7 +190,8 @@ class BlockMap(StagedMerge):
 
     def lookup_block(self, lba: int) -> tuple[int, int] | None:
         """(seq, file offset) of one block, or None for a hole: lookup() for
-        random reads, without building a list."""
+        random reads, without building a list.  Its cursor work is written
+        out here, not called in lsbd.map.lookups: a call more per block read."""
         key = _k(lba)
         with self._reader_lock:
             if len(self._newest):
@@ -227,6 +241,23 @@ class BlockMap(StagedMerge):
         return [(_KEY.unpack(k)[0], *staged.unpack_cover(v))
                 for k, v in txn.cursor(db=self._covers_db)]
 
+    def referenced_seqs(self) -> set[int]:
+        """Every seq the map's extents point into (one pass over the map)."""
+        seqs: set[int] = set()
+        with self._env.begin() as txn:
+            for value in txn.cursor(db=self._extents).iternext(keys=False, values=True):
+                seqs.add(_unv(value)[1])
+            # An entry the staged writes hide may be gone once they are
+            # merged; counted all the same (a seq kept a while longer).
+            seqs.update(self._staged_in(txn)[1].counts())
+        return seqs
+
+    def live_blocks_by_seq(self) -> dict[int, int]:
+        live: dict[int, int] = defaultdict(int)
+        for e in self.iter_extents():
+            live[e.seq] += e.nblocks
+        return dict(live)
+
     def staged_count(self) -> int:
         """Segments staged, not yet merged into the extents."""
         return len(self._staged_seqs)
@@ -258,7 +289,7 @@ class BlockMap(StagedMerge):
                 # not yet in `extents`: segments staged, blocks they write
                 "staged_segments": len(self._staged_seqs), "staged_blocks": len(self._newest)}
 
-    # --- segments --------------------------------------------------------------
+    # --- the segment table -----------------------------------------------------
 
     def segment(self, seq: int) -> SegmentInfo | None:
         counts = self._newest.counts() if len(self._newest) else {}
@@ -282,7 +313,12 @@ class BlockMap(StagedMerge):
                 info.state = state
                 txn.put(_KEY.pack(seq), info.pack())
 
-    # --- updates ---------------------------------------------------------------
+    def drop_segments(self, seqs) -> None:
+        with self._writing(self._segments) as txn:
+            for seq in seqs:
+                txn.delete(_KEY.pack(seq))
+
+    # --- applying sealed segments (lsbd.map.updates; staged: lsbd.map.merge) ----
 
     def apply_segment(self, info: SegmentInfo, records: Iterable[Record],
                       **meta: bytes) -> list[int]:
@@ -399,10 +435,7 @@ class BlockMap(StagedMerge):
                 and "applied_seq" in meta
                 and int(txn.get(b"applied_seq", b"0", db=self._meta)) >= last)
 
-    def drop_segments(self, seqs) -> None:
-        with self._writing(self._segments) as txn:
-            for seq in seqs:
-                txn.delete(_KEY.pack(seq))
+    # --- filling from checkpoints (lsbd.map.loading) -----------------------------
 
     def load(self, extents: Iterable[tuple | Run], segments: Iterable[SegmentInfo], *,
              batch: int = 1 << 18, **meta: bytes) -> None:
@@ -454,22 +487,6 @@ class BlockMap(StagedMerge):
             loading.overlay_records(txn, txn.cursor(db=self._extents), self._extents,
                                     self.block_size, seq, records)
 
-    def referenced_seqs(self) -> set[int]:
-        """Every seq the map's extents point into (one pass over the map)."""
-        seqs: set[int] = set()
-        with self._env.begin() as txn:
-            for value in txn.cursor(db=self._extents).iternext(keys=False, values=True):
-                seqs.add(_unv(value)[1])
-            # An entry the staged writes hide may be gone once they are
-            # merged; counted all the same (a seq kept a while longer).
-            seqs.update(self._staged_in(txn)[1].counts())
-        return seqs
-
-    def live_blocks_by_seq(self) -> dict[int, int]:
-        live: dict[int, int] = defaultdict(int)
-        for e in self.iter_extents():
-            live[e.seq] += e.nblocks
-        return dict(live)
 
 
 class MapSnapshot:

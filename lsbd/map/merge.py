@@ -1,4 +1,6 @@
-"""Segments of one-block writes (random 4 KiB writes) are staged: their
+"""Staging and the staged merge: a part of the block map (lsbd.map.blockmap).
+
+Segments of one-block writes (random 4 KiB writes) are staged: their
 writes kept as one value, their row and the applied seq written, in one
 small transaction; reads see them through the newest staged write of each
 block, held in memory.  Once STAGE_SEGMENTS are staged they are merged into
@@ -45,8 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class StagedMerge:
-    """BlockMap's staging and merging (mixed into it: lsbd.map.blockmap),
-    on the map's state that BlockMap sets up and its lookups read."""
+    """BlockMap's staging and merging, mixed into it: they work on the
+    state its reads share (the newest staged writes, the kept reader) and
+    its transactions.  The names below are BlockMap's (its __init__ sets
+    them), declared here so that a reader, and mypy, sees what the merge
+    uses of the map."""
 
     path: str
     block_size: int
