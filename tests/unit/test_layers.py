@@ -1,4 +1,5 @@
-"""Imports run only downward, and no modules import each other in a circle.
+"""Imports run only downward, no modules import each other in a circle, and
+each outside library enters through its one module (DOORS).
 
 Every import of the product is read with ast, including those inside
 functions and under `if TYPE_CHECKING:`.  A module may import its own layer
@@ -161,3 +162,40 @@ def test_the_check_sees_an_import_inside_a_function_and_a_relative_one(source, b
 
 def test_the_check_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: Each outside library's one door (docs/architecture.md); numpy is imported
+#: on first use where arrays pay.  pyOpenSSL's TLS also takes the OpenSSL
+#: binding it is built on from `cryptography`.
+DOORS = {
+    "lmdb": {"lsbd.map.mapfile"},
+    "boto3": {"lsbd.store.s3"}, "botocore": {"lsbd.store.s3"},
+    "crc32c": {"lsbd.checksum"},
+    "ctypes": {"lsbd.linux"},
+    "cryptography": {"lsbd.crypto.aead", "lsbd_nbd.tls"},
+    "zstandard": {"lsbd.crypto.compress"},
+    "OpenSSL": {"lsbd_nbd.tls"},
+    "rich": {"lsbd.cli.ui"},
+}
+
+
+def outside_imports(path: pathlib.Path) -> set[str]:
+    """The top-level names of the absolute imports in a file, wherever in it."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.partition(".")[0])
+    return out
+
+
+def test_each_outside_library_enters_through_its_one_module():
+    found: dict[str, set[str]] = {lib: set() for lib in DOORS}
+    for module, path in modules().items():
+        for lib in outside_imports(path) & set(DOORS):
+            found[lib].add(module)
+    assert found["lmdb"], "the scan sees the map's import of lmdb"
+    wrong = {lib: sorted(found[lib] - doors) for lib, doors in DOORS.items()
+             if found[lib] - doors}
+    assert not wrong, f"outside libraries imported away from their module: {wrong}"
