@@ -129,7 +129,11 @@ def main(argv: list[str]) -> int:
     if singles():
         from lsbd.map import merge
 
-        merge.STAGE_SEGMENTS, merge.MERGE_RANGE, merge.MERGE_STEPS = 3, 16, 1
+        for knob, value in (("STAGE_SEGMENTS", 3), ("MERGE_RANGE", 16), ("MERGE_STEPS", 1)):
+            # Set where the merge reads it: a name set on another module
+            # would leave the merge at its defaults without a word.
+            assert hasattr(merge, knob), f"lsbd.map.merge has no {knob}"
+            setattr(merge, knob, value)
 
     secret = None
     if os.environ.get("LSBD_TEST_PASSPHRASE"):      # an encrypted volume
