@@ -18,7 +18,7 @@ process): a batch whose parent was killed is never committed behind the
 back of the next writer.
 
 It also merges the staged segments into the extents (BlockMap.merge_ranges,
-lsbd.map.staged), a few ranges a request: the staging itself is one small
+lsbd.map.merge), a few ranges a request: the staging itself is one small
 transaction, which the parent commits.
 
 Protocol, over the child's stdin and stdout: a u32 length and a pickled
