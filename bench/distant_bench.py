@@ -200,6 +200,22 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def disk_mib() -> tuple[float, float]:
+    """MiB read and written so far by this machine's disks, whoever asked:
+    the whole disks of /sys/block, not loop, NBD, RAM or device-mapper
+    devices (their I/O is a disk's too, or none)."""
+    disks = {d for d in os.listdir("/sys/block")
+             if not d.startswith(("loop", "nbd", "ram", "zram", "dm-"))}
+    read = written = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] in disks:
+                read += int(fields[5])
+                written += int(fields[9])
+    return read * 512 / MiB, written * 512 / MiB
+
+
 def make_tree(root: str, small_mib: int, big_mib: int) -> int:
     """Small files (4-64 KiB, in folders of 200) and one large file of
     random bytes; returns the bytes written."""
@@ -388,18 +404,30 @@ def workflow(subject, src: str, work: str, moto: Moto, proxy: DelayProxy, writte
     moto.counts(reset=True)
     moto.log()
     store_disk = moto.disk_read()
+    disk_before = disk_mib()
     t0 = time.monotonic()
     image = subject.attach(new_cache=True)
     out["cold attach s"] = time.monotonic() - t0
+    # The disk while the program starts from a dropped page cache: lsbd
+    # reads ~450 files (Python, botocore, its own modules) one after another,
+    # and each waits behind whatever else this machine writes meanwhile.  A
+    # writer beside it (another process's sync) stalled the attach by 1-2 s
+    # before its first request; these say whether that happened.
+    read, written = (b - a for a, b in zip(disk_before, disk_mib()))
+    out["machine disk MiB read (cold attach)"] = read
+    out["machine disk MiB written (cold attach)"] = written
     sh("mount", "-o", "loop,ro", image, fsdir)
     out["cold mount s"] = time.monotonic() - t0 - out["cold attach s"]
     same = sh("diff", "-r", "-q", "-x", "lost+found", src, fsdir, check=False).returncode == 0
     out["cold read s"] = time.monotonic() - t0
+    log = moto.log()
+    if log:     # the program's own start, before the store is asked anything
+        out["cold attach first request s"] = min(start for start, *_ in log) - t0
     if os.environ.get("DISTANT_LOG"):
         with open(f"{log_prefix}.cold", "w") as f:
             json.dump({"t0": t0, "attached": t0 + out["cold attach s"],
                        "mounted": t0 + out["cold attach s"] + out["cold mount s"],
-                       "end": t0 + out["cold read s"], "log": moto.log()}, f)
+                       "end": t0 + out["cold read s"], "log": log}, f)
     out["cold read matches"] = same
     out["store disk MiB read (cold read)"] = moto.disk_read() - store_disk
     # The serving process's memory after the cold read: its peak resident
@@ -482,7 +510,8 @@ def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
                 "cold mount s", "cold read s", "warm read s", "source read s"):
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
     for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)",
-                "store disk MiB read (cold read)"):
+                "store disk MiB read (cold read)", "cold attach first request s",
+                "machine disk MiB read (cold attach)", "machine disk MiB written (cold attach)"):
         if key in a and key in b:
             lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
     for key in ("server peak RSS MiB", "server anon RSS MiB", "server anon RSS MiB 6 s later"):
