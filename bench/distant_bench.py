@@ -17,7 +17,8 @@ otherwise its defaults) go through the same workflow, each in its own bucket:
   unmount     umount, then unmount the image until everything is in the store
               (`lsbd umount` returns then; s3backer when its process exits)
   cold read   a new cache (lsbd: a new cache dir; s3backer: a new process),
-              page cache dropped, every file read back and compared
+              page cache dropped, once the disk is quiet (wait_for_quiet_disk),
+              every file read back and compared
   fio         4 KiB random writes and reads, 1 MiB writes and reads, on the
               image (libaio, O_DIRECT, iodepth 16), and for lsbd over NBD
               (`lsbd serve`, fio's nbd engine)
