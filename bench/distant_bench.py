@@ -532,7 +532,8 @@ def report(delay: float, r: dict, name: str = "lsbd") -> list[str]:
                 "cold mount s", "cold read s", "warm read s", "source read s"):
         lines.append(f"| {key} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.1f}x |")
     for key in ("PUTs per GiB", "GiB up per GiB", "GiB down per GiB", "MiB down (cold read)",
-                "store disk MiB read (cold read)", "cold attach first request s",
+                "store disk MiB read (cold read)", "quiet disk wait s (cold read)",
+                "cold attach first request s",
                 "machine disk MiB read (cold attach)", "machine disk MiB written (cold attach)"):
         if key in a and key in b:
             lines.append(f"| {key} | {a[key]:.2f} | {b[key]:.2f} | |")
