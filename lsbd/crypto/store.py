@@ -23,7 +23,7 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 
@@ -452,6 +452,31 @@ class SealingStore(Store):
         i, j = layout.frames_for(lo, hi)
         stored = self.inner.get(key, layout.starts[i], layout.starts[j] - layout.starts[i])
         return layout.open_span(lo, hi, stored, where=key)
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """get() of each range, the object's layout looked up once and the
+        frames that hold them read by one get_ranges of the inner store."""
+        sealing = self.sealing(key)
+        if sealing is None:
+            return self.inner.get_ranges(key, ranges)
+        try:
+            return self._get_ranges(key, sealing, ranges)
+        except FrameError:
+            if not self._drop(key):     # as get: a layout kept from a replaced object
+                raise
+            return self._get_ranges(key, sealing, ranges)
+
+    def _get_ranges(self, key: str, sealing: VolumeSealing,
+                    ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        layout = self._layout(key, sealing)
+        plain, starts = layout.tail.plain_length, layout.starts
+        spans = [(min(start, plain), min(plain, start + length)) for start, length in ranges]
+        frames = [layout.frames_for(lo, hi) for lo, hi in spans]
+        wanted = [(starts[i], starts[j] - starts[i]) for i, j in frames]
+        stored = self.inner.get_ranges(key, [w for w, (lo, hi) in zip(wanted, spans) if lo < hi])
+        got = iter(stored)
+        return [layout.open_span(lo, hi, next(got), where=key) if lo < hi else b""
+                for lo, hi in spans]
 
     def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
         """The stored frames that hold these plain ranges; for an object

@@ -312,8 +312,9 @@ class SegmentFiles(LocalCopies):
         try:
             idx = self._remote_index(seq)
             check = functools.partial(self._check, seq, idx)
-            for start, end, members in coalesce(pieces, self.block_size):
-                data = self.store.get(key, start, end - start)
+            spans = coalesce(pieces, self.block_size)
+            got = self.store.get_ranges(key, [(start, end - start) for start, end, _m in spans])
+            for (start, _end, members), data in zip(spans, got):
                 for off, piece in split_span(data, start, members, self.block_size,
                                              idx.crc_at, check):
                     out[seq, off] = piece
@@ -341,11 +342,17 @@ class SegmentFiles(LocalCopies):
         try:
             data_end = self._data_end(seq, key)
             out: dict[tuple[int, int], Bytes] = {}
-            for start, end, members in coalesce(pieces, bs):
+            spans = coalesce(pieces, bs)
+            ranges = []
+            for start, end, _members in spans:
                 first = start - ONE_BLOCK_HEAD
                 if first < HEADER.size or end > data_end:
                     return None
-                data = self.store.get(key, first, end - first)
+                ranges.append((first, end - first))
+            # all of the segment's spans in one call: one way through the
+            # store's layers, not one each
+            for (first, _length), (_start, _end, members), data in zip(
+                    ranges, spans, self.store.get_ranges(key, ranges)):
                 view = memoryview(data)
                 for off, _n in members:
                     at = off - first - ONE_BLOCK_HEAD

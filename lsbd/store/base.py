@@ -13,7 +13,7 @@ Every method raises a StoreError subclass on failure:
 from __future__ import annotations
 
 import abc
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 
 class ObjectInfo(NamedTuple):
@@ -63,6 +63,14 @@ class Store(abc.ABC):
         start >= 0: bytes [start, start+length) (to the end if length is None);
         a range past the end is cut short, as with a file read.
         start < 0: the last -start bytes (length must be None)."""
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """get(key, start, length) of each range (start >= 0), in order.  A
+        store that can read several ranges of an object for little more
+        than one (a local file: one descriptor, the reads in one loop) does;
+        by default, one get each (S3 has no multi-range GET that servers
+        honour alike: a request a range is what it would make anyway)."""
+        return [self.get(key, start, length) for start, length in ranges]
 
     def get_tail(self, key: str, n: int, *, stored_size: int | None = None) -> bytes:
         """The last `n` bytes of an object (all of it when shorter).

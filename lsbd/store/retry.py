@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from lsbd.errors import ObjectExists, ObjectNotFound, TransientStoreError
 from lsbd.store.base import ObjectInfo, Store
@@ -130,6 +130,9 @@ class RetryingStore(Store):
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, start, length))
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return self._call(f"get {key}", lambda: self.inner.get_ranges(key, ranges))
 
     def will_need(self, key: str, ranges: list[tuple[int, int | None]]) -> None:
         self.inner.will_need(key, ranges)     # a hint: nothing to retry

@@ -438,16 +438,23 @@ def test_a_damaged_block_in_a_stored_span_is_an_io_error(tmp_path, monkeypatch):
         _evicted(vol, seqs)
         e = vol.map_extents(77, 1)[0]
         bad_key = f"/seg/{e.seq:016x}"
-        real_get = type(vol.store).get
+        real_get, real_get_ranges = type(vol.store).get, type(vol.store).get_ranges
 
-        def get(self, key, start=0, length=None):
-            data = real_get(self, key, start, length)
+        def damaged(key, start, length, data):
             if key.endswith(bad_key) and length and start <= e.offset + 100 < start + length:
                 data = bytearray(data)
                 data[e.offset + 100 - start] ^= 0x5A
             return data
 
+        def get(self, key, start=0, length=None):
+            return damaged(key, start, length, real_get(self, key, start, length))
+
+        def get_ranges(self, key, ranges):
+            return [damaged(key, start, length, data) for (start, length), data
+                    in zip(ranges, real_get_ranges(self, key, ranges))]
+
         monkeypatch.setattr(type(vol.store), "get", get)
+        monkeypatch.setattr(type(vol.store), "get_ranges", get_ranges)
         with pytest.raises(CorruptionError) as err:
             vol.read(0, MiB)
         assert err.value.errno == errno.EIO and err.value.offset == e.offset
@@ -740,11 +747,17 @@ def test_segments_evicted_from_the_cache_are_read_with_no_read_of_their_tails(
         inner = vol.store.inner
         asked: list[tuple[str, int, int | None]] = []
         real_get, real_tail = type(inner).get, type(inner).get_tail
+        real_get_ranges = type(inner).get_ranges
 
         def get(self, key, start=0, length=None):
             if "/seg/" in key:
                 asked.append((key, start, length))
             return real_get(self, key, start, length)
+
+        def get_ranges(self, key, ranges):
+            if "/seg/" in key:
+                asked.extend((key, start, length) for start, length in ranges)
+            return real_get_ranges(self, key, ranges)
 
         def get_tail(self, key, n, **kw):
             asked.append((key, -n, None))
@@ -757,6 +770,7 @@ def test_segments_evicted_from_the_cache_are_read_with_no_read_of_their_tails(
             return sealing_tail(self, key, n, **kw)
 
         monkeypatch.setattr(type(inner), "get", get)
+        monkeypatch.setattr(type(inner), "get_ranges", get_ranges)
         monkeypatch.setattr(type(inner), "get_tail", get_tail)
         monkeypatch.setattr(type(vol.store), "get_tail", sealed_tail)
         one_by_one = _record_one_by_one(monkeypatch)
@@ -845,14 +859,16 @@ def test_a_copy_that_comes_while_a_segment_is_looked_for_is_not_missed(tmp_path,
 
 
 def _store_events(vol, monkeypatch) -> tuple[list[tuple], Callable[[str], int]]:
-    """Every get and will_need of a segment object that reaches the disk
-    (the file:// store under the sealing), as ("get" | "will_need", key,
+    """Every get (each range of a get_ranges as one) and will_need of a
+    segment object that reaches the disk (the file:// store under the
+    sealing), as ("get" | "will_need", key,
     (first byte, end)) in the order they came, and a function of a key
     giving the object's size."""
     from lsbd.store.local import LocalStore
 
     events: list[tuple] = []
     real_get, real_will_need = LocalStore.get, LocalStore.will_need
+    real_get_ranges = LocalStore.get_ranges
 
     def absolute(self, key, start, length):
         size = os.path.getsize(self._path(key))
@@ -865,12 +881,19 @@ def _store_events(vol, monkeypatch) -> tuple[list[tuple], Callable[[str], int]]:
             events.append(("get", key, absolute(self, key, start, length)))
         return real_get(self, key, start, length)
 
+    def get_ranges(self, key, ranges):
+        if "/seg/" in key:
+            events.extend(("get", key, absolute(self, key, start, length))
+                          for start, length in ranges)
+        return real_get_ranges(self, key, ranges)
+
     def will_need(self, key, ranges):
         for start, length in ranges:
             events.append(("will_need", key, absolute(self, key, start, length)))
         return real_will_need(self, key, ranges)
 
     monkeypatch.setattr(LocalStore, "get", get)
+    monkeypatch.setattr(LocalStore, "get_ranges", get_ranges)
     monkeypatch.setattr(LocalStore, "will_need", will_need)
     disk = vol.store
     while not isinstance(disk, LocalStore):
