@@ -34,6 +34,8 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
 
 #: crc32c(data) of one buffer, without the wrapper's call (for hot loops).
 crc32c_of = _fast if _fast is not None else (lambda data: _reference(bytes(data)))
+#: crc32c(data, crc), going on from `crc`, without the wrapper's call.
+crc32c_on = _fast if _fast is not None else (lambda data, crc: _reference(bytes(data), crc))
 
 
 def mask(crc: int) -> int:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from lsbd.checksum import crc32c, mask
+from lsbd.checksum import MASK_DELTA, crc32c_on
 from lsbd.crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Cipher, hkdf,
                               random_bytes)
 from lsbd.crypto.compress import RAW, Compressor, DecompressionFailed, decompress
@@ -94,11 +94,13 @@ def place_bytes(prefix: bytes, position: int, extra: int) -> bytes:
     return prefix + _POSITION.pack(position, extra)
 
 
-def frame_crc(header: bytes, place: bytes, body: bytes | memoryview) -> int:
+def frame_crc(header: bytes | memoryview, place: bytes, body: bytes | memoryview) -> int:
     """The CRC that ends a frame in the clear: over its header, its Place
     and its body.  One function for the sealing and both opening paths, so
-    that they cannot drift apart."""
-    return mask(crc32c(body, crc32c(header + place)))
+    that they cannot drift apart.  (Three CRC steps in C and the mask
+    written out: open_clear calls it for every frame of a read.)"""
+    c = crc32c_on(body, crc32c_on(place, crc32c_on(header, 0)))
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + MASK_DELTA) & 0xFFFFFFFF
 
 
 def object_key(data_key: bytes, *, volume_id: bytes, name: str, object_id: bytes) -> bytes:
@@ -271,18 +273,22 @@ def open_clear(stored: memoryview, starts: Sequence[int], i: int, j: int, prefix
     dest = memoryview(out)
     head, tail = HEADER.size, _CRC.size
     unpack, pack, crc_at = HEADER.unpack_from, _POSITION.pack, _CRC.unpack_from
+    # No builtin calls a frame beyond the checks themselves: a read after
+    # random writes opens some 72 frames a MiB, each ~2 us of Python here.
     for k in range(i, j):
         a, b = starts[k] - base, starts[k + 1] - base
         codec, flags, _r, plain, body, _nonce = unpack(stored, a)
         at = k * frame_size
         if (b - a != head + body or body < tail or flags
-                or plain != min(frame_size, plain_length - at)):
+                or plain != (frame_size if at + frame_size <= plain_length
+                             else plain_length - at)):
             return None
         body_view = stored[a + head:b - tail]
-        if frame_crc(bytes(stored[a:a + head]), prefix + pack(k, plain_length),
+        if frame_crc(stored[a:a + head], prefix + pack(k, plain_length),
                      body_view) != crc_at(stored, b - tail)[0]:
             return None
-        first, last = max(lo, at) - at, min(hi, at + plain) - at
+        first = lo - at if lo > at else 0
+        last = hi - at if hi < at + plain else plain
         if codec == RAW:
             if len(body_view) != plain:
                 return None
