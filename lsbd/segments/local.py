@@ -299,7 +299,8 @@ class SegmentFiles(LocalCopies):
         """The pieces (file offset, nblocks) of sealed segment `seq`, not
         local, from the store: nearby pieces in one ranged GET (a span, as
         read_batch reads a local file; a compressed object's frame is then
-        opened once for all the pieces in it, not once per piece), each
+        opened once for all the pieces in it, not once per piece), all the
+        spans in one call to the store (get_ranges), each
         piece checked against the store's index: {(seq, offset): bytes}.
         Empty if a span fails its check or is not there: the caller reads
         those pieces with read_blocks, which names the bad block."""
@@ -313,8 +314,8 @@ class SegmentFiles(LocalCopies):
             idx = self._remote_index(seq)
             check = functools.partial(self._check, seq, idx)
             spans = coalesce(pieces, self.block_size)
-            got = self.store.get_ranges(key, [(start, end - start) for start, end, _m in spans])
-            for (start, _end, members), data in zip(spans, got):
+            ranges = [(start, end - start) for start, end, _members in spans]
+            for (start, _end, members), data in zip(spans, self.store.get_ranges(key, ranges)):
                 for off, piece in split_span(data, start, members, self.block_size,
                                              idx.crc_at, check):
                     out[seq, off] = piece

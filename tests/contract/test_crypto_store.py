@@ -383,8 +383,9 @@ def test_a_damaged_frame_in_the_clear_fails_a_ranged_read_naming_it(stores):
     starts = SealingStore(inner, store._resolve)._layout(
         seg("z", 1), store.sealing(seg("z", 1))).starts
     for k in range(12):
-        for pos in (starts[k], starts[k] + 5, starts[k] + 30, (starts[k] + starts[k + 1]) // 2,
-                    starts[k + 1] - 1):
+        # codec, reserved, plain length, nonce (checked by the CRC alone), body, CRC
+        for pos in (starts[k], starts[k] + 2, starts[k] + 5, starts[k] + 15, starts[k] + 30,
+                    (starts[k] + starts[k + 1]) // 2, starts[k + 1] - 1):
             bad = bytearray(raw)
             bad[pos] ^= 0x10
             inner.delete(seg("z", 1))
@@ -399,6 +400,61 @@ def test_a_damaged_frame_in_the_clear_fails_a_ranged_read_naming_it(stores):
     inner.delete(seg("z", 1))
     inner.put(seg("z", 1), raw)
     assert SealingStore(inner, store._resolve).get(seg("z", 1), 5, 100_000) == data[5:100_005]
+
+
+@pytest.mark.parametrize("volume", ["a", "z"])
+def test_several_ranges_of_a_sealed_object_open_from_one_inner_call(stores, volume,
+                                                                     monkeypatch):
+    """get_ranges of a compressed (or encrypted) object gives each range as
+    get gives it, with the object's layout looked up once and the frames of
+    all the ranges read by one get_ranges of the inner store; an object in
+    the clear opens them straight into place (no frame-by-frame path)."""
+    inner, store = stores
+    data = mixed_data(40)
+    store.put(seg(volume, 1), data, exclusive=True)
+    inner_calls: list[list] = []
+    real_inner = LocalStore.get_ranges
+    monkeypatch.setattr(LocalStore, "get_ranges", lambda self, key, ranges:
+                        inner_calls.append(list(ranges)) or real_inner(self, key, ranges))
+    slow = []
+    real = objects.Layout.open_frames
+    monkeypatch.setattr(objects.Layout, "open_frames",
+                        lambda self, *a, **kw: slow.append(a) or real(self, *a, **kw))
+    rng = __import__("random").Random(11)
+    for _ in range(30):
+        ranges = [(rng.randrange(len(data) + 100), rng.choice([0, 1, 4096, 4160, 40_000]))
+                  for _ in range(rng.randrange(1, 6))]
+        inner_calls.clear()
+        got = store.get_ranges(seg(volume, 1), ranges)
+        assert got == [data[s:s + n] for s, n in ranges], ranges
+        assert len(inner_calls) == 1, ranges
+    assert (slow == []) == (volume == "z")
+
+
+def test_a_damaged_frame_fails_a_read_of_several_ranges_naming_it(stores):
+    """A frame that fails its check in any range of a get_ranges fails the
+    call with an error naming the object and the frame, as a get does:
+    nothing of the other ranges is returned in its place."""
+    inner, store = stores
+    data = mixed_data(12)
+    store.put(seg("z", 1), data, exclusive=True)
+    raw = inner.get(seg("z", 1))
+    starts = SealingStore(inner, store._resolve)._layout(
+        seg("z", 1), store.sealing(seg("z", 1))).starts
+    for k in (0, 5, 11):
+        bad = bytearray(raw)
+        bad[(starts[k] + starts[k + 1]) // 2] ^= 0x10
+        inner.delete(seg("z", 1))
+        inner.put(seg("z", 1), bytes(bad))
+        fresh = SealingStore(inner, store._resolve)
+        ranges = [(((k + 6) % 12) * 16384 + 10, 4096), (k * 16384 + 100, 4096)]
+        with pytest.raises(FrameError) as e:
+            fresh.get_ranges(seg("z", 1), ranges)
+        assert seg("z", 1) in str(e.value) and f"frame {k}" in str(e.value), (k, e.value)
+    inner.delete(seg("z", 1))
+    inner.put(seg("z", 1), raw)
+    assert SealingStore(inner, store._resolve).get_ranges(seg("z", 1), [(5, 100)]) == \
+        [data[5:105]]
 
 
 def test_a_frame_in_the_clear_unlike_its_header_fails_a_ranged_read_naming_it(stores):

@@ -111,6 +111,42 @@ def test_ranged_reads(any_store):
         any_store.get("missing", -10)
 
 
+def test_several_ranges_of_an_object_read_in_one_call(any_store):
+    """get_ranges gives each range as get gives it, in the order asked (cut
+    short at the end, empty from it on), for a segment object (a local
+    store's kept descriptor) and any other; a missing object is
+    ObjectNotFound."""
+    data = bytes(range(256)) * 40  # 10240 bytes
+    ranges = [(100, 50), (0, 1), (10000, 1000), (10239, 5), (10240, 10), (20000, 10),
+              (0, 0), (5000, 3000), (100, 50), (0, 10240)]
+    for key in (names.segment_key("vol", 3), "obj"):
+        any_store.put(key, data)
+        assert any_store.get_ranges(key, ranges) == [data[s:s + n] for s, n in ranges], key
+        assert any_store.get_ranges(key, []) == []
+    with pytest.raises(ObjectNotFound):
+        any_store.get_ranges("missing", [(0, 10), (20, 10)])
+
+
+def test_local_get_ranges_reads_them_through_one_descriptor(tmp_path, monkeypatch):
+    """A file:// store reads all the ranges of one get_ranges through one
+    descriptor, a pread each: a read after random writes takes a few
+    ranges of each stored segment in one call."""
+    store = LocalStore(str(tmp_path))
+    key = names.segment_key("vol", 9)
+    store.put(key, bytes(range(256)) * 20)
+    opened: list[str] = []
+    preads: list[int] = []
+    real_open, real_pread = os.open, os.pread
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: opened.append(path) or
+                        real_open(path, *a, **kw))
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: preads.append(fd) or
+                        real_pread(fd, n, off))
+    assert store.get_ranges(key, [(0, 3), (4000, 2), (300, 1)]) == [b"\0\1\2", b"\xa0\xa1",
+                                                                    b"\x2c"]
+    assert len(opened) == 1 and len(preads) == 3 and len(set(preads)) == 1
+    store.close()
+
+
 def test_ranged_reads_of_an_empty_object(any_store):
     any_store.put("empty", b"")
     assert any_store.get("empty", 0, 10) == b""
@@ -550,6 +586,16 @@ def test_retry_recovers_from_transient_errors(faulty, caplog):
     # Each retry is logged (at INFO: a retry that succeeds is not an error).
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) == 2 and "get k" in retries[0].getMessage()
+
+
+def test_retry_reads_several_ranges_again_after_a_transient_error(faulty):
+    """A get_ranges that fails part way (here its second range) is retried
+    whole, and gives every range."""
+    store, sleeps = _retrying(faulty)
+    faulty.inner.put("k", b"0123456789")
+    faulty.fail(op="get", times=1, after=1)
+    assert store.get_ranges("k", [(0, 2), (5, 3), (9, 5)]) == [b"01", b"567", b"9"]
+    assert faulty.calls["get"] == 5 and len(sleeps) == 1
 
 
 def test_a_slow_failed_attempt_is_retried_with_a_warning(faulty, caplog):

@@ -290,14 +290,20 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
         _evicted(vol, away)
         inner = vol.store.inner
         asked: list[tuple[str, int]] = []
-        real_get = type(inner).get
+        real_get, real_get_ranges = type(inner).get, type(inner).get_ranges
 
         def get(self, key, start=0, length=None):
             if "/seg/" in key:
                 asked.append((key, start))
             return real_get(self, key, start, length)
 
+        def get_ranges(self, key, ranges):
+            if "/seg/" in key:
+                asked.extend((key, start) for start, _length in ranges)
+            return real_get_ranges(self, key, ranges)
+
         monkeypatch.setattr(type(inner), "get", get)
+        monkeypatch.setattr(type(inner), "get_ranges", get_ranges)
         one_by_one = _record_one_by_one(monkeypatch)
         assert vol.read(0, MiB) == expected
         assert not one_by_one                      # every piece read in a span
@@ -305,6 +311,52 @@ def test_a_read_of_evicted_segments_reads_each_spans_frames_once(tmp_path, monke
         assert {key[-16:] for key, _start in asked} == {f"{seq:016x}" for seq in away}
         with pytest.raises(WouldBlock):
             vol.read(0, MiB, nowait=True)          # the store is never read inline
+    finally:
+        vol.close()
+        vol.store.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "compressed"])
+def test_a_stored_segments_far_apart_pieces_are_read_by_one_call_to_the_store(
+        tmp_path, monkeypatch, kind):
+    """After random writes a read finds a few blocks of each stored segment,
+    too far apart to share a span: all the spans of a segment are asked of
+    the store in one call (get_ranges: one way through its layers, one
+    descriptor), never a get each, and read back what was written."""
+    from lsbd.store.local import LocalStore
+
+    vol = _open(tmp_path, kind)
+    try:
+        testing.stop_read_defrag(vol)
+        for lba in range(256):      # each block of the read 5 blocks from the next
+            vol.write(lba * BS, block(2, lba))
+            for k in range(5):
+                vol.write((256 + 5 * lba + k) * BS, block(3, lba))
+        testing.seal_now(vol)
+        seqs = {e.seq for e in vol.map_extents(0, 256)}
+        _evicted(vol, seqs)
+        calls: list[tuple[str, int]] = []
+        spans: list[tuple[str, int]] = []
+        real_get, real_get_ranges = LocalStore.get, LocalStore.get_ranges
+
+        def get(self, key, start=0, length=None):
+            if "/seg/" in key and start >= 0 and length is not None:
+                spans.append((key, start))
+            return real_get(self, key, start, length)
+
+        def get_ranges(self, key, ranges):
+            calls.append((key, len(ranges)))
+            return real_get_ranges(self, key, ranges)
+
+        monkeypatch.setattr(LocalStore, "get", get)
+        monkeypatch.setattr(LocalStore, "get_ranges", get_ranges)
+        assert vol.read(0, MiB) == b"".join(block(2, lba) for lba in range(256))
+        keys = [key for key, _n in calls]
+        assert {key[-16:] for key in keys} == {f"{seq:016x}" for seq in seqs}
+        assert len(keys) == len(set(keys)), calls              # one call a segment
+        assert sum(n for _key, n in calls) >= 200, calls       # of many spans each
+        # gets of a range: at most a segment's trailer (where its data ends)
+        assert len(spans) <= len(seqs), spans
     finally:
         vol.close()
         vol.store.close()
