@@ -16,10 +16,14 @@ import os
 import sys
 from typing import NoReturn
 
-from lsbd.cli import ui
-from lsbd.cli.args import USAGE_ERROR, LeaveAtOnce, Parser, add_global_options, all_parsers
-from lsbd.cli.context import Context
-from lsbd.errors import LsbdError
+from lsbd import startahead
+
+startahead.read_ahead()   # before the imports below: they are what it reads
+
+from lsbd.cli import ui  # noqa: E402
+from lsbd.cli.args import USAGE_ERROR, LeaveAtOnce, Parser, add_global_options, all_parsers  # noqa: E402
+from lsbd.cli.context import Context  # noqa: E402
+from lsbd.errors import LsbdError  # noqa: E402
 
 # lsbd uses numpy for arrays (opening a volume decodes segment indexes with
 # it), never for linear algebra; numpy's OpenBLAS would start a thread per
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ctx.close()
+    if argv is None and code == 0:
+        startahead.record()     # what the next start reads ahead
     if argv is None and isinstance(result, LeaveAtOnce):
         leave(code)     # the `lsbd` command itself, never a caller in this process
     return code
