@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 LAYERS = [
     ["lsbd.errors"],
     ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio", "lsbd.directio",
-     "lsbd.childproc", "lsbd.freedcap", "lsbd.numpyload", "lsbd.private"],
+     "lsbd.childproc", "lsbd.freedcap", "lsbd.numpyload", "lsbd.private",
+     "lsbd.startahead"],
     ["lsbd.store", "lsbd.crypto"],
     ["lsbd.plans"],
     ["lsbd.format"],
