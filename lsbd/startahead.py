@@ -22,6 +22,9 @@ THREADS = 8
 #: A list past this many files starts over (modules of old versions).
 MAX_FILES = 4000
 
+_stop = threading.Event()
+_threads: list[threading.Thread] = []
+
 
 def list_path() -> str:
     """The list of this interpreter (and bytecode prefix): the paths differ."""
@@ -48,7 +51,7 @@ def read_ahead() -> list[threading.Thread]:
     def work() -> None:
         while True:
             with lock:
-                name = next(names, None)
+                name = None if _stop.is_set() else next(names, None)
             if name is None:
                 return
             try:    # never waits on a FIFO or a terminal: the list is only read ahead
@@ -62,10 +65,22 @@ def read_ahead() -> list[threading.Thread]:
             finally:
                 os.close(fd)
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(THREADS)]
+    _stop.clear()
+    threads = [threading.Thread(target=work, name="lsbd-startahead", daemon=True)
+               for _ in range(THREADS)]
+    _threads.extend(threads)
     for t in threads:
         t.start()
     return threads
+
+
+def finish() -> None:
+    """Stop reading ahead and wait for the threads: a process about to fork
+    has no thread of ours left (a fork copies locks another thread may
+    hold, and Python 3.12 warns about forking a process with threads)."""
+    _stop.set()
+    while _threads:
+        _threads.pop().join()
 
 
 def loaded_files() -> set[str]:

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
+from lsbd import startahead
 from lsbd.errors import LsbdError
 from lsbd_fuse.mounts import MountError, check_can_mount, entries_hidden, log_path, make_run_dir
 from lsbd_fuse.options import DIRECT_IO, READAHEAD
@@ -108,6 +109,7 @@ def _start_background(opener: Opener, mnt: str, *, name: str, read_only: bool,
         pass
     sys.stdout.flush()
     sys.stderr.flush()
+    startahead.finish()     # no thread of ours across the fork
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the serving process, after a second fork (see below)

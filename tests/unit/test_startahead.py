@@ -2,6 +2,10 @@
 
 import os
 import sys
+import threading
+import time
+
+import pytest
 
 from lsbd import startahead
 
@@ -51,3 +55,60 @@ def test_the_list_grows_with_each_start(tmp_path, monkeypatch):
     os.utime(startahead.list_path(), ns=(0, 0))
     startahead.record()         # nothing new: not rewritten
     assert os.stat(startahead.list_path()).st_mtime_ns == 0 != before
+
+
+def _slow_reads_ahead(tmp_path, monkeypatch, files=400):
+    """A list of `files` files whose read-ahead takes 5 ms each; the
+    names of the files asked for so far."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    names = []
+    for k in range(files):
+        name = tmp_path / f"f{k}"
+        name.write_bytes(b"x")
+        names.append(str(name))
+    os.makedirs(os.path.dirname(startahead.list_path()))
+    with open(startahead.list_path(), "w") as f:
+        f.write("\n".join(names) + "\n")
+    asked = []
+
+    def fadvise(fd, offset, length, advice):
+        time.sleep(0.005)
+        asked.append(fd)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    startahead.read_ahead()
+    return asked
+
+
+def _ours():
+    return [t for t in threading.enumerate() if t.name == "lsbd-startahead" and t.is_alive()]
+
+
+def test_finish_stops_the_reads_ahead_and_waits_for_the_threads(tmp_path, monkeypatch):
+    asked = _slow_reads_ahead(tmp_path, monkeypatch)
+    assert _ours()
+    startahead.finish()
+    assert not _ours()
+    assert len(asked) < 400     # stopped, not run to the end
+
+
+def test_a_mount_forks_with_no_read_ahead_thread_left(tmp_path, monkeypatch):
+    from lsbd_fuse import daemon
+
+    _slow_reads_ahead(tmp_path, monkeypatch)
+    at_fork = []
+
+    class Forked(Exception):
+        pass
+
+    def fork():
+        at_fork.append(len(_ours()))
+        raise Forked
+
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(daemon, "make_run_dir", lambda: None)
+    monkeypatch.setattr(daemon, "log_path", lambda mnt: str(tmp_path / "mount.log"))
+    with pytest.raises(Forked):
+        daemon._start_background(lambda: {}, str(tmp_path), name="v", read_only=False,
+                                 direct_io=False, finalizer=None, debug=False, readahead=0)
+    assert at_fork == [0]
