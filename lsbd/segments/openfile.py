@@ -17,23 +17,31 @@ from lsbd.linux import unfilled_bytearray
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
+def _nowait_failed(e: OSError) -> None:
+    """After an RWF_NOWAIT read failed: WouldBlock when the blocks are not
+    in the page cache; plain reads from now on when this kernel or file
+    system cannot read that way (the caller then reads plainly); else the
+    error itself."""
+    global _RWF_NOWAIT
+    if isinstance(e, BlockingIOError):
+        raise WouldBlock("the blocks are not in the page cache") from None
+    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+        raise e
+    _RWF_NOWAIT = None
+
+
 def pread(fd: int, length: int, offset: int, nowait: bool) -> bytes | bytearray:
     """pread; with nowait, only from the page cache (RWF_NOWAIT): a read that
     would wait for the disk raises WouldBlock, so that an event loop never
     stalls on a cold block either.  That read returns the bytearray it read
     into: copying it to bytes cost a quarter of the speed of 1 MiB reads."""
-    global _RWF_NOWAIT
     if not nowait or _RWF_NOWAIT is None:
         return os.pread(fd, length, offset)
     buf = unfilled_bytearray(length)
     try:
         n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
-    except BlockingIOError:
-        raise WouldBlock("the blocks are not in the page cache") from None
     except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        _RWF_NOWAIT = None    # this kernel or file system cannot: plain reads
+        _nowait_failed(e)
         return os.pread(fd, length, offset)
     if n < length:   # partly cached (or cut short: the blocking retry tells)
         raise WouldBlock("the blocks are not all in the page cache")
@@ -175,19 +183,14 @@ class OpenFile:
         than a Python step each: after random writes a MiB read finds some
         160 blocks far apart in some 30 local files.  Reads cut short at
         the file's end come back short (the caller's checks name them)."""
-        global _RWF_NOWAIT
         n = len(offsets)
         if nowait and _RWF_NOWAIT is not None:
             bufs = list(map(bytearray, repeat(length, n)))
             try:
                 got = list(map(os.preadv, repeat(self.fd, n), zip(bufs), offsets,
                                repeat(_RWF_NOWAIT, n)))
-            except BlockingIOError:
-                raise WouldBlock("the blocks are not in the page cache") from None
             except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                _RWF_NOWAIT = None    # this kernel or file system cannot: plain reads
+                _nowait_failed(e)
             else:
                 if got.count(length) != n:   # partly cached, or cut short: read them again
                     raise WouldBlock("the blocks are not all in the page cache")
