@@ -135,6 +135,18 @@ class BlockMap(StagedMerge):
         """The CPU the map's process spent in the batches it applied."""
         return self._offload_cpu + (self._offload.cpu_seconds if self._offload else 0.0)
 
+    def _offload_failed(self, e: OffloadUnavailable, doing: str) -> None:
+        """The map's process could not do a request (`doing`: what the caller
+        does here instead).  After GIVE_UP_AFTER failures in a row it cannot
+        run on this machine: it is stopped, and from then on every request
+        is done in this process."""
+        assert self._offload is not None
+        log.warning("the map %s: its process stopped (%s); %s here", self.path, e, doing)
+        if self._offload.failures >= GIVE_UP_AFTER:
+            self._offload.close()
+            self._offload_cpu += self._offload.cpu_seconds
+            self._offload = None
+
     @contextlib.contextmanager
     def _writing(self, db=None):
         """A write transaction; once it ends, lookups see what it did."""
@@ -366,11 +378,7 @@ class BlockMap(StagedMerge):
                       if isinstance(records, list) and _single_writes(records) else records)
                      for info, records in lists], meta)
             except OffloadUnavailable as e:
-                log.warning("the map %s: its process stopped (%s); applying here", self.path, e)
-                if self._offload.failures >= GIVE_UP_AFTER:     # it cannot run here
-                    self._offload.close()
-                    self._offload_cpu += self._offload.cpu_seconds
-                    self._offload = None
+                self._offload_failed(e, "applying")
             else:
                 for (info, _), n in zip(lists, live):
                     info.live_blocks = n

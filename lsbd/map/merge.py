@@ -17,7 +17,6 @@ under-count).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections import defaultdict
@@ -27,7 +26,7 @@ from lsbd import fileio, linux
 from lsbd.map import staged, updates
 from lsbd.map.encoding import SEQ_KEY as _KEY
 from lsbd.map.encoding import lba_of as _lba
-from lsbd.map.offload import GIVE_UP_AFTER, MapProcess, OffloadUnavailable
+from lsbd.map.offload import MapProcess, OffloadUnavailable
 from lsbd.map.staged import Newest, OneBlockWrites
 
 #: Segments staged before a merge starts (lsbd.map.staged): at 8,192
@@ -43,7 +42,6 @@ MERGE_STEPS = 2
 #: A merge of everything staged whose blocks spread over at least 1/this of
 #: the extents' leaf pages reads the whole map file ahead (BlockMap.merge_all).
 MERGE_READ_AHEAD = 8
-log = logging.getLogger(__name__)
 
 
 class StagedMerge:
@@ -68,7 +66,7 @@ class StagedMerge:
     _gen: tuple[int, Newest] | None
     _reader_lock: threading.Lock
     _offload: MapProcess | None
-    _offload_cpu: float
+    _offload_failed: Callable[..., None]
     _writing: Callable[..., contextlib.AbstractContextManager]
     _drop_reader: Callable[[], None]
     _drop_reader_locked: Callable[[], None]
@@ -169,11 +167,7 @@ class StagedMerge:
             try:
                 nxt, emptied = self._offload.merge(upto, self._merge_from, steps, MERGE_RANGE)
             except OffloadUnavailable as e:
-                log.warning("the map %s: its process stopped (%s); merging here", self.path, e)
-                if self._offload.failures >= GIVE_UP_AFTER:
-                    self._offload.close()
-                    self._offload_cpu += self._offload.cpu_seconds
-                    self._offload = None
+                self._offload_failed(e, "merging")
                 nxt, emptied = self.merge_ranges(upto, self._merge_from, steps)
             else:
                 fileio.map_committed(self.path, self._env)
