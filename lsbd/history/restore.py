@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 from lsbd import names
 from lsbd.engine.volume import Volume
+from lsbd.engine.walk import allocation_chunks
 from lsbd.history.compactor import ensure_checkpoint_at
 from lsbd.meta.clones import write_clone_ref
 from lsbd.plans.restore import changed_ranges
@@ -83,16 +84,13 @@ def restore_volume(store: Store, source: VolumeConfig, seq: int, name: str, *, c
                           encryption=source.encryption)
             created = True
             with Volume.open(store, name, cache_root=cache_root) as dst:
-                offset = 0
-                while offset < src.size:
-                    length = min(COPY_CHUNK, src.size - offset)
-                    for run in src.allocation(offset, length):
+                for offset, length, runs in allocation_chunks(src, COPY_CHUNK):
+                    for run in runs:
                         if run.allocated:
                             dst.write(run.offset, src.read(run.offset, run.length))
                             copied += run.length
-                    offset += length
                     if progress:
-                        progress(offset, src.size)
+                        progress(offset + length, src.size)
                 dst.flush_to_store()
     except BaseException:
         if created and remove is not None:

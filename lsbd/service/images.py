@@ -14,6 +14,7 @@ import stat
 from typing import Callable, Iterable, Iterator
 
 from lsbd import linux
+from lsbd.engine.walk import allocation_chunks
 from lsbd.errors import UserError
 
 CHUNK = 4 * 1024 * 1024
@@ -248,15 +249,12 @@ def export_image(volume, path: str, *, progress: Progress | None = None) -> int:
     target = _Target(path, update=False)
     try:
         target.check_room(volume.size)
-        offset = 0
-        while offset < volume.size:
-            length = min(CHUNK, volume.size - offset)
-            for run in volume.allocation(offset, length):
+        for _offset, length, runs in allocation_chunks(volume, CHUNK):
+            for run in runs:
                 if run.allocated:
                     target.write(run.offset, volume.read(run.offset, run.length))
                 else:
                     target.hole(run.offset, run.length)
-            offset += length
             if progress:
                 progress(length)
         target.finish(volume.size)
