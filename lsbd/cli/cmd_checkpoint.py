@@ -18,6 +18,7 @@ def register(sub) -> None:
 def run(args, ctx) -> int:
     from lsbd.service.writer import run_on_writer
 
+    ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "checkpoint"},
                             cache_root=ctx.cache_dir, break_lease=args.break_lease,
                             prepare=ctx.unlock)

@@ -57,6 +57,7 @@ def run(args, ctx) -> int:
                             "data key it was opened with: stop it, then compact --rekey")
         request["force"] = sorted(stale_segments(ctx.plain_store, args.volume,
                                                  ctx.keyring(args.volume).current))
+    ctx.check_given_key(args.volume)
     with ui.count_progress("compacting") as update:
         report = run_on_writer(ctx.store, args.volume, request, cache_root=ctx.cache_dir,
                                break_lease=args.break_lease, progress=update, timeout=3600,

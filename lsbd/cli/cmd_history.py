@@ -105,6 +105,7 @@ def run_log(args, ctx) -> int:
     from lsbd.plans.restore import format_time
 
     config = load_config(ctx.store, args.volume)
+    ctx.unlock(config.name)   # the times are in the sealed segments: checked, empty or not
     rows = log_rows(ctx.store, config)
     if args.json:
         ui.print_json({"volume": config.name, "created": config.created,
@@ -132,6 +133,7 @@ def run_restore(args, ctx) -> int:
 
     store = ctx.store
     config = load_config(store, args.volume)
+    ctx.unlock(config.name)   # before anything is resolved or made, empty volume or not
     target = resolve_args(store, config, args)
     assert target is not None  # restore's parser requires a point
     plan = plan_restore_to(store, config, target, args.to)

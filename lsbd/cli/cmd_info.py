@@ -6,6 +6,7 @@ from lsbd import names
 from lsbd.cli import ui
 from lsbd.cli.args import add_volume, command
 from lsbd.cli.cmd_history import format_duration
+from lsbd.errors import StoreError
 
 UNKNOWN = "? (the store is unreachable)"
 
@@ -23,6 +24,12 @@ def register(sub) -> None:
 def run(args, ctx) -> int:
     from lsbd.service.volumes import describe_volume
 
+    # An encrypted volume's size and newest seq are in its sealed log: its
+    # key is needed, and checked first, whether the volume holds data yet or not.
+    try:
+        ctx.unlock(args.volume)
+    except StoreError:
+        pass    # describe_volume asks the writer, which answers without the store
     info = describe_volume(ctx.store, args.volume, cache_root=ctx.cache_dir)
     if args.json:
         ui.print_json(info)

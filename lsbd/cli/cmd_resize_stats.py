@@ -24,6 +24,7 @@ def run_resize(args, ctx) -> int:
     from lsbd.service.writer import run_on_writer
 
     size = parse_size(args.size)
+    ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "resize", "size": size},
                             cache_root=ctx.cache_dir, break_lease=args.break_lease,
                             prepare=ctx.unlock)
@@ -37,6 +38,7 @@ def run_stats(args, ctx) -> int:
     # The running writer first: it answers without the store.
     from lsbd.service.writer import run_on_writer
 
+    ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "stats"}, cache_root=ctx.cache_dir,
                             read_only=True, timeout=30,
                             prepare=ctx.unlock)

@@ -35,6 +35,7 @@ def run_create(args, ctx) -> int:
 
     check_snapshot_name(args.name)
     load_config(ctx.store, args.volume)
+    ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "snapshot", "name": args.name},
                             cache_root=ctx.cache_dir,
                             prepare=ctx.unlock)

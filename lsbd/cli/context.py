@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from lsbd import linux, private
 from lsbd.freedcap import FreedMemoryCap
-from lsbd.errors import UserError
+from lsbd.errors import StoreError, UserError
 from lsbd.store import Store, open_store, seal_store
 
 
@@ -152,6 +152,22 @@ class Context:
 
         for config in Lineage.load(self.plain_store, self.volume_config(volume)).chain:
             self.store.learn(config.name, attrs.asdict(config))  # type: ignore[attr-defined]  # open_store's SealingStore
+
+    def key_given(self) -> bool:
+        """Whether a passphrase or key file was given (not asked for)."""
+        return bool(self.key_file or self.passphrase_file or os.environ.get("LSBD_PASSPHRASE"))
+
+    def check_given_key(self, volume: str) -> None:
+        """For a command a running writer may do with the keys it holds:
+        none is asked for, but one given is checked against the volume's
+        keys first, so a wrong one is refused, never silently ignored.
+        An unreachable store cannot check it; the writer answers then."""
+        if not self.key_given():
+            return
+        try:
+            self.unlock(volume)
+        except StoreError:
+            pass
 
     def open_volume(self, name: str, *, read_only: bool = False, break_lease: bool = False,
                     flush_mode: str | None = None, **options):

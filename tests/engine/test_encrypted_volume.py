@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -143,6 +144,47 @@ def test_wrong_or_missing_key_is_one_line_and_changes_nothing(env, tmp_path):
     one_line_error(env.run("export", "v", str(tmp_path / "o.img"), check=False), "keys")
     os.rename(tmp_path / "keys.bak", env.store / keys[0])
     env.run("export", "v", str(tmp_path / "o.img"))
+
+
+def test_a_wrong_passphrase_is_refused_on_an_empty_volume_too(env, tmp_path):
+    """With nothing written no sealed object is read, yet the key is checked
+    first by every command that takes one; commands that need no key (and
+    so ask for none) still work without it."""
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    before = env.objects()
+    for args in (("info", "v"), ("log", "v"), ("restore", "v", "--seq", "0", "--to", "w"),
+                 ("export", "v", str(tmp_path / "o.img")), ("checkpoint", "v"),
+                 ("stats", "v"), ("snapshot", "create", "v", "s1"), ("resize", "v", "8M")):
+        one_line_error(env.run(*args, passphrase="not it", check=False), "wrong passphrase")
+        assert env.objects() == before, args
+    assert "size" in env.run("info", "v").stdout
+    for args in (("list",), ("snapshot", "list", "v"), ("retain", "v", "2h")):
+        env.run(*args, passphrase=None)
+
+
+def test_a_wrong_passphrase_is_refused_when_a_running_writer_does_the_command(env, tmp_path):
+    """A served volume's writer holds the keys: checkpoint, snapshot and stats
+    through it ask for none, but a wrong one given is refused, not ignored."""
+    env.run("create", "v", "--size", "4M", "--encrypt")
+    sock = tmp_path / "nbd.sock"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LSBD_")}
+    server = subprocess.Popen([sys.executable, "-m", "lsbd.cli.main", "--store", env.url,
+                               "--cache-dir", str(env.cache), "serve", "v", "--socket", str(sock)],
+                              env={**environ, "LSBD_PASSPHRASE": "hunter2 is long"},
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            if sock.exists() or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert sock.exists()
+        for args in (("checkpoint", "v"), ("snapshot", "create", "v", "s1"), ("stats", "v")):
+            one_line_error(env.run(*args, passphrase="not it", check=False), "wrong passphrase")
+            env.run(*args, passphrase=None)     # no key given: the writer does it
+        assert "s1" in env.run("snapshot", "list", "v", passphrase=None).stdout
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
 
 
 def test_key_slots_change_add_remove(env, tmp_path):
