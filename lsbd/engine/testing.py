@@ -13,6 +13,7 @@ from typing import Iterator
 
 from lsbd.engine.sealer import MAX_SEALING
 from lsbd.engine.volume import Volume
+from lsbd.map import testing as map_testing
 from lsbd.map.blockmap import STORED, SegmentInfo
 from lsbd.segments.journal import OpenSegment
 from lsbd.segments.local import SegmentFiles
@@ -102,8 +103,7 @@ def map_of(vol):
 
 def map_process(vol: Volume):
     """The map's process (lsbd.map.offload) as a Popen, or None when none runs."""
-    off = vol._st.map._offload
-    return off._proc if off is not None else None
+    return map_testing.map_process(vol._st.map)
 
 
 def staged_segments(vol) -> int:
@@ -113,7 +113,7 @@ def staged_segments(vol) -> int:
 
 def map_merging(vol) -> bool:
     """Whether a merge of staged segments is under way (some ranges done)."""
-    return vol._st.map._merging is not None
+    return map_testing.merging(vol._st.map)
 
 
 def merge_staged(vol) -> None:
@@ -124,11 +124,8 @@ def merge_staged(vol) -> None:
 
 def map_live_rows(vol) -> dict[int, int]:
     """Each segment's live blocks as its row in the map says, staged writes
-    not added (those not 0), and the same counted over the extents."""
-    bm = vol._st.map
-    with bm._env.begin(db=bm._segments) as txn:
-        rows = [SegmentInfo.unpack(int.from_bytes(k, "big"), v) for k, v in txn.cursor()]
-    return {i.seq: i.live_blocks for i in rows if i.live_blocks}
+    not added (those not 0)."""
+    return map_testing.segment_rows(vol._st.map)
 
 
 def map_recount(vol) -> dict[int, int]:
@@ -179,13 +176,7 @@ def map_snapshots_held(vol: Volume) -> int:
     """How many read transactions (snapshots) of the block map are open now:
     the slots of LMDB's reader table with a transaction id ("-" is a slot
     kept for a thread, holding nothing)."""
-    # The reader table is the only place lmdb (py-lmdb 3.0) shows which
-    # snapshots are open, and it shows it only as text: info()["num_readers"]
-    # counts the slots ever used (it stays up after a transaction ends), and
-    # reader_check() only clears slots of dead processes.
-    table = vol._st.map._env.readers()
-    return sum(1 for line in table.splitlines()[1:]
-               if line.split() and line.split()[-1] != "-")
+    return map_testing.snapshots_held(vol._st.map)
 
 
 def stop_background(vol: Volume) -> None:

@@ -17,6 +17,7 @@ from test_map_staged import SPACE, _blocks, _check, _info, _lay, _merged_exactly
 
 from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, Record
 from lsbd.map import merge, staged
+from lsbd.map import testing as map_testing
 from lsbd.map.blockmap import BlockMap
 from lsbd.map.offload import MapProcess, OffloadUnavailable
 
@@ -59,11 +60,8 @@ def _cover(bm: BlockMap, model: dict) -> int:
 
 def _staged_blocks_under(bm: BlockMap, seq: int) -> int:
     """Staged writes older than `seq` inside _long's blocks (all of them)."""
-    with bm._env.begin() as txn:
-        return sum(int(((lbas >= 10) & (lbas < 160) | (lbas >= TRIM_FROM)).sum())
-                   for _s, lbas, _o in ((s, *staged.unpack(v)) for s, v in
-                                        merge._staged_upto(txn.cursor(db=bm._staged_db),
-                                                              seq)))
+    return sum(int(((lbas >= 10) & (lbas < 160) | (lbas >= TRIM_FROM)).sum())
+               for _s, lbas, _o in map_testing.staged_writes(bm, seq))
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["here", "maps_process"])
@@ -95,7 +93,7 @@ def test_a_cover_holds_after_a_reopen_and_a_merge_up_to_an_older_seq(tmp_path, m
     writes remain; the rows end as a recount."""
     monkeypatch.setattr(merge, "MERGE_RANGE", 7)
     bm, model = _staged_map(tmp_path, random.Random(22), 6)
-    first = bm._staged_seqs[0]
+    first = map_testing.staged_seqs(bm)[0]
     try:
         seq = _cover(bm, model)
         rng = random.Random(3)
@@ -109,18 +107,15 @@ def test_a_cover_holds_after_a_reopen_and_a_merge_up_to_an_older_seq(tmp_path, m
     try:
         assert bm.staged_count() == 8
         _check(bm, model)
-        bm._merging, bm._merge_from = first + 2, 0       # older than the cover
-        bm._run_merge(1 << 20)
+        map_testing.merge_upto(bm, first + 2)       # older than the cover
         assert bm.staged_count() == 5
         _check(bm, model)
-        with bm._env.begin() as txn:
-            assert [c[0] for c in bm._covers_in(txn)] == [seq]
+        assert [c[0] for c in map_testing.covers(bm)] == [seq]
         bm.close()
         bm = BlockMap(str(tmp_path / "map"), BS)
         _check(bm, model)
         _merged_exactly(bm, model)
-        with bm._env.begin() as txn:
-            assert bm._covers_in(txn) == []        # gone with the last staged value
+        assert map_testing.covers(bm) == []        # gone with the last staged value
     finally:
         bm.close()
 
@@ -140,11 +135,11 @@ def test_a_cover_during_a_merge_under_way(tmp_path, small_merges, offload):
             records = _segment(rng, s, mixed=False)
             bm.apply_segments([(_info(s), records)], applied_seq=str(s).encode())
             _lay(model, s, records)
-        assert bm._merging is not None
+        assert map_testing.merging(bm)
         _cover(bm, model)
         _check(bm, model)
-        while bm._merging is not None:
-            bm._run_merge(1)
+        while map_testing.merging(bm):
+            map_testing.merge_steps(bm, 1)
             _check(bm, model)
         _merged_exactly(bm, model)
     finally:

@@ -13,6 +13,7 @@ import pytest
 from engine_helpers import BS, MiB, blocks, open_test_store, read_all, read_from_store
 
 from lsbd.map import blockmap, encoding, mapfile
+from lsbd.map import testing as map_testing
 from lsbd.map.blockmap import BlockMap, Extent, SegmentInfo
 from lsbd.meta.config import create_volume
 from lsbd.format.segment import DATA, TRIM, Record
@@ -358,7 +359,7 @@ def test_a_scratch_map_of_one_block_records_is_their_overlay(tmp_path):
     rng = random.Random(9)
     fast = BlockMap(str(tmp_path / "fast"), BS, scratch=True)
     slow = BlockMap(str(tmp_path / "slow"), BS, scratch=True)
-    slow._singles = False
+    map_testing.overlay_record_by_record(slow)
     try:
         for seq in range(1, 30):
             records = (_mixed_records(rng, 30, 200) if seq == 20 else
@@ -366,7 +367,7 @@ def test_a_scratch_map_of_one_block_records_is_their_overlay(tmp_path):
                         for r in _one_block_records(rng, 40, 200)])
             fast.overlay(seq, records)
             slow.overlay(seq, records)
-            assert fast._singles == (seq < 20)
+            assert map_testing.overlays_one_block_entries(fast) == (seq < 20)
             assert list(fast.iter_extents()) == list(slow.iter_extents()), seq
         assert any(e.seq == 0 for e in fast.iter_extents())
     finally:

@@ -20,6 +20,7 @@ from lsbd.engine.volume import Volume
 from lsbd import linux
 from lsbd.format.segment import DATA, TRIM, ZERO, Record
 from lsbd.map import blockmap, merge, staged
+from lsbd.map import testing as map_testing
 from lsbd.map.blockmap import BlockMap, SegmentInfo
 from lsbd.meta.config import create_volume
 
@@ -93,16 +94,13 @@ def _check(bm: BlockMap, model: dict[int, tuple[int, int]]) -> None:
 
 def _rows(bm: BlockMap) -> dict[int, int]:
     """The rows' own live counts (no staged writes added), those not 0."""
-    with bm._env.begin(db=bm._segments) as txn:
-        rows = [SegmentInfo.unpack(int.from_bytes(k, "big"), v) for k, v in txn.cursor()]
-    return {i.seq: i.live_blocks for i in rows if i.live_blocks}
+    return map_testing.segment_rows(bm)
 
 
 def _merged_exactly(bm: BlockMap, model: dict[int, tuple[int, int]]) -> None:
     bm.merge_all()
     assert bm.staged_count() == 0
-    with bm._env.begin(db=bm._staged_db) as txn:
-        assert txn.stat(bm._staged_db)["entries"] == 0
+    assert map_testing.staged_values(bm) == []
     _check(bm, model)
     assert _rows(bm) == dict(Counter(seq for seq, _off in model.values()))
 
@@ -175,11 +173,11 @@ def test_a_range_merged_twice_counts_its_blocks_once(tmp_path, monkeypatch):
         top = bm.get_int("applied_seq")
         assert bm.merge_ranges(top, 0, 2)[0] is not None
         once = (_rows(bm), list(bm.iter_extents()))
-        txnid = bm._env.info()["last_txnid"]
+        txnid = map_testing.last_txnid(bm)
         bm.merge_ranges(top, 0, 2)
         assert (_rows(bm), list(bm.iter_extents())) == once
         # Done again, the ranges wrote nothing (a resumed merge costs lookups only).
-        assert bm._env.info()["last_txnid"] == txnid
+        assert map_testing.last_txnid(bm) == txnid
         _check(bm, model)
         _merged_exactly(bm, model)
     finally:
@@ -192,11 +190,9 @@ def test_the_last_range_deletes_exactly_the_merged_segments(tmp_path, monkeypatc
     bm, model = _staged_map(tmp_path, random.Random(4), 5)
     try:
         top = bm.get_int("applied_seq")
-        bm._merging, bm._merge_from = top - 2, 0
-        bm._run_merge(1 << 20)
-        assert bm._staged_seqs == [top - 1, top]
-        with bm._env.begin(db=bm._staged_db) as txn:
-            assert [int.from_bytes(k, "big") for k, _v in txn.cursor()] == [top - 1, top]
+        map_testing.merge_upto(bm, top - 2)
+        assert map_testing.staged_seqs(bm) == [top - 1, top]
+        assert map_testing.staged_values(bm) == [top - 1, top]
         _check(bm, model)
         _merged_exactly(bm, model)
     finally:
@@ -245,8 +241,9 @@ def test_the_maps_process_killed_inside_a_merge_loses_nothing(tmp_path, small_me
             records = _segment(rng, seq, mixed=False)
             bm.apply_segments([(_info(seq), records)], applied_seq=str(seq).encode())
             _lay(model, seq, records)
-            if seq % 7 == 0 and bm._offload is not None and bm._offload._proc is not None:
-                os.kill(bm._offload._proc.pid, signal.SIGKILL)
+            proc = map_testing.map_process(bm)
+            if seq % 7 == 0 and proc is not None:
+                os.kill(proc.pid, signal.SIGKILL)
             _check(bm, model)
         _merged_exactly(bm, model)
     finally:

@@ -1,9 +1,12 @@
-"""Tests reach the engine's insides only through lsbd.engine.testing.
+"""Tests reach the engine's insides only through lsbd.engine.testing, and
+the block map's only through lsbd.map.testing.
 
 Any attribute a class of lsbd/engine/ keeps private (`self._x = ...`) is
 off limits to the tests: `vol._map`, `v._seal()`, `reader._files` all fail
 here.  What a test needs goes into lsbd/engine/testing.py instead, so the
-engine can change shape without breaking the suite."""
+engine can change shape without breaking the suite.  The same holds for
+the map's private state (`bm._env`, `bm._merging`), in the tests and in
+the engine's seams alike: lsbd/map/testing.py holds what they need."""
 
 import ast
 import pathlib
@@ -20,8 +23,18 @@ FORMER = {"_map", "_files", "_open", "_lock", "_sealing", "_sealer", "_uploader"
 
 
 def engine_privates() -> set[str]:
-    names = set(FORMER)
-    for path in (ROOT / "lsbd" / "engine").rglob("*.py"):
+    return FORMER | privates_in("engine")
+
+
+def map_privates() -> set[str]:
+    return privates_in("map")
+
+
+def privates_in(package: str) -> set[str]:
+    """The private methods and attributes the modules of lsbd/<package>/
+    define, their seams (testing.py) aside."""
+    names = set()
+    for path in (ROOT / "lsbd" / package).rglob("*.py"):
         if path.name == "testing.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -54,7 +67,31 @@ def test_no_test_touches_the_engines_private_state():
     assert not found, "use lsbd.engine.testing instead:\n" + "\n".join(found)
 
 
+def test_no_test_touches_the_maps_private_state():
+    privates = map_privates()
+    assert {"_env", "_merging", "_run_merge", "_offload"} <= privates, \
+        "the scan finds the map's privates"
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        found += private_uses(path.read_text(), str(path.relative_to(ROOT)), privates)
+    assert not found, "use lsbd.map.testing instead:\n" + "\n".join(found)
+
+
+def test_the_engines_seams_reach_the_map_through_its_seams():
+    """lsbd/engine/testing.py may use the engine's privates, not the map's
+    (a name both keep private, such as `_lock`, is the engine's there)."""
+    privates = map_privates() - engine_privates()
+    path = ROOT / "lsbd" / "engine" / "testing.py"
+    found = private_uses(path.read_text(), str(path.relative_to(ROOT)), privates)
+    assert not found, "use lsbd.map.testing instead:\n" + "\n".join(found)
+
+
 def test_the_check_sees_a_private_access():
     privates = engine_privates()
     bad = "def test(vol):\n    vol._sealer.seal()\n    assert vol._st.map.extent_count() == 0\n"
     assert len(private_uses(bad, "t.py", privates)) == 2
+
+
+def test_the_check_sees_a_private_access_to_the_map():
+    bad = "def test(bm):\n    bm._merging = 3\n    with bm._env.begin() as txn:\n        pass\n"
+    assert len(private_uses(bad, "t.py", map_privates())) == 2
