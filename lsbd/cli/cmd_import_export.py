@@ -1,5 +1,7 @@
 """lsbd import VOLUME FILE / lsbd export VOLUME FILE: whole-volume copies."""
 
+import os
+
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command, path_arg
 from lsbd.cli.points import add_point_args, live_state, resolve_args
@@ -26,8 +28,9 @@ def register(sub) -> None:
     p = command(sub, "export", help="copy a volume (or a past state) out to a file or device",
                 description="Copy a volume, or a past state of it, out to FILE: a regular file "
                             "is created or replaced and comes out sparse (holes stay holes); a "
-                            "block device gets every block (holes as zeros) and is never "
-                            "truncated. With --from, FILE already holds an older state and only "
+                            "block device, or a file that cannot be replaced (a mounted lsbd "
+                            "volume's image), gets every block in place (holes as zeros) and is "
+                            "never truncated. With --from, FILE already holds an older state and only "
                             "the changed blocks are written. A volume mounted or served here is "
                             "copied as it is now: its writer first puts what it holds in the "
                             "store.",
@@ -83,15 +86,21 @@ def run_export(args, ctx) -> int:
         target = live_state(ctx, args.volume, "this export")
     if args.from_point is not None:
         return _export_changes(args, ctx, config, target)
+    in_place = written_in_place(args.file)
+    if in_place and os.path.isfile(args.file):
+        ui.note(f"{args.file} cannot be replaced (a mounted image, or its folder takes no new "
+                "file): it is written in place, and holds only part of the volume if the "
+                "export fails or is interrupted")
     with ctx.open_volume(args.volume, read_only=True, at_seq=target) as vol, \
             ui.byte_progress(f"exporting {vol.name}", vol.size) as advance:
         try:
             size = export_image(vol, args.file, progress=advance)
         except KeyboardInterrupt:
-            if written_in_place(args.file):
+            if in_place:
                 raise KeyboardInterrupt(f"{args.file} holds only part of {args.volume}; "
                                         "export again") from None
             raise KeyboardInterrupt(f"{args.file} is as it was; export again") from None
+
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 from lsbd import linux
 from lsbd.engine.walk import allocation_chunks
-from lsbd.errors import UserError
+from lsbd.errors import LsbdError, UserError
 
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
@@ -141,16 +141,35 @@ def _zero_allocated(volume, start: int, end: int) -> None:
 # --- out -----------------------------------------------------------------------------
 
 def written_in_place(path: str) -> bool:
-    """Whether an export to path writes it in place (a block device, a
-    stream), rather than beside it and renamed once whole (a file)."""
+    """Whether an export to path writes it where it is: a block device, a
+    stream, or a file that cannot be replaced (the user's explicit target):
+    a file mounted on (rename cannot go over a mount point) or one whose
+    folder takes no new file, such as a mounted lsbd volume's image (FUSE).
+    Any other file is written beside it and renamed once whole."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
+        st = os.stat(path)
     except FileNotFoundError:
         return False
+    except OSError:
+        return False        # opening it fails and says why
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    folder, name = os.path.split(os.path.realpath(path))
+    probe = os.path.join(folder, f".{name}.probe-{os.getpid()}")
+    try:
+        if os.stat(folder).st_dev != st.st_dev:
+            return True
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return True
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return False
 
 
 class _Target:
-    """Where an export writes: a sparse regular file, a block device, or a
+    """Where an export writes: a sparse regular file, a block device or a
+    file written in place (fixed: every block written, holes as zeros), or a
     stream (a character device or a pipe: every byte in order)."""
 
     def __init__(self, path: str, *, update: bool):
@@ -165,8 +184,10 @@ class _Target:
         if update and st is None:
             raise UserError(f"cannot update {path} (no such file): --from needs an image of "
                             "the older state to bring up to date")
-        self.device = st is not None and stat.S_ISBLK(st.st_mode)
         self.regular = st is None or stat.S_ISREG(st.st_mode)
+        in_place = st is not None and not update and written_in_place(path)
+        #: Old bytes to overwrite: holes are written as zeros.
+        self.fixed = st is not None and (stat.S_ISBLK(st.st_mode) or (self.regular and in_place))
         #: A whole file is written under a temporary name beside it and
         #: renamed over it once complete: an export that fails or is
         #: interrupted leaves the file that was there (an older good export)
@@ -174,7 +195,7 @@ class _Target:
         self.partial: str | None = None
         self.final = os.path.realpath(path)     # through a symlink: its target is replaced
         opened = path
-        if self.regular and not update:
+        if self.regular and not update and not in_place:
             folder, name = os.path.split(self.final)
             opened = os.path.join(folder, f".{name}.partial-{os.getpid()}")
             flags |= os.O_CREAT | os.O_TRUNC
@@ -192,16 +213,21 @@ class _Target:
                     raise _fail(path, "opening", e) from None
 
     def check_room(self, size: int) -> None:
-        if self.device:
-            room = os.lseek(self.fd, 0, os.SEEK_END)
-            if room < size:
-                raise UserError(f"{self.path} holds {room} bytes: too small for {size} bytes")
+        if not self.fixed:
+            return
+        room = os.lseek(self.fd, 0, os.SEEK_END)
+        if room < size and self.regular:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)     # a file (a FUSE image) may grow
+                room = size
+        if room < size:
+            raise UserError(f"{self.path} holds {room} bytes: too small for {size} bytes")
 
     def write(self, offset: int, data: bytes) -> None:
         try:
             done = 0
             while done < len(data):
-                if self.regular or self.device:
+                if self.regular or self.fixed:
                     n = os.pwrite(self.fd, data[done:], offset + done)
                 else:
                     n = os.write(self.fd, data[done:])
@@ -212,9 +238,9 @@ class _Target:
             raise _fail(self.path, "writing", e, offset + done) from None
 
     def hole(self, offset: int, length: int) -> None:
-        """Bytes that read as zeros: left as a hole in a file, written on a
-        device or a stream (which cannot have holes)."""
-        if self.regular:
+        """Bytes that read as zeros: left as a hole in a new file, written on
+        a device, a file written in place (over its old bytes) or a stream."""
+        if self.regular and not self.fixed:
             return
         while length > 0:
             n = min(length, CHUNK)
@@ -226,7 +252,7 @@ class _Target:
         try:
             if self.regular and os.fstat(self.fd).st_size < size:
                 os.ftruncate(self.fd, size)
-            if self.regular or self.device:
+            if self.regular or self.fixed:
                 os.fsync(self.fd)
             if self.partial is not None:
                 os.rename(self.partial, self.final)
@@ -249,15 +275,21 @@ def export_image(volume, path: str, *, progress: Progress | None = None) -> int:
     target = _Target(path, update=False)
     try:
         target.check_room(volume.size)
-        for _offset, length, runs in allocation_chunks(volume, CHUNK):
-            for run in runs:
-                if run.allocated:
-                    target.write(run.offset, volume.read(run.offset, run.length))
-                else:
-                    target.hole(run.offset, run.length)
-            if progress:
-                progress(length)
-        target.finish(volume.size)
+        try:
+            for _offset, length, runs in allocation_chunks(volume, CHUNK):
+                for run in runs:
+                    if run.allocated:
+                        target.write(run.offset, volume.read(run.offset, run.length))
+                    else:
+                        target.hole(run.offset, run.length)
+                if progress:
+                    progress(length)
+            target.finish(volume.size)
+        except LsbdError as e:
+            if target.fixed and target.regular:     # a file that could not be replaced
+                raise UserError(f"{e}; {path} was written in place and now holds only part "
+                                "of the volume: export again") from e
+            raise
         return volume.size
     finally:
         target.close()

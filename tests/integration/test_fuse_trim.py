@@ -195,3 +195,42 @@ def test_a_mount_on_a_directory_that_is_not_empty_says_what_it_hides(fenv):
     assert (mnt / "notes.txt").read_text() == "hidden while mounted"
     assert "not empty" not in fenv.mount("vol", fenv.tmp / "empty").stderr
     fenv.umount(fenv.tmp / "empty")
+
+
+def test_an_export_onto_a_mounted_volumes_image_or_a_loop_device_writes_in_place(fenv):
+    """A FUSE image cannot be replaced (its folder takes no new file): the
+    export writes it in place, says so, overwrites its old bytes (holes as
+    zeros) and grows it to the volume's size; one that fails says the image
+    holds only part.  A loop device is written in place as ever."""
+    data = os.urandom(3 * MiB)
+    (fenv.tmp / "in.raw").write_bytes(data)
+    fenv.lsbd("create", "src", "--size", "8M")
+    fenv.lsbd("import", "src", fenv.tmp / "in.raw")
+    fenv.lsbd("create", "vol", "--size", "4M")
+    mnt = fenv.tmp / "mnt"
+    fenv.mount("vol", mnt)
+    image = mnt / "vol.img"
+    with open(image, "r+b") as f:
+        f.write(os.urandom(4 * MiB))
+    r = fenv.lsbd("export", "src", image)
+    assert "cannot be replaced" in r.stderr and "written in place" in r.stderr
+    assert image.read_bytes() == data + bytes(5 * MiB)
+    assert [p.name for p in mnt.iterdir()] == ["vol.img"]
+
+    segment = next((Path(fenv.store[len("file://"):]) / "volumes" / "src" / "seg").iterdir())
+    good = segment.read_bytes()
+    body = bytearray(good)
+    body[len(body) // 2] ^= 0xFF
+    segment.chmod(0o600)
+    segment.write_bytes(bytes(body))
+    bad = fenv.lsbd("--cache-dir", fenv.tmp / "cache2", "export", "src", image, check=False)
+    assert bad.returncode == 1
+    assert "checksum" in bad.stderr and f"{image} was written in place and now holds only " \
+        "part of the volume: export again" in bad.stderr
+    segment.write_bytes(good)
+
+    (fenv.tmp / "disk.raw").write_bytes(os.urandom(9 * MiB))
+    dev = run("losetup", "-f", "--show", fenv.tmp / "disk.raw").stdout.strip()
+    fenv.loops.append(dev)
+    fenv.lsbd("export", "src", dev)
+    assert (fenv.tmp / "disk.raw").read_bytes()[:8 * MiB] == data + bytes(5 * MiB)
