@@ -21,6 +21,16 @@ from lsbd.store.local import LocalStore
 from lsbd.store.openfds import OpenObjects
 from lsbd.store.retry import RetryingStore
 
+
+@pytest.fixture
+def local_store(tmp_path):
+    """A file:// store in a folder of its own (tmp_path/store), closed after
+    the test: the one the file:// specifics and the wrappers' tests use."""
+    store = LocalStore(str(tmp_path / "store"))
+    yield store
+    store.close()
+
+
 # --- the contract, on both kinds of store ---------------------------------------------
 
 
@@ -127,11 +137,11 @@ def test_several_ranges_of_an_object_read_in_one_call(any_store):
         any_store.get_ranges("missing", [(0, 10), (20, 10)])
 
 
-def test_local_get_ranges_reads_them_through_one_descriptor(tmp_path, monkeypatch):
+def test_local_get_ranges_reads_them_through_one_descriptor(local_store, monkeypatch):
     """A file:// store reads all the ranges of one get_ranges through one
     descriptor, a pread each: a read after random writes takes a few
     ranges of each stored segment in one call."""
-    store = LocalStore(str(tmp_path))
+    store = local_store
     key = names.segment_key("vol", 9)
     store.put(key, bytes(range(256)) * 20)
     opened: list[str] = []
@@ -144,7 +154,6 @@ def test_local_get_ranges_reads_them_through_one_descriptor(tmp_path, monkeypatc
     assert store.get_ranges(key, [(0, 3), (4000, 2), (300, 1)]) == [b"\0\1\2", b"\xa0\xa1",
                                                                     b"\x2c"]
     assert len(opened) == 1 and len(preads) == 3 and len(set(preads)) == 1
-    store.close()
 
 
 def test_ranged_reads_of_an_empty_object(any_store):
@@ -256,11 +265,11 @@ def test_concurrent_puts_and_gets(any_store):
     assert keys == sorted(keys)
 
 
-def test_local_segment_reads_see_the_object_written_again_or_deleted(tmp_path):
+def test_local_segment_reads_see_the_object_written_again_or_deleted(local_store, tmp_path):
     """A file:// store keeps its segment objects' files open between reads
     (lsbd.store.openfds): a key it writes again (put, put_file) or deletes
     is read afresh, never from the file of the object it replaced."""
-    store = LocalStore(str(tmp_path / "store"))
+    store = local_store
     key = names.segment_key("vol", 7)
     store.put(key, b"first" * 100)
     assert store.get(key, 5, 5) == b"first"
@@ -280,7 +289,7 @@ def test_local_segment_reads_see_the_object_written_again_or_deleted(tmp_path):
     # process may write them again.
     store.put("vol/lease", b"mine")
     assert store.get("vol/lease") == b"mine"
-    LocalStore(str(tmp_path / "store")).put("vol/lease", b"theirs")
+    LocalStore(store.root).put("vol/lease", b"theirs")
     assert store.get("vol/lease") == b"theirs"
     assert len(store._kept_open) == 1
     store.close()
@@ -342,11 +351,11 @@ def test_open_objects_close_a_file_only_once_no_read_holds_it(tmp_path, monkeypa
 # --- S3 specifics ----------------------------------------------------------------------
 
 
-def test_local_put_file_links_the_file_even_an_unnamed_one(tmp_path):
+def test_local_put_file_links_the_file_even_an_unnamed_one(local_store, tmp_path):
     """put_file on a file:// store is a hard link, not a copy: of a named
     file, and of an unnamed one (O_TMPFILE) through /proc/self/fd/N, which
     is how a sealed segment's scratch file reaches the store."""
-    store = LocalStore(str(tmp_path / "store"))
+    store = local_store
     named = tmp_path / "segment"
     named.write_bytes(b"named" * 1000)
     store.put_file("vol/seg/1", str(named), exclusive=True)
@@ -371,10 +380,10 @@ def test_will_need_is_a_hint_that_never_fails(any_store):
     assert any_store.get("a/hinted", 990) == b"x" * 10
 
 
-def test_local_will_need_asks_the_kernel_for_each_range(tmp_path, monkeypatch):
+def test_local_will_need_asks_the_kernel_for_each_range(local_store, monkeypatch):
     """A file:// store hands each range (a suffix too) to the kernel, to be
     read now."""
-    store = RetryingStore(LocalStore(str(tmp_path)))
+    store = RetryingStore(local_store)
     store.put("seg/1", b"x" * 1000)
     asked: list[tuple[int, int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise",
@@ -384,10 +393,11 @@ def test_local_will_need_asks_the_kernel_for_each_range(tmp_path, monkeypatch):
     assert asked == [(0, 100, need), (990, 0, need), (200, 0, need)]
 
 
-def test_local_will_need_of_a_segment_uses_the_descriptor_its_gets_keep(tmp_path, monkeypatch):
+def test_local_will_need_of_a_segment_uses_the_descriptor_its_gets_keep(local_store,
+                                                                          monkeypatch):
     """A segment object's descriptor, kept open by its gets, is the one its
     will_need advises through: a hint opens no file of its own."""
-    store = RetryingStore(LocalStore(str(tmp_path)))
+    store = RetryingStore(local_store)
     key = names.segment_key("vol", 9)
     store.put(key, b"s" * 5000)
     assert store.get(key, 0, 10) == b"s" * 10
@@ -564,8 +574,8 @@ def test_open_store_builds_the_right_stores(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def faulty(tmp_path):
-    return FaultyStore(LocalStore(str(tmp_path / "store")))
+def faulty(local_store):
+    return FaultyStore(local_store)
 
 
 def _retrying(inner, attempts=4):
