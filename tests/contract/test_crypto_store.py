@@ -49,6 +49,24 @@ def seg(volume: str, seq: int) -> str:
     return names.segment_key(volume, seq)
 
 
+def reopened(store: SealingStore) -> SealingStore:
+    """Another sealing store over the same objects and settings, with no
+    layouts kept: it reads them as a new process would."""
+    return SealingStore(store.inner, store._resolve)
+
+
+def layout_of(store: SealingStore, key: str) -> objects.Layout:
+    """The layout of the sealed object `key` (where its frames start), read afresh."""
+    return reopened(store)._layout(key, store.sealing(key))
+
+
+def replace(inner: LocalStore, key: str, content: bytes) -> None:
+    """Write `key` again behind the sealing store's back (as another writer,
+    or damage, would)."""
+    inner.delete(key)
+    inner.put(key, content)
+
+
 @pytest.mark.parametrize("volume", ["a", "z"])
 def test_round_trip_whole_and_ranges(stores, volume):
     inner, store = stores
@@ -77,7 +95,7 @@ def test_empty_object(stores):
 
 
 def expect_failure(store, key: str) -> None:
-    fresh = SealingStore(store.inner, store._resolve)        # no layouts kept
+    fresh = reopened(store)      # no layouts kept
     with pytest.raises(FrameError) as e:
         fresh.get(key)
     assert key in str(e.value)
@@ -92,41 +110,37 @@ def test_tampering(stores):
         store.put(seg("a", seq), data[::-1] if seq == 2 else data)
     store.put(seg("b", 1), data)
     raw = inner.get(seg("a", 1))
-    layout = SealingStore(inner, store._resolve)._layout(seg("a", 1), store.sealing(seg("a", 1)))
-    starts = layout.starts
-
-    def replace(key: str, content: bytes) -> None:
-        inner.delete(key)
-        inner.put(key, content)
+    starts = layout_of(store, seg("a", 1)).starts
 
     # a flipped byte, in a frame and in the tail
     for pos in (10, starts[1] + 30, len(raw) - 70, len(raw) - 5):
         bad = bytearray(raw)
         bad[pos] ^= 1
-        replace(seg("a", 1), bytes(bad))
+        replace(inner, seg("a", 1), bytes(bad))
         expect_failure(store, seg("a", 1))
     # two frames swapped (the index still gives each frame's length: swap equal ones)
     f0, f1 = raw[starts[0]:starts[1]], raw[starts[1]:starts[2]]
-    replace(seg("a", 1), raw[:starts[0]] + f1 + f0 + raw[starts[2]:])
+    replace(inner, seg("a", 1), raw[:starts[0]] + f1 + f0 + raw[starts[2]:])
     expect_failure(store, seg("a", 1))
     # cut short
-    replace(seg("a", 1), raw[:-1])
+    replace(inner, seg("a", 1), raw[:-1])
     expect_failure(store, seg("a", 1))
-    replace(seg("a", 1), raw[:starts[3]])
+    replace(inner, seg("a", 1), raw[:starts[3]])
     expect_failure(store, seg("a", 1))
     # another segment of the same volume (an older one replayed as a newer seq)
-    replace(seg("a", 1), inner.get(seg("a", 2)))
+    replace(inner, seg("a", 1), inner.get(seg("a", 2)))
     expect_failure(store, seg("a", 1))
     # a segment of another volume opened with the same passphrase
-    replace(seg("a", 1), inner.get(seg("b", 1)))
+    replace(inner, seg("a", 1), inner.get(seg("b", 1)))
     expect_failure(store, seg("a", 1))
     # a checkpoint part swapped with another part
     store.put(names.checkpoint_part_key("a", 5, 0), b"part zero" * 100)
     store.put(names.checkpoint_part_key("a", 5, 1), b"part one" * 100)
-    replace(names.checkpoint_part_key("a", 5, 0), inner.get(names.checkpoint_part_key("a", 5, 1)))
+    replace(inner, names.checkpoint_part_key("a", 5, 0),
+            inner.get(names.checkpoint_part_key("a", 5, 1)))
     expect_failure(store, names.checkpoint_part_key("a", 5, 0))
     # a plain object where a sealed one belongs
-    replace(seg("a", 1), data)
+    replace(inner, seg("a", 1), data)
     expect_failure(store, seg("a", 1))
     # ... and the untouched ones still read back
     assert store.get(seg("a", 2)) == data[::-1]
@@ -137,7 +151,7 @@ def test_rewritten_object_is_read_afresh(stores):
     store.put(seg("a", 1), b"x" * 50_000)
     assert store.get(seg("a", 1), 100, 10) == b"x" * 10
     store.inner.delete(seg("a", 1))            # behind the wrapper's back
-    other = SealingStore(store.inner, store._resolve)
+    other = reopened(store)
     other.put(seg("a", 1), b"y" * 50_000)
     assert store.get(seg("a", 1), 100, 10) == b"y" * 10
 
@@ -231,7 +245,7 @@ def test_a_tail_read_knowing_the_stored_size_is_one_get(stores, monkeypatch, vol
     data = plain_data(3 << 20) if kind == "text" else os.urandom(3 << 20)
     store.put(seg(volume, 1), data)
     size = inner.head(seg(volume, 1))
-    fresh = SealingStore(inner, store._resolve)          # no layouts kept
+    fresh = reopened(store)      # no layouts kept
     calls: list[tuple[int, int | None]] = []
     real = inner.get
     monkeypatch.setattr(inner, "get", lambda k, s=0, n=None: calls.append((s, n)) or real(k, s, n))
@@ -256,7 +270,7 @@ def test_a_tail_read_without_the_size_reads_the_end_once(stores, monkeypatch, vo
     data = {"text": plain_data(3 << 20), "random": os.urandom(3 << 20),
             "small": plain_data(5000)}[kind]
     store.put(seg(volume, 1), data)
-    fresh = SealingStore(inner, store._resolve)          # no layouts kept
+    fresh = reopened(store)      # no layouts kept
     calls: list[tuple[int, int | None]] = []
     real = inner.get
     monkeypatch.setattr(inner, "get", lambda k, s=0, n=None: calls.append((s, n)) or real(k, s, n))
@@ -268,8 +282,7 @@ def test_a_tail_read_without_the_size_reads_the_end_once(stores, monkeypatch, vo
     again = os.urandom(len(data) + 20_000)
     store.put(seg(volume, 1), again)
     assert fresh.get_tail(seg(volume, 1), 64) == again[-64:]
-    assert SealingStore(inner, store._resolve).get_tail(seg(volume, 1), 30_000) \
-        == again[-30_000:]
+    assert reopened(store).get_tail(seg(volume, 1), 30_000) == again[-30_000:]
 
 
 def test_a_tail_read_with_a_size_the_object_no_longer_has(stores):
@@ -279,13 +292,13 @@ def test_a_tail_read_with_a_size_the_object_no_longer_has(stores):
     first, second = plain_data(300_000), os.urandom(200_000)
     store.put(seg("a", 1), first)
     old_size = inner.head(seg("a", 1))
-    kept = SealingStore(inner, store._resolve)
+    kept = reopened(store)
     assert kept.get_tail(seg("a", 1), 50_000, stored_size=old_size) == first[-50_000:]
     store.put(seg("a", 1), second)
     assert kept.get_tail(seg("a", 1), 50_000, stored_size=inner.head(seg("a", 1))) \
         == second[-50_000:]         # the layout it kept is the old object's
     for size in (old_size, old_size // 3, inner.head(seg("a", 1)) + 4096):
-        fresh = SealingStore(inner, store._resolve)
+        fresh = reopened(store)
         assert fresh.get_tail(seg("a", 1), 50_000, stored_size=size) == second[-50_000:]
 
 
@@ -380,26 +393,23 @@ def test_a_damaged_frame_in_the_clear_fails_a_ranged_read_naming_it(stores):
     data = mixed_data(12)
     store.put(seg("z", 1), data, exclusive=True)
     raw = inner.get(seg("z", 1))
-    starts = SealingStore(inner, store._resolve)._layout(
-        seg("z", 1), store.sealing(seg("z", 1))).starts
+    starts = layout_of(store, seg("z", 1)).starts
     for k in range(12):
         # codec, reserved, plain length, nonce (checked by the CRC alone), body, CRC
         for pos in (starts[k], starts[k] + 2, starts[k] + 5, starts[k] + 15, starts[k] + 30,
                     (starts[k] + starts[k + 1]) // 2, starts[k + 1] - 1):
             bad = bytearray(raw)
             bad[pos] ^= 0x10
-            inner.delete(seg("z", 1))
-            inner.put(seg("z", 1), bytes(bad))
-            fresh = SealingStore(inner, store._resolve)
+            replace(inner, seg("z", 1), bytes(bad))
+            fresh = reopened(store)
             # the range starts two frames before and ends two after the damaged one
             start = max(0, (k - 2) * 16384 + 100)
             with pytest.raises(FrameError) as e:
                 fresh.get(seg("z", 1), start, (k + 2) * 16384 - start)
             assert seg("z", 1) in str(e.value), (k, pos)
             assert f"frame {k}" in str(e.value) or "length" in str(e.value), (k, pos, e.value)
-    inner.delete(seg("z", 1))
-    inner.put(seg("z", 1), raw)
-    assert SealingStore(inner, store._resolve).get(seg("z", 1), 5, 100_000) == data[5:100_005]
+    replace(inner, seg("z", 1), raw)
+    assert reopened(store).get(seg("z", 1), 5, 100_000) == data[5:100_005]
 
 
 @pytest.mark.parametrize("volume", ["a", "z"])
@@ -439,22 +449,18 @@ def test_a_damaged_frame_fails_a_read_of_several_ranges_naming_it(stores):
     data = mixed_data(12)
     store.put(seg("z", 1), data, exclusive=True)
     raw = inner.get(seg("z", 1))
-    starts = SealingStore(inner, store._resolve)._layout(
-        seg("z", 1), store.sealing(seg("z", 1))).starts
+    starts = layout_of(store, seg("z", 1)).starts
     for k in (0, 5, 11):
         bad = bytearray(raw)
         bad[(starts[k] + starts[k + 1]) // 2] ^= 0x10
-        inner.delete(seg("z", 1))
-        inner.put(seg("z", 1), bytes(bad))
-        fresh = SealingStore(inner, store._resolve)
+        replace(inner, seg("z", 1), bytes(bad))
+        fresh = reopened(store)
         ranges = [(((k + 6) % 12) * 16384 + 10, 4096), (k * 16384 + 100, 4096)]
         with pytest.raises(FrameError) as e:
             fresh.get_ranges(seg("z", 1), ranges)
         assert seg("z", 1) in str(e.value) and f"frame {k}" in str(e.value), (k, e.value)
-    inner.delete(seg("z", 1))
-    inner.put(seg("z", 1), raw)
-    assert SealingStore(inner, store._resolve).get_ranges(seg("z", 1), [(5, 100)]) == \
-        [data[5:105]]
+    replace(inner, seg("z", 1), raw)
+    assert reopened(store).get_ranges(seg("z", 1), [(5, 100)]) == [data[5:105]]
 
 
 def test_a_frame_in_the_clear_unlike_its_header_fails_a_ranged_read_naming_it(stores):
@@ -471,7 +477,7 @@ def test_a_frame_in_the_clear_unlike_its_header_fails_a_ranged_read_naming_it(st
     data = first + plain_data(3 * 16384)
     store.put(seg("z", 2), data, exclusive=True)
     raw = inner.get(seg("z", 2))
-    layout = SealingStore(inner, store._resolve)._layout(seg("z", 2), store.sealing(seg("z", 2)))
+    layout = layout_of(store, seg("z", 2))
     a, b = layout.starts[0], layout.starts[1]
     assert raw[a] == 1                              # zstd
     place = place_prefix(layout.volume_id, layout.name, layout.tail.object_id) + \
@@ -483,12 +489,10 @@ def test_a_frame_in_the_clear_unlike_its_header_fails_a_ranged_read_naming_it(st
     forged = [(bytes([2]) + raw[a + 1:a + 24], raw[a + 24:b - 4]),          # codec 2
               (raw[a:a + 24], short + struct.pack("<II", 0x184D2A50, pad - 8) + bytes(pad - 8))]
     for header, body in forged:
-        inner.delete(seg("z", 2))
-        inner.put(seg("z", 2), raw[:a] + header + body +
-                  struct.pack("<I", frame_crc(header, place, body)) + raw[b:])
+        replace(inner, seg("z", 2), raw[:a] + header + body +
+                struct.pack("<I", frame_crc(header, place, body)) + raw[b:])
         with pytest.raises(FrameError) as e:
-            SealingStore(inner, store._resolve).get(seg("z", 2), 100, 40_000)
+            reopened(store).get(seg("z", 2), 100, 40_000)
         assert "frame 0" in str(e.value), e.value
-    inner.delete(seg("z", 2))
-    inner.put(seg("z", 2), raw)
-    assert SealingStore(inner, store._resolve).get(seg("z", 2), 100, 40_000) == data[100:40_100]
+    replace(inner, seg("z", 2), raw)
+    assert reopened(store).get(seg("z", 2), 100, 40_000) == data[100:40_100]
