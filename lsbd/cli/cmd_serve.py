@@ -5,7 +5,8 @@ is the first volume.  One line on stderr says where it is served once the
 server accepts connections.  SIGINT or SIGTERM stops accepting, finishes the
 requests in flight, flushes and closes every volume, and exits 0.  While the
 store is unreachable, closing waits for uploads only until they have failed
-for 10 s in a row (a second signal: not at all); what is not uploaded stays
+for 10 s in a row or the store has answered nothing for 20 s (a second
+signal: not at all); what is not uploaded stays
 in the cache dir for the next open, and the last line says so.
 See docs/nbd.md.
 """

@@ -120,5 +120,8 @@ class VolumeState:
         infos = [i for i in self.map.segments() if i.state == PENDING] \
             if not self.map_closed else []
         err = self.uploader.last_error if self.uploader is not None else None
+        silent = self.uploader.silent_for if self.uploader is not None else None
+        why = (f" (last upload error: {err})" if err else
+               f" (the store answered nothing for {silent:.0f}s)" if silent else "")
         return (f"{len(infos)} segments ({sum(i.size for i in infos)} bytes) are not in the "
-                f"store yet" + (f" (last upload error: {err})" if err else ""))
+                f"store yet" + why)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_LIMIT = 1 << 30
 CLOSE_UPLOAD_TIMEOUT = 300.0
 CLOSE_STALL = 10.0            # close stops waiting once uploads have failed this long in a row
+CLOSE_SILENCE = 20.0          # ... or once the store has answered nothing this long
 #: A clean close writes a checkpoint only once this many segments follow the
 #: last one.  Fewer are cheaper to replay (their indexes are read in
 #: parallel) than a checkpoint is to write: its three PUTs would be a tenth of
@@ -245,7 +246,7 @@ class Volume(ReadFace):
         up = st.uploader
         if up is None:
             return
-        up.close(CLOSE_UPLOAD_TIMEOUT, stall=CLOSE_STALL)
+        up.close(CLOSE_UPLOAD_TIMEOUT, stall=CLOSE_STALL, silence=CLOSE_SILENCE)
         if up.fatal is None and up.durable_seq >= st.applied:
             if st.applied - st.last_checkpoint >= min(CLOSE_CHECKPOINT_SEGMENTS,
                                                       st.config.checkpoint_segments):

@@ -44,6 +44,11 @@ def _give_up_if_alive(ref: weakref.ReferenceType[Uploader]) -> None:
         uploader.give_up()
 
 
+#: While a close waits, how often it asks the store a small question (a HEAD
+#: of the volume's config) to learn whether the store answers at all.
+PROBE_INTERVAL = 5.0
+
+
 class ForeignWriter(StoreError):
     """The store already holds a different object at our seq: someone else wrote."""
 
@@ -86,6 +91,11 @@ class Uploader:
         self._advance()
         self.last_error: BaseException | None = None
         self._failing_since: float | None = None   # uploads failing since (none stored)
+        # When the store last answered: an upload stored, or a close's probe.
+        self._answered_at = time.monotonic()
+        self._probing = False
+        #: Set when a close stopped waiting because the store answered nothing.
+        self.silent_for: float | None = None
         self.fatal: BaseException | None = None
         self._closing = False
         self._stop = threading.Event()
@@ -163,6 +173,7 @@ class Uploader:
             self._advance()
             self.last_error = None
             self._failing_since = None
+            self._answered_at = time.monotonic()
             self._cond.notify_all()
 
     def _wait_for_retry(self, pause: float, stored_before: int) -> bool:
@@ -234,24 +245,63 @@ class Uploader:
         since = self._failing_since
         return 0.0 if since is None else time.monotonic() - since
 
+    def _probe(self) -> None:
+        """Ask the store a small question in a thread of its own; an answer
+        shows it is alive (a slow upload is then waited for)."""
+        def ask() -> None:
+            try:
+                self.store.exists(names.config_key(self.volume))
+            except Exception:  # noqa: BLE001 - no answer; the uploads report their errors
+                answered = False
+            else:
+                answered = True
+            with self._cond:
+                self._probing = False
+                if answered:
+                    self._answered_at = time.monotonic()
+                self._cond.notify_all()
+
+        self._probing = True
+        threading.Thread(target=ask, name="lsbd-upload-probe", daemon=True).start()
+
     def close(self, timeout: float | None, *, stall: float | None = None,
-              join: bool = False) -> None:
+              silence: float | None = None, join: bool = False) -> None:
         """Stop: wait up to `timeout` for uploads in flight, then give up on them
         (they stay in the journal for the next open).  stall: give up sooner,
         once uploads have failed for this long with none getting through
-        (the store is down: waiting longer only delays the stop).  join: also
-        wait for the attempts running to end, so that nothing of this writer
-        reads the cache dir or reaches the store once close returns (a crash
-        stop: after a power cut the dead writer's requests are all settled)."""
+        (the store is down: waiting longer only delays the stop).  silence:
+        give up once the store has answered nothing for this long while
+        uploads are under way (it takes requests and never answers: each
+        attempt would fail only at the read timeout); a small request every
+        PROBE_INTERVAL tells a slow but healthy store from a stalled one.
+        join: also wait for the attempts running to end, so that nothing of
+        this writer reads the cache dir or reaches the store once close
+        returns (a crash stop: after a power cut the dead writer's requests
+        are all settled)."""
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            started = time.monotonic()
+            deadline = None if timeout is None else started + timeout
+            probed = 0.0
             while self._inflight and self.fatal is None and not self._closing:
-                remaining = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     break
                 if stall is not None and self.failing_for() >= stall:
                     break
-                self._cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
+                if silence is not None:
+                    quiet = now - max(started, self._answered_at)
+                    if quiet >= silence:
+                        self.silent_for = quiet
+                        log.warning("%s: the store has answered nothing for %.0fs; %d uploads "
+                                    "under way are left to the next open", self.volume, quiet,
+                                    len(self._inflight))
+                        break
+                    if not self._probing and now - probed >= PROBE_INTERVAL:
+                        probed = now
+                        self._probe()
+                pause = min(1.0, PROBE_INTERVAL)
+                self._cond.wait(min(remaining, pause) if remaining is not None else pause)
             self._closing = True
             self._cond.notify_all()  # waiters give up: nothing more will be stored
         self._stop.set()

@@ -103,8 +103,8 @@ def test_outage_stats_info_sigterm_and_recovery(tmp_path, cut_store):
 
 def test_a_stalled_store_does_not_hold_the_stopped_server(tmp_path, cut_store):
     """A store that takes requests and never answers: an upload attempt
-    fails only at the read timeout (60 s, per retry), so stopping takes a
-    second signal (docs/operations.md); once the volumes are closed, the
+    fails only at the read timeout (60 s, per retry), so stopping at once
+    takes a second signal (docs/operations.md); once the volumes are closed, the
     attempts still hanging in their threads must not keep the process
     alive (they kept `lsbd serve` for minutes after 'flushed and closed')."""
     store_url, proxy = cut_store
@@ -138,3 +138,48 @@ def test_a_stalled_store_does_not_hold_the_stopped_server(tmp_path, cut_store):
     served.stop()
     # What waited is uploaded by the next open, once the store answers.
     a.run("checkpoint", "vol", check=True)
+
+
+def test_one_sigterm_stops_the_server_when_the_store_answers_nothing(tmp_path, cut_store):
+    """A store that takes requests and never answers: an attempt fails only
+    at the read timeout, so "failed for 10 s in a row" never starts; the
+    first SIGTERM still ends the wait once the store has answered nothing
+    (uploads, probes) for 20 s, and the last line says what waits and why.
+    Nothing is lost: the next open uploads it once the store answers."""
+    store_url, proxy = cut_store
+    a = Machine("machine-a", tmp_path / "cache", store_url, env={"AWS_ENDPOINT_URL": proxy.url})
+    a.run("create", "vol", "--size", "64M", "--segment-size", "1M", check=True)
+    served = a.serve("vol")
+    written = {}
+    try:
+        client = served.client("vol")
+        proxy.set_stalled(True)
+        for i in range(3):
+            written[i] = os.urandom(MiB)
+            client.write(i * MiB, written[i])
+        assert client.try_flush() == 0                 # the journal has them
+        client.close()
+        time.sleep(2)                                  # uploads are hanging now
+        started = time.monotonic()
+        code = served.stop(timeout=90)                 # one SIGTERM
+        took = time.monotonic() - started
+    finally:
+        if served.proc.poll() is None:
+            served.kill()
+        proxy.set_stalled(False)
+    assert code == 0, served.stderr()
+    print(f"one SIGTERM against a stalled store: stopped in {took:.1f}s")
+    assert took < 40, f"the first SIGTERM waited {took:.0f}s"
+    assert "the next open uploads" in served.lines[-1], served.stderr()
+    assert "the store answered nothing for" in served.lines[-1], served.stderr()
+    served = a.serve("vol")
+    try:
+        assert wait_until(lambda: json.loads(a.run("stats", "vol", "--json").stdout)
+                          ["uploads_pending"] == 0, timeout=60)
+    finally:
+        assert served.stop() == 0, served.stderr()
+    out = tmp_path / "out"
+    Machine("machine-b", tmp_path / "other-cache", store_url,
+            env={"AWS_ENDPOINT_URL": proxy.url}).run("export", "vol", out, check=True)
+    with open(out, "rb") as f:
+        assert f.read(3 * MiB) == b"".join(written[i] for i in range(3))
