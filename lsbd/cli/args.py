@@ -86,6 +86,16 @@ def add_volume(parser: argparse.ArgumentParser, what: str = "the volume's name")
     parser.add_argument("volume", metavar="VOLUME", help=what)
 
 
+#: The shortest new passphrase taken without --allow-short-passphrase
+#: (NIST SP 800-63B's minimum for a memorised secret; see lsbd.cli.secrets).
+MIN_PASSPHRASE = 8
+
+
+def add_allow_short_passphrase(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--allow-short-passphrase", action="store_true",
+                        help=f"{what} shorter than {MIN_PASSPHRASE} characters")
+
+
 def add_break_lease(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--break-lease", action="store_true",
                         help="take over a volume whose writer is gone without releasing it")

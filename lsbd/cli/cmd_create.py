@@ -1,7 +1,7 @@
 """lsbd create VOLUME --size SIZE [--compress zstd[:LEVEL]|none] [--encrypt]"""
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command
+from lsbd.cli.args import MIN_PASSPHRASE, add_allow_short_passphrase, add_volume, command
 from lsbd.cli.cmd_history import format_duration, parse_duration
 from lsbd.meta.config import DEFAULT_BLOCK_SIZE
 from lsbd.errors import UserError, VolumeExists
@@ -29,7 +29,9 @@ def register(sub) -> None:
                         "(LEVEL 1-19; default zstd, level 1)")
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt segments and checkpoints (AES-256-GCM); the passphrase comes "
-                        "from --passphrase-file, --key-file, $LSBD_PASSPHRASE or a prompt")
+                        "from --passphrase-file, --key-file, $LSBD_PASSPHRASE or a prompt "
+                        f"({MIN_PASSPHRASE} characters or more)")
+    add_allow_short_passphrase(p, "with --encrypt: accept a passphrase")
     p.set_defaults(func=run, creates_store=True)
 
 
@@ -59,7 +61,7 @@ def run(args, ctx) -> int:
         raise VolumeExists(f"volume {args.volume!r} already exists in {ctx.store.url}")
     if args.encrypt:
         secret = new_secret(key_file=ctx.key_file, passphrase_file=ctx.passphrase_file,
-                            env="LSBD_PASSPHRASE")
+                            env="LSBD_PASSPHRASE", allow_short=args.allow_short_passphrase)
         keystore.save(ctx.plain_store, args.volume,
                       kr.new_keyring(random_bytes(16), secret))
     try:

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command
+from lsbd.cli.args import add_allow_short_passphrase, add_volume, command
 from lsbd.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def register(sub) -> None:
                                 "(default: $LSBD_NEW_PASSPHRASE, else a prompt)")
             q.add_argument("--new-key-file", metavar="FILE",
                            help="a key file (16 bytes or more) instead of a passphrase")
+            add_allow_short_passphrase(q, "accept a new passphrase")
         q.set_defaults(func=func)
         return q
 
@@ -75,7 +76,8 @@ def _in_use(ctx, volume: str) -> dict[int, int]:
 def _new(args) -> kr.Secret:
     from lsbd.cli.secrets import new_secret
 
-    return new_secret(key_file=args.new_key_file, passphrase_file=args.new_passphrase_file)
+    return new_secret(key_file=args.new_key_file, passphrase_file=args.new_passphrase_file,
+                      allow_short=args.allow_short_passphrase)
 
 
 def _save(ctx, volume: str, ring: kr.Keyring, message: str) -> int:

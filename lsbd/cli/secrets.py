@@ -6,6 +6,12 @@ order.  A new one (create --encrypt, key add, key change) from
 --new-key-file, --new-passphrase-file, $LSBD_NEW_PASSPHRASE, or a prompt
 asked twice.  A secret is never echoed, logged, put in an error message or
 passed on a command line.
+
+A new passphrase has at least MIN_PASSPHRASE characters unless the user
+says otherwise (--allow-short-passphrase), as cryptsetup refuses a weak one
+unless --force-password: the passphrase is all that stands between whoever
+copies the store (and its keys object) and the data, and the KDF only slows
+each guess down.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import getpass
 import os
 import sys
 
+from lsbd.cli.args import MIN_PASSPHRASE
 from lsbd.crypto.keyring import KEYFILE, PASSPHRASE, Secret
 from lsbd.errors import UserError
 
@@ -51,9 +58,21 @@ def current_secret(*, key_file: str | None, passphrase_file: str | None,
     return Secret(PASSPHRASE, _prompt(f"passphrase of {volume}: "))
 
 
+def _long_enough(passphrase: bytes, allow_short: bool) -> bytes:
+    length = len(passphrase.decode("utf-8", "replace"))
+    if length < MIN_PASSPHRASE and not allow_short:
+        raise UserError(f"the new passphrase has {length} character{'s' * (length != 1)}: "
+                        f"use {MIN_PASSPHRASE} or "
+                        "more (a few words are easy to remember), a key file, or "
+                        "--allow-short-passphrase to keep it; nothing was changed")
+    return passphrase
+
+
 def new_secret(*, key_file: str | None, passphrase_file: str | None,
-               env: str = "LSBD_NEW_PASSPHRASE", fallback_env: str | None = None) -> Secret:
-    """A new passphrase or key file for a key slot."""
+               env: str = "LSBD_NEW_PASSPHRASE", fallback_env: str | None = None,
+               allow_short: bool = False) -> Secret:
+    """A new passphrase or key file for a key slot; a passphrase shorter than
+    MIN_PASSPHRASE characters only with allow_short."""
     if key_file:
         if not os.path.exists(key_file):
             # lsbd reads key files, never makes them: say how.
@@ -61,12 +80,13 @@ def new_secret(*, key_file: str | None, passphrase_file: str | None,
                             f"`head -c 32 /dev/urandom > {key_file}`")
         return Secret(KEYFILE, _read_file(key_file, "key file"))
     if passphrase_file:
-        return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file))
+        return Secret(PASSPHRASE, _long_enough(_passphrase_from_file(passphrase_file),
+                                               allow_short))
     for name in (env, fallback_env):
         value = os.environ.get(name) if name else None
         if value:
-            return Secret(PASSPHRASE, value.encode())
+            return Secret(PASSPHRASE, _long_enough(value.encode(), allow_short))
     first = _prompt("new passphrase: ")
     if _prompt("the same again: ") != first:
         raise UserError("the two passphrases differ; nothing was changed")
-    return Secret(PASSPHRASE, first)
+    return Secret(PASSPHRASE, _long_enough(first, allow_short))

@@ -187,6 +187,31 @@ def test_a_wrong_passphrase_is_refused_when_a_running_writer_does_the_command(en
         server.communicate(timeout=60)
 
 
+def test_a_short_new_passphrase_is_refused_unless_allowed(env, tmp_path):
+    """A new passphrase needs 8 characters or more (create, key add, key
+    change), else one line and nothing made; --allow-short-passphrase keeps it."""
+    short = tmp_path / "short.pass"
+    short.write_text("x\n")
+    one_line_error(env.run("create", "v", "--size", "4M", "--encrypt", passphrase="seven c",
+                           check=False),
+                   "has 7 characters", "--allow-short-passphrase", "nothing was changed")
+    one_line_error(env.run("--passphrase-file", str(short), "create", "v", "--size", "4M",
+                           "--encrypt", passphrase=None, check=False), "has 1 character:")
+    assert env.objects() == {}
+    env.run("--passphrase-file", str(short), "create", "v", "--size", "4M", "--encrypt",
+            "--allow-short-passphrase", passphrase=None)
+    env.run("--passphrase-file", str(short), "info", "v", passphrase=None)
+    before = env.objects()
+    for action in ("add", "change"):
+        one_line_error(env.run("--passphrase-file", str(short), "key", action, "v",
+                               "--new-passphrase-file", str(short), passphrase=None,
+                               check=False), "has 1 character:")
+        assert env.objects() == before
+    env.run("--passphrase-file", str(short), "key", "change", "v", passphrase=None,
+            env={"LSBD_NEW_PASSPHRASE": "eight ch"})
+    env.run("info", "v", passphrase="eight ch")
+
+
 def test_key_slots_change_add_remove(env, tmp_path):
     data = image(tmp_path / "in.img", 1 * MiB)
     env.run("create", "v", "--size", "4M", "--encrypt")
