@@ -27,7 +27,10 @@ from collections import OrderedDict
 KEPT = max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
-class _Held:
+class Held:
+    """One key's open descriptor: `users` reads hold it; closed once it is
+    dropped and none does."""
+
     __slots__ = ("fd", "users", "dropped")
 
     def __init__(self, fd: int):
@@ -43,10 +46,10 @@ class OpenObjects:
     def __init__(self, kept: int = KEPT):
         self.kept = kept
         self._lock = threading.Lock()
-        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._held: OrderedDict[str, Held] = OrderedDict()
         self._generation = 0
 
-    def acquire(self, key: str, path: str) -> _Held:
+    def acquire(self, key: str, path: str) -> Held:
         """The held descriptor of `key` (opened from `path` if none is);
         OSError as os.open raises it.  Give it back with release()."""
         with self._lock:
@@ -57,7 +60,7 @@ class OpenObjects:
                 return held
             generation = self._generation
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        fresh = _Held(fd)
+        fresh = Held(fd)
         fresh.users = 1
         with self._lock:
             if generation != self._generation:
@@ -74,7 +77,7 @@ class OpenObjects:
                 self._drop_locked(self._held.popitem(last=False)[1])
             return fresh
 
-    def release(self, held: _Held) -> None:
+    def release(self, held: Held) -> None:
         with self._lock:
             self._release_locked(held)
 
@@ -95,12 +98,12 @@ class OpenObjects:
     def __len__(self) -> int:
         return len(self._held)
 
-    def _drop_locked(self, held: _Held) -> None:
+    def _drop_locked(self, held: Held) -> None:
         held.dropped = True
         if held.users == 0:
             os.close(held.fd)
 
-    def _release_locked(self, held: _Held) -> None:
+    def _release_locked(self, held: Held) -> None:
         held.users -= 1
         if held.dropped and held.users == 0:
             os.close(held.fd)
