@@ -23,7 +23,6 @@ test: figures are noisy, compare within a run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lsbd import linux
 from lsbd.cli import context
 from lsbd.format.segment import DATA, Record
+from lsbd.map import testing as map_testing
 from lsbd.map.blockmap import BlockMap
 from lsbd.map.encoding import SegmentInfo
 
@@ -83,26 +83,13 @@ def run(folder: str, extents: int, batch: int, segments: int, busy: int = 0,
         rng = random.Random(extents)
         inside = [0.0, 0.0]
         commit = [0.0, 0.0]
-
-        @contextlib.contextmanager
-        def timed(db=None):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            txn = bm._env.begin(write=True)
-            yield txn
-            t1, c1 = time.perf_counter(), time.thread_time()
-            txn.commit()
-            t2, c2 = time.perf_counter(), time.thread_time()
-            inside[0] += t1 - t0
-            inside[1] += c1 - c0
-            commit[0] += t2 - t1
-            commit[1] += c2 - c1
-
         if process:
             # The map's own process applies; here: the wall time and this
             # thread's CPU of each call, and the child's CPU as it reports it.
             bm.offload_writes()
         else:
-            bm._writing = timed      # timing only; the map's own commits are the same
+            # timing only; the map's own commits are the same
+            map_testing.time_write_transactions(bm, inside, commit)
         stop = threading.Event()
         others = [threading.Thread(target=busy_loop, args=(stop,), daemon=True)
                   for _ in range(busy)]

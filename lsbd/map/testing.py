@@ -1,4 +1,5 @@
-"""Seams for tests: what a test needs to see or drive inside a BlockMap.
+"""Seams for tests: what a test (or a benchmark) needs to see or drive
+inside a BlockMap.
 
 Tests, and the engine's own seams (lsbd/engine/testing.py), reach the map's
 private state only through these functions (a check in the suite refuses
@@ -8,7 +9,9 @@ by the product."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import time
 
 from lsbd.map import merge, staged
 from lsbd.map.blockmap import BlockMap, SegmentInfo
@@ -107,3 +110,27 @@ def overlay_record_by_record(bm: BlockMap) -> None:
     """Make a scratch map's overlay() lay records one by one from now on,
     as it does once a record of several blocks came."""
     bm._singles = False
+
+
+def time_write_transactions(bm: BlockMap, inside: list[float], commit: list[float]) -> None:
+    """From now on, time the map's write transactions in this process: each
+    one's wall and thread CPU seconds from its begin to the end of its
+    work are added to inside ([wall, cpu]), those of its commit to commit.
+    For benchmarks: the transactions do the same work and commit, without
+    the map's own steps around a commit (the kept reader dropped, the
+    commit noted for the file's size)."""
+
+    @contextlib.contextmanager
+    def timed(db=None):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        txn = bm._env.begin(write=True)
+        yield txn
+        t1, c1 = time.perf_counter(), time.thread_time()
+        txn.commit()
+        t2, c2 = time.perf_counter(), time.thread_time()
+        inside[0] += t1 - t0
+        inside[1] += c1 - c0
+        commit[0] += t2 - t1
+        commit[1] += c2 - c1
+
+    bm._writing = timed  # type: ignore[method-assign]
