@@ -112,6 +112,14 @@ def _are(n: int) -> str:
     return "is" if n == 1 else "are"
 
 
+def _they(n: int) -> str:
+    return "it" if n == 1 else "they"
+
+
+def _them(n: int) -> str:
+    return "it" if n == 1 else "them"
+
+
 def why(report: dict) -> list[str]:
     """Why dead data stays in the store after this compaction (or would)."""
     h = ui.human_size
@@ -120,7 +128,8 @@ def why(report: dict) -> list[str]:
     if n:
         out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} inside the "
                    f"retention window (retain {format_duration(report['retain_seconds'])}): "
-                   "they become reclaimable once older than that (`lsbd retain` shortens it)")
+                   f"{_they(n)} become{'s' * (n == 1)} reclaimable once older than that "
+                   "(`lsbd retain` shortens it)")
     n, size = report["held_by_points_segments"], report["held_by_points_bytes"]
     if n:
         out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} kept for "
@@ -130,7 +139,7 @@ def why(report: dict) -> list[str]:
     if n:
         out.append(f"{n} {_segments(n)} with {h(size)} of old data {_are(n)} more than "
                    f"{report['threshold']:.0%} live, so not rewritten (a higher --threshold "
-                   "rewrites them)")
+                   f"rewrites {_them(n)})")
     if not report["bytes_reclaimed"] and not out:
         out.append("nothing to reclaim: the store holds only live data")
     return out
