@@ -86,7 +86,7 @@ def new_secret(*, key_file: str | None, passphrase_file: str | None,
         value = os.environ.get(name) if name else None
         if value:
             return Secret(PASSPHRASE, _long_enough(value.encode(), allow_short))
-    first = _prompt("new passphrase: ")
+    first = _long_enough(_prompt("new passphrase: "), allow_short)  # said before asking again
     if _prompt("the same again: ") != first:
         raise UserError("the two passphrases differ; nothing was changed")
-    return Secret(PASSPHRASE, _long_enough(first, allow_short))
+    return Secret(PASSPHRASE, first)
