@@ -151,6 +151,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     alone first (every command's parser and modules cost 15-20 ms of each
     start, `lsbd mount`'s included); the whole parser parses a line that
     it does not take, and so gives every error and help as before."""
+    if not argv:
+        # A bare `lsbd`: the commands it has, rather than "COMMAND is required".
+        build_parser().print_help(sys.stderr)
+        sys.exit(USAGE_ERROR)
     module = command_module(argv)
     if module is not None:
         try:

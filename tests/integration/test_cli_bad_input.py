@@ -224,3 +224,15 @@ def test_every_help_example_parses_as_typed_in_a_shell():
         argv = shlex.split(example, comments=True)
         assert argv == shlex.split(example), f"part of {example!r} is a shell comment"
         parse(argv[1:])
+
+
+def test_a_bare_lsbd_shows_its_commands():
+    """`lsbd` alone lists what it can do (a new user's first try), on
+    stderr with the usage exit code; `lsbd --store URL` alone still says
+    that a command is missing."""
+    bare = run_cli()
+    assert bare.returncode == 2
+    assert bare.stderr.startswith("usage: lsbd") and "create a volume" in bare.stderr
+    assert bare.stdout == ""
+    partial = run_cli(store="file:///nowhere")
+    assert partial.returncode == 2 and "COMMAND" in partial.stderr.splitlines()[-1]
