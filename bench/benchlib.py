@@ -138,7 +138,8 @@ def code_path(code: str) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'1G', '512MiB', '1.5T', '4096' -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+    """'1G', '512MiB', '1.5T', '4096' -> bytes: lsbd's own reading of a size
+    (binary units; '1GB' refused), so a bench flag means what `--size` does."""
+    from lsbd.meta.config import parse_size as lsbd_parse_size
+
+    return lsbd_parse_size(text)

@@ -13,7 +13,8 @@ def register(sub) -> None:
                 examples=["vm1 --size 20G", "db --size 100G --flush-mode store --retain 7d",
                           "secret --size 20G --encrypt --passphrase-file ~/.lsbd-pass"])
     add_volume(p, "the new volume's name (letters, digits, '.', '_', '-')")
-    p.add_argument("--size", required=True, help="size, e.g. 10G (binary units)")
+    p.add_argument("--size", required=True,
+                   help="size, e.g. 10G or 10GiB (binary: 1G is 2^30 bytes; 10GB is refused)")
     p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE),
                    help="block size, a power of two from 512 to 64K (default 4K)")
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",

@@ -148,6 +148,26 @@ def test_bad_size_is_one_line(file_cli):
     assert _ok(file_cli("list", "--json")).stdout.strip() == "[]", "a bad create left a volume"
 
 
+def test_sizes_are_binary_and_a_decimal_looking_unit_is_refused(file_cli, tmp_path):
+    """GB is 10^9 bytes to truncate and 2^30 to fio: every size lsbd takes
+    refuses it, naming the binary spelling, and takes K/KiB/Ki alike."""
+    (tmp_path / "mnt").mkdir()
+    _ok(file_cli("create", "v", "--size", "16MiB"))
+    for argv, value, spelling in [
+            (["create", "w", "--size", "20GB"], "20GB", "20G or 20GiB"),
+            (["create", "w", "--size", "16M", "--segment-size", "1MB"], "1MB", "1M or 1MiB"),
+            (["resize", "v", "32mb"], "32mb", "32M or 32MiB"),
+            (["serve", "v", "--cache-limit", "1GB"], "1GB", "1G or 1GiB"),
+            (["mount", "v", tmp_path / "mnt", "--readahead", "4MB"], "4MB", "4M or 4MiB")]:
+        assert_user_error(file_cli(*argv), repr(value), spelling)
+    assert [v["name"] for v in json.loads(_ok(file_cli("list", "--json")).stdout)] == ["v"]
+    info = json.loads(_ok(file_cli("info", "v", "--json")).stdout)
+    assert info["size"] == 16 * MiB
+    _ok(file_cli("resize", "v", "24Mi"))
+    _ok(file_cli("resize", "v", "0.03125G"))
+    assert json.loads(_ok(file_cli("info", "v", "--json")).stdout)["size"] == 32 * MiB
+
+
 def test_bad_volume_name_is_one_line(file_cli):
     line = assert_user_error(file_cli("create", "bad/name", "--size", "16M"))
     assert "volume name" in line
