@@ -66,9 +66,10 @@ def volume_rows(store: Store) -> list[dict]:
     return rows
 
 
-def volume_info(store: Store, name: str) -> dict:
-    """Settings and state of one volume, for `lsbd info`."""
-    config = load_config(store, name)
+def volume_info(store: Store, name: str, *, config: VolumeConfig | None = None) -> dict:
+    """Settings and state of one volume, for `lsbd info` (its config read
+    here unless given)."""
+    config = config or load_config(store, name)
     segments = store_segment_seqs(store, config.name)
     checkpoints = list_checkpoints(store, config.name)
     holder = read_holder(store, config.name)

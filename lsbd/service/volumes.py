@@ -69,13 +69,15 @@ def restore_whole(store: Store, source: VolumeConfig, seq: int, name: str, *, ca
                           remove=remove)
 
 
-def describe_volume(store: Store, name: str, *, cache_root: str) -> dict:
+def describe_volume(store: Store, name: str, *, cache_root: str,
+                    config: VolumeConfig | None = None) -> dict:
     """Settings and state of a volume, for `lsbd info`: from the store, and
     from its running writer when it is mounted or served here (the writer
-    knows the newest state, and answers while the store is unreachable)."""
+    knows the newest state, and answers while the store is unreachable).
+    `config`, when the caller has read it already, is not read again."""
     live = ask_writer(store, name, {"op": "info"}, cache_root=cache_root, timeout=30)
     try:
-        info = volume_info(store, name)
+        info = volume_info(store, name, config=config)
     except StoreError as e:
         if live is None:
             raise

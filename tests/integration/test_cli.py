@@ -576,3 +576,24 @@ def test_export_of_a_served_volume_is_its_state_now(file_cli, tmp_path):
     _ok(file_cli("checkpoint", "v"))
     proc = _ok(file_cli("export", "v", out))
     assert "last writer" not in proc.stderr and out.read_bytes() == second.read_bytes()
+
+
+def test_info_reads_the_volumes_config_once(file_cli, tmp_path, monkeypatch, capsys):
+    """The passphrase check reads the config; the description uses that one
+    rather than asking the store again."""
+    from lsbd.cli import main as cli
+    from lsbd.store.local import LocalStore
+
+    _ok(file_cli("create", "v", "--size", "16M"))
+    gets: list[str] = []
+    real_get = LocalStore.get
+
+    def counting_get(self, key, start=0, length=None):
+        gets.append(key)
+        return real_get(self, key, start, length)
+
+    monkeypatch.setattr(LocalStore, "get", counting_get)
+    argv = ["--store", f"file://{tmp_path}/store", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main([*argv, "info", "v", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["size"] == 16 * MiB
+    assert gets.count(names.config_key("v")) == 1, gets
