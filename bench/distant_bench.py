@@ -27,16 +27,19 @@ otherwise its defaults) go through the same workflow, each in its own bucket:
               every file read whole in 1 MiB chunks, in diff's order, by a
               child process (READ_TREE); then, untimed, `diff -r -q` against
               the source compares what that read left in the page cache
+  warm read   on the same cache, the page cache dropped: mount and `diff -r -q`
+              against the source, timed whole (the local path, and the source)
+  source read the source tree alone, from a dropped page cache
   fio         4 KiB random writes and reads, 1 MiB writes and reads, on the
               image (libaio, O_DIRECT, iodepth 16), and for lsbd over NBD
               (`lsbd serve`, fio's nbd engine)
 
 It reports the times, the store requests by kind, and bytes up and down per
 GiB written (GiB of files copied), and the targets against s3backer from the
-same run: cold read >= 2x faster (and, as before, cold read + diff),
-copy+sync+unmount >= 3x faster, <= 40 PUTs
-and <= 1.1 GiB uploaded per GiB written.  Needs root, /dev/fuse, loop
-devices, e2fsprogs, fio and s3backer.  Not a test: compare within a run.
+same run: cold read >= 2x faster (and the cold read + diff, as before),
+copy+sync+unmount >= 3x faster, <= 40 PUTs and <= 1.1 GiB uploaded per GiB
+written.  Needs root, /dev/fuse, loop devices, e2fsprogs, fio and s3backer.
+Not a test: compare within a run.
 """
 
 from __future__ import annotations
@@ -672,7 +675,10 @@ def fio_fmt(x: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # the whole docstring: what each step, the cold read's above all, times
+    title, _usage, body = __doc__.split("\n\n", 2)
+    ap = argparse.ArgumentParser(description=f"{title}\n\n{body}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delays", default="10,40", help="one-way delays in ms (comma-separated)")
     ap.add_argument("--fio-runtime", type=int, default=10)
     ap.add_argument("--skip-fio", action="store_true")
