@@ -26,13 +26,14 @@ def run(args, ctx) -> int:
 
     # An encrypted volume's size and newest seq are in its sealed log: its
     # key is needed, and checked first, whether the volume holds data yet or not.
-    config = None   # read once: unlocking reads it, and the description uses it
+    config = store_error = None   # the config is read once: unlocking reads it
     try:
         ctx.unlock(args.volume)
         config = ctx.volume_config(args.volume)
-    except StoreError:
-        pass    # describe_volume asks the writer, which answers without the store
-    info = describe_volume(ctx.store, args.volume, cache_root=ctx.cache_dir, config=config)
+    except StoreError as e:
+        store_error = e     # not tried again: the writer, if any, answers without the store
+    info = describe_volume(ctx.store, args.volume, cache_root=ctx.cache_dir, config=config,
+                           store_error=store_error)
     if args.json:
         ui.print_json(info)
         return 0

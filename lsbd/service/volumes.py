@@ -70,13 +70,18 @@ def restore_whole(store: Store, source: VolumeConfig, seq: int, name: str, *, ca
 
 
 def describe_volume(store: Store, name: str, *, cache_root: str,
-                    config: VolumeConfig | None = None) -> dict:
+                    config: VolumeConfig | None = None,
+                    store_error: StoreError | None = None) -> dict:
     """Settings and state of a volume, for `lsbd info`: from the store, and
     from its running writer when it is mounted or served here (the writer
     knows the newest state, and answers while the store is unreachable).
-    `config`, when the caller has read it already, is not read again."""
+    `config`, when the caller has read it already, is not read again; nor is
+    the store asked at all when the caller's reading of it just failed
+    (`store_error`): a stalled store would cost its retries twice."""
     live = ask_writer(store, name, {"op": "info"}, cache_root=cache_root, timeout=30)
     try:
+        if store_error is not None:
+            raise store_error
         info = volume_info(store, name, config=config)
     except StoreError as e:
         if live is None:

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: A failed attempt that took this long is a stall the user has been
-#: watching (a store that accepts connections and never answers: 60 s per
-#: attempt at S3's read timeout): its retry is said at WARNING, not INFO.
+#: watching (a store that accepts connections and never answers: 5 s per
+#: attempt of a small request, 60 s of a segment's transfer, at S3's read
+#: timeouts): its retry is said at WARNING, not INFO.
 SLOW_ATTEMPT = 5.0
 
 

@@ -138,6 +138,21 @@ def _session() -> botocore.session.Session:
 EXPECT_CONTINUE_MIN = 2 << 20
 
 
+def _is_large_transfer(operation: str, params) -> bool:
+    """A PUT of a body, or a ranged GET, of more than LARGE_TRANSFER bytes."""
+    if operation == "PutObject":
+        length = botocore.utils.determine_content_length(params.get("body"))
+        return length is None or length > LARGE_TRANSFER
+    if operation == "GetObject":
+        first, _, last = str(params["headers"].get("Range", "")).removeprefix("bytes=") \
+            .partition("-")
+        # bytes=A-B; bytes=-N (a suffix: an index) and no Range (a whole
+        # object: its bytes come as soon as the server finds it) are small.
+        return first.isdigit() and (not last.isdigit() or
+                                    int(last) - int(first) + 1 > LARGE_TRANSFER)
+    return False
+
+
 def _expect_continue_only_for_large_bodies(params, **kwargs) -> None:
     """botocore's before-call hook, run after its own that asks every PUT
     to wait for "100 Continue": take that back for a small body."""
@@ -153,7 +168,19 @@ MAX_POOL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 5.0
 #: The scratch key of the conditional-write probe (outside volumes/).
 PROBE_KEY = ".lsbd-probe/conditional-create"
+#: How long a large transfer (a PUT body, or a ranged GET, of more than
+#: LARGE_TRANSFER bytes: segments) waits for the server's next byte.  After
+#: a large body the server answers only once it has stored all of it.
 READ_TIMEOUT = 60.0
+#: How long every other request waits for the server's next byte: HEAD,
+#: LIST, DELETE, small PUTs and GETs (config, lease, keys, snapshots, a
+#: segment's index), and GETs of whole objects, which a server starts
+#: sending as soon as it finds them.  A healthy server answers these in
+#: milliseconds (AWS advises retrying a small request after 2 s), so a store
+#: that takes requests and never answers fails a one-shot command's attempt
+#: in seconds, not at READ_TIMEOUT (docs/operations.md).
+SMALL_READ_TIMEOUT = 5.0
+LARGE_TRANSFER = 1 << 20
 
 
 class S3Store(Store):
@@ -163,7 +190,8 @@ class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, *,
                  region: str | None = None, max_pool_connections: int = MAX_POOL_CONNECTIONS,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 checksums: str | None = None, conditional_writes: bool | None = None):
+                 small_read_timeout: float = SMALL_READ_TIMEOUT, checksums: str | None = None,
+                 conditional_writes: bool | None = None):
         if not bucket or "/" in bucket:
             raise StoreError(f"bad S3 bucket name {bucket!r}", errno.EINVAL)
         self.bucket = bucket
@@ -196,6 +224,8 @@ class S3Store(Store):
             raise StoreError(f"cannot set up S3 access to bucket {bucket!r}: {e}") from e
         self._client.meta.events.register_last("before-call.s3",
                                                _expect_continue_only_for_large_bodies)
+        self._small_read_timeout = min(small_read_timeout, read_timeout)
+        self._client.meta.events.register("before-call.s3", self._shorter_wait_when_small)
         # Set once a HEAD of the bucket succeeded: a bare 404 on a HEAD of a
         # key can then only mean "no such key".
         self._bucket_ok = False
@@ -235,6 +265,13 @@ class S3Store(Store):
         log.info("S3 %s ignores conditional writes (If-None-Match); lsbd checks for "
                  "existing objects and its lease by reading instead", self._where())
         return False
+
+    def _shorter_wait_when_small(self, params, model, **kwargs) -> None:
+        """botocore's before-call hook: a request that is not a large
+        transfer waits SMALL_READ_TIMEOUT for the server, not READ_TIMEOUT
+        (botocore's per-request read timeout, from 1.43.68)."""
+        if not _is_large_transfer(model.name, params):
+            params["context"]["read_timeout"] = self._small_read_timeout
 
     # --- helpers ---------------------------------------------------------------
 

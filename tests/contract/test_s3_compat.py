@@ -184,6 +184,62 @@ def s3rver_tls(tmp_path_factory):
         stop(proc)
 
 
+def _fails_after(call) -> float:
+    """Seconds until `call` fails with a store error."""
+    from lsbd.errors import TransientStoreError
+
+    began = time.monotonic()
+    with pytest.raises(TransientStoreError):
+        call()
+    return time.monotonic() - began
+
+
+def test_a_stalled_store_fails_small_requests_soon_and_large_transfers_later(
+        s3_bucket, moto_server):
+    """A store that takes requests and never answers: a small request (HEAD,
+    LIST, DELETE, a small PUT or GET, a whole object read) gives up at the
+    short read timeout; a segment's transfer (a PUT or ranged GET of more than
+    LARGE_TRANSFER bytes) waits the long one.  A slow but healthy store's
+    large PUT, answered after longer than the short timeout, still lands."""
+    from fault_helpers import CuttableProxy
+
+    from lsbd.store.s3 import LARGE_TRANSFER
+
+    proxy = CuttableProxy(moto_server)
+    store = S3Store(s3_bucket, "p", endpoint_url=proxy.url, read_timeout=4,
+                    small_read_timeout=1)
+    large = random.Random(2).randbytes(LARGE_TRANSFER + 4096)
+    try:
+        store.put("small", b"x")
+        store.put("large", large)
+        proxy.set_stalled(True)
+        small = {"head": lambda: store.head("small"), "get": lambda: store.get("small"),
+                 "get whole": lambda: store.get("large"),
+                 "get a block": lambda: store.get("large", 4096, 4096),
+                 "get a tail": lambda: store.get("large", -64),
+                 "list": lambda: list(store.list("")), "put": lambda: store.put("s2", b"y"),
+                 "delete": lambda: store.delete("small")}
+        for what, call in small.items():
+            took = _fails_after(call)
+            assert 0.8 < took < 2.5, f"{what} gave up after {took:.1f}s"
+        for what, call in {"put": lambda: store.put("l2", large),
+                           "ranged get": lambda: store.get("large", 0, len(large))}.items():
+            took = _fails_after(call)
+            assert 3.5 < took < 7, f"large {what} gave up after {took:.1f}s"
+        # Slow but healthy: every answer comes 2 s late, past the short
+        # timeout but not the long one.
+        proxy.set_stalled(False)
+        proxy.answer_delay = 2
+        store.put("l3", large)
+        assert _fails_after(lambda: store.head("l3")) < 2.5
+        proxy.answer_delay = 0
+        assert store.get("l3") == large
+    finally:
+        proxy.set_stalled(False)
+        store.close()
+        proxy.close()
+
+
 def test_puts_over_https_store_the_bytes_not_a_chunked_body(s3rver_tls, monkeypatch, tmp_path):
     """boto3 sends PUT bodies over HTTPS as aws-chunked with a trailing
     checksum by default; s3rver stores that framing as the object (other

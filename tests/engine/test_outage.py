@@ -183,3 +183,26 @@ def test_one_sigterm_stops_the_server_when_the_store_answers_nothing(tmp_path, c
             env={"AWS_ENDPOINT_URL": proxy.url}).run("export", "vol", out, check=True)
     with open(out, "rb") as f:
         assert f.read(3 * MiB) == b"".join(written[i] for i in range(3))
+
+
+def test_a_one_shot_command_against_a_stalled_store_says_so_in_seconds(tmp_path, cut_store):
+    """A store that takes requests and never answers: `info` (no writer
+    here) gives up at the short read timeout of small requests, 5 s an
+    attempt, and names the store, instead of 60 s an attempt (5 minutes)."""
+    store_url, proxy = cut_store
+    a = Machine("machine-a", tmp_path / "cache", store_url, env={"AWS_ENDPOINT_URL": proxy.url})
+    a.run("create", "vol", "--size", "64M", check=True)
+    proxy.set_stalled(True)
+    try:
+        started = time.monotonic()
+        info = a.run("info", "vol", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        proxy.set_stalled(False)
+    print(f"info against a stalled store: exit {info.returncode} after {took:.1f}s")
+    assert info.returncode == 1, info.stderr
+    last = info.stderr.strip().splitlines()[-1]
+    assert "timeout" in last and "gave up after 5 attempts" in last, info.stderr
+    assert took < 45, f"info waited {took:.0f}s"
+    assert "retry 1/4" in info.stderr, "the slow attempts went without a word"
+    assert a.run("info", "vol").returncode == 0

@@ -117,13 +117,16 @@ class CuttableProxy:
     cut: while cut, every connection is reset at once, as a store that is
     down.  stalled: while stalled, nothing is forwarded and new connections
     are taken and left unanswered, as a store that hangs (each request then
-    waits out the client's read timeout).  `url` is the endpoint to give lsbd."""
+    waits out the client's read timeout).  answer_delay: the server's every
+    answer reaches the client this many seconds late, as a slow but healthy
+    store.  `url` is the endpoint to give lsbd."""
 
     def __init__(self, target_url: str):
         host, port = target_url.rsplit("//", 1)[1].rsplit(":", 1)
         self.target = (host, int(port))
         self.cut = False
         self.stalled = False
+        self.answer_delay = 0.0
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -154,10 +157,10 @@ class CuttableProxy:
                 continue
             with self._lock:
                 self._conns.update((conn, upstream))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, answers in ((conn, upstream, False), (upstream, conn, True)):
+                threading.Thread(target=self._pipe, args=(a, b, answers), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
@@ -165,6 +168,8 @@ class CuttableProxy:
                     break
                 while self.stalled and not self.cut:
                     time.sleep(0.05)
+                if answers and self.answer_delay:
+                    time.sleep(self.answer_delay)
                 dst.sendall(data)
         except OSError:
             pass
