@@ -26,6 +26,9 @@ import attrs
 from lsbd.errors import UserError
 
 FSTYPE = "fuse.lsbd"
+#: The inode of a FUSE mount's root folder (fixed by the protocol; tree.py's
+#: ROOT_INODE, not imported: tree.py loads the engine, and `lsbd umount` needs none).
+ROOT_INODE = 1
 #: After `lsbd umount --timeout`: how long the process gets to stop waiting
 #: for the store and close.
 GIVE_UP_GRACE = 5.0
@@ -227,6 +230,33 @@ def read_pid_file(mountpoint: str) -> Server | None:
                       waiting=record.get("waiting"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def serving_image(path: str) -> tuple[Server, str] | None:
+    """The running lsbd mount whose image the file at `path` is: the process
+    that serves it and the image's name (`VOL.img`); None for any other file,
+    or a mount whose pid file this user cannot read.  Found by the file's
+    device (the mount's) and its folder being the mount's root (FUSE's
+    inode 1), so a symlink or another path to it is found too."""
+    try:
+        st = os.stat(path)
+        folder, name = os.path.split(os.path.realpath(path))
+        root = os.stat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or root.st_dev != st.st_dev or root.st_ino != ROOT_INODE:
+        return None
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for entry in mount_table():
+        if entry.fstype != FSTYPE or entry.major_minor != device:
+            continue
+        try:
+            server = read_pid_file(entry.mountpoint)
+        except UserError:       # a run dir that is not ours: not our mount
+            continue
+        if server is not None and server.alive():
+            return server, name
+    return None
 
 
 # --- checks before mounting -----------------------------------------------------

@@ -33,7 +33,8 @@ def register(sub) -> None:
                             "never truncated. With --from, FILE already holds an older state and only "
                             "the changed blocks are written. A volume mounted or served here is "
                             "copied as it is now: its writer first puts what it holds in the "
-                            "store.",
+                            "store. A volume's own mounted image is refused (it would read and "
+                            "write the same volume at once).",
                 examples=["vm2 copy.raw", "vm1 old.raw --at -2h", "vm1 /dev/sdc --snapshot s1",
                           "vm1 backup.raw --from s1 --snapshot s2"])
     add_volume(p)
@@ -81,6 +82,7 @@ def run_export(args, ctx) -> int:
     from lsbd.service.images import export_image, written_in_place
 
     config = load_config(ctx.store, args.volume)
+    _refuse_its_own_image(ctx, args.volume, args.file)
     target = resolve_args(ctx.store, config, args)
     if target is None:
         target = live_state(ctx, args.volume, "this export")
@@ -104,6 +106,28 @@ def run_export(args, ctx) -> int:
     ui.done({"volume": args.volume, "file": args.file, "bytes": size, "seq": target},
             f"exported {ui.bold(args.volume)} ({ui.human_size(size)}) to {args.file}")
     return 0
+
+
+def _refuse_its_own_image(ctx, volume: str, path: str) -> None:
+    """An export of a volume onto its own mounted image would read it and
+    write it at once: the same bytes again (a churn of the whole volume
+    through its writer), or an older state over the live one, not atomic,
+    under whatever has the image open.  The image is the volume's when the
+    mount serving it is the process holding the volume's lease."""
+    from lsbd.meta.lease import host_name, read_holder
+    from lsbd_fuse.mounts import serving_image
+
+    found = serving_image(path)
+    if found is None or found[1] != f"{volume}.img":
+        return
+    server, _name = found
+    holder = read_holder(ctx.plain_store, volume)
+    if holder is None or holder.host != host_name() or holder.pid != server.pid:
+        return      # a volume of the same name in another store
+    raise UserError(f"{path} is the image of {volume} itself (mounted on {server.mountpoint}): "
+                    f"an export would read {volume} and write it at once; export to another "
+                    f"file, or make a past state a volume of its own with `lsbd restore "
+                    f"{volume} --at TIME --to NEW`")
 
 
 def _export_changes(args, ctx, config, target: int | None) -> int:

@@ -234,3 +234,37 @@ def test_an_export_onto_a_mounted_volumes_image_or_a_loop_device_writes_in_place
     fenv.loops.append(dev)
     fenv.lsbd("export", "src", dev)
     assert (fenv.tmp / "disk.raw").read_bytes()[:8 * MiB] == data + bytes(5 * MiB)
+
+
+def test_an_export_of_a_volume_onto_its_own_mounted_image_is_refused(fenv):
+    """Reading a volume and writing it at once: by its image's path, through
+    a symlink, as now or as a past state, whole or --from, it is refused in
+    one line that names the volume and the mount, with nothing written.  The
+    image of a volume of the same name in another store is written as
+    before (it is not the same volume)."""
+    data = os.urandom(2 * MiB)
+    (fenv.tmp / "in.raw").write_bytes(data)
+    fenv.lsbd("create", "vol", "--size", "4M")
+    fenv.lsbd("import", "vol", fenv.tmp / "in.raw")
+    fenv.lsbd("snapshot", "create", "vol", "s1")
+    mnt = fenv.tmp / "mnt"
+    fenv.mount("vol", mnt)
+    image = mnt / "vol.img"
+    (fenv.tmp / "link.img").symlink_to(image)
+    stats = json.loads(fenv.lsbd("stats", "vol", "--json").stdout)
+    for argv in [(image,), (fenv.tmp / "link.img",), (image, "--snapshot", "s1"),
+                 (image, "--from", "s1")]:
+        r = fenv.lsbd("export", "vol", *argv, check=False)
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is the image of vol itself" in lines[0], r.stderr
+        assert str(mnt) in lines[0] and "lsbd restore vol" in lines[0], r.stderr
+    assert json.loads(fenv.lsbd("stats", "vol", "--json").stdout)["segments"] == \
+        stats["segments"], "a refused export wrote the volume"
+    assert image.read_bytes() == data + bytes(2 * MiB)
+
+    other = "file://" + str(fenv.tmp / "other-store")
+    fenv.lsbd("--store", other, "create", "vol", "--size", "4M")
+    r = fenv.lsbd("--store", other, "export", "vol", image)
+    assert "written in place" in r.stderr
+    assert image.read_bytes() == bytes(4 * MiB)
