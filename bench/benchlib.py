@@ -37,8 +37,12 @@ def fio(target: str, rw: str, bs: str, *, size: int | str, runtime: int | None =
         extra += [f"--buffer_compress_percentage={compress_pct}", "--refill_buffers"]
     if cpus is not None:
         extra += [f"--cpus_allowed={cpus}"]
+    # In bytes: fio's own reading of a unit differs from lsbd's (by default it
+    # takes 1GiB as 10^9 bytes and 1GB as 2^30), and the lsbd volume and fio's
+    # region must be the size the flag said.
+    nbytes = parse_size(size) if isinstance(size, str) else size
     r = sh("fio", "--name=bench", *where, "--iodepth=16", f"--rw={rw}", f"--bs={bs}",
-           f"--size={size}", f"--offset={offset}", *extra, "--randrepeat=0", "--norandommap",
+           f"--size={nbytes}", f"--offset={offset}", *extra, "--randrepeat=0", "--norandommap",
            "--output-format=json")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     if job["error"]:

@@ -41,3 +41,27 @@ def test_a_size_that_could_mislead_is_refused_with_what_to_write(text, needles):
         parse_size(text)
     for needle in needles:
         assert needle in str(refused.value)
+
+
+def test_the_benches_give_fio_a_size_in_bytes(monkeypatch):
+    """fio reads 1GiB as 10^9 bytes (its kb_base=1024 default) and 1GB as
+    2^30: a bench's --size goes to fio in bytes, as lsbd reads it."""
+    import pathlib
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
+    import benchlib
+
+    argv: list[str] = []
+
+    def fake_sh(*args, **kwargs):
+        argv.extend(args)
+        out = ('{"jobs": [{"error": 0, "usr_cpu": 1, "sys_cpu": 1, '
+               '"read": {"runtime": 1000, "bw": 1024, "iops": 1}}]}')
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(benchlib, "sh", fake_sh)
+    benchlib.fio("/dev/null", "read", "4k", size="1GiB")
+    assert f"--size={GiB}" in argv
+    with pytest.raises(UserError):
+        benchlib.fio("/dev/null", "read", "4k", size="1GB")
