@@ -80,7 +80,8 @@ def recover(st: VolumeState, sealer: Sealer, progress) -> bool:
         report = log.info if str(e) == "empty" else log.warning
         report("volume %s: the cache dir is not trusted (%s); rebuilding it from the store",
                st.name, e)
-        _reset_cache_dir(st)
+        if not _made_by_this_open(st):
+            _reset_cache_dir(st)
         _rebuild(st, progress, stored, checkpoints, known)
         rebuilt = True
     _remove_orphans(st, stored)
@@ -252,6 +253,13 @@ def _remove_orphans(st: VolumeState, stored: dict[int, int]) -> None:
         log.warning("volume %s: removing orphan segment %d (after a gap: never part of "
                     "the volume)", st.name, seq)
         st.store.delete(names.segment_key(st.name, seq))
+
+
+def _made_by_this_open(st: VolumeState) -> bool:
+    """A cache dir with nothing in it but the new map this open made: no
+    need to clear it (and to make its map again, a commit and a sync more)."""
+    return (set(os.listdir(st.folder)) <= {"map", "segments"}
+            and not os.listdir(st.files.folder) and st.map.is_new())
 
 
 def _reset_cache_dir(st: VolumeState) -> None:

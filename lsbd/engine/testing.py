@@ -232,3 +232,9 @@ def stop_read_defrag(vol: Volume) -> None:
     """No more read-directed defragmentation on this writer (relocations
     by hand only)."""
     vol._reader.close_defrag()
+
+
+def map_commits(vol) -> int:
+    """The write transactions the block map's file has committed since it
+    was made (each one a sync of that file)."""
+    return vol._st.map._env.info()["last_txnid"]

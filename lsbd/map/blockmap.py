@@ -83,11 +83,9 @@ class BlockMap(StagedMerge):
         # scratch: a throwaway map (a delta being built), never synced.
         # lookups=False: the map's process, which only applies and merges.
         self._env = mapfile.open_env(path, scratch)
-        self._segments = self._env.open_db(b"segments")
-        self._meta = self._env.open_db(b"meta")
-        self._extents = self._env.open_db(b"blocks")
-        self._staged_db = self._env.open_db(b"staged")
-        self._covers_db = self._env.open_db(b"covers")
+        (self._segments, self._meta, self._extents, self._staged_db,
+         self._covers_db) = mapfile.open_dbs(
+            self._env, [b"segments", b"meta", b"blocks", b"staged", b"covers"], b"meta")
         mapfile.migrate(self._env, self._meta, self._extents)
         # Stage segments of one-block writes (not in a scratch map, which
         # overlay() and load() fill, nor in the map's process: its parent stages).
@@ -278,6 +276,15 @@ class BlockMap(StagedMerge):
         """A frozen view of the map for a long read (a checkpoint) while
         writers go on.  Use it as a context manager (or close() it)."""
         return MapSnapshot(self, self._env.begin())
+
+    def is_new(self) -> bool:
+        """Nothing was ever written into this map (only its format mark)."""
+        with self._env.begin() as txn:
+            if any(txn.stat(db)["entries"] for db in (self._extents, self._segments,
+                                                      self._staged_db, self._covers_db)):
+                return False
+            return [bytes(k) for k in txn.cursor(db=self._meta).iternext(values=False)] \
+                == [b"map_format"]
 
     def extent_count(self) -> int:
         with self._env.begin(db=self._extents) as txn:

@@ -32,6 +32,18 @@ def open_env(path: str, scratch: bool):
                      mode=private.FILE_MODE)
 
 
+def open_dbs(env, names: list[bytes], meta: bytes) -> list:
+    """The named databases, created in one transaction if new (one commit,
+    one sync: a new map's first open used to commit once per database); a
+    new map is marked with this format in `meta` in the same commit."""
+    with env.begin(write=True) as txn:
+        dbs = [env.open_db(name, txn=txn) for name in names]
+        meta_db = dbs[names.index(meta)]
+        if txn.get(b"map_format", db=meta_db) is None and txn.get(b"extents") is None:
+            txn.put(b"map_format", str(MAP_FORMAT).encode(), db=meta_db)
+    return dbs
+
+
 @contextlib.contextmanager
 def writing(env, path: str, db=None) -> Iterator:
     """A write transaction, committed when the block ends."""

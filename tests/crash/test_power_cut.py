@@ -18,11 +18,13 @@ from powercut import PowerCut, remove_tree
 from test_crash import _observe, valid_prefixes
 
 from lsbd.engine import sealer as sealer_mod
-from lsbd.engine import opening, testing
+from lsbd.engine import opening, recovery, testing
 from lsbd.engine.volume import Volume
 from lsbd.errors import TransientStoreError
 from lsbd.format.segment import RECORD
+from lsbd.map.blockmap import BlockMap
 from lsbd.meta.config import create_volume
+from lsbd.names import cache_dir_for
 from lsbd.segments.journal import OpenSegment
 from lsbd.segments.uploader import Uploader
 from lsbd.store.faulty import FaultyStore
@@ -397,3 +399,55 @@ def test_the_double_undoes_the_last_map_commit_only(tmp_path):
         bm.sync()
         power.cut(bm.close)
         assert after_cut() == b"5"
+
+
+@pytest.mark.parametrize("cut_after", ["the checkpoint", "a segment after it"])
+def test_a_map_cut_short_while_built_from_the_store_is_rebuilt(tmp_path, monkeypatch,
+                                                                cut_after):
+    """A new cache dir's map is built from the store (a checkpoint, then
+    the segments after it), and the cache dir's identity is written only
+    once the map is whole.  A power cut half way leaves a map without it,
+    which the next open rebuilds rather than trusts."""
+    store = open_test_store("file://" + str(tmp_path / "store"))
+    create_volume(store, "vol", VOLUME_SIZE, segment_size=SEGMENT_SIZE, seal_interval=3600.0)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "first"))
+    vol.write(0, blocks(1, 0, 4))
+    vol.flush_to_store()
+    vol.checkpoint(force=True)
+    for tag in (2, 3, 4):       # one segment each, over the checkpoint's blocks
+        vol.write((tag - 2) * BS, blocks(tag, tag - 2, 1))
+        vol.flush_to_store()
+    vol.close()
+    expected = blocks(2, 0, 1) + blocks(3, 1, 1) + blocks(4, 2, 1) + blocks(1, 3, 1)
+    cache = str(tmp_path / "cache")
+
+    class PowerGone(Exception):
+        pass
+
+    if cut_after == "the checkpoint":
+        owner, name = recovery, "load_checkpoint"
+    else:
+        owner, name = BlockMap, "apply_segment"
+    real = getattr(owner, name)
+
+    def then_cut(*args, **kw):
+        real(*args, **kw)
+        raise PowerGone
+
+    monkeypatch.setattr(owner, name, then_cut)
+    try:
+        with PowerCut(cache) as power:
+            with pytest.raises(PowerGone):
+                Volume.open(store, "vol", cache_root=cache)
+            monkeypatch.setattr(owner, name, real)
+            power.cut(lambda: None)
+            bm = BlockMap(os.path.join(cache_dir_for(cache, store, "vol"), "map"), BS)
+            try:
+                assert bm.get_meta("volume_id") is None, \
+                    "a map half built from the store holds the cache dir's identity"
+            finally:
+                bm.close()
+            data = _read_after_open(store, cache, 4 * BS)
+    finally:
+        store.close()
+    assert data == expected

@@ -12,6 +12,8 @@ from engine_helpers import MiB, block
 
 from lsbd import names
 from lsbd.cli.context import Context
+from lsbd.engine import opening, testing
+from lsbd.engine.volume import Volume
 from lsbd.meta.config import create_volume
 from lsbd.service.serving import open_devices
 from lsbd.store.local import LocalStore
@@ -172,3 +174,31 @@ def test_lsbd_mount_imports_the_serving_modules_before_its_fork(tmp_path):
                           timeout=120, check=False)
     assert proc.stdout.strip() == "True True", proc.stderr
     assert "stopped before the fork" in proc.stderr
+
+
+def test_a_new_cache_dir_builds_its_map_in_few_commits(tmp_path, monkeypatch):
+    """Each commit of the map is a sync of its file, which waits behind
+    whatever else the disk is writing.  A new cache dir is not cleared and
+    made again (nothing in it to keep or distrust), and its map's
+    databases are created in one commit: then the checkpoint's load, its
+    segment table and the identity: 4 commits and a final sync (there
+    were 15 commits)."""
+    store = LocalStore(str(tmp_path / "store"))
+    create_volume(store, "vol", 16 * MiB, segment_size=1 * MiB)
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "a"))
+    vol.write(0, block(0, 3))
+    vol.flush_to_store()
+    vol.checkpoint(force=True)
+    vol.close()
+
+    resets: list[str] = []
+    reset = opening._reset_cache_dir
+    monkeypatch.setattr(opening, "_reset_cache_dir",
+                        lambda st: (resets.append(st.folder), reset(st)))
+    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "b"))
+    try:
+        assert resets == [], "a new cache dir was cleared and made again"
+        assert testing.map_commits(vol) == 4
+        assert vol.read(0, 4096) == block(0, 3)
+    finally:
+        vol.close()
