@@ -8,7 +8,11 @@ starts loaded (the modules' bytecode and extension files, a list kept in
 the user's cache, one per interpreter) are asked for all at once at the
 start, from a few threads: each open and POSIX_FADV_WILLNEED queues the
 file's reads, so they wait behind the writes together, not in turn.
-Only stdlib here: it runs before the other imports."""
+Besides the modules' files the list holds the shared libraries the process
+maps (libpython, libssl, ...) and the data files it opens from the
+interpreter's installation (botocore's JSON, about 2 MiB at each start),
+which the start reads as well.  Only stdlib here: it runs before the other
+imports."""
 
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ MAX_FILES = 4000
 
 _stop = threading.Event()
 _threads: list[threading.Thread] = []
+#: The data files opened from the installation so far (watch_opens).
+_opened: set[str] = set()
+_watching = False
 
 
 def list_path() -> str:
@@ -83,6 +90,51 @@ def finish() -> None:
         _threads.pop().join()
 
 
+def install_dirs() -> tuple[str, ...]:
+    """Where the interpreter and its packages live: what a start opens
+    there, it opens at every start (unlike a store's objects or a cache
+    dir's files)."""
+    return tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+
+def watch_opens() -> None:
+    """From now on, note the files opened for reading from the
+    installation (an audit hook: it sees every open of Python code; once
+    per process, a hook cannot be removed)."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    dirs = install_dirs()
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, _mode, flags = args
+            if (isinstance(path, str) and path.startswith(dirs)
+                    and flags & os.O_ACCMODE == os.O_RDONLY):
+                _opened.add(path)
+
+    sys.addaudithook(hook)
+
+
+def mapped_libraries() -> set[str]:
+    """The shared libraries mapped into this process, which the dynamic
+    linker read at the start (a map of another kind, a volume's block
+    map, is no start's file)."""
+    libs = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+                if path.startswith("/") and ".so" in os.path.basename(path) \
+                        and not path.endswith(" (deleted)"):
+                    libs.add(path)
+    except OSError:
+        pass        # no /proc: the modules' files only
+    return libs
+
+
 def loaded_files() -> set[str]:
     """The files of the modules loaded so far: the bytecode of a module
     from source (the source is only looked at, not read), else the
@@ -103,7 +155,7 @@ def record() -> None:
     otherwise a read of the list and a comparison, under a millisecond)."""
     path = list_path()
     old = {n for n in _listed(path) if n}
-    new = loaded_files()
+    new = loaded_files() | mapped_libraries() | set(_opened)
     if new <= old:
         return
     names = old | new if len(old | new) <= MAX_FILES else new

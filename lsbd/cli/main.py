@@ -19,6 +19,7 @@ from typing import NoReturn
 from lsbd import startahead
 
 startahead.read_ahead()   # before the imports below: they are what it reads
+startahead.watch_opens()  # and the data files they open, for the next start
 
 from lsbd.cli import ui  # noqa: E402
 from lsbd.cli.args import USAGE_ERROR, LeaveAtOnce, Parser, add_global_options, all_parsers  # noqa: E402

@@ -112,3 +112,28 @@ def test_a_mount_forks_with_no_read_ahead_thread_left(tmp_path, monkeypatch):
         daemon._start_background(lambda: {}, str(tmp_path), name="v", read_only=False,
                                  direct_io=False, finalizer=None, debug=False, readahead=0)
     assert at_fork == [0]
+
+
+def test_the_list_holds_the_shared_libraries_and_the_data_files_of_a_start(tmp_path,
+                                                                           monkeypatch):
+    """A start also reads the shared libraries it maps (libc, libpython,
+    libssl, ...) and data files of its packages (botocore's JSON): both
+    are listed.  Files it opens elsewhere (a file:// store's objects, the
+    cache dir) are not: they are no start's, and may be large."""
+    import json
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    startahead.watch_opens()
+    data = os.path.join(os.path.dirname(json.__file__), "decoder.py")
+    assert data.startswith(startahead.install_dirs())
+    with open(data, "rb"):
+        pass
+    elsewhere = tmp_path / "segment"
+    elsewhere.write_bytes(b"x")
+    with open(elsewhere, "rb"):
+        pass
+    startahead.record()
+    listed = open(startahead.list_path()).read().split()
+    assert data in listed
+    assert str(elsewhere) not in listed
+    assert any(os.path.basename(n).startswith("libc.so") for n in listed), \
+        "the C library this process maps is not listed"
