@@ -52,7 +52,10 @@ def _listed(path: str) -> list[str]:
 def read_ahead() -> list[threading.Thread]:
     """Start reading the listed files ahead; never waits (the threads
     started are returned for tests)."""
-    names = iter([n for n in _listed(list_path()) if n])
+    # The libraries the exec mapped (libpython, libc) are read already;
+    # read ahead, the rest of libpython alone would be 20 MiB more.
+    mapped = mapped_libraries()
+    names = iter([n for n in _listed(list_path()) if n and n not in mapped])
     lock = threading.Lock()
 
     def work() -> None:
