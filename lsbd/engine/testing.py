@@ -11,6 +11,7 @@ import contextlib
 import time
 from typing import Iterator
 
+from lsbd.engine import opening
 from lsbd.engine.sealer import MAX_SEALING
 from lsbd.engine.volume import Volume
 from lsbd.map import testing as map_testing
@@ -237,4 +238,22 @@ def stop_read_defrag(vol: Volume) -> None:
 def map_commits(vol) -> int:
     """The write transactions the block map's file has committed since it
     was made (each one a sync of that file)."""
-    return vol._st.map._env.info()["last_txnid"]
+    return map_testing.commits(vol._st.map)
+
+
+@contextlib.contextmanager
+def cache_dir_resets() -> Iterator[list[str]]:
+    """The folders of the cache dirs an open clears and makes again, while
+    in the block."""
+    resets: list[str] = []
+    reset = opening._reset_cache_dir
+
+    def counted(st) -> None:
+        resets.append(st.folder)
+        reset(st)
+
+    opening._reset_cache_dir = counted
+    try:
+        yield resets
+    finally:
+        opening._reset_cache_dir = reset

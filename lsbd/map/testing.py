@@ -25,6 +25,12 @@ def segment_rows(bm: BlockMap) -> dict[int, int]:
     return {i.seq: i.live_blocks for i in rows if i.live_blocks}
 
 
+def commits(bm: BlockMap) -> int:
+    """The write transactions the map's file has committed since it was
+    made (each one a sync of that file)."""
+    return bm._env.info()["last_txnid"]
+
+
 def staged_values(bm: BlockMap) -> list[int]:
     """The seqs whose writes the map's `staged` database holds, in order
     (merging the last range deletes them)."""

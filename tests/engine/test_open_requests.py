@@ -12,7 +12,7 @@ from engine_helpers import MiB, block
 
 from lsbd import names
 from lsbd.cli.context import Context
-from lsbd.engine import opening, testing
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.meta.config import create_volume
 from lsbd.service.serving import open_devices
@@ -176,7 +176,7 @@ def test_lsbd_mount_imports_the_serving_modules_before_its_fork(tmp_path):
     assert "stopped before the fork" in proc.stderr
 
 
-def test_a_new_cache_dir_builds_its_map_in_few_commits(tmp_path, monkeypatch):
+def test_a_new_cache_dir_builds_its_map_in_few_commits(tmp_path):
     """Each commit of the map is a sync of its file, which waits behind
     whatever else the disk is writing.  A new cache dir is not cleared and
     made again (nothing in it to keep or distrust), and its map's
@@ -191,11 +191,8 @@ def test_a_new_cache_dir_builds_its_map_in_few_commits(tmp_path, monkeypatch):
     vol.checkpoint(force=True)
     vol.close()
 
-    resets: list[str] = []
-    reset = opening._reset_cache_dir
-    monkeypatch.setattr(opening, "_reset_cache_dir",
-                        lambda st: (resets.append(st.folder), reset(st)))
-    vol = Volume.open(store, "vol", cache_root=str(tmp_path / "b"))
+    with testing.cache_dir_resets() as resets:
+        vol = Volume.open(store, "vol", cache_root=str(tmp_path / "b"))
     try:
         assert resets == [], "a new cache dir was cleared and made again"
         assert testing.map_commits(vol) == 4
