@@ -22,8 +22,11 @@ def default_cache_dir() -> str:
 class Context:
     def __init__(self, *, store_url: str | None, endpoint_url: str | None, cache_dir: str | None,
                  key_file: str | None = None, passphrase_file: str | None = None,
-                 create_store: bool = False):
+                 create_store: bool = False, store_retry_within: float | None = None):
         self.store_url = store_url
+        # None: every attempt at a failing request is made (a serving process);
+        # else a request failing for this many seconds is given up.
+        self.store_retry_within = store_retry_within
         self.create_store = create_store
         self.endpoint_url = endpoint_url
         self.cache_dir = cache_dir or os.environ.get("LSBD_CACHE_DIR") or default_cache_dir()
@@ -45,6 +48,7 @@ class Context:
             self._store = seal_store(self._plain_before_fork, self.secret)
         else:
             self._store = open_store(self.store_url, endpoint_url=self.endpoint_url,
+                                     retry_within=self.store_retry_within,
                                      secret=self.secret, create=self.create_store)
         return self._store
 
@@ -120,7 +124,7 @@ class Context:
 
         self.check_cache_dir()
         probe = open_store(self.store_url, endpoint_url=self.endpoint_url, seal=False,
-                           create=self.create_store)
+                           retry_within=self.store_retry_within, create=self.create_store)
         try:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 asked = pool.submit(lambda: probe.conditional_writes) if writer else None

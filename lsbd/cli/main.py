@@ -45,6 +45,16 @@ COMMANDS = {
     "key": ("key",),
 }
 MODULE_OF = {command: module for module, commands in COMMANDS.items() for command in commands}
+#: Commands that keep retrying a failing store request (5 attempts, as
+#: long as they take): a serving process has a cache dir and its users'
+#: writes to protect, and a copy or compaction hours of work done.
+PATIENT_COMMANDS = frozenset({"serve", "mount", "import", "export", "verify", "compact",
+                              "restore", "clone"})
+#: Every other command is a question or a small change someone waits for:
+#: a request still failing after this many seconds is not tried again, so
+#: a store that takes requests and never answers fails it in about 10 s
+#: (two attempts at the 5 s read timeout of small requests), not 26 s.
+ONE_SHOT_RETRY_WITHIN = 8.0
 #: The global options that take a value (lsbd.cli.args.add_global_options).
 GLOBAL_VALUE_OPTIONS = frozenset({"--store", "--endpoint-url", "--cache-dir",
                                   "--passphrase-file", "--key-file"})
@@ -179,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ui.configure(json=getattr(args, "json", False))
     ctx = Context(store_url=args.store, endpoint_url=args.endpoint_url, cache_dir=args.cache_dir,
                   key_file=args.key_file, passphrase_file=args.passphrase_file,
-                  create_store=getattr(args, "creates_store", False))
+                  create_store=getattr(args, "creates_store", False),
+                  store_retry_within=None if args.command in PATIENT_COMMANDS
+                  else ONE_SHOT_RETRY_WITHIN)
     try:
         result = args.func(args, ctx)
         code = int(result or 0)

@@ -16,7 +16,8 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry: bool = True,
-               seal: bool = True, secret=None, create: bool = True) -> Store:
+               retry_within: float | None = None, seal: bool = True, secret=None,
+               create: bool = True) -> Store:
     """Open the store a URL names: file:///path, a plain path, or s3://bucket/prefix.
 
     seal: wrap it in lsbd.crypto.store.SealingStore, which compresses and
@@ -24,7 +25,9 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
     for it; `secret(volume)` gives the passphrase or key file of an
     encrypted volume (without it, opening one is an error).
     create=False: a local directory that does not exist is an error (a
-    mistyped path), not a new, empty store."""
+    mistyped path), not a new, empty store.
+    retry_within: a request failing for this many seconds is not tried
+    again (lsbd.store.retry.RetryingStore); None: every attempt is made."""
     url = url or os.environ.get("LSBD_STORE") or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -50,7 +53,7 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, retry
     if retry:
         from lsbd.store.retry import RetryingStore
 
-        store = RetryingStore(store)
+        store = RetryingStore(store, retry_within=retry_within)
     return seal_store(store, secret) if seal else store
 
 

@@ -3,7 +3,10 @@
 Only TransientStoreError is retried; every other error (ObjectNotFound,
 ObjectExists, permission, missing bucket, ...) goes straight to the caller.
 When the attempts run out, the last TransientStoreError is raised with
-"(gave up after N attempts)" added to its message.
+"(gave up after N attempts)" added to its message.  `retry_within` bounds
+the time as well: no new attempt starts once a request has been failing
+for that long (a command someone waits for gives up on a store that takes
+requests and never answers after two attempts, not five).
 
 Exclusive puts need care.  A transient failure (a timeout, a dropped
 connection) leaves the outcome unknown: the object may have been stored even
@@ -36,10 +39,13 @@ SLOW_ATTEMPT = 5.0
 
 class RetryingStore(Store):
     def __init__(self, inner: Store, attempts: int = 5, base_delay: float = 0.05,
-                 max_delay: float = 2.0, *, sleep: Callable[[float], None] = time.sleep,
+                 max_delay: float = 2.0, *, retry_within: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        if retry_within is not None and retry_within <= 0:
+            raise ValueError("retry_within must be positive")
         self.inner = inner
         # Declared on Store, so __getattr__ would not pass them on.
         self.lists_etags = inner.lists_etags
@@ -47,6 +53,7 @@ class RetryingStore(Store):
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.retry_within = retry_within
         self._sleep = sleep
         self._clock = clock
 
@@ -67,7 +74,11 @@ class RetryingStore(Store):
         full = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
         return random.uniform(full / 2, full)
 
+    def _out_of_time(self, first_began: float) -> bool:
+        return self.retry_within is not None and self._clock() - first_began >= self.retry_within
+
     def _call(self, what: str, fn: Callable[[], T], on_transient: Callable[[], None] | None = None) -> T:
+        first_began = self._clock()
         for attempt in range(1, self.attempts + 1):
             began = self._clock()
             try:
@@ -76,9 +87,10 @@ class RetryingStore(Store):
                 took = self._clock() - began
                 if on_transient is not None:
                     on_transient()
-                if attempt >= self.attempts:
+                if attempt >= self.attempts or self._out_of_time(first_began):
                     if self.attempts > 1:
-                        e.strerror = f"{e.strerror} (gave up after {self.attempts} attempts)"
+                        tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+                        e.strerror = f"{e.strerror} (gave up after {tries})"
                     raise
                 pause = self.delay(attempt)
                 # INFO: a quick retry that then succeeds is not the user's business,

@@ -643,6 +643,46 @@ def test_retry_gives_up_after_n_attempts(faulty):
     assert "injected fault: head k" in str(info.value)
 
 
+class _SilentStore:
+    """A store whose every head fails after `took` seconds of a fake clock."""
+
+    def __init__(self, took: float):
+        self.now = 0.0
+        self.took = took
+        self.calls = 0
+        self.lists_etags = self.seals_objects = False
+        self.url = "silent://"
+
+    def head(self, key):
+        self.calls += 1
+        self.now += self.took
+        raise TransientStoreError(f"head {key}: read timeout")
+
+
+@pytest.mark.parametrize("took, attempts", [(5.0, 2), (60.0, 1), (0.2, 5)])
+def test_retry_within_gives_up_on_a_request_failing_that_long(took, attempts):
+    """A store that takes requests and never answers (5 s a small request,
+    60 s a segment's transfer) gets two attempts, or one, within 8 s; quick
+    failures (a refused connection) still get all five."""
+    inner = _SilentStore(took)
+    store = RetryingStore(inner, attempts=5, retry_within=8.0,  # type: ignore[arg-type]
+                          sleep=lambda s: None, clock=lambda: inner.now)
+    with pytest.raises(TransientStoreError) as info:
+        store.head("k")
+    assert inner.calls == attempts
+    tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    assert f"(gave up after {tries})" in str(info.value)
+
+
+def test_retry_without_a_time_bound_makes_every_attempt():
+    inner = _SilentStore(60.0)
+    store = RetryingStore(inner, attempts=5, sleep=lambda s: None,  # type: ignore[arg-type]
+                          clock=lambda: inner.now)
+    with pytest.raises(TransientStoreError):
+        store.head("k")
+    assert inner.calls == 5
+
+
 def test_retry_never_retries_permanent_errors(faulty):
     store, sleeps = _retrying(faulty)
     faulty.fail(op="put", error=StoreError)

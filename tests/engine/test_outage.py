@@ -186,23 +186,42 @@ def test_one_sigterm_stops_the_server_when_the_store_answers_nothing(tmp_path, c
 
 
 def test_a_one_shot_command_against_a_stalled_store_says_so_in_seconds(tmp_path, cut_store):
-    """A store that takes requests and never answers: `info` (no writer
-    here) gives up at the short read timeout of small requests, 5 s an
-    attempt, and names the store, instead of 60 s an attempt (5 minutes)."""
+    """A store that takes requests and never answers: `info` and `list`
+    (no writer here) give up after two attempts at the short read timeout
+    of small requests (5 s each), and name the store, instead of five
+    (26 s) or 60 s an attempt (5 minutes)."""
     store_url, proxy = cut_store
     a = Machine("machine-a", tmp_path / "cache", store_url, env={"AWS_ENDPOINT_URL": proxy.url})
     a.run("create", "vol", "--size", "64M", check=True)
     proxy.set_stalled(True)
     try:
-        started = time.monotonic()
-        info = a.run("info", "vol", timeout=120)
-        took = time.monotonic() - started
+        for command in (["info", "vol"], ["list"]):
+            started = time.monotonic()
+            done = a.run(*command, timeout=120)
+            took = time.monotonic() - started
+            print(f"{command[0]} against a stalled store: exit {done.returncode} after {took:.1f}s")
+            assert done.returncode == 1, done.stderr
+            last = done.stderr.strip().splitlines()[-1]
+            assert "timeout" in last and "gave up after 2 attempts" in last, done.stderr
+            assert 9 < took < 16, f"{command[0]} waited {took:.0f}s"
+            assert "retry 1/4" in done.stderr, "the slow attempt went without a word"
     finally:
         proxy.set_stalled(False)
-    print(f"info against a stalled store: exit {info.returncode} after {took:.1f}s")
-    assert info.returncode == 1, info.stderr
-    last = info.stderr.strip().splitlines()[-1]
-    assert "timeout" in last and "gave up after 5 attempts" in last, info.stderr
-    assert took < 45, f"info waited {took:.0f}s"
-    assert "retry 1/4" in info.stderr, "the slow attempts went without a word"
     assert a.run("info", "vol").returncode == 0
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:1", "http://no-such-host.invalid:9000"])
+def test_a_one_shot_command_against_an_unreachable_store_fails_at_once(tmp_path, endpoint):
+    """Connection refused, or a name that does not resolve: each attempt
+    fails at once, so all five are made, in a second or two."""
+    a = Machine("machine-a", tmp_path / "cache", "s3://bucket/p",
+                env={"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "x",
+                     "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})
+    started = time.monotonic()
+    done = a.run("list", timeout=60)
+    took = time.monotonic() - started
+    print(f"list against {endpoint}: exit {done.returncode} after {took:.1f}s")
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "cannot reach" in last and "gave up after 5 attempts" in last, done.stderr
+    assert took < 8, f"list waited {took:.1f}s"   # 26 s if it were stalled
