@@ -144,6 +144,6 @@ def code_path(code: str) -> str:
 def parse_size(text: str) -> int:
     """'1G', '512MiB', '1.5T', '4096' -> bytes: lsbd's own reading of a size
     (binary units; '1GB' refused), so a bench flag means what `--size` does."""
-    from lsbd.meta.config import parse_size as lsbd_parse_size
+    from lsbd.sizes import parse_size as lsbd_parse_size
 
     return lsbd_parse_size(text)

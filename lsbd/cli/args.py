@@ -44,6 +44,14 @@ def path_arg(text: str) -> str:
     return text
 
 
+def size_arg(text: str) -> int:
+    """A size flag's value in bytes ('20G', '512MiB', '4096'): a bad one is
+    an error that names the flag (the parser's `argument --size: ...`)."""
+    from lsbd.sizes import parse_size   # here: only a command given a size pays for it
+
+    return parse_size(text)
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """--store, --endpoint-url, --cache-dir, --passphrase-file, --key-file, -v.  On a command's own parser
     (suppress=True) an option left out does not hide the one given before

@@ -1,9 +1,9 @@
 """lsbd create VOLUME --size SIZE [--compress zstd[:LEVEL]|none] [--encrypt]"""
 
 from lsbd.cli import ui
-from lsbd.cli.args import MIN_PASSPHRASE, add_allow_short_passphrase, add_volume, command
+from lsbd.cli.args import MIN_PASSPHRASE, add_allow_short_passphrase, add_volume, command, size_arg
 from lsbd.cli.cmd_history import format_duration, parse_duration
-from lsbd.meta.config import DEFAULT_BLOCK_SIZE
+from lsbd.meta.config import DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_SIZE, check_block_size
 from lsbd.errors import UserError, VolumeExists
 from lsbd.names import check_volume_name, config_key, keys_key
 
@@ -13,14 +13,14 @@ def register(sub) -> None:
                 examples=["vm1 --size 20G", "db --size 100G --flush-mode store --retain 7d",
                           "secret --size 20G --encrypt --passphrase-file ~/.lsbd-pass"])
     add_volume(p, "the new volume's name (letters, digits, '.', '_', '-')")
-    p.add_argument("--size", required=True,
+    p.add_argument("--size", required=True, type=size_arg,
                    help="size, e.g. 10G or 10GiB (binary: 1G is 2^30 bytes; 10GB is refused)")
-    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE),
+    p.add_argument("--block-size", type=block_size_arg, default=DEFAULT_BLOCK_SIZE,
                    help="block size, a power of two from 512 to 64K (default 4K)")
     p.add_argument("--flush-mode", choices=["journal", "store"], default="journal",
                    help="journal: FLUSH returns once the local journal is synced (default); "
                         "store: once the data is in the store")
-    p.add_argument("--segment-size", default="32M",
+    p.add_argument("--segment-size", type=segment_size_arg, default=DEFAULT_SEGMENT_SIZE,
                    help="target segment object size, from 64K to 4G (default 32M)")
     p.add_argument("--retain", default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
@@ -40,23 +40,31 @@ MIN_SEGMENT_SIZE = 64 << 10
 MAX_SEGMENT_SIZE = 4 << 30
 
 
+def segment_size_arg(text: str) -> int:
+    size = size_arg(text)
+    if not MIN_SEGMENT_SIZE <= size <= MAX_SEGMENT_SIZE:
+        raise UserError(f"bad segment size {text!r}: from 64K to 4G")
+    return size
+
+
+def block_size_arg(text: str) -> int:
+    return check_block_size(size_arg(text), text)
+
+
 def run(args, ctx) -> int:
     from lsbd.cli.secrets import new_secret
     from lsbd.crypto import keystore, keyring as kr
     from lsbd.crypto.aead import CIPHER_NAME, random_bytes
     from lsbd.crypto.compress import parse_setting
-    from lsbd.meta.config import create_volume, parse_size
+    from lsbd.meta.config import create_volume
 
-    segment_size = parse_size(args.segment_size)
-    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
-        raise UserError(f"bad segment size {args.segment_size!r}: from 64K to 4G")
     retain = parse_duration(args.retain)
     try:
         codec, level = parse_setting(args.compress)
     except ValueError as e:
         raise UserError(str(e)) from None
     compression = f"zstd:{level}" if codec == "zstd" else "none"
-    size, block_size = parse_size(args.size), parse_size(args.block_size)
+    size, block_size, segment_size = args.size, args.block_size, args.segment_size
     check_volume_name(args.volume)
     if ctx.plain_store.exists(config_key(args.volume)):
         raise VolumeExists(f"volume {args.volume!r} already exists in {ctx.store.url}")

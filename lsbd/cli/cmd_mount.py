@@ -12,7 +12,7 @@ import os
 import sys
 
 from lsbd.cli import ui
-from lsbd.cli.args import LeaveAtOnce, add_volume, command, path_arg
+from lsbd.cli.args import LeaveAtOnce, add_volume, command, path_arg, size_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, parse_seconds, writer_options
 from lsbd.errors import UserError
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="open the image with direct I/O: no page cache of the image, every "
                         "read and write reaches lsbd as issued (default: the page cache, "
                         "writes written through)")
-    p.add_argument("--readahead", metavar="SIZE", default=None,
+    p.add_argument("--readahead", metavar="SIZE", type=readahead_arg, default=None,
                    help="the kernel's read-ahead on the image (default 4M; it needs root, "
                         "else the kernel's 128K stays)")
     p.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)  # the default
@@ -73,7 +73,11 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 
     name = args.volume
     writer_options(args)    # a bad value is an error here, before the serving process starts
-    readahead = readahead_arg(args.readahead)
+    readahead = args.readahead
+    if readahead is None:
+        from lsbd_fuse.options import READAHEAD
+
+        readahead = READAHEAD
     read_only = args.read_only or any(
         getattr(args, k, None) is not None for k in ("snapshot", "seq", "at"))
 
@@ -101,18 +105,13 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
 READAHEAD_MAX = 256 << 20
 
 
-def readahead_arg(text: str | None) -> int:
-    """--readahead in bytes, whole pages; the mount's default if not given."""
-    from lsbd.meta.config import parse_size
-    from lsbd_fuse.options import READAHEAD
-
-    if text is None:
-        return READAHEAD
-    value = parse_size(text)
+def readahead_arg(text: str) -> int:
+    """--readahead in bytes, whole pages."""
+    value = size_arg(text)
     if value > READAHEAD_MAX:
-        raise UserError(f"bad --readahead {text!r}: at most {READAHEAD_MAX >> 20}M")
+        raise UserError(f"bad readahead {text!r}: at most {READAHEAD_MAX >> 20}M")
     if 0 < value < 4096:    # whole pages: it would round down to none
-        raise UserError(f"bad --readahead {text!r}: at least 4K (0 for none)")
+        raise UserError(f"bad readahead {text!r}: at least 4K (0 for none)")
     return value // 4096 * 4096
 
 

@@ -1,14 +1,15 @@
 """lsbd resize VOLUME SIZE / lsbd stats VOLUME"""
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_break_lease, add_volume, command
+from lsbd.cli.args import add_break_lease, add_volume, command, size_arg
 
 
 def register(sub) -> None:
     p = command(sub, "resize", help="grow a volume (also while it is mounted or served)",
                 examples=["vm1 40G"])
     add_volume(p)
-    p.add_argument("size", metavar="SIZE", help="the new size, e.g. 20G (shrinking is refused)")
+    p.add_argument("size", metavar="SIZE", type=size_arg,
+                   help="the new size, e.g. 20G (shrinking is refused)")
     add_break_lease(p)
     p.set_defaults(func=run_resize)
     p = command(sub, "stats", help="space and I/O counters of a volume",
@@ -20,10 +21,9 @@ def register(sub) -> None:
 
 
 def run_resize(args, ctx) -> int:
-    from lsbd.meta.config import parse_size
     from lsbd.service.writer import run_on_writer
 
-    size = parse_size(args.size)
+    size = args.size
     ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "resize", "size": size},
                             cache_root=ctx.cache_dir, break_lease=args.break_lease,

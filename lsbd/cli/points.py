@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from lsbd.cli.args import size_arg
 from lsbd.errors import UserError
 from lsbd.meta.config import FLUSH_MODES
 
@@ -37,7 +38,7 @@ def add_writer_args(parser) -> None:
                              "set by lsbd create)")
     parser.add_argument("--auto-compact", action="store_true",
                         help="compact in the background while open (rate-limited)")
-    parser.add_argument("--cache-limit", metavar="SIZE", default=None,
+    parser.add_argument("--cache-limit", metavar="SIZE", type=size_arg, default=None,
                         help="keep at most this much of the segments already in the store in "
                              "the cache dir (default 1G; less when the disk has less room)")
     parser.add_argument("--cache-full-wait", metavar="SECONDS", default=None,
@@ -48,11 +49,9 @@ def add_writer_args(parser) -> None:
 
 def writer_options(args) -> dict:
     """Volume.open options from add_writer_args' flags."""
-    from lsbd.meta.config import parse_size
-
     options: dict[str, object] = {"auto_compact": True} if args.auto_compact else {}
     if args.cache_limit is not None:
-        options["cache_limit"] = parse_size(args.cache_limit)
+        options["cache_limit"] = args.cache_limit
     if args.cache_full_wait is not None:
         options["cache_full_wait"] = parse_seconds(args.cache_full_wait, "--cache-full-wait")
     return options

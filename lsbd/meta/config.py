@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from fractions import Fraction
 
 import attrs
 
@@ -22,7 +20,6 @@ from lsbd.errors import (
 from lsbd.store import Store
 
 DEFAULT_BLOCK_SIZE = 4096
-MAX_SIZE = 1 << 60          # bytes: beyond any device, and far inside the formats' 64 bits
 DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 FLUSH_MODES = ("journal", "store")
 
@@ -116,51 +113,18 @@ class Lineage:
         return names.segment_key(self.owner(seq).name, seq)
 
 
-#: Size units, all binary: K, Ki and KiB are 1024 bytes.  KB, MB, GB ... are
-#: refused: truncate reads GB as 10^9 bytes, fio as 2^30, and qemu-img and
-#: nbdkit refuse it, so whichever lsbd chose, some user would be misled.
-SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)")
-
-
-def parse_size(text: str | int) -> int:
-    """'10G', '10GiB', '512M', '1.5T', '4096' -> bytes (binary units); '10GB'
-    is refused with a message naming its binary spelling."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        why = "negative" if text.strip().startswith("-") else \
-            "use a number with K, M, G or T (binary: 1K is 1024 bytes), e.g. 20G"
-        raise UserError(f"bad size {text!r}: {why}")
-    number, unit = match["number"], match["unit"].upper()
-    prefix, rest = unit[:1], unit[1:]
-    if unit in ("", "B"):
-        multiplier = 1
-    elif prefix in SIZE_UNITS and rest in ("", "I", "IB"):
-        multiplier = SIZE_UNITS[prefix]
-    elif prefix in SIZE_UNITS and rest == "B":
-        power = list(SIZE_UNITS).index(prefix) + 1
-        raise UserError(f"bad size {text!r}: {match['unit']} means 10^{3 * power} bytes to "
-                        f"some tools and 2^{10 * power} to others; write {number}{prefix} or "
-                        f"{number}{prefix}iB for {number} x 2^{10 * power} bytes, or the "
-                        f"number of bytes")
-    else:
-        raise UserError(f"bad size {text!r}: unknown unit {match['unit']!r}; use K, M, G or T "
-                        f"(binary: 1K is 1024 bytes)")
-    value = Fraction(number) * multiplier
-    if value > MAX_SIZE:
-        raise UserError(f"bad size {text!r}: larger than {MAX_SIZE >> 50}P")
-    if value.denominator != 1:
-        raise UserError(f"bad size {text!r}: not a whole number of bytes")
-    return int(value)
+def check_block_size(block_size: int, spelled: str | None = None) -> int:
+    """block_size, if it is one lsbd takes (`spelled`: as the user wrote it)."""
+    if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
+        raise UserError(f"bad block size {spelled or block_size!r}: a power of two from 512 "
+                        "to 64K")
+    return block_size
 
 
 def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
                   **settings) -> VolumeConfig:
     names.check_volume_name(name)
-    if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
-        raise UserError(f"bad block size {block_size}: a power of two from 512 to 64K")
+    check_block_size(block_size)
     if size <= 0 or size % block_size:
         raise UserError(f"bad size {size}: a positive multiple of the block size ({block_size})")
     if settings.get("flush_mode", "journal") not in FLUSH_MODES:

@@ -11,7 +11,8 @@ import pathlib
 import time
 
 import pytest
-from engine_helpers import BS, MiB, assert_user_error, block, keys, open_test_store, run_cli
+from engine_helpers import (BS, MiB, assert_usage_error, assert_user_error, block, keys,
+                            open_test_store, run_cli)
 
 from lsbd import names
 from lsbd.segments import checkpoints as ckpt
@@ -150,16 +151,34 @@ def test_bad_size_is_one_line(file_cli):
 
 def test_sizes_are_binary_and_a_decimal_looking_unit_is_refused(file_cli, tmp_path):
     """GB is 10^9 bytes to truncate and 2^30 to fio: every size lsbd takes
-    refuses it, naming the binary spelling, and takes K/KiB/Ki alike."""
+    refuses it, naming the flag it came from and the binary spelling, and
+    takes K/KiB/Ki alike."""
     (tmp_path / "mnt").mkdir()
     _ok(file_cli("create", "v", "--size", "16MiB"))
-    for argv, value, spelling in [
-            (["create", "w", "--size", "20GB"], "20GB", "20G or 20GiB"),
-            (["create", "w", "--size", "16M", "--segment-size", "1MB"], "1MB", "1M or 1MiB"),
-            (["resize", "v", "32mb"], "32mb", "32M or 32MiB"),
-            (["serve", "v", "--cache-limit", "1GB"], "1GB", "1G or 1GiB"),
-            (["mount", "v", tmp_path / "mnt", "--readahead", "4MB"], "4MB", "4M or 4MiB")]:
-        assert_user_error(file_cli(*argv), repr(value), spelling)
+    for argv, flag, value, spelling in [
+            (["create", "w", "--size", "20GB"], "--size", "20GB", "20G or 20GiB"),
+            (["create", "w", "--size", "16M", "--segment-size", "1MB"], "--segment-size", "1MB",
+             "1M or 1MiB"),
+            (["create", "w", "--segment-size", "32M", "--size", "1MB"], "--size", "1MB",
+             "1M or 1MiB"),
+            (["create", "w", "--size", "16M", "--block-size", "4KB"], "--block-size", "4KB",
+             "4K or 4KiB"),
+            (["resize", "v", "32mb"], "SIZE", "32mb", "32M or 32MiB"),
+            (["serve", "v", "--cache-limit", "1GB"], "--cache-limit", "1GB", "1G or 1GiB"),
+            (["mount", "v", tmp_path / "mnt", "--readahead", "4MB"], "--readahead", "4MB",
+             "4M or 4MiB")]:
+        line = assert_usage_error(file_cli(*argv), f"argument {flag}: bad size {value!r}",
+                                  spelling)
+        assert line.endswith("--help`)"), line      # where the allowed forms are
+    # A size that parses but is out of the flag's bounds names the flag too.
+    for argv, flag, why in [
+            (["create", "w", "--size", "16M", "--segment-size", "1K"], "--segment-size",
+             "bad segment size '1K': from 64K to 4G"),
+            (["create", "w", "--size", "16M", "--block-size", "1000"], "--block-size",
+             "bad block size '1000': a power of two from 512 to 64K"),
+            (["mount", "v", tmp_path / "mnt", "--readahead", "1G"], "--readahead",
+             "bad readahead '1G': at most 256M")]:
+        assert_usage_error(file_cli(*argv), f"argument {flag}: {why}")
     assert [v["name"] for v in json.loads(_ok(file_cli("list", "--json")).stdout)] == ["v"]
     info = json.loads(_ok(file_cli("info", "v", "--json")).stdout)
     assert info["size"] == 16 * MiB

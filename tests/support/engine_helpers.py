@@ -204,6 +204,19 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A command line refused by the parser: exit 2, one line on stderr
+    starting with 'lsbd: ', no traceback; returns that line."""
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
+    assert lines[0].startswith("lsbd: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
 def object_path(store_url: str, key: str) -> Path:
     """The file of an object in a file:// store."""
     assert store_url.startswith("file://")

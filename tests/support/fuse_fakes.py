@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fakes import FakeVolume
 
-from lsbd.meta.config import parse_size
+from lsbd.sizes import parse_size
 from lsbd.errors import LsbdError
 
 

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
 LAYERS = [
     ["lsbd.errors"],
-    ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.fileio", "lsbd.directio",
+    ["lsbd.checksum", "lsbd.linux", "lsbd.names", "lsbd.sizes", "lsbd.fileio", "lsbd.directio",
      "lsbd.childproc", "lsbd.freedcap", "lsbd.numpyload", "lsbd.private",
      "lsbd.startahead"],
     ["lsbd.store", "lsbd.crypto"],

@@ -15,5 +15,5 @@ def test_readahead_is_taken_in_whole_pages(text, expect):
 
 @pytest.mark.parametrize("text", ["1k", "100", "257M"])
 def test_a_readahead_out_of_bounds_is_one_clear_error(text):
-    with pytest.raises(UserError, match="--readahead"):
+    with pytest.raises(UserError, match="bad readahead"):
         readahead_arg(text)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lsbd.errors import UserError
-from lsbd.meta.config import parse_size
+from lsbd.sizes import parse_size
 
 GiB = 1 << 30
 
