@@ -280,10 +280,21 @@ class Sealer:
 
     def sync_journals(self, journals: list[OpenSegment]) -> None:
         """Sync journal files in seq order, outside the lock (the sealer may be
-        finishing some of them meanwhile: each sync is safe against that)."""
+        finishing some of them meanwhile: each sync is safe against that).
+        A sync that fails stops writes, as in the sealer: the journal can
+        never be made durable (OpenSegment.sync)."""
+        st = self.st
         for seg in journals:
-            seg.sync()
-        self.st.check_not_failed()
+            try:
+                seg.sync()
+            except OSError as e:
+                with st.lock:
+                    if st.failed is None and not st.closed:
+                        log.error("volume %s: syncing journal %d failed: %s", st.name,
+                                  seg.seq, e)
+                        st.fail(e)
+                raise
+        st.check_not_failed()
 
     def flush_to_store(self) -> int:
         """Seal and wait until everything written so far is in the store;

@@ -108,6 +108,8 @@ class OpenSegment:
         self.dirty = False       # written since the last fsync
         self._dir_synced = False  # the file's directory entry is durable
         self._sync_lock = threading.Lock()  # sync() vs finish() closing the fd
+        # A sync that failed: every later one fails too (see sync()).
+        self._sync_error: OSError | None = None
         self.trailer: Trailer | None = None  # set by seal()
         self.sealed_at = 0.0     # time.monotonic() at seal()
         self.trailer_crc = 0     # the sealed trailer's fingerprint (the next one's prev_crc)
@@ -325,8 +327,14 @@ class OpenSegment:
         """Make everything appended so far durable (safe from any thread; a
         no-op once finish() has synced and closed the file).  A file closed
         without that (close_fd: the volume stopped under a flush) raises:
-        a flush must never return for writes that are not durable."""
+        a flush must never return for writes that are not durable.  Nor
+        may one after a sync that failed: the kernel marks the pages of a
+        failed writeback clean, so a second fdatasync succeeds though their
+        bytes never reached the disk."""
         with self._sync_lock:
+            if self._sync_error is not None:
+                raise OSError(errno.EIO, f"journal {self.path}: a sync of it failed "
+                              f"({self._sync_error}): its writes may not be durable")
             if self.fd < 0:
                 if self.dirty or (self.records and not self._dir_synced):
                     raise OSError(errno.EIO, f"journal {self.path} was closed before it was "
@@ -336,12 +344,18 @@ class OpenSegment:
                 self.dirty = False   # before the sync: an append meanwhile stays dirty
                 try:
                     fileio.fdatasync(self.fd)
-                except BaseException:
+                except BaseException as e:
                     self.dirty = True
+                    if isinstance(e, OSError):
+                        self._sync_error = e
                     raise
             if not self._dir_synced:
                 # A new file's name is durable only once its directory is synced.
-                fileio.fsync_dir(os.path.dirname(self.path))
+                try:
+                    fileio.fsync_dir(os.path.dirname(self.path))
+                except OSError as e:
+                    self._sync_error = e
+                    raise
                 self._dir_synced = True
 
     def seal(self, volume_size: int, prev_crc: int) -> Trailer:

@@ -1,0 +1,76 @@
+"""The write path under faults of the cache dir's disk: a flush that fails
+must never leave a later one reporting durability it does not have."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from engine_helpers import BS, block
+
+from lsbd import fileio
+from lsbd.engine.volume import Volume
+from lsbd.errors import StoreError
+from lsbd.format.segment import DATA, block_crcs
+from lsbd.segments.journal import OpenSegment
+
+VOLID = bytes(range(16))
+
+
+def _fail_first_sync(monkeypatch) -> list[int]:
+    """fileio.fdatasync fails (EIO) at its first call, as a writeback error
+    reports itself, and works after; returns the list of its calls."""
+    calls: list[int] = []
+    real = fileio.fdatasync
+
+    def failing_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected: writeback failed")
+        real(fd)
+
+    monkeypatch.setattr(fileio, "fdatasync", failing_once)
+    return calls
+
+
+def test_a_journal_whose_sync_failed_never_reports_itself_synced(tmp_path, monkeypatch):
+    a = block(1, 0)
+    seg = OpenSegment(str(tmp_path / "j"), volume_id=VOLID, seq=3, block_size=BS)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    calls = _fail_first_sync(monkeypatch)
+    with pytest.raises(OSError):
+        seg.sync()
+    with pytest.raises(OSError, match="a sync of it failed"):
+        seg.sync()
+    seg.seal(64 * BS, 0)
+    with pytest.raises(OSError, match="a sync of it failed"):
+        seg.finish()        # the sealer: never into the map as synced
+    assert len(calls) == 1
+    seg.close_fd()
+
+
+def test_a_flush_after_a_failed_sync_never_reports_success(make_volume, monkeypatch):
+    """Linux marks the pages of a failed writeback clean: an fdatasync after
+    a failed one succeeds though the data it held never reached the disk.
+    So once a journal's sync failed, no later flush may succeed for it (and
+    the volume stops taking writes, as when the sealer's sync fails)."""
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    _fail_first_sync(monkeypatch)
+    with pytest.raises(OSError):
+        vol.flush()
+    with pytest.raises((OSError, StoreError)):
+        vol.flush()
+    with pytest.raises((OSError, StoreError)):
+        vol.write(BS, block(2, 1), fua=True)
+    with pytest.raises(StoreError, match="stopped taking writes"):
+        vol.write(2 * BS, block(3, 2))
+    # Nothing acknowledged is lost: the journal stays for the next open.
+    vol.close()
+    monkeypatch.undo()
+    again = Volume.open(vol.store, "vol", cache_root=vol.cache_root)
+    try:
+        assert again.read(0, BS) == block(1, 0)
+    finally:
+        again.close()
+
