@@ -375,6 +375,9 @@ class OpenSegment:
         else:
             n = os.pwrite(self.fd, tail, self.end)
         if n != len(tail):
+            # Part of the tail lies past the end now: under this key the
+            # next append must not write there again (see the module's doc).
+            self._rekey_pending = self.cipher is not None
             raise OSError(28, "short write to the journal (disk full?)")
         self.end += len(tail)
         self.dirty = True

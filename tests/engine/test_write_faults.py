@@ -1,14 +1,17 @@
-"""The write path under faults of the cache dir's disk: a flush that fails
-must never leave a later one reporting durability it does not have."""
+"""The write path under faults of the cache dir's disk: a flush or a seal
+that fails must never leave a later one reporting durability it does not
+have, nor a journal written twice at one offset under one key."""
 
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 from engine_helpers import BS, block
 
 from lsbd import fileio
+from lsbd.crypto.localfile import HEADER, LocalKeys
 from lsbd.engine.volume import Volume
 from lsbd.errors import StoreError
 from lsbd.format.segment import DATA, block_crcs
@@ -74,3 +77,37 @@ def test_a_flush_after_a_failed_sync_never_reports_success(make_volume, monkeypa
     finally:
         again.close()
 
+
+def test_a_seal_cut_short_on_an_encrypted_journal_writes_no_offset_twice(tmp_path,
+                                                                          monkeypatch):
+    """A counter mode must never encrypt two plaintexts at one offset under
+    one key (lsbd.crypto.localfile).  A seal whose write of the index
+    reaches the disk only in part (a full disk) leaves those bytes past the
+    journal's end: the next append, at that end, goes into a new file under
+    a new key, as after a failed append."""
+    key = bytes(range(32))
+    keys = LocalKeys(VOLID, lambda _id: key, lambda: (1, key))
+    path = str(tmp_path / "j")
+    seg = OpenSegment(path, volume_id=VOLID, seq=3, block_size=BS, keys=keys)
+    a, b = block(1, 0), block(2, 1)
+    seg.append(DATA, 0, 1, data=a, crcs=block_crcs(a, BS), commit=True)
+    end = seg.base + seg.end
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, buf, at: real(fd, buf[:len(buf) // 2], at))
+    with pytest.raises(OSError, match="short write"):
+        seg.seal(64 * BS, 0)
+    monkeypatch.undo()
+
+    def on_disk() -> tuple[bytes, bytes]:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return HEADER.unpack_from(raw)[2], raw[end:end + 32]
+
+    file_id, first = on_disk()
+    assert len(first) == 32     # half of the index did land past the end
+    seg.append(DATA, 1, 1, data=b, crcs=block_crcs(b, BS), commit=True)
+    new_id, second = on_disk()
+    assert second != first
+    assert new_id != file_id, "an offset written twice under one file key"
+    seg.seal(64 * BS, 0)
+    seg.finish()
