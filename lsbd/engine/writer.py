@@ -31,6 +31,10 @@ SEGMENT_SLACK = 1024 * 1024
 FULL_DISK_WAIT = 30.0
 MiB = 1024 * 1024
 MAP_ROOM = 8 * 1024 * 1024    # kept free beyond a journal's reservation, for the map
+#: Blocks in one ZERO or TRIM record at most: a record's length is 32 bits
+#: (lsbd.format.segment), and a discard of a volume of 16 TiB or more (4 KiB
+#: blocks) is longer; it becomes several records of one transaction.
+MAX_RECORD_BLOCKS = 1 << 31
 
 
 def _disk_size(path: str) -> int:
@@ -399,8 +403,8 @@ class Writer:
                 return self._records_for(DATA, offset, bytes(length), nowait)
             if head:
                 out += self._records_for(DATA, offset, bytes(bs - head), nowait)
-            if hi > lo:
-                out.append((kind, lo, hi - lo, None, b""))
+            for start in range(lo, hi, MAX_RECORD_BLOCKS):
+                out.append((kind, start, min(hi - start, MAX_RECORD_BLOCKS), None, b""))
             if tail:
                 out += self._records_for(DATA, hi * bs, bytes(bs - tail), nowait)
             return out
