@@ -18,6 +18,7 @@ from lsbd.engine.sealer import Sealer
 from lsbd.engine.state import VolumeState
 from lsbd.errors import InvalidRequest, WouldBlock
 from lsbd.map.blockmap import Extent
+from lsbd.meta.config import too_many_blocks
 from lsbd.format.segment import DATA, RESIZE, TRIM, ZERO, block_crcs, pack_masked, raw_block_crcs
 from lsbd.segments.journal import OpenSegment
 
@@ -261,6 +262,8 @@ class Writer:
         st.check_writable()
         if new_size % st.block_size:
             raise InvalidRequest(f"new size must be a multiple of the block size ({st.block_size})")
+        if too_many_blocks(new_size, st.block_size):
+            raise InvalidRequest(too_many_blocks(new_size, st.block_size))
         with st.lock:
             if new_size < st.size:
                 raise InvalidRequest(f"cannot shrink volume {st.name} from {st.size} to "

@@ -20,6 +20,9 @@ from lsbd.errors import (
 from lsbd.store import Store
 
 DEFAULT_BLOCK_SIZE = 4096
+#: Blocks in a volume at most: the map's keys are 6 bytes (lsbd.map.encoding),
+#: which name 128 PiB of 512-byte blocks (and 1 EiB of 4 KiB ones).
+MAX_BLOCKS = 1 << 48
 DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 FLUSH_MODES = ("journal", "store")
 
@@ -127,6 +130,8 @@ def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAU
     check_block_size(block_size)
     if size <= 0 or size % block_size:
         raise UserError(f"bad size {size}: a positive multiple of the block size ({block_size})")
+    if too_many_blocks(size, block_size):
+        raise UserError(too_many_blocks(size, block_size))
     if settings.get("flush_mode", "journal") not in FLUSH_MODES:
         raise UserError(f"bad flush mode {settings['flush_mode']!r}: journal or store")
     config = VolumeConfig(name=name, volume_id=uuid.uuid4().hex, size=size, block_size=block_size,
@@ -136,6 +141,15 @@ def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAU
     except ObjectExists:
         raise VolumeExists(f"volume {name!r} already exists in {store.url}") from None
     return config
+
+
+def too_many_blocks(size: int, block_size: int) -> str:
+    """Why a volume of `size` bytes cannot be made of `block_size` blocks
+    (more than MAX_BLOCKS of them), or '' if it can."""
+    if size // block_size <= MAX_BLOCKS:
+        return ""
+    return (f"bad size {size}: more than 2^48 blocks of {block_size} bytes (at most "
+            f"{MAX_BLOCKS * block_size >> 50}P; a larger block size allows more)")
 
 
 def load_config(store: Store, name: str) -> VolumeConfig:

@@ -4,7 +4,10 @@ of a volume of 16 TiB or more (4 KiB blocks) is longer than one record's
 
 from __future__ import annotations
 
+import pytest
+
 from lsbd.engine.volume import Volume
+from lsbd.errors import InvalidRequest, UserError
 
 TiB = 1 << 40
 BS = 4096
@@ -32,3 +35,22 @@ def test_discards_and_zeroings_longer_than_a_record_can_say(make_volume, tmp_pat
         assert {at: again.read(at, BS) for at in expected} == expected
     finally:
         again.close()
+
+
+def test_a_volume_holds_no_more_blocks_than_the_map_can_name(make_volume, store):
+    """The map's keys are 6 bytes: a volume of more than 2^48 blocks (over
+    128 PiB of 512-byte blocks) would take a write to its last block and
+    never read it back.  Creating or growing one is refused."""
+    from lsbd.map.encoding import KEY_BYTES
+    from lsbd.meta.config import create_volume
+
+    most = 1 << (8 * KEY_BYTES)
+    with pytest.raises(UserError, match="blocks"):
+        create_volume(store, "huge", (most + 1) * 512, block_size=512)
+    vol = make_volume(most * 512, block_size=512)     # the largest: it works
+    vol.write(vol.size - 512, b"e" * 512)
+    vol.flush()
+    assert vol.read(vol.size - 512, 512) == b"e" * 512
+    with pytest.raises(InvalidRequest, match="blocks"):
+        vol.resize(vol.size + 512)
+    assert vol.size == most * 512
