@@ -149,7 +149,7 @@ def too_many_blocks(size: int, block_size: int) -> str:
     if size // block_size <= MAX_BLOCKS:
         return ""
     return (f"bad size {size}: more than 2^48 blocks of {block_size} bytes (at most "
-            f"{MAX_BLOCKS * block_size >> 50}P; a larger block size allows more)")
+            f"{MAX_BLOCKS * block_size >> 40}T; a larger block size allows more)")
 
 
 def load_config(store: Store, name: str) -> VolumeConfig:
