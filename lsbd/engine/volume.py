@@ -281,7 +281,10 @@ class Volume(ReadFace):
             self._control = None
         # The sealer (which queues uploads) stops before the uploader.  It and
         # the background thread may be inside a map transaction (a sealed
-        # segment, a checkpoint): the map must not close under them.
+        # segment, a checkpoint): the map must not close under them.  Its
+        # stop takes the volume's lock, so a write under way (it passed its
+        # checks before `closed` was set) ends before the journals'
+        # descriptors close below: their numbers are never freed under it.
         self._sealer.stop(drain=False)
         if st.uploader is not None:
             st.uploader.close(0, join=crash)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 from engine_helpers import BS, block
@@ -111,3 +112,76 @@ def test_a_seal_cut_short_on_an_encrypted_journal_writes_no_offset_twice(tmp_pat
     assert new_id != file_id, "an offset written twice under one file key"
     seg.seal(64 * BS, 0)
     seg.finish()
+
+
+def test_a_close_never_takes_the_descriptor_of_a_write_under_way(make_volume, tmp_path,
+                                                                   monkeypatch):
+    """A write that passed its checks before the close marked the volume
+    closed may still be appending when the close shuts the journal's
+    descriptor.  That number is then free for the next file any thread
+    opens, and the write's bytes would land in that file.  The close waits
+    for the write instead (the sealer's stop takes the volume's lock; without
+    that lock the write went into another file): its bytes go into the
+    journal, and read back after the next open."""
+    vol = make_volume()
+    vol.write(0, block(1, 0))
+    cleaned, go_close = threading.Event(), threading.Event()
+    inside, go_write = threading.Event(), threading.Event()
+    held: list[int] = []
+    real_pwritev = os.pwritev
+    close_cleanly = vol._close_cleanly
+
+    def close_cleanly_then_pause() -> None:
+        close_cleanly()
+        cleaned.set()
+        go_close.wait(10)
+
+    def held_pwritev(fd, buffers, at):
+        if threading.current_thread().name == "late-writer":
+            held.append(fd)
+            inside.set()
+            go_write.wait(10)
+        return real_pwritev(fd, buffers, at)
+
+    monkeypatch.setattr(vol, "_close_cleanly", close_cleanly_then_pause)
+    monkeypatch.setattr(os, "pwritev", held_pwritev)
+    closer = threading.Thread(target=vol.close, name="closer")
+    closer.start()
+    assert cleaned.wait(10)
+    errors: list[BaseException] = []
+
+    def late_write() -> None:
+        try:
+            vol.write(BS, block(2, 1))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    writer = threading.Thread(target=late_write, name="late-writer")
+    writer.start()
+    assert inside.wait(10)
+    go_close.set()
+    closer.join(2)      # closed under the write (before the fix), or waiting for it
+    others = []
+    try:
+        # Take every descriptor number up to the one the write holds.
+        for i in range(256):
+            f = open(tmp_path / f"other-{i}", "wb+")
+            others.append(f)
+            if f.fileno() >= held[0]:
+                break
+        go_write.set()
+        writer.join(10)
+        closer.join(10)
+        assert not closer.is_alive() and not writer.is_alive()
+        assert [f.name for f in others if os.fstat(f.fileno()).st_size] == []
+    finally:
+        go_write.set()
+        for f in others:
+            f.close()
+    assert errors == []
+    monkeypatch.undo()
+    again = Volume.open(vol.store, "vol", cache_root=vol.cache_root)
+    try:
+        assert again.read(0, 2 * BS) == block(1, 0) + block(2, 1)
+    finally:
+        again.close()
