@@ -52,15 +52,27 @@ def size_arg(text: str) -> int:
     return parse_size(text)
 
 
+def store_url_arg(text: str) -> str:
+    from lsbd.store.open import check_store_url
+
+    return check_store_url(text)
+
+
+def endpoint_url_arg(text: str) -> str:
+    from lsbd.store.open import check_endpoint_url
+
+    return check_endpoint_url(text)
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """--store, --endpoint-url, --cache-dir, --passphrase-file, --key-file, -v.  On a command's own parser
     (suppress=True) an option left out does not hide the one given before
     the command."""
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--store", default=default, metavar="URL",
+    parser.add_argument("--store", default=default, metavar="URL", type=store_url_arg,
                         help="file:///path or s3://bucket/prefix (default: $LSBD_STORE, "
                              "else a directory under ~/.local/share/lsbd)")
-    parser.add_argument("--endpoint-url", default=default, metavar="URL",
+    parser.add_argument("--endpoint-url", default=default, metavar="URL", type=endpoint_url_arg,
                         help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, else "
                              "$AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--cache-dir", default=default, metavar="DIR",
@@ -90,8 +102,21 @@ def command(sub, name: str, *, help: str, examples: list[str], description: str 
     return p
 
 
+def volume_arg(text: str) -> str:
+    """A volume's name, checked by the parser: a bad one names its argument."""
+    from lsbd.names import check_volume_name
+
+    return check_volume_name(text)
+
+
+def snapshot_name_arg(text: str) -> str:
+    from lsbd.meta.snapshots import check_snapshot_name
+
+    return check_snapshot_name(text)
+
+
 def add_volume(parser: argparse.ArgumentParser, what: str = "the volume's name") -> None:
-    parser.add_argument("volume", metavar="VOLUME", help=what)
+    parser.add_argument("volume", metavar="VOLUME", type=volume_arg, help=what)
 
 
 #: The shortest new passphrase taken without --allow-short-passphrase

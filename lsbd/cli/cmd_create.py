@@ -5,7 +5,7 @@ from lsbd.cli.args import MIN_PASSPHRASE, add_allow_short_passphrase, add_volume
 from lsbd.cli.cmd_history import format_duration, parse_duration
 from lsbd.meta.config import DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_SIZE, check_block_size
 from lsbd.errors import UserError, VolumeExists
-from lsbd.names import check_volume_name, config_key, keys_key
+from lsbd.names import config_key, keys_key
 
 
 def register(sub) -> None:
@@ -22,10 +22,10 @@ def register(sub) -> None:
                         "store: once the data is in the store")
     p.add_argument("--segment-size", type=segment_size_arg, default=DEFAULT_SEGMENT_SIZE,
                    help="target segment object size, from 64K to 4G (default 32M)")
-    p.add_argument("--retain", default="24h",
+    p.add_argument("--retain", type=parse_duration, default="24h",
                    help="keep every point in time of this window recoverable (default 24h; "
                         "0: snapshots only)")
-    p.add_argument("--compress", default="zstd", metavar="zstd[:LEVEL]|none",
+    p.add_argument("--compress", type=compress_arg, default="zstd", metavar="zstd[:LEVEL]|none",
                    help="compress segments and checkpoints, frame by frame, where it pays "
                         "(LEVEL 1-19; default zstd, level 1)")
     p.add_argument("--encrypt", action="store_true",
@@ -47,6 +47,16 @@ def segment_size_arg(text: str) -> int:
     return size
 
 
+def compress_arg(text: str) -> tuple[str, int]:
+    """--compress: (codec, level)."""
+    from lsbd.crypto.compress import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def block_size_arg(text: str) -> int:
     return check_block_size(size_arg(text), text)
 
@@ -55,17 +65,12 @@ def run(args, ctx) -> int:
     from lsbd.cli.secrets import new_secret
     from lsbd.crypto import keystore, keyring as kr
     from lsbd.crypto.aead import CIPHER_NAME, random_bytes
-    from lsbd.crypto.compress import parse_setting
     from lsbd.meta.config import create_volume
 
-    retain = parse_duration(args.retain)
-    try:
-        codec, level = parse_setting(args.compress)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    retain = args.retain
+    codec, level = args.compress
     compression = f"zstd:{level}" if codec == "zstd" else "none"
     size, block_size, segment_size = args.size, args.block_size, args.segment_size
-    check_volume_name(args.volume)
     if ctx.plain_store.exists(config_key(args.volume)):
         raise VolumeExists(f"volume {args.volume!r} already exists in {ctx.store.url}")
     if args.encrypt:

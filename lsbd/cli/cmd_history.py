@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command
-from lsbd.cli.points import add_point_args, live_state, resolve_args
+from lsbd.cli.args import add_volume, command, volume_arg
+from lsbd.cli.points import add_point_args, live_state, point_arg, resolve_args
 from lsbd.errors import UserError
 
 
@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = command(sub, "retain", help="set how long every point in time stays recoverable",
                 examples=["vm1 7d", "vm1 0"])
     add_volume(p)
-    p.add_argument("duration", metavar="DURATION",
+    p.add_argument("duration", metavar="DURATION", type=parse_duration,
                    help="e.g. 24h, 7d, 90m; 0 keeps no history beyond snapshots")
     p.set_defaults(func=run_retain)
 
@@ -30,14 +30,16 @@ def register(sub) -> None:
                           "vm1 --at -2h --to vm1-2h-ago --dry-run", "vm1 --seq 20 --to vm1-20"])
     add_volume(p, "the volume whose history holds the state")
     add_point_args(p, required=True)
-    p.add_argument("--to", required=True, metavar="NEWVOLUME", help="the volume to create")
+    p.add_argument("--to", required=True, metavar="NEWVOLUME", type=volume_arg,
+                   help="the volume to create")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=run_restore)
 
     p = command(sub, "clone", help="a new writable volume sharing a past state (no copy)",
                 examples=["vm1 vm1-test --snapshot before-upgrade", "vm1 vm1-now"])
     add_volume(p, "the volume to clone")
-    p.add_argument("new_volume", metavar="NEWVOLUME", help="the name of the clone")
+    p.add_argument("new_volume", metavar="NEWVOLUME", type=volume_arg,
+                   help="the name of the clone")
     add_point_args(p, required=False, what="start from the state")
     p.set_defaults(func=run_clone)
 
@@ -46,9 +48,9 @@ def register(sub) -> None:
                             "differ between two points of a volume's history.",
                 examples=["vm1 --from before-upgrade", "vm1 --from seq:20 --to @-1h --json"])
     add_volume(p)
-    p.add_argument("--from", dest="from_point", required=True, metavar="POINT",
+    p.add_argument("--from", dest="from_point", required=True, metavar="POINT", type=point_arg,
                    help="a snapshot name, seq:N (or #N, quoted: # starts a shell comment) or @TIME")
-    p.add_argument("--to", dest="to_point", default="live", metavar="POINT",
+    p.add_argument("--to", dest="to_point", default="live", metavar="POINT", type=point_arg,
                    help="a snapshot name, seq:N (or #N, quoted), @TIME or live (default)")
     p.set_defaults(func=run_diff)
 
@@ -82,7 +84,7 @@ def run_retain(args, ctx) -> int:
     from lsbd.service.writer import run_on_writer_or_lease
 
     load_config(ctx.store, args.volume)
-    seconds = parse_duration(args.duration)
+    seconds = args.duration
 
     def save() -> None:
         config = load_config(ctx.store, args.volume)

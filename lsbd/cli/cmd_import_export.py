@@ -4,7 +4,7 @@ import os
 
 from lsbd.cli import ui
 from lsbd.cli.args import add_break_lease, add_volume, command, path_arg
-from lsbd.cli.points import add_point_args, live_state, resolve_args
+from lsbd.cli.points import add_point_args, live_state, point_arg, resolve_args
 from lsbd.errors import UserError
 
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("file", metavar="FILE", type=path_arg,
                    help="the file or block device to write")
     add_point_args(p, what="export the state")
-    p.add_argument("--from", dest="from_point", metavar="POINT",
+    p.add_argument("--from", dest="from_point", metavar="POINT", type=point_arg,
                    help="incremental: FILE holds the state at POINT (a snapshot name, seq:N "
                         "or @TIME); write only the blocks changed since then")
     p.set_defaults(func=run_export)

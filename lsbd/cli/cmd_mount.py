@@ -72,7 +72,6 @@ def run_mount(args: argparse.Namespace, ctx) -> int:
     from lsbd_fuse.daemon import run
 
     name = args.volume
-    writer_options(args)    # a bad value is an error here, before the serving process starts
     readahead = args.readahead
     if readahead is None:
         from lsbd_fuse.options import READAHEAD

@@ -21,7 +21,7 @@ import sys
 from urllib.parse import quote
 
 from lsbd.cli import ui
-from lsbd.cli.args import LeaveAtOnce, command, path_arg
+from lsbd.cli.args import LeaveAtOnce, command, path_arg, volume_arg
 from lsbd.cli.context import tune_serving_process
 from lsbd.cli.points import add_point_args, add_writer_args, writer_options
 from lsbd.errors import UserError
@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "served.",
         examples=["vm1", "vm1 --socket /tmp/vm1.sock", "vm1 vm2 --port 10810 --read-only",
                   "vm1 --snapshot before-upgrade", "vm1 --with-snapshots"])
-    p.add_argument("volumes", nargs="+", metavar="VOLUME", help="the volumes to export")
+    p.add_argument("volumes", nargs="+", metavar="VOLUME", type=volume_arg,
+                   help="the volumes to export")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", type=path_arg,
                        help="listen on a Unix socket instead of TCP")
@@ -166,7 +167,6 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     if args.socket is not None and args.port is not None:
         raise UserError("--port goes with TCP, not with --socket")
-    writer_options(args)    # a bad value is an error before anything is opened
     tls = server_tls(args)
     host = args.host or DEFAULT_HOST
     if args.socket is None and not tls.required and not is_loopback(host):

@@ -1,7 +1,7 @@
 """lsbd snapshot create|list|delete"""
 
 from lsbd.cli import ui
-from lsbd.cli.args import add_volume, command
+from lsbd.cli.args import add_volume, command, snapshot_name_arg
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
                             "is mounted or served (its writer flushes to the store first).",
                 examples=["vm1 before-upgrade"])
     add_volume(c)
-    c.add_argument("name", metavar="NAME",
+    c.add_argument("name", metavar="NAME", type=snapshot_name_arg,
                    help="the snapshot's name (letters, digits, '.', '_', '-')")
     c.set_defaults(func=run_create)
     ls = command(ssub, "list", help="list a volume's snapshots", examples=["vm1", "vm1 --json"])
@@ -24,16 +24,14 @@ def register(sub) -> None:
     d = command(ssub, "delete", help="delete a snapshot (its data is reclaimed by compaction)",
                 examples=["vm1 before-upgrade"])
     add_volume(d)
-    d.add_argument("name", metavar="NAME", help="the snapshot to delete")
+    d.add_argument("name", metavar="NAME", type=snapshot_name_arg, help="the snapshot to delete")
     d.set_defaults(func=run_delete)
 
 
 def run_create(args, ctx) -> int:
     from lsbd.meta.config import load_config
-    from lsbd.meta.snapshots import check_snapshot_name
     from lsbd.service.writer import run_on_writer
 
-    check_snapshot_name(args.name)
     load_config(ctx.store, args.volume)
     ctx.check_given_key(args.volume)
     outcome = run_on_writer(ctx.store, args.volume, {"op": "snapshot", "name": args.name},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from lsbd.cli.args import size_arg
+from lsbd.cli.args import size_arg, snapshot_name_arg
 from lsbd.errors import UserError
 from lsbd.meta.config import FLUSH_MODES
 
@@ -18,12 +18,30 @@ def parse_seq(text: str) -> int:
     return parse_seq(text)
 
 
+def point_arg(text: str) -> str:
+    """A POINT (diff --from/--to, export --from), checked by the parser."""
+    # lsbd.history.points pulls in the engine: import it only when a point is given.
+    from lsbd.history.points import check_word
+
+    return check_word(text)
+
+
+def time_arg(text: str) -> str:
+    """--at: checked here (a bad one names the flag), resolved when used
+    (relative times count from then)."""
+    from lsbd.plans.restore import parse_time
+
+    parse_time(text)
+    return text
+
+
 def add_point_args(parser, *, required: bool = False, what: str = "the state") -> None:
     group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--snapshot", metavar="NAME", help=f"{what} of a snapshot")
+    group.add_argument("--snapshot", metavar="NAME", type=snapshot_name_arg,
+                       help=f"{what} of a snapshot")
     group.add_argument("--seq", metavar="N", type=parse_seq,
                        help=f"{what} after segment N (decimal, or hex written 0x...)")
-    group.add_argument("--at", metavar="TIME",
+    group.add_argument("--at", metavar="TIME", type=time_arg,
                        help=f"{what} at a time: ISO 8601 or relative (-15m, -2h, -1d)")
 
 
@@ -41,7 +59,7 @@ def add_writer_args(parser) -> None:
     parser.add_argument("--cache-limit", metavar="SIZE", type=size_arg, default=None,
                         help="keep at most this much of the segments already in the store in "
                              "the cache dir (default 1G; less when the disk has less room)")
-    parser.add_argument("--cache-full-wait", metavar="SECONDS", default=None,
+    parser.add_argument("--cache-full-wait", metavar="SECONDS", type=parse_seconds, default=None,
                         help="when the cache dir's disk is full and nothing can be evicted "
                              "(the store is down or slow), a write waits this long for "
                              "uploads to make room, then fails with ENOSPC (default 30)")
@@ -53,17 +71,17 @@ def writer_options(args) -> dict:
     if args.cache_limit is not None:
         options["cache_limit"] = args.cache_limit
     if args.cache_full_wait is not None:
-        options["cache_full_wait"] = parse_seconds(args.cache_full_wait, "--cache-full-wait")
+        options["cache_full_wait"] = args.cache_full_wait
     return options
 
 
-def parse_seconds(text: str, what: str = "timeout") -> float:
+def parse_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value < 0:
-        raise UserError(f"bad {what} {text!r}: a number of seconds, 0 or more")
+        raise UserError(f"bad value {text!r}: a number of seconds, 0 or more")
     return value
 
 

@@ -10,7 +10,7 @@ import time
 from lsbd.errors import UserError, VolumeExists
 from lsbd.history.report import newest_seq
 from lsbd.meta.config import VolumeConfig
-from lsbd.meta.snapshots import read_snapshot
+from lsbd.meta.snapshots import check_snapshot_name, read_snapshot
 from lsbd.names import check_volume_name, config_key
 from lsbd.plans.restore import BadPoint, RestorePlan, parse_time, plan_restore, seq_at
 from lsbd.segments.checkpoints import list_checkpoints
@@ -70,6 +70,20 @@ def _recoverable(store: Store, config: VolumeConfig, seq: int) -> int:
     plan_restore(list_checkpoints(store, config.name), store_segment_seqs(store, config.name),
                  seq, base=config.base_seq)
     return seq
+
+
+def check_word(word: str) -> str:
+    """`word`, if it is written as a point (resolve_word), before any store
+    is asked: a bad seq, time or snapshot name."""
+    if word.startswith("#"):
+        parse_seq(word[1:])
+    elif word.startswith("seq:"):
+        parse_seq(word[4:])
+    elif word.startswith("@"):
+        parse_time(word[1:])
+    elif word != "live":
+        check_snapshot_name(word)
+    return word
 
 
 def resolve_word(store: Store, config: VolumeConfig, word: str) -> int:

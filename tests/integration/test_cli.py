@@ -140,12 +140,16 @@ def test_create_existing_volume_is_one_line(cli):
 
 
 def test_bad_size_is_one_line(file_cli):
-    for size in ["abc", "0", "1000", "--size=-5", "12X", "1.5K"]:
+    # What does not parse as a size is refused by the parser, naming the flag;
+    # a size that is not a whole number of blocks, by create.
+    for size in ["abc", "--size=-5", "12X"]:
         args = ["create", "v", size] if size.startswith("--") else ["create", "v", "--size", size]
-        line = assert_user_error(file_cli(*args))
-        assert "size" in line, line
-    line = assert_user_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"))
-    assert "block size" in line
+        assert_usage_error(file_cli(*args), "argument --size: bad size")
+    for size in ["0", "1000", "1.5K"]:
+        line = assert_user_error(file_cli("create", "v", "--size", size))
+        assert "a positive multiple of the block size" in line, line
+    assert_usage_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"),
+                       "argument --block-size: bad block size")
     assert _ok(file_cli("list", "--json")).stdout.strip() == "[]", "a bad create left a volume"
 
 
@@ -187,9 +191,47 @@ def test_sizes_are_binary_and_a_decimal_looking_unit_is_refused(file_cli, tmp_pa
     assert json.loads(_ok(file_cli("info", "v", "--json")).stdout)["size"] == 32 * MiB
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["create", "w", "--size", "16M", "--retain", "7x"],
+     "argument --retain: bad duration '7x': use e.g. 30m, 24h, 7d or 0"),
+    (["retain", "v", "soon"], "argument DURATION: bad duration 'soon'"),
+    (["create", "w", "--size", "16M", "--compress", "zstd:99"],
+     "argument --compress: compression must be zstd, zstd:LEVEL (1..19) or none"),
+    (["clone", "v", "a/b"], "argument NEWVOLUME: bad volume name 'a/b': use letters"),
+    (["restore", "v", "--seq", "0", "--to", "a/b"], "argument --to: bad volume name 'a/b'"),
+    (["serve", "v", "a/b", "--socket", "s"], "argument VOLUME: bad volume name 'a/b'"),
+    (["export", "v", "o.raw", "--snapshot", "a/b"],
+     "argument --snapshot: bad snapshot name 'a/b': use letters"),
+    (["snapshot", "delete", "v", "a/b"], "argument NAME: bad snapshot name 'a/b'"),
+    (["export", "v", "o.raw", "--at", "yesterday"], "argument --at: bad time 'yesterday': use ISO"),
+    (["diff", "v", "--from", "@yesterday"], "argument --from: bad time 'yesterday'"),
+    (["diff", "v", "--from", "seq:x"], "argument --from: bad seq 'x'"),
+    (["export", "v", "o.raw", "--from", "a/b"], "argument --from: bad snapshot name 'a/b'"),
+    (["serve", "v", "--socket", "s", "--cache-full-wait", "x"],
+     "argument --cache-full-wait: bad value 'x': a number of seconds, 0 or more"),
+    (["--store", "ftp://x", "list"], "argument --store: bad store URL 'ftp://x': unknown store "
+     "kind 'ftp'; use file:///absolute/path, a path, or s3://bucket[/prefix]"),
+    (["list", "--store", "s3://"], "argument --store: bad store URL 's3://': write s3://bucket"),
+    (["--endpoint-url", "localhost:9000", "list"],
+     "argument --endpoint-url: bad endpoint URL 'localhost:9000': write http://HOST[:PORT]"),
+])
+def test_a_bad_value_names_its_flag_and_the_allowed_form(file_cli, tmp_path, argv, named):
+    """Every value a flag or argument takes is checked by the parser: one
+    line naming the flag (argparse's `argument --flag: ...`) and the form it
+    takes, exit 2, before anything is read or written."""
+    line = assert_usage_error(file_cli(*argv), named)
+    assert line.endswith("--help`)"), line
+    assert os.listdir(tmp_path / "store") == [], "a refused command line touched the store"
+
+
+def test_a_bad_store_url_from_the_environment_names_the_variable(tmp_path):
+    proc = run_cli("list", env={"LSBD_STORE": "s3://"}, cache=tmp_path / "c")
+    assert_user_error(proc, "$LSBD_STORE: bad store URL 's3://': write s3://bucket[/prefix]")
+
+
 def test_bad_volume_name_is_one_line(file_cli):
-    line = assert_user_error(file_cli("create", "bad/name", "--size", "16M"))
-    assert "volume name" in line
+    assert_usage_error(file_cli("create", "bad/name", "--size", "16M"),
+                       "argument VOLUME: bad volume name 'bad/name'")
 
 
 def test_import_of_a_file_larger_than_the_volume(cli, store_url, tmp_path):

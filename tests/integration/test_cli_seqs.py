@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from history_helpers import BS, MiB, Model, assert_user_error, open_url, run, run_json, write_and_close
+from history_helpers import BS, MiB, Model, assert_usage_error, open_url, run, run_json, write_and_close
 
 SIZE = 4 * MiB
 STEPS = 22      # more than 16 segments: hex and decimal spellings differ from seq 10 on
@@ -120,6 +120,6 @@ def test_hex_needs_0x_and_ambiguous_seqs_are_refused(volume, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and text in lines[0], proc.stderr
     # The one-word form of diff and export --from reads seqs the same way.
-    assert_user_error(lsbd("diff", "v", "--from", "#0000000000000014", check=False),
-                      "ambiguous")
+    assert_usage_error(lsbd("diff", "v", "--from", "#0000000000000014", check=False),
+                       "argument --from: ambiguous")
     assert BS == 4096

@@ -21,6 +21,7 @@ from history_helpers import (
     MiB,
     Model,
     apply_ops,
+    assert_usage_error,
     assert_user_error,
     export,
     iso_local,
@@ -182,7 +183,8 @@ def test_at_before_creation_or_in_the_future_is_a_clear_error(fenv):
         assert not out.exists()
     for when in (iso_local(time.time() + 3600), iso_utc_z(time.time() + 86400 * 30)):
         assert_user_error(fenv.lsbd("export", "vol", out, "--at", when), "in the future")
-    assert_user_error(fenv.lsbd("export", "vol", out, "--at", "last tuesday"), "bad time")
+    assert_usage_error(fenv.lsbd("export", "vol", out, "--at", "last tuesday"),
+                       "argument --at: bad time 'last tuesday'")
     assert_user_error(fenv.lsbd("restore", "vol", "--at", "-15m", "--to", "x"),
                       "before the volume was created")
     assert_user_error(fenv.lsbd("diff", "vol", "--from", "@-15m"), "before the volume was created")
@@ -405,7 +407,8 @@ def test_snapshot_list_and_delete(fenv):
     assert [{"name": s["name"], "seq": s["seq"]} for s in snaps] == \
         fenv.json("info", "vol")["snapshots"]
     assert_user_error(fenv.lsbd("snapshot", "create", "vol", "s1"), "already has a snapshot")
-    assert_user_error(fenv.lsbd("snapshot", "create", "vol", "bad/name"), "bad snapshot name")
+    assert_usage_error(fenv.lsbd("snapshot", "create", "vol", "bad/name"),
+                       "argument NAME: bad snapshot name")
     assert [s["name"] for s in fenv.json("snapshot", "list", "vol")] == ["s1", "s2"]
 
     fenv.ok("snapshot", "delete", "vol", "s1")
@@ -480,7 +483,7 @@ def test_retain_and_create_retain(fenv):
     assert fenv.json("info", "vol")["retain_seconds"] == 5400
     assert "keeps no past points but its snapshots" in fenv.ok("retain", "vol", "0").stderr
     assert fenv.json("info", "vol")["retain_seconds"] == 0
-    assert_user_error(fenv.lsbd("retain", "vol", "soon"), "bad duration")
+    assert_usage_error(fenv.lsbd("retain", "vol", "soon"), "argument DURATION: bad duration")
     assert fenv.json("info", "vol")["retain_seconds"] == 0
     assert_user_error(fenv.lsbd("retain", "nope", "7d"), "no volume 'nope'")
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 from engine_helpers import BS, LSBD, PYTHON, REPO, VENV_BIN, MiB  # noqa: F401
-from engine_helpers import assert_user_error  # noqa: F401
+from engine_helpers import assert_usage_error, assert_user_error  # noqa: F401
 from engine_helpers import blocks, read_all, run_cli
 from engine_helpers import open_test_store as open_url  # noqa: F401
 
