@@ -3,7 +3,8 @@
 from lsbd.cli import ui
 from lsbd.cli.args import MIN_PASSPHRASE, add_allow_short_passphrase, add_volume, command, size_arg
 from lsbd.cli.cmd_history import format_duration, parse_duration
-from lsbd.meta.config import DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_SIZE, check_block_size
+from lsbd.meta.config import (DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_SIZE, check_block_size,
+                              check_volume_size)
 from lsbd.errors import UserError, VolumeExists
 from lsbd.names import config_key, keys_key
 
@@ -71,6 +72,10 @@ def run(args, ctx) -> int:
     codec, level = args.compress
     compression = f"zstd:{level}" if codec == "zstd" else "none"
     size, block_size, segment_size = args.size, args.block_size, args.segment_size
+    try:    # against --block-size: after parsing, but before anything is asked or written
+        check_volume_size(size, block_size)
+    except UserError as e:
+        raise UserError(f"argument --size: {e}") from None
     if ctx.plain_store.exists(config_key(args.volume)):
         raise VolumeExists(f"volume {args.volume!r} already exists in {ctx.store.url}")
     if args.encrypt:

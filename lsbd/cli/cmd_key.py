@@ -77,7 +77,8 @@ def _new(args) -> kr.Secret:
     from lsbd.cli.secrets import new_secret
 
     return new_secret(key_file=args.new_key_file, passphrase_file=args.new_passphrase_file,
-                      allow_short=args.allow_short_passphrase)
+                      allow_short=args.allow_short_passphrase,
+                      flags=("--new-key-file", "--new-passphrase-file"))
 
 
 def _save(ctx, volume: str, ring: kr.Keyring, message: str) -> int:

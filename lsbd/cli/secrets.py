@@ -25,17 +25,17 @@ from lsbd.crypto.keyring import KEYFILE, PASSPHRASE, Secret
 from lsbd.errors import UserError
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: str, what: str, flag: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise UserError(f"cannot read the {what} {path}: {e.strerror}") from None
+        raise UserError(f"argument {flag}: cannot read the {what} {path}: {e.strerror}") from None
 
 
-def _passphrase_from_file(path: str) -> bytes:
+def _passphrase_from_file(path: str, flag: str) -> bytes:
     # A passphrase file holds one line; its line end is not part of it.
-    return _read_file(path, "passphrase file").rstrip(b"\r\n")
+    return _read_file(path, "passphrase file", flag).rstrip(b"\r\n")
 
 
 def _prompt(text: str) -> bytes:
@@ -49,9 +49,9 @@ def current_secret(*, key_file: str | None, passphrase_file: str | None,
                    volume: str) -> Secret:
     """The secret that opens an existing encrypted volume."""
     if key_file:
-        return Secret(KEYFILE, _read_file(key_file, "key file"))
+        return Secret(KEYFILE, _read_file(key_file, "key file", "--key-file"))
     if passphrase_file:
-        return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file))
+        return Secret(PASSPHRASE, _passphrase_from_file(passphrase_file, "--passphrase-file"))
     env = os.environ.get("LSBD_PASSPHRASE")
     if env:
         return Secret(PASSPHRASE, env.encode())
@@ -70,18 +70,21 @@ def _long_enough(passphrase: bytes, allow_short: bool) -> bytes:
 
 def new_secret(*, key_file: str | None, passphrase_file: str | None,
                env: str = "LSBD_NEW_PASSPHRASE", fallback_env: str | None = None,
-               allow_short: bool = False) -> Secret:
+               allow_short: bool = False,
+               flags: tuple[str, str] = ("--key-file", "--passphrase-file")) -> Secret:
     """A new passphrase or key file for a key slot; a passphrase shorter than
-    MIN_PASSPHRASE characters only with allow_short."""
+    MIN_PASSPHRASE characters only with allow_short.  flags: the options
+    key_file and passphrase_file came from, which an error names."""
+    key_flag, passphrase_flag = flags
     if key_file:
         if not os.path.exists(key_file):
             # lsbd reads key files, never makes them: say how.
-            raise UserError(f"no key file {key_file}: make one first, e.g. "
+            raise UserError(f"argument {key_flag}: no key file {key_file}: make one first, e.g. "
                             f"`head -c 32 /dev/urandom > {key_file}`")
-        return Secret(KEYFILE, _read_file(key_file, "key file"))
+        return Secret(KEYFILE, _read_file(key_file, "key file", key_flag))
     if passphrase_file:
-        return Secret(PASSPHRASE, _long_enough(_passphrase_from_file(passphrase_file),
-                                               allow_short))
+        return Secret(PASSPHRASE, _long_enough(
+            _passphrase_from_file(passphrase_file, passphrase_flag), allow_short))
     for name in (env, fallback_env):
         value = os.environ.get(name) if name else None
         if value:

@@ -128,10 +128,7 @@ def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAU
                   **settings) -> VolumeConfig:
     names.check_volume_name(name)
     check_block_size(block_size)
-    if size <= 0 or size % block_size:
-        raise UserError(f"bad size {size}: a positive multiple of the block size ({block_size})")
-    if too_many_blocks(size, block_size):
-        raise UserError(too_many_blocks(size, block_size))
+    check_volume_size(size, block_size)
     if settings.get("flush_mode", "journal") not in FLUSH_MODES:
         raise UserError(f"bad flush mode {settings['flush_mode']!r}: journal or store")
     config = VolumeConfig(name=name, volume_id=uuid.uuid4().hex, size=size, block_size=block_size,
@@ -141,6 +138,15 @@ def create_volume(store: Store, name: str, size: int, *, block_size: int = DEFAU
     except ObjectExists:
         raise VolumeExists(f"volume {name!r} already exists in {store.url}") from None
     return config
+
+
+def check_volume_size(size: int, block_size: int) -> int:
+    """`size`, if a volume of `block_size` blocks can have it."""
+    if size <= 0 or size % block_size:
+        raise UserError(f"bad size {size}: a positive multiple of the block size ({block_size})")
+    if too_many_blocks(size, block_size):
+        raise UserError(too_many_blocks(size, block_size))
+    return size
 
 
 def too_many_blocks(size: int, block_size: int) -> str:

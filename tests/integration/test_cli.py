@@ -146,8 +146,8 @@ def test_bad_size_is_one_line(file_cli):
         args = ["create", "v", size] if size.startswith("--") else ["create", "v", "--size", size]
         assert_usage_error(file_cli(*args), "argument --size: bad size")
     for size in ["0", "1000", "1.5K"]:
-        line = assert_user_error(file_cli("create", "v", "--size", size))
-        assert "a positive multiple of the block size" in line, line
+        assert_user_error(file_cli("create", "v", "--size", size),
+                          "argument --size: bad size", "a positive multiple of the block size")
     assert_usage_error(file_cli("create", "v", "--size", "16M", "--block-size", "3000"),
                        "argument --block-size: bad block size")
     assert _ok(file_cli("list", "--json")).stdout.strip() == "[]", "a bad create left a volume"
@@ -227,6 +227,24 @@ def test_a_bad_value_names_its_flag_and_the_allowed_form(file_cli, tmp_path, arg
 def test_a_bad_store_url_from_the_environment_names_the_variable(tmp_path):
     proc = run_cli("list", env={"LSBD_STORE": "s3://"}, cache=tmp_path / "c")
     assert_user_error(proc, "$LSBD_STORE: bad store URL 's3://': write s3://bucket[/prefix]")
+
+
+def test_a_missing_passphrase_or_key_file_names_its_flag(file_cli, tmp_path):
+    """create and key add each take a passphrase file or key file of their
+    own: the error says which flag named the file that cannot be read."""
+    missing = tmp_path / "missing"
+    assert_user_error(file_cli("create", "e", "--size", "16M", "--encrypt",
+                               "--passphrase-file", missing),
+                      f"argument --passphrase-file: cannot read the passphrase file {missing}")
+    pw = tmp_path / "pw"
+    pw.write_text("a long passphrase\n")
+    _ok(file_cli("create", "e", "--size", "16M", "--encrypt", "--passphrase-file", pw))
+    for flag, needle in [("--new-passphrase-file", "cannot read the passphrase file"),
+                         ("--new-key-file", "no key file")]:
+        assert_user_error(file_cli("key", "add", "e", "--passphrase-file", pw, flag, missing),
+                          f"argument {flag}: {needle} {missing}")
+    assert_user_error(file_cli("info", "e", "--key-file", missing),
+                      f"argument --key-file: cannot read the key file {missing}")
 
 
 def test_bad_volume_name_is_one_line(file_cli):
