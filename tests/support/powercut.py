@@ -10,7 +10,11 @@ it cannot show a missing fsync.  Under this double, everything under `root`
 * a directory holds the names it had at its last fsync through
   lsbd.fileio.fsync_dir (a new file whose directory was never synced is
   gone; a removed one whose removal was never synced is back, with its
-  synced content);
+  synced content, unless its inode was synced since as a file of another
+  name: ext4 reuses a freed inode at once, and commits the removal that
+  freed it no later than the new file's sync.  lsbd renames a file only
+  with a directory sync right after, so a name's inode synced under
+  another name means a reuse);
 * an LMDB map goes back to what its flags promise: with sync and metasync,
   the last commit; with sync but not metasync (lsbd's setting), the one
   before it (the first commit after a cut goes back to the map as the cut
@@ -41,6 +45,10 @@ class PowerCut:
         self.frozen = False       # the power is off: no sync reaches the disk
         self.cuts = 0
         self._data: dict[int, bytes] = {}             # inode -> synced content
+        # inode -> the path it was last synced as (its data or its name): a
+        # name a directory sync saw, whose inode a file of another name was
+        # synced as since, was removed durably (see _restore).
+        self._synced_as: dict[int, str] = {}
         self._names: dict[str, dict[str, int]] = {}   # directory -> synced name -> inode
         self._maps: dict[str, dict] = {}              # map folder -> synced states
         self._saved: dict[str, object] = {}
@@ -92,7 +100,10 @@ class PowerCut:
             self._dead()
             self._saved["fsync_dir"](path)
             if self._under(path):
-                self._names[os.path.realpath(path)] = self._listing(path)
+                folder = os.path.realpath(path)
+                self._names[folder] = self._listing(path)
+                for name, ino in self._names[folder].items():
+                    self._synced_as[ino] = os.path.join(folder, name)
 
     def map_committed(self, path: str, env, synced: bool = False) -> None:
         with self.lock:
@@ -114,6 +125,7 @@ class PowerCut:
             return
         st = os.fstat(fd)
         self._data[st.st_ino] = os.pread(fd, st.st_size, 0) if st.st_size else b""
+        self._synced_as[st.st_ino] = os.path.realpath(path)
 
     # --- the cut -----------------------------------------------------------------
 
@@ -152,6 +164,11 @@ class PowerCut:
                 path = os.path.join(folder, name)
                 if os.path.lexists(path):
                     os.unlink(path)
+                if self._synced_as.get(ino, path) != path:
+                    # Its inode was synced since as another file: a
+                    # journaling file system (ext4) commits the removal
+                    # that freed it no later than that reuse.
+                    continue
                 with open(path, "wb") as f:
                     f.write(self._data.get(ino, b""))
 
@@ -176,6 +193,7 @@ class PowerCut:
     def _take_all(self) -> None:
         """Everything on the disk now counts as synced."""
         self._data.clear()
+        self._synced_as.clear()
         self._names.clear()
         self._maps.clear()
         for folder, dirs, files in os.walk(self.root):
@@ -188,6 +206,8 @@ class PowerCut:
                 dirs[:] = []
                 continue
             self._names[folder] = self._listing(folder)
+            for name, ino in self._names[folder].items():
+                self._synced_as[ino] = os.path.join(folder, name)
             for name in files:
                 path = os.path.join(folder, name)
                 try:
