@@ -362,16 +362,32 @@ def test_the_double_drops_what_was_not_synced(tmp_path):
         assert (root / "old").read_bytes() == b"old", "an unsynced removal stuck"
 
 
-def test_the_double_never_gives_a_removed_name_the_bytes_of_its_inodes_next_file(tmp_path):
-    """A removed file's inode, taken at once by a new file (ext4 does),
-    then synced as that file: a journaling file system commits the removal
-    no later than the reuse, so after a cut the old name is gone, not back
-    with the new file's bytes (an evicted segment's name holding a newer
-    journal made the power-cut soak read a segment the map does not
-    describe)."""
+def test_the_double_never_gives_a_name_the_bytes_of_another_file_that_had_its_inode(tmp_path):
+    """ext4 hands a freed inode to the next new file at once.  The double
+    tells files apart by inode and generation, so a name never comes back
+    with another file's bytes: neither a removed name (its removal never
+    synced) with those of the file that took its inode and was synced, nor
+    a new name (its directory synced, its bytes not) with those of the
+    removed file whose inode it took.  Both showed in the power-cut soak as
+    a local segment file the map does not describe."""
     import os
 
     from lsbd import fileio
+
+    def reusing(root, freed: int, tag: str) -> str | None:
+        """A new file of root that took inode `freed` (other processes may
+        take it first), its name; None if none did."""
+        for i in range(16):
+            name = f"{tag}-{i}"
+            fd = os.open(root / name, os.O_RDWR | os.O_CREAT)
+            took = os.fstat(fd).st_ino == freed
+            os.write(fd, tag.encode())
+            if took and tag == "synced":
+                fileio.fdatasync(fd)
+            os.close(fd)
+            if took:
+                return name
+        return None
 
     root = tmp_path / "cache"
     root.mkdir()
@@ -383,20 +399,26 @@ def test_the_double_never_gives_a_removed_name_the_bytes_of_its_inodes_next_file
         freed = os.fstat(fd).st_ino
         os.close(fd)
         os.unlink(root / "old")
-        for i in range(16):     # other processes may take the inode first
-            fd = os.open(root / f"new-{i}", os.O_RDWR | os.O_CREAT)
-            reused = os.fstat(fd).st_ino == freed
-            if reused:
-                os.write(fd, b"new")
-                fileio.fdatasync(fd)
-            os.close(fd)
-            if reused:
-                break
-        else:
+        if reusing(root, freed, "synced") is None:
             pytest.skip("this file system did not reuse the inode")
         power.cut(lambda: None)
-        assert not (root / "old").exists(), (root / "old").read_bytes()
-        assert sorted(os.listdir(root)) == [], "a name whose directory was never synced survived"
+        assert sorted(os.listdir(root)) == ["old"]
+        assert (root / "old").read_bytes() == b"old"
+
+        fd = os.open(root / "gone", os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"gone")
+        fileio.fdatasync(fd)
+        fileio.fsync_dir(str(root))
+        freed = os.fstat(fd).st_ino
+        os.close(fd)
+        os.unlink(root / "gone")
+        name = reusing(root, freed, "unsynced")
+        if name is None:
+            pytest.skip("this file system did not reuse the inode")
+        fileio.fsync_dir(str(root))
+        power.cut(lambda: None)
+        assert "gone" not in os.listdir(root)
+        assert (root / name).read_bytes() == b"", "a new name took a removed file's bytes"
 
 
 def test_the_double_undoes_the_last_map_commit_only(tmp_path):

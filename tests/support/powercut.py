@@ -10,11 +10,10 @@ it cannot show a missing fsync.  Under this double, everything under `root`
 * a directory holds the names it had at its last fsync through
   lsbd.fileio.fsync_dir (a new file whose directory was never synced is
   gone; a removed one whose removal was never synced is back, with its
-  synced content, unless its inode was synced since as a file of another
-  name: ext4 reuses a freed inode at once, and commits the removal that
-  freed it no later than the new file's sync.  lsbd renames a file only
-  with a directory sync right after, so a name's inode synced under
-  another name means a reuse);
+  synced content);
+* files are told apart by inode and generation (ext4 hands a freed inode
+  to the next new file at once, under a new generation): a name never
+  takes the bytes synced by another file that had its inode;
 * an LMDB map goes back to what its flags promise: with sync and metasync,
   the last commit; with sync but not metasync (lsbd's setting), the one
   before it (the first commit after a cut goes back to the map as the cut
@@ -27,14 +26,36 @@ Directories themselves count as durable.  Files are put back as new files
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
+import struct
 import threading
 
 from lsbd import fileio
 
 MAP_FILE = "data.mdb"
+FS_IOC_GETVERSION = 0x80087601     # _IOR('v', 1, long): an inode's generation
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(inode, generation) of an open file: the generation changes when a
+    freed inode is given to a new file (0 where the file system has none)."""
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf)
+    except OSError:
+        return os.fstat(fd).st_ino, 0
+    return os.fstat(fd).st_ino, struct.unpack("<Q", buf)[0]
+
+
+def path_identity(path: str) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return identity(fd)
+    finally:
+        os.close(fd)
 
 
 class PowerCut:
@@ -44,12 +65,10 @@ class PowerCut:
         self.lock = threading.RLock()
         self.frozen = False       # the power is off: no sync reaches the disk
         self.cuts = 0
-        self._data: dict[int, bytes] = {}             # inode -> synced content
-        # inode -> the path it was last synced as (its data or its name): a
-        # name a directory sync saw, whose inode a file of another name was
-        # synced as since, was removed durably (see _restore).
-        self._synced_as: dict[int, str] = {}
-        self._names: dict[str, dict[str, int]] = {}   # directory -> synced name -> inode
+        # (inode, generation) -> synced content
+        self._data: dict[tuple[int, int], bytes] = {}
+        # directory -> synced name -> (inode, generation)
+        self._names: dict[str, dict[str, tuple[int, int]]] = {}
         self._maps: dict[str, dict] = {}              # map folder -> synced states
         self._saved: dict[str, object] = {}
         self._take_all()
@@ -100,10 +119,7 @@ class PowerCut:
             self._dead()
             self._saved["fsync_dir"](path)
             if self._under(path):
-                folder = os.path.realpath(path)
-                self._names[folder] = self._listing(path)
-                for name, ino in self._names[folder].items():
-                    self._synced_as[ino] = os.path.join(folder, name)
+                self._names[os.path.realpath(path)] = self._listing(path)
 
     def map_committed(self, path: str, env, synced: bool = False) -> None:
         with self.lock:
@@ -124,8 +140,7 @@ class PowerCut:
         if not self._under(path):
             return
         st = os.fstat(fd)
-        self._data[st.st_ino] = os.pread(fd, st.st_size, 0) if st.st_size else b""
-        self._synced_as[st.st_ino] = os.path.realpath(path)
+        self._data[identity(fd)] = os.pread(fd, st.st_size, 0) if st.st_size else b""
 
     # --- the cut -----------------------------------------------------------------
 
@@ -160,17 +175,12 @@ class PowerCut:
                 path = os.path.join(folder, name)
                 if name not in synced and not stat.S_ISDIR(os.lstat(path).st_mode):
                     os.unlink(path)
-            for name, ino in synced.items():
+            for name, who in synced.items():
                 path = os.path.join(folder, name)
                 if os.path.lexists(path):
                     os.unlink(path)
-                if self._synced_as.get(ino, path) != path:
-                    # Its inode was synced since as another file: a
-                    # journaling file system (ext4) commits the removal
-                    # that freed it no later than that reuse.
-                    continue
                 with open(path, "wb") as f:
-                    f.write(self._data.get(ino, b""))
+                    f.write(self._data.get(who, b""))
 
     def _restore_map(self, folder: str) -> None:
         state = self._maps.get(folder)
@@ -193,7 +203,6 @@ class PowerCut:
     def _take_all(self) -> None:
         """Everything on the disk now counts as synced."""
         self._data.clear()
-        self._synced_as.clear()
         self._names.clear()
         self._maps.clear()
         for folder, dirs, files in os.walk(self.root):
@@ -206,22 +215,23 @@ class PowerCut:
                 dirs[:] = []
                 continue
             self._names[folder] = self._listing(folder)
-            for name, ino in self._names[folder].items():
-                self._synced_as[ino] = os.path.join(folder, name)
             for name in files:
                 path = os.path.join(folder, name)
                 try:
                     with open(path, "rb") as f:
-                        self._data[os.fstat(f.fileno()).st_ino] = f.read()
+                        self._data[identity(f.fileno())] = f.read()
                 except OSError:
                     pass    # a socket: not data
 
     @staticmethod
-    def _listing(path: str) -> dict[str, int]:
+    def _listing(path: str) -> dict[str, tuple[int, int]]:
         out = {}
         for entry in os.scandir(path):
             if entry.is_file(follow_symlinks=False):
-                out[entry.name] = entry.inode()
+                try:
+                    out[entry.name] = path_identity(entry.path)
+                except FileNotFoundError:
+                    pass    # removed meanwhile
         return out
 
 
