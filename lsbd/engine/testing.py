@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lsbd.engine import opening
 from lsbd.engine.sealer import MAX_SEALING
@@ -257,3 +257,16 @@ def cache_dir_resets() -> Iterator[list[str]]:
         yield resets
     finally:
         opening._reset_cache_dir = reset
+
+
+def after_clean_close(vol: Volume, then: Callable[[], None]) -> None:
+    """Call `then` once vol.close()'s clean part (its uploads waited for)
+    is done, before its teardown closes the journals (for this volume
+    object only)."""
+    close_cleanly = vol._close_cleanly
+
+    def close_cleanly_then() -> None:
+        close_cleanly()
+        then()
+
+    vol._close_cleanly = close_cleanly_then  # type: ignore[method-assign]

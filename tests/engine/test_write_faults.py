@@ -13,6 +13,7 @@ from engine_helpers import BS, block
 
 from lsbd import fileio
 from lsbd.crypto.localfile import HEADER, LocalKeys
+from lsbd.engine import testing
 from lsbd.engine.volume import Volume
 from lsbd.errors import StoreError
 from lsbd.format.segment import DATA, block_crcs
@@ -129,10 +130,8 @@ def test_a_close_never_takes_the_descriptor_of_a_write_under_way(make_volume, tm
     inside, go_write = threading.Event(), threading.Event()
     held: list[int] = []
     real_pwritev = os.pwritev
-    close_cleanly = vol._close_cleanly
 
-    def close_cleanly_then_pause() -> None:
-        close_cleanly()
+    def pause_after_clean_close() -> None:
         cleaned.set()
         go_close.wait(10)
 
@@ -143,7 +142,7 @@ def test_a_close_never_takes_the_descriptor_of_a_write_under_way(make_volume, tm
             go_write.wait(10)
         return real_pwritev(fd, buffers, at)
 
-    monkeypatch.setattr(vol, "_close_cleanly", close_cleanly_then_pause)
+    testing.after_clean_close(vol, pause_after_clean_close)
     monkeypatch.setattr(os, "pwritev", held_pwritev)
     closer = threading.Thread(target=vol.close, name="closer")
     closer.start()
