@@ -191,10 +191,11 @@ def run_cli(*args: str, store: str | None = None, cache: str | None = None, env=
     return proc
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 1, one clear line on stderr starting with 'lsbd:', no traceback;
-    returns that line."""
-    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+def _one_error_line(proc: subprocess.CompletedProcess, code: int, needles) -> str:
+    """Exit `code`, one line on stderr starting with 'lsbd: ', no traceback,
+    holding every needle; returns that line."""
+    assert proc.returncode == code, (
+        f"expected exit {code}, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
@@ -202,19 +203,18 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 1, one clear line on stderr starting with 'lsbd:', no traceback;
+    returns that line."""
+    return _one_error_line(proc, 1, needles)
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """A command line refused by the parser: exit 2, one line on stderr
     starting with 'lsbd: ', no traceback; returns that line."""
-    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("lsbd: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+    return _one_error_line(proc, 2, needles)
 
 
 def object_path(store_url: str, key: str) -> Path:
